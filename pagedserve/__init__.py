@@ -1,0 +1,11 @@
+"""pagedserve: LLM inference and serving with a paged KV cache and continuous batching."""
+
+from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.llm import LLM
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind",
+           "EngineArgs", "__version__"]

@@ -1,0 +1,70 @@
+"""The attention backend interface and the per-step metadata every backend reads.
+
+A step is one flat batch of tokens from many requests, decode requests (one query token)
+first, then prefill chunks. Each request's keys/values live in the paged cache, reached
+through its row of `block_tables`; the step's own new K/V are written there first, by
+`slot_mapping` (slot = block_id * block_size + offset, -1 = skip)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int  # tokens in the flat batch (padding included, for CUDA graphs)
+    num_actual_tokens: int  # real tokens; those after them are padding with slot -1
+    num_reqs: int
+    num_decodes: int  # the first num_decodes requests have exactly one query token
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor  # [num_reqs] int32: context length after this step
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for backends that loop over requests.
+    seq_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+class AttentionBackend(ABC):
+    """Writes a step's new K/V into the paged cache and attends over it."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """key/value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size,
+        num_kv_heads, head_dim]."""
+
+    @abstractmethod
+    def attend(
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+        scale: float, key: torch.Tensor, value: torch.Tensor,
+    ) -> torch.Tensor:
+        """query: [num_tokens, num_heads, head_dim] -> output of the same shape. Causal within
+        each request; GQA by num_heads // num_kv_heads. `key`/`value` are the step's new K/V
+        (already in the cache), which a backend may use directly for fresh prefills."""
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        from pagedserve.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from pagedserve.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'.")

@@ -1,0 +1,84 @@
+"""Pure-PyTorch paged attention: the reference every other backend is tested against, and
+the backend that runs on CPU. Decode requests are attended in one batched call over their
+gathered blocks; prefill chunks one request at a time."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[kvh, L, D] -> [kvh * group, L, D], head h reading kv head h // group (as HF's repeat_kv)."""
+    if group == 1:
+        return x
+    kvh, length, d = x.shape
+    return x[:, None].expand(kvh, group, length, d).reshape(kvh * group, length, d)
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        n = meta.num_actual_tokens
+        slots = meta.slot_mapping[:n]
+        if n != meta.num_tokens or (n and int(slots.min()) < 0):
+            keep = slots >= 0
+            slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
+        else:
+            key, value = key[:n], value[:n]
+        kvh, d = key.shape[-2:]
+        k_cache.view(-1, kvh, d).index_copy_(0, slots, key)
+        v_cache.view(-1, kvh, d).index_copy_(0, slots, value)
+
+    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value) -> torch.Tensor:
+        out = torch.empty_like(query)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale)
+        qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        for r in range(nd, meta.num_reqs):
+            qs, qe = qsl[r], qsl[r + 1]
+            out[qs:qe] = self._prefill(query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache,
+                                       meta.block_tables[r], seq_lens[r], meta.block_size, scale)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale) -> torch.Tensor:
+        nd, nh, d = q.shape
+        kvh = k_cache.shape[2]
+        group = nh // kvh
+        max_len = max(meta.seq_lens_cpu[:nd])
+        nb = -(-max_len // meta.block_size)
+        bt = meta.block_tables[:nd, :nb].long()
+        k = k_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2)  # [nd, kvh, L, d]
+        v = v_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2)
+        pos = torch.arange(nb * meta.block_size, device=q.device)
+        mask = (pos[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, -1)
+        # One query token per request: its `group` heads sharing a kv head act as `group` queries.
+        o = F.scaled_dot_product_attention(q.view(nd, kvh, group, d), k, v, attn_mask=mask, scale=scale)
+        return o.reshape(nd, nh, d)
+
+    @staticmethod
+    def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale) -> torch.Tensor:
+        q_len, nh, d = q.shape
+        kvh = k_cache.shape[2]
+        group = nh // kvh
+        ctx = seq_len - q_len
+        if ctx == 0:  # nothing cached before this chunk: use the new K/V directly
+            k, v = key, value
+            mask, causal = None, True
+        else:
+            nb = -(-seq_len // block_size)
+            blocks = block_table[:nb].long()
+            k = k_cache[blocks].view(-1, kvh, d)[:seq_len]
+            v = v_cache[blocks].view(-1, kvh, d)[:seq_len]
+            cols = torch.arange(seq_len, device=q.device)
+            rows = torch.arange(ctx, seq_len, device=q.device)
+            mask, causal = cols[None, :] <= rows[:, None], False
+        k = _expand_kv(k.transpose(0, 1), group)
+        v = _expand_kv(v.transpose(0, 1), group)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        return o.transpose(0, 1)

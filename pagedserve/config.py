@@ -1,0 +1,188 @@
+"""Engine configuration: the user's knobs (EngineArgs) resolved once into an EngineConfig."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger("pagedserve")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class EngineArgs:
+    """Everything a user may set, with vLLM's names. Validated by create_engine_config()."""
+
+    model: str = ""
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: Optional[int] = None
+    device: Optional[str] = None
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    attention_backend: Optional[str] = None  # "torch" | "triton"; default picks by device
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def create_engine_config(self) -> "EngineConfig":
+        from pagedserve.model.hf_config import load_hf_config
+
+        if not self.model:
+            raise ValueError("model must be set to a local Hugging Face model directory.")
+        hf_config = load_hf_config(self.model)
+        device = _resolve_device(self.device)
+        dtype = _resolve_dtype(self.dtype, hf_config, device)
+
+        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size > 256 or (
+            self.block_size & (self.block_size - 1)
+        ):
+            raise ValueError(f"block_size must be a power of two between 1 and 256, got {self.block_size}.")
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}.")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
+
+        derived_len = derive_max_model_len(hf_config)
+        max_model_len = self.max_model_len
+        if max_model_len is None:
+            max_model_len = derived_len
+        elif not isinstance(max_model_len, int) or max_model_len < 1:
+            raise ValueError(f"max_model_len must be a positive integer, got {max_model_len}.")
+        elif max_model_len > derived_len:
+            raise ValueError(
+                f"max_model_len={max_model_len} is greater than the model's maximum context length "
+                f"({derived_len}, from max_position_embeddings / sliding_window in config.json)."
+            )
+
+        max_batched = self.max_num_batched_tokens
+        if max_batched is None:
+            default = 8192 if device.type == "cuda" else 2048
+            max_batched = default if self.enable_chunked_prefill else max(default, max_model_len)
+        if not isinstance(max_batched, int) or max_batched < 1:
+            raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_batched}.")
+        if not self.enable_chunked_prefill and max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}) "
+                "with chunked prefill disabled: long prompts could never be scheduled. Raise "
+                "max_num_batched_tokens, lower max_model_len or enable chunked prefill."
+            )
+
+        backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch")
+        if backend not in ("torch", "triton"):
+            raise ValueError(f"attention_backend must be 'torch' or 'triton', got {backend!r}.")
+
+        return EngineConfig(
+            model=self.model,
+            tokenizer=self.tokenizer or self.model,
+            hf_config=hf_config,
+            dtype=dtype,
+            device=device,
+            seed=self.seed,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            enforce_eager=self.enforce_eager,
+            max_logprobs=self.max_logprobs,
+            attention_backend=backend,
+        )
+
+
+@dataclass
+class EngineConfig:
+    """The resolved configuration every engine component reads."""
+
+    model: str
+    tokenizer: str
+    hf_config: Any
+    dtype: torch.dtype
+    device: torch.device
+    seed: int
+    max_model_len: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: Optional[int]
+    enforce_eager: bool
+    max_logprobs: int
+    attention_backend: str
+    num_gpu_blocks: int = 0  # set once the KV cache is sized
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+
+def _resolve_device(device: Optional[str]) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available.")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: Any, hf_config: Any, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got {dtype!r}.")
+        return _DTYPES[dtype]
+    cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = _DTYPES.get(cfg, torch.float32)
+    if device.type == "cpu":
+        # Half-precision matmuls are slow or unsupported on most CPUs: compute in float32.
+        return torch.float32
+    if cfg in (torch.float16, torch.bfloat16):
+        return cfg
+    return torch.bfloat16
+
+
+def derive_max_model_len(hf_config: Any) -> int:
+    length = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
+    # A sliding window we do not implement caps the context at the window.
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True) is not False:
+        length = min(length, int(window))
+    return length
+
+
+def set_offline_env() -> None:
+    """pagedserve never reaches a model hub: everything is read from local directories."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,215 @@
+"""The KV block pool: ref-counted fixed-size blocks, an LRU free queue and the prefix cache.
+
+Only block *ids* live here; the tensors they index are owned by the model runner. The
+scheduler talks to KVCacheManager through a narrow surface: get_computed_blocks,
+allocate_slots, cache_blocks, free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from pagedserve.engine.request import Request
+
+
+@dataclass(eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: Optional[bytes] = None  # set while the block is published in the prefix cache
+
+
+def hash_block_tokens(parent_hash: Optional[bytes], token_ids: Sequence[int], extra: Optional[str] = None) -> bytes:
+    """Hash of a full block: (parent hash, its token ids, extra keys such as a cache salt).
+
+    SHA-256, so a hit can be trusted without comparing tokens and hashes cannot be steered
+    into collisions across tenants."""
+    h = hashlib.sha256(parent_hash or b"root")
+    h.update(array("q", token_ids).tobytes())
+    if extra is not None:
+        h.update(b"\x00salt\x00" + extra.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+class BlockPool:
+    """All blocks of the cache. Unreferenced blocks sit in `free_queue` in eviction order
+    (least recently used first); a freed block keeps its hash until it is reused, so a later
+    request can still hit it."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}.")
+        self.num_blocks = num_blocks
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.cached: dict[bytes, KVBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def lookup(self, block_hash: bytes) -> Optional[KVBlock]:
+        return self.cached.get(block_hash)
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on blocks found in the prefix cache."""
+        for b in blocks:
+            if b.ref_cnt == 0:
+                del self.free_queue[b.block_id]
+            b.ref_cnt += 1
+
+    def allocate(self, n: int) -> list[KVBlock]:
+        if n > len(self.free_queue):
+            raise RuntimeError(f"asked for {n} blocks, {len(self.free_queue)} free")
+        out = []
+        for _ in range(n):
+            _, b = self.free_queue.popitem(last=False)
+            if b.block_hash is not None:  # evict it from the prefix cache
+                if self.cached.get(b.block_hash) is b:
+                    del self.cached[b.block_hash]
+                b.block_hash = None
+            b.ref_cnt = 1
+            out.append(b)
+        return out
+
+    def free(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference from each block; unreferenced ones join the back of the queue
+        in the order given (callers pass a request's blocks tail first, so its last blocks,
+        least likely to be shared, are evicted first)."""
+        for b in blocks:
+            b.ref_cnt -= 1
+            if b.ref_cnt < 0:
+                raise RuntimeError(f"block {b.block_id} freed more often than referenced")
+            if b.ref_cnt == 0:
+                self.free_queue[b.block_id] = b
+
+    def publish(self, block: KVBlock, block_hash: bytes) -> None:
+        """Make a block whose KV is fully written findable by its hash."""
+        if block.block_hash is not None or block_hash in self.cached:
+            return  # already published, or an identical block is (keep the first)
+        block.block_hash = block_hash
+        self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached hashes; refused (False) while any block is in use."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for b in self.blocks:
+            b.block_hash = None
+        self.cached.clear()
+        return True
+
+
+class KVCacheManager:
+    """Per-request block lists on top of the pool, plus prefix-cache lookups."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the same, as ids, for the model runner
+        self.num_published: dict[str, int] = {}  # how many of a request's blocks are in the cache
+        # Counters for metrics: prompt tokens looked up / found in the prefix cache.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def _update_hashes(self, req: Request, upto_tokens: int) -> list[bytes]:
+        hashes = req.block_hashes
+        bs = self.block_size
+        tokens = req.all_token_ids
+        while (len(hashes) + 1) * bs <= upto_tokens:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], req.cache_salt if i == 0 else None))
+        return hashes
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+        """Blocks of the request's prefix already in the cache, and the tokens they cover.
+        At least one token is always left to compute, so the step yields logits."""
+        if not self.enable_caching or getattr(req, "skip_prefix_cache", False):
+            return [], 0
+        max_hit_tokens = req.num_tokens - 1
+        hashes = self._update_hashes(req, max_hit_tokens)
+        hits: list[KVBlock] = []
+        for h in hashes[: max_hit_tokens // self.block_size]:
+            b = self.pool.lookup(h)
+            if b is None:
+                break
+            hits.append(b)
+        num_hit = len(hits) * self.block_size
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += num_hit
+        return hits, num_hit
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()) -> bool:
+        """Make room for `num_new_tokens` more tokens after the request's computed ones
+        (and after `new_computed_blocks`, its prefix-cache hits). False, with nothing
+        changed, when the pool cannot supply the blocks."""
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        ids = self.req_block_ids.setdefault(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(blocks) - len(new_computed_blocks)
+        # Cache hits with no reference are still in the free queue; touching removes them.
+        revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if needed > self.pool.num_free_blocks - revived:
+            if not blocks:
+                del self.req_blocks[req.request_id], self.req_block_ids[req.request_id]
+            return False
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            ids.extend(b.block_id for b in new_computed_blocks)
+            self.num_published[req.request_id] = len(blocks)
+        if needed > 0:
+            new = self.pool.allocate(needed)
+            blocks.extend(new)
+            ids.extend(b.block_id for b in new)
+        return True
+
+    def cache_blocks(self, req: Request, num_computed_tokens: int) -> None:
+        """Publish the request's full blocks whose KV has now been written."""
+        if not self.enable_caching or getattr(req, "skip_prefix_cache", False):
+            return
+        blocks = self.req_blocks.get(req.request_id)
+        if not blocks:
+            return
+        num_full = min(num_computed_tokens // self.block_size, len(blocks))
+        start = self.num_published.get(req.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._update_hashes(req, num_full * self.block_size)
+        for i in range(start, num_full):
+            self.pool.publish(blocks[i], hashes[i])
+        self.num_published[req.request_id] = num_full
+
+    def free(self, req: Request) -> None:
+        blocks = self.req_blocks.pop(req.request_id, None)
+        self.req_block_ids.pop(req.request_id, None)
+        self.num_published.pop(req.request_id, None)
+        if blocks:
+            self.pool.free(reversed(blocks))
+
+    def block_ids(self, req: Request) -> list[int]:
+        """The request's block table (a live list: read it, do not change it)."""
+        return self.req_block_ids.get(req.request_id, [])
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

@@ -1,0 +1,210 @@
+"""The scheduler: which requests advance by how many tokens in the next step.
+
+One rule covers prefill, decode, chunked prefill and prefix-cache hits (as vLLM's V1
+scheduler): every request has `num_computed_tokens` and a target `num_tokens`, and each
+step hands out at most `max_num_batched_tokens` tokens over at most `max_num_seqs`
+requests. Running requests go first; when the KV pool runs dry the most recently admitted
+running request is preempted (blocks freed, recomputed later from the front of the queue).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int  # first position computed this step (= num_computed_tokens before the step)
+    num_tokens: int  # how many tokens the step computes for it
+    block_ids: list[int]  # the request's block table (live list owned by the KV cache manager)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step produces the request's next token (its chunk reaches the end)."""
+        return self.end >= self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    finished_req_ids: set[str] = field(default_factory=set)  # finished since the last step
+
+    @property
+    def total_num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class FinishedInfo:
+    request: Request
+    new_token_ids: list[int]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use.")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (abort, or stop on a stop string) requests wherever they are."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished():
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._release(req)
+            done.append(req)
+        return done
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.add(req.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- the step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        plan: list[tuple[Request, int]] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # it preempted itself: nothing behind it is left either
+            plan.append((req, n))
+            budget -= n
+            i += 1
+
+        if not out.preempted:
+            now = time.monotonic()
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                req = self.waiting[0]
+                hits, num_hit = self.kv.get_computed_blocks(req)
+                n = req.num_tokens - num_hit
+                if n > budget:
+                    if not self.enable_chunked_prefill:
+                        break
+                    n = budget
+                if not self.kv.allocate_slots(req, n, hits):
+                    break
+                self.waiting.popleft()
+                self.running.append(req)
+                req.status = RequestStatus.RUNNING
+                req.num_computed_tokens = num_hit
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_hit
+                if getattr(req, "first_scheduled_time", None) is None:
+                    req.first_scheduled_time = now
+                plan.append((req, n))
+                budget -= n
+
+        for req, n in plan:
+            out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.block_ids(req)))
+            req.num_computed_tokens += n
+        out.finished_req_ids, self._finished_ids = self._finished_ids, set()
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[FinishedInfo]:
+        """Record the step's results: publish written blocks, append sampled tokens, stop
+        finished requests. Returns one entry per request that got a token."""
+        results: list[FinishedInfo] = []
+        finished_any = False
+        for s in out.scheduled:
+            req = s.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # finished (aborted) while the step ran
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue  # a prefill chunk that does not reach the end of the prompt
+            req.append_output_token(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                req.status = status
+                self._release(req)
+                finished_any = True
+            results.append(FinishedInfo(req, [token]))
+        if finished_any:
+            self.running = [r for r in self.running if not r.is_finished()]
+        return results
+
+    def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
+        sp = req.sampling_params
+        if req.num_output_tokens >= sp.min_tokens:
+            if token in sp._eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in sp.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH_CAPPED
+        return None

@@ -1,0 +1,84 @@
+"""The offline API: LLM(model=...).generate(prompts, sampling_params), as in vLLM."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from pagedserve.config import EngineArgs
+from pagedserve.engine.engine import LLMEngine, PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+
+class LLM:
+    """An engine for offline batched generation.
+
+    Accepts vLLM's constructor names for the knobs pagedserve has (model, tokenizer, dtype,
+    seed, max_model_len, block_size, max_num_seqs, max_num_batched_tokens,
+    enable_prefix_caching, enable_chunked_prefill, gpu_memory_utilization,
+    kv_cache_memory_bytes, device, enforce_eager, max_logprobs); an unknown name is a
+    TypeError rather than being silently ignored."""
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        unknown = set(kwargs) - EngineArgs.field_names()
+        if unknown:
+            raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(sorted(unknown))}; "
+                            f"supported: {', '.join(sorted(EngineArgs.field_names() - {'model'}))}.")
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results come back in the order of `prompts`."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; "
+                                 "pass one SamplingParams or one per prompt.")
+        engine = self.llm_engine
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        staged = []
+        for prompt, params in zip(prompts, params_list):
+            text, ids = engine.process_prompt(prompt)
+            engine.validate(ids, params)
+            params = params.clone()
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+            staged.append(({"prompt_token_ids": ids, "prompt": text}, params))
+        order = {}
+        try:
+            for i, (prompt, params) in enumerate(staged):
+                order[engine.add_request(None, prompt, params)] = i
+            return self._run(order, use_tqdm)
+        except BaseException:
+            engine.abort_request(list(order))
+            raise
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        results: list[Optional[RequestOutput]] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        engine = self.llm_engine
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+        return [r for r in results if r is not None]

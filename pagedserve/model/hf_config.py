@@ -1,0 +1,68 @@
+"""Reading a Hugging Face model directory's config without ever touching a hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from pagedserve.config import set_offline_env
+
+
+def check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"model {path!r} is not a local directory. pagedserve loads Hugging Face model "
+            "directories (config.json, *.safetensors, tokenizer files) and never downloads."
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"model directory {path!r} has no config.json.")
+
+
+def load_hf_config(path: str) -> Any:
+    set_offline_env()
+    check_model_dir(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise ValueError(f"could not read {os.path.join(path, 'config.json')}: {e}") from e
+
+
+def rope_parameters(hf_config: Any) -> dict:
+    """RoPE settings as one dict, whether the config uses transformers 5's `rope_parameters`
+    or the older `rope_theta` + `rope_scaling` pair."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        params = dict(params)
+        # Some transformers versions nest per-layer-type parameters.
+        if "rope_theta" not in params and "full_attention" in params:
+            params = dict(params["full_attention"])
+    else:
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = rope_type
+    params.setdefault("rope_theta", 10000.0)
+    return params
+
+
+def generation_eos_ids(path: str, hf_config: Any, tokenizer: Optional[Any]) -> set[int]:
+    """EOS ids from generation_config.json, config.json and the tokenizer, as vLLM gathers them."""
+    ids: set[int] = set()
+
+    def add(v: Any) -> None:
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v if x is not None)
+
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            add(json.load(f).get("eos_token_id"))
+    add(getattr(hf_config, "eos_token_id", None))
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    return ids

@@ -1,0 +1,28 @@
+"""The attention layer a model holds: owns its slice of the KV cache, delegates to a backend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.backend: Optional[AttentionBackend] = None  # bound by the model runner
+        self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.v_cache: Optional[torch.Tensor] = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]."""
+        assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
+        self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
+        o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, k, v)
+        return o.reshape(o.shape[0], -1)

@@ -1,0 +1,58 @@
+"""Rotary position embedding (NeoX / Hugging Face "rotate_half" style) with a cos/sin cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.model.hf_config import rope_parameters
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def _inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+    if rope_type == "default":
+        base = float(params["rope_theta"])
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    # The scaled variants come from transformers itself, so they match its models exactly.
+    # ("dynamic" only departs from its base frequencies past max_position_embeddings, which
+    # max_model_len never exceeds.)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return inv_freq.float(), float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
+        self.register_buffer("cos_sin", self._compute(), persistent=False)
+
+    def _compute(self) -> torch.Tensor:
+        inv_freq, scaling = _inv_freq(self.hf_config, self.head_dim)
+        freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        # [max_positions, head_dim]: cos in the first half of the last dim, sin in the second.
+        return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
+
+    def rebuild_buffers(self, device: torch.device) -> None:
+        """Recompute the cache after the module was built on the meta device."""
+        self.cos_sin = self._compute().to(device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
+        cos, sin = self.cos_sin[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D/2] each
+        cos = torch.cat([cos, cos], -1)[:, None, :]
+        sin = torch.cat([sin, sin], -1)[:, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -1,0 +1,189 @@
+"""Llama-family decoder (Llama, Mistral; Qwen2/Qwen3 subclass it). Plain modules over a flat
+batch of tokens: no padding, no per-request dimension; attention reads the paged cache."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.layers.attention import PagedAttention
+from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(cfg)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
+                                       "v": (self.q_size + self.kv_size, self.kv_size)}
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=bias)
+        self.gate_up_proj.shard_offsets = {"gate": (0, self.intermediate), "up": (self.intermediate, self.intermediate)}
+        self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=bias)
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary, **attn_options)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: Any, max_positions: int, attn_options: dict) -> None:
+        super().__init__()
+        rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # HF checkpoint name piece -> (our fused parameter piece, shard)
+    stacked_params = [
+        (".q_proj.", ".qkv_proj.", "q"),
+        (".k_proj.", ".qkv_proj.", "k"),
+        (".v_proj.", ".qkv_proj.", "v"),
+        (".gate_proj.", ".gate_up_proj.", "gate"),
+        (".up_proj.", ".gate_up_proj.", "up"),
+    ]
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, max_positions, self.attn_options(cfg))
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into our (partly fused) parameters; every
+        parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            for hf_piece, piece, shard in self.stacked_params:
+                if hf_piece in name:
+                    target = name.replace(hf_piece, piece)
+                    module = self.get_submodule(target.rsplit(".", 1)[0])
+                    offset, size = module.shard_offsets[shard]
+                    param = params[target]
+                    if tensor.shape[0] != size or tensor.shape[1:] != param.shape[1:]:
+                        raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit shard {shard} of {target}")
+                    with torch.no_grad():
+                        param[offset : offset + size].copy_(tensor)
+                    loaded.add(f"{target}#{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                param = params[name]
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(tensor)
+                loaded.add(name)
+        missing = []
+        for name, module in self.named_modules():
+            for shard in getattr(module, "shard_offsets", {}):
+                if f"{name}.weight#{shard}" not in loaded:
+                    missing.append(f"{name}.weight ({shard})")
+                if module.bias is not None and f"{name}.bias#{shard}" not in loaded:
+                    missing.append(f"{name}.bias ({shard})")
+        stacked = {n for n, m in self.named_modules() if hasattr(m, "shard_offsets")}
+        for name in params:
+            if name.rsplit(".", 1)[0] in stacked or name in loaded:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            missing.append(name)
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:10])}"
+                             + (" ..." if len(missing) > 10 else ""))
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass

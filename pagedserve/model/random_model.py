@@ -1,0 +1,96 @@
+"""Small random-weight Hugging Face model directories, built locally (tests, benchmarks,
+`pagedserve verify` checks): a byte-level BPE tokenizer trained on text CPython ships
+(pydoc_data), and a transformers model of a supported architecture saved with safetensors."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+ARCH_CONFIGS = {
+    "LlamaForCausalLM": ("LlamaConfig", {}),
+    "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
+    "Qwen2ForCausalLM": ("Qwen2Config", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", {}),
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def training_text() -> list[str]:
+    """English reference text that every CPython installation carries (PSF licence)."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def build_tokenizer(path: str, vocab_size: int = 1024, texts: Optional[list[str]] = None) -> Any:
+    """Train a byte-level BPE tokenizer and save it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts or training_text(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(path, exist_ok=True)
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_random_model(
+    path: str,
+    arch: str = "LlamaForCausalLM",
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    max_position_embeddings: int = 2048,
+    initializer_range: float = 0.02,
+    tie_word_embeddings: bool = False,
+    rope_scaling: Optional[dict] = None,
+    seed: int = 0,
+    tokenizer_vocab: int = 1024,
+    dtype: str = "float32",
+    **extra: Any,
+) -> str:
+    """Write a random-weight model directory (config, safetensors, tokenizer); returns path."""
+    import torch
+    import transformers
+
+    if arch not in ARCH_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCH_CONFIGS)}")
+    tok = build_tokenizer(path, tokenizer_vocab)
+    cfg_name, defaults = ARCH_CONFIGS[arch]
+    kwargs = dict(defaults)
+    kwargs.update(
+        vocab_size=vocab_size or len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+        tie_word_embeddings=tie_word_embeddings, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    if rope_scaling is not None:
+        kwargs["rope_scaling"] = rope_scaling
+    kwargs.update(extra)
+    config = getattr(transformers, cfg_name)(**kwargs)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,173 @@
+"""The only component that touches tensors: builds a step's flat inputs, runs the model,
+samples. Owns the model, the KV cache tensors and the per-request sampling state."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pagedserve.attention.backend import AttentionMetadata, get_attention_backend
+from pagedserve.config import EngineConfig
+from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pagedserve.model.loader import load_model
+from pagedserve.worker import kv_sizing
+from pagedserve.worker.sampler import Sampler, SamplingBatch
+
+logger = logging.getLogger("pagedserve")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.block_size = config.block_size
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model, config.hf_config, config.dtype, config.device, config.max_model_len)
+        self.backend = get_attention_backend(config.attention_backend)
+        self.attn_layers = self.model.attention_layers()
+        for layer in self.attn_layers:
+            layer.backend = self.backend
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator] = {}
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # ---- KV cache ---------------------------------------------------------------------
+    def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
+        a = self.attn_layers[0]
+        return (len(self.attn_layers), 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+
+    def determine_num_blocks(self) -> int:
+        a = self.attn_layers[0]
+        per_block = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
+                                          self.config.dtype)
+        if self.config.kv_cache_memory_bytes is not None:
+            n = self.config.kv_cache_memory_bytes // per_block
+            if n < 1:
+                raise ValueError(f"kv_cache_memory_bytes={self.config.kv_cache_memory_bytes} is smaller than one "
+                                 f"KV block ({per_block} bytes).")
+            return int(n)
+        per_seq = -(-self.config.max_model_len // self.block_size)
+        if self.device.type == "cpu":
+            return kv_sizing.cpu_num_blocks(per_block, self.config.max_num_seqs * per_seq)
+        return kv_sizing.cuda_num_blocks(per_block, self.config.gpu_memory_utilization, self.device, self._profile_run)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        # Zeroed, not empty: padded positions of a gathered block must never hold NaN.
+        cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.dtype, device=self.device)
+        self._bind(cache)
+
+    def _bind(self, cache: torch.Tensor) -> None:
+        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(cache.shape[0])]
+        for layer, (k, v) in zip(self.attn_layers, self.kv_caches):
+            layer.k_cache, layer.v_cache = k, v
+
+    def _profile_run(self) -> None:
+        """A worst-case step: max_num_batched_tokens prompt tokens, max_num_seqs logits."""
+        cfg = self.config
+        n = min(cfg.max_num_batched_tokens, cfg.max_model_len)
+        nblocks = -(-n // self.block_size)
+        self._bind(torch.zeros(self._kv_shape(nblocks), dtype=cfg.dtype, device=self.device))
+        meta = AttentionMetadata(
+            num_tokens=n, num_actual_tokens=n, num_reqs=1, num_decodes=0,
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(nblocks, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            max_query_len=n, max_seq_len=n, seq_lens_cpu=[n], query_start_loc_cpu=[0, n], block_size=self.block_size,
+        )
+        with torch.inference_mode():
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            hidden = self.model(ids, torch.arange(n, device=self.device), meta)
+            self.model.compute_logits(hidden[: min(n, cfg.max_num_seqs)].expand(cfg.max_num_seqs, -1))
+        self._bind(torch.empty(self._kv_shape(0), dtype=cfg.dtype, device=self.device))
+
+    # ---- one step -----------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run the scheduled step; returns the sampled token of each request that samples."""
+        for rid in out.finished_req_ids:
+            self.generators.pop(rid, None)
+        if out.is_empty():
+            return {}
+        order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
+        ids, positions, meta, sample_rows = self._prepare(order)
+        sampled_reqs = [order[i].request for i in sample_rows]
+        with torch.inference_mode():
+            hidden = self.model(ids, positions, meta)
+            if not sampled_reqs:
+                return {}
+            rows = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
+            tokens = self.sampler(logits, self._sampling_batch(sampled_reqs)).tolist()
+        return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
+
+    def _prepare(self, order: list[ScheduledRequest]):
+        bs = self.block_size
+        total = sum(s.num_tokens for s in order)
+        input_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slots = np.empty(total, dtype=np.int64)
+        max_blocks = max(-(-s.end // bs) for s in order)
+        block_tables = np.zeros((len(order), max_blocks), dtype=np.int32)
+        qsl = [0]
+        seq_lens = []
+        num_decodes = 0
+        sample_rows = []
+        t = 0
+        for i, s in enumerate(order):
+            req, n, start, end = s.request, s.num_tokens, s.start, s.end
+            nb = -(-end // bs)
+            table = s.block_ids[:nb]
+            block_tables[i, :nb] = table
+            if n == 1:
+                num_decodes += 1
+                input_ids[t] = req.all_token_ids[start]
+                positions[t] = start
+                slots[t] = table[start // bs] * bs + start % bs
+            else:
+                input_ids[t : t + n] = req.all_token_ids[start:end]
+                pos = np.arange(start, end)
+                positions[t : t + n] = pos
+                slots[t : t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+            t += n
+            qsl.append(t)
+            seq_lens.append(end)
+            if s.samples:
+                sample_rows.append(i)
+        dev = self.device
+        meta = AttentionMetadata(
+            num_tokens=total, num_actual_tokens=total, num_reqs=len(order), num_decodes=num_decodes,
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            max_query_len=max(s.num_tokens for s in order), max_seq_len=max(seq_lens),
+            seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
+        )
+        return torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta, sample_rows
+
+    def _sampling_batch(self, reqs) -> SamplingBatch:
+        params = [r.sampling_params for r in reqs]
+        greedy = [p.is_greedy for p in params]
+        dev = self.device
+        batch = SamplingBatch(
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
+            greedy=torch.tensor(greedy, device=dev),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+        )
+        if batch.all_greedy:
+            return batch
+        if any(p.top_k > 0 for p in params):
+            batch.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
+        if any(p.top_p < 1.0 for p in params):
+            batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        for row, (r, p) in enumerate(zip(reqs, params)):
+            if p.seed is not None and not p.is_greedy:
+                gen = self.generators.get(r.request_id)
+                if gen is None:
+                    gen = self.generators[r.request_id] = torch.Generator(device=dev).manual_seed(p.seed)
+                batch.generators[row] = gen
+        return batch
