@@ -64,16 +64,24 @@ def build_random_model(
     rope_scaling: Optional[dict] = None,
     seed: int = 0,
     tokenizer_vocab: int = 1024,
+    tokenizer_dir: Optional[str] = None,
     dtype: str = "float32",
     **extra: Any,
 ) -> str:
-    """Write a random-weight model directory (config, safetensors, tokenizer); returns path."""
+    """Write a random-weight model directory (config, safetensors, tokenizer); returns path.
+    `tokenizer_dir` reuses an already built tokenizer instead of training one."""
     import torch
     import transformers
 
     if arch not in ARCH_CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCH_CONFIGS)}")
-    tok = build_tokenizer(path, tokenizer_vocab)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        tok.save_pretrained(path)
+    else:
+        tok = build_tokenizer(path, tokenizer_vocab)
     cfg_name, defaults = ARCH_CONFIGS[arch]
     kwargs = dict(defaults)
     kwargs.update(

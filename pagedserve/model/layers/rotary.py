@@ -36,6 +36,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", self._compute(), persistent=False)
 
     def _compute(self) -> torch.Tensor:
+        with torch.device("cpu"):  # also when the model is being built on the meta device
+            return self._compute_cpu()
+
+    def _compute_cpu(self) -> torch.Tensor:
         inv_freq, scaling = _inv_freq(self.hf_config, self.head_dim)
         freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         # [max_positions, head_dim]: cos in the first half of the last dim, sin in the second.

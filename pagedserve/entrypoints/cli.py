@@ -1,0 +1,110 @@
+"""The `pagedserve` command: generate (and, as they land, serve / chat / bench / verify)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from pagedserve.config import EngineArgs
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's engine flags, for every subcommand that builds an engine."""
+    d = EngineArgs()
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16", "half", "float"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=d.block_size)
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    _bool_flag(p, "enable-prefix-caching", d.enable_prefix_caching, "automatic prefix caching")
+    _bool_flag(p, "enable-chunked-prefill", d.enable_chunked_prefill, "chunked prefill")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+    p.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
+
+
+def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
+    kwargs = {f: getattr(ns, f) for f in EngineArgs.field_names() if f != "model" and hasattr(ns, f)}
+    return EngineArgs(model=model, **kwargs)
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from pagedserve import LLM, SamplingParams
+
+    args = engine_args_from(ns, ns.model)
+    llm = LLM(**vars(args))
+    params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_tokens=ns.max_tokens,
+                            seed=ns.sampling_seed, ignore_eos=ns.ignore_eos)
+    prompts = ns.prompt or ["Hello, my name is"]
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        c = out.outputs[0]
+        print(f"{out.prompt}{c.text}")
+        print(f"  [{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _random_model(ns: argparse.Namespace) -> int:
+    from pagedserve.model.random_model import build_random_model
+
+    build_random_model(ns.path, ns.arch, hidden_size=ns.hidden_size, intermediate_size=ns.intermediate_size,
+                       num_layers=ns.num_layers, num_heads=ns.num_heads, num_kv_heads=ns.num_kv_heads,
+                       vocab_size=ns.vocab_size, tokenizer_vocab=ns.tokenizer_vocab, seed=ns.seed, dtype=ns.dtype)
+    print(ns.path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description="LLM inference and serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate completions for prompts, offline")
+    g.add_argument("model", help="local Hugging Face model directory")
+    g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    g.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(g)
+    g.set_defaults(func=_generate)
+
+    r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
+    r.add_argument("path")
+    r.add_argument("--arch", default="LlamaForCausalLM")
+    r.add_argument("--hidden-size", type=int, default=64)
+    r.add_argument("--intermediate-size", type=int, default=128)
+    r.add_argument("--num-layers", type=int, default=2)
+    r.add_argument("--num-heads", type=int, default=4)
+    r.add_argument("--num-kv-heads", type=int, default=2)
+    r.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's size")
+    r.add_argument("--tokenizer-vocab", type=int, default=1024)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="float32")
+    r.set_defaults(func=_random_model)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture, built once
+per session with a tokenizer trained locally, and a Hugging Face greedy reference."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+# name -> (architecture, build kwargs). initializer_range 0.5 keeps logits well apart so
+# float32 round-off cannot flip a greedy choice.
+MODEL_SPECS = {
+    "llama": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    "mistral": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=1)),
+    "qwen2": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)),
+    "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256, "rope_theta": 500000.0})),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    from pagedserve.model.random_model import build_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tokenizer"))
+    build_tokenizer(path, vocab_size=1024)
+    return path
+
+
+def _build(tmp_path_factory, tokenizer_dir: str, name: str) -> str:
+    from pagedserve.model.random_model import build_random_model
+
+    arch, kwargs = MODEL_SPECS[name]
+    path = str(tmp_path_factory.mktemp(name))
+    build_random_model(path, arch, initializer_range=0.5, tokenizer_dir=tokenizer_dir, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, str]:
+    return {name: _build(tmp_path_factory, tokenizer_dir, name) for name in MODEL_SPECS}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dirs) -> str:
+    return model_dirs["llama"]
+
+
+@dataclass
+class Reference:
+    tokens: list[int]
+    logits: list[torch.Tensor]  # one [vocab] row per generated position
+
+
+class HFReference:
+    """Greedy decoding with transformers itself (float32, CPU), memoised per prompt."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.cache: dict[tuple, Reference] = {}
+
+    @torch.inference_mode()
+    def greedy(self, prompt_ids: list[int], max_tokens: int) -> Reference:
+        key = (tuple(prompt_ids), max_tokens)
+        if key not in self.cache:
+            ids = list(prompt_ids)
+            tokens, logits = [], []
+            for _ in range(max_tokens):  # full recomputation: slow but free of cache subtleties
+                row = self.model(torch.tensor([ids])).logits[0, -1].float()
+                t = int(row.argmax())
+                tokens.append(t)
+                logits.append(row)
+                ids.append(t)
+            self.cache[key] = Reference(tokens, logits)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def hf_refs(model_dirs) -> dict[str, HFReference]:
+    return {name: HFReference(path) for name, path in model_dirs.items()}
+
+
+def assert_greedy_matches(ref: Reference, got: list[int], tie_tol: float = 1e-3) -> None:
+    """Tokens must equal the reference; at the first difference, accept only a near-tie in
+    transformers' own logits (and stop comparing, the sequences have parted)."""
+    assert len(got) == len(ref.tokens), f"length {len(got)} != reference {len(ref.tokens)}"
+    for i, (a, b) in enumerate(zip(got, ref.tokens)):
+        if a != b:
+            gap = float(ref.logits[i][b] - ref.logits[i][a])
+            assert gap < tie_tol, f"token {i}: got {a}, transformers chose {b} with a logit lead of {gap:.4g}"
+            return
