@@ -1,4 +1,4 @@
-"""The `pagedserve` command: generate (and, as they land, serve / chat / bench / verify)."""
+"""The `pagedserve` command: generate, chat, verify, random-model (and, as they land, serve / bench)."""
 
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
 
 def _generate(ns: argparse.Namespace) -> int:
     from pagedserve import LLM, SamplingParams
+    from pagedserve.demo import resolve_model
 
-    args = engine_args_from(ns, ns.model)
+    args = engine_args_from(ns, resolve_model(ns.model))
     llm = LLM(**vars(args))
     params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_tokens=ns.max_tokens,
                             seed=ns.sampling_seed, ignore_eos=ns.ignore_eos)
@@ -52,6 +53,23 @@ def _generate(ns: argparse.Namespace) -> int:
         print(f"{out.prompt}{c.text}")
         print(f"  [{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _chat(ns: argparse.Namespace) -> int:
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.demo import resolve_model
+    from pagedserve.entrypoints.chat import run_chat
+
+    llm = LLM(**vars(engine_args_from(ns, resolve_model(ns.model))))
+    params = SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, max_tokens=ns.max_tokens,
+                            seed=ns.sampling_seed)
+    return run_chat(llm, params, system=ns.system)
+
+
+def _verify(ns: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.verify import main_verify
+
+    return main_verify(ns.model, ns.prompt, ns.max_tokens, ns.tie_tol, ns.logprob_tol)
 
 
 def _random_model(ns: argparse.Namespace) -> int:
@@ -69,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate completions for prompts, offline")
-    g.add_argument("model", help="local Hugging Face model directory")
+    g.add_argument("model", nargs="?", default=None,
+                   help="local Hugging Face model directory (default: the built-in demo model)")
     g.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -79,6 +98,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     add_engine_args(g)
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal, streamed (Ctrl-D or Ctrl-C quits)")
+    c.add_argument("model", nargs="?", default=None,
+                   help="local Hugging Face model directory with a chat template (default: the built-in demo model)")
+    c.add_argument("--system", default=None, help="a system message to start the conversation with")
+    c.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--sampling-seed", type=int, default=None, help="per-reply sampling seed")
+    add_engine_args(c)
+    c.set_defaults(func=_chat)
+
+    v = sub.add_parser("verify", help="check that pagedserve and transformers agree on a model (greedy, float32, CPU)")
+    v.add_argument("model", help="local Hugging Face model directory")
+    v.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: a built-in few)")
+    v.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt")
+    v.add_argument("--tie-tol", type=float, default=1e-3,
+                   help="a differing token is tolerated when transformers' logits of the two are this close")
+    v.add_argument("--logprob-tol", type=float, default=1e-2, help="largest accepted |logprob difference|")
+    v.set_defaults(func=_verify)
 
     r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
     r.add_argument("path")
@@ -104,6 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

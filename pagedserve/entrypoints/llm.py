@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence, Union
 from tqdm.auto import tqdm
 
 from pagedserve.config import EngineArgs
+from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
@@ -21,12 +22,13 @@ class LLM:
     kv_cache_memory_bytes, device, enforce_eager, max_logprobs); an unknown name is a
     TypeError rather than being silently ignored."""
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
+    def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
+        """`model` is a local Hugging Face directory; None means the built-in demo model."""
         unknown = set(kwargs) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(sorted(unknown))}; "
                             f"supported: {', '.join(sorted(EngineArgs.field_names() - {'model'}))}.")
-        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.engine_args = EngineArgs(model=resolve_model(model), **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
 
     def get_tokenizer(self) -> Any:
