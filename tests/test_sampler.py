@@ -9,7 +9,7 @@ import torch
 
 from pagedserve.engine.request import Request
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.sampler import Sampler, apply_min_p, apply_top_k_top_p
+from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
 
 V = 40
@@ -125,10 +125,7 @@ def test_truncation_matches_reference_distribution(batch):
     logits, reqs = batch
     b = SamplingStates(V, torch.device("cpu")).build(reqs)
     processed = Sampler.process_logits(logits.clone(), b)
-    scaled = processed / b.temperature.unsqueeze(1)
-    if b.min_p is not None:
-        scaled = apply_min_p(scaled, b.min_p)
-    probs = apply_top_k_top_p(scaled, b.top_k, b.top_p).softmax(-1)
+    probs = Sampler().probabilities(logits.clone(), b)
     for i, r in enumerate(reqs):
         if r.sampling_params.is_greedy:
             continue
@@ -177,8 +174,12 @@ def test_penalty_counts_follow_new_tokens_incrementally():
     r.append_output_token(3)
     r.append_output_token(4)
     b = states.build([r])
-    assert b.output_counts[0, 3].item() == 2 and b.output_counts[0, 4].item() == 1
-    assert b.seen_mask[0, [1, 2, 3, 4]].all() and b.seen_mask[0].sum() == 4
+    assert b.penalty_sub[0, 3].item() == 2 and b.penalty_sub[0, 4].item() == 1 and b.penalty_sub[0].sum() == 3
+    assert b.seen_mask is None  # no repetition penalty asked for
+    r2 = _req("b", [1, 2], [3, 3], temperature=0.0, repetition_penalty=1.2, presence_penalty=0.5)
+    b = states.build([r, r2])
+    assert b.seen_mask[1, [1, 2, 3]].all() and b.seen_mask[1].sum() == 3 and b.repetition.tolist() == pytest.approx([1.0, 1.2])
+    assert b.penalty_sub[1, 3].item() == 0.5 and b.penalty_sub[1].sum() == 0.5
 
 
 def test_logprobs_are_raw_and_ranked():

@@ -164,7 +164,7 @@ class ModelRunner:
             offset += len(rows)
             targets = torch.tensor(req.prompt_token_ids[first : first + len(rows)], device=lp.device)
             chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1)
-            ranks = ((lp > chosen.unsqueeze(1)).sum(-1) + 1).tolist()
+            ranks = ((lp > chosen.unsqueeze(1)).sum(-1, dtype=torch.int32) + 1).tolist()
             top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
             top_v = top_v.tolist() if k else [[]] * len(rows)
             top_i = top_i.tolist() if k else [[]] * len(rows)

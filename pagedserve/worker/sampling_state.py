@@ -17,8 +17,9 @@ from pagedserve.worker.sampler import SamplingBatch
 class _State:
     generator: Optional[torch.Generator] = None
     output_counts: Optional[torch.Tensor] = None  # [V] float32
+    penalty_sub: Optional[torch.Tensor] = None  # [V]: frequency * count + presence * (count > 0)
     seen_mask: Optional[torch.Tensor] = None  # [V] bool: prompt or output token
-    num_counted: int = 0  # output tokens already in output_counts / seen_mask
+    num_counted: int = 0  # output tokens already in the tensors above
     allowed_mask: Optional[torch.Tensor] = None  # [V] bool
 
 
@@ -41,18 +42,23 @@ class SamplingStates:
         return st
 
     def _penalty_rows(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen mask, subtractive penalty) of a request, updated at its new tokens only."""
         st = self._state(req)
+        p = req.sampling_params
         if st.output_counts is None:
             st.output_counts = torch.zeros(self.vocab_size, device=self.device)
+            st.penalty_sub = torch.zeros(self.vocab_size, device=self.device)
             st.seen_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             st.seen_mask[torch.tensor(req.prompt_token_ids, device=self.device)] = True
         new = req.output_token_ids[st.num_counted:]
         if new:
             ids = torch.tensor(new, device=self.device)
             st.output_counts.index_put_((ids,), torch.ones(len(new), device=self.device), accumulate=True)
+            counts = st.output_counts[ids]
+            st.penalty_sub[ids] = p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
             st.seen_mask[ids] = True
             st.num_counted += len(new)
-        return st.output_counts, st.seen_mask
+        return st.seen_mask, st.penalty_sub
 
     def build(self, reqs: list[Request]) -> SamplingBatch:
         params = [r.sampling_params for r in reqs]
@@ -79,15 +85,13 @@ class SamplingStates:
                     b.generators[row] = st.generator
 
         if any(p.has_penalties for p in params):
-            counts, seen = [], []
-            for r, p in zip(reqs, params):
-                c, s = self._penalty_rows(r) if p.has_penalties else (self._zeros, self._false)
-                counts.append(c)
-                seen.append(s)
-            b.output_counts, b.seen_mask = torch.stack(counts), torch.stack(seen)
-            b.presence = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev)
-            b.frequency = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev)
-            b.repetition = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+            rows = [self._penalty_rows(r) if p.has_penalties else (self._false, self._zeros)
+                    for r, p in zip(reqs, params)]
+            if any(p.repetition_penalty != 1.0 for p in params):
+                b.seen_mask = torch.stack([s for s, _ in rows])
+                b.repetition = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+            if any(p.frequency_penalty or p.presence_penalty for p in params):
+                b.penalty_sub = torch.stack([a for _, a in rows])
 
         if any(p.allowed_token_ids is not None for p in params):
             rows = []
