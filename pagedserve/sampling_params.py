@@ -1,12 +1,15 @@
-"""SamplingParams: how to pick tokens and when to stop, with vLLM's names and defaults."""
+"""SamplingParams: how to pick tokens and when to stop, with vLLM's names, defaults and
+validation (a ValueError naming the field)."""
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 _GREEDY_EPS = 1e-5
+_MAX_LOGIT_BIAS = 100.0
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -15,63 +18,134 @@ class RequestOutputKind(enum.IntEnum):
     FINAL_ONLY = 2  # one output, when the request finishes
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: all tokens
+    min_p: float = 0.0
     seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     max_tokens: Optional[int] = 16  # None: up to the model's context length
     min_tokens: int = 0
+    logprobs: Optional[int] = None  # top-k logprobs per generated token (plus the sampled one)
+    prompt_logprobs: Optional[int] = None
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    truncate_prompt_tokens: Optional[int] = None  # keep only the last k prompt tokens
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     # Filled in by the engine: EOS ids of the model unless ignore_eos (kept apart from the
-    # user's stop_token_ids because an EOS stop reports stop_reason None, like vLLM).
+    # user's stop_token_ids because an EOS stop reports stop_reason None, like vLLM), and
+    # bad_words as token-id sequences.
     _eos_token_ids: frozenset = field(default=frozenset(), repr=False)
+    _bad_words_token_ids: list = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        if self.stop_token_ids is None:
-            self.stop_token_ids = []
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
         else:
-            self.stop_token_ids = list(self.stop_token_ids)
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias)
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
+        if self.is_greedy:
+            # Greedy is exact argmax: truncation knobs have nothing left to do.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _verify(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (disable), or at least 1, got {self.top_k}.")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.")
+        def check(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}.")
+
+        check(_is_int(self.n) and self.n >= 1, "n", "must be at least 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            check(_is_num(v) and -2.0 <= v <= 2.0, name, "must be in [-2, 2]")
+        check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty",
+              "must be greater than zero")
+        check(_is_num(self.temperature) and self.temperature >= 0.0, "temperature", "must be non-negative")
+        check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be -1 (disable), or at least 1")
+        check(_is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+              "must be at least 1")
+        check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be greater than or equal to 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}."
-            )
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids}.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+                             f"got {self.min_tokens}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            check(v is None or (_is_int(v) and v >= 0), name, "must be a non-negative integer")
+        check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens)
+                                                      and self.truncate_prompt_tokens >= 1),
+              "truncate_prompt_tokens", "must be at least 1")
+        check(all(isinstance(s, str) for s in self.stop), "stop", "must be strings")
+        check(all(self.stop), "stop", "cannot contain an empty string")
+        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+              "must be non-negative integers")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}.") from None
+            check(all(k >= 0 for k in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
+            # OpenAI's range; values beyond it are clamped, not rejected.
+            self.logit_bias = {k: max(-_MAX_LOGIT_BIAS, min(_MAX_LOGIT_BIAS, v)) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            check(len(self.allowed_token_ids) > 0, "allowed_token_ids", "must not be empty")
+            check(all(_is_int(t) and t >= 0 for t in self.allowed_token_ids), "allowed_token_ids",
+                  "must be non-negative token ids")
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
+            check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+                  "must be non-empty strings")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are only supported when detokenize is True.")
         if self.is_greedy and self.n > 1:
-            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}.")
+            raise ValueError(f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.")
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.") from None
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
-    def clone(self) -> "SamplingParams":
-        import copy
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
+    @property
+    def max_stop_len(self) -> int:
+        return max((len(s) for s in self.stop), default=0)
+
+    def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)

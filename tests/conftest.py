@@ -12,7 +12,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(4, os.cpu_count() or 1))
+
 
 # name -> (architecture, build kwargs). initializer_range 0.5 keeps logits well apart so
 # float32 round-off cannot flip a greedy choice.

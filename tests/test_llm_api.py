@@ -20,7 +20,7 @@ def llm(llama_dir):
 def _no_leak(llm: LLM) -> None:
     kv = llm.llm_engine.kv
     assert kv.pool.num_free_blocks == kv.num_blocks and not kv.req_blocks
-    assert not llm.llm_engine.has_unfinished_requests() and not llm.llm_engine.states
+    assert not llm.llm_engine.has_unfinished_requests() and not llm.llm_engine.output_processor.states
 
 
 def test_mixed_prompts_in_input_order(llm):
@@ -184,5 +184,5 @@ def test_abort_frees_blocks(llm):
     engine.abort_request(ids[2:])
     assert not engine.has_unfinished_requests()
     engine.step()  # the runner drops the aborted requests' state
-    assert not engine.runner.generators
+    assert not engine.runner.sampling_states.states
     _no_leak(llm)

@@ -122,7 +122,7 @@ def test_abort_running_and_waiting_frees_everything():
     assert {r.request_id for r in done} == {"a", "b"}
     assert not s.has_unfinished_requests() and s.kv.pool.num_free_blocks == s.kv.num_blocks
     out = s.schedule()
-    assert out.is_empty() and out.finished_req_ids == {"a", "b"}
+    assert out.is_empty() and s.pop_finished_ids() == {"a", "b"}
 
 
 def test_prefix_hit_skips_computed_tokens():

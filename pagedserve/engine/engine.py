@@ -1,39 +1,28 @@
 """LLMEngine: the synchronous core. add_request / step / abort_request around one loop:
-schedule -> run the model -> update the scheduler -> build outputs."""
+schedule -> run the model -> update the scheduler -> process outputs."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler
 from pagedserve.model.hf_config import generation_eos_ids
-from pagedserve.outputs import CompletionOutput, RequestOutput
-from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("pagedserve")
 
 PromptType = Union[str, dict, list]
-
-
-@dataclass
-class _OutputState:
-    """What the output side keeps per request: its prompt text and its detokenizer."""
-
-    request: Request
-    prompt: Optional[str]
-    detok: Optional[IncrementalDetokenizer]
-    sent_tokens: int = 0  # for DELTA outputs
-    sent_text: int = 0
 
 
 class LLMEngine:
@@ -48,7 +37,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill)
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
-        self.states: dict[str, _OutputState] = {}
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
@@ -73,18 +62,28 @@ class LLMEngine:
                 return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}.")
 
+    def _check_token_ids(self, field: str, ids: Iterable[int]) -> None:
+        vocab = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"{field}: token id {bad} is out of vocabulary (vocab size {vocab}).")
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can ever run; returns its resolved max_tokens."""
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         n = len(token_ids)
         if n == 0:
             raise ValueError("The prompt cannot be empty.")
-        vocab = self.config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt_token_ids: token id {bad} is out of vocabulary (vocab size {vocab}).")
-        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids: token id {bad} is out of vocabulary (vocab size {vocab}).")
+        self._check_token_ids("prompt_token_ids", token_ids)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        self._check_token_ids("logit_bias", params.logit_bias or ())
+        self._check_token_ids("allowed_token_ids", params.allowed_token_ids or ())
+        for field in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, field)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{field}: requested {k} logprobs, more than the maximum allowed "
+                                 f"({self.config.max_logprobs}, set by max_logprobs).")
         max_len = self.config.max_model_len
         if n >= max_len:
             raise ValueError(f"The prompt (length {n}) is longer than the maximum model length of {max_len} "
@@ -101,70 +100,76 @@ class LLMEngine:
                              "max_tokens or give the KV cache more memory.")
         return max_tokens
 
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Token sequences for each bad word, alone and after a space (mid-text), as vLLM."""
+        seqs: list[list[int]] = []
+        for word in words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            seqs.append(plain)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced != plain:
+                seqs.append(spaced)
+        return [s for s in seqs if s]
+
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> str:
+                    arrival_time: Optional[float] = None, cache_salt: Optional[str] = None) -> str:
         params = (params or SamplingParams()).clone()
         text, ids = self.process_prompt(prompt)
         max_tokens = self.validate(ids, params)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
         if request_id is None:
             request_id = str(next(self._ids))
         if not params.ignore_eos:
             params._eos_token_ids = self.eos_token_ids
-        req = Request(request_id, ids, params, arrival_time)
-        req.max_tokens = max_tokens
-        self.scheduler.add_request(req)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if params.detokenize else None
-        self.states[request_id] = _OutputState(req, text, detok)
+        if params.bad_words:
+            params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                child_params = params.clone()
+                if params.seed is not None:
+                    child_params.seed = params.seed + i
+                if i > 0:
+                    child_params.prompt_logprobs = None  # reported once, by the first sample
+            child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
+                            cache_salt)
+            child.max_tokens = max_tokens
+            children.append(child)
+        leader = children[0]
+        leader.pending_siblings = children[1:]
+        self.scheduler.add_request(leader)
+        seqs = [SequenceState(i, c, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                              if params.detokenize else None) for i, c in enumerate(children)]
+        self.output_processor.add(RequestState(request_id, text, ids, params, seqs))
         return request_id
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
-        for req in self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED):
-            self.states.pop(req.request_id, None)
+        for rid in list(request_ids):
+            self.scheduler.finish_requests(self.output_processor.child_ids(rid), RequestStatus.FINISHED_ABORTED)
+            self.output_processor.remove(rid)
+        self.runner.release(self.scheduler.pop_finished_ids())
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return self.scheduler.num_waiting + self.scheduler.num_running
+        return len(self.output_processor.states)
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
-        sampled = self.runner.execute(sched_out)
-        results = self.scheduler.update_from_output(sched_out, sampled)
-        outputs = []
-        for r in results:
-            st = self.states.get(r.request.request_id)
-            if st is None:
-                continue
-            if st.detok is not None:
-                st.detok.add_tokens(r.new_token_ids)
-                if r.request.is_finished():
-                    st.detok.finish()
-            out = self._make_output(st)
-            if out is not None:
-                outputs.append(out)
-            if st.request.is_finished():
-                del self.states[r.request.request_id]
+        runner_out = self.runner.execute(sched_out)
+        updates = self.scheduler.update_from_output(sched_out, runner_out.sampled)
+        new_tokens = {u.request.request_id: u.new_token_ids for u in updates}
+        finished = {u.request.request_id: (u.request.status.finish_reason, u.request.stop_reason)
+                    for u in updates if u.request.is_finished()}
+        outputs, stopped = self.output_processor.process(new_tokens, finished, runner_out)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self.runner.release(self.scheduler.pop_finished_ids())
         return outputs
-
-    def _make_output(self, st: _OutputState) -> Optional[RequestOutput]:
-        req = st.request
-        finished = req.is_finished()
-        kind = req.sampling_params.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        text = st.detok.text if st.detok is not None else ""
-        token_ids = req.output_token_ids
-        if kind == RequestOutputKind.DELTA:
-            text, token_ids = text[st.sent_text:], token_ids[st.sent_tokens:]
-            st.sent_text, st.sent_tokens = st.sent_text + len(text), st.sent_tokens + len(token_ids)
-        else:
-            token_ids = list(token_ids)
-        completion = CompletionOutput(index=0, text=text, token_ids=token_ids,
-                                      finish_reason=req.status.finish_reason if finished else None,
-                                      stop_reason=req.stop_reason)
-        return RequestOutput(request_id=req.request_id, prompt=st.prompt, prompt_token_ids=req.prompt_token_ids,
-                             outputs=[completion], finished=finished, num_cached_tokens=max(req.num_cached_tokens, 0))

@@ -141,7 +141,7 @@ class KVCacheManager:
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Blocks of the request's prefix already in the cache, and the tokens they cover.
         At least one token is always left to compute, so the step yields logits."""
-        if not self.enable_caching or getattr(req, "skip_prefix_cache", False):
+        if not self.enable_caching or req.skip_prefix_cache:
             return [], 0
         max_hit_tokens = req.num_tokens - 1
         hashes = self._update_hashes(req, max_hit_tokens)
@@ -181,9 +181,21 @@ class KVCacheManager:
             ids.extend(b.block_id for b in new)
         return True
 
+    def fork(self, src: Request, dst: Request, num_blocks: int) -> None:
+        """Give `dst` (which holds no blocks) references to `src`'s first `num_blocks` blocks,
+        whose KV is written: a sibling sample sharing its prompt, copy-free."""
+        blocks = self.req_blocks[src.request_id][:num_blocks]
+        self.pool.touch(blocks)
+        self.req_blocks[dst.request_id] = list(blocks)
+        self.req_block_ids[dst.request_id] = [b.block_id for b in blocks]
+        self.num_published[dst.request_id] = min(num_blocks, self.num_published.get(src.request_id, 0))
+
+    def holds_blocks(self, req: Request) -> bool:
+        return bool(self.req_blocks.get(req.request_id))
+
     def cache_blocks(self, req: Request, num_computed_tokens: int) -> None:
         """Publish the request's full blocks whose KV has now been written."""
-        if not self.enable_caching or getattr(req, "skip_prefix_cache", False):
+        if not self.enable_caching or req.skip_prefix_cache:
             return
         blocks = self.req_blocks.get(req.request_id)
         if not blocks:

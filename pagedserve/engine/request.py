@@ -63,6 +63,13 @@ class Request:
         self.stop_reason: Union[int, str, None] = None
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the KV cache manager
         self.max_tokens = 0  # resolved by the engine from sampling_params and max_model_len
+        # Prompt logprobs need every prompt position computed: no prefix-cache hits.
+        self.skip_prefix_cache = sampling_params.prompt_logprobs is not None
+        # n > 1: the first child computes the prompt; its siblings wait here and are forked
+        # from its prompt blocks (shared, ref-counted) once the prompt's KV is written.
+        self.pending_siblings: list["Request"] = []
+        self.leader: Optional["Request"] = None
+        self.first_scheduled_time: Optional[float] = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -39,7 +39,6 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    finished_req_ids: set[str] = field(default_factory=set)  # finished since the last step
 
     @property
     def total_num_tokens(self) -> int:
@@ -50,7 +49,7 @@ class SchedulerOutput:
 
 
 @dataclass
-class FinishedInfo:
+class TokenUpdate:
     request: Request
     new_token_ids: list[int]
 
@@ -77,8 +76,14 @@ class Scheduler:
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        if req.request_id in self.requests:
-            raise ValueError(f"request_id {req.request_id!r} is already in use.")
+        """Queue a request; its pending siblings (n > 1) join once it has computed its prompt."""
+        ids = [req.request_id] + [s.request_id for s in req.pending_siblings]
+        taken = [i for i in ids if i in self.requests]
+        if taken:
+            raise ValueError(f"request_id {taken[0]!r} is already in use.")
+        for sib in req.pending_siblings:
+            sib.leader = req
+            self.requests[sib.request_id] = sib
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
@@ -91,6 +96,8 @@ class Scheduler:
                 continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
+            elif req.leader is not None and req in req.leader.pending_siblings:
+                req.leader.pending_siblings.remove(req)
             else:
                 self.waiting.remove(req)
             req.status = status
@@ -102,6 +109,11 @@ class Scheduler:
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.add(req.request_id)
+
+    def pop_finished_ids(self) -> set[str]:
+        """Requests finished (or aborted) since the last call, for the runner to forget."""
+        ids, self._finished_ids = self._finished_ids, set()
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -140,7 +152,10 @@ class Scheduler:
             now = time.monotonic()
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
-                hits, num_hit = self.kv.get_computed_blocks(req)
+                if self.kv.holds_blocks(req):  # a sibling forked from its leader's prompt
+                    hits, num_hit = [], req.num_computed_tokens
+                else:
+                    hits, num_hit = self.kv.get_computed_blocks(req)
                 n = req.num_tokens - num_hit
                 if n > budget:
                     if not self.enable_chunked_prefill:
@@ -154,7 +169,7 @@ class Scheduler:
                 req.num_computed_tokens = num_hit
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_hit
-                if getattr(req, "first_scheduled_time", None) is None:
+                if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 plan.append((req, n))
                 budget -= n
@@ -162,10 +177,15 @@ class Scheduler:
         for req, n in plan:
             out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.block_ids(req)))
             req.num_computed_tokens += n
-        out.finished_req_ids, self._finished_ids = self._finished_ids, set()
         return out
 
     def _preempt(self, req: Request) -> None:
+        # Forked siblings still waiting pin their leader's prompt blocks; under memory
+        # pressure let them go (they recompute, or hit the prefix cache, when admitted).
+        for w in self.waiting:
+            if w.num_computed_tokens and self.kv.holds_blocks(w):
+                self.kv.free(w)
+                w.num_computed_tokens = 0
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -173,10 +193,10 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[FinishedInfo]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[TokenUpdate]:
         """Record the step's results: publish written blocks, append sampled tokens, stop
         finished requests. Returns one entry per request that got a token."""
-        results: list[FinishedInfo] = []
+        results: list[TokenUpdate] = []
         finished_any = False
         for s in out.scheduled:
             req = s.request
@@ -187,15 +207,28 @@ class Scheduler:
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt
             req.append_output_token(token)
+            if req.pending_siblings:
+                self._fork_siblings(req)
             status = self._check_stop(req, token)
             if status is not None:
                 req.status = status
                 self._release(req)
                 finished_any = True
-            results.append(FinishedInfo(req, [token]))
+            results.append(TokenUpdate(req, [token]))
         if finished_any:
             self.running = [r for r in self.running if not r.is_finished()]
         return results
+
+    def _fork_siblings(self, leader: Request) -> None:
+        """The leader's prompt KV is written: its siblings share the full prompt blocks and
+        compute only the rest (at least one token, so each samples its own first token)."""
+        shared = (leader.num_prompt_tokens - 1) // self.kv.block_size
+        for sib in reversed(leader.pending_siblings):
+            if shared:
+                self.kv.fork(leader, sib, shared)
+                sib.num_computed_tokens = shared * self.kv.block_size
+            self.waiting.appendleft(sib)
+        leader.pending_siblings = []
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         sp = req.sampling_params

@@ -14,7 +14,9 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
-from pagedserve.worker.sampler import Sampler, SamplingBatch
+from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
+from pagedserve.worker.sampler import Sampler
+from pagedserve.worker.sampling_state import SamplingStates
 
 logger = logging.getLogger("pagedserve")
 
@@ -31,7 +33,8 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.sampler = Sampler()
-        self.generators: dict[str, torch.Generator] = {}
+        self.sampling_states = SamplingStates(config.vocab_size, config.device)
+        self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- KV cache ---------------------------------------------------------------------
@@ -84,24 +87,90 @@ class ModelRunner:
             self.model.compute_logits(hidden[: min(n, cfg.max_num_seqs)].expand(cfg.max_num_seqs, -1))
         self._bind(torch.empty(self._kv_shape(0), dtype=cfg.dtype, device=self.device))
 
+    def release(self, request_ids) -> None:
+        """Forget the per-request state of finished or aborted requests."""
+        for rid in request_ids:
+            self.sampling_states.drop(rid)
+            self.prompt_logprobs_next.pop(rid, None)
+
     # ---- one step -----------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run the scheduled step; returns the sampled token of each request that samples."""
-        for rid in out.finished_req_ids:
-            self.generators.pop(rid, None)
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run the scheduled step: sampled tokens of the requests whose chunk reaches their
+        end, with logprobs where asked, and prompt logprobs for the positions computed."""
+        result = ModelRunnerOutput()
         if out.is_empty():
-            return {}
+            return result
         order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
         ids, positions, meta, sample_rows = self._prepare(order)
         sampled_reqs = [order[i].request for i in sample_rows]
+        hidden_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows]
+        prompt_lp = self._prompt_logprob_rows(order, meta.query_start_loc_cpu)
         with torch.inference_mode():
             hidden = self.model(ids, positions, meta)
-            if not sampled_reqs:
-                return {}
-            rows = torch.tensor([meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            tokens = self.sampler(logits, self._sampling_batch(sampled_reqs)).tolist()
-        return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}
+            if not hidden_rows and not prompt_lp:
+                return result
+            rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            if sampled_reqs:
+                s_out = self.sampler(logits[: len(hidden_rows)], self.sampling_states.build(sampled_reqs))
+                self._collect_samples(sampled_reqs, s_out, result)
+            if prompt_lp:
+                self._collect_prompt_logprobs(logits[len(hidden_rows):], prompt_lp, result)
+        return result
+
+    @staticmethod
+    def _collect_samples(reqs, s_out, result: ModelRunnerOutput) -> None:
+        tokens = s_out.tokens.tolist()
+        result.sampled = {r.request_id: t for r, t in zip(reqs, tokens)}
+        if s_out.sampled_logprobs is None:
+            return
+        lps, ranks = s_out.sampled_logprobs.tolist(), s_out.sampled_ranks.tolist()
+        top_ids = s_out.topk_ids.tolist() if s_out.topk_ids is not None else None
+        top_lps = s_out.topk_logprobs.tolist() if s_out.topk_logprobs is not None else None
+        for i, r in enumerate(reqs):
+            k = r.sampling_params.logprobs
+            if k is None:
+                continue
+            result.logprobs[r.request_id] = PositionLogprobs(
+                tokens[i], lps[i], ranks[i], top_ids[i][:k] if k else [], top_lps[i][:k] if k else [])
+
+    def _prompt_logprob_rows(self, order: list[ScheduledRequest], qsl: list[int]):
+        """For requests wanting prompt logprobs: (request, first target position, hidden rows,
+        k) for the prompt positions this chunk predicts that were not reported yet (a
+        preempted request recomputes its prompt without reporting it twice)."""
+        items = []
+        for i, s in enumerate(order):
+            req = s.request
+            k = req.sampling_params.prompt_logprobs
+            if k is None:
+                continue
+            nxt = self.prompt_logprobs_next.get(req.request_id, 1)
+            # hidden row at position p predicts the token at p + 1
+            first = max(nxt, s.start + 1)
+            last = min(s.end, req.num_prompt_tokens - 1)  # last target position
+            if first > last:
+                continue
+            base = qsl[i] - s.start
+            items.append((req, first, [base + t - 1 for t in range(first, last + 1)], k))
+            self.prompt_logprobs_next[req.request_id] = last + 1
+        return items
+
+    @staticmethod
+    def _collect_prompt_logprobs(logits: torch.Tensor, items, result: ModelRunnerOutput) -> None:
+        logprobs = logits.float().log_softmax(dim=-1)
+        offset = 0
+        for req, first, rows, k in items:
+            lp = logprobs[offset : offset + len(rows)]
+            offset += len(rows)
+            targets = torch.tensor(req.prompt_token_ids[first : first + len(rows)], device=lp.device)
+            chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1)
+            ranks = ((lp > chosen.unsqueeze(1)).sum(-1, dtype=torch.int32) + 1).tolist()
+            top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+            top_v = top_v.tolist() if k else [[]] * len(rows)
+            top_i = top_i.tolist() if k else [[]] * len(rows)
+            result.prompt_logprobs[req.request_id] = [
+                PositionLogprobs(t, c, rk, ti, tv)
+                for t, c, rk, ti, tv in zip(targets.tolist(), chosen.tolist(), ranks, top_i, top_v)]
 
     def _prepare(self, order: list[ScheduledRequest]):
         bs = self.block_size
@@ -147,27 +216,3 @@ class ModelRunner:
             seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
         )
         return torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta, sample_rows
-
-    def _sampling_batch(self, reqs) -> SamplingBatch:
-        params = [r.sampling_params for r in reqs]
-        greedy = [p.is_greedy for p in params]
-        dev = self.device
-        batch = SamplingBatch(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
-            greedy=torch.tensor(greedy, device=dev),
-            all_greedy=all(greedy),
-            all_random=not any(greedy),
-        )
-        if batch.all_greedy:
-            return batch
-        if any(p.top_k > 0 for p in params):
-            batch.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
-        if any(p.top_p < 1.0 for p in params):
-            batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        for row, (r, p) in enumerate(zip(reqs, params)):
-            if p.seed is not None and not p.is_greedy:
-                gen = self.generators.get(r.request_id)
-                if gen is None:
-                    gen = self.generators[r.request_id] = torch.Generator(device=dev).manual_seed(p.seed)
-                batch.generators[row] = gen
-        return batch

@@ -1,12 +1,22 @@
-"""Batched sampling over the rows of one step: greedy, temperature, top-k, top-p, and
-per-request seeded generators, all as tensor ops on the device."""
+"""Batched sampling for one step, as tensor ops on the device (no per-row loops over the
+vocabulary). vLLM's order: allowed tokens -> bad words / min_tokens bans -> logit bias ->
+penalties -> greedy argmax | temperature -> min-p -> top-k -> top-p -> seeded draw.
+Logprobs are of the model's raw distribution (vLLM's default "raw_logprobs").
+
+Speed: rows with a top-k work on their k candidates only (one topk instead of a sort of
+the vocabulary); min-p is a logit threshold (p_i < min_p * p_max  <=>  l_i < l_max +
+log(min_p)); each row draws one uniform and picks by inverse CDF, so a seeded row costs one
+random number per step and its tokens do not depend on the rest of the batch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+_NEG_INF = float("-inf")
 
 
 @dataclass
@@ -16,49 +26,161 @@ class SamplingBatch:
     all_greedy: bool
     all_random: bool
     top_k: Optional[torch.Tensor] = None  # [S] int64, 0 = off; None when no row uses it
-    top_p: Optional[torch.Tensor] = None  # [S] float32, 1.0 = off; None when no row uses it
+    top_p: Optional[torch.Tensor] = None  # [S] float32, 1.0 = off
+    min_p: Optional[torch.Tensor] = None  # [S] float32, 0.0 = off
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded generator
+    allowed_mask: Optional[torch.Tensor] = None  # [S, V] bool
+    banned: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (rows, token ids) set to -inf
+    bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (rows, token ids, values)
+    # Penalties (None when no row uses them).
+    seen_mask: Optional[torch.Tensor] = None  # [S, V] bool: token in prompt or output
+    repetition: Optional[torch.Tensor] = None  # [S]; None when every row has 1.0
+    penalty_sub: Optional[torch.Tensor] = None  # [S, V]: frequency * count + presence * (count > 0)
+    num_logprobs: Optional[int] = None  # the largest top-k asked for by any row; None = no logprobs
 
 
-def apply_top_k_top_p(logits: torch.Tensor, k: Optional[torch.Tensor], p: Optional[torch.Tensor]) -> torch.Tensor:
-    """Mask (to -inf) the logits outside each row's top-k and nucleus top-p; one sort."""
-    if k is None and p is None:
-        return logits
-    vocab = logits.shape[-1]
-    sorted_logits, idx = logits.sort(dim=-1, descending=False)
-    if k is not None:
-        kk = torch.where(k > 0, k, vocab).clamp(max=vocab)
-        kth = sorted_logits.gather(1, (vocab - kk).unsqueeze(1))
-        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
-    if p is not None:
-        probs = sorted_logits.softmax(dim=-1)
-        mask = probs.cumsum(dim=-1) <= 1 - p.unsqueeze(1)
-        mask[:, -1] = False  # the most likely token always survives
-        sorted_logits.masked_fill_(mask, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [S] int64
+    # With logprobs: raw logprob and rank of each sampled token, and the top-k ids/logprobs.
+    sampled_logprobs: Optional[torch.Tensor] = None  # [S]
+    sampled_ranks: Optional[torch.Tensor] = None  # [S]
+    topk_ids: Optional[torch.Tensor] = None  # [S, K]
+    topk_logprobs: Optional[torch.Tensor] = None  # [S, K]
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """Sample each row of probs via argmax(probs / Exp(1) noise) (the exponential race, as
-    vLLM does); rows with their own generator draw their noise from it alone, so a seeded
-    request samples the same tokens whatever else shares the batch."""
-    q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
-        q.exponential_()
-    for row, gen in generators.items():
-        q[row].exponential_(generator=gen)
-    return probs.div_(q).argmax(dim=-1)
+def _min_p_threshold(logits: torch.Tensor, top: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens with p < min_p * p_max, as logits: l < l_max + log(min_p)."""
+    cut = top + torch.log(min_p.clamp(min=1e-30)).unsqueeze(1)
+    return logits.masked_fill(logits < cut, _NEG_INF)
+
+
+def _top_p_sorted(sorted_desc: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Nucleus on descending-sorted logits: keep the smallest prefix whose mass reaches p."""
+    probs = sorted_desc.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    mask = before >= p.unsqueeze(1)
+    mask[:, 0] = False
+    return sorted_desc.masked_fill(mask, _NEG_INF)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of (unnormalised) probs with its uniform u in [0, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
-        if batch.all_greedy:
+        raw_logprobs = logits.log_softmax(dim=-1) if b.num_logprobs is not None else None
+        tokens = self._sample(self.process_logits(logits, b), b)
+        out = SamplerOutput(tokens)
+        if raw_logprobs is not None:
+            out.sampled_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            out.sampled_ranks = (raw_logprobs > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1, dtype=torch.int32) + 1
+            if b.num_logprobs > 0:
+                out.topk_logprobs, out.topk_ids = raw_logprobs.topk(b.num_logprobs, dim=-1)
+        return out
+
+    @staticmethod
+    def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """Everything before the greedy/random choice: allowed tokens, bans, bias, penalties.
+        Works in place on `logits` (the caller's fresh float32 tensor) to spare full copies."""
+        if b.allowed_mask is not None:
+            logits.masked_fill_(~b.allowed_mask, _NEG_INF)
+        if b.banned is not None:
+            logits.index_put_(b.banned, torch.tensor(_NEG_INF, device=logits.device))
+        if b.bias is not None:
+            rows, cols, vals = b.bias
+            logits.index_put_((rows, cols), vals, accumulate=True)
+        if b.repetition is not None:
+            # Only the seen tokens change: gather them, scale by sign, scatter back.
+            rows, cols = b.seen_mask.nonzero(as_tuple=True)
+            vals = logits[rows, cols]
+            rep = b.repetition[rows]
+            logits[rows, cols] = torch.where(vals > 0, vals / rep, vals * rep)
+        if b.penalty_sub is not None:
+            logits.sub_(b.penalty_sub)
+        return logits
+
+    @staticmethod
+    def uniforms(b: SamplingBatch, n: int, device: torch.device) -> torch.Tensor:
+        u = torch.rand(n, device=device)
+        for row, gen in b.generators.items():
+            u[row] = torch.rand((), generator=gen, device=device)
+        return u
+
+    @staticmethod
+    def candidates(logits: torch.Tensor, b: SamplingBatch, rows: Optional[torch.Tensor] = None):
+        """Temperature, min-p, top-k and top-p applied: (candidate logits, their token ids or
+        None for the whole vocabulary), for the given rows (default all)."""
+        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None or rows is None else t[rows]
+
+        temp = b.temperature if rows is None else b.temperature[rows]
+        top_k = b.top_k if rows is None else pick(b.top_k)
+        top_p = b.top_p if rows is None else pick(b.top_p)
+        min_p = b.min_p if rows is None else pick(b.min_p)
+        x = logits if rows is None else logits[rows]
+        if top_k is not None and bool((top_k > 0).all()):
+            kmax = int(top_k.max())
+            vals, ids = x.topk(min(kmax, x.shape[1]), dim=-1)  # sorted, descending
+            vals = vals / temp.unsqueeze(1)
+            vals = vals.masked_fill(torch.arange(vals.shape[1], device=x.device) >= top_k.unsqueeze(1), _NEG_INF)
+            if min_p is not None:
+                vals = _min_p_threshold(vals, vals[:, :1], min_p)
+            if top_p is not None:
+                vals = _top_p_sorted(vals, top_p)
+            return vals, ids
+        x = x / temp.unsqueeze(1)
+        if min_p is not None:
+            x = _min_p_threshold(x, x.amax(dim=-1, keepdim=True), min_p)
+        if top_p is not None and bool((top_p < 1.0).any()):
+            sorted_desc, ids = x.sort(dim=-1, descending=True)
+            return _top_p_sorted(sorted_desc, top_p), ids
+        return x, None
+
+    def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        if b.all_greedy:
             return logits.argmax(dim=-1)
-        greedy_tokens = None if batch.all_random else logits.argmax(dim=-1)
-        logits = logits / batch.temperature.unsqueeze(1)
-        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
-        tokens = random_sample(logits.softmax(dim=-1), batch.generators)
-        if greedy_tokens is not None:
-            tokens = torch.where(batch.greedy, greedy_tokens, tokens)
+        tokens = logits.argmax(dim=-1) if not b.all_random else torch.empty(
+            logits.shape[0], dtype=torch.long, device=logits.device)
+        u = self.uniforms(b, logits.shape[0], logits.device)
+        for rows in self._row_groups(b):
+            vals, ids = self.candidates(logits, b, rows)
+            idx = inverse_cdf(vals.softmax(dim=-1), u if rows is None else u[rows])
+            picked = idx if ids is None else ids.gather(1, idx.unsqueeze(1)).squeeze(1)
+            if rows is None:
+                tokens = torch.where(b.greedy, tokens, picked)
+            else:
+                tokens[rows] = picked
         return tokens
+
+    @staticmethod
+    def _row_groups(b: SamplingBatch) -> list[Optional[torch.Tensor]]:
+        """Random rows, split into those with a top-k (candidate path) and those without."""
+        if b.top_k is None:
+            if b.all_random:
+                return [None]
+            return [torch.nonzero(~b.greedy).squeeze(1)]
+        random_rows = ~b.greedy
+        with_k = random_rows & (b.top_k > 0)
+        groups = [torch.nonzero(m).squeeze(1) for m in (with_k, random_rows & ~with_k)]
+        return [g for g in groups if g.numel()]
+
+    def probabilities(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """The full [S, V] distribution each random row samples from (greedy rows: one-hot).
+        Not on the hot path: for tests and debugging."""
+        x = self.process_logits(logits.float(), b)
+        out = torch.nn.functional.one_hot(x.argmax(dim=-1), x.shape[1]).float()
+        for rows in self._row_groups(b):
+            vals, ids = self.candidates(x, b, rows)
+            probs = vals.softmax(dim=-1)
+            full = probs if ids is None else torch.zeros_like(x[: probs.shape[0]]).scatter_(1, ids, probs)
+            if rows is None:
+                out = torch.where(b.greedy.unsqueeze(1), out, full)
+            else:
+                out[rows] = full
+        return out

@@ -1,0 +1,135 @@
+"""Per-request sampling state kept on the device between steps (seeded generators, token
+counts for penalties, allowed-token masks), and the builder of a step's SamplingBatch.
+Token counts are updated incrementally, so a step costs O(new tokens), not O(history)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pagedserve.engine.request import Request
+from pagedserve.worker.sampler import SamplingBatch
+
+
+@dataclass
+class _State:
+    generator: Optional[torch.Generator] = None
+    output_counts: Optional[torch.Tensor] = None  # [V] float32
+    penalty_sub: Optional[torch.Tensor] = None  # [V]: frequency * count + presence * (count > 0)
+    seen_mask: Optional[torch.Tensor] = None  # [V] bool: prompt or output token
+    num_counted: int = 0  # output tokens already in the tensors above
+    allowed_mask: Optional[torch.Tensor] = None  # [V] bool
+
+
+class SamplingStates:
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.states: dict[str, _State] = {}
+        self._zeros = torch.zeros(vocab_size, device=device)
+        self._false = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self._true = torch.ones(vocab_size, dtype=torch.bool, device=device)
+
+    def drop(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def _state(self, req: Request) -> _State:
+        st = self.states.get(req.request_id)
+        if st is None:
+            st = self.states[req.request_id] = _State()
+        return st
+
+    def _penalty_rows(self, req: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen mask, subtractive penalty) of a request, updated at its new tokens only."""
+        st = self._state(req)
+        p = req.sampling_params
+        if st.output_counts is None:
+            st.output_counts = torch.zeros(self.vocab_size, device=self.device)
+            st.penalty_sub = torch.zeros(self.vocab_size, device=self.device)
+            st.seen_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            st.seen_mask[torch.tensor(req.prompt_token_ids, device=self.device)] = True
+        new = req.output_token_ids[st.num_counted:]
+        if new:
+            ids = torch.tensor(new, device=self.device)
+            st.output_counts.index_put_((ids,), torch.ones(len(new), device=self.device), accumulate=True)
+            counts = st.output_counts[ids]
+            st.penalty_sub[ids] = p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+            st.seen_mask[ids] = True
+            st.num_counted += len(new)
+        return st.seen_mask, st.penalty_sub
+
+    def build(self, reqs: list[Request]) -> SamplingBatch:
+        params = [r.sampling_params for r in reqs]
+        dev = self.device
+        greedy = [p.is_greedy for p in params]
+        b = SamplingBatch(
+            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
+            greedy=torch.tensor(greedy, device=dev),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+        )
+        if not b.all_greedy:
+            if any(p.top_k > 0 for p in params):
+                b.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
+            if any(p.top_p < 1.0 for p in params):
+                b.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            if any(p.min_p > 0.0 for p in params):
+                b.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            for row, (r, p) in enumerate(zip(reqs, params)):
+                if p.seed is not None and not p.is_greedy:
+                    st = self._state(r)
+                    if st.generator is None:
+                        st.generator = torch.Generator(device=dev).manual_seed(p.seed)
+                    b.generators[row] = st.generator
+
+        if any(p.has_penalties for p in params):
+            rows = [self._penalty_rows(r) if p.has_penalties else (self._false, self._zeros)
+                    for r, p in zip(reqs, params)]
+            if any(p.repetition_penalty != 1.0 for p in params):
+                b.seen_mask = torch.stack([s for s, _ in rows])
+                b.repetition = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+            if any(p.frequency_penalty or p.presence_penalty for p in params):
+                b.penalty_sub = torch.stack([a for _, a in rows])
+
+        if any(p.allowed_token_ids is not None for p in params):
+            rows = []
+            for r, p in zip(reqs, params):
+                if p.allowed_token_ids is None:
+                    rows.append(self._true)
+                    continue
+                st = self._state(r)
+                if st.allowed_mask is None:
+                    st.allowed_mask = self._false.clone()
+                    st.allowed_mask[torch.tensor(p.allowed_token_ids, device=dev)] = True
+                rows.append(st.allowed_mask)
+            b.allowed_mask = torch.stack(rows)
+
+        ban_rows, ban_cols = [], []
+        bias_rows, bias_cols, bias_vals = [], [], []
+        for row, (r, p) in enumerate(zip(reqs, params)):
+            if r.num_output_tokens < p.min_tokens:  # no stop token may be sampled yet
+                stops = set(p.stop_token_ids) | p._eos_token_ids
+                ban_rows += [row] * len(stops)
+                ban_cols += sorted(stops)
+            if p._bad_words_token_ids:
+                out = r.output_token_ids
+                for seq in p._bad_words_token_ids:
+                    k = len(seq) - 1
+                    if k == 0 or (len(out) >= k and out[-k:] == seq[:-1]):
+                        ban_rows.append(row)
+                        ban_cols.append(seq[-1])
+            if p.logit_bias:
+                bias_rows += [row] * len(p.logit_bias)
+                bias_cols += list(p.logit_bias)
+                bias_vals += list(p.logit_bias.values())
+        if ban_rows:
+            b.banned = (torch.tensor(ban_rows, device=dev), torch.tensor(ban_cols, device=dev))
+        if bias_rows:
+            b.bias = (torch.tensor(bias_rows, device=dev), torch.tensor(bias_cols, device=dev),
+                      torch.tensor(bias_vals, dtype=torch.float32, device=dev))
+
+        ks = [p.logprobs for p in params if p.logprobs is not None]
+        b.num_logprobs = max(ks) if ks else None
+        return b
