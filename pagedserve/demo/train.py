@@ -40,7 +40,7 @@ class TrainConfig:
     seq_len: int = 1024
     batch_size: int = 4
     steps: int = 1000
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
     weight_decay: float = 0.1

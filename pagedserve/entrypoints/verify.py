@@ -59,20 +59,24 @@ class VerifyReport:
         return all(r.agrees for r in self.results) and (lp is None or lp <= logprob_tol)
 
 
-def _supports_logprobs() -> bool:
-    from dataclasses import fields
-
-    from pagedserve.sampling_params import SamplingParams
-
-    return "logprobs" in {f.name for f in fields(SamplingParams)}
-
-
 def _chosen_logprobs(completion: Any) -> Optional[list[float]]:
     """pagedserve's log-probability of each token it generated (vLLM's per-token dicts)."""
     lps = getattr(completion, "logprobs", None)
     if not lps:
         return None
     return [float(step[t].logprob) for t, step in zip(completion.token_ids, lps)]
+
+
+def _chat_prompt(tokenizer: Any) -> list[str]:
+    """One conversation rendered with the model's chat template, if it has one: it exercises
+    the special tokens a chat model sees most."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    try:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": "What is a list?"}],
+                                              add_generation_prompt=True, tokenize=False)]
+    except Exception:  # a template that needs other fields: plain prompts suffice
+        return []
 
 
 def run_verify(model_dir: str, prompts: Sequence[str] = DEFAULT_PROMPTS, max_tokens: int = 16,
@@ -84,10 +88,11 @@ def run_verify(model_dir: str, prompts: Sequence[str] = DEFAULT_PROMPTS, max_tok
     try:
         from pagedserve import LLM, SamplingParams
 
-        llm = LLM(model=model_dir, dtype="float32", device="cpu", max_num_seqs=len(prompts),
+        llm = LLM(model=model_dir, dtype="float32", device="cpu", max_num_seqs=len(prompts) + 1,
                   kv_cache_memory_bytes=64 << 20)
-        extra = {"logprobs": 1} if _supports_logprobs() else {}
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
+        prompts = list(prompts) + _chat_prompt(llm.get_tokenizer())
+        # logprobs=0: the chosen token's raw logprob only (vLLM semantics).
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
         outs = llm.generate(list(prompts), params, use_tqdm=False)
     except Exception as e:  # any load failure is a verdict, not a crash
         report.error = f"pagedserve could not load or run {model_dir!r}: {e}"
