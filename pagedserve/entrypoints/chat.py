@@ -77,9 +77,10 @@ class ChatSession:
         return reply
 
 
-def run_chat(llm: Any, params: SamplingParams, system: Optional[str] = None, stdin: TextIO = sys.stdin,
-             stdout: TextIO = sys.stdout) -> int:
+def run_chat(llm: Any, params: SamplingParams, system: Optional[str] = None, stdin: Optional[TextIO] = None,
+             stdout: Optional[TextIO] = None) -> int:
     """The read-reply loop; returns the exit code (0 on EOF, /exit or Ctrl-C)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     session = ChatSession(llm, params, system)
     interactive = stdin.isatty()
     if interactive:

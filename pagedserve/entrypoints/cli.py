@@ -67,9 +67,10 @@ def _chat(ns: argparse.Namespace) -> int:
 
 
 def _verify(ns: argparse.Namespace) -> int:
+    from pagedserve.demo import resolve_model
     from pagedserve.entrypoints.verify import main_verify
 
-    return main_verify(ns.model, ns.prompt, ns.max_tokens, ns.tie_tol, ns.logprob_tol)
+    return main_verify(resolve_model(ns.model), ns.prompt, ns.max_tokens, ns.tie_tol, ns.logprob_tol)
 
 
 def _random_model(ns: argparse.Namespace) -> int:
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_chat)
 
     v = sub.add_parser("verify", help="check that pagedserve and transformers agree on a model (greedy, float32, CPU)")
-    v.add_argument("model", help="local Hugging Face model directory")
+    v.add_argument("model", nargs="?", default=None,
+                   help="local Hugging Face model directory (default: the built-in demo model)")
     v.add_argument("--prompt", action="append", help="a prompt (repeat for several; default: a built-in few)")
     v.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt")
     v.add_argument("--tie-tol", type=float, default=1e-3,

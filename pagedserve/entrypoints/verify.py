@@ -133,7 +133,8 @@ def _compare(hf: Any, prompt: str, out: Any, tie_tol: float) -> PromptResult:
     return result
 
 
-def print_report(report: VerifyReport, tokenizer: Any, logprob_tol: float, out: TextIO = sys.stdout) -> None:
+def print_report(report: VerifyReport, tokenizer: Any, logprob_tol: float, out: Optional[TextIO] = None) -> None:
+    out = out or sys.stdout  # looked up per call, so redirection (tests, callers) is honoured
     def tok(t: int) -> str:
         return f"{t} {tokenizer.decode([t])!r}" if tokenizer is not None else str(t)
 
@@ -165,7 +166,7 @@ def print_report(report: VerifyReport, tokenizer: Any, logprob_tol: float, out: 
 
 
 def main_verify(model_dir: str, prompts: Optional[Sequence[str]] = None, max_tokens: int = 16,
-                tie_tol: float = 1e-3, logprob_tol: float = 1e-2, out: TextIO = sys.stdout) -> int:
+                tie_tol: float = 1e-3, logprob_tol: float = 1e-2, out: Optional[TextIO] = None) -> int:
     """Run, print, and return the exit code: 0 when pagedserve agrees with transformers."""
     report = run_verify(model_dir, prompts or DEFAULT_PROMPTS, max_tokens, tie_tol)
     tokenizer = None
