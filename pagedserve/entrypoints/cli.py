@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
-    p.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
+    p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
 
 
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     add_engine_args(g)
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="benchmarks: throughput, latency, serve")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    from pagedserve.bench import latency, throughput
+
+    for name, mod, text in (("throughput", throughput, "offline throughput through the LLM API"),
+                            ("latency", latency, "latency of one fixed batch")):
+        bp = bsub.add_parser(name, help=text)
+        mod.add_args(bp)
+        add_engine_args(bp)
+        bp.set_defaults(func=mod.main)
 
     r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
     r.add_argument("path")
