@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_args(bp)
         add_engine_args(bp)
         bp.set_defaults(func=mod.main)
+    from pagedserve.bench import serve as bench_serve
+
+    sp = bsub.add_parser("serve", help="drive a running OpenAI-compatible server over HTTP")
+    bench_serve.add_args(sp)
+    sp.set_defaults(func=bench_serve.main)
 
     r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
     r.add_argument("path")
