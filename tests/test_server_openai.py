@@ -88,6 +88,8 @@ def test_prompt_forms_and_n(client, server):
     assert by_ids.choices[0].text == by_text.choices[0].text
     many = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], max_tokens=2, **GREEDY)
     assert len(many.choices) == 2 and many.usage.prompt_tokens == len(ids) + 2
+    echoed = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, echo=True, **GREEDY)
+    assert echoed.choices[0].text == tok.decode(ids) + by_ids.choices[0].text
 
 
 def test_completion_logprobs_and_echo(client, server):

@@ -59,7 +59,9 @@ class ModelList(OpenAIBaseModel):
 
 
 # ---- sampling fields shared by completions and chat ---------------------------------------
-NonNegInt = Annotated[int, Field(ge=0)]
+# Integers that end up in int64 tensors (seeds, top-k, ...): out of range would fail inside
+# the engine step instead of as a 400 (vLLM bounds seed the same way).
+Int64 = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 
 class SamplingFields(OpenAIBaseModel):
@@ -67,30 +69,30 @@ class SamplingFields(OpenAIBaseModel):
     place, vLLM's messages); here only types are checked."""
 
     model: Optional[str] = None
-    n: int = 1
+    n: int = Field(1, le=128)  # OpenAI's limit; also bounds the work one request can ask for
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = None
+    seed: Optional[Int64] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # vLLM's extras
-    top_k: Optional[int] = None
+    top_k: Optional[Int64] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    min_tokens: int = 0
+    min_tokens: Int64 = 0
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[Int64]] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    prompt_logprobs: Optional[int] = None
-    truncate_prompt_tokens: Optional[int] = None
-    allowed_token_ids: Optional[list[int]] = None
+    prompt_logprobs: Optional[Int64] = None
+    truncate_prompt_tokens: Optional[Int64] = None
+    allowed_token_ids: Optional[list[Int64]] = None
     bad_words: Optional[list[str]] = None
     cache_salt: Optional[str] = None
 
@@ -123,8 +125,8 @@ class SamplingFields(OpenAIBaseModel):
 # ---- completions --------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
     prompt: Union[list[int], list[list[int]], str, list[str]]
-    max_tokens: Optional[int] = 16
-    logprobs: Optional[int] = None
+    max_tokens: Optional[Int64] = 16
+    logprobs: Optional[Int64] = None
     echo: bool = False
     suffix: Optional[str] = None
 
@@ -210,10 +212,10 @@ class ChatTemplateFields(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
-    max_tokens: Optional[int] = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[Int64] = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Optional[Int64] = None
     logprobs: bool = False
-    top_logprobs: Optional[NonNegInt] = None
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None  # OpenAI's range
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:

@@ -55,11 +55,12 @@ class OpenAIServingCompletion(OpenAIServing):
         arrival = time.monotonic()
         # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
         prompts = [await self.llm.preprocess(p, params) for p in _prompts(req.prompt)]
-        tok = self.llm.tokenizer
         states = []
         for p in prompts:
-            text = p["prompt"] if p["prompt"] is not None else tok.decode(p["prompt_token_ids"])
-            states.append(_PromptState(text, p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
+            text = p["prompt"]
+            if text is None and req.echo:  # token-id prompts echo their decoded text
+                text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
+            states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
         gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt)
                 for i, p in enumerate(prompts)]
         if req.stream:
