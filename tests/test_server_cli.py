@@ -12,7 +12,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from pagedserve.entrypoints.cli import main
 

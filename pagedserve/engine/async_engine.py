@@ -79,7 +79,10 @@ def _deliver(items: list[tuple[_Stream, _Item]], now: float) -> None:
     for stream, item in items:
         if isinstance(item, RequestOutput):
             for t in stream.trackers:
-                t.on_output(item, now)
+                try:
+                    t.on_output(item, now)
+                except Exception:  # statistics must never stall a stream
+                    logger.exception("stat logger failed")
         stream.queue.put_nowait(item)
 
 

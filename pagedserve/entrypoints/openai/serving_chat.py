@@ -4,6 +4,7 @@ response or chunks (role first, content deltas, finish_reason, optional usage, [
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional, Union
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionLogProb,
@@ -34,15 +35,16 @@ class OpenAIServingChat(OpenAIServing):
         logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * params.n
         finals: list[Optional[CompletionOutput]] = [None] * params.n
         prompt_logprobs = None
-        async for _, out in merge_async_iterators(gen):
-            if out.prompt_logprobs is not None:
-                prompt_logprobs = out.prompt_logprobs
-            for c in out.outputs:
-                texts[c.index] += c.text
-                num_tokens[c.index] += len(c.token_ids)
-                if req.logprobs:
-                    logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0)
-                finals[c.index] = c
+        async with aclosing(merge_async_iterators(gen)) as outputs:
+            async for _, out in outputs:
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = out.prompt_logprobs
+                for c in out.outputs:
+                    texts[c.index] += c.text
+                    num_tokens[c.index] += len(c.token_ids)
+                    if req.logprobs:
+                        logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0)
+                    finals[c.index] = c
         choices = [ChatCompletionChoice(
             index=i, message=AssistantMessage(content=texts[i]),
             logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
@@ -77,26 +79,24 @@ class OpenAIServingChat(OpenAIServing):
                                                     usage=usage))
 
         completion = 0
-        merged = merge_async_iterators(gen)
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             out: RequestOutput
-            async for _, out in merged:
-                for c in out.outputs:
-                    completion += len(c.token_ids)
-                    if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
-                        continue  # nothing to say yet (text held back for a possible stop string)
-                    lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0)) \
-                        if req.logprobs else None
-                    yield chunk([ChatCompletionStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
-                                                            logprobs=lps, finish_reason=c.finish_reason,
-                                                            stop_reason=c.stop_reason)])
+            async with aclosing(merge_async_iterators(gen)) as outputs:
+                async for _, out in outputs:
+                    for c in out.outputs:
+                        completion += len(c.token_ids)
+                        if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
+                            continue  # nothing to say yet (text held back for a possible stop string)
+                        lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0)) \
+                            if req.logprobs else None
+                        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
+                                                                logprobs=lps, finish_reason=c.finish_reason,
+                                                                stop_reason=c.stop_reason)])
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
                                           total_tokens=num_prompt + completion))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
-        finally:
-            await merged.aclose()
         yield SSE_DONE

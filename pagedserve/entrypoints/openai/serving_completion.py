@@ -4,6 +4,7 @@ server-sent events."""
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
@@ -65,9 +66,10 @@ class OpenAIServingCompletion(OpenAIServing):
                 for i, p in enumerate(prompts)]
         if req.stream:
             return self._stream(req, model, request_id, states, gens)
-        async for i, out in merge_async_iterators(*gens):
-            for _ in self._fold(req, states[i], out):
-                pass
+        async with aclosing(merge_async_iterators(*gens)) as merged:
+            async for i, out in merged:
+                for _ in self._fold(req, states[i], out):
+                    pass
         choices = [CompletionChoice(index=i * params.n + j, text=c.text, logprobs=c.logprobs,
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                     prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs))
@@ -109,19 +111,17 @@ class OpenAIServingCompletion(OpenAIServing):
                       gens: list) -> AsyncIterator[str]:
         n = len(states[0].choices)
         created = int(time.time())
-        merged = merge_async_iterators(*gens)
         try:
-            async for i, out in merged:
-                for j, choice in self._fold(req, states[i], out):
-                    choice.index = i * n + j
-                    yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
+            async with aclosing(merge_async_iterators(*gens)) as merged:
+                async for i, out in merged:
+                    for j, choice in self._fold(req, states[i], out):
+                        choice.index = i * n + j
+                        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                              usage=self._usage(states)))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
-        finally:
-            await merged.aclose()
         yield SSE_DONE
 
     @staticmethod
