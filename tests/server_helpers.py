@@ -19,12 +19,12 @@ from pagedserve.engine.async_engine import AsyncLLM
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1:<free port> until stop()."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.server = make_server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 30, "the server did not start")

@@ -1,5 +1,6 @@
 """`pagedserve serve` as a user runs it: a subprocess with the API key from the environment
-and an inline --chat-template, stopped by SIGTERM mid-stream (final abort event, exit 0)."""
+and an inline --chat-template, stopped by SIGTERM mid-stream (final abort event, exit 0);
+and the graceful-shutdown grace period (short requests finish, long ones are aborted)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 import time
 
 import httpx
+from server_helpers import ServerThread, make_async_llm, no_requests_left
 
 from pagedserve.entrypoints.cli import main
+from pagedserve.entrypoints.openai.api_server import _GracefulServer, build_app
 
 TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}[assistant] {% endif %}")
@@ -83,3 +86,34 @@ def test_serve_subprocess_auth_template_and_sigterm(llama_dir, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _events_iter(lines):
+    return (line[6:] for line in lines if line.startswith("data: "))
+
+
+def _events(lines) -> list[str]:
+    return list(_events_iter(lines))
+
+
+def test_shutdown_grace_period_finishes_short_and_aborts_long(llama_dir):
+    llm = make_async_llm(llama_dir, max_model_len=2048)
+    srv = ServerThread(build_app(llm, "m"), lambda config: _GracefulServer(config, llm, grace=1.0))
+    body = {"prompt": "p", "ignore_eos": True, "stream": True, "temperature": 0}
+    try:
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "max_tokens": 2000}) as long_r, \
+                httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "max_tokens": 3}) as short_r:
+            long_lines, short_lines = long_r.iter_lines(), short_r.iter_lines()
+            first = [next(_events_iter(lines)) for lines in (long_lines, short_lines)]
+            srv.server.handle_exit(signal.SIGTERM, None)  # what the signal handler does
+            short_events = first[1:] + _events(short_lines)
+            long_events = first[:1] + _events(long_lines)
+        assert short_events[-1] == long_events[-1] == "[DONE]"
+        assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(long_events[-2])["choices"][0]["finish_reason"] == "abort"
+        srv.thread.join(10)
+        assert not srv.thread.is_alive()  # stopped accepting and exited
+        assert no_requests_left(llm)
+    finally:
+        srv.stop()
+        llm.shutdown()
