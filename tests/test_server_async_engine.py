@@ -98,6 +98,18 @@ def test_validation_errors_and_duplicate_ids(llm):
     assert no_requests_left(llm)
 
 
+def test_abort_by_id_ends_the_stream(llm):
+    async def run():
+        gen = llm.generate("q", SamplingParams(temperature=0, max_tokens=400, ignore_eos=True), "by-id")
+        await gen.__anext__()
+        llm.abort("by-id")
+        return [o async for o in gen]
+
+    rest = asyncio.run(run())
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    wait_for(lambda: no_requests_left(llm), 5, "blocks freed after abort")
+
+
 def test_abort_all_ends_streams_with_an_abort_event(llm):
     params = SamplingParams(temperature=0.8, n=2, max_tokens=400, ignore_eos=True)
 

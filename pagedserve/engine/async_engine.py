@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Protocol, TypeVar, Union
+from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, Union
 
 from pagedserve.config import EngineArgs
 from pagedserve.engine.engine import LLMEngine, PromptType
@@ -43,7 +43,7 @@ class StatLogger(Protocol):
     def new_request(self, arrival_time: float, n: int) -> RequestStatsTracker: ...
 
 
-_ABORTED = object()  # queue item: abort_all() ended this request
+_ABORTED = object()  # queue item: abort() / abort_all() ended this request
 _Item = Union[RequestOutput, BaseException, object]
 
 
@@ -67,7 +67,7 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
-    stream: Optional[_Stream] = None  # only abort if the id still belongs to this stream
+    stream: Optional[_Stream] = None  # set by the stream's own reader when it goes away
 
 
 class _AbortAll:
@@ -136,7 +136,7 @@ class AsyncLLM:
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
                        arrival_time: Optional[float] = None,
-                       cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: Optional[str] = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs as deltas (new text/tokens/logprobs per output; with
         n > 1 only the samples that changed). Closing the iterator or cancelling the task
         consuming it aborts the request at once and frees its KV blocks."""
@@ -177,7 +177,7 @@ class AsyncLLM:
                     t.on_abort(time.monotonic())
 
     def abort(self, request_id: str) -> None:
-        """Abort a request by id (its stream, if still read, just stops getting outputs)."""
+        """Abort a request by id; its stream ends with a final output, finish_reason "abort"."""
         self._post(_Abort(request_id))
 
     def abort_all(self) -> None:
@@ -252,6 +252,8 @@ class AsyncLLM:
             if stream is not None and (cmd.stream is None or cmd.stream is stream):
                 del self._streams[cmd.request_id]
                 self.engine.abort_request(cmd.request_id)
+                if cmd.stream is None:  # aborted by id: tell whoever reads the stream
+                    outbox.append((stream, _ABORTED))
         else:
             self.engine.abort_request(list(self._streams))
             outbox.extend((s, _ABORTED) for s in self._streams.values())

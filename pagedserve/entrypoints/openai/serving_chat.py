@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Optional, Union
+from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionLogProb,
                                                     ChatCompletionLogProbs, ChatCompletionLogProbsContent,
@@ -70,7 +70,8 @@ class OpenAIServingChat(OpenAIServing):
                                                      top_logprobs=top))
         return out
 
-    async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str, gen: Any, n: int,
+    async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str,
+                      gen: AsyncGenerator[RequestOutput, None], n: int,
                       num_prompt: int) -> AsyncIterator[str]:
         created = int(time.time())
 

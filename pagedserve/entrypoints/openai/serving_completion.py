@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
 from pagedserve.engine.engine import PromptType
 from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
@@ -108,7 +108,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, states: list[_PromptState],
-                      gens: list) -> AsyncIterator[str]:
+                      gens: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
         n = len(states[0].choices)
         created = int(time.time())
         try:

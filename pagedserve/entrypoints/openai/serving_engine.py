@@ -8,7 +8,7 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, AsyncIterator, Optional, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Optional, Sequence, TypeVar
 
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
@@ -76,7 +76,7 @@ def sse_error(e: BaseException) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
+async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGenerator[tuple[int, T], None]:
     """Items of several async iterators as they come, tagged with the iterator's index.
     Closing or cancelling the merge closes every source (and so aborts their requests)."""
     if len(iterators) == 1:
@@ -84,7 +84,7 @@ async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[t
             async for item in iterators[0]:
                 yield 0, item
         finally:
-            await iterators[0].aclose()  # type: ignore[attr-defined]
+            await iterators[0].aclose()
         return
     nexts = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(iterators)}
     try:
@@ -103,7 +103,7 @@ async def merge_async_iterators(*iterators: AsyncIterator[T]) -> AsyncIterator[t
             task.cancel()
         await asyncio.gather(*nexts, return_exceptions=True)
         for it in iterators:
-            await it.aclose()  # type: ignore[attr-defined]
+            await it.aclose()
 
 
 class OpenAIServing:
