@@ -1,4 +1,4 @@
-"""The `pagedserve` command: generate (and, as they land, serve / chat / bench / verify)."""
+"""The `pagedserve` command: generate, serve (and, as they land, chat / bench / verify)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,12 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.openai.api_server import run_server
+
+    return run_server(ns)
+
+
 def _random_model(ns: argparse.Namespace) -> int:
     from pagedserve.model.random_model import build_random_model
 
@@ -95,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = bsub.add_parser("serve", help="drive a running OpenAI-compatible server over HTTP")
     bench_serve.add_args(sp)
     sp.set_defaults(func=bench_serve.main)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    s.add_argument("model", nargs="?", default=None, help="local Hugging Face model directory")
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: MODEL_DIR); responses carry the first")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDSERVE_API_KEY)")
+    s.add_argument("--chat-template", default=None, help="chat template file or inline Jinja template "
+                   "(default: the tokenizer's)")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--shutdown-timeout", type=float, default=0.0,
+                   help="seconds in-flight requests may still run after SIGTERM/SIGINT before they are "
+                   "aborted (each stream then ends with finish_reason 'abort')")
+    add_engine_args(s)
+    s.set_defaults(func=_serve)
 
     r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
     r.add_argument("path")
