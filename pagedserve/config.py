@@ -39,7 +39,7 @@ class EngineArgs:
     device: Optional[str] = None
     enforce_eager: bool = False
     max_logprobs: int = 20
-    attention_backend: Optional[str] = None  # "torch" | "triton"; default picks by device
+    attention_backend: Optional[str] = None  # "torch" | "cpu" | "triton"; default picks by device
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -92,9 +92,11 @@ class EngineArgs:
                 "max_num_batched_tokens, lower max_model_len or enable chunked prefill."
             )
 
-        backend = self.attention_backend or ("triton" if device.type == "cuda" else "torch")
-        if backend not in ("torch", "triton"):
-            raise ValueError(f"attention_backend must be 'torch' or 'triton', got {backend!r}.")
+        backend = self.attention_backend or ("triton" if device.type == "cuda" else "cpu")
+        if backend not in ("torch", "cpu", "triton"):
+            raise ValueError(f"attention_backend must be 'torch', 'cpu' or 'triton', got {backend!r}.")
+        if backend == "cpu" and device.type != "cpu":
+            raise ValueError("attention_backend='cpu' runs on CPU only.")
 
         return EngineConfig(
             model=self.model,

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 _GREEDY_EPS = 1e-5
 _MAX_LOGIT_BIAS = 100.0
+_INT64 = 2**63  # seeds and top_k become int64 tensors: anything wider would crash a step
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -88,11 +90,13 @@ class SamplingParams:
             check(_is_num(v) and -2.0 <= v <= 2.0, name, "must be in [-2, 2]")
         check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0.0, "repetition_penalty",
               "must be greater than zero")
-        check(_is_num(self.temperature) and self.temperature >= 0.0, "temperature", "must be non-negative")
+        check(_is_num(self.temperature) and 0.0 <= self.temperature < float("inf"), "temperature",
+              "must be a finite non-negative number")
         check(_is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be -1 (disable), or at least 1")
+        check(_is_int(self.top_k) and 0 <= self.top_k < _INT64, "top_k", "must be -1 (disable), or at least 1")
         check(_is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
-        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(self.seed is None or (_is_int(self.seed) and -_INT64 <= self.seed < _INT64), "seed",
+              "must be a 64-bit integer")
         check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
               "must be at least 1")
         check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be greater than or equal to 0")
@@ -115,6 +119,7 @@ class SamplingParams:
             except (TypeError, ValueError):
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}.") from None
             check(all(k >= 0 for k in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
+            check(all(math.isfinite(v) for v in self.logit_bias.values()), "logit_bias", "values must be finite")
             # OpenAI's range; values beyond it are clamped, not rejected.
             self.logit_bias = {k: max(-_MAX_LOGIT_BIAS, min(_MAX_LOGIT_BIAS, v)) for k, v in self.logit_bias.items()}
         if self.allowed_token_ids is not None:

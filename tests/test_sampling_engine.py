@@ -235,7 +235,9 @@ def test_validation_against_the_model(llm, params, match):
     (dict(logprobs=-1), "logprobs"), (dict(stop=[""]), "stop"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
     (dict(bad_words=[" "]), "bad_words"), (dict(logit_bias={"x": 1}), "logit_bias"),
     (dict(stop="x", detokenize=False), "detokenize"), (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
-    (dict(top_k=1.5), "top_k"), (dict(max_tokens="5"), "max_tokens"),
+    (dict(top_k=1.5), "top_k"), (dict(max_tokens="5"), "max_tokens"), (dict(seed=2**64), "seed"),
+    (dict(top_k=2**70), "top_k"), (dict(logit_bias={1: float("nan")}), "logit_bias"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
 ])
 def test_sampling_params_field_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -246,6 +248,15 @@ def test_logit_bias_is_clamped_and_greedy_normalises():
     assert SamplingParams(logit_bias={"3": 500}).logit_bias == {3: 100.0}
     g = SamplingParams(temperature=0, top_k=5, top_p=0.5, min_p=0.1)
     assert (g.top_k, g.top_p, g.min_p) == (0, 1.0, 0.0)
+
+
+def test_extreme_valid_values_do_not_crash(llm):
+    outs = llm.generate(["a", "b"], [SamplingParams(seed=2**63 - 1, n=3, temperature=1.0, top_k=2**40, max_tokens=3,
+                                                    ignore_eos=True),
+                                     SamplingParams(seed=-(2**63), temperature=50.0, top_p=1e-9, max_tokens=3,
+                                                    ignore_eos=True)], use_tqdm=False)
+    assert [len(c.token_ids) for o in outs for c in o.outputs] == [3, 3, 3, 3]
+    _no_leak(llm)
 
 
 def test_truncate_prompt_tokens(llm):

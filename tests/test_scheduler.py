@@ -132,3 +132,25 @@ def test_prefix_hit_skips_computed_tokens():
     s.add_request(_req("b", 10, base=5))
     got, _ = _step(s)
     assert got["b"] == 2 and s.requests["b"].num_cached_tokens == 8
+
+
+def test_n_siblings_fork_share_and_survive_preemption():
+    s = _sched(num_blocks=7, block_size=4, budget=64, max_len=64)
+    leader = _req("0_x", 9, max_tokens=8)
+    sibs = [_req(f"{i}_x", 9, max_tokens=8, base=1000 * (1 + sum(map(ord, "0_x")))) for i in (1, 2)]
+    leader.pending_siblings = sibs
+    s.add_request(leader)
+    got, _ = _step(s)
+    assert got == {"0_x": 9}
+    # Forked at the leader's first token: each sibling holds the 2 full prompt blocks.
+    assert [s.kv.block_ids(x)[:2] for x in sibs] == [s.kv.block_ids(leader)[:2]] * 2
+    assert all(s.kv.pool.blocks[b].ref_cnt == 3 for b in s.kv.block_ids(leader)[:2])
+    got, _ = _step(s)
+    assert got == {"0_x": 1, "1_x": 1, "2_x": 1}  # only the last prompt token is computed
+    steps = 0
+    while s.has_unfinished_requests() and steps < 100:
+        _step(s)
+        steps += 1
+    assert not s.has_unfinished_requests() and s.num_preemptions > 0
+    assert all(r.num_output_tokens == 8 for r in [leader] + sibs)
+    assert s.kv.pool.num_free_blocks == 7 and all(b.ref_cnt == 0 for b in s.kv.pool.blocks)

@@ -63,8 +63,12 @@ def get_attention_backend(name: str) -> AttentionBackend:
         from pagedserve.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
+    if name == "cpu":
+        from pagedserve.attention.torch_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     if name == "triton":
         from pagedserve.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'.")
+    raise ValueError(f"unknown attention backend {name!r}; choose 'torch', 'cpu' or 'triton'.")

@@ -82,3 +82,20 @@ class TorchAttentionBackend(AttentionBackend):
         v = _expand_kv(v.transpose(0, 1), group)
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale)
         return o.transpose(0, 1)
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    """The PyTorch backend with decode attention in a native kernel that reads each K/V row
+    once from the block pool, instead of gathering a padded copy (pure PyTorch cannot index
+    paged memory without copying). Prefill stays on PyTorch's fused SDPA."""
+
+    name = "cpu"
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale) -> torch.Tensor:
+        from pagedserve.attention import cpu_kernels
+
+        nd = q.shape[0]
+        if not cpu_kernels.supports(q, k_cache):
+            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.request import Request
-from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 
@@ -195,7 +195,11 @@ class OutputProcessor:
         if delta:  # prompt logprobs go out once, with the first output
             prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
             state.prompt_logprobs_sent = True
-        cached = state.seqs[0].request.num_cached_tokens
+        first = state.seqs[0].request
+        # Timestamps for latency metrics (queue time needs the scheduler's first admission).
+        metrics = RequestMetrics(arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
+                                 num_preemptions=sum(s.request.num_preemptions for s in state.seqs))
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids, outputs=completions, finished=finished,
-                             prompt_logprobs=prompt_logprobs, num_cached_tokens=max(cached, 0))
+                             prompt_logprobs=prompt_logprobs, num_cached_tokens=max(first.num_cached_tokens, 0),
+                             metrics=metrics)

@@ -72,6 +72,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
+        self._forked_waiting: list[Request] = []  # siblings queued while holding shared blocks
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
@@ -182,10 +183,11 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         # Forked siblings still waiting pin their leader's prompt blocks; under memory
         # pressure let them go (they recompute, or hit the prefix cache, when admitted).
-        for w in self.waiting:
-            if w.num_computed_tokens and self.kv.holds_blocks(w):
+        for w in self._forked_waiting:
+            if w.status == RequestStatus.WAITING and self.kv.holds_blocks(w):
                 self.kv.free(w)
                 w.num_computed_tokens = 0
+        self._forked_waiting.clear()
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -223,10 +225,13 @@ class Scheduler:
         """The leader's prompt KV is written: its siblings share the full prompt blocks and
         compute only the rest (at least one token, so each samples its own first token)."""
         shared = (leader.num_prompt_tokens - 1) // self.kv.block_size
+        # Keep the list to siblings still waiting (admitted or finished ones drop out).
+        self._forked_waiting = [w for w in self._forked_waiting if w.status == RequestStatus.WAITING]
         for sib in reversed(leader.pending_siblings):
             if shared:
                 self.kv.fork(leader, sib, shared)
                 sib.num_computed_tokens = shared * self.kv.block_size
+                self._forked_waiting.append(sib)
             self.waiting.appendleft(sib)
         leader.pending_siblings = []
 

@@ -1,4 +1,4 @@
-"""The `pagedserve` command: generate, chat, verify, random-model (and, as they land, serve / bench)."""
+"""The `pagedserve` command: generate, chat, verify, serve, bench, random-model."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
-    p.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
+    p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
 
 
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
@@ -71,6 +71,12 @@ def _verify(ns: argparse.Namespace) -> int:
     from pagedserve.entrypoints.verify import main_verify
 
     return main_verify(resolve_model(ns.model), ns.prompt, ns.max_tokens, ns.tie_tol, ns.logprob_tol)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.openai.api_server import run_server
+
+    return run_server(ns)
 
 
 def _random_model(ns: argparse.Namespace) -> int:
@@ -121,6 +127,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a differing token is tolerated when transformers' logits of the two are this close")
     v.add_argument("--logprob-tol", type=float, default=1e-2, help="largest accepted |logprob difference|")
     v.set_defaults(func=_verify)
+
+    b = sub.add_parser("bench", help="benchmarks: throughput, latency, serve")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    from pagedserve.bench import latency, throughput
+
+    for name, mod, text in (("throughput", throughput, "offline throughput through the LLM API"),
+                            ("latency", latency, "latency of one fixed batch")):
+        bp = bsub.add_parser(name, help=text)
+        mod.add_args(bp)
+        add_engine_args(bp)
+        bp.set_defaults(func=mod.main)
+    from pagedserve.bench import serve as bench_serve
+
+    sp = bsub.add_parser("serve", help="drive a running OpenAI-compatible server over HTTP")
+    bench_serve.add_args(sp)
+    sp.set_defaults(func=bench_serve.main)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
+    s.add_argument("model", nargs="?", default=None, help="local Hugging Face model directory")
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use (default: MODEL_DIR); responses carry the first")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDSERVE_API_KEY)")
+    s.add_argument("--chat-template", default=None, help="chat template file or inline Jinja template "
+                   "(default: the tokenizer's)")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    s.add_argument("--shutdown-timeout", type=float, default=0.0,
+                   help="seconds in-flight requests may still run after SIGTERM/SIGINT before they are "
+                   "aborted (each stream then ends with finish_reason 'abort')")
+    add_engine_args(s)
+    s.set_defaults(func=_serve)
 
     r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
     r.add_argument("path")

@@ -14,6 +14,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
+from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
@@ -35,6 +36,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
+        self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---- KV cache ---------------------------------------------------------------------
@@ -92,12 +94,15 @@ class ModelRunner:
         for rid in request_ids:
             self.sampling_states.drop(rid)
             self.prompt_logprobs_next.pop(rid, None)
+            self.block_table.release(rid)
 
     # ---- one step -----------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         """Run the scheduled step: sampled tokens of the requests whose chunk reaches their
         end, with logprobs where asked, and prompt logprobs for the positions computed."""
         result = ModelRunnerOutput()
+        for req in out.preempted:  # their blocks were freed; they get fresh ones later
+            self.block_table.release(req.request_id)
         if out.is_empty():
             return result
         order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
@@ -178,8 +183,8 @@ class ModelRunner:
         input_ids = np.empty(total, dtype=np.int64)
         positions = np.empty(total, dtype=np.int64)
         slots = np.empty(total, dtype=np.int64)
-        max_blocks = max(-(-s.end // bs) for s in order)
-        block_tables = np.zeros((len(order), max_blocks), dtype=np.int32)
+        rows = [self.block_table.sync(s.request.request_id, s.block_ids) for s in order]
+        table = self.block_table.table
         qsl = [0]
         seq_lens = []
         num_decodes = 0
@@ -187,25 +192,24 @@ class ModelRunner:
         t = 0
         for i, s in enumerate(order):
             req, n, start, end = s.request, s.num_tokens, s.start, s.end
-            nb = -(-end // bs)
-            table = s.block_ids[:nb]
-            block_tables[i, :nb] = table
             if n == 1:
                 num_decodes += 1
                 input_ids[t] = req.all_token_ids[start]
                 positions[t] = start
-                slots[t] = table[start // bs] * bs + start % bs
+                slots[t] = s.block_ids[start // bs] * bs + start % bs
             else:
                 input_ids[t : t + n] = req.all_token_ids[start:end]
                 pos = np.arange(start, end)
                 positions[t : t + n] = pos
-                slots[t : t + n] = block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs
+                slots[t : t + n] = table[rows[i], pos // bs].astype(np.int64) * bs + pos % bs
             t += n
             qsl.append(t)
             seq_lens.append(end)
             if s.samples:
                 sample_rows.append(i)
         dev = self.device
+        max_blocks = -(-max(seq_lens) // bs)
+        block_tables = table[rows, :max_blocks]  # one C-level copy of the step's rows
         meta = AttentionMetadata(
             num_tokens=total, num_actual_tokens=total, num_reqs=len(order), num_decodes=num_decodes,
             slot_mapping=torch.from_numpy(slots).to(dev),

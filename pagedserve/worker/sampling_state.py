@@ -81,7 +81,8 @@ class SamplingStates:
                 if p.seed is not None and not p.is_greedy:
                     st = self._state(r)
                     if st.generator is None:
-                        st.generator = torch.Generator(device=dev).manual_seed(p.seed)
+                        # Any 64-bit seed (n > 1 children add their index): fold into [0, 2^64).
+                        st.generator = torch.Generator(device=dev).manual_seed(p.seed % 2**64)
                     b.generators[row] = st.generator
 
         if any(p.has_penalties for p in params):

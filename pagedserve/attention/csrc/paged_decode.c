@@ -1,0 +1,71 @@
+/* Paged attention for decode on CPU (float32): one query token per request, K/V read once
+ * straight from the block pool (no gather copy), GQA heads of one KV head share each K/V row.
+ * Layout: q/out [R, H, D]; k_cache/v_cache [num_blocks, block_size, KVH, D];
+ * block_tables [R, max_blocks] int32; seq_lens [R] int32. Parallel over (request, kv head). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void paged_decode_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
+                      const int32_t *block_tables, const int32_t *seq_lens, int num_reqs, int num_heads,
+                      int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
+                      int num_threads) {
+    const int group = num_heads / num_kv_heads;
+    const long row = (long)num_kv_heads * head_dim;           /* floats per token in the cache */
+    const long block = (long)block_size * row;                /* floats per block */
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+    for (int r = 0; r < num_reqs; r++) {
+        for (int kvh = 0; kvh < num_kv_heads; kvh++) {
+            const int len = seq_lens[r];
+            const int32_t *table = block_tables + (long)r * max_blocks;
+            float *scores = (float *)malloc(sizeof(float) * (size_t)group * (size_t)len);
+            float *acc = (float *)calloc((size_t)group * (size_t)head_dim, sizeof(float));
+            const float *qh = q + ((long)r * num_heads + (long)kvh * group) * head_dim;
+            float maxs[64];
+            float sums[64];
+            for (int g = 0; g < group; g++) maxs[g] = -INFINITY, sums[g] = 0.f;
+            /* scores = q . k, one pass over K */
+            for (int t = 0; t < len; t++) {
+                const float *k = k_cache + (long)table[t / block_size] * block + (long)(t % block_size) * row
+                                 + (long)kvh * head_dim;
+                for (int g = 0; g < group; g++) {
+                    const float *qg = qh + (long)g * head_dim;
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int d = 0; d < head_dim; d++) s += qg[d] * k[d];
+                    s *= scale;
+                    scores[(long)g * len + t] = s;
+                    if (s > maxs[g]) maxs[g] = s;
+                }
+            }
+            for (int g = 0; g < group; g++) {
+                float *sg = scores + (long)g * len;
+                float sum = 0.f;
+                for (int t = 0; t < len; t++) {
+                    sg[t] = expf(sg[t] - maxs[g]);
+                    sum += sg[t];
+                }
+                sums[g] = sum;
+            }
+            /* out = softmax . v, one pass over V */
+            for (int t = 0; t < len; t++) {
+                const float *v = v_cache + (long)table[t / block_size] * block + (long)(t % block_size) * row
+                                 + (long)kvh * head_dim;
+                for (int g = 0; g < group; g++) {
+                    const float p = scores[(long)g * len + t];
+                    float *a = acc + (long)g * head_dim;
+#pragma omp simd
+                    for (int d = 0; d < head_dim; d++) a[d] += p * v[d];
+                }
+            }
+            for (int g = 0; g < group; g++) {
+                float *o = out + ((long)r * num_heads + (long)kvh * group + g) * head_dim;
+                const float inv = 1.f / sums[g];
+                for (int d = 0; d < head_dim; d++) o[d] = acc[(long)g * head_dim + d] * inv;
+            }
+            free(scores);
+            free(acc);
+        }
+    }
+}

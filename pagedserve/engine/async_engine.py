@@ -1,0 +1,293 @@
+"""AsyncLLM: the LLMEngine step loop in a background thread, one asyncio stream per request.
+
+Threading model. The engine is touched by one thread only (`pagedserve-engine`). The event
+loop talks to it through an inbox of commands (add / abort / abort-all) under a condition
+variable; the engine thread drains the inbox before every step and sleeps on the condition
+when it has nothing to do. Outputs go back per step with `loop.call_soon_threadsafe` into
+per-request asyncio queues. Tokenization runs on the caller's side (a tokenizer thread),
+never on the engine thread, and the engine receives token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, Union
+
+from pagedserve.config import EngineArgs
+from pagedserve.engine.engine import LLMEngine, PromptType
+from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger("pagedserve")
+
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed (or was shut down); no request can be served any more."""
+
+
+class RequestStatsTracker(Protocol):
+    def on_output(self, output: RequestOutput, now: float) -> None: ...
+
+    def on_abort(self, now: float) -> None: ...
+
+
+class StatLogger(Protocol):
+    """Receives every request's outputs (on the event loop), e.g. for Prometheus metrics."""
+
+    def new_request(self, arrival_time: float, n: int) -> RequestStatsTracker: ...
+
+
+_ABORTED = object()  # queue item: abort() / abort_all() ended this request
+_Item = Union[RequestOutput, BaseException, object]
+
+
+@dataclass(eq=False)
+class _Stream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    trackers: list[RequestStatsTracker]
+    queue: "asyncio.Queue[_Item]" = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _Add:
+    stream: _Stream
+    prompt: dict
+    params: SamplingParams
+    arrival_time: float
+    cache_salt: Optional[str]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+    stream: Optional[_Stream] = None  # set by the stream's own reader when it goes away
+
+
+class _AbortAll:
+    pass
+
+
+def _deliver(items: list[tuple[_Stream, _Item]], now: float) -> None:
+    """On the event loop: hand a step's outputs to their streams."""
+    for stream, item in items:
+        if isinstance(item, RequestOutput):
+            for t in stream.trackers:
+                try:
+                    t.on_output(item, now)
+                except Exception:  # statistics must never stall a stream
+                    logger.exception("stat logger failed")
+        stream.queue.put_nowait(item)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, stat_loggers: Optional[list[StatLogger]] = None) -> None:
+        self.engine = engine
+        self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
+        self._cond = threading.Condition()
+        self._inbox: list[Union[_Add, _Abort, _AbortAll]] = []
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._dead: Optional[BaseException] = None
+        self._stopping = False
+        # One thread: tokenizer calls stay serialised among themselves and off the loop.
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, stat_loggers: Optional[list[StatLogger]] = None) -> "AsyncLLM":
+        return cls(LLMEngine.from_engine_args(args), stat_loggers)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    def add_stat_logger(self, stat_logger: StatLogger) -> None:
+        self.stat_loggers.append(stat_logger)
+
+    # ---- API side (event loop) ------------------------------------------------------------
+    async def run_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run tokenizer work (encoding, chat templates) off the event loop and the engine."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
+
+    async def preprocess(self, prompt: PromptType, params: SamplingParams) -> dict:
+        """Tokenize and validate a prompt; returns {"prompt_token_ids", "prompt"}. Raises
+        ValueError for a request that can never run, EngineDeadError when the engine is gone."""
+        self._check_alive()
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = self.engine.process_prompt(prompt)
+        else:
+            text, ids = await self.run_tokenizer(self.engine.process_prompt, prompt)
+        self.engine.validate(ids, params)  # reads only fixed config: safe off the engine thread
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            ids, text = ids[-params.truncate_prompt_tokens:], None  # the text no longer matches
+        return {"prompt_token_ids": ids, "prompt": text}
+
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
+                       arrival_time: Optional[float] = None,
+                       cache_salt: Optional[str] = None) -> AsyncGenerator[RequestOutput, None]:
+        """Stream a request's outputs as deltas (new text/tokens/logprobs per output; with
+        n > 1 only the samples that changed). Closing the iterator or cancelling the task
+        consuming it aborts the request at once and frees its KV blocks."""
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        tokens_prompt = await self.preprocess(prompt, params)
+        params = params.clone()
+        params.output_kind = RequestOutputKind.DELTA
+        loop = asyncio.get_running_loop()
+        stream = _Stream(request_id, loop, [s.new_request(arrival_time, params.n) for s in self.stat_loggers])
+        with self._cond:
+            self._check_alive()
+            self._inbox.append(_Add(stream, tokens_prompt, params, arrival_time, cache_salt))
+            self._cond.notify()
+        done = False
+        finished_seqs: set[int] = set()
+        try:
+            while not done:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    done = True  # the engine side has already dropped this request
+                    raise item
+                if item is _ABORTED:
+                    done = True
+                    for t in stream.trackers:
+                        t.on_abort(time.monotonic())
+                    yield RequestOutput(request_id, tokens_prompt["prompt"], tokens_prompt["prompt_token_ids"],
+                                        [CompletionOutput(i, "", [], finish_reason="abort")
+                                         for i in range(params.n) if i not in finished_seqs], finished=True)
+                    return
+                assert isinstance(item, RequestOutput)
+                finished_seqs.update(c.index for c in item.outputs if c.finish_reason is not None)
+                done = item.finished
+                yield item
+        finally:
+            if not done:  # the consumer went away (disconnect, cancel, close)
+                self._post(_Abort(request_id, stream))
+                for t in stream.trackers:
+                    t.on_abort(time.monotonic())
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id; its stream ends with a final output, finish_reason "abort"."""
+        self._post(_Abort(request_id))
+
+    def abort_all(self) -> None:
+        """End every in-flight request now; each stream gets a final output with
+        finish_reason "abort" (used by graceful shutdown)."""
+        self._post(_AbortAll())
+
+    async def check_health(self) -> None:
+        self._check_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still in flight fail with EngineDeadError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._tokenizer_pool.shutdown(wait=False)
+
+    def _check_alive(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is not running ({self._dead})")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+
+    def _post(self, cmd: Union[_Abort, _AbortAll]) -> None:
+        with self._cond:
+            self._inbox.append(cmd)
+            self._cond.notify()
+
+    # ---- engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._inbox and not self._stopping and not engine.has_unfinished_requests():
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                cmds, self._inbox = self._inbox, []
+            try:
+                outbox: list[tuple[_Stream, _Item]] = []
+                for cmd in cmds:
+                    self._apply(cmd, outbox)
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        stream = self._streams.get(out.request_id)
+                        if stream is not None:
+                            if out.finished:
+                                del self._streams[out.request_id]
+                            outbox.append((stream, out))
+                self._send(outbox)
+            except Exception as e:  # the engine's state can no longer be trusted
+                logger.exception("pagedserve engine loop failed; every in-flight request fails")
+                self._fail_all(EngineDeadError(f"the engine loop failed: {type(e).__name__}: {e}"), e)
+                return
+        self._fail_all(EngineDeadError("the engine was shut down"), None)
+
+    def _apply(self, cmd: Union[_Add, _Abort, _AbortAll], outbox: list[tuple[_Stream, _Item]]) -> None:
+        if isinstance(cmd, _Add):
+            rid = cmd.stream.request_id
+            try:
+                if rid in self._streams:
+                    raise ValueError(f"request_id {rid!r} is already in use.")
+                self.engine.add_request(rid, cmd.prompt, cmd.params, cmd.arrival_time, cmd.cache_salt)
+            except ValueError as e:
+                outbox.append((cmd.stream, e))
+                return
+            self._streams[rid] = cmd.stream
+        elif isinstance(cmd, _Abort):
+            stream = self._streams.get(cmd.request_id)
+            if stream is not None and (cmd.stream is None or cmd.stream is stream):
+                del self._streams[cmd.request_id]
+                self.engine.abort_request(cmd.request_id)
+                if cmd.stream is None:  # aborted by id: tell whoever reads the stream
+                    outbox.append((stream, _ABORTED))
+        else:
+            self.engine.abort_request(list(self._streams))
+            outbox.extend((s, _ABORTED) for s in self._streams.values())
+            self._streams.clear()
+
+    def _send(self, outbox: list[tuple[_Stream, _Item]]) -> None:
+        """One wake-up per event loop per step, not one per output."""
+        if not outbox:
+            return
+        now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, _Item]]] = {}
+        for stream, item in outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items, now)
+            except RuntimeError:  # that loop is closed: nobody is left to read these
+                for stream, _ in items:
+                    if self._streams.get(stream.request_id) is stream:
+                        del self._streams[stream.request_id]
+                        self.engine.abort_request(stream.request_id)
+
+    def _fail_all(self, err: EngineDeadError, cause: Optional[BaseException]) -> None:
+        with self._cond:
+            self._dead = err
+            cmds, self._inbox = self._inbox, []
+        streams = list(self._streams.values()) + [c.stream for c in cmds if isinstance(c, _Add)]
+        self._streams.clear()
+        outbox: list[tuple[_Stream, _Item]] = []
+        for s in streams:
+            e = EngineDeadError(str(err))
+            e.__cause__ = cause
+            outbox.append((s, e))
+        try:
+            self._send(outbox)
+        except Exception:  # never let the last act of a dying thread raise
+            logger.exception("could not notify requests of the engine failure")

@@ -1,0 +1,320 @@
+"""Pydantic models of the OpenAI API (completions, chat, models, errors) plus vLLM's extra
+sampling fields and its /tokenize and /detokenize bodies. Unknown request fields are ignored,
+as OpenAI clients may send fields we do not implement."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pagedserve.sampling_params import SamplingParams
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---- errors, usage, models ----------------------------------------------------------------
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: int
+
+
+class ErrorResponse(OpenAIBaseModel):
+    error: ErrorInfo
+
+
+class UsageInfo(OpenAIBaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool = False
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "pagedserve"
+    root: Optional[str] = None
+    parent: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- sampling fields shared by completions and chat ---------------------------------------
+# Integers that end up in int64 tensors (seeds, top-k, ...): out of range would fail inside
+# the engine step instead of as a 400 (vLLM bounds seed the same way).
+Int64 = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
+
+
+class SamplingFields(OpenAIBaseModel):
+    """OpenAI's sampling fields and vLLM's extras. Range checks live in SamplingParams (one
+    place, vLLM's messages); here only types are checked."""
+
+    model: Optional[str] = None
+    n: int = Field(1, le=128)  # OpenAI's limit; also bounds the work one request can ask for
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    seed: Optional[Int64] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # vLLM's extras
+    top_k: Optional[Int64] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    min_tokens: Int64 = 0
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[Int64]] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: Optional[Int64] = None
+    truncate_prompt_tokens: Optional[Int64] = None
+    allowed_token_ids: Optional[list[Int64]] = None
+    bad_words: Optional[list[str]] = None
+    cache_salt: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> "SamplingFields":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        return self
+
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        bias = None
+        if self.logit_bias is not None:
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("logit_bias keys must be token ids (integers as strings).") from None
+        opt = {k: v for k, v in dict(top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                     temperature=self.temperature, top_p=self.top_p).items() if v is not None}
+        return SamplingParams(
+            n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, max_tokens=max_tokens,
+            min_tokens=self.min_tokens, logprobs=logprobs, prompt_logprobs=self.prompt_logprobs, logit_bias=bias,
+            ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            truncate_prompt_tokens=self.truncate_prompt_tokens, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words, **opt)
+
+
+# ---- completions --------------------------------------------------------------------------
+class CompletionRequest(SamplingFields):
+    prompt: Union[list[int], list[list[int]], str, list[str]]
+    max_tokens: Optional[Int64] = 16
+    logprobs: Optional[Int64] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported.")
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
+            params.prompt_logprobs = self.logprobs  # echo + logprobs reports the prompt's too
+        return params
+
+
+class CompletionLogProbs(OpenAIBaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+
+
+class PromptLogprob(OpenAIBaseModel):
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's prompt_logprobs: per prompt position, token id -> its logprob (None for the first).
+PromptLogprobsJSON = list[Optional[dict[int, PromptLogprob]]]
+
+
+class CompletionChoice(OpenAIBaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: Optional[PromptLogprobsJSON] = None
+
+
+class CompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ---- chat ---------------------------------------------------------------------------------
+class TextContentPart(OpenAIBaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (tool_calls, ...) pass through to the chat template.
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Optional[Union[str, list[TextContentPart]]] = None
+    name: Optional[str] = None
+
+    def for_template(self) -> dict[str, Any]:
+        msg = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):  # the templates we know want plain strings
+            msg["content"] = "".join(p.text for p in self.content)
+        elif self.content is None:
+            msg["content"] = ""
+        return msg
+
+
+class ChatTemplateFields(OpenAIBaseModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ChatTemplateFields":
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true.")
+        return self
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    max_tokens: Optional[Int64] = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Optional[Int64] = None
+    logprobs: bool = False
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None  # OpenAI's range
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("when using top_logprobs, logprobs must be set to true.")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class ChatCompletionLogProb(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(OpenAIBaseModel):
+    content: Optional[list[ChatCompletionLogProbsContent]] = None
+
+
+class AssistantMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+
+
+class ChatCompletionChoice(OpenAIBaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChatCompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Optional[UsageInfo] = None
+    prompt_logprobs: Optional[PromptLogprobsJSON] = None
+
+
+class DeltaMessage(OpenAIBaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatCompletionStreamChoice(OpenAIBaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatCompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[int, str]] = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ---- tokenize / detokenize (vLLM's shapes) ------------------------------------------------
+class TokenizeCompletionRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    model: Optional[str] = None
+    add_special_tokens: bool = False  # the template already places special tokens
+    return_token_strs: bool = False
+
+
+TokenizeRequest = Union[TokenizeCompletionRequest, TokenizeChatRequest]
+
+
+class TokenizeResponse(OpenAIBaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIBaseModel):
+    prompt: str
+
+
+class VersionResponse(OpenAIBaseModel):
+    version: str

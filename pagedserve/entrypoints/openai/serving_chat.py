@@ -1,0 +1,103 @@
+"""POST /v1/chat/completions: messages rendered with the chat template, n samples; a full
+response or chunks (role first, content deltas, finish_reason, optional usage, [DONE])."""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import AsyncGenerator, AsyncIterator, Optional, Union
+
+from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionLogProb,
+                                                    ChatCompletionLogProbs, ChatCompletionLogProbsContent,
+                                                    ChatCompletionRequest, ChatCompletionResponse,
+                                                    ChatCompletionStreamChoice, ChatCompletionStreamResponse,
+                                                    DeltaMessage, UsageInfo, random_id)
+from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
+                                                          merge_async_iterators, prompt_logprobs_json, sse,
+                                                          sse_error, token_text, top_by_rank)
+from pagedserve.outputs import CompletionOutput, RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
+        model = self.model_name(req.model)
+        params = req.to_sampling_params()
+        arrival = time.monotonic()
+        text, ids = await self.render_chat(req)
+        prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
+        request_id = random_id("chatcmpl")
+        gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt)
+        num_prompt = len(prompt["prompt_token_ids"])
+        if req.stream:
+            return self._stream(req, model, request_id, gen, params.n, num_prompt)
+
+        texts, num_tokens = [""] * params.n, [0] * params.n
+        logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * params.n
+        finals: list[Optional[CompletionOutput]] = [None] * params.n
+        prompt_logprobs = None
+        async with aclosing(merge_async_iterators(gen)) as outputs:
+            async for _, out in outputs:
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs = out.prompt_logprobs
+                for c in out.outputs:
+                    texts[c.index] += c.text
+                    num_tokens[c.index] += len(c.token_ids)
+                    if req.logprobs:
+                        logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0)
+                    finals[c.index] = c
+        choices = [ChatCompletionChoice(
+            index=i, message=AssistantMessage(content=texts[i]),
+            logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
+            finish_reason=finals[i].finish_reason if finals[i] else None,
+            stop_reason=finals[i].stop_reason if finals[i] else None) for i in range(params.n)]
+        completion = sum(num_tokens)
+        return ChatCompletionResponse(
+            id=request_id, model=model, choices=choices, prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
+            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
+                            total_tokens=num_prompt + completion))
+
+    def _logprobs(self, c: CompletionOutput, k: int) -> list[ChatCompletionLogProbsContent]:
+        tok = self.llm.tokenizer
+        out = []
+        for tid, step in zip(c.token_ids, c.logprobs or []):
+            lp = step[tid]
+            text = token_text(tok, tid, lp)
+            top = [ChatCompletionLogProb(token=(t := token_text(tok, i, p)), logprob=clamp_logprob(p.logprob),
+                                         bytes=list(t.encode("utf-8", errors="replace")))
+                   for i, p in top_by_rank(step, k)]
+            out.append(ChatCompletionLogProbsContent(token=text, logprob=clamp_logprob(lp.logprob),
+                                                     bytes=list(text.encode("utf-8", errors="replace")),
+                                                     top_logprobs=top))
+        return out
+
+    async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str,
+                      gen: AsyncGenerator[RequestOutput, None], n: int,
+                      num_prompt: int) -> AsyncIterator[str]:
+        created = int(time.time())
+
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None) -> str:
+            return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices,
+                                                    usage=usage))
+
+        completion = 0
+        try:
+            for i in range(n):  # the role comes first, before any content
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            out: RequestOutput
+            async with aclosing(merge_async_iterators(gen)) as outputs:
+                async for _, out in outputs:
+                    for c in out.outputs:
+                        completion += len(c.token_ids)
+                        if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
+                            continue  # nothing to say yet (text held back for a possible stop string)
+                        lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0)) \
+                            if req.logprobs else None
+                        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
+                                                                logprobs=lps, finish_reason=c.finish_reason,
+                                                                stop_reason=c.stop_reason)])
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
+                                          total_tokens=num_prompt + completion))
+        except Exception as e:  # headers are gone: report in-band, then end the stream properly
+            yield sse_error(e)
+        yield SSE_DONE

@@ -1,0 +1,154 @@
+"""POST /v1/completions: one engine request per prompt, n samples each; a full response or
+server-sent events."""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncGenerator, AsyncIterator, Optional, Union
+
+from pagedserve.engine.engine import PromptType
+from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
+                                                    CompletionResponse, UsageInfo, random_id)
+from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
+                                                          merge_async_iterators, prompt_logprobs_json, sse,
+                                                          sse_error, token_text, top_by_rank)
+from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
+
+
+@dataclass
+class _Choice:
+    """One choice (prompt i, sample j) as it accumulates."""
+
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: Optional[CompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+    started: bool = False  # the echo (prompt text) has been sent
+    text_len: int = 0  # characters sent so far, for text_offset
+
+
+@dataclass
+class _PromptState:
+    prompt_text: str
+    prompt_ids: list[int]
+    choices: list[_Choice] = field(default_factory=list)
+    prompt_logprobs: Optional[PromptLogprobs] = None  # arrives with the request's first output
+
+
+def _prompts(prompt: Union[str, list]) -> list[PromptType]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], list):
+        return [{"prompt_token_ids": ids} for ids in prompt]
+    if prompt and isinstance(prompt[0], str):
+        return list(prompt)
+    return [{"prompt_token_ids": prompt}]
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
+        model = self.model_name(req.model)
+        params = req.to_sampling_params()
+        request_id = random_id("cmpl")
+        arrival = time.monotonic()
+        # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
+        prompts = [await self.llm.preprocess(p, params) for p in _prompts(req.prompt)]
+        states = []
+        for p in prompts:
+            text = p["prompt"]
+            if text is None and req.echo:  # token-id prompts echo their decoded text
+                text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
+            states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
+        gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt)
+                for i, p in enumerate(prompts)]
+        if req.stream:
+            return self._stream(req, model, request_id, states, gens)
+        async with aclosing(merge_async_iterators(*gens)) as merged:
+            async for i, out in merged:
+                for _ in self._fold(req, states[i], out):
+                    pass
+        choices = [CompletionChoice(index=i * params.n + j, text=c.text, logprobs=c.logprobs,
+                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                    prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs))
+                   for i, st in enumerate(states) for j, c in enumerate(st.choices)]
+        return CompletionResponse(id=request_id, model=model, choices=choices, usage=self._usage(states))
+
+    def _fold(self, req: CompletionRequest, st: _PromptState, out: RequestOutput):
+        """Add one delta output to its prompt's choices; yields (sample index, the delta
+        as a choice) for what should be streamed."""
+        tok = self.llm.tokenizer
+        if out.prompt_logprobs is not None:
+            st.prompt_logprobs = out.prompt_logprobs
+        for c in out.outputs:
+            ch = st.choices[c.index]
+            text, ids, steps = c.text, list(c.token_ids), list(c.logprobs or [])
+            if not ch.started:
+                ch.started = True
+                if req.echo:  # the prompt goes first, with its logprobs when asked for
+                    text = st.prompt_text + text
+                    ids = st.prompt_ids + ids
+                    if req.logprobs is not None:
+                        steps = list(st.prompt_logprobs or [None] * len(st.prompt_ids)) + steps
+            delta_lp = None
+            if req.logprobs is not None:
+                delta_lp = _logprobs(tok, ids, steps, req.logprobs, ch.text_len)
+                if ch.logprobs is None:
+                    ch.logprobs = CompletionLogProbs()
+                for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
+                    getattr(ch.logprobs, name).extend(getattr(delta_lp, name))
+            ch.text += text
+            ch.text_len += len(text)
+            ch.num_tokens += len(c.token_ids)
+            ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
+            if text or ids or c.finish_reason is not None:
+                yield c.index, CompletionChoice(index=c.index, text=text, logprobs=delta_lp,
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+    async def _stream(self, req: CompletionRequest, model: str, request_id: str, states: list[_PromptState],
+                      gens: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
+        n = len(states[0].choices)
+        created = int(time.time())
+        try:
+            async with aclosing(merge_async_iterators(*gens)) as merged:
+                async for i, out in merged:
+                    for j, choice in self._fold(req, states[i], out):
+                        choice.index = i * n + j
+                        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                             usage=self._usage(states)))
+        except Exception as e:  # headers are gone: report in-band, then end the stream properly
+            yield sse_error(e)
+        yield SSE_DONE
+
+    @staticmethod
+    def _usage(states: list[_PromptState]) -> UsageInfo:
+        prompt = sum(len(st.prompt_ids) for st in states)
+        completion = sum(c.num_tokens for st in states for c in st.choices)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _logprobs(tok, ids: list[int], steps: list[Optional[dict[int, Logprob]]], k: int,
+              offset: int) -> CompletionLogProbs:
+    """OpenAI's legacy shape: per token its text, logprob, text offset, and a dict of the k
+    most likely tokens plus the chosen one (None where there is nothing, e.g. the first
+    prompt token)."""
+    out = CompletionLogProbs()
+    for tid, step in zip(ids, steps):
+        lp = step.get(tid) if step else None
+        text = token_text(tok, tid, lp)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        out.token_logprobs.append(clamp_logprob(lp.logprob) if lp is not None else None)
+        if step is None:
+            out.top_logprobs.append(None)
+            continue
+        top = top_by_rank(step, k)
+        if lp is not None and all(t != tid for t, _ in top):
+            top.append((tid, lp))
+        out.top_logprobs.append({token_text(tok, t, p): clamp_logprob(p.logprob) for t, p in top})
+    return out

@@ -1,0 +1,167 @@
+"""What the OpenAI handlers share: model-name checks, OpenAI-style errors, chat-template
+rendering, server-sent events, and merging the streams of a multi-prompt request."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+from typing import Any, AsyncGenerator, Optional, Sequence, TypeVar
+
+from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase
+
+from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError
+from pagedserve.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInfo, ErrorResponse, PromptLogprob,
+                                                    PromptLogprobsJSON)
+from pagedserve.outputs import Logprob, PromptLogprobs
+
+logger = logging.getLogger("pagedserve")
+
+T = TypeVar("T")
+
+# chat_template_kwargs may add template variables, not override apply_chat_template's own arguments.
+_RESERVED_TEMPLATE_KWARGS = frozenset(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+
+
+class OpenAIError(Exception):
+    """An error with an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status_code: int, message: str, type: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.status_code))
+
+
+def as_openai_error(e: BaseException) -> OpenAIError:
+    """Map an exception to the status a client should see: our validation errors
+    (ValueError) are the client's fault; a dead engine is 503; anything else is ours."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, ValueError):
+        return OpenAIError(400, str(e), "BadRequestError")
+    if isinstance(e, EngineDeadError):
+        return OpenAIError(503, str(e), "EngineDeadError")
+    return OpenAIError(500, f"internal server error: {type(e).__name__}: {e}", "InternalServerError")
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template: a file path or the template itself (anything with Jinja markup)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if any(c in value for c in "{}\n"):
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template.")
+
+
+def sse(obj: BaseModel) -> str:
+    return f"data: {obj.model_dump_json()}\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    return f"data: {json.dumps(as_openai_error(e).response().model_dump())}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGenerator[tuple[int, T], None]:
+    """Items of several async iterators as they come, tagged with the iterator's index.
+    Closing or cancelling the merge closes every source (and so aborts their requests)."""
+    if len(iterators) == 1:
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await iterators[0].aclose()
+        return
+    nexts = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(iterators)}
+    try:
+        while nexts:
+            done, _ = await asyncio.wait(nexts, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = nexts.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                nexts[asyncio.ensure_future(iterators[i].__anext__())] = i
+                yield i, item
+    finally:
+        for task in nexts:
+            task.cancel()
+        await asyncio.gather(*nexts, return_exceptions=True)
+        for it in iterators:
+            await it.aclose()
+
+
+class OpenAIServing:
+    def __init__(self, async_llm: AsyncLLM, served_model_names: Sequence[str],
+                 chat_template: Optional[str] = None) -> None:
+        self.llm = async_llm
+        self.served_model_names = list(served_model_names)
+        self.chat_template = chat_template
+        self.max_model_len = async_llm.engine.config.max_model_len
+
+    def model_name(self, requested: Optional[str]) -> str:
+        """The name to answer with; 404 for a model we do not serve."""
+        if requested is None or requested == "":
+            return self.served_model_names[0]
+        if requested not in self.served_model_names:
+            raise OpenAIError(404, f"The model `{requested}` does not exist.", "NotFoundError", "model")
+        return requested
+
+    async def render_chat(self, req: ChatTemplateFields, add_special_tokens: bool = False) -> tuple[str, list[int]]:
+        """Messages -> (prompt text, token ids) with the server's or the tokenizer's template."""
+        tok = self.llm.tokenizer
+        template = self.chat_template
+        if template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; start the server with --chat-template.")
+        extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        messages = [m.for_template() for m in req.messages]
+
+        def render() -> tuple[str, list[int]]:
+            try:
+                text = tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                               add_generation_prompt=req.add_generation_prompt,
+                                               continue_final_message=req.continue_final_message, **extra)
+            except Exception as e:  # template errors (raise_exception(), bad roles) are the input's
+                raise ValueError(f"could not apply the chat template: {e}") from e
+            return text, tok.encode(text, add_special_tokens=add_special_tokens)
+
+        return await self.llm.run_tokenizer(render)
+
+
+def clamp_logprob(lp: float) -> float:
+    return max(lp, -9999.0)  # JSON has no -inf; vLLM's floor
+
+
+def top_by_rank(step: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The k most likely entries of one position (the sampled token may rank lower)."""
+    ranked = sorted(((t, lp) for t, lp in step.items() if lp.rank is not None), key=lambda e: e[1].rank)
+    return ranked[:k]
+
+
+def token_text(tokenizer: Any, token_id: int, lp: Optional[Logprob] = None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def prompt_logprobs_json(plps: Optional[PromptLogprobs]) -> Optional[PromptLogprobsJSON]:
+    if plps is None:
+        return None
+    return [None if step is None else
+            {t: PromptLogprob(logprob=clamp_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+             for t, lp in step.items()} for step in plps]

@@ -1,0 +1,128 @@
+"""Prometheus metrics with vLLM's names (prefix `pagedserve:`), in a registry of their own so
+that several servers in one process do not collide.
+
+Engine state (queue lengths, KV usage, preemptions, prefix-cache counters) is read when
+scraped, by a custom collector; per-request counters and latency histograms are fed by
+AsyncLLM as outputs arrive (this object is its StatLogger)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pagedserve.engine.engine import LLMEngine
+from pagedserve.outputs import RequestOutput
+
+PREFIX = "pagedserve:"
+
+# vLLM's bucket boundaries.
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0, 2560.0]
+_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0]
+_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                    480.0, 960.0, 1920.0, 7680.0]
+
+
+class _EngineStateCollector(Collector):
+    """Gauges and counters that the engine already keeps, read at scrape time."""
+
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+        self.engine = engine
+        self.labels = {"model_name": model_name}
+
+    def _family(self, cls: type, name: str, doc: str, value: float) -> Metric:
+        fam = cls(PREFIX + name, doc, labels=list(self.labels))
+        fam.add_metric(list(self.labels.values()), value)
+        return fam
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        yield self._family(GaugeMetricFamily, "num_requests_running", "Requests in the running batch.",
+                           e.scheduler.num_running)
+        yield self._family(GaugeMetricFamily, "num_requests_waiting", "Requests waiting to be scheduled.",
+                           e.scheduler.num_waiting)
+        yield self._family(GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                           e.kv.usage())
+        yield self._family(CounterMetricFamily, "num_preemptions", "Preemptions (requests evicted to recompute).",
+                           e.scheduler.num_preemptions)
+        yield self._family(CounterMetricFamily, "prefix_cache_queries", "Tokens looked up in the prefix cache.",
+                           e.kv.prefix_queries)
+        yield self._family(CounterMetricFamily, "prefix_cache_hits", "Tokens found in the prefix cache.",
+                           e.kv.prefix_hits)
+
+
+class _RequestTracker:
+    """One request's timestamps; reports to the shared metrics."""
+
+    def __init__(self, m: "PrometheusStatLogger", arrival_time: float, n: int) -> None:
+        self.m = m
+        self.arrival_time = arrival_time
+        self.n = n
+        self.first_token_time: Optional[float] = None
+        self.last_token_time: Optional[float] = None
+        self.num_finished = 0
+        self.done = False
+
+    def on_output(self, out: RequestOutput, now: float) -> None:
+        if self.done:
+            return
+        m = self.m
+        new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        if self.first_token_time is None:
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+            if out.metrics is not None and out.metrics.first_scheduled_time is not None:
+                m.queue_time.observe(max(0.0, out.metrics.first_scheduled_time - out.metrics.arrival_time))
+        if new_tokens:
+            m.generation_tokens.inc(new_tokens)
+            if self.first_token_time is None:
+                self.first_token_time = now
+                m.ttft.observe(now - self.arrival_time)
+            elif self.last_token_time is not None:
+                m.itl.observe(now - self.last_token_time)
+            self.last_token_time = now
+        for c in out.outputs:
+            if c.finish_reason is not None:
+                self.num_finished += 1
+                m.success.labels(m.model_name, c.finish_reason).inc()
+        if out.finished:
+            self._end(now)
+
+    def on_abort(self, now: float) -> None:
+        if not self.done:
+            self.m.success.labels(self.m.model_name, "abort").inc(max(0, self.n - self.num_finished))
+            self._end(now)
+
+    def _end(self, now: float) -> None:
+        self.done = True
+        self.m.e2e.observe(now - self.arrival_time)
+
+
+class PrometheusStatLogger:
+    def __init__(self, engine: LLMEngine, model_name: str, registry: Optional[CollectorRegistry] = None) -> None:
+        self.model_name = model_name
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(_EngineStateCollector(engine, model_name))
+        r, labels = self.registry, ["model_name"]
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.success = Counter(PREFIX + "request_success", "Finished requests (per sample), by finish reason.",
+                               labels + ["finished_reason"], registry=r)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between consecutive outputs.", _ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "Time from arrival to first scheduling.",
+                                    _LATENCY_BUCKETS)
+
+    def new_request(self, arrival_time: float, n: int) -> _RequestTracker:
+        return _RequestTracker(self, arrival_time, n)

@@ -1,0 +1,80 @@
+"""The native CPU decode kernel against its pure-PyTorch twin, and both backends end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.attention import cpu_kernels
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.attention.torch_backend import TorchAttentionBackend
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler for the CPU kernel")
+
+
+def _case(num_reqs, num_heads, num_kv_heads, head_dim, block_size, lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 5
+    kc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    vc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    perm = torch.randperm(num_blocks, generator=g)
+    max_blocks = max(-(-n // block_size) for n in lens)
+    bt = torch.zeros(num_reqs, max_blocks, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(lens):  # scattered, non-contiguous blocks
+        nb = -(-n // block_size)
+        bt[i, :nb] = perm[used: used + nb]
+        used += nb
+    q = torch.randn(num_reqs, num_heads, head_dim, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    meta = AttentionMetadata(num_tokens=num_reqs, num_actual_tokens=num_reqs, num_reqs=num_reqs,
+                             num_decodes=num_reqs, slot_mapping=torch.zeros(num_reqs, dtype=torch.long),
+                             block_tables=bt, seq_lens=sl, query_start_loc=torch.arange(num_reqs + 1),
+                             max_query_len=1, max_seq_len=max(lens), seq_lens_cpu=list(lens),
+                             query_start_loc_cpu=list(range(num_reqs + 1)), block_size=block_size)
+    return q, kc, vc, bt, sl, meta
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 64), (8, 1, 128), (12, 4, 32), (2, 2, 80)])
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32])
+def test_decode_kernel_matches_torch(heads, kv_heads, head_dim, block_size):
+    lens = [1, block_size, block_size + 1, 3 * block_size - 1, 77, 130]
+    q, kc, vc, bt, sl, meta = _case(len(lens), heads, kv_heads, head_dim, block_size, lens)
+    scale = head_dim**-0.5
+    got = cpu_kernels.paged_decode(q, kc, vc, bt, sl, scale)
+    ref = TorchAttentionBackend._decode(q, kc, vc, meta, scale)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_only_reads_listed_blocks():
+    q, kc, vc, bt, sl, meta = _case(3, 4, 2, 16, 8, [5, 20, 9])
+    ref = cpu_kernels.paged_decode(q, kc, vc, bt, sl, 0.25)
+    listed = set(bt[0, :1].tolist() + bt[1, :3].tolist() + bt[2, :2].tolist())
+    for b in range(kc.shape[0]):  # poison every block no request may read
+        if b not in listed:
+            kc[b] = float("nan")
+            vc[b] = float("nan")
+    torch.testing.assert_close(cpu_kernels.paged_decode(q, kc, vc, bt, sl, 0.25), ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_backends_agree_end_to_end(llama_dir, hf_refs, backend):
+    from conftest import assert_greedy_matches
+
+    llm = LLM(llama_dir, attention_backend=backend, max_num_batched_tokens=64, block_size=8)
+    assert llm.llm_engine.runner.backend.name == backend
+    prompts = [[(11 * i + 5 * j) % 1000 + 4 for j in range(n)] for i, n in enumerate((3, 30, 90))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(hf_refs["llama"].greedy(p, 20), o.outputs[0].token_ids)
+
+
+def test_cpu_backend_rejected_on_cuda(llama_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA to be refused")
+    with pytest.raises(ValueError, match="CPU only"):
+        LLM(llama_dir, attention_backend="cpu", device="cuda")

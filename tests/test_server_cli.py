@@ -1,0 +1,119 @@
+"""`pagedserve serve` as a user runs it: a subprocess with the API key from the environment
+and an inline --chat-template, stopped by SIGTERM mid-stream (final abort event, exit 0);
+and the graceful-shutdown grace period (short requests finish, long ones are aborted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+from server_helpers import ServerThread, make_async_llm, no_requests_left
+
+from pagedserve.entrypoints.cli import main
+from pagedserve.entrypoints.openai.api_server import _GracefulServer, build_app
+
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_argument_errors(capsys):
+    assert main(["serve"]) == 2
+    assert "MODEL_DIR" in capsys.readouterr().err
+    assert main(["serve", "/nonexistent", "--chat-template", "no-such-template.jinja"]) == 2
+    assert "chat-template" in capsys.readouterr().err
+
+
+def test_serve_subprocess_auth_template_and_sigterm(llama_dir, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PAGEDSERVE_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", llama_dir, "--host",
+                             "127.0.0.1", "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "256",
+                             "--chat-template", TEMPLATE, "--uvicorn-log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        auth = {"Authorization": "Bearer env-key"}
+        assert httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"] == "tiny"
+        messages = [{"role": "user", "content": "hi"}]
+        tok = httpx.post(f"{url}/tokenize", json={"messages": messages, "return_token_strs": True}).json()
+        detok = httpx.post(f"{url}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]
+        assert detok == "[user] hi\n[assistant] "
+
+        events = []
+        with httpx.stream("POST", f"{url}/v1/completions", headers=auth, timeout=30, json={
+                "model": "tiny", "prompt": "a long story", "max_tokens": 240, "ignore_eos": True,
+                "stream": True}) as r:
+            assert r.status_code == 200, r.read()
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            proc.send_signal(signal.SIGTERM)
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])["choices"][0]
+        assert last["finish_reason"] == "abort"
+        assert len(events) < 240  # aborted, not finished
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _events_iter(lines):
+    return (line[6:] for line in lines if line.startswith("data: "))
+
+
+def _events(lines) -> list[str]:
+    return list(_events_iter(lines))
+
+
+def test_shutdown_grace_period_finishes_short_and_aborts_long(llama_dir):
+    llm = make_async_llm(llama_dir, max_model_len=2048)
+    srv = ServerThread(build_app(llm, "m"), lambda config: _GracefulServer(config, llm, grace=1.0))
+    body = {"prompt": "p", "ignore_eos": True, "stream": True, "temperature": 0}
+    try:
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "max_tokens": 2000}) as long_r, \
+                httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "max_tokens": 3}) as short_r:
+            long_lines, short_lines = long_r.iter_lines(), short_r.iter_lines()
+            first = [next(_events_iter(lines)) for lines in (long_lines, short_lines)]
+            srv.server.handle_exit(signal.SIGTERM, None)  # what the signal handler does
+            short_events = first[1:] + _events(short_lines)
+            long_events = first[:1] + _events(long_lines)
+        assert short_events[-1] == long_events[-1] == "[DONE]"
+        assert json.loads(short_events[-2])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(long_events[-2])["choices"][0]["finish_reason"] == "abort"
+        srv.thread.join(10)
+        assert not srv.thread.is_alive()  # stopped accepting and exited
+        assert no_requests_left(llm)
+    finally:
+        srv.stop()
+        llm.shutdown()
