@@ -130,6 +130,49 @@ def gpu_tests(out_dir: str, timeout_s: int) -> dict:
     return {"returncode": rc, "summary": summary.strip("= "), "failures": failures[:30]}
 
 
+KERNEL_CASES = (("decode_b256_ctx800", 256, 800, 1), ("decode_b1_ctx1024", 1, 1024, 1), ("prefill_8x1024", 8, 1024, 1024))
+DRY_KERNEL_CASES = (("decode_b4_ctx40", 4, 40, 1), ("prefill_2x24", 2, 24, 24))
+
+
+def kernel_timings(device: str, cases) -> dict:
+    """The attention kernels alone on the benchmark model's attention shape (32 query heads,
+    4 KV heads, head dim 64, bf16, block 16): median time, K/V bytes read once over that time
+    (compare with device_rates.copy_gbps) and attention FLOP/s (causal prefill counts half)."""
+    from pagedserve.ops.paged_attention import decode_segments, paged_attention
+
+    hq, kvh, d, bs = 32, 4, 64, 16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
+    g = torch.Generator(device=device).manual_seed(0)
+    res = {}
+    for name, batch, ctx, q_len in cases:
+        nb = batch * -(-ctx // bs)
+        kc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+        vc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+        bt = torch.randperm(nb, device=device, generator=g).to(torch.int32).view(batch, -1)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+        q = torch.randn(batch * q_len, hq, d, device=device, generator=g).to(torch.bfloat16)
+        out = torch.empty_like(q)
+        decode = q_len == 1
+        segs = decode_segments(batch, kvh, sms) if decode else 1
+
+        def fn():
+            paged_attention(q, kc, vc, bt, seq_lens, qsl, batch, batch * q_len, 0.125, out=out, decode=decode,
+                            num_segments=segs)
+
+        if device == "cuda":
+            import triton.testing
+
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        else:
+            ms = 1000 * _time_median(fn, device, 1, 2)
+        kv_bytes = 2 * batch * ctx * kvh * d * 2
+        flops = 4 * batch * q_len * ctx * hq * d / (1 if decode else 2)
+        res[name] = {"ms": ms, "segments": segs, "kv_gbps": kv_bytes / ms / 1e6, "tflops": flops / ms / 1e9}
+        del kc, vc
+    return res
+
+
 def build_model(path: str, dry: bool) -> dict:
     from pagedserve.model.random_model import build_random_model
 
@@ -273,6 +316,8 @@ def main() -> int:
     rep.phase("device_rates", lambda: device_rates(ns.device, ns.dry_run))
     if not ns.skip_tests:
         rep.phase("gpu_tests", lambda: gpu_tests(ns.out, ns.tests_timeout))
+    if ns.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        rep.phase("kernel_timings", lambda: kernel_timings(ns.device, DRY_KERNEL_CASES if ns.dry_run else KERNEL_CASES))
     path = ns.model_dir or os.path.join("/tmp", "pagedserve-dry-llama" if ns.dry_run else "pagedserve-issue6-llama-1.1b")
     model = rep.phase("model", lambda: build_model(path, ns.dry_run))
     if "error" in model:

@@ -236,6 +236,13 @@ def test_engine_with_triton_backend_matches_transformers(llama_dir, hf_refs):
         assert_greedy_matches(hf_refs["llama"].greedy(p, 8), o.outputs[0].token_ids)
 
 
+def test_decode_segments_heuristic():
+    # About two programs per multiprocessor; one segment once the batch fills the GPU.
+    from pagedserve.ops.paged_attention import decode_segments
+
+    assert [decode_segments(n, 4, 132) for n in (1, 8, 16, 24, 32, 33, 256)] == [16, 16, 8, 4, 4, 1, 1]
+
+
 # ---- CUDA: the same checks over the shapes that matter -------------------------------------------
 
 GPU_CASES = [  # (heads, kv_heads, head_dim, block_size, dtype)
