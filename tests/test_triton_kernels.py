@@ -55,14 +55,17 @@ def make_batch(reqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim:
     vc = torch.full(shape, float("nan")) if poison else torch.randn(shape, generator=g)
     perm = torch.randperm(num_blocks, generator=g)
     bt = torch.zeros(len(reqs), max(_cdiv(s, block_size) for _, s in reqs) or 1, dtype=torch.int32)
+    valid = torch.zeros(num_blocks, block_size, dtype=torch.bool)
     used = 0
     for r, (_, s) in enumerate(reqs):
         nb = _cdiv(s, block_size)
         bt[r, :nb] = perm[used: used + nb]
         used += nb
-        for p in range(s):
-            kc[bt[r, p // block_size], p % block_size] = torch.randn(kv_heads, head_dim, generator=g)
-            vc[bt[r, p // block_size], p % block_size] = torch.randn(kv_heads, head_dim, generator=g)
+        pos = torch.arange(s)
+        valid[bt[r, pos // block_size].long(), pos % block_size] = True
+    n_valid = int(valid.sum())
+    kc[valid] = torch.randn(n_valid, kv_heads, head_dim, generator=g)
+    vc[valid] = torch.randn(n_valid, kv_heads, head_dim, generator=g)
     qsl = [0]
     for q, _ in reqs:
         qsl.append(qsl[-1] + q)
