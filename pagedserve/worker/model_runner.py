@@ -85,7 +85,7 @@ class ModelRunner:
         # Zeroed, not empty: padded positions of a gathered block must never hold NaN.
         cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.dtype, device=self.device)
         self._bind(cache)
-        if self.use_cuda_graphs():
+        if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
             self.graphs = self.make_graph_runner(capture=True)
             self.graphs.capture()
 
