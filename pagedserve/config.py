@@ -97,6 +97,14 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be 'torch', 'cpu' or 'triton', got {backend!r}.")
         if backend == "cpu" and device.type != "cpu":
             raise ValueError("attention_backend='cpu' runs on CPU only.")
+        if backend == "triton":
+            from pagedserve.ops import triton_available, triton_interpreting
+
+            if not triton_available():
+                raise ValueError("attention_backend='triton' needs the triton package (pip install triton).")
+            if device.type == "cpu" and not triton_interpreting():
+                raise ValueError("attention_backend='triton' needs CUDA; on CPU it runs only in Triton's "
+                                 "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
         return EngineConfig(
             model=self.model,

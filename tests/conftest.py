@@ -7,11 +7,27 @@ import os
 import shutil
 from dataclasses import dataclass
 
-import pytest
 import torch
+
+# Without CUDA, Triton kernels run on CPU tensors in Triton's interpreter. Set before anything
+# imports triton (it reads the variable at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need a CUDA device: skipped where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 # name -> (architecture, build kwargs). initializer_range 0.5 keeps logits well apart so

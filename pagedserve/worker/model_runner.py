@@ -4,6 +4,7 @@ samples. Owns the model, the KV cache tensors and the per-request sampling state
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -15,11 +16,31 @@ from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
+from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
 
 logger = logging.getLogger("pagedserve")
+
+
+@dataclass
+class HostInputs:
+    """A step's flat inputs on the host, before they become device tensors (eager) or are
+    copied into a CUDA graph's static buffers."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64
+    seq_lens: list[int]
+    qsl: list[int]
+    block_rows: np.ndarray  # [num_reqs, max_blocks] int32, this step's block table rows
+    num_decodes: int
+    sample_rows: list[int]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_decodes == len(self.seq_lens)
 
 
 class ModelRunner:
@@ -38,6 +59,7 @@ class ModelRunner:
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
 
     # ---- KV cache ---------------------------------------------------------------------
     def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -63,6 +85,21 @@ class ModelRunner:
         # Zeroed, not empty: padded positions of a gathered block must never hold NaN.
         cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.dtype, device=self.device)
         self._bind(cache)
+        if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
+            self.graphs = self.make_graph_runner(capture=True)
+            self.graphs.capture()
+
+    def use_cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and getattr(self.backend, "supports_cuda_graphs", False))
+
+    def make_graph_runner(self, capture: bool) -> DecodeGraphRunner:
+        """Decode graphs over batch-size buckets up to max_num_seqs; capture=False runs the
+        same static-buffer path eagerly (tests without CUDA)."""
+        sizes = capture_sizes(self.config.max_num_seqs)
+        buffers = DecodeBuffers(sizes[-1], self.block_table.table.shape[1], self.block_size,
+                                self.config.max_model_len, self.device)
+        return DecodeGraphRunner(self.model, buffers, sizes, capture=capture)
 
     def _bind(self, cache: torch.Tensor) -> None:
         self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(cache.shape[0])]
@@ -106,12 +143,12 @@ class ModelRunner:
         if out.is_empty():
             return result
         order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
-        ids, positions, meta, sample_rows = self._prepare(order)
-        sampled_reqs = [order[i].request for i in sample_rows]
-        hidden_rows = [meta.query_start_loc_cpu[i + 1] - 1 for i in sample_rows]
-        prompt_lp = self._prompt_logprob_rows(order, meta.query_start_loc_cpu)
+        host = self._host_inputs(order)
+        sampled_reqs = [order[i].request for i in host.sample_rows]
+        hidden_rows = [host.qsl[i + 1] - 1 for i in host.sample_rows]
+        prompt_lp = self._prompt_logprob_rows(order, host.qsl)
         with torch.inference_mode():
-            hidden = self.model(ids, positions, meta)
+            hidden = self._forward(host)
             if not hidden_rows and not prompt_lp:
                 return result
             rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
@@ -177,7 +214,16 @@ class ModelRunner:
                 PositionLogprobs(t, c, rk, ti, tv)
                 for t, c, rk, ti, tv in zip(targets.tolist(), chosen.tolist(), ranks, top_i, top_v)]
 
-    def _prepare(self, order: list[ScheduledRequest]):
+    def _forward(self, host: HostInputs) -> torch.Tensor:
+        """Hidden states of the step's tokens: a graph replay when the step is decode-only and
+        fits a captured bucket, else an eager pass."""
+        if self.graphs is not None and host.decode_only and len(host.seq_lens) <= self.graphs.max_size:
+            return self.graphs.run(host.input_ids, host.positions, host.slots,
+                                   np.asarray(host.seq_lens, dtype=np.int32), host.block_rows)
+        ids, positions, meta = self._device_inputs(host)
+        return self.model(ids, positions, meta)
+
+    def _host_inputs(self, order: list[ScheduledRequest]) -> HostInputs:
         bs = self.block_size
         total = sum(s.num_tokens for s in order)
         input_ids = np.empty(total, dtype=np.int64)
@@ -207,16 +253,20 @@ class ModelRunner:
             seq_lens.append(end)
             if s.samples:
                 sample_rows.append(i)
-        dev = self.device
         max_blocks = -(-max(seq_lens) // bs)
-        block_tables = table[rows, :max_blocks]  # one C-level copy of the step's rows
+        block_rows = table[rows, :max_blocks]  # one C-level copy of the step's rows
+        return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows)
+
+    def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+        total = len(host.input_ids)
         meta = AttentionMetadata(
-            num_tokens=total, num_actual_tokens=total, num_reqs=len(order), num_decodes=num_decodes,
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            max_query_len=max(s.num_tokens for s in order), max_seq_len=max(seq_lens),
-            seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
+            num_tokens=total, num_actual_tokens=total, num_reqs=len(host.seq_lens), num_decodes=host.num_decodes,
+            slot_mapping=torch.from_numpy(host.slots).to(dev),
+            block_tables=torch.from_numpy(host.block_rows).to(dev),
+            seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(host.qsl, dtype=torch.int32, device=dev),
+            max_query_len=max(b - a for a, b in zip(host.qsl, host.qsl[1:])), max_seq_len=max(host.seq_lens),
+            seq_lens_cpu=host.seq_lens, query_start_loc_cpu=host.qsl, block_size=self.block_size,
         )
-        return torch.from_numpy(input_ids).to(dev), torch.from_numpy(positions).to(dev), meta, sample_rows
+        return torch.from_numpy(host.input_ids).to(dev), torch.from_numpy(host.positions).to(dev), meta

@@ -1,0 +1,249 @@
+"""Triton paged attention over a flat varlen batch (vLLM's "unified" design): one kernel for
+prefill chunks and decode tokens, K/V read through block tables. Twin:
+reference.paged_attention_ref.
+
+Each program owns one (query block, kv head): BLOCK_Q consecutive query tokens of one request
+times the GROUP query heads that share the kv head, as a BLOCK_M = BLOCK_Q * GROUP row tile
+(GQA: every K/V tile is loaded once for the whole group). It walks the request's keys in
+TILE_N-wide tiles (a tile may span several cache pages or part of one: each key finds its page
+through the block table) with an online softmax in float32, up to the last key its last query
+may see (query i of a chunk sees keys [0, seq_len - q_len + i]).
+
+Grid axis 0 enumerates query blocks across all requests of the launch; a program finds its
+request by binary search over query_start_loc (request r's blocks start at
+qsl[r] // BLOCK_Q + r), so the grid depends only on token and request counts, never on
+lengths held on the device (CUDA graphs replay it unchanged). Decode launches (one query
+token per request) skip the search, and may split each request's keys into NUM_SEGMENTS
+(flash-decoding) so that a small batch still fills the GPU; a second kernel merges them."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.ops import triton_interpreting
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """Last request r in [0, num_seqs) with qsl[r] // BLOCK_Q + r <= target."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if start <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32. UPCAST only under TRITON_INTERPRET: the interpreter
+    multiplies bfloat16 bit patterns as integers (triton-lang/triton#11584), so both
+    operands go through float32 there; bf16 x bf16 products are exact in float32, so this
+    matches the GPU's tensor-core result up to summation order."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
+    seg_acc_ptr, seg_max_ptr, seg_sum_ptr,
+    scale_log2,  # softmax scale * log2(e): the kernel works in base 2
+    num_seqs,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+    if IS_DECODE:
+        seq = pid
+        q_block = 0
+    else:
+        target = pid + tl.load(qsl_ptr) // BLOCK_Q  # qsl may start past 0 (prefills after decodes)
+        seq = _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q)
+        q_block = target - (tl.load(qsl_ptr + seq) // BLOCK_Q + seq)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len  # keys cached before this chunk
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_pos = q_block * BLOCK_Q + offs_m // GROUP  # position within the chunk
+    head = kv_head * GROUP + offs_m % GROUP
+    row_ok = (offs_m // GROUP < BLOCK_Q) & (q_pos < q_len)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    d_ok = offs_d < HEAD_DIM
+    q_rows = (q_start + q_pos).to(tl.int64)
+    q = tl.load(q_ptr + q_rows[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_abs = context + q_pos  # absolute position: sees keys [0, q_abs]
+
+    # Keys the block's last query sees bound the walk (causal: later tiles are all masked).
+    last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_len = tl.minimum(context + last_q + 1, seq_len)
+    num_tiles = tl.cdiv(kv_len, TILE_N)
+    if NUM_SEGMENTS > 1:
+        per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
+        tile_lo = segment * per_seg
+        tile_hi = tl.minimum(tile_lo + per_seg, num_tiles)
+    else:
+        tile_lo = 0
+        tile_hi = num_tiles
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for tile in range(tile_lo, tile_hi):
+        offs_n = tile * TILE_N + tl.arange(0, TILE_N)
+        n_ok = offs_n < kv_len
+        page = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        in_page = (offs_n % BLOCK_SIZE).to(tl.int64)
+        k = tl.load(k_cache_ptr + page[None, :] * stride_k_b + in_page[None, :] * stride_k_s
+                    + kv_head * stride_k_h + offs_d[:, None],
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_DIM_P, TILE_N]
+        s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
+        visible = (offs_n[None, :] <= q_abs[:, None]) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + page[:, None] * stride_v_b + in_page[:, None] * stride_v_s
+                    + kv_head * stride_v_h + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE_N, HEAD_DIM_P]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    if NUM_SEGMENTS > 1:
+        # Unnormalised partials, merged by _merge_segments_kernel. Indexed by request
+        # (decode: one token each) and query head.
+        seg_row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + head) * NUM_SEGMENTS + segment
+        tl.store(seg_max_ptr + seg_row, m_i, mask=row_ok)
+        tl.store(seg_sum_ptr + seg_row, l_i, mask=row_ok)
+        tl.store(seg_acc_ptr + seg_row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key -> 0
+        tl.store(out_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_segments_kernel(
+    out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, qsl_ptr,
+    stride_o_t, stride_o_h, num_heads,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq.to(tl.int64) * num_heads + head
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    m = tl.load(seg_max_ptr + row * NUM_SEGMENTS + offs_s)
+    l = tl.load(seg_sum_ptr + row * NUM_SEGMENTS + offs_s)
+    acc = tl.load(seg_acc_ptr + (row * NUM_SEGMENTS + offs_s)[:, None] * HEAD_DIM_P + offs_d[None, :])
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.math.exp2(m - m_max)  # empty segments: exp2(-inf) = 0
+    total = tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    token = tl.load(qsl_ptr + seq).to(tl.int64)
+    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def block_m_for(group: int, decode: bool) -> int:
+    """Rows per program: decode holds one token's group of heads; prefill packs several query
+    tokens so each K/V tile feeds a wider matrix product."""
+    rows = 16 if decode else 64
+    return max(rows, triton.next_power_of_2(group))
+
+
+def tile_n_for(head_dim_p: int) -> int:
+    return 64 if head_dim_p <= 128 else 32  # keeps the [BLOCK_M, HEAD_DIM] accumulator in registers
+
+
+def paged_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int, num_tokens: int, scale: float,
+    out: Optional[torch.Tensor] = None, decode: bool = False, num_segments: int = 1,
+    block_m: Optional[int] = None, tile_n: Optional[int] = None,
+) -> torch.Tensor:
+    """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
+    seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
+    it may start past 0 when the caller passes a slice). query/out: [T, Hq, D]; caches:
+    [num_blocks, block_size, KVH, D]. num_tokens: query rows these requests span (a host
+    upper bound; sizes the grid). decode=True promises one query token per request and
+    allows num_segments > 1 (a power of two). Rows of `out` outside the requests are not
+    written."""
+    t, hq, d = query.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert num_segments == 1 or (decode and num_segments & (num_segments - 1) == 0)
+    out = torch.empty_like(query) if out is None else out
+    assert block_tables.stride(-1) == 1 and out.stride(-1) == 1
+    if num_seqs == 0:
+        return out
+    group = hq // kvh
+    head_dim_p = max(16, triton.next_power_of_2(d))
+    block_m = block_m or block_m_for(group, decode)
+    block_q = 1 if decode else block_m // group
+    tile_n = tile_n or tile_n_for(head_dim_p)
+    assert block_m >= group and block_m >= 16 and tile_n >= 16, "tl.dot needs 16-wide tiles"
+    grid0 = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"  # float32 stays exact; 16-bit ignores it
+    if num_segments > 1:
+        seg_acc = torch.empty(num_seqs, hq, num_segments, head_dim_p, dtype=torch.float32, device=query.device)
+        seg_max = torch.empty(num_seqs, hq, num_segments, dtype=torch.float32, device=query.device)
+        seg_sum = torch.empty_like(seg_max)
+    else:
+        seg_acc = seg_max = seg_sum = out  # unused
+    _paged_attention_kernel[(grid0, kvh, num_segments)](
+        out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+        seg_acc, seg_max, seg_sum,
+        scale * _LOG2E, num_seqs,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
+        UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
+        num_warps=4 if block_m * head_dim_p <= 64 * 128 else 8,
+    )
+    if num_segments > 1:
+        _merge_segments_kernel[(num_seqs, hq)](
+            out, seg_acc, seg_max, seg_sum, query_start_loc, out.stride(0), out.stride(1), hq,
+            HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEGMENTS=num_segments, num_warps=1 if head_dim_p <= 64 else 2,
+        )
+    return out
+
+
+def decode_segments(num_decodes: int, num_kv_heads: int, num_sms: int, max_segments: int = 16) -> int:
+    """Split each decode request's keys so that about 2 programs per multiprocessor run;
+    depends on the batch size only (a CUDA graph bucket fixes it)."""
+    programs = num_decodes * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    return min(max_segments, triton.next_power_of_2(triton.cdiv(2 * num_sms, programs)))

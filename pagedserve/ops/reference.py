@@ -1,0 +1,51 @@
+"""Pure-PyTorch twins of the Triton kernels: the same contracts, written for clarity, computed
+in float32 (float64 on request). Tests compare every kernel against these."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """key/value [T, KVH, D] into caches [num_blocks, block_size, KVH, D] at flat slot
+    slot_mapping[t] (= block * block_size + offset); slot -1 is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kvh, d = key.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slots, key[keep].to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+
+
+def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, seq_lens: Sequence[int], query_start_loc: Sequence[int],
+                        scale: float, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Causal attention for each request r of a flat varlen batch: its query tokens
+    query[qsl[r]:qsl[r+1]] are the last q_len positions of a sequence of seq_lens[r] tokens
+    whose K/V sit in the cache pages block_tables[r]; query i sees keys [0, seq_len - q_len + i].
+    GQA: query head h reads kv head h // (Hq // KVH). A query with no visible key gives 0.
+    Rows past the last request are left 0. Returns [T, Hq, D] in compute_dtype."""
+    t, hq, d = query.shape
+    block_size, kvh = k_cache.shape[1], k_cache.shape[2]
+    group = hq // kvh
+    out = torch.zeros(t, hq, d, dtype=compute_dtype, device=query.device)
+    for r in range(len(seq_lens)):
+        qs, qe, n = int(query_start_loc[r]), int(query_start_loc[r + 1]), int(seq_lens[r])
+        if qe == qs:
+            continue
+        nb = -(-n // block_size)
+        blocks = block_tables[r, :nb].long()
+        k = k_cache[blocks].reshape(-1, kvh, d)[:n].to(compute_dtype)  # [n, kvh, d]
+        v = v_cache[blocks].reshape(-1, kvh, d)[:n].to(compute_dtype)
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [hq, n, d]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        q = query[qs:qe].to(compute_dtype).transpose(0, 1)  # [hq, q_len, d]
+        s = q @ k.transpose(1, 2) * scale  # [hq, q_len, n]
+        rows = torch.arange(n - (qe - qs), n, device=query.device)
+        visible = torch.arange(n, device=query.device)[None, :] <= rows[:, None]
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+        out[qs:qe] = (p @ v).transpose(0, 1)
+    return out

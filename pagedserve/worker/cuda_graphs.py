@@ -1,0 +1,162 @@
+"""CUDA graphs for decode-only steps: one captured forward pass per batch-size bucket, replayed
+with the step's inputs copied into static buffers. A decode step of 22 layers launches some
+300 small kernels; a replay launches them all at once.
+
+A batch of n decode requests runs in the smallest bucket >= n; rows n..bucket-1 are padding:
+token 0 at position 0, slot -1 (the KV write skips it), seq_len 0 (attention sees no key and
+gives 0). Rows are independent through the model, so padding cannot disturb real rows.
+
+Status: bucket selection, padding and buffer filling are tested on CPU, and the replay path
+runs there eagerly on the same buffers (`capture=False`); capture and replay proper need a GPU
+and are covered only by the `-m gpu` tests, which have not been run yet."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from pagedserve.attention.backend import AttentionMetadata
+
+logger = logging.getLogger("pagedserve")
+
+MAX_CAPTURE_SIZE = 512
+
+
+def capture_sizes(max_num_seqs: int, limit: int = MAX_CAPTURE_SIZE) -> list[int]:
+    """1, 2, 4, 8, then every 8 (vLLM's buckets), up to max_num_seqs, which is always one."""
+    cap = min(max_num_seqs, limit)
+    sizes = [s for s in (1, 2, 4) if s < cap] + list(range(8, cap, 8))
+    return sizes + [cap]
+
+
+def bucket_for(sizes: list[int], n: int) -> Optional[int]:
+    """The smallest captured size that holds n rows; None when n exceeds them all."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
+class DecodeBuffers:
+    """The static device tensors every captured graph reads. `fill` copies a step's inputs in
+    (through pinned host staging, one copy per tensor) and pads the rest of the bucket."""
+
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, max_model_len: int,
+                 device: torch.device) -> None:
+        self.max_batch, self.block_size, self.max_model_len, self.device = max_batch, block_size, max_model_len, device
+        pin = device.type == "cuda"
+
+        def pair(shape, dtype):
+            return (torch.zeros(shape, dtype=dtype, device=device),
+                    torch.zeros(shape, dtype=dtype, pin_memory=pin))
+
+        self.input_ids, self._h_ids = pair(max_batch, torch.int64)
+        self.positions, self._h_pos = pair(max_batch, torch.int64)
+        self.slot_mapping, self._h_slots = pair(max_batch, torch.int64)
+        self.seq_lens, self._h_lens = pair(max_batch, torch.int32)
+        self.block_tables, self._h_bt = pair((max_batch, max_blocks_per_seq), torch.int32)
+        # One query token per row: query_start_loc is always 0..bucket.
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.fill_padding(max_batch)
+
+    def fill(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
+             block_rows: np.ndarray, bucket: int) -> None:
+        """Rows [0, n) from the step (block_rows: [n, <= max_blocks_per_seq]), rows [n, bucket)
+        padding. The host staging is reused next step: safe because every step waits for its
+        sampled tokens, hence for these copies, before the next fill."""
+        n = len(input_ids)
+        assert n <= bucket <= self.max_batch
+        for host, data, pad in ((self._h_ids, input_ids, 0), (self._h_pos, positions, 0),
+                                (self._h_slots, slots, -1), (self._h_lens, seq_lens, 0)):
+            h = host.numpy()
+            h[:n] = data
+            h[n:bucket] = pad
+        self._h_bt.numpy()[:n, : block_rows.shape[1]] = block_rows  # padding rows' tables are never read
+        self._copy(bucket, n)
+
+    def fill_padding(self, bucket: int) -> None:
+        """Every row padding (used while capturing: the warm-up passes write no KV)."""
+        empty = np.zeros(0, dtype=np.int64)
+        self.fill(empty, empty, empty, empty, np.zeros((0, 0), dtype=np.int32), bucket)
+
+    def _copy(self, bucket: int, n: int) -> None:
+        nb = self.device.type == "cuda"
+        for dev, host in ((self.input_ids, self._h_ids), (self.positions, self._h_pos),
+                          (self.slot_mapping, self._h_slots), (self.seq_lens, self._h_lens)):
+            dev[:bucket].copy_(host[:bucket], non_blocking=nb)
+        if n:
+            self.block_tables[:n].copy_(self._h_bt[:n], non_blocking=nb)
+
+    def metadata(self, bucket: int) -> AttentionMetadata:
+        """Views of the static buffers for one bucket. The host-side fields cannot follow a
+        replay, so they are left empty: only backends with `supports_cuda_graphs`, which read
+        the device tensors alone, may run on this."""
+        return AttentionMetadata(
+            num_tokens=bucket, num_actual_tokens=bucket, num_reqs=bucket, num_decodes=bucket,
+            slot_mapping=self.slot_mapping[:bucket], block_tables=self.block_tables[:bucket],
+            seq_lens=self.seq_lens[:bucket], query_start_loc=self.query_start_loc[: bucket + 1],
+            max_query_len=1, max_seq_len=self.max_model_len, seq_lens_cpu=[], query_start_loc_cpu=[],
+            block_size=self.block_size,
+        )
+
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+
+
+class DecodeGraphRunner:
+    """Captures `model(input_ids, positions, meta) -> hidden` once per bucket and replays it.
+    capture=False runs the same static-buffer path eagerly (tests on machines without CUDA)."""
+
+    def __init__(self, model: ModelFn, buffers: DecodeBuffers, sizes: list[int], capture: bool = True) -> None:
+        self.model, self.buffers, self.sizes, self.use_graphs = model, buffers, sorted(sizes), capture
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def bucket(self, n: int) -> Optional[int]:
+        return bucket_for(self.sizes, n)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        b = self.buffers
+        return self.model(b.input_ids[:bucket], b.positions[:bucket], b.metadata(bucket))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Largest bucket first, all sharing one memory pool (a smaller graph's activations fit
+        in what the larger one reserved). Must run after the KV cache is allocated and bound:
+        the graphs hold its addresses."""
+        if not self.use_graphs:
+            return
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            self.buffers.fill_padding(size)
+            for _ in range(2):  # outside the capture: Triton compiles, cuBLAS picks its kernels
+                self._forward(size)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(size)
+            self.graphs[size] = (graph, out)
+        torch.cuda.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch sizes %d..%d) in %.1f s", len(self.sizes),
+                    self.sizes[0], self.sizes[-1], time.perf_counter() - start)
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
+            block_rows: np.ndarray) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode-only step of n <= max_size requests. The result
+        is a view into the graph's output, valid until the next run."""
+        n = len(input_ids)
+        bucket = self.bucket(n)
+        assert bucket is not None, f"{n} rows exceed the largest captured batch {self.max_size}"
+        self.buffers.fill(input_ids, positions, slots, seq_lens, block_rows, bucket)
+        if not self.use_graphs:
+            return self._forward(bucket)[:n]
+        graph, out = self.graphs[bucket]
+        graph.replay()
+        return out[:n]

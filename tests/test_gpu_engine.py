@@ -1,0 +1,81 @@
+"""The engine on CUDA with the Triton backend (and decode CUDA graphs, on by default):
+float32 against transformers, bf16 against the PyTorch backend, dtype resolution and KV
+sizing. All `-m gpu`: skipped where there is no CUDA device."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+KV_BYTES = 256 << 20  # a fixed pool: several engines share the GPU inside one test process
+
+
+def _free(llm) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    return [[(seed * 7 + 11 * i + 5 * j) % 1000 + 4 for j in range(3 + 29 * i % 97)] for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3_rope"])
+def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
+    from conftest import assert_greedy_matches
+
+    llm = LLM(model_dirs[name], device="cuda", dtype="float32", max_num_batched_tokens=64, block_size=16,
+              max_num_seqs=16, kv_cache_memory_bytes=KV_BYTES)
+    runner = llm.llm_engine.runner
+    assert runner.backend.name == "triton" and runner.graphs is not None
+    prompts = _prompts(6, 1)
+    prompts.append(prompts[5][:48] + [5, 6])  # a prefix-cache hit (3 full blocks)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(hf_refs[name].greedy(p, 12), o.outputs[0].token_ids)
+    _free(llm)
+
+
+def test_triton_bf16_matches_torch_backend(llama_dir):
+    """bf16 greedy tokens of the two backends agree; where they part, the PyTorch backend's
+    own logprobs must show a near-tie between the two choices."""
+    prompts = _prompts(12, 2)
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    runs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(llama_dir, device="cuda", dtype="bfloat16", attention_backend=backend, block_size=16,
+                  max_num_seqs=16, max_num_batched_tokens=128, kv_cache_memory_bytes=KV_BYTES)
+        runs[backend] = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        _free(llm)
+    for ref, got in zip(runs["torch"], runs["triton"]):
+        ref_ids, got_ids = ref.outputs[0].token_ids, got.outputs[0].token_ids
+        for i, (a, b) in enumerate(zip(got_ids, ref_ids)):
+            if a != b:
+                lps = ref.outputs[0].logprobs[i]
+                assert a in lps, f"token {i}: triton chose {a}, outside the torch backend's top 5"
+                gap = lps[b].logprob - lps[a].logprob
+                assert gap < 0.25, f"token {i}: triton chose {a}, torch {b} with a logprob lead of {gap:.3g}"
+                break
+
+
+def test_dtype_auto_and_kv_sizing(llama_dir):
+    # The test models are saved in float32: "auto" on CUDA gives bf16, weights and KV alike;
+    # the pool is sized from gpu_memory_utilization after the profiling pass.
+    llm = LLM(llama_dir, device="cuda", gpu_memory_utilization=0.3, max_num_seqs=8)
+    cfg, runner = llm.llm_engine.config, llm.llm_engine.runner
+    assert cfg.dtype == torch.bfloat16 and runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert next(runner.model.parameters()).dtype == torch.bfloat16
+    total = torch.cuda.get_device_properties(0).total_memory
+    kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
+    assert cfg.num_gpu_blocks > 0 and kv_bytes < 0.3 * total
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    _free(llm)
