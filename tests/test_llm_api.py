@@ -186,3 +186,19 @@ def test_abort_frees_blocks(llm):
     engine.step()  # the runner drops the aborted requests' state
     assert not engine.runner.sampling_states.states
     _no_leak(llm)
+
+
+def test_chat_renders_the_template(llm):
+    tok = llm.get_tokenizer()
+    conv = [{"role": "user", "content": "Hello there"}]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = llm.chat(conv, sp, use_tqdm=False)
+    text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert out[0].prompt == text and out[0].prompt_token_ids == tok.encode(text, add_special_tokens=False)
+    ref = llm.generate({"prompt_token_ids": out[0].prompt_token_ids}, sp, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+    two = llm.chat([conv, conv + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "?"}]], sp,
+                   use_tqdm=False)
+    assert len(two) == 2 and len(two[1].prompt_token_ids) > len(two[0].prompt_token_ids)
+    with pytest.raises(ValueError, match="chat template"):
+        llm.chat(conv, sp, chat_template="{{ raise_exception('no') }}", use_tqdm=False)

@@ -34,6 +34,29 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def chat(
+        self,
+        messages: Union[list[dict], Sequence[list[dict]]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation (a list of {"role", "content"} messages) or a list
+        of them, rendered with the tokenizer's chat template (or `chat_template`)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.get_tokenizer()
+        prompts = []
+        for conv in convs:
+            try:
+                text = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt)
+            except Exception as e:  # jinja and transformers raise many types for a bad conversation
+                raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
+            # The template already holds the special tokens it wants.
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],
