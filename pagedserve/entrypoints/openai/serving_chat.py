@@ -14,18 +14,26 @@ from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatComple
                                                     DeltaMessage, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
-                                                          sse_error, token_text, top_by_rank)
+                                                          sse_error, token_text, top_by_rank, usage_info)
+from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
-        params = req.to_sampling_params()
-        arrival = time.monotonic()
-        text, ids = await self.render_chat(req)
-        prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
+        try:
+            self.limits.check_sampling(req)
+            params = req.to_sampling_params()
+            arrival = time.monotonic()
+            self.llm.check_capacity()  # 503 now, before rendering or streaming anything
+            text, ids = await self.render_chat(req, truncating=params.truncate_prompt_tokens is not None)
+            prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
+        except ParamError as e:
+            raise self._chat_param(e, req) from None
         request_id = random_id("chatcmpl")
+        self.log_request(request_id, prompt["prompt"], prompt["prompt_token_ids"], params)
+        self.llm.check_capacity()
         gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt)
         num_prompt = len(prompt["prompt_token_ids"])
         if req.stream:
@@ -35,8 +43,10 @@ class OpenAIServingChat(OpenAIServing):
         logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * params.n
         finals: list[Optional[CompletionOutput]] = [None] * params.n
         prompt_logprobs = None
+        cached = 0
         async with aclosing(merge_async_iterators(gen)) as outputs:
             async for _, out in outputs:
+                cached = max(cached, out.num_cached_tokens)
                 if out.prompt_logprobs is not None:
                     prompt_logprobs = out.prompt_logprobs
                 for c in out.outputs:
@@ -53,8 +63,16 @@ class OpenAIServingChat(OpenAIServing):
         completion = sum(num_tokens)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices, prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
-            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
-                            total_tokens=num_prompt + completion))
+            usage=usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
+
+    @staticmethod
+    def _chat_param(e: ParamError, req: ChatCompletionRequest) -> ParamError:
+        """The engine names the prompt and max_tokens; a chat request calls them otherwise."""
+        names = {"prompt": "messages", "logprobs": "top_logprobs",
+                 "max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"}
+        if e.param in names:
+            return ParamError(names[e.param], str(e))
+        return e
 
     def _logprobs(self, c: CompletionOutput, k: int) -> list[ChatCompletionLogProbsContent]:
         tok = self.llm.tokenizer
@@ -79,13 +97,14 @@ class OpenAIServingChat(OpenAIServing):
             return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices,
                                                     usage=usage))
 
-        completion = 0
+        completion = cached = 0
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             out: RequestOutput
             async with aclosing(merge_async_iterators(gen)) as outputs:
                 async for _, out in outputs:
+                    cached = max(cached, out.num_cached_tokens)
                     for c in out.outputs:
                         completion += len(c.token_ids)
                         if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
@@ -96,8 +115,7 @@ class OpenAIServingChat(OpenAIServing):
                                                                 logprobs=lps, finish_reason=c.finish_reason,
                                                                 stop_reason=c.stop_reason)])
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
-                                          total_tokens=num_prompt + completion))
+                yield chunk([], usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
         yield SSE_DONE

@@ -13,7 +13,8 @@ from pagedserve.entrypoints.openai.protocol import (CompletionChoice, Completion
                                                     CompletionResponse, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
-                                                          sse_error, token_text, top_by_rank)
+                                                          sse_error, token_text, top_by_rank, usage_info)
+from pagedserve.errors import ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
 
 
@@ -36,6 +37,7 @@ class _PromptState:
     prompt_ids: list[int]
     choices: list[_Choice] = field(default_factory=list)
     prompt_logprobs: Optional[PromptLogprobs] = None  # arrives with the request's first output
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 def _prompts(prompt: Union[str, list]) -> list[PromptType]:
@@ -51,17 +53,28 @@ def _prompts(prompt: Union[str, list]) -> list[PromptType]:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
+        self.limits.check_sampling(req)
         params = req.to_sampling_params()
         request_id = random_id("cmpl")
         arrival = time.monotonic()
+        raw = _prompts(req.prompt)
+        if len(raw) > self.limits.max_waiting_requests:  # could never be queued at once: not worth a retry
+            raise ParamError("prompt", f"a request may carry at most {self.limits.max_waiting_requests} prompts "
+                             f"(--max-waiting-requests), got {len(raw)}.")
+        for p in raw:
+            if isinstance(p, str):
+                self.limits.check_prompt_chars(p, "prompt", params.truncate_prompt_tokens is not None)
+        self.llm.check_capacity(len(raw))  # 503 now, before tokenizing or streaming anything
         # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
-        prompts = [await self.llm.preprocess(p, params) for p in _prompts(req.prompt)]
+        prompts = [await self.llm.preprocess(p, params) for p in raw]
         states = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
+            self.log_request(f"{request_id}-{i}", p["prompt"], p["prompt_token_ids"], params)
             text = p["prompt"]
             if text is None and req.echo:  # token-id prompts echo their decoded text
                 text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
             states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
+        self.llm.check_capacity(len(prompts))  # tokenizing took time: check again, still before any output
         gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt)
                 for i, p in enumerate(prompts)]
         if req.stream:
@@ -82,6 +95,7 @@ class OpenAIServingCompletion(OpenAIServing):
         tok = self.llm.tokenizer
         if out.prompt_logprobs is not None:
             st.prompt_logprobs = out.prompt_logprobs
+        st.num_cached_tokens = max(st.num_cached_tokens, out.num_cached_tokens)
         for c in out.outputs:
             ch = st.choices[c.index]
             text, ids, steps = c.text, list(c.token_ids), list(c.logprobs or [])
@@ -124,11 +138,11 @@ class OpenAIServingCompletion(OpenAIServing):
             yield sse_error(e)
         yield SSE_DONE
 
-    @staticmethod
-    def _usage(states: list[_PromptState]) -> UsageInfo:
+    def _usage(self, states: list[_PromptState]) -> UsageInfo:
         prompt = sum(len(st.prompt_ids) for st in states)
         completion = sum(c.num_tokens for st in states for c in st.choices)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return usage_info(prompt, completion, sum(st.num_cached_tokens for st in states)
+                          if self.report_cached_tokens else None)
 
 
 def _logprobs(tok, ids: list[int], steps: list[Optional[dict[int, Logprob]]], k: int,
