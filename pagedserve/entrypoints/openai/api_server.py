@@ -100,8 +100,10 @@ def _validation_error(request: Request, exc: RequestValidationError) -> OpenAIEr
                            f"{content_type or 'none'!r}).", "UnsupportedMediaTypeError")
     parts, param = [], None
     for err in errors[:10]:  # a 10^4-element list can fail 10^4 times: the first few say enough
-        # Drop "body" and pydantic's union-member tags ("list[int]", "function-after[...]").
-        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")]
+        # Drop "body" and pydantic's union-member tags: types ("list[int]", "function-after[...]")
+        # and model classes ("TokenizeCompletionRequest"); API field names are snake_case.
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")
+               and not (isinstance(p, str) and p[:1].isupper())]
         param = param or (loc[0] if loc else None)
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
     if len(errors) > 10:
