@@ -24,7 +24,7 @@ SMALL = ServerLimits(max_request_body_bytes=64 << 10, max_n=4, max_stop_strings=
 
 @pytest.fixture(scope="module")
 def llm(llama_dir):
-    llm = make_async_llm(llama_dir)
+    llm = make_async_llm(llama_dir, max_waiting_requests=ServerLimits().max_waiting_requests)  # as `serve` does
     yield llm
     llm.shutdown()
 

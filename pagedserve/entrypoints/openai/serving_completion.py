@@ -58,9 +58,10 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = random_id("cmpl")
         arrival = time.monotonic()
         raw = _prompts(req.prompt)
-        if len(raw) > self.limits.max_waiting_requests:  # could never be queued at once: not worth a retry
-            raise ParamError("prompt", f"a request may carry at most {self.limits.max_waiting_requests} prompts "
-                             f"(--max-waiting-requests), got {len(raw)}.")
+        queue = self.llm.max_waiting_requests
+        if queue is not None and len(raw) > queue:  # could never be queued at once: a retry would not help
+            raise ParamError("prompt", f"a request may carry at most {queue} prompts (--max-waiting-requests), "
+                             f"got {len(raw)}.")
         for p in raw:
             if isinstance(p, str):
                 self.limits.check_prompt_chars(p, "prompt", params.truncate_prompt_tokens is not None)
