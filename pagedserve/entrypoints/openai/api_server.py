@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import logging
 import os
 import signal
 from typing import Any, Awaitable, Optional, Sequence, Union
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.authentication import AuthenticationMiddleware
 
 from pagedserve import __version__
 from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, UnavailableError
+from pagedserve.entrypoints.openai.auth import ApiKeyBackend
 from pagedserve.entrypoints.openai.body_limit import BodySizeLimitMiddleware
 from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -74,19 +74,6 @@ def _respond(result: Union[BaseModel, Any]) -> Response:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-def _api_key_dependency(api_key: str) -> Any:
-    expected = api_key.encode()
-    bearer = HTTPBearer(auto_error=False)
-
-    async def check(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        # compare_digest: the time taken must not reveal how much of a guess was right.
-        if creds is None or not hmac.compare_digest(creds.credentials.encode(), expected):
-            raise OpenAIError(401, "Unauthorized: a valid API key is required (Authorization: Bearer <key>).",
-                              "AuthenticationError")
-
-    return Depends(check)
-
-
 def _validation_error(request: Request, exc: RequestValidationError) -> OpenAIError:
     """FastAPI's validation errors as OpenAI's 400 (not FastAPI's 422), naming the first
     field at fault; a body that is not JSON at all says so (415 for another content type)."""
@@ -136,8 +123,11 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     app.state.metrics = stats
     app.state.limits = limits
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_request_body_bytes)
+    if api_key:  # outermost: a stranger learns nothing, not even the body limit
+        app.add_middleware(AuthenticationMiddleware, backend=ApiKeyBackend(api_key), on_error=lambda _, exc:
+                           _error_response(OpenAIError(401, str(exc), "AuthenticationError")))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[_api_key_dependency(api_key)] if api_key else [])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models", response_model=ModelList)
     async def models() -> ModelList:
