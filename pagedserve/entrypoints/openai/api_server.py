@@ -184,7 +184,9 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
                          type(exc).__name__, exc, exc_info=exc)
         return _error_response(err)
 
-    for exc_type in (OpenAIError, ValueError, Exception):
+    # Expected failures get handlers of their own: a handler for Exception alone runs in
+    # starlette's ServerErrorMiddleware, which re-raises (a traceback per request) afterwards.
+    for exc_type in (OpenAIError, ValueError, EngineDeadError, UnavailableError, Exception):
         app.add_exception_handler(exc_type, on_error)
     return app
 
