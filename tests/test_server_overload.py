@@ -64,6 +64,11 @@ def test_waiting_queue_is_bounded(llama_dir):
         assert metric(after, "pagedserve:request_success_total", finished_reason="abort") == 1
         r = httpx.post(url, json={"prompt": ["room", "again"], "max_tokens": 2})
         assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        # Places are reserved before a response starts; one never used is given back when dropped.
+        reservation = llm.reserve(2)
+        _unavailable(httpx.post(url, json={"prompt": "x", "max_tokens": 1}))
+        del reservation
+        assert llm.num_waiting == 0 and httpx.post(url, json={"prompt": "x", "max_tokens": 1}).status_code == 200
     finally:
         srv.stop()
         llm.shutdown()

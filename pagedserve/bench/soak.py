@@ -61,7 +61,7 @@ class RoundReport:
     running: float
     waiting: float
     rss_bytes: Optional[float]
-    lost_examples: list[str] = field(default_factory=list)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # a few details of lost / errored requests
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _request(rng: random.Random, cfg: SoakConfig, model: str) -> tuple[str, dict
 
 
 async def _client(client: Any, cfg: SoakConfig, model: str, rng: random.Random, deadline: float,
-                  counts: dict[str, int], lost: list[str]) -> None:
+                  counts: dict[str, int], examples: dict[str, list[str]]) -> None:
     while time.monotonic() < deadline:
         path, body = _request(rng, cfg, model)
         if rng.random() < cfg.disconnect_frac:
@@ -136,8 +136,8 @@ async def _client(client: Any, cfg: SoakConfig, model: str, rng: random.Random, 
         else:
             outcome, detail = await _stream(client, path, body)
         counts[outcome] += 1
-        if outcome == "lost" and len(lost) < 5:
-            lost.append(detail)
+        if outcome in ("lost", "errored") and len(examples.setdefault(outcome, [])) < 3:
+            examples[outcome].append(detail)
         if outcome == "rejected":
             await asyncio.sleep(rng.uniform(0.05, 0.3))  # back off, as Retry-After asks
 
@@ -178,19 +178,19 @@ def _wait_idle(client: Any, timeout: float) -> dict[tuple[str, frozenset], float
 
 
 async def _round(base_url: str, cfg: SoakConfig, model: str, headers: dict, index: int,
-                 seconds: float) -> tuple[dict[str, int], list[str], float]:
+                 seconds: float) -> tuple[dict[str, int], dict[str, list[str]], float]:
     import httpx
 
     counts = {k: 0 for k in OUTCOMES}
-    lost: list[str] = []
+    examples: dict[str, list[str]] = {}
     limits = httpx.Limits(max_connections=cfg.clients, max_keepalive_connections=cfg.clients)
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
         deadline = start + seconds
         await asyncio.gather(*[_client(client, cfg, model, random.Random(cfg.seed * 100003 + index * 1009 + i),
-                                       deadline, counts, lost) for i in range(cfg.clients)])
-    return counts, lost, time.monotonic() - start
+                                       deadline, counts, examples) for i in range(cfg.clients)])
+    return counts, examples, time.monotonic() - start
 
 
 def run_soak(base_url: str, cfg: SoakConfig, model: Optional[str] = None, api_key: Optional[str] = None,
@@ -205,14 +205,14 @@ def run_soak(base_url: str, cfg: SoakConfig, model: Optional[str] = None, api_ke
             model = http.get("/v1/models").json()["data"][0]["id"]
         before = _scrape(http)
         for i in range(cfg.rounds):
-            counts, lost, seconds = asyncio.run(_round(base_url, cfg, model, headers, i, cfg.duration / cfg.rounds))
+            counts, examples, seconds = asyncio.run(_round(base_url, cfg, model, headers, i, cfg.duration / cfg.rounds))
             after = _wait_idle(http, cfg.drain_timeout)
             prev, cur = _finished_by_reason(before), _finished_by_reason(after)
             rss = after.get(("process_resident_memory_bytes", frozenset()))
             r = RoundReport(i, seconds, counts, {k: cur[k] - prev.get(k, 0.0) for k in cur},
                             _metric(after, "pagedserve:kv_cache_usage_perc"),
                             _metric(after, "pagedserve:num_requests_running"),
-                            _metric(after, "pagedserve:num_requests_waiting"), rss, lost)
+                            _metric(after, "pagedserve:num_requests_waiting"), rss, examples)
             report.rounds.append(r)
             log(f"round {i}: {seconds:.1f}s {counts} server finished {r.server_finished} kv={r.kv_usage} "
                 f"running={r.running} waiting={r.waiting} rss={'?' if rss is None else f'{rss / 2**20:.1f} MiB'}")
@@ -227,7 +227,7 @@ def check(report: SoakReport, cfg: SoakConfig) -> list[str]:
     for r in report.rounds:
         c, s = r.outcomes, r.server_finished
         if c["lost"]:
-            failures.append(f"round {r.index}: {c['lost']} requests lost, e.g. {r.lost_examples}")
+            failures.append(f"round {r.index}: {c['lost']} requests lost, e.g. {r.examples.get('lost')}")
         if r.kv_usage != 0 or r.running != 0 or r.waiting != 0:
             failures.append(f"round {r.index}: engine not idle afterwards (kv={r.kv_usage}, running={r.running}, "
                             f"waiting={r.waiting})")

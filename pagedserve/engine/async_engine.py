@@ -52,6 +52,32 @@ class StatLogger(Protocol):
     def new_request(self, arrival_time: float, n: int) -> RequestStatsTracker: ...
 
 
+class Reservation:
+    """Room for `n` requests in the waiting queue, taken before a response starts, so that a
+    stream is never refused after its 200 has gone out. Each generate() given it uses one
+    unit; release() returns the rest, as does garbage collection (a stream that never started)."""
+
+    def __init__(self, llm: "AsyncLLM", n: int) -> None:
+        self._llm = llm
+        self.left = n
+
+    def take(self) -> bool:  # under the engine's lock
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self._llm._reserved -= 1
+        return True
+
+    def release(self) -> None:
+        with self._llm._cond:
+            self._llm._reserved -= self.left
+            self.left = 0
+
+    def __del__(self) -> None:
+        if self.left:
+            self.release()
+
+
 _ABORTED = object()  # queue item: abort() / abort_all() ended this request
 _Item = Union[RequestOutput, BaseException, object]
 
@@ -106,16 +132,18 @@ class AsyncLLM:
         self.engine = engine
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self.max_waiting_requests = max_waiting_requests
-        self._cond = threading.Condition()
+        # Re-entrant: a Reservation may be collected (and released) while its thread holds it.
+        self._cond = threading.Condition(threading.RLock())
         self._inbox: list[Union[_Add, _Abort, _AbortAll]] = []
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._dead: Optional[BaseException] = None
         self._stopping = False
         self._draining = False
         # Queue length, under _cond: requests the engine held as waiting after its last step
-        # (plus those it took from the inbox since), and adds still in the inbox.
+        # (plus those it took from the inbox since), adds still in the inbox, reservations.
         self._engine_waiting = 0
         self._inbox_adds = 0
+        self._reserved = 0
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
         # One thread: tokenizer calls stay serialised among themselves and off the loop.
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
@@ -141,9 +169,10 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued and not yet running (including adds the engine has not seen)."""
+        """Requests queued and not yet running (including adds the engine has not seen and
+        reserved places)."""
         with self._cond:
-            return self._engine_waiting + self._inbox_adds
+            return self._engine_waiting + self._inbox_adds + self._reserved
 
     def add_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
         """Called once, on the engine thread, with the exception that killed the engine loop
@@ -154,17 +183,18 @@ class AsyncLLM:
         """Draining for shutdown: new requests fail with UnavailableError; in-flight ones go on."""
         self._draining = True
 
-    def check_capacity(self, num_requests: int = 1) -> None:
-        """Raise UnavailableError unless `num_requests` more fit in the waiting queue now.
-        A cheap pre-check, so the server can answer 503 before a stream starts; the bound
-        itself is enforced again, atomically, when each request is queued."""
+    def reserve(self, num_requests: int = 1) -> Reservation:
+        """Places for `num_requests` in the waiting queue, or UnavailableError (503) now, all
+        or nothing. Pass the reservation to generate(); release() what is left unused."""
         self._check_alive()
         with self._cond:
             self._check_room(num_requests)
+            self._reserved += num_requests
+            return Reservation(self, num_requests)
 
     def _check_room(self, num_requests: int) -> None:  # holds _cond
         limit = self.max_waiting_requests
-        if limit is not None and self._engine_waiting + self._inbox_adds + num_requests > limit:
+        if limit is not None and self._engine_waiting + self._inbox_adds + self._reserved + num_requests > limit:
             raise UnavailableError(f"the server is overloaded: {limit} requests are already waiting "
                                    "(--max-waiting-requests); retry later.", retry_after=1)
 
@@ -191,11 +221,12 @@ class AsyncLLM:
         return {"prompt_token_ids": ids, "prompt": text}
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
-                       arrival_time: Optional[float] = None,
-                       cache_salt: Optional[str] = None) -> AsyncGenerator[RequestOutput, None]:
+                       arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
+                       reservation: Optional[Reservation] = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs as deltas (new text/tokens/logprobs per output; with
         n > 1 only the samples that changed). Closing the iterator or cancelling the task
-        consuming it aborts the request at once and frees its KV blocks."""
+        consuming it aborts the request at once and frees its KV blocks. Without a
+        `reservation` holding a place, a full waiting queue raises UnavailableError."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         tokens_prompt = await self.preprocess(prompt, params)
         params = params.clone()
@@ -204,7 +235,8 @@ class AsyncLLM:
         stream = _Stream(request_id, loop, [s.new_request(arrival_time, params.n) for s in self.stat_loggers])
         with self._cond:
             self._check_alive()
-            self._check_room(1)
+            if reservation is None or not reservation.take():
+                self._check_room(1)
             self._inbox.append(_Add(stream, tokens_prompt, params, arrival_time, cache_salt))
             self._inbox_adds += 1
             self._cond.notify()

@@ -7,6 +7,7 @@ import time
 from contextlib import aclosing
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
+from pagedserve.engine.async_engine import Reservation
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionLogProb,
                                                     ChatCompletionLogProbs, ChatCompletionLogProbsContent,
                                                     ChatCompletionRequest, ChatCompletionResponse,
@@ -25,23 +26,37 @@ class OpenAIServingChat(OpenAIServing):
         try:
             self.limits.check_sampling(req)
             params = req.to_sampling_params()
-            arrival = time.monotonic()
-            self.llm.check_capacity()  # 503 now, before rendering or streaming anything
+        except ParamError as e:
+            raise self._chat_param(e, req) from None
+        arrival = time.monotonic()
+        # A place in the queue now (503 before rendering, and before any stream starts).
+        reservation = self.llm.reserve()
+        try:
             text, ids = await self.render_chat(req, truncating=params.truncate_prompt_tokens is not None)
             prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
         except ParamError as e:
+            reservation.release()
             raise self._chat_param(e, req) from None
+        except BaseException:
+            reservation.release()
+            raise
         request_id = random_id("chatcmpl")
         self.log_request(request_id, prompt["prompt"], prompt["prompt_token_ids"], params)
-        self.llm.check_capacity()
-        gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt)
+        gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt,
+                                reservation=reservation)
         num_prompt = len(prompt["prompt_token_ids"])
         if req.stream:
-            return self._stream(req, model, request_id, gen, params.n, num_prompt)
+            return self._stream(req, model, request_id, gen, params.n, num_prompt, reservation)
+        try:
+            return await self._full(req, model, request_id, gen, params.n, num_prompt)
+        finally:
+            reservation.release()
 
-        texts, num_tokens = [""] * params.n, [0] * params.n
-        logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * params.n
-        finals: list[Optional[CompletionOutput]] = [None] * params.n
+    async def _full(self, req: ChatCompletionRequest, model: str, request_id: str,
+                    gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int) -> ChatCompletionResponse:
+        texts, num_tokens = [""] * n, [0] * n
+        logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * n
+        finals: list[Optional[CompletionOutput]] = [None] * n
         prompt_logprobs = None
         cached = 0
         async with aclosing(merge_async_iterators(gen)) as outputs:
@@ -59,7 +74,7 @@ class OpenAIServingChat(OpenAIServing):
             index=i, message=AssistantMessage(content=texts[i]),
             logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
             finish_reason=finals[i].finish_reason if finals[i] else None,
-            stop_reason=finals[i].stop_reason if finals[i] else None) for i in range(params.n)]
+            stop_reason=finals[i].stop_reason if finals[i] else None) for i in range(n)]
         completion = sum(num_tokens)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices, prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
@@ -89,8 +104,8 @@ class OpenAIServingChat(OpenAIServing):
         return out
 
     async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str,
-                      gen: AsyncGenerator[RequestOutput, None], n: int,
-                      num_prompt: int) -> AsyncIterator[str]:
+                      gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int,
+                      reservation: Reservation) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None) -> str:
@@ -118,4 +133,6 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk([], usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
+        finally:
+            reservation.release()
         yield SSE_DONE

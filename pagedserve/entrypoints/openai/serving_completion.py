@@ -8,6 +8,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
+from pagedserve.engine.async_engine import Reservation
 from pagedserve.engine.engine import PromptType
 from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                     CompletionResponse, UsageInfo, random_id)
@@ -65,25 +66,32 @@ class OpenAIServingCompletion(OpenAIServing):
         for p in raw:
             if isinstance(p, str):
                 self.limits.check_prompt_chars(p, "prompt", params.truncate_prompt_tokens is not None)
-        self.llm.check_capacity(len(raw))  # 503 now, before tokenizing or streaming anything
-        # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
-        prompts = [await self.llm.preprocess(p, params) for p in raw]
-        states = []
-        for i, p in enumerate(prompts):
-            self.log_request(f"{request_id}-{i}", p["prompt"], p["prompt_token_ids"], params)
-            text = p["prompt"]
-            if text is None and req.echo:  # token-id prompts echo their decoded text
-                text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
-            states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
-        self.llm.check_capacity(len(prompts))  # tokenizing took time: check again, still before any output
-        gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt)
-                for i, p in enumerate(prompts)]
+        # Places in the queue now (503 before tokenizing, and before any stream starts).
+        reservation = self.llm.reserve(len(raw))
+        try:
+            # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
+            prompts = [await self.llm.preprocess(p, params) for p in raw]
+            states = []
+            for i, p in enumerate(prompts):
+                self.log_request(f"{request_id}-{i}", p["prompt"], p["prompt_token_ids"], params)
+                text = p["prompt"]
+                if text is None and req.echo:  # token-id prompts echo their decoded text
+                    text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
+                states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
+        except BaseException:
+            reservation.release()
+            raise
+        gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt,
+                                  reservation=reservation) for i, p in enumerate(prompts)]
         if req.stream:
-            return self._stream(req, model, request_id, states, gens)
-        async with aclosing(merge_async_iterators(*gens)) as merged:
-            async for i, out in merged:
-                for _ in self._fold(req, states[i], out):
-                    pass
+            return self._stream(req, model, request_id, states, gens, reservation)
+        try:
+            async with aclosing(merge_async_iterators(*gens)) as merged:
+                async for i, out in merged:
+                    for _ in self._fold(req, states[i], out):
+                        pass
+        finally:
+            reservation.release()
         choices = [CompletionChoice(index=i * params.n + j, text=c.text, logprobs=c.logprobs,
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                     prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs))
@@ -123,7 +131,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, states: list[_PromptState],
-                      gens: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
+                      gens: list[AsyncGenerator[RequestOutput, None]], reservation: Reservation) -> AsyncIterator[str]:
         n = len(states[0].choices)
         created = int(time.time())
         try:
@@ -137,6 +145,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                              usage=self._usage(states)))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
+        finally:
+            reservation.release()
         yield SSE_DONE
 
     def _usage(self, states: list[_PromptState]) -> UsageInfo:
