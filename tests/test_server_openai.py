@@ -5,6 +5,7 @@ models, tokenize/detokenize, usage, metrics, and 32 concurrent streams with disc
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import httpx
@@ -14,6 +15,8 @@ from server_helpers import ServerThread, make_async_llm, metric, no_requests_lef
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.entrypoints.openai.api_server import build_app
+from pagedserve.entrypoints.openai.protocol import CompletionChoice, CompletionResponse
+from pagedserve.entrypoints.openai.serving_engine import sse
 
 MODEL = "tiny-llama"
 GREEDY = dict(temperature=0.0)
@@ -261,3 +264,12 @@ def test_32_concurrent_streams_with_disconnects(server):
         metric(before, "pagedserve:request_success_total", finished_reason="abort") == len(disconnecting)
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "still there?", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_sse_events_survive_naive_line_splitting():
+    """Generated text may hold U+2028, U+2029 or U+0085, which JSON leaves raw but
+    str.splitlines (httpx's iter_lines) treats as line ends: they are escaped."""
+    text = "a\u2028b\u2029c\x85d\re\nf"
+    event = sse(CompletionResponse(id="x", model="m", choices=[CompletionChoice(index=0, text=text)]))
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["text"] == text

@@ -94,7 +94,10 @@ async def _stream(client: Any, path: str, body: dict) -> tuple[str, str]:
                 if data == "[DONE]":
                     done = True
                     break
-                msg = json.loads(data)
+                try:
+                    msg = json.loads(data)
+                except ValueError:
+                    return "lost", f"malformed event: {data[:120]!r}"
                 if "error" in msg:
                     error = str(msg["error"])[:200]
                 for ch in msg.get("choices", []):
@@ -127,14 +130,17 @@ async def _client(client: Any, cfg: SoakConfig, model: str, rng: random.Random, 
                   counts: dict[str, int], examples: dict[str, list[str]]) -> None:
     while time.monotonic() < deadline:
         path, body = _request(rng, cfg, model)
-        if rng.random() < cfg.disconnect_frac:
-            # Leave at a random moment: before the headers, or anywhere in the stream.
-            try:
-                outcome, detail = await asyncio.wait_for(_stream(client, path, body), rng.uniform(0.0, 1.5))
-            except asyncio.TimeoutError:
-                outcome, detail = "aborted", ""
-        else:
-            outcome, detail = await _stream(client, path, body)
+        try:
+            if rng.random() < cfg.disconnect_frac:
+                # Leave at a random moment: before the headers, or anywhere in the stream.
+                try:
+                    outcome, detail = await asyncio.wait_for(_stream(client, path, body), rng.uniform(0.0, 1.5))
+                except asyncio.TimeoutError:
+                    outcome, detail = "aborted", ""
+            else:
+                outcome, detail = await _stream(client, path, body)
+        except Exception as e:  # whatever it was, it is a request that did not end properly
+            outcome, detail = "lost", f"{type(e).__name__}: {e}"
         counts[outcome] += 1
         if outcome in ("lost", "errored") and len(examples.setdefault(outcome, [])) < 3:
             examples[outcome].append(detail)

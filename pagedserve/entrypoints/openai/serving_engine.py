@@ -73,12 +73,18 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template.")
 
 
+# Characters JSON leaves raw but str.splitlines() (and so httpx's iter_lines) takes for line
+# ends: generated text can hold them, and a client splitting lines that way would cut an event.
+# Escaped, they mean the same inside a JSON string (and cannot occur outside one).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: BaseModel) -> str:
-    return f"data: {obj.model_dump_json()}\n\n"
+    return f"data: {obj.model_dump_json().translate(_LINE_BREAKS)}\n\n"
 
 
 def sse_error(e: BaseException) -> str:
-    return f"data: {json.dumps(as_openai_error(e).response().model_dump())}\n\n"
+    return f"data: {json.dumps(as_openai_error(e).response().model_dump()).translate(_LINE_BREAKS)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
