@@ -81,9 +81,10 @@ async def _stream(client: Any, path: str, body: dict) -> tuple[str, str]:
     """Send one streaming request and read it to the end: (outcome, detail)."""
     import httpx
 
-    finish, error, done = None, None, False
+    finish, error, done, events = None, None, False, -1  # events: -1 until the headers are in
     try:
         async with client.stream("POST", path, json=body) as r:
+            events = 0
             if r.status_code != 200:
                 text = (await r.aread())[:200].decode(errors="replace")
                 return ("rejected" if r.status_code == 503 else "errored"), f"HTTP {r.status_code}: {text}"
@@ -91,6 +92,7 @@ async def _stream(client: Any, path: str, body: dict) -> tuple[str, str]:
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
+                events += 1
                 if data == "[DONE]":
                     done = True
                     break
@@ -103,7 +105,8 @@ async def _stream(client: Any, path: str, body: dict) -> tuple[str, str]:
                 for ch in msg.get("choices", []):
                     finish = ch.get("finish_reason") or finish
     except httpx.TransportError as e:
-        return "lost", f"{type(e).__name__}: {e}"
+        where = "before the response headers" if events < 0 else f"after {events} events"
+        return "lost", f"{type(e).__name__} {where}: {e!r} {e.__context__!r}"
     if done and error is not None:
         return "errored", error
     if done and finish in ("length", "stop"):
@@ -189,7 +192,10 @@ async def _round(base_url: str, cfg: SoakConfig, model: str, headers: dict, inde
 
     counts = {k: 0 for k in OUTCOMES}
     examples: dict[str, list[str]] = {}
-    limits = httpx.Limits(max_connections=cfg.clients, max_keepalive_connections=cfg.clients)
+    # Idle connections expire well before the server's keep-alive timeout (uvicorn: 5 s): else a
+    # request sent as the server closes an idle connection is lost in transit (the HTTP/1.1
+    # keep-alive race, which no server can prevent).
+    limits = httpx.Limits(max_connections=cfg.clients, max_keepalive_connections=cfg.clients, keepalive_expiry=2.0)
     start = time.monotonic()
     async with httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
                                  timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
