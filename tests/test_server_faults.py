@@ -9,7 +9,6 @@ import asyncio
 import json
 
 import httpx
-import pytest
 
 from pagedserve.bench.soak import start_server
 from pagedserve.engine.fault_injection import ENV_VAR

@@ -75,7 +75,10 @@ class Reservation:
 
     def __del__(self) -> None:
         if self.left:
-            self.release()
+            try:
+                self.release()
+            except Exception:  # at interpreter exit the engine may be half torn down
+                pass
 
 
 _ABORTED = object()  # queue item: abort() / abort_all() ended this request

@@ -7,13 +7,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pagedserve.errors import ParamError
-
-logger = logging.getLogger("pagedserve")
 
 
 def _flag(default: Any, help: str) -> Any:
