@@ -45,7 +45,7 @@ class SoakConfig:
     long_len: tuple[int, int] = (200, 400)
     max_tokens: tuple[int, int] = (4, 64)
     vocab: int = 1000  # prompt token ids are drawn below this
-    rss_tolerance_mib: float = 64.0
+    rss_tolerance_mib: float = 16.0  # growth allowed after the warm-up round
     drain_timeout: float = 60.0
     request_timeout: float = 120.0
     seed: int = 0
@@ -360,6 +360,11 @@ def main(ns: argparse.Namespace) -> int:
     print(f"soak: {cfg.duration:.0f}s, {cfg.rounds} rounds, {cfg.clients} clients: {totals}")
     print(f"RSS per round (MiB): {rss}; KV usage after each round: {[r.kv_usage for r in report.rounds]}; "
           f"/health {report.health}" + ("" if report.exit_code is None else f"; server exit {report.exit_code}"))
+    if len(rss) >= 2 and None not in rss:
+        later = sum(sum(r.outcomes.values()) for r in report.rounds[1:])
+        growth = (report.rounds[-1].rss_bytes - report.rounds[1].rss_bytes) / 2**20
+        print(f"RSS change after warm-up: {growth:+.1f} MiB over {later} requests "
+              f"({growth * 2**20 / max(1, later):+.0f} bytes per request)")
     print("PASS" if not report.failures else "FAIL:\n  " + "\n  ".join(report.failures))
     if ns.output_json:
         with open(ns.output_json, "w") as f:
