@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -106,6 +106,9 @@ class PrometheusStatLogger:
         self.model_name = model_name
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(_EngineStateCollector(engine, model_name))
+        # process_resident_memory_bytes and friends (Linux), as vLLM's default registry has:
+        # what a soak watches for leaks.
+        ProcessCollector(registry=self.registry)
         r, labels = self.registry, ["model_name"]
 
         def counter(name: str, doc: str) -> Counter:

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from pagedserve.errors import ParamError
+
 _GREEDY_EPS = 1e-5
 _MAX_LOGIT_BIAS = 100.0
 _INT64 = 2**63  # seeds and top_k become int64 tensors: anything wider would crash a step
@@ -18,6 +20,12 @@ class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0  # every output carries everything so far
     DELTA = 1  # every output carries only what is new since the last one
     FINAL_ONLY = 2  # one output, when the request finishes
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """Error messages echo the offending value, but never a huge one (a 10^4-entry list)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _is_int(x: Any) -> bool:
@@ -82,7 +90,7 @@ class SamplingParams:
     def _verify(self) -> None:
         def check(ok: bool, name: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"{name} {msg}, got {getattr(self, name)!r}.")
+                raise ParamError(name, f"{name} {msg}, got {_short_repr(getattr(self, name))}.")
 
         check(_is_int(self.n) and self.n >= 1, "n", "must be at least 1")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -101,8 +109,8 @@ class SamplingParams:
               "must be at least 1")
         check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be greater than or equal to 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
-                             f"got {self.min_tokens}.")
+            raise ParamError("min_tokens", "min_tokens must be less than or equal to "
+                             f"max_tokens={self.max_tokens}, got {self.min_tokens}.")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             check(v is None or (_is_int(v) and v >= 0), name, "must be a non-negative integer")
@@ -117,7 +125,8 @@ class SamplingParams:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             except (TypeError, ValueError):
-                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}.") from None
+                raise ParamError("logit_bias", "logit_bias must map token ids to numbers, "
+                                 f"got {_short_repr(self.logit_bias)}.") from None
             check(all(k >= 0 for k in self.logit_bias), "logit_bias", "keys must be non-negative token ids")
             check(all(math.isfinite(v) for v in self.logit_bias.values()), "logit_bias", "values must be finite")
             # OpenAI's range; values beyond it are clamped, not rejected.
@@ -132,13 +141,14 @@ class SamplingParams:
             check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
                   "must be non-empty strings")
         if self.stop and not self.detokenize:
-            raise ValueError("stop strings are only supported when detokenize is True.")
+            raise ParamError("stop", "stop strings are only supported when detokenize is True.")
         if self.is_greedy and self.n > 1:
-            raise ValueError(f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.")
+            raise ParamError("n", f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.")
         try:
             self.output_kind = RequestOutputKind(self.output_kind)
         except ValueError:
-            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.") from None
+            raise ParamError("output_kind",
+                             f"output_kind must be a RequestOutputKind, got {self.output_kind!r}.") from None
 
     @property
     def is_greedy(self) -> bool:

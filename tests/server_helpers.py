@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import httpx
 import uvicorn
@@ -42,9 +42,9 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         time.sleep(0.01)
 
 
-def make_async_llm(model_dir: str, **kwargs: Any) -> AsyncLLM:
+def make_async_llm(model_dir: str, max_waiting_requests: Optional[int] = None, **kwargs: Any) -> AsyncLLM:
     kwargs = {"max_model_len": 512, "seed": 0, **kwargs}
-    return AsyncLLM.from_engine_args(EngineArgs(model=model_dir, **kwargs))
+    return AsyncLLM.from_engine_args(EngineArgs(model=model_dir, **kwargs), max_waiting_requests=max_waiting_requests)
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:

@@ -96,6 +96,46 @@ def _events(lines) -> list[str]:
     return list(_events_iter(lines))
 
 
+def _start_upload(url: str, body: dict) -> tuple[socket.socket, bytes]:
+    """Send a request's headers and the start of its body; the rest later."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data[:5])
+    time.sleep(0.3)  # the server has taken the connection and is reading the body
+    return sock, data[5:]
+
+
+def _finish_upload(upload: tuple[socket.socket, bytes]) -> tuple[int, bytes]:
+    sock, rest = upload
+    with sock:
+        sock.sendall(rest)
+        raw = b""
+        while b"\r\n\r\n" not in raw or not raw.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_draining_refuses_new_work(llama_dir):
+    llm = make_async_llm(llama_dir)
+    srv = ServerThread(build_app(llm, "m"))
+    try:
+        assert httpx.get(f"{srv.url}/health").status_code == 200
+        llm.stop_accepting()  # what SIGTERM does first
+        assert httpx.get(f"{srv.url}/health").status_code == 503  # load balancers stop sending
+        r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+        assert no_requests_left(llm)
+    finally:
+        srv.stop()
+        llm.shutdown()
+
+
 def test_shutdown_grace_period_finishes_short_and_aborts_long(llama_dir):
     llm = make_async_llm(llama_dir, max_model_len=2048)
     srv = ServerThread(build_app(llm, "m"), lambda config: _GracefulServer(config, llm, grace=1.0))
@@ -105,7 +145,15 @@ def test_shutdown_grace_period_finishes_short_and_aborts_long(llama_dir):
                 httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "max_tokens": 3}) as short_r:
             long_lines, short_lines = long_r.iter_lines(), short_r.iter_lines()
             first = [next(_events_iter(lines)) for lines in (long_lines, short_lines)]
+            # A request caught mid-upload by the shutdown: its handler runs while draining.
+            late = _start_upload(srv.url, {"prompt": "late", "max_tokens": 2})
             srv.server.handle_exit(signal.SIGTERM, None)  # what the signal handler does
+            status, body = _finish_upload(late)
+            assert status == 503 and json.loads(body)["error"]["type"] == "ServiceUnavailableError"
+            try:  # new connections: refused once the listener is closed, 503 until then
+                assert httpx.get(f"{srv.url}/health").status_code == 503
+            except httpx.ConnectError:
+                pass
             short_events = first[1:] + _events(short_lines)
             long_events = first[:1] + _events(long_lines)
         assert short_events[-1] == long_events[-1] == "[DONE]"

@@ -47,7 +47,7 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
     # would overflow int64 inside the engine step (and kill it) if let through
     ("completions", {"prompt": "x", "seed": 2 ** 64}, "less than or equal", "seed"),
     ("completions", {"prompt": "x", "top_k": 2 ** 70}, "less than or equal", "top_k"),
-    ("completions", {"prompt": "x", "n": 10 ** 6}, "less than or equal", "n"),
+    ("completions", {"prompt": "x", "n": 10 ** 6}, "at most 128 (--max-n)", "n"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
      "less than or equal", "top_logprobs"),
     ("chat/completions", {"messages": "hi"}, "messages", "messages"),

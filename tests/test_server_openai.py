@@ -5,6 +5,7 @@ models, tokenize/detokenize, usage, metrics, and 32 concurrent streams with disc
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import httpx
@@ -14,6 +15,8 @@ from server_helpers import ServerThread, make_async_llm, metric, no_requests_lef
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.entrypoints.openai.api_server import build_app
+from pagedserve.entrypoints.openai.protocol import CompletionChoice, CompletionResponse
+from pagedserve.entrypoints.openai.serving_engine import sse
 
 MODEL = "tiny-llama"
 GREEDY = dict(temperature=0.0)
@@ -155,7 +158,10 @@ def test_chat_full_and_streamed(client, server):
     body = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in body) == msg.content
     assert body[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+    # The same prompt again: counts agree, and now part of it comes from the prefix cache.
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert chunks[-1].choices == [] and all(getattr(chunks[-1].usage, k) == getattr(full.usage, k) for k in counts)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > full.usage.prompt_tokens_details.cached_tokens
 
 
 def test_chat_logprobs_and_n(client):
@@ -259,3 +265,12 @@ def test_32_concurrent_streams_with_disconnects(server):
         metric(before, "pagedserve:request_success_total", finished_reason="abort") == len(disconnecting)
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "still there?", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_sse_events_survive_naive_line_splitting():
+    """Generated text may hold U+2028, U+2029 or U+0085, which JSON leaves raw but
+    str.splitlines (httpx's iter_lines) treats as line ends: they are escaped."""
+    text = "a\u2028b\u2029c\x85d\re\nf"
+    event = sse(CompletionResponse(id="x", model="m", choices=[CompletionChoice(index=0, text=text)]))
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["text"] == text

@@ -31,6 +31,15 @@ class EngineDeadError(RuntimeError):
     """The engine loop failed (or was shut down); no request can be served any more."""
 
 
+class UnavailableError(RuntimeError):
+    """The request cannot be taken now (the waiting queue is full, or the server is
+    draining); nothing was queued. `retry_after`: seconds after which a retry may succeed."""
+
+    def __init__(self, message: str, retry_after: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class RequestStatsTracker(Protocol):
     def on_output(self, output: RequestOutput, now: float) -> None: ...
 
@@ -41,6 +50,35 @@ class StatLogger(Protocol):
     """Receives every request's outputs (on the event loop), e.g. for Prometheus metrics."""
 
     def new_request(self, arrival_time: float, n: int) -> RequestStatsTracker: ...
+
+
+class Reservation:
+    """Room for `n` requests in the waiting queue, taken before a response starts, so that a
+    stream is never refused after its 200 has gone out. Each generate() given it uses one
+    unit; release() returns the rest, as does garbage collection (a stream that never started)."""
+
+    def __init__(self, llm: "AsyncLLM", n: int) -> None:
+        self._llm = llm
+        self.left = n
+
+    def take(self) -> bool:  # under the engine's lock
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        self._llm._reserved -= 1
+        return True
+
+    def release(self) -> None:
+        with self._llm._cond:
+            self._llm._reserved -= self.left
+            self.left = 0
+
+    def __del__(self) -> None:
+        if self.left:
+            try:
+                self.release()
+            except Exception:  # at interpreter exit the engine may be half torn down
+                pass
 
 
 _ABORTED = object()  # queue item: abort() / abort_all() ended this request
@@ -87,22 +125,38 @@ def _deliver(items: list[tuple[_Stream, _Item]], now: float) -> None:
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, stat_loggers: Optional[list[StatLogger]] = None) -> None:
+    """`max_waiting_requests` bounds the requests queued in the engine and not yet running
+    (None: unbounded); beyond it new requests fail at once with UnavailableError."""
+
+    def __init__(self, engine: LLMEngine, stat_loggers: Optional[list[StatLogger]] = None,
+                 max_waiting_requests: Optional[int] = None) -> None:
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be at least 1, got {max_waiting_requests}.")
         self.engine = engine
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
-        self._cond = threading.Condition()
+        self.max_waiting_requests = max_waiting_requests
+        # Re-entrant: a Reservation may be collected (and released) while its thread holds it.
+        self._cond = threading.Condition(threading.RLock())
         self._inbox: list[Union[_Add, _Abort, _AbortAll]] = []
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._dead: Optional[BaseException] = None
         self._stopping = False
+        self._draining = False
+        # Queue length, under _cond: requests the engine held as waiting after its last step
+        # (plus those it took from the inbox since), adds still in the inbox, reservations.
+        self._engine_waiting = 0
+        self._inbox_adds = 0
+        self._reserved = 0
+        self._failure_callbacks: list[Callable[[BaseException], None]] = []
         # One thread: tokenizer calls stay serialised among themselves and off the loop.
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, stat_loggers: Optional[list[StatLogger]] = None) -> "AsyncLLM":
-        return cls(LLMEngine.from_engine_args(args), stat_loggers)
+    def from_engine_args(cls, args: EngineArgs, stat_loggers: Optional[list[StatLogger]] = None,
+                         max_waiting_requests: Optional[int] = None) -> "AsyncLLM":
+        return cls(LLMEngine.from_engine_args(args), stat_loggers, max_waiting_requests)
 
     @property
     def tokenizer(self) -> Any:
@@ -111,6 +165,41 @@ class AsyncLLM:
     @property
     def errored(self) -> bool:
         return self._dead is not None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued and not yet running (including adds the engine has not seen and
+        reserved places)."""
+        with self._cond:
+            return self._engine_waiting + self._inbox_adds + self._reserved
+
+    def add_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """Called once, on the engine thread, with the exception that killed the engine loop
+        (not on an orderly shutdown)."""
+        self._failure_callbacks.append(callback)
+
+    def stop_accepting(self) -> None:
+        """Draining for shutdown: new requests fail with UnavailableError; in-flight ones go on."""
+        self._draining = True
+
+    def reserve(self, num_requests: int = 1) -> Reservation:
+        """Places for `num_requests` in the waiting queue, or UnavailableError (503) now, all
+        or nothing. Pass the reservation to generate(); release() what is left unused."""
+        self._check_alive()
+        with self._cond:
+            self._check_room(num_requests)
+            self._reserved += num_requests
+            return Reservation(self, num_requests)
+
+    def _check_room(self, num_requests: int) -> None:  # holds _cond
+        limit = self.max_waiting_requests
+        if limit is not None and self._engine_waiting + self._inbox_adds + self._reserved + num_requests > limit:
+            raise UnavailableError(f"the server is overloaded: {limit} requests are already waiting "
+                                   "(--max-waiting-requests); retry later.", retry_after=1)
 
     def add_stat_logger(self, stat_logger: StatLogger) -> None:
         self.stat_loggers.append(stat_logger)
@@ -135,11 +224,12 @@ class AsyncLLM:
         return {"prompt_token_ids": ids, "prompt": text}
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
-                       arrival_time: Optional[float] = None,
-                       cache_salt: Optional[str] = None) -> AsyncGenerator[RequestOutput, None]:
+                       arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
+                       reservation: Optional[Reservation] = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs as deltas (new text/tokens/logprobs per output; with
         n > 1 only the samples that changed). Closing the iterator or cancelling the task
-        consuming it aborts the request at once and frees its KV blocks."""
+        consuming it aborts the request at once and frees its KV blocks. Without a
+        `reservation` holding a place, a full waiting queue raises UnavailableError."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         tokens_prompt = await self.preprocess(prompt, params)
         params = params.clone()
@@ -148,7 +238,10 @@ class AsyncLLM:
         stream = _Stream(request_id, loop, [s.new_request(arrival_time, params.n) for s in self.stat_loggers])
         with self._cond:
             self._check_alive()
+            if reservation is None or not reservation.take():
+                self._check_room(1)
             self._inbox.append(_Add(stream, tokens_prompt, params, arrival_time, cache_salt))
+            self._inbox_adds += 1
             self._cond.notify()
         done = False
         finished_seqs: set[int] = set()
@@ -202,6 +295,8 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine is not running ({self._dead})")
         if self._stopping:
             raise EngineDeadError("the engine is shutting down")
+        if self._draining:
+            raise UnavailableError("the server is shutting down and takes no new requests.")
 
     def _post(self, cmd: Union[_Abort, _AbortAll]) -> None:
         with self._cond:
@@ -218,6 +313,8 @@ class AsyncLLM:
                 if self._stopping:
                     break
                 cmds, self._inbox = self._inbox, []
+                self._engine_waiting += self._inbox_adds  # still waiting, now in the engine's hands
+                self._inbox_adds = 0
             try:
                 outbox: list[tuple[_Stream, _Item]] = []
                 for cmd in cmds:
@@ -229,10 +326,17 @@ class AsyncLLM:
                             if out.finished:
                                 del self._streams[out.request_id]
                             outbox.append((stream, out))
+                with self._cond:
+                    self._engine_waiting = engine.scheduler.num_waiting
                 self._send(outbox)
             except Exception as e:  # the engine's state can no longer be trusted
                 logger.exception("pagedserve engine loop failed; every in-flight request fails")
                 self._fail_all(EngineDeadError(f"the engine loop failed: {type(e).__name__}: {e}"), e)
+                for callback in self._failure_callbacks:
+                    try:
+                        callback(e)
+                    except Exception:
+                        logger.exception("engine failure callback failed")
                 return
         self._fail_all(EngineDeadError("the engine was shut down"), None)
 

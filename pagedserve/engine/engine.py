@@ -10,10 +10,12 @@ from typing import Any, Iterable, Optional, Union
 
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
+from pagedserve.engine.fault_injection import maybe_inject_step_failure
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler
+from pagedserve.errors import ParamError
 from pagedserve.model.hf_config import generation_eos_ids
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -30,6 +32,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.runner = ModelRunner(config)
+        maybe_inject_step_failure(self.runner)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         config.num_gpu_blocks = num_blocks
@@ -51,53 +54,66 @@ class LLMEngine:
     def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         """A text prompt, or vLLM's TokensPrompt {"prompt_token_ids": [...]} -> (text, ids)."""
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode(prompt, "prompt")
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise ValueError("prompt_token_ids must be a list of integers.")
+                    raise ParamError("prompt", "prompt_token_ids must be a list of integers.")
                 return prompt.get("prompt"), list(ids)
             if "prompt" in prompt and isinstance(prompt["prompt"], str):
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}.")
+                return prompt["prompt"], self.encode(prompt["prompt"], "prompt")
+        raise ParamError("prompt", "a prompt must be a string or a dict with 'prompt_token_ids', "
+                         f"got {type(prompt).__name__}.")
+
+    def encode(self, text: str, param: str, **kwargs: Any) -> list[int]:
+        """Tokenize; text that is not valid Unicode (lone surrogates, which JSON can carry)
+        is the caller's error, not a tokenizer crash."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ParamError(param, f"{param} must be valid Unicode text (found an unpaired surrogate at "
+                             f"position {e.start}).") from None
+        return self.tokenizer.encode(text, **kwargs)
 
     def _check_token_ids(self, field: str, ids: Iterable[int]) -> None:
         vocab = self.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"{field}: token id {bad} is out of vocabulary (vocab size {vocab}).")
+            raise ParamError(field, f"{field}: token id {bad} is out of vocabulary (vocab size {vocab}).")
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> int:
-        """Check a request can ever run; returns its resolved max_tokens."""
+        """Check a request can ever run; returns its resolved max_tokens. Errors name the
+        parameter at fault (ParamError). Length checks come first: they are O(1), so a
+        huge prompt is refused before anything scans it."""
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         n = len(token_ids)
         if n == 0:
-            raise ValueError("The prompt cannot be empty.")
-        self._check_token_ids("prompt_token_ids", token_ids)
-        self._check_token_ids("stop_token_ids", params.stop_token_ids)
-        self._check_token_ids("logit_bias", params.logit_bias or ())
-        self._check_token_ids("allowed_token_ids", params.allowed_token_ids or ())
-        for field in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, field)
-            if k is not None and k > self.config.max_logprobs:
-                raise ValueError(f"{field}: requested {k} logprobs, more than the maximum allowed "
-                                 f"({self.config.max_logprobs}, set by max_logprobs).")
+            raise ParamError("prompt", "The prompt cannot be empty.")
         max_len = self.config.max_model_len
         if n >= max_len:
-            raise ValueError(f"The prompt (length {n}) is longer than the maximum model length of {max_len} "
+            raise ParamError("prompt", f"The prompt (length {n}) is longer than the maximum model length of {max_len} "
                              "(it must leave room for at least one generated token).")
         max_tokens = params.max_tokens if params.max_tokens is not None else max_len - n
         if n + max_tokens > max_len:
-            raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
-                             f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
+            raise ParamError("max_tokens", f"This model's maximum context length is {max_len} tokens. However, you "
+                             f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
                              "Please reduce the length of the prompt or max_tokens.")
         capacity = self.kv.num_blocks * self.config.block_size
         if n + max_tokens > capacity:
-            raise ValueError(f"the request needs {n + max_tokens} tokens of KV cache but the whole cache holds "
-                             f"{capacity} ({self.kv.num_blocks} blocks of {self.config.block_size}); lower "
+            raise ParamError("max_tokens", f"the request needs {n + max_tokens} tokens of KV cache but the whole cache "
+                             f"holds {capacity} ({self.kv.num_blocks} blocks of {self.config.block_size}); lower "
                              "max_tokens or give the KV cache more memory.")
+        for field in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, field)
+            if k is not None and k > self.config.max_logprobs:
+                raise ParamError(field, f"{field}: requested {k} logprobs, more than the maximum allowed "
+                                 f"({self.config.max_logprobs}, set by max_logprobs).")
+        self._check_token_ids("prompt", token_ids)
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        self._check_token_ids("logit_bias", params.logit_bias or ())
+        self._check_token_ids("allowed_token_ids", params.allowed_token_ids or ())
         return max_tokens
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:

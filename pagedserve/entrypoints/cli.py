@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = bsub.add_parser("serve", help="drive a running OpenAI-compatible server over HTTP")
     bench_serve.add_args(sp)
     sp.set_defaults(func=bench_serve.main)
+    from pagedserve.bench import soak
+
+    so = bsub.add_parser("soak", help="reliability soak: many streaming clients with disconnects, in rounds; "
+                         "checks nothing is lost or leaked")
+    soak.add_args(so)
+    so.set_defaults(func=soak.main)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn)")
     s.add_argument("model", nargs="?", default=None, help="local Hugging Face model directory")
@@ -159,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=0.0,
                    help="seconds in-flight requests may still run after SIGTERM/SIGINT before they are "
                    "aborted (each stream then ends with finish_reason 'abort')")
+    s.add_argument("--enable-log-requests", action="store_true",
+                   help="log every request with its prompt and parameters (off: prompts never reach the logs)")
+    from pagedserve.entrypoints.openai.limits import ServerLimits
+
+    ServerLimits.add_cli_args(s.add_argument_group("request limits"))
     add_engine_args(s)
     s.set_defaults(func=_serve)
 

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import logging
 import os
 import signal
 from typing import Any, Awaitable, Optional, Sequence, Union
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.authentication import AuthenticationMiddleware
 
 from pagedserve import __version__
-from pagedserve.engine.async_engine import AsyncLLM
+from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, UnavailableError
+from pagedserve.entrypoints.openai.auth import ApiKeyBackend
+from pagedserve.entrypoints.openai.body_limit import BodySizeLimitMiddleware
+from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
                                                     TokenizeRequest, TokenizeResponse, VersionResponse)
@@ -33,12 +35,13 @@ from pagedserve.metrics import PrometheusStatLogger
 
 logger = logging.getLogger("pagedserve")
 
-_ERRORS: dict[Union[int, str], dict[str, Any]] = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+_ERRORS: dict[Union[int, str], dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503)}
 
 
 def _error_response(e: BaseException) -> JSONResponse:
     err = as_openai_error(e)
-    return JSONResponse(err.response().model_dump(), status_code=err.status_code)
+    return JSONResponse(err.response().model_dump(), status_code=err.status_code, headers=err.headers)
 
 
 async def _with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
@@ -71,48 +74,60 @@ def _respond(result: Union[BaseModel, Any]) -> Response:
     return StreamingResponse(result, media_type="text/event-stream")
 
 
-def _api_key_dependency(api_key: str) -> Any:
-    expected = api_key.encode()
-    bearer = HTTPBearer(auto_error=False)
-
-    async def check(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        # compare_digest: the time taken must not reveal how much of a guess was right.
-        if creds is None or not hmac.compare_digest(creds.credentials.encode(), expected):
-            raise OpenAIError(401, "Unauthorized: a valid API key is required (Authorization: Bearer <key>).",
-                              "AuthenticationError")
-
-    return Depends(check)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]]:
+def _validation_error(request: Request, exc: RequestValidationError) -> OpenAIError:
+    """FastAPI's validation errors as OpenAI's 400 (not FastAPI's 422), naming the first
+    field at fault; a body that is not JSON at all says so (415 for another content type)."""
+    errors = list(exc.errors())
+    if errors and errors[0].get("type") == "json_invalid":
+        detail = (errors[0].get("ctx") or {}).get("error", "invalid JSON")
+        return OpenAIError(400, f"The request body is not valid JSON: {detail}.", "BadRequestError")
+    content_type = request.headers.get("content-type", "")
+    if errors and tuple(errors[0].get("loc", ())) == ("body",) and "json" not in content_type.lower():
+        return OpenAIError(415, f"The request body must be JSON with Content-Type: application/json (got "
+                           f"{content_type or 'none'!r}).", "UnsupportedMediaTypeError")
     parts, param = [], None
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    for err in errors[:10]:  # a 10^4-element list can fail 10^4 times: the first few say enough
+        # Drop "body" and pydantic's union-member tags: types ("list[int]", "function-after[...]")
+        # and model classes ("TokenizeCompletionRequest"); API field names are snake_case.
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")
+               and not (isinstance(p, str) and p[:1].isupper())]
         param = param or (loc[0] if loc else None)
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
-    return "; ".join(parts) or "invalid request", param
+    if len(errors) > 10:
+        parts.append(f"... and {len(errors) - 10} more errors")
+    return OpenAIError(400, "; ".join(parts) or "invalid request", "BadRequestError", param)
 
 
 def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]], api_key: Optional[str] = None,
-              chat_template: Optional[str] = None) -> FastAPI:
+              chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
+              enable_log_requests: bool = False) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
-    `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open."""
+    `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
+    `limits` bound what a request may ask for; prompts are logged only with
+    `enable_log_requests`."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
+    config = async_llm.engine.config
+    limits = (limits or ServerLimits()).resolve(async_llm.tokenizer, config.max_model_len)
     stats = PrometheusStatLogger(async_llm.engine, names[0])  # its own registry: one per app
     async_llm.add_stat_logger(stats)
-    completion = OpenAIServingCompletion(async_llm, names)
-    chat = OpenAIServingChat(async_llm, names, chat_template)
-    tokenization = OpenAIServingTokenization(async_llm, names, chat_template)
-    config = async_llm.engine.config
+    serving = dict(limits=limits, log_requests=enable_log_requests)
+    completion = OpenAIServingCompletion(async_llm, names, **serving)
+    chat = OpenAIServingChat(async_llm, names, chat_template, **serving)
+    tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
 
     app = FastAPI(title="pagedserve", version=__version__)
     app.state.async_llm = async_llm
     app.state.metrics = stats
+    app.state.limits = limits
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=limits.max_request_body_bytes)
+    if api_key:  # outermost: a stranger learns nothing, not even the body limit
+        app.add_middleware(AuthenticationMiddleware, backend=ApiKeyBackend(api_key), on_error=lambda _, exc:
+                           _error_response(OpenAIError(401, str(exc), "AuthenticationError")))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[_api_key_dependency(api_key)] if api_key else [])
+    v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models", response_model=ModelList)
     async def models() -> ModelList:
@@ -130,7 +145,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=503 if async_llm.errored else 200)
+        # 503 once the engine has failed, and while draining for shutdown (stop routing here).
+        return Response(status_code=503 if async_llm.errored or async_llm.draining else 200)
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:
@@ -149,32 +165,46 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
         return Response(generate_latest(stats.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)  # 400 like OpenAI and vLLM, not FastAPI's 422
-        return _error_response(OpenAIError(400, message, "BadRequestError", param))
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_error(request, exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code, "HTTPError")
-        return _error_response(OpenAIError(exc.status_code, str(exc.detail), kind))
+        kind = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError",
+                413: "RequestTooLargeError"}.get(exc.status_code, "HTTPError")
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "The request body could not be parsed as JSON (it must be valid UTF-8 JSON)."
+        return _error_response(OpenAIError(exc.status_code, message, kind))
 
-    async def on_error(_: Request, exc: Exception) -> JSONResponse:
-        return _error_response(exc)  # OpenAIError as is, ValueError 400, EngineDeadError 503, else 500
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        err = as_openai_error(exc)  # OpenAIError as is, ValueError 400, unavailable 503, else 500
+        if err.status_code >= 500 and not isinstance(exc, (OpenAIError, EngineDeadError, UnavailableError)):
+            logger.error("internal error serving %s %s: %s: %s", request.method, request.url.path,
+                         type(exc).__name__, exc, exc_info=exc)
+        return _error_response(err)
 
-    for exc_type in (OpenAIError, ValueError, Exception):
+    # Expected failures get handlers of their own: a handler for Exception alone runs in
+    # starlette's ServerErrorMiddleware, which re-raises (a traceback per request) afterwards.
+    for exc_type in (OpenAIError, ValueError, EngineDeadError, UnavailableError, Exception):
         app.add_exception_handler(exc_type, on_error)
     return app
 
 
 class _GracefulServer(uvicorn.Server):
-    """uvicorn stops accepting and waits for open responses on SIGTERM/SIGINT; we also end
-    the in-flight requests (after `grace` seconds) so every stream gets its final event."""
+    """uvicorn stops accepting and waits for open responses on SIGTERM/SIGINT; we also refuse
+    new requests at once (503) and end the in-flight ones (after `grace` seconds) so every
+    stream gets its final event. If the engine dies, the server shuts down the same way
+    (streams have had their error events) and `engine_failed` is set: the process exits
+    non-zero so that a supervisor restarts it."""
 
     def __init__(self, config: uvicorn.Config, async_llm: AsyncLLM, grace: float) -> None:
         super().__init__(config)
         self.async_llm = async_llm
         self.grace = grace
+        self.engine_failed = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        async_llm.add_failure_callback(self._on_engine_failure)
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -182,10 +212,19 @@ class _GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         first = not self.should_exit
+        self.async_llm.stop_accepting()
         super().handle_exit(sig, frame)
         if first and self._loop is not None:
             logger.info("shutting down: in-flight requests end in %.1f s", self.grace)
             self._loop.call_soon_threadsafe(self._loop.call_later, self.grace, self.async_llm.abort_all)
+
+    def _on_engine_failure(self, exc: BaseException) -> None:  # on the engine thread
+        self.engine_failed = True
+        logger.critical("the engine failed (%s: %s); the server shuts down", type(exc).__name__, exc)
+        if self._loop is not None:  # queued after the streams' error events, so they go out first
+            self._loop.call_soon_threadsafe(setattr, self, "should_exit", True)
+        else:
+            self.should_exit = True
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -196,8 +235,11 @@ def run_server(args: argparse.Namespace) -> int:
         raise ValueError("serve needs a MODEL_DIR (a local Hugging Face model directory).")
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
-    async_llm = AsyncLLM.from_engine_args(engine_args_from(args, args.model))
-    app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template)
+    limits = ServerLimits.from_args(args)
+    async_llm = AsyncLLM.from_engine_args(engine_args_from(args, args.model),
+                                          max_waiting_requests=limits.max_waiting_requests)
+    app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
+                    limits=limits, enable_log_requests=args.enable_log_requests)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = _GracefulServer(config, async_llm, args.shutdown_timeout)
@@ -210,4 +252,7 @@ def run_server(args: argparse.Namespace) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         async_llm.shutdown()
+    if server.engine_failed:
+        logger.error("exiting with status 1: the engine failed")
+        return 1
     return 0 if server.started else 1

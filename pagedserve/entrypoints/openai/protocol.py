@@ -8,13 +8,29 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from pagedserve.errors import ParamError
 from pagedserve.sampling_params import SamplingParams
 
 
 def random_id(prefix: str) -> str:
+    """Request ids are random (uuid4, from os.urandom): no client can guess another's."""
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"): valid to the parser, but not text that the
+    # tokenizer (or any UTF-8 encoder) accepts. Refuse them here, naming the field.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text (found an unpaired surrogate at position {e.start})") from None
+    return text
+
+
+# Text that reaches the tokenizer or the output: checked for encodability.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -33,10 +49,16 @@ class ErrorResponse(OpenAIBaseModel):
     error: ErrorInfo
 
 
+class PromptTokenUsageInfo(OpenAIBaseModel):
+    cached_tokens: Optional[int] = None
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Prompt tokens served by the prefix cache; set when prefix caching is on (as vLLM).
+    prompt_tokens_details: Optional[PromptTokenUsageInfo] = None
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -69,14 +91,14 @@ class SamplingFields(OpenAIBaseModel):
     place, vLLM's messages); here only types are checked."""
 
     model: Optional[str] = None
-    n: int = Field(1, le=128)  # OpenAI's limit; also bounds the work one request can ask for
+    n: int = 1  # bounded by the server's --max-n
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Optional[dict[str, float]] = None
     seed: Optional[Int64] = None
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Optional[Union[Text, list[Text]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -93,14 +115,22 @@ class SamplingFields(OpenAIBaseModel):
     prompt_logprobs: Optional[Int64] = None
     truncate_prompt_tokens: Optional[Int64] = None
     allowed_token_ids: Optional[list[Int64]] = None
-    bad_words: Optional[list[str]] = None
-    cache_salt: Optional[str] = None
+    bad_words: Optional[list[Text]] = None
+    cache_salt: Optional[Text] = None  # partitions the prefix cache per tenant (vLLM's field)
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "SamplingFields":
-        if self.stream_options is not None and not self.stream:
+    @field_validator("cache_salt")
+    @classmethod
+    def _salt_not_empty(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v:
+            raise ValueError("Parameter 'cache_salt' must be a non-empty string if provided.")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v: Optional[StreamOptions], info: ValidationInfo) -> Optional[StreamOptions]:
+        if v is not None and not info.data.get("stream"):  # a field validator, so the error names the field
             raise ValueError("stream_options can only be set when stream is true")
-        return self
+        return v
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         bias = None
@@ -108,7 +138,7 @@ class SamplingFields(OpenAIBaseModel):
             try:
                 bias = {int(k): v for k, v in self.logit_bias.items()}
             except ValueError:
-                raise ValueError("logit_bias keys must be token ids (integers as strings).") from None
+                raise ParamError("logit_bias", "logit_bias keys must be token ids (integers as strings).") from None
         opt = {k: v for k, v in dict(top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                                      temperature=self.temperature, top_p=self.top_p).items() if v is not None}
         return SamplingParams(
@@ -124,7 +154,7 @@ class SamplingFields(OpenAIBaseModel):
 
 # ---- completions --------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
-    prompt: Union[list[int], list[list[int]], str, list[str]]
+    prompt: Union[list[int], list[list[int]], Text, list[Text]]
     max_tokens: Optional[Int64] = 16
     logprobs: Optional[Int64] = None
     echo: bool = False
@@ -132,7 +162,7 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix is not None:
-            raise ValueError("suffix is not supported.")
+            raise ParamError("suffix", "suffix is not supported.")
         params = self._sampling_params(self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs  # echo + logprobs reports the prompt's too
@@ -177,16 +207,20 @@ class CompletionResponse(OpenAIBaseModel):
 # ---- chat ---------------------------------------------------------------------------------
 class TextContentPart(OpenAIBaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
+
+
+# OpenAI's roles; anything else is refused rather than handed to the chat template.
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class ChatMessage(BaseModel):
     # Extra keys (tool_calls, ...) pass through to the chat template.
     model_config = ConfigDict(extra="allow")
 
-    role: str
-    content: Optional[Union[str, list[TextContentPart]]] = None
-    name: Optional[str] = None
+    role: Role
+    content: Optional[Union[Text, list[TextContentPart]]] = None
+    name: Optional[Text] = None
 
     def for_template(self) -> dict[str, Any]:
         msg = self.model_dump(exclude_none=True)
@@ -204,11 +238,12 @@ class ChatTemplateFields(OpenAIBaseModel):
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
-    @model_validator(mode="after")
-    def _one_of(self) -> "ChatTemplateFields":
-        if self.continue_final_message and self.add_generation_prompt:
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_of(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("add_generation_prompt"):
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true.")
-        return self
+        return v
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
@@ -219,7 +254,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("when using top_logprobs, logprobs must be set to true.")
+            raise ParamError("top_logprobs", "when using top_logprobs, logprobs must be set to true.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
@@ -286,7 +321,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 # ---- tokenize / detokenize (vLLM's shapes) ------------------------------------------------
 class TokenizeCompletionRequest(OpenAIBaseModel):
     model: Optional[str] = None
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True
     return_token_strs: bool = False
 

@@ -7,6 +7,7 @@ import time
 from contextlib import aclosing
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
+from pagedserve.engine.async_engine import Reservation
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionLogProb,
                                                     ChatCompletionLogProbs, ChatCompletionLogProbsContent,
                                                     ChatCompletionRequest, ChatCompletionResponse,
@@ -14,29 +15,53 @@ from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatComple
                                                     DeltaMessage, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
-                                                          sse_error, token_text, top_by_rank)
+                                                          sse_error, token_text, top_by_rank, usage_info)
+from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
-        params = req.to_sampling_params()
+        try:
+            self.limits.check_sampling(req)
+            params = req.to_sampling_params()
+        except ParamError as e:
+            raise self._chat_param(e, req) from None
         arrival = time.monotonic()
-        text, ids = await self.render_chat(req)
-        prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
+        # A place in the queue now (503 before rendering, and before any stream starts).
+        reservation = self.llm.reserve()
+        try:
+            text, ids = await self.render_chat(req, truncating=params.truncate_prompt_tokens is not None)
+            prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
+        except ParamError as e:
+            reservation.release()
+            raise self._chat_param(e, req) from None
+        except BaseException:
+            reservation.release()
+            raise
         request_id = random_id("chatcmpl")
-        gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt)
+        self.log_request(request_id, prompt["prompt"], prompt["prompt_token_ids"], params)
+        gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt,
+                                reservation=reservation)
         num_prompt = len(prompt["prompt_token_ids"])
         if req.stream:
-            return self._stream(req, model, request_id, gen, params.n, num_prompt)
+            return self._stream(req, model, request_id, gen, params.n, num_prompt, reservation)
+        try:
+            return await self._full(req, model, request_id, gen, params.n, num_prompt)
+        finally:
+            reservation.release()
 
-        texts, num_tokens = [""] * params.n, [0] * params.n
-        logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * params.n
-        finals: list[Optional[CompletionOutput]] = [None] * params.n
+    async def _full(self, req: ChatCompletionRequest, model: str, request_id: str,
+                    gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int) -> ChatCompletionResponse:
+        texts, num_tokens = [""] * n, [0] * n
+        logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * n
+        finals: list[Optional[CompletionOutput]] = [None] * n
         prompt_logprobs = None
+        cached = 0
         async with aclosing(merge_async_iterators(gen)) as outputs:
             async for _, out in outputs:
+                cached = max(cached, out.num_cached_tokens)
                 if out.prompt_logprobs is not None:
                     prompt_logprobs = out.prompt_logprobs
                 for c in out.outputs:
@@ -49,12 +74,20 @@ class OpenAIServingChat(OpenAIServing):
             index=i, message=AssistantMessage(content=texts[i]),
             logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
             finish_reason=finals[i].finish_reason if finals[i] else None,
-            stop_reason=finals[i].stop_reason if finals[i] else None) for i in range(params.n)]
+            stop_reason=finals[i].stop_reason if finals[i] else None) for i in range(n)]
         completion = sum(num_tokens)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices, prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
-            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
-                            total_tokens=num_prompt + completion))
+            usage=usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
+
+    @staticmethod
+    def _chat_param(e: ParamError, req: ChatCompletionRequest) -> ParamError:
+        """The engine names the prompt and max_tokens; a chat request calls them otherwise."""
+        names = {"prompt": "messages", "logprobs": "top_logprobs",
+                 "max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"}
+        if e.param in names:
+            return ParamError(names[e.param], str(e))
+        return e
 
     def _logprobs(self, c: CompletionOutput, k: int) -> list[ChatCompletionLogProbsContent]:
         tok = self.llm.tokenizer
@@ -71,21 +104,22 @@ class OpenAIServingChat(OpenAIServing):
         return out
 
     async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str,
-                      gen: AsyncGenerator[RequestOutput, None], n: int,
-                      num_prompt: int) -> AsyncIterator[str]:
+                      gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int,
+                      reservation: Reservation) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None) -> str:
             return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices,
                                                     usage=usage))
 
-        completion = 0
+        completion = cached = 0
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
             out: RequestOutput
             async with aclosing(merge_async_iterators(gen)) as outputs:
                 async for _, out in outputs:
+                    cached = max(cached, out.num_cached_tokens)
                     for c in out.outputs:
                         completion += len(c.token_ids)
                         if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
@@ -96,8 +130,9 @@ class OpenAIServingChat(OpenAIServing):
                                                                 logprobs=lps, finish_reason=c.finish_reason,
                                                                 stop_reason=c.stop_reason)])
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=completion,
-                                          total_tokens=num_prompt + completion))
+                yield chunk([], usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
+        finally:
+            reservation.release()
         yield SSE_DONE

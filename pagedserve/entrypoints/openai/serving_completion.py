@@ -8,12 +8,14 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
+from pagedserve.engine.async_engine import Reservation
 from pagedserve.engine.engine import PromptType
 from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                     CompletionResponse, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
-                                                          sse_error, token_text, top_by_rank)
+                                                          sse_error, token_text, top_by_rank, usage_info)
+from pagedserve.errors import ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
 
 
@@ -36,6 +38,7 @@ class _PromptState:
     prompt_ids: list[int]
     choices: list[_Choice] = field(default_factory=list)
     prompt_logprobs: Optional[PromptLogprobs] = None  # arrives with the request's first output
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 def _prompts(prompt: Union[str, list]) -> list[PromptType]:
@@ -51,25 +54,44 @@ def _prompts(prompt: Union[str, list]) -> list[PromptType]:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
+        self.limits.check_sampling(req)
         params = req.to_sampling_params()
         request_id = random_id("cmpl")
         arrival = time.monotonic()
-        # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
-        prompts = [await self.llm.preprocess(p, params) for p in _prompts(req.prompt)]
-        states = []
-        for p in prompts:
-            text = p["prompt"]
-            if text is None and req.echo:  # token-id prompts echo their decoded text
-                text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
-            states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
-        gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt)
-                for i, p in enumerate(prompts)]
+        raw = _prompts(req.prompt)
+        queue = self.llm.max_waiting_requests
+        if queue is not None and len(raw) > queue:  # could never be queued at once: a retry would not help
+            raise ParamError("prompt", f"a request may carry at most {queue} prompts (--max-waiting-requests), "
+                             f"got {len(raw)}.")
+        for p in raw:
+            if isinstance(p, str):
+                self.limits.check_prompt_chars(p, "prompt", params.truncate_prompt_tokens is not None)
+        # Places in the queue now (503 before tokenizing, and before any stream starts).
+        reservation = self.llm.reserve(len(raw))
+        try:
+            # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
+            prompts = [await self.llm.preprocess(p, params) for p in raw]
+            states = []
+            for i, p in enumerate(prompts):
+                self.log_request(f"{request_id}-{i}", p["prompt"], p["prompt_token_ids"], params)
+                text = p["prompt"]
+                if text is None and req.echo:  # token-id prompts echo their decoded text
+                    text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
+                states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
+        except BaseException:
+            reservation.release()
+            raise
+        gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt,
+                                  reservation=reservation) for i, p in enumerate(prompts)]
         if req.stream:
-            return self._stream(req, model, request_id, states, gens)
-        async with aclosing(merge_async_iterators(*gens)) as merged:
-            async for i, out in merged:
-                for _ in self._fold(req, states[i], out):
-                    pass
+            return self._stream(req, model, request_id, states, gens, reservation)
+        try:
+            async with aclosing(merge_async_iterators(*gens)) as merged:
+                async for i, out in merged:
+                    for _ in self._fold(req, states[i], out):
+                        pass
+        finally:
+            reservation.release()
         choices = [CompletionChoice(index=i * params.n + j, text=c.text, logprobs=c.logprobs,
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                     prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs))
@@ -82,6 +104,7 @@ class OpenAIServingCompletion(OpenAIServing):
         tok = self.llm.tokenizer
         if out.prompt_logprobs is not None:
             st.prompt_logprobs = out.prompt_logprobs
+        st.num_cached_tokens = max(st.num_cached_tokens, out.num_cached_tokens)
         for c in out.outputs:
             ch = st.choices[c.index]
             text, ids, steps = c.text, list(c.token_ids), list(c.logprobs or [])
@@ -108,7 +131,7 @@ class OpenAIServingCompletion(OpenAIServing):
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason)
 
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, states: list[_PromptState],
-                      gens: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
+                      gens: list[AsyncGenerator[RequestOutput, None]], reservation: Reservation) -> AsyncIterator[str]:
         n = len(states[0].choices)
         created = int(time.time())
         try:
@@ -122,13 +145,15 @@ class OpenAIServingCompletion(OpenAIServing):
                                              usage=self._usage(states)))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
+        finally:
+            reservation.release()
         yield SSE_DONE
 
-    @staticmethod
-    def _usage(states: list[_PromptState]) -> UsageInfo:
+    def _usage(self, states: list[_PromptState]) -> UsageInfo:
         prompt = sum(len(st.prompt_ids) for st in states)
         completion = sum(c.num_tokens for st in states for c in st.choices)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return usage_info(prompt, completion, sum(st.num_cached_tokens for st in states)
+                          if self.report_cached_tokens else None)
 
 
 def _logprobs(tok, ids: list[int], steps: list[Optional[dict[int, Logprob]]], k: int,

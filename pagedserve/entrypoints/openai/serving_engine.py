@@ -13,10 +13,13 @@ from typing import Any, AsyncGenerator, Optional, Sequence, TypeVar
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
-from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError
+from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, UnavailableError
+from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInfo, ErrorResponse, PromptLogprob,
-                                                    PromptLogprobsJSON)
+                                                    PromptLogprobsJSON, PromptTokenUsageInfo, UsageInfo)
+from pagedserve.errors import ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs
+from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagedserve")
 
@@ -29,12 +32,14 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(inspect.signature(PreTrainedTokenizerBase.
 class OpenAIError(Exception):
     """An error with an HTTP status and OpenAI's error body."""
 
-    def __init__(self, status_code: int, message: str, type: str, param: Optional[str] = None) -> None:
+    def __init__(self, status_code: int, message: str, type: str, param: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.type = type
         self.param = param
+        self.headers = headers
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
@@ -47,7 +52,10 @@ def as_openai_error(e: BaseException) -> OpenAIError:
     if isinstance(e, OpenAIError):
         return e
     if isinstance(e, ValueError):
-        return OpenAIError(400, str(e), "BadRequestError")
+        return OpenAIError(400, str(e), "BadRequestError", e.param if isinstance(e, ParamError) else None)
+    if isinstance(e, UnavailableError):
+        headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+        return OpenAIError(503, str(e), "ServiceUnavailableError", headers=headers)
     if isinstance(e, EngineDeadError):
         return OpenAIError(503, str(e), "EngineDeadError")
     return OpenAIError(500, f"internal server error: {type(e).__name__}: {e}", "InternalServerError")
@@ -65,12 +73,18 @@ def load_chat_template(value: Optional[str]) -> Optional[str]:
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template.")
 
 
+# Characters JSON leaves raw but str.splitlines() (and so httpx's iter_lines) takes for line
+# ends: generated text can hold them, and a client splitting lines that way would cut an event.
+# Escaped, they mean the same inside a JSON string (and cannot occur outside one).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: BaseModel) -> str:
-    return f"data: {obj.model_dump_json()}\n\n"
+    return f"data: {obj.model_dump_json().translate(_LINE_BREAKS)}\n\n"
 
 
 def sse_error(e: BaseException) -> str:
-    return f"data: {json.dumps(as_openai_error(e).response().model_dump())}\n\n"
+    return f"data: {json.dumps(as_openai_error(e).response().model_dump()).translate(_LINE_BREAKS)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -108,11 +122,23 @@ async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGen
 
 class OpenAIServing:
     def __init__(self, async_llm: AsyncLLM, served_model_names: Sequence[str],
-                 chat_template: Optional[str] = None) -> None:
+                 chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
+                 log_requests: bool = False) -> None:
         self.llm = async_llm
         self.served_model_names = list(served_model_names)
         self.chat_template = chat_template
         self.max_model_len = async_llm.engine.config.max_model_len
+        self.limits = limits or ServerLimits()
+        self.log_requests = log_requests
+        # usage.prompt_tokens_details.cached_tokens is reported when prefix caching is on.
+        self.report_cached_tokens = async_llm.engine.config.enable_prefix_caching
+
+    def log_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Prompts are user data: they reach the logs only with --enable-log-requests."""
+        if self.log_requests:
+            logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id, prompt,
+                        params, prompt_token_ids)
 
     def model_name(self, requested: Optional[str]) -> str:
         """The name to answer with; 404 for a model we do not serve."""
@@ -122,8 +148,10 @@ class OpenAIServing:
             raise OpenAIError(404, f"The model `{requested}` does not exist.", "NotFoundError", "model")
         return requested
 
-    async def render_chat(self, req: ChatTemplateFields, add_special_tokens: bool = False) -> tuple[str, list[int]]:
-        """Messages -> (prompt text, token ids) with the server's or the tokenizer's template."""
+    async def render_chat(self, req: ChatTemplateFields, add_special_tokens: bool = False,
+                          truncating: bool = True) -> tuple[str, list[int]]:
+        """Messages -> (prompt text, token ids) with the server's or the tokenizer's template.
+        Unless `truncating`, a rendered prompt too long to fit the context is refused untokenized."""
         tok = self.llm.tokenizer
         template = self.chat_template
         if template is None and not getattr(tok, "chat_template", None):
@@ -137,10 +165,17 @@ class OpenAIServing:
                                                add_generation_prompt=req.add_generation_prompt,
                                                continue_final_message=req.continue_final_message, **extra)
             except Exception as e:  # template errors (raise_exception(), bad roles) are the input's
-                raise ValueError(f"could not apply the chat template: {e}") from e
-            return text, tok.encode(text, add_special_tokens=add_special_tokens)
+                raise ParamError("messages", f"could not apply the chat template: {e}") from e
+            self.limits.check_prompt_chars(text, "messages", truncating)
+            return text, self.llm.engine.encode(text, "messages", add_special_tokens=add_special_tokens)
 
         return await self.llm.run_tokenizer(render)
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> UsageInfo:
+    details = PromptTokenUsageInfo(cached_tokens=cached_tokens) if cached_tokens is not None else None
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
 
 
 def clamp_logprob(lp: float) -> float:
