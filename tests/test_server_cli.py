@@ -29,10 +29,46 @@ def _free_port() -> int:
 
 
 def test_serve_argument_errors(capsys):
-    assert main(["serve"]) == 2
-    assert "MODEL_DIR" in capsys.readouterr().err
     assert main(["serve", "/nonexistent", "--chat-template", "no-such-template.jinja"]) == 2
     assert "chat-template" in capsys.readouterr().err
+
+
+def _wait_healthy(proc, url: str, log_path) -> None:
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.2)
+
+
+def test_serve_without_a_model_serves_the_demo_model(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port), "--uvicorn-log-level", "warning"],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_healthy(proc, url, log_path)
+            assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "pagedserve-demo"
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": "pagedserve-demo", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 24,
+                "temperature": 0})
+            assert r.status_code == 200, r.text
+            assert len(r.json()["choices"][0]["message"]["content"].split()) >= 3
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "demo model" in log_path.read_text()
 
 
 def test_serve_subprocess_auth_template_and_sigterm(llama_dir, tmp_path):

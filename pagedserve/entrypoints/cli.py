@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", nargs="+", default=None,
-                   help="model name(s) clients use (default: MODEL_DIR); responses carry the first")
+                   help="model name(s) clients use (default: MODEL_DIR, or pagedserve-demo for the demo "
+                   "model); responses carry the first")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDSERVE_API_KEY)")
     s.add_argument("--chat-template", default=None, help="chat template file or inline Jinja template "

@@ -227,12 +227,18 @@ class _GracefulServer(uvicorn.Server):
             self.should_exit = True
 
 
+DEMO_MODEL_NAME = "pagedserve-demo"
+
+
 def run_server(args: argparse.Namespace) -> int:
     """`pagedserve serve`: build the engine, serve until SIGTERM/SIGINT, exit 0."""
     from pagedserve.entrypoints.cli import engine_args_from
 
-    if not args.model:
-        raise ValueError("serve needs a MODEL_DIR (a local Hugging Face model directory).")
+    if not args.model:  # no model given: the built-in demo model, under a short name
+        from pagedserve.demo import resolve_model
+
+        args.model = resolve_model(None)
+        args.served_model_name = args.served_model_name or [DEMO_MODEL_NAME]
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     limits = ServerLimits.from_args(args)
