@@ -7,11 +7,11 @@ batch greedy, in one process. Prints both times and the ratio (target: <= 1.5x).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.bench.common import machine_info, write_json
 from pagedserve.bench.models import bench_model_dir
 
 
@@ -22,6 +22,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--output-json", default=None)
     ns = ap.parse_args()
     llm = LLM(bench_model_dir(ns.model), enable_prefix_caching=False, seed=0)
     vocab = llm.llm_engine.config.vocab_size
@@ -43,8 +44,9 @@ def main() -> None:
     g, k = min(times["greedy"]), min(times["all_knobs"])
     print(f"greedy:    {g:.2f} s   all knobs: {k:.2f} s   ratio {k / g:.2f}x  "
           f"({ns.num_prompts} requests, {ns.input_len} in / {ns.output_len} out)")
-    print(json.dumps({"bench": "sampling", "greedy_s": g, "all_knobs_s": k, "ratio": k / g,
-                      "num_prompts": ns.num_prompts, "input_len": ns.input_len, "output_len": ns.output_len}))
+    write_json(ns.output_json, {"bench": "sampling", "greedy_s": g, "all_knobs_s": k, "ratio": k / g,
+                                "num_prompts": ns.num_prompts, "input_len": ns.input_len,
+                                "output_len": ns.output_len, "machine": machine_info()})
 
 
 if __name__ == "__main__":
