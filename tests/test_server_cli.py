@@ -81,16 +81,7 @@ def test_serve_subprocess_auth_template_and_sigterm(llama_dir, tmp_path):
                              "--chat-template", TEMPLATE, "--uvicorn-log-level", "warning"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        _wait_healthy(proc, url, tmp_path / "server.log")
 
         assert httpx.get(f"{url}/v1/models").status_code == 401
         auth = {"Authorization": "Bearer env-key"}
