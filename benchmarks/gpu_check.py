@@ -246,9 +246,7 @@ def batch1_decode(llm, vocab: int, steps: int) -> dict:
 def run_hf(model: str, reqs, ns, dtype: torch.dtype) -> dict:
     from pagedserve.bench.hf_backend import hf_generate_batch, load_hf_model, run_hf as run_batches
 
-    hf = load_hf_model(model, dtype, ns.device)
-    pad = hf.generation_config.pad_token_id
-    pad = 0 if pad is None else pad
+    hf, _, pad = load_hf_model(model, dtype, ns.device)
     hf_generate_batch(hf, reqs[:2], pad, ns.device, max_new_tokens=4)  # warm-up
     elapsed = run_batches(hf, reqs, ns.hf_batch_size, hf.config.max_position_embeddings, pad, ns.device,
                           progress=False)

@@ -53,6 +53,11 @@ def dtype_of(name: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def args_record(ns: Any) -> dict:
+    """The command's arguments, for the JSON record (the subcommand function left out)."""
+    return {k: v for k, v in vars(ns).items() if not callable(v)}
+
+
 def engine_kwargs(ns: Any) -> dict:
     from pagedserve.config import EngineArgs
 

@@ -4,17 +4,27 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from pagedserve.bench.datasets import BenchRequest
 
 
-def load_hf_model(model_dir: str, dtype: torch.dtype, device: str) -> Any:
+def load_hf_model(model_dir: str, dtype: Union[str, torch.dtype], device: Optional[str]) -> tuple[Any, str, int]:
+    """transformers' model on the bench device (default: cuda if present): (model, device, pad
+    token id for batching). `dtype` is a torch dtype or a bench --dtype name."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device).eval()
+    from pagedserve.bench.common import dtype_of
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(dtype, torch.dtype):
+        dtype = dtype_of(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 local_files_only=True).to(device).eval()
+    pad = model.generation_config.pad_token_id
+    return model, device, 0 if pad is None else pad
 
 
 def static_batches(reqs: list[BenchRequest], max_batch_size: int, max_len: int) -> list[list[BenchRequest]]:

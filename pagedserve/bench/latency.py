@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pagedserve.bench.common import dtype_of, engine_kwargs, machine_info, percentiles, resolve_model, write_json
+from pagedserve.bench.common import args_record, engine_kwargs, machine_info, percentiles, resolve_model, write_json
 from pagedserve.bench.datasets import random_requests
 
 
@@ -36,7 +36,6 @@ def _timer(run, warmup: int, iters: int) -> list[float]:
 
 
 def main(ns: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoConfig
 
     model = resolve_model(ns.model)
@@ -57,9 +56,8 @@ def main(ns: argparse.Namespace) -> int:
         else:
             from pagedserve.bench.hf_backend import hf_generate_batch, load_hf_model
 
-            device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            hf = load_hf_model(model, dtype_of(ns.dtype, device), device)
-            run = lambda: hf_generate_batch(hf, reqs, 0, device, max_new_tokens=ns.output_len)  # noqa: E731
+            hf, device, pad = load_hf_model(model, ns.dtype, ns.device)
+            run = lambda: hf_generate_batch(hf, reqs, pad, device, max_new_tokens=ns.output_len)  # noqa: E731
         times = _timer(run, ns.num_iters_warmup, ns.num_iters)
         avg = sum(times) / len(times)
         results[name] = {"avg_latency_s": avg, "per_token_latency_ms": 1000 * avg / ns.output_len,
@@ -68,8 +66,8 @@ def main(ns: argparse.Namespace) -> int:
               f" batch {ns.batch_size}, {ns.input_len} in / {ns.output_len} out)")
         for k, v in results[name]["percentiles_s"].items():
             print(f"    {k} latency: {v:.3f} s")
-    record = {"bench": "latency", "model": model, "args": {k: v for k, v in vars(ns).items() if not callable(v)},
-              "results": results, "machine": machine_info()}
+    record = {"bench": "latency", "model": model, "args": args_record(ns), "results": results,
+              "machine": machine_info()}
     if ns.compare:
         ratio = results["pagedserve"]["avg_latency_s"] / results["hf"]["avg_latency_s"]
         record["ratio_latency_pagedserve_over_hf"] = ratio

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pagedserve.bench.common import write_json
+from pagedserve.bench.common import args_record, write_json
 from pagedserve.bench.datasets import BenchRequest, random_requests
 
 
@@ -177,6 +177,6 @@ def main(ns: argparse.Namespace) -> int:
     summary = summarize(results, duration)
     print_summary(summary)
     write_json(ns.output_json, {"bench": "serve", "model": model, "base_url": ns.base_url,
-                                "args": {k: v for k, v in vars(ns).items() if not callable(v) and k != "api_key"},
+                                "args": {k: v for k, v in args_record(ns).items() if k != "api_key"},
                                 "results": summary})
     return 0 if summary["failed_requests"] == 0 else 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pagedserve.bench.common import dtype_of, engine_kwargs, machine_info, resolve_model, write_json
+from pagedserve.bench.common import args_record, engine_kwargs, machine_info, resolve_model, write_json
 from pagedserve.bench.datasets import BenchRequest, random_requests
 
 
@@ -66,10 +66,7 @@ def run_pagedserve(model: str, ns, reqs: list[BenchRequest]) -> float:
 def run_hf_backend(model: str, ns, reqs: list[BenchRequest]) -> float:
     from pagedserve.bench.hf_backend import hf_generate_batch, load_hf_model, run_hf
 
-    device = ns.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    hf = load_hf_model(model, dtype_of(ns.dtype, device), device)
-    pad = hf.generation_config.pad_token_id
-    pad = 0 if pad is None else pad
+    hf, device, pad = load_hf_model(model, ns.dtype, ns.device)
     max_len = hf.config.max_position_embeddings
     hf_generate_batch(hf, reqs[:2], pad, device, max_new_tokens=4)  # warm-up
     elapsed = run_hf(hf, reqs, ns.hf_max_batch_size, max_len, pad, device, progress=not ns.no_progress)
@@ -89,9 +86,8 @@ def main(ns: argparse.Namespace) -> int:
     for name in backends:
         elapsed = run_pagedserve(model, ns, reqs) if name == "pagedserve" else run_hf_backend(model, ns, reqs)
         results[name] = _figures(name, reqs, elapsed)
-    record = {"bench": "throughput", "model": model, "dataset": ns.dataset, "args": {
-        k: v for k, v in vars(ns).items() if k not in ("func",) and not callable(v)}, "results": results,
-        "machine": machine_info()}
+    record = {"bench": "throughput", "model": model, "dataset": ns.dataset, "args": args_record(ns),
+              "results": results, "machine": machine_info()}
     if ns.compare:
         ratio = results["pagedserve"]["output_tokens_per_s"] / results["hf"]["output_tokens_per_s"]
         record["ratio_output_tokens_per_s"] = ratio
