@@ -25,6 +25,11 @@ def _no_leak(llm: LLM) -> None:
     assert not llm.llm_engine.output_processor.states and not llm.llm_engine.runner.sampling_states.states
 
 
+def _greedy(llm: LLM, prompt, max_tokens: int, **kw) -> list[int]:
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+    return llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0].token_ids
+
+
 def _hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return hf.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
@@ -86,8 +91,7 @@ def test_prompt_logprobs_survive_preemption(llama_dir, hf_refs):
 def test_stop_strings_across_token_boundaries(llm):
     tok = llm.get_tokenizer()
     prompt = {"prompt_token_ids": [40, 41, 42, 43]}
-    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)[0]
-    ids = base.outputs[0].token_ids
+    ids = _greedy(llm, prompt, 20)
     pieces = [tok.decode(ids[: i + 1]) for i in range(len(ids))]
     # A stop string made of the last char of token 5's text and the first of token 6's.
     i = next(i for i in range(4, 18) if len(pieces[i]) > len(pieces[i - 1]) and len(pieces[i + 1]) > len(pieces[i]))
@@ -108,8 +112,7 @@ def test_stop_strings_across_token_boundaries(llm):
 def test_streaming_deltas_never_leak_a_stop_string(llm):
     tok = llm.get_tokenizer()
     prompt = {"prompt_token_ids": [50, 51, 52]}
-    ids = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0].token_ids
+    ids = _greedy(llm, prompt, 16)
     full = tok.decode(ids)
     stop = full[len(full) // 2: len(full) // 2 + 3]
     engine = llm.llm_engine
@@ -188,8 +191,7 @@ def test_n_samples_abort_and_stream(llm):
 def test_bad_words_are_never_generated(llm):
     tok = llm.get_tokenizer()
     prompt = {"prompt_token_ids": [60, 61, 62]}
-    ids = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0].token_ids
+    ids = _greedy(llm, prompt, 16)
     word = tok.decode([ids[2]]).strip() or tok.decode([ids[3]]).strip()
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=[word]),
                        use_tqdm=False)[0].outputs[0]
@@ -201,18 +203,14 @@ def test_bad_words_are_never_generated(llm):
 
 def test_penalties_change_greedy_output(llm):
     prompt = {"prompt_token_ids": [70, 71, 72]}
-    plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-                         use_tqdm=False)[0].outputs[0].token_ids
-    pen = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, frequency_penalty=2.0,
-                                              presence_penalty=2.0, repetition_penalty=2.0),
-                       use_tqdm=False)[0].outputs[0].token_ids
+    plain = _greedy(llm, prompt, 24)
+    pen = _greedy(llm, prompt, 24, frequency_penalty=2.0, presence_penalty=2.0, repetition_penalty=2.0)
     assert len(set(pen)) >= len(set(plain))
     allowed = llm.generate(prompt, SamplingParams(temperature=0.7, max_tokens=24, ignore_eos=True,
                                                   allowed_token_ids=[100, 200, 300]),
                            use_tqdm=False)[0].outputs[0].token_ids
     assert set(allowed) <= {100, 200, 300}
-    biased = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
-                                                 logit_bias={123: 100}), use_tqdm=False)[0].outputs[0].token_ids
+    biased = _greedy(llm, prompt, 5, logit_bias={123: 100})
     assert biased == [123] * 5
 
 
