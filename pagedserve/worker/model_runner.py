@@ -107,23 +107,30 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = k, v
 
     def _profile_run(self) -> None:
-        """A worst-case step: max_num_batched_tokens prompt tokens, max_num_seqs logits."""
+        """A worst-case step: max_num_batched_tokens prompt tokens (split into requests of at
+        most max_model_len), and max_num_seqs rows of logits."""
         cfg = self.config
-        n = min(cfg.max_num_batched_tokens, cfg.max_model_len)
-        nblocks = -(-n // self.block_size)
+        n = cfg.max_num_batched_tokens
+        lens = [min(cfg.max_model_len, n - s) for s in range(0, n, cfg.max_model_len)]
+        per_req = -(-max(lens) // self.block_size)
+        nblocks = per_req * len(lens)
         self._bind(torch.zeros(self._kv_shape(nblocks), dtype=cfg.dtype, device=self.device))
+        qsl = np.cumsum([0] + lens).tolist()
+        dev = self.device
+        positions = torch.cat([torch.arange(m, device=dev) for m in lens])
+        slots = torch.cat([torch.arange(m, device=dev) + i * per_req * self.block_size for i, m in enumerate(lens)])
         meta = AttentionMetadata(
-            num_tokens=n, num_actual_tokens=n, num_reqs=1, num_decodes=0,
-            slot_mapping=torch.arange(n, device=self.device),
-            block_tables=torch.arange(nblocks, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            max_query_len=n, max_seq_len=n, seq_lens_cpu=[n], query_start_loc_cpu=[0, n], block_size=self.block_size,
+            num_tokens=n, num_actual_tokens=n, num_reqs=len(lens), num_decodes=0, slot_mapping=slots,
+            block_tables=torch.arange(nblocks, dtype=torch.int32, device=dev).view(len(lens), per_req),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            max_query_len=max(lens), max_seq_len=max(lens), seq_lens_cpu=lens, query_start_loc_cpu=qsl,
+            block_size=self.block_size,
         )
         with torch.inference_mode():
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            hidden = self.model(ids, torch.arange(n, device=self.device), meta)
-            self.model.compute_logits(hidden[: min(n, cfg.max_num_seqs)].expand(cfg.max_num_seqs, -1))
+            hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
+            rows = torch.arange(cfg.max_num_seqs, device=dev) % n
+            self.model.compute_logits(hidden[rows])
         self._bind(torch.empty(self._kv_shape(0), dtype=cfg.dtype, device=self.device))
 
     def release(self, request_ids) -> None:
