@@ -1,0 +1,336 @@
+"""The phases gpu_check.py runs, each in its own process: device ceilings, attention kernel
+timings, the issue's workload on pagedserve (with batch-1 decode and a breakdown of where a
+step's time goes) and on transformers."""
+
+from __future__ import annotations
+
+import collections
+import gc
+import random
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_median(fn: Callable[[], None], device: str, warmup: int, iters: int) -> float:
+    """Median seconds of fn, with CUDA events on the GPU."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def device_rates(device: str, dry: bool) -> dict:
+    """bf16 matmul rate (8192^3, random data) and device-to-device copy bandwidth (2 GiB, bytes
+    read + written), the ceilings the figures are fractions of."""
+    n = 512 if dry else 8192
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    t_mm = time_median(lambda: torch.mm(a, b), device, 3, 20)
+    del a, b
+    nbytes = (64 << 20) if dry else (2 << 30)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t_cp = time_median(lambda: dst.copy_(src), device, 3, 20)
+    return {"matmul_n": n, "matmul_dtype": str(dtype), "matmul_tflops": 2 * n**3 / t_mm / 1e12,
+            "copy_bytes": nbytes, "copy_gbps": 2 * nbytes / t_cp / 1e9}
+
+
+KERNEL_CASES = (("decode_b256_ctx800", 256, 800, 1), ("decode_b64_ctx1024", 64, 1024, 1),
+                ("decode_b1_ctx1024", 1, 1024, 1), ("prefill_8x1024", 8, 1024, 1024))
+DRY_KERNEL_CASES = (("decode_b4_ctx40", 4, 40, 1), ("prefill_2x24", 2, 24, 24))
+
+
+def kernel_timings(device: str, dry: bool) -> dict:
+    """The attention kernels alone on the benchmark model's attention shape (32 query heads,
+    4 KV heads, head dim 64, bf16, block 16): median time, K/V bytes read once over that time
+    (compare with device_rates.copy_gbps) and attention FLOP/s (causal prefill counts half)."""
+    from pagedserve.ops.paged_attention import decode_segments, paged_attention
+    from pagedserve.ops.reshape_and_cache import reshape_and_cache
+
+    hq, kvh, d, bs = 32, 4, 64, 16
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
+    g = torch.Generator(device=device).manual_seed(0)
+    res: dict[str, Any] = {}
+    for name, batch, ctx, q_len in (DRY_KERNEL_CASES if dry else KERNEL_CASES):
+        nb = batch * -(-ctx // bs)
+        kc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+        vc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+        bt = torch.randperm(nb, device=device, generator=g).to(torch.int32).view(batch, -1)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+        q = torch.randn(batch * q_len, hq, d, device=device, generator=g).to(torch.bfloat16)
+        out = torch.empty_like(q)
+        decode = q_len == 1
+        segs = decode_segments(batch, kvh, sms) if decode else 1
+
+        def fn():
+            paged_attention(q, kc, vc, bt, seq_lens, qsl, batch, batch * q_len, 0.125, out=out, decode=decode,
+                            num_segments=segs)
+
+        ms = _bench_ms(fn, device)
+        kv_bytes = 2 * batch * ctx * kvh * d * 2
+        flops = 4 * batch * q_len * ctx * hq * d / (1 if decode else 2)
+        res[name] = {"ms": ms, "segments": segs, "kv_gbps": kv_bytes / ms / 1e6, "tflops": flops / ms / 1e9}
+        if not decode:  # the KV write of the same tokens
+            k_new = torch.randn(batch * q_len, kvh, d, device=device, generator=g).to(torch.bfloat16)
+            slots = torch.randperm(nb * bs, device=device, generator=g)[: batch * q_len]
+            ms = _bench_ms(lambda: reshape_and_cache(k_new, k_new, kc, vc, slots), device)
+            res[f"reshape_and_cache_{batch * q_len}"] = {"ms": ms, "gbps": 4 * k_new.numel() * 2 / ms / 1e6}
+        del kc, vc
+    return res
+
+
+def _bench_ms(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return 1000 * time_median(fn, device, 1, 2)
+
+
+def workload(ns) -> list:
+    from transformers import AutoConfig
+
+    from pagedserve.bench.datasets import random_requests
+
+    cfg = AutoConfig.from_pretrained(ns.model_dir, local_files_only=True)
+    special = tuple(t for t in (cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id) if isinstance(t, int))
+    return random_requests(ns.num_prompts, 0, ns.output_len, cfg.vocab_size, input_min=ns.input_min,
+                           input_max=ns.input_max, output_min=ns.output_len, output_max=ns.output_len, seed=0,
+                           special_ids=special)
+
+
+def run_pagedserve(model: str, reqs, ns) -> dict:
+    from pagedserve import LLM, SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(model, dtype=ns.dtype, seed=0)
+    init_s = time.perf_counter() - t
+    runner = llm.llm_engine.runner
+    params = sum(p.numel() for p in runner.model.parameters())
+    embed = runner.model.model.embed_tokens.weight
+    info: dict[str, Any] = {
+        "init_s": init_s, "params": params, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
+        "cuda_graphs": runner.graphs is not None and runner.graphs.use_graphs,
+        "graph_sizes": runner.graphs.sizes if runner.graphs is not None else None,
+        "num_kv_blocks": runner.config.num_gpu_blocks, "block_size": runner.config.block_size,
+        "max_num_seqs": runner.config.max_num_seqs, "max_num_batched_tokens": runner.config.max_num_batched_tokens,
+        "weight_bytes_per_token": (params - embed.numel()) * embed.element_size()}
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    # Warm-up: compiles the prefill kernel and exercises mixed steps; then a clean prefix cache.
+    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.llm_engine.kv.reset_prefix_cache()
+    sps = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
+    steps = _count_steps(llm.llm_engine)
+    sync(ns.device)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sps, use_tqdm=False)
+    sync(ns.device)
+    info["elapsed_s"] = time.perf_counter() - t
+    info["steps"] = steps()
+    info["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
+    info["input_tokens"] = sum(r.prompt_len for r in reqs)
+    info["output_tokens_per_s"] = info["output_tokens"] / info["elapsed_s"]
+    info["batch1"] = batch1_decode(llm, vocab=runner.config.vocab_size, steps=ns.batch1_tokens)
+    vocab = runner.config.vocab_size
+    info["breakdown"] = {}
+    for batch, plen in ((min(256, runner.config.max_num_seqs), 512), (1, 128)):
+        if ns.dry_run:
+            batch, plen = min(batch, 4), 16
+        info["breakdown"][f"decode_b{batch}_p{plen}"] = step_breakdown(llm, batch, plen, vocab, ns.device,
+                                                                      steps=8 if ns.dry_run else 30)
+    info["profile_prefill"] = prefill_profile(llm, vocab, ns.device, n=2 if ns.dry_run else 8,
+                                              plen=16 if ns.dry_run else 1024)
+    del llm, runner, outs
+    gc.collect()
+    return info
+
+
+def _count_steps(eng) -> Callable[[], int]:
+    count = [0]
+    step = eng.step
+
+    def counted():
+        count[0] += 1
+        return step()
+
+    eng.step = counted
+    return lambda: count[0]
+
+
+def _random_prompt(rng: random.Random, n: int, vocab: int) -> dict:
+    return {"prompt_token_ids": [rng.randrange(4, vocab) for _ in range(n)]}
+
+
+def batch1_decode(llm, vocab: int, steps: int) -> dict:
+    """One request, 128-token prompt: wall time of each engine step after the prefill."""
+    from pagedserve import SamplingParams
+
+    eng = llm.llm_engine
+    rng = random.Random(1)
+    times = []
+    for rep in range(2):  # the first repetition is a warm-up
+        eng.add_request(f"b1-{rep}", _random_prompt(rng, 128, vocab),
+                        SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+        eng.step()  # prefill + first token
+        while eng.has_unfinished_requests():
+            t = time.perf_counter()
+            eng.step()  # step() returns after the sampled token reached the host
+            if rep:
+                times.append(time.perf_counter() - t)
+    return {"prompt_len": 128, "decode_steps": len(times), "step_s_median": statistics.median(times),
+            "step_s_mean": statistics.fmean(times)}
+
+
+def _decoding_batch(llm, batch: int, plen: int, vocab: int, max_tokens: int, tag: str) -> list[str]:
+    """`batch` requests past their prefill (every later step is decode-only)."""
+    from pagedserve import SamplingParams
+
+    eng = llm.llm_engine
+    rng = random.Random(2)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for rid in ids:
+        eng.add_request(rid, _random_prompt(rng, plen, vocab),
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    sched = eng.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        eng.step()
+    return ids
+
+
+def step_breakdown(llm, batch: int, plen: int, vocab: int, device: str, steps: int) -> dict:
+    """Decode-only steps of `batch` requests: wall ms per step with CUDA graphs and eagerly,
+    then each part of a step timed alone (a sync after every GPU part), and a profiler table
+    of the GPU kernels."""
+    eng = llm.llm_engine
+    runner = eng.runner
+    ids = _decoding_batch(llm, batch, plen, vocab, 4 * steps + 8, f"bd{batch}")
+
+    def wall(n: int) -> float:
+        eng.step()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            eng.step()
+        sync(device)
+        return 1000 * (time.perf_counter() - t) / n
+
+    res: dict[str, Any] = {"batch": batch, "prompt_len": plen, "ms_per_step": wall(steps)}
+    graphs, runner.graphs = runner.graphs, None
+    res["ms_per_step_eager"] = wall(steps)
+    runner.graphs = graphs
+    parts: dict[str, float] = collections.defaultdict(float)
+    undo = []
+
+    def wrap(obj, name: str, label: str, gpu: bool) -> None:
+        f = getattr(obj, name)
+        undo.append((obj, name, f, name in vars(obj)))
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            r = f(*a, **k)
+            if gpu:
+                sync(device)
+            parts[label] += time.perf_counter() - t
+            return r
+
+        setattr(obj, name, timed)
+
+    wrap(eng.scheduler, "schedule", "schedule", False)
+    wrap(runner, "_host_inputs", "host_inputs", False)
+    wrap(runner, "_forward", "forward (gpu)", True)
+    wrap(runner.model, "compute_logits", "logits (gpu)", True)
+    wrap(runner.sampling_states, "build", "sampling_batch", False)
+    wrap(runner, "sampler", "sampler (gpu)", True)
+    wrap(runner, "_collect_samples", "collect_samples", False)
+    wrap(eng.scheduler, "update_from_output", "update", False)
+    wrap(eng.output_processor, "process", "process_outputs", False)
+    total = wall(steps)
+    for obj, name, f, own in undo:  # an instance attribute goes back; a method's shadow goes away
+        if own:
+            setattr(obj, name, f)
+        else:
+            delattr(obj, name)
+    res["parts_ms"] = {k: 1000 * v / (steps + 1) for k, v in parts.items()}
+    res["parts_ms"]["total_synced"] = total
+    res["parts_ms"]["other"] = total - sum(v for k, v in res["parts_ms"].items() if k != "total_synced")
+    res["profile"] = profile_table(lambda: [eng.step() for _ in range(3)], device)
+    eng.abort_request(ids)
+    return res
+
+
+def prefill_profile(llm, vocab: int, device: str, n: int, plen: int) -> dict:
+    """One step of n fresh prompts (n * plen tokens): wall ms and a profiler table."""
+    eng = llm.llm_engine
+    from pagedserve import SamplingParams
+
+    rng = random.Random(3)
+    res: dict[str, Any] = {"tokens": n * plen}
+    for label in ("timed", "profiled"):
+        ids = [f"pf-{label}-{i}" for i in range(n)]
+        for rid in ids:
+            eng.add_request(rid, _random_prompt(rng, plen, vocab), SamplingParams(max_tokens=2, ignore_eos=True))
+        if label == "timed":
+            sync(device)
+            t = time.perf_counter()
+            eng.step()
+            sync(device)
+            res["ms"] = 1000 * (time.perf_counter() - t)
+        else:
+            res["profile"] = profile_table(eng.step, device)
+        eng.abort_request(ids)
+    return res
+
+
+def profile_table(fn: Callable[[], Any], device: str, rows: int = 14) -> str:
+    """torch.profiler's per-kernel table (GPU time) of fn, printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    try:
+        table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    except Exception:  # older/newer key names
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows,
+                                          max_name_column_width=60)
+    print(table, flush=True)
+    return table
+
+
+def run_hf(model: str, reqs, ns) -> dict:
+    from pagedserve.bench.hf_backend import hf_generate_batch, load_hf_model, run_hf as run_batches
+
+    dtype = getattr(torch, ns.dtype)
+    hf, _, pad = load_hf_model(model, dtype, ns.device)
+    hf_generate_batch(hf, reqs[:2], pad, ns.device, max_new_tokens=4)  # warm-up
+    elapsed = run_batches(hf, reqs, ns.hf_batch_size, hf.config.max_position_embeddings, pad, ns.device,
+                          progress=False)
+    out_tokens = sum(r.output_len for r in reqs)
+    return {"elapsed_s": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
+            "batch_size": ns.hf_batch_size, "transformers": __import__("transformers").__version__}
