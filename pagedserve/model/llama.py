@@ -58,9 +58,16 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj.shard_offsets = {"gate": (0, self.intermediate), "up": (self.intermediate, self.intermediate)}
         self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=bias)
         self.act = ACT2FN[cfg.hidden_act]
+        self.is_silu = cfg.hidden_act == "silu"
+        self.use_triton = False  # set by the model runner with the Triton backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.use_triton and self.is_silu:
+            from pagedserve.ops.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -57,7 +57,11 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return c
 
 
-@triton.jit
+# Arguments that change from step to step are kept out of Triton's specialisation key (it
+# keys on integers' divisibility by 16 and pointers' alignment): otherwise a step whose
+# request count, block-table width or slice offset lands on a new combination compiles a
+# new variant mid-run, a pause of a second or more.
+@triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     seg_acc_ptr, seg_max_ptr, seg_sum_ptr,

@@ -3,7 +3,7 @@ in float32 (float64 on request). Tests compare every kernel against these."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -49,3 +49,34 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         out[qs:qe] = (p @ v).transpose(0, 1)
     return out
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None):
+    """Hugging Face's RMSNorm (float32 statistics, the normalised row cast back before the
+    weight); with residual: (norm(x + residual), x + residual)."""
+    if residual is not None:
+        x = x + residual
+        return rms_norm_ref(x, weight, eps), x
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hugging Face's rotate_half RoPE in the tensors' dtype; returns rotated copies."""
+    cos, sin = cos_sin[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D/2] each
+    cos = torch.cat([cos, cos], -1)[:, None, :]
+    sin = torch.cat([sin, sin], -1)[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -54,6 +54,10 @@ class ModelRunner:
         self.attn_layers = self.model.attention_layers()
         for layer in self.attn_layers:
             layer.backend = self.backend
+        if self.backend.name == "triton":  # the fused norm, RoPE and SiLU-and-mul kernels too
+            for m in self.model.modules():
+                if hasattr(m, "use_triton"):
+                    m.use_triton = True
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed

@@ -1,4 +1,5 @@
-"""RMSNorm computed as Hugging Face does (in float32, weight applied after casting back)."""
+"""RMSNorm computed as Hugging Face does (in float32, weight applied after casting back); on
+the Triton path one fused kernel (pagedserve/ops/rms_norm.py) does the residual add too."""
 
 from __future__ import annotations
 
@@ -7,23 +8,21 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pagedserve.ops.reference import rms_norm_ref
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        self.use_triton = False  # set by the model runner with the Triton backend
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without residual: norm(x). With it: (norm(x + residual), x + residual), the pre-norm
         residual stream of a decoder layer in one call."""
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+        if self.use_triton and x.dim() == 2:  # per-head norms (Qwen3's q/k) stay on PyTorch
+            from pagedserve.ops.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm_ref(x, self.weight, self.eps, residual)

@@ -1,4 +1,5 @@
-"""Rotary position embedding (NeoX / Hugging Face "rotate_half" style) with a cos/sin cache."""
+"""Rotary position embedding (NeoX / Hugging Face "rotate_half" style) with a cos/sin cache;
+on the Triton path one in-place kernel (pagedserve/ops/rotary.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.hf_config import rope_parameters
+from pagedserve.ops.reference import rotary_ref
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -34,6 +36,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
         self.register_buffer("cos_sin", self._compute(), persistent=False)
+        self.use_triton = False  # set by the model runner with the Triton backend
 
     def _compute(self) -> torch.Tensor:
         with torch.device("cpu"):  # also when the model is being built on the meta device
@@ -50,13 +53,10 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = self._compute().to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
-        cos, sin = self.cos_sin[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D/2] each
-        cos = torch.cat([cos, cos], -1)[:, None, :]
-        sin = torch.cat([sin, sin], -1)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        """q: [T, Hq, D], k: [T, Hk, D]; returns the rotated tensors (copies on PyTorch, the
+        same tensors rotated in place on the Triton path)."""
+        if self.use_triton:
+            from pagedserve.ops.rotary import rotary_embedding
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+            return rotary_embedding(positions, q, k, self.cos_sin)
+        return rotary_ref(positions, q, k, self.cos_sin)

@@ -1,0 +1,65 @@
+"""Triton kernel: rotary position embedding (NeoX / Hugging Face rotate_half style) applied
+in place to a step's queries and keys, one program per token for all its heads, reading
+cos/sin from the model's float32 cache by position. Rounds as the PyTorch form does in 16-bit
+dtypes (cos/sin cast to the model dtype, each product, then the sum). Twin:
+reference.rotary_ref."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(base, stride_h, cos, sin, d, d_ok, num_heads, HEADS_P: tl.constexpr, HALF: tl.constexpr):
+    h = tl.arange(0, HEADS_P)[:, None]
+    mask = (h < num_heads) & d_ok[None, :]
+    ptr = base + h * stride_h + d[None, :]
+    dtype = base.dtype.element_ty
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    # out1 = x1*cos - x2*sin, out2 = x2*cos + x1*sin, each product rounded to the dtype first
+    a1 = (x1 * cos).to(dtype).to(tl.float32)
+    b1 = (x2 * sin).to(dtype).to(tl.float32)
+    a2 = (x2 * cos).to(dtype).to(tl.float32)
+    b2 = (x1 * sin).to(dtype).to(tl.float32)
+    tl.store(ptr, (a1 - b1).to(dtype), mask=mask)
+    tl.store(ptr + HALF, (a2 + b2).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_sin_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
+    NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P: tl.constexpr, KH_P: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    d = tl.arange(0, HALF_P)
+    d_ok = d < HALF
+    dtype = q_ptr.dtype.element_ty
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=d_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=d_ok, other=0.0).to(dtype).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, d, d_ok, NUM_Q, QH_P, HALF)
+    _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, d, d_ok, NUM_K, KH_P, HALF)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D] (views into a fused qkv are fine: unit stride in D),
+    rotated in place and returned. cos_sin: [max_positions, D] float32, cos in the first
+    half of the last dim, sin in the second."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    assert d % 2 == 0 and k.shape[2] == d and cos_sin.shape[1] == d and q.dtype == k.dtype
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.stride(-1) == 1
+    if t:
+        half = d // 2
+        _rotary_kernel[(t,)](
+            q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
+            NUM_Q=hq, NUM_K=hk, QH_P=triton.next_power_of_2(hq), KH_P=triton.next_power_of_2(hk),
+            HALF=half, HALF_P=triton.next_power_of_2(half), num_warps=4 if hq * d >= 2048 else 1,
+        )
+    return q, k
