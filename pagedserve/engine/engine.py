@@ -42,6 +42,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        # The last step's results, turned into outputs during the next step (see step()).
+        self._deferred: Optional[tuple[dict, dict, Any]] = None
         logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
                     config.block_size, config.max_model_len)
@@ -166,26 +168,56 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for rid in list(request_ids):
-            self.scheduler.finish_requests(self.output_processor.child_ids(rid), RequestStatus.FINISHED_ABORTED)
+            children = self.output_processor.child_ids(rid)
+            self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
             self.output_processor.remove(rid)
+            self._drop_deferred(children)
         self.runner.release(self.scheduler.pop_finished_ids())
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._deferred is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.output_processor.states)
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One model step. The outputs of step N (detokenization, stop strings, logprob dicts,
+        RequestOutputs) are worked out during step N + 1, while the GPU runs it, so they come
+        back one call later; a call with nothing left to run returns what is still owed."""
         sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out)
+        pending = self.runner.launch(sched_out)
+        outputs = self._process_deferred()  # overlaps the device work just launched
+        runner_out = pending.result()
+        # A request a stop string ended above may have run in this step too: the scheduler
+        # skips it (it is no longer running), so its extra token is dropped.
         updates = self.scheduler.update_from_output(sched_out, runner_out.sampled)
-        new_tokens = {u.request.request_id: u.new_token_ids for u in updates}
-        finished = {u.request.request_id: (u.request.status.finish_reason, u.request.stop_reason)
-                    for u in updates if u.request.is_finished()}
+        if updates or runner_out.prompt_logprobs:
+            new_tokens = {u.request.request_id: u.new_token_ids for u in updates}
+            finished = {u.request.request_id: (u.request.status.finish_reason, u.request.stop_reason)
+                        for u in updates if u.request.is_finished()}
+            self._deferred = (new_tokens, finished, runner_out)
+        self.runner.release(self.scheduler.pop_finished_ids())
+        return outputs
+
+    def _drop_deferred(self, child_ids: list[str]) -> None:
+        """Forget what the last step owes to requests that are gone (aborted)."""
+        if self._deferred is None:
+            return
+        new_tokens, finished, runner_out = self._deferred
+        for cid in child_ids:
+            new_tokens.pop(cid, None)
+            finished.pop(cid, None)
+            runner_out.prompt_logprobs.pop(cid, None)
+        if not new_tokens and not runner_out.prompt_logprobs:
+            self._deferred = None
+
+    def _process_deferred(self) -> list[RequestOutput]:
+        if self._deferred is None:
+            return []
+        new_tokens, finished, runner_out = self._deferred
+        self._deferred = None
         outputs, stopped = self.output_processor.process(new_tokens, finished, runner_out)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        self.runner.release(self.scheduler.pop_finished_ids())
         return outputs

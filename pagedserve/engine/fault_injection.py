@@ -20,20 +20,20 @@ class InjectedStepFailure(RuntimeError):
 
 
 def maybe_inject_step_failure(runner: Any) -> None:
-    """Wrap `runner.execute` to fail after the number of steps the environment names."""
+    """Wrap `runner.launch` to fail after the number of steps the environment names."""
     value = os.environ.get(ENV_VAR)
     if not value:
         return
     budget = int(value)
-    real: Callable[..., Any] = runner.execute
+    real: Callable[..., Any] = runner.launch
     done = 0
 
-    def execute(*args: Any, **kwargs: Any) -> Any:
+    def launch(*args: Any, **kwargs: Any) -> Any:
         nonlocal done
         if done >= budget:
             raise InjectedStepFailure(f"{ENV_VAR}={budget}: injected model step failure")
         done += 1
         return real(*args, **kwargs)
 
-    runner.execute = execute
+    runner.launch = launch
     logger.warning("%s=%d is set: the model step will fail after %d steps (test hook)", ENV_VAR, budget, budget)

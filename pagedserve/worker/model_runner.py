@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -41,6 +41,20 @@ class HostInputs:
     @property
     def decode_only(self) -> bool:
         return self.num_decodes == len(self.seq_lens)
+
+
+class PendingStep:
+    """A launched step: `result()` waits for the device and returns the step's output."""
+
+    def __init__(self, collect: "ModelRunnerOutput | Callable[[], ModelRunnerOutput]") -> None:
+        self._collect = collect
+
+    def result(self) -> ModelRunnerOutput:
+        if isinstance(self._collect, ModelRunnerOutput):
+            return self._collect
+        out = self._collect()
+        self._collect = out
+        return out
 
 
 class ModelRunner:
@@ -146,30 +160,47 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the scheduled step: sampled tokens of the requests whose chunk reaches their
-        end, with logprobs where asked, and prompt logprobs for the positions computed."""
-        result = ModelRunnerOutput()
+        """Run the scheduled step and wait for its results."""
+        return self.launch(out).result()
+
+    def launch(self, out: SchedulerOutput) -> "PendingStep":
+        """Queue the scheduled step on the device and return at once: every host-to-device
+        copy happens before the forward pass, so nothing here waits for the GPU, and the
+        caller can do host work (the previous step's outputs) while it runs. `result()` waits
+        and gives the sampled tokens of the requests whose chunk reaches their end, with
+        logprobs where asked, and prompt logprobs for the positions computed."""
         for req in out.preempted:  # their blocks were freed; they get fresh ones later
             self.block_table.release(req.request_id)
         if out.is_empty():
-            return result
+            return PendingStep(ModelRunnerOutput())
         order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
         host = self._host_inputs(order)
         sampled_reqs = [order[i].request for i in host.sample_rows]
         hidden_rows = [host.qsl[i + 1] - 1 for i in host.sample_rows]
         prompt_lp = self._prompt_logprob_rows(order, host.qsl)
+        rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
         with torch.inference_mode():
+            rows_t = torch.tensor(rows, device=self.device) if rows else None
+            batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
+            targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
+            targets_t = torch.tensor([t for ts in targets for t in ts], device=self.device) if prompt_lp else None
             hidden = self._forward(host)
-            if not hidden_rows and not prompt_lp:
-                return result
-            rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-            if sampled_reqs:
-                s_out = self.sampler(logits[: len(hidden_rows)], self.sampling_states.build(sampled_reqs))
+            if rows_t is None:
+                return PendingStep(ModelRunnerOutput())
+            logits = self.model.compute_logits(hidden[rows_t])
+            s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
+            plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t)
+                   if prompt_lp else None)
+
+        def collect() -> ModelRunnerOutput:
+            result = ModelRunnerOutput()
+            if s_out is not None:
                 self._collect_samples(sampled_reqs, s_out, result)
-            if prompt_lp:
-                self._collect_prompt_logprobs(logits[len(hidden_rows):], prompt_lp, result)
-        return result
+            if plp is not None:
+                self._collect_prompt_logprobs(plp, result)
+            return result
+
+        return PendingStep(collect)
 
     @staticmethod
     def _collect_samples(reqs, s_out, result: ModelRunnerOutput) -> None:
@@ -209,21 +240,31 @@ class ModelRunner:
         return items
 
     @staticmethod
-    def _collect_prompt_logprobs(logits: torch.Tensor, items, result: ModelRunnerOutput) -> None:
+    def _prompt_logprob_tensors(logits: torch.Tensor, items, targets: list[list[int]], targets_t: torch.Tensor):
+        """Queue the prompt-logprob computations of a step: per item (request, target ids,
+        chosen logprobs, ranks, top-k values and ids or None). targets_t: all items' target
+        ids, already on the device."""
         logprobs = logits.float().log_softmax(dim=-1)
         offset = 0
-        for req, first, rows, k in items:
+        out = []
+        for (req, _, rows, k), tgt in zip(items, targets):
             lp = logprobs[offset : offset + len(rows)]
+            chosen = lp.gather(1, targets_t[offset : offset + len(rows)].unsqueeze(1)).squeeze(1)
             offset += len(rows)
-            targets = torch.tensor(req.prompt_token_ids[first : first + len(rows)], device=lp.device)
-            chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1)
-            ranks = ((lp > chosen.unsqueeze(1)).sum(-1, dtype=torch.int32) + 1).tolist()
-            top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-            top_v = top_v.tolist() if k else [[]] * len(rows)
-            top_i = top_i.tolist() if k else [[]] * len(rows)
+            ranks = (lp > chosen.unsqueeze(1)).sum(-1, dtype=torch.int32) + 1
+            top = lp.topk(k, dim=-1) if k else None
+            out.append((req, tgt, chosen, ranks, top))
+        return out
+
+    @staticmethod
+    def _collect_prompt_logprobs(items, result: ModelRunnerOutput) -> None:
+        for req, targets, chosen, ranks, top in items:
+            n = len(targets)
+            top_v = top[0].tolist() if top is not None else [[]] * n
+            top_i = top[1].tolist() if top is not None else [[]] * n
             result.prompt_logprobs[req.request_id] = [
                 PositionLogprobs(t, c, rk, ti, tv)
-                for t, c, rk, ti, tv in zip(targets.tolist(), chosen.tolist(), ranks, top_i, top_v)]
+                for t, c, rk, ti, tv in zip(targets, chosen.tolist(), ranks.tolist(), top_i, top_v)]
 
     def _forward(self, host: HostInputs) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay when the step is decode-only and
