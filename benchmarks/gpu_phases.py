@@ -145,11 +145,13 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     llm.llm_engine.kv.reset_prefix_cache()
     sps = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     steps = _count_steps(llm.llm_engine)
+    compiled = triton_variants()
     sync(ns.device)
     t = time.perf_counter()
     outs = llm.generate(prompts, sps, use_tqdm=False)
     sync(ns.device)
     info["elapsed_s"] = time.perf_counter() - t
+    info["triton_variants_before_after"] = [compiled, triton_variants()]  # equal: no compile while timed
     info["steps"] = steps()
     info["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
     info["input_tokens"] = sum(r.prompt_len for r in reqs)
@@ -167,6 +169,23 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     del llm, runner, outs
     gc.collect()
     return info
+
+
+def triton_variants() -> dict:
+    """Compiled variants of each Triton kernel so far (a compile inside a timed region shows
+    as a change)."""
+    from pagedserve.ops import activation, paged_attention, reshape_and_cache, rms_norm, rotary
+
+    kernels = {"attention": paged_attention._paged_attention_kernel, "merge": paged_attention._merge_segments_kernel,
+               "kv_write": reshape_and_cache._reshape_and_cache_kernel, "rms_norm": rms_norm._rms_norm_kernel,
+               "rotary": rotary._rotary_kernel, "silu_mul": activation._silu_and_mul_kernel}
+    out = {}
+    for name, k in kernels.items():
+        try:
+            out[name] = sum(len(c[0]) for c in k.device_caches.values())
+        except Exception:  # the interpreter, or another Triton layout
+            out[name] = None
+    return out
 
 
 def _count_steps(eng) -> Callable[[], int]:

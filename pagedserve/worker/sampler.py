@@ -21,8 +21,8 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class SamplingBatch:
-    temperature: torch.Tensor  # [S] float32, 1.0 on greedy rows
-    greedy: torch.Tensor  # [S] bool
+    temperature: Optional[torch.Tensor]  # [S] float32, 1.0 on greedy rows; None when all are greedy
+    greedy: Optional[torch.Tensor]  # [S] bool; None when all are greedy
     all_greedy: bool
     all_random: bool
     top_k: Optional[torch.Tensor] = None  # [S] int64, 0 = off; None when no row uses it
@@ -161,6 +161,8 @@ class Sampler:
     @staticmethod
     def _row_groups(b: SamplingBatch) -> list[Optional[torch.Tensor]]:
         """Random rows, split into those with a top-k (candidate path) and those without."""
+        if b.all_greedy:
+            return []
         if b.top_k is None:
             if b.all_random:
                 return [None]

@@ -64,10 +64,12 @@ class SamplingStates:
         params = [r.sampling_params for r in reqs]
         dev = self.device
         greedy = [p.is_greedy for p in params]
-        b = SamplingBatch(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
-            greedy=torch.tensor(greedy, device=dev),
-            all_greedy=all(greedy),
+        all_greedy = all(greedy)
+        b = SamplingBatch(  # an all-greedy batch (argmax alone) needs no per-row tensors
+            temperature=None if all_greedy else torch.tensor(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
+            greedy=None if all_greedy else torch.tensor(greedy, device=dev),
+            all_greedy=all_greedy,
             all_random=not any(greedy),
         )
         if not b.all_greedy:
