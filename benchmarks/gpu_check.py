@@ -37,7 +37,8 @@ ISSUE_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_
                    vocab_size=32000, max_position_embeddings=2048, tokenizer_vocab=2048)
 DRY_MODEL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  vocab_size=2048, max_position_embeddings=512, tokenizer_vocab=512)
-GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_cuda_graphs.py", "tests/test_gpu_engine.py"]
+GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "tests/test_cuda_graphs.py",
+                  "tests/test_gpu_engine.py"]
 GOALS = {"throughput_ratio": 15.0, "e2e_efficiency": 0.30, "batch1_bw_fraction": 0.60}
 # Phase time limits (seconds), each further capped by what is left of --budget.
 LIMITS = {"device_rates": 60, "kernels": 90, "pagedserve": 240, "hf": 180, "gpu_tests": 240}
@@ -113,7 +114,11 @@ class Orchestrator:
         return subprocess.Popen(self._argv(phase), cwd=ROOT, env=self.env())
 
     def env(self) -> dict:
-        return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        best = self.record.get("kernels", {}).get("best_k_rows")
+        if best is not None and "PAGEDSERVE_ATTN_K_ROWS" not in os.environ:  # the faster K layout measured
+            env["PAGEDSERVE_ATTN_K_ROWS"] = "1" if best else "0"
+        return env
 
     def run(self, phase: str, proc: "subprocess.Popen | None" = None) -> dict:
         limit = min(LIMITS.get(phase, 120), self.left() - 5)

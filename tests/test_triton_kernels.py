@@ -78,15 +78,16 @@ def make_batch(reqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim:
                  seq_lens, qsl, num_decodes)
 
 
-def run_kernels(b: Batch, out: torch.Tensor, scale: float, segments: int = 1, block_m=None, tile_n=None) -> None:
+def run_kernels(b: Batch, out: torch.Tensor, scale: float, segments: int = 1, block_m=None, tile_n=None,
+                k_rows=None) -> None:
     """The backend's two launches: decodes (optionally split), then the prefill chunks."""
     nd, nr = b.num_decodes, len(b.seq_lens_cpu)
     if nd:
         paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.qsl, nd, nd, scale, out=out,
-                        decode=True, num_segments=segments, tile_n=tile_n)
+                        decode=True, num_segments=segments, tile_n=tile_n, k_rows=k_rows)
     if nr > nd:
         paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables[nd:], b.seq_lens[nd:], b.qsl[nd:], nr - nd,
-                        b.num_tokens - b.qsl_cpu[nd], scale, out=out, block_m=block_m, tile_n=tile_n)
+                        b.num_tokens - b.qsl_cpu[nd], scale, out=out, block_m=block_m, tile_n=tile_n, k_rows=k_rows)
 
 
 def reference(b: Batch, scale: float) -> torch.Tensor:
@@ -111,11 +112,11 @@ def mixed_requests(bs: int) -> list[tuple[int, int]]:
 
 
 def check_mixed(heads, kv_heads, head_dim, block_size, dtype, segments=1, block_m=None, tile_n=None, seed=0,
-                reqs=None):
+                reqs=None, k_rows=None):
     b = make_batch(reqs or mixed_requests(block_size), heads, kv_heads, head_dim, block_size, dtype, seed=seed)
     scale = head_dim**-0.5
     out = torch.full_like(b.query, float("nan"))
-    run_kernels(b, out, scale, segments, block_m, tile_n)
+    run_kernels(b, out, scale, segments, block_m, tile_n, k_rows)
     assert_attention_close(out, reference(b, scale), dtype)
 
 
@@ -130,6 +131,13 @@ SHAPES = [(4, 4, 16), (4, 1, 32), (8, 2, 64), (6, 2, 32), (4, 2, 24)]  # MHA, MQ
 def test_attention_mixed_batch(heads, kv_heads, head_dim, block_size, dtype):
     # 16-wide query blocks and key tiles: several per request, crossing pages both ways.
     check_mixed(heads, kv_heads, head_dim, block_size, dtype, block_m=16, tile_n=16)
+
+
+@pytest.mark.parametrize("k_rows", [False, True], ids=["k_dmajor", "k_rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_both_k_layouts(k_rows, dtype):
+    check_mixed(8, 2, 64, 16, dtype, k_rows=k_rows)
+    check_mixed(8, 2, 64, 16, dtype, segments=4, k_rows=k_rows)
 
 
 @pytest.mark.parametrize("block_size", [4, 32])
@@ -268,7 +276,9 @@ def gpu_requests(bs: int) -> list[tuple[int, int]]:
 @pytest.mark.gpu
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size, dtype", GPU_CASES)
 def test_attention_gpu(heads, kv_heads, head_dim, block_size, dtype):
-    check_mixed(heads, kv_heads, head_dim, block_size, dtype, reqs=gpu_requests(block_size), seed=1)
+    for k_rows in (False, True):
+        check_mixed(heads, kv_heads, head_dim, block_size, dtype, reqs=gpu_requests(block_size), seed=1,
+                    k_rows=k_rows)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ token per request) skip the search, and may split each request's keys into NUM_S
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -27,6 +28,9 @@ import triton.language as tl
 from pagedserve.ops import triton_interpreting
 
 _LOG2E = 1.4426950408889634
+# K tiles loaded key-major and transposed in registers (1), or gathered head-dim-major (0).
+# Both are exact; which is faster is the GPU's call: benchmarks/gpu_check.py times both.
+K_ROWS_DEFAULT = os.environ.get("PAGEDSERVE_ATTN_K_ROWS", "0") == "1"
 
 
 @triton.jit
@@ -73,7 +77,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,10 +128,16 @@ def _paged_attention_kernel(
         n_ok = offs_n < kv_len
         page = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         in_page = (offs_n % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_cache_ptr + page[None, :] * stride_k_b + in_page[None, :] * stride_k_s
-                    + kv_head * stride_k_h + offs_d[:, None],
-                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_DIM_P, TILE_N]
-        s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
+        if K_ROWS:  # [TILE_N, HEAD_DIM_P] in memory order, transposed for the product
+            k = tl.load(k_cache_ptr + page[:, None] * stride_k_b + in_page[:, None] * stride_k_s
+                        + kv_head * stride_k_h + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale_log2
+        else:  # loaded directly as [HEAD_DIM_P, TILE_N]
+            k = tl.load(k_cache_ptr + page[None, :] * stride_k_b + in_page[None, :] * stride_k_s
+                        + kv_head * stride_k_h + offs_d[:, None],
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
         visible = (offs_n[None, :] <= q_abs[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -193,7 +203,7 @@ def paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int, num_tokens: int, scale: float,
     out: Optional[torch.Tensor] = None, decode: bool = False, num_segments: int = 1,
-    block_m: Optional[int] = None, tile_n: Optional[int] = None,
+    block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -201,7 +211,7 @@ def paged_attention(
     [num_blocks, block_size, KVH, D]. num_tokens: query rows these requests span (a host
     upper bound; sizes the grid). decode=True promises one query token per request and
     allows num_segments > 1 (a power of two). Rows of `out` outside the requests are not
-    written."""
+    written. k_rows: how K tiles are loaded (default: K_ROWS_DEFAULT)."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -234,6 +244,7 @@ def paged_attention(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
+        K_ROWS=K_ROWS_DEFAULT if k_rows is None else k_rows,
         num_warps=4 if block_m * head_dim_p <= 64 * 128 else 8,
     )
     if num_segments > 1:
