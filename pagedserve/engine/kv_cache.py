@@ -160,6 +160,10 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens after the request's computed ones
         (and after `new_computed_blocks`, its prefix-cache hits). False, with nothing
         changed, when the pool cannot supply the blocks."""
+        if not new_computed_blocks:  # the common decode step: usually its last block has room
+            held = self.req_blocks.get(req.request_id)
+            if held and -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) <= len(held):
+                return True
         blocks = self.req_blocks.setdefault(req.request_id, [])
         ids = self.req_block_ids.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
