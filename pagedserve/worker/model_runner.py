@@ -164,9 +164,10 @@ class ModelRunner:
         return self.launch(out).result()
 
     def launch(self, out: SchedulerOutput) -> "PendingStep":
-        """Queue the scheduled step on the device and return at once: every host-to-device
-        copy happens before the forward pass, so nothing here waits for the GPU, and the
-        caller can do host work (the previous step's outputs) while it runs. `result()` waits
+        """Queue the scheduled step on the device and return: every host-to-device copy
+        happens before the forward pass, so for greedy batches nothing here waits for the
+        GPU and the caller can do host work (the previous step's outputs) while it runs
+        (random sampling with top-k / top-p still reads a few values back). `result()` waits
         and gives the sampled tokens of the requests whose chunk reaches their end, with
         logprobs where asked, and prompt logprobs for the positions computed."""
         for req in out.preempted:  # their blocks were freed; they get fresh ones later
