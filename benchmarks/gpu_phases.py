@@ -130,6 +130,7 @@ def workload(ns) -> list:
 
 def run_pagedserve(model: str, reqs, ns) -> dict:
     from pagedserve import LLM, SamplingParams
+    from pagedserve.ops.paged_attention import K_ROWS_DEFAULT
 
     t = time.perf_counter()
     llm = LLM(model, dtype=ns.dtype, seed=0)
@@ -138,8 +139,7 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     params = sum(p.numel() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight
     info: dict[str, Any] = {
-        "init_s": init_s, "params": params, "attn_k_rows": __import__("pagedserve.ops.paged_attention",
-                                                                      fromlist=["x"]).K_ROWS_DEFAULT, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
+        "init_s": init_s, "params": params, "attn_k_rows": K_ROWS_DEFAULT, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
         "cuda_graphs": runner.graphs is not None and runner.graphs.use_graphs,
         "graph_sizes": runner.graphs.sizes if runner.graphs is not None else None,
         "num_kv_blocks": runner.config.num_gpu_blocks, "block_size": runner.config.block_size,
