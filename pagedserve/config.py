@@ -40,6 +40,9 @@ class EngineArgs:
     enforce_eager: bool = False
     max_logprobs: int = 20
     attention_backend: Optional[str] = None  # "torch" | "cpu" | "triton"; default picks by device
+    # Schedule step N + 1 before step N's tokens are back (None: on CUDA, where the host work
+    # then overlaps the GPU; on CPU the forward pass is the host, so there is nothing to gain).
+    async_scheduling: Optional[bool] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -124,6 +127,7 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
             attention_backend=backend,
+            async_scheduling=device.type == "cuda" if self.async_scheduling is None else bool(self.async_scheduling),
         )
 
 
@@ -148,6 +152,7 @@ class EngineConfig:
     enforce_eager: bool
     max_logprobs: int
     attention_backend: str
+    async_scheduling: bool = False
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

@@ -159,6 +159,12 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def needs_output_history(self) -> bool:
+        """Whether sampling reads the request's previous output tokens on the host (penalties,
+        multi-token bad words): async scheduling waits for them before the next step."""
+        return self.has_penalties or any(len(s) > 1 for s in self._bad_words_token_ids or ())
+
+    @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.stop), default=0)
 

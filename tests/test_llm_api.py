@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+from engine_helpers import assert_no_leak
 
 from pagedserve import LLM, SamplingParams
 
@@ -15,12 +16,6 @@ from pagedserve import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def llm(llama_dir):
     return LLM(llama_dir, max_model_len=512, seed=0)
-
-
-def _no_leak(llm: LLM) -> None:
-    kv = llm.llm_engine.kv
-    assert kv.pool.num_free_blocks == kv.num_blocks and not kv.req_blocks
-    assert not llm.llm_engine.has_unfinished_requests() and not llm.llm_engine.output_processor.states
 
 
 def test_mixed_prompts_in_input_order(llm):
@@ -40,7 +35,7 @@ def test_mixed_prompts_in_input_order(llm):
     single = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
                           use_tqdm=False)
     assert single[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_per_prompt_sampling_params(llm):
@@ -76,7 +71,7 @@ def test_stop_token_and_eos(llm):
         assert len(c.token_ids) > first + 1 and c.token_ids[:first] == toks[:first]
     finally:
         engine.eos_token_ids = saved
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_max_tokens_none_runs_to_context(llm):
@@ -106,7 +101,7 @@ def test_seeded_sampling_independent_of_batch(llm):
     k1 = llm.generate(target, SamplingParams(temperature=1.5, top_k=1, max_tokens=16, ignore_eos=True),
                       use_tqdm=False)[0].outputs[0].token_ids
     assert k1 == greedy
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 @pytest.mark.parametrize("prompt, params, match", [
@@ -123,7 +118,7 @@ def test_seeded_sampling_independent_of_batch(llm):
 def test_bad_requests_rejected_up_front(llm, prompt, params, match):
     with pytest.raises(ValueError, match=match):
         llm.generate(["fine prompt", prompt], params, use_tqdm=False)
-    _no_leak(llm)  # the good prompt before it was not queued either
+    assert_no_leak(llm)  # the good prompt before it was not queued either
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -185,7 +180,7 @@ def test_abort_frees_blocks(llm):
     assert not engine.has_unfinished_requests()
     engine.step()  # the runner drops the aborted requests' state
     assert not engine.runner.sampling_states.states
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_chat_renders_the_template(llm):

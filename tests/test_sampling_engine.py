@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from engine_helpers import assert_no_leak
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
@@ -16,13 +17,6 @@ from pagedserve.sampling_params import RequestOutputKind
 @pytest.fixture(scope="module")
 def llm(llama_dir):
     return LLM(llama_dir, max_model_len=512)
-
-
-def _no_leak(llm: LLM) -> None:
-    kv = llm.llm_engine.kv
-    assert kv.pool.num_free_blocks == kv.num_blocks and not kv.req_blocks
-    assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
-    assert not llm.llm_engine.output_processor.states and not llm.llm_engine.runner.sampling_states.states
 
 
 def _greedy(llm: LLM, prompt, max_tokens: int, **kw) -> list[int]:
@@ -68,7 +62,7 @@ def test_logprobs_and_prompt_logprobs_match_transformers(llama_dir, hf_refs, llm
             assert d[p[j]].logprob == pytest.approx(row[p[j]].item(), abs=1e-4)
             assert d[p[j]].rank == int((row > row[p[j]]).sum()) + 1
             assert set(row.topk(3).indices.tolist()) <= set(d)
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_prompt_logprobs_survive_preemption(llama_dir, hf_refs):
@@ -85,7 +79,7 @@ def test_prompt_logprobs_survive_preemption(llama_dir, hf_refs):
         assert len(o.prompt_logprobs) == len(p)
         for j in range(1, len(p)):
             assert o.prompt_logprobs[j][p[j]].logprob == pytest.approx(ref[j - 1, p[j]].item(), abs=1e-4)
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_stop_strings_across_token_boundaries(llm):
@@ -106,7 +100,7 @@ def test_stop_strings_across_token_boundaries(llm):
     inc = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, stop=stop, include_stop_str_in_output=True,
                                               ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert inc.text == pieces[i + 1][: start + len(stop)]
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_streaming_deltas_never_leak_a_stop_string(llm):
@@ -127,7 +121,7 @@ def test_streaming_deltas_never_leak_a_stop_string(llm):
             finished = out
     assert finished.finished and finished.outputs[0].finish_reason == "stop"
     assert text == full[: full.find(stop)]
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_detokenizer_multibyte_split_across_tokens(llm):
@@ -165,11 +159,11 @@ def test_n_samples_share_prompt_blocks(llama_dir):
     separate_peak, _ = peak_blocks(llm, [prompt] * 4, [single] * 4)
     # 160 prompt tokens = 10 blocks: shared they cost 10 + 4 tails, separately 4 x 11.
     assert shared_peak <= 10 + 4 * 2 < separate_peak
-    _no_leak(llm)
+    assert_no_leak(llm)
     # Same seed, same samples (child i uses seed + i), also through the LLM API.
     again = llm.generate(prompt, params, use_tqdm=False)[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_n_samples_abort_and_stream(llm):
@@ -185,7 +179,7 @@ def test_n_samples_abort_and_stream(llm):
     engine.abort_request(rid)
     assert not engine.has_unfinished_requests()
     engine.step()
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_bad_words_are_never_generated(llm):
@@ -224,7 +218,7 @@ def test_penalties_change_greedy_output(llm):
 def test_validation_against_the_model(llm, params, match):
     with pytest.raises(ValueError, match=match):
         llm.generate("hello", SamplingParams(**params), use_tqdm=False)
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -254,7 +248,7 @@ def test_extreme_valid_values_do_not_crash(llm):
                                      SamplingParams(seed=-(2**63), temperature=50.0, top_p=1e-9, max_tokens=3,
                                                     ignore_eos=True)], use_tqdm=False)
     assert [len(c.token_ids) for o in outs for c in o.outputs] == [3, 3, 3, 3]
-    _no_leak(llm)
+    assert_no_leak(llm)
 
 
 def test_truncate_prompt_tokens(llm):

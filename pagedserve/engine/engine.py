@@ -14,13 +14,13 @@ from pagedserve.engine.fault_injection import maybe_inject_step_failure
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
-from pagedserve.engine.scheduler import Scheduler
+from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
 from pagedserve.model.hf_config import generation_eos_ids
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
-from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.model_runner import ModelRunner, PendingStep
 
 logger = logging.getLogger("pagedserve")
 
@@ -42,11 +42,12 @@ class LLMEngine:
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
-        # The last step's results, turned into outputs during the next step (see step()).
-        self._deferred: Optional[tuple[dict, dict, Any]] = None
-        logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+        self.async_scheduling = config.async_scheduling
+        self._inflight: Optional[_InFlight] = None  # the launched step whose tokens are not back
+        self._landed: Optional[tuple[dict, dict, Any]] = None  # its results, for the output side
+        logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d%s",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
-                    config.block_size, config.max_model_len)
+                    config.block_size, config.max_model_len, ", async scheduling" if self.async_scheduling else "")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":
@@ -171,53 +172,72 @@ class LLMEngine:
             children = self.output_processor.child_ids(rid)
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
             self.output_processor.remove(rid)
-            self._drop_deferred(children)
+        if self._inflight is not None and all(s.request.is_finished() for s in self._inflight.sched_out.scheduled):
+            self._inflight = None  # nothing it computes is wanted any more
         self.runner.release(self.scheduler.pop_finished_ids())
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._deferred is not None
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.output_processor.states)
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One model step. The outputs of step N (detokenization, stop strings, logprob dicts,
-        RequestOutputs) are worked out during step N + 1, while the GPU runs it, so they come
-        back one call later; a call with nothing left to run returns what is still owed."""
+        """One model step; returns the outputs of the step before it.
+
+        Synchronous scheduling: wait for step N - 1, update the scheduler, schedule and launch
+        step N, then work out step N - 1's outputs (detokenization, stop strings, logprob
+        dicts, RequestOutputs) while the device runs step N.
+
+        Async scheduling (async_scheduling=True, the default on CUDA): schedule and launch step
+        N before step N - 1's tokens are back, its decode inputs taken on the device from
+        N - 1's samples, so the device never waits for the host between steps. A request that
+        step N - 1 ends (EOS, stop token) has run in step N too; that token is dropped, as is
+        the one after a stop string. Batches that sample from the output history on the host
+        (penalties, multi-token bad words) wait for step N - 1 first."""
+        if self._inflight is not None and (not self.async_scheduling or self._inflight.needs_history):
+            self._land(self._inflight)
+            self._inflight = None
         sched_out = self.scheduler.schedule()
         pending = self.runner.launch(sched_out)
-        outputs = self._process_deferred()  # overlaps the device work just launched
-        runner_out = pending.result()
-        # A request a stop string ended above may have run in this step too: the scheduler
-        # skips it (it is no longer running), so its extra token is dropped.
-        updates = self.scheduler.update_from_output(sched_out, runner_out.sampled)
+        if self._inflight is not None:  # the device moves on to step N meanwhile
+            self._land(self._inflight)
+        self._inflight = None if sched_out.is_empty() else _InFlight(sched_out, pending)
+        outputs = self._process_landed()
+        self.runner.release(self.scheduler.pop_finished_ids())
+        return outputs
+
+    def _land(self, step: "_InFlight") -> None:
+        """Wait for a launched step and record its tokens in the scheduler; its outputs are
+        worked out by _process_landed."""
+        runner_out = step.pending.result()
+        # A request a stop string ended since may have run in this step: the scheduler skips
+        # it (it is finished), so its extra token is dropped.
+        updates = self.scheduler.update_from_output(step.sched_out, runner_out.sampled)
         if updates or runner_out.prompt_logprobs:
             new_tokens = {u.request.request_id: u.new_token_ids for u in updates}
             finished = {u.request.request_id: (u.request.status.finish_reason, u.request.stop_reason)
                         for u in updates if u.request.is_finished()}
-            self._deferred = (new_tokens, finished, runner_out)
-        self.runner.release(self.scheduler.pop_finished_ids())
-        return outputs
+            self._landed = (new_tokens, finished, runner_out)
+        self.runner.release(self.scheduler.pop_finished_ids())  # before a schedule reuses their rows
 
-    def _drop_deferred(self, child_ids: list[str]) -> None:
-        """Forget what the last step owes to requests that are gone (aborted)."""
-        if self._deferred is None:
-            return
-        new_tokens, finished, runner_out = self._deferred
-        for cid in child_ids:
-            new_tokens.pop(cid, None)
-            finished.pop(cid, None)
-            runner_out.prompt_logprobs.pop(cid, None)
-        if not new_tokens and not runner_out.prompt_logprobs:
-            self._deferred = None
-
-    def _process_deferred(self) -> list[RequestOutput]:
-        if self._deferred is None:
+    def _process_landed(self) -> list[RequestOutput]:
+        if self._landed is None:
             return []
-        new_tokens, finished, runner_out = self._deferred
-        self._deferred = None
+        new_tokens, finished, runner_out = self._landed
+        self._landed = None
         outputs, stopped = self.output_processor.process(new_tokens, finished, runner_out)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs
+
+
+class _InFlight:
+    """A launched step whose tokens are not recorded yet."""
+
+    def __init__(self, sched_out: SchedulerOutput, pending: PendingStep) -> None:
+        self.sched_out, self.pending = sched_out, pending
+        # Requests it samples for that read their output history on the host.
+        self.needs_history = any(s.samples and s.request.sampling_params.needs_output_history
+                                 for s in sched_out.scheduled)

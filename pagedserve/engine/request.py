@@ -57,6 +57,9 @@ class Request:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Tokens a launched step is sampling whose values are not back yet (async scheduling
+        # schedules the next step before then; at most 2: the step in flight and this one).
+        self.num_inflight = 0
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache, set when first scheduled
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -82,6 +85,18 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_scheduled_target(self) -> int:
+        """Tokens the request will have once the in-flight samples land: what the scheduler
+        computes up to."""
+        return len(self.all_token_ids) + self.num_inflight
+
+    def capped_by_inflight(self, max_model_len: int) -> bool:
+        """Whether the tokens in flight already reach max_tokens or max_model_len, so the
+        request ends when they land and must not be scheduled again."""
+        return self.num_inflight > 0 and (len(self.output_token_ids) + self.num_inflight >= self.max_tokens
+                                          or len(self.all_token_ids) + self.num_inflight >= max_model_len)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

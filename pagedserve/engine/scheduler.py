@@ -24,15 +24,11 @@ class ScheduledRequest:
     start: int  # first position computed this step (= num_computed_tokens before the step)
     num_tokens: int  # how many tokens the step computes for it
     block_ids: list[int]  # the request's block table (live list owned by the KV cache manager)
+    samples: bool = False  # whether the step yields the request's next token (its chunk reaches the end)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step produces the request's next token (its chunk reaches the end)."""
-        return self.end >= self.request.num_tokens
 
 
 @dataclass
@@ -136,7 +132,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.capped_by_inflight(self.max_model_len):
+                i += 1  # its in-flight token is its last: it finishes when that lands
+                continue
+            n = min(req.num_scheduled_target - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -176,8 +175,12 @@ class Scheduler:
                 budget -= n
 
         for req, n in plan:
-            out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.block_ids(req)))
+            start = req.num_computed_tokens
+            samples = start + n >= req.num_scheduled_target
+            out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_ids(req), samples))
             req.num_computed_tokens += n
+            if samples:
+                req.num_inflight += 1
         return out
 
     def _preempt(self, req: Request) -> None:
@@ -197,34 +200,47 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[TokenUpdate]:
         """Record the step's results: publish written blocks, append sampled tokens, stop
-        finished requests. Returns one entry per request that got a token."""
+        finished requests. Returns one entry per request that got a token.
+
+        With async scheduling the next step is already scheduled when this runs, so a request
+        may meanwhile have been preempted (its token still counts: it recomputes with it) or
+        finished (aborted, or stopped by the previous step: the token is dropped)."""
         results: list[TokenUpdate] = []
         finished_any = False
         for s in out.scheduled:
             req = s.request
-            if req.status != RequestStatus.RUNNING:
-                continue  # finished (aborted) while the step ran
-            self.kv.cache_blocks(req, req.num_computed_tokens)
+            if s.samples:
+                req.num_inflight -= 1
+            if req.is_finished():
+                continue
             token = sampled.get(req.request_id)
+            if token is not None:
+                req.append_output_token(token)
+            running = req.status == RequestStatus.RUNNING
+            if running:  # blocks up to the tokens known (the next step may be writing one more)
+                self.kv.cache_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt
-            req.append_output_token(token)
             if req.pending_siblings:
-                self._fork_siblings(req)
+                self._fork_siblings(req, share=running)
             status = self._check_stop(req, token)
             if status is not None:
+                if running:
+                    finished_any = True
+                else:  # preempted meanwhile: it waits to recompute
+                    self.waiting.remove(req)
                 req.status = status
                 self._release(req)
-                finished_any = True
             results.append(TokenUpdate(req, [token]))
         if finished_any:
             self.running = [r for r in self.running if not r.is_finished()]
         return results
 
-    def _fork_siblings(self, leader: Request) -> None:
+    def _fork_siblings(self, leader: Request, share: bool = True) -> None:
         """The leader's prompt KV is written: its siblings share the full prompt blocks and
-        compute only the rest (at least one token, so each samples its own first token)."""
-        shared = (leader.num_prompt_tokens - 1) // self.kv.block_size
+        compute only the rest (at least one token, so each samples its own first token).
+        share=False (the leader was preempted meanwhile): they start from scratch."""
+        shared = (leader.num_prompt_tokens - 1) // self.kv.block_size if share else 0
         # Keep the list to siblings still waiting (admitted or finished ones drop out).
         self._forked_waiting = [w for w in self._forked_waiting if w.status == RequestStatus.WAITING]
         for sib in reversed(leader.pending_siblings):

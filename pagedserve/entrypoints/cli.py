@@ -32,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
     p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
+    _bool_flag(p, "async-scheduling", None, "schedule step N+1 before step N's tokens are back (default: on "
+               "CUDA)")
 
 
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:

@@ -19,8 +19,8 @@ class LLM:
     Accepts vLLM's constructor names for the knobs pagedserve has (model, tokenizer, dtype,
     seed, max_model_len, block_size, max_num_seqs, max_num_batched_tokens,
     enable_prefix_caching, enable_chunked_prefill, gpu_memory_utilization,
-    kv_cache_memory_bytes, device, enforce_eager, max_logprobs); an unknown name is a
-    TypeError rather than being silently ignored."""
+    kv_cache_memory_bytes, device, enforce_eager, max_logprobs, async_scheduling); an unknown
+    name is a TypeError rather than being silently ignored."""
 
     def __init__(self, model: Optional[str] = None, **kwargs: Any) -> None:
         """`model` is a local Hugging Face directory; None means the built-in demo model."""

@@ -40,24 +40,41 @@ def bucket_for(sizes: list[int], n: int) -> Optional[int]:
     return sizes[i] if i < len(sizes) else None
 
 
+class _Staging:
+    """Pinned host copies of the per-step buffers, and the event after their last copy out."""
+
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, pin: bool) -> None:
+        self.ids = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
+        self.pos = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
+        self.slots = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
+        self.lens = torch.zeros(max_batch, dtype=torch.int32, pin_memory=pin)
+        self.bt = torch.zeros((max_batch, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
+        self.copied: Optional[torch.cuda.Event] = None
+
+
 class DecodeBuffers:
     """The static device tensors every captured graph reads. `fill` copies a step's inputs in
-    (through pinned host staging, one copy per tensor) and pads the rest of the bucket."""
+    (through pinned host staging, one copy per tensor) and pads the rest of the bucket.
+
+    Two staging sets take turns: with async scheduling step N + 1 is filled while step N's
+    copies may still be queued behind step N - 1 on the device; a set is rewritten only after
+    the event recorded behind its previous copies (two steps back, long done)."""
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, max_model_len: int,
                  device: torch.device) -> None:
         self.max_batch, self.block_size, self.max_model_len, self.device = max_batch, block_size, max_model_len, device
-        pin = device.type == "cuda"
+        self._cuda = device.type == "cuda"
 
-        def pair(shape, dtype):
-            return (torch.zeros(shape, dtype=dtype, device=device),
-                    torch.zeros(shape, dtype=dtype, pin_memory=pin))
+        def zeros(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.input_ids, self._h_ids = pair(max_batch, torch.int64)
-        self.positions, self._h_pos = pair(max_batch, torch.int64)
-        self.slot_mapping, self._h_slots = pair(max_batch, torch.int64)
-        self.seq_lens, self._h_lens = pair(max_batch, torch.int32)
-        self.block_tables, self._h_bt = pair((max_batch, max_blocks_per_seq), torch.int32)
+        self.input_ids = zeros(max_batch, torch.int64)
+        self.positions = zeros(max_batch, torch.int64)
+        self.slot_mapping = zeros(max_batch, torch.int64)
+        self.seq_lens = zeros(max_batch, torch.int32)
+        self.block_tables = zeros((max_batch, max_blocks_per_seq), torch.int32)
+        self._staging = [_Staging(max_batch, max_blocks_per_seq, self._cuda) for _ in range(2)]
+        self._turn = 0
         # One query token per row: query_start_loc is always 0..bucket.
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.fill_padding(max_batch)
@@ -65,30 +82,32 @@ class DecodeBuffers:
     def fill(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
              block_rows: np.ndarray, bucket: int) -> None:
         """Rows [0, n) from the step (block_rows: [n, <= max_blocks_per_seq]), rows [n, bucket)
-        padding. The host staging is reused next step: safe because every step waits for its
-        sampled tokens, hence for these copies, before the next fill."""
+        padding."""
         n = len(input_ids)
         assert n <= bucket <= self.max_batch
-        for host, data, pad in ((self._h_ids, input_ids, 0), (self._h_pos, positions, 0),
-                                (self._h_slots, slots, -1), (self._h_lens, seq_lens, 0)):
+        st = self._staging[self._turn]
+        self._turn ^= 1
+        if st.copied is not None:
+            st.copied.synchronize()
+        for host, data, pad in ((st.ids, input_ids, 0), (st.pos, positions, 0), (st.slots, slots, -1),
+                                (st.lens, seq_lens, 0)):
             h = host.numpy()
             h[:n] = data
             h[n:bucket] = pad
-        self._h_bt.numpy()[:n, : block_rows.shape[1]] = block_rows  # padding rows' tables are never read
-        self._copy(bucket, n)
+        st.bt.numpy()[:n, : block_rows.shape[1]] = block_rows  # padding rows' tables are never read
+        for dev, host in ((self.input_ids, st.ids), (self.positions, st.pos), (self.slot_mapping, st.slots),
+                          (self.seq_lens, st.lens)):
+            dev[:bucket].copy_(host[:bucket], non_blocking=self._cuda)
+        if n:
+            self.block_tables[:n].copy_(st.bt[:n], non_blocking=self._cuda)
+        if self._cuda:
+            st.copied = torch.cuda.Event()
+            st.copied.record()
 
     def fill_padding(self, bucket: int) -> None:
         """Every row padding (used while capturing: the warm-up passes write no KV)."""
         empty = np.zeros(0, dtype=np.int64)
         self.fill(empty, empty, empty, empty, np.zeros((0, 0), dtype=np.int32), bucket)
-
-    def _copy(self, bucket: int, n: int) -> None:
-        nb = self.device.type == "cuda"
-        for dev, host in ((self.input_ids, self._h_ids), (self.positions, self._h_pos),
-                          (self.slot_mapping, self._h_slots), (self.seq_lens, self._h_lens)):
-            dev[:bucket].copy_(host[:bucket], non_blocking=nb)
-        if n:
-            self.block_tables[:n].copy_(self._h_bt[:n], non_blocking=nb)
 
     def metadata(self, bucket: int) -> AttentionMetadata:
         """Views of the static buffers for one bucket. The host-side fields cannot follow a
@@ -104,6 +123,7 @@ class DecodeBuffers:
 
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
+TokenPatch = tuple[torch.Tensor, torch.Tensor]  # (rows of input_ids, their tokens), on the device
 
 
 class DecodeGraphRunner:
@@ -148,13 +168,16 @@ class DecodeGraphRunner:
                     self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            block_rows: np.ndarray) -> torch.Tensor:
+            block_rows: np.ndarray, patch: Optional[TokenPatch] = None) -> torch.Tensor:
         """Hidden states [n, hidden] of a decode-only step of n <= max_size requests. The result
-        is a view into the graph's output, valid until the next run."""
+        is a view into the graph's output, valid until the next run. `patch`: (rows, tokens)
+        device tensors written over input_ids (tokens a previous step is still sampling)."""
         n = len(input_ids)
         bucket = self.bucket(n)
         assert bucket is not None, f"{n} rows exceed the largest captured batch {self.max_size}"
         self.buffers.fill(input_ids, positions, slots, seq_lens, block_rows, bucket)
+        if patch is not None:
+            self.buffers.input_ids.index_copy_(0, *patch)
         if not self.use_graphs:
             return self._forward(bucket)[:n]
         graph, out = self.graphs[bucket]

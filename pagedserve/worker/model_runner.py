@@ -4,7 +4,7 @@ samples. Owns the model, the KV cache tensors and the per-request sampling state
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -16,7 +16,7 @@ from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
-from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, capture_sizes
+from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
@@ -37,6 +37,9 @@ class HostInputs:
     block_rows: np.ndarray  # [num_reqs, max_blocks] int32, this step's block table rows
     num_decodes: int
     sample_rows: list[int]
+    # Decode rows whose input token the previous step is still sampling (async scheduling):
+    # (row, request id); the token is taken from that step's samples on the device.
+    pending_rows: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def decode_only(self) -> bool:
@@ -78,6 +81,8 @@ class ModelRunner:
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
+        # The last launched step's sampled tokens (device) and request id -> row.
+        self._last_samples: Optional[tuple[torch.Tensor, dict[str, int]]] = None
 
     # ---- KV cache ---------------------------------------------------------------------
     def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -185,11 +190,14 @@ class ModelRunner:
             batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
             targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
             targets_t = torch.tensor([t for ts in targets for t in ts], device=self.device) if prompt_lp else None
-            hidden = self._forward(host)
+            patch = self._pending_token_patch(host.pending_rows)
+            hidden = self._forward(host, patch)
             if rows_t is None:
                 return PendingStep(ModelRunnerOutput())
             logits = self.model.compute_logits(hidden[rows_t])
             s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
+        if s_out is not None:  # the next step, if scheduled before these are back, reads them here
+            self._last_samples = (s_out.tokens, {r.request_id: i for i, r in enumerate(sampled_reqs)})
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t)
                    if prompt_lp else None)
 
@@ -267,13 +275,26 @@ class ModelRunner:
                 PositionLogprobs(t, c, rk, ti, tv)
                 for t, c, rk, ti, tv in zip(targets, chosen.tolist(), ranks.tolist(), top_i, top_v)]
 
-    def _forward(self, host: HostInputs) -> torch.Tensor:
+    def _pending_token_patch(self, pending_rows: list[tuple[int, str]]) -> Optional[TokenPatch]:
+        """(rows, tokens) on the device for decode rows whose input the previous step is still
+        sampling: its sampled-token tensor, gathered without waiting for it."""
+        if not pending_rows:
+            return None
+        assert self._last_samples is not None, "a pending input token but no step sampled it"
+        tokens, row_of = self._last_samples
+        src = [row_of[rid] for _, rid in pending_rows]
+        idx = torch.tensor([[t for t, _ in pending_rows], src], dtype=torch.long).to(self.device, non_blocking=True)
+        return idx[0], tokens.index_select(0, idx[1])
+
+    def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay when the step is decode-only and
-        fits a captured bucket, else an eager pass."""
+        fits a captured bucket, else an eager pass. `patch` overwrites pending input tokens."""
         if self.graphs is not None and host.decode_only and len(host.seq_lens) <= self.graphs.max_size:
             return self.graphs.run(host.input_ids, host.positions, host.slots,
-                                   np.asarray(host.seq_lens, dtype=np.int32), host.block_rows)
+                                   np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch)
         ids, positions, meta = self._device_inputs(host)
+        if patch is not None:
+            ids.index_copy_(0, *patch)
         return self.model(ids, positions, meta)
 
     def _host_inputs(self, order: list[ScheduledRequest]) -> HostInputs:
@@ -288,12 +309,17 @@ class ModelRunner:
         seq_lens = []
         num_decodes = 0
         sample_rows = []
+        pending_rows: list[tuple[int, str]] = []
         t = 0
         for i, s in enumerate(order):
             req, n, start, end = s.request, s.num_tokens, s.start, s.end
             if n == 1:
                 num_decodes += 1
-                input_ids[t] = req.all_token_ids[start]
+                if start < len(req.all_token_ids):
+                    input_ids[t] = req.all_token_ids[start]
+                else:
+                    input_ids[t] = 0
+                    pending_rows.append((t, req.request_id))
                 positions[t] = start
                 slots[t] = s.block_ids[start // bs] * bs + start % bs
             else:
@@ -308,7 +334,8 @@ class ModelRunner:
                 sample_rows.append(i)
         max_blocks = -(-max(seq_lens) // bs)
         block_rows = table[rows, :max_blocks]  # one C-level copy of the step's rows
-        return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows)
+        return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
+                          pending_rows)
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device

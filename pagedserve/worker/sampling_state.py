@@ -112,7 +112,9 @@ class SamplingStates:
         ban_rows, ban_cols = [], []
         bias_rows, bias_cols, bias_vals = [], [], []
         for row, (r, p) in enumerate(zip(reqs, params)):
-            if r.num_output_tokens < p.min_tokens:  # no stop token may be sampled yet
+            # Output tokens before the one sampled now: those landed, plus any an earlier
+            # step still in flight is sampling (async scheduling).
+            if r.num_output_tokens + max(r.num_inflight - 1, 0) < p.min_tokens:  # no stop token yet
                 stops = set(p.stop_token_ids) | p._eos_token_ids
                 ban_rows += [row] * len(stops)
                 ban_cols += sorted(stops)
