@@ -192,3 +192,15 @@ def test_abort_while_a_step_is_in_flight(pair):
     assert not eng.has_unfinished_requests()
     eng.step()
     assert_no_leak(asyn)
+
+
+def test_chunked_prefill_with_prompt_logprobs(llama_dir, pair):
+    """Chunks that end before the prompt does sample nothing but still report prompt logprobs."""
+    chunked = [LLM(llama_dir, max_model_len=256, max_num_batched_tokens=16, async_scheduling=a) for a in (False, True)]
+    prompts = [{"prompt_token_ids": [(11 * i + j) % 900 + 3 for j in range(30 + 7 * i)]} for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=1, logprobs=1, ignore_eos=True)
+    outs = _same(chunked, prompts, params)
+    whole = pair[0].generate(prompts, params, use_tqdm=False)  # each prompt in one step
+    assert _fields(outs) == _fields(whole)
+    assert _logprob_values(outs) == pytest.approx(_logprob_values(whole), abs=1e-4)
+    assert all(len(o.prompt_logprobs) == len(p["prompt_token_ids"]) for o, p in zip(outs, prompts))

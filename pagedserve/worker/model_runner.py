@@ -4,6 +4,7 @@ samples. Owns the model, the KV cache tensors and the per-request sampling state
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,7 +19,7 @@ from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
-from pagedserve.worker.sampler import Sampler
+from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.sampling_state import SamplingStates
 
 logger = logging.getLogger("pagedserve")
@@ -58,6 +59,41 @@ class PendingStep:
         out = self._collect()
         self._collect = out
         return out
+
+
+class _DeviceToHost:
+    """Non-blocking copies of a step's results into pinned host memory, and an event behind
+    them: waiting on it waits for that step only. On CPU tensors are passed through."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.event: Optional[torch.cuda.Event] = None
+
+    def __call__(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None or not self.cuda:
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+
+    def sampler_output(self, s: Optional[SamplerOutput]) -> Optional[SamplerOutput]:
+        if s is None:
+            return None
+        return SamplerOutput(*(self(getattr(s, f.name)) for f in dataclasses.fields(s)))
+
+    def prompt_logprobs(self, items: Optional[list]) -> Optional[list]:
+        if items is None:
+            return None
+        return [(req, tgt, self(chosen), self(ranks), None if top is None else (self(top[0]), self(top[1])))
+                for req, tgt, chosen, ranks, top in items]
+
+    def record(self) -> None:
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
 
 
 class ModelRunner:
@@ -196,17 +232,24 @@ class ModelRunner:
                 return PendingStep(ModelRunnerOutput())
             logits = self.model.compute_logits(hidden[rows_t])
             s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
-        if s_out is not None:  # the next step, if scheduled before these are back, reads them here
-            self._last_samples = (s_out.tokens, {r.request_id: i for i, r in enumerate(sampled_reqs)})
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t)
                    if prompt_lp else None)
+            # Copies to the host queued right behind this step, so that result() waits for this
+            # step alone, not for one launched after it (async scheduling).
+            d2h = _DeviceToHost(self.device)
+            s_host = d2h.sampler_output(s_out)
+            plp_host = d2h.prompt_logprobs(plp)
+            d2h.record()
+        if s_out is not None:  # the next step, if scheduled before these are back, reads them here
+            self._last_samples = (s_out.tokens, {r.request_id: i for i, r in enumerate(sampled_reqs)})
 
         def collect() -> ModelRunnerOutput:
+            d2h.wait()
             result = ModelRunnerOutput()
-            if s_out is not None:
-                self._collect_samples(sampled_reqs, s_out, result)
-            if plp is not None:
-                self._collect_prompt_logprobs(plp, result)
+            if s_host is not None:
+                self._collect_samples(sampled_reqs, s_host, result)
+            if plp_host is not None:
+                self._collect_prompt_logprobs(plp_host, result)
             return result
 
         return PendingStep(collect)

@@ -20,6 +20,16 @@ _NEG_INF = float("-inf")
 
 
 @dataclass
+class SampleGroup:
+    """Random rows that take one sampling path, with what the path needs known on the host
+    (reading it back from the device would stall the step)."""
+
+    rows: Optional[torch.Tensor]  # [G] row indices on the device; None = every row of the batch
+    top_k_max: int  # > 0: every row has a top-k (candidate path), this the largest; 0: none has
+    top_p: bool  # the full-vocabulary path applies top-p (some row has top_p < 1)
+
+
+@dataclass
 class SamplingBatch:
     temperature: Optional[torch.Tensor]  # [S] float32, 1.0 on greedy rows; None when all are greedy
     greedy: Optional[torch.Tensor]  # [S] bool; None when all are greedy
@@ -37,6 +47,7 @@ class SamplingBatch:
     repetition: Optional[torch.Tensor] = None  # [S]; None when every row has 1.0
     penalty_sub: Optional[torch.Tensor] = None  # [S, V]: frequency * count + presence * (count > 0)
     num_logprobs: Optional[int] = None  # the largest top-k asked for by any row; None = no logprobs
+    groups: list[SampleGroup] = field(default_factory=list)  # the random rows, by path
 
 
 @dataclass
@@ -95,12 +106,9 @@ class Sampler:
         if b.bias is not None:
             rows, cols, vals = b.bias
             logits.index_put_((rows, cols), vals, accumulate=True)
-        if b.repetition is not None:
-            # Only the seen tokens change: gather them, scale by sign, scatter back.
-            rows, cols = b.seen_mask.nonzero(as_tuple=True)
-            vals = logits[rows, cols]
-            rep = b.repetition[rows]
-            logits[rows, cols] = torch.where(vals > 0, vals / rep, vals * rep)
+        if b.repetition is not None:  # seen tokens only, scaled by sign (no host read-back)
+            rep = b.repetition.unsqueeze(1)
+            logits = torch.where(b.seen_mask, torch.where(logits > 0, logits / rep, logits * rep), logits)
         if b.penalty_sub is not None:
             logits.sub_(b.penalty_sub)
         return logits
@@ -113,20 +121,21 @@ class Sampler:
         return u
 
     @staticmethod
-    def candidates(logits: torch.Tensor, b: SamplingBatch, rows: Optional[torch.Tensor] = None):
-        """Temperature, min-p, top-k and top-p applied: (candidate logits, their token ids or
-        None for the whole vocabulary), for the given rows (default all)."""
+    def candidates(logits: torch.Tensor, b: SamplingBatch, g: SampleGroup):
+        """Temperature, min-p, top-k and top-p applied to a group's rows: (candidate logits,
+        their token ids or None for the whole vocabulary)."""
+        rows = g.rows
+
         def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None or rows is None else t[rows]
 
         temp = b.temperature if rows is None else b.temperature[rows]
-        top_k = b.top_k if rows is None else pick(b.top_k)
         top_p = b.top_p if rows is None else pick(b.top_p)
         min_p = b.min_p if rows is None else pick(b.min_p)
         x = logits if rows is None else logits[rows]
-        if top_k is not None and bool((top_k > 0).all()):
-            kmax = int(top_k.max())
-            vals, ids = x.topk(min(kmax, x.shape[1]), dim=-1)  # sorted, descending
+        if g.top_k_max > 0:
+            top_k = b.top_k if rows is None else b.top_k[rows]
+            vals, ids = x.topk(min(g.top_k_max, x.shape[1]), dim=-1)  # sorted, descending
             vals = vals / temp.unsqueeze(1)
             vals = vals.masked_fill(torch.arange(vals.shape[1], device=x.device) >= top_k.unsqueeze(1), _NEG_INF)
             if min_p is not None:
@@ -137,7 +146,7 @@ class Sampler:
         x = x / temp.unsqueeze(1)
         if min_p is not None:
             x = _min_p_threshold(x, x.amax(dim=-1, keepdim=True), min_p)
-        if top_p is not None and bool((top_p < 1.0).any()):
+        if g.top_p:
             sorted_desc, ids = x.sort(dim=-1, descending=True)
             return _top_p_sorted(sorted_desc, top_p), ids
         return x, None
@@ -148,41 +157,27 @@ class Sampler:
         tokens = logits.argmax(dim=-1) if not b.all_random else torch.empty(
             logits.shape[0], dtype=torch.long, device=logits.device)
         u = self.uniforms(b, logits.shape[0], logits.device)
-        for rows in self._row_groups(b):
-            vals, ids = self.candidates(logits, b, rows)
-            idx = inverse_cdf(vals.softmax(dim=-1), u if rows is None else u[rows])
+        for g in b.groups:
+            vals, ids = self.candidates(logits, b, g)
+            idx = inverse_cdf(vals.softmax(dim=-1), u if g.rows is None else u[g.rows])
             picked = idx if ids is None else ids.gather(1, idx.unsqueeze(1)).squeeze(1)
-            if rows is None:
+            if g.rows is None:
                 tokens = torch.where(b.greedy, tokens, picked)
             else:
-                tokens[rows] = picked
+                tokens[g.rows] = picked
         return tokens
-
-    @staticmethod
-    def _row_groups(b: SamplingBatch) -> list[Optional[torch.Tensor]]:
-        """Random rows, split into those with a top-k (candidate path) and those without."""
-        if b.all_greedy:
-            return []
-        if b.top_k is None:
-            if b.all_random:
-                return [None]
-            return [torch.nonzero(~b.greedy).squeeze(1)]
-        random_rows = ~b.greedy
-        with_k = random_rows & (b.top_k > 0)
-        groups = [torch.nonzero(m).squeeze(1) for m in (with_k, random_rows & ~with_k)]
-        return [g for g in groups if g.numel()]
 
     def probabilities(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """The full [S, V] distribution each random row samples from (greedy rows: one-hot).
         Not on the hot path: for tests and debugging."""
         x = self.process_logits(logits.float(), b)
         out = torch.nn.functional.one_hot(x.argmax(dim=-1), x.shape[1]).float()
-        for rows in self._row_groups(b):
-            vals, ids = self.candidates(x, b, rows)
+        for g in b.groups:
+            vals, ids = self.candidates(x, b, g)
             probs = vals.softmax(dim=-1)
             full = probs if ids is None else torch.zeros_like(x[: probs.shape[0]]).scatter_(1, ids, probs)
-            if rows is None:
+            if g.rows is None:
                 out = torch.where(b.greedy.unsqueeze(1), out, full)
             else:
-                out[rows] = full
+                out[g.rows] = full
         return out

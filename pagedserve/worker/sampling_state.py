@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from pagedserve.engine.request import Request
-from pagedserve.worker.sampler import SamplingBatch
+from pagedserve.worker.sampler import SampleGroup, SamplingBatch
 
 
 @dataclass
@@ -60,6 +60,22 @@ class SamplingStates:
             st.num_counted += len(new)
         return st.seen_mask, st.penalty_sub
 
+    def _groups(self, params: list, greedy: list[bool], b: SamplingBatch) -> list[SampleGroup]:
+        """The random rows split by sampling path (top-k candidates or the whole vocabulary),
+        decided here on the host."""
+        rand = [i for i, g in enumerate(greedy) if not g]
+
+        def group(rows: list[int], whole: bool, top_k: bool) -> SampleGroup:
+            idx = None if whole else torch.tensor(rows, dtype=torch.long, device=self.device)
+            kmax = max(params[i].top_k for i in rows) if top_k else 0
+            return SampleGroup(idx, kmax, b.top_p is not None and any(params[i].top_p < 1.0 for i in rows))
+
+        if b.top_k is None:
+            return [group(rand, b.all_random, False)]
+        with_k = [i for i in rand if params[i].top_k > 0]
+        without = [i for i in rand if params[i].top_k <= 0]
+        return [group(r, False, k) for r, k in ((with_k, True), (without, False)) if r]
+
     def build(self, reqs: list[Request]) -> SamplingBatch:
         params = [r.sampling_params for r in reqs]
         dev = self.device
@@ -77,6 +93,7 @@ class SamplingStates:
                 b.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
             if any(p.top_p < 1.0 for p in params):
                 b.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+            b.groups = self._groups(params, greedy, b)
             if any(p.min_p > 0.0 for p in params):
                 b.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
             for row, (r, p) in enumerate(zip(reqs, params)):
