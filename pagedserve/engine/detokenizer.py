@@ -33,6 +33,17 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: list[int]) -> str:
         """Append tokens; returns the text they completed (possibly empty)."""
+        if len(token_ids) == 1 and self._stream is not None:  # the per-step case, kept short
+            t = token_ids[0]
+            self.output_ids.append(t)
+            try:
+                chunk = self._stream.step(self.backend, t)
+            except Exception:
+                chunk = self._recover()
+            if chunk:
+                self.text += chunk
+                return chunk
+            return ""
         self.output_ids.extend(token_ids)
         new = ""
         for t in token_ids:
@@ -41,10 +52,7 @@ class IncrementalDetokenizer:
                 try:
                     chunk = self._stream.step(self.backend, t)
                 except Exception:
-                    # The stream lost its footing (rare decoder corner cases): rebuild the
-                    # text from scratch and start a fresh stream after it.
-                    chunk = self._full_decode()[len(self.text):]
-                    self._stream = self._new_stream(self.output_ids[-_PRIME_TOKENS:])
+                    chunk = self._recover()
             else:
                 full = self._full_decode()
                 chunk = full[len(self.text):] if not full.endswith("\ufffd") else None
@@ -52,6 +60,13 @@ class IncrementalDetokenizer:
                 new += chunk
                 self.text += chunk
         return new
+
+    def _recover(self) -> str:
+        """The stream lost its footing (rare decoder corner cases): rebuild the text from
+        scratch and start a fresh stream after it; returns the text not yet emitted."""
+        chunk = self._full_decode()[len(self.text):]
+        self._stream = self._new_stream(self.output_ids[-_PRIME_TOKENS:])
+        return chunk
 
     def finish(self) -> str:
         """At the end of a request, flush bytes still pending in the stream (an incomplete

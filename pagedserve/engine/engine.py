@@ -214,12 +214,9 @@ class LLMEngine:
         runner_out = step.pending.result()
         # A request a stop string ended since may have run in this step: the scheduler skips
         # it (it is finished), so its extra token is dropped.
-        updates = self.scheduler.update_from_output(step.sched_out, runner_out.sampled)
-        if updates or runner_out.prompt_logprobs:
-            new_tokens = {u.request.request_id: u.new_token_ids for u in updates}
-            finished = {u.request.request_id: (u.request.status.finish_reason, u.request.stop_reason)
-                        for u in updates if u.request.is_finished()}
-            self._landed = (new_tokens, finished, runner_out)
+        upd = self.scheduler.update_from_output(step.sched_out, runner_out.sampled)
+        if upd.new_tokens or runner_out.prompt_logprobs:
+            self._landed = (upd.new_tokens, upd.finished, runner_out)
         self.runner.release(self.scheduler.pop_finished_ids())  # before a schedule reuses their rows
 
     def _process_landed(self) -> list[RequestOutput]:
@@ -239,5 +236,4 @@ class _InFlight:
     def __init__(self, sched_out: SchedulerOutput, pending: PendingStep) -> None:
         self.sched_out, self.pending = sched_out, pending
         # Requests it samples for that read their output history on the host.
-        self.needs_history = any(s.samples and s.request.sampling_params.needs_output_history
-                                 for s in sched_out.scheduled)
+        self.needs_history = any([s.request.needs_output_history for s in sched_out.scheduled if s.samples])

@@ -116,7 +116,6 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the same, as ids, for the model runner
-        self.num_published: dict[str, int] = {}  # how many of a request's blocks are in the cache
         # Counters for metrics: prompt tokens looked up / found in the prefix cache.
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -178,7 +177,7 @@ class KVCacheManager:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
             ids.extend(b.block_id for b in new_computed_blocks)
-            self.num_published[req.request_id] = len(blocks)
+            req.num_published_blocks = len(blocks)
         if needed > 0:
             new = self.pool.allocate(needed)
             blocks.extend(new)
@@ -192,7 +191,7 @@ class KVCacheManager:
         self.pool.touch(blocks)
         self.req_blocks[dst.request_id] = list(blocks)
         self.req_block_ids[dst.request_id] = [b.block_id for b in blocks]
-        self.num_published[dst.request_id] = min(num_blocks, self.num_published.get(src.request_id, 0))
+        dst.num_published_blocks = min(num_blocks, src.num_published_blocks)
 
     def holds_blocks(self, req: Request) -> bool:
         return bool(self.req_blocks.get(req.request_id))
@@ -205,18 +204,18 @@ class KVCacheManager:
         if not blocks:
             return
         num_full = min(num_computed_tokens // self.block_size, len(blocks))
-        start = self.num_published.get(req.request_id, 0)
+        start = req.num_published_blocks
         if num_full <= start:
             return
         hashes = self._update_hashes(req, num_full * self.block_size)
         for i in range(start, num_full):
             self.pool.publish(blocks[i], hashes[i])
-        self.num_published[req.request_id] = num_full
+        req.num_published_blocks = num_full
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, None)
         self.req_block_ids.pop(req.request_id, None)
-        self.num_published.pop(req.request_id, None)
+        req.num_published_blocks = 0
         if blocks:
             self.pool.free(reversed(blocks))
 

@@ -56,7 +56,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, on the per-step path
+            return seqs[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in seqs)
 
 
 def find_stop_string(text: str, new_chars: int, stops: list[str], include: bool) -> Optional[tuple[str, int]]:
@@ -156,22 +159,19 @@ class OutputProcessor:
                 entry[1].touched = True
                 touched[entry[0].request_id] = entry[0]
         outputs = []
+        final_only = RequestOutputKind.FINAL_ONLY
         for state in touched.values():
-            out = self._make_output(state)
-            if out is not None:
-                outputs.append(out)
+            done = state.finished
+            if done or state.params.output_kind != final_only:
+                outputs.append(self._make_output(state, done))
             for seq in state.seqs:
                 seq.touched = False
-            if state.finished:
+            if done:
                 self.remove(state.request_id)
         return outputs, stopped
 
-    def _make_output(self, state: RequestState) -> Optional[RequestOutput]:
-        finished = state.finished
-        kind = state.params.output_kind
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        delta = kind == RequestOutputKind.DELTA
+    def _make_output(self, state: RequestState, finished: bool) -> RequestOutput:
+        delta = state.params.output_kind == RequestOutputKind.DELTA
         completions = []
         for seq in state.seqs:
             if delta and not seq.touched:

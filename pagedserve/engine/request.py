@@ -65,6 +65,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: Union[int, str, None] = None
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the KV cache manager
+        self.num_published_blocks = 0  # how many of its blocks the KV cache manager put in the prefix cache
+        # Sampling reads its output history on the host (async scheduling waits for it).
+        self.needs_output_history = sampling_params.needs_output_history
         self.max_tokens = 0  # resolved by the engine from sampling_params and max_model_len
         # Prompt logprobs need every prompt position computed: no prefix-cache hits.
         self.skip_prefix_cache = sampling_params.prompt_logprobs is not None

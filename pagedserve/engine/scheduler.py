@@ -45,9 +45,15 @@ class SchedulerOutput:
 
 
 @dataclass
-class TokenUpdate:
-    request: Request
-    new_token_ids: list[int]
+class StepUpdate:
+    """What a step changed, for the output side: child request id -> its new tokens, and
+    child request id -> (finish_reason, stop_reason) for those it finished."""
+
+    new_tokens: dict[str, list[int]] = field(default_factory=dict)
+    finished: dict[str, tuple] = field(default_factory=dict)
+
+
+_FINISHED = RequestStatus.FINISHED_STOPPED  # statuses from here on are finished
 
 
 class Scheduler:
@@ -198,43 +204,51 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[TokenUpdate]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> StepUpdate:
         """Record the step's results: publish written blocks, append sampled tokens, stop
-        finished requests. Returns one entry per request that got a token.
+        finished requests.
 
         With async scheduling the next step is already scheduled when this runs, so a request
         may meanwhile have been preempted (its token still counts: it recomputes with it) or
-        finished (aborted, or stopped by the previous step: the token is dropped)."""
-        results: list[TokenUpdate] = []
+        finished (aborted, or stopped by the previous step: the token is dropped).
+        Runs for every request at every step: kept lean."""
+        upd = StepUpdate()
+        new_tokens, finished = upd.new_tokens, upd.finished
+        bs = self.kv.block_size
         finished_any = False
         for s in out.scheduled:
             req = s.request
             if s.samples:
                 req.num_inflight -= 1
-            if req.is_finished():
+            status = req.status
+            if status >= _FINISHED:
                 continue
-            token = sampled.get(req.request_id)
+            rid = req.request_id
+            token = sampled.get(rid)
             if token is not None:
-                req.append_output_token(token)
-            running = req.status == RequestStatus.RUNNING
-            if running:  # blocks up to the tokens known (the next step may be writing one more)
-                self.kv.cache_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+                req.output_token_ids.append(token)
+                req.all_token_ids.append(token)
+            running = status == RequestStatus.RUNNING
+            # Publish the blocks filled by known tokens (the next step may be writing one more).
+            if running and min(req.num_computed_tokens, len(req.all_token_ids)) // bs > req.num_published_blocks:
+                self.kv.cache_blocks(req, min(req.num_computed_tokens, len(req.all_token_ids)))
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt
             if req.pending_siblings:
                 self._fork_siblings(req, share=running)
-            status = self._check_stop(req, token)
-            if status is not None:
+            new_tokens[rid] = [token]
+            stop = self._check_stop(req, token)
+            if stop is not None:
                 if running:
                     finished_any = True
                 else:  # preempted meanwhile: it waits to recompute
                     self.waiting.remove(req)
-                req.status = status
+                req.status = stop
                 self._release(req)
-            results.append(TokenUpdate(req, [token]))
+                finished[rid] = (stop.finish_reason, req.stop_reason)
         if finished_any:
-            self.running = [r for r in self.running if not r.is_finished()]
-        return results
+            self.running = [r for r in self.running if r.status < _FINISHED]
+        return upd
 
     def _fork_siblings(self, leader: Request, share: bool = True) -> None:
         """The leader's prompt KV is written: its siblings share the full prompt blocks and
@@ -253,12 +267,13 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:
         sp = req.sampling_params
-        if req.num_output_tokens >= sp.min_tokens:
+        n_out = len(req.output_token_ids)
+        if n_out >= sp.min_tokens:
             if token in sp._eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED
             if token in sp.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+        if n_out >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None
