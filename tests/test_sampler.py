@@ -19,9 +19,10 @@ NEG = float("-inf")
 def _req(rid, prompt, output, **sp) -> Request:
     eos = sp.pop("eos", frozenset())
     bad = sp.pop("bad", [])
-    r = Request(rid, prompt, SamplingParams(max_tokens=50, **sp))
-    r.sampling_params._eos_token_ids = frozenset(eos)
-    r.sampling_params._bad_words_token_ids = bad
+    params = SamplingParams(max_tokens=50, **sp)
+    params._eos_token_ids = frozenset(eos)  # as the engine does, before the request is made
+    params._bad_words_token_ids = bad
+    r = Request(rid, prompt, params)
     for t in output:
         r.append_output_token(t)
     return r

@@ -68,6 +68,9 @@ class Request:
         self.num_published_blocks = 0  # how many of its blocks the KV cache manager put in the prefix cache
         # Sampling reads its output history on the host (async scheduling waits for it).
         self.needs_output_history = sampling_params.needs_output_history
+        # Per-step logit rules (min_tokens bans, bad words, logit bias) to apply when sampling.
+        p = sampling_params
+        self.has_logit_rules = p.min_tokens > 0 or bool(p._bad_words_token_ids) or bool(p.logit_bias)
         self.max_tokens = 0  # resolved by the engine from sampling_params and max_model_len
         # Prompt logprobs need every prompt position computed: no prefix-cache hits.
         self.skip_prefix_cache = sampling_params.prompt_logprobs is not None

@@ -18,7 +18,7 @@ from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.request import Request, RequestStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     start: int  # first position computed this step (= num_computed_tokens before the step)
@@ -136,12 +136,14 @@ class Scheduler:
         plan: list[tuple[Request, int]] = []
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.capped_by_inflight(self.max_model_len):
+        running = self.running
+        while i < len(running) and budget > 0:
+            req = running[i]
+            inflight = req.num_inflight
+            if inflight and req.capped_by_inflight(self.max_model_len):
                 i += 1  # its in-flight token is its last: it finishes when that lands
                 continue
-            n = min(req.num_scheduled_target - req.num_computed_tokens, budget)
+            n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -180,11 +182,13 @@ class Scheduler:
                 plan.append((req, n))
                 budget -= n
 
+        scheduled = out.scheduled
+        block_ids = self.kv.req_block_ids
         for req, n in plan:
             start = req.num_computed_tokens
-            samples = start + n >= req.num_scheduled_target
-            out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_ids(req), samples))
-            req.num_computed_tokens += n
+            samples = start + n >= len(req.all_token_ids) + req.num_inflight
+            scheduled.append(ScheduledRequest(req, start, n, block_ids.get(req.request_id, []), samples))
+            req.num_computed_tokens = start + n
             if samples:
                 req.num_inflight += 1
         return out

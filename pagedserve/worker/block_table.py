@@ -10,7 +10,7 @@ import numpy as np
 class BlockTable:
     def __init__(self, max_rows: int, max_blocks_per_row: int) -> None:
         self.table = np.zeros((max_rows, max_blocks_per_row), dtype=np.int32)
-        self.filled = np.zeros(max_rows, dtype=np.int64)
+        self.filled = [0] * max_rows  # a list: read at every step, numpy scalars are slow
         self.row_of: dict[str, int] = {}
         self.free_rows = list(range(max_rows - 1, -1, -1))
 
@@ -21,7 +21,7 @@ class BlockTable:
             row = self.free_rows.pop()
             self.row_of[request_id] = row
             self.filled[row] = 0
-        n, done = len(block_ids), int(self.filled[row])
+        n, done = len(block_ids), self.filled[row]
         if n > done:
             self.table[row, done:n] = block_ids[done:n]
             self.filled[row] = n

@@ -341,40 +341,51 @@ class ModelRunner:
         return self.model(ids, positions, meta)
 
     def _host_inputs(self, order: list[ScheduledRequest]) -> HostInputs:
+        """The step's flat inputs; `order` has its decode rows first. Decode rows (one token
+        each) are gathered into lists and written in bulk: this runs at every step."""
         bs = self.block_size
-        total = sum(s.num_tokens for s in order)
+        sync = self.block_table.sync
+        rows = [sync(s.request.request_id, s.block_ids) for s in order]
+        table = self.block_table.table
+        ids: list[int] = []
+        pos: list[int] = []
+        slot: list[int] = []
+        seq_lens: list[int] = []
+        pending_rows: list[tuple[int, str]] = []
+        for s in order:
+            if s.num_tokens != 1:
+                break
+            req, start = s.request, s.start
+            toks = req.all_token_ids
+            if start < len(toks):
+                ids.append(toks[start])
+            else:
+                pending_rows.append((len(ids), req.request_id))
+                ids.append(0)
+            pos.append(start)
+            slot.append(s.block_ids[start // bs] * bs + start % bs)
+            seq_lens.append(start + 1)
+        num_decodes = len(ids)
+        total = num_decodes + sum(s.num_tokens for s in order[num_decodes:])
         input_ids = np.empty(total, dtype=np.int64)
         positions = np.empty(total, dtype=np.int64)
         slots = np.empty(total, dtype=np.int64)
-        rows = [self.block_table.sync(s.request.request_id, s.block_ids) for s in order]
-        table = self.block_table.table
-        qsl = [0]
-        seq_lens = []
-        num_decodes = 0
-        sample_rows = []
-        pending_rows: list[tuple[int, str]] = []
-        t = 0
-        for i, s in enumerate(order):
-            req, n, start, end = s.request, s.num_tokens, s.start, s.end
-            if n == 1:
-                num_decodes += 1
-                if start < len(req.all_token_ids):
-                    input_ids[t] = req.all_token_ids[start]
-                else:
-                    input_ids[t] = 0
-                    pending_rows.append((t, req.request_id))
-                positions[t] = start
-                slots[t] = s.block_ids[start // bs] * bs + start % bs
-            else:
-                input_ids[t : t + n] = req.all_token_ids[start:end]
-                pos = np.arange(start, end)
-                positions[t : t + n] = pos
-                slots[t : t + n] = table[rows[i], pos // bs].astype(np.int64) * bs + pos % bs
-            t += n
+        input_ids[:num_decodes] = ids
+        positions[:num_decodes] = pos
+        slots[:num_decodes] = slot
+        qsl = list(range(num_decodes + 1))
+        t = num_decodes
+        for i in range(num_decodes, len(order)):
+            s = order[i]
+            start, end = s.start, s.end
+            input_ids[t : t + s.num_tokens] = s.request.all_token_ids[start:end]
+            p = np.arange(start, end)
+            positions[t : t + s.num_tokens] = p
+            slots[t : t + s.num_tokens] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs
+            t += s.num_tokens
             qsl.append(t)
             seq_lens.append(end)
-            if s.samples:
-                sample_rows.append(i)
+        sample_rows = [i for i, s in enumerate(order) if s.samples]
         max_blocks = -(-max(seq_lens) // bs)
         block_rows = table[rows, :max_blocks]  # one C-level copy of the step's rows
         return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,

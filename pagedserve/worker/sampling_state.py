@@ -128,7 +128,10 @@ class SamplingStates:
 
         ban_rows, ban_cols = [], []
         bias_rows, bias_cols, bias_vals = [], [], []
-        for row, (r, p) in enumerate(zip(reqs, params)):
+        for row, r in enumerate(reqs):
+            if not r.has_logit_rules:
+                continue
+            p = r.sampling_params
             # Output tokens before the one sampled now: those landed, plus any an earlier
             # step still in flight is sampling (async scheduling).
             if r.num_output_tokens + max(r.num_inflight - 1, 0) < p.min_tokens:  # no stop token yet
