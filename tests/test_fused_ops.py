@@ -1,5 +1,5 @@
 """The fused Triton kernels of the model's pointwise parts (RMSNorm with residual add, RoPE,
-SiLU-and-mul) against their PyTorch twins in pagedserve/ops/reference.py, which are the
+RoPE with the KV-cache write, SiLU-and-mul) against their PyTorch twins in pagedserve/ops/reference.py, which are the
 forms the PyTorch path runs. Without CUDA they run in Triton's interpreter on small shapes;
 `-m gpu` repeats the checks on the GPU at the benchmark model's sizes."""
 
@@ -12,9 +12,14 @@ pytest.importorskip("triton")
 
 from pagedserve.ops import triton_interpreting  # noqa: E402
 from pagedserve.ops.activation import silu_and_mul  # noqa: E402
-from pagedserve.ops.reference import rms_norm_ref, rotary_ref, silu_and_mul_ref  # noqa: E402
+from pagedserve.ops.reference import (  # noqa: E402
+    reshape_and_cache_ref,
+    rms_norm_ref,
+    rotary_ref,
+    silu_and_mul_ref,
+)
 from pagedserve.ops.rms_norm import rms_norm  # noqa: E402
-from pagedserve.ops.rotary import rotary_embedding  # noqa: E402
+from pagedserve.ops.rotary import rotary_embedding, rotary_embedding_and_cache  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
@@ -80,6 +85,39 @@ def check_rotary(t: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int
     assert torch.equal(got_q[0], before[0, : hq * d].view(hq, d))  # position 0 rotates by nothing
 
 
+def check_rotary_and_cache(t: int, hq: int, hk: int, d: int, dtype: torch.dtype, block_size: int,
+                           seed: int = 0) -> None:
+    """The fused kernel: q and k rotated in place as rotary_embedding does, and the caches
+    holding exactly the rotated k and v at each token's slot; padding (-1) writes nothing."""
+    qkv = _rand(t, (hq + 2 * hk) * d, dtype=dtype, seed=seed)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d: (hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(t, hk, d)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    positions = torch.randint(0, 4096, (t,), generator=g, device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=DEV) / d))
+    freqs = torch.arange(4096, dtype=torch.float32, device=DEV)[:, None] * inv[None, :]
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
+    num_blocks = -(-t // block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=g, device=DEV)[:t]
+    slots[1::3] = -1  # padding rows
+    ref_q, ref_k = rotary_ref(positions, q.clone(), k.clone(), cos_sin)
+    ref_kc = torch.zeros(num_blocks, block_size, hk, d, dtype=dtype, device=DEV)
+    ref_vc = torch.zeros_like(ref_kc)
+    reshape_and_cache_ref(ref_k, v, ref_kc, ref_vc, slots)
+    kc, vc = torch.full_like(ref_kc, 7.0), torch.full_like(ref_vc, 7.0)
+    rotary_embedding_and_cache(positions, q, k, v, cos_sin, kc, vc, slots)
+    _close(q, ref_q, strict=False)
+    _close(k, ref_k, strict=False)
+    keep = slots >= 0
+    flat_k, flat_v = kc.view(-1, hk, d), vc.view(-1, hk, d)
+    assert torch.equal(flat_k[slots[keep]], k[keep]) and torch.equal(flat_v[slots[keep]], v[keep])
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool, device=DEV)
+    untouched[slots[keep]] = False
+    assert (flat_k[untouched] == 7).all() and (flat_v[untouched] == 7).all()
+    _close(kc.view(-1, hk, d)[slots[keep]], ref_kc.view(-1, hk, d)[slots[keep]], strict=False)
+
+
 def check_silu_and_mul(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> None:
     x = _rand(t, 2 * n, dtype=dtype, seed=seed) * 3
     _close(silu_and_mul(x), silu_and_mul_ref(x), strict=False)
@@ -95,6 +133,12 @@ def test_rms_norm(t, h, dtype):
 @pytest.mark.parametrize("hq, hk, d", [(4, 2, 16), (6, 1, 24)])
 def test_rotary(hq, hk, d, dtype):
     check_rotary(7, hq, hk, d, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hq, hk, d, block_size", [(4, 2, 16, 4), (6, 1, 24, 8)])
+def test_rotary_and_cache(hq, hk, d, block_size, dtype):
+    check_rotary_and_cache(9, hq, hk, d, dtype, block_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -116,4 +160,6 @@ def test_fused_ops_gpu(dtype):
     check_rms_norm(17, 5120, dtype, seed=4)
     check_rotary(4096, 32, 4, 64, dtype, seed=5)
     check_rotary(33, 28, 4, 128, dtype, seed=6)
+    check_rotary_and_cache(4096, 32, 4, 64, dtype, 16, seed=8)
+    check_rotary_and_cache(33, 28, 4, 128, dtype, 16, seed=9)
     check_silu_and_mul(4096, 5632, dtype, seed=7)

@@ -39,6 +39,15 @@ class AttentionBackend(ABC):
     """Writes a step's new K/V into the paged cache and attends over it."""
 
     name: str = "base"
+    fuses_rope: bool = False  # has write_kv_rope: RoPE and the KV write in one kernel
+
+    def write_kv_rope(
+        self, positions: torch.Tensor, cos_sin: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+        value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    ) -> None:
+        """RoPE on query and key (in place), then write_kv of the rotated key; only backends
+        with fuses_rope."""
+        raise NotImplementedError
 
     @abstractmethod
     def write_kv(

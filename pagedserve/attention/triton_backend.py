@@ -11,6 +11,7 @@ import torch
 from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
 from pagedserve.ops.paged_attention import decode_segments, paged_attention
 from pagedserve.ops.reshape_and_cache import reshape_and_cache
+from pagedserve.ops.rotary import rotary_embedding_and_cache
 
 # Under TRITON_INTERPRET (CPU tests) there are no multiprocessors to fill; a small stand-in
 # makes small decode batches take the split path, so the tests exercise it.
@@ -30,9 +31,14 @@ class TritonAttentionBackend(AttentionBackend):
                                      if device.type == "cuda" else _INTERPRETER_SMS)
         return self._num_sms[device]
 
+    fuses_rope = True
+
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         # Padding tokens past num_actual_tokens carry slot -1: the kernel skips them.
         reshape_and_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+
+    def write_kv_rope(self, positions, cos_sin, query, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        rotary_embedding_and_cache(positions, query, key, value, cos_sin, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value) -> torch.Tensor:
         out = torch.empty_like(query)

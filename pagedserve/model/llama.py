@@ -43,6 +43,8 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.attn.fuses_rope and self.rotary.use_triton:  # RoPE inside the KV-write kernel
+            return self.o_proj(self.attn(q, k, v, meta, rope=(positions, self.rotary.cos_sin)))
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 

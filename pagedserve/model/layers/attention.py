@@ -20,9 +20,18 @@ class PagedAttention(nn.Module):
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]."""
+    @property
+    def fuses_rope(self) -> bool:
+        return self.backend is not None and self.backend.fuses_rope
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]. rope: (positions, cos_sin) when
+        q and k are still to be rotated, by the backend's KV write (needs fuses_rope)."""
         assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
-        self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
+        if rope is not None:
+            self.backend.write_kv_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta)
+        else:
+            self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
         o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, k, v)
         return o.reshape(o.shape[0], -1)
