@@ -16,8 +16,9 @@ Figures (the issue's goals in brackets):
   e2e_efficiency     2 * params * (input + output tokens) / pagedserve wall time, over the
                      measured bf16 matmul rate (torch, 8192^3)  [>= 0.30]
   batch1_bw_fraction weight bytes read per token (all weights but the embedding table, of
-                     which a token reads one row) / batch-1 decode step time, over the measured
-                     device-to-device copy bandwidth (bytes read + written)  [>= 0.60]
+                     which a token reads one row) / batch-1 decode wall time per token, over the
+                     measured device-to-device copy bandwidth (bytes read + written)  [>= 0.60]
+  async_speedup_*    the same run with synchronous scheduling over async (the default on CUDA)
 """
 
 from __future__ import annotations
@@ -194,10 +195,16 @@ def figures(rec: dict) -> dict:
         fig["e2e_tflops"] = flops / ps["elapsed_s"] / 1e12
         fig["e2e_efficiency"] = fig["e2e_tflops"] / rates["matmul_tflops"]
     b1 = ps.get("batch1", {})
-    if "step_s_median" in b1 and "copy_gbps" in rates:
-        fig["batch1_ms_per_token"] = 1000 * b1["step_s_median"]
-        fig["batch1_weight_gbps"] = ps["weight_bytes_per_token"] / b1["step_s_median"] / 1e9
+    if "s_per_token" in b1 and "copy_gbps" in rates:
+        fig["batch1_ms_per_token"] = 1000 * b1["s_per_token"]
+        fig["batch1_weight_gbps"] = ps["weight_bytes_per_token"] / b1["s_per_token"] / 1e9
         fig["batch1_bw_fraction"] = fig["batch1_weight_gbps"] / rates["copy_gbps"]
+    by_mode = ps.get("elapsed_s_by_mode", {})
+    if "sync" in by_mode and "async" in by_mode:
+        fig["async_speedup_e2e"] = by_mode["sync"] / by_mode["async"]
+    b1m = ps.get("batch1_by_mode", {})
+    if "sync" in b1m and "async" in b1m:
+        fig["async_speedup_batch1"] = b1m["sync"]["s_per_token"] / b1m["async"]["s_per_token"]
     fig["goals"] = {k: {"goal": g, "met": fig[k] >= g} for k, g in GOALS.items() if k in fig}
     return fig
 

@@ -152,17 +152,26 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     sps = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
     steps = _count_steps(llm.llm_engine)
     compiled = triton_variants()
-    sync(ns.device)
-    t = time.perf_counter()
-    outs = llm.generate(prompts, sps, use_tqdm=False)
-    sync(ns.device)
-    info["elapsed_s"] = time.perf_counter() - t
+    info["async_scheduling"] = llm.llm_engine.async_scheduling
+
+    def timed_run() -> tuple[float, list]:
+        llm.llm_engine.kv.reset_prefix_cache()
+        sync(ns.device)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sps, use_tqdm=False)
+        sync(ns.device)
+        return time.perf_counter() - t, outs
+
+    info["elapsed_s"], outs = timed_run()  # the engine's default mode (async on CUDA)
     info["triton_variants_before_after"] = [compiled, triton_variants()]  # equal: no compile while timed
     info["steps"] = steps()
     info["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
     info["input_tokens"] = sum(r.prompt_len for r in reqs)
     info["output_tokens_per_s"] = info["output_tokens"] / info["elapsed_s"]
+    # The same run in each scheduling mode, for the ratio (same engine, same process).
+    info["elapsed_s_by_mode"] = both_modes(llm, lambda: timed_run()[0])
     info["batch1"] = batch1_decode(llm, vocab=runner.config.vocab_size, steps=ns.batch1_tokens)
+    info["batch1_by_mode"] = both_modes(llm, lambda: batch1_decode(llm, runner.config.vocab_size, ns.batch1_tokens))
     vocab = runner.config.vocab_size
     info["breakdown"] = {}
     for batch, plen in ((min(256, runner.config.max_num_seqs), 512), (1, 128)):
@@ -184,7 +193,8 @@ def triton_variants() -> dict:
 
     kernels = {"attention": paged_attention._paged_attention_kernel, "merge": paged_attention._merge_segments_kernel,
                "kv_write": reshape_and_cache._reshape_and_cache_kernel, "rms_norm": rms_norm._rms_norm_kernel,
-               "rotary": rotary._rotary_kernel, "silu_mul": activation._silu_and_mul_kernel}
+               "rotary": rotary._rotary_kernel, "rotary_kv_write": rotary._rotary_and_cache_kernel,
+               "silu_mul": activation._silu_and_mul_kernel}
     out = {}
     for name, k in kernels.items():
         try:
@@ -211,23 +221,44 @@ def _random_prompt(rng: random.Random, n: int, vocab: int) -> dict:
 
 
 def batch1_decode(llm, vocab: int, steps: int) -> dict:
-    """One request, 128-token prompt: wall time of each engine step after the prefill."""
+    """One request, 128-token prompt: once its first token is back, the wall time to its last
+    over the tokens in between (with async scheduling a step() call returns one step late,
+    so per-call times are not per-token times), and the median step() call."""
     from pagedserve import SamplingParams
 
     eng = llm.llm_engine
     rng = random.Random(1)
-    times = []
+    res: dict[str, Any] = {"prompt_len": 128, "async_scheduling": eng.async_scheduling}
     for rep in range(2):  # the first repetition is a warm-up
-        eng.add_request(f"b1-{rep}", _random_prompt(rng, 128, vocab),
+        rid = f"b1-{eng.async_scheduling}-{rep}"
+        eng.add_request(rid, _random_prompt(rng, 128, vocab),
                         SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
-        eng.step()  # prefill + first token
+        req = eng.scheduler.requests[rid]
+        while req.num_output_tokens < 1:  # prefill and first token
+            eng.step()
+        sync("cuda" if torch.cuda.is_available() else "cpu")
+        first, times = req.num_output_tokens, []
+        t0 = time.perf_counter()
         while eng.has_unfinished_requests():
             t = time.perf_counter()
-            eng.step()  # step() returns after the sampled token reached the host
-            if rep:
-                times.append(time.perf_counter() - t)
-    return {"prompt_len": 128, "decode_steps": len(times), "step_s_median": statistics.median(times),
-            "step_s_mean": statistics.fmean(times)}
+            eng.step()
+            times.append(time.perf_counter() - t)
+        total = time.perf_counter() - t0
+        res.update(decode_tokens=req.num_output_tokens - first, step_calls=len(times),
+                   s_per_token=total / (req.num_output_tokens - first), step_s_median=statistics.median(times))
+    return res
+
+
+def both_modes(llm, fn: Callable[[], Any]) -> dict:
+    """fn() with async scheduling on, then off (the same engine: the mode is read per step)."""
+    eng = llm.llm_engine
+    default = eng.async_scheduling
+    out = {}
+    for mode in (True, False):
+        eng.async_scheduling = mode
+        out["async" if mode else "sync"] = fn()
+    eng.async_scheduling = default
+    return out
 
 
 def _decoding_batch(llm, batch: int, plen: int, vocab: int, max_tokens: int, tag: str) -> list[str]:
@@ -252,7 +283,7 @@ def step_breakdown(llm, batch: int, plen: int, vocab: int, device: str, steps: i
     of the GPU kernels."""
     eng = llm.llm_engine
     runner = eng.runner
-    ids = _decoding_batch(llm, batch, plen, vocab, 4 * steps + 8, f"bd{batch}")
+    ids = _decoding_batch(llm, batch, plen, vocab, 6 * steps + 16, f"bd{batch}")
 
     def wall(n: int) -> float:
         eng.step()
@@ -263,7 +294,8 @@ def step_breakdown(llm, batch: int, plen: int, vocab: int, device: str, steps: i
         sync(device)
         return 1000 * (time.perf_counter() - t) / n
 
-    res: dict[str, Any] = {"batch": batch, "prompt_len": plen, "ms_per_step": wall(steps)}
+    res: dict[str, Any] = {"batch": batch, "prompt_len": plen, "ms_per_step": wall(steps),
+                           "ms_per_step_by_mode": both_modes(llm, lambda: wall(steps))}
     graphs, runner.graphs = runner.graphs, None
     res["ms_per_step_eager"] = wall(steps)
     runner.graphs = graphs
