@@ -119,6 +119,9 @@ class Orchestrator:
         best = self.record.get("kernels", {}).get("best_k_rows")
         if best is not None and "PAGEDSERVE_ATTN_K_ROWS" not in os.environ:  # the faster K layout measured
             env["PAGEDSERVE_ATTN_K_ROWS"] = "1" if best else "0"
+        shape = self.record.get("kernels", {}).get("best_decode_config")
+        if shape is not None and "PAGEDSERVE_ATTN_DECODE_CONFIG" not in os.environ:  # the fastest decode shape
+            env["PAGEDSERVE_ATTN_DECODE_CONFIG"] = shape
         return env
 
     def run(self, phase: str, proc: "subprocess.Popen | None" = None) -> dict:

@@ -105,7 +105,47 @@ def kernel_timings(device: str, dry: bool) -> dict:
     # The engine run takes the layout that is faster on the decode step that dominates it.
     name = (DRY_KERNEL_CASES if dry else KERNEL_CASES)[0][0]
     res["best_k_rows"] = res[name + "_krows"]["ms"] < res[name]["ms"]
+    res.update(decode_config_sweep(device, dry, res["best_k_rows"], sms))
     return res
+
+
+# (TILE_N, num_warps, num_stages) tried for the decode variant; the first is the default
+# shape (TILE_N 64 and 4 warps at head dim 64; Triton's default 3 stages).
+DECODE_CONFIGS = ((64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 3), (64, 2, 3), (64, 8, 3),
+                  (128, 8, 3), (128, 4, 4))
+
+
+def decode_config_sweep(device: str, dry: bool, k_rows: bool, sms: int) -> dict:
+    """The decode kernel at batch 256 x 800 keys (the engine's dominant step) in each launch
+    shape: times, and the fastest, which gpu_check passes to the engine run."""
+    from pagedserve.ops.paged_attention import decode_segments, paged_attention
+
+    hq, kvh, d, bs = 32, 4, 64, 16
+    batch, ctx = (4, 40) if dry else (256, 800)
+    g = torch.Generator(device=device).manual_seed(1)
+    nb = batch * -(-ctx // bs)
+    kc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+    bt = torch.randperm(nb, device=device, generator=g).to(torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    q = torch.randn(batch, hq, d, device=device, generator=g).to(torch.bfloat16)
+    out, ref = torch.empty_like(q), None
+    segs = decode_segments(batch, kvh, sms)
+    times = {}
+    for tile_n, warps, stages in DECODE_CONFIGS[:2] if dry else DECODE_CONFIGS:
+        def fn():
+            paged_attention(q, kc, vc, bt, seq_lens, qsl, batch, batch, 0.125, out=out, decode=True,
+                            num_segments=segs, k_rows=k_rows, tile_n=tile_n, num_warps=warps, num_stages=stages)
+
+        fn()
+        if ref is None:
+            ref = out.clone()
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # every shape computes the same thing
+        times[f"{tile_n},{warps},{stages}"] = _bench_ms(fn, device)
+    best = min(times, key=times.get)
+    return {"decode_configs_ms": times, "best_decode_config": best,
+            "best_decode_speedup": times[next(iter(times))] / times[best]}
 
 
 def _bench_ms(fn: Callable[[], None], device: str) -> float:
@@ -130,7 +170,7 @@ def workload(ns) -> list:
 
 def run_pagedserve(model: str, reqs, ns) -> dict:
     from pagedserve import LLM, SamplingParams
-    from pagedserve.ops.paged_attention import K_ROWS_DEFAULT
+    from pagedserve.ops.paged_attention import DECODE_CONFIG, K_ROWS_DEFAULT
 
     t = time.perf_counter()
     llm = LLM(model, dtype=ns.dtype, seed=0)
@@ -139,7 +179,7 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     params = sum(p.numel() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight
     info: dict[str, Any] = {
-        "init_s": init_s, "params": params, "attn_k_rows": K_ROWS_DEFAULT, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
+        "init_s": init_s, "params": params, "attn_k_rows": K_ROWS_DEFAULT, "attn_decode_config": DECODE_CONFIG, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
         "cuda_graphs": runner.graphs is not None and runner.graphs.use_graphs,
         "graph_sizes": runner.graphs.sizes if runner.graphs is not None else None,
         "num_kv_blocks": runner.config.num_gpu_blocks, "block_size": runner.config.block_size,

@@ -247,6 +247,24 @@ def test_engine_with_triton_backend_matches_transformers(llama_dir, hf_refs):
         assert_greedy_matches(hf_refs["llama"].greedy(p, 8), o.outputs[0].token_ids)
 
 
+def test_decode_launch_config_env(monkeypatch):
+    """PAGEDSERVE_ATTN_DECODE_CONFIG (what gpu_check sets from its sweep) is parsed strictly
+    and changes the decode launch without changing its result."""
+    from pagedserve.ops import paged_attention as pa
+
+    assert pa.parse_decode_config(None) is None and pa.parse_decode_config("32,2,4") == (32, 2, 4)
+    for bad in ("64,4", "48,4,3", "64,3,3", "x,4,3", "8,4,3"):
+        with pytest.raises(ValueError, match="PAGEDSERVE_ATTN_DECODE_CONFIG"):
+            pa.parse_decode_config(bad)
+    b = make_batch([(1, 45), (1, 7), (1, 70)], 8, 2, 32, 8, torch.float32)
+    for cfg in ((16, 2, 2), (128, 4, 4)):
+        monkeypatch.setattr(pa, "DECODE_CONFIG", cfg)
+        for segments in (1, 2):
+            got = torch.full_like(b.query, float("nan"))
+            run_kernels(b, got, 0.17, segments)
+            assert_attention_close(got, reference(b, 0.17), torch.float32)
+
+
 def test_decode_segments_heuristic():
     # About two programs per multiprocessor; one segment once the batch fills the GPU.
     from pagedserve.ops.paged_attention import decode_segments

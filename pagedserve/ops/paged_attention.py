@@ -35,6 +35,25 @@ _LOG2E = 1.4426950408889634
 K_ROWS_DEFAULT = os.environ.get("PAGEDSERVE_ATTN_K_ROWS", "1") == "1"
 
 
+def parse_decode_config(text: Optional[str]) -> Optional[tuple[int, int, int]]:
+    """PAGEDSERVE_ATTN_DECODE_CONFIG="TILE_N,num_warps,num_stages": the decode variant's
+    launch shape (benchmarks/gpu_check.py times a few on the GPU at hand and runs the engine
+    with the fastest). Unset: TILE_N from the head dim, warps from the tile, Triton's stages."""
+    if not text:
+        return None
+    try:
+        tile_n, warps, stages = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"PAGEDSERVE_ATTN_DECODE_CONFIG must be 'TILE_N,num_warps,num_stages', got {text!r}") from None
+    for name, v, lo in (("TILE_N", tile_n, 16), ("num_warps", warps, 1), ("num_stages", stages, 1)):
+        if v < lo or (name != "num_stages" and v & (v - 1)):
+            raise ValueError(f"PAGEDSERVE_ATTN_DECODE_CONFIG: {name} must be a power of two >= {lo}, got {v}")
+    return tile_n, warps, stages
+
+
+DECODE_CONFIG = parse_decode_config(os.environ.get("PAGEDSERVE_ATTN_DECODE_CONFIG"))
+
+
 @triton.jit
 def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
     """Last request r in [0, num_seqs) with qsl[r] // BLOCK_Q + r <= target."""
@@ -206,6 +225,7 @@ def paged_attention(
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int, num_tokens: int, scale: float,
     out: Optional[torch.Tensor] = None, decode: bool = False, num_segments: int = 1,
     block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
+    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -213,7 +233,8 @@ def paged_attention(
     [num_blocks, block_size, KVH, D]. num_tokens: query rows these requests span (a host
     upper bound; sizes the grid). decode=True promises one query token per request and
     allows num_segments > 1 (a power of two). Rows of `out` outside the requests are not
-    written. k_rows: how K tiles are loaded (default: K_ROWS_DEFAULT)."""
+    written. k_rows: how K tiles are loaded (default: K_ROWS_DEFAULT). tile_n, num_warps,
+    num_stages: launch shape (decode default: DECODE_CONFIG where set)."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -226,7 +247,14 @@ def paged_attention(
     head_dim_p = max(16, triton.next_power_of_2(d))
     block_m = block_m or block_m_for(group, decode)
     block_q = 1 if decode else block_m // group
+    if decode and DECODE_CONFIG is not None:
+        tile_n = tile_n or DECODE_CONFIG[0]
+        num_warps = num_warps or DECODE_CONFIG[1]
+        num_stages = num_stages or DECODE_CONFIG[2]
     tile_n = tile_n or tile_n_for(head_dim_p)
+    launch = {"num_warps": num_warps or (4 if block_m * head_dim_p <= 64 * 128 else 8)}
+    if num_stages:
+        launch["num_stages"] = num_stages
     assert block_m >= group and block_m >= 16 and tile_n >= 16, "tl.dot needs 16-wide tiles"
     grid0 = num_seqs if decode else triton.cdiv(num_tokens, block_q) + num_seqs
     precision = "ieee" if query.dtype == torch.float32 else "tf32"  # float32 stays exact; 16-bit ignores it
@@ -246,8 +274,7 @@ def paged_attention(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
-        K_ROWS=K_ROWS_DEFAULT if k_rows is None else k_rows,
-        num_warps=4 if block_m * head_dim_p <= 64 * 128 else 8,
+        K_ROWS=K_ROWS_DEFAULT if k_rows is None else k_rows, **launch,
     )
     if num_segments > 1:
         _merge_segments_kernel[(num_seqs, hq)](
