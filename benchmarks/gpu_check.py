@@ -38,11 +38,11 @@ ISSUE_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_
                    vocab_size=32000, max_position_embeddings=2048, tokenizer_vocab=2048)
 DRY_MODEL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  vocab_size=2048, max_position_embeddings=512, tokenizer_vocab=512)
-GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "tests/test_cuda_graphs.py",
-                  "tests/test_gpu_engine.py"]
+GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "tests/test_gemv.py",
+                  "tests/test_cuda_graphs.py", "tests/test_gpu_engine.py"]
 GOALS = {"throughput_ratio": 15.0, "e2e_efficiency": 0.30, "batch1_bw_fraction": 0.60}
 # Phase time limits (seconds), each further capped by what is left of --budget.
-LIMITS = {"device_rates": 60, "kernels": 90, "pagedserve": 240, "hf": 180, "gpu_tests": 240}
+LIMITS = {"device_rates": 60, "kernels": 150, "pagedserve": 240, "hf": 180, "gpu_tests": 240}
 
 
 def settings(ns: argparse.Namespace) -> argparse.Namespace:
@@ -122,6 +122,9 @@ class Orchestrator:
         shape = self.record.get("kernels", {}).get("best_decode_config")
         if shape is not None and "PAGEDSERVE_ATTN_DECODE_CONFIG" not in os.environ:  # the fastest decode shape
             env["PAGEDSERVE_ATTN_DECODE_CONFIG"] = shape
+        gemv_env = self.record.get("kernels", {}).get("gemv_env")
+        if gemv_env and "PAGEDSERVE_GEMV" not in os.environ:  # layer shapes where the GEMV kernel won
+            env["PAGEDSERVE_GEMV"] = gemv_env
         return env
 
     def run(self, phase: str, proc: "subprocess.Popen | None" = None) -> dict:

@@ -106,7 +106,46 @@ def kernel_timings(device: str, dry: bool) -> dict:
     name = (DRY_KERNEL_CASES if dry else KERNEL_CASES)[0][0]
     res["best_k_rows"] = res[name + "_krows"]["ms"] < res[name]["ms"]
     res.update(decode_config_sweep(device, dry, res["best_k_rows"], sms))
+    res.update(gemv_sweep(device, dry))
     return res
+
+
+# The benchmark model's layer shapes (out, in): qkv, o, gate_up, down, lm_head.
+GEMV_LAYER_SHAPES = ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048))
+GEMV_CONFIGS = tuple((bn, bk, 4, st) for bn in (16, 32, 64) for bk in (256, 512) for st in (3, 4))
+
+
+def gemv_sweep(device: str, dry: bool) -> dict:
+    """Each layer shape at 1 and 4 rows: cuBLAS (F.linear) against the Triton GEMV kernel in
+    each launch shape. A shape goes into `gemv_env` (PAGEDSERVE_GEMV for the engine run) when
+    the kernel's best shape at 1 row beats cuBLAS by 3% and is not slower at 4 rows."""
+    from pagedserve.ops.gemv import gemv
+
+    shapes = ((40, 64), (64, 96)) if dry else GEMV_LAYER_SHAPES
+    configs = GEMV_CONFIGS[:2] if dry else GEMV_CONFIGS
+    dtype = torch.float32 if dry else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(2)
+    table, chosen = {}, []
+    for n, k in shapes:
+        w = torch.randn(n, k, device=device, generator=g).to(dtype)
+        row: dict[str, Any] = {}
+        for m in (1, 4):
+            x = torch.randn(m, k, device=device, generator=g).to(dtype)
+            row[f"cublas_m{m}"] = _bench_ms(lambda: torch.nn.functional.linear(x, w), device, rep=20)
+            for cfg in configs:
+                row[f"{','.join(map(str, cfg))}_m{m}"] = _bench_ms(lambda: gemv(x, w, None, cfg), device, rep=20)
+        best = min(configs, key=lambda c: row[f"{','.join(map(str, c))}_m1"])
+        key = ",".join(map(str, best))
+        row["best"] = key
+        row["speedup_m1"] = row["cublas_m1"] / row[f"{key}_m1"]
+        row["speedup_m4"] = row["cublas_m4"] / row[f"{key}_m4"]
+        row["weight_gbps_m1"] = {"cublas": w.numel() * w.element_size() / row["cublas_m1"] / 1e6,
+                                 "gemv": w.numel() * w.element_size() / row[f"{key}_m1"] / 1e6}
+        if row["speedup_m1"] > 1.03 and row["speedup_m4"] >= 1.0:
+            chosen.append(f"{n}x{k}:{key}")
+        table[f"{n}x{k}"] = row
+        del w
+    return {"gemv": table, "gemv_env": ";".join(chosen)}
 
 
 # (TILE_N, num_warps, num_stages) tried for the decode variant; the first is the default
@@ -148,11 +187,11 @@ def decode_config_sweep(device: str, dry: bool, k_rows: bool, sms: int) -> dict:
             "best_decode_speedup": times[next(iter(times))] / times[best]}
 
 
-def _bench_ms(fn: Callable[[], None], device: str) -> float:
+def _bench_ms(fn: Callable[[], None], device: str, rep: int = 100) -> float:
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=min(25, rep), rep=rep, return_mode="median")
     return 1000 * time_median(fn, device, 1, 2)
 
 
@@ -170,6 +209,7 @@ def workload(ns) -> list:
 
 def run_pagedserve(model: str, reqs, ns) -> dict:
     from pagedserve import LLM, SamplingParams
+    from pagedserve.ops.gemv import GEMV_SHAPES
     from pagedserve.ops.paged_attention import DECODE_CONFIG, K_ROWS_DEFAULT
 
     t = time.perf_counter()
@@ -179,7 +219,8 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     params = sum(p.numel() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight
     info: dict[str, Any] = {
-        "init_s": init_s, "params": params, "attn_k_rows": K_ROWS_DEFAULT, "attn_decode_config": DECODE_CONFIG, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
+        "init_s": init_s, "params": params, "attn_k_rows": K_ROWS_DEFAULT, "attn_decode_config": DECODE_CONFIG,
+        "gemv_shapes": {f"{n}x{k}": c for (n, k), c in GEMV_SHAPES.items()}, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
         "cuda_graphs": runner.graphs is not None and runner.graphs.use_graphs,
         "graph_sizes": runner.graphs.sizes if runner.graphs is not None else None,
         "num_kv_blocks": runner.config.num_gpu_blocks, "block_size": runner.config.block_size,
@@ -229,11 +270,12 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
 def triton_variants() -> dict:
     """Compiled variants of each Triton kernel so far (a compile inside a timed region shows
     as a change)."""
-    from pagedserve.ops import activation, paged_attention, reshape_and_cache, rms_norm, rotary
+    from pagedserve.ops import activation, gemv, paged_attention, reshape_and_cache, rms_norm, rotary
 
     kernels = {"attention": paged_attention._paged_attention_kernel, "merge": paged_attention._merge_segments_kernel,
                "kv_write": reshape_and_cache._reshape_and_cache_kernel, "rms_norm": rms_norm._rms_norm_kernel,
                "rotary": rotary._rotary_kernel, "rotary_kv_write": rotary._rotary_and_cache_kernel,
+               "gemv": gemv._gemv_kernel,
                "silu_mul": activation._silu_and_mul_kernel}
     out = {}
     for name, k in kernels.items():

@@ -1,0 +1,116 @@
+"""Triton kernel: y = x @ W^T (+ b) for a few rows of x (decode at batch <= GEMV_MAX_M), the
+weight read once in [BLOCK_N, BLOCK_K] tiles along its contiguous K. At batch 1 a decode step
+is the weights streamed from memory, and on small layers cuBLAS stops short of the bandwidth
+(H100, 1.1B Llama: the 8-10 MB qkv / o projections at 1.4-1.7 TB/s of ~3).
+
+Which layer shapes use it, and how, is measured, not assumed: PAGEDSERVE_GEMV names the
+(N, K) shapes where benchmarks/gpu_check.py found it faster than cuBLAS on the GPU at hand,
+each with its launch shape; unset, every layer stays on cuBLAS. Twin: torch.nn.functional.linear
+(the test compares against it in float64)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedserve.ops import triton_interpreting
+
+GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes this kernel
+
+Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
+    # read once. The products run on tensor cores with x padded to 16 rows (x is tiny).
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:  # Triton's interpreter has no 16-bit dot
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif x_ptr.dtype.element_ty == tl.float32:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Config) -> torch.Tensor:
+    """x: [M, K] (M <= 16, unit stride in K), weight: [N, K] contiguous, bias: [N] or None."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= 16 and weight.shape[1] == k and x.stride(-1) == 1 and weight.is_contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    block_n, block_k, warps, stages = config
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def parse_shapes(text: Optional[str]) -> dict[tuple[int, int], Config]:
+    """PAGEDSERVE_GEMV="NxK:BLOCK_N,BLOCK_K,warps,stages;..." -> {(N, K): config}."""
+    out: dict[tuple[int, int], Config] = {}
+    for item in filter(None, (text or "").split(";")):
+        try:
+            shape, cfg = item.split(":")
+            n, k = (int(v) for v in shape.lower().split("x"))
+            bn, bk, warps, stages = (int(v) for v in cfg.split(","))
+        except ValueError:
+            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages', got {item!r}") from None
+        if min(bn, bk) < 16 or bn & (bn - 1) or bk & (bk - 1) or warps < 1 or stages < 1:
+            raise ValueError(f"PAGEDSERVE_GEMV: BLOCK_N and BLOCK_K must be powers of two >= 16 in {item!r}")
+        out[(n, k)] = (bn, bk, warps, stages)
+    return out
+
+
+GEMV_SHAPES = parse_shapes(os.environ.get("PAGEDSERVE_GEMV"))
+
+
+def install(module: torch.nn.Linear, config: Config) -> None:
+    """Route the layer's small-batch calls (<= GEMV_MAX_M rows) through the kernel."""
+    linear = torch.nn.functional.linear
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+            return gemv(x, module.weight, module.bias, config)
+        return linear(x, module.weight, module.bias)
+
+    module.forward = forward
+
+
+def install_all(model: torch.nn.Module, shapes: Optional[dict[tuple[int, int], Config]] = None) -> int:
+    """Every nn.Linear of the model whose (out, in) shape is configured; returns how many."""
+    shapes = GEMV_SHAPES if shapes is None else shapes
+    count = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and (m.out_features, m.in_features) in shapes:
+            install(m, shapes[(m.out_features, m.in_features)])
+            count += 1
+    return count

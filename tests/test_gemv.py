@@ -1,0 +1,86 @@
+"""The small-batch GEMV kernel against torch.nn.functional.linear in float64 (Triton's
+interpreter on CPU; `-m gpu` at the benchmark model's layer shapes), its configuration
+string, and the engine with every layer routed through it against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedserve.ops import gemv as gemv_mod  # noqa: E402
+from pagedserve.ops.gemv import gemv, parse_shapes  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def check(m: int, n: int, k: int, dtype: torch.dtype, config, bias: bool, seed: int = 0) -> None:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    wide = torch.randn(m, k + 8, generator=g, device=DEV).to(dtype)
+    x = wide[:, 3:3 + k]  # rows with a stride wider than the row
+    w = torch.randn(n, k, generator=g, device=DEV).to(dtype)
+    b = torch.randn(n, generator=g, device=DEV).to(dtype) if bias else None
+    got = gemv(x, w, b, config)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.shape == (m, n) and got.dtype == dtype
+    err = (got.double() - want).abs().max().item() / want.abs().max().item()
+    assert err < TOL[dtype], f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m, n, k", [(1, 40, 96), (3, 33, 70), (4, 128, 256), (16, 20, 48)])
+def test_gemv_matches_linear(m, n, k, dtype):
+    check(m, n, k, dtype, (16, 32, 4, 2), bias=False)
+    check(m, n, k, dtype, (32, 64, 4, 3), bias=True, seed=1)
+
+
+def test_parse_shapes():
+    assert parse_shapes(None) == {} and parse_shapes("") == {}
+    assert parse_shapes("2560x2048:32,256,4,3;2048X5632:16,512,8,4") == {
+        (2560, 2048): (32, 256, 4, 3), (2048, 5632): (16, 512, 8, 4)}
+    for bad in ("2560x2048", "2560:32,256,4,3", "1x2:24,256,4,3", "1x2:32,8,4,3", "1x2:32,256,0,3"):
+        with pytest.raises(ValueError, match="PAGEDSERVE_GEMV"):
+            parse_shapes(bad)
+
+
+class _Every(dict):
+    """A shape table that routes every layer through the kernel."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        return (16, 32, 4, 2)
+
+
+def test_engine_with_gemv_matches_transformers(llama_dir, hf_refs, monkeypatch):
+    from conftest import assert_greedy_matches
+
+    from pagedserve import LLM, SamplingParams
+
+    monkeypatch.setattr(gemv_mod, "GEMV_SHAPES", _Every())
+    llm = LLM(llama_dir, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=4,
+              max_num_batched_tokens=64)
+    model = llm.llm_engine.runner.model
+    routed = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)]
+    assert len(routed) == 4 * len(model.model.layers) + 1  # qkv, o, gate_up, down per layer; lm_head
+    calls = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    prompts = [[5 + i, 17, 42 + 3 * i, 9] for i in range(3)]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert calls and max(calls) <= gemv_mod.GEMV_MAX_M  # decode steps took it; prefills stayed on cuBLAS
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(hf_refs["llama"].greedy(p, 6), o.outputs[0].token_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_gpu(dtype):
+    for n, k in ((2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)):
+        for m in (1, 4):
+            check(m, n, k, dtype, (32, 256, 4, 3), bias=False)
+            check(m, n, k, dtype, (16, 512, 8, 4), bias=True, seed=2)
