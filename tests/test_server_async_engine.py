@@ -1,5 +1,6 @@
 """AsyncLLM: per-request async streams from the background engine thread, abort on close,
-abort_all's final event, the idle wait, engine death and shutdown."""
+abort_all's final event, the idle wait, engine death and shutdown; the shared-engine tests
+run with synchronous and with async scheduling."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.engine.async_engine import EngineDeadError
 
 
-@pytest.fixture(scope="module")
-def llm(llama_dir):
-    llm = make_async_llm(llama_dir)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async_scheduling"])
+def llm(llama_dir, request):
+    llm = make_async_llm(llama_dir, async_scheduling=request.param)
     yield llm
     llm.shutdown()
 
