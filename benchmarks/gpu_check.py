@@ -208,6 +208,7 @@ def figures(rec: dict) -> dict:
     by_mode = ps.get("elapsed_s_by_mode", {})
     if "sync" in by_mode and "async" in by_mode:
         fig["async_speedup_e2e"] = by_mode["sync"] / by_mode["async"]
+        fig["async_sync_tokens_equal"] = ps.get("async_sync_tokens_equal")
     b1m = ps.get("batch1_by_mode", {})
     if "sync" in b1m and "async" in b1m:
         fig["async_speedup_batch1"] = b1m["sync"]["s_per_token"] / b1m["async"]["s_per_token"]

@@ -131,9 +131,13 @@ def gemv_sweep(device: str, dry: bool) -> dict:
         row: dict[str, Any] = {}
         for m in (1, 4):
             x = torch.randn(m, k, device=device, generator=g).to(dtype)
+            want = torch.nn.functional.linear(x.double(), w.double())
             row[f"cublas_m{m}"] = _bench_ms(lambda: torch.nn.functional.linear(x, w), device, rep=20)
             for cfg in configs:
-                row[f"{','.join(map(str, cfg))}_m{m}"] = _bench_ms(lambda: gemv(x, w, None, cfg), device, rep=20)
+                got = gemv(x, w, None, cfg).double()
+                ok = (got - want).abs().max() <= 2 ** -7 * want.abs().max()  # bf16 rounding of the result
+                row[f"{','.join(map(str, cfg))}_m{m}"] = (
+                    _bench_ms(lambda: gemv(x, w, None, cfg), device, rep=20) if ok else float("inf"))
         best = min(configs, key=lambda c: row[f"{','.join(map(str, c))}_m1"])
         key = ",".join(map(str, best))
         row["best"] = key
@@ -180,8 +184,11 @@ def decode_config_sweep(device: str, dry: bool, k_rows: bool, sms: int) -> dict:
         fn()
         if ref is None:
             ref = out.clone()
-        torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # every shape computes the same thing
-        times[f"{tile_n},{warps},{stages}"] = _bench_ms(fn, device)
+        key = f"{tile_n},{warps},{stages}"
+        if not torch.allclose(out, ref, rtol=2e-2, atol=2e-2):  # every shape must compute the same thing
+            times[key] = float("inf")
+            continue
+        times[key] = _bench_ms(fn, device)
     best = min(times, key=times.get)
     return {"decode_configs_ms": times, "best_decode_config": best,
             "best_decode_speedup": times[next(iter(times))] / times[best]}
@@ -249,8 +256,13 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     info["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
     info["input_tokens"] = sum(r.prompt_len for r in reqs)
     info["output_tokens_per_s"] = info["output_tokens"] / info["elapsed_s"]
-    # The same run in each scheduling mode, for the ratio (same engine, same process).
-    info["elapsed_s_by_mode"] = both_modes(llm, lambda: timed_run()[0])
+    # The same run in each scheduling mode, for the ratio (same engine, same process); the
+    # batches are the same step for step (ignore_eos, fixed lengths), so are the tokens.
+    runs = both_modes(llm, timed_run)
+    info["elapsed_s_by_mode"] = {mode: t for mode, (t, _) in runs.items()}
+    info["async_sync_tokens_equal"] = [o.outputs[0].token_ids for o in runs["async"][1]] == \
+        [o.outputs[0].token_ids for o in runs["sync"][1]]
+    del runs
     info["batch1"] = batch1_decode(llm, vocab=runner.config.vocab_size, steps=ns.batch1_tokens)
     info["batch1_by_mode"] = both_modes(llm, lambda: batch1_decode(llm, runner.config.vocab_size, ns.batch1_tokens))
     vocab = runner.config.vocab_size
