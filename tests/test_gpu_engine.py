@@ -84,30 +84,49 @@ def test_dtype_auto_and_kv_sizing(llama_dir):
 def test_async_scheduling_matches_sync_on_cuda(llama_dir):
     """On CUDA async scheduling is the default: decode inputs come from the previous step's
     samples on the device, through graph replays. Tokens match the synchronous loop exactly
-    (float32), with stop tokens, seeded sampling and prompt logprobs in the batch."""
+    (float32), with stop tokens, seeded sampling and logprobs in a pipelined batch, then
+    penalties and logit rules (those wait for the history), and launching a step performs no
+    synchronizing CUDA operation."""
     prompts = [{"prompt_token_ids": p} for p in _prompts(10, 3)]
     ref_llm = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, max_num_seqs=16,
                   kv_cache_memory_bytes=KV_BYTES)
     free = ref_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
-    params = []
+    pipelined = []
     for i, o in enumerate(free):
         if i % 3 == 0:
-            params.append(SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[o.outputs[0].token_ids[5]],
-                                         ignore_eos=True))
+            pipelined.append(SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[o.outputs[0].token_ids[5]],
+                                            ignore_eos=True))
         elif i % 3 == 1:
-            params.append(SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=i, max_tokens=20, ignore_eos=True))
+            pipelined.append(SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=i, max_tokens=20,
+                                            ignore_eos=True))
         else:
-            params.append(SamplingParams(temperature=0, max_tokens=20, prompt_logprobs=1, ignore_eos=True))
-    ref = ref_llm.generate(prompts, params, use_tqdm=False)
+            pipelined.append(SamplingParams(temperature=0, max_tokens=20, prompt_logprobs=1, logprobs=2,
+                                            ignore_eos=True))
+    history = [SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.3, presence_penalty=0.5,
+                              ignore_eos=True),
+               SamplingParams(temperature=0, max_tokens=20, allowed_token_ids=list(range(4, 900)),
+                              logit_bias={7: 3.0}, min_tokens=4, stop_token_ids=[9], ignore_eos=True)]
+    refs = [ref_llm.generate(prompts, pipelined, use_tqdm=False), ref_llm.generate(prompts[:2], history, use_tqdm=False)]
     _free(ref_llm)
     llm = LLM(llama_dir, device="cuda", dtype="float32", max_num_seqs=16, kv_cache_memory_bytes=KV_BYTES)
     assert llm.llm_engine.async_scheduling and llm.llm_engine.runner.graphs is not None
     runner = llm.llm_engine.runner
     real, patched = runner._pending_token_patch, []
     runner._pending_token_patch = lambda rows: patched.append(len(rows)) or real(rows)
-    got = llm.generate(prompts, params, use_tqdm=False)
+    real_launch = runner.launch
+
+    def launch(out):  # preparing a step must never wait for the GPU (a sync raises here)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_launch(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    runner.launch = launch
+    got = llm.generate(prompts, pipelined, use_tqdm=False)
     assert sum(patched) > 0
-    for a, b in zip(ref, got):
+    got_history = llm.generate(prompts[:2], history, use_tqdm=False)
+    for a, b in zip(refs[0] + refs[1], got + got_history):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
     kv = llm.llm_engine.kv

@@ -87,7 +87,7 @@ class DecodeBuffers:
         assert n <= bucket <= self.max_batch
         st = self._staging[self._turn]
         self._turn ^= 1
-        if st.copied is not None:
+        if st.copied is not None and not st.copied.query():  # done long ago, as a rule
             st.copied.synchronize()
         for host, data, pad in ((st.ids, input_ids, 0), (st.pos, positions, 0), (st.slots, slots, -1),
                                 (st.lens, seq_lens, 0)):

@@ -4,7 +4,6 @@ samples. Owns the model, the KV cache tensors and the per-request sampling state
 from __future__ import annotations
 
 import logging
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -19,7 +18,8 @@ from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
-from pagedserve.worker.sampler import Sampler, SamplerOutput
+from pagedserve.worker.device_io import DeviceToHost, to_device
+from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
 
 logger = logging.getLogger("pagedserve")
@@ -59,41 +59,6 @@ class PendingStep:
         out = self._collect()
         self._collect = out
         return out
-
-
-class _DeviceToHost:
-    """Non-blocking copies of a step's results into pinned host memory, and an event behind
-    them: waiting on it waits for that step only. On CPU tensors are passed through."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.event: Optional[torch.cuda.Event] = None
-
-    def __call__(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        if t is None or not self.cuda:
-            return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return out.copy_(t, non_blocking=True)
-
-    def sampler_output(self, s: Optional[SamplerOutput]) -> Optional[SamplerOutput]:
-        if s is None:
-            return None
-        return SamplerOutput(*(self(getattr(s, f.name)) for f in dataclasses.fields(s)))
-
-    def prompt_logprobs(self, items: Optional[list]) -> Optional[list]:
-        if items is None:
-            return None
-        return [(req, tgt, self(chosen), self(ranks), None if top is None else (self(top[0]), self(top[1])))
-                for req, tgt, chosen, ranks, top in items]
-
-    def record(self) -> None:
-        if self.cuda:
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
 
 
 class ModelRunner:
@@ -226,10 +191,11 @@ class ModelRunner:
         prompt_lp = self._prompt_logprob_rows(order, host.qsl)
         rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
         with torch.inference_mode():
-            rows_t = torch.tensor(rows, device=self.device) if rows else None
+            rows_t = to_device(rows, torch.long, self.device) if rows else None
             batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
             targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
-            targets_t = torch.tensor([t for ts in targets for t in ts], device=self.device) if prompt_lp else None
+            targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
+                         if prompt_lp else None)
             patch = self._pending_token_patch(host.pending_rows)
             hidden = self._forward(host, patch)
             if rows_t is None:
@@ -240,9 +206,11 @@ class ModelRunner:
                    if prompt_lp else None)
             # Copies to the host queued right behind this step, so that result() waits for this
             # step alone, not for one launched after it (async scheduling).
-            d2h = _DeviceToHost(self.device)
-            s_host = d2h.sampler_output(s_out)
-            plp_host = d2h.prompt_logprobs(plp)
+            d2h = DeviceToHost(self.device)
+            s_host = d2h.dataclass(s_out)
+            plp_host = None if plp is None else [
+                (req, tgt, d2h(chosen), d2h(ranks), None if top is None else (d2h(top[0]), d2h(top[1])))
+                for req, tgt, chosen, ranks, top in plp]
             d2h.record()
         if s_out is not None:  # the next step, if scheduled before these are back, reads them here
             self._last_samples = (s_out.tokens, {r.request_id: i for i, r in enumerate(sampled_reqs)})
@@ -330,7 +298,7 @@ class ModelRunner:
         assert self._last_samples is not None, "a pending input token but no step sampled it"
         tokens, row_of = self._last_samples
         src = [row_of[rid] for _, rid in pending_rows]
-        idx = torch.tensor([[t for t, _ in pending_rows], src], dtype=torch.long).to(self.device, non_blocking=True)
+        idx = to_device([[t for t, _ in pending_rows], src], torch.long, self.device)
         return idx[0], tokens.index_select(0, idx[1])
 
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None) -> torch.Tensor:
@@ -400,11 +368,11 @@ class ModelRunner:
         total = len(host.input_ids)
         meta = AttentionMetadata(
             num_tokens=total, num_actual_tokens=total, num_reqs=len(host.seq_lens), num_decodes=host.num_decodes,
-            slot_mapping=torch.from_numpy(host.slots).to(dev),
-            block_tables=torch.from_numpy(host.block_rows).to(dev),
-            seq_lens=torch.tensor(host.seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(host.qsl, dtype=torch.int32, device=dev),
+            slot_mapping=to_device(host.slots, torch.int64, dev),
+            block_tables=to_device(host.block_rows, torch.int32, dev),
+            seq_lens=to_device(host.seq_lens, torch.int32, dev),
+            query_start_loc=to_device(host.qsl, torch.int32, dev),
             max_query_len=max(b - a for a, b in zip(host.qsl, host.qsl[1:])), max_seq_len=max(host.seq_lens),
             seq_lens_cpu=host.seq_lens, query_start_loc_cpu=host.qsl, block_size=self.block_size,
         )
-        return torch.from_numpy(host.input_ids).to(dev), torch.from_numpy(host.positions).to(dev), meta
+        return to_device(host.input_ids, torch.int64, dev), to_device(host.positions, torch.int64, dev), meta

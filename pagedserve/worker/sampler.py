@@ -102,7 +102,7 @@ class Sampler:
         if b.allowed_mask is not None:
             logits.masked_fill_(~b.allowed_mask, _NEG_INF)
         if b.banned is not None:
-            logits.index_put_(b.banned, torch.tensor(_NEG_INF, device=logits.device))
+            logits.index_put_(b.banned, logits.new_full((), _NEG_INF))  # made on the device: no copy
         if b.bias is not None:
             rows, cols, vals = b.bias
             logits.index_put_((rows, cols), vals, accumulate=True)

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from pagedserve.engine.request import Request
+from pagedserve.worker.device_io import to_device
 from pagedserve.worker.sampler import SampleGroup, SamplingBatch
 
 
@@ -49,14 +50,14 @@ class SamplingStates:
             st.output_counts = torch.zeros(self.vocab_size, device=self.device)
             st.penalty_sub = torch.zeros(self.vocab_size, device=self.device)
             st.seen_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            st.seen_mask[torch.tensor(req.prompt_token_ids, device=self.device)] = True
+            st.seen_mask.index_fill_(0, to_device(req.prompt_token_ids, torch.long, self.device), True)
         new = req.output_token_ids[st.num_counted:]
         if new:
-            ids = torch.tensor(new, device=self.device)
+            ids = to_device(new, torch.long, self.device)
             st.output_counts.index_put_((ids,), torch.ones(len(new), device=self.device), accumulate=True)
             counts = st.output_counts[ids]
             st.penalty_sub[ids] = p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-            st.seen_mask[ids] = True
+            st.seen_mask.index_fill_(0, ids, True)
             st.num_counted += len(new)
         return st.seen_mask, st.penalty_sub
 
@@ -66,7 +67,7 @@ class SamplingStates:
         rand = [i for i, g in enumerate(greedy) if not g]
 
         def group(rows: list[int], whole: bool, top_k: bool) -> SampleGroup:
-            idx = None if whole else torch.tensor(rows, dtype=torch.long, device=self.device)
+            idx = None if whole else to_device(rows, torch.long, self.device)
             kmax = max(params[i].top_k for i in rows) if top_k else 0
             return SampleGroup(idx, kmax, b.top_p is not None and any(params[i].top_p < 1.0 for i in rows))
 
@@ -82,20 +83,20 @@ class SamplingStates:
         greedy = [p.is_greedy for p in params]
         all_greedy = all(greedy)
         b = SamplingBatch(  # an all-greedy batch (argmax alone) needs no per-row tensors
-            temperature=None if all_greedy else torch.tensor(
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev),
-            greedy=None if all_greedy else torch.tensor(greedy, device=dev),
+            temperature=None if all_greedy else to_device(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32, dev),
+            greedy=None if all_greedy else to_device(greedy, torch.bool, dev),
             all_greedy=all_greedy,
             all_random=not any(greedy),
         )
         if not b.all_greedy:
             if any(p.top_k > 0 for p in params):
-                b.top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
+                b.top_k = to_device([p.top_k for p in params], torch.long, dev)
             if any(p.top_p < 1.0 for p in params):
-                b.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+                b.top_p = to_device([p.top_p for p in params], torch.float32, dev)
             b.groups = self._groups(params, greedy, b)
             if any(p.min_p > 0.0 for p in params):
-                b.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+                b.min_p = to_device([p.min_p for p in params], torch.float32, dev)
             for row, (r, p) in enumerate(zip(reqs, params)):
                 if p.seed is not None and not p.is_greedy:
                     st = self._state(r)
@@ -109,7 +110,7 @@ class SamplingStates:
                     for r, p in zip(reqs, params)]
             if any(p.repetition_penalty != 1.0 for p in params):
                 b.seen_mask = torch.stack([s for s, _ in rows])
-                b.repetition = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev)
+                b.repetition = to_device([p.repetition_penalty for p in params], torch.float32, dev)
             if any(p.frequency_penalty or p.presence_penalty for p in params):
                 b.penalty_sub = torch.stack([a for _, a in rows])
 
@@ -122,7 +123,7 @@ class SamplingStates:
                 st = self._state(r)
                 if st.allowed_mask is None:
                     st.allowed_mask = self._false.clone()
-                    st.allowed_mask[torch.tensor(p.allowed_token_ids, device=dev)] = True
+                    st.allowed_mask.index_fill_(0, to_device(p.allowed_token_ids, torch.long, dev), True)
                 rows.append(st.allowed_mask)
             b.allowed_mask = torch.stack(rows)
 
@@ -150,10 +151,10 @@ class SamplingStates:
                 bias_cols += list(p.logit_bias)
                 bias_vals += list(p.logit_bias.values())
         if ban_rows:
-            b.banned = (torch.tensor(ban_rows, device=dev), torch.tensor(ban_cols, device=dev))
+            b.banned = (to_device(ban_rows, torch.long, dev), to_device(ban_cols, torch.long, dev))
         if bias_rows:
-            b.bias = (torch.tensor(bias_rows, device=dev), torch.tensor(bias_cols, device=dev),
-                      torch.tensor(bias_vals, dtype=torch.float32, device=dev))
+            b.bias = (to_device(bias_rows, torch.long, dev), to_device(bias_cols, torch.long, dev),
+                      to_device(bias_vals, torch.float32, dev))
 
         ks = [p.logprobs for p in params if p.logprobs is not None]
         b.num_logprobs = max(ks) if ks else None
