@@ -66,6 +66,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.use_triton and self.is_silu:
+            fused = getattr(self.down_proj, "forward_silu_mul", None)  # the small-batch GEMV's
+            if fused is not None:
+                return fused(gate_up)
             from pagedserve.ops.activation import silu_and_mul
 
             return self.down_proj(silu_and_mul(gate_up))

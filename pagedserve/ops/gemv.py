@@ -27,8 +27,8 @@ Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. The products run on tensor cores with x padded to 16 rows (x is tiny).
@@ -44,7 +44,13 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
+            g = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(w_ptr.dtype.element_ty).to(tl.float32)
+            x = (act * u).to(w_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # Triton's interpreter has no 16-bit dot
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         elif x_ptr.dtype.element_ty == tl.float32:
@@ -57,9 +63,14 @@ def _gemv_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Config) -> torch.Tensor:
-    """x: [M, K] (M <= 16, unit stride in K), weight: [N, K] contiguous, bias: [N] or None."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Config,
+         silu_mul: bool = False) -> torch.Tensor:
+    """x: [M, K] (M <= 16, unit stride in K), weight: [N, K] contiguous, bias: [N] or None.
+    silu_mul: x is [M, 2K], a fused gate_up output, and the input is SiLU(gate) * up (the
+    MLP's activation, done while loading x: one kernel fewer)."""
     m, k = x.shape
+    if silu_mul:
+        k //= 2
     n = weight.shape[0]
     assert m <= 16 and weight.shape[1] == k and x.stride(-1) == 1 and weight.is_contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -68,7 +79,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
     block_n, block_k, warps, stages = config
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
         UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
     )
     return y
@@ -94,7 +105,9 @@ GEMV_SHAPES = parse_shapes(os.environ.get("PAGEDSERVE_GEMV"))
 
 
 def install(module: torch.nn.Linear, config: Config) -> None:
-    """Route the layer's small-batch calls (<= GEMV_MAX_M rows) through the kernel."""
+    """Route the layer's small-batch calls (<= GEMV_MAX_M rows) through the kernel; also gives
+    it forward_silu_mul(gate_up), the MLP's activation and this layer in one (the model uses
+    it where present)."""
     linear = torch.nn.functional.linear
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +115,15 @@ def install(module: torch.nn.Linear, config: Config) -> None:
             return gemv(x, module.weight, module.bias, config)
         return linear(x, module.weight, module.bias)
 
+    def forward_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        if gate_up.dim() == 2 and gate_up.shape[0] <= GEMV_MAX_M:
+            return gemv(gate_up, module.weight, module.bias, config, silu_mul=True)
+        from pagedserve.ops.activation import silu_and_mul
+
+        return linear(silu_and_mul(gate_up), module.weight, module.bias)
+
     module.forward = forward
+    module.forward_silu_mul = forward_silu_mul
 
 
 def install_all(model: torch.nn.Module, shapes: Optional[dict[tuple[int, int], Config]] = None) -> int:
