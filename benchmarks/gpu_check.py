@@ -99,6 +99,7 @@ class Orchestrator:
 
     def __init__(self, ns: argparse.Namespace, record: dict) -> None:
         self.ns, self.record, self.t0 = ns, record, time.perf_counter()
+        self.untuned = False
         self.path = os.path.join(ns.out, "gpu_check.json")
         self.tmp = os.path.join("/tmp", f"gpu_check_phases_{os.getpid()}")
         os.makedirs(self.tmp, exist_ok=True)
@@ -116,6 +117,9 @@ class Orchestrator:
 
     def env(self) -> dict:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        if self.untuned:  # the run with the measured tuning failed: the defaults
+            env.update(PAGEDSERVE_ATTN_DECODE_CONFIG="", PAGEDSERVE_GEMV="")
+            return env
         best = self.record.get("kernels", {}).get("best_k_rows")
         if best is not None and "PAGEDSERVE_ATTN_K_ROWS" not in os.environ:  # the faster K layout measured
             env["PAGEDSERVE_ATTN_K_ROWS"] = "1" if best else "0"
@@ -257,7 +261,12 @@ def main() -> int:
         orch.run("kernels")
     model = orch.run("build_model", builder)
     if "error" not in model:
-        orch.run("pagedserve")
+        ps = orch.run("pagedserve")
+        kernels = rec.get("kernels", {})
+        if "error" in ps and (kernels.get("gemv_env") or kernels.get("best_decode_config")):
+            rec["pagedserve_tuned_error"] = ps["error"]  # keep why, and measure with the defaults
+            orch.untuned = True
+            orch.run("pagedserve")
         if not ns.skip_hf:
             orch.run("hf")
     else:
