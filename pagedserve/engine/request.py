@@ -92,12 +92,6 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
-    @property
-    def num_scheduled_target(self) -> int:
-        """Tokens the request will have once the in-flight samples land: what the scheduler
-        computes up to."""
-        return len(self.all_token_ids) + self.num_inflight
-
     def capped_by_inflight(self, max_model_len: int) -> bool:
         """Whether the tokens in flight already reach max_tokens or max_model_len, so the
         request ends when they land and must not be scheduled again."""
