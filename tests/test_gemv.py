@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from pagedserve.ops import gemv as gemv_mod  # noqa: E402
 from pagedserve.ops import triton_interpreting  # noqa: E402
 from pagedserve.ops.gemv import gemv, parse_shapes  # noqa: E402
-from pagedserve.ops.reference import silu_and_mul_ref  # noqa: E402
+from pagedserve.ops.reference import rms_norm_ref, silu_and_mul_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
@@ -46,12 +46,38 @@ def check_silu_mul(m: int, n: int, k: int, dtype: torch.dtype, config, seed: int
     assert got.shape == (m, n) and err < tol, f"relative error {err:.3g}"
 
 
+def check_rmsnorm(m: int, n: int, k: int, dtype: torch.dtype, config, residual: bool, seed: int = 0) -> None:
+    """The norm prologue: the layer of rms_norm_ref(x, w, eps, residual) (its twin, which
+    rounds as the RMSNorm kernel does), and the residual stream x + residual bit-exact."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=DEV).to(dtype)
+    res = torch.randn(m, k, generator=g, device=DEV).to(dtype) if residual else None
+    nw = (1 + 0.1 * torch.randn(k, generator=g, device=DEV)).to(dtype)
+    w = torch.randn(n, k, generator=g, device=DEV).to(dtype)
+    got, got_res = gemv(x, w, None, config, norm=(res, nw, 1e-5))
+    if residual:
+        h, want_res = rms_norm_ref(x, nw, 1e-5, residual=res)
+        if triton_interpreting() and dtype != torch.float32:  # rounds toward zero there: a unit off
+            torch.testing.assert_close(got_res.float(), want_res.float(), rtol=2 ** -7, atol=0)
+        else:  # one rounded add, as the twin's
+            assert torch.equal(got_res, want_res)
+    else:
+        h = rms_norm_ref(x, nw, 1e-5)
+        assert got_res is x
+    want = torch.nn.functional.linear(h.double(), w.double())
+    err = (got.double() - want).abs().max().item() / want.abs().max().item()
+    tol = 2 ** -5 if triton_interpreting() and dtype != torch.float32 else 2 * TOL[dtype]
+    assert got.shape == (m, n) and err < tol, f"relative error {err:.3g}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m, n, k", [(1, 40, 96), (3, 33, 70), (4, 128, 256), (16, 20, 48)])
 def test_gemv_matches_linear(m, n, k, dtype):
     check(m, n, k, dtype, (16, 32, 4, 2), bias=False)
     check(m, n, k, dtype, (32, 64, 4, 3), bias=True, seed=1)
     check_silu_mul(m, n, k, dtype, (16, 32, 4, 2), seed=2)
+    check_rmsnorm(m, n, k, dtype, (16, 32, 4, 2), residual=True, seed=3)
+    check_rmsnorm(m, n, k, dtype, (32, 64, 4, 3), residual=False, seed=4)
 
 
 def test_parse_shapes():
@@ -86,12 +112,21 @@ def test_engine_with_gemv_matches_transformers(llama_dir, hf_refs, monkeypatch):
     assert len(routed) == 4 * len(model.model.layers) + 1  # qkv, o, gate_up, down per layer; lm_head
     calls = []
     real = gemv_mod.gemv
-    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    kinds = set()
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape[0])
+        kinds.add("norm" if kw.get("norm") else "silu_mul" if kw.get("silu_mul") else "plain")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gemv_mod, "gemv", counted)
     prompts = [[5 + i, 17, 42 + 3 * i, 9] for i in range(3)]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert calls and max(calls) <= gemv_mod.GEMV_MAX_M  # decode steps took it; prefills stayed on cuBLAS
+    assert kinds == {"norm", "silu_mul", "plain"}  # qkv/gate_up with their norms, down with SiLU, o and lm_head
     assert all("forward_silu_mul" in vars(layer.mlp.down_proj) for layer in model.model.layers)
+    assert all("forward_rmsnorm" in vars(layer.self_attn.qkv_proj) for layer in model.model.layers)
     for p, o in zip(prompts, outs):
         assert_greedy_matches(hf_refs["llama"].greedy(p, 6), o.outputs[0].token_ids)
 
@@ -105,3 +140,6 @@ def test_gemv_gpu(dtype):
             check(m, n, k, dtype, (16, 512, 8, 4), bias=True, seed=2)
     check_silu_mul(1, 2048, 5632, dtype, (32, 256, 4, 3), seed=3)
     check_silu_mul(4, 2048, 5632, dtype, (16, 512, 8, 4), seed=4)
+    for n in (2560, 11264):
+        check_rmsnorm(1, n, 2048, dtype, (32, 256, 4, 3), residual=True, seed=5)
+        check_rmsnorm(4, n, 2048, dtype, (16, 512, 8, 4), residual=False, seed=6)

@@ -36,8 +36,12 @@ class LlamaAttention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(positions, self.qkv_proj(x), meta)
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Everything after the qkv projection, given its output."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -64,7 +68,10 @@ class LlamaMLP(nn.Module):
         self.use_triton = False  # set by the model runner with the Triton backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.act_down(self.gate_up_proj(x))
+
+    def act_down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """Everything after the gate_up projection, given its output."""
         if self.use_triton and self.is_silu:
             fused = getattr(self.down_proj, "forward_silu_mul", None)  # the small-batch GEMV's
             if fused is not None:
@@ -85,11 +92,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
+        # A projection on the small-batch GEMV kernel takes the norm before it in the same
+        # kernel (forward_rmsnorm, ops/gemv.py); otherwise norm, then projection.
+        qkv_norm = getattr(self.self_attn.qkv_proj, "forward_rmsnorm", None)
+        if qkv_norm is not None:
+            qkv, residual = qkv_norm(x, residual, self.input_layernorm)
+            x = self.self_attn.attend(positions, qkv, meta)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+            if residual is None:
+                residual, x = x, self.input_layernorm(x)
+            else:
+                x, residual = self.input_layernorm(x, residual)
+            x = self.self_attn(positions, x, meta)
+        mlp_norm = getattr(self.mlp.gate_up_proj, "forward_rmsnorm", None)
+        if mlp_norm is not None:
+            gate_up, residual = mlp_norm(x, residual, self.post_attention_layernorm)
+            return self.mlp.act_down(gate_up), residual
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 

@@ -24,22 +24,50 @@ GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes th
 Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
 
 
+@triton.jit
+def _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES: tl.constexpr, dtype: tl.constexpr):
+    """x (+ residual), rounded to the model dtype as the residual stream is, in float32."""
+    s = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s = (s + tl.load(r_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+    return s
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    r_ptr, nw_ptr, r_out_ptr, stride_rm, stride_rom, eps,
+    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. The products run on tensor cores with x padded to 16 rows (x is tiny).
+    # NORM: the input is RMSNorm(x + residual) * norm weight, rounded as ops/rms_norm.py
+    # rounds; every program first sums the squares of its rows (a few KB, from L2), and
+    # program 0 also writes the new residual stream x + residual.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
+    dtype = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    r_rows = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if NORM:
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = m_ok[:, None] & (offs_k < K)[None, :]
+            s = _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES, dtype)
+            sq += tl.sum(s * s, axis=1)
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(r_out_ptr + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :], s.to(dtype),
+                             mask=mask)
+        rstd = tl.math.rsqrt(sq / K + eps)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -47,8 +75,13 @@ def _gemv_kernel(
         if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
             g = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             u = tl.load(x_rows + K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(w_ptr.dtype.element_ty).to(tl.float32)
-            x = (act * u).to(w_ptr.dtype.element_ty)
+            act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+            x = (act * u).to(dtype)
+        elif NORM:
+            s = _norm_input(x_rows, r_rows, offs_k, m_ok[:, None] & k_ok[None, :], HAS_RES, dtype)
+            y = (s * rstd[:, None]).to(dtype).to(tl.float32)
+            nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (y * nw[None, :]).to(dtype)
         else:
             x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # Triton's interpreter has no 16-bit dot
@@ -64,25 +97,34 @@ def _gemv_kernel(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config: Config,
-         silu_mul: bool = False) -> torch.Tensor:
+         silu_mul: bool = False, norm: Optional[tuple[Optional[torch.Tensor], torch.Tensor, float]] = None,
+         ) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
     """x: [M, K] (M <= 16, unit stride in K), weight: [N, K] contiguous, bias: [N] or None.
     silu_mul: x is [M, 2K], a fused gate_up output, and the input is SiLU(gate) * up (the
-    MLP's activation, done while loading x: one kernel fewer)."""
+    MLP's activation, done while loading x: one kernel fewer).
+    norm=(residual or None, norm_weight, eps): the input is rms_norm(x, norm_weight, eps,
+    residual) (ops/rms_norm.py) and the result is (y, x + residual), or (y, x) without a
+    residual: the decoder layer's norm and the projection after it in one kernel."""
     m, k = x.shape
     if silu_mul:
         k //= 2
     n = weight.shape[0]
     assert m <= 16 and weight.shape[1] == k and x.stride(-1) == 1 and weight.is_contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y
-    block_n, block_k, warps, stages = config
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
-    )
-    return y
+    residual, norm_weight, eps = norm if norm is not None else (None, weight, 0.0)
+    res_out = torch.empty_like(x) if residual is not None else x
+    if m:
+        block_n, block_k, warps, stages = config
+        r = residual if residual is not None else x
+        assert r.stride(-1) == 1
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+            r, norm_weight, res_out, r.stride(0), res_out.stride(0), eps,
+            HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=residual is not None,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+            UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
+        )
+    return y if norm is None else (y, res_out)
 
 
 def parse_shapes(text: Optional[str]) -> dict[tuple[int, int], Config]:
@@ -122,8 +164,19 @@ def install(module: torch.nn.Linear, config: Config) -> None:
 
         return linear(silu_and_mul(gate_up), module.weight, module.bias)
 
+    def forward_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], norm: torch.nn.Module):
+        """(layer(norm(x + residual)), x + residual); (layer(norm(x)), x) without residual.
+        `norm` is the RMSNorm module before this layer (its weight and eps)."""
+        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+            return gemv(x, module.weight, module.bias, config, norm=(residual, norm.weight, norm.eps))
+        if residual is None:
+            return linear(norm(x), module.weight, module.bias), x
+        h, residual = norm(x, residual)
+        return linear(h, module.weight, module.bias), residual
+
     module.forward = forward
     module.forward_silu_mul = forward_silu_mul
+    module.forward_rmsnorm = forward_rmsnorm
 
 
 def install_all(model: torch.nn.Module, shapes: Optional[dict[tuple[int, int], Config]] = None) -> int:
