@@ -3,6 +3,10 @@ weight read once in [BLOCK_N, BLOCK_K] tiles along its contiguous K. At batch 1 
 is the weights streamed from memory, and on small layers cuBLAS stops short of the bandwidth
 (H100, 1.1B Llama: the 8-10 MB qkv / o projections at 1.4-1.7 TB/s of ~3).
 
+It also folds in the small kernels around a projection, launches that cost as much as they
+compute at batch 1: the RMSNorm with the residual add before qkv / gate_up (forward_rmsnorm)
+and the SiLU-and-mul before down (forward_silu_mul).
+
 Which layer shapes use it, and how, is measured, not assumed: PAGEDSERVE_GEMV names the
 (N, K) shapes where benchmarks/gpu_check.py found it faster than cuBLAS on the GPU at hand,
 each with its launch shape; unset, every layer stays on cuBLAS. Twin: torch.nn.functional.linear
