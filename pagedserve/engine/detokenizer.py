@@ -33,33 +33,24 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: list[int]) -> str:
         """Append tokens; returns the text they completed (possibly empty)."""
-        if len(token_ids) == 1 and self._stream is not None:  # the per-step case, kept short
-            t = token_ids[0]
-            self.output_ids.append(t)
+        if len(token_ids) == 1:  # the per-step case
+            return self._add(token_ids[0])
+        return "".join([self._add(t) for t in token_ids])
+
+    def _add(self, t: int) -> str:
+        self.output_ids.append(t)
+        if self._stream is not None:
             try:
                 chunk = self._stream.step(self.backend, t)
             except Exception:
                 chunk = self._recover()
-            if chunk:
-                self.text += chunk
-                return chunk
-            return ""
-        self.output_ids.extend(token_ids)
-        new = ""
-        for t in token_ids:
-            chunk = None
-            if self._stream is not None:
-                try:
-                    chunk = self._stream.step(self.backend, t)
-                except Exception:
-                    chunk = self._recover()
-            else:
-                full = self._full_decode()
-                chunk = full[len(self.text):] if not full.endswith("\ufffd") else None
-            if chunk:
-                new += chunk
-                self.text += chunk
-        return new
+        else:
+            full = self._full_decode()
+            chunk = full[len(self.text):] if not full.endswith("\ufffd") else None
+        if chunk:
+            self.text += chunk
+            return chunk
+        return ""
 
     def _recover(self) -> str:
         """The stream lost its footing (rare decoder corner cases): rebuild the text from

@@ -182,12 +182,10 @@ class Scheduler:
                 plan.append((req, n))
                 budget -= n
 
-        scheduled = out.scheduled
-        block_ids = self.kv.req_block_ids
         for req, n in plan:
             start = req.num_computed_tokens
             samples = start + n >= len(req.all_token_ids) + req.num_inflight
-            scheduled.append(ScheduledRequest(req, start, n, block_ids.get(req.request_id, []), samples))
+            out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_ids(req), samples))
             req.num_computed_tokens = start + n
             if samples:
                 req.num_inflight += 1
@@ -230,8 +228,7 @@ class Scheduler:
             rid = req.request_id
             token = sampled.get(rid)
             if token is not None:
-                req.output_token_ids.append(token)
-                req.all_token_ids.append(token)
+                req.append_output_token(token)
             running = status == RequestStatus.RUNNING
             # Publish the blocks filled by known tokens (the next step may be writing one more).
             if running and min(req.num_computed_tokens, len(req.all_token_ids)) // bs > req.num_published_blocks:
