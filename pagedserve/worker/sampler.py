@@ -98,7 +98,8 @@ class Sampler:
     @staticmethod
     def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """Everything before the greedy/random choice: allowed tokens, bans, bias, penalties.
-        Works in place on `logits` (the caller's fresh float32 tensor) to spare full copies."""
+        Works in place on `logits` (the caller's fresh float32 tensor) where it can (the
+        repetition penalty makes a new one); use the returned tensor."""
         if b.allowed_mask is not None:
             logits.masked_fill_(~b.allowed_mask, _NEG_INF)
         if b.banned is not None:
