@@ -63,6 +63,23 @@ KERNEL_CASES = (("decode_b256_ctx800", 256, 800, 1), ("decode_b64_ctx1024", 64, 
 DRY_KERNEL_CASES = (("decode_b4_ctx40", 4, 40, 1), ("prefill_2x24", 2, 24, 24))
 
 
+ATTN_SHAPE = (32, 4, 64, 16)  # query heads, KV heads, head dim, block size: the benchmark model's
+
+
+def _attention_case(device: str, g: torch.Generator, batch: int, ctx: int, q_len: int) -> tuple:
+    """(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) in bf16 for `batch`
+    requests of `ctx` keys each, the last q_len of them queries, pages scattered."""
+    hq, kvh, d, bs = ATTN_SHAPE
+    nb = batch * -(-ctx // bs)
+    kc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
+    bt = torch.randperm(nb, device=device, generator=g).to(torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
+    q = torch.randn(batch * q_len, hq, d, device=device, generator=g).to(torch.bfloat16)
+    return q, kc, vc, bt, seq_lens, qsl
+
+
 def kernel_timings(device: str, dry: bool) -> dict:
     """The attention kernels alone on the benchmark model's attention shape (32 query heads,
     4 KV heads, head dim 64, bf16, block 16): median time, K/V bytes read once over that time
@@ -70,18 +87,13 @@ def kernel_timings(device: str, dry: bool) -> dict:
     from pagedserve.ops.paged_attention import decode_segments, paged_attention
     from pagedserve.ops.reshape_and_cache import reshape_and_cache
 
-    hq, kvh, d, bs = 32, 4, 64, 16
+    hq, kvh, d, bs = ATTN_SHAPE
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 4
     g = torch.Generator(device=device).manual_seed(0)
     res: dict[str, Any] = {}
     for name, batch, ctx, q_len in (DRY_KERNEL_CASES if dry else KERNEL_CASES):
-        nb = batch * -(-ctx // bs)
-        kc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
-        vc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
-        bt = torch.randperm(nb, device=device, generator=g).to(torch.int32).view(batch, -1)
-        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * q_len
-        q = torch.randn(batch * q_len, hq, d, device=device, generator=g).to(torch.bfloat16)
+        q, kc, vc, bt, seq_lens, qsl = _attention_case(device, g, batch, ctx, q_len)
+        nb = kc.shape[0]
         out = torch.empty_like(q)
         decode = q_len == 1
         segs = decode_segments(batch, kvh, sms) if decode else 1
@@ -194,18 +206,10 @@ def decode_config_sweep(device: str, dry: bool, k_rows: bool, sms: int) -> dict:
     shape: times, and the fastest, which gpu_check passes to the engine run."""
     from pagedserve.ops.paged_attention import decode_segments, paged_attention
 
-    hq, kvh, d, bs = 32, 4, 64, 16
     batch, ctx = (4, 40) if dry else (256, 800)
-    g = torch.Generator(device=device).manual_seed(1)
-    nb = batch * -(-ctx // bs)
-    kc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
-    vc = torch.randn(nb, bs, kvh, d, device=device, generator=g).to(torch.bfloat16)
-    bt = torch.randperm(nb, device=device, generator=g).to(torch.int32).view(batch, -1)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    qsl = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    q = torch.randn(batch, hq, d, device=device, generator=g).to(torch.bfloat16)
+    q, kc, vc, bt, seq_lens, qsl = _attention_case(device, torch.Generator(device=device).manual_seed(1), batch, ctx, 1)
     out, ref = torch.empty_like(q), None
-    segs = decode_segments(batch, kvh, sms)
+    segs = decode_segments(batch, ATTN_SHAPE[1], sms)
     times = {}
     for tile_n, warps, stages in DECODE_CONFIGS[:2] if dry else DECODE_CONFIGS:
         def fn():

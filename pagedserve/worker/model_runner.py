@@ -169,15 +169,11 @@ class ModelRunner:
             self.block_table.release(rid)
 
     # ---- one step -----------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the scheduled step and wait for its results."""
-        return self.launch(out).result()
-
     def launch(self, out: SchedulerOutput) -> "PendingStep":
-        """Queue the scheduled step on the device and return: every host-to-device copy
-        happens before the forward pass, so for greedy batches nothing here waits for the
-        GPU and the caller can do host work (the previous step's outputs) while it runs
-        (random sampling with top-k / top-p still reads a few values back). `result()` waits
+        """Queue the scheduled step on the device and return without waiting for the GPU:
+        host-to-device copies go through pinned memory, the sampler reads nothing back, and
+        results come back behind an event (worker/device_io.py), so the caller can do host
+        work, or prepare the next step, while it runs. `result()` waits for this step only
         and gives the sampled tokens of the requests whose chunk reaches their end, with
         logprobs where asked, and prompt logprobs for the positions computed."""
         for req in out.preempted:  # their blocks were freed; they get fresh ones later
