@@ -86,8 +86,8 @@ class ModelRunner:
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
-        # The last launched step's sampled tokens (device) and request id -> row.
-        self._last_samples: Optional[tuple[torch.Tensor, dict[str, int]]] = None
+        # The last launched step's sampled tokens (device) and the requests of its rows.
+        self._last_samples: Optional[tuple[torch.Tensor, list]] = None
 
     # ---- KV cache ---------------------------------------------------------------------
     def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
@@ -209,7 +209,7 @@ class ModelRunner:
                 for req, tgt, chosen, ranks, top in plp]
             d2h.record()
         if s_out is not None:  # the next step, if scheduled before these are back, reads them here
-            self._last_samples = (s_out.tokens, {r.request_id: i for i, r in enumerate(sampled_reqs)})
+            self._last_samples = (s_out.tokens, sampled_reqs)
 
         def collect() -> ModelRunnerOutput:
             d2h.wait()
@@ -292,7 +292,8 @@ class ModelRunner:
         if not pending_rows:
             return None
         assert self._last_samples is not None, "a pending input token but no step sampled it"
-        tokens, row_of = self._last_samples
+        tokens, reqs = self._last_samples
+        row_of = {r.request_id: i for i, r in enumerate(reqs)}
         src = [row_of[rid] for _, rid in pending_rows]
         idx = to_device([[t for t, _ in pending_rows], src], torch.long, self.device)
         return idx[0], tokens.index_select(0, idx[1])
