@@ -42,7 +42,7 @@ GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "te
                   "tests/test_cuda_graphs.py", "tests/test_gpu_engine.py"]
 GOALS = {"throughput_ratio": 15.0, "e2e_efficiency": 0.30, "batch1_bw_fraction": 0.60}
 # Phase time limits (seconds), each further capped by what is left of --budget.
-LIMITS = {"device_rates": 60, "kernels": 150, "pagedserve": 240, "hf": 180, "gpu_tests": 240}
+LIMITS = {"device_rates": 60, "kernels": 180, "pagedserve": 240, "hf": 180, "gpu_tests": 240}
 
 
 def settings(ns: argparse.Namespace) -> argparse.Namespace:
@@ -75,6 +75,11 @@ def build_model(path: str, dry: bool) -> dict:
     return {"path": path, "shape": shape, "build_s": 0.0}
 
 
+def _write_phase(ns: argparse.Namespace, res: dict) -> None:
+    with open(os.path.join(ns.out, f"{ns.phase}.json"), "w") as f:
+        json.dump(res, f, indent=2, default=str)
+
+
 def run_phase(ns: argparse.Namespace) -> dict:
     """One phase, inside its own process (--phase NAME)."""
     import gpu_phases
@@ -84,7 +89,7 @@ def run_phase(ns: argparse.Namespace) -> dict:
     if ns.phase == "device_rates":
         return gpu_phases.device_rates(ns.device, ns.dry_run)
     if ns.phase == "kernels":
-        return gpu_phases.kernel_timings(ns.device, ns.dry_run)
+        return gpu_phases.kernel_timings(ns.device, ns.dry_run, save=lambda res: _write_phase(ns, res))
     reqs = gpu_phases.workload(ns)
     if ns.phase == "pagedserve":
         return gpu_phases.run_pagedserve(ns.model_dir, reqs, ns)
@@ -234,9 +239,7 @@ def main() -> int:
     ns = settings(ap.parse_args())
     os.makedirs(ns.out, exist_ok=True)
     if ns.phase:
-        res = run_phase(ns)
-        with open(os.path.join(ns.out, f"{ns.phase}.json"), "w") as f:
-            json.dump(res, f, indent=2, default=str)
+        _write_phase(ns, run_phase(ns))
         return 0
 
     import torch

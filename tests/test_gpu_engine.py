@@ -22,6 +22,19 @@ def _free(llm) -> None:
     torch.cuda.empty_cache()
 
 
+def _divergence(n: int, a, b) -> str:
+    """Where two completions part, and whether the model's raw logprobs (where asked for)
+    agreed up to there: a large gap means different logits, a tiny one a different draw."""
+    i = next((j for j, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+             min(len(a.token_ids), len(b.token_ids)))
+    msg = f"output {n}: part at token {i} (sync {a.token_ids[i:i + 3]}, async {b.token_ids[i:i + 3]})"
+    if a.logprobs and b.logprobs and i < min(len(a.logprobs), len(b.logprobs)):
+        gaps = [abs(a.logprobs[j][t].logprob - b.logprobs[j][t].logprob) for j, t in enumerate(a.token_ids[:i])]
+        top = [{t: round(lp.logprob, 6) for t, lp in d.items()} for d in (a.logprobs[i], b.logprobs[i])]
+        msg += f"; max |d logprob| before it {max(gaps, default=0.0):.3g}; at it sync {top[0]}, async {top[1]}"
+    return msg
+
+
 def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[(seed * 7 + 11 * i + 5 * j) % 1000 + 4 for j in range(3 + 29 * i % 97)] for i in range(n)]
 
@@ -81,24 +94,30 @@ def test_dtype_auto_and_kv_sizing(llama_dir):
     _free(llm)
 
 
-def test_async_scheduling_matches_sync_on_cuda(llama_dir):
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_async_scheduling_matches_sync_on_cuda(llama_dir, eager):
     """On CUDA async scheduling is the default: decode inputs come from the previous step's
     samples on the device, through graph replays. Tokens match the synchronous loop exactly
     (float32), with stop tokens, seeded sampling and logprobs in a pipelined batch, then
     penalties and logit rules (those wait for the history), and launching a step performs no
     synchronizing CUDA operation."""
     prompts = [{"prompt_token_ids": p} for p in _prompts(10, 3)]
-    ref_llm = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, max_num_seqs=16,
-                  kv_cache_memory_bytes=KV_BYTES)
-    free = ref_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    def engine(async_scheduling: bool):
+        return LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=async_scheduling, max_num_seqs=16,
+                   enforce_eager=eager, kv_cache_memory_bytes=KV_BYTES)
+
+    ref_llm = engine(False)
+    free = ref_llm.generate(prompts, greedy, use_tqdm=False)
     pipelined = []
     for i, o in enumerate(free):
         if i % 3 == 0:
             pipelined.append(SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[o.outputs[0].token_ids[5]],
                                             ignore_eos=True))
-        elif i % 3 == 1:
+        elif i % 3 == 1:  # logprobs too: they show whether a difference is the model's or the draw's
             pipelined.append(SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=i, max_tokens=20,
-                                            ignore_eos=True))
+                                            logprobs=5, ignore_eos=True))
         else:
             pipelined.append(SamplingParams(temperature=0, max_tokens=20, prompt_logprobs=1, logprobs=2,
                                             ignore_eos=True))
@@ -106,10 +125,11 @@ def test_async_scheduling_matches_sync_on_cuda(llama_dir):
                               ignore_eos=True),
                SamplingParams(temperature=0, max_tokens=20, allowed_token_ids=list(range(4, 900)),
                               logit_bias={7: 3.0}, min_tokens=4, stop_token_ids=[9], ignore_eos=True)]
-    refs = [ref_llm.generate(prompts, pipelined, use_tqdm=False), ref_llm.generate(prompts[:2], history, use_tqdm=False)]
+    refs = (free + ref_llm.generate(prompts, pipelined, use_tqdm=False)
+            + ref_llm.generate(prompts[:2], history, use_tqdm=False))
     _free(ref_llm)
-    llm = LLM(llama_dir, device="cuda", dtype="float32", max_num_seqs=16, kv_cache_memory_bytes=KV_BYTES)
-    assert llm.llm_engine.async_scheduling and llm.llm_engine.runner.graphs is not None
+    llm = engine(True)  # the same calls in the same order: the same prefix-cache hits
+    assert llm.llm_engine.async_scheduling and (llm.llm_engine.runner.graphs is None) == eager
     runner = llm.llm_engine.runner
     real, patched = runner._pending_token_patch, []
     runner._pending_token_patch = lambda rows: patched.append(len(rows)) or real(rows)
@@ -123,11 +143,11 @@ def test_async_scheduling_matches_sync_on_cuda(llama_dir):
             torch.cuda.set_sync_debug_mode("default")
 
     runner.launch = launch
-    got = llm.generate(prompts, pipelined, use_tqdm=False)
+    got = (llm.generate(prompts, greedy, use_tqdm=False) + llm.generate(prompts, pipelined, use_tqdm=False)
+           + llm.generate(prompts[:2], history, use_tqdm=False))
     assert sum(patched) > 0
-    got_history = llm.generate(prompts[:2], history, use_tqdm=False)
-    for a, b in zip(refs[0] + refs[1], got + got_history):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for n, (a, b) in enumerate(zip(refs, got)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, _divergence(n, a.outputs[0], b.outputs[0])
         assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
     kv = llm.llm_engine.kv
     assert kv.pool.num_free_blocks == kv.num_blocks

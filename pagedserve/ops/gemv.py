@@ -46,9 +46,11 @@ def _gemv_kernel(
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. The products run on tensor cores with x padded to 16 rows (x is tiny).
-    # NORM: the input is RMSNorm(x + residual) * norm weight, rounded as ops/rms_norm.py
-    # rounds; every program first sums the squares of its rows (a few KB, from L2), and
-    # program 0 also writes the new residual stream x + residual.
+    # NORM: the input is RMSNorm(x + residual) * norm weight. The sum of squares is gathered
+    # in the same pass as the products (a separate pass over x would hold back the weight
+    # stream) and 1 / rms scales the accumulator at the end: (s * w_norm) rounded to the
+    # dtype instead of ops/rms_norm.py's (s / rms) * w_norm, the same within one rounding.
+    # Program 0 also writes the new residual stream x + residual.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -56,22 +58,10 @@ def _gemv_kernel(
     m_ok = offs_m < M
     dtype = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     r_rows = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm
-    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if NORM:
-        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = m_ok[:, None] & (offs_k < K)[None, :]
-            s = _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES, dtype)
-            sq += tl.sum(s * s, axis=1)
-            if HAS_RES:
-                if pid == 0:
-                    tl.store(r_out_ptr + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :], s.to(dtype),
-                             mask=mask)
-        rstd = tl.math.rsqrt(sq / K + eps)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -82,10 +72,15 @@ def _gemv_kernel(
             act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
             x = (act * u).to(dtype)
         elif NORM:
-            s = _norm_input(x_rows, r_rows, offs_k, m_ok[:, None] & k_ok[None, :], HAS_RES, dtype)
-            y = (s * rstd[:, None]).to(dtype).to(tl.float32)
+            mask = m_ok[:, None] & k_ok[None, :]
+            s = _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES, dtype)
+            sq += tl.sum(s * s, axis=1)
+            if HAS_RES:
+                if pid == 0:
+                    tl.store(r_out_ptr + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :], s.to(dtype),
+                             mask=mask)
             nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            x = (y * nw[None, :]).to(dtype)
+            x = (s * nw[None, :]).to(dtype)
         else:
             x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # Triton's interpreter has no 16-bit dot
@@ -94,6 +89,8 @@ def _gemv_kernel(
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
+    if NORM:
+        acc = acc * tl.math.rsqrt(sq / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
