@@ -175,8 +175,8 @@ class Orchestrator:
             json.dump(self.record, f, indent=2, sort_keys=True, default=str)
 
 
-def gpu_tests(out_dir: str, timeout_s: float, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", *GPU_TEST_FILES]
+def gpu_tests(out_dir: str, timeout_s: float, workers: int, files: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", *files]
     try:
         import xdist  # noqa: F401  (the device image has pytest-xdist: compiles run in parallel)
 
@@ -194,7 +194,7 @@ def gpu_tests(out_dir: str, timeout_s: float, workers: int) -> dict:
     summary = next((ln for ln in reversed(lines) if " passed" in ln or " failed" in ln or " error" in ln
                     or " skipped" in ln), lines[-1] if lines else "")
     failures = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
-    res = {"returncode": rc, "summary": summary.strip("= "), "failures": failures[:30]}
+    res = {"files": files, "returncode": rc, "summary": summary.strip("= "), "failures": failures[:30]}
     if rc != 0:
         res["error"] = f"pytest returned {rc}"
     return res
@@ -234,6 +234,7 @@ def main() -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--budget", type=float, default=540, help="seconds for everything (phases are cut to fit)")
     ap.add_argument("--test-workers", type=int, default=4)
+    ap.add_argument("--test-files", nargs="+", default=GPU_TEST_FILES, help="the GPU test files to run")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ns = settings(ap.parse_args())
@@ -277,7 +278,8 @@ def main() -> int:
     if not ns.skip_tests:
         print(f"== gpu_tests ({time.perf_counter() - orch.t0:.0f} s in)", flush=True)
         t = time.perf_counter()
-        rec["gpu_tests"] = gpu_tests(ns.out, max(10.0, min(LIMITS["gpu_tests"], orch.left() - 5)), ns.test_workers)
+        rec["gpu_tests"] = gpu_tests(ns.out, max(10.0, min(LIMITS["gpu_tests"], orch.left() - 5)), ns.test_workers,
+                                     ns.test_files)
         rec.setdefault("phase_seconds", {})["gpu_tests"] = round(time.perf_counter() - t, 2)
     orch.save()
     print(json.dumps({"device": rec["device"], "mode": ns.mode, "figures": rec["figures"],

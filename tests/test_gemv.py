@@ -72,39 +72,47 @@ def check_rmsnorm(m: int, n: int, k: int, dtype: torch.dtype, config, residual: 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m, n, k", [(1, 40, 96), (3, 33, 70), (4, 128, 256), (16, 20, 48)])
-def test_gemv_matches_linear(m, n, k, dtype):
-    check(m, n, k, dtype, (16, 32, 4, 2), bias=False)
-    check(m, n, k, dtype, (32, 64, 4, 3), bias=True, seed=1)
-    check_silu_mul(m, n, k, dtype, (16, 32, 4, 2), seed=2)
-    check_rmsnorm(m, n, k, dtype, (16, 32, 4, 2), residual=True, seed=3)
-    check_rmsnorm(m, n, k, dtype, (32, 64, 4, 3), residual=False, seed=4)
+@pytest.mark.parametrize("dot", [1, 0], ids=["dot", "fma"])
+def test_gemv_matches_linear(m, n, k, dtype, dot):
+    narrow = 16 if dot else 4  # the CUDA-core path takes any power-of-two tile
+    check(m, n, k, dtype, (narrow, 32, 4, 2, dot), bias=False)
+    check(m, n, k, dtype, (32, 64, 4, 3, dot), bias=True, seed=1)
+    check_silu_mul(m, n, k, dtype, (narrow, 32, 4, 2, dot), seed=2)
+    check_rmsnorm(m, n, k, dtype, (narrow, 32, 4, 2, dot), residual=True, seed=3)
+    check_rmsnorm(m, n, k, dtype, (32, 64, 4, 3, dot), residual=False, seed=4)
 
 
 def test_parse_shapes():
     assert parse_shapes(None) == {} and parse_shapes("") == {}
-    assert parse_shapes("2560x2048:32,256,4,3;2048X5632:16,512,8,4") == {
-        (2560, 2048): (32, 256, 4, 3), (2048, 5632): (16, 512, 8, 4)}
-    for bad in ("2560x2048", "2560:32,256,4,3", "1x2:24,256,4,3", "1x2:32,8,4,3", "1x2:32,256,0,3"):
+    assert parse_shapes("2560x2048:32,256,4,3;2048X5632:16,512,8,4,1;2048x2048:8,512,4,3,0") == {
+        (2560, 2048): (32, 256, 4, 3, 1), (2048, 5632): (16, 512, 8, 4, 1), (2048, 2048): (8, 512, 4, 3, 0)}
+    for bad in ("2560x2048", "2560:32,256,4,3", "1x2:24,256,4,3", "1x2:32,8,4,3", "1x2:32,256,0,3",
+                "1x2:8,256,4,3", "1x2:32,256,4,3,2", "1x2:32,256,4,3,1,1"):
         with pytest.raises(ValueError, match="PAGEDSERVE_GEMV"):
             parse_shapes(bad)
 
 
 class _Every(dict):
-    """A shape table that routes every layer through the kernel."""
+    """A shape table that routes every layer through the kernel, in one launch shape."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
 
     def __contains__(self, key) -> bool:
         return True
 
     def __getitem__(self, key):
-        return (16, 32, 4, 2)
+        return self.config
 
 
-def test_engine_with_gemv_matches_transformers(llama_dir, hf_refs, monkeypatch):
+@pytest.mark.parametrize("config", [(16, 32, 4, 2), (8, 32, 4, 2, 0)], ids=["dot", "fma"])
+def test_engine_with_gemv_matches_transformers(llama_dir, hf_refs, monkeypatch, config):
     from conftest import assert_greedy_matches
 
     from pagedserve import LLM, SamplingParams
 
-    monkeypatch.setattr(gemv_mod, "GEMV_SHAPES", _Every())
+    monkeypatch.setattr(gemv_mod, "GEMV_SHAPES", _Every(config))
     llm = LLM(llama_dir, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=4,
               max_num_batched_tokens=64)
     model = llm.llm_engine.runner.model
@@ -138,8 +146,13 @@ def test_gemv_gpu(dtype):
         for m in (1, 4):
             check(m, n, k, dtype, (32, 256, 4, 3), bias=False)
             check(m, n, k, dtype, (16, 512, 8, 4), bias=True, seed=2)
+            check(m, n, k, dtype, (16, 512, 4, 3, 0), bias=True, seed=7)
     check_silu_mul(1, 2048, 5632, dtype, (32, 256, 4, 3), seed=3)
     check_silu_mul(4, 2048, 5632, dtype, (16, 512, 8, 4), seed=4)
+    check_silu_mul(1, 2048, 5632, dtype, (8, 512, 4, 3, 0), seed=8)
+    check_silu_mul(4, 2048, 5632, dtype, (16, 256, 4, 3, 0), seed=9)
     for n in (2560, 11264):
         check_rmsnorm(1, n, 2048, dtype, (32, 256, 4, 3), residual=True, seed=5)
         check_rmsnorm(4, n, 2048, dtype, (16, 512, 8, 4), residual=False, seed=6)
+        check_rmsnorm(1, n, 2048, dtype, (16, 512, 4, 3, 0), residual=True, seed=10)
+        check_rmsnorm(4, n, 2048, dtype, (32, 256, 8, 3, 0), residual=True, seed=11)

@@ -25,7 +25,9 @@ from pagedserve.ops import triton_interpreting
 
 GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes this kernel
 
-Config = tuple[int, int, int, int]  # BLOCK_N, BLOCK_K, num_warps, num_stages
+# BLOCK_N, BLOCK_K, num_warps, num_stages[, dot]: dot 1 (the default) runs the products on
+# tensor cores, 0 on the CUDA cores.
+Config = tuple[int, ...]
 
 
 @triton.jit
@@ -42,10 +44,14 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     r_ptr, nw_ptr, r_out_ptr, stride_rm, stride_rom, eps,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
-    # read once. The products run on tensor cores with x padded to 16 rows (x is tiny).
+    # read once. USE_DOT: the products run on tensor cores with x padded to 16 rows (x is
+    # tiny); else on the CUDA cores, a [BLOCK_M, BLOCK_N, BLOCK_K] multiply-and-sum with
+    # BLOCK_M the rows rounded up to a power of two (no operand shuffle into the tensor-core
+    # layout, which costs most when x is computed in the loop, as with NORM and SILU_MUL).
     # NORM: the input is RMSNorm(x + residual) * norm weight. The sum of squares is gathered
     # in the same pass as the products (a separate pass over x would hold back the weight
     # stream) and 1 / rms scales the accumulator at the end: (s * w_norm) rounded to the
@@ -83,7 +89,9 @@ def _gemv_kernel(
             x = (s * nw[None, :]).to(dtype)
         else:
             x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:  # Triton's interpreter has no 16-bit dot
+        if not USE_DOT:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        elif UPCAST:  # Triton's interpreter has no 16-bit dot
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         elif x_ptr.dtype.element_ty == tl.float32:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
@@ -115,32 +123,38 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
     residual, norm_weight, eps = norm if norm is not None else (None, weight, 0.0)
     res_out = torch.empty_like(x) if residual is not None else x
     if m:
-        block_n, block_k, warps, stages = config
+        block_n, block_k, warps, stages = config[:4]
+        use_dot = bool(config[4]) if len(config) > 4 else True
         r = residual if residual is not None else x
         assert r.stride(-1) == 1
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
             r, norm_weight, res_out, r.stride(0), res_out.stride(0), eps,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=residual is not None,
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_M=16 if use_dot else triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
             UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
         )
     return y if norm is None else (y, res_out)
 
 
 def parse_shapes(text: Optional[str]) -> dict[tuple[int, int], Config]:
-    """PAGEDSERVE_GEMV="NxK:BLOCK_N,BLOCK_K,warps,stages;..." -> {(N, K): config}."""
+    """PAGEDSERVE_GEMV="NxK:BLOCK_N,BLOCK_K,warps,stages[,dot];..." -> {(N, K): config}."""
     out: dict[tuple[int, int], Config] = {}
     for item in filter(None, (text or "").split(";")):
         try:
             shape, cfg = item.split(":")
             n, k = (int(v) for v in shape.lower().split("x"))
-            bn, bk, warps, stages = (int(v) for v in cfg.split(","))
+            bn, bk, warps, stages, *rest = (int(v) for v in cfg.split(","))
+            if len(rest) > 1 or rest and rest[0] not in (0, 1):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages', got {item!r}") from None
-        if min(bn, bk) < 16 or bn & (bn - 1) or bk & (bk - 1) or warps < 1 or stages < 1:
-            raise ValueError(f"PAGEDSERVE_GEMV: BLOCK_N and BLOCK_K must be powers of two >= 16 in {item!r}")
-        out[(n, k)] = (bn, bk, warps, stages)
+            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages[,dot 0|1]', "
+                             f"got {item!r}") from None
+        dot = rest[0] if rest else 1
+        if min(bn, bk) < (16 if dot else 1) or bn & (bn - 1) or bk & (bk - 1) or warps < 1 or stages < 1:
+            raise ValueError(f"PAGEDSERVE_GEMV: BLOCK_N and BLOCK_K must be powers of two (>= 16 with dot) "
+                             f"in {item!r}")
+        out[(n, k)] = (bn, bk, warps, stages, dot)
     return out
 
 
