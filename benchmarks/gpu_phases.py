@@ -210,9 +210,9 @@ def gemv_sweep(device: str, dry: bool) -> dict:
 
 
 # (TILE_N, num_warps, num_stages) tried for the decode variant; the first is the default
-# shape (TILE_N 64 and 4 warps at head dim 64; Triton's default 3 stages).
-DECODE_CONFIGS = ((64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 3), (64, 2, 3), (64, 8, 3),
-                  (128, 8, 3), (128, 4, 4))
+# shape (TILE_N 32 and 4 warps at head dim 64; Triton's default 3 stages).
+DECODE_CONFIGS = ((32, 4, 3), (32, 4, 4), (32, 2, 3), (64, 4, 3), (64, 2, 3), (64, 8, 3), (128, 4, 3),
+                  (16, 4, 3), (32, 8, 3))
 
 
 def decode_config_sweep(device: str, dry: bool, k_rows: bool, sms: int) -> dict:
