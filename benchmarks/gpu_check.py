@@ -19,6 +19,9 @@ Figures (the issue's goals in brackets):
                      which a token reads one row) / batch-1 decode wall time per token, over the
                      measured device-to-device copy bandwidth (bytes read + written)  [>= 0.60]
   async_speedup_*    the same run with synchronous scheduling over async (the default on CUDA)
+  batch1_gemv*_bw_fraction  batch1_bw_fraction of an engine with every layer on the Triton
+                     GEMV kernel, without and with programmatic dependent launch
+                     (PAGEDSERVE_PDL=1); pdl_tokens_equal: the two decode the same tokens
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ ISSUE_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_
 DRY_MODEL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  vocab_size=2048, max_position_embeddings=512, tokenizer_vocab=512)
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "tests/test_gemv.py",
-                  "tests/test_cuda_graphs.py", "tests/test_gpu_engine.py"]
+                  "tests/test_cuda_graphs.py", "tests/test_gpu_engine.py", "tests/test_pdl.py"]
 GOALS = {"throughput_ratio": 15.0, "e2e_efficiency": 0.30, "batch1_bw_fraction": 0.60}
+# Batch-1 engines besides the default, each in its own process: every layer on the Triton
+# GEMV kernel (its fastest shape from the sweep), without and with PDL (ops/pdl.py).
+BATCH1_VARIANTS = {"batch1_gemv": "0", "batch1_gemv_pdl": "1"}
 # Phase time limits (seconds), each further capped by what is left of --budget.
 LIMITS = {"device_rates": 60, "kernels": 180, "pagedserve": 240, "hf": 180, "gpu_tests": 240}
 
@@ -93,6 +99,8 @@ def run_phase(ns: argparse.Namespace) -> dict:
     reqs = gpu_phases.workload(ns)
     if ns.phase == "pagedserve":
         return gpu_phases.run_pagedserve(ns.model_dir, reqs, ns)
+    if ns.phase in BATCH1_VARIANTS:
+        return gpu_phases.batch1_variant(ns.model_dir, ns)
     if ns.phase == "hf":
         return gpu_phases.run_hf(ns.model_dir, reqs, ns)
     raise SystemExit(f"unknown phase {ns.phase}")
@@ -117,8 +125,8 @@ class Orchestrator:
                 "--model-dir", self.ns.model_dir]
         return argv + (["--quick"] if self.ns.quick else []) + (["--dry-run"] if self.ns.dry_run else [])
 
-    def start(self, phase: str) -> subprocess.Popen:
-        return subprocess.Popen(self._argv(phase), cwd=ROOT, env=self.env())
+    def start(self, phase: str, extra_env: "dict | None" = None) -> subprocess.Popen:
+        return subprocess.Popen(self._argv(phase), cwd=ROOT, env={**self.env(), **(extra_env or {})})
 
     def env(self) -> dict:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -136,14 +144,14 @@ class Orchestrator:
             env["PAGEDSERVE_GEMV"] = gemv_env
         return env
 
-    def run(self, phase: str, proc: "subprocess.Popen | None" = None) -> dict:
+    def run(self, phase: str, proc: "subprocess.Popen | None" = None, extra_env: "dict | None" = None) -> dict:
         limit = min(LIMITS.get(phase, 120), self.left() - 5)
         print(f"== {phase} ({time.perf_counter() - self.t0:.0f} s in, limit {limit:.0f} s)", flush=True)
         t = time.perf_counter()
         if limit < 10:
             result = {"error": "skipped: the budget is spent"}
         else:
-            proc = proc or self.start(phase)
+            proc = proc or self.start(phase, extra_env)
             try:
                 rc = proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
@@ -221,6 +229,14 @@ def figures(rec: dict) -> dict:
     b1m = ps.get("batch1_by_mode", {})
     if "sync" in b1m and "async" in b1m:
         fig["async_speedup_batch1"] = b1m["sync"]["s_per_token"] / b1m["async"]["s_per_token"]
+    for phase in BATCH1_VARIANTS:  # the same figure for the batch-1 variants
+        v = rec.get(phase, {}).get("batch1", {})
+        if "s_per_token" in v and "weight_bytes_per_token" in ps and "copy_gbps" in rates:
+            fig[f"{phase}_ms_per_token"] = 1000 * v["s_per_token"]
+            fig[f"{phase}_bw_fraction"] = ps["weight_bytes_per_token"] / v["s_per_token"] / 1e9 / rates["copy_gbps"]
+    toks = [rec.get(p, {}).get("batch1", {}).get("tokens") for p in BATCH1_VARIANTS]
+    if all(toks):
+        fig["pdl_tokens_equal"] = toks[0] == toks[1]  # PDL changes when kernels start, not what they compute
     fig["goals"] = {k: {"goal": g, "met": fig[k] >= g} for k, g in GOALS.items() if k in fig}
     return fig
 
@@ -271,6 +287,10 @@ def main() -> int:
             rec["pagedserve_tuned_error"] = ps["error"]  # keep why, and measure with the defaults
             orch.untuned = True
             orch.run("pagedserve")
+        gemv_all = rec.get("kernels", {}).get("gemv_all_env")
+        if gemv_all and "error" not in rec["pagedserve"]:
+            for phase, pdl in BATCH1_VARIANTS.items():
+                orch.run(phase, extra_env={"PAGEDSERVE_GEMV": gemv_all, "PAGEDSERVE_PDL": pdl})
         if not ns.skip_hf:
             orch.run("hf")
     else:

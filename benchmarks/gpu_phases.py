@@ -154,7 +154,7 @@ def gemv_sweep(device: str, dry: bool) -> dict:
     dtype = torch.float32 if dry else torch.bfloat16
     linear = torch.nn.functional.linear
     g = torch.Generator(device=device).manual_seed(2)
-    table, chosen = {}, []
+    table, chosen, every = {}, [], []
     for name, n, k, role in layers:
         w = torch.randn(n, k, device=device, generator=g).to(dtype)
         nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype)
@@ -204,9 +204,13 @@ def gemv_sweep(device: str, dry: bool) -> dict:
                                  "gemv": w.numel() * w.element_size() / row[f"{key}_m1"] / 1e6}
         if row["speedup_m1"] > 1.03 and row["speedup_m4"] >= 1.0:
             chosen.append(f"{n}x{k}:{key}")
+        if row[f"{key}_m1"] < float("inf"):
+            every.append(f"{n}x{k}:{key}")
         table[name] = row
         del w
-    return {"gemv": table, "gemv_env": ";".join(chosen)}
+    # gemv_all_env: every layer on its fastest shape at one row, won or not (the batch-1
+    # variants: with every layer in Triton, PDL can overlap the whole chain).
+    return {"gemv": table, "gemv_env": ";".join(chosen), "gemv_all_env": ";".join(every)}
 
 
 # (TILE_N, num_warps, num_stages) tried for the decode variant; the first is the default
@@ -407,7 +411,24 @@ def batch1_decode(llm, vocab: int, steps: int) -> dict:
             times.append(time.perf_counter() - t)
         total = time.perf_counter() - t0
         res.update(decode_tokens=req.num_output_tokens - first, step_calls=len(times),
-                   s_per_token=total / (req.num_output_tokens - first), step_s_median=statistics.median(times))
+                   s_per_token=total / (req.num_output_tokens - first), step_s_median=statistics.median(times),
+                   tokens=list(req.output_token_ids))
+    return res
+
+
+def batch1_variant(model: str, ns) -> dict:
+    """Batch-1 decode alone, on an engine built under this process's PAGEDSERVE_GEMV and
+    PAGEDSERVE_PDL (gpu_check sets them per variant: they are read at import)."""
+    from pagedserve import LLM
+    from pagedserve.ops.gemv import GEMV_SHAPES
+    from pagedserve.ops.pdl import pdl_enabled
+
+    llm = LLM(model, dtype=ns.dtype, seed=0, max_num_seqs=4)  # graphs for batch 1, 2 and 4 only
+    runner = llm.llm_engine.runner
+    res = {"gemv_shapes": {f"{n}x{k}": c for (n, k), c in GEMV_SHAPES.items()}, "pdl": pdl_enabled(runner.device),
+           "batch1": batch1_decode(llm, vocab=runner.config.vocab_size, steps=ns.batch1_tokens)}
+    del llm, runner
+    gc.collect()
     return res
 
 

@@ -9,11 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # ops/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -33,5 +38,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if t:
         block = min(_BLOCK, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block,
-                                                         num_warps=4)
+                                                         num_warps=4, **pdl_launch(x.device))
     return out

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
+from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
 
 GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes this kernel
 
@@ -39,13 +40,48 @@ def _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES: tl.constexpr, dtype: tl.c
     return s
 
 
+@triton.jit
+def _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid, K,
+               SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, USE_DOT: tl.constexpr,
+               UPCAST: tl.constexpr, X_FP32: tl.constexpr):
+    """One BLOCK_K step: the input tile (with the SiLU or norm prologue) times the weight
+    tile `w`, added to acc; sq gathers the norm's sum of squares."""
+    dtype = w.dtype
+    k_ok = offs_k < K
+    mask = m_ok[:, None] & k_ok[None, :]
+    if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
+        g = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_rows + K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        x = (act * u).to(dtype)
+    elif NORM:
+        s = _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES, dtype)
+        sq += tl.sum(s * s, axis=1)
+        if HAS_RES:
+            if pid == 0:
+                tl.store(r_out_rows + offs_k[None, :], s.to(dtype), mask=mask)
+        nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        x = (s * nw[None, :]).to(dtype)
+    else:
+        x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+    if not USE_DOT:
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    elif UPCAST:  # Triton's interpreter has no 16-bit dot
+        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    elif X_FP32:
+        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    else:
+        acc += tl.dot(x, tl.trans(w))
+    return acc, sq
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     r_ptr, nw_ptr, r_out_ptr, stride_rm, stride_rom, eps,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. USE_DOT: the products run on tensor cores with x padded to 16 rows (x is
@@ -57,46 +93,33 @@ def _gemv_kernel(
     # stream) and 1 / rms scales the accumulator at the end: (s * w_norm) rounded to the
     # dtype instead of ops/rms_norm.py's (s / rms) * w_norm, the same within one rounding.
     # Program 0 also writes the new residual stream x + residual.
+    # PDL (ops/pdl.py): the first weight tile is loaded while the kernel before finishes.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
-    dtype = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     sq = tl.zeros([BLOCK_M], dtype=tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     r_rows = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm
-    for k0 in range(0, K, BLOCK_K):
+    r_out_rows = r_out_ptr + offs_m.to(tl.int64)[:, None] * stride_rom
+    x_fp32 = x_ptr.dtype.element_ty == tl.float32
+    k_start = 0
+    if PDL:
+        gdc_launch_dependents()
+        offs_k = tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        gdc_wait()
+        acc, sq = _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid, K,
+                             SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
-            g = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-            x = (act * u).to(dtype)
-        elif NORM:
-            mask = m_ok[:, None] & k_ok[None, :]
-            s = _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES, dtype)
-            sq += tl.sum(s * s, axis=1)
-            if HAS_RES:
-                if pid == 0:
-                    tl.store(r_out_ptr + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :], s.to(dtype),
-                             mask=mask)
-            nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            x = (s * nw[None, :]).to(dtype)
-        else:
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if not USE_DOT:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-        elif UPCAST:  # Triton's interpreter has no 16-bit dot
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif x_ptr.dtype.element_ty == tl.float32:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        acc, sq = _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid, K,
+                             SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
     if NORM:
         acc = acc * tl.math.rsqrt(sq / K + eps)[:, None]
     if HAS_BIAS:
@@ -133,6 +156,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_M=16 if use_dot else triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
             UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
+            **pdl_launch(x.device),
         )
     return y if norm is None else (y, res_out)
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
+from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
 
 _LOG2E = 1.4426950408889634
 # K tiles loaded key-major and transposed in registers (1), or gathered head-dim-major (0).
@@ -98,8 +99,11 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # ops/pdl.py: q and the new keys come from the kernel before
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -189,8 +193,11 @@ def _paged_attention_kernel(
 def _merge_segments_kernel(
     out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, qsl_ptr,
     stride_o_t, stride_o_h, num_heads,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq.to(tl.int64) * num_heads + head
@@ -269,6 +276,7 @@ def paged_attention(
         seg_sum = torch.empty_like(seg_max)
     else:
         seg_acc = seg_max = seg_sum = out  # unused
+    pdl = pdl_launch(query.device)
     _paged_attention_kernel[(grid0, kvh, num_segments)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         seg_acc, seg_max, seg_sum,
@@ -279,12 +287,13 @@ def paged_attention(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
-        K_ROWS=K_ROWS_DEFAULT if k_rows is None else k_rows, **launch,
+        K_ROWS=K_ROWS_DEFAULT if k_rows is None else k_rows, **launch, **pdl,
     )
     if num_segments > 1:
         _merge_segments_kernel[(num_seqs, hq)](
             out, seg_acc, seg_max, seg_sum, query_start_loc, out.stride(0), out.stride(1), hq,
             HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEGMENTS=num_segments, num_warps=1 if head_dim_p <= 64 else 2,
+            **pdl,
         )
     return out
 

@@ -13,17 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dtype = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes weights
+    if PDL:  # ops/pdl.py
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -32,7 +38,6 @@ def _rms_norm_kernel(
         x = s.to(tl.float32)
     var = tl.sum(x * x, axis=0) / n_cols
     y = (x * tl.math.rsqrt(var + eps)).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (y * w).to(dtype), mask=mask)
 
 
@@ -51,5 +56,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         _rms_norm_kernel[(t,)](
             x, r, weight, out, res_out, x.stride(0), r.stride(0), out.stride(0), res_out.stride(0), h, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            **pdl_launch(x.device),
         )
     return (out, res_out) if residual is not None else out

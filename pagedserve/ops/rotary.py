@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+
 
 @triton.jit
 def _rotate_heads(base, stride_h, cos, sin, d, d_ok, num_heads, HEADS_P: tl.constexpr, HALF: tl.constexpr):
@@ -64,14 +66,18 @@ def _rotary_and_cache_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P: tl.constexpr, KH_P: tl.constexpr,
-    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: RoPE on its q and k heads (in place), then its rotated k and
     # its v into the paged cache at its slot (-1: padding, not written).
     t = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HALF_P)
     d_ok = d < HALF
+    # Positions are copied in before the step's first kernel; the table never changes.
     cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, stride_cs, d, d_ok, q_ptr.dtype.element_ty, HALF)
+    if PDL:  # ops/pdl.py: q, k, v come from the kernel before
+        gdc_launch_dependents()
+        gdc_wait()
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, d, d_ok, NUM_Q, QH_P, HALF)
     k1, k2, mask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, d, d_ok, NUM_K, KH_P, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -126,5 +132,5 @@ def rotary_embedding_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torc
             v_cache.stride(2),
             NUM_Q=hq, NUM_K=hk, QH_P=triton.next_power_of_2(hq), KH_P=triton.next_power_of_2(hk),
             HALF=half, HALF_P=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[1],
-            num_warps=4 if hq * d >= 2048 else 1,
+            num_warps=4 if hq * d >= 2048 else 1, **pdl_launch(q.device),
         )
