@@ -1,7 +1,8 @@
 """Programmatic dependent launch (ops/pdl.py): off unless asked for and on a GPU that has it;
 every kernel of the decode chain compiles for Hopper (sm_90) with and without it, here on
-CPU through Triton's compiler and its bundled ptxas; and on a Hopper GPU (`-m gpu`) kernels
-and the engine give bit-identical results with it on and off."""
+CPU through Triton's compiler and its bundled ptxas (this also catches what Triton's
+interpreter lets through: a helper whose returns differ in type compiled nowhere else);
+and on a Hopper GPU (`-m gpu`) the engine gives bit-identical results with it on and off."""
 
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def _chain_kernels():
         "gemv_norm_fma": (_gemv_kernel, {**gemv, "BLOCK_M": 1, "USE_DOT": False}),
         "gemv_silu_dot": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "SILU_MUL": True,
                                          "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "USE_DOT": True}),
+        "gemv_plain_fma_m4": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "HAS_BIAS": True,
+                                             "BLOCK_M": 4, "USE_DOT": False}),
+        "gemv_norm_dot": (_gemv_kernel, {**gemv, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": True}),
         "rms_norm": (_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=2048)),
         "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024)),
         "rotary_and_cache": (_rotary_and_cache_kernel, dict(NUM_Q=32, NUM_K=4, QH_P=32, KH_P=4, HALF=32, HALF_P=32,
@@ -73,13 +77,17 @@ def _ptx_report() -> dict:
 
     if pdl.gdc_wait is None:
         return {"skip": "this Triton has no grid dependency control"}
+    def flags(constexprs: dict, on: bool) -> dict:  # as ops/gemv.py sets PEEL
+        peel = {"PEEL": on or not constexprs["USE_DOT"]} if "USE_DOT" in constexprs else {}
+        return {**constexprs, "PDL": on, **peel}
+
     out = {}
     for name, (kernel, constexprs) in _chain_kernels().items():
         try:
-            off = _compile_sm90(kernel, {**constexprs, "PDL": False}).asm["ptx"]
+            off = _compile_sm90(kernel, flags(constexprs, False)).asm["ptx"]
         except RuntimeError as e:  # no ptxas for this host
             return {"skip": f"cannot compile for sm_90 here: {e}"}
-        on = _compile_sm90(kernel, {**constexprs, "PDL": True}).asm["ptx"]
+        on = _compile_sm90(kernel, flags(constexprs, True)).asm["ptx"]
         out[name] = {"off_gdc": "griddepcontrol" in off, "on_launch": "griddepcontrol.launch_dependents" in on,
                      "on_wait": "griddepcontrol.wait" in on,
                      "load_before_wait": "griddepcontrol.wait" in on and on.index("ld.global") < on.index(

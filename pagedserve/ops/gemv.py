@@ -32,40 +32,48 @@ Config = tuple[int, ...]
 
 
 @triton.jit
-def _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES: tl.constexpr, dtype: tl.constexpr):
+def _norm_input(x_rows, r_rows, koff, mask, HAS_RES: tl.constexpr, dtype: tl.constexpr):
     """x (+ residual), rounded to the model dtype as the residual stream is, in float32."""
-    s = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(x_rows + koff, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        s = (s + tl.load(r_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        s = (s + tl.load(r_rows + koff, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
     return s
 
 
 @triton.jit
-def _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid, K,
+def _gemv_tile(acc, sq, w, koff, k_ok, mask, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
                SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, USE_DOT: tl.constexpr,
                UPCAST: tl.constexpr, X_FP32: tl.constexpr):
     """One BLOCK_K step: the input tile (with the SiLU or norm prologue) times the weight
-    tile `w`, added to acc; sq gathers the norm's sum of squares."""
+    tile `w`, added to acc; sq gathers the norm's squares. koff / k_ok / mask are the K
+    offsets, their bounds and the input mask, shaped to broadcast against the row pointers.
+
+    Tensor cores: x [BLOCK_M, BLOCK_K] and w [BLOCK_N, BLOCK_K], acc [BLOCK_M, BLOCK_N].
+    CUDA cores: x [BLOCK_M, 1, BLOCK_K] and w [1, BLOCK_N, BLOCK_K] loaded in one 3-D layout
+    (a 2-D x broadcast into it went through shared memory with six barriers per step), and
+    acc [BLOCK_M, BLOCK_N, BLOCK_K] / sq [BLOCK_M, 1, BLOCK_K] are per-thread partial sums,
+    summed over K once after the loop (a sum across threads per step adds barriers too)."""
     dtype = w.dtype
-    k_ok = offs_k < K
-    mask = m_ok[:, None] & k_ok[None, :]
     if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
-        g = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_rows + K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(x_rows + koff, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_rows + K + koff, mask=mask, other=0.0).to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
         x = (act * u).to(dtype)
     elif NORM:
-        s = _norm_input(x_rows, r_rows, offs_k, mask, HAS_RES, dtype)
-        sq += tl.sum(s * s, axis=1)
+        s = _norm_input(x_rows, r_rows, koff, mask, HAS_RES, dtype)
+        if USE_DOT:
+            sq += tl.sum(s * s, axis=1)
+        else:
+            sq += s * s
         if HAS_RES:
             if pid == 0:
-                tl.store(r_out_rows + offs_k[None, :], s.to(dtype), mask=mask)
-        nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        x = (s * nw[None, :]).to(dtype)
+                tl.store(r_out_rows + koff, s.to(dtype), mask=mask)
+        nw = tl.load(nw_rows + koff, mask=k_ok, other=0.0).to(tl.float32)
+        x = (s * nw).to(dtype)
     else:
-        x = tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+        x = tl.load(x_rows + koff, mask=mask, other=0.0)
     if not USE_DOT:
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc += x.to(tl.float32) * w.to(tl.float32)
     elif UPCAST:  # Triton's interpreter has no 16-bit dot
         acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
     elif X_FP32:
@@ -75,19 +83,30 @@ def _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid
     return acc, sq
 
 
+@triton.jit
+def _k_offsets(k0, K, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+    """The step's K offsets and their bounds, shaped [1, BLOCK_K] or [1, 1, BLOCK_K]."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    if USE_DOT:
+        koff = offs[None, :]
+    else:
+        koff = offs[None, None, :]
+    return koff, koff < K
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     r_ptr, nw_ptr, r_out_ptr, stride_rm, stride_rom, eps,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. USE_DOT: the products run on tensor cores with x padded to 16 rows (x is
-    # tiny); else on the CUDA cores, a [BLOCK_M, BLOCK_N, BLOCK_K] multiply-and-sum with
-    # BLOCK_M the rows rounded up to a power of two (no operand shuffle into the tensor-core
-    # layout, which costs most when x is computed in the loop, as with NORM and SILU_MUL).
+    # tiny); else on the CUDA cores with BLOCK_M the rows rounded up to a power of two (no
+    # operand shuffle into the tensor-core layout, which costs most when x is computed in
+    # the loop, as with NORM and SILU_MUL). See _gemv_tile for the shapes.
     # NORM: the input is RMSNorm(x + residual) * norm weight. The sum of squares is gathered
     # in the same pass as the products (a separate pass over x would hold back the weight
     # stream) and 1 / rms scales the accumulator at the end: (s * w_norm) rounded to the
@@ -99,32 +118,62 @@ def _gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     n_ok = offs_n < N
     m_ok = offs_m < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    r_rows = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm
-    r_out_rows = r_out_ptr + offs_m.to(tl.int64)[:, None] * stride_rom
+    rows_m = offs_m.to(tl.int64)
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        n_b = n_ok[:, None]
+        m_b = m_ok[:, None]
+        x_rows = x_ptr + rows_m[:, None] * stride_xm
+        r_rows = r_ptr + rows_m[:, None] * stride_rm
+        r_out_rows = r_out_ptr + rows_m[:, None] * stride_rom
+        nw_rows = nw_ptr
+    else:  # scalars until the first step: then acc takes the layout of the weight load (a
+        # zeros tensor's default layout differed, and every step converted w into it)
+        acc = 0.0
+        sq = 0.0
+        w_rows = w_ptr + offs_n.to(tl.int64)[None, :, None] * stride_wn
+        n_b = n_ok[None, :, None]
+        # x rows (and the norm weight) are read once per output column of the tile
+        # ([BLOCK_M, BLOCK_N, 1] row pointers; from L1): x then shares the weight tile's
+        # layout and nothing moves between layouts through shared memory in the loop (a
+        # broadcast [BLOCK_M, 1, BLOCK_K] x did, with barriers). The norm and SiLU work
+        # repeats per column; the loop waits on the weight stream all the same.
+        spread = tl.zeros([1, BLOCK_N, 1], dtype=tl.int64)
+        m_b = m_ok[:, None, None]
+        x_rows = x_ptr + rows_m[:, None, None] * stride_xm + spread
+        r_rows = r_ptr + rows_m[:, None, None] * stride_rm + spread
+        # (program 0's columns all write the same residual values to the same places)
+        r_out_rows = r_out_ptr + rows_m[:, None, None] * stride_rom + spread
+        nw_rows = nw_ptr + spread
     x_fp32 = x_ptr.dtype.element_ty == tl.float32
     k_start = 0
-    if PDL:
-        gdc_launch_dependents()
-        offs_k = tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        gdc_wait()
-        acc, sq = _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid, K,
+    if PEEL:  # the first step outside the loop (PDL, or the CUDA-core path: see above)
+        if PDL:
+            gdc_launch_dependents()
+        koff, k_ok = _k_offsets(0, K, BLOCK_K, USE_DOT)
+        w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
+        if PDL:
+            gdc_wait()
+        acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
                              SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
         k_start = BLOCK_K
     for k0 in range(k_start, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        acc, sq = _gemv_tile(acc, sq, w, offs_k, x_rows, r_rows, r_out_rows, nw_ptr, m_ok, pid, K,
+        koff, k_ok = _k_offsets(k0, K, BLOCK_K, USE_DOT)
+        w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
+        acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
                              SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
-    if NORM:
-        acc = acc * tl.math.rsqrt(sq / K + eps)[:, None]
+    if USE_DOT:
+        if NORM:
+            acc = acc * tl.math.rsqrt(sq / K + eps)[:, None]
+    else:
+        acc = tl.sum(acc, axis=2)
+        if NORM:
+            acc = acc * tl.math.rsqrt(tl.sum(sq, axis=2) / K + eps)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -150,13 +199,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
         use_dot = bool(config[4]) if len(config) > 4 else True
         r = residual if residual is not None else x
         assert r.stride(-1) == 1
+        pdl = pdl_launch(x.device)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
             r, norm_weight, res_out, r.stride(0), res_out.stride(0), eps,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_M=16 if use_dot else triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
             UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
-            **pdl_launch(x.device),
+            PEEL=not use_dot or pdl["PDL"], **pdl,
         )
     return y if norm is None else (y, res_out)
 
