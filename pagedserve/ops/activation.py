@@ -9,16 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+from pagedserve.ops.pdl import pdl_launch, pdl_start
 
 _BLOCK = 1024
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # ops/pdl.py
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)  # ops/pdl.py
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
-from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+from pagedserve.ops.pdl import pdl_launch, pdl_start
 
 _LOG2E = 1.4426950408889634
 # K tiles loaded key-major and transposed in registers (1), or gathered head-dim-major (0).
@@ -101,9 +101,7 @@ def _paged_attention_kernel(
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # ops/pdl.py: q and the new keys come from the kernel before
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)  # ops/pdl.py: q and the new keys come from the kernel before
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -195,9 +193,7 @@ def _merge_segments_kernel(
     stride_o_t, stride_o_h, num_heads,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq.to(tl.int64) * num_heads + head

@@ -18,6 +18,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
 
@@ -48,3 +50,12 @@ def pdl_enabled(device: torch.device) -> bool:
 def pdl_launch(device: torch.device) -> dict:
     """The PDL constexpr, plus launch_pdl=True when enabled, for a kernel launch (read-only)."""
     return _ON if pdl_enabled(device) else _OFF
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """For a kernel that reads nothing before the kernel before it is done: let the next
+    kernel be scheduled, then wait."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()

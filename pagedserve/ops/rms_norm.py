@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+from pagedserve.ops.pdl import pdl_launch, pdl_start
 
 
 @triton.jit
@@ -27,9 +27,7 @@ def _rms_norm_kernel(
     mask = cols < n_cols
     dtype = out_ptr.dtype.element_ty
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes weights
-    if PDL:  # ops/pdl.py
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)  # ops/pdl.py
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)

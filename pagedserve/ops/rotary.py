@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
+from pagedserve.ops.pdl import pdl_launch, pdl_start
 
 
 @triton.jit
@@ -75,9 +75,7 @@ def _rotary_and_cache_kernel(
     d_ok = d < HALF
     # Positions are copied in before the step's first kernel; the table never changes.
     cos, sin = _cos_sin(pos_ptr, cos_sin_ptr, t, stride_cs, d, d_ok, q_ptr.dtype.element_ty, HALF)
-    if PDL:  # ops/pdl.py: q, k, v come from the kernel before
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl_start(PDL)  # ops/pdl.py: q, k, v come from the kernel before
     _rotate_heads(q_ptr + t * stride_qt, stride_qh, cos, sin, d, d_ok, NUM_Q, QH_P, HALF)
     k1, k2, mask = _rotate_heads(k_ptr + t * stride_kt, stride_kh, cos, sin, d, d_ok, NUM_K, KH_P, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
