@@ -49,10 +49,10 @@ def _gemv_tile(acc, sq, w, koff, k_ok, mask, x_rows, r_rows, r_out_rows, nw_rows
     offsets, their bounds and the input mask, shaped to broadcast against the row pointers.
 
     Tensor cores: x [BLOCK_M, BLOCK_K] and w [BLOCK_N, BLOCK_K], acc [BLOCK_M, BLOCK_N].
-    CUDA cores: x [BLOCK_M, 1, BLOCK_K] and w [1, BLOCK_N, BLOCK_K] loaded in one 3-D layout
-    (a 2-D x broadcast into it went through shared memory with six barriers per step), and
-    acc [BLOCK_M, BLOCK_N, BLOCK_K] / sq [BLOCK_M, 1, BLOCK_K] are per-thread partial sums,
-    summed over K once after the loop (a sum across threads per step adds barriers too)."""
+    CUDA cores: w [1, BLOCK_N, BLOCK_K], and x (with the residual and norm weight) loaded as
+    [BLOCK_M, BLOCK_N, BLOCK_K], each column's copy from L1, so that both share one layout
+    (see _gemv_kernel); acc and sq are [BLOCK_M, BLOCK_N, BLOCK_K] per-thread partial sums,
+    summed over K once after the loop (a sum across threads per step adds barriers)."""
     dtype = w.dtype
     if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
         g = tl.load(x_rows + koff, mask=mask, other=0.0).to(tl.float32)
