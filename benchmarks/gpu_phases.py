@@ -310,7 +310,8 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     llm.llm_engine.kv.reset_prefix_cache()
     sps = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
-    steps = _count_steps(llm.llm_engine)
+    steps = _StepTimer(llm.llm_engine)
+    steps.take(ns.device)  # the allocator's state before the timed runs
     compiled = triton_variants()
     info["async_scheduling"] = llm.llm_engine.async_scheduling
 
@@ -324,13 +325,16 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
 
     info["elapsed_s"], outs = timed_run()  # the engine's default mode (async on CUDA)
     info["triton_variants_before_after"] = [compiled, triton_variants()]  # equal: no compile while timed
-    info["steps"] = steps()
+    info["steps"] = steps.count
+    info["step_times"] = {"first_run": steps.take(ns.device)}
     info["output_tokens"] = sum(len(o.outputs[0].token_ids) for o in outs)
     info["input_tokens"] = sum(r.prompt_len for r in reqs)
     info["output_tokens_per_s"] = info["output_tokens"] / info["elapsed_s"]
     # The same run in each scheduling mode, for the ratio (same engine, same process); the
     # batches are the same step for step (ignore_eos, fixed lengths), so are the tokens.
-    runs = both_modes(llm, timed_run)
+    runs = both_modes(llm, lambda: (timed_run(), steps.take(ns.device)))
+    info["step_times"].update({f"{mode}_run": st for mode, (_, st) in runs.items()})
+    runs = {mode: r for mode, (r, _) in runs.items()}
     info["elapsed_s_by_mode"] = {mode: t for mode, (t, _) in runs.items()}
     info["async_sync_tokens_equal"] = [o.outputs[0].token_ids for o in runs["async"][1]] == \
         [o.outputs[0].token_ids for o in runs["sync"][1]]
@@ -370,16 +374,36 @@ def triton_variants() -> dict:
     return out
 
 
-def _count_steps(eng) -> Callable[[], int]:
-    count = [0]
-    step = eng.step
+class _StepTimer:
+    """Wraps eng.step: counts calls and keeps each call's wall time since the last take()."""
 
-    def counted():
-        count[0] += 1
-        return step()
+    def __init__(self, eng) -> None:
+        self.count, self.times, step = 0, [], eng.step
 
-    eng.step = counted
-    return lambda: count[0]
+        def timed():
+            t = time.perf_counter()
+            out = step()
+            self.times.append(time.perf_counter() - t)
+            self.count += 1
+            return out
+
+        eng.step = timed
+
+    def take(self, device: str) -> dict:
+        """The step() calls since the last take: how many, their total and spread, the slowest
+        (which call, ms), and CUDA allocator growth over them (a first run that is slower than
+        the next shows up here as a few slow steps or new device segments)."""
+        times, self.times = self.times, []
+        res: dict[str, Any] = {}
+        if times:
+            ranked = sorted(range(len(times)), key=times.__getitem__, reverse=True)
+            res = {"calls": len(times), "total_s": sum(times), "median_ms": 1000 * statistics.median(times),
+                   "slowest_ms": [(i, round(1000 * times[i], 2)) for i in ranked[:8]]}
+        if device == "cuda":
+            stats = torch.cuda.memory_stats()
+            res["device_segments"] = stats.get("segment.all.allocated", 0)
+            res["device_reserved_bytes"] = stats.get("reserved_bytes.all.current", 0)
+        return res
 
 
 def _random_prompt(rng: random.Random, n: int, vocab: int) -> dict:
