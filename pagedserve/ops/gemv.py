@@ -156,14 +156,26 @@ def _gemv_kernel(
         w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
         if PDL:
             gdc_wait()
+        if not USE_DOT:  # the next weight tile is in flight while this one is used
+            koff_next, k_ok_next = _k_offsets(BLOCK_K, K, BLOCK_K, USE_DOT)
+            w_next = tl.load(w_rows + koff_next, mask=n_b & k_ok_next, other=0.0)
         acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
                              SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
         k_start = BLOCK_K
-    for k0 in range(k_start, K, BLOCK_K):
-        koff, k_ok = _k_offsets(k0, K, BLOCK_K, USE_DOT)
-        w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
-        acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
-                             SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
+    if USE_DOT:  # Triton pipelines these loads itself (asynchronous copies, num_stages)
+        for k0 in range(k_start, K, BLOCK_K):
+            koff, k_ok = _k_offsets(k0, K, BLOCK_K, USE_DOT)
+            w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
+            acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
+                                 SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
+    else:  # it does not for these: tile k + 1 is loaded by hand before tile k is used
+        w, koff, k_ok = w_next, koff_next, k_ok_next
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            koff_next, k_ok_next = _k_offsets(k0 + BLOCK_K, K, BLOCK_K, USE_DOT)
+            w_next = tl.load(w_rows + koff_next, mask=n_b & k_ok_next, other=0.0)  # past K: masked, no traffic
+            acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
+                                 SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
+            w, koff, k_ok = w_next, koff_next, k_ok_next
     if USE_DOT:
         if NORM:
             acc = acc * tl.math.rsqrt(sq / K + eps)[:, None]
