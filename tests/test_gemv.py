@@ -84,12 +84,30 @@ def test_gemv_matches_linear(m, n, k, dtype, dot):
 
 def test_parse_shapes():
     assert parse_shapes(None) == {} and parse_shapes("") == {}
-    assert parse_shapes("2560x2048:32,256,4,3;2048X5632:16,512,8,4,1;2048x2048:8,512,4,3,0") == {
-        (2560, 2048): (32, 256, 4, 3, 1), (2048, 5632): (16, 512, 8, 4, 1), (2048, 2048): (8, 512, 4, 3, 0)}
+    assert parse_shapes("2560x2048:32,256,4,3;2048X5632:16,512,8,4,1;2048x2048:8,512,4,3,0,1") == {
+        (2560, 2048): (32, 256, 4, 3, 1, 4), (2048, 5632): (16, 512, 8, 4, 1, 4), (2048, 2048): (8, 512, 4, 3, 0, 1)}
     for bad in ("2560x2048", "2560:32,256,4,3", "1x2:24,256,4,3", "1x2:32,8,4,3", "1x2:32,256,0,3",
-                "1x2:8,256,4,3", "1x2:32,256,4,3,2", "1x2:32,256,4,3,1,1"):
+                "1x2:8,256,4,3", "1x2:32,256,4,3,2", "1x2:32,256,4,3,1,0", "1x2:32,256,4,3,1,5",
+                "1x2:32,256,4,3,1,1,1"):
         with pytest.raises(ValueError, match="PAGEDSERVE_GEMV"):
             parse_shapes(bad)
+
+
+def test_install_sends_at_most_max_rows_to_the_kernel(monkeypatch):
+    """A shape configured for batch 1 only (max_rows 1) takes the kernel for one row and
+    cuBLAS for two; without max_rows, up to GEMV_MAX_M rows take it."""
+    calls = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for config, expect in (((16, 32, 4, 2, 0, 1), [1]), ((16, 32, 4, 2, 0), [1, 2, 4])):
+        calls.clear()
+        layer = torch.nn.Linear(48, 20, bias=False).to(DEV)
+        gemv_mod.install(layer, config)
+        for rows in (1, 2, 4, 5):
+            x = torch.randn(rows, 48, generator=g, device=DEV)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        assert calls == expect
 
 
 class _Every(dict):

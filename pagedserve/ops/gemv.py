@@ -26,8 +26,8 @@ from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
 
 GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes this kernel
 
-# BLOCK_N, BLOCK_K, num_warps, num_stages[, dot]: dot 1 (the default) runs the products on
-# tensor cores, 0 on the CUDA cores.
+# BLOCK_N, BLOCK_K, num_warps, num_stages[, dot[, max_rows]]: dot 1 (the default) runs the
+# products on tensor cores, 0 on the CUDA cores; max_rows is read by install().
 Config = tuple[int, ...]
 
 
@@ -224,23 +224,26 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
 
 
 def parse_shapes(text: Optional[str]) -> dict[tuple[int, int], Config]:
-    """PAGEDSERVE_GEMV="NxK:BLOCK_N,BLOCK_K,warps,stages[,dot];..." -> {(N, K): config}."""
+    """PAGEDSERVE_GEMV="NxK:BLOCK_N,BLOCK_K,warps,stages[,dot[,max_rows]];..." -> {(N, K):
+    config}. max_rows (1..GEMV_MAX_M, default GEMV_MAX_M): the most rows the layer sends to
+    the kernel, for a shape that wins at batch 1 only."""
     out: dict[tuple[int, int], Config] = {}
     for item in filter(None, (text or "").split(";")):
         try:
             shape, cfg = item.split(":")
             n, k = (int(v) for v in shape.lower().split("x"))
             bn, bk, warps, stages, *rest = (int(v) for v in cfg.split(","))
-            if len(rest) > 1 or rest and rest[0] not in (0, 1):
+            dot = rest[0] if rest else 1
+            max_rows = rest[1] if len(rest) > 1 else GEMV_MAX_M
+            if len(rest) > 2 or dot not in (0, 1) or not 1 <= max_rows <= GEMV_MAX_M:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages[,dot 0|1]', "
-                             f"got {item!r}") from None
-        dot = rest[0] if rest else 1
+            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages[,dot 0|1[,max_rows "
+                             f"1..{GEMV_MAX_M}]]', got {item!r}") from None
         if min(bn, bk) < (16 if dot else 1) or bn & (bn - 1) or bk & (bk - 1) or warps < 1 or stages < 1:
             raise ValueError(f"PAGEDSERVE_GEMV: BLOCK_N and BLOCK_K must be powers of two (>= 16 with dot) "
                              f"in {item!r}")
-        out[(n, k)] = (bn, bk, warps, stages, dot)
+        out[(n, k)] = (bn, bk, warps, stages, dot, max_rows)
     return out
 
 
@@ -248,18 +251,19 @@ GEMV_SHAPES = parse_shapes(os.environ.get("PAGEDSERVE_GEMV"))
 
 
 def install(module: torch.nn.Linear, config: Config) -> None:
-    """Route the layer's small-batch calls (<= GEMV_MAX_M rows) through the kernel; also gives
-    it forward_silu_mul(gate_up), the MLP's activation and this layer in one (the model uses
-    it where present)."""
+    """Route the layer's small-batch calls (up to the config's max_rows, else GEMV_MAX_M rows)
+    through the kernel; also gives it forward_silu_mul(gate_up), the MLP's activation and this
+    layer in one, and forward_rmsnorm (the model uses them where present)."""
     linear = torch.nn.functional.linear
+    max_rows = config[5] if len(config) > 5 else GEMV_MAX_M
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+        if x.dim() == 2 and x.shape[0] <= max_rows:
             return gemv(x, module.weight, module.bias, config)
         return linear(x, module.weight, module.bias)
 
     def forward_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        if gate_up.dim() == 2 and gate_up.shape[0] <= GEMV_MAX_M:
+        if gate_up.dim() == 2 and gate_up.shape[0] <= max_rows:
             return gemv(gate_up, module.weight, module.bias, config, silu_mul=True)
         from pagedserve.ops.activation import silu_and_mul
 
@@ -268,7 +272,7 @@ def install(module: torch.nn.Linear, config: Config) -> None:
     def forward_rmsnorm(x: torch.Tensor, residual: Optional[torch.Tensor], norm: torch.nn.Module):
         """(layer(norm(x + residual)), x + residual); (layer(norm(x)), x) without residual.
         `norm` is the RMSNorm module before this layer (its weight and eps)."""
-        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_M:
+        if x.dim() == 2 and x.shape[0] <= max_rows:
             return gemv(x, module.weight, module.bias, config, norm=(residual, norm.weight, norm.eps))
         if residual is None:
             return linear(norm(x), module.weight, module.bias), x
