@@ -51,6 +51,8 @@ def _chain_kernels():
                                          "BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 256, "USE_DOT": True}),
         "gemv_plain_fma_m4": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "HAS_BIAS": True,
                                              "BLOCK_M": 4, "USE_DOT": False}),
+        "gemv_silu_fma_m2": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "SILU_MUL": True,
+                                            "BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 1024, "USE_DOT": False}),
         "gemv_norm_dot": (_gemv_kernel, {**gemv, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": True}),
         "rms_norm": (_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=2048)),
         "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024)),
