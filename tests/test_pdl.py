@@ -82,17 +82,13 @@ def _ptx_report() -> dict:
 
     if pdl.gdc_wait is None:
         return {"skip": "this Triton has no grid dependency control"}
-    def flags(constexprs: dict, on: bool) -> dict:  # as ops/gemv.py sets PEEL
-        peel = {"PEEL": on or not constexprs["USE_DOT"]} if "USE_DOT" in constexprs else {}
-        return {**constexprs, "PDL": on, **peel}
-
     out = {}
     for name, (kernel, constexprs) in _chain_kernels().items():
         try:
-            off = _compile_sm90(kernel, flags(constexprs, False)).asm["ptx"]
+            off = _compile_sm90(kernel, {**constexprs, "PDL": False}).asm["ptx"]
         except RuntimeError as e:  # no ptxas for this host
             return {"skip": f"cannot compile for sm_90 here: {e}"}
-        on = _compile_sm90(kernel, flags(constexprs, True)).asm["ptx"]
+        on = _compile_sm90(kernel, {**constexprs, "PDL": True}).asm["ptx"]
         out[name] = {"off_gdc": "griddepcontrol" in off, "on_launch": "griddepcontrol.launch_dependents" in on,
                      "on_wait": "griddepcontrol.wait" in on,
                      "load_before_wait": "griddepcontrol.wait" in on and on.index("ld.global") < on.index(

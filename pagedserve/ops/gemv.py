@@ -100,7 +100,7 @@ def _gemv_kernel(
     r_ptr, nw_ptr, r_out_ptr, stride_rm, stride_rom, eps,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr,
+    UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. USE_DOT: the products run on tensor cores with x padded to 16 rows (x is
@@ -149,7 +149,7 @@ def _gemv_kernel(
         nw_rows = nw_ptr + spread
     x_fp32 = x_ptr.dtype.element_ty == tl.float32
     k_start = 0
-    if PEEL:  # the first step outside the loop (PDL, or the CUDA-core path: see above)
+    if PDL or not USE_DOT:  # the first step outside the loop (see above)
         if PDL:
             gdc_launch_dependents()
         koff, k_ok = _k_offsets(0, K, BLOCK_K, USE_DOT)
@@ -211,14 +211,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
         use_dot = bool(config[4]) if len(config) > 4 else True
         r = residual if residual is not None else x
         assert r.stride(-1) == 1
-        pdl = pdl_launch(x.device)
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
             r, norm_weight, res_out, r.stride(0), res_out.stride(0), eps,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_M=16 if use_dot else triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
             UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
-            PEEL=not use_dot or pdl["PDL"], **pdl,
+            **pdl_launch(x.device),
         )
     return y if norm is None else (y, res_out)
 
