@@ -336,6 +336,7 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     runs = both_modes(llm, lambda: (timed_run(), steps.take(ns.device)))
     info["step_times"].update({f"{mode}_run": st for mode, (_, st) in runs.items()})
     runs = {mode: r for mode, (r, _) in runs.items()}
+    steps.close()
     info["elapsed_s_by_mode"] = {mode: t for mode, (t, _) in runs.items()}
     info["async_sync_tokens_equal"] = [o.outputs[0].token_ids for o in runs["async"][1]] == \
         [o.outputs[0].token_ids for o in runs["sync"][1]]
@@ -379,7 +380,7 @@ class _StepTimer:
     """Wraps eng.step: counts calls and keeps each call's wall time since the last take()."""
 
     def __init__(self, eng) -> None:
-        self.count, self.times, step = 0, [], eng.step
+        self.eng, self.count, self.times, step = eng, 0, [], eng.step
 
         def timed():
             t = time.perf_counter()
@@ -389,6 +390,10 @@ class _StepTimer:
             return out
 
         eng.step = timed
+
+    def close(self) -> None:
+        """Unwrap: later measurements (batch 1, the breakdown) call the engine's own step."""
+        del self.eng.step
 
     def take(self, device: str) -> dict:
         """The step() calls since the last take: how many, their total and spread, the slowest
