@@ -122,6 +122,23 @@ def test_greedy_rows_are_argmax_of_processed_logits(batch):
             assert tokens[i].item() == max(range(V), key=lambda t: ref[t])
 
 
+def test_plain_greedy_takes_16_bit_logits_as_they_are():
+    """A batch with nothing to process takes argmax of the model's 16-bit logits without a
+    float32 copy: the same token, the first of equal maxima, as the float32 path."""
+    torch.manual_seed(1)
+    logits = (torch.randn(6, V) * 3).to(torch.bfloat16)
+    logits[2, 7] = logits[2, 30] = logits[2].max() + 1  # a tie: the lower id wins
+    plain = [_req(str(i), [1, 2], [3], temperature=0) for i in range(6)]
+    b = SamplingStates(V, torch.device("cpu")).build(plain)
+    assert b.all_greedy and b.num_logprobs is None and not Sampler.processes(b)
+    tokens = Sampler()(logits, b).tokens
+    assert tokens.tolist() == logits.float().argmax(dim=-1).tolist() and tokens[2].item() == 7
+    # Anything to process (here a bias) still goes through the float32 path.
+    biased = [_req(str(i), [1, 2], [3], temperature=0, logit_bias={5: 100.0}) for i in range(6)]
+    b = SamplingStates(V, torch.device("cpu")).build(biased)
+    assert Sampler.processes(b) and Sampler()(logits, b).tokens.tolist() == [5] * 6
+
+
 def test_truncation_matches_reference_distribution(batch):
     logits, reqs = batch
     b = SamplingStates(V, torch.device("cpu")).build(reqs)

@@ -186,17 +186,19 @@ class ModelRunner:
         hidden_rows = [host.qsl[i + 1] - 1 for i in host.sample_rows]
         prompt_lp = self._prompt_logprob_rows(order, host.qsl)
         rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
+        # A decode-only step samples every row in order: its logits rows are a slice of the
+        # hidden states (no gather, no index copy to the device).
+        rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
         with torch.inference_mode():
-            rows_t = to_device(rows, torch.long, self.device) if rows else None
             batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
             targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
             targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
                          if prompt_lp else None)
             patch = self._pending_token_patch(host.pending_rows)
             hidden = self._forward(host, patch)
-            if rows_t is None:
+            if not rows:
                 return PendingStep(ModelRunnerOutput())
-            logits = self.model.compute_logits(hidden[rows_t])
+            logits = self.model.compute_logits(hidden[: len(rows)] if rows_t is None else hidden[rows_t])
             s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t)
                    if prompt_lp else None)

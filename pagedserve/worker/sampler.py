@@ -84,6 +84,10 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        if b.all_greedy and b.num_logprobs is None and not self.processes(b):
+            # Plain greedy (most batch-1 decoding): argmax of the 16-bit logits is the
+            # argmax of their exact float32 copy, so the copy is skipped (one kernel fewer).
+            return SamplerOutput(logits.argmax(dim=-1))
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if b.num_logprobs is not None else None
         tokens = self._sample(self.process_logits(logits, b), b)
@@ -94,6 +98,11 @@ class Sampler:
             if b.num_logprobs > 0:
                 out.topk_logprobs, out.topk_ids = raw_logprobs.topk(b.num_logprobs, dim=-1)
         return out
+
+    @staticmethod
+    def processes(b: SamplingBatch) -> bool:
+        """Whether process_logits changes anything for this batch."""
+        return any(t is not None for t in (b.allowed_mask, b.banned, b.bias, b.repetition, b.penalty_sub))
 
     @staticmethod
     def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
