@@ -130,88 +130,129 @@ def kernel_timings(device: str, dry: bool, save: Callable[[dict], None] = lambda
 # kernel qkv and gate_up also take the RMSNorm before them, and down the SiLU-and-mul.
 GEMV_LAYERS = (("qkv", 2560, 2048, "norm"), ("o", 2048, 2048, "plain"), ("gate_up", 11264, 2048, "norm"),
                ("down", 2048, 5632, "silu"), ("lm_head", 32000, 2048, "plain"))
-# (BLOCK_N, BLOCK_K, warps, stages, dot): tensor-core shapes, then CUDA-core ones. The first
-# H100 sweep (timed eagerly) found BLOCK_K 512+ and 8 warps slower on the tensor-core path.
-GEMV_CONFIGS = ((16, 256, 4, 3, 1), (32, 256, 4, 3, 1), (64, 256, 4, 3, 1), (32, 512, 4, 3, 1),
-                (8, 256, 4, 3, 0), (8, 512, 4, 3, 0), (16, 256, 4, 3, 0), (16, 512, 4, 3, 0), (32, 256, 4, 3, 0),
-                (16, 1024, 8, 3, 0), (32, 512, 8, 3, 0))
+# (BLOCK_N, BLOCK_K, warps, stages, dot) per role. The H100 sweeps found the tensor-core path
+# (dot 1) 2-10x slower than the CUDA-core one with a norm or SiLU prologue, and BLOCK_K 512+
+# or 8 warps slower on it; it won only the plain lm_head. The CUDA-core shapes hold 32
+# weight elements per thread (sm_90 builds: 64-74 registers plain, ~96 SiLU, ~168 norm at
+# one row; 64 per thread spills with the norm); (2, 2048) reads a program's whole K=2048
+# slice in its first step, before the PDL wait.
+_FMA = ((8, 512, 4, 3, 0), (4, 1024, 4, 2, 0), (2, 2048, 4, 1, 0), (8, 256, 4, 3, 0), (16, 1024, 8, 3, 0))
+GEMV_CONFIGS = {"plain": ((64, 256, 4, 3, 1), (32, 512, 4, 3, 1), (16, 256, 4, 3, 1)) + _FMA[:3] + _FMA[4:],
+                "norm": _FMA + ((8, 1024, 8, 3, 0),), "silu": _FMA + ((8, 1024, 8, 3, 0),)}
+# Distinct weight matrices per layer in a timed chain, as the model has layers: the small
+# layers' weights (8-10 MB) would otherwise be read from the 50 MB L2 after the first call.
+GEMV_CHAIN = 22
+
+
+def _pdl_available(device: str) -> bool:
+    from pagedserve.ops import pdl
+
+    return device == "cuda" and pdl.gdc_wait is not None and torch.cuda.get_device_capability()[0] >= 9
 
 
 def gemv_sweep(device: str, dry: bool) -> dict:
-    """Each projection at 1 and 4 rows, as the engine would run it: cuBLAS (F.linear) after
-    the separate RMSNorm / SiLU-and-mul kernel, against the Triton GEMV kernel with that step
-    fused, in each launch shape, timed inside a CUDA graph as the decode graphs run them. A
-    shape goes into `gemv_env` (PAGEDSERVE_GEMV for the engine run) when the kernel's best
-    shape at 1 row beats the baseline by 3%: for up to 4 rows if it is not slower at 4 rows,
-    else for batch 1 only (max_rows 1). Results that disagree with a float64 reference, and
-    shapes that cannot launch, are dropped."""
+    """Each projection at 1 and 4 rows, as the engine runs it: cuBLAS (F.linear) after the
+    separate RMSNorm / SiLU-and-mul kernel, against the Triton GEMV kernel with that step
+    fused, in each launch shape; each timed as a chain of GEMV_CHAIN calls on distinct weights
+    replayed from one CUDA graph, like a decode graph's layers; at 1 row also with PDL (ops/
+    pdl.py) where the GPU has it, where each call's first weight tiles load while the call
+    before it finishes. A shape goes into `gemv_env` (PAGEDSERVE_GEMV for the default engine
+    run, no PDL) when the kernel's best shape at 1 row beats the baseline by 3%: for up to 4
+    rows if it is not slower at 4 rows, else for batch 1 only (max_rows 1). `gemv_all_env`
+    and `gemv_all_pdl_env`: every layer on its fastest shape at 1 row, without and with PDL,
+    won or not (the batch-1 variants: with every layer in Triton, PDL can overlap the whole
+    chain). Results that disagree with a float64 reference, and shapes that cannot launch,
+    are dropped."""
+    from pagedserve.ops import pdl
     from pagedserve.ops.activation import silu_and_mul
     from pagedserve.ops.gemv import gemv
     from pagedserve.ops.reference import rms_norm_ref, silu_and_mul_ref
     from pagedserve.ops.rms_norm import rms_norm
 
-    layers = (("a", 40, 64, "norm"), ("b", 64, 96, "silu")) if dry else GEMV_LAYERS
-    configs = (GEMV_CONFIGS[0], GEMV_CONFIGS[5]) if dry else GEMV_CONFIGS
+    layers = (("a", 40, 64, "norm"), ("b", 64, 96, "silu"), ("c", 48, 64, "plain")) if dry else GEMV_LAYERS
     dtype = torch.float32 if dry else torch.bfloat16
+    with_pdl = _pdl_available(device)
     linear = torch.nn.functional.linear
     g = torch.Generator(device=device).manual_seed(2)
-    table, chosen, every = {}, [], []
+    table, chosen, every, every_pdl = {}, [], [], []
     for name, n, k, role in layers:
-        w = torch.randn(n, k, device=device, generator=g).to(dtype)
+        configs = GEMV_CONFIGS[role][:2] if dry else GEMV_CONFIGS[role]
+        copies = 2 if dry else 4 if n * k * 2 > (64 << 20) else GEMV_CHAIN  # lm_head alone outgrows L2
+        ws = [torch.randn(n, k, device=device, generator=g).to(dtype) for _ in range(copies)]
         nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype)
-        row: dict[str, Any] = {"shape": f"{n}x{k}", "role": role}
+        row: dict[str, Any] = {"shape": f"{n}x{k}", "role": role, "chain": copies, "pdl": with_pdl}
         for m in (1, 4):
             x = torch.randn(m, 2 * k if role == "silu" else k, device=device, generator=g).to(dtype)
             res = torch.randn(m, k, device=device, generator=g).to(dtype)
             if role == "norm":
-                def base():
+                def base(w):
                     return linear(rms_norm(x, nw, 1e-5, res)[0], w)
 
-                def fused(cfg):
+                def fused(cfg, w):
                     return gemv(x, w, None, cfg, norm=(res, nw, 1e-5))[0]
 
-                want = linear(rms_norm_ref(x, nw, 1e-5, residual=res)[0].double(), w.double())
+                inp = rms_norm_ref(x, nw, 1e-5, residual=res)[0].double()
             elif role == "silu":
-                def base():
+                def base(w):
                     return linear(silu_and_mul(x), w)
 
-                def fused(cfg):
+                def fused(cfg, w):
                     return gemv(x, w, None, cfg, silu_mul=True)
 
-                want = linear(silu_and_mul_ref(x).double(), w.double())
+                inp = silu_and_mul_ref(x).double()
             else:
-                def base():
+                def base(w):
                     return linear(x, w)
 
-                def fused(cfg):
+                def fused(cfg, w):
                     return gemv(x, w, None, cfg)
 
-                want = linear(x.double(), w.double())
-            row[f"cublas_m{m}"] = _bench_graph_ms(base, device)
+                inp = x.double()
+            want = linear(inp, ws[0].double())
+            row[f"cublas_m{m}"] = _bench_chain_ms([lambda w=w: base(w) for w in ws], device)
             for cfg in configs:
                 key = f"{','.join(map(str, cfg))}_m{m}"
                 try:  # a launch shape can need more shared memory than the GPU has
-                    ok = (fused(cfg).double() - want).abs().max() <= 2 ** -6 * want.abs().max()
+                    ok = (fused(cfg, ws[0]).double() - want).abs().max() <= 2 ** -6 * want.abs().max()
                 except Exception as e:  # noqa: BLE001 (Triton's OutOfResources and kin)
                     row.setdefault("failed", {})[key] = f"{type(e).__name__}: {str(e)[:120]}"
                     ok = False
-                row[key] = _bench_graph_ms(lambda: fused(cfg), device) if ok else float("inf")
-        best = min(configs, key=lambda c: row[f"{','.join(map(str, c))}_m1"])
-        key = ",".join(map(str, best))
+                calls = [lambda w=w, cfg=cfg: fused(cfg, w) for w in ws]
+                row[key] = _bench_chain_ms(calls, device) if ok else float("inf")
+                if m == 1 and with_pdl and ok:
+                    pdl.REQUESTED = True
+                    try:
+                        row[key + "_pdl"] = _bench_chain_ms(calls, device)
+                    except Exception as e:  # noqa: BLE001 (a capture without PDL support)
+                        row.setdefault("failed", {})[key + "_pdl"] = f"{type(e).__name__}: {str(e)[:120]}"
+                    finally:
+                        pdl.REQUESTED = False
+
+        def best_of(suffix: str):
+            times = {c: row.get(f"{','.join(map(str, c))}_m1{suffix}", float("inf")) for c in configs}
+            best = min(times, key=times.get)
+            return ",".join(map(str, best)), times[best]
+
+        key, t1 = best_of("")
         row["best"] = key
-        row["speedup_m1"] = row["cublas_m1"] / row[f"{key}_m1"]
+        row["speedup_m1"] = row["cublas_m1"] / t1
         row["speedup_m4"] = row["cublas_m4"] / row[f"{key}_m4"]
-        row["weight_gbps_m1"] = {"baseline": w.numel() * w.element_size() / row["cublas_m1"] / 1e6,
-                                 "gemv": w.numel() * w.element_size() / row[f"{key}_m1"] / 1e6}
+        nbytes = ws[0].numel() * ws[0].element_size()
+        row["weight_gbps_m1"] = {"baseline": nbytes / row["cublas_m1"] / 1e6, "gemv": nbytes / t1 / 1e6}
         if row["speedup_m1"] > 1.03:  # batch 1 gains; up to 4 rows only if 4 rows do not lose
             chosen.append(f"{n}x{k}:{key},{4 if row['speedup_m4'] >= 1.0 else 1}")
-        if row[f"{key}_m1"] < float("inf"):
-            every.append(f"{n}x{k}:{key}")
+        if t1 < float("inf"):
+            every.append(f"{n}x{k}:{key},1")
+        if with_pdl:
+            key_pdl, t_pdl = best_of("_pdl")
+            row["best_pdl"], row["speedup_m1_pdl"] = key_pdl, row["cublas_m1"] / t_pdl
+            row["weight_gbps_m1"]["gemv_pdl"] = nbytes / t_pdl / 1e6
+            if t_pdl < float("inf"):
+                every_pdl.append(f"{n}x{k}:{key_pdl},1")
         table[name] = row
-        del w
-    # gemv_all_env: every layer on its fastest shape at one row, won or not (the batch-1
-    # variants: with every layer in Triton, PDL can overlap the whole chain).
-    return {"gemv": table, "gemv_env": ";".join(chosen), "gemv_all_env": ";".join(every)}
+        del ws
+    return {"gemv": table, "gemv_env": ";".join(chosen), "gemv_all_env": ";".join(every),
+            "gemv_all_pdl_env": ";".join(every_pdl)}
 
 
 # (TILE_N, num_warps, num_stages) tried for the decode variant; the first is the default
@@ -248,21 +289,22 @@ def decode_config_sweep(device: str, dry: bool, k_rows: bool, sms: int) -> dict:
             "best_decode_speedup": times[next(iter(times))] / times[best]}
 
 
-def _bench_graph_ms(fn: Callable[[], Any], device: str, calls: int = 20) -> float:
-    """Milliseconds per call of `calls` back-to-back calls replayed from one CUDA graph, as
-    the engine's decode graphs run them: eager timing of a few-microsecond kernel measures
-    its launch from Python instead (the first sweep saw every small layer at ~10 us)."""
+def _bench_chain_ms(calls: list[Callable[[], Any]], device: str) -> float:
+    """Milliseconds per call of `calls` run back to back, replayed from one CUDA graph as the
+    engine's decode graphs run them (eager timing of a few-microsecond kernel measures its
+    launch from Python instead: the first sweep saw every small layer at ~10 us)."""
     if device != "cuda":
-        return _bench_ms(fn, device)
+        return _bench_ms(lambda: [c() for c in calls], device) / len(calls)
     import triton.testing
 
-    fn()
+    for c in calls:  # compiles, and cuBLAS picks its kernels, outside the capture
+        c()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / calls
+        for c in calls:
+            c()
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(calls)
     del graph
     return ms
 

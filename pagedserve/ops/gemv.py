@@ -112,7 +112,8 @@ def _gemv_kernel(
     # stream) and 1 / rms scales the accumulator at the end: (s * w_norm) rounded to the
     # dtype instead of ops/rms_norm.py's (s / rms) * w_norm, the same within one rounding.
     # Program 0 also writes the new residual stream x + residual.
-    # PDL (ops/pdl.py): the first weight tile is loaded while the kernel before finishes.
+    # PDL (ops/pdl.py): the first weight tile (CUDA cores: the first two) is loaded while
+    # the kernel before finishes; with BLOCK_K >= K that is the program's whole slice.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -154,11 +155,11 @@ def _gemv_kernel(
             gdc_launch_dependents()
         koff, k_ok = _k_offsets(0, K, BLOCK_K, USE_DOT)
         w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
-        if PDL:
-            gdc_wait()
         if not USE_DOT:  # the next weight tile is in flight while this one is used
             koff_next, k_ok_next = _k_offsets(BLOCK_K, K, BLOCK_K, USE_DOT)
             w_next = tl.load(w_rows + koff_next, mask=n_b & k_ok_next, other=0.0)
+        if PDL:  # both tiles were requested before the kernel before this one is done
+            gdc_wait()
         acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
                              SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
         k_start = BLOCK_K
