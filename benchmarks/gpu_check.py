@@ -183,6 +183,32 @@ class Orchestrator:
         self.record["figures"] = figures(self.record)
         with open(self.path, "w") as f:
             json.dump(self.record, f, indent=2, sort_keys=True, default=str)
+        for name, data in tuned_candidates(self.record).items():
+            with open(os.path.join(self.ns.out, name), "w") as f:
+                json.dump(data, f, indent=2)
+
+
+def tuned_candidates(rec: dict) -> dict:
+    """Tuned files (pagedserve/ops/tuned.py) for this GPU model from what this run measured,
+    to be committed as pagedserve/ops/tuned/<device>.json once reviewed:
+    tuned_candidate.json holds the settings the main engine run used (the sweep's winners);
+    tuned_candidate_pdl.json, where the PDL batch-1 variant beat that engine at batch 1, the
+    variant's settings (PDL on, every layer on the GEMV kernel at batch 1)."""
+    kernels, fig = rec.get("kernels", {}), rec.get("figures", {})
+    if "pagedserve" not in rec or "error" in rec["pagedserve"] or "batch1_bw_fraction" not in fig:
+        return {}
+    base = {"device": rec.get("device")}
+    if "best_decode_config" in kernels:
+        base["attn_decode_config"] = kernels["best_decode_config"]
+    if "best_k_rows" in kernels:
+        base["attn_k_rows"] = bool(kernels["best_k_rows"])
+    main = {**base, "gemv": kernels.get("gemv_env", ""),
+            "measured": {k: fig.get(k) for k in ("batch1_bw_fraction", "e2e_efficiency", "throughput_ratio")}}
+    out = {"tuned_candidate.json": main}
+    if fig.get("batch1_gemv_pdl_bw_fraction", 0) > fig["batch1_bw_fraction"]:
+        out["tuned_candidate_pdl.json"] = {**base, "gemv": kernels.get("gemv_all_pdl_env", ""), "pdl": True,
+                                           "measured": {"batch1_bw_fraction": fig["batch1_gemv_pdl_bw_fraction"]}}
+    return out
 
 
 def gpu_tests(out_dir: str, timeout_s: float, workers: int, files: list[str]) -> dict:

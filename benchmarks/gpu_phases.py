@@ -220,13 +220,13 @@ def gemv_sweep(device: str, dry: bool) -> dict:
                 calls = [lambda w=w, cfg=cfg: fused(cfg, w) for w in ws]
                 row[key] = _bench_chain_ms(calls, device) if ok else float("inf")
                 if m == 1 and with_pdl and ok:
-                    pdl.REQUESTED = True
+                    saved, pdl.REQUESTED = pdl.REQUESTED, True
                     try:
                         row[key + "_pdl"] = _bench_chain_ms(calls, device)
                     except Exception as e:  # noqa: BLE001 (a capture without PDL support)
                         row.setdefault("failed", {})[key + "_pdl"] = f"{type(e).__name__}: {str(e)[:120]}"
                     finally:
-                        pdl.REQUESTED = False
+                        pdl.REQUESTED = saved
 
         def best_of(suffix: str):
             times = {c: row.get(f"{','.join(map(str, c))}_m1{suffix}", float("inf")) for c in configs}
@@ -331,8 +331,6 @@ def workload(ns) -> list:
 
 def run_pagedserve(model: str, reqs, ns) -> dict:
     from pagedserve import LLM, SamplingParams
-    from pagedserve.ops.gemv import GEMV_SHAPES
-    from pagedserve.ops.paged_attention import DECODE_CONFIG, K_ROWS_DEFAULT
 
     t = time.perf_counter()
     llm = LLM(model, dtype=ns.dtype, seed=0)
@@ -341,8 +339,8 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     params = sum(p.numel() for p in runner.model.parameters())
     embed = runner.model.model.embed_tokens.weight
     info: dict[str, Any] = {
-        "init_s": init_s, "params": params, "attn_k_rows": K_ROWS_DEFAULT, "attn_decode_config": DECODE_CONFIG,
-        "gemv_shapes": {f"{n}x{k}": c for (n, k), c in GEMV_SHAPES.items()}, "dtype": str(runner.config.dtype), "backend": runner.backend.name,
+        "init_s": init_s, "params": params, **kernel_settings(runner.device), "dtype": str(runner.config.dtype),
+        "backend": runner.backend.name,
         "cuda_graphs": runner.graphs is not None and runner.graphs.use_graphs,
         "graph_sizes": runner.graphs.sizes if runner.graphs is not None else None,
         "num_kv_blocks": runner.config.num_gpu_blocks, "block_size": runner.config.block_size,
@@ -397,6 +395,18 @@ def run_pagedserve(model: str, reqs, ns) -> dict:
     del llm, runner, outs
     gc.collect()
     return info
+
+
+def kernel_settings(device: torch.device) -> dict:
+    """The kernel settings an engine on `device` runs with (environment, else the GPU model's
+    tuned file, else built-in), and the tuned file found, if any."""
+    from pagedserve.ops import gemv, paged_attention as pa, pdl, tuned
+
+    return {"gemv_shapes": {f"{n}x{k}": c for (n, k), c in gemv.shapes_for(device).items()},
+            "pdl": pdl.pdl_enabled(device),
+            "attn_k_rows": tuned.resolve(pa.K_ROWS, "attn_k_rows", device, pa.K_ROWS_DEFAULT),
+            "attn_decode_config": tuned.resolve(pa.DECODE_CONFIG, "attn_decode_config", device, None),
+            "tuned_file": tuned.file_name(torch.cuda.get_device_name(device)) if tuned.for_device(device) else None}
 
 
 def triton_variants() -> dict:
@@ -492,12 +502,10 @@ def batch1_variant(model: str, ns) -> dict:
     """Batch-1 decode alone, on an engine built under this process's PAGEDSERVE_GEMV and
     PAGEDSERVE_PDL (gpu_check sets them per variant: they are read at import)."""
     from pagedserve import LLM
-    from pagedserve.ops.gemv import GEMV_SHAPES
-    from pagedserve.ops.pdl import pdl_enabled
 
     llm = LLM(model, dtype=ns.dtype, seed=0, max_num_seqs=4)  # graphs for batch 1, 2 and 4 only
     runner = llm.llm_engine.runner
-    res = {"gemv_shapes": {f"{n}x{k}": c for (n, k), c in GEMV_SHAPES.items()}, "pdl": pdl_enabled(runner.device),
+    res = {**kernel_settings(runner.device),
            "batch1": batch1_decode(llm, vocab=runner.config.vocab_size, steps=ns.batch1_tokens)}
     del llm, runner
     gc.collect()

@@ -9,19 +9,19 @@ and the SiLU-and-mul before down (forward_silu_mul).
 
 Which layer shapes use it, and how, is measured, not assumed: PAGEDSERVE_GEMV names the
 (N, K) shapes where benchmarks/gpu_check.py found it faster than cuBLAS on the GPU at hand,
-each with its launch shape; unset, every layer stays on cuBLAS. Twin: torch.nn.functional.linear
+each with its launch shape; unset, the GPU model's tuned file (ops/tuned.py) does, and without
+one every layer stays on cuBLAS. Twin: torch.nn.functional.linear
 (the test compares against it in float64)."""
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from pagedserve.ops import triton_interpreting
+from pagedserve.ops import triton_interpreting, tuned
 from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
 
 GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes this kernel
@@ -247,7 +247,14 @@ def parse_shapes(text: Optional[str]) -> dict[tuple[int, int], Config]:
     return out
 
 
-GEMV_SHAPES = parse_shapes(os.environ.get("PAGEDSERVE_GEMV"))
+# The environment's shapes ({} where set empty), else tuned.UNSET: see shapes_for.
+GEMV_SHAPES = tuned.from_env("PAGEDSERVE_GEMV", parse_shapes)
+
+
+def shapes_for(device: torch.device) -> dict[tuple[int, int], Config]:
+    """The layer shapes that take the kernel on `device`: PAGEDSERVE_GEMV, else the GPU's
+    tuned file, else none."""
+    return tuned.resolve(GEMV_SHAPES, "gemv", device, {})
 
 
 def install(module: torch.nn.Linear, config: Config) -> None:
@@ -284,12 +291,18 @@ def install(module: torch.nn.Linear, config: Config) -> None:
     module.forward_rmsnorm = forward_rmsnorm
 
 
-def install_all(model: torch.nn.Module, shapes: Optional[dict[tuple[int, int], Config]] = None) -> int:
-    """Every nn.Linear of the model whose (out, in) shape is configured; returns how many."""
-    shapes = GEMV_SHAPES if shapes is None else shapes
-    count = 0
+def install_all(model: torch.nn.Module, shapes: Optional[dict[tuple[int, int], Config]] = None
+                ) -> dict[tuple[int, int], Config]:
+    """Every nn.Linear of the model whose (out, in) shape is configured (default: shapes_for
+    the model's device); returns the shapes installed."""
+    if shapes is None:
+        shapes = shapes_for(next(model.parameters()).device)
+    done = {}
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and (m.out_features, m.in_features) in shapes:
-            install(m, shapes[(m.out_features, m.in_features)])
-            count += 1
-    return count
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        shape = (m.out_features, m.in_features)
+        if shape in shapes:
+            install(m, shapes[shape])
+            done[shape] = shapes[shape]
+    return done

@@ -18,28 +18,30 @@ token per request) skip the search, and may split each request's keys into NUM_S
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from pagedserve.ops import triton_interpreting
+from pagedserve.ops import triton_interpreting, tuned
 from pagedserve.ops.pdl import pdl_launch, pdl_start
 
 _LOG2E = 1.4426950408889634
 # K tiles loaded key-major and transposed in registers (1), or gathered head-dim-major (0).
 # Both are exact; benchmarks/gpu_check.py times both. On an H100 (bf16, 32/4 heads, d 64)
 # key-major was faster: decode of 256 x 800 keys 100.5 vs 118.6 us, prefill of 8 x 1024
-# 179.6 vs 190.9 us. PAGEDSERVE_ATTN_K_ROWS=0 picks the other.
-K_ROWS_DEFAULT = os.environ.get("PAGEDSERVE_ATTN_K_ROWS", "1") == "1"
+# 179.6 vs 190.9 us. PAGEDSERVE_ATTN_K_ROWS=0 picks the other (unset: the GPU model's tuned
+# file, ops/tuned.py, else key-major).
+K_ROWS_DEFAULT = True
+K_ROWS = tuned.from_env("PAGEDSERVE_ATTN_K_ROWS", lambda v: v == "1")
 
 
 def parse_decode_config(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     """PAGEDSERVE_ATTN_DECODE_CONFIG="TILE_N,num_warps,num_stages": the decode variant's
     launch shape (benchmarks/gpu_check.py times a few on the GPU at hand and runs the engine
-    with the fastest). Unset: TILE_N from the head dim, warps from the tile, Triton's stages."""
+    with the fastest). None (empty): TILE_N from the head dim, warps from the tile, Triton's
+    stages."""
     if not text:
         return None
     try:
@@ -52,7 +54,9 @@ def parse_decode_config(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     return tile_n, warps, stages
 
 
-DECODE_CONFIG = parse_decode_config(os.environ.get("PAGEDSERVE_ATTN_DECODE_CONFIG"))
+# The environment's decode launch shape (None where set empty: the built-in one), else
+# tuned.UNSET, where the GPU model's tuned file decides.
+DECODE_CONFIG = tuned.from_env("PAGEDSERVE_ATTN_DECODE_CONFIG", parse_decode_config)
 
 
 @triton.jit
@@ -241,8 +245,9 @@ def paged_attention(
     [num_blocks, block_size, KVH, D]. num_tokens: query rows these requests span (a host
     upper bound; sizes the grid). decode=True promises one query token per request and
     allows num_segments > 1 (a power of two). Rows of `out` outside the requests are not
-    written. k_rows: how K tiles are loaded (default: K_ROWS_DEFAULT). tile_n, num_warps,
-    num_stages: launch shape (decode default: DECODE_CONFIG where set)."""
+    written. k_rows: how K tiles are loaded (default: K_ROWS, else the tuned file, else
+    K_ROWS_DEFAULT). tile_n, num_warps, num_stages: launch shape (decode default:
+    DECODE_CONFIG, else the tuned file, else derived from the head dim)."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -255,10 +260,11 @@ def paged_attention(
     head_dim_p = max(16, triton.next_power_of_2(d))
     block_m = block_m or block_m_for(group, decode)
     block_q = 1 if decode else block_m // group
-    if decode and DECODE_CONFIG is not None:
-        tile_n = tile_n or DECODE_CONFIG[0]
-        num_warps = num_warps or DECODE_CONFIG[1]
-        num_stages = num_stages or DECODE_CONFIG[2]
+    decode_config = tuned.resolve(DECODE_CONFIG, "attn_decode_config", query.device, None) if decode else None
+    if decode_config is not None:
+        tile_n = tile_n or decode_config[0]
+        num_warps = num_warps or decode_config[1]
+        num_stages = num_stages or decode_config[2]
     tile_n = tile_n or tile_n_for(head_dim_p, decode)
     launch = {"num_warps": num_warps or (4 if block_m * head_dim_p <= 64 * 128 else 8)}
     if num_stages:
@@ -283,7 +289,8 @@ def paged_attention(
         GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
-        K_ROWS=K_ROWS_DEFAULT if k_rows is None else k_rows, **launch, **pdl,
+        K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
+        **launch, **pdl,
     )
     if num_segments > 1:
         _merge_segments_kernel[(num_seqs, hq)](

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch (PDL, Hopper and later), opt-in with PAGEDSERVE_PDL=1.
+"""Programmatic dependent launch (PDL, Hopper and later): PAGEDSERVE_PDL=1, or a GPU model's
+tuned file (ops/tuned.py) with "pdl": true.
 
 A decode step at batch 1 is some 300 kernels of a few microseconds each, and each one's
 launch and ramp-up normally waits for the previous one to drain. With PDL a kernel launched
@@ -15,13 +16,12 @@ before."""
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from pagedserve.ops import triton_interpreting
+from pagedserve.ops import triton_interpreting, tuned
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -29,8 +29,9 @@ except ImportError:  # an older Triton: PDL stays off and the kernels never reac
     gdc_launch_dependents = gdc_wait = None
 
 
-# Read once: the launch helpers run at every kernel launch of an eager step.
-REQUESTED = os.environ.get("PAGEDSERVE_PDL", "0") == "1"
+# PAGEDSERVE_PDL=1 / 0, read once; unset (UNSET), the GPU model's tuned file (ops/tuned.py)
+# decides, and without one PDL is off.
+REQUESTED = tuned.from_env("PAGEDSERVE_PDL", lambda v: v == "1")
 _OFF = {"PDL": False}
 _ON = {"PDL": True, "launch_pdl": True}
 
@@ -41,8 +42,11 @@ def _device_supports(index: int) -> bool:
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on `device` launch with PDL (PAGEDSERVE_PDL=1 and a GPU that has it)."""
-    if not REQUESTED or gdc_wait is None or triton_interpreting() or device.type != "cuda":
+    """Whether kernels on `device` launch with PDL (asked for, by PAGEDSERVE_PDL or the tuned
+    file, on a GPU that has it)."""
+    if gdc_wait is None or device.type != "cuda" or triton_interpreting():
+        return False
+    if not tuned.resolve(REQUESTED, "pdl", device, False):
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 

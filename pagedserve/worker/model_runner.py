@@ -76,10 +76,11 @@ class ModelRunner:
             for m in self.model.modules():
                 if hasattr(m, "use_triton"):
                     m.use_triton = True
-            from pagedserve.ops.gemv import GEMV_SHAPES, install_all
+            from pagedserve.ops.gemv import install_all
 
-            if install_all(self.model):  # small-batch layers measured faster than cuBLAS here
-                logger.info("small-batch GEMV kernel on layer shapes %s", sorted(GEMV_SHAPES))
+            installed = install_all(self.model)  # small-batch layers measured faster than cuBLAS here
+            if installed:
+                logger.info("small-batch GEMV kernel on layer shapes %s", installed)
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
