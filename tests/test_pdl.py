@@ -16,7 +16,7 @@ from pagedserve.ops import pdl  # noqa: E402
 _FLOAT_ARGS = {"eps", "scale_log2"}
 _PTR_DTYPES = {"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "pos_ptr": "*i64",
                "slot_ptr": "*i64", "cos_sin_ptr": "*fp32", "seg_acc_ptr": "*fp32", "seg_max_ptr": "*fp32",
-               "seg_sum_ptr": "*fp32"}
+               "seg_sum_ptr": "*fp32", "idx_ptr": "*i64"}
 
 
 def _compile_sm90(kernel, constexprs: dict, num_warps: int = 4):
@@ -39,6 +39,7 @@ def _compile_sm90(kernel, constexprs: dict, num_warps: int = 4):
 
 def _chain_kernels():
     from pagedserve.ops.activation import _silu_and_mul_kernel
+    from pagedserve.ops.argmax import _argmax_kernel
     from pagedserve.ops.gemv import _gemv_kernel
     from pagedserve.ops.paged_attention import _merge_segments_kernel, _paged_attention_kernel
     from pagedserve.ops.rms_norm import _rms_norm_kernel
@@ -65,6 +66,7 @@ def _chain_kernels():
             GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=64, BLOCK_M=64, BLOCK_Q=8, IS_DECODE=False,
             NUM_SEGMENTS=1, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True)),
         "merge_segments": (_merge_segments_kernel, dict(HEAD_DIM=64, HEAD_DIM_P=64, NUM_SEGMENTS=8)),
+        "argmax": (_argmax_kernel, dict(BLOCK=16384)),
     }
 
 

@@ -82,12 +82,25 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (lowest index on ties). A few rows on a GPU go through the Triton
+    kernel (ops/argmax.py): torch walks a single long row nearly serially."""
+    from pagedserve.ops import triton_available
+
+    if logits.is_cuda and logits.stride(-1) == 1 and triton_available():
+        from pagedserve.ops.argmax import MAX_ROWS, argmax_rows
+
+        if logits.shape[0] <= MAX_ROWS:
+            return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         if b.all_greedy and b.num_logprobs is None and not self.processes(b):
             # Plain greedy (most batch-1 decoding): argmax of the 16-bit logits is the
             # argmax of their exact float32 copy, so the copy is skipped (one kernel fewer).
-            return SamplerOutput(logits.argmax(dim=-1))
+            return SamplerOutput(greedy_tokens(logits))
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if b.num_logprobs is not None else None
         tokens = self._sample(self.process_logits(logits, b), b)
@@ -163,7 +176,7 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         if b.all_greedy:
-            return logits.argmax(dim=-1)
+            return greedy_tokens(logits)
         tokens = logits.argmax(dim=-1) if not b.all_random else torch.empty(
             logits.shape[0], dtype=torch.long, device=logits.device)
         u = self.uniforms(b, logits.shape[0], logits.device)
