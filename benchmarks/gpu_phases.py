@@ -119,11 +119,30 @@ def kernel_timings(device: str, dry: bool, save: Callable[[dict], None] = lambda
     # The engine run takes the layout that is faster on the decode step that dominates it.
     name = (DRY_KERNEL_CASES if dry else KERNEL_CASES)[0][0]
     res["best_k_rows"] = res[name + "_krows"]["ms"] < res[name]["ms"]
+    res["argmax"] = argmax_timings(device, dry)
     save(res)
     res.update(decode_config_sweep(device, dry, res["best_k_rows"], sms))
     save(res)
     res.update(gemv_sweep(device, dry))
     return res
+
+
+def argmax_timings(device: str, dry: bool) -> dict:
+    """Greedy argmax of 1 and 4 rows of bf16 logits over the model's vocabulary: torch.argmax
+    against the Triton kernel (ops/argmax.py), each timed as 22 calls in a CUDA graph."""
+    from pagedserve.ops.argmax import argmax_rows
+
+    vocab = 512 if dry else 32000
+    dtype = torch.float32 if dry else torch.bfloat16
+    out = {}
+    for rows in (1, 4):
+        xs = [torch.randn(rows, vocab, device=device).to(dtype) for _ in range(GEMV_CHAIN)]
+        same = all(argmax_rows(x).tolist() == x.argmax(dim=-1).tolist() for x in xs[:2])
+        t_torch = _bench_chain_ms([lambda x=x: x.argmax(dim=-1) for x in xs], device)
+        t_triton = _bench_chain_ms([lambda x=x: argmax_rows(x) for x in xs], device)
+        out[f"rows{rows}"] = {"torch_ms": t_torch, "triton_ms": t_triton, "speedup": t_torch / t_triton,
+                              "same_tokens": same}
+    return out
 
 
 # The benchmark model's projections: (name, out, in, what runs with them). With the GEMV
