@@ -120,11 +120,51 @@ def kernel_timings(device: str, dry: bool, save: Callable[[dict], None] = lambda
     name = (DRY_KERNEL_CASES if dry else KERNEL_CASES)[0][0]
     res["best_k_rows"] = res[name + "_krows"]["ms"] < res[name]["ms"]
     res["argmax"] = argmax_timings(device, dry)
+    res["decode_rope"] = decode_rope_timings(device, dry, sms)
     save(res)
     res.update(decode_config_sweep(device, dry, res["best_k_rows"], sms))
     save(res)
     res.update(gemv_sweep(device, dry))
     return res
+
+
+def decode_rope_timings(device: str, dry: bool, sms: int) -> dict:
+    """A decode step's attention for one layer, as the engine ran it before (the RoPE + KV
+    write kernel, then attention) and as it runs now (one kernel, paged_attention's rope),
+    each timed as 22 calls in a CUDA graph; and how far apart their outputs are."""
+    from pagedserve.ops.paged_attention import DecodeRope, decode_segments, paged_attention
+    from pagedserve.ops.rotary import rotary_embedding_and_cache
+
+    hq, kvh, d, bs = ATTN_SHAPE
+    g = torch.Generator(device=device).manual_seed(4)
+    out: dict[str, Any] = {}
+    for batch, ctx in ((2, 40),) if dry else ((1, 1024), (1, 200), (256, 800)):
+        q, kc, vc, bt, seq_lens, qsl = _attention_case(device, g, batch, ctx, 1)
+        qkv = torch.randn(batch, (hq + 2 * kvh) * d, device=device, generator=g).to(q.dtype)
+        qv, kv, vv = (x.view(batch, -1, d) for x in qkv.split([hq * d, kvh * d, kvh * d], dim=-1))
+        pos = (seq_lens - 1).long()
+        slots = bt[torch.arange(batch, device=device), pos // bs].long() * bs + pos % bs
+        cos_sin = torch.randn(ctx, d, device=device, generator=g)
+        segs = decode_segments(batch, kvh, sms)
+        o_sep, o_fused = torch.empty_like(q), torch.empty_like(q)
+
+        def separate():
+            qr, kr = qv.clone(), kv.clone()  # the kernel rotates in place: keep the inputs
+            rotary_embedding_and_cache(pos, qr, kr, vv, cos_sin, kc, vc, slots)
+            paged_attention(qr, kc, vc, bt, seq_lens, qsl, batch, batch, 0.125, out=o_sep, decode=True,
+                            num_segments=segs)
+
+        def fused():
+            paged_attention(qv, kc, vc, bt, seq_lens, qsl, batch, batch, 0.125, out=o_fused, decode=True,
+                            num_segments=segs, rope=DecodeRope(pos, cos_sin, kv, vv, slots))
+
+        separate()
+        fused()
+        t_sep = _bench_chain_ms([separate] * GEMV_CHAIN, device)
+        t_fused = _bench_chain_ms([fused] * GEMV_CHAIN, device)
+        out[f"b{batch}_ctx{ctx}"] = {"separate_ms": t_sep, "fused_ms": t_fused, "speedup": t_sep / t_fused,
+                                     "max_abs_diff": float((o_sep.float() - o_fused.float()).abs().max())}
+    return out
 
 
 def argmax_timings(device: str, dry: bool) -> dict:

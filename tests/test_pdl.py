@@ -61,10 +61,13 @@ def _chain_kernels():
                                                             BLOCK_SIZE=16)),
         "paged_attention_decode": (_paged_attention_kernel, dict(
             GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=32, BLOCK_M=16, BLOCK_Q=1, IS_DECODE=True,
-            NUM_SEGMENTS=8, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True)),
+            NUM_SEGMENTS=8, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True, ROPE=False)),
+        "paged_attention_decode_rope": (_paged_attention_kernel, dict(
+            GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=32, BLOCK_M=16, BLOCK_Q=1, IS_DECODE=True,
+            NUM_SEGMENTS=16, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True, ROPE=True)),
         "paged_attention_prefill": (_paged_attention_kernel, dict(
             GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=64, BLOCK_M=64, BLOCK_Q=8, IS_DECODE=False,
-            NUM_SEGMENTS=1, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True)),
+            NUM_SEGMENTS=1, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True, ROPE=False)),
         "merge_segments": (_merge_segments_kernel, dict(HEAD_DIM=64, HEAD_DIM_P=64, NUM_SEGMENTS=8)),
         "argmax": (_argmax_kernel, dict(BLOCK=16384)),
     }

@@ -49,6 +49,15 @@ class AttentionBackend(ABC):
         with fuses_rope."""
         raise NotImplementedError
 
+    def attend_rope(
+        self, positions: torch.Tensor, cos_sin: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+        value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
+        """write_kv_rope, then attend (only backends with fuses_rope). A backend may do all of
+        it in fewer kernels; query and key are then left unrotated."""
+        self.write_kv_rope(positions, cos_sin, query, key, value, k_cache, v_cache, meta)
+        return self.attend(query, k_cache, v_cache, meta, scale, key, value)
+
     @abstractmethod
     def write_kv(
         self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

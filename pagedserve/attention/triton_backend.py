@@ -1,7 +1,8 @@
 """The GPU attention backend: Triton kernels for the KV write and for paged attention
 (pagedserve/ops). Decode requests (first in the batch) go through the decode variant of
 the kernel, split over key segments when the batch is too small to fill the GPU; the prefill
-chunks after them through the query-block variant. Uses only device tensors and host
+chunks after them through the query-block variant. A decode-only step does RoPE and the KV
+write inside the decode kernel. Uses only device tensors and host
 integers that a decode CUDA graph fixes (batch size), so decode steps can be captured."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
-from pagedserve.ops.paged_attention import decode_segments, paged_attention
+from pagedserve.ops.paged_attention import DecodeRope, decode_segments, paged_attention
 from pagedserve.ops.reshape_and_cache import reshape_and_cache
 from pagedserve.ops.rotary import rotary_embedding_and_cache
 
@@ -39,6 +40,20 @@ class TritonAttentionBackend(AttentionBackend):
 
     def write_kv_rope(self, positions, cos_sin, query, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         rotary_embedding_and_cache(positions, query, key, value, cos_sin, k_cache, v_cache, meta.slot_mapping)
+
+    def attend_rope(self, positions, cos_sin, query, key, value, k_cache, v_cache, meta: AttentionMetadata,
+                    scale) -> torch.Tensor:
+        """Decode-only steps (every CUDA-graph step): RoPE, the KV write and attention in one
+        kernel per layer instead of two. Steps with prefill chunks: the two kernels."""
+        if meta.num_decodes != meta.num_reqs or not meta.num_reqs:
+            return super().attend_rope(positions, cos_sin, query, key, value, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(query)
+        nd = meta.num_decodes
+        segments = decode_segments(nd, k_cache.shape[2], self.num_sms(query.device))
+        paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd, nd,
+                        scale, out=out, decode=True, num_segments=segments,
+                        rope=DecodeRope(positions, cos_sin, key, value, meta.slot_mapping))
+        return out
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value) -> torch.Tensor:
         out = torch.empty_like(query)

@@ -18,7 +18,7 @@ token per request) skip the search, and may split each request's keys into NUM_S
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -91,6 +91,16 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 # keys on integers' divisibility by 16 and pointers' alignment): otherwise a step whose
 # request count, block-table width or slice offset lands on a new combination compiles a
 # new variant mid-run, a pause of a second or more.
+@triton.jit
+def _rope(x, x_swap, cos, sin, sign, dtype):
+    """Rotate-half RoPE of x (float32 copies of dtype values): x * cos + sign * x_swap * sin,
+    x_swap the other half, sign -1 on the first half; each product rounded to the dtype,
+    then the sum, as ops/rotary.py (and the PyTorch form) round."""
+    a = (x * cos).to(dtype).to(tl.float32)
+    b = (x_swap * sin).to(dtype).to(tl.float32)
+    return (a + sign * b).to(dtype)
+
+
 @triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
@@ -100,11 +110,17 @@ def _paged_attention_kernel(
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     stride_bt,
+    kn_ptr, vn_ptr, pos_ptr, cos_sin_ptr, slot_ptr, stride_kn_t, stride_kn_h, stride_vn_t, stride_vn_h, stride_cs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, PDL: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
+    # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
+    # projection; the kernel rotates q and kn, segment 0 writes kn and vn into the cache at
+    # the token's slot (-1: padding, skipped), and the new key enters the softmax from
+    # registers while the cache walk stops before it (so no program reads the slot being
+    # written). One kernel instead of the RoPE + KV-write kernel and this one.
     pdl_start(PDL)  # ops/pdl.py: q and the new keys come from the kernel before
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -130,13 +146,48 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
     q_rows = (q_start + q_pos).to(tl.int64)
-    q = tl.load(q_ptr + q_rows[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_ptrs = q_ptr + q_rows[:, None] * stride_q_t + head[:, None] * stride_q_h
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptrs + offs_d[None, :], mask=q_mask, other=0.0)
     q_abs = context + q_pos  # absolute position: sees keys [0, q_abs]
 
     # Keys the block's last query sees bound the walk (causal: later tiles are all masked).
     last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_len = tl.minimum(context + last_q + 1, seq_len)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
+    if ROPE:
+        dtype = q_ptr.dtype.element_ty
+        first = offs_d < HEAD_DIM // 2
+        d_swap = tl.where(first, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)  # the other half
+        d_cs = tl.where(first, offs_d, offs_d - HEAD_DIM // 2)
+        sign = tl.where(first, -1.0, 1.0)
+        cs_row = cos_sin_ptr + tl.load(pos_ptr + q_start).to(tl.int64) * stride_cs
+        cos = tl.load(cs_row + d_cs, mask=d_ok, other=0.0).to(dtype).to(tl.float32)
+        sin = tl.load(cs_row + HEAD_DIM // 2 + d_cs, mask=d_ok, other=0.0).to(dtype).to(tl.float32)
+        q_swap = tl.load(q_ptrs + d_swap[None, :], mask=q_mask, other=0.0)
+        q = _rope(q.to(tl.float32), q_swap.to(tl.float32), cos[None, :], sin[None, :], sign[None, :], dtype)
+        kn_row = kn_ptr + q_start.to(tl.int64) * stride_kn_t + kv_head * stride_kn_h
+        kn = _rope(tl.load(kn_row + offs_d, mask=d_ok, other=0.0).to(tl.float32),
+                   tl.load(kn_row + d_swap, mask=d_ok, other=0.0).to(tl.float32), cos, sin, sign, dtype)
+        vn = tl.load(vn_ptr + q_start.to(tl.int64) * stride_vn_t + kv_head * stride_vn_h + offs_d, mask=d_ok, other=0.0)
+        slot = tl.load(slot_ptr + q_start).to(tl.int64)
+        if segment == 0:
+            if slot >= 0:
+                page_s = (slot // BLOCK_SIZE) * stride_k_b + (slot % BLOCK_SIZE) * stride_k_s
+                tl.store(k_cache_ptr + page_s + kv_head * stride_k_h + offs_d, kn.to(k_cache_ptr.dtype.element_ty),
+                         mask=d_ok)
+                page_v = (slot // BLOCK_SIZE) * stride_v_b + (slot % BLOCK_SIZE) * stride_v_s
+                tl.store(v_cache_ptr + page_v + kv_head * stride_v_h + offs_d, vn.to(v_cache_ptr.dtype.element_ty),
+                         mask=d_ok)
+        # The new key, the last position, starts segment 0's softmax; the walk stops before it.
+        kv_len = context
+        own = (segment == 0) & (seq_len > 0)  # graph padding rows have no key at all
+        s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * scale_log2
+        m_i = tl.where(own, s_new, m_i)
+        l_i = tl.where(own, 1.0, l_i)
+        acc = tl.where(own, vn.to(tl.float32)[None, :] + acc, acc)
     num_tiles = tl.cdiv(kv_len, TILE_N)
     if NUM_SEGMENTS > 1:
         per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
@@ -146,9 +197,6 @@ def _paged_attention_kernel(
         tile_lo = 0
         tile_hi = num_tiles
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         offs_n = tile * TILE_N + tl.arange(0, TILE_N)
@@ -232,12 +280,25 @@ def tile_n_for(head_dim_p: int, decode: bool = False) -> int:
     return 64 if head_dim_p <= 128 else 32
 
 
+class DecodeRope(NamedTuple):
+    """What a decode launch needs to do the RoPE and the KV write itself (paged_attention's
+    `rope`): the step's positions [T] and slots [T] (int64, -1: not written), the model's
+    cos/sin table [max_positions, D] (float32, cos then sin), and the new key and value
+    [T, KVH, D], unrotated, as the qkv projection left them (views are fine)."""
+
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
 def paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int, num_tokens: int, scale: float,
     out: Optional[torch.Tensor] = None, decode: bool = False, num_segments: int = 1,
     block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
-    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+    num_warps: Optional[int] = None, num_stages: Optional[int] = None, rope: Optional[DecodeRope] = None,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -247,11 +308,16 @@ def paged_attention(
     allows num_segments > 1 (a power of two). Rows of `out` outside the requests are not
     written. k_rows: how K tiles are loaded (default: K_ROWS, else the tuned file, else
     K_ROWS_DEFAULT). tile_n, num_warps, num_stages: launch shape (decode default:
-    DECODE_CONFIG, else the tuned file, else derived from the head dim)."""
+    DECODE_CONFIG, else the tuned file, else derived from the head dim). rope (decode only):
+    query and rope.key are unrotated; the kernel rotates them and writes the new key and
+    value into the caches, which then hold only the keys before each token (see the kernel)."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert num_segments == 1 or (decode and num_segments & (num_segments - 1) == 0)
+    assert rope is None or (decode and d % 2 == 0 and rope.key.shape[1:] == (kvh, d) and rope.value.shape[1:] == (kvh, d)
+                            and rope.key.stride(-1) == 1 and rope.value.stride(-1) == 1 and rope.cos_sin.shape[1] == d
+                            and rope.cos_sin.stride(-1) == 1)
     out = torch.empty_like(query) if out is None else out
     assert block_tables.stride(-1) == 1 and out.stride(-1) == 1
     if num_seqs == 0:
@@ -286,11 +352,14 @@ def paged_attention(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
+        *((rope.key, rope.value, rope.positions, rope.cos_sin, rope.slot_mapping, rope.key.stride(0),
+           rope.key.stride(1), rope.value.stride(0), rope.value.stride(1), rope.cos_sin.stride(0))
+          if rope is not None else (query, query, seq_lens, query, seq_lens, 0, 0, 0, 0, 0)),
         GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
-        **launch, **pdl,
+        ROPE=rope is not None, **launch, **pdl,
     )
     if num_segments > 1:
         _merge_segments_kernel[(num_seqs, hq)](

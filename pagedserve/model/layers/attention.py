@@ -30,8 +30,8 @@ class PagedAttention(nn.Module):
         q and k are still to be rotated, by the backend's KV write (needs fuses_rope)."""
         assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
         if rope is not None:
-            self.backend.write_kv_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta)
+            o = self.backend.attend_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         else:
             self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
-        o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, k, v)
+            o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, k, v)
         return o.reshape(o.shape[0], -1)
