@@ -474,7 +474,7 @@ def triton_variants() -> dict:
     as a change)."""
     from pagedserve.ops import activation, gemv, paged_attention, reshape_and_cache, rms_norm, rotary
 
-    kernels = {"attention": paged_attention._paged_attention_kernel, "merge": paged_attention._merge_segments_kernel,
+    kernels = {"attention": paged_attention._paged_attention_kernel,
                "kv_write": reshape_and_cache._reshape_and_cache_kernel, "rms_norm": rms_norm._rms_norm_kernel,
                "rotary": rotary._rotary_kernel, "rotary_kv_write": rotary._rotary_and_cache_kernel,
                "gemv": gemv._gemv_kernel,

@@ -16,7 +16,7 @@ from pagedserve.ops import pdl  # noqa: E402
 _FLOAT_ARGS = {"eps", "scale_log2"}
 _PTR_DTYPES = {"block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "pos_ptr": "*i64",
                "slot_ptr": "*i64", "cos_sin_ptr": "*fp32", "seg_acc_ptr": "*fp32", "seg_max_ptr": "*fp32",
-               "seg_sum_ptr": "*fp32", "idx_ptr": "*i64"}
+               "seg_sum_ptr": "*fp32", "idx_ptr": "*i64", "counter_ptr": "*i32"}
 
 
 def _compile_sm90(kernel, constexprs: dict, num_warps: int = 4):
@@ -41,7 +41,7 @@ def _chain_kernels():
     from pagedserve.ops.activation import _silu_and_mul_kernel
     from pagedserve.ops.argmax import _argmax_kernel
     from pagedserve.ops.gemv import _gemv_kernel
-    from pagedserve.ops.paged_attention import _merge_segments_kernel, _paged_attention_kernel
+    from pagedserve.ops.paged_attention import _paged_attention_kernel
     from pagedserve.ops.rms_norm import _rms_norm_kernel
     from pagedserve.ops.rotary import _rotary_and_cache_kernel
 
@@ -60,15 +60,14 @@ def _chain_kernels():
         "rotary_and_cache": (_rotary_and_cache_kernel, dict(NUM_Q=32, NUM_K=4, QH_P=32, KH_P=4, HALF=32, HALF_P=32,
                                                             BLOCK_SIZE=16)),
         "paged_attention_decode": (_paged_attention_kernel, dict(
-            GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=32, BLOCK_M=16, BLOCK_Q=1, IS_DECODE=True,
+            GROUP=8, GROUP_P=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=32, BLOCK_M=16, BLOCK_Q=1, IS_DECODE=True,
             NUM_SEGMENTS=8, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True, ROPE=False)),
         "paged_attention_decode_rope": (_paged_attention_kernel, dict(
-            GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=32, BLOCK_M=16, BLOCK_Q=1, IS_DECODE=True,
+            GROUP=8, GROUP_P=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=32, BLOCK_M=16, BLOCK_Q=1, IS_DECODE=True,
             NUM_SEGMENTS=16, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True, ROPE=True)),
         "paged_attention_prefill": (_paged_attention_kernel, dict(
-            GROUP=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=64, BLOCK_M=64, BLOCK_Q=8, IS_DECODE=False,
+            GROUP=8, GROUP_P=8, HEAD_DIM=64, HEAD_DIM_P=64, BLOCK_SIZE=16, TILE_N=64, BLOCK_M=64, BLOCK_Q=8, IS_DECODE=False,
             NUM_SEGMENTS=1, DOT_PRECISION="tf32", UPCAST_DOT=False, K_ROWS=True, ROPE=False)),
-        "merge_segments": (_merge_segments_kernel, dict(HEAD_DIM=64, HEAD_DIM_P=64, NUM_SEGMENTS=8)),
         "argmax": (_argmax_kernel, dict(BLOCK=16384)),
     }
 

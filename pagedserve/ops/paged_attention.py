@@ -14,7 +14,8 @@ request by binary search over query_start_loc (request r's blocks start at
 qsl[r] // BLOCK_Q + r), so the grid depends only on token and request counts, never on
 lengths held on the device (CUDA graphs replay it unchanged). Decode launches (one query
 token per request) skip the search, and may split each request's keys into NUM_SEGMENTS
-(flash-decoding) so that a small batch still fills the GPU; a second kernel merges them."""
+(flash-decoding) so that a small batch still fills the GPU; the last segment program of
+each (request, kv head) to finish merges them."""
 
 from __future__ import annotations
 
@@ -104,15 +105,15 @@ def _rope(x, x_swap, cos, sin, sign, dtype):
 @triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    seg_acc_ptr, seg_max_ptr, seg_sum_ptr,
+    seg_acc_ptr, seg_max_ptr, seg_sum_ptr, counter_ptr,
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
     num_seqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     stride_bt,
     kn_ptr, vn_ptr, pos_ptr, cos_sin_ptr, slot_ptr, stride_kn_t, stride_kn_h, stride_vn_t, stride_vn_h, stride_cs,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -227,12 +228,21 @@ def _paged_attention_kernel(
         m_i = m_new
 
     if NUM_SEGMENTS > 1:
-        # Unnormalised partials, merged by _merge_segments_kernel. Indexed by request
-        # (decode: one token each) and query head.
+        # Unnormalised partials, indexed by request (decode: one token each) and query head.
+        # The last of the request's NUM_SEGMENTS programs for this kv head to get here merges
+        # them (no second kernel): a counter per (request, kv head) counts the programs done,
+        # the last one resets it for the next launch.
         seg_row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + head) * NUM_SEGMENTS + segment
         tl.store(seg_max_ptr + seg_row, m_i, mask=row_ok)
         tl.store(seg_sum_ptr + seg_row, l_i, mask=row_ok)
         tl.store(seg_acc_ptr + seg_row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.debug_barrier()  # every thread's partials are stored before the count (released below)
+        count_ptr = counter_ptr + seq.to(tl.int64) * tl.num_programs(1) + kv_head
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NUM_SEGMENTS - 1:
+            tl.store(count_ptr, 0)
+            _merge_segments(out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, q_start, kv_head, seq,
+                            tl.num_programs(1), stride_o_t, stride_o_h, offs_d, d_ok,
+                            GROUP, GROUP_P, HEAD_DIM_P, NUM_SEGMENTS)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key -> 0
         tl.store(out_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
@@ -240,28 +250,43 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _merge_segments_kernel(
-    out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, qsl_ptr,
-    stride_o_t, stride_o_h, num_heads,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_start(PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq.to(tl.int64) * num_heads + head
+def _merge_segments(out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, token, kv_head, seq, num_kv_heads,
+                    stride_o_t, stride_o_h, offs_d, d_ok,
+                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+    """One token's output for the GROUP query heads of a kv head from the segments'
+    partials: each segment's sum rescaled to the largest maximum (empty segments weigh 0).
+    The partials come from other multiprocessors: read past L1 (.cg), which may hold stale
+    lines of a previous launch's partials at the same addresses."""
+    g = tl.arange(0, GROUP_P)
+    g_ok = g < GROUP
     offs_s = tl.arange(0, NUM_SEGMENTS)
-    offs_d = tl.arange(0, HEAD_DIM_P)
-    m = tl.load(seg_max_ptr + row * NUM_SEGMENTS + offs_s)
-    l = tl.load(seg_sum_ptr + row * NUM_SEGMENTS + offs_s)
-    acc = tl.load(seg_acc_ptr + (row * NUM_SEGMENTS + offs_s)[:, None] * HEAD_DIM_P + offs_d[None, :])
-    m_max = tl.max(m, axis=0)
+    head = kv_head * GROUP + g
+    rows = (seq.to(tl.int64) * (GROUP * num_kv_heads) + head)[:, None] * NUM_SEGMENTS + offs_s[None, :]
+    m = tl.load(seg_max_ptr + rows, mask=g_ok[:, None], other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(seg_sum_ptr + rows, mask=g_ok[:, None], other=0.0, cache_modifier=".cg")
+    acc = tl.load(seg_acc_ptr + rows[:, :, None] * HEAD_DIM_P + offs_d[None, None, :], mask=g_ok[:, None, None],
+                  other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=1)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    w = tl.math.exp2(m - m_max)  # empty segments: exp2(-inf) = 0
-    total = tl.sum(l * w, axis=0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-    token = tl.load(qsl_ptr + seq).to(tl.int64)
-    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    w = tl.math.exp2(m - m_max[:, None])  # empty segments: exp2(-inf) = 0
+    total = tl.sum(l * w, axis=1)
+    out = tl.sum(acc * w[:, :, None], axis=1) / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _segment_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The zeroed int32 counters of the segment merge, at least n of them, kept per device:
+    each launch leaves them zeroed, and a CUDA graph keeps the address it captured (the
+    engine's warm-up passes before capture allocate them at the largest batch)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def block_m_for(group: int, decode: bool) -> int:
@@ -342,12 +367,14 @@ def paged_attention(
         seg_acc = torch.empty(num_seqs, hq, num_segments, head_dim_p, dtype=torch.float32, device=query.device)
         seg_max = torch.empty(num_seqs, hq, num_segments, dtype=torch.float32, device=query.device)
         seg_sum = torch.empty_like(seg_max)
+        counters = _segment_counters(query.device, num_seqs * kvh)
     else:
         seg_acc = seg_max = seg_sum = out  # unused
+        counters = seq_lens
     pdl = pdl_launch(query.device)
     _paged_attention_kernel[(grid0, kvh, num_segments)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        seg_acc, seg_max, seg_sum,
+        seg_acc, seg_max, seg_sum, counters,
         scale * _LOG2E, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -355,18 +382,12 @@ def paged_attention(
         *((rope.key, rope.value, rope.positions, rope.cos_sin, rope.slot_mapping, rope.key.stride(0),
            rope.key.stride(1), rope.value.stride(0), rope.value.stride(1), rope.cos_sin.stride(0))
           if rope is not None else (query, query, seq_lens, query, seq_lens, 0, 0, 0, 0, 0)),
-        GROUP=group, HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
+        GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
         ROPE=rope is not None, **launch, **pdl,
     )
-    if num_segments > 1:
-        _merge_segments_kernel[(num_seqs, hq)](
-            out, seg_acc, seg_max, seg_sum, query_start_loc, out.stride(0), out.stride(1), hq,
-            HEAD_DIM=d, HEAD_DIM_P=head_dim_p, NUM_SEGMENTS=num_segments, num_warps=1 if head_dim_p <= 64 else 2,
-            **pdl,
-        )
     return out
 
 
