@@ -567,6 +567,10 @@ def batch1_variant(model: str, ns) -> dict:
     runner = llm.llm_engine.runner
     res = {**kernel_settings(runner.device),
            "batch1": batch1_decode(llm, vocab=runner.config.vocab_size, steps=ns.batch1_tokens)}
+    # Where its time goes: the kernels of three decode steps at batch 1.
+    ids = _decoding_batch(llm, 1, 128, runner.config.vocab_size, 16, "b1v")
+    res["profile"] = profile_table(lambda: [llm.llm_engine.step() for _ in range(3)], ns.device, rows=20)
+    llm.llm_engine.abort_request(ids)
     del llm, runner
     gc.collect()
     return res

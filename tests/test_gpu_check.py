@@ -39,7 +39,7 @@ def test_gpu_check_dry_run(tmp_path):
     # The batch-1 variant ran with every layer on the kernel, at batch 1 only.
     variant = rec["batch1_gemv"]
     assert variant["gemv_shapes"] and all(c[-1] == 1 for c in variant["gemv_shapes"].values())
-    assert fig["batch1_gemv_bw_fraction"] > 0 and len(variant["batch1"]["tokens"]) > 1
+    assert fig["batch1_gemv_bw_fraction"] > 0 and len(variant["batch1"]["tokens"]) > 1 and variant["profile"]
     # The candidate holds the settings the engine run used, in a tuned file's syntax.
     cand = tuned.load(str(out / "tuned_candidate.json"))
     assert cand["attn_decode_config"] == tuple(int(v) for v in rec["kernels"]["best_decode_config"].split(","))
