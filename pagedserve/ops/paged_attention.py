@@ -88,10 +88,6 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return c
 
 
-# Arguments that change from step to step are kept out of Triton's specialisation key (it
-# keys on integers' divisibility by 16 and pointers' alignment): otherwise a step whose
-# request count, block-table width or slice offset lands on a new combination compiles a
-# new variant mid-run, a pause of a second or more.
 @triton.jit
 def _rope(x, x_swap, cos, sin, sign, dtype):
     """Rotate-half RoPE of x (float32 copies of dtype values): x * cos + sign * x_swap * sin,
@@ -102,6 +98,10 @@ def _rope(x, x_swap, cos, sin, sign, dtype):
     return (a + sign * b).to(dtype)
 
 
+# Arguments that change from step to step are kept out of Triton's specialisation key (it
+# keys on integers' divisibility by 16 and pointers' alignment): otherwise a step whose
+# request count, block-table width or slice offset lands on a new combination compiles a
+# new variant mid-run, a pause of a second or more.
 @triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
@@ -275,18 +275,19 @@ def _merge_segments(out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, token, kv_he
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _segment_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The zeroed int32 counters of the segment merge, at least n of them, kept per device:
-    each launch leaves them zeroed, and a CUDA graph keeps the address it captured (the
-    engine's warm-up passes before capture allocate them at the largest batch)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    """The zeroed int32 counters of the segment merge, at least n of them, per device. Each
+    launch leaves them zeroed. A CUDA graph holds the address it captured, so a buffer is
+    never freed (a larger one is added beside it; n is below the multiprocessor count in
+    the engine, so the first one, 4096, serves). Launches on one device must not overlap
+    (one stream), as the engine's do."""
+    bufs = _COUNTERS.setdefault(device, [])
+    if not bufs or bufs[-1].numel() < n:
+        bufs.append(torch.zeros(max(n, 4096), dtype=torch.int32, device=device))
+    return bufs[-1]
 
 
 def block_m_for(group: int, decode: bool) -> int:
@@ -370,7 +371,7 @@ def paged_attention(
         counters = _segment_counters(query.device, num_seqs * kvh)
     else:
         seg_acc = seg_max = seg_sum = out  # unused
-        counters = seq_lens
+        counters = query  # unused
     pdl = pdl_launch(query.device)
     _paged_attention_kernel[(grid0, kvh, num_segments)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -381,7 +382,7 @@ def paged_attention(
         block_tables.stride(0),
         *((rope.key, rope.value, rope.positions, rope.cos_sin, rope.slot_mapping, rope.key.stride(0),
            rope.key.stride(1), rope.value.stride(0), rope.value.stride(1), rope.cos_sin.stride(0))
-          if rope is not None else (query, query, seq_lens, query, seq_lens, 0, 0, 0, 0, 0)),
+          if rope is not None else (query,) * 5 + (0,) * 5),  # unused; aligned, so no new variant
         GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
