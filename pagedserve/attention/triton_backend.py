@@ -43,8 +43,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     def attend_rope(self, positions, cos_sin, query, key, value, k_cache, v_cache, meta: AttentionMetadata,
                     scale) -> torch.Tensor:
-        """Decode-only steps (every CUDA-graph step): RoPE, the KV write and attention in one
-        kernel per layer instead of two. Steps with prefill chunks: the two kernels."""
+        """Decode-only steps (every CUDA-graph step): RoPE, the KV write and attention (with its
+        segment merge) in one kernel per layer. Steps with prefill chunks: the RoPE + KV-write
+        kernel, then attention."""
         if meta.num_decodes != meta.num_reqs or not meta.num_reqs:
             return super().attend_rope(positions, cos_sin, query, key, value, k_cache, v_cache, meta, scale)
         out = torch.empty_like(query)
