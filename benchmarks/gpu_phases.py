@@ -192,13 +192,16 @@ GEMV_LAYERS = (("qkv", 2560, 2048, "norm"), ("o", 2048, 2048, "plain"), ("gate_u
                ("down", 2048, 5632, "silu"), ("lm_head", 32000, 2048, "plain"))
 # (BLOCK_N, BLOCK_K, warps, stages, dot) per role. The H100 sweeps found the tensor-core path
 # (dot 1) 2-10x slower than the CUDA-core one with a norm or SiLU prologue, and BLOCK_K 512+
-# or 8 warps slower on it; it won only the plain lm_head. The CUDA-core shapes hold 32
-# weight elements per thread (sm_90 builds: 64-74 registers plain, ~96 SiLU, ~168 norm at
-# one row; 64 per thread spills with the norm); (2, 2048) reads a program's whole K=2048
-# slice in its first step, before the PDL wait.
-_FMA = ((8, 512, 4, 3, 0), (4, 1024, 4, 2, 0), (2, 2048, 4, 1, 0), (8, 256, 4, 3, 0), (16, 1024, 8, 3, 0))
-GEMV_CONFIGS = {"plain": ((64, 256, 4, 3, 1), (32, 512, 4, 3, 1), (16, 256, 4, 3, 1)) + _FMA[:3] + _FMA[4:],
-                "norm": _FMA + ((8, 1024, 8, 3, 0),), "silu": _FMA + ((8, 1024, 8, 3, 0),)}
+# or 8 warps slower on it; it won only the plain lm_head. CUDA-core shapes, from sm_90
+# builds (registers at one row, norm / SiLU / plain): dot 0 (input read per column) 32
+# weight elements per thread, ~168 / 96 / 74; dot 2 (input once, broadcast) with BLOCK_K / 8
+# = the program's threads, so that each thread holds every row of its 8 K columns and x
+# needs no shuffle (no barrier in the loop): (2, 1024) 56 / 40 / 40 and no spill at four
+# rows, (4, 1024) 94 / 64 / 64; (4, 2048, 8 warps) reads a K=2048 slice in one step.
+_FMA = ((8, 512, 4, 3, 0), (4, 1024, 4, 2, 0), (16, 1024, 8, 3, 0))
+_BCAST = ((2, 1024, 4, 2, 2), (4, 1024, 4, 2, 2), (4, 512, 2, 3, 2), (4, 2048, 8, 1, 2))
+GEMV_CONFIGS = {"plain": ((64, 256, 4, 3, 1), (32, 512, 4, 3, 1)) + _FMA + _BCAST,
+                "norm": _FMA + _BCAST, "silu": _FMA + _BCAST}
 # Distinct weight matrices per layer in a timed chain, as the model has layers: the small
 # layers' weights (8-10 MB) would otherwise be read from the 50 MB L2 after the first call.
 GEMV_CHAIN = 22
@@ -236,7 +239,7 @@ def gemv_sweep(device: str, dry: bool) -> dict:
     g = torch.Generator(device=device).manual_seed(2)
     table, chosen, every, every_pdl = {}, [], [], []
     for name, n, k, role in layers:
-        configs = GEMV_CONFIGS[role][:2] if dry else GEMV_CONFIGS[role]
+        configs = GEMV_CONFIGS[role][:1] + _BCAST[:1] if dry else GEMV_CONFIGS[role]
         copies = 2 if dry else 4 if n * k * 2 > (64 << 20) else GEMV_CHAIN  # lm_head alone outgrows L2
         ws = [torch.randn(n, k, device=device, generator=g).to(dtype) for _ in range(copies)]
         nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype)

@@ -72,9 +72,9 @@ def check_rmsnorm(m: int, n: int, k: int, dtype: torch.dtype, config, residual: 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m, n, k", [(1, 40, 96), (3, 33, 70), (4, 128, 256), (16, 20, 48)])
-@pytest.mark.parametrize("dot", [1, 0], ids=["dot", "fma"])
+@pytest.mark.parametrize("dot", [1, 0, 2], ids=["dot", "fma", "fma_bcast"])
 def test_gemv_matches_linear(m, n, k, dtype, dot):
-    narrow = 16 if dot else 4  # the CUDA-core path takes any power-of-two tile
+    narrow = 16 if dot == 1 else 4  # the CUDA-core paths take any power-of-two tile
     check(m, n, k, dtype, (narrow, 32, 4, 2, dot), bias=False)
     check(m, n, k, dtype, (32, 64, 4, 3, dot), bias=True, seed=1)
     check_silu_mul(m, n, k, dtype, (narrow, 32, 4, 2, dot), seed=2)
@@ -84,10 +84,11 @@ def test_gemv_matches_linear(m, n, k, dtype, dot):
 
 def test_parse_shapes():
     assert parse_shapes(None) == {} and parse_shapes("") == {}
+    assert parse_shapes("64x32:4,1024,4,2,2") == {(64, 32): (4, 1024, 4, 2, 2, 4)}
     assert parse_shapes("2560x2048:32,256,4,3;2048X5632:16,512,8,4,1;2048x2048:8,512,4,3,0,1") == {
         (2560, 2048): (32, 256, 4, 3, 1, 4), (2048, 5632): (16, 512, 8, 4, 1, 4), (2048, 2048): (8, 512, 4, 3, 0, 1)}
     for bad in ("2560x2048", "2560:32,256,4,3", "1x2:24,256,4,3", "1x2:32,8,4,3", "1x2:32,256,0,3",
-                "1x2:8,256,4,3", "1x2:32,256,4,3,2", "1x2:32,256,4,3,1,0", "1x2:32,256,4,3,1,5",
+                "1x2:8,256,4,3", "1x2:32,256,4,3,3", "1x2:32,256,4,3,1,0", "1x2:32,256,4,3,1,5",
                 "1x2:32,256,4,3,1,1,1"):
         with pytest.raises(ValueError, match="PAGEDSERVE_GEMV"):
             parse_shapes(bad)
@@ -124,7 +125,7 @@ class _Every(dict):
         return self.config
 
 
-@pytest.mark.parametrize("config", [(16, 32, 4, 2), (8, 32, 4, 2, 0)], ids=["dot", "fma"])
+@pytest.mark.parametrize("config", [(16, 32, 4, 2), (8, 32, 4, 2, 0), (8, 32, 4, 2, 2)], ids=["dot", "fma", "fma_bcast"])
 def test_engine_with_gemv_matches_transformers(llama_dir, hf_refs, monkeypatch, config):
     from conftest import assert_greedy_matches
 
@@ -165,7 +166,9 @@ def test_gemv_gpu(dtype):
             check(m, n, k, dtype, (32, 256, 4, 3), bias=False)
             check(m, n, k, dtype, (16, 512, 8, 4), bias=True, seed=2)
             check(m, n, k, dtype, (16, 512, 4, 3, 0), bias=True, seed=7)
+            check(m, n, k, dtype, (8, 512, 4, 3, 2), bias=False, seed=12)
     check_silu_mul(1, 2048, 5632, dtype, (32, 256, 4, 3), seed=3)
+    check_silu_mul(1, 2048, 5632, dtype, (4, 1024, 4, 2, 2), seed=13)
     check_silu_mul(4, 2048, 5632, dtype, (16, 512, 8, 4), seed=4)
     check_silu_mul(1, 2048, 5632, dtype, (8, 512, 4, 3, 0), seed=8)
     check_silu_mul(4, 2048, 5632, dtype, (16, 256, 4, 3, 0), seed=9)
@@ -174,3 +177,5 @@ def test_gemv_gpu(dtype):
         check_rmsnorm(4, n, 2048, dtype, (16, 512, 8, 4), residual=False, seed=6)
         check_rmsnorm(1, n, 2048, dtype, (16, 512, 4, 3, 0), residual=True, seed=10)
         check_rmsnorm(4, n, 2048, dtype, (32, 256, 8, 3, 0), residual=True, seed=11)
+        check_rmsnorm(1, n, 2048, dtype, (8, 512, 4, 3, 2), residual=True, seed=14)
+        check_rmsnorm(4, n, 2048, dtype, (2, 2048, 4, 1, 2), residual=True, seed=15)

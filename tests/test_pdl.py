@@ -45,7 +45,8 @@ def _chain_kernels():
     from pagedserve.ops.rms_norm import _rms_norm_kernel
     from pagedserve.ops.rotary import _rotary_and_cache_kernel
 
-    gemv = dict(HAS_BIAS=False, SILU_MUL=False, NORM=True, HAS_RES=True, BLOCK_N=8, BLOCK_K=512, UPCAST=False)
+    gemv = dict(HAS_BIAS=False, SILU_MUL=False, NORM=True, HAS_RES=True, BLOCK_N=8, BLOCK_K=512, UPCAST=False,
+                X_BCAST=False)
     return {
         "gemv_norm_fma": (_gemv_kernel, {**gemv, "BLOCK_M": 1, "USE_DOT": False}),
         "gemv_silu_dot": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "SILU_MUL": True,
@@ -54,6 +55,10 @@ def _chain_kernels():
                                              "BLOCK_M": 4, "USE_DOT": False}),
         "gemv_silu_fma_m2": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "SILU_MUL": True,
                                             "BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 1024, "USE_DOT": False}),
+        "gemv_norm_bcast": (_gemv_kernel, {**gemv, "BLOCK_M": 1, "USE_DOT": False, "X_BCAST": True}),
+        "gemv_silu_bcast_m4": (_gemv_kernel, {**gemv, "NORM": False, "HAS_RES": False, "SILU_MUL": True,
+                                              "BLOCK_M": 4, "BLOCK_N": 4, "BLOCK_K": 1024, "USE_DOT": False,
+                                              "X_BCAST": True}),
         "gemv_norm_dot": (_gemv_kernel, {**gemv, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": True}),
         "rms_norm": (_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=2048)),
         "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024)),

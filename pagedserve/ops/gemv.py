@@ -27,7 +27,8 @@ from pagedserve.ops.pdl import gdc_launch_dependents, gdc_wait, pdl_launch
 GEMV_MAX_M = 4  # rows (decode requests) up to which a configured shape takes this kernel
 
 # BLOCK_N, BLOCK_K, num_warps, num_stages[, dot[, max_rows]]: dot 1 (the default) runs the
-# products on tensor cores, 0 on the CUDA cores; max_rows is read by install().
+# products on tensor cores, 0 and 2 on the CUDA cores (0: the input read per output column,
+# 2: computed once and broadcast; see _gemv_tile); max_rows is read by install().
 Config = tuple[int, ...]
 
 
@@ -43,7 +44,7 @@ def _norm_input(x_rows, r_rows, koff, mask, HAS_RES: tl.constexpr, dtype: tl.con
 @triton.jit
 def _gemv_tile(acc, sq, w, koff, k_ok, mask, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
                SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, USE_DOT: tl.constexpr,
-               UPCAST: tl.constexpr, X_FP32: tl.constexpr):
+               UPCAST: tl.constexpr, X_FP32: tl.constexpr, X_BCAST: tl.constexpr):
     """One BLOCK_K step: the input tile (with the SiLU or norm prologue) times the weight
     tile `w`, added to acc; sq gathers the norm's squares. koff / k_ok / mask are the K
     offsets, their bounds and the input mask, shaped to broadcast against the row pointers.
@@ -52,7 +53,10 @@ def _gemv_tile(acc, sq, w, koff, k_ok, mask, x_rows, r_rows, r_out_rows, nw_rows
     CUDA cores: w [1, BLOCK_N, BLOCK_K], and x (with the residual and norm weight) loaded as
     [BLOCK_M, BLOCK_N, BLOCK_K], each column's copy from L1, so that both share one layout
     (see _gemv_kernel); acc and sq are [BLOCK_M, BLOCK_N, BLOCK_K] per-thread partial sums,
-    summed over K once after the loop (a sum across threads per step adds barriers)."""
+    summed over K once after the loop (a sum across threads per step adds barriers).
+    X_BCAST (CUDA cores): x, its prologue and sq are [BLOCK_M, BLOCK_K], computed once per
+    program instead of once per column, then broadcast over the columns; Triton moves x into
+    the weight tile's layout through shared memory (two barriers a step)."""
     dtype = w.dtype
     if SILU_MUL:  # x rows are [gate | up]: SiLU(gate) * up, rounded as silu_and_mul rounds
         g = tl.load(x_rows + koff, mask=mask, other=0.0).to(tl.float32)
@@ -64,7 +68,7 @@ def _gemv_tile(acc, sq, w, koff, k_ok, mask, x_rows, r_rows, r_out_rows, nw_rows
         if USE_DOT:
             sq += tl.sum(s * s, axis=1)
         else:
-            sq += s * s
+            sq += s * s  # per-thread partials, [BLOCK_M, BLOCK_K] with X_BCAST
         if HAS_RES:
             if pid == 0:
                 tl.store(r_out_rows + koff, s.to(dtype), mask=mask)
@@ -72,7 +76,9 @@ def _gemv_tile(acc, sq, w, koff, k_ok, mask, x_rows, r_rows, r_out_rows, nw_rows
         x = (s * nw).to(dtype)
     else:
         x = tl.load(x_rows + koff, mask=mask, other=0.0)
-    if not USE_DOT:
+    if X_BCAST:
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)
+    elif not USE_DOT:
         acc += x.to(tl.float32) * w.to(tl.float32)
     elif UPCAST:  # Triton's interpreter has no 16-bit dot
         acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
@@ -100,7 +106,7 @@ def _gemv_kernel(
     r_ptr, nw_ptr, r_out_ptr, stride_rm, stride_rom, eps,
     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    UPCAST: tl.constexpr, PDL: tl.constexpr,
+    X_BCAST: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per BLOCK_N output columns, all (<= BLOCK_M) rows: each weight element is
     # read once. USE_DOT: the products run on tensor cores with x padded to 16 rows (x is
@@ -141,13 +147,20 @@ def _gemv_kernel(
         # layout and nothing moves between layouts through shared memory in the loop (a
         # broadcast [BLOCK_M, 1, BLOCK_K] x did, with barriers). The norm and SiLU work
         # repeats per column; the loop waits on the weight stream all the same.
-        spread = tl.zeros([1, BLOCK_N, 1], dtype=tl.int64)
-        m_b = m_ok[:, None, None]
-        x_rows = x_ptr + rows_m[:, None, None] * stride_xm + spread
-        r_rows = r_ptr + rows_m[:, None, None] * stride_rm + spread
-        # (program 0's columns all write the same residual values to the same places)
-        r_out_rows = r_out_ptr + rows_m[:, None, None] * stride_rom + spread
-        nw_rows = nw_ptr + spread
+        if X_BCAST:  # x once per program, [BLOCK_M, BLOCK_K], broadcast in the product
+            m_b = m_ok[:, None]
+            x_rows = x_ptr + rows_m[:, None] * stride_xm
+            r_rows = r_ptr + rows_m[:, None] * stride_rm
+            r_out_rows = r_out_ptr + rows_m[:, None] * stride_rom
+            nw_rows = nw_ptr
+        else:
+            spread = tl.zeros([1, BLOCK_N, 1], dtype=tl.int64)
+            m_b = m_ok[:, None, None]
+            x_rows = x_ptr + rows_m[:, None, None] * stride_xm + spread
+            r_rows = r_ptr + rows_m[:, None, None] * stride_rm + spread
+            # (program 0's columns all write the same residual values to the same places)
+            r_out_rows = r_out_ptr + rows_m[:, None, None] * stride_rom + spread
+            nw_rows = nw_ptr + spread
     x_fp32 = x_ptr.dtype.element_ty == tl.float32
     k_start = 0
     if PDL or not USE_DOT:  # the first step outside the loop (see above)
@@ -160,30 +173,35 @@ def _gemv_kernel(
             w_next = tl.load(w_rows + koff_next, mask=n_b & k_ok_next, other=0.0)
         if PDL:  # both tiles were requested before the kernel before this one is done
             gdc_wait()
-        acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
-                             SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
+        xoff, xk_ok = _k_offsets(0, K, BLOCK_K, USE_DOT or X_BCAST)  # x's: [1, BLOCK_K] unless spread
+        acc, sq = _gemv_tile(acc, sq, w, xoff, xk_ok, m_b & xk_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
+                             SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32, X_BCAST)
         k_start = BLOCK_K
     if USE_DOT:  # Triton pipelines these loads itself (asynchronous copies, num_stages)
         for k0 in range(k_start, K, BLOCK_K):
             koff, k_ok = _k_offsets(k0, K, BLOCK_K, USE_DOT)
             w = tl.load(w_rows + koff, mask=n_b & k_ok, other=0.0)
             acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
-                                 SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
+                                 SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32, X_BCAST)
     else:  # it does not for these: tile k + 1 is loaded by hand before tile k is used
-        w, koff, k_ok = w_next, koff_next, k_ok_next
+        w = w_next
         for k0 in range(BLOCK_K, K, BLOCK_K):
             koff_next, k_ok_next = _k_offsets(k0 + BLOCK_K, K, BLOCK_K, USE_DOT)
             w_next = tl.load(w_rows + koff_next, mask=n_b & k_ok_next, other=0.0)  # past K: masked, no traffic
-            acc, sq = _gemv_tile(acc, sq, w, koff, k_ok, m_b & k_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
-                                 SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32)
-            w, koff, k_ok = w_next, koff_next, k_ok_next
+            xoff, xk_ok = _k_offsets(k0, K, BLOCK_K, USE_DOT or X_BCAST)
+            acc, sq = _gemv_tile(acc, sq, w, xoff, xk_ok, m_b & xk_ok, x_rows, r_rows, r_out_rows, nw_rows, pid, K,
+                                 SILU_MUL, NORM, HAS_RES, USE_DOT, UPCAST, x_fp32, X_BCAST)
+            w = w_next
     if USE_DOT:
         if NORM:
             acc = acc * tl.math.rsqrt(sq / K + eps)[:, None]
     else:
         acc = tl.sum(acc, axis=2)
         if NORM:
-            acc = acc * tl.math.rsqrt(tl.sum(sq, axis=2) / K + eps)
+            if X_BCAST:
+                acc = acc * tl.math.rsqrt(tl.sum(sq, axis=1) / K + eps)[:, None]
+            else:
+                acc = acc * tl.math.rsqrt(tl.sum(sq, axis=2) / K + eps)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -209,7 +227,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
     res_out = torch.empty_like(x) if residual is not None else x
     if m:
         block_n, block_k, warps, stages = config[:4]
-        use_dot = bool(config[4]) if len(config) > 4 else True
+        path = config[4] if len(config) > 4 else 1
+        use_dot = path == 1
         r = residual if residual is not None else x
         assert r.stride(-1) == 1
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -217,7 +236,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], co
             r, norm_weight, res_out, r.stride(0), res_out.stride(0), eps,
             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=residual is not None,
             BLOCK_M=16 if use_dot else triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-            UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
+            X_BCAST=path == 2, UPCAST=x.dtype != torch.float32 and triton_interpreting(), num_warps=warps, num_stages=stages,
             **pdl_launch(x.device),
         )
     return y if norm is None else (y, res_out)
@@ -235,12 +254,12 @@ def parse_shapes(text: Optional[str]) -> dict[tuple[int, int], Config]:
             bn, bk, warps, stages, *rest = (int(v) for v in cfg.split(","))
             dot = rest[0] if rest else 1
             max_rows = rest[1] if len(rest) > 1 else GEMV_MAX_M
-            if len(rest) > 2 or dot not in (0, 1) or not 1 <= max_rows <= GEMV_MAX_M:
+            if len(rest) > 2 or dot not in (0, 1, 2) or not 1 <= max_rows <= GEMV_MAX_M:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages[,dot 0|1[,max_rows "
+            raise ValueError(f"PAGEDSERVE_GEMV: expected 'NxK:BLOCK_N,BLOCK_K,warps,stages[,dot 0|1|2[,max_rows "
                              f"1..{GEMV_MAX_M}]]', got {item!r}") from None
-        if min(bn, bk) < (16 if dot else 1) or bn & (bn - 1) or bk & (bk - 1) or warps < 1 or stages < 1:
+        if min(bn, bk) < (16 if dot == 1 else 1) or bn & (bn - 1) or bk & (bk - 1) or warps < 1 or stages < 1:
             raise ValueError(f"PAGEDSERVE_GEMV: BLOCK_N and BLOCK_K must be powers of two (>= 16 with dot) "
                              f"in {item!r}")
         out[(n, k)] = (bn, bk, warps, stages, dot, max_rows)
