@@ -29,6 +29,10 @@ def test_bucket_for():
 
 def test_buffers_fill_pads_rows_and_keeps_block_tables():
     buf = DecodeBuffers(max_batch=8, max_blocks_per_seq=5, block_size=4, max_model_len=20, device=torch.device("cpu"))
+    # The four per-row tensors are aligned views of one buffer (one copy up per step).
+    base, end = buf._header.data_ptr(), buf._header.data_ptr() + buf._header.numel()
+    for t in (buf.input_ids, buf.positions, buf.slot_mapping, buf.seq_lens):
+        assert (t.data_ptr() - base) % 128 == 0 and base <= t.data_ptr() and t.data_ptr() + t.nbytes <= end
     rows = np.array([[3, 1, 0], [2, 7, 6]], dtype=np.int32)
     buf.fill(np.array([11, 12]), np.array([9, 4]), np.array([5, 29]), np.array([10, 5], dtype=np.int32), rows, 4)
     assert buf.input_ids[:4].tolist() == [11, 12, 0, 0]

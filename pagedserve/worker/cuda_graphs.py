@@ -40,21 +40,36 @@ def bucket_for(sizes: list[int], n: int) -> Optional[int]:
     return sizes[i] if i < len(sizes) else None
 
 
+def _header_bytes(rows: int) -> int:
+    return 28 * _padded(rows)
+
+
+def _padded(rows: int) -> int:
+    return -(-rows // 16) * 16  # every field starts 128-byte aligned (kernels specialise on alignment)
+
+
+def _row_fields(header: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """Views into a byte buffer of (input ids, positions, slots) int64 and seq_lens int32,
+    `rows` each, one after the other: the four go up to the device in one copy."""
+    b = _padded(rows)
+    return (header[: 8 * rows].view(torch.int64), header[8 * b: 8 * b + 8 * rows].view(torch.int64),
+            header[16 * b: 16 * b + 8 * rows].view(torch.int64), header[24 * b: 24 * b + 4 * rows].view(torch.int32))
+
+
 class _Staging:
     """Pinned host copies of the per-step buffers, and the event after their last copy out."""
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, pin: bool) -> None:
-        self.ids = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
-        self.pos = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
-        self.slots = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
-        self.lens = torch.zeros(max_batch, dtype=torch.int32, pin_memory=pin)
+        self.header = torch.zeros(_header_bytes(max_batch), dtype=torch.uint8, pin_memory=pin)
+        self.ids, self.pos, self.slots, self.lens = _row_fields(self.header, max_batch)
         self.bt = torch.zeros((max_batch, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
         self.copied: Optional[torch.cuda.Event] = None
 
 
 class DecodeBuffers:
     """The static device tensors every captured graph reads. `fill` copies a step's inputs in
-    (through pinned host staging, one copy per tensor) and pads the rest of the bucket.
+    (through pinned host staging: one copy for the four per-row tensors, which are views of
+    one byte buffer, and one for the block tables) and pads the rest of the bucket.
 
     Two staging sets take turns: with async scheduling step N + 1 is filled while step N's
     copies may still be queued behind step N - 1 on the device; a set is rewritten only after
@@ -68,10 +83,8 @@ class DecodeBuffers:
         def zeros(shape, dtype):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.input_ids = zeros(max_batch, torch.int64)
-        self.positions = zeros(max_batch, torch.int64)
-        self.slot_mapping = zeros(max_batch, torch.int64)
-        self.seq_lens = zeros(max_batch, torch.int32)
+        self._header = zeros(_header_bytes(max_batch), torch.uint8)
+        self.input_ids, self.positions, self.slot_mapping, self.seq_lens = _row_fields(self._header, max_batch)
         self.block_tables = zeros((max_batch, max_blocks_per_seq), torch.int32)
         self._staging = [_Staging(max_batch, max_blocks_per_seq, self._cuda) for _ in range(2)]
         self._turn = 0
@@ -95,9 +108,7 @@ class DecodeBuffers:
             h[:n] = data
             h[n:bucket] = pad
         st.bt.numpy()[:n, : block_rows.shape[1]] = block_rows  # padding rows' tables are never read
-        for dev, host in ((self.input_ids, st.ids), (self.positions, st.pos), (self.slot_mapping, st.slots),
-                          (self.seq_lens, st.lens)):
-            dev[:bucket].copy_(host[:bucket], non_blocking=self._cuda)
+        self._header.copy_(st.header, non_blocking=self._cuda)  # (rows past the bucket: unread)
         if n:
             self.block_tables[:n].copy_(st.bt[:n], non_blocking=self._cuda)
         if self._cuda:
