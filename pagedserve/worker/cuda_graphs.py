@@ -134,7 +134,17 @@ class DecodeBuffers:
 
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
-TokenPatch = tuple[torch.Tensor, torch.Tensor]  # (rows of input_ids, their tokens), on the device
+# (rows of input_ids, their tokens) on the device; rows None: the first len(tokens) rows.
+TokenPatch = tuple[Optional[torch.Tensor], torch.Tensor]
+
+
+def apply_patch(input_ids: torch.Tensor, patch: TokenPatch) -> None:
+    """Write a patch's tokens over input_ids (on the device, without waiting for them)."""
+    rows, tokens = patch
+    if rows is None:
+        input_ids[: len(tokens)].copy_(tokens)
+    else:
+        input_ids.index_copy_(0, rows, tokens)
 
 
 class DecodeGraphRunner:
@@ -188,7 +198,7 @@ class DecodeGraphRunner:
         assert bucket is not None, f"{n} rows exceed the largest captured batch {self.max_size}"
         self.buffers.fill(input_ids, positions, slots, seq_lens, block_rows, bucket)
         if patch is not None:
-            self.buffers.input_ids.index_copy_(0, *patch)
+            apply_patch(self.buffers.input_ids, patch)
         if not self.use_graphs:
             return self._forward(bucket)[:n]
         graph, out = self.graphs[bucket]

@@ -16,7 +16,7 @@ from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
-from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, capture_sizes
+from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
 from pagedserve.worker.sampler import Sampler
@@ -298,7 +298,10 @@ class ModelRunner:
         tokens, reqs = self._last_samples
         row_of = {r.request_id: i for i, r in enumerate(reqs)}
         src = [row_of[rid] for _, rid in pending_rows]
-        idx = to_device([[t for t, _ in pending_rows], src], torch.long, self.device)
+        rows = [t for t, _ in pending_rows]
+        if rows == src == list(range(len(rows))):  # the same requests in the same order (batch 1
+            return None, tokens[: len(rows)]  # always): a plain copy, no index to send up
+        idx = to_device([rows, src], torch.long, self.device)
         return idx[0], tokens.index_select(0, idx[1])
 
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None) -> torch.Tensor:
@@ -309,7 +312,7 @@ class ModelRunner:
                                    np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch)
         ids, positions, meta = self._device_inputs(host)
         if patch is not None:
-            ids.index_copy_(0, *patch)
+            apply_patch(ids, patch)
         return self.model(ids, positions, meta)
 
     def _host_inputs(self, order: list[ScheduledRequest]) -> HostInputs:
