@@ -475,12 +475,12 @@ def kernel_settings(device: torch.device) -> dict:
 def triton_variants() -> dict:
     """Compiled variants of each Triton kernel so far (a compile inside a timed region shows
     as a change)."""
-    from pagedserve.ops import activation, gemv, paged_attention, reshape_and_cache, rms_norm, rotary
+    from pagedserve.ops import activation, argmax, gemv, paged_attention, reshape_and_cache, rms_norm, rotary
 
     kernels = {"attention": paged_attention._paged_attention_kernel,
                "kv_write": reshape_and_cache._reshape_and_cache_kernel, "rms_norm": rms_norm._rms_norm_kernel,
                "rotary": rotary._rotary_kernel, "rotary_kv_write": rotary._rotary_and_cache_kernel,
-               "gemv": gemv._gemv_kernel,
+               "gemv": gemv._gemv_kernel, "argmax": argmax._argmax_kernel,
                "silu_mul": activation._silu_and_mul_kernel}
     out = {}
     for name, k in kernels.items():
