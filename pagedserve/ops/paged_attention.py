@@ -298,10 +298,12 @@ def block_m_for(group: int, decode: bool) -> int:
 
 
 def tile_n_for(head_dim_p: int, decode: bool = False) -> int:
-    """Keys per tile. Decode at head dim <= 64 takes 32: on an H100 (benchmarks/gpu_check.py's
-    sweep, batch 256 x 800 keys, twice) it beat 64 by 11-14%. Otherwise 64, or 32 above head
-    dim 128, which keeps the [BLOCK_M, HEAD_DIM] accumulator in registers."""
-    if decode and head_dim_p <= 64:
+    """Keys per tile. Decode takes 32: on an H100 (benchmarks/gpu_check.py's sweep, head dim
+    64, batch 256 x 800 keys, twice) it beat 64 by 11-14%; at head dim 128 the sm_90 build of
+    the decode kernel with 64 spills registers (64-504 bytes of stack, 4 warps), with 32 it
+    does not. Prefill: 64, or 32 above head dim 128, which keeps the [BLOCK_M, HEAD_DIM]
+    accumulator in registers."""
+    if decode and head_dim_p <= 128:
         return 32
     return 64 if head_dim_p <= 128 else 32
 
