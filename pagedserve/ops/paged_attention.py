@@ -299,13 +299,19 @@ def block_m_for(group: int, decode: bool) -> int:
 
 def tile_n_for(head_dim_p: int, decode: bool = False) -> int:
     """Keys per tile. Decode takes 32: on an H100 (benchmarks/gpu_check.py's sweep, head dim
-    64, batch 256 x 800 keys, twice) it beat 64 by 11-14%; at head dim 128 the sm_90 build of
-    the decode kernel with 64 spills registers (64-504 bytes of stack, 4 warps), with 32 it
-    does not. Prefill: 64, or 32 above head dim 128, which keeps the [BLOCK_M, HEAD_DIM]
-    accumulator in registers."""
-    if decode and head_dim_p <= 128:
+    64, batch 256 x 800 keys, twice) it beat 64 by 11-14%. Prefill takes 64 at head dim 64
+    and 32 above. Both from the sm_90 builds at head dim 128, which spill registers with 64
+    (decode 64-504 bytes of stack at 4 warps, prefill 48-64 at 8 warps) and not with 32."""
+    if decode or head_dim_p > 64:
         return 32
-    return 64 if head_dim_p <= 128 else 32
+    return 64
+
+
+def num_warps_for(block_m: int, head_dim_p: int) -> int:
+    """4 warps, 8 from a [64, 128] accumulator up (prefill at head dim 128 spilled 336-992
+    bytes at 4 warps in its sm_90 build). Left as measured: prefill at head dim 64 with 4
+    warps (the H100 benchmark's), where MHA spills 32 bytes and GQA 4+ nothing."""
+    return 4 if block_m * head_dim_p < 64 * 128 else 8
 
 
 class DecodeRope(NamedTuple):
@@ -360,7 +366,7 @@ def paged_attention(
         num_warps = num_warps or decode_config[1]
         num_stages = num_stages or decode_config[2]
     tile_n = tile_n or tile_n_for(head_dim_p, decode)
-    launch = {"num_warps": num_warps or (4 if block_m * head_dim_p <= 64 * 128 else 8)}
+    launch = {"num_warps": num_warps or num_warps_for(block_m, head_dim_p)}
     if num_stages:
         launch["num_stages"] = num_stages
     assert block_m >= group and block_m >= 16 and tile_n >= 16, "tl.dot needs 16-wide tiles"
