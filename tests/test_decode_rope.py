@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from pagedserve.ops import triton_interpreting  # noqa: E402
 from pagedserve.ops.paged_attention import DecodeRope, paged_attention  # noqa: E402
 from pagedserve.ops.reference import paged_attention_ref, reshape_and_cache_ref, rotary_ref  # noqa: E402
 from test_triton_kernels import DEV, assert_attention_close, make_batch  # noqa: E402
@@ -91,3 +92,55 @@ def test_engine_on_triton_backend_matches_transformers(model_dirs, hf_refs, name
                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert_greedy_matches(hf_refs[name].greedy(p, 6), o.outputs[0].token_ids)
+
+
+def _kernels_per_decode_step(llm) -> dict[str, int]:
+    """Triton kernel launches (by kernel) of one decode-only step, counted in the interpreter."""
+    import collections
+
+    from triton.runtime import interpreter
+
+    from pagedserve import SamplingParams
+
+    eng = llm.llm_engine
+    eng.add_request("k", {"prompt_token_ids": [5, 6, 7, 8, 9]}, SamplingParams(temperature=0, max_tokens=8,
+                                                                              ignore_eos=True))
+    eng.step()
+    eng.step()  # prefill, then a first decode step (compiles nothing here, but settles the state)
+    counts: collections.Counter = collections.Counter()
+    real = interpreter.InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        return real(self, *args, **kwargs)
+
+    interpreter.InterpretedFunction.run = counted
+    try:
+        eng.step()
+    finally:
+        interpreter.InterpretedFunction.run = real
+    eng.abort_request(["k"])
+    return dict(counts)
+
+
+def test_decode_step_kernel_count(llama_dir, monkeypatch):
+    """What a decode step launches per layer, so that a kernel added to the hot path shows:
+    the RMSNorms, one attention kernel (RoPE, KV write and segment merge inside), SiLU-and-
+    mul; with every layer on the GEMV kernel, the GEMVs (norms and SiLU folded in) and the
+    attention kernel alone, plus the final norm."""
+    if not triton_interpreting():
+        pytest.skip("counts launches in Triton's interpreter")
+    from test_gemv import _Every
+
+    from pagedserve import LLM
+    from pagedserve.ops import gemv as gemv_mod
+
+    llm = LLM(llama_dir, attention_backend="triton", block_size=8, max_num_seqs=4, dtype="float32")
+    layers = len(llm.llm_engine.runner.model.model.layers)
+    assert _kernels_per_decode_step(llm) == {"_rms_norm_kernel": 2 * layers + 1, "_paged_attention_kernel": layers,
+                                             "_silu_and_mul_kernel": layers}
+    del llm
+    monkeypatch.setattr(gemv_mod, "GEMV_SHAPES", _Every((8, 32, 4, 2, 2)))
+    llm = LLM(llama_dir, attention_backend="triton", block_size=8, max_num_seqs=4, dtype="float32")
+    assert _kernels_per_decode_step(llm) == {"_gemv_kernel": 4 * layers + 1, "_paged_attention_kernel": layers,
+                                             "_rms_norm_kernel": 1}
