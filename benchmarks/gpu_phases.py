@@ -124,7 +124,7 @@ def kernel_timings(device: str, dry: bool, save: Callable[[dict], None] = lambda
     save(res)
     res.update(decode_config_sweep(device, dry, res["best_k_rows"], sms))
     save(res)
-    res.update(gemv_sweep(device, dry))
+    res.update(gemv_sweep(device, dry, save=lambda part: save({**res, **part})))
     return res
 
 
@@ -213,99 +213,103 @@ def _pdl_available(device: str) -> bool:
     return device == "cuda" and pdl.gdc_wait is not None and torch.cuda.get_device_capability()[0] >= 9
 
 
-def gemv_sweep(device: str, dry: bool) -> dict:
-    """Each projection at 1 and 4 rows, as the engine runs it: cuBLAS (F.linear) after the
-    separate RMSNorm / SiLU-and-mul kernel, against the Triton GEMV kernel with that step
-    fused, in each launch shape; each timed as a chain of GEMV_CHAIN calls on distinct weights
-    replayed from one CUDA graph, like a decode graph's layers; at 1 row also with PDL (ops/
-    pdl.py) where the GPU has it, where each call's first weight tiles load while the call
-    before it finishes. A shape goes into `gemv_env` (PAGEDSERVE_GEMV for the default engine
-    run, no PDL) when the kernel's best shape at 1 row beats the baseline by 3%: for up to 4
-    rows if it is not slower at 4 rows, else for batch 1 only (max_rows 1). `gemv_all_env`
-    and `gemv_all_pdl_env`: every layer on its fastest shape at 1 row, without and with PDL,
-    won or not (the batch-1 variants: with every layer in Triton, PDL can overlap the whole
-    chain). Results that disagree with a float64 reference, and shapes that cannot launch,
-    are dropped."""
-    from pagedserve.ops import pdl
+def _gemv_case(role: str, m: int, k: int, nw: torch.Tensor, dtype: torch.dtype, device: str, g: torch.Generator):
+    """(baseline(w), fused(cfg, w), want(w)) for a projection of `role` at m rows: cuBLAS after
+    the separate RMSNorm / SiLU-and-mul kernel, the GEMV kernel with that step fused, and the
+    float64 reference."""
     from pagedserve.ops.activation import silu_and_mul
     from pagedserve.ops.gemv import gemv
     from pagedserve.ops.reference import rms_norm_ref, silu_and_mul_ref
     from pagedserve.ops.rms_norm import rms_norm
 
+    linear = torch.nn.functional.linear
+    x = torch.randn(m, 2 * k if role == "silu" else k, device=device, generator=g).to(dtype)
+    res = torch.randn(m, k, device=device, generator=g).to(dtype)
+    if role == "norm":
+        inp = rms_norm_ref(x, nw, 1e-5, residual=res)[0].double()
+        return (lambda w: linear(rms_norm(x, nw, 1e-5, res)[0], w),
+                lambda cfg, w: gemv(x, w, None, cfg, norm=(res, nw, 1e-5))[0], lambda w: linear(inp, w.double()))
+    if role == "silu":
+        inp = silu_and_mul_ref(x).double()
+        return (lambda w: linear(silu_and_mul(x), w), lambda cfg, w: gemv(x, w, None, cfg, silu_mul=True),
+                lambda w: linear(inp, w.double()))
+    return lambda w: linear(x, w), lambda cfg, w: gemv(x, w, None, cfg), lambda w: linear(x.double(), w.double())
+
+
+def gemv_sweep(device: str, dry: bool, save: Callable[[dict], None] = lambda res: None) -> dict:
+    """Each projection as the engine runs it: cuBLAS (F.linear) after the separate RMSNorm /
+    SiLU-and-mul kernel, against the Triton GEMV kernel with that step fused, in each launch
+    shape at 1 row, without and (where the GPU has it) with PDL (ops/pdl.py: each call's first
+    weight tiles load while the call before it finishes); the fastest shape also at 4 rows.
+    Each timing is a chain of GEMV_CHAIN calls on distinct weights replayed from one CUDA
+    graph, like a decode graph's layers. A shape goes into `gemv_env` (PAGEDSERVE_GEMV for the
+    default engine run, no PDL) when it beats the baseline by 3% at 1 row: for up to 4 rows
+    if it is not slower at 4 rows, else for batch 1 only (max_rows 1). `gemv_all_env` and
+    `gemv_all_pdl_env`: every layer on its fastest shape at 1 row, without and with PDL, won
+    or not (the batch-1 variants: with every layer in Triton, PDL can overlap the whole
+    chain). Results that disagree with the float64 reference, and shapes that cannot launch,
+    are dropped. `save` gets the results so far after each layer."""
+    from pagedserve.ops import pdl
+
     layers = (("a", 40, 64, "norm"), ("b", 64, 96, "silu"), ("c", 48, 64, "plain")) if dry else GEMV_LAYERS
     dtype = torch.float32 if dry else torch.bfloat16
     with_pdl = _pdl_available(device)
-    linear = torch.nn.functional.linear
     g = torch.Generator(device=device).manual_seed(2)
     table, chosen, every, every_pdl = {}, [], [], []
+
+    def result() -> dict:
+        return {"gemv": table, "gemv_env": ";".join(chosen), "gemv_all_env": ";".join(every),
+                "gemv_all_pdl_env": ";".join(every_pdl)}
+
+    def timed(row: dict, key: str, fused, ws, want, cfg, use_pdl: bool = False) -> float:
+        """The chain's ms per call, inf (with the reason in row["failed"]) when the shape
+        cannot launch, is wrong, or (PDL) cannot be captured."""
+        saved, pdl.REQUESTED = pdl.REQUESTED, use_pdl  # explicit either way (not a tuned file's choice)
+        try:  # a launch shape can need more shared memory than the GPU has
+            ref = want(ws[0])
+            if (fused(cfg, ws[0]).double() - ref).abs().max() > 2 ** -6 * ref.abs().max():
+                row.setdefault("failed", {})[key] = "wrong result"
+                return float("inf")
+            return _bench_chain_ms([lambda w=w: fused(cfg, w) for w in ws], device)
+        except Exception as e:  # noqa: BLE001 (Triton's OutOfResources and kin)
+            row.setdefault("failed", {})[key] = f"{type(e).__name__}: {str(e)[:120]}"
+            return float("inf")
+        finally:
+            pdl.REQUESTED = saved
+
     for name, n, k, role in layers:
         configs = GEMV_CONFIGS[role][:1] + _BCAST[:1] if dry else GEMV_CONFIGS[role]
         copies = 2 if dry else 4 if n * k * 2 > (64 << 20) else GEMV_CHAIN  # lm_head alone outgrows L2
         ws = [torch.randn(n, k, device=device, generator=g).to(dtype) for _ in range(copies)]
         nw = (1 + 0.1 * torch.randn(k, device=device, generator=g)).to(dtype)
         row: dict[str, Any] = {"shape": f"{n}x{k}", "role": role, "chain": copies, "pdl": with_pdl}
-        for m in (1, 4):
-            x = torch.randn(m, 2 * k if role == "silu" else k, device=device, generator=g).to(dtype)
-            res = torch.randn(m, k, device=device, generator=g).to(dtype)
-            if role == "norm":
-                def base(w):
-                    return linear(rms_norm(x, nw, 1e-5, res)[0], w)
+        base1, fused1, want1 = _gemv_case(role, 1, k, nw, dtype, device, g)
+        row["cublas_m1"] = _bench_chain_ms([lambda w=w: base1(w) for w in ws], device)
+        for cfg in configs:
+            key = ",".join(map(str, cfg))
+            row[f"{key}_m1"] = timed(row, f"{key}_m1", fused1, ws, want1, cfg)
+            if with_pdl and row[f"{key}_m1"] < float("inf"):
+                row[f"{key}_m1_pdl"] = timed(row, f"{key}_m1_pdl", fused1, ws, want1, cfg, use_pdl=True)
 
-                def fused(cfg, w):
-                    return gemv(x, w, None, cfg, norm=(res, nw, 1e-5))[0]
-
-                inp = rms_norm_ref(x, nw, 1e-5, residual=res)[0].double()
-            elif role == "silu":
-                def base(w):
-                    return linear(silu_and_mul(x), w)
-
-                def fused(cfg, w):
-                    return gemv(x, w, None, cfg, silu_mul=True)
-
-                inp = silu_and_mul_ref(x).double()
-            else:
-                def base(w):
-                    return linear(x, w)
-
-                def fused(cfg, w):
-                    return gemv(x, w, None, cfg)
-
-                inp = x.double()
-            want = linear(inp, ws[0].double())
-            row[f"cublas_m{m}"] = _bench_chain_ms([lambda w=w: base(w) for w in ws], device)
-            for cfg in configs:
-                key = f"{','.join(map(str, cfg))}_m{m}"
-                try:  # a launch shape can need more shared memory than the GPU has
-                    ok = (fused(cfg, ws[0]).double() - want).abs().max() <= 2 ** -6 * want.abs().max()
-                except Exception as e:  # noqa: BLE001 (Triton's OutOfResources and kin)
-                    row.setdefault("failed", {})[key] = f"{type(e).__name__}: {str(e)[:120]}"
-                    ok = False
-                calls = [lambda w=w, cfg=cfg: fused(cfg, w) for w in ws]
-                row[key] = _bench_chain_ms(calls, device) if ok else float("inf")
-                if m == 1 and with_pdl and ok:
-                    saved, pdl.REQUESTED = pdl.REQUESTED, True
-                    try:
-                        row[key + "_pdl"] = _bench_chain_ms(calls, device)
-                    except Exception as e:  # noqa: BLE001 (a capture without PDL support)
-                        row.setdefault("failed", {})[key + "_pdl"] = f"{type(e).__name__}: {str(e)[:120]}"
-                    finally:
-                        pdl.REQUESTED = saved
-
-        def best_of(suffix: str):
-            times = {c: row.get(f"{','.join(map(str, c))}_m1{suffix}", float("inf")) for c in configs}
+        def best_of(suffix: str) -> tuple[str, float]:
+            times = {",".join(map(str, c)): row.get(f"{','.join(map(str, c))}_m1{suffix}", float("inf"))
+                     for c in configs}
             best = min(times, key=times.get)
-            return ",".join(map(str, best)), times[best]
+            return best, times[best]
 
         key, t1 = best_of("")
-        row["best"] = key
-        row["speedup_m1"] = row["cublas_m1"] / t1
-        row["speedup_m4"] = row["cublas_m4"] / row[f"{key}_m4"]
+        row["best"], row["speedup_m1"] = key, row["cublas_m1"] / t1
         nbytes = ws[0].numel() * ws[0].element_size()
         row["weight_gbps_m1"] = {"baseline": nbytes / row["cublas_m1"] / 1e6, "gemv": nbytes / t1 / 1e6}
-        if row["speedup_m1"] > 1.03:  # batch 1 gains; up to 4 rows only if 4 rows do not lose
-            chosen.append(f"{n}x{k}:{key},{4 if row['speedup_m4'] >= 1.0 else 1}")
         if t1 < float("inf"):
             every.append(f"{n}x{k}:{key},1")
+            if row["speedup_m1"] > 1.03:  # batch 1 gains; up to 4 rows only if 4 rows do not lose
+                base4, fused4, want4 = _gemv_case(role, 4, k, nw, dtype, device, g)
+                row["cublas_m4"] = _bench_chain_ms([lambda w=w: base4(w) for w in ws], device)
+                cfg = tuple(int(v) for v in key.split(","))
+                row[f"{key}_m4"] = timed(row, f"{key}_m4", fused4, ws, want4, cfg)
+                row["speedup_m4"] = row["cublas_m4"] / row[f"{key}_m4"]
+                chosen.append(f"{n}x{k}:{key},{4 if row['speedup_m4'] >= 1.0 else 1}")
         if with_pdl:
             key_pdl, t_pdl = best_of("_pdl")
             row["best_pdl"], row["speedup_m1_pdl"] = key_pdl, row["cublas_m1"] / t_pdl
@@ -314,8 +318,8 @@ def gemv_sweep(device: str, dry: bool) -> dict:
                 every_pdl.append(f"{n}x{k}:{key_pdl},1")
         table[name] = row
         del ws
-    return {"gemv": table, "gemv_env": ";".join(chosen), "gemv_all_env": ";".join(every),
-            "gemv_all_pdl_env": ";".join(every_pdl)}
+        save(result())
+    return result()
 
 
 # (TILE_N, num_warps, num_stages) tried for the decode variant; the first is the default
