@@ -188,7 +188,8 @@ def test_chain_kernels_compile_for_hopper_with_and_without_pdl(ptx_report, name)
 
 
 @pytest.mark.gpu
-def test_pdl_engine_matches_without_on_hopper(llama_dir, monkeypatch):
+@pytest.mark.parametrize("config", [(8, 256, 4, 3, 0), (2, 1024, 4, 2, 2)], ids=["fma", "fma_bcast"])
+def test_pdl_engine_matches_without_on_hopper(llama_dir, monkeypatch, config):
     """Every decode-chain kernel through PDL (and every layer through the GEMV kernel, so the
     whole chain is Triton): greedy tokens and logprobs bit-identical to the same engine
     without PDL, CUDA graphs on."""
@@ -201,7 +202,7 @@ def test_pdl_engine_matches_without_on_hopper(llama_dir, monkeypatch):
     from pagedserve import LLM, SamplingParams
     from pagedserve.ops import gemv as gemv_mod
 
-    monkeypatch.setattr(gemv_mod, "GEMV_SHAPES", _Every((8, 256, 4, 3, 0)))
+    monkeypatch.setattr(gemv_mod, "GEMV_SHAPES", _Every(config))
     prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 900 + 4 for j in range(5 + 9 * i)]} for i in range(4)]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
     runs = []
