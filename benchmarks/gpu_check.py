@@ -98,7 +98,9 @@ def run_phase(ns: argparse.Namespace) -> dict:
     if ns.phase == "device_rates":
         return gpu_phases.device_rates(ns.device, ns.dry_run)
     if ns.phase == "kernels":
-        return gpu_phases.kernel_timings(ns.device, ns.dry_run, save=lambda res: _write_phase(ns, res))
+        import gpu_kernels
+
+        return gpu_kernels.kernel_timings(ns.device, ns.dry_run, save=lambda res: _write_phase(ns, res))
     reqs = gpu_phases.workload(ns)
     if ns.phase == "pagedserve":
         return gpu_phases.run_pagedserve(ns.model_dir, reqs, ns)
