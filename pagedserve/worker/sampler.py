@@ -10,6 +10,7 @@ random number per step and its tokens do not depend on the rest of the batch."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -82,16 +83,26 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_argmax():
+    """(MAX_ROWS, argmax_rows) from ops/argmax.py, or None without Triton; looked up once,
+    not per token."""
+    from pagedserve.ops import triton_available
+
+    if not triton_available():
+        return None
+    from pagedserve.ops.argmax import MAX_ROWS, argmax_rows
+
+    return MAX_ROWS, argmax_rows
+
+
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (lowest index on ties). A few rows on a GPU go through the Triton
     kernel (ops/argmax.py): torch walks a single long row nearly serially."""
-    from pagedserve.ops import triton_available
-
-    if logits.is_cuda and logits.stride(-1) == 1 and triton_available():
-        from pagedserve.ops.argmax import MAX_ROWS, argmax_rows
-
-        if logits.shape[0] <= MAX_ROWS:
-            return argmax_rows(logits)
+    if logits.is_cuda and logits.stride(-1) == 1:
+        kernel = _triton_argmax()
+        if kernel is not None and logits.shape[0] <= kernel[0]:
+            return kernel[1](logits)
     return logits.argmax(dim=-1)
 
 
