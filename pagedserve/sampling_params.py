@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from pagedserve.errors import ParamError
+from pagedserve.structured_outputs import GuidedDecodingParams, StructuredOutputsParams
+
+__all__ = ["SamplingParams", "RequestOutputKind", "StructuredOutputsParams", "GuidedDecodingParams"]
 
 _GREEDY_EPS = 1e-5
 _MAX_LOGIT_BIAS = 100.0
@@ -63,6 +66,9 @@ class SamplingParams:
     detokenize: bool = True
     truncate_prompt_tokens: Optional[int] = None  # keep only the last k prompt tokens
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Output constrained to a JSON schema, regex, choice or grammar (engine/grammar.py).
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    guided_decoding: Optional[GuidedDecodingParams] = None  # vLLM's older name for the same
 
     # Filled in by the engine: EOS ids of the model unless ignore_eos (kept apart from the
     # user's stop_token_ids because an EOS stop reports stop_reason None, like vLLM), and
@@ -82,6 +88,13 @@ class SamplingParams:
             self.logit_bias = dict(self.logit_bias)
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None and self.structured_outputs is not self.guided_decoding:
+                raise ParamError("structured_outputs", "give structured_outputs or guided_decoding, not both.")
+            self.structured_outputs = self.guided_decoding
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+            self.guided_decoding = self.structured_outputs
         self._verify()
         if self.is_greedy:
             # Greedy is exact argmax: truncation knobs have nothing left to do.
@@ -161,8 +174,10 @@ class SamplingParams:
     @property
     def needs_output_history(self) -> bool:
         """Whether sampling reads the request's previous output tokens on the host (penalties,
-        multi-token bad words): async scheduling waits for them before the next step."""
-        return self.has_penalties or any(len(s) > 1 for s in self._bad_words_token_ids or ())
+        multi-token bad words, a grammar's state): async scheduling waits for them before the
+        next step."""
+        return (self.has_penalties or self.structured_outputs is not None
+                or any(len(s) > 1 for s in self._bad_words_token_ids or ()))
 
     @property
     def max_stop_len(self) -> int:

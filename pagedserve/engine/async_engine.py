@@ -150,6 +150,9 @@ class AsyncLLM:
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
         # One thread: tokenizer calls stay serialised among themselves and off the loop.
         self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedserve-tokenizer")
+        # Structured-output grammars compile apart: a big JSON schema can take seconds, and
+        # must not hold up every other request's tokenization.
+        self._grammar_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedserve-grammar")
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
 
@@ -219,6 +222,9 @@ class AsyncLLM:
         else:
             text, ids = await self.run_tokenizer(self.engine.process_prompt, prompt)
         self.engine.validate(ids, params)  # reads only fixed config: safe off the engine thread
+        if params.structured_outputs is not None:  # a bad schema is the caller's 400, before any stream
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._grammar_pool, self.engine.compile_grammar, params)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
             ids, text = ids[-params.truncate_prompt_tokens:], None  # the text no longer matches
         return {"prompt_token_ids": ids, "prompt": text}
@@ -289,6 +295,7 @@ class AsyncLLM:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         self._tokenizer_pool.shutdown(wait=False)
+        self._grammar_pool.shutdown(wait=False)
 
     def _check_alive(self) -> None:
         if self._dead is not None:

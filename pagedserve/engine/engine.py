@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional, Union
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.fault_injection import maybe_inject_step_failure
+from pagedserve.engine.grammar import GrammarCompiler
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
@@ -41,6 +42,7 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, config.vocab_size, self.eos_token_ids)
         self._ids = itertools.count()
         self.async_scheduling = config.async_scheduling
         self._inflight: Optional[_InFlight] = None  # the launched step whose tokens are not back
@@ -119,6 +121,13 @@ class LLMEngine:
         self._check_token_ids("allowed_token_ids", params.allowed_token_ids or ())
         return max_tokens
 
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile a request's structured-output constraint, if any (a ParamError when it is
+        invalid). Compiled grammars are cached, so adding the request later reuses this one:
+        the server calls it in its tokenizer thread."""
+        if params.structured_outputs is not None:
+            self.grammar_compiler.compile(params.structured_outputs)
+
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Token sequences for each bad word, alone and after a space (mid-text), as vLLM."""
         seqs: list[list[int]] = []
@@ -135,6 +144,7 @@ class LLMEngine:
         params = (params or SamplingParams()).clone()
         text, ids = self.process_prompt(prompt)
         max_tokens = self.validate(ids, params)
+        self.compile_grammar(params)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
         if request_id is None:
@@ -156,6 +166,8 @@ class LLMEngine:
             child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
                             cache_salt)
             child.max_tokens = max_tokens
+            if params.structured_outputs is not None:  # each sample walks the grammar on its own
+                child.grammar = self.grammar_compiler.matcher(params.structured_outputs)
             children.append(child)
         leader = children[0]
         leader.pending_siblings = children[1:]
@@ -215,7 +227,8 @@ class LLMEngine:
         # A request a stop string ended since may have run in this step: the scheduler skips
         # it (it is finished), so its extra token is dropped.
         upd = self.scheduler.update_from_output(step.sched_out, runner_out.sampled)
-        if upd.new_tokens or runner_out.prompt_logprobs:
+        # (A request can finish without a token: one its grammar refused.)
+        if upd.new_tokens or upd.finished or runner_out.prompt_logprobs:
             self._landed = (upd.new_tokens, upd.finished, runner_out)
         self.runner.release(self.scheduler.pop_finished_ids())  # before a schedule reuses their rows
 

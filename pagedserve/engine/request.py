@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.engine.grammar import GrammarState
 
 
 class RequestStatus(enum.IntEnum):
@@ -79,6 +82,8 @@ class Request:
         self.pending_siblings: list["Request"] = []
         self.leader: Optional["Request"] = None
         self.first_scheduled_time: Optional[float] = None
+        # Structured outputs: where the output stands in its grammar (set by the engine).
+        self.grammar: Optional["GrammarState"] = None
 
     @property
     def num_prompt_tokens(self) -> int:

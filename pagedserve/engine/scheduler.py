@@ -227,7 +227,10 @@ class Scheduler:
                 continue
             rid = req.request_id
             token = sampled.get(rid)
-            if token is not None:
+            # A token its grammar refuses (only when every token was masked: min_tokens banning
+            # the grammar's only way out) is dropped, and the request ends.
+            rejected = token is not None and req.grammar is not None and not req.grammar.accept(token)
+            if token is not None and not rejected:
                 req.append_output_token(token)
             running = status == RequestStatus.RUNNING
             # Publish the blocks filled by known tokens (the next step may be writing one more).
@@ -237,8 +240,11 @@ class Scheduler:
                 continue  # a prefill chunk that does not reach the end of the prompt
             if req.pending_siblings:
                 self._fork_siblings(req, share=running)
-            new_tokens[rid] = [token]
-            stop = self._check_stop(req, token)
+            if rejected:
+                stop = RequestStatus.FINISHED_STOPPED
+            else:
+                new_tokens[rid] = [token]
+                stop = self._check_stop(req, token)
             if stop is not None:
                 if running:
                     finished_any = True
@@ -275,6 +281,8 @@ class Scheduler:
             if token in sp.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
+        if req.grammar is not None and req.grammar.is_terminated:  # complete: nothing may follow
+            return RequestStatus.FINISHED_STOPPED
         if n_out >= req.max_tokens or len(req.all_token_ids) >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH_CAPPED
         return None

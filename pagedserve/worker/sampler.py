@@ -1,5 +1,5 @@
 """Batched sampling for one step, as tensor ops on the device (no per-row loops over the
-vocabulary). vLLM's order: allowed tokens -> bad words / min_tokens bans -> logit bias ->
+vocabulary). vLLM's order: grammar (structured outputs) -> allowed tokens -> bad words / min_tokens bans -> logit bias ->
 penalties -> greedy argmax | temperature -> min-p -> top-k -> top-p -> seeded draw.
 Logprobs are of the model's raw distribution (vLLM's default "raw_logprobs").
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from pagedserve.engine.grammar import unpack_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -40,6 +42,7 @@ class SamplingBatch:
     top_p: Optional[torch.Tensor] = None  # [S] float32, 1.0 = off
     min_p: Optional[torch.Tensor] = None  # [S] float32, 0.0 = off
     generators: dict[int, torch.Generator] = field(default_factory=dict)  # row -> seeded generator
+    grammar_bitmask: Optional[torch.Tensor] = None  # [S, ceil(V / 32)] int32: bit set = allowed
     allowed_mask: Optional[torch.Tensor] = None  # [S, V] bool
     banned: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (rows, token ids) set to -inf
     bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (rows, token ids, values)
@@ -126,13 +129,15 @@ class Sampler:
     @staticmethod
     def processes(b: SamplingBatch) -> bool:
         """Whether process_logits changes anything for this batch."""
-        return any(t is not None for t in (b.allowed_mask, b.banned, b.bias, b.repetition, b.penalty_sub))
+        return any(t is not None for t in (b.grammar_bitmask, b.allowed_mask, b.banned, b.bias, b.repetition, b.penalty_sub))
 
     @staticmethod
     def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        """Everything before the greedy/random choice: allowed tokens, bans, bias, penalties.
+        """Everything before the greedy/random choice: grammar, allowed tokens, bans, bias, penalties.
         Works in place on `logits` (the caller's fresh float32 tensor) where it can (the
         repetition penalty makes a new one); use the returned tensor."""
+        if b.grammar_bitmask is not None:
+            logits.masked_fill_(~unpack_bitmask(b.grammar_bitmask, logits.shape[1]), _NEG_INF)
         if b.allowed_mask is not None:
             logits.masked_fill_(~b.allowed_mask, _NEG_INF)
         if b.banned is not None:

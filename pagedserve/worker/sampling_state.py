@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from pagedserve.engine.grammar import new_bitmask
 from pagedserve.engine.request import Request
 from pagedserve.worker.device_io import to_device
 from pagedserve.worker.sampler import SampleGroup, SamplingBatch
@@ -126,6 +127,13 @@ class SamplingStates:
                     st.allowed_mask.index_fill_(0, to_device(p.allowed_token_ids, torch.long, dev), True)
                 rows.append(st.allowed_mask)
             b.allowed_mask = torch.stack(rows)
+
+        grammar_rows = [(row, r.grammar) for row, r in enumerate(reqs) if r.grammar is not None]
+        if grammar_rows:  # the tokens each grammar allows next, as bits; other rows allow all
+            words = new_bitmask(len(reqs), self.vocab_size)
+            for row, g in grammar_rows:
+                g.fill_bitmask(words, row)
+            b.grammar_bitmask = to_device(words.numpy(), torch.int32, dev)
 
         ban_rows, ban_cols = [], []
         bias_rows, bias_cols, bias_vals = [], [], []

@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from pagedserve.errors import ParamError
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured_outputs import StructuredOutputsParams
 
 
 def random_id(prefix: str) -> str:
@@ -86,6 +87,34 @@ class ModelList(OpenAIBaseModel):
 Int64 = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1)]
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Optional[str] = None
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+# vLLM's older per-kind request fields -> the StructuredOutputsParams field each sets.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
+def _structured(source: str, **kwargs: Any) -> StructuredOutputsParams:
+    try:
+        so = StructuredOutputsParams(**kwargs)
+    except ParamError as e:
+        raise ParamError(source, str(e).replace("structured_outputs", source, 1)) from None
+    so.source = source
+    return so
+
+
 class SamplingFields(OpenAIBaseModel):
     """OpenAI's sampling fields and vLLM's extras. Range checks live in SamplingParams (one
     place, vLLM's messages); here only types are checked."""
@@ -117,6 +146,16 @@ class SamplingFields(OpenAIBaseModel):
     allowed_token_ids: Optional[list[Int64]] = None
     bad_words: Optional[list[Text]] = None
     cache_salt: Optional[Text] = None  # partitions the prefix cache per tenant (vLLM's field)
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and
+    # vLLM's older guided_* fields (at most one of them per request).
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
 
     @field_validator("cache_salt")
     @classmethod
@@ -131,6 +170,30 @@ class SamplingFields(OpenAIBaseModel):
         if v is not None and not info.data.get("stream"):  # a field validator, so the error names the field
             raise ValueError("stream_options can only be set when stream is true")
         return v
+
+    def _structured_outputs(self) -> Optional[StructuredOutputsParams]:
+        found: list[StructuredOutputsParams] = []
+        if self.structured_outputs is not None:
+            so = StructuredOutputsParams.from_dict(self.structured_outputs)
+            found.append(so)
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(_structured("response_format", json_object=True))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ParamError("response_format", "response_format of type json_schema needs json_schema.schema.")
+            found.append(_structured("response_format", json=rf.json_schema.json_schema))
+        for name, kind in _GUIDED_FIELDS.items():
+            value = getattr(self, name)
+            if value is not None:
+                found.append(_structured(name, **{kind: value}, whitespace_pattern=self.guided_whitespace_pattern))
+        if self.guided_decoding_backend not in (None, "auto", "xgrammar"):
+            raise ParamError("guided_decoding_backend", "guided_decoding_backend: only 'xgrammar' is available, "
+                             f"got {self.guided_decoding_backend!r}.")
+        if len(found) > 1:
+            raise ParamError(found[1].source, f"only one structured-output constraint may be given, got "
+                             f"{', '.join(so.source for so in found)}.")
+        return found[0] if found else None
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         bias = None
@@ -149,7 +212,7 @@ class SamplingFields(OpenAIBaseModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             truncate_prompt_tokens=self.truncate_prompt_tokens, allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words, **opt)
+            bad_words=self.bad_words, structured_outputs=self._structured_outputs(), **opt)
 
 
 # ---- completions --------------------------------------------------------------------------

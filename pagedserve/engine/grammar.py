@@ -1,0 +1,133 @@
+"""Structured outputs with xgrammar (vLLM's default backend): constraints compile once per
+distinct spec against the tokenizer's vocabulary (xgrammar caches them), and each request
+gets a matcher that says, at every step, which tokens keep its output inside the grammar
+(a bitmask over the model's vocabulary, applied to the logits before sampling), and takes
+each sampled token.
+
+xgrammar is imported at first use: an engine that never sees a constrained request does
+not need it installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any, Iterable, Optional
+
+import torch
+
+from pagedserve.errors import ParamError
+from pagedserve.structured_outputs import FIELD, StructuredOutputsParams
+
+CACHE_BYTES = 256 << 20  # xgrammar's cache of compiled grammars
+# xgrammar's errors start with "[hh:mm:ss] /path/file.cc:123: " and sometimes "Check failed: ... is false: ".
+_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s+(Check failed:.*? is false:\s*)?")
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+class GrammarCompiler:
+    """Compiles StructuredOutputsParams for one tokenizer and model vocabulary. Thread-safe
+    (the server compiles in its tokenizer thread to check a request, the engine again, from
+    xgrammar's cache, when it adds it)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.stop_token_ids = sorted(stop_token_ids)
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def _xgr(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                try:
+                    import xgrammar as xgr
+                except ImportError:
+                    raise ParamError(FIELD, "structured outputs need the xgrammar package "
+                                     "(pip install xgrammar).") from None
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self.stop_token_ids or None)
+                # A bounded cache: the server compiles each request's grammar to check it, and
+                # the engine takes it from here when it adds the request.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_BYTES)
+            return self._compiler
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The CompiledGrammar of a constraint; a ParamError naming structured_outputs if it
+        is not valid (a bad schema, regex or grammar)."""
+        c = self._xgr()
+        kind = params.kind
+        try:
+            if kind == "json":
+                return c.compile_json_schema(params.json, any_whitespace=not params.disable_any_whitespace)
+            if kind == "json_object":  # an object, as OpenAI's json_object promises (not any JSON value)
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=not params.disable_any_whitespace)
+            if kind == "regex":
+                return c.compile_regex(params.regex)
+            if kind == "choice":  # EBNF string literals take JSON's escapes
+                return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in params.choice))
+            return c.compile_grammar(params.grammar)
+        except ParamError:
+            raise
+        except Exception as e:  # xgrammar raises RuntimeError / ValueError with a parser message
+            msg = _NOISE.sub("", str(e).strip()).strip()
+            raise ParamError(params.source, f"{params.source}: invalid {kind}: {msg}") from None
+
+    def matcher(self, params: StructuredOutputsParams) -> "GrammarState":
+        import xgrammar as xgr
+
+        compiled = self.compile(params)
+        # Without a stop token the matcher ends itself when the grammar is complete.
+        return GrammarState(xgr.GrammarMatcher(compiled, terminate_without_stop_token=not self.stop_token_ids))
+
+
+class GrammarState:
+    """One request's position in its grammar. The scheduler feeds it each token that lands;
+    the sampler asks it for the next step's allowed tokens."""
+
+    def __init__(self, matcher: Any) -> None:
+        self._matcher = matcher
+        self.num_accepted = 0
+
+    def accept(self, token: int) -> bool:
+        """Take a sampled token; False if the grammar does not allow it (the request must end)."""
+        ok = bool(self._matcher.accept_token(int(token)))
+        self.num_accepted += ok
+        return ok
+
+    @property
+    def is_terminated(self) -> bool:
+        """The grammar is complete and its stop token taken: nothing may follow."""
+        return bool(self._matcher.is_terminated())
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into bitmask[row] (int32 words, bit t % 32 of word
+        t // 32 set for token t)."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[S, words] int32 -> [S, vocab_size] bool (True: allowed), on bitmask's device."""
+    shifts = _SHIFTS.get(bitmask.device)
+    if shifts is None:
+        shifts = _SHIFTS[bitmask.device] = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """A host bitmask with every token allowed (rows without a grammar stay so)."""
+    return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
+
+
+def grammar_for(compiler: Optional[GrammarCompiler], params: Optional[StructuredOutputsParams]) -> Optional[GrammarState]:
+    if params is None:
+        return None
+    if compiler is None:
+        raise ParamError(FIELD, f"{FIELD} are not available on this engine.")
+    return compiler.matcher(params)

@@ -1,0 +1,209 @@
+"""Structured outputs (xgrammar): the output of a constrained request stays inside its JSON
+schema, regex, choice or grammar; greedy decoding under a grammar is transformers' argmax
+over the tokens the grammar allows, step by step; unconstrained requests in the same batch
+are untouched; async scheduling, preemption and n > 1 keep all of it; bad constraints are
+a ValueError naming the field, with nothing left in the engine."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from engine_helpers import assert_no_leak
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.engine.grammar import new_bitmask, unpack_bitmask
+from pagedserve.errors import ParamError
+from pagedserve.sampling_params import GuidedDecodingParams, StructuredOutputsParams
+
+xgr = pytest.importorskip("xgrammar")
+
+PER_BLOCK_8 = 2 * 2 * 8 * 2 * 16 * 4  # layers * (k, v) * block 8 * kv heads * head dim * fp32
+
+SCHEMA = {  # every value bounded, so a complete object always fits in max_tokens
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["color", "ok", "n"],
+    "additionalProperties": False,
+}
+
+
+def _prompts(n: int) -> list[str]:
+    # Text prompts: random token ids can end in half a UTF-8 character, which then shows in
+    # the output's text.
+    words = "the value of an object is returned by the method when it is called".split()
+    return [" ".join(words[i % 5: i % 5 + 3 + 2 * i]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    return LLM(llama_dir, max_model_len=256, async_scheduling=False)
+
+
+def _check_schema(text: str) -> bool:
+    obj = json.loads(text)
+    return (set(obj) == {"color", "ok", "n"} and obj["color"] in ("red", "green", "blue")
+            and isinstance(obj["ok"], bool) and isinstance(obj["n"], int) and 0 <= obj["n"] <= 99)
+
+
+# ---- parameters ---------------------------------------------------------------------------
+def test_params_need_exactly_one_constraint():
+    with pytest.raises(ParamError, match="none are specified") as e:
+        StructuredOutputsParams()
+    assert e.value.param == "structured_outputs"
+    with pytest.raises(ValueError, match=r"2 are \(json, regex\)"):
+        StructuredOutputsParams(json=SCHEMA, regex="a")
+    for bad in (dict(choice=[]), dict(choice=["a", ""]), dict(regex=""), dict(json=3), dict(json_object=False),
+                dict(regex="a", whitespace_pattern=" "), dict(structural_tag="{}")):
+        with pytest.raises(ParamError):
+            StructuredOutputsParams(**bad)
+    assert StructuredOutputsParams(json=SCHEMA).json == json.dumps(SCHEMA)  # dicts become their text
+    with pytest.raises(ParamError, match="unknown field"):
+        SamplingParams(structured_outputs={"regex": "a", "bogus": 1})
+
+
+def test_guided_decoding_is_the_same_parameter():
+    g = GuidedDecodingParams(choice=["x", "y"])
+    p = SamplingParams(guided_decoding=g)
+    assert p.structured_outputs is g and p.needs_output_history
+    assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs.regex == "a+"
+    with pytest.raises(ParamError, match="not both"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"), guided_decoding=g)
+
+
+def test_unpack_bitmask_matches_bit_by_bit():
+    vocab = 70  # not a multiple of 32; bit 31 (the sign bit) in use
+    words = new_bitmask(3, vocab)
+    assert (unpack_bitmask(words, vocab)).all()
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, words.shape, generator=g, dtype=torch.int32)
+    want = torch.tensor([[bool((int(words[r, t // 32]) >> (t % 32)) & 1) for t in range(vocab)] for r in range(3)])
+    assert torch.equal(unpack_bitmask(words, vocab), want)
+
+
+# ---- the engine ---------------------------------------------------------------------------
+def test_every_kind_of_constraint_holds(llm):
+    prompts = _prompts(4)
+    cases = [
+        (dict(choice=["alpha", "beta", "gamma delta"]), lambda t: t in ("alpha", "beta", "gamma delta")),
+        (dict(regex=r"[a-c]{3}-[0-9]{2}"), lambda t: bool(re.fullmatch(r"[a-c]{3}-[0-9]{2}", t))),
+        (dict(json=SCHEMA, disable_any_whitespace=True), _check_schema),
+        (dict(grammar='root ::= "(" item ("," item)? ")"\nitem ::= [xyz]'),
+         lambda t: bool(re.fullmatch(r"\([xyz](,[xyz])?\)", t))),
+    ]
+    for spec, check in cases:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=40, structured_outputs=spec),
+                            use_tqdm=False)
+        for o in outs:
+            c = o.outputs[0]
+            assert c.finish_reason == "stop", (spec, c.text)
+            assert check(c.text), (spec, c.text)
+    assert_no_leak(llm)
+
+
+def test_json_object_output_is_always_a_json_object_prefix(llm):
+    """Any object; a complete one when the request ends by itself."""
+    outs = llm.generate(_prompts(3), SamplingParams(temperature=0.8, seed=3, max_tokens=48,
+                                                    structured_outputs={"json_object": True}), use_tqdm=False)
+    for o in outs:
+        text = o.outputs[0].text
+        assert text.lstrip().startswith("{")
+        if o.outputs[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+
+
+def test_greedy_under_a_grammar_is_transformers_masked_argmax(llm, llama_dir, hf_refs):
+    """Each token pagedserve chose is transformers' argmax among the tokens an independent
+    xgrammar matcher allows at that point (near-ties tolerated, as elsewhere)."""
+    from transformers import AutoTokenizer
+
+    hf = hf_refs["llama"].model
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    vocab = hf.config.vocab_size
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=[tok.eos_token_id])
+    compiled = xgr.GrammarCompiler(info).compile_regex(r"(the|a|an) [a-z]{2,6}( [a-z]{2,6}){0,3}\.")
+    prompts = _prompts(3)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, structured_outputs={
+        "regex": r"(the|a|an) [a-z]{2,6}( [a-z]{2,6}){0,3}\."}), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        got = o.outputs[0].token_ids
+        matcher = xgr.GrammarMatcher(compiled)
+        ids = list(o.prompt_token_ids)
+        for i, t in enumerate(got):
+            words = new_bitmask(1, vocab)
+            matcher.fill_next_token_bitmask(words, 0)
+            with torch.inference_mode():
+                row = hf(torch.tensor([ids])).logits[0, -1].float()
+            row = row.masked_fill(~unpack_bitmask(words, vocab)[0], float("-inf"))
+            best = int(row.argmax())
+            if best != t:
+                gap = float(row[best] - row[t])
+                assert gap < 1e-3, f"token {i}: got {t}, masked argmax {best} leads by {gap:.4g}"
+                break
+            assert matcher.accept_token(t)
+            ids.append(t)
+        else:
+            assert matcher.is_terminated()  # it stopped exactly where the grammar ended
+
+
+def test_unconstrained_requests_in_the_same_batch_are_untouched(llm):
+    prompts = _prompts(4)
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(prompts, plain, use_tqdm=False)
+    constrained = SamplingParams(temperature=0, max_tokens=12, structured_outputs={"choice": ["yes", "no"]})
+    mixed = llm.generate(prompts, [plain, constrained, plain, constrained], use_tqdm=False)
+    for i in (0, 2):
+        assert mixed[i].outputs[0].token_ids == alone[i].outputs[0].token_ids
+    for i in (1, 3):
+        assert mixed[i].outputs[0].text in ("yes", "no")
+
+
+def test_async_scheduling_preemption_and_n(llama_dir, llm):
+    """The same outputs with async scheduling and under forced preemption; each of n samples
+    walks the grammar on its own."""
+    params = [SamplingParams(temperature=0, max_tokens=40, structured_outputs=dict(json=SCHEMA,
+                                                                                  disable_any_whitespace=True)),
+              SamplingParams(temperature=1.0, seed=7, n=3, max_tokens=40,
+                             structured_outputs=dict(regex=r"[a-c]{3}-[0-9]{2}"))] * 3
+    prompts = _prompts(6)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    asyn = LLM(llama_dir, max_model_len=256, async_scheduling=True)
+    tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=12 * PER_BLOCK_8,
+                async_scheduling=False)
+    for other in (asyn, tight):
+        got = other.generate(prompts, params, use_tqdm=False)
+        assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+        assert_no_leak(other)
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    for o in want[1::2]:
+        assert len(o.outputs) == 3
+        assert all(re.fullmatch(r"[a-c]{3}-[0-9]{2}", c.text) for c in o.outputs)
+
+
+def test_a_grammar_that_min_tokens_blocks_ends_cleanly(llm):
+    """After "yes" only the stop token is allowed, and min_tokens bans it: every token is
+    masked. The request still ends (no crash, no garbage after the answer, nothing leaked)."""
+    for temperature in (0.0, 1.0):
+        outs = llm.generate(_prompts(2), SamplingParams(temperature=temperature, seed=0, min_tokens=5, max_tokens=10,
+                                                        structured_outputs={"choice": ["yes"]}), use_tqdm=False)
+        for o in outs:
+            assert o.outputs[0].text == "yes" and o.outputs[0].finish_reason == "stop"
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(json='{"type": "object", "properties": '), "invalid json"),
+    (dict(regex="[a-"), "invalid regex"),
+    (dict(grammar="root ::= undefined_rule"), "invalid grammar"),
+])
+def test_an_invalid_constraint_is_a_value_error(llm, spec, message):
+    with pytest.raises(ParamError, match=message) as e:
+        llm.generate(_prompts(1), SamplingParams(structured_outputs=spec), use_tqdm=False)
+    assert e.value.param == "structured_outputs" and "/project/" not in str(e.value)  # no C++ source paths
+    assert_no_leak(llm)
