@@ -78,6 +78,9 @@ def _verify(ns: argparse.Namespace) -> int:
 def _serve(ns: argparse.Namespace) -> int:
     from pagedserve.entrypoints.openai.api_server import run_server
 
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise SystemExit("pagedserve serve: --enable-auto-tool-choice needs --tool-call-parser.")
+
     return run_server(ns)
 
 
@@ -170,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "aborted (each stream then ends with finish_reason 'abort')")
     s.add_argument("--enable-log-requests", action="store_true",
                    help="log every request with its prompt and parameters (off: prompts never reach the logs)")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="accept a chat_template in requests (off: such a request is a 400)")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='allow tool_choice "auto" (the model decides to call tools; needs --tool-call-parser)')
+    s.add_argument("--tool-call-parser", choices=["hermes"], default=None,
+                   help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
+                   "Hermes and Qwen2.5 models)")
     from pagedserve.entrypoints.openai.limits import ServerLimits
 
     ServerLimits.add_cli_args(s.add_argument_group("request limits"))

@@ -309,17 +309,76 @@ class ChatTemplateFields(OpenAIBaseModel):
         return v
 
 
+class FunctionDefinition(OpenAIBaseModel):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    description: Optional[Text] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema
+    strict: Optional[bool] = None
+
+
+class Tool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     max_tokens: Optional[Int64] = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: Optional[Int64] = None
     logprobs: bool = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=20)]] = None  # OpenAI's range
+    tools: Optional[list[Tool]] = None
+    # Unset: "auto" with tools, "none" without (OpenAI's and vLLM's default).
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None  # False: "required" makes exactly one call
+
+    @property
+    def tool_mode(self) -> str:
+        """none | auto | required | named."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        return "named" if isinstance(choice, NamedToolChoice) else choice
+
+    def _tool_constraint(self) -> Optional[StructuredOutputsParams]:
+        """The structured-output constraint that tool_choice "required" or a named function puts
+        on the output (None for "none" and "auto")."""
+        from pagedserve.entrypoints.openai.tool_calls import named_schema, required_schema
+
+        mode = self.tool_mode
+        if mode in ("none", "auto"):
+            return None
+        if not self.tools:
+            raise ParamError("tool_choice", f"tool_choice {mode!r} needs tools.")
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ParamError("tools", "tools: function names must be unique.")
+        if mode == "named" and self.tool_choice.function.name not in names:
+            raise ParamError("tool_choice", f"tool_choice names {self.tool_choice.function.name!r}, which is not "
+                             "one of the tools.")
+        schema = named_schema(self.tools, self.tool_choice.function.name) if mode == "named" \
+            else required_schema(self.tools, parallel=self.parallel_tool_calls is not False)
+        # Compact JSON (no free whitespace): the arguments are for a program to read.
+        return _structured("tools", json=schema, disable_any_whitespace=True)
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "when using top_logprobs, logprobs must be set to true.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        constraint = self._tool_constraint()
+        if constraint is not None:
+            if params.structured_outputs is not None:
+                raise ParamError("tool_choice", f"tool_choice {self.tool_mode!r} constrains the output itself; it "
+                                 f"cannot be combined with {params.structured_outputs.source}.")
+            params.structured_outputs = params.guided_decoding = constraint
+        return params
 
 
 class ChatCompletionLogProb(OpenAIBaseModel):
@@ -336,9 +395,21 @@ class ChatCompletionLogProbs(OpenAIBaseModel):
     content: Optional[list[ChatCompletionLogProbsContent]] = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
@@ -359,9 +430,22 @@ class ChatCompletionResponse(OpenAIBaseModel):
     prompt_logprobs: Optional[PromptLogprobsJSON] = None
 
 
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(OpenAIBaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):

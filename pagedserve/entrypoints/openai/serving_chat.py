@@ -12,20 +12,30 @@ from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatComple
                                                     ChatCompletionLogProbs, ChatCompletionLogProbsContent,
                                                     ChatCompletionRequest, ChatCompletionResponse,
                                                     ChatCompletionStreamChoice, ChatCompletionStreamResponse,
-                                                    DeltaMessage, UsageInfo, random_id)
+                                                    DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
+                                                    ToolCall, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
                                                           sse_error, token_text, top_by_rank, usage_info)
+from pagedserve.entrypoints.openai.tool_calls import (Call, HermesStream, parse_hermes, parse_required,
+                                                      random_tool_call_id)
 from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args, tool_parser: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tool_parser = tool_parser  # "hermes" with --enable-auto-tool-choice, else None
+
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
         try:
             self.limits.check_sampling(req)
             params = req.to_sampling_params()
+            if req.tool_mode == "auto" and self.tool_parser is None:
+                raise ParamError("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice and '
+                                 "--tool-call-parser to be set.")
         except ParamError as e:
             raise self._chat_param(e, req) from None
         arrival = time.monotonic()
@@ -70,11 +80,16 @@ class OpenAIServingChat(OpenAIServing):
                     if req.logprobs:
                         logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0)
                     finals[c.index] = c
-        choices = [ChatCompletionChoice(
-            index=i, message=AssistantMessage(content=texts[i]),
-            logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
-            finish_reason=finals[i].finish_reason if finals[i] else None,
-            stop_reason=finals[i].stop_reason if finals[i] else None) for i in range(n)]
+        choices = []
+        for i in range(n):
+            finish = finals[i].finish_reason if finals[i] else None
+            content, calls, finish = _tool_calls(req, texts[i], finish)
+            choices.append(ChatCompletionChoice(
+                index=i, message=AssistantMessage(content=content, tool_calls=[
+                    ToolCall(id=random_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls]),
+                logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
+                finish_reason=finish, stop_reason=finals[i].stop_reason if finals[i] else None))
         completion = sum(num_tokens)
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices, prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
@@ -113,6 +128,7 @@ class OpenAIServingChat(OpenAIServing):
                                                     usage=usage))
 
         completion = cached = 0
+        tools = [_ToolStream(req.tool_mode) for _ in range(n)]
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -122,13 +138,14 @@ class OpenAIServingChat(OpenAIServing):
                     cached = max(cached, out.num_cached_tokens)
                     for c in out.outputs:
                         completion += len(c.token_ids)
-                        if not c.text and c.finish_reason is None and not (req.logprobs and c.token_ids):
+                        delta, finish = tools[c.index].delta(req, c.text, c.finish_reason)
+                        if not (delta.content or delta.tool_calls) and finish is None \
+                                and not (req.logprobs and c.token_ids):
                             continue  # nothing to say yet (text held back for a possible stop string)
                         lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0)) \
                             if req.logprobs else None
-                        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
-                                                                logprobs=lps, finish_reason=c.finish_reason,
-                                                                stop_reason=c.stop_reason)])
+                        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=delta, logprobs=lps,
+                                                                finish_reason=finish, stop_reason=c.stop_reason)])
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield chunk([], usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
@@ -136,3 +153,63 @@ class OpenAIServingChat(OpenAIServing):
         finally:
             reservation.release()
         yield SSE_DONE
+
+
+def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str]) -> tuple[Optional[str], list[Call],
+                                                                                        Optional[str]]:
+    """(content, calls, finish_reason) of a whole choice under the request's tool_choice."""
+    mode = req.tool_mode
+    if mode == "named":
+        return "", [Call(req.tool_choice.function.name, text)], finish
+    if mode == "required":
+        calls = parse_required(text)
+        if calls is None:  # cut short: the text as it is
+            return text, [], finish
+        return "", calls, "tool_calls" if finish == "stop" else finish
+    if mode == "auto":
+        content, calls = parse_hermes(text)
+        if calls:
+            return content or None, calls, "tool_calls" if finish == "stop" else finish
+    return text, [], finish
+
+
+def _delta_calls(calls: list[Call]) -> list[DeltaToolCall]:
+    return [DeltaToolCall(index=i, id=random_tool_call_id(), type="function",
+                          function=DeltaFunctionCall(name=c.name, arguments=c.arguments)) for i, c in enumerate(calls)]
+
+
+class _ToolStream:
+    """One streamed choice under tool_choice: a named function's arguments stream as they come;
+    "required" calls go out whole at the end; "auto" streams content until a tool call starts."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.text = ""
+        self.started = False
+        self.hermes = HermesStream() if mode == "auto" else None
+
+    def delta(self, req: ChatCompletionRequest, text: str, finish: Optional[str]) -> tuple[DeltaMessage,
+                                                                                            Optional[str]]:
+        if self.mode == "none":
+            return DeltaMessage(content=text), finish
+        if self.mode == "named":
+            if not self.started:
+                self.started = True
+                return DeltaMessage(tool_calls=[DeltaToolCall(index=0, id=random_tool_call_id(), type="function",
+                                                              function=DeltaFunctionCall(
+                                                                  name=req.tool_choice.function.name,
+                                                                  arguments=text))]), finish
+            return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
+                                if text else None), finish
+        if self.mode == "required":
+            self.text += text
+            if finish is None:
+                return DeltaMessage(), None
+            content, calls, finish = _tool_calls(req, self.text, finish)
+            return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
+        content = self.hermes.feed(text)
+        if finish is None:
+            return DeltaMessage(content=content or None), None
+        rest, calls = self.hermes.finish()
+        return (DeltaMessage(content=(content + rest) or None, tool_calls=_delta_calls(calls) or None),
+                "tool_calls" if calls and finish == "stop" else finish)

@@ -17,6 +17,7 @@ from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, Unavailabl
 from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInfo, ErrorResponse, PromptLogprob,
                                                     PromptLogprobsJSON, PromptTokenUsageInfo, UsageInfo)
+from pagedserve.entrypoints.openai.tool_calls import arguments_for_template
 from pagedserve.errors import ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs
 from pagedserve.sampling_params import SamplingParams
@@ -123,10 +124,11 @@ async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGen
 class OpenAIServing:
     def __init__(self, async_llm: AsyncLLM, served_model_names: Sequence[str],
                  chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, trust_request_chat_template: bool = False) -> None:
         self.llm = async_llm
         self.served_model_names = list(served_model_names)
         self.chat_template = chat_template
+        self.trust_request_chat_template = trust_request_chat_template
         self.max_model_len = async_llm.engine.config.max_model_len
         self.limits = limits or ServerLimits()
         self.log_requests = log_requests
@@ -154,10 +156,18 @@ class OpenAIServing:
         Unless `truncating`, a rendered prompt too long to fit the context is refused untokenized."""
         tok = self.llm.tokenizer
         template = self.chat_template
+        if req.chat_template is not None:  # a template is code the server runs: only where trusted (vLLM's rule)
+            if not self.trust_request_chat_template:
+                raise ParamError("chat_template", "chat_template in a request is not accepted unless the server "
+                                 "runs with --trust-request-chat-template.")
+            template = req.chat_template
         if template is None and not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; start the server with --chat-template.")
         extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
-        messages = [m.for_template() for m in req.messages]
+        messages = arguments_for_template([m.for_template() for m in req.messages])
+        tools = getattr(req, "tools", None)  # chat completions: the template may describe them
+        if tools:
+            extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
 
         def render() -> tuple[str, list[int]]:
             try:

@@ -1,0 +1,201 @@
+"""Function calling on /v1/chat/completions, through the official openai client: a named
+tool_choice and "required" give calls whose arguments fit the tools' schemas; "auto" with
+the hermes parser takes `<tool_call>` blocks out of the text, streamed and whole; tools and
+earlier tool calls reach the chat template; misuse is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from server_helpers import ServerThread, make_async_llm, no_requests_left, wait_for
+
+from pagedserve.entrypoints.openai.api_server import build_app
+from pagedserve.entrypoints.openai.tool_calls import HermesStream, parse_hermes
+
+pytest.importorskip("xgrammar")
+
+MODEL = "tiny-llama"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                                     "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+# A Hermes-style answer, forced with a regex so that a random model writes it.
+HERMES_TEXT = r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}</tool_call>'
+
+
+def _serve(llama_dir, **kwargs):
+    llm = make_async_llm(llama_dir)
+    srv = ServerThread(build_app(llm, MODEL, **kwargs))
+    srv.llm = llm
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    srv = _serve(llama_dir, tool_call_parser="hermes", trust_request_chat_template=True)
+    yield srv
+    srv.stop()
+    srv.llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _check_weather_args(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert set(args) == {"city", "days"} and args["city"] in ("Paris", "Rome") and 1 <= args["days"] <= 7
+
+
+def test_named_function_whole_and_streamed(client, server):
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME], temperature=0, max_tokens=60,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+    _check_weather_args(call.function.arguments)
+    assert choice.message.content == "" and choice.finish_reason == "stop"  # vLLM's answer for a named call
+
+    chunks = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    parts = [tc for d in chunks for tc in d.tool_calls or []]
+    assert parts[0].id and parts[0].function.name == "get_weather" and all(p.index == 0 for p in parts)
+    assert all(p.id is None and p.function.name is None for p in parts[1:])
+    assert "".join(p.function.arguments or "" for p in parts) == call.function.arguments
+    wait_for(lambda: no_requests_left(server.llm), 10, "requests to drain")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_gives_one_valid_call(client, stream):
+    """parallel_tool_calls=False: exactly one call (a random model would go on adding calls)."""
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice="required", temperature=0.8,
+                  seed=5, max_tokens=120, n=2, parallel_tool_calls=False)
+    if stream:
+        calls: dict[int, list] = {0: [], 1: []}
+        finish = {}
+        for c in client.chat.completions.create(stream=True, **kwargs):
+            for ch in c.choices:
+                calls[ch.index] += ch.delta.tool_calls or []
+                finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+        results = [(calls[i], finish[i]) for i in (0, 1)]
+    else:
+        results = [(ch.message.tool_calls, ch.finish_reason) for ch in client.chat.completions.create(**kwargs).choices]
+    for tool_calls, finish in results:
+        assert finish == "tool_calls" and len(tool_calls) == 1
+        for tc in tool_calls:
+            assert tc.function.name in ("get_weather", "get_time")
+            if tc.function.name == "get_weather":
+                _check_weather_args(tc.function.arguments)
+            else:
+                assert json.loads(tc.function.arguments)["zone"] in ("UTC", "CET")
+
+
+def test_auto_with_the_hermes_parser(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                  extra_body={"structured_outputs": {"regex": HERMES_TEXT}})  # tool_choice: "auto" by default
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure. "
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    _check_weather_args(call.function.arguments)
+
+    content, calls, finish = "", [], None
+    for c in client.chat.completions.create(stream=True, **kwargs):
+        d = c.choices[0].delta
+        content += d.content or ""
+        calls += d.tool_calls or []
+        finish = c.choices[0].finish_reason or finish
+    assert content == "Sure. " and finish == "tool_calls"
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [("get_weather", call.function.arguments)]
+
+    plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
+                                           max_tokens=8).choices[0]
+    assert plain.message.tool_calls == [] and plain.finish_reason == "length"  # no call in the text: plain content
+
+
+def test_tools_and_earlier_calls_reach_the_chat_template(client, server):
+    """Tools are handed to the template; an assistant turn's call arguments arrive as a mapping."""
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                "{% if m.tool_calls %}<{{ m.tool_calls[0].function.arguments.city }}>{% endif %}"
+                "{{ m.content }}{% endfor %}")
+    history = MESSAGES + [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Rome", "days": 2}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER, TIME], tool_choice="none",
+                                       max_tokens=1, extra_body={"chat_template": template})
+    tok = server.llm.tokenizer
+    want = tok.encode("[get_weather][get_time]What is the weather in Paris?<Rome>sunny", add_special_tokens=False)
+    assert r.usage.prompt_tokens == len(want)
+
+
+@pytest.mark.parametrize("body, param, match", [
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "not one of the tools"),
+    ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "tools", "unique"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+     "cannot be combined"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+      "tool_choice": "required"}, "tools", "invalid json"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice", ""),
+])
+def test_misuse_is_400(server, body, param, match):
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and match in err["message"], err
+    assert no_requests_left(server.llm)
+
+
+def test_auto_needs_a_parser_and_request_templates_need_trust(llama_dir):
+    srv = _serve(llama_dir)  # no --enable-auto-tool-choice, no --trust-request-chat-template
+    try:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4,
+                                                                "chat_template": "{{ messages[0].content }}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+        for body in ({"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": "auto"}):
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, **body})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+            assert "--enable-auto-tool-choice" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4,
+                                                                "tools": [WEATHER], "tool_choice": "none"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"] == []
+    finally:
+        srv.stop()
+        srv.llm.shutdown()
+
+
+# ---- the hermes parser alone ----------------------------------------------------------------
+def test_parse_hermes():
+    text = 'Let me check. <tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "b", ' \
+           '"arguments": {}}</tool_call>'
+    content, calls = parse_hermes(text)
+    assert content == "Let me check. " and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}),
+                                                                                                ("b", {})]
+    assert parse_hermes("no calls here") == ("no calls here", [])
+    assert parse_hermes('<tool_call>{"name": broken') == ('<tool_call>{"name": broken', [])  # nothing is lost
+    content, calls = parse_hermes('<tool_call>{"name": "a", "arguments": {"y": 2}}')  # unclosed at the end
+    assert content == "" and calls[0].name == "a"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
+def test_hermes_stream_holds_back_what_may_be_a_tag(size):
+    text = 'Hi <tool <tool_call>{"name": "a", "arguments": {"x": "<tool_call>"}}</tool_call>'
+    s = HermesStream()
+    streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
+    assert "<tool_call" not in streamed
+    rest, calls = s.finish()
+    assert streamed + rest == "Hi <tool " and [c.name for c in calls] == ["a"]
+    s = HermesStream()
+    head = text[:8]  # "Hi <tool": ends like the start of a tag, but no call follows
+    streamed = "".join(s.feed(head[i:i + size]) for i in range(0, len(head), size))
+    assert streamed == "Hi " and streamed + s.finish()[0] == head  # held back, then all of it is content
