@@ -108,6 +108,24 @@ class GrammarState:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
 
+_BATCH: list = []  # one xgrammar BatchGrammarMatcher, made at first use
+
+
+def fill_bitmasks(rows: list[tuple[int, GrammarState]], bitmask: torch.Tensor) -> None:
+    """fill_bitmask for several requests at once: xgrammar spreads them over threads (a
+    JSON grammar's mask takes tens of microseconds per row; a batch of 64 adds up)."""
+    if len(rows) > 1:
+        import xgrammar as xgr
+
+        if hasattr(xgr, "BatchGrammarMatcher"):  # xgrammar >= 0.1.24
+            if not _BATCH:
+                _BATCH.append(xgr.BatchGrammarMatcher())
+            _BATCH[0].batch_fill_next_token_bitmask([g._matcher for _, g in rows], bitmask, [r for r, _ in rows])
+            return
+    for row, g in rows:
+        g.fill_bitmask(bitmask, row)
+
+
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 

@@ -191,14 +191,16 @@ class ModelRunner:
         # hidden states (no gather, no index copy to the device).
         rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
         with torch.inference_mode():
-            batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
-            targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
-            targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
-                         if prompt_lp else None)
             patch = self._pending_token_patch(host.pending_rows)
             hidden = self._forward(host, patch)
             if not rows:
                 return PendingStep(ModelRunnerOutput())
+            # Sampling's host work (per-row tensors, grammar masks) runs while the GPU does
+            # the forward pass queued above.
+            batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
+            targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
+            targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
+                         if prompt_lp else None)
             logits = self.model.compute_logits(hidden[: len(rows)] if rows_t is None else hidden[rows_t])
             s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from pagedserve.engine.grammar import new_bitmask
+from pagedserve.engine.grammar import fill_bitmasks, new_bitmask
 from pagedserve.engine.request import Request
 from pagedserve.worker.device_io import to_device
 from pagedserve.worker.sampler import SampleGroup, SamplingBatch
@@ -131,8 +131,7 @@ class SamplingStates:
         grammar_rows = [(row, r.grammar) for row, r in enumerate(reqs) if r.grammar is not None]
         if grammar_rows:  # the tokens each grammar allows next, as bits; other rows allow all
             words = new_bitmask(len(reqs), self.vocab_size)
-            for row, g in grammar_rows:
-                g.fill_bitmask(words, row)
+            fill_bitmasks(grammar_rows, words)
             b.grammar_bitmask = to_device(words.numpy(), torch.int32, dev)
 
         ban_rows, ban_cols = [], []
