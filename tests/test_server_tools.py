@@ -27,7 +27,8 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "additionalProperties": False}}}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 # A Hermes-style answer, forced with a regex so that a random model writes it.
-HERMES_TEXT = r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}</tool_call>'
+HERMES_TEXT = (r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'
+               r'</tool_call>')
 
 
 def _serve(llama_dir, **kwargs):

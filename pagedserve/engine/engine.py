@@ -124,7 +124,7 @@ class LLMEngine:
     def compile_grammar(self, params: SamplingParams) -> None:
         """Compile a request's structured-output constraint, if any (a ParamError when it is
         invalid). Compiled grammars are cached, so adding the request later reuses this one:
-        the server calls it in its tokenizer thread."""
+        the server calls it in a thread of its own first."""
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 
@@ -30,7 +30,7 @@ def bitmask_words(vocab_size: int) -> int:
 
 class GrammarCompiler:
     """Compiles StructuredOutputsParams for one tokenizer and model vocabulary. Thread-safe
-    (the server compiles in its tokenizer thread to check a request, the engine again, from
+    (the server compiles in its grammar thread to check a request, the engine again, from
     xgrammar's cache, when it adds it)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
@@ -55,8 +55,8 @@ class GrammarCompiler:
             return self._compiler
 
     def compile(self, params: StructuredOutputsParams) -> Any:
-        """The CompiledGrammar of a constraint; a ParamError naming structured_outputs if it
-        is not valid (a bad schema, regex or grammar)."""
+        """The CompiledGrammar of a constraint; a ParamError naming the request field it came
+        from if it is not valid (a bad schema, regex or grammar)."""
         c = self._xgr()
         kind = params.kind
         try:
@@ -89,13 +89,10 @@ class GrammarState:
 
     def __init__(self, matcher: Any) -> None:
         self._matcher = matcher
-        self.num_accepted = 0
 
     def accept(self, token: int) -> bool:
         """Take a sampled token; False if the grammar does not allow it (the request must end)."""
-        ok = bool(self._matcher.accept_token(int(token)))
-        self.num_accepted += ok
-        return ok
+        return bool(self._matcher.accept_token(int(token)))
 
     @property
     def is_terminated(self) -> bool:
@@ -120,7 +117,8 @@ def fill_bitmasks(rows: list[tuple[int, GrammarState]], bitmask: torch.Tensor) -
         if hasattr(xgr, "BatchGrammarMatcher"):  # xgrammar >= 0.1.24
             if not _BATCH:
                 _BATCH.append(xgr.BatchGrammarMatcher())
-            _BATCH[0].batch_fill_next_token_bitmask([g._matcher for _, g in rows], bitmask, [r for r, _ in rows])
+            _BATCH[0].batch_fill_next_token_bitmask([g._matcher for _, g in rows], bitmask,
+                                                    [r for r, _ in rows])
             return
     for row, g in rows:
         g.fill_bitmask(bitmask, row)
@@ -142,10 +140,3 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """A host bitmask with every token allowed (rows without a grammar stay so)."""
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
 
-
-def grammar_for(compiler: Optional[GrammarCompiler], params: Optional[StructuredOutputsParams]) -> Optional[GrammarState]:
-    if params is None:
-        return None
-    if compiler is None:
-        raise ParamError(FIELD, f"{FIELD} are not available on this engine.")
-    return compiler.matcher(params)

@@ -1,6 +1,7 @@
 """Batched sampling for one step, as tensor ops on the device (no per-row loops over the
-vocabulary). vLLM's order: grammar (structured outputs) -> allowed tokens -> bad words / min_tokens bans -> logit bias ->
-penalties -> greedy argmax | temperature -> min-p -> top-k -> top-p -> seeded draw.
+vocabulary). vLLM's order: grammar (structured outputs) -> allowed tokens -> bad words /
+min_tokens bans -> logit bias -> penalties -> greedy argmax | temperature -> min-p -> top-k
+-> top-p -> seeded draw.
 Logprobs are of the model's raw distribution (vLLM's default "raw_logprobs").
 
 Speed: rows with a top-k work on their k candidates only (one topk instead of a sort of
@@ -129,13 +130,14 @@ class Sampler:
     @staticmethod
     def processes(b: SamplingBatch) -> bool:
         """Whether process_logits changes anything for this batch."""
-        return any(t is not None for t in (b.grammar_bitmask, b.allowed_mask, b.banned, b.bias, b.repetition, b.penalty_sub))
+        return any(t is not None for t in (b.grammar_bitmask, b.allowed_mask, b.banned, b.bias, b.repetition,
+                                           b.penalty_sub))
 
     @staticmethod
     def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        """Everything before the greedy/random choice: grammar, allowed tokens, bans, bias, penalties.
-        Works in place on `logits` (the caller's fresh float32 tensor) where it can (the
-        repetition penalty makes a new one); use the returned tensor."""
+        """Everything before the greedy/random choice: grammar, allowed tokens, bans, bias,
+        penalties. Works in place on `logits` (the caller's fresh float32 tensor) where it can
+        (the repetition penalty makes a new one); use the returned tensor."""
         if b.grammar_bitmask is not None:
             logits.masked_fill_(~unpack_bitmask(b.grammar_bitmask, logits.shape[1]), _NEG_INF)
         if b.allowed_mask is not None:

@@ -30,8 +30,8 @@ from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, Compl
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
-from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
 from pagedserve.metrics import PrometheusStatLogger
 
 logger = logging.getLogger("pagedserve")
@@ -116,7 +116,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     limits = (limits or ServerLimits()).resolve(async_llm.tokenizer, config.max_model_len)
     stats = PrometheusStatLogger(async_llm.engine, names[0])  # its own registry: one per app
     async_llm.add_stat_logger(stats)
-    serving = dict(limits=limits, log_requests=enable_log_requests, trust_request_chat_template=trust_request_chat_template)
+    serving = dict(limits=limits, log_requests=enable_log_requests,
+                   trust_request_chat_template=trust_request_chat_template)
     completion = OpenAIServingCompletion(async_llm, names, **serving)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}.")

@@ -174,8 +174,7 @@ class SamplingFields(OpenAIBaseModel):
     def _structured_outputs(self) -> Optional[StructuredOutputsParams]:
         found: list[StructuredOutputsParams] = []
         if self.structured_outputs is not None:
-            so = StructuredOutputsParams.from_dict(self.structured_outputs)
-            found.append(so)
+            found.append(StructuredOutputsParams.from_dict(self.structured_outputs))
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
             found.append(_structured("response_format", json_object=True))
