@@ -197,3 +197,20 @@ def test_chat_renders_the_template(llm):
     assert len(two) == 2 and len(two[1].prompt_token_ids) > len(two[0].prompt_token_ids)
     with pytest.raises(ValueError, match="chat template"):
         llm.chat(conv, sp, chat_template="{{ raise_exception('no') }}", use_tqdm=False)
+
+
+def test_chat_hands_tools_and_template_kwargs_to_the_template(llm):
+    template = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}{% if think %}<think>{% endif %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    conv = [{"role": "user", "content": "Hello"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    sp = SamplingParams(temperature=0, max_tokens=2)
+    out = llm.chat(conv, sp, chat_template=template, tools=tools, chat_template_kwargs={"think": True},
+                   use_tqdm=False)
+    assert out[0].prompt == "[lookup]<think>Hello"
+    assert llm.chat(conv, sp, chat_template=template, use_tqdm=False)[0].prompt == "Hello"
+    cont = llm.chat(conv + [{"role": "assistant", "content": " world"}], sp, chat_template=template,
+                    add_generation_prompt=False, continue_final_message=True, use_tqdm=False)
+    assert cont[0].prompt == "Hello world"
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(conv, sp, continue_final_message=True, use_tqdm=False)

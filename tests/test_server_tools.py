@@ -136,6 +136,9 @@ def test_tools_and_earlier_calls_reach_the_chat_template(client, server):
     tok = server.llm.tokenizer
     want = tok.encode("[get_weather][get_time]What is the weather in Paris?<Rome>sunny", add_special_tokens=False)
     assert r.usage.prompt_tokens == len(want)
+    counted = httpx.post(f"{server.url}/tokenize", json={"messages": history, "tools": [WEATHER, TIME],
+                                                          "chat_template": template}).json()
+    assert counted["tokens"] == want  # /tokenize renders the tools as the chat request does
 
 
 @pytest.mark.parametrize("body, param, match", [

@@ -41,16 +41,25 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: Optional[str] = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Optional[list[dict]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[RequestOutput]:
         """vLLM's LLM.chat: one conversation (a list of {"role", "content"} messages) or a list
-        of them, rendered with the tokenizer's chat template (or `chat_template`)."""
+        of them, rendered with the tokenizer's chat template (or `chat_template`); `tools`
+        (OpenAI's tool dicts) and `chat_template_kwargs` (e.g. enable_thinking) go to the
+        template."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true.")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tok = self.get_tokenizer()
         prompts = []
         for conv in convs:
             try:
                 text = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=False,
-                                               add_generation_prompt=add_generation_prompt)
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message, tools=tools,
+                                               **(chat_template_kwargs or {}))
             except Exception as e:  # jinja and transformers raise many types for a bad conversation
                 raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
             # The template already holds the special tokens it wants.

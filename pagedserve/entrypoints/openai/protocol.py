@@ -474,6 +474,7 @@ class TokenizeCompletionRequest(OpenAIBaseModel):
 
 class TokenizeChatRequest(ChatTemplateFields):
     model: Optional[str] = None
+    tools: Optional[list[Tool]] = None  # counted as the chat request would render them
     add_special_tokens: bool = False  # the template already places special tokens
     return_token_strs: bool = False
 
