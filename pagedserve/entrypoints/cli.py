@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tool-call-parser", choices=["hermes"], default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
                    "Hermes and Qwen2.5 models)")
+    s.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
+                   help="put a thinking model's <think>...</think> in the chat message's reasoning_content")
     from pagedserve.entrypoints.openai.limits import ServerLimits
 
     ServerLimits.add_cli_args(s.add_argument_group("request limits"))

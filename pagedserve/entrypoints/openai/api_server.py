@@ -27,6 +27,7 @@ from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
                                                     TokenizeRequest, TokenizeResponse, VersionResponse)
+from pagedserve.entrypoints.openai.reasoning import REASONING_PARSERS
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
@@ -102,13 +103,14 @@ def _validation_error(request: Request, exc: RequestValidationError) -> OpenAIEr
 def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]], api_key: Optional[str] = None,
               chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
               enable_log_requests: bool = False, tool_call_parser: Optional[str] = None,
-              trust_request_chat_template: bool = False) -> FastAPI:
+              trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
     `limits` bound what a request may ask for; prompts are logged only with
     `enable_log_requests`. `tool_call_parser` ("hermes") enables tool_choice "auto";
-    `trust_request_chat_template` lets a request bring its own chat template."""
+    `trust_request_chat_template` lets a request bring its own chat template;
+    `reasoning_parser` ("qwen3", "deepseek_r1") puts a `<think>` block in reasoning_content."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -121,7 +123,10 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     completion = OpenAIServingCompletion(async_llm, names, **serving)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}.")
-    chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser, **serving)
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; choose from {', '.join(REASONING_PARSERS)}.")
+    chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser,
+                             reasoning_parser=reasoning_parser, **serving)
     tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
 
     app = FastAPI(title="pagedserve", version=__version__)
@@ -253,7 +258,8 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
                     limits=limits, enable_log_requests=args.enable_log_requests,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    reasoning_parser=args.reasoning_parser)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = _GracefulServer(config, async_llm, args.shutdown_timeout)

@@ -8,25 +8,25 @@ from contextlib import aclosing
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
 from pagedserve.engine.async_engine import Reservation
-from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionLogProb,
+from pagedserve.entrypoints.openai.chat_output import ChoiceStream, whole_message
+from pagedserve.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompletionLogProb,
                                                     ChatCompletionLogProbs, ChatCompletionLogProbsContent,
                                                     ChatCompletionRequest, ChatCompletionResponse,
                                                     ChatCompletionStreamChoice, ChatCompletionStreamResponse,
-                                                    DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall,
-                                                    ToolCall, UsageInfo, random_id)
+                                                    DeltaMessage, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
                                                           sse_error, token_text, top_by_rank, usage_info)
-from pagedserve.entrypoints.openai.tool_calls import (Call, HermesStream, parse_hermes, parse_required,
-                                                      random_tool_call_id)
 from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, *args, tool_parser: Optional[str] = None, **kwargs) -> None:
+    def __init__(self, *args, tool_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tool_parser = tool_parser  # "hermes" with --enable-auto-tool-choice, else None
+        self.reasoning_parser = reasoning_parser  # "qwen3" / "deepseek_r1" with --reasoning-parser, else None
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
@@ -82,12 +82,10 @@ class OpenAIServingChat(OpenAIServing):
                     finals[c.index] = c
         choices = []
         for i in range(n):
-            finish = finals[i].finish_reason if finals[i] else None
-            content, calls, finish = _tool_calls(req, texts[i], finish)
+            message, finish = whole_message(req, texts[i], finals[i].finish_reason if finals[i] else None,
+                                            self.reasoning_parser)
             choices.append(ChatCompletionChoice(
-                index=i, message=AssistantMessage(content=content, tool_calls=[
-                    ToolCall(id=random_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-                    for c in calls]),
+                index=i, message=message,
                 logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
                 finish_reason=finish, stop_reason=finals[i].stop_reason if finals[i] else None))
         completion = sum(num_tokens)
@@ -128,7 +126,7 @@ class OpenAIServingChat(OpenAIServing):
                                                     usage=usage))
 
         completion = cached = 0
-        tools = [_ToolStream(req.tool_mode) for _ in range(n)]
+        streams = [ChoiceStream(req, self.reasoning_parser) for _ in range(n)]
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
@@ -138,8 +136,8 @@ class OpenAIServingChat(OpenAIServing):
                     cached = max(cached, out.num_cached_tokens)
                     for c in out.outputs:
                         completion += len(c.token_ids)
-                        delta, finish = tools[c.index].delta(req, c.text, c.finish_reason)
-                        if not (delta.content or delta.tool_calls) and finish is None \
+                        delta, finish = streams[c.index].delta(c.text, c.finish_reason)
+                        if not (delta.content or delta.tool_calls or delta.reasoning_content) and finish is None \
                                 and not (req.logprobs and c.token_ids):
                             continue  # nothing to say yet (text held back for a possible stop string)
                         lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0)) \
@@ -154,62 +152,3 @@ class OpenAIServingChat(OpenAIServing):
             reservation.release()
         yield SSE_DONE
 
-
-def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str]) -> tuple[Optional[str], list[Call],
-                                                                                        Optional[str]]:
-    """(content, calls, finish_reason) of a whole choice under the request's tool_choice."""
-    mode = req.tool_mode
-    if mode == "named":
-        return "", [Call(req.tool_choice.function.name, text)], finish
-    if mode == "required":
-        calls = parse_required(text)
-        if calls is None:  # cut short: the text as it is
-            return text, [], finish
-        return "", calls, "tool_calls" if finish == "stop" else finish
-    if mode == "auto":
-        content, calls = parse_hermes(text)
-        if calls:
-            return content or None, calls, "tool_calls" if finish == "stop" else finish
-    return text, [], finish
-
-
-def _delta_calls(calls: list[Call]) -> list[DeltaToolCall]:
-    return [DeltaToolCall(index=i, id=random_tool_call_id(), type="function",
-                          function=DeltaFunctionCall(name=c.name, arguments=c.arguments)) for i, c in enumerate(calls)]
-
-
-class _ToolStream:
-    """One streamed choice under tool_choice: a named function's arguments stream as they come;
-    "required" calls go out whole at the end; "auto" streams content until a tool call starts."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.text = ""
-        self.started = False
-        self.hermes = HermesStream() if mode == "auto" else None
-
-    def delta(self, req: ChatCompletionRequest, text: str, finish: Optional[str]) -> tuple[DeltaMessage,
-                                                                                            Optional[str]]:
-        if self.mode == "none":
-            return DeltaMessage(content=text), finish
-        if self.mode == "named":
-            if not self.started:
-                self.started = True
-                return DeltaMessage(tool_calls=[DeltaToolCall(index=0, id=random_tool_call_id(), type="function",
-                                                              function=DeltaFunctionCall(
-                                                                  name=req.tool_choice.function.name,
-                                                                  arguments=text))]), finish
-            return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
-                                if text else None), finish
-        if self.mode == "required":
-            self.text += text
-            if finish is None:
-                return DeltaMessage(), None
-            content, calls, finish = _tool_calls(req, self.text, finish)
-            return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
-        content = self.hermes.feed(text)
-        if finish is None:
-            return DeltaMessage(content=content or None), None
-        rest, calls = self.hermes.finish()
-        return (DeltaMessage(content=(content + rest) or None, tool_calls=_delta_calls(calls) or None),
-                "tool_calls" if calls and finish == "stop" else finish)

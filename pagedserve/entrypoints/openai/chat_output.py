@@ -1,0 +1,108 @@
+"""A chat choice's generated text -> the assistant message: reasoning (a reasoning parser's
+`<think>` block) apart, then tool calls (under the request's tool_choice) apart from the
+content. Whole (`whole_message`) or streamed (`ChoiceStream`), split the same way."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
+                                                    DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
+from pagedserve.entrypoints.openai.reasoning import ReasoningSplitter
+from pagedserve.entrypoints.openai.tool_calls import (Call, HermesStream, parse_hermes, parse_required,
+                                                      random_tool_call_id)
+
+
+def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str]) -> tuple[Optional[str], list[Call],
+                                                                                        Optional[str]]:
+    """(content, calls, finish_reason) of a whole choice's content under the request's tool_choice."""
+    mode = req.tool_mode
+    if mode == "named":
+        return "", [Call(req.tool_choice.function.name, text)], finish
+    if mode == "required":
+        calls = parse_required(text)
+        if calls is None:  # cut short: the text as it is
+            return text, [], finish
+        return "", calls, "tool_calls" if finish == "stop" else finish
+    if mode == "auto":
+        content, calls = parse_hermes(text)
+        if calls:
+            return content or None, calls, "tool_calls" if finish == "stop" else finish
+    return text, [], finish
+
+
+def whole_message(req: ChatCompletionRequest, text: str, finish: Optional[str],
+                  reasoning_parser: Optional[str]) -> tuple[AssistantMessage, Optional[str]]:
+    """(message, finish_reason) of a whole choice."""
+    reasoning = None
+    if reasoning_parser is not None:
+        reasoning, text = ReasoningSplitter.split(reasoning_parser, text)
+        text = text or ""
+    content, calls, finish = _tool_calls(req, text, finish)
+    if reasoning is not None and content == "" and not calls:
+        content = None  # only thinking (cut short)
+    return AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=[
+        ToolCall(id=random_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls]), finish
+
+
+def _delta_calls(calls: list[Call]) -> list[DeltaToolCall]:
+    return [DeltaToolCall(index=i, id=random_tool_call_id(), type="function",
+                          function=DeltaFunctionCall(name=c.name, arguments=c.arguments)) for i, c in enumerate(calls)]
+
+
+class _ToolStream:
+    """A streamed choice's content under tool_choice: a named function's arguments stream as
+    they come; "required" calls go out whole at the end; "auto" streams content until a tool
+    call starts."""
+
+    def __init__(self, req: ChatCompletionRequest) -> None:
+        self.req, self.mode = req, req.tool_mode
+        self.text = ""
+        self.started = False
+        self.hermes = HermesStream() if self.mode == "auto" else None
+
+    def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
+        if self.mode == "none":
+            return DeltaMessage(content=text), finish
+        if self.mode == "named":
+            if not self.started and text:
+                self.started = True
+                return DeltaMessage(tool_calls=[DeltaToolCall(
+                    index=0, id=random_tool_call_id(), type="function",
+                    function=DeltaFunctionCall(name=self.req.tool_choice.function.name, arguments=text))]), finish
+            return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
+                                if text else None), finish
+        if self.mode == "required":
+            self.text += text
+            if finish is None:
+                return DeltaMessage(), None
+            content, calls, finish = _tool_calls(self.req, self.text, finish)
+            return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
+        content = self.hermes.feed(text)
+        if finish is None:
+            return DeltaMessage(content=content or None), None
+        rest, calls = self.hermes.finish()
+        return (DeltaMessage(content=(content + rest) or None, tool_calls=_delta_calls(calls) or None),
+                "tool_calls" if calls and finish == "stop" else finish)
+
+
+class ChoiceStream:
+    """One streamed choice: each piece of generated text -> (delta message, finish_reason)."""
+
+    def __init__(self, req: ChatCompletionRequest, reasoning_parser: Optional[str]) -> None:
+        self.reasoning = ReasoningSplitter(reasoning_parser) if reasoning_parser is not None else None
+        self.tools = _ToolStream(req)
+
+    def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
+        reasoning = ""
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.feed(text)
+            if finish is not None:
+                r, c = self.reasoning.finish()
+                reasoning, text = reasoning + r, text + c
+        delta, finish = self.tools.delta(text, finish)
+        if reasoning:
+            delta.reasoning_content = reasoning
+            delta.content = delta.content or None
+        return delta, finish

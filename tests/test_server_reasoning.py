@@ -1,0 +1,97 @@
+"""Reasoning parsers: a `<think>` block goes to reasoning_content, the rest to content, the
+same whole and streamed at every chunk size; through the server (the model's reply forced
+into shape with a regex), alone and with a tool call after the thinking."""
+
+from __future__ import annotations
+
+import pytest
+from server_helpers import ServerThread, make_async_llm
+
+from pagedserve.entrypoints.openai.api_server import build_app
+from pagedserve.entrypoints.openai.reasoning import ReasoningSplitter
+
+MODEL = "tiny-llama"
+MESSAGES = [{"role": "user", "content": "Think first."}]
+
+
+@pytest.mark.parametrize("parser, text, want", [
+    ("qwen3", "<think>\nhmm\n</think>\n\nIt is 4.", ("\nhmm\n", "\n\nIt is 4.")),
+    ("qwen3", "It is 4.", (None, "It is 4.")),  # thinking off: no block, all content
+    ("qwen3", "<think>still thinking", ("still thinking", None)),  # cut short
+    ("qwen3", "<thin", (None, "<thin")),
+    ("qwen3", "<think></think>", ("", None)),
+    ("deepseek_r1", "hmm</think>It is 4.", ("hmm", "It is 4.")),  # <think> was in the prompt
+    ("deepseek_r1", "<think>hmm</think>It is 4.", ("hmm", "It is 4.")),
+    ("deepseek_r1", "no end tag", ("no end tag", None)),
+    ("deepseek_r1", "a </thin", ("a </thin", None)),
+])
+def test_split_whole_and_streamed(parser, text, want):
+    assert ReasoningSplitter.split(parser, text) == want
+    for size in (1, 2, 3, 7):
+        s = ReasoningSplitter(parser)
+        parts = [s.feed(text[i:i + size]) for i in range(0, len(text), size)] + [s.finish()]
+        reasoning, content = "".join(r for r, _ in parts), "".join(c for _, c in parts)
+        assert (reasoning if want[0] is not None else None, content or None) == want, size
+        if want[0] is None:
+            assert reasoning == ""
+
+
+def test_unknown_parser():
+    with pytest.raises(ValueError, match="choose from"):
+        ReasoningSplitter("nope")
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    pytest.importorskip("xgrammar")
+    llm = make_async_llm(llama_dir)
+    srv = ServerThread(build_app(llm, MODEL, reasoning_parser="qwen3", tool_call_parser="hermes"))
+    yield srv
+    srv.stop()
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _both(client, regex: str, **kwargs):
+    """The whole answer's message, and the streamed (reasoning, content, tool calls, finish)."""
+    kwargs = dict(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=200,
+                  extra_body={"structured_outputs": {"regex": regex}}, **kwargs)
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    reasoning = content = ""
+    calls, finish = [], None
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        d = chunk.choices[0].delta
+        reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+        content += d.content or ""
+        calls += d.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    return whole, (reasoning, content, calls, finish)
+
+
+def test_reasoning_content_whole_and_streamed(client):
+    whole, (reasoning, content, _, finish) = _both(client, r"<think>[a-z]{2,6}( [a-z]{2,6}){1,3}</think>\n\n[a-z]{2,8}")
+    thought = whole.message.model_extra["reasoning_content"]
+    assert thought and " " in thought and "<" not in thought
+    assert whole.message.content.startswith("\n\n") and whole.message.content[2:].isalpha()
+    assert (reasoning, content, finish) == (thought, whole.message.content, whole.finish_reason)
+
+
+def test_reasoning_then_a_tool_call(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"enum": ["a", "b"]}}, "required": ["x"]}}}]
+    whole, (reasoning, content, calls, finish) = _both(
+        client, r'<think>[a-z]{2,6}</think>ok <tool_call>\{"name": "f", "arguments": \{"x": "(a|b)"\}\}</tool_call>',
+        tools=tools)
+    assert whole.finish_reason == finish == "tool_calls"
+    assert whole.message.model_extra["reasoning_content"] == reasoning and reasoning.isalpha()
+    assert whole.message.content == content == "ok "
+    (call,) = whole.message.tool_calls
+    assert call.function.name == "f" and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("f", call.function.arguments)]
