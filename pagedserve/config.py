@@ -43,6 +43,9 @@ class EngineArgs:
     # Schedule step N + 1 before step N's tokens are back (None: on CUDA, where the host work
     # then overlaps the GPU; on CPU the forward pass is the host, so there is nothing to gain).
     async_scheduling: Optional[bool] = None
+    # "qwen3" | "deepseek_r1": structured outputs start after the model's </think> (and the
+    # server splits reasoning_content off the chat message).
+    reasoning_parser: Optional[str] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -53,6 +56,11 @@ class EngineArgs:
 
         if not self.model:
             raise ValueError("model must be set to a local Hugging Face model directory.")
+        from pagedserve.reasoning import REASONING_PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}.")
         hf_config = load_hf_config(self.model)
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
@@ -128,6 +136,7 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             attention_backend=backend,
             async_scheduling=device.type == "cuda" if self.async_scheduling is None else bool(self.async_scheduling),
+            reasoning_parser=self.reasoning_parser,
         )
 
 
@@ -153,6 +162,7 @@ class EngineConfig:
     max_logprobs: int
     attention_backend: str
     async_scheduling: bool = False
+    reasoning_parser: Optional[str] = None
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

@@ -8,7 +8,7 @@ import pytest
 from server_helpers import ServerThread, make_async_llm
 
 from pagedserve.entrypoints.openai.api_server import build_app
-from pagedserve.entrypoints.openai.reasoning import ReasoningSplitter
+from pagedserve.reasoning import ReasoningSplitter
 
 MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Think first."}]

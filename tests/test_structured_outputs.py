@@ -207,3 +207,41 @@ def test_an_invalid_constraint_is_a_value_error(llm, spec, message):
         llm.generate(_prompts(1), SamplingParams(structured_outputs=spec), use_tqdm=False)
     assert e.value.param == "structured_outputs" and "/project/" not in str(e.value)  # no C++ source paths
     assert_no_leak(llm)
+
+
+# ---- with a reasoning parser: the grammar waits for </think> --------------------------------
+@pytest.fixture(scope="module")
+def thinking_model(tmp_path_factory, tokenizer_dir):
+    """A random model whose tokenizer has <think> and </think> as single tokens (as Qwen3's)."""
+    from transformers import AutoTokenizer
+
+    from pagedserve.model.random_model import build_random_model
+
+    tok_dir = str(tmp_path_factory.mktemp("think_tok"))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    tok.save_pretrained(tok_dir)
+    path = str(tmp_path_factory.mktemp("think_model"))
+    build_random_model(path, initializer_range=0.5, tokenizer_dir=tok_dir)
+    return path, tok.convert_tokens_to_ids("</think>")
+
+
+def test_the_grammar_starts_after_the_reasoning(thinking_model):
+    path, end_id = thinking_model
+    llm = LLM(path, max_model_len=256, reasoning_parser="qwen3", async_scheduling=False)
+    tok = llm.get_tokenizer()
+    # The bias makes the model close its thinking at once; the grammar must let that through,
+    # then hold the rest (where it masks </think> itself, bias or not).
+    params = SamplingParams(temperature=0, max_tokens=60, logit_bias={end_id: 100.0}, skip_special_tokens=False,
+                            structured_outputs=dict(json=SCHEMA, disable_any_whitespace=True))
+    thinking = llm.generate(["What color?"], params, use_tqdm=False)[0].outputs[0]
+    assert thinking.token_ids[0] == end_id and thinking.finish_reason == "stop"
+    assert _check_schema(tok.decode(thinking.token_ids[1:], skip_special_tokens=True))
+    # A prompt that already closed its think block (Qwen3 with enable_thinking off): the
+    # grammar holds from the first token, so </think> cannot come.
+    closed = llm.generate([{"prompt_token_ids": tok.encode("What color? <think></think>")}], params,
+                          use_tqdm=False)[0].outputs[0]
+    assert end_id not in closed.token_ids and _check_schema(tok.decode(closed.token_ids, skip_special_tokens=True))
+    assert_no_leak(llm)
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        LLM(path, reasoning_parser="o1")

@@ -19,6 +19,7 @@ from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
 from pagedserve.model.hf_config import generation_eos_ids
 from pagedserve.outputs import RequestOutput
+from pagedserve.reasoning import END as THINK_END, START as THINK_START
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import ModelRunner, PendingStep
@@ -128,6 +129,16 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)
 
+    def _reasoning_end(self, prompt_ids: list[int]) -> Optional[list[int]]:
+        """With a reasoning parser: the token ids of `</think>`, after which a grammar applies;
+        None (the grammar applies at once) when the prompt has already closed the think block
+        (Qwen3's template with enable_thinking off), as vLLM decides it."""
+        if self.config.reasoning_parser is None:
+            return None
+        start, end = (self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK_START, THINK_END))
+        last_start, last_end = _rfind(prompt_ids, start), _rfind(prompt_ids, end)
+        return None if last_end >= 0 and last_end > last_start else end
+
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Token sequences for each bad word, alone and after a space (mid-text), as vLLM."""
         seqs: list[list[int]] = []
@@ -167,7 +178,7 @@ class LLMEngine:
                             cache_salt)
             child.max_tokens = max_tokens
             if params.structured_outputs is not None:  # each sample walks the grammar on its own
-                child.grammar = self.grammar_compiler.matcher(params.structured_outputs)
+                child.grammar = self.grammar_compiler.matcher(params.structured_outputs, self._reasoning_end(ids))
             children.append(child)
         leader = children[0]
         leader.pending_siblings = children[1:]
@@ -250,3 +261,12 @@ class _InFlight:
         self.sched_out, self.pending = sched_out, pending
         # Requests it samples for that read their output history on the host.
         self.needs_history = any([s.request.needs_output_history for s in sched_out.scheduled if s.samples])
+
+
+def _rfind(seq: list[int], sub: list[int]) -> int:
+    """Where the last occurrence of `sub` starts in `seq`, or -1."""
+    n = len(sub)
+    for i in range(len(seq) - n, -1, -1):
+        if seq[i:i + n] == sub:
+            return i
+    return -1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -75,23 +75,39 @@ class GrammarCompiler:
             msg = _NOISE.sub("", str(e).strip()).strip()
             raise ParamError(params.source, f"{params.source}: invalid {kind}: {msg}") from None
 
-    def matcher(self, params: StructuredOutputsParams) -> "GrammarState":
+    def matcher(self, params: StructuredOutputsParams, reasoning_end: Optional[list[int]] = None) -> "GrammarState":
+        """A fresh matcher for one request. `reasoning_end`: the token ids that end the model's
+        reasoning (`</think>`); the grammar applies only after them."""
         import xgrammar as xgr
 
         compiled = self.compile(params)
         # Without a stop token the matcher ends itself when the grammar is complete.
-        return GrammarState(xgr.GrammarMatcher(compiled, terminate_without_stop_token=not self.stop_token_ids))
+        return GrammarState(xgr.GrammarMatcher(compiled, terminate_without_stop_token=not self.stop_token_ids),
+                            reasoning_end)
 
 
 class GrammarState:
     """One request's position in its grammar. The scheduler feeds it each token that lands;
-    the sampler asks it for the next step's allowed tokens."""
+    the sampler asks it for the next step's allowed tokens. While the model is still
+    reasoning (a reasoning parser is set and `</think>` has not come yet) the grammar waits:
+    no mask, and tokens pass it by."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, reasoning_end: Optional[list[int]] = None) -> None:
         self._matcher = matcher
+        self._end = reasoning_end or None
+        self._recent: list[int] = []  # the last len(_end) tokens while reasoning
+
+    @property
+    def active(self) -> bool:
+        return self._end is None
 
     def accept(self, token: int) -> bool:
         """Take a sampled token; False if the grammar does not allow it (the request must end)."""
+        if self._end is not None:
+            self._recent = (self._recent + [int(token)])[-len(self._end):]
+            if self._recent == self._end:
+                self._end = None  # reasoning done: the grammar starts with the next token
+            return True
         return bool(self._matcher.accept_token(int(token)))
 
     @property

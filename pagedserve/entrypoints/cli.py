@@ -34,6 +34,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
     _bool_flag(p, "async-scheduling", None, "schedule step N+1 before step N's tokens are back (default: on "
                "CUDA)")
+    p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
+                   help="a thinking model's <think>...</think>: structured outputs start after it, and the server "
+                   "puts it in the chat message's reasoning_content")
 
 
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
@@ -180,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tool-call-parser", choices=["hermes"], default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
                    "Hermes and Qwen2.5 models)")
-    s.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
-                   help="put a thinking model's <think>...</think> in the chat message's reasoning_content")
     from pagedserve.entrypoints.openai.limits import ServerLimits
 
     ServerLimits.add_cli_args(s.add_argument_group("request limits"))

@@ -128,7 +128,7 @@ class SamplingStates:
                 rows.append(st.allowed_mask)
             b.allowed_mask = torch.stack(rows)
 
-        grammar_rows = [(row, r.grammar) for row, r in enumerate(reqs) if r.grammar is not None]
+        grammar_rows = [(row, r.grammar) for row, r in enumerate(reqs) if r.grammar is not None and r.grammar.active]
         if grammar_rows:  # the tokens each grammar allows next, as bits; other rows allow all
             words = new_bitmask(len(reqs), self.vocab_size)
             fill_bitmasks(grammar_rows, words)

@@ -27,7 +27,7 @@ from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
                                                     TokenizeRequest, TokenizeResponse, VersionResponse)
-from pagedserve.entrypoints.openai.reasoning import REASONING_PARSERS
+from pagedserve.reasoning import REASONING_PARSERS
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
@@ -110,7 +110,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     `limits` bound what a request may ask for; prompts are logged only with
     `enable_log_requests`. `tool_call_parser` ("hermes") enables tool_choice "auto";
     `trust_request_chat_template` lets a request bring its own chat template;
-    `reasoning_parser` ("qwen3", "deepseek_r1") puts a `<think>` block in reasoning_content."""
+    `reasoning_parser` ("qwen3", "deepseek_r1"; default: the engine's) puts a `<think>` block
+    in reasoning_content."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -123,6 +124,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     completion = OpenAIServingCompletion(async_llm, names, **serving)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}.")
+    reasoning_parser = reasoning_parser or config.reasoning_parser
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; choose from {', '.join(REASONING_PARSERS)}.")
     chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser,
@@ -258,8 +260,7 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
                     limits=limits, enable_log_requests=args.enable_log_requests,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    trust_request_chat_template=args.trust_request_chat_template,
-                    reasoning_parser=args.reasoning_parser)
+                    trust_request_chat_template=args.trust_request_chat_template)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = _GracefulServer(config, async_llm, args.shutdown_timeout)

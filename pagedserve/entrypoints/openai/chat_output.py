@@ -8,7 +8,7 @@ from typing import Optional
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
                                                     DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
-from pagedserve.entrypoints.openai.reasoning import ReasoningSplitter
+from pagedserve.reasoning import ReasoningSplitter
 from pagedserve.entrypoints.openai.tool_calls import (Call, HermesStream, parse_hermes, parse_required,
                                                       random_tool_call_id)
 

@@ -8,7 +8,10 @@ follows to `content`.
   prompt) up to `</think>`.
 
 Either way an output cut short before `</think>` is all reasoning. Streamed and whole
-answers split the same way."""
+answers split the same way.
+
+The engine reads the parser too: a structured-output grammar (engine/grammar.py) applies
+only once the reasoning has ended, as in vLLM."""
 
 from __future__ import annotations
 
