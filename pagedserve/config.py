@@ -46,6 +46,9 @@ class EngineArgs:
     # "qwen3" | "deepseek_r1": structured outputs start after the model's </think> (and the
     # server splits reasoning_content off the chat message).
     reasoning_parser: Optional[str] = None
+    # vLLM's speculative_config; {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
+    # "prompt_lookup_min": 1}: n-gram (prompt lookup) drafts, verified in the next step.
+    speculative_config: Optional[dict] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -61,6 +64,13 @@ class EngineArgs:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}.")
+        spec = None
+        if self.speculative_config is not None:
+            from pagedserve.engine.ngram import SpeculativeConfig
+
+            spec = SpeculativeConfig.from_dict(self.speculative_config)
+            if self.async_scheduling:  # drafts come from the previous step's tokens
+                raise ValueError("speculative_config needs synchronous scheduling (async_scheduling=False).")
         hf_config = load_hf_config(self.model)
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
@@ -135,8 +145,10 @@ class EngineArgs:
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
             attention_backend=backend,
-            async_scheduling=device.type == "cuda" if self.async_scheduling is None else bool(self.async_scheduling),
+            async_scheduling=(device.type == "cuda" and spec is None) if self.async_scheduling is None
+            else bool(self.async_scheduling),
             reasoning_parser=self.reasoning_parser,
+            speculative_config=spec,
         )
 
 
@@ -163,6 +175,7 @@ class EngineConfig:
     attention_backend: str
     async_scheduling: bool = False
     reasoning_parser: Optional[str] = None
+    speculative_config: Any = None  # engine/ngram.py SpeculativeConfig
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

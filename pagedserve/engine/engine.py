@@ -13,6 +13,7 @@ from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.fault_injection import maybe_inject_step_failure
 from pagedserve.engine.grammar import GrammarCompiler
 from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -39,8 +40,9 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         config.num_gpu_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        proposer = NgramProposer(config.speculative_config) if config.speculative_config is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
-                                   config.enable_chunked_prefill)
+                                   config.enable_chunked_prefill, proposer)
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, config.vocab_size, self.eos_token_ids)
@@ -237,7 +239,7 @@ class LLMEngine:
         runner_out = step.pending.result()
         # A request a stop string ended since may have run in this step: the scheduler skips
         # it (it is finished), so its extra token is dropped.
-        upd = self.scheduler.update_from_output(step.sched_out, runner_out.sampled)
+        upd = self.scheduler.update_from_output(step.sched_out, runner_out.sampled, runner_out.accepted)
         # (A request can finish without a token: one its grammar refused.)
         if upd.new_tokens or upd.finished or runner_out.prompt_logprobs:
             self._landed = (upd.new_tokens, upd.finished, runner_out)

@@ -22,6 +22,7 @@ class SequenceState:
     logprobs: Optional[list[dict[int, Logprob]]] = None
     cumulative_logprob: Optional[float] = None
     text_end: Optional[int] = None  # where a stop string cut the text
+    token_end: Optional[int] = None  # where it cut the tokens (several can land in one step)
     finish_reason: Optional[str] = None
     stop_reason: Any = None
     sent_tokens: int = 0  # for DELTA outputs
@@ -138,18 +139,27 @@ class OutputProcessor:
                 seq.logprobs.append(self._logprob_dict(lp))
                 seq.cumulative_logprob += lp.logprob
             if seq.detok is not None:
-                new_text = seq.detok.add_tokens(tokens)
-                if rid in finished:
-                    new_text += seq.detok.finish()
-                if params.stop and new_text:
-                    hit = find_stop_string(seq.detok.text, len(new_text), params.stop,
-                                           params.include_stop_str_in_output)
-                    if hit is not None:
-                        seq.stop_reason, seq.text_end = hit
-                        seq.finish_reason = "stop"
-                        if rid not in finished:
-                            stopped.append(rid)
-                        continue
+                # Several tokens (speculative decoding) go in one by one when a stop string may
+                # end the text among them: the tokens after it are dropped.
+                pieces = [tokens] if not params.stop or len(tokens) == 1 else [[t] for t in tokens]
+                hit = None
+                for j, piece in enumerate(pieces):
+                    new_text = seq.detok.add_tokens(piece)
+                    if rid in finished and j == len(pieces) - 1:
+                        new_text += seq.detok.finish()
+                    if params.stop and new_text:
+                        hit = find_stop_string(seq.detok.text, len(new_text), params.stop,
+                                               params.include_stop_str_in_output)
+                        if hit is not None:
+                            if len(pieces) > 1:
+                                seq.token_end = len(seq.request.output_token_ids) - (len(pieces) - 1 - j)
+                            break
+                if hit is not None:
+                    seq.stop_reason, seq.text_end = hit
+                    seq.finish_reason = "stop"
+                    if rid not in finished:
+                        stopped.append(rid)
+                    continue
             if rid in finished:
                 seq.finish_reason, seq.stop_reason = finished[rid]
         for rid, (reason, stop_reason) in finished.items():  # finished without a token (abort)
@@ -178,6 +188,8 @@ class OutputProcessor:
                 continue
             text = seq.visible_text(state.params)
             ids = seq.request.output_token_ids
+            if seq.token_end is not None:
+                ids = ids[: seq.token_end]
             logprobs = seq.logprobs
             if delta:
                 text, ids = text[seq.sent_text:], ids[seq.sent_tokens:]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 from pagedserve.engine.kv_cache import KVCacheManager
+from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.request import Request, RequestStatus
 
 
@@ -25,6 +26,9 @@ class ScheduledRequest:
     num_tokens: int  # how many tokens the step computes for it
     block_ids: list[int]  # the request's block table (live list owned by the KV cache manager)
     samples: bool = False  # whether the step yields the request's next token (its chunk reaches the end)
+    # Speculative decoding: draft tokens computed after the request's last token this step
+    # (num_tokens = 1 + len(drafts)); the step verifies them.
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def end(self) -> int:
@@ -64,6 +68,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         enable_chunked_prefill: bool = True,
+        proposer: Optional["NgramProposer"] = None,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -76,6 +81,8 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._forked_waiting: list[Request] = []  # siblings queued while holding shared blocks
         self.num_preemptions = 0
+        self.proposer = proposer  # speculative decoding (synchronous scheduling only)
+        self.num_draft_tokens = self.num_accepted_tokens = 0
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -110,6 +117,8 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.kv.free(req)
+        if self.proposer is not None:
+            self.proposer.forget(req.request_id)
         self.requests.pop(req.request_id, None)
         self._finished_ids.add(req.request_id)
 
@@ -134,6 +143,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         plan: list[tuple[Request, int]] = []
+        drafts: dict[str, list[int]] = {}
 
         i = 0
         running = self.running
@@ -144,6 +154,11 @@ class Scheduler:
                 i += 1  # its in-flight token is its last: it finishes when that lands
                 continue
             n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
+            if n == 1 and self.proposer is not None and req.speculates:
+                d = self._drafts(req, budget - 1)
+                if d and self.kv.allocate_slots(req, 1 + len(d)):  # no room for drafts: decode plainly
+                    drafts[req.request_id] = d
+                    n = 1 + len(d)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -185,11 +200,19 @@ class Scheduler:
         for req, n in plan:
             start = req.num_computed_tokens
             samples = start + n >= len(req.all_token_ids) + req.num_inflight
-            out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_ids(req), samples))
+            out.scheduled.append(ScheduledRequest(req, start, n, self.kv.block_ids(req), samples,
+                                                  drafts.get(req.request_id, [])))
             req.num_computed_tokens = start + n
             if samples:
                 req.num_inflight += 1
         return out
+
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request, within its max_tokens, the context and `budget`
+        (the last token a step yields is always the model's own)."""
+        room = min(budget, req.max_tokens - len(req.output_token_ids) - 1,
+                   self.max_model_len - len(req.all_token_ids) - 1)
+        return self.proposer.propose(req, room) if room > 0 else []
 
     def _preempt(self, req: Request) -> None:
         # Forked siblings still waiting pin their leader's prompt blocks; under memory
@@ -206,13 +229,16 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> StepUpdate:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
+                           accepted: Optional[dict[str, list[int]]] = None) -> StepUpdate:
         """Record the step's results: publish written blocks, append sampled tokens, stop
         finished requests.
 
         With async scheduling the next step is already scheduled when this runs, so a request
         may meanwhile have been preempted (its token still counts: it recomputes with it) or
         finished (aborted, or stopped by the previous step: the token is dropped).
+        `accepted`: for requests that ran drafts, the draft tokens the model confirmed (the
+        sampled token follows them); the rejected drafts' positions count as not computed.
         Runs for every request at every step: kept lean."""
         upd = StepUpdate()
         new_tokens, finished = upd.new_tokens, upd.finished
@@ -227,6 +253,13 @@ class Scheduler:
                 continue
             rid = req.request_id
             token = sampled.get(rid)
+            if s.drafts:  # speculative: confirmed drafts first, then the sampled token
+                confirmed = accepted.get(rid, []) if accepted else []
+                req.num_computed_tokens -= len(s.drafts) - len(confirmed)
+                self.num_draft_tokens += len(s.drafts)
+                self.num_accepted_tokens += len(confirmed)
+                if token is not None and confirmed and self._append_many(s, confirmed, new_tokens, finished):
+                    continue  # a confirmed draft ended it: the rest are dropped
             # A token its grammar refuses (only when every token was masked: min_tokens banning
             # the grammar's only way out) is dropped, and the request ends.
             rejected = token is not None and req.grammar is not None and not req.grammar.accept(token)
@@ -243,7 +276,7 @@ class Scheduler:
             if rejected:
                 stop = RequestStatus.FINISHED_STOPPED
             else:
-                new_tokens[rid] = [token]
+                new_tokens.setdefault(rid, []).append(token)
                 stop = self._check_stop(req, token)
             if stop is not None:
                 if running:
@@ -256,6 +289,26 @@ class Scheduler:
         if finished_any:
             self.running = [r for r in self.running if r.status < _FINISHED]
         return upd
+
+    def _append_many(self, s: ScheduledRequest, tokens: list[int], new_tokens: dict, finished: dict) -> bool:
+        """Append confirmed draft tokens one by one with the stop checks of each; True if one of
+        them finished the request (it is then released and the rest dropped)."""
+        req = s.request
+        got = new_tokens.setdefault(req.request_id, [])
+        for t in tokens:
+            req.append_output_token(t)
+            got.append(t)
+            stop = self._check_stop(req, t)
+            if stop is not None:
+                if req.status == RequestStatus.RUNNING:
+                    self.running.remove(req)
+                else:
+                    self.waiting.remove(req)
+                req.status = stop
+                self._release(req)
+                finished[req.request_id] = (stop.finish_reason, req.stop_reason)
+                return True
+        return False
 
     def _fork_siblings(self, leader: Request, share: bool = True) -> None:
         """The leader's prompt KV is written: its siblings share the full prompt blocks and

@@ -185,6 +185,12 @@ class ModelRunner:
         host = self._host_inputs(order)
         sampled_reqs = [order[i].request for i in host.sample_rows]
         hidden_rows = [host.qsl[i + 1] - 1 for i in host.sample_rows]
+        # Speculative rows: every position of the request's chunk is sampled (its last token's
+        # and each draft's), after the plain rows.
+        spec = [(order[i], host.qsl[i]) for i in host.sample_rows if order[i].drafts]
+        for sr, first in spec:
+            sampled_reqs += [sr.request] * len(sr.drafts)
+            hidden_rows += range(first, first + len(sr.drafts))
         prompt_lp = self._prompt_logprob_rows(order, host.qsl)
         rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
         # A decode-only step samples every row in order: its logits rows are a slice of the
@@ -220,7 +226,7 @@ class ModelRunner:
             d2h.wait()
             result = ModelRunnerOutput()
             if s_host is not None:
-                self._collect_samples(sampled_reqs, s_host, result)
+                self._collect_samples(sampled_reqs, s_host, result, spec)
             if plp_host is not None:
                 self._collect_prompt_logprobs(plp_host, result)
             return result
@@ -228,9 +234,20 @@ class ModelRunner:
         return PendingStep(collect)
 
     @staticmethod
-    def _collect_samples(reqs, s_out, result: ModelRunnerOutput) -> None:
+    def _collect_samples(reqs, s_out, result: ModelRunnerOutput, spec: list) -> None:
         tokens = s_out.tokens.tolist()
-        result.sampled = {r.request_id: t for r, t in zip(reqs, tokens)}
+        n_plain = len(reqs) - sum(len(sr.drafts) for sr, _ in spec)
+        result.sampled = {r.request_id: t for r, t in zip(reqs[:n_plain], tokens)}
+        at = n_plain
+        for sr, _ in spec:  # greedy verification: drafts stand while they equal the model's choice
+            rid, k = sr.request.request_id, len(sr.drafts)
+            picks = [tokens[at + j] for j in range(k)] + [result.sampled[rid]]  # positions start .. start + k
+            at += k
+            ok = 0
+            while ok < k and sr.drafts[ok] == picks[ok]:
+                ok += 1
+            result.accepted[rid] = picks[:ok]
+            result.sampled[rid] = picks[ok]
         if s_out.sampled_logprobs is None:
             return
         lps, ranks = s_out.sampled_logprobs.tolist(), s_out.sampled_ranks.tolist()
@@ -355,7 +372,10 @@ class ModelRunner:
         for i in range(num_decodes, len(order)):
             s = order[i]
             start, end = s.start, s.end
-            input_ids[t : t + s.num_tokens] = s.request.all_token_ids[start:end]
+            if s.drafts:  # the request's last token, then its drafts
+                input_ids[t : t + s.num_tokens] = s.request.all_token_ids[start:] + s.drafts
+            else:
+                input_ids[t : t + s.num_tokens] = s.request.all_token_ids[start:end]
             p = np.arange(start, end)
             positions[t : t + s.num_tokens] = p
             slots[t : t + s.num_tokens] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs

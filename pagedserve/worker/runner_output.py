@@ -19,6 +19,8 @@ class PositionLogprobs:
 @dataclass
 class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # request id -> its new token
+    # Speculative decoding: request id -> the draft tokens confirmed (they precede `sampled`).
+    accepted: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)  # for requests asking
     # request id -> logprobs of the prompt tokens computed this step, in order (targets 1..)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)

@@ -1,0 +1,166 @@
+"""N-gram speculative decoding: the proposer finds the right continuation; greedy outputs are
+exactly those without speculation (tokens, text, finish and stop reasons) over stops of every
+kind, max_tokens, the context limit, mixed batches with sampled requests, preemption and
+prefix caching; drafts are accepted; nothing leaks; bad configs are refused."""
+
+from __future__ import annotations
+
+import pytest
+from engine_helpers import assert_no_leak
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.engine.ngram import NgramProposer, SpeculativeConfig
+from pagedserve.engine.request import Request
+
+PER_BLOCK_8 = 2 * 2 * 8 * 2 * 16 * 4  # layers * (k, v) * block 8 * kv heads * head dim * fp32
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+_ids = iter(range(10**6))
+
+
+def _req(tokens: list[int]) -> Request:
+    return Request(f"r{next(_ids)}", tokens, SamplingParams(temperature=0))
+
+
+def test_proposer_takes_what_followed_the_latest_match():
+    p = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_max=3, prompt_lookup_min=1))
+    # ... 7 8 9 [1 2] 5 6 ... 1 2 -> the 3-gram "? 1 2" is new; "1 2" last occurred before "5 6 3"
+    assert p.propose(_req([7, 8, 9, 1, 2, 5, 6, 3, 4, 1, 2]), 3) == [5, 6, 3]
+    assert p.propose(_req([3, 1, 2, 9, 0, 1, 2, 8, 7, 1, 2]), 3) == [8, 7, 1]  # the most recent occurrence
+    assert p.propose(_req([1, 2, 3, 4]), 3) == []  # no repeat
+    assert p.propose(_req([5, 5, 5]), 2) == [5]  # the continuation is cut at the end of the tokens
+    assert p.propose(_req([1, 2, 3, 1, 2]), 0) == []
+    # Word alignment: token 256 is the bytes 00 01 00 00; 1 is 01 00 00 00. A byte-level hit
+    # across two words must not count.
+    assert p.propose(_req([256, 0, 7, 1, 0, 9, 1]), 3) == [0, 9, 1]
+    r = _req([4, 5, 6, 4, 5])
+    assert p.propose(r, 3) == [6, 4, 5]
+    r.append_output_token(6)  # the proposer's copy grows with the request
+    assert p.propose(r, 3) == [4, 5, 6]
+
+
+@pytest.mark.parametrize("bad", [
+    {"method": "eagle", "num_speculative_tokens": 2}, {"method": "ngram"}, {"num_speculative_tokens": 0},
+    {"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}, {"num_speculative_tokens": 2,
+                                                                                    "foo": 1}, "ngram"])
+def test_bad_configs(bad):
+    with pytest.raises(ValueError, match="speculative_config"):
+        SpeculativeConfig.from_dict(bad)
+
+
+class OracleProposer(NgramProposer):
+    """Drafts from a reference run (what plain greedy decoding produced for the same prompt),
+    with one token wrong at a position that moves with the output's length, and sometimes
+    none wrong: every number of accepted drafts, 0 to k, occurs. A random model rarely
+    repeats itself, so n-gram drafts alone would almost all be rejected."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(SpeculativeConfig(num_speculative_tokens=k))
+        self.reference: dict[tuple, list[int]] = {}
+
+    def propose(self, req: Request, max_tokens: int) -> list[int]:
+        ref = self.reference.get(tuple(req.prompt_token_ids))
+        done = len(req.output_token_ids)
+        if ref is None:
+            return super().propose(req, max_tokens)
+        d = list(ref[done:done + min(self.cfg.num_speculative_tokens, max_tokens)])
+        wrong = done % (self.cfg.num_speculative_tokens + 2)
+        if wrong < len(d):
+            d[wrong] = (d[wrong] + 1) % 1000
+        return d
+
+
+@pytest.fixture(scope="module")
+def engines(llama_dir):
+    plain = LLM(llama_dir, max_model_len=256, async_scheduling=False)
+    spec = LLM(llama_dir, max_model_len=256, speculative_config=SPEC)
+    spec.llm_engine.scheduler.proposer = OracleProposer(4)
+    return plain, spec
+
+
+def _teach(engines, prompts, max_tokens: int = 200) -> None:
+    """Give the oracle the plain engine's greedy outputs for these prompts."""
+    plain, spec = engines
+    outs = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                          use_tqdm=False)
+    for o in outs:
+        spec.llm_engine.scheduler.proposer.reference[tuple(o.prompt_token_ids)] = o.outputs[0].token_ids
+
+
+def _prompts(n: int) -> list:
+    # Repetitive prompts: the model's greedy continuations of a random model fall into loops
+    # too, so drafts are often right.
+    words = "the value of an object is returned by the method when it is called".split()
+    return [" ".join((words[i % 6: i % 6 + 4]) * (2 + i % 3)) for i in range(n)]
+
+
+def _fields(outs) -> list:
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs]
+
+
+def _same(engines, prompts, params):
+    plain, spec = engines
+    _teach(engines, prompts)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert _fields(got) == _fields(want)
+    assert_no_leak(spec)
+    return want
+
+
+def test_greedy_outputs_are_unchanged_and_drafts_land(engines):
+    sched = engines[1].llm_engine.scheduler
+    drafted, accepted = sched.num_draft_tokens, sched.num_accepted_tokens
+    _same(engines, _prompts(6), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    drafted, accepted = sched.num_draft_tokens - drafted, sched.num_accepted_tokens - accepted
+    assert accepted > 60 and drafted > accepted  # most drafts land, the wrong ones do not
+
+
+def test_with_ngram_drafts_alone(llama_dir):
+    """The real proposer: outputs unchanged whatever it proposes."""
+    plain = LLM(llama_dir, max_model_len=256, async_scheduling=False)
+    spec = LLM(llama_dir, max_model_len=256, speculative_config=SPEC)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    want = plain.generate(_prompts(6), params, use_tqdm=False)
+    assert _fields(spec.generate(_prompts(6), params, use_tqdm=False)) == _fields(want)
+    assert spec.llm_engine.scheduler.num_draft_tokens > 0
+    assert_no_leak(spec)
+
+
+def test_every_way_to_stop(engines):
+    plain = engines[0]
+    ref = plain.generate(_prompts(4), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                         use_tqdm=False)
+    # Stop strings and stop tokens taken from the middle of the reference outputs, so that they
+    # fire inside accepted drafts too.
+    stops = [o.outputs[0].text[10:13] for o in ref if len(o.outputs[0].text) > 13]
+    stop_ids = [o.outputs[0].token_ids[7] for o in ref]
+    for params in (SamplingParams(temperature=0, max_tokens=30, stop=stops),
+                   SamplingParams(temperature=0, max_tokens=30, stop=stops, include_stop_str_in_output=True),
+                   SamplingParams(temperature=0, max_tokens=30, stop_token_ids=stop_ids, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+                   SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)):  # up to the context
+        _same(engines, _prompts(4), params)
+
+
+def test_mixed_batches_preemption_and_prefix_caching(llama_dir, engines):
+    prompts = _prompts(6)
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=30, ignore_eos=True),  # not speculated
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2  # not speculated
+    want = _same(engines, prompts, params)
+    tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * PER_BLOCK_8,
+                speculative_config=SPEC)
+    tight.llm_engine.scheduler.proposer = engines[1].llm_engine.scheduler.proposer
+    got = tight.generate(prompts, params, use_tqdm=False)
+    assert _fields(got) == _fields(want)
+    assert tight.llm_engine.scheduler.num_preemptions > 0 and tight.llm_engine.scheduler.num_accepted_tokens > 0
+    assert_no_leak(tight)
+    again = engines[1].generate(prompts, params, use_tqdm=False)  # the prefix cache now holds them
+    assert _fields(again) == _fields(want)
+
+
+def test_async_scheduling_is_refused(llama_dir):
+    with pytest.raises(ValueError, match="synchronous"):
+        LLM(llama_dir, speculative_config=SPEC, async_scheduling=True)
