@@ -53,6 +53,11 @@ class _EngineStateCollector(Collector):
                            e.kv.prefix_queries)
         yield self._family(CounterMetricFamily, "prefix_cache_hits", "Tokens found in the prefix cache.",
                            e.kv.prefix_hits)
+        if e.scheduler.proposer is not None:  # speculative decoding (vLLM's names)
+            yield self._family(CounterMetricFamily, "spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                               e.scheduler.num_draft_tokens)
+            yield self._family(CounterMetricFamily, "spec_decode_num_accepted_tokens",
+                               "Draft tokens the model confirmed.", e.scheduler.num_accepted_tokens)
 
 
 class _RequestTracker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Optional, Sequence
@@ -12,6 +13,16 @@ from pagedserve.config import EngineArgs
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
     parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default, help=help)
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
     _bool_flag(p, "async-scheduling", None, "schedule step N+1 before step N's tokens are back (default: on "
                "CUDA)")
+    p.add_argument("--speculative-config", type=_json_dict, default=None,
+                   help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                   '"prompt_lookup_max": 4}\' (greedy requests; synchronous scheduling)')
     p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
                    help="a thinking model's <think>...</think>: structured outputs start after it, and the server "
                    "puts it in the chat message's reasoning_content")
