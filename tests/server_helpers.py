@@ -3,10 +3,11 @@ its Prometheus metrics, for the server tests."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 import uvicorn
@@ -40,6 +41,30 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting: {what}")
         time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serving(model_dir: str, model_name: str = "tiny-llama", **build_kwargs: Any) -> Iterator[ServerThread]:
+    """A fresh AsyncLLM on `model_dir`, served by build_app(**build_kwargs) on a free port
+    until the block ends; the engine is `.llm`."""
+    from pagedserve.entrypoints.openai.api_server import build_app
+
+    llm = make_async_llm(model_dir)
+    srv = ServerThread(build_app(llm, model_name, **build_kwargs))
+    srv.llm = llm
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        llm.shutdown()
+
+
+@contextlib.contextmanager
+def openai_client(srv: ServerThread) -> Iterator[Any]:
+    import openai
+
+    with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def make_async_llm(model_dir: str, max_waiting_requests: Optional[int] = None, **kwargs: Any) -> AsyncLLM:

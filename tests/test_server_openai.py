@@ -11,10 +11,9 @@ import math
 import httpx
 import openai
 import pytest
-from server_helpers import ServerThread, make_async_llm, metric, no_requests_left, scrape, wait_for
+from server_helpers import metric, no_requests_left, openai_client, scrape, serving, wait_for
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.entrypoints.openai.api_server import build_app
 from pagedserve.entrypoints.openai.protocol import CompletionChoice, CompletionResponse
 from pagedserve.entrypoints.openai.serving_engine import sse
 
@@ -24,12 +23,8 @@ GREEDY = dict(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    llm = make_async_llm(llama_dir)
-    srv = ServerThread(build_app(llm, MODEL))
-    srv.llm = llm
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with serving(llama_dir, MODEL) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def offline(llama_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
 
 

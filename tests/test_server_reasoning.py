@@ -5,9 +5,8 @@ into shape with a regex), alone and with a tool call after the thinking."""
 from __future__ import annotations
 
 import pytest
-from server_helpers import ServerThread, make_async_llm
+from server_helpers import openai_client, serving
 
-from pagedserve.entrypoints.openai.api_server import build_app
 from pagedserve.reasoning import ReasoningSplitter
 
 MODEL = "tiny-llama"
@@ -44,18 +43,13 @@ def test_unknown_parser():
 @pytest.fixture(scope="module")
 def server(llama_dir):
     pytest.importorskip("xgrammar")
-    llm = make_async_llm(llama_dir)
-    srv = ServerThread(build_app(llm, MODEL, reasoning_parser="qwen3", tool_call_parser="hermes"))
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with serving(llama_dir, MODEL, reasoning_parser="qwen3", tool_call_parser="hermes") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    import openai
-
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
 
 

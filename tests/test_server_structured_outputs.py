@@ -5,12 +5,10 @@ constrained output; a bad constraint is a 400 naming the field the client used."
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
-from server_helpers import ServerThread, make_async_llm, no_requests_left, wait_for
+from server_helpers import no_requests_left, openai_client, serving, wait_for
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.entrypoints.openai.api_server import build_app
 
 pytest.importorskip("xgrammar")
 
@@ -22,12 +20,8 @@ PROMPT = "the value of an object is"
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    llm = make_async_llm(llama_dir)
-    srv = ServerThread(build_app(llm, MODEL))
-    srv.llm = llm
-    yield srv
-    srv.stop()
-    llm.shutdown()
+    with serving(llama_dir, MODEL) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def offline(llama_dir):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
-from server_helpers import ServerThread, make_async_llm, no_requests_left, wait_for
+from server_helpers import no_requests_left, openai_client, serving, wait_for
 
-from pagedserve.entrypoints.openai.api_server import build_app
 from pagedserve.entrypoints.openai.tool_calls import HermesStream, parse_hermes
 
 pytest.importorskip("xgrammar")
@@ -31,24 +29,15 @@ HERMES_TEXT = (r'Sure\. <tool_call>\{"name": "get_weather", "arguments": \{"city
                r'</tool_call>')
 
 
-def _serve(llama_dir, **kwargs):
-    llm = make_async_llm(llama_dir)
-    srv = ServerThread(build_app(llm, MODEL, **kwargs))
-    srv.llm = llm
-    return srv
-
-
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    srv = _serve(llama_dir, tool_call_parser="hermes", trust_request_chat_template=True)
-    yield srv
-    srv.stop()
-    srv.llm.shutdown()
+    with serving(llama_dir, MODEL, tool_call_parser="hermes", trust_request_chat_template=True) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
 
 
@@ -161,8 +150,7 @@ def test_misuse_is_400(server, body, param, match):
 
 
 def test_auto_needs_a_parser_and_request_templates_need_trust(llama_dir):
-    srv = _serve(llama_dir)  # no --enable-auto-tool-choice, no --trust-request-chat-template
-    try:
+    with serving(llama_dir, MODEL) as srv:  # no --enable-auto-tool-choice, no --trust-request-chat-template
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4,
                                                                 "chat_template": "{{ messages[0].content }}"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
@@ -173,9 +161,6 @@ def test_auto_needs_a_parser_and_request_templates_need_trust(llama_dir):
         r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4,
                                                                 "tools": [WEATHER], "tool_choice": "none"})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["tool_calls"] == []
-    finally:
-        srv.stop()
-        srv.llm.shutdown()
 
 
 # ---- the hermes parser alone ----------------------------------------------------------------

@@ -12,7 +12,6 @@ random number per step and its tokens do not depend on the rest of the batch."""
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
