@@ -78,3 +78,21 @@ def test_cpu_backend_rejected_on_cuda(llama_dir):
         pytest.skip("needs CUDA to be refused")
     with pytest.raises(ValueError, match="CPU only"):
         LLM(llama_dir, attention_backend="cpu", device="cuda")
+
+
+@needs_kernel
+@pytest.mark.parametrize("q_len, ctx", [(1, 7), (3, 1), (5, 30), (16, 45)])
+def test_short_chunks_after_context_match_torch(q_len, ctx):
+    """A short chunk after cached context (speculative drafts) runs as decode rows of growing
+    causal length in the native kernel: the same as PyTorch's masked attention."""
+    from pagedserve.attention.torch_backend import CpuAttentionBackend
+
+    seq_len = ctx + q_len
+    q, kc, vc, bt, sl, _ = _case(1, 8, 2, 32, 8, [seq_len])
+    q = torch.randn(q_len, 8, 32, generator=torch.Generator().manual_seed(1))
+    flat_k, flat_v = kc.view(-1, 2, 32), vc.view(-1, 2, 32)
+    slots = (bt[0].long()[:, None] * 8 + torch.arange(8)).flatten()[ctx:seq_len]
+    key, value = flat_k[slots].clone(), flat_v[slots].clone()  # the chunk's K/V, as already written
+    got = CpuAttentionBackend._prefill(q, key, value, kc, vc, bt[0], seq_len, 8, 32**-0.5)
+    ref = TorchAttentionBackend._prefill(q, key, value, kc, vc, bt[0], seq_len, 8, 32**-0.5)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

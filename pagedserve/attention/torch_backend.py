@@ -84,12 +84,32 @@ class TorchAttentionBackend(AttentionBackend):
         return o.transpose(0, 1)
 
 
+# Chunks of at most this many tokens after cached context go through the decode kernel.
+SHORT_CHUNK = 16
+
+
 class CpuAttentionBackend(TorchAttentionBackend):
     """The PyTorch backend with decode attention in a native kernel that reads each K/V row
     once from the block pool, instead of gathering a padded copy (pure PyTorch cannot index
-    paged memory without copying). Prefill stays on PyTorch's fused SDPA."""
+    paged memory without copying). Prefill stays on PyTorch's fused SDPA, except short chunks
+    after cached context (speculative drafts, a prompt's tail after a prefix-cache hit): there
+    each query token is a decode row of its own causal length, in the native kernel."""
 
     name = "cpu"
+
+    @staticmethod
+    def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale) -> torch.Tensor:
+        from pagedserve.attention import cpu_kernels
+
+        q_len = q.shape[0]
+        ctx = seq_len - q_len
+        if ctx == 0 or q_len > SHORT_CHUNK or not cpu_kernels.supports(q, k_cache):
+            return TorchAttentionBackend._prefill(q, key, value, k_cache, v_cache, block_table, seq_len,
+                                                  block_size, scale)
+        # The chunk's own K/V are already in the cache (write_kv runs first).
+        lens = torch.arange(ctx + 1, seq_len + 1, dtype=torch.int32)
+        tables = block_table.unsqueeze(0).expand(q_len, -1)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale) -> torch.Tensor:
