@@ -126,6 +126,7 @@ def test_with_ngram_drafts_alone(llama_dir):
     assert _fields(spec.generate(_prompts(6), params, use_tqdm=False)) == _fields(want)
     assert spec.llm_engine.scheduler.num_draft_tokens > 0
     assert_no_leak(spec)
+    assert not spec.llm_engine.scheduler.proposer._bufs  # forgotten with their requests
 
 
 def test_every_way_to_stop(engines):
