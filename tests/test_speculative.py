@@ -6,6 +6,7 @@ prefix caching; drafts are accepted; nothing leaks; bad configs are refused."""
 from __future__ import annotations
 
 import pytest
+import torch
 from engine_helpers import assert_no_leak
 
 from pagedserve import LLM, SamplingParams
@@ -148,7 +149,9 @@ def test_every_way_to_stop(engines):
 def test_mixed_batches_preemption_and_prefix_caching(llama_dir, engines):
     prompts = _prompts(6)
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
-              SamplingParams(temperature=0.9, seed=3, max_tokens=30, ignore_eos=True),  # not speculated
+              # Sampled with top_k=1: the rejection-sampling path, whose outputs must then be
+              # exactly greedy's.
+              SamplingParams(temperature=0.9, top_k=1, seed=3, max_tokens=30, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2  # not speculated
     want = _same(engines, prompts, params)
     tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * PER_BLOCK_8,
@@ -165,3 +168,39 @@ def test_mixed_batches_preemption_and_prefix_caching(llama_dir, engines):
 def test_async_scheduling_is_refused(llama_dir):
     with pytest.raises(ValueError, match="synchronous"):
         LLM(llama_dir, speculative_config=SPEC, async_scheduling=True)
+
+
+def test_rejection_sampling_keeps_the_distribution():
+    """Over many trials, the first token emitted at a position is distributed as the target
+    q, whatever the draft: accepted with probability q(d), else drawn from q without d."""
+    from pagedserve.worker.spec_verify import rejection_sample, settle
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    trials = 200_000
+    for draft in (0, 3, 4):
+        accepted, resampled = rejection_sample(q.expand(trials, 5), torch.full((trials,), draft),
+                                               torch.rand(trials, generator=g), torch.rand(trials, generator=g))
+        assert not (resampled == draft).any()  # a rejected draft is never drawn again
+        first = torch.where(accepted, torch.tensor(draft), resampled)
+        freq = torch.bincount(first, minlength=5).float() / trials
+        torch.testing.assert_close(freq, q, atol=4e-3, rtol=0)
+        assert abs(accepted.float().mean().item() - q[draft].item()) < 4e-3
+    assert settle([5, 6, 7], [5, 6, 9, 1]) == ([5, 6], 9)  # greedy: drafts stand while they match
+    assert settle([5, 6, 7], [5, 6, 7, 1]) == ([5, 6, 7], 1)
+    assert settle([5, 6, 7], [8, 3, 2, 1], [True, False, True]) == ([5], 3)  # sampled: the first rejection ends it
+
+
+def test_sampled_requests_speculate(engines):
+    """temperature > 0: drafts are checked by rejection sampling; seeded runs repeat."""
+    plain, spec = engines
+    prompts = _prompts(4)
+    _teach(engines, prompts)
+    sched = spec.llm_engine.scheduler
+    before = sched.num_draft_tokens
+    params = SamplingParams(temperature=0.5, seed=11, max_tokens=40, ignore_eos=True)
+    a = spec.generate(prompts, params, use_tqdm=False)
+    assert sched.num_draft_tokens > before
+    assert _fields(spec.generate(prompts, params, use_tqdm=False)) == _fields(a)
+    assert all(len(o.outputs[0].token_ids) == 40 for o in a)
+    assert_no_leak(spec)

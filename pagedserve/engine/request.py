@@ -84,14 +84,14 @@ class Request:
         self.first_scheduled_time: Optional[float] = None
         # Structured outputs: where the output stands in its grammar (set by the engine).
         self.grammar: Optional["GrammarState"] = None
-        # Speculative decoding verifies drafts by greedy argmax alone: only for greedy requests
-        # whose sampling reads nothing else per position (no logprobs, rules, penalties).
-        self._plain_greedy = (p.is_greedy and p.logprobs is None and not self.needs_output_history
-                              and not self.has_logit_rules and p.allowed_token_ids is None)
+        # Speculative decoding verifies drafts against each position's distribution: only for
+        # requests whose sampling reads nothing else per position (no logprobs, rules, penalties).
+        self._may_speculate = (p.logprobs is None and not self.needs_output_history and not self.has_logit_rules
+                               and p.allowed_token_ids is None)
 
     @property
     def speculates(self) -> bool:
-        return self._plain_greedy and self.grammar is None
+        return self._may_speculate and self.grammar is None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,6 +21,7 @@ from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
+from pagedserve.worker.spec_verify import SampledDrafts, settle, verify_sampled
 
 logger = logging.getLogger("pagedserve")
 
@@ -215,6 +216,7 @@ class ModelRunner:
             # step alone, not for one launched after it (async scheduling).
             d2h = DeviceToHost(self.device)
             s_host = d2h.dataclass(s_out)
+            sampled_drafts = self._verify_sampled_drafts(logits, spec, len(hidden_rows), d2h)
             plp_host = None if plp is None else [
                 (req, tgt, d2h(chosen), d2h(ranks), None if top is None else (d2h(top[0]), d2h(top[1])))
                 for req, tgt, chosen, ranks, top in plp]
@@ -226,28 +228,52 @@ class ModelRunner:
             d2h.wait()
             result = ModelRunnerOutput()
             if s_host is not None:
-                self._collect_samples(sampled_reqs, s_host, result, spec)
+                self._collect_samples(sampled_reqs, s_host, result, spec, sampled_drafts)
             if plp_host is not None:
                 self._collect_prompt_logprobs(plp_host, result)
             return result
 
         return PendingStep(collect)
 
+    def _verify_sampled_drafts(self, logits: torch.Tensor, spec: list, num_rows: int,
+                               d2h: DeviceToHost) -> Optional[SampledDrafts]:
+        """Queue the rejection-sampling checks of the drafts of sampled (not greedy) requests;
+        their draft rows follow the plain rows in `logits`, k per request in `spec` order."""
+        rows, scheduled = [], []
+        at = num_rows - sum(len(sr.drafts) for sr, _ in spec)
+        for sr, _ in spec:
+            if not sr.request.sampling_params.is_greedy:
+                rows += range(at, at + len(sr.drafts))
+                scheduled.append(sr)
+            at += len(sr.drafts)
+        if not rows:
+            return None
+        batch = self.sampling_states.build([sr.request for sr in scheduled for _ in sr.drafts])
+        return verify_sampled(self.sampler, logits, rows, batch, scheduled, d2h)
+
     @staticmethod
-    def _collect_samples(reqs, s_out, result: ModelRunnerOutput, spec: list) -> None:
+    def _collect_samples(reqs, s_out, result: ModelRunnerOutput, spec: list,
+                         sampled_drafts: Optional[SampledDrafts] = None) -> None:
         tokens = s_out.tokens.tolist()
         n_plain = len(reqs) - sum(len(sr.drafts) for sr, _ in spec)
         result.sampled = {r.request_id: t for r, t in zip(reqs[:n_plain], tokens)}
+        checks = {}
+        if sampled_drafts is not None:
+            acc, res = sampled_drafts.accepted.tolist(), sampled_drafts.resampled.tolist()
+            at = 0
+            for sr in sampled_drafts.requests:
+                k = len(sr.drafts)
+                checks[sr.request.request_id] = (acc[at:at + k], res[at:at + k])
+                at += k
         at = n_plain
-        for sr, _ in spec:  # greedy verification: drafts stand while they equal the model's choice
+        for sr, _ in spec:
             rid, k = sr.request.request_id, len(sr.drafts)
-            picks = [tokens[at + j] for j in range(k)] + [result.sampled[rid]]  # positions start .. start + k
+            if rid in checks:  # sampled: drafts stand as rejection sampling decided
+                accepted, picks = checks[rid]
+            else:  # greedy: the model's choices at the draft positions
+                accepted, picks = None, tokens[at:at + k]
             at += k
-            ok = 0
-            while ok < k and sr.drafts[ok] == picks[ok]:
-                ok += 1
-            result.accepted[rid] = picks[:ok]
-            result.sampled[rid] = picks[ok]
+            result.accepted[rid], result.sampled[rid] = settle(sr.drafts, picks + [result.sampled[rid]], accepted)
         if s_out.sampled_logprobs is None:
             return
         lps, ranks = s_out.sampled_logprobs.tolist(), s_out.sampled_ranks.tolist()
