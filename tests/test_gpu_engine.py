@@ -152,3 +152,26 @@ def test_async_scheduling_matches_sync_on_cuda(llama_dir, eager):
     kv = llm.llm_engine.kv
     assert kv.pool.num_free_blocks == kv.num_blocks
     _free(llm)
+
+
+def test_speculative_decoding_on_cuda(llama_dir):
+    """N-gram drafts on CUDA (Triton attention, float32): steps with drafts run eagerly, plain
+    decode steps replay graphs; greedy tokens equal the plain engine's, and sampled requests
+    with top_k=1 (the rejection-sampling path) too. An oracle proposer makes drafts stand."""
+    from test_speculative import OracleProposer
+
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6, 5)]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=1, seed=1, max_tokens=24, ignore_eos=True)] * 3
+    plain = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, kv_cache_memory_bytes=KV_BYTES)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    _free(plain)
+    spec = LLM(llama_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    oracle = OracleProposer(3)
+    oracle.reference = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in want}
+    spec.llm_engine.scheduler.proposer = oracle
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert spec.llm_engine.scheduler.num_accepted_tokens > 20 and spec.llm_engine.runner.graphs is not None
+    _free(spec)
