@@ -21,7 +21,7 @@ REASONING_PARSERS = ("qwen3", "deepseek_r1")
 START, END = "<think>", "</think>"
 
 
-def _partial_tail(text: str, tag: str) -> int:
+def partial_tail(text: str, tag: str) -> int:
     """How many characters at the end of `text` could be the start of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:k]):
@@ -75,7 +75,7 @@ class ReasoningSplitter:
                 return "", ""
             end = self.text.find(END, self.sent)
             if end < 0:
-                stop = len(self.text) if final else len(self.text) - _partial_tail(self.text, END)
+                stop = len(self.text) if final else len(self.text) - partial_tail(self.text, END)
                 reasoning, self.sent = self.text[self.sent:stop], max(self.sent, stop)
                 return reasoning, ""
             reasoning = self.text[self.sent:end]

@@ -188,3 +188,51 @@ def test_hermes_stream_holds_back_what_may_be_a_tag(size):
     head = text[:8]  # "Hi <tool": ends like the start of a tag, but no call follows
     streamed = "".join(s.feed(head[i:i + size]) for i in range(0, len(head), size))
     assert streamed == "Hi " and streamed + s.finish()[0] == head  # held back, then all of it is content
+
+
+# ---- the llama3_json parser ---------------------------------------------------------------
+def test_parse_llama3_json():
+    from pagedserve.entrypoints.openai.tool_calls import parse_llama3_json
+
+    content, calls = parse_llama3_json('<|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", '
+                                       '"parameters": {}}')
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {})]
+    assert parse_llama3_json(' {"name": "a", "arguments": {"y": [1]}}')[1][0].arguments == '{"y": [1]}'
+    for text in ("Paris is sunny.", '{"name": "a", "parameters": {"x": ', '{"no_name": 1}', '{"name": "a"} trailing'):
+        assert parse_llama3_json(text) == (text, [])  # not (well-formed) calls: all content
+
+
+@pytest.mark.parametrize("size", [1, 3, 8, 100])
+def test_llama3_json_stream(size):
+    from pagedserve.entrypoints.openai.tool_calls import Llama3JsonStream, parse_llama3_json
+
+    for text in ('<|python_tag|>{"name": "a", "parameters": {"x": 1}}', '  {"name": "a", "parameters": {}}',
+                 "It is <|python_tag|> sunny", "<|pyth", "", '{"broken'):
+        s = Llama3JsonStream()
+        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
+        rest, calls = s.finish()
+        want_content, want_calls = parse_llama3_json(text)
+        assert streamed + rest == want_content and [c.name for c in calls] == [c.name for c in want_calls]
+        if want_calls:
+            assert streamed == ""  # calls are never streamed as content
+
+
+def test_auto_with_the_llama3_json_parser(llama_dir):
+    regex = r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'
+    with serving(llama_dir, MODEL, tool_call_parser="llama3_json") as srv, openai_client(srv) as client:
+        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                      extra_body={"structured_outputs": {"regex": regex}})
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        _check_weather_args(call.function.arguments)
+        calls, content = [], ""
+        for c in client.chat.completions.create(stream=True, **kwargs):
+            calls += c.choices[0].delta.tool_calls or []
+            content += c.choices[0].delta.content or ""
+        assert content == "" and [(t.function.name, t.function.arguments) for t in calls] == [
+            ("get_weather", call.function.arguments)]
+        plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
+                                               max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
+        assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content

@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a chat_template in requests (off: such a request is a 400)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='allow tool_choice "auto" (the model decides to call tools; needs --tool-call-parser)')
-    s.add_argument("--tool-call-parser", choices=["hermes"], default=None,
+    s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
-                   "Hermes and Qwen2.5 models)")
+                   "Hermes and Qwen2.5 models) or llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2)")
     from pagedserve.entrypoints.openai.limits import ServerLimits
 
     ServerLimits.add_cli_args(s.add_argument_group("request limits"))

@@ -108,7 +108,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
     `limits` bound what a request may ask for; prompts are logged only with
-    `enable_log_requests`. `tool_call_parser` ("hermes") enables tool_choice "auto";
+    `enable_log_requests`. `tool_call_parser` ("hermes", "llama3_json") enables tool_choice "auto";
     `trust_request_chat_template` lets a request bring its own chat template;
     `reasoning_parser` ("qwen3", "deepseek_r1"; default: the engine's) puts a `<think>` block
     in reasoning_content."""

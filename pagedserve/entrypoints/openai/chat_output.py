@@ -9,13 +9,13 @@ from typing import Optional
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
                                                     DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
 from pagedserve.reasoning import ReasoningSplitter
-from pagedserve.entrypoints.openai.tool_calls import (Call, HermesStream, parse_hermes, parse_required,
-                                                      random_tool_call_id)
+from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS, Call, parse_required, random_tool_call_id
 
 
-def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str]) -> tuple[Optional[str], list[Call],
-                                                                                        Optional[str]]:
-    """(content, calls, finish_reason) of a whole choice's content under the request's tool_choice."""
+def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str],
+                tool_parser: Optional[str]) -> tuple[Optional[str], list[Call], Optional[str]]:
+    """(content, calls, finish_reason) of a whole choice's content under the request's
+    tool_choice (auto: read by `tool_parser`)."""
     mode = req.tool_mode
     if mode == "named":
         return "", [Call(req.tool_choice.function.name, text)], finish
@@ -24,21 +24,21 @@ def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str]) ->
         if calls is None:  # cut short: the text as it is
             return text, [], finish
         return "", calls, "tool_calls" if finish == "stop" else finish
-    if mode == "auto":
-        content, calls = parse_hermes(text)
+    if mode == "auto" and tool_parser is not None:
+        content, calls = TOOL_PARSERS[tool_parser][0](text)
         if calls:
             return content or None, calls, "tool_calls" if finish == "stop" else finish
     return text, [], finish
 
 
-def whole_message(req: ChatCompletionRequest, text: str, finish: Optional[str],
-                  reasoning_parser: Optional[str]) -> tuple[AssistantMessage, Optional[str]]:
+def whole_message(req: ChatCompletionRequest, text: str, finish: Optional[str], reasoning_parser: Optional[str],
+                  tool_parser: Optional[str]) -> tuple[AssistantMessage, Optional[str]]:
     """(message, finish_reason) of a whole choice."""
     reasoning = None
     if reasoning_parser is not None:
         reasoning, text = ReasoningSplitter.split(reasoning_parser, text)
         text = text or ""
-    content, calls, finish = _tool_calls(req, text, finish)
+    content, calls, finish = _tool_calls(req, text, finish, tool_parser)
     if reasoning is not None and content == "" and not calls:
         content = None  # only thinking (cut short)
     return AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=[
@@ -56,14 +56,14 @@ class _ToolStream:
     they come; "required" calls go out whole at the end; "auto" streams content until a tool
     call starts."""
 
-    def __init__(self, req: ChatCompletionRequest) -> None:
-        self.req, self.mode = req, req.tool_mode
+    def __init__(self, req: ChatCompletionRequest, tool_parser: Optional[str]) -> None:
+        self.req, self.mode, self.tool_parser = req, req.tool_mode, tool_parser
         self.text = ""
         self.started = False
-        self.hermes = HermesStream() if self.mode == "auto" else None
+        self.parser = TOOL_PARSERS[tool_parser][1]() if self.mode == "auto" and tool_parser is not None else None
 
     def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
-        if self.mode == "none":
+        if self.parser is None and self.mode in ("none", "auto"):
             return DeltaMessage(content=text), finish
         if self.mode == "named":
             if not self.started and text:
@@ -77,12 +77,12 @@ class _ToolStream:
             self.text += text
             if finish is None:
                 return DeltaMessage(), None
-            content, calls, finish = _tool_calls(self.req, self.text, finish)
+            content, calls, finish = _tool_calls(self.req, self.text, finish, self.tool_parser)
             return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
-        content = self.hermes.feed(text)
+        content = self.parser.feed(text)
         if finish is None:
             return DeltaMessage(content=content or None), None
-        rest, calls = self.hermes.finish()
+        rest, calls = self.parser.finish()
         return (DeltaMessage(content=(content + rest) or None, tool_calls=_delta_calls(calls) or None),
                 "tool_calls" if calls and finish == "stop" else finish)
 
@@ -90,9 +90,9 @@ class _ToolStream:
 class ChoiceStream:
     """One streamed choice: each piece of generated text -> (delta message, finish_reason)."""
 
-    def __init__(self, req: ChatCompletionRequest, reasoning_parser: Optional[str]) -> None:
+    def __init__(self, req: ChatCompletionRequest, reasoning_parser: Optional[str], tool_parser: Optional[str]) -> None:
         self.reasoning = ReasoningSplitter(reasoning_parser) if reasoning_parser is not None else None
-        self.tools = _ToolStream(req)
+        self.tools = _ToolStream(req, tool_parser)
 
     def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
         reasoning = ""

@@ -25,7 +25,7 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args, tool_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.tool_parser = tool_parser  # "hermes" with --enable-auto-tool-choice, else None
+        self.tool_parser = tool_parser  # --tool-call-parser with --enable-auto-tool-choice, else None
         self.reasoning_parser = reasoning_parser  # "qwen3" / "deepseek_r1" with --reasoning-parser, else None
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
@@ -83,7 +83,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = []
         for i in range(n):
             message, finish = whole_message(req, texts[i], finals[i].finish_reason if finals[i] else None,
-                                            self.reasoning_parser)
+                                            self.reasoning_parser, self.tool_parser)
             choices.append(ChatCompletionChoice(
                 index=i, message=message,
                 logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
@@ -126,7 +126,7 @@ class OpenAIServingChat(OpenAIServing):
                                                     usage=usage))
 
         completion = cached = 0
-        streams = [ChoiceStream(req, self.reasoning_parser) for _ in range(n)]
+        streams = [ChoiceStream(req, self.reasoning_parser, self.tool_parser) for _ in range(n)]
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])

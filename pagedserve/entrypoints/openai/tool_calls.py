@@ -4,9 +4,12 @@
   parameters schema, and becomes the call's arguments.
 - tool_choice "required": the output is held to a JSON array of one or more
   {"name": <a tool>, "parameters": <its schema>} objects, each one a call.
-- tool_choice "auto" (with --enable-auto-tool-choice and --tool-call-parser hermes): the
-  model decides, and the parser takes `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
-  blocks out of its text (Hermes / Qwen2.5 style); what comes before them is the content.
+- tool_choice "auto" (with --enable-auto-tool-choice and --tool-call-parser): the model
+  decides, and the parser takes the calls out of its text:
+  - hermes: `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks (Hermes, Qwen2.5);
+    what comes before them is the content;
+  - llama3_json: an output that is one or more `{"name": ..., "parameters": ...}` objects
+    (separated by `;`, optionally after `<|python_tag|>`; Llama 3.1 / 3.2 JSON tool calling).
 - tool_choice "none": plain text (the tools still reach the chat template, as in vLLM)."""
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-TOOL_PARSERS = ("hermes",)
+from pagedserve.reasoning import partial_tail
+
 
 
 def random_tool_call_id() -> str:
@@ -73,13 +77,63 @@ def parse_hermes(text: str) -> tuple[str, list[Call]]:
     calls = []
     try:
         for closed, open_ in _HERMES.findall(text[start:]):
-            obj = json.loads(closed or open_)
-            args = obj.get("arguments", obj.get("parameters", {}))
-            calls.append(Call(str(obj["name"]), args if isinstance(args, str)
-                              else json.dumps(args, ensure_ascii=False)))
+            calls.append(_call(json.loads(closed or open_)))
     except (ValueError, TypeError, KeyError, AttributeError):
         return text, []
     return text[:start], calls
+
+
+def _call(obj: dict) -> Call:
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return Call(str(obj["name"]), args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+
+
+PYTHON_TAG = "<|python_tag|>"
+
+
+def parse_llama3_json(text: str) -> tuple[str, list[Call]]:
+    """(content, calls) of a Llama 3 JSON tool-calling output: the whole output is calls, or
+    it is all content."""
+    body = text.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG):].lstrip()
+    if not body.startswith("{"):
+        return text, []
+    decoder, calls, i = json.JSONDecoder(), [], 0
+    try:
+        while i < len(body):
+            obj, i = decoder.raw_decode(body, i)
+            calls.append(_call(obj))
+            while i < len(body) and body[i] in " \t\n;":
+                i += 1
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return text, []
+    return "", calls
+
+
+class Llama3JsonStream:
+    """Content streams as it comes unless the output opens with `{` or `<|python_tag|>`: then
+    it is held for `finish` to parse (a call's arguments are sent whole)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.calls: Optional[bool] = None  # unknown until the first visible characters
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.calls is None:
+            head = self.text.lstrip()
+            if not head or PYTHON_TAG.startswith(head):
+                return ""
+            self.calls = head.startswith("{") or head.startswith(PYTHON_TAG)
+            return "" if self.calls else self.text
+        return "" if self.calls else delta
+
+    def finish(self) -> tuple[str, list[Call]]:
+        """(content not yet streamed, calls)."""
+        if self.calls is False:
+            return "", []
+        return parse_llama3_json(self.text)
 
 
 class HermesStream:
@@ -101,11 +155,7 @@ class HermesStream:
             self.in_calls = True
             end = start
         else:
-            end = len(self.text)
-            for k in range(min(len(HERMES_START) - 1, len(self.text) - self.sent), 0, -1):
-                if self.text.endswith(HERMES_START[:k]):
-                    end -= k
-                    break
+            end = len(self.text) - min(partial_tail(self.text, HERMES_START), len(self.text) - self.sent)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
@@ -115,6 +165,13 @@ class HermesStream:
         if calls:
             return content[self.sent:], calls
         return self.text[self.sent:], []
+
+
+# --tool-call-parser name -> (parse a whole output, a streaming parser class).
+TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], type]] = {
+    "hermes": (parse_hermes, HermesStream),
+    "llama3_json": (parse_llama3_json, Llama3JsonStream),
+}
 
 
 def arguments_for_template(messages: list[dict]) -> list[dict]:
