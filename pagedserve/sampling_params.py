@@ -12,7 +12,8 @@ from typing import Any, Optional, Union
 from pagedserve.errors import ParamError
 from pagedserve.structured_outputs import GuidedDecodingParams, StructuredOutputsParams
 
-__all__ = ["SamplingParams", "RequestOutputKind", "StructuredOutputsParams", "GuidedDecodingParams"]
+__all__ = ["SamplingParams", "RequestOutputKind", "StructuredOutputsParams", "GuidedDecodingParams",
+           "BeamSearchParams"]
 
 _GREEDY_EPS = 1e-5
 _MAX_LOGIT_BIAS = 100.0
@@ -185,3 +186,25 @@ class SamplingParams:
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's parameters (pagedserve/beam_search.py), vLLM's names."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0  # > 0: each beam's sampled token joins its top-k candidates (vLLM)
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # accepted for vLLM compatibility (no stop strings here)
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ParamError(name, f"{name} must be an integer of at least 1, got {v!r}.")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ParamError("temperature", f"temperature must be >= 0, got {self.temperature!r}.")
+        if not isinstance(self.length_penalty, (int, float)):
+            raise ParamError("length_penalty", f"length_penalty must be a number, got {self.length_penalty!r}.")

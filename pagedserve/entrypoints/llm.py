@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -11,6 +11,10 @@ from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.beam_search import BeamSearchOutput
+    from pagedserve.sampling_params import BeamSearchParams
 
 
 class LLM:
@@ -65,6 +69,14 @@ class LLM:
             # The template already holds the special tokens it wants.
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts: Sequence[PromptType], params: "BeamSearchParams",
+                    use_tqdm: bool = False) -> list["BeamSearchOutput"]:
+        """vLLM's LLM.beam_search: the beam_width best sequences per prompt
+        (pagedserve/beam_search.py)."""
+        from pagedserve.beam_search import beam_search
+
+        return beam_search(self, [prompts] if isinstance(prompts, (str, dict)) else list(prompts), params)
 
     def generate(
         self,
