@@ -55,6 +55,15 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
     ("chat/completions", {"messages": [{"content": "no role"}]}, "role", "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
      "messages"),
+    # Fields that would change the result but are not implemented: refused, not ignored.
+    ("completions", {"prompt": "x", "use_beam_search": True, "n": 2}, "not supported", "use_beam_search"),
+    ("completions", {"prompt": "x", "best_of": 3}, "best_of", "best_of"),
+    ("completions", {"prompt": "x", "priority": 1}, "not supported", "priority"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+     "use tools", "functions"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "function_call": "auto"},
+     "use tools", "function_call"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "not supported", "echo"),
 ])
 def test_pydantic_errors_are_400(server, route, body, match, param):
     _error(httpx.post(f"{server.url}/v1/{route}", json=body), 400, "BadRequestError", match, param)

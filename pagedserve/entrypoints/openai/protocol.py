@@ -156,6 +156,11 @@ class SamplingFields(OpenAIBaseModel):
     guided_grammar: Optional[str] = None
     guided_whitespace_pattern: Optional[str] = None
     guided_decoding_backend: Optional[str] = None
+    # Fields that would change the result but are not implemented: refused (400), never
+    # silently ignored (see _refuse_unsupported).
+    use_beam_search: bool = False
+    best_of: Optional[int] = None
+    priority: int = 0
 
     @field_validator("cache_salt")
     @classmethod
@@ -194,7 +199,17 @@ class SamplingFields(OpenAIBaseModel):
                              f"{', '.join(so.source for so in found)}.")
         return found[0] if found else None
 
+    def _refuse_unsupported(self) -> None:
+        if self.use_beam_search:
+            raise ParamError("use_beam_search", "use_beam_search is not supported by this server (offline, "
+                             "LLM.beam_search is).")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParamError("best_of", "best_of is not supported (it may only equal n).")
+        if self.priority:
+            raise ParamError("priority", "priority is not supported: requests are served first come, first served.")
+
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        self._refuse_unsupported()
         bias = None
         if self.logit_bias is not None:
             try:
@@ -338,6 +353,11 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     # Unset: "auto" with tools, "none" without (OpenAI's and vLLM's default).
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None  # False: "required" makes exactly one call
+    # Not implemented, refused rather than ignored: OpenAI's deprecated functions API and
+    # vLLM's chat echo.
+    functions: Optional[list[Any]] = None
+    function_call: Optional[Any] = None
+    echo: bool = False
 
     @property
     def tool_mode(self) -> str:
@@ -369,6 +389,12 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "when using top_logprobs, logprobs must be set to true.")
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise ParamError(name, f"{name} (OpenAI's deprecated functions API) is not supported; use tools and "
+                                 "tool_choice.")
+        if self.echo:
+            raise ParamError("echo", "echo is not supported for chat completions.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         constraint = self._tool_constraint()
