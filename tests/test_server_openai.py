@@ -11,31 +11,14 @@ import math
 import httpx
 import openai
 import pytest
-from server_helpers import metric, no_requests_left, openai_client, scrape, serving, wait_for
+from server_fixtures import MODEL, client, offline, server  # noqa: F401 (fixtures)
+from server_helpers import metric, no_requests_left, scrape, wait_for
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import SamplingParams
 from pagedserve.entrypoints.openai.protocol import CompletionChoice, CompletionResponse
 from pagedserve.entrypoints.openai.serving_engine import sse
 
-MODEL = "tiny-llama"
 GREEDY = dict(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir):
-    with serving(llama_dir, MODEL) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def offline(llama_dir):
-    return LLM(llama_dir, max_model_len=512)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai_client(server) as c:
-        yield c
 
 
 def test_models_and_version(client, server, llama_dir):

@@ -6,33 +6,16 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from server_helpers import no_requests_left, openai_client, serving, wait_for
+from server_fixtures import MODEL, client, offline, server  # noqa: F401 (fixtures)
+from server_helpers import no_requests_left, wait_for
 
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("xgrammar")
 
-MODEL = "tiny-llama"
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "n": {"type": "integer",
           "minimum": 0, "maximum": 9}}, "required": ["color", "n"], "additionalProperties": False}
 PROMPT = "the value of an object is"
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir):
-    with serving(llama_dir, MODEL) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def offline(llama_dir):
-    return LLM(llama_dir, max_model_len=512)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with openai_client(server) as c:
-        yield c
 
 
 def _offline_text(offline: LLM, **spec) -> str:
