@@ -223,12 +223,13 @@ def thinking_model(tmp_path_factory, tokenizer_dir):
     tok.save_pretrained(tok_dir)
     path = str(tmp_path_factory.mktemp("think_model"))
     build_random_model(path, initializer_range=0.5, tokenizer_dir=tok_dir)
-    return path, tok.convert_tokens_to_ids("</think>")
+    return path, (tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>"))
 
 
 def test_the_grammar_starts_after_the_reasoning(thinking_model):
-    path, end_id = thinking_model
-    llm = LLM(path, max_model_len=256, reasoning_parser="qwen3", async_scheduling=False)
+    """deepseek_r1: the output is reasoning until </think>; the grammar then holds the rest."""
+    path, (start_id, end_id) = thinking_model
+    llm = LLM(path, max_model_len=256, reasoning_parser="deepseek_r1", async_scheduling=False)
     tok = llm.get_tokenizer()
     # The bias makes the model close its thinking at once; the grammar must let that through,
     # then hold the rest (where it masks </think> itself, bias or not).
@@ -237,11 +238,34 @@ def test_the_grammar_starts_after_the_reasoning(thinking_model):
     thinking = llm.generate(["What color?"], params, use_tqdm=False)[0].outputs[0]
     assert thinking.token_ids[0] == end_id and thinking.finish_reason == "stop"
     assert _check_schema(tok.decode(thinking.token_ids[1:], skip_special_tokens=True))
-    # A prompt that already closed its think block (Qwen3 with enable_thinking off): the
-    # grammar holds from the first token, so </think> cannot come.
+    # A prompt that already closed its think block: the grammar holds from the first token,
+    # so </think> cannot come.
     closed = llm.generate([{"prompt_token_ids": tok.encode("What color? <think></think>")}], params,
                           use_tqdm=False)[0].outputs[0]
     assert end_id not in closed.token_ids and _check_schema(tok.decode(closed.token_ids, skip_special_tokens=True))
     assert_no_leak(llm)
     with pytest.raises(ValueError, match="reasoning_parser"):
         LLM(path, reasoning_parser="o1")
+
+
+def test_qwen3_waits_only_for_an_output_that_opens_with_think(thinking_model, llama_dir):
+    """qwen3: a first token other than <think> starts the grammar at once (a model that does
+    not think is held from the start); <think> first makes it wait for </think>. A tokenizer
+    without single-token tags never waits."""
+    path, (start_id, end_id) = thinking_model
+    llm = LLM(path, max_model_len=256, reasoning_parser="qwen3", async_scheduling=False)
+    tok = llm.get_tokenizer()
+    plain = SamplingParams(temperature=0, max_tokens=60, skip_special_tokens=False,
+                           structured_outputs=dict(json=SCHEMA, disable_any_whitespace=True))
+    out = llm.generate(["What color?"], plain, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[0] != start_id and _check_schema(tok.decode(out.token_ids, skip_special_tokens=True))
+    # <think> is allowed as the first token besides the grammar; then nothing is held (the
+    # bias keeps the model "thinking" until max_tokens).
+    opened = SamplingParams(temperature=0, max_tokens=12, logit_bias={start_id: 100.0}, skip_special_tokens=False,
+                            structured_outputs=dict(json=SCHEMA, disable_any_whitespace=True))
+    out = llm.generate(["What color?"], opened, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [start_id] * 12 and out.finish_reason == "length"
+    assert_no_leak(llm)
+    no_tags = LLM(llama_dir, max_model_len=256, reasoning_parser="qwen3", async_scheduling=False)
+    out = no_tags.generate(["What color?"], plain, use_tqdm=False)[0].outputs[0]
+    assert _check_schema(no_tags.get_tokenizer().decode(out.token_ids, skip_special_tokens=True))

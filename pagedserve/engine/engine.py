@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional, Union
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.fault_injection import maybe_inject_step_failure
-from pagedserve.engine.grammar import GrammarCompiler
+from pagedserve.engine.grammar import GrammarCompiler, ThinkGate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
@@ -131,15 +131,21 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)
 
-    def _reasoning_end(self, prompt_ids: list[int]) -> Optional[list[int]]:
-        """With a reasoning parser: the token ids of `</think>`, after which a grammar applies;
-        None (the grammar applies at once) when the prompt has already closed the think block
-        (Qwen3's template with enable_thinking off), as vLLM decides it."""
-        if self.config.reasoning_parser is None:
+    def _think_gate(self, prompt_ids: list[int]) -> Optional[ThinkGate]:
+        """With a reasoning parser, how a grammar waits for the reasoning to end (vLLM's rule):
+        not at all when the prompt has already closed the think block (Qwen3's template with
+        enable_thinking off), or when `</think>` (and for qwen3 `<think>`) is not one token of
+        this tokenizer; qwen3 waits only if the output opens with `<think>`."""
+        parser = self.config.reasoning_parser
+        if parser is None:
             return None
         start, end = (self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK_START, THINK_END))
+        if len(end) != 1 or (parser == "qwen3" and len(start) != 1):
+            return None
         last_start, last_end = _rfind(prompt_ids, start), _rfind(prompt_ids, end)
-        return None if last_end >= 0 and last_end > last_start else end
+        if last_end >= 0 and last_end > last_start:
+            return None
+        return ThinkGate(end[0], start[0] if parser == "qwen3" else None)
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Token sequences for each bad word, alone and after a space (mid-text), as vLLM."""
@@ -180,7 +186,7 @@ class LLMEngine:
                             cache_salt)
             child.max_tokens = max_tokens
             if params.structured_outputs is not None:  # each sample walks the grammar on its own
-                child.grammar = self.grammar_compiler.matcher(params.structured_outputs, self._reasoning_end(ids))
+                child.grammar = self.grammar_compiler.matcher(params.structured_outputs, self._think_gate(ids))
             children.append(child)
         leader = children[0]
         leader.pending_siblings = children[1:]

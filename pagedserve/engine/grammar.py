@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -75,40 +76,57 @@ class GrammarCompiler:
             msg = _NOISE.sub("", str(e).strip()).strip()
             raise ParamError(params.source, f"{params.source}: invalid {kind}: {msg}") from None
 
-    def matcher(self, params: StructuredOutputsParams, reasoning_end: Optional[list[int]] = None) -> "GrammarState":
-        """A fresh matcher for one request. `reasoning_end`: the token ids that end the model's
-        reasoning (`</think>`); the grammar applies only after them."""
+    def matcher(self, params: StructuredOutputsParams, think: Optional["ThinkGate"] = None) -> "GrammarState":
+        """A fresh matcher for one request; `think`: how the grammar waits for the model's
+        reasoning (None: it applies from the first token)."""
         import xgrammar as xgr
 
         compiled = self.compile(params)
         # Without a stop token the matcher ends itself when the grammar is complete.
         return GrammarState(xgr.GrammarMatcher(compiled, terminate_without_stop_token=not self.stop_token_ids),
-                            reasoning_end)
+                            think)
+
+
+@dataclass(frozen=True)
+class ThinkGate:
+    """The single-token `<think>` / `</think>` of a reasoning model. start None: the request is
+    reasoning from its first token (deepseek_r1), and the grammar waits for `end`. start set
+    (qwen3): the first token decides; `start` there opens reasoning, anything else is the
+    grammar's."""
+
+    end: int
+    start: Optional[int] = None
 
 
 class GrammarState:
     """One request's position in its grammar. The scheduler feeds it each token that lands;
-    the sampler asks it for the next step's allowed tokens. While the model is still
-    reasoning (a reasoning parser is set and `</think>` has not come yet) the grammar waits:
-    no mask, and tokens pass it by."""
+    the sampler asks it for the next step's allowed tokens. While the model is reasoning
+    (a reasoning parser is set and `</think>` has not come yet) the grammar waits: no mask,
+    and tokens pass it by."""
 
-    def __init__(self, matcher: Any, reasoning_end: Optional[list[int]] = None) -> None:
+    def __init__(self, matcher: Any, think: Optional[ThinkGate] = None) -> None:
         self._matcher = matcher
-        self._end = reasoning_end or None
-        self._recent: list[int] = []  # the last len(_end) tokens while reasoning
+        self._waiting = think is not None and think.start is None  # for </think>
+        self._open = think.start if think is not None else None  # first token still to decide
+        self._end = think.end if think is not None else None
 
     @property
     def active(self) -> bool:
-        return self._end is None
+        """Whether the grammar masks the next token."""
+        return not self._waiting
 
     def accept(self, token: int) -> bool:
         """Take a sampled token; False if the grammar does not allow it (the request must end)."""
-        if self._end is not None:
-            self._recent = (self._recent + [int(token)])[-len(self._end):]
-            if self._recent == self._end:
-                self._end = None  # reasoning done: the grammar starts with the next token
+        token = int(token)
+        if self._open is not None:
+            opened, self._open = token == self._open, None
+            if opened:
+                self._waiting = True
+                return True
+        if self._waiting:
+            self._waiting = token != self._end  # reasoning done: the grammar starts with the next token
             return True
-        return bool(self._matcher.accept_token(int(token)))
+        return bool(self._matcher.accept_token(token))
 
     @property
     def is_terminated(self) -> bool:
@@ -119,6 +137,13 @@ class GrammarState:
         """Write the allowed next tokens into bitmask[row] (int32 words, bit t % 32 of word
         t // 32 set for token t)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.allow_opening(bitmask, row)
+
+    def allow_opening(self, bitmask: torch.Tensor, row: int) -> None:
+        """At the first token of a qwen3-style request, `<think>` is allowed besides the grammar."""
+        if self._open is not None:
+            word, bit = divmod(self._open, 32)
+            bitmask[row, word] |= (1 << bit) - (1 << 32 if bit == 31 else 0)  # int32 words
 
 
 _BATCH: list = []  # one xgrammar BatchGrammarMatcher, made at first use
@@ -135,6 +160,8 @@ def fill_bitmasks(rows: list[tuple[int, GrammarState]], bitmask: torch.Tensor) -
                 _BATCH.append(xgr.BatchGrammarMatcher())
             _BATCH[0].batch_fill_next_token_bitmask([g._matcher for _, g in rows], bitmask,
                                                     [r for r, _ in rows])
+            for row, g in rows:
+                g.allow_opening(bitmask, row)
             return
     for row, g in rows:
         g.fill_bitmask(bitmask, row)
