@@ -124,12 +124,13 @@ class LLMEngine:
         self._check_token_ids("allowed_token_ids", params.allowed_token_ids or ())
         return max_tokens
 
-    def compile_grammar(self, params: SamplingParams) -> None:
+    def compile_grammar(self, params: SamplingParams) -> Any:
         """Compile a request's structured-output constraint, if any (a ParamError when it is
-        invalid). Compiled grammars are cached, so adding the request later reuses this one:
-        the server calls it in a thread of its own first."""
-        if params.structured_outputs is not None:
-            self.grammar_compiler.compile(params.structured_outputs)
+        invalid); None without one. Compiled grammars are cached, so adding the request later
+        reuses this one: the server calls it in a thread of its own first."""
+        if params.structured_outputs is None:
+            return None
+        return self.grammar_compiler.compile(params.structured_outputs)
 
     def _think_gate(self, prompt_ids: list[int]) -> Optional[ThinkGate]:
         """With a reasoning parser, how a grammar waits for the reasoning to end (vLLM's rule):
@@ -163,9 +164,10 @@ class LLMEngine:
         params = (params or SamplingParams()).clone()
         text, ids = self.process_prompt(prompt)
         max_tokens = self.validate(ids, params)
-        self.compile_grammar(params)
+        grammar = self.compile_grammar(params)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
+        think = self._think_gate(ids) if grammar is not None else None
         if request_id is None:
             request_id = str(next(self._ids))
         if not params.ignore_eos:
@@ -185,8 +187,8 @@ class LLMEngine:
             child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
                             cache_salt)
             child.max_tokens = max_tokens
-            if params.structured_outputs is not None:  # each sample walks the grammar on its own
-                child.grammar = self.grammar_compiler.matcher(params.structured_outputs, self._think_gate(ids))
+            if grammar is not None:  # each sample walks the grammar on its own
+                child.grammar = self.grammar_compiler.matcher(grammar, think)
             children.append(child)
         leader = children[0]
         leader.pending_siblings = children[1:]

@@ -76,12 +76,11 @@ class GrammarCompiler:
             msg = _NOISE.sub("", str(e).strip()).strip()
             raise ParamError(params.source, f"{params.source}: invalid {kind}: {msg}") from None
 
-    def matcher(self, params: StructuredOutputsParams, think: Optional["ThinkGate"] = None) -> "GrammarState":
-        """A fresh matcher for one request; `think`: how the grammar waits for the model's
-        reasoning (None: it applies from the first token)."""
+    def matcher(self, compiled: Any, think: Optional["ThinkGate"] = None) -> "GrammarState":
+        """A fresh matcher for one request on a grammar from `compile`; `think`: how the grammar
+        waits for the model's reasoning (None: it applies from the first token)."""
         import xgrammar as xgr
 
-        compiled = self.compile(params)
         # Without a stop token the matcher ends itself when the grammar is complete.
         return GrammarState(xgr.GrammarMatcher(compiled, terminate_without_stop_token=not self.stop_token_ids),
                             think)
