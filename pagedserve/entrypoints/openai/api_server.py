@@ -27,13 +27,13 @@ from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
                                                     TokenizeRequest, TokenizeResponse, VersionResponse)
-from pagedserve.reasoning import REASONING_PARSERS
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
 from pagedserve.metrics import PrometheusStatLogger
+from pagedserve.reasoning import REASONING_PARSERS
 
 logger = logging.getLogger("pagedserve")
 

@@ -8,8 +8,8 @@ from typing import Optional
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
                                                     DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
-from pagedserve.reasoning import ReasoningSplitter
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS, Call, parse_required, random_tool_call_id
+from pagedserve.reasoning import ReasoningSplitter
 
 
 def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str],
