@@ -37,6 +37,11 @@ MODEL_SPECS = {
     "mistral": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=1)),
     "qwen2": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)),
+    # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;
+    # Qwen3-MoE with a dense layer (mlp_only_layers).
+    "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

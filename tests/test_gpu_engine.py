@@ -39,14 +39,15 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[(seed * 7 + 11 * i + 5 * j) % 1000 + 4 for j in range(3 + 29 * i % 97)] for i in range(n)]
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3_rope"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3_rope", "mixtral", "qwen2_moe", "qwen3_moe"])
 def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
     from conftest import assert_greedy_matches
 
     llm = LLM(model_dirs[name], device="cuda", dtype="float32", max_num_batched_tokens=64, block_size=16,
               max_num_seqs=16, kv_cache_memory_bytes=KV_BYTES)
     runner = llm.llm_engine.runner
-    assert runner.backend.name == "triton" and runner.graphs is not None
+    # Mixture-of-experts models run eagerly (layers/moe.py syncs with the host).
+    assert runner.backend.name == "triton" and (runner.graphs is not None) == ("moe" not in name and name != "mixtral")
     prompts = _prompts(6, 1)
     prompts.append(prompts[5][:48] + [5, 6])  # a prefix-cache hit (3 full blocks)
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -3,13 +3,14 @@ batch of tokens: no padding, no per-request dimension; attention reads the paged
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.attention import PagedAttention
+from pagedserve.model.layers.moe import FusedMoE
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 
@@ -54,12 +55,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.intermediate = cfg.intermediate_size
+        self.intermediate = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=bias)
         self.gate_up_proj.shard_offsets = {"gate": (0, self.intermediate), "up": (self.intermediate, self.intermediate)}
         self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=bias)
@@ -84,10 +85,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary, **attn_options)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp  # LlamaMLP, or a mixture of experts (layers/moe.py)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -104,7 +105,7 @@ class LlamaDecoderLayer(nn.Module):
             else:
                 x, residual = self.input_layernorm(x, residual)
             x = self.self_attn(positions, x, meta)
-        mlp_norm = getattr(self.mlp.gate_up_proj, "forward_rmsnorm", None)
+        mlp_norm = getattr(getattr(self.mlp, "gate_up_proj", None), "forward_rmsnorm", None)
         if mlp_norm is not None:
             gate_up, residual = mlp_norm(x, residual, self.post_attention_layernorm)
             return self.mlp.act_down(gate_up), residual
@@ -113,11 +114,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, max_positions: int, attn_options: dict) -> None:
+    def __init__(self, cfg: Any, max_positions: int, attn_options: dict,
+                 build_mlp: Callable[[Any, int], nn.Module]) -> None:
         super().__init__()
         rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options, build_mlp(cfg, i))
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -138,16 +141,24 @@ class LlamaForCausalLM(nn.Module):
         (".gate_proj.", ".gate_up_proj.", "gate"),
         (".up_proj.", ".gate_up_proj.", "up"),
     ]
+    # HF checkpoint name piece -> ours, where a module sits under another name.
+    renamed: list[tuple[str, str]] = []
+    # Decode steps may be captured in CUDA graphs (no host syncs, static shapes).
+    cuda_graph_safe = True
 
     @classmethod
     def attn_options(cls, cfg: Any) -> dict:
         bias = bool(getattr(cfg, "attention_bias", False))
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": False}
 
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        return LlamaMLP(cfg)
+
     def __init__(self, cfg: Any, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions, self.attn_options(cfg))
+        self.model = LlamaModel(cfg, max_positions, self.attn_options(cfg), self.build_mlp)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -175,6 +186,16 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
+            for hf_piece, piece in self.renamed:
+                name = name.replace(hf_piece, piece)
+            expert = FusedMoE.match(name)
+            if expert is not None:
+                target, e, param, shard = expert
+                module = self.get_submodule(target.rsplit(".", 1)[0]) if target in params else None
+                if not isinstance(module, FusedMoE):
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+                loaded.add(f"{target.rsplit('.', 1)[0]}#{module.load_expert(param, e, shard, tensor, name)}")
+                continue
             for hf_piece, piece, shard in self.stacked_params:
                 if hf_piece in name:
                     target = name.replace(hf_piece, piece)
@@ -198,12 +219,16 @@ class LlamaForCausalLM(nn.Module):
                 loaded.add(name)
         missing = []
         for name, module in self.named_modules():
+            if isinstance(module, FusedMoE):
+                missing += [f"{name} expert {k}" for k in sorted(module.expected_loads())
+                            if f"{name}#{k}" not in loaded]
+                continue
             for shard in getattr(module, "shard_offsets", {}):
                 if f"{name}.weight#{shard}" not in loaded:
                     missing.append(f"{name}.weight ({shard})")
                 if module.bias is not None and f"{name}.bias#{shard}" not in loaded:
                     missing.append(f"{name}.bias ({shard})")
-        stacked = {n for n, m in self.named_modules() if hasattr(m, "shard_offsets")}
+        stacked = {n for n, m in self.named_modules() if hasattr(m, "shard_offsets") or isinstance(m, FusedMoE)}
         for name in params:
             if name.rsplit(".", 1)[0] in stacked or name in loaded:
                 continue

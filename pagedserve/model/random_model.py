@@ -12,6 +12,10 @@ ARCH_CONFIGS = {
     "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
     "Qwen2ForCausalLM": ("Qwen2Config", {}),
     "Qwen3ForCausalLM": ("Qwen3Config", {}),
+    # Mixtures of experts: 4 experts, 2 per token; expert sizes follow intermediate_size.
+    "MixtralForCausalLM": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -91,6 +95,10 @@ def build_random_model(
         tie_word_embeddings=tie_word_embeddings, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        kwargs["moe_intermediate_size"] = intermediate_size // 2
+    if arch == "Qwen2MoeForCausalLM":
+        kwargs["shared_expert_intermediate_size"] = intermediate_size
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:

@@ -8,8 +8,11 @@ from typing import Any
 _MODELS = {
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
+    "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),
     "Qwen2ForCausalLM": ("pagedserve.model.qwen2", "Qwen2ForCausalLM"),
+    "Qwen2MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3ForCausalLM": ("pagedserve.model.qwen3", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen3MoeForCausalLM"),
 }
 
 

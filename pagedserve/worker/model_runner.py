@@ -121,7 +121,8 @@ class ModelRunner:
 
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.enforce_eager
-                and getattr(self.backend, "supports_cuda_graphs", False))
+                and getattr(self.backend, "supports_cuda_graphs", False)
+                and getattr(self.model, "cuda_graph_safe", True))
 
     def make_graph_runner(self, capture: bool) -> DecodeGraphRunner:
         """Decode graphs over batch-size buckets up to max_num_seqs; capture=False runs the

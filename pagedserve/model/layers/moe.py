@@ -1,0 +1,117 @@
+"""Mixture-of-experts feed-forward: top-k routing and the experts' weights stacked in two
+3-D parameters (gate and up fused, as the dense MLP's gate_up_proj), so one module holds a
+layer's experts whatever the checkpoint's naming.
+
+The experts run in PyTorch: tokens are grouped by expert and each hit expert does one pair of
+matmuls on its tokens. That reads only the experts a batch uses, but the group sizes are known
+only on the host, so a model with these layers runs without CUDA graphs (`cuda_graph_safe`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in float32 over the experts, the top k, optionally renormalised to sum to 1,
+    as Mixtral and Qwen-MoE route. Returns (weights [T, k] float32, expert ids [T, k])."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _act_fn(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class FusedMoE(nn.Module):
+    """E experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]."""
+
+    # Checkpoint names of one expert's tensors -> (our parameter, shard). Mixtral says w1/w3/w2,
+    # Qwen-MoE gate_proj/up_proj/down_proj.
+    shard_names = {"w1": ("w13", "gate"), "w3": ("w13", "up"), "w2": ("w2", None),
+                   "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", None)}
+    _expert_re = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str) -> None:
+        super().__init__()
+        self.num_experts, self.intermediate = num_experts, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act = _act_fn(act)
+        self.is_silu = act == "silu"
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; each token's output is the routing-weighted sum of its k experts' outputs."""
+        t, k = topk_ids.shape
+        out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+        flat = topk_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
+        token_of = order // k
+        weight_of = topk_weights.reshape(-1)[order]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = token_of[start : start + n]
+            gate, up = torch.nn.functional.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
+            h = torch.nn.functional.linear(self.act(gate) * up, self.w2[e])
+            # Weighted in float32 and summed in float32: one rounding to the model dtype at the end.
+            out.index_add_(0, rows, h.float() * weight_of[start : start + n, None])
+            start += n
+        return out.to(x.dtype)
+
+    # ---- checkpoint loading -------------------------------------------------------------
+    @classmethod
+    def match(cls, name: str) -> Optional[tuple[str, int, str, Optional[str]]]:
+        """'...experts.<e>.<w>.weight' -> (our parameter name, expert, our parameter, shard)."""
+        m = cls._expert_re.match(name)
+        if m is None or m["w"] not in cls.shard_names:
+            return None
+        param, shard = cls.shard_names[m["w"]]
+        return f"{m['prefix']}.{param}", int(m["e"]), param, shard
+
+    def load_expert(self, param: str, expert: int, shard: Optional[str], tensor: torch.Tensor, name: str) -> str:
+        if expert >= self.num_experts:
+            raise ValueError(f"{name}: expert {expert} does not exist (the config has {self.num_experts})")
+        target = getattr(self, param)[expert]
+        if shard is not None:
+            i = self.intermediate
+            target = target[:i] if shard == "gate" else target[i:]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expert shape {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+        return f"{expert}:{param}:{shard}"
+
+    def expected_loads(self) -> set[str]:
+        return {f"{e}:{p}:{s}" for e in range(self.num_experts) for p, s in (("w13", "gate"), ("w13", "up"), ("w2", None))}
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts, plus Qwen2-MoE's shared expert (always on, scaled by a sigmoid gate)."""
+
+    def __init__(self, cfg: Any, num_experts: int, intermediate_size: int, renormalize: bool,
+                 shared_expert: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.renormalize = renormalize
+        self.gate = nn.Linear(cfg.hidden_size, num_experts, bias=False)
+        self.experts = FusedMoE(num_experts, cfg.hidden_size, intermediate_size, cfg.hidden_act)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if shared_expert is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
