@@ -97,7 +97,7 @@ class EngineArgs:
         elif max_model_len > derived_len:
             raise ValueError(
                 f"max_model_len={max_model_len} is greater than the model's maximum context length "
-                f"({derived_len}, from max_position_embeddings / sliding_window in config.json)."
+                f"({derived_len}, from max_position_embeddings in config.json)."
             )
 
         max_batched = self.max_num_batched_tokens
@@ -212,12 +212,7 @@ def _resolve_dtype(dtype: Any, hf_config: Any, device: torch.device) -> torch.dt
 
 
 def derive_max_model_len(hf_config: Any) -> int:
-    length = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
-    # A sliding window we do not implement caps the context at the window.
-    window = getattr(hf_config, "sliding_window", None)
-    if window and getattr(hf_config, "use_sliding_window", True) is not False:
-        length = min(length, int(window))
-    return length
+    return int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
 
 
 def set_offline_env() -> None:

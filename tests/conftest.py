@@ -42,6 +42,10 @@ MODEL_SPECS = {
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
+    # Sliding windows: Mistral's on every layer; Qwen2's on the layers from max_window_layers.
+    "mistral_swa": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=19)),
+    "qwen2_swa": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, use_sliding_window=True, sliding_window=13,
+                                          max_window_layers=1)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -96,3 +96,43 @@ def test_short_chunks_after_context_match_torch(q_len, ctx):
     got = CpuAttentionBackend._prefill(q, key, value, kc, vc, bt[0], seq_len, 8, 32**-0.5)
     ref = TorchAttentionBackend._prefill(q, key, value, kc, vc, bt[0], seq_len, 8, 32**-0.5)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# (window, softcap): a sliding window shorter than most sequences, a softcap alone, both, a
+# window longer than every sequence (no effect).
+WINDOWS = [(5, 0.0), (0, 2.0), (16, 1.5), (500, 0.0)]
+
+
+@pytest.mark.parametrize("window, softcap", WINDOWS)
+def test_decode_window_and_softcap_match_reference(window, softcap):
+    from pagedserve.ops.reference import paged_attention_ref
+
+    lens = [1, 5, 6, 17, 77, 130]
+    q, kc, vc, bt, sl, meta = _case(len(lens), 8, 2, 32, 8, lens)
+    q = q * 4  # scores large enough for the softcap to bite
+    ref = paged_attention_ref(q, kc, vc, bt, lens, list(range(len(lens) + 1)), 32**-0.5, window=window,
+                              softcap=softcap)
+    got = TorchAttentionBackend._decode(q, kc, vc, meta, 32**-0.5, window, softcap)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if cpu_kernels.load() is not None:
+        got = cpu_kernels.paged_decode(q, kc, vc, bt, sl, 32**-0.5, window, softcap)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    if window == 0:  # the cap changes the result, so the check above can fail
+        assert (got - paged_attention_ref(q, kc, vc, bt, lens, list(range(len(lens) + 1)), 32**-0.5)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("window, softcap", WINDOWS)
+@pytest.mark.parametrize("q_len, ctx", [(40, 0), (3, 30), (25, 20)])
+def test_prefill_window_and_softcap_match_reference(window, softcap, q_len, ctx):
+    from pagedserve.attention.torch_backend import CpuAttentionBackend
+    from pagedserve.ops.reference import paged_attention_ref
+
+    seq_len = ctx + q_len
+    _, kc, vc, bt, _, _ = _case(1, 8, 2, 32, 8, [seq_len])
+    q = 4 * torch.randn(q_len, 8, 32, generator=torch.Generator().manual_seed(1))
+    slots = (bt[0].long()[:, None] * 8 + torch.arange(8)).flatten()[ctx:seq_len]
+    key, value = kc.view(-1, 2, 32)[slots].clone(), vc.view(-1, 2, 32)[slots].clone()
+    ref = paged_attention_ref(q, kc, vc, bt, [seq_len], [0, q_len], 32**-0.5, window=window, softcap=softcap)
+    for backend in (TorchAttentionBackend, CpuAttentionBackend):
+        got = backend._prefill(q, key, value, kc, vc, bt[0], seq_len, 8, 32**-0.5, window, softcap)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

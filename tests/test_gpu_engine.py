@@ -39,7 +39,8 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
     return [[(seed * 7 + 11 * i + 5 * j) % 1000 + 4 for j in range(3 + 29 * i % 97)] for i in range(n)]
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3_rope", "mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3_rope", "mixtral", "qwen2_moe", "qwen3_moe",
+                                  "mistral_swa", "qwen2_swa"])
 def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
     from conftest import assert_greedy_matches
 

@@ -79,20 +79,22 @@ def make_batch(reqs: list[tuple[int, int]], heads: int, kv_heads: int, head_dim:
 
 
 def run_kernels(b: Batch, out: torch.Tensor, scale: float, segments: int = 1, block_m=None, tile_n=None,
-                k_rows=None) -> None:
-    """The backend's two launches: decodes (optionally split), then the prefill chunks."""
+                k_rows=None, **opts) -> None:
+    """The backend's two launches: decodes (optionally split), then the prefill chunks. opts:
+    window, softcap."""
     nd, nr = b.num_decodes, len(b.seq_lens_cpu)
     if nd:
         paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.qsl, nd, nd, scale, out=out,
-                        decode=True, num_segments=segments, tile_n=tile_n, k_rows=k_rows)
+                        decode=True, num_segments=segments, tile_n=tile_n, k_rows=k_rows, **opts)
     if nr > nd:
         paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables[nd:], b.seq_lens[nd:], b.qsl[nd:], nr - nd,
-                        b.num_tokens - b.qsl_cpu[nd], scale, out=out, block_m=block_m, tile_n=tile_n, k_rows=k_rows)
+                        b.num_tokens - b.qsl_cpu[nd], scale, out=out, block_m=block_m, tile_n=tile_n, k_rows=k_rows,
+                        **opts)
 
 
-def reference(b: Batch, scale: float) -> torch.Tensor:
+def reference(b: Batch, scale: float, **opts) -> torch.Tensor:
     return paged_attention_ref(b.query.cpu(), b.k_cache.cpu(), b.v_cache.cpu(), b.block_tables.cpu(),
-                               b.seq_lens_cpu, b.qsl_cpu, scale, compute_dtype=torch.float64)
+                               b.seq_lens_cpu, b.qsl_cpu, scale, compute_dtype=torch.float64, **opts)
 
 
 def assert_attention_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -112,12 +114,12 @@ def mixed_requests(bs: int) -> list[tuple[int, int]]:
 
 
 def check_mixed(heads, kv_heads, head_dim, block_size, dtype, segments=1, block_m=None, tile_n=None, seed=0,
-                reqs=None, k_rows=None):
+                reqs=None, k_rows=None, scale=None, **opts):
     b = make_batch(reqs or mixed_requests(block_size), heads, kv_heads, head_dim, block_size, dtype, seed=seed)
-    scale = head_dim**-0.5
+    scale = scale or head_dim**-0.5
     out = torch.full_like(b.query, float("nan"))
-    run_kernels(b, out, scale, segments, block_m, tile_n, k_rows)
-    assert_attention_close(out, reference(b, scale), dtype)
+    run_kernels(b, out, scale, segments, block_m, tile_n, k_rows, **opts)
+    assert_attention_close(out, reference(b, scale, **opts), dtype)
 
 
 # ---- interpreter-sized checks (CPU in CI; also run on CUDA where present) ----------------------
@@ -156,6 +158,16 @@ def test_decode_split_kv(segments, dtype):
     # 8 segments over at most 5 tiles: some segments are empty and must merge as nothing.
     reqs = [(1, n) for n in (1, 9, 16, 17, 40, 77)]
     check_mixed(8, 2, 32, 8, dtype, segments=segments, tile_n=16, reqs=reqs)
+
+
+@pytest.mark.parametrize("window, softcap", [(5, 0.0), (0, 2.0), (19, 1.5), (1, 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_sliding_window_and_softcap(window, softcap, dtype):
+    """Windows shorter than a tile, across tiles and pages, of one key; softcaps that bite
+    (scale 1 makes the scores large): query blocks and split decodes against the twin."""
+    check_mixed(8, 2, 32, 8, dtype, block_m=16, tile_n=16, scale=1.0, window=window, softcap=softcap)
+    check_mixed(8, 2, 32, 8, dtype, segments=4, tile_n=16, scale=1.0, window=window, softcap=softcap,
+                reqs=[(1, n) for n in (1, 9, 16, 17, 40, 77)])
 
 
 def test_prefill_only_and_decode_only():

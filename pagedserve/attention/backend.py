@@ -52,11 +52,12 @@ class AttentionBackend(ABC):
     def attend_rope(
         self, positions: torch.Tensor, cos_sin: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
         value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+        window: int = 0, softcap: float = 0.0,
     ) -> torch.Tensor:
         """write_kv_rope, then attend (only backends with fuses_rope). A backend may do all of
         it in fewer kernels; query and key are then left unrotated."""
         self.write_kv_rope(positions, cos_sin, query, key, value, k_cache, v_cache, meta)
-        return self.attend(query, k_cache, v_cache, meta, scale, key, value)
+        return self.attend(query, k_cache, v_cache, meta, scale, key, value, window, softcap)
 
     @abstractmethod
     def write_kv(
@@ -69,11 +70,13 @@ class AttentionBackend(ABC):
     @abstractmethod
     def attend(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-        scale: float, key: torch.Tensor, value: torch.Tensor,
+        scale: float, key: torch.Tensor, value: torch.Tensor, window: int = 0, softcap: float = 0.0,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape. Causal within
         each request; GQA by num_heads // num_kv_heads. `key`/`value` are the step's new K/V
-        (already in the cache), which a backend may use directly for fresh prefills."""
+        (already in the cache), which a backend may use directly for fresh prefills.
+        window > 0: a query sees only the last `window` keys, itself included (sliding-window
+        layers); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2)."""
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

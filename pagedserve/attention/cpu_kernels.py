@@ -50,7 +50,8 @@ def _build() -> Optional[ctypes.CDLL]:
         os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(out)
     lib.paged_decode_f32.restype = None
-    lib.paged_decode_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.paged_decode_f32.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+                                     + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int])
     return lib
 
 
@@ -72,8 +73,9 @@ def load() -> Optional[ctypes.CDLL]:
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [R, H, D] float32 -> out [R, H, D]; see csrc/paged_decode.c for the layout."""
+                 seq_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """q: [R, H, D] float32 -> out [R, H, D]; see csrc/paged_decode.c for the layout, the
+    sliding window and the softcap."""
     lib = load()
     assert lib is not None
     q = q.contiguous()
@@ -83,7 +85,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     r, h, d = q.shape
     lib.paged_decode_f32(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(),
                          sl.data_ptr(), r, h, k_cache.shape[2], d, k_cache.shape[1], bt.shape[1], scale,
-                         torch.get_num_threads())
+                         int(window), float(softcap), torch.get_num_threads())
     return out
 
 

@@ -18,6 +18,16 @@ def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, None].expand(kvh, group, length, d).reshape(kvh * group, length, d)
 
 
+def _sdpa(q, k, v, mask: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """SDPA with a boolean mask; with a logit softcap (which SDPA lacks), the same in plain ops.
+    A query with no visible key gives 0 either way."""
+    if softcap <= 0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = (softcap * torch.tanh(s / softcap)).masked_fill(~mask, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(v.dtype) @ v
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -33,20 +43,22 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache.view(-1, kvh, d).index_copy_(0, slots, key)
         v_cache.view(-1, kvh, d).index_copy_(0, slots, value)
 
-    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value) -> torch.Tensor:
+    def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value,
+               window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, window, softcap)
         qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for r in range(nd, meta.num_reqs):
             qs, qe = qsl[r], qsl[r + 1]
             out[qs:qe] = self._prefill(query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache,
-                                       meta.block_tables[r], seq_lens[r], meta.block_size, scale)
+                                       meta.block_tables[r], seq_lens[r], meta.block_size, scale, window, softcap)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale) -> torch.Tensor:
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window: int = 0,
+                softcap: float = 0.0) -> torch.Tensor:
         nd, nh, d = q.shape
         kvh = k_cache.shape[2]
         group = nh // kvh
@@ -56,31 +68,41 @@ class TorchAttentionBackend(AttentionBackend):
         k = k_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2)  # [nd, kvh, L, d]
         v = v_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2)
         pos = torch.arange(nb * meta.block_size, device=q.device)
-        mask = (pos[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, -1)
+        lens = meta.seq_lens[:nd, None]
+        mask = pos[None, :] < lens
+        if window > 0:
+            mask &= pos[None, :] >= lens - window
         # One query token per request: its `group` heads sharing a kv head act as `group` queries.
-        o = F.scaled_dot_product_attention(q.view(nd, kvh, group, d), k, v, attn_mask=mask, scale=scale)
+        o = _sdpa(q.view(nd, kvh, group, d), k, v, mask.view(nd, 1, 1, -1), scale, softcap)
         return o.reshape(nd, nh, d)
 
     @staticmethod
-    def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale) -> torch.Tensor:
+    def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
+                 softcap: float = 0.0) -> torch.Tensor:
         q_len, nh, d = q.shape
         kvh = k_cache.shape[2]
         group = nh // kvh
         ctx = seq_len - q_len
         if ctx == 0:  # nothing cached before this chunk: use the new K/V directly
             k, v = key, value
-            mask, causal = None, True
         else:
             nb = -(-seq_len // block_size)
             blocks = block_table[:nb].long()
             k = k_cache[blocks].view(-1, kvh, d)[:seq_len]
             v = v_cache[blocks].view(-1, kvh, d)[:seq_len]
-            cols = torch.arange(seq_len, device=q.device)
-            rows = torch.arange(ctx, seq_len, device=q.device)
-            mask, causal = cols[None, :] <= rows[:, None], False
+        mask = None  # plain causal from the start: SDPA's own is_causal
+        if ctx or window > 0 or softcap > 0:
+            cols = torch.arange(seq_len, device=q.device)[None, :]
+            rows = torch.arange(ctx, seq_len, device=q.device)[:, None]
+            mask = cols <= rows
+            if window > 0:
+                mask &= cols > rows - window
         k = _expand_kv(k.transpose(0, 1), group)
         v = _expand_kv(v.transpose(0, 1), group)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, is_causal=causal, scale=scale)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=scale)
+        else:
+            o = _sdpa(q.transpose(0, 1), k, v, mask, scale, softcap)
         return o.transpose(0, 1)
 
 
@@ -98,24 +120,27 @@ class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
     @staticmethod
-    def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale) -> torch.Tensor:
+    def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
+                 softcap: float = 0.0) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         q_len = q.shape[0]
         ctx = seq_len - q_len
         if ctx == 0 or q_len > SHORT_CHUNK or not cpu_kernels.supports(q, k_cache):
             return TorchAttentionBackend._prefill(q, key, value, k_cache, v_cache, block_table, seq_len,
-                                                  block_size, scale)
+                                                  block_size, scale, window, softcap)
         # The chunk's own K/V are already in the cache (write_kv runs first).
         lens = torch.arange(ctx + 1, seq_len + 1, dtype=torch.int32)
         tables = block_table.unsqueeze(0).expand(q_len, -1)
-        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap)
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale) -> torch.Tensor:
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window: int = 0,
+                softcap: float = 0.0) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         nd = q.shape[0]
         if not cpu_kernels.supports(q, k_cache):
-            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale)
-        return cpu_kernels.paged_decode(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale)
+            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale, window, softcap)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                        window, softcap)

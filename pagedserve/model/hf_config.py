@@ -48,6 +48,22 @@ def rope_parameters(hf_config: Any) -> dict:
     return params
 
 
+def layer_windows(hf_config: Any) -> list[int]:
+    """Each decoder layer's sliding window (0: full attention), as transformers decides it:
+    from `layer_types` where the config has them (Qwen2's max_window_layers, Gemma 2/3's
+    alternation), else the config's sliding_window on every layer (Mistral, Mixtral)."""
+    n = hf_config.num_hidden_layers
+    window = int(getattr(hf_config, "sliding_window", None) or 0)
+    if getattr(hf_config, "use_sliding_window", True) is False:
+        window = 0
+    types = getattr(hf_config, "layer_types", None)
+    if types:
+        if len(types) != n:
+            raise ValueError(f"config.json has {len(types)} layer_types for {n} layers.")
+        return [window if t == "sliding_attention" else 0 for t in types]
+    return [window] * n
+
+
 def generation_eos_ids(path: str, hf_config: Any, tokenizer: Optional[Any]) -> set[int]:
     """EOS ids from generation_config.json, config.json and the tokenizer, as vLLM gathers them."""
     ids: set[int] = set()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE
 from pagedserve.model.layers.norm import RMSNorm
@@ -20,7 +21,8 @@ def _head_dim(cfg: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 window: int = 0) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -34,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), meta)
@@ -85,9 +87,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict, mlp: nn.Module) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict, mlp: nn.Module, window: int = 0) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, **attn_options)
+        self.self_attn = LlamaAttention(cfg, rotary, window=window, **attn_options)
         self.mlp = mlp  # LlamaMLP, or a mixture of experts (layers/moe.py)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -119,8 +121,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options, build_mlp(cfg, i))
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options, build_mlp(cfg, i), w)
+                                    for i, w in enumerate(layer_windows(cfg)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

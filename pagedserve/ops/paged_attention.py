@@ -98,6 +98,13 @@ def _rope(x, x_swap, cos, sin, sign, dtype):
     return (a + sign * b).to(dtype)
 
 
+@triton.jit
+def _softcap(s, cap_log2):
+    """Gemma 2's logit softcap in the kernel's base-2 units: cap * tanh(score / cap) with both
+    sides scaled by log2(e); tanh from exp2, which saturates cleanly at +-1."""
+    return cap_log2 * (1.0 - 2.0 / (tl.math.exp2(2.0 * _LOG2E * (s / cap_log2)) + 1.0))
+
+
 # Arguments that change from step to step are kept out of Triton's specialisation key (it
 # keys on integers' divisibility by 16 and pointers' alignment): otherwise a step whose
 # request count, block-table width or slice offset lands on a new combination compiles a
@@ -107,6 +114,8 @@ def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     seg_acc_ptr, seg_max_ptr, seg_sum_ptr, counter_ptr,
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
+    window,  # SLIDING: each query sees only its last `window` keys, itself included
+    softcap_log2,  # SOFTCAP: the logit softcap * log2(e)
     num_seqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
@@ -116,6 +125,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
     # projection; the kernel rotates q and kn, segment 0 writes kn and vn into the cache at
@@ -186,16 +196,21 @@ def _paged_attention_kernel(
         kv_len = context
         own = (segment == 0) & (seq_len > 0)  # graph padding rows have no key at all
         s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], axis=1) * scale_log2
+        if SOFTCAP:
+            s_new = _softcap(s_new, softcap_log2)
         m_i = tl.where(own, s_new, m_i)
         l_i = tl.where(own, 1.0, l_i)
         acc = tl.where(own, vn.to(tl.float32)[None, :] + acc, acc)
     num_tiles = tl.cdiv(kv_len, TILE_N)
+    first_tile = 0
+    if SLIDING:  # tiles wholly before the block's first query's window are skipped
+        first_tile = tl.maximum(context + q_block * BLOCK_Q - window + 1, 0) // TILE_N
     if NUM_SEGMENTS > 1:
-        per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
-        tile_lo = segment * per_seg
+        per_seg = tl.cdiv(num_tiles - first_tile, NUM_SEGMENTS)
+        tile_lo = first_tile + segment * per_seg
         tile_hi = tl.minimum(tile_lo + per_seg, num_tiles)
     else:
-        tile_lo = 0
+        tile_lo = first_tile
         tile_hi = num_tiles
 
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
@@ -214,7 +229,11 @@ def _paged_attention_kernel(
                         + kv_head * stride_k_h + offs_d[:, None],
                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
             s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
+        if SOFTCAP:
+            s = _softcap(s, softcap_log2)
         visible = (offs_n[None, :] <= q_abs[:, None]) & n_ok[None, :]
+        if SLIDING:
+            visible &= offs_n[None, :] > q_abs[:, None] - window
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -333,6 +352,7 @@ def paged_attention(
     out: Optional[torch.Tensor] = None, decode: bool = False, num_segments: int = 1,
     block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
     num_warps: Optional[int] = None, num_stages: Optional[int] = None, rope: Optional[DecodeRope] = None,
+    window: int = 0, softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -344,7 +364,9 @@ def paged_attention(
     K_ROWS_DEFAULT). tile_n, num_warps, num_stages: launch shape (decode default:
     DECODE_CONFIG, else the tuned file, else derived from the head dim). rope (decode only):
     query and rope.key are unrotated; the kernel rotates them and writes the new key and
-    value into the caches, which then hold only the keys before each token (see the kernel)."""
+    value into the caches, which then hold only the keys before each token (see the kernel).
+    window > 0: each query sees only its last `window` keys (sliding window); softcap > 0:
+    scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -384,7 +406,7 @@ def paged_attention(
     _paged_attention_kernel[(grid0, kvh, num_segments)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         seg_acc, seg_max, seg_sum, counters,
-        scale * _LOG2E, num_seqs,
+        scale * _LOG2E, int(window), float(softcap) * _LOG2E, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
@@ -395,7 +417,7 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
-        ROPE=rope is not None, **launch, **pdl,
+        ROPE=rope is not None, SLIDING=window > 0, SOFTCAP=softcap > 0, **launch, **pdl,
     )
     return out
 

@@ -21,10 +21,13 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch
 
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: Sequence[int], query_start_loc: Sequence[int],
-                        scale: float, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        scale: float, compute_dtype: torch.dtype = torch.float32, window: int = 0,
+                        softcap: float = 0.0) -> torch.Tensor:
     """Causal attention for each request r of a flat varlen batch: its query tokens
     query[qsl[r]:qsl[r+1]] are the last q_len positions of a sequence of seq_lens[r] tokens
-    whose K/V sit in the cache pages block_tables[r]; query i sees keys [0, seq_len - q_len + i].
+    whose K/V sit in the cache pages block_tables[r]; query i at position p = seq_len - q_len + i
+    sees keys [0, p], or with a sliding window the last `window` of them, (p - window, p].
+    softcap > 0: scores become softcap * tanh(scores / softcap) (Gemma 2) before the softmax.
     GQA: query head h reads kv head h // (Hq // KVH). A query with no visible key gives 0.
     Rows past the last request are left 0. Returns [T, Hq, D] in compute_dtype."""
     t, hq, d = query.shape
@@ -43,8 +46,13 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         q = query[qs:qe].to(compute_dtype).transpose(0, 1)  # [hq, q_len, d]
         s = q @ k.transpose(1, 2) * scale  # [hq, q_len, n]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
         rows = torch.arange(n - (qe - qs), n, device=query.device)
-        visible = torch.arange(n, device=query.device)[None, :] <= rows[:, None]
+        cols = torch.arange(n, device=query.device)[None, :]
+        visible = cols <= rows[:, None]
+        if window > 0:
+            visible &= cols > rows[:, None] - window
         s = s.masked_fill(~visible, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         out[qs:qe] = (p @ v).transpose(0, 1)

@@ -1,7 +1,9 @@
 /* Paged attention for decode on CPU (float32): one query token per request, K/V read once
  * straight from the block pool (no gather copy), GQA heads of one KV head share each K/V row.
  * Layout: q/out [R, H, D]; k_cache/v_cache [num_blocks, block_size, KVH, D];
- * block_tables [R, max_blocks] int32; seq_lens [R] int32. Parallel over (request, kv head). */
+ * block_tables [R, max_blocks] int32; seq_lens [R] int32. Parallel over (request, kv head).
+ * window > 0: only the last `window` keys are seen (sliding window); softcap > 0: scores become
+ * softcap * tanh(score / softcap) before the softmax (Gemma 2). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -10,14 +12,15 @@
 void paged_decode_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
                       const int32_t *block_tables, const int32_t *seq_lens, int num_reqs, int num_heads,
                       int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale,
-                      int num_threads) {
+                      int window, float softcap, int num_threads) {
     const int group = num_heads / num_kv_heads;
     const long row = (long)num_kv_heads * head_dim;           /* floats per token in the cache */
     const long block = (long)block_size * row;                /* floats per block */
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
     for (int r = 0; r < num_reqs; r++) {
         for (int kvh = 0; kvh < num_kv_heads; kvh++) {
-            const int len = seq_lens[r];
+            const int first = (window > 0 && seq_lens[r] > window) ? seq_lens[r] - window : 0;
+            const int len = seq_lens[r] - first; /* keys [first, seq_len) */
             const int32_t *table = block_tables + (long)r * max_blocks;
             float *scores = (float *)malloc(sizeof(float) * (size_t)group * (size_t)len);
             float *acc = (float *)calloc((size_t)group * (size_t)head_dim, sizeof(float));
@@ -27,7 +30,8 @@ void paged_decode_f32(float *out, const float *q, const float *k_cache, const fl
             for (int g = 0; g < group; g++) maxs[g] = -INFINITY, sums[g] = 0.f;
             /* scores = q . k, one pass over K */
             for (int t = 0; t < len; t++) {
-                const float *k = k_cache + (long)table[t / block_size] * block + (long)(t % block_size) * row
+                const int pos = first + t;
+                const float *k = k_cache + (long)table[pos / block_size] * block + (long)(pos % block_size) * row
                                  + (long)kvh * head_dim;
                 for (int g = 0; g < group; g++) {
                     const float *qg = qh + (long)g * head_dim;
@@ -35,6 +39,7 @@ void paged_decode_f32(float *out, const float *q, const float *k_cache, const fl
 #pragma omp simd reduction(+ : s)
                     for (int d = 0; d < head_dim; d++) s += qg[d] * k[d];
                     s *= scale;
+                    if (softcap > 0.f) s = softcap * tanhf(s / softcap);
                     scores[(long)g * len + t] = s;
                     if (s > maxs[g]) maxs[g] = s;
                 }
@@ -50,7 +55,8 @@ void paged_decode_f32(float *out, const float *q, const float *k_cache, const fl
             }
             /* out = softmax . v, one pass over V */
             for (int t = 0; t < len; t++) {
-                const float *v = v_cache + (long)table[t / block_size] * block + (long)(t % block_size) * row
+                const int pos = first + t;
+                const float *v = v_cache + (long)table[pos / block_size] * block + (long)(pos % block_size) * row
                                  + (long)kvh * head_dim;
                 for (int g = 0; g < group; g++) {
                     const float p = scores[(long)g * len + t];
