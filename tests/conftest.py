@@ -42,6 +42,16 @@ MODEL_SPECS = {
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
+    # Gemma 2: alternating sliding / full layers, attention and final softcaps. Gemma 3: q/k
+    # norms, local and global layers with their own RoPE (linear scaling on the global ones).
+    "gemma": ("GemmaForCausalLM", dict(num_heads=4, num_kv_heads=1, head_dim=32)),
+    "gemma2": ("Gemma2ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, sliding_window=19)),
+    "gemma3": ("Gemma3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3, sliding_window=19,
+                                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                         rope_parameters={
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                             "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                "rope_theta": 1000000.0}})),
     # Sliding windows: Mistral's on every layer; Qwen2's on the layers from max_window_layers.
     "mistral_swa": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=19)),
     "qwen2_swa": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, use_sliding_window=True, sliding_window=13,

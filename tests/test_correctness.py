@@ -106,3 +106,24 @@ def test_text_prompts_and_detokenization(llama_dir, hf_refs):
         assert o.prompt_token_ids == tok.encode(p)
         assert_greedy_matches(hf_refs["llama"].greedy(o.prompt_token_ids, 12), o.outputs[0].token_ids)
         assert o.outputs[0].text == tok.decode(o.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("name", list(MODEL_SPECS))
+def test_logprobs_match_transformers(name, model_dirs, hf_refs):
+    """The sampled token's and the top-3 logprobs equal transformers' log-softmax: what greedy
+    tokens cannot see (a final-logit softcap, a scale) shows here."""
+    prompts = _prompts(seed=3, lengths=(7, 33))
+    llm = LLM(model_dirs[name])
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ref = hf_refs[name].greedy(p, 8)
+        assert_greedy_matches(ref, o.outputs[0].token_ids)
+        for i, (tok, lps) in enumerate(zip(o.outputs[0].token_ids, o.outputs[0].logprobs)):
+            if tok != ref.tokens[i]:
+                break  # a near-tie parted the sequences (assert_greedy_matches allowed it)
+            want = ref.logits[i].log_softmax(-1)
+            top = want.topk(3).indices.tolist()
+            assert set(top) <= set(lps), f"token {i}: top-3 {top} not all in {sorted(lps)}"
+            for t, lp in lps.items():
+                assert abs(lp.logprob - float(want[t])) < 2e-4, f"token {i}, id {t}: {lp.logprob} vs {float(want[t])}"

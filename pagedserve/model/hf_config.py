@@ -30,15 +30,15 @@ def load_hf_config(path: str) -> Any:
         raise ValueError(f"could not read {os.path.join(path, 'config.json')}: {e}") from e
 
 
-def rope_parameters(hf_config: Any) -> dict:
+def rope_parameters(hf_config: Any, layer_type: Optional[str] = None) -> dict:
     """RoPE settings as one dict, whether the config uses transformers 5's `rope_parameters`
-    or the older `rope_theta` + `rope_scaling` pair."""
+    or the older `rope_theta` + `rope_scaling` pair. Where they are given per layer type
+    (Gemma 3: "sliding_attention" / "full_attention"), those of `layer_type` (default: full)."""
     params = getattr(hf_config, "rope_parameters", None)
     if params:
         params = dict(params)
-        # Some transformers versions nest per-layer-type parameters.
-        if "rope_theta" not in params and "full_attention" in params:
-            params = dict(params["full_attention"])
+        if rope_is_per_layer_type(hf_config):
+            params = dict(params[layer_type or "full_attention"])
     else:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
@@ -46,6 +46,11 @@ def rope_parameters(hf_config: Any) -> dict:
     params["rope_type"] = rope_type
     params.setdefault("rope_theta", 10000.0)
     return params
+
+
+def rope_is_per_layer_type(hf_config: Any) -> bool:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return "rope_theta" not in params and "full_attention" in params
 
 
 def layer_windows(hf_config: Any) -> list[int]:

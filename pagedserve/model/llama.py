@@ -22,7 +22,8 @@ def _head_dim(cfg: Any) -> int:
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool,
-                 window: int = 0) -> None:
+                 window: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
+                 norm: Callable[[int, float], nn.Module] = RMSNorm) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -33,10 +34,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
                                        "v": (self.q_size + self.kv_size, self.kv_size)}
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.q_norm = norm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = norm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim**-0.5,
+                                   window, softcap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), meta)
@@ -57,17 +59,18 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, intermediate_size: Optional[int] = None) -> None:
+    def __init__(self, cfg: Any, intermediate_size: Optional[int] = None, act: Optional[str] = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
+        act = act or cfg.hidden_act
         bias = bool(getattr(cfg, "mlp_bias", False))
         self.intermediate = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=bias)
         self.gate_up_proj.shard_offsets = {"gate": (0, self.intermediate), "up": (self.intermediate, self.intermediate)}
         self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=bias)
-        self.act = ACT2FN[cfg.hidden_act]
-        self.is_silu = cfg.hidden_act == "silu"
+        self.act = ACT2FN[act]
+        self.is_silu = act == "silu"
         self.use_triton = False  # set by the model runner with the Triton backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

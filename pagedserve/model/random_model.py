@@ -12,6 +12,12 @@ ARCH_CONFIGS = {
     "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
     "Qwen2ForCausalLM": ("Qwen2Config", {}),
     "Qwen3ForCausalLM": ("Qwen3Config", {}),
+    # Gemma: head_dim set small (the configs' default is 256); Gemma 2's window and softcaps
+    # small enough to matter in short tests.
+    "GemmaForCausalLM": ("GemmaConfig", {"head_dim": 16}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16, "attn_logit_softcapping": 5.0,
+                                           "final_logit_softcapping": 3.0}),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
     # Mixtures of experts: 4 experts, 2 per token; expert sizes follow intermediate_size.
     "MixtralForCausalLM": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),

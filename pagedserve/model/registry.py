@@ -6,6 +6,9 @@ import importlib
 from typing import Any
 
 _MODELS = {
+    "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),

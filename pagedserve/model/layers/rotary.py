@@ -3,19 +3,19 @@ on the Triton path one in-place kernel (pagedserve/ops/rotary.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from pagedserve.model.hf_config import rope_parameters
+from pagedserve.model.hf_config import rope_is_per_layer_type, rope_parameters
 from pagedserve.ops.reference import rotary_ref
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
-def _inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
-    params = rope_parameters(hf_config)
+def _inv_freq(hf_config: Any, head_dim: int, layer_type: Optional[str] = None) -> tuple[torch.Tensor, float]:
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
@@ -27,14 +27,16 @@ def _inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
     # max_model_len never exceeds.)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    kwargs = {"layer_type": layer_type or "full_attention"} if rope_is_per_layer_type(hf_config) else {}
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return inv_freq.float(), float(attention_factor)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, layer_type: Optional[str] = None) -> None:
         super().__init__()
         self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
+        self.layer_type = layer_type  # which of per-layer-type RoPE parameters (Gemma 3)
         self.register_buffer("cos_sin", self._compute(), persistent=False)
         self.use_triton = False  # set by the model runner with the Triton backend
 
@@ -43,7 +45,7 @@ class RotaryEmbedding(nn.Module):
             return self._compute_cpu()
 
     def _compute_cpu(self) -> torch.Tensor:
-        inv_freq, scaling = _inv_freq(self.hf_config, self.head_dim)
+        inv_freq, scaling = _inv_freq(self.hf_config, self.head_dim, self.layer_type)
         freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         # [max_positions, head_dim]: cos in the first half of the last dim, sin in the second.
         return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
