@@ -49,6 +49,13 @@ class EngineArgs:
     # vLLM's speculative_config; {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
     # "prompt_lookup_min": 1}: n-gram (prompt lookup) drafts, verified in the next step.
     speculative_config: Optional[dict] = None
+    # LoRA adapters (LLM.generate(lora_request=...), the server's --lora-modules): at most
+    # max_loras distinct adapters in a batch, ranks up to max_lora_rank, and up to max_cpu_loras
+    # adapters no request uses kept loaded (default: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -71,6 +78,10 @@ class EngineArgs:
             spec = SpeculativeConfig.from_dict(self.speculative_config)
             if self.async_scheduling:  # drafts come from the previous step's tokens
                 raise ValueError("speculative_config needs synchronous scheduling (async_scheduling=False).")
+        for name in ("max_loras", "max_lora_rank") + (("max_cpu_loras",) if self.max_cpu_loras is not None else ()):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
         hf_config = load_hf_config(self.model)
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
@@ -149,6 +160,10 @@ class EngineArgs:
             else bool(self.async_scheduling),
             reasoning_parser=self.reasoning_parser,
             speculative_config=spec,
+            enable_lora=bool(self.enable_lora),
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras or self.max_loras,
         )
 
 
@@ -176,6 +191,10 @@ class EngineConfig:
     async_scheduling: bool = False
     reasoning_parser: Optional[str] = None
     speculative_config: Any = None  # engine/ngram.py SpeculativeConfig
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -48,6 +48,7 @@ class RequestOutput:
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
     metrics: Optional["RequestMetrics"] = None
+    lora_request: Optional[Any] = None  # the LoRARequest it ran with
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pagedserve.engine.output_processor import OutputProcessor, RequestState, Se
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
+from pagedserve.lora.request import LoRARequest
 from pagedserve.model.hf_config import generation_eos_ids
 from pagedserve.outputs import RequestOutput
 from pagedserve.reasoning import END as THINK_END, START as THINK_START
@@ -42,7 +43,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         proposer = NgramProposer(config.speculative_config) if config.speculative_config is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
-                                   config.enable_chunked_prefill, proposer)
+                                   config.enable_chunked_prefill, proposer,
+                                   config.max_loras if config.enable_lora else 0)
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, config.vocab_size, self.eos_token_ids)
@@ -159,11 +161,27 @@ class LLMEngine:
                 seqs.append(spaced)
         return [s for s in seqs if s]
 
+    def check_lora(self, lora_request: Optional[LoRARequest]) -> None:
+        """Load (or find) a request's adapter: a ParamError when LoRA is off or the adapter is
+        bad, before anything is queued."""
+        if lora_request is None:
+            return
+        if not isinstance(lora_request, LoRARequest):
+            raise ParamError("lora_request", f"lora_request must be a LoRARequest, got {type(lora_request).__name__}.")
+        if self.runner.lora is None:
+            raise ParamError("lora_request", "LoRA adapters need an engine started with enable_lora=True.")
+        try:
+            self.runner.lora.load(lora_request)
+        except ValueError as e:
+            raise ParamError("lora_request", str(e)) from None
+
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None, cache_salt: Optional[str] = None) -> str:
+                    arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
+                    lora_request: Optional[LoRARequest] = None) -> str:
         params = (params or SamplingParams()).clone()
         text, ids = self.process_prompt(prompt)
         max_tokens = self.validate(ids, params)
+        self.check_lora(lora_request)
         grammar = self.compile_grammar(params)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
@@ -185,7 +203,7 @@ class LLMEngine:
                 if i > 0:
                     child_params.prompt_logprobs = None  # reported once, by the first sample
             child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
-                            cache_salt)
+                            cache_salt, lora_request)
             child.max_tokens = max_tokens
             if grammar is not None:  # each sample walks the grammar on its own
                 child.grammar = self.grammar_compiler.matcher(grammar, think)
@@ -193,9 +211,12 @@ class LLMEngine:
         leader = children[0]
         leader.pending_siblings = children[1:]
         self.scheduler.add_request(leader)
+        if lora_request is not None:  # loaded by check_lora: this cannot fail
+            for c in children:
+                self.runner.lora.acquire(c.request_id, lora_request)
         seqs = [SequenceState(i, c, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                               if params.detokenize else None) for i, c in enumerate(children)]
-        self.output_processor.add(RequestState(request_id, text, ids, params, seqs))
+        self.output_processor.add(RequestState(request_id, text, ids, params, seqs, lora_request=lora_request))
         return request_id
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:

@@ -134,7 +134,7 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], req.cache_salt if i == 0 else None))
+            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], req.hash_extra if i == 0 else None))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

@@ -54,6 +54,7 @@ class RequestState:
     prompt_logprobs_sent: bool = False
     num_cached_tokens: int = 0
     extra: dict = field(default_factory=dict)
+    lora_request: Optional[Any] = None  # lora/request.py LoRARequest
 
     @property
     def finished(self) -> bool:
@@ -214,4 +215,4 @@ class OutputProcessor:
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids, outputs=completions, finished=finished,
                              prompt_logprobs=prompt_logprobs, num_cached_tokens=max(first.num_cached_tokens, 0),
-                             metrics=metrics)
+                             metrics=metrics, lora_request=state.lora_request)

@@ -10,6 +10,7 @@ from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedserve.engine.grammar import GrammarState
+    from pagedserve.lora.request import LoRARequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -50,12 +51,16 @@ class Request:
         sampling_params: SamplingParams,
         arrival_time: Optional[float] = None,
         cache_salt: Optional[str] = None,
+        lora_request: Optional["LoRARequest"] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt
+        self.lora_request = lora_request
+        # The first block's extra hash key: a request's KV depends on its adapter too.
+        self.hash_extra = cache_salt if lora_request is None else f"{cache_salt or ''}\x00lora:{lora_request.lora_int_id}"
 
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.output_token_ids: list[int] = []

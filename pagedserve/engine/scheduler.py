@@ -69,6 +69,7 @@ class Scheduler:
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         proposer: Optional["NgramProposer"] = None,
+        max_loras: int = 0,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
@@ -83,6 +84,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.proposer = proposer  # speculative decoding (synchronous scheduling only)
         self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.max_loras = max_loras  # distinct LoRA adapters a batch may hold (0: LoRA off)
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -173,8 +175,12 @@ class Scheduler:
 
         if not out.preempted:
             now = time.monotonic()
+            loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
+                lora = req.lora_request
+                if lora is not None and lora.lora_int_id not in loras and len(loras) >= self.max_loras:
+                    break  # first come, first served: it waits until an adapter's requests are done
                 if self.kv.holds_blocks(req):  # a sibling forked from its leader's prompt
                     hits, num_hit = [], req.num_computed_tokens
                 else:
@@ -188,6 +194,8 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.running.append(req)
+                if lora is not None:
+                    loras.add(lora.lora_int_id)
                 req.status = RequestStatus.RUNNING
                 req.num_computed_tokens = num_hit
                 if req.num_cached_tokens < 0:

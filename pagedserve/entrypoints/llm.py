@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from pagedserve.config import EngineArgs
 from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
+from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -83,8 +84,10 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
+        lora_request: Optional[Union[LoRARequest, Sequence[Optional[LoRARequest]]]] = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; results come back in the order of `prompts`."""
+        """Generate for every prompt; results come back in the order of `prompts`. lora_request:
+        one adapter for all prompts, or one (or None) per prompt (needs enable_lora=True)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -97,19 +100,27 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; "
                                  "pass one SamplingParams or one per prompt.")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts; "
+                                 "pass one LoRARequest or one per prompt.")
         engine = self.llm_engine
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         staged = []
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, lora in zip(prompts, params_list, loras):
             text, ids = engine.process_prompt(prompt)
             engine.validate(ids, params)
+            engine.check_lora(lora)
             params = params.clone()
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            staged.append(({"prompt_token_ids": ids, "prompt": text}, params))
+            staged.append(({"prompt_token_ids": ids, "prompt": text}, params, lora))
         order = {}
         try:
-            for i, (prompt, params) in enumerate(staged):
-                order[engine.add_request(None, prompt, params)] = i
+            for i, (prompt, params, lora) in enumerate(staged):
+                order[engine.add_request(None, prompt, params, lora_request=lora)] = i
             return self._run(order, use_tqdm)
         except BaseException:
             engine.abort_request(list(order))

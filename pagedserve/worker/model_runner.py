@@ -13,6 +13,8 @@ import torch
 from pagedserve.attention.backend import AttentionMetadata, get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pagedserve.lora.layers import LoRAState, install_lora_hooks
+from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
@@ -73,13 +75,21 @@ class ModelRunner:
         self.attn_layers = self.model.attention_layers()
         for layer in self.attn_layers:
             layer.backend = self.backend
+        self.lora: Optional[LoRAManager] = None
+        self.lora_state = LoRAState()
+        if config.enable_lora:  # before the GEMV kernels: their fused norm calls would skip the hooks
+            install_lora_hooks(self.model, self.lora_state)
+            self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras, config.dtype,
+                                    config.device)
         if self.backend.name == "triton":  # the fused norm, RoPE and SiLU-and-mul kernels too
             for m in self.model.modules():
                 if hasattr(m, "use_triton"):
                     m.use_triton = True
             from pagedserve.ops.gemv import install_all
 
-            installed = install_all(self.model)  # small-batch layers measured faster than cuBLAS here
+            # Small-batch layers measured faster than cuBLAS here; not with LoRA, whose hooks
+            # the GEMV's fused norm calls would go around.
+            installed = {} if config.enable_lora else install_all(self.model)
             if installed:
                 logger.info("small-batch GEMV kernel on layer shapes %s", installed)
         self.sampler = Sampler()
@@ -122,7 +132,8 @@ class ModelRunner:
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.enforce_eager
                 and getattr(self.backend, "supports_cuda_graphs", False)
-                and getattr(self.model, "cuda_graph_safe", True))
+                and getattr(self.model, "cuda_graph_safe", True)
+                and not self.config.enable_lora)  # LoRA rows are mapped per step on the host
 
     def make_graph_runner(self, capture: bool) -> DecodeGraphRunner:
         """Decode graphs over batch-size buckets up to max_num_seqs; capture=False runs the
@@ -170,6 +181,8 @@ class ModelRunner:
             self.sampling_states.drop(rid)
             self.prompt_logprobs_next.pop(rid, None)
             self.block_table.release(rid)
+            if self.lora is not None:
+                self.lora.release(rid)
 
     # ---- one step -----------------------------------------------------------------------
     def launch(self, out: SchedulerOutput) -> "PendingStep":
@@ -198,6 +211,8 @@ class ModelRunner:
         # A decode-only step samples every row in order: its logits rows are a slice of the
         # hidden states (no gather, no index copy to the device).
         rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
+        if self.lora is not None:
+            self.lora_state.runs = self._lora_runs(order, host.qsl)
         with torch.inference_mode():
             patch = self._pending_token_patch(host.pending_rows)
             hidden = self._forward(host, patch)
@@ -349,6 +364,19 @@ class ModelRunner:
             return None, tokens[: len(rows)]  # always): a plain copy, no index to send up
         idx = to_device([rows, src], torch.long, self.device)
         return idx[0], tokens.index_select(0, idx[1])
+
+    def _lora_runs(self, order: list[ScheduledRequest], qsl: list[int]) -> list:
+        """(adapter, first row, end row) for each run of consecutive rows sharing an adapter."""
+        runs: list = []
+        for i, s in enumerate(order):
+            adapter = self.lora.adapter_of(s.request.request_id)
+            if adapter is None:
+                continue
+            if runs and runs[-1][0] is adapter and runs[-1][2] == qsl[i]:
+                runs[-1] = (adapter, runs[-1][1], qsl[i + 1])
+            else:
+                runs.append((adapter, qsl[i], qsl[i + 1]))
+        return runs
 
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay when the step is decode-only and
