@@ -44,12 +44,13 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
 
 
 @contextlib.contextmanager
-def serving(model_dir: str, model_name: str = "tiny-llama", **build_kwargs: Any) -> Iterator[ServerThread]:
-    """A fresh AsyncLLM on `model_dir`, served by build_app(**build_kwargs) on a free port
-    until the block ends; the engine is `.llm`."""
+def serving(model_dir: str, model_name: str = "tiny-llama", engine_kwargs: Optional[dict] = None,
+            **build_kwargs: Any) -> Iterator[ServerThread]:
+    """A fresh AsyncLLM on `model_dir` (EngineArgs: engine_kwargs), served by
+    build_app(**build_kwargs) on a free port until the block ends; the engine is `.llm`."""
     from pagedserve.entrypoints.openai.api_server import build_app
 
-    llm = make_async_llm(model_dir)
+    llm = make_async_llm(model_dir, **(engine_kwargs or {}))
     srv = ServerThread(build_app(llm, model_name, **build_kwargs))
     srv.llm = llm
     try:

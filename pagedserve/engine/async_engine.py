@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, U
 
 from pagedserve.config import EngineArgs
 from pagedserve.engine.engine import LLMEngine, PromptType
+from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -100,6 +101,7 @@ class _Add:
     params: SamplingParams
     arrival_time: float
     cache_salt: Optional[str]
+    lora_request: Optional[LoRARequest] = None
 
 
 @dataclass
@@ -231,7 +233,8 @@ class AsyncLLM:
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
                        arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
-                       reservation: Optional[Reservation] = None) -> AsyncGenerator[RequestOutput, None]:
+                       reservation: Optional[Reservation] = None,
+                       lora_request: Optional[LoRARequest] = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs as deltas (new text/tokens/logprobs per output; with
         n > 1 only the samples that changed). Closing the iterator or cancelling the task
         consuming it aborts the request at once and frees its KV blocks. Without a
@@ -246,7 +249,7 @@ class AsyncLLM:
             self._check_alive()
             if reservation is None or not reservation.take():
                 self._check_room(1)
-            self._inbox.append(_Add(stream, tokens_prompt, params, arrival_time, cache_salt))
+            self._inbox.append(_Add(stream, tokens_prompt, params, arrival_time, cache_salt, lora_request))
             self._inbox_adds += 1
             self._cond.notify()
         done = False
@@ -353,7 +356,8 @@ class AsyncLLM:
             try:
                 if rid in self._streams:
                     raise ValueError(f"request_id {rid!r} is already in use.")
-                self.engine.add_request(rid, cmd.prompt, cmd.params, cmd.arrival_time, cmd.cache_salt)
+                self.engine.add_request(rid, cmd.prompt, cmd.params, cmd.arrival_time, cmd.cache_salt,
+                                        cmd.lora_request)
             except ValueError as e:
                 outbox.append((cmd.stream, e))
                 return

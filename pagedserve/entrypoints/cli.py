@@ -48,6 +48,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=_json_dict, default=None,
                    help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
                    '"prompt_lookup_max": 4}\' (greedy requests; synchronous scheduling)')
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT format) on the model")
+    p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters no request uses that stay loaded (default: max_loras)")
     p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
                    help="a thinking model's <think>...</think>: structured outputs start after it, and the server "
                    "puts it in the chat message's reasoning_content")
@@ -197,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
                    "Hermes and Qwen2.5 models) or llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2)")
+    s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters to serve, each under its own model name: name=path or "
+                   "'{\"name\": ..., \"path\": ...}' (needs --enable-lora)")
     from pagedserve.entrypoints.openai.limits import ServerLimits
 
     ServerLimits.add_cli_args(s.add_argument_group("request limits"))

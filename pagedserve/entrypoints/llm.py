@@ -49,6 +49,7 @@ class LLM:
         continue_final_message: bool = False,
         tools: Optional[list[dict]] = None,
         chat_template_kwargs: Optional[dict[str, Any]] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> list[RequestOutput]:
         """vLLM's LLM.chat: one conversation (a list of {"role", "content"} messages) or a list
         of them, rendered with the tokenizer's chat template (or `chat_template`); `tools`
@@ -69,7 +70,7 @@ class LLM:
                 raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
             # The template already holds the special tokens it wants.
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def beam_search(self, prompts: Sequence[PromptType], params: "BeamSearchParams",
                     use_tqdm: bool = False) -> list["BeamSearchOutput"]:

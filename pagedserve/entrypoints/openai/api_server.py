@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from pagedserve.entrypoints.openai.serving_completion import OpenAIServingComple
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
+from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PrometheusStatLogger
 from pagedserve.reasoning import REASONING_PARSERS
 
@@ -103,7 +105,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> OpenAIEr
 def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]], api_key: Optional[str] = None,
               chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
               enable_log_requests: bool = False, tool_call_parser: Optional[str] = None,
-              trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None) -> FastAPI:
+              trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
+              lora_modules: Sequence[LoRARequest] = ()) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -111,7 +114,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     `enable_log_requests`. `tool_call_parser` ("hermes", "llama3_json") enables tool_choice "auto";
     `trust_request_chat_template` lets a request bring its own chat template;
     `reasoning_parser` ("qwen3", "deepseek_r1"; default: the engine's) puts a `<think>` block
-    in reasoning_content."""
+    in reasoning_content. `lora_modules`: adapters served under their own names (the engine
+    needs enable_lora)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -119,8 +123,12 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     limits = (limits or ServerLimits()).resolve(async_llm.tokenizer, config.max_model_len)
     stats = PrometheusStatLogger(async_llm.engine, names[0])  # its own registry: one per app
     async_llm.add_stat_logger(stats)
+    lora_modules = list(lora_modules)
+    clash = {lora.lora_name for lora in lora_modules} & set(names)
+    if clash:
+        raise ValueError(f"LoRA module name {sorted(clash)[0]!r} is also the model's name.")
     serving = dict(limits=limits, log_requests=enable_log_requests,
-                   trust_request_chat_template=trust_request_chat_template)
+                   trust_request_chat_template=trust_request_chat_template, lora_modules=lora_modules)
     completion = OpenAIServingCompletion(async_llm, names, **serving)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}.")
@@ -144,7 +152,9 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
 
     @v1.get("/models", response_model=ModelList)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=n, root=config.model, max_model_len=config.max_model_len) for n in names])
+        return ModelList(data=[ModelCard(id=n, root=config.model, max_model_len=config.max_model_len) for n in names]
+                         + [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=names[0],
+                                      max_model_len=config.max_model_len) for lora in lora_modules])
 
     @v1.post("/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -243,6 +253,26 @@ class _GracefulServer(uvicorn.Server):
 DEMO_MODEL_NAME = "pagedserve-demo"
 
 
+def parse_lora_modules(specs: Sequence[str]) -> list[LoRARequest]:
+    """vLLM's --lora-modules: 'name=path' or '{"name": ..., "path": ...}'; ids 1, 2, ..."""
+    out: list[LoRARequest] = []
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            try:
+                d = json.loads(spec)
+                name, path = d["name"], d["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"--lora-modules: {spec!r} is not {{\"name\": ..., \"path\": ...}}") from None
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules: {spec!r} is not name=path.")
+        if any(lora.lora_name == name for lora in out):
+            raise ValueError(f"--lora-modules: the name {name!r} is given twice.")
+        out.append(LoRARequest(name, len(out) + 1, path))
+    return out
+
+
 def run_server(args: argparse.Namespace) -> int:
     """`pagedserve serve`: build the engine, serve until SIGTERM/SIGINT, exit 0."""
     from pagedserve.entrypoints.cli import engine_args_from
@@ -255,12 +285,23 @@ def run_server(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     limits = ServerLimits.from_args(args)
-    async_llm = AsyncLLM.from_engine_args(engine_args_from(args, args.model),
-                                          max_waiting_requests=limits.max_waiting_requests)
+    loras = parse_lora_modules(args.lora_modules or [])
+    if loras and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora.")
+    engine_args = engine_args_from(args, args.model)
+    if loras:  # the served adapters stay loaded whether or not a request uses them
+        engine_args.max_cpu_loras = max(engine_args.max_cpu_loras or engine_args.max_loras, len(loras))
+    async_llm = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=limits.max_waiting_requests)
+    try:
+        for lora in loras:  # read and checked now: a bad adapter stops the server from starting
+            async_llm.engine.check_lora(lora)
+    except ValueError:
+        async_llm.shutdown()
+        raise
     app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
                     limits=limits, enable_log_requests=args.enable_log_requests,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = _GracefulServer(config, async_llm, args.shutdown_timeout)

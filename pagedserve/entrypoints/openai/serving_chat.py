@@ -53,7 +53,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         self.log_request(request_id, prompt["prompt"], prompt["prompt_token_ids"], params)
         gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt,
-                                reservation=reservation)
+                                reservation=reservation, lora_request=self.loras.get(model))
         num_prompt = len(prompt["prompt_token_ids"])
         if req.stream:
             return self._stream(req, model, request_id, gen, params.n, num_prompt, reservation)

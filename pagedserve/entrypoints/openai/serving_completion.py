@@ -81,8 +81,9 @@ class OpenAIServingCompletion(OpenAIServing):
         except BaseException:
             reservation.release()
             raise
+        lora = self.loras.get(model)
         gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt,
-                                  reservation=reservation) for i, p in enumerate(prompts)]
+                                  reservation=reservation, lora_request=lora) for i, p in enumerate(prompts)]
         if req.stream:
             return self._stream(req, model, request_id, states, gens, reservation)
         try:

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, UnavailableError
 from pagedserve.entrypoints.openai.limits import ServerLimits
+from pagedserve.lora.request import LoRARequest
 from pagedserve.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInfo, ErrorResponse, PromptLogprob,
                                                     PromptLogprobsJSON, PromptTokenUsageInfo, UsageInfo)
 from pagedserve.entrypoints.openai.tool_calls import arguments_for_template
@@ -124,9 +125,11 @@ async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncGen
 class OpenAIServing:
     def __init__(self, async_llm: AsyncLLM, served_model_names: Sequence[str],
                  chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
-                 log_requests: bool = False, trust_request_chat_template: bool = False) -> None:
+                 log_requests: bool = False, trust_request_chat_template: bool = False,
+                 lora_modules: Sequence[LoRARequest] = ()) -> None:
         self.llm = async_llm
         self.served_model_names = list(served_model_names)
+        self.loras = {lora.lora_name: lora for lora in lora_modules}  # model name -> adapter
         self.chat_template = chat_template
         self.trust_request_chat_template = trust_request_chat_template
         self.max_model_len = async_llm.engine.config.max_model_len
@@ -146,7 +149,7 @@ class OpenAIServing:
         """The name to answer with; 404 for a model we do not serve."""
         if requested is None or requested == "":
             return self.served_model_names[0]
-        if requested not in self.served_model_names:
+        if requested not in self.served_model_names and requested not in self.loras:
             raise OpenAIError(404, f"The model `{requested}` does not exist.", "NotFoundError", "model")
         return requested
 
