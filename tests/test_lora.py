@@ -9,9 +9,9 @@ import os
 import pytest
 
 from conftest import HFReference, assert_greedy_matches
-from lora_helpers import make_adapter
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ParamError
+from pagedserve.lora.random_adapter import make_adapter
 from pagedserve.lora.request import LoRARequest
 
 MAX_TOKENS = 12

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import pytest
-from lora_helpers import make_adapter
 from server_helpers import openai_client, serving
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.entrypoints.cli import main
 from pagedserve.entrypoints.openai.api_server import parse_lora_modules
+from pagedserve.lora.random_adapter import make_adapter
 from pagedserve.lora.request import LoRARequest
 
 

@@ -1,13 +1,14 @@
-"""Applying a step's adapters: a forward hook on each adaptable linear layer adds, for each
-run of rows that shares an adapter, scaling * (x @ A.T) @ B.T to that adapter's columns.
+"""Applying a step's adapters: a forward hook on each adaptable linear layer adds, for the rows
+of each adapter, scaling * (x @ A.T) @ B.T to that adapter's columns.
 
-The rows of a step are its requests' tokens, each request's contiguous, so the step's adapter
-map is a short list of (adapter, first row, end row) runs (LoRAState, set by the model runner
-before each forward pass); rows without an adapter are left as the base model computes them."""
+The step's adapter map (LoRAState, set by the model runner before each forward pass) holds one
+entry per adapter: its rows as a slice where they are contiguous, else as an index tensor
+(gathered, then added back with index_add_), so the cost grows with the number of adapters in
+the batch, not of requests. Rows without an adapter are left as the base model computes them."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from pagedserve.lora.adapter import LoRAAdapter
 
 class LoRAState:
     def __init__(self) -> None:
-        self.runs: list[tuple[LoRAAdapter, int, int]] = []
+        self.runs: list[tuple[LoRAAdapter, Union[slice, torch.Tensor]]] = []
 
 
 def _hook(name: str, state: LoRAState):
@@ -25,13 +26,18 @@ def _hook(name: str, state: LoRAState):
         if not state.runs:
             return None
         x = inputs[0]
-        for adapter, start, end in state.runs:
+        for adapter, rows in state.runs:
             factors = adapter.modules.get(name)
             if not factors:
                 continue
-            xs = x[start:end]
+            contiguous = isinstance(rows, slice)
+            xs = x[rows] if contiguous else x.index_select(0, rows)
             for f in factors:
-                output[start:end, f.offset : f.offset + f.size] += (xs @ f.a.t()) @ f.b.t() * adapter.scaling
+                delta = (xs @ f.a.t()) @ f.b.t() * adapter.scaling
+                if contiguous:
+                    output[rows, f.offset : f.offset + f.size] += delta
+                else:
+                    output[:, f.offset : f.offset + f.size].index_add_(0, rows, delta)
         return output
 
     return add_lora

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -366,16 +366,25 @@ class ModelRunner:
         return idx[0], tokens.index_select(0, idx[1])
 
     def _lora_runs(self, order: list[ScheduledRequest], qsl: list[int]) -> list:
-        """(adapter, first row, end row) for each run of consecutive rows sharing an adapter."""
-        runs: list = []
+        """(adapter, its rows) per adapter of the step: a slice if the rows are contiguous,
+        else an index tensor on the device."""
+        ranges: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
         for i, s in enumerate(order):
             adapter = self.lora.adapter_of(s.request.request_id)
             if adapter is None:
                 continue
-            if runs and runs[-1][0] is adapter and runs[-1][2] == qsl[i]:
-                runs[-1] = (adapter, runs[-1][1], qsl[i + 1])
+            spans = ranges.setdefault(adapter.adapter_id, (adapter, []))[1]
+            if spans and spans[-1][1] == qsl[i]:
+                spans[-1] = (spans[-1][0], qsl[i + 1])
             else:
-                runs.append((adapter, qsl[i], qsl[i + 1]))
+                spans.append((qsl[i], qsl[i + 1]))
+        runs = []
+        for adapter, spans in ranges.values():
+            if len(spans) == 1:
+                runs.append((adapter, slice(*spans[0])))
+            else:
+                rows = [r for a, b in spans for r in range(a, b)]
+                runs.append((adapter, to_device(rows, torch.long, self.device)))
         return runs
 
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""Hand-written PEFT LoRA adapters for a test model, and the reference they must match: the
-same model with each adapter merged into its weights (W + scaling * B @ A), as
-`peft`'s merge_and_unload would write it."""
+"""Random PEFT LoRA adapters for a model directory (tests, benchmarks), and the reference they
+must match: the same model with each adapter merged into its weights (W + scaling * B @ A),
+as peft's merge_and_unload would write it."""
 
 from __future__ import annotations
 
