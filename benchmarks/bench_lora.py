@@ -8,12 +8,11 @@ in one process (same prompts, same output lengths). Prints each time and its rat
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.bench.common import machine_info, write_json
+from pagedserve.bench.common import add_batch_args, machine_info, random_token_prompts, write_json
 from pagedserve.bench.models import bench_model_dir
 from pagedserve.lora.random_adapter import make_adapter
 from pagedserve.lora.request import LoRARequest
@@ -21,13 +20,8 @@ from pagedserve.lora.request import LoRARequest
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="model dir (default: build the ~30M benchmark model)")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=64)
+    add_batch_args(ap)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--output-json", default=None)
     ns = ap.parse_args()
     model = bench_model_dir(ns.model)
     tmp = tempfile.mkdtemp(prefix="pagedserve-lora-bench-")
@@ -36,8 +30,7 @@ def main() -> None:
     base = LLM(model, enable_prefix_caching=False, seed=0)
     llm = LLM(model, enable_prefix_caching=False, seed=0, enable_lora=True, max_loras=4, max_lora_rank=ns.rank)
     vocab = base.llm_engine.config.vocab_size
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]} for _ in range(ns.num_prompts)]
+    prompts = random_token_prompts(vocab, ns.num_prompts, ns.input_len)
     sp = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
     runs = {
         "base": (base, None),

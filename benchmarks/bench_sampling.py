@@ -7,27 +7,20 @@ batch greedy, in one process. Prints both times and the ratio (target: <= 1.5x).
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.bench.common import machine_info, write_json
+from pagedserve.bench.common import add_batch_args, machine_info, random_token_prompts, write_json
 from pagedserve.bench.models import bench_model_dir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="model dir (default: build the ~30M benchmark model)")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--output-json", default=None)
+    add_batch_args(ap)
     ns = ap.parse_args()
     llm = LLM(bench_model_dir(ns.model), enable_prefix_caching=False, seed=0)
     vocab = llm.llm_engine.config.vocab_size
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]} for _ in range(ns.num_prompts)]
+    prompts = random_token_prompts(vocab, ns.num_prompts, ns.input_len)
     greedy = SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True)
     knobs = [SamplingParams(n=1, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, presence_penalty=0.5,
                             frequency_penalty=0.5, repetition_penalty=1.1, seed=i, logprobs=5,

@@ -9,29 +9,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.bench.common import machine_info, write_json
+from pagedserve.bench.common import add_batch_args, machine_info, random_token_prompts, write_json
 from pagedserve.bench.models import bench_model_dir
 from pagedserve.structured_outputs import StructuredOutputsParams
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="model dir (default: build the ~30M benchmark model)")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=128)
+    add_batch_args(ap, output_len=None)
     ap.add_argument("--items", type=int, default=24, help="the schema's array length (sets the output length)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--output-json", default=None)
     ns = ap.parse_args()
     llm = LLM(bench_model_dir(ns.model), enable_prefix_caching=False, seed=0)
     vocab = llm.llm_engine.config.vocab_size
     tok = llm.get_tokenizer()
-    rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(ns.input_len)]} for _ in range(ns.num_prompts)]
+    prompts = random_token_prompts(vocab, ns.num_prompts, ns.input_len)
     # A fixed-size record per item, so every request's output has a known shape and ends by itself.
     schema = {"type": "array", "minItems": ns.items, "maxItems": ns.items, "items": {
         "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99},

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import random
 from typing import Any, Optional
 
 import torch
@@ -13,6 +15,23 @@ def resolve_model(model: Optional[str]) -> str:
     from pagedserve.bench.models import bench_model_dir
 
     return model if model else bench_model_dir()
+
+
+def add_batch_args(ap: argparse.ArgumentParser, output_len: Optional[int] = 64) -> None:
+    """The offline batch benchmarks' shared flags: model, batch shape, repeats, JSON path."""
+    ap.add_argument("--model", default=None, help="model dir (default: build the ~30M benchmark model)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    if output_len is not None:
+        ap.add_argument("--output-len", type=int, default=output_len)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--output-json", default=None)
+
+
+def random_token_prompts(vocab: int, num_prompts: int, input_len: int, seed: int = 0) -> list[dict]:
+    """Token-id prompts drawn uniformly from the vocabulary (no tokenizer in the measurement)."""
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(vocab) for _ in range(input_len)]} for _ in range(num_prompts)]
 
 
 def machine_info() -> dict:

@@ -11,7 +11,6 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from pagedserve.bench.common import args_record, write_json
 from pagedserve.bench.datasets import BenchRequest, random_requests

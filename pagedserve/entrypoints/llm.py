@@ -92,22 +92,9 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; "
-                                 "pass one SamplingParams or one per prompt.")
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            loras = [lora_request] * len(prompts)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts; "
-                                 "pass one LoRARequest or one per prompt.")
+        params = SamplingParams() if sampling_params is None else sampling_params
+        params_list = _per_prompt("sampling_params", params, SamplingParams, len(prompts))
+        loras = _per_prompt("lora_request", lora_request, (LoRARequest, type(None)), len(prompts))
         engine = self.llm_engine
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         staged = []
@@ -140,3 +127,13 @@ class LLM:
         finally:
             bar.close()
         return [r for r in results if r is not None]
+
+
+def _per_prompt(field: str, value: Any, one: Union[type, tuple[type, ...]], n: int) -> list:
+    """One value for every prompt, or a sequence of one per prompt."""
+    if isinstance(value, one):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{field} has {len(values)} entries for {n} prompts; pass one value or one per prompt.")
+    return values
