@@ -77,7 +77,7 @@ class ModelRunner:
             layer.backend = self.backend
         self.lora: Optional[LoRAManager] = None
         self.lora_state = LoRAState()
-        if config.enable_lora:  # before the GEMV kernels: their fused norm calls would skip the hooks
+        if config.enable_lora:
             install_lora_hooks(self.model, self.lora_state)
             self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras, config.dtype,
                                     config.device)
