@@ -56,6 +56,12 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # "generate" (text generation) or "pooling" (embeddings: LLM.embed, /v1/embeddings); "auto":
+    # pooling for base-model checkpoints (architectures such as "Qwen3Model"), else generate.
+    # pooler_config: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool} over the
+    # model's sentence-transformers settings.
+    runner: str = "auto"
+    pooler_config: Optional[dict] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -82,7 +88,23 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}.")
         hf_config = load_hf_config(self.model)
+        runner = self.runner
+        if runner == "auto":
+            from pagedserve.model.registry import is_base_model
+
+            runner = "pooling" if is_base_model(hf_config) else "generate"
+        pooler = None
+        if runner == "pooling":
+            from pagedserve.model.pooler import resolve_pooler_config
+
+            pooler = resolve_pooler_config(self.model, self.pooler_config)
+            if self.speculative_config is not None or self.enable_lora:
+                raise ValueError("runner='pooling' takes no speculative_config and no LoRA adapters.")
+        elif self.pooler_config is not None:
+            raise ValueError("pooler_config needs runner='pooling'.")
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
 
@@ -164,6 +186,8 @@ class EngineArgs:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras or self.max_loras,
+            runner=runner,
+            pooler=pooler,
         )
 
 
@@ -195,6 +219,8 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
+    runner: str = "generate"
+    pooler: Any = None  # model/pooler.py PoolerConfig, with runner "pooling"
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

@@ -52,6 +52,27 @@ class RequestOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's LLM.embed result: the pooled vector of one prompt."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: Optional[str] = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
 class RequestMetrics:
     """Timestamps (time.monotonic) of one request's life, for latency metrics."""
 

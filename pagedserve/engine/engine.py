@@ -20,7 +20,8 @@ from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.hf_config import generation_eos_ids
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.reasoning import END as THINK_END, START as THINK_START
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
@@ -52,6 +53,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         self._inflight: Optional[_InFlight] = None  # the launched step whose tokens are not back
         self._landed: Optional[tuple[dict, dict, Any]] = None  # its results, for the output side
+        self._pooling: dict[str, tuple[Optional[str], list[int], Request]] = {}  # embedding requests: text, ids, request
         logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d%s",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
                     config.block_size, config.max_model_len, ", async scheduling" if self.async_scheduling else "")
@@ -175,9 +177,58 @@ class LLMEngine:
         except ValueError as e:
             raise ParamError("lora_request", str(e)) from None
 
-    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
+    def validate_pooling(self, token_ids: list[int], params: PoolingParams) -> None:
+        """Check an embedding request can run (ParamError naming the field)."""
+        if self.config.runner != "pooling":
+            raise ParamError("pooling_params", "embeddings need a pooling model (runner='pooling'); this engine "
+                             "generates text.")
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
+        n, max_len = len(token_ids), self.config.max_model_len
+        if n == 0:
+            raise ParamError("prompt", "The prompt cannot be empty.")
+        if n > max_len:
+            raise ParamError("prompt", f"The prompt (length {n}) is longer than the maximum model length of {max_len}.")
+        capacity = self.kv.num_blocks * self.config.block_size
+        if n > capacity:
+            raise ParamError("prompt", f"the prompt needs {n} tokens of KV cache but the whole cache holds {capacity}.")
+        hidden = int(self.config.hf_config.hidden_size)
+        if params.dimensions is not None and params.dimensions > hidden:
+            raise ParamError("dimensions", f"dimensions={params.dimensions} is more than the model's embedding size "
+                             f"({hidden}).")
+        self._check_token_ids("prompt", token_ids)
+
+    def _add_pooling(self, request_id: Optional[str], prompt: PromptType, params: PoolingParams,
+                     arrival_time: Optional[float], cache_salt: Optional[str]) -> str:
+        text, ids = self.process_prompt(prompt)
+        self.validate_pooling(ids, params)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        if request_id is None:
+            request_id = str(next(self._ids))
+        # A Request as the scheduler knows it: its prompt, then one step's worth of "output".
+        req = Request(request_id, ids, SamplingParams(max_tokens=1, detokenize=False), arrival_time, cache_salt)
+        req.pooling_params = params.clone()
+        req.max_tokens = 1
+        # MEAN and CLS pool every prompt token, so none may come from the prefix cache.
+        req.skip_prefix_cache = self.config.pooler.pooling_type != "LAST"
+        self.scheduler.add_request(req)
+        self._pooling[request_id] = (text, ids, req)
+        return request_id
+
+    def add_request(self, request_id: Optional[str], prompt: PromptType,
+                    params: Union[SamplingParams, PoolingParams, None] = None,
                     arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
                     lora_request: Optional[LoRARequest] = None) -> str:
+        """Queue a request: text generation with SamplingParams, or an embedding with
+        PoolingParams (a pooling model)."""
+        if isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise ParamError("lora_request", "embedding requests take no LoRA adapter.")
+            return self._add_pooling(request_id, prompt, params, arrival_time, cache_salt)
+        if self.config.runner == "pooling":
+            raise ParamError("model", "this is an embedding model: it computes embeddings (LLM.embed, "
+                             "/v1/embeddings), not text.")
         params = (params or SamplingParams()).clone()
         text, ids = self.process_prompt(prompt)
         max_tokens = self.validate(ids, params)
@@ -223,6 +274,9 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for rid in list(request_ids):
+            if self._pooling.pop(rid, None) is not None:
+                self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+                continue
             children = self.output_processor.child_ids(rid)
             self.scheduler.finish_requests(children, RequestStatus.FINISHED_ABORTED)
             self.output_processor.remove(rid)
@@ -234,7 +288,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.output_processor.states)
+        return len(self.output_processor.states) + len(self._pooling)
 
     # ---- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -268,9 +322,10 @@ class LLMEngine:
         runner_out = step.pending.result()
         # A request a stop string ended since may have run in this step: the scheduler skips
         # it (it is finished), so its extra token is dropped.
-        upd = self.scheduler.update_from_output(step.sched_out, runner_out.sampled, runner_out.accepted)
+        upd = self.scheduler.update_from_output(step.sched_out, runner_out.sampled, runner_out.accepted,
+                                                runner_out.pooled)
         # (A request can finish without a token: one its grammar refused.)
-        if upd.new_tokens or upd.finished or runner_out.prompt_logprobs:
+        if upd.new_tokens or upd.finished or runner_out.prompt_logprobs or runner_out.pooled:
             self._landed = (upd.new_tokens, upd.finished, runner_out)
         self.runner.release(self.scheduler.pop_finished_ids())  # before a schedule reuses their rows
 
@@ -280,6 +335,12 @@ class LLMEngine:
         new_tokens, finished, runner_out = self._landed
         self._landed = None
         outputs, stopped = self.output_processor.process(new_tokens, finished, runner_out)
+        for rid, vector in runner_out.pooled.items():
+            entry = self._pooling.pop(rid, None)
+            if entry is not None:  # (gone if aborted meanwhile)
+                text, ids, req = entry
+                outputs.append(EmbeddingRequestOutput(rid, EmbeddingOutput(vector), ids, True, text,
+                                                      max(req.num_cached_tokens, 0)))
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs

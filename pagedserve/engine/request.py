@@ -11,6 +11,7 @@ from pagedserve.sampling_params import SamplingParams
 if TYPE_CHECKING:
     from pagedserve.engine.grammar import GrammarState
     from pagedserve.lora.request import LoRARequest
+    from pagedserve.pooling_params import PoolingParams
 
 
 class RequestStatus(enum.IntEnum):
@@ -59,6 +60,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt
         self.lora_request = lora_request
+        self.pooling_params: Optional["PoolingParams"] = None  # set for an embedding request
         # The first block's extra hash key: a request's KV depends on its adapter too.
         self.hash_extra = cache_salt if lora_request is None else f"{cache_salt or ''}\x00lora:{lora_request.lora_int_id}"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.ngram import NgramProposer
@@ -152,8 +152,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             inflight = req.num_inflight
-            if inflight and req.capped_by_inflight(self.max_model_len):
-                i += 1  # its in-flight token is its last: it finishes when that lands
+            if inflight and (req.pooling_params is not None or req.capped_by_inflight(self.max_model_len)):
+                i += 1  # its in-flight token (an embedding's prompt end) is its last: it finishes when that lands
                 continue
             n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
             if n == 1 and self.proposer is not None and req.speculates:
@@ -238,7 +238,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
-                           accepted: Optional[dict[str, list[int]]] = None) -> StepUpdate:
+                           accepted: Optional[dict[str, list[int]]] = None,
+                           pooled: Collection[str] = ()) -> StepUpdate:
         """Record the step's results: publish written blocks, append sampled tokens, stop
         finished requests.
 
@@ -247,6 +248,7 @@ class Scheduler:
         finished (aborted, or stopped by the previous step: the token is dropped).
         `accepted`: for requests that ran drafts, the draft tokens the model confirmed (the
         sampled token follows them); the rejected drafts' positions count as not computed.
+        `pooled`: embedding requests whose prompt the step completed; they end here.
         Runs for every request at every step: kept lean."""
         upd = StepUpdate()
         new_tokens, finished = upd.new_tokens, upd.finished
@@ -277,6 +279,14 @@ class Scheduler:
             # Publish the blocks filled by known tokens (the next step may be writing one more).
             if running and min(req.num_computed_tokens, len(req.all_token_ids)) // bs > req.num_published_blocks:
                 self.kv.cache_blocks(req, min(req.num_computed_tokens, len(req.all_token_ids)))
+            if pooled and rid in pooled:  # its vector goes out with the step's results
+                if running:
+                    finished_any = True
+                else:
+                    self.waiting.remove(req)
+                req.status = RequestStatus.FINISHED_STOPPED
+                self._release(req)
+                continue
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt
             if req.pending_siblings:

@@ -10,7 +10,8 @@ from pagedserve.config import EngineArgs
 from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
@@ -71,6 +72,34 @@ class LLM:
             # The template already holds the special tokens it wants.
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
+
+    def embed(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        pooling_params: Optional[Union[PoolingParams, Sequence[PoolingParams]]] = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's LLM.embed (a pooling model: runner="pooling", or a base-model checkpoint):
+        one vector per prompt, `.outputs.embedding`, in the order of `prompts`."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = PoolingParams() if pooling_params is None else pooling_params
+        params_list = _per_prompt("pooling_params", params, PoolingParams, len(prompts))
+        engine = self.llm_engine
+        staged = []
+        for prompt, p in zip(prompts, params_list):  # all checked before any is queued
+            text, ids = engine.process_prompt(prompt)
+            engine.validate_pooling(ids, p)
+            staged.append(({"prompt_token_ids": ids, "prompt": text}, p))
+        order = {}
+        try:
+            for i, (prompt, p) in enumerate(staged):
+                order[engine.add_request(None, prompt, p)] = i
+            return self._run(order, use_tqdm)
+        except BaseException:
+            engine.abort_request(list(order))
+            raise
 
     def beam_search(self, prompts: Sequence[PromptType], params: "BeamSearchParams",
                     use_tqdm: bool = False) -> list["BeamSearchOutput"]:

@@ -32,7 +32,18 @@ def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device
             raise ValueError(f"could not read weight file {path}: {e}") from e
 
 
-def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int) -> nn.Module:
+def _base_model_weights(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A pooling model's weights: no LM head, and names of a base-model checkpoint (saved
+    from e.g. Qwen3Model: "layers.0...") put under "model." as the causal-LM class has them."""
+    for name, tensor in weights:
+        if name.startswith("lm_head."):
+            continue
+        yield (name if name.startswith("model.") else "model." + name), tensor
+
+
+def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
+               pooling: bool = False) -> nn.Module:
+    """pooling: an embedding model, built without its LM head."""
     cls = resolve_model_class(hf_config)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -41,12 +52,16 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
             model = cls(hf_config, max_positions)
     finally:
         torch.set_default_dtype(old_dtype)
+    if pooling:
+        model.lm_head = None
+        model.tie_word_embeddings = False
     model.to_empty(device=device)
     model.tie_weights()
     for m in model.modules():
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
-    model.load_weights(iterate_safetensors(model_dir, dtype, device))
+    weights = iterate_safetensors(model_dir, dtype, device)
+    model.load_weights(_base_model_weights(weights) if pooling else weights)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"weight {name} holds NaN or infinite values")

@@ -19,6 +19,23 @@ _MODELS = {
 }
 
 
+# Base-model checkpoints (no LM head; embedding models such as Qwen3-Embedding or
+# e5-mistral): the causal-LM class, run as a pooling model.
+_BASE_MODELS = {
+    "LlamaModel": "LlamaForCausalLM",
+    "MistralModel": "MistralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM",
+    "Qwen3Model": "Qwen3ForCausalLM",
+    "GemmaModel": "GemmaForCausalLM",
+    "Gemma2Model": "Gemma2ForCausalLM",
+}
+
+
+def is_base_model(hf_config: Any) -> bool:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    return bool(archs) and all(a in _BASE_MODELS for a in archs)
+
+
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
@@ -26,6 +43,7 @@ def supported_architectures() -> list[str]:
 def resolve_model_class(hf_config: Any) -> type:
     archs = list(getattr(hf_config, "architectures", None) or [])
     for arch in archs:
+        arch = _BASE_MODELS.get(arch, arch)
         if arch in _MODELS:
             module, cls = _MODELS[arch]
             return getattr(importlib.import_module(module), cls)

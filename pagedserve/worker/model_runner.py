@@ -21,6 +21,7 @@ from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
+from pagedserve.worker.pooling import PoolingStates
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
 from pagedserve.worker.spec_verify import SampledDrafts, settle, verify_sampled
@@ -70,7 +71,8 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model, config.hf_config, config.dtype, config.device, config.max_model_len)
+        self.model = load_model(config.model, config.hf_config, config.dtype, config.device, config.max_model_len,
+                                pooling=config.runner == "pooling")
         self.backend = get_attention_backend(config.attention_backend)
         self.attn_layers = self.model.attention_layers()
         for layer in self.attn_layers:
@@ -92,6 +94,7 @@ class ModelRunner:
             installed = {} if config.enable_lora else install_all(self.model)
             if installed:
                 logger.info("small-batch GEMV kernel on layer shapes %s", installed)
+        self.pooling = PoolingStates(config.pooler) if config.runner == "pooling" else None
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
@@ -133,7 +136,8 @@ class ModelRunner:
         return (self.device.type == "cuda" and not self.config.enforce_eager
                 and getattr(self.backend, "supports_cuda_graphs", False)
                 and getattr(self.model, "cuda_graph_safe", True)
-                and not self.config.enable_lora)  # LoRA rows are mapped per step on the host
+                and not self.config.enable_lora  # LoRA rows are mapped per step on the host
+                and self.config.runner == "generate")  # a pooling model only prefills
 
     def make_graph_runner(self, capture: bool) -> DecodeGraphRunner:
         """Decode graphs over batch-size buckets up to max_num_seqs; capture=False runs the
@@ -171,8 +175,9 @@ class ModelRunner:
         )
         with torch.inference_mode():
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
-            rows = torch.arange(cfg.max_num_seqs, device=dev) % n
-            self.model.compute_logits(hidden[rows])
+            if self.model.lm_head is not None:  # none in a pooling model
+                rows = torch.arange(cfg.max_num_seqs, device=dev) % n
+                self.model.compute_logits(hidden[rows])
         self._bind(torch.empty(self._kv_shape(0), dtype=cfg.dtype, device=self.device))
 
     def release(self, request_ids) -> None:
@@ -183,6 +188,8 @@ class ModelRunner:
             self.block_table.release(rid)
             if self.lora is not None:
                 self.lora.release(rid)
+            if self.pooling is not None:
+                self.pooling.drop(rid)
 
     # ---- one step -----------------------------------------------------------------------
     def launch(self, out: SchedulerOutput) -> "PendingStep":
@@ -198,6 +205,8 @@ class ModelRunner:
             return PendingStep(ModelRunnerOutput())
         order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
         host = self._host_inputs(order)
+        if self.pooling is not None:
+            return self._launch_pooling(order, host)
         sampled_reqs = [order[i].request for i in host.sample_rows]
         hidden_rows = [host.qsl[i + 1] - 1 for i in host.sample_rows]
         # Speculative rows: every position of the request's chunk is sampled (its last token's
@@ -248,6 +257,29 @@ class ModelRunner:
             if plp_host is not None:
                 self._collect_prompt_logprobs(plp_host, result)
             return result
+
+        return PendingStep(collect)
+
+    def _launch_pooling(self, order: list[ScheduledRequest], host: HostInputs) -> "PendingStep":
+        """A pooling model's step: every chunk feeds its request's pooled state; requests whose
+        prompt this step completes get their vectors."""
+        done: list[tuple[str, torch.Tensor]] = []
+        with torch.inference_mode():
+            hidden = self._forward(host)
+            for i, s in enumerate(order):
+                rid, rows = s.request.request_id, hidden[host.qsl[i] : host.qsl[i + 1]]
+                self.pooling.add_chunk(rid, rows, s.start)
+                if s.samples:
+                    p = s.request.pooling_params
+                    done.append((rid, self.pooling.finish(rid, rows, s.request.num_prompt_tokens, p.dimensions,
+                                                          p.normalize)))
+            d2h = DeviceToHost(self.device)
+            vectors = [(rid, d2h(v)) for rid, v in done]
+            d2h.record()
+
+        def collect() -> ModelRunnerOutput:
+            d2h.wait()
+            return ModelRunnerOutput(pooled={rid: v.tolist() for rid, v in vectors})
 
         return PendingStep(collect)
 

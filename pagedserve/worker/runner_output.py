@@ -24,3 +24,4 @@ class ModelRunnerOutput:
     logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)  # for requests asking
     # request id -> logprobs of the prompt tokens computed this step, in order (targets 1..)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
+    pooled: dict[str, list[float]] = field(default_factory=dict)  # request id -> its embedding (pooling runner)

@@ -1,0 +1,31 @@
+"""vLLM's PoolingParams: what an embedding request asks for."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional
+
+from pagedserve.errors import ParamError
+
+
+@dataclass
+class PoolingParams:
+    """dimensions: keep the first k values (Matryoshka embeddings), before normalizing;
+    normalize: L2-normalize the vector (None: the model's pooler config, default yes);
+    truncate_prompt_tokens: keep only the last k prompt tokens."""
+
+    dimensions: Optional[int] = None
+    normalize: Optional[bool] = None
+    truncate_prompt_tokens: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("dimensions", "truncate_prompt_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ParamError(name, f"{name} must be a positive integer, got {v!r}.")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise ParamError("normalize", f"normalize must be true or false, got {self.normalize!r}.")
+
+    def clone(self) -> "PoolingParams":
+        return copy.copy(self)
