@@ -209,7 +209,7 @@ class LLMEngine:
         # A Request as the scheduler knows it: its prompt, then one step's worth of "output".
         req = Request(request_id, ids, SamplingParams(max_tokens=1, detokenize=False), arrival_time, cache_salt)
         req.pooling_params = params.clone()
-        req.max_tokens = 1
+        req.max_tokens = 1  # so once its last chunk is in flight the scheduler leaves it (capped_by_inflight)
         # MEAN and CLS pool every prompt token, so none may come from the prefix cache.
         req.skip_prefix_cache = self.config.pooler.pooling_type != "LAST"
         self.scheduler.add_request(req)

@@ -152,8 +152,8 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             inflight = req.num_inflight
-            if inflight and (req.pooling_params is not None or req.capped_by_inflight(self.max_model_len)):
-                i += 1  # its in-flight token (an embedding's prompt end) is its last: it finishes when that lands
+            if inflight and req.capped_by_inflight(self.max_model_len):
+                i += 1  # its in-flight token is its last: it finishes when that lands
                 continue
             n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
             if n == 1 and self.proposer is not None and req.speculates:
