@@ -135,3 +135,18 @@ def assert_greedy_matches(ref: Reference, got: list[int], tie_tol: float = 1e-3)
             gap = float(ref.logits[i][b] - ref.logits[i][a])
             assert gap < tie_tol, f"token {i}: got {a}, transformers chose {b} with a logit lead of {gap:.4g}"
             return
+
+
+@pytest.fixture(scope="session")
+def base_dir(model_dirs, tmp_path_factory):
+    """The qwen3 test model saved as a base-model checkpoint (Qwen3Model: no LM head, names
+    without "model."), as embedding models such as Qwen3-Embedding ship."""
+    from transformers import AutoModel
+
+    src = model_dirs["qwen3"]
+    out = str(tmp_path_factory.mktemp("qwen3_base"))
+    AutoModel.from_pretrained(src, dtype=torch.float32).save_pretrained(out)
+    for f in os.listdir(src):
+        if not f.endswith(".safetensors") and f != "config.json":
+            shutil.copy(os.path.join(src, f), out)
+    return out

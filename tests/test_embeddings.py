@@ -4,8 +4,6 @@ way, across chunked prefill and prefix-cache hits, for every pooling type."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import pytest
 import torch
@@ -16,21 +14,6 @@ from pagedserve.errors import ParamError
 
 def _prompts():
     return [[(17 * i + 5 * j) % 1000 + 4 for j in range(n)] for i, n in enumerate((3, 40, 77, 130))]
-
-
-@pytest.fixture(scope="module")
-def base_dir(model_dirs, tmp_path_factory):
-    """The qwen3 test model saved as a base-model checkpoint (Qwen3Model: no LM head, names
-    without "model."), as embedding models such as Qwen3-Embedding ship."""
-    from transformers import AutoModel
-
-    src = model_dirs["qwen3"]
-    out = str(tmp_path_factory.mktemp("qwen3_base"))
-    AutoModel.from_pretrained(src, dtype=torch.float32).save_pretrained(out)
-    for f in os.listdir(src):
-        if not f.endswith(".safetensors") and f != "config.json":
-            shutil.copy(os.path.join(src, f), out)
-    return out
 
 
 def _hidden(model_dir: str) -> "callable":

@@ -20,7 +20,8 @@ from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, U
 from pagedserve.config import EngineArgs
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
-from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("pagedserve")
@@ -215,7 +216,7 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
 
-    async def preprocess(self, prompt: PromptType, params: SamplingParams) -> dict:
+    async def preprocess(self, prompt: PromptType, params: Union[SamplingParams, PoolingParams]) -> dict:
         """Tokenize and validate a prompt; returns {"prompt_token_ids", "prompt"}. Raises
         ValueError for a request that can never run, EngineDeadError when the engine is gone."""
         self._check_alive()
@@ -223,8 +224,11 @@ class AsyncLLM:
             text, ids = self.engine.process_prompt(prompt)
         else:
             text, ids = await self.run_tokenizer(self.engine.process_prompt, prompt)
-        self.engine.validate(ids, params)  # reads only fixed config: safe off the engine thread
-        if params.structured_outputs is not None:  # a bad schema is the caller's 400, before any stream
+        if isinstance(params, PoolingParams):  # both read only fixed config: safe off the engine thread
+            self.engine.validate_pooling(ids, params)
+        else:
+            self.engine.validate(ids, params)
+        if isinstance(params, SamplingParams) and params.structured_outputs is not None:  # a 400, before any stream
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._grammar_pool, self.engine.compile_grammar, params)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
@@ -245,13 +249,7 @@ class AsyncLLM:
         params.output_kind = RequestOutputKind.DELTA
         loop = asyncio.get_running_loop()
         stream = _Stream(request_id, loop, [s.new_request(arrival_time, params.n) for s in self.stat_loggers])
-        with self._cond:
-            self._check_alive()
-            if reservation is None or not reservation.take():
-                self._check_room(1)
-            self._inbox.append(_Add(stream, tokens_prompt, params, arrival_time, cache_salt, lora_request))
-            self._inbox_adds += 1
-            self._cond.notify()
+        self._enqueue(_Add(stream, tokens_prompt, params, arrival_time, cache_salt, lora_request), reservation)
         done = False
         finished_seqs: set[int] = set()
         try:
@@ -277,6 +275,37 @@ class AsyncLLM:
                 self._post(_Abort(request_id, stream))
                 for t in stream.trackers:
                     t.on_abort(time.monotonic())
+
+    def _enqueue(self, add: "_Add", reservation: Optional[Reservation]) -> None:
+        with self._cond:
+            self._check_alive()
+            if reservation is None or not reservation.take():
+                self._check_room(1)
+            self._inbox.append(add)
+            self._inbox_adds += 1
+            self._cond.notify()
+
+    async def encode(self, prompt: PromptType, params: PoolingParams, request_id: str, *,
+                     arrival_time: Optional[float] = None,
+                     reservation: Optional[Reservation] = None) -> EmbeddingRequestOutput:
+        """An embedding request (a pooling model): its vector once its prompt is computed.
+        Cancelling the awaiting task aborts it and frees its KV blocks."""
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        tokens_prompt = await self.preprocess(prompt, params)
+        stream = _Stream(request_id, asyncio.get_running_loop(), [])
+        self._enqueue(_Add(stream, tokens_prompt, params.clone(), arrival_time, None), reservation)
+        done = False
+        try:
+            item = await stream.queue.get()
+            done = True
+            if isinstance(item, BaseException):
+                raise item
+            if item is _ABORTED:
+                raise UnavailableError("the request was aborted: the server is shutting down.", retry_after=1)
+            return item
+        finally:
+            if not done:
+                self._post(_Abort(request_id, stream))
 
     def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with a final output, finish_reason "abort"."""

@@ -53,6 +53,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters no request uses that stay loaded (default: max_loras)")
+    p.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
+                   help="pooling: an embedding model (/v1/embeddings); auto: pooling for base-model checkpoints")
+    p.add_argument("--pooler-config", type=_json_dict, default=None,
+                   help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
     p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
                    help="a thinking model's <think>...</think>: structured outputs start after it, and the server "
                    "puts it in the chat message's reasoning_content")

@@ -30,6 +30,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
+        self.check_generates(model)
         try:
             self.limits.check_sampling(req)
             params = req.to_sampling_params()

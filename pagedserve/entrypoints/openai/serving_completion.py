@@ -54,6 +54,7 @@ def _prompts(prompt: Union[str, list]) -> list[PromptType]:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
+        self.check_generates(model)
         self.limits.check_sampling(req)
         params = req.to_sampling_params()
         request_id = random_id("cmpl")

@@ -145,6 +145,12 @@ class OpenAIServing:
             logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id, prompt,
                         params, prompt_token_ids)
 
+    def check_generates(self, model: str) -> None:
+        """Completions and chat need a text-generating model."""
+        if self.llm.engine.config.runner == "pooling":
+            raise OpenAIError(400, f"The model `{model}` is an embedding model: use /v1/embeddings.",
+                              "BadRequestError", "model")
+
     def model_name(self, requested: Optional[str]) -> str:
         """The name to answer with; 404 for a model we do not serve."""
         if requested is None or requested == "":

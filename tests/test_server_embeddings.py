@@ -1,0 +1,60 @@
+"""/v1/embeddings through the official openai client: the offline engine's vectors, every
+input form, base64, dimensions, and clear 400s."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from server_helpers import no_requests_left, openai_client, serving
+
+from pagedserve import LLM, PoolingParams
+
+
+@pytest.fixture(scope="module")
+def emb_server(base_dir):
+    with serving(base_dir, "tiny-embed") as srv:
+        yield srv
+
+
+def test_embeddings_equal_the_offline_engine(emb_server, base_dir):
+    offline = LLM(base_dir, max_model_len=512)
+    tok = offline.get_tokenizer()
+    with openai_client(emb_server) as client:
+        texts = ["The capital of France is", "A list is a mutable sequence."]
+        got = client.embeddings.create(model="tiny-embed", input=texts)
+        want = offline.embed(texts, use_tqdm=False)
+        assert [d.index for d in got.data] == [0, 1] and got.model == "tiny-embed"
+        for d, w in zip(got.data, want):
+            np.testing.assert_allclose(d.embedding, w.outputs.embedding, rtol=1e-5, atol=1e-6)
+        assert got.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts)
+        # One string, token ids, lists of token ids: the same vectors.
+        ids = tok.encode(texts[0])
+        for inp in (texts[0], ids, [ids]):
+            one = client.embeddings.create(model="tiny-embed", input=inp).data[0].embedding
+            np.testing.assert_allclose(one, want[0].outputs.embedding, rtol=1e-5, atol=1e-6)
+        # dimensions (then normalized) and base64 (little-endian float32, as OpenAI's).
+        short = client.embeddings.create(model="tiny-embed", input=texts[0], dimensions=8).data[0].embedding
+        ref = offline.embed(texts[0], PoolingParams(dimensions=8), use_tqdm=False)[0].outputs.embedding
+        np.testing.assert_allclose(short, ref, rtol=1e-5, atol=1e-6)
+        raw = httpx.post(f"{emb_server.url}/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}).json()
+        vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+        np.testing.assert_allclose(vec, want[0].outputs.embedding, rtol=1e-5, atol=1e-6)
+        # Bad input: 400s naming the field; chat on an embedding model is a 400 too.
+        for kwargs, param in ((dict(input=[]), "input"), (dict(input=texts[0], dimensions=100_000), "dimensions"),
+                              (dict(input=[[5] * 600]), "prompt")):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.embeddings.create(model="tiny-embed", **kwargs)
+            assert e.value.body["param"] == param, e.value.body
+        with pytest.raises(openai.BadRequestError, match="embedding model"):
+            client.chat.completions.create(model="tiny-embed", messages=[{"role": "user", "content": "hi"}])
+    assert no_requests_left(emb_server.llm)
+
+
+def test_embeddings_on_a_generative_model_is_a_400(llama_dir):
+    with serving(llama_dir, "tiny-llama") as srv, openai_client(srv) as client:
+        with pytest.raises(openai.BadRequestError, match="does not support the Embeddings API"):
+            client.embeddings.create(model="tiny-llama", input="hi")
