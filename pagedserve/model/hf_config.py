@@ -25,9 +25,12 @@ def load_hf_config(path: str) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad config
         raise ValueError(f"could not read {os.path.join(path, 'config.json')}: {e}") from e
+    from pagedserve.model.registry import text_model_config
+
+    return text_model_config(config)  # a vision-language model is served as its language model
 
 
 def rope_parameters(hf_config: Any, layer_type: Optional[str] = None) -> dict:

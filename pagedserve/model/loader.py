@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from pagedserve.model.registry import resolve_model_class
+from pagedserve.model.registry import checkpoint_names, resolve_model_class
 
 
 def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
@@ -41,6 +41,19 @@ def _base_model_weights(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator
         yield (name if name.startswith("model.") else "model." + name), tensor
 
 
+def _text_model_weights(weights: Iterator[tuple[str, torch.Tensor]], renamed: list[tuple[str, str]],
+                        skipped: tuple[str, ...]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A vision-language checkpoint's language-model weights, under the text model's names."""
+    for name, tensor in weights:
+        if name.startswith(skipped):
+            continue
+        for piece, ours in renamed:
+            if name.startswith(piece):
+                name = ours + name[len(piece):]
+                break
+        yield name, tensor
+
+
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
                pooling: bool = False) -> nn.Module:
     """pooling: an embedding model, built without its LM head."""
@@ -61,6 +74,9 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
     weights = iterate_safetensors(model_dir, dtype, device)
+    renamed, skipped = checkpoint_names(hf_config)
+    if renamed:
+        weights = _text_model_weights(weights, renamed, skipped)
     model.load_weights(_base_model_weights(weights) if pooling else weights)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():

@@ -31,6 +31,35 @@ _BASE_MODELS = {
 }
 
 
+# Vision-language checkpoints served as text models: the language model's class, the
+# checkpoint's name pieces for it, and the pieces not loaded (vision tower, projector).
+_TEXT_OF_MULTIMODAL = {
+    "Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM",
+                                       [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                                        ("model.language_model.", "model.")],
+                                       ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                        "model.multi_modal_projector.")),
+}
+
+
+def text_model_config(hf_config: Any) -> Any:
+    """A vision-language model's language-model config (its `text_config`, named as the text
+    architecture), else the config unchanged."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if archs and archs[0] in _TEXT_OF_MULTIMODAL:
+        text = hf_config.text_config
+        text.architectures = [_TEXT_OF_MULTIMODAL[archs[0]][0]]
+        text.multimodal_architecture = archs[0]
+        return text
+    return hf_config
+
+
+def checkpoint_names(hf_config: Any) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """(renamed pieces, skipped prefixes) of the checkpoint a text config was taken from."""
+    entry = _TEXT_OF_MULTIMODAL.get(getattr(hf_config, "multimodal_architecture", None) or "")
+    return (entry[1], entry[2]) if entry else ([], ())
+
+
 def is_base_model(hf_config: Any) -> bool:
     archs = list(getattr(hf_config, "architectures", None) or [])
     return bool(archs) and all(a in _BASE_MODELS for a in archs)

@@ -1,0 +1,48 @@
+"""A vision-language checkpoint served as its language model (Gemma 3 4B and up ship as
+Gemma3ForConditionalGeneration): text prompts give transformers' tokens on the same weights;
+the vision tower is not loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import HFReference, assert_greedy_matches
+from pagedserve import LLM, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def gemma3_mm_dir(tokenizer_dir, tmp_path_factory):
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = transformers.Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, vocab_size=len(tok), sliding_window=19,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                         initializer_range=0.5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=len(tok) - 1, boi_token_index=len(tok) - 2,
+        eoi_token_index=len(tok) - 3, initializer_range=0.5)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("gemma3_mm"))
+    transformers.Gemma3ForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_text_prompts_match_transformers(gemma3_mm_dir):
+    llm = LLM(gemma3_mm_dir, max_num_batched_tokens=32, block_size=8)
+    assert type(llm.llm_engine.runner.model).__name__ == "Gemma3ForCausalLM"
+    ref = HFReference(gemma3_mm_dir)
+    assert type(ref.model).__name__ == "Gemma3ForConditionalGeneration"
+    prompts = [[(11 * i + 3 * j) % 1000 + 4 for j in range(n)] for i, n in enumerate((5, 30, 70))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(ref.greedy(p, 10), o.outputs[0].token_ids)
+    # No vision weights were loaded into memory.
+    assert not any("vision" in n for n, _ in llm.llm_engine.runner.model.named_parameters())
