@@ -136,3 +136,21 @@ def test_prefill_window_and_softcap_match_reference(window, softcap, q_len, ctx)
     for backend in (TorchAttentionBackend, CpuAttentionBackend):
         got = backend._prefill(q, key, value, kc, vc, bt[0], seq_len, 8, 32**-0.5, window, softcap)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (9, 2.0)])
+def test_decode_kernel_reads_bfloat16_caches(window, softcap):
+    """A bfloat16 model's cache: the kernel widens each K/V element to float32 (exactly) and
+    accumulates in float32, so it matches the float64 reference on the same bf16 values to
+    within the output's own rounding."""
+    from pagedserve.ops.reference import paged_attention_ref
+
+    lens = [1, 8, 9, 40, 77]
+    q, kc, vc, bt, sl, _ = _case(len(lens), 8, 2, 64, 8, lens)
+    q, kc, vc = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    got = cpu_kernels.paged_decode(q, kc, vc, bt, sl, 0.125, window, softcap)
+    assert got.dtype == torch.bfloat16
+    ref = paged_attention_ref(q, kc, vc, bt, lens, list(range(len(lens) + 1)), 0.125, torch.float64, window, softcap)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=8e-3)
+    assert cpu_kernels.supports(q, kc) and not cpu_kernels.supports(q.float(), kc)

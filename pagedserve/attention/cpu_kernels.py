@@ -49,9 +49,10 @@ def _build() -> Optional[ctypes.CDLL]:
             return None
         os.replace(tmp, out)  # atomic: concurrent builders never load a half-written file
     lib = ctypes.CDLL(out)
-    lib.paged_decode_f32.restype = None
-    lib.paged_decode_f32.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
-                                     + [ctypes.c_float, ctypes.c_int, ctypes.c_float, ctypes.c_int])
+    for fn in (lib.paged_decode_f32, lib.paged_decode_bf16kv):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_float,
+                                                                    ctypes.c_int]
     return lib
 
 
@@ -74,21 +75,22 @@ def load() -> Optional[ctypes.CDLL]:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
-    """q: [R, H, D] float32 -> out [R, H, D]; see csrc/paged_decode.c for the layout, the
-    sliding window and the softcap."""
+    """q: [R, H, D] -> out [R, H, D] in q's dtype; the caches float32 or bfloat16 (as q),
+    computed in float32. See csrc/paged_decode.c for the layout, the sliding window and the
+    softcap."""
     lib = load()
     assert lib is not None
-    q = q.contiguous()
+    fn = lib.paged_decode_bf16kv if k_cache.dtype == torch.bfloat16 else lib.paged_decode_f32
+    q32 = q.float().contiguous()
     bt = block_tables.to(torch.int32).contiguous()
     sl = seq_lens.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q32)
     r, h, d = q.shape
-    lib.paged_decode_f32(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(),
-                         sl.data_ptr(), r, h, k_cache.shape[2], d, k_cache.shape[1], bt.shape[1], scale,
-                         int(window), float(softcap), torch.get_num_threads())
-    return out
+    fn(out.data_ptr(), q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), sl.data_ptr(), r, h,
+       k_cache.shape[2], d, k_cache.shape[1], bt.shape[1], scale, int(window), float(softcap), torch.get_num_threads())
+    return out.to(q.dtype)
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and k_cache.dtype == torch.float32
+    return (q.device.type == "cpu" and q.dtype == k_cache.dtype and k_cache.dtype in (torch.float32, torch.bfloat16)
             and k_cache.is_contiguous() and q.shape[1] // k_cache.shape[2] <= MAX_GQA_GROUP and load() is not None)
