@@ -55,6 +55,12 @@ def test_stop_token_and_eos(llm):
     out = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop]), use_tqdm=False)[0]
     c = out.outputs[0]
     assert c.token_ids == toks[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop
+    # The stop token stays in token_ids but not in the text, unless include_stop_str_in_output (as vLLM).
+    tok = llm.get_tokenizer()
+    assert c.text == tok.decode(toks[:first], skip_special_tokens=True)
+    kept = llm.generate(p, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop],
+                                          include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == tok.decode(toks[: first + 1], skip_special_tokens=True) and kept.text != c.text
     # EOS comes from the model's generation config; it stops with stop_reason None ...
     engine = llm.llm_engine
     assert engine.eos_token_ids == {llm.get_tokenizer().eos_token_id}

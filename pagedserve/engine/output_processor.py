@@ -140,9 +140,14 @@ class OutputProcessor:
                 seq.logprobs.append(self._logprob_dict(lp))
                 seq.cumulative_logprob += lp.logprob
             if seq.detok is not None:
+                # A stop token (EOS, stop_token_ids) that ends the request stays in token_ids
+                # but not in the text, unless include_stop_str_in_output (as vLLM).
+                fin = finished.get(rid)
+                if fin is not None and fin[0] == "stop" and not params.include_stop_str_in_output:
+                    tokens = tokens[:-1]
                 # Several tokens (speculative decoding) go in one by one when a stop string may
                 # end the text among them: the tokens after it are dropped.
-                pieces = [tokens] if not params.stop or len(tokens) == 1 else [[t] for t in tokens]
+                pieces = [tokens] if not params.stop or len(tokens) <= 1 else [[t] for t in tokens]
                 hit = None
                 for j, piece in enumerate(pieces):
                     new_text = seq.detok.add_tokens(piece)
