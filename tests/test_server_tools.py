@@ -236,3 +236,76 @@ def test_auto_with_the_llama3_json_parser(llama_dir):
         plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
                                                max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
         assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content
+
+
+# ---- the mistral and pythonic parsers -------------------------------------------------------
+def test_parse_mistral():
+    from pagedserve.entrypoints.openai.tool_calls import parse_mistral
+
+    content, calls = parse_mistral('Checking. [TOOL_CALLS] [{"name": "a", "arguments": {"x": 1}}, '
+                                   '{"name": "b", "arguments": {}}]')
+    assert content == "Checking. " and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}),
+                                                                                             ("b", {})]
+    # The newer tokenizers' form: one tag per call, name[ARGS]{...} (a call id may sit between).
+    content, calls = parse_mistral('[TOOL_CALLS]a[ARGS]{"x": 1}[TOOL_CALLS]b[CALL_ID]123456789[ARGS]{}')
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}), ("b", {})]
+    for text in ("no calls", '[TOOL_CALLS] [{"name": "a", "argu', "[TOOL_CALLS]a{}", "[TOOL_CALLS]"):
+        assert parse_mistral(text) == (text, [])  # nothing the model wrote is lost
+
+
+def test_parse_pythonic():
+    from pagedserve.entrypoints.openai.tool_calls import parse_pythonic
+
+    content, calls = parse_pythonic('[get_weather(city="Paris", days=2), get_time(zone=\'UTC\', dst=None, x=[1, '
+                                    '{"a": True}])]')
+    assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 2}), ("get_time", {"zone": "UTC", "dst": None, "x": [1, {"a": True}]})]
+    assert parse_pythonic("<|python_start|>[f(x=1)]<|python_end|>")[1][0].arguments == '{"x": 1}'
+    # Not calls (or not literal arguments: nothing is evaluated): all content.
+    for text in ("Paris is sunny.", "[1, 2]", "[f(1)]", "[f(x=g())]", "[f(**k)]", "[os.system(c='ls')]", "[f(x=",
+                 "[]"):
+        assert parse_pythonic(text) == (text, [])
+
+
+@pytest.mark.parametrize("size", [1, 4, 100])
+def test_mistral_and_pythonic_streams(size):
+    from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
+
+    cases = {"mistral": ['Hi [TOOL [TOOL_CALLS] [{"name": "a", "arguments": {"x": "[TOOL_CALLS]"}}]', "Hi [TOOL_",
+                         "plain text"],
+             "pythonic": ['[f(x="[")]', "  <|python_start|>[f(x=1)]<|python_end|>", "[not a call", "It is sunny",
+                          "<|python"]}
+    for name, texts in cases.items():
+        parse, make = TOOL_PARSERS[name]
+        for text in texts:
+            s = make()
+            streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
+            rest, calls = s.finish()
+            want_content, want_calls = parse(text)
+            assert streamed + rest == want_content, (name, text)
+            assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
+            if want_calls:
+                assert "[TOOL_CALLS]" not in streamed and "f(" not in streamed  # calls never stream as content
+
+
+@pytest.mark.parametrize("parser, regex", [
+    ("mistral", r'Sure\. \[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": '
+                r'\{"city": "(Paris|Rome)", "days": [1-7]\}\}\]'),
+    ("pythonic", r'\[get_weather\(city="(Paris|Rome)", days=[1-7]\)\]')])
+def test_auto_with_the_mistral_and_pythonic_parsers(llama_dir, parser, regex):
+    with serving(llama_dir, MODEL, tool_call_parser=parser) as srv, openai_client(srv) as client:
+        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                      extra_body={"structured_outputs": {"regex": regex}})
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert (choice.message.content or "") == ("Sure. " if parser == "mistral" else "")
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        _check_weather_args(call.function.arguments)
+        calls, content = [], ""
+        for c in client.chat.completions.create(stream=True, **kwargs):
+            calls += c.choices[0].delta.tool_calls or []
+            content += c.choices[0].delta.content or ""
+        assert content == (choice.message.content or "")
+        assert [(t.function.name, t.function.arguments) for t in calls] == [
+            ("get_weather", call.function.arguments)]

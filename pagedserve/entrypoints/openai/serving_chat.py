@@ -17,6 +17,7 @@ from pagedserve.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCo
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
                                                           sse_error, token_text, top_by_rank, usage_info)
+from pagedserve.entrypoints.openai.tool_calls import KEEPS_SPECIAL_TOKENS
 from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 
@@ -37,6 +38,8 @@ class OpenAIServingChat(OpenAIServing):
             if req.tool_mode == "auto" and self.tool_parser is None:
                 raise ParamError("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice and '
                                  "--tool-call-parser to be set.")
+            if req.tool_mode == "auto" and self.tool_parser in KEEPS_SPECIAL_TOKENS:
+                params.skip_special_tokens = False  # its marker is a special token (as vLLM does)
         except ParamError as e:
             raise self._chat_param(e, req) from None
         arrival = time.monotonic()

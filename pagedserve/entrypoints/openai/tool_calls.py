@@ -9,11 +9,17 @@
   - hermes: `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks (Hermes, Qwen2.5);
     what comes before them is the content;
   - llama3_json: an output that is one or more `{"name": ..., "parameters": ...}` objects
-    (separated by `;`, optionally after `<|python_tag|>`; Llama 3.1 / 3.2 JSON tool calling).
+    (separated by `;`, optionally after `<|python_tag|>`; Llama 3.1 / 3.2 JSON tool calling);
+  - mistral: `[TOOL_CALLS]` then a JSON list of `{"name", "arguments"}` (Mistral 7B v0.3,
+    Mistral Small / Nemo), or `[TOOL_CALLS]name[ARGS]{...}` per call (newer tokenizers); what
+    comes before is the content. The server keeps special tokens in the text for it, as vLLM;
+  - pythonic: an output that is a Python list of calls, `[get_weather(city="Paris"), ...]`,
+    optionally in `<|python_start|>...<|python_end|>` (Llama 3.2 / 4); arguments are literals.
 - tool_choice "none": plain text (the tools still reach the chat template, as in vLLM)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -21,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from pagedserve.reasoning import partial_tail
-
 
 
 def random_tool_call_id() -> str:
@@ -111,11 +116,70 @@ def parse_llama3_json(text: str) -> tuple[str, list[Call]]:
     return "", calls
 
 
-class Llama3JsonStream:
-    """Content streams as it comes unless the output opens with `{` or `<|python_tag|>`: then
-    it is held for `finish` to parse (a call's arguments are sent whole)."""
+MISTRAL_TAG = "[TOOL_CALLS]"
 
-    def __init__(self) -> None:
+
+def parse_mistral(text: str) -> tuple[str, list[Call]]:
+    """(content, calls) of a Mistral output: content, then `[TOOL_CALLS]` and the calls, as a
+    JSON list (or object) or as `name[ARGS]{...}` after each tag. Malformed calls: all content."""
+    start = text.find(MISTRAL_TAG)
+    if start < 0:
+        return text, []
+    calls = []
+    try:
+        for seg in text[start + len(MISTRAL_TAG):].split(MISTRAL_TAG):
+            seg = seg.strip()
+            if seg.startswith(("[", "{")):
+                items = json.loads(seg)
+                calls += [_call(i) for i in (items if isinstance(items, list) else [items])]
+            else:
+                name, sep, args = seg.partition("[ARGS]")
+                name = name.split("[CALL_ID]")[0].strip()
+                if not sep or not name:
+                    return text, []
+                calls.append(Call(name, json.dumps(json.loads(args), ensure_ascii=False)))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return text, []
+    return (text[:start], calls) if calls else (text, [])
+
+
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
+
+
+def parse_pythonic(text: str) -> tuple[str, list[Call]]:
+    """(content, calls) of a pythonic output: the whole output is a list of calls with
+    literal keyword arguments (read with ast, nothing is evaluated), or it is all content."""
+    body = text.strip()
+    if body.startswith(PYTHON_START):
+        body = body[len(PYTHON_START):]
+        body = body[: -len(PYTHON_END)] if body.endswith(PYTHON_END) else body
+        body = body.strip()
+    if not body.startswith("["):
+        return text, []
+    try:
+        tree = ast.parse(body, mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return text, []
+        calls = []
+        for el in tree.elts:
+            if not isinstance(el, ast.Call) or not isinstance(el.func, ast.Name) or el.args:
+                return text, []
+            if any(kw.arg is None for kw in el.keywords):  # **kwargs
+                return text, []
+            args = {kw.arg: ast.literal_eval(kw.value) for kw in el.keywords}
+            calls.append(Call(el.func.id, json.dumps(args, ensure_ascii=False)))
+    except (SyntaxError, ValueError, TypeError, RecursionError):
+        return text, []
+    return "", calls
+
+
+class OpeningStream:
+    """For outputs that are all calls or all content: content streams as it comes unless the
+    output opens with one of `openers`; then it is held for `finish` to parse (a call's
+    arguments are sent whole)."""
+
+    def __init__(self, openers: tuple[str, ...], parse: Callable[[str], tuple[str, list[Call]]]) -> None:
+        self.openers, self.parse = openers, parse
         self.text = ""
         self.calls: Optional[bool] = None  # unknown until the first visible characters
 
@@ -123,9 +187,9 @@ class Llama3JsonStream:
         self.text += delta
         if self.calls is None:
             head = self.text.lstrip()
-            if not head or PYTHON_TAG.startswith(head):
+            if not head or any(o.startswith(head) for o in self.openers):
                 return ""
-            self.calls = head.startswith("{") or head.startswith(PYTHON_TAG)
+            self.calls = head.startswith(self.openers)
             return "" if self.calls else self.text
         return "" if self.calls else delta
 
@@ -133,14 +197,16 @@ class Llama3JsonStream:
         """(content not yet streamed, calls)."""
         if self.calls is False:
             return "", []
-        return parse_llama3_json(self.text)
+        return self.parse(self.text)
 
 
-class HermesStream:
-    """Streams a choice's content until a `<tool_call>` starts, then holds the rest; `finish`
-    parses the whole text. Text that could still become `<tool_call>` is held back."""
+class MarkerStream:
+    """For outputs of content then calls after a marker: streams the content until the marker
+    starts, then holds the rest; `finish` parses the whole text. Text that could still become
+    the marker is held back."""
 
-    def __init__(self) -> None:
+    def __init__(self, marker: str, parse: Callable[[str], tuple[str, list[Call]]]) -> None:
+        self.marker, self.parse = marker, parse
         self.text = ""
         self.sent = 0  # characters of content already streamed
         self.in_calls = False
@@ -150,28 +216,40 @@ class HermesStream:
         self.text += delta
         if self.in_calls:
             return ""
-        start = self.text.find(HERMES_START, self.sent)
+        start = self.text.find(self.marker, self.sent)
         if start >= 0:
             self.in_calls = True
             end = start
         else:
-            end = len(self.text) - min(partial_tail(self.text, HERMES_START), len(self.text) - self.sent)
+            end = len(self.text) - min(partial_tail(self.text, self.marker), len(self.text) - self.sent)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
     def finish(self) -> tuple[str, list[Call]]:
         """(content not yet streamed, calls)."""
-        content, calls = parse_hermes(self.text)
+        content, calls = self.parse(self.text)
         if calls:
             return content[self.sent:], calls
         return self.text[self.sent:], []
 
 
-# --tool-call-parser name -> (parse a whole output, a streaming parser class).
-TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], type]] = {
+def HermesStream() -> MarkerStream:  # noqa: N802 (a parser's stream, by its old class name)
+    return MarkerStream(HERMES_START, parse_hermes)
+
+
+def Llama3JsonStream() -> OpeningStream:  # noqa: N802
+    return OpeningStream(("{", PYTHON_TAG), parse_llama3_json)
+
+
+# --tool-call-parser name -> (parse a whole output, make a streaming parser).
+TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]] = {
     "hermes": (parse_hermes, HermesStream),
     "llama3_json": (parse_llama3_json, Llama3JsonStream),
+    "mistral": (parse_mistral, lambda: MarkerStream(MISTRAL_TAG, parse_mistral)),
+    "pythonic": (parse_pythonic, lambda: OpeningStream(("[", PYTHON_START), parse_pythonic)),
 }
+# Parsers that need special tokens kept in the text (their markers are special tokens).
+KEEPS_SPECIAL_TOKENS = {"mistral"}
 
 
 def arguments_for_template(messages: list[dict]) -> list[dict]:
