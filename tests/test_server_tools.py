@@ -259,7 +259,8 @@ def test_parse_pythonic():
     content, calls = parse_pythonic('[get_weather(city="Paris", days=2), get_time(zone=\'UTC\', dst=None, x=[1, '
                                     '{"a": True}])]')
     assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
-        ("get_weather", {"city": "Paris", "days": 2}), ("get_time", {"zone": "UTC", "dst": None, "x": [1, {"a": True}]})]
+        ("get_weather", {"city": "Paris", "days": 2}),
+        ("get_time", {"zone": "UTC", "dst": None, "x": [1, {"a": True}]})]
     assert parse_pythonic("<|python_start|>[f(x=1)]<|python_end|>")[1][0].arguments == '{"x": 1}'
     # Not calls (or not literal arguments: nothing is evaluated): all content.
     for text in ("Paris is sunny.", "[1, 2]", "[f(1)]", "[f(x=g())]", "[f(**k)]", "[os.system(c='ls')]", "[f(x=",
