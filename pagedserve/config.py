@@ -91,16 +91,20 @@ class EngineArgs:
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}.")
         hf_config = load_hf_config(self.model)
+        from pagedserve.model.registry import pooling_task
+
+        task = pooling_task(hf_config)
         runner = self.runner
         if runner == "auto":
-            from pagedserve.model.registry import is_base_model
-
-            runner = "pooling" if is_base_model(hf_config) else "generate"
+            runner = "pooling" if task is not None else "generate"
+        elif runner == "generate" and task == "classify":
+            raise ValueError("a sequence classifier has no LM head to generate with; use runner='pooling'.")
         pooler = None
         if runner == "pooling":
             from pagedserve.model.pooler import resolve_pooler_config
 
-            pooler = resolve_pooler_config(self.model, self.pooler_config)
+            task = task or "embed"
+            pooler = resolve_pooler_config(self.model, self.pooler_config, task)
             if self.speculative_config is not None or self.enable_lora:
                 raise ValueError("runner='pooling' takes no speculative_config and no LoRA adapters.")
         elif self.pooler_config is not None:
@@ -188,6 +192,7 @@ class EngineArgs:
             max_cpu_loras=self.max_cpu_loras or self.max_loras,
             runner=runner,
             pooler=pooler,
+            pooling_task=task if runner == "pooling" else None,
         )
 
 
@@ -221,6 +226,7 @@ class EngineConfig:
     max_cpu_loras: int = 1
     runner: str = "generate"
     pooler: Any = None  # model/pooler.py PoolerConfig, with runner "pooling"
+    pooling_task: Optional[str] = None  # "embed" | "classify", with runner "pooling"
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

@@ -73,6 +73,27 @@ class EmbeddingRequestOutput:
 
 
 @dataclass
+class ClassificationOutput:
+    probs: list[float]  # per label: softmax, or a sigmoid for one label / multi-label models
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """vLLM's LLM.classify result: one prompt's class probabilities."""
+
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: Optional[str] = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
 class RequestMetrics:
     """Timestamps (time.monotonic) of one request's life, for latency metrics."""
 

@@ -13,11 +13,13 @@ from pagedserve.errors import ParamError
 class PoolingParams:
     """dimensions: keep the first k values (Matryoshka embeddings), before normalizing;
     normalize: L2-normalize the vector (None: the model's pooler config, default yes);
-    truncate_prompt_tokens: keep only the last k prompt tokens."""
+    truncate_prompt_tokens: keep only the last k prompt tokens; task: "embed" or "classify"
+    (set by LLM.embed / LLM.classify; None: whatever the model does)."""
 
     dimensions: Optional[int] = None
     normalize: Optional[bool] = None
     truncate_prompt_tokens: Optional[int] = None
+    task: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("dimensions", "truncate_prompt_tokens"):
@@ -26,6 +28,8 @@ class PoolingParams:
                 raise ParamError(name, f"{name} must be a positive integer, got {v!r}.")
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise ParamError("normalize", f"normalize must be true or false, got {self.normalize!r}.")
+        if self.task not in (None, "embed", "classify"):
+            raise ParamError("task", f"task must be 'embed' or 'classify', got {self.task!r}.")
 
     def clone(self) -> "PoolingParams":
         return copy.copy(self)

@@ -1,5 +1,5 @@
 """/v1/embeddings through the official openai client: the offline engine's vectors, every
-input form, base64, dimensions, and clear 400s."""
+input form, base64, dimensions, and clear 400s; /classify on a sequence classifier."""
 
 from __future__ import annotations
 
@@ -58,3 +58,27 @@ def test_embeddings_on_a_generative_model_is_a_400(llama_dir):
     with serving(llama_dir, "tiny-llama") as srv, openai_client(srv) as client:
         with pytest.raises(openai.BadRequestError, match="does not support the Embeddings API"):
             client.embeddings.create(model="tiny-llama", input="hi")
+        r = httpx.post(f"{srv.url}/classify", json={"input": "hi"})
+        assert r.status_code == 400 and "does not support classification" in r.json()["error"]["message"]
+
+
+def test_classify_endpoint(tokenizer_dir, tmp_path):
+    from test_classify import _build
+
+    path = _build(tokenizer_dir, str(tmp_path / "cls"), "LlamaForSequenceClassification", 3)
+    offline = LLM(path, max_model_len=512)
+    texts = ["great movie", "terrible plot, fine acting"]
+    want = offline.classify(texts, use_tqdm=False)
+    with serving(path, "tiny-cls") as srv:
+        for route in ("/v1/classify", "/classify"):
+            r = httpx.post(f"{srv.url}{route}", json={"model": "tiny-cls", "input": texts})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+            for d, w in zip(body["data"], want):
+                np.testing.assert_allclose(d["probs"], w.outputs.probs, rtol=1e-5, atol=1e-7)
+                assert d["num_classes"] == 3 and d["label"] == f"LABEL_{int(np.argmax(w.outputs.probs))}"
+        r = httpx.post(f"{srv.url}/v1/embeddings", json={"input": "x"})
+        assert r.status_code == 400 and "does not support the Embeddings API" in r.json()["error"]["message"]
+    with serving(path, "tiny-cls", api_key="k") as srv:
+        assert httpx.post(f"{srv.url}/classify", json={"input": "x"}).status_code == 401

@@ -40,9 +40,10 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
     compared = []
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
-    routes = [(m.upper(), path) for path, ops in app.openapi()["paths"].items() if path.startswith("/v1")
-              for m in ops]
-    assert {p for _, p in routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+    routes = [(m.upper(), path) for path, ops in app.openapi()["paths"].items()
+              if path.startswith("/v1") or path == "/classify" for m in ops]
+    assert {p for _, p in routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+                                      "/v1/classify", "/classify"}
     srv = ServerThread(app)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "input": "x"}
     try:
@@ -57,8 +58,9 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
                 "content-type": "application/json"})
             assert r.status_code == 401 and "json" not in r.text.lower(), r.text
             r = httpx.request(method, f"{srv.url}{path}", json=body, headers={"Authorization": "Bearer s3cret"})
-            # (Past the key, embeddings on this generative model are the model's 400.)
-            assert r.status_code == (400 if path == "/v1/embeddings" else 200), r.text
+            # (Past the key, embeddings and classification on this generative model are the model's 400.)
+            pooling = path in ("/v1/embeddings", "/v1/classify", "/classify")
+            assert r.status_code == (400 if pooling else 200), r.text
         assert (b"s3cre", b"s3cret") in compared and (b"s3cret", b"s3cret") in compared  # constant-time compare
         # Unknown /v1 paths look the same to a stranger; the open routes stay open.
         assert httpx.get(f"{srv.url}/v1/no-such-route").status_code == 401

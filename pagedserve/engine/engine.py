@@ -20,7 +20,8 @@ from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.hf_config import generation_eos_ids
-from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                                EmbeddingRequestOutput, RequestOutput)
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.reasoning import END as THINK_END, START as THINK_START
 from pagedserve.sampling_params import SamplingParams
@@ -179,9 +180,16 @@ class LLMEngine:
 
     def validate_pooling(self, token_ids: list[int], params: PoolingParams) -> None:
         """Check an embedding request can run (ParamError naming the field)."""
-        if self.config.runner != "pooling":
+        task = self.config.pooling_task
+        if task is None:
             raise ParamError("pooling_params", "embeddings need a pooling model (runner='pooling'); this engine "
                              "generates text.")
+        if params.task is not None and params.task != task:
+            what = {"embed": "an embedding model", "classify": "a sequence classifier"}[task]
+            raise ParamError("task", f"this is {what}: it does not {params.task}.")
+        if task == "classify" and (params.dimensions is not None or params.normalize is not None):
+            raise ParamError("dimensions" if params.dimensions is not None else "normalize",
+                             "a classifier's probabilities take no dimensions or normalize.")
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens:]
         n, max_len = len(token_ids), self.config.max_model_len
@@ -339,8 +347,12 @@ class LLMEngine:
             entry = self._pooling.pop(rid, None)
             if entry is not None:  # (gone if aborted meanwhile)
                 text, ids, req = entry
-                outputs.append(EmbeddingRequestOutput(rid, EmbeddingOutput(vector), ids, True, text,
-                                                      max(req.num_cached_tokens, 0)))
+                if self.config.pooling_task == "classify":
+                    outputs.append(ClassificationRequestOutput(rid, ClassificationOutput(vector), ids, True, text,
+                                                               max(req.num_cached_tokens, 0)))
+                else:
+                    outputs.append(EmbeddingRequestOutput(rid, EmbeddingOutput(vector), ids, True, text,
+                                                          max(req.num_cached_tokens, 0)))
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs

@@ -10,7 +10,7 @@ from pagedserve.config import EngineArgs
 from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
-from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.outputs import ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -81,11 +81,22 @@ class LLM:
     ) -> list[EmbeddingRequestOutput]:
         """vLLM's LLM.embed (a pooling model: runner="pooling", or a base-model checkpoint):
         one vector per prompt, `.outputs.embedding`, in the order of `prompts`."""
+        return self._pool(prompts, pooling_params, "embed", use_tqdm)
+
+    def classify(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """vLLM's LLM.classify (a *ForSequenceClassification checkpoint): each prompt's class
+        probabilities, `.outputs.probs`, in the order of `prompts`."""
+        return self._pool(prompts, None, "classify", use_tqdm)
+
+    def _pool(self, prompts, pooling_params, task: str, use_tqdm: bool) -> list:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params = PoolingParams() if pooling_params is None else pooling_params
-        params_list = _per_prompt("pooling_params", params, PoolingParams, len(prompts))
+        params_list = [p.clone() for p in _per_prompt("pooling_params", params, PoolingParams, len(prompts))]
+        for p in params_list:
+            p.task = task
         engine = self.llm_engine
         staged = []
         for prompt, p in zip(prompts, params_list):  # all checked before any is queued

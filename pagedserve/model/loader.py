@@ -34,11 +34,12 @@ def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device
 
 def _base_model_weights(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """A pooling model's weights: no LM head, and names of a base-model checkpoint (saved
-    from e.g. Qwen3Model: "layers.0...") put under "model." as the causal-LM class has them."""
+    from e.g. Qwen3Model: "layers.0...") put under "model." as the causal-LM class has them
+    (a classifier's "score" head stays where it is)."""
     for name, tensor in weights:
         if name.startswith("lm_head."):
             continue
-        yield (name if name.startswith("model.") else "model." + name), tensor
+        yield (name if name.startswith(("model.", "score.")) else "model." + name), tensor
 
 
 def _text_model_weights(weights: Iterator[tuple[str, torch.Tensor]], renamed: list[tuple[str, str]],
@@ -55,8 +56,9 @@ def _text_model_weights(weights: Iterator[tuple[str, torch.Tensor]], renamed: li
 
 
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
-               pooling: bool = False) -> nn.Module:
-    """pooling: an embedding model, built without its LM head."""
+               pooling: bool = False, classify: bool = False) -> nn.Module:
+    """pooling: an embedding model, built without its LM head; classify: a sequence
+    classifier, with its `score` head (hidden -> num_labels) instead."""
     cls = resolve_model_class(hf_config)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -68,6 +70,9 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     if pooling:
         model.lm_head = None
         model.tie_word_embeddings = False
+    if classify:
+        with torch.device("meta"):
+            model.score = nn.Linear(hf_config.hidden_size, hf_config.num_labels, bias=False, dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
     for m in model.modules():

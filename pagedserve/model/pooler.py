@@ -50,8 +50,10 @@ def _sentence_transformers(model_dir: str) -> dict:
     return out
 
 
-def resolve_pooler_config(model_dir: str, override: Optional[dict]) -> PoolerConfig:
-    settings = _sentence_transformers(model_dir)
+def resolve_pooler_config(model_dir: str, override: Optional[dict], task: str = "embed") -> PoolerConfig:
+    """A classifier pools the last token (as transformers' *ForSequenceClassification), not
+    normalized: its head reads the raw hidden state."""
+    settings = _sentence_transformers(model_dir) if task == "embed" else {"normalize": False}
     for key, value in (override or {}).items():
         if key not in ("pooling_type", "normalize"):
             raise ValueError(f"pooler_config: unknown key {key!r} (known: pooling_type, normalize).")

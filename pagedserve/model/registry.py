@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Optional
 
 _MODELS = {
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
@@ -60,9 +60,30 @@ def checkpoint_names(hf_config: Any) -> tuple[list[tuple[str, str]], tuple[str, 
     return (entry[1], entry[2]) if entry else ([], ())
 
 
+# Sequence classifiers (reward models, cross-encoders): the causal-LM class with a linear
+# `score` head on the last token's hidden state instead of the LM head.
+_CLASSIFIERS = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+    "Qwen3ForSequenceClassification": "Qwen3ForCausalLM",
+    "GemmaForSequenceClassification": "GemmaForCausalLM",
+    "Gemma2ForSequenceClassification": "Gemma2ForCausalLM",
+}
+
+
 def is_base_model(hf_config: Any) -> bool:
     archs = list(getattr(hf_config, "architectures", None) or [])
     return bool(archs) and all(a in _BASE_MODELS for a in archs)
+
+
+def pooling_task(hf_config: Any) -> Optional[str]:
+    """"embed" for base-model checkpoints, "classify" for sequence classifiers, else None
+    (a generative model, which may still be run as an embedding model)."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if archs and all(a in _CLASSIFIERS for a in archs):
+        return "classify"
+    return "embed" if is_base_model(hf_config) else None
 
 
 def supported_architectures() -> list[str]:
@@ -72,7 +93,7 @@ def supported_architectures() -> list[str]:
 def resolve_model_class(hf_config: Any) -> type:
     archs = list(getattr(hf_config, "architectures", None) or [])
     for arch in archs:
-        arch = _BASE_MODELS.get(arch, arch)
+        arch = _BASE_MODELS.get(arch) or _CLASSIFIERS.get(arch) or arch
         if arch in _MODELS:
             module, cls = _MODELS[arch]
             return getattr(importlib.import_module(module), cls)

@@ -72,7 +72,7 @@ class ModelRunner:
         self.block_size = config.block_size
         torch.manual_seed(config.seed)
         self.model = load_model(config.model, config.hf_config, config.dtype, config.device, config.max_model_len,
-                                pooling=config.runner == "pooling")
+                                pooling=config.runner == "pooling", classify=config.pooling_task == "classify")
         self.backend = get_attention_backend(config.attention_backend)
         self.attn_layers = self.model.attention_layers()
         for layer in self.attn_layers:
@@ -271,8 +271,10 @@ class ModelRunner:
                 self.pooling.add_chunk(rid, rows, s.start)
                 if s.samples:
                     p = s.request.pooling_params
-                    done.append((rid, self.pooling.finish(rid, rows, s.request.num_prompt_tokens, p.dimensions,
-                                                          p.normalize)))
+                    vec = self.pooling.finish(rid, rows, s.request.num_prompt_tokens, p.dimensions, p.normalize)
+                    if self.config.pooling_task == "classify":
+                        vec = self._class_probs(vec)
+                    done.append((rid, vec))
             d2h = DeviceToHost(self.device)
             vectors = [(rid, d2h(v)) for rid, v in done]
             d2h.record()
@@ -282,6 +284,15 @@ class ModelRunner:
             return ModelRunnerOutput(pooled={rid: v.tolist() for rid, v in vectors})
 
         return PendingStep(collect)
+
+    def _class_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A classifier's head on the pooled hidden state: softmax over the labels, or a sigmoid
+        per label for one label or multi-label problems (as vLLM)."""
+        logits = self.model.score(hidden.to(self.config.dtype)).float()
+        cfg = self.config.hf_config
+        if logits.shape[-1] == 1 or getattr(cfg, "problem_type", None) == "multi_label_classification":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=-1)
 
     def _verify_sampled_drafts(self, logits: torch.Tensor, spec: list, num_rows: int,
                                d2h: DeviceToHost) -> Optional[SampledDrafts]:

@@ -29,9 +29,10 @@ from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, Compl
                                                     DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
                                                     TokenizeRequest, TokenizeResponse, VersionResponse)
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
-from pagedserve.entrypoints.openai.protocol_embedding import EmbeddingRequest, EmbeddingResponse
+from pagedserve.entrypoints.openai.protocol_pooling import (ClassificationRequest, ClassificationResponse,
+                                                            EmbeddingRequest, EmbeddingResponse)
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
+from pagedserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
@@ -140,7 +141,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser,
                              reasoning_parser=reasoning_parser, **serving)
     tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
-    embedding = OpenAIServingEmbedding(async_llm, names, **serving)
+    pooling = OpenAIServingPooling(async_llm, names, **serving)
 
     app = FastAPI(title="pagedserve", version=__version__)
     app.state.async_llm = async_llm
@@ -165,13 +166,22 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
 
     @v1.post("/embeddings", response_model=EmbeddingResponse, responses=_ERRORS)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
-        return _respond(await _with_cancellation(request, embedding.create(body)))
+        return _respond(await _with_cancellation(request, pooling.embed(body)))
+
+    @v1.post("/classify", response_model=ClassificationResponse, responses=_ERRORS)
+    async def classify(body: ClassificationRequest, request: Request) -> Response:
+        return _respond(await _with_cancellation(request, pooling.classify(body)))
 
     @v1.post("/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await _with_cancellation(request, chat.create(body)))
 
     app.include_router(v1)
+
+    @app.post("/classify", response_model=ClassificationResponse, responses=_ERRORS)
+    async def classify_vllm_path(body: ClassificationRequest, request: Request) -> Response:
+        """vLLM's path for the same (behind the API key here too: it runs the model)."""
+        return _respond(await _with_cancellation(request, pooling.classify(body)))
 
     @app.get("/health")
     async def health() -> Response:

@@ -1,5 +1,6 @@
-"""--api-key: every /v1 path needs `Authorization: Bearer <key>` (as vLLM: /health, /metrics,
-/version and /tokenize stay open). Checked in middleware, from the headers alone, so a client
+"""--api-key: every /v1 path, and /classify, needs `Authorization: Bearer <key>` (as vLLM:
+/health, /metrics, /version and /tokenize stay open; vLLM leaves /classify open too, but it
+runs the model). Checked in middleware, from the headers alone, so a client
 without the key gets 401 before its body is read or validated (no parsing work, no schema
 hints), and unknown /v1 paths are not told apart from real ones."""
 
@@ -11,7 +12,7 @@ from typing import Optional
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.requests import HTTPConnection
 
-PROTECTED_PREFIX = "/v1"
+PROTECTED_PREFIXES = ("/v1", "/classify")
 
 
 class ApiKeyBackend(AuthenticationBackend):
@@ -20,7 +21,7 @@ class ApiKeyBackend(AuthenticationBackend):
 
     async def authenticate(self, conn: HTTPConnection) -> Optional[tuple[AuthCredentials, SimpleUser]]:
         path = conn.url.path
-        if path != PROTECTED_PREFIX and not path.startswith(PROTECTED_PREFIX + "/"):
+        if not any(path == p or path.startswith(p + "/") for p in PROTECTED_PREFIXES):
             return None
         scheme, _, token = conn.headers.get("authorization", "").partition(" ")
         # compare_digest: the time taken must not reveal how much of a guess was right.
