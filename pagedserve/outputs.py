@@ -94,6 +94,21 @@ class ClassificationRequestOutput:
 
 
 @dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """vLLM's LLM.score result: one pair's score."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
 class RequestMetrics:
     """Timestamps (time.monotonic) of one request's life, for latency metrics."""
 

@@ -41,11 +41,13 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
     routes = [(m.upper(), path) for path, ops in app.openapi()["paths"].items()
-              if path.startswith("/v1") or path == "/classify" for m in ops]
-    assert {p for _, p in routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-                                      "/v1/classify", "/classify"}
+              if path.startswith(("/v1", "/v2")) or path in ("/classify", "/score", "/rerank") for m in ops]
+    pooling = {"/v1/embeddings", "/v1/classify", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank",
+               "/v2/rerank"}
+    assert {p for _, p in routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions"} | pooling
     srv = ServerThread(app)
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "input": "x"}
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "input": "x",
+            "text_1": "x", "text_2": "y", "query": "x", "documents": ["y"]}
     try:
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer s3cre"}, {"Authorization": "Bearer s3cret2"},
@@ -58,9 +60,8 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
                 "content-type": "application/json"})
             assert r.status_code == 401 and "json" not in r.text.lower(), r.text
             r = httpx.request(method, f"{srv.url}{path}", json=body, headers={"Authorization": "Bearer s3cret"})
-            # (Past the key, embeddings and classification on this generative model are the model's 400.)
-            pooling = path in ("/v1/embeddings", "/v1/classify", "/classify")
-            assert r.status_code == (400 if pooling else 200), r.text
+            # (Past the key, pooling requests to this generative model are the model's 400.)
+            assert r.status_code == (400 if path in pooling else 200), r.text
         assert (b"s3cre", b"s3cret") in compared and (b"s3cret", b"s3cret") in compared  # constant-time compare
         # Unknown /v1 paths look the same to a stranger; the open routes stay open.
         assert httpx.get(f"{srv.url}/v1/no-such-route").status_code == 401

@@ -10,7 +10,8 @@ from pagedserve.config import EngineArgs
 from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
-from pagedserve.outputs import ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
+                                ScoringRequestOutput)
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -88,6 +89,25 @@ class LLM:
         """vLLM's LLM.classify (a *ForSequenceClassification checkpoint): each prompt's class
         probabilities, `.outputs.probs`, in the order of `prompts`."""
         return self._pool(prompts, None, "classify", use_tqdm)
+
+    def score(self, data_1: Union[str, Sequence[str]], data_2: Union[str, Sequence[str]],
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """vLLM's LLM.score: one text against many, or pairwise. A cross-encoder (a sequence
+        classifier with one label) scores each pair as one input; an embedding model scores the
+        cosine similarity of the two embeddings."""
+        from pagedserve import scoring
+
+        kind = scoring.check_scorer(self.llm_engine.config)
+        texts = scoring.pairs(data_1, data_2)
+        if kind == "cross":
+            tok = self.get_tokenizer()
+            outs = self.classify([scoring.pair_prompt(tok, a, b) for a, b in texts], use_tqdm=use_tqdm)
+            return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.probs[0]), o.prompt_token_ids)
+                    for o in outs]
+        unique = list(dict.fromkeys(t for pair in texts for t in pair))
+        vecs = dict(zip(unique, (o.outputs.embedding for o in self.embed(unique, use_tqdm=use_tqdm))))
+        return [ScoringRequestOutput(str(i), ScoringOutput(scoring.cosine(vecs[a], vecs[b])), [])
+                for i, (a, b) in enumerate(texts)]
 
     def _pool(self, prompts, pooling_params, task: str, use_tqdm: bool) -> list:
         if isinstance(prompts, (str, dict)):

@@ -30,7 +30,8 @@ from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, Compl
                                                     TokenizeRequest, TokenizeResponse, VersionResponse)
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.protocol_pooling import (ClassificationRequest, ClassificationResponse,
-                                                            EmbeddingRequest, EmbeddingResponse)
+                                                            EmbeddingRequest, EmbeddingResponse, RerankRequest,
+                                                            RerankResponse, ScoreRequest, ScoreResponse)
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
@@ -178,10 +179,21 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
 
     app.include_router(v1)
 
+    # vLLM's paths for classification, scoring and reranking, beside /v1 (behind the API key
+    # here too: they run the model).
     @app.post("/classify", response_model=ClassificationResponse, responses=_ERRORS)
     async def classify_vllm_path(body: ClassificationRequest, request: Request) -> Response:
-        """vLLM's path for the same (behind the API key here too: it runs the model)."""
         return _respond(await _with_cancellation(request, pooling.classify(body)))
+
+    for path in ("/score", "/v1/score"):
+        @app.post(path, response_model=ScoreResponse, responses=_ERRORS)
+        async def score(body: ScoreRequest, request: Request) -> Response:
+            return _respond(await _with_cancellation(request, pooling.score(body)))
+
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        @app.post(path, response_model=RerankResponse, responses=_ERRORS)
+        async def rerank(body: RerankRequest, request: Request) -> Response:
+            return _respond(await _with_cancellation(request, pooling.rerank(body)))
 
     @app.get("/health")
     async def health() -> Response:

@@ -1,6 +1,6 @@
-"""--api-key: every /v1 path, and /classify, needs `Authorization: Bearer <key>` (as vLLM:
-/health, /metrics, /version and /tokenize stay open; vLLM leaves /classify open too, but it
-runs the model). Checked in middleware, from the headers alone, so a client
+"""--api-key: every /v1 and /v2 path, and /classify, /score and /rerank, needs `Authorization:
+Bearer <key>` (as vLLM: /health, /metrics, /version and /tokenize stay open; vLLM leaves
+/classify, /score and /rerank open too, but they run the model). Checked in middleware, from the headers alone, so a client
 without the key gets 401 before its body is read or validated (no parsing work, no schema
 hints), and unknown /v1 paths are not told apart from real ones."""
 
@@ -12,7 +12,7 @@ from typing import Optional
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.requests import HTTPConnection
 
-PROTECTED_PREFIXES = ("/v1", "/classify")
+PROTECTED_PREFIXES = ("/v1", "/v2", "/classify", "/score", "/rerank")
 
 
 class ApiKeyBackend(AuthenticationBackend):

@@ -1,5 +1,5 @@
 """Pydantic models of OpenAI's /v1/embeddings, plus vLLM's extra fields (truncate_prompt_tokens,
-normalize), and of vLLM's /classify."""
+normalize), and of vLLM's /classify, /score and /rerank (Jina and Cohere's rerank shape)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,54 @@ class ClassificationResponse(OpenAIBaseModel):
     model: str
     data: list[ClassificationData]
     usage: UsageInfo
+
+
+class ScoreRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    text_1: Union[Text, list[Text]]
+    text_2: Union[Text, list[Text]]
+    truncate_prompt_tokens: Optional[int] = None
+
+
+class ScoreData(OpenAIBaseModel):
+    object: Literal["score"] = "score"
+    index: int
+    score: float
+
+
+class ScoreResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("score"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
+class RerankRequest(OpenAIBaseModel):
+    model: Optional[str] = None
+    query: Text
+    documents: list[Text]
+    top_n: Optional[int] = None
+    truncate_prompt_tokens: Optional[int] = None
+
+
+class RerankDocument(OpenAIBaseModel):
+    text: str
+
+
+class RerankResult(OpenAIBaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(OpenAIBaseModel):
+    total_tokens: int
+
+
+class RerankResponse(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("rerank"))
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]  # best first

@@ -1,19 +1,23 @@
-"""POST /v1/embeddings (an embedding model) and /classify (a sequence classifier): one result
-per input, from a pooling model (runner "pooling")."""
+"""POST /v1/embeddings (an embedding model), /classify (a sequence classifier), /score and
+/rerank (a cross-encoder, or an embedding model's cosine similarity; pagedserve/scoring.py):
+results from a pooling model (runner "pooling")."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from pagedserve.entrypoints.openai.protocol import UsageInfo, random_id
+from pagedserve import scoring
 from pagedserve.entrypoints.openai.protocol_pooling import (ClassificationData, ClassificationRequest,
                                                             ClassificationResponse, EmbeddingData, EmbeddingRequest,
-                                                            EmbeddingResponse)
+                                                            EmbeddingResponse, RerankDocument, RerankRequest,
+                                                            RerankResponse, RerankResult, RerankUsage, ScoreData,
+                                                            ScoreRequest, ScoreResponse)
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, OpenAIServing
 from pagedserve.errors import ParamError
 from pagedserve.pooling_params import PoolingParams
@@ -39,15 +43,17 @@ def _encode(vector: list[float], fmt: str):
 
 
 class OpenAIServingPooling(OpenAIServing):
-    async def _pool(self, req: Any, params: PoolingParams, prefix: str) -> tuple[str, str, list]:
-        """(model name, request id, one engine output per input), all inputs or none."""
+    async def _pool(self, req: Any, params: PoolingParams, prefix: str, prompts: Optional[list] = None
+                    ) -> tuple[str, str, list]:
+        """(model name, request id, one engine output per input: `prompts`, else the
+        request's `input`), all inputs or none."""
         model = self.model_name(req.model)
         task = self.llm.engine.config.pooling_task
         if task != params.task:
             api, needs = _WHAT[params.task]
             raise OpenAIError(400, f"The model `{model}` does not support {api}: serve {needs}.", "BadRequestError",
                               "model")
-        prompts = _inputs(req.input)
+        prompts = _inputs(req.input) if prompts is None else prompts
         queue = self.llm.max_waiting_requests
         if queue is not None and len(prompts) > queue:  # could never be queued at once
             raise ParamError("input", f"a request may carry at most {queue} inputs (--max-waiting-requests), "
@@ -92,6 +98,39 @@ class OpenAIServingPooling(OpenAIServing):
             data.append(ClassificationData(index=i, label=labels.get(best, labels.get(str(best))), probs=probs,
                                            num_classes=len(probs)))
         return ClassificationResponse(id=request_id, model=model, data=data, usage=_usage(outs))
+
+
+    async def _scores(self, req: Any, texts: list[tuple[str, str]]) -> tuple[str, list[float], int]:
+        """(model name, one score per pair, prompt tokens used)."""
+        kind = scoring.check_scorer(self.llm.engine.config)
+        if kind == "cross":
+            tok = self.llm.tokenizer
+            prompts = [await self.llm.run_tokenizer(scoring.pair_prompt, tok, a, b) for a, b in texts]
+            params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify")
+            model, _, outs = await self._pool(req, params, "score", prompts)
+            return model, [o.outputs.probs[0] for o in outs], _usage(outs).prompt_tokens
+        unique = list(dict.fromkeys(t for pair in texts for t in pair))
+        params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens, task="embed")
+        model, _, outs = await self._pool(req, params, "score", unique)
+        vecs = {t: o.outputs.embedding for t, o in zip(unique, outs)}
+        return model, [scoring.cosine(vecs[a], vecs[b]) for a, b in texts], _usage(outs).prompt_tokens
+
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        texts = scoring.pairs(req.text_1, req.text_2)
+        model, scores, n = await self._scores(req, texts)
+        return ScoreResponse(model=model, data=[ScoreData(index=i, score=s) for i, s in enumerate(scores)],
+                             usage=UsageInfo(prompt_tokens=n, total_tokens=n))
+
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
+        if req.top_n is not None and req.top_n < 1:
+            raise ParamError("top_n", f"top_n must be a positive integer, got {req.top_n}.")
+        if not req.documents:
+            raise ParamError("documents", "documents must not be empty.")
+        model, scores, n = await self._scores(req, scoring.pairs(req.query, req.documents))
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
+        results = [RerankResult(index=i, document=RerankDocument(text=req.documents[i]), relevance_score=scores[i])
+                   for i in order]
+        return RerankResponse(model=model, usage=RerankUsage(total_tokens=n), results=results)
 
 
 def _usage(outs: list) -> UsageInfo:
