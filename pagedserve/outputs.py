@@ -61,15 +61,20 @@ class EmbeddingOutput:
 
 
 @dataclass
-class EmbeddingRequestOutput:
-    """vLLM's LLM.embed result: the pooled vector of one prompt."""
+class PoolingRequestOutput:
+    """One prompt's result from a pooling model (vLLM's PoolingRequestOutput): `outputs` is an
+    EmbeddingOutput or a ClassificationOutput."""
 
     request_id: str
-    outputs: EmbeddingOutput
+    outputs: Any
     prompt_token_ids: list[int]
     finished: bool = True
     prompt: Optional[str] = None
     num_cached_tokens: int = 0
+
+
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """vLLM's LLM.embed result: `outputs.embedding`, the pooled vector of one prompt."""
 
 
 @dataclass
@@ -81,16 +86,8 @@ class ClassificationOutput:
         return len(self.probs)
 
 
-@dataclass
-class ClassificationRequestOutput:
-    """vLLM's LLM.classify result: one prompt's class probabilities."""
-
-    request_id: str
-    outputs: ClassificationOutput
-    prompt_token_ids: list[int]
-    finished: bool = True
-    prompt: Optional[str] = None
-    num_cached_tokens: int = 0
+class ClassificationRequestOutput(PoolingRequestOutput):
+    """vLLM's LLM.classify result: `outputs.probs`, one prompt's class probabilities."""
 
 
 @dataclass

@@ -217,27 +217,6 @@ def test_llama3_json_stream(size):
             assert streamed == ""  # calls are never streamed as content
 
 
-def test_auto_with_the_llama3_json_parser(llama_dir):
-    regex = r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'
-    with serving(llama_dir, MODEL, tool_call_parser="llama3_json") as srv, openai_client(srv) as client:
-        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
-                      extra_body={"structured_outputs": {"regex": regex}})
-        choice = client.chat.completions.create(**kwargs).choices[0]
-        assert choice.finish_reason == "tool_calls" and not choice.message.content
-        (call,) = choice.message.tool_calls
-        assert call.function.name == "get_weather"
-        _check_weather_args(call.function.arguments)
-        calls, content = [], ""
-        for c in client.chat.completions.create(stream=True, **kwargs):
-            calls += c.choices[0].delta.tool_calls or []
-            content += c.choices[0].delta.content or ""
-        assert content == "" and [(t.function.name, t.function.arguments) for t in calls] == [
-            ("get_weather", call.function.arguments)]
-        plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
-                                               max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
-        assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content
-
-
 # ---- the mistral and pythonic parsers -------------------------------------------------------
 def test_parse_mistral():
     from pagedserve.entrypoints.openai.tool_calls import parse_mistral
@@ -290,10 +269,13 @@ def test_mistral_and_pythonic_streams(size):
 
 
 @pytest.mark.parametrize("parser, regex", [
+    ("llama3_json", r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'),
     ("mistral", r'Sure\. \[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": '
                 r'\{"city": "(Paris|Rome)", "days": [1-7]\}\}\]'),
     ("pythonic", r'\[get_weather\(city="(Paris|Rome)", days=[1-7]\)\]')])
-def test_auto_with_the_mistral_and_pythonic_parsers(llama_dir, parser, regex):
+def test_auto_with_the_other_parsers(llama_dir, parser, regex):
+    """Replies forced into each format with a regex: one call, whole and streamed; a reply in
+    plain text is content."""
     with serving(llama_dir, MODEL, tool_call_parser=parser) as srv, openai_client(srv) as client:
         kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
                       extra_body={"structured_outputs": {"regex": regex}})
@@ -310,3 +292,6 @@ def test_auto_with_the_mistral_and_pythonic_parsers(llama_dir, parser, regex):
         assert content == (choice.message.content or "")
         assert [(t.function.name, t.function.arguments) for t in calls] == [
             ("get_weather", call.function.arguments)]
+        plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
+                                               max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
+        assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content

@@ -347,12 +347,9 @@ class LLMEngine:
             entry = self._pooling.pop(rid, None)
             if entry is not None:  # (gone if aborted meanwhile)
                 text, ids, req = entry
-                if self.config.pooling_task == "classify":
-                    outputs.append(ClassificationRequestOutput(rid, ClassificationOutput(vector), ids, True, text,
-                                                               max(req.num_cached_tokens, 0)))
-                else:
-                    outputs.append(EmbeddingRequestOutput(rid, EmbeddingOutput(vector), ids, True, text,
-                                                          max(req.num_cached_tokens, 0)))
+                cls, result = ((ClassificationRequestOutput, ClassificationOutput)
+                               if self.config.pooling_task == "classify" else (EmbeddingRequestOutput, EmbeddingOutput))
+                outputs.append(cls(rid, result(vector), ids, True, text, max(req.num_cached_tokens, 0)))
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs

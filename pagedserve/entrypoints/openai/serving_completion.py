@@ -15,7 +15,6 @@ from pagedserve.entrypoints.openai.protocol import (CompletionChoice, Completion
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
                                                           merge_async_iterators, prompt_logprobs_json, sse,
                                                           sse_error, token_text, top_by_rank, usage_info)
-from pagedserve.errors import ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
 
 
@@ -60,13 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = random_id("cmpl")
         arrival = time.monotonic()
         raw = _prompts(req.prompt)
-        queue = self.llm.max_waiting_requests
-        if queue is not None and len(raw) > queue:  # could never be queued at once: a retry would not help
-            raise ParamError("prompt", f"a request may carry at most {queue} prompts (--max-waiting-requests), "
-                             f"got {len(raw)}.")
-        for p in raw:
-            if isinstance(p, str):
-                self.limits.check_prompt_chars(p, "prompt", params.truncate_prompt_tokens is not None)
+        self.check_prompts(raw, "prompt", params.truncate_prompt_tokens is not None)
         # Places in the queue now (503 before tokenizing, and before any stream starts).
         reservation = self.llm.reserve(len(raw))
         try:

@@ -145,6 +145,17 @@ class OpenAIServing:
             logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id, prompt,
                         params, prompt_token_ids)
 
+    def check_prompts(self, prompts: list, field: str, truncating: bool) -> None:
+        """A request's prompts: no more than the waiting queue could ever hold at once (a retry
+        would not help), and text prompts within the character limit."""
+        queue = self.llm.max_waiting_requests
+        if queue is not None and len(prompts) > queue:
+            raise ParamError(field, f"a request may carry at most {queue} {field}s (--max-waiting-requests), "
+                             f"got {len(prompts)}.")
+        for p in prompts:
+            if isinstance(p, str):
+                self.limits.check_prompt_chars(p, field, truncating)
+
     def check_generates(self, model: str) -> None:
         """Completions and chat need a text-generating model."""
         if self.llm.engine.config.runner == "pooling":

@@ -54,13 +54,7 @@ class OpenAIServingPooling(OpenAIServing):
             raise OpenAIError(400, f"The model `{model}` does not support {api}: serve {needs}.", "BadRequestError",
                               "model")
         prompts = _inputs(req.input) if prompts is None else prompts
-        queue = self.llm.max_waiting_requests
-        if queue is not None and len(prompts) > queue:  # could never be queued at once
-            raise ParamError("input", f"a request may carry at most {queue} inputs (--max-waiting-requests), "
-                             f"got {len(prompts)}.")
-        for p in prompts:
-            if isinstance(p, str):
-                self.limits.check_prompt_chars(p, "input", params.truncate_prompt_tokens is not None)
+        self.check_prompts(prompts, "input", params.truncate_prompt_tokens is not None)
         reservation = self.llm.reserve(len(prompts))
         request_id = random_id(prefix)
         arrival = time.monotonic()
