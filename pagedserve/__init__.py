@@ -2,11 +2,13 @@
 
 from pagedserve.config import EngineArgs
 from pagedserve.entrypoints.llm import LLM
-from pagedserve.outputs import CompletionOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from pagedserve.outputs import (ClassificationRequestOutput, CompletionOutput, EmbeddingRequestOutput, Logprob,
+                                PoolingRequestOutput, RequestOutput, ScoringRequestOutput)
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "EmbeddingRequestOutput", "CompletionOutput",
-           "Logprob", "RequestOutputKind", "EngineArgs", "__version__"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "PoolingRequestOutput", "EmbeddingRequestOutput",
+           "ClassificationRequestOutput", "ScoringRequestOutput", "CompletionOutput", "Logprob", "RequestOutputKind",
+           "EngineArgs", "__version__"]
