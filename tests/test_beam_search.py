@@ -98,3 +98,33 @@ def test_eos_ends_beams(llm, hf_refs, monkeypatch):
 def test_beam_score():
     assert beam_score([1, 2, 3, 0], -3.0, {0}, 1.0) == -1.0  # the final EOS does not count
     assert math.isclose(beam_score([1, 2, 3, 4], -4.0, {0}, 0.5), -2.0)
+
+
+def test_server_use_beam_search_equals_llm_beam_search(llama_dir):
+    """/v1/completions with use_beam_search: n beams per prompt, best first, the same as
+    LLM.beam_search on the same engine settings."""
+    import httpx
+    from server_helpers import serving
+
+    from pagedserve import LLM
+    from pagedserve.sampling_params import BeamSearchParams
+
+    prompts = ["The capital of France is", "def f(x):"]
+    llm = LLM(llama_dir, max_model_len=512)
+    offline = llm.beam_search([{"prompt": p} for p in prompts],
+                              BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5))
+    prompt_lens = [len(llm.get_tokenizer().encode(p)) for p in prompts]
+    with serving(llama_dir, "tiny-llama") as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": prompts, "use_beam_search": True, "n": 3,
+                                                           "max_tokens": 6, "length_penalty": 0.5}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    for i, out in enumerate(offline):
+        assert [c["text"] for c in choices[3 * i: 3 * i + 3]] == [s.text for s in out.sequences]
+        assert [c["finish_reason"] for c in choices[3 * i: 3 * i + 3]] == [s.finish_reason for s in out.sequences]
+    assert len({c["text"] for c in choices[:3]}) == 3  # three different beams
+    assert body["usage"]["prompt_tokens"] == sum(prompt_lens)
+    assert body["usage"]["completion_tokens"] == sum(len(s.tokens) - n for o, n in zip(offline, prompt_lens)
+                                                     for s in o.sequences)

@@ -56,7 +56,12 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
      "messages"),
     # Fields that would change the result but are not implemented: refused, not ignored.
-    ("completions", {"prompt": "x", "use_beam_search": True, "n": 2}, "not supported", "use_beam_search"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True},
+     "completions only", "use_beam_search"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "n": 2, "stream": True}, "not supported", "stream"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "logprobs": 2}, "not supported", "logprobs"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "top_p": 0.5}, "not supported", "top_p"),
+    ("completions", {"prompt": "x", "use_beam_search": True, "guided_regex": "a+"}, "not supported", "guided_regex"),
     ("completions", {"prompt": "x", "best_of": 3}, "best_of", "best_of"),
     ("completions", {"prompt": "x", "priority": 1}, "not supported", "priority"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},

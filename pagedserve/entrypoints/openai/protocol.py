@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pagedserve.errors import ParamError
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.structured_outputs import StructuredOutputsParams
 
 
@@ -156,9 +156,11 @@ class SamplingFields(OpenAIBaseModel):
     guided_grammar: Optional[str] = None
     guided_whitespace_pattern: Optional[str] = None
     guided_decoding_backend: Optional[str] = None
+    # vLLM's beam search (completions, non-streamed): n beams, scored with length_penalty.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # Fields that would change the result but are not implemented: refused (400), never
     # silently ignored (see _refuse_unsupported).
-    use_beam_search: bool = False
     best_of: Optional[int] = None
     priority: int = 0
 
@@ -199,16 +201,38 @@ class SamplingFields(OpenAIBaseModel):
                              f"{', '.join(so.source for so in found)}.")
         return found[0] if found else None
 
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """use_beam_search's parameters: n beams. What beam search does not honour (it keeps the
+        most likely continuations, at a temperature) is a 400 naming the field."""
+        ignored = {"stream": self.stream, "logprobs": getattr(self, "logprobs", None) not in (None, False),
+                   "echo": getattr(self, "echo", False), "prompt_logprobs": self.prompt_logprobs is not None,
+                   "stop": bool(self.stop), "stop_token_ids": bool(self.stop_token_ids),
+                   "min_tokens": bool(self.min_tokens), "logit_bias": bool(self.logit_bias),
+                   "bad_words": bool(self.bad_words), "allowed_token_ids": self.allowed_token_ids is not None,
+                   "top_p": self.top_p not in (None, 1.0), "top_k": self.top_k not in (None, 0, -1),
+                   "min_p": self.min_p not in (None, 0.0), "presence_penalty": bool(self.presence_penalty),
+                   "frequency_penalty": bool(self.frequency_penalty),
+                   "repetition_penalty": self.repetition_penalty not in (None, 1.0)}
+        for name, given in ignored.items():
+            if given:
+                raise ParamError(name, f"{name} is not supported with use_beam_search.")
+        so = self._structured_outputs()
+        if so is not None:
+            raise ParamError(so.source, f"{so.source} is not supported with use_beam_search.")
+        self._refuse_unsupported()
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                temperature=self.temperature or 0.0, length_penalty=self.length_penalty,
+                                include_stop_str_in_output=self.include_stop_str_in_output)
+
     def _refuse_unsupported(self) -> None:
-        if self.use_beam_search:
-            raise ParamError("use_beam_search", "use_beam_search is not supported by this server (offline, "
-                             "LLM.beam_search is).")
         if self.best_of is not None and self.best_of != self.n:
             raise ParamError("best_of", "best_of is not supported (it may only equal n).")
         if self.priority:
             raise ParamError("priority", "priority is not supported: requests are served first come, first served.")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        if self.use_beam_search:  # /v1/completions takes beam_search_params() instead
+            raise ParamError("use_beam_search", "use_beam_search is supported on /v1/completions only.")
         self._refuse_unsupported()
         bias = None
         if self.logit_bias is not None:

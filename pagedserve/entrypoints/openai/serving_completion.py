@@ -3,11 +3,13 @@ server-sent events."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
+from pagedserve.beam_search import beam_search_async
 from pagedserve.engine.async_engine import Reservation
 from pagedserve.engine.engine import PromptType
 from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
@@ -16,6 +18,7 @@ from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServin
                                                           merge_async_iterators, prompt_logprobs_json, sse,
                                                           sse_error, token_text, top_by_rank, usage_info)
 from pagedserve.outputs import Logprob, PromptLogprobs, RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 
 @dataclass
@@ -55,6 +58,8 @@ class OpenAIServingCompletion(OpenAIServing):
         model = self.model_name(req.model)
         self.check_generates(model)
         self.limits.check_sampling(req)
+        if req.use_beam_search:
+            return await self._beam_search(req, model)
         params = req.to_sampling_params()
         request_id = random_id("cmpl")
         arrival = time.monotonic()
@@ -92,6 +97,32 @@ class OpenAIServingCompletion(OpenAIServing):
                                     prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs))
                    for i, st in enumerate(states) for j, c in enumerate(st.choices)]
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=self._usage(states))
+
+    async def _beam_search(self, req: CompletionRequest, model: str) -> CompletionResponse:
+        """use_beam_search: the n best beams of each prompt (pagedserve/beam_search.py), each a
+        choice, best first; not streamed."""
+        bparams = req.beam_search_params(req.max_tokens if req.max_tokens is not None else 16)
+        raw = _prompts(req.prompt)
+        self.check_prompts(raw, "prompt", req.truncate_prompt_tokens is not None)
+        check = SamplingParams(max_tokens=bparams.max_tokens, truncate_prompt_tokens=req.truncate_prompt_tokens)
+        prompts = [await self.llm.preprocess(p, check) for p in raw]  # every prompt checked before any runs
+        request_id = random_id("cmpl")
+        tasks = [asyncio.ensure_future(beam_search_async(self.llm, p["prompt_token_ids"], bparams, f"{request_id}-{i}"))
+                 for i, p in enumerate(prompts)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
+        choices, generated = [], 0
+        for i, (p, res) in enumerate(zip(prompts, results)):
+            for j, beam in enumerate(res.sequences):
+                choices.append(CompletionChoice(index=i * req.n + j, text=beam.text, finish_reason=beam.finish_reason))
+                generated += len(beam.tokens) - len(p["prompt_token_ids"])
+        prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+        return CompletionResponse(id=request_id, model=model, choices=choices,
+                                  usage=usage_info(prompt_tokens, generated, None))
 
     def _fold(self, req: CompletionRequest, st: _PromptState, out: RequestOutput):
         """Add one delta output to its prompt's choices; yields (sample index, the delta
