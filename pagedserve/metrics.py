@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pagedserve.engine.engine import LLMEngine
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import PoolingRequestOutput, RequestOutput
 
 PREFIX = "pagedserve:"
 
@@ -95,6 +95,17 @@ class _RequestTracker:
                 m.success.labels(m.model_name, c.finish_reason).inc()
         if out.finished:
             self._end(now)
+
+    def on_pooled(self, out: PoolingRequestOutput, now: float) -> None:
+        """A pooling request's one result (embedding, classification): its prompt tokens, a
+        success with reason "stop", its queue time and latency."""
+        if self.done:
+            return
+        m = self.m
+        m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.success.labels(m.model_name, "stop").inc()
+        self.num_finished = 1
+        self._end(now)
 
     def on_abort(self, now: float) -> None:
         if not self.done:

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from server_helpers import no_requests_left, openai_client, serving
+from server_helpers import metric, no_requests_left, openai_client, scrape, serving
 
 from pagedserve import LLM, PoolingParams
 
@@ -51,6 +51,16 @@ def test_embeddings_equal_the_offline_engine(emb_server, base_dir):
             assert e.value.body["param"] == param, e.value.body
         with pytest.raises(openai.BadRequestError, match="embedding model"):
             client.chat.completions.create(model="tiny-embed", messages=[{"role": "user", "content": "hi"}])
+        # Embedding requests count on /metrics: their prompt tokens and one success each.
+        before = scrape(emb_server.url)
+        got = client.embeddings.create(model="tiny-embed", input=texts)
+        after = scrape(emb_server.url)
+        assert metric(after, "pagedserve:prompt_tokens_total") - metric(before, "pagedserve:prompt_tokens_total") \
+            == got.usage.prompt_tokens
+        assert metric(after, "pagedserve:request_success_total", finished_reason="stop") - metric(
+            before, "pagedserve:request_success_total", finished_reason="stop") == 2
+        assert metric(after, "pagedserve:e2e_request_latency_seconds_count") - metric(
+            before, "pagedserve:e2e_request_latency_seconds_count") == 2
     assert no_requests_left(emb_server.llm)
 
 

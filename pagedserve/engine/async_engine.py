@@ -20,7 +20,7 @@ from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, U
 from pagedserve.config import EngineArgs
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
-from pagedserve.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -44,6 +44,8 @@ class UnavailableError(RuntimeError):
 
 class RequestStatsTracker(Protocol):
     def on_output(self, output: RequestOutput, now: float) -> None: ...
+
+    def on_pooled(self, output: PoolingRequestOutput, now: float) -> None: ...
 
     def on_abort(self, now: float) -> None: ...
 
@@ -118,10 +120,13 @@ class _AbortAll:
 def _deliver(items: list[tuple[_Stream, _Item]], now: float) -> None:
     """On the event loop: hand a step's outputs to their streams."""
     for stream, item in items:
-        if isinstance(item, RequestOutput):
+        if isinstance(item, (RequestOutput, PoolingRequestOutput)):
             for t in stream.trackers:
                 try:
-                    t.on_output(item, now)
+                    if isinstance(item, RequestOutput):
+                        t.on_output(item, now)
+                    else:
+                        t.on_pooled(item, now)
                 except Exception:  # statistics must never stall a stream
                     logger.exception("stat logger failed")
         stream.queue.put_nowait(item)
@@ -287,12 +292,13 @@ class AsyncLLM:
 
     async def encode(self, prompt: PromptType, params: PoolingParams, request_id: str, *,
                      arrival_time: Optional[float] = None,
-                     reservation: Optional[Reservation] = None) -> EmbeddingRequestOutput:
-        """An embedding request (a pooling model): its vector once its prompt is computed.
+                     reservation: Optional[Reservation] = None) -> PoolingRequestOutput:
+        """A pooling request (embedding, classification): its result once its prompt is computed.
         Cancelling the awaiting task aborts it and frees its KV blocks."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         tokens_prompt = await self.preprocess(prompt, params)
-        stream = _Stream(request_id, asyncio.get_running_loop(), [])
+        stream = _Stream(request_id, asyncio.get_running_loop(), [s.new_request(arrival_time, 1)
+                                                                  for s in self.stat_loggers])
         self._enqueue(_Add(stream, tokens_prompt, params.clone(), arrival_time, None), reservation)
         done = False
         try:
@@ -304,6 +310,9 @@ class AsyncLLM:
                 raise UnavailableError("the request was aborted: the server is shutting down.", retry_after=1)
             return item
         finally:
+            if not done or item is _ABORTED:
+                for t in stream.trackers:
+                    t.on_abort(time.monotonic())
             if not done:
                 self._post(_Abort(request_id, stream))
 
