@@ -118,6 +118,20 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams) -> list
     return search.results(engine.tokenizer)
 
 
+async def beam_search_many(async_llm: "AsyncLLM", prompts: list[list[int]], params: BeamSearchParams,
+                           request_id: str) -> list[BeamSearchOutput]:
+    """One search per prompt, concurrently; if one fails (or the caller goes away) the others
+    are cancelled, and their requests aborted."""
+    tasks = [asyncio.ensure_future(beam_search_async(async_llm, ids, params, f"{request_id}-{i}"))
+             for i, ids in enumerate(prompts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
 async def beam_search_async(async_llm: "AsyncLLM", prompt_ids: list[int], params: BeamSearchParams,
                             request_id: str) -> BeamSearchOutput:
     """The same search for one prompt through the server's engine: each round's steps run

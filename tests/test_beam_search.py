@@ -101,8 +101,8 @@ def test_beam_score():
 
 
 def test_server_use_beam_search_equals_llm_beam_search(llama_dir):
-    """/v1/completions with use_beam_search: n beams per prompt, best first, the same as
-    LLM.beam_search on the same engine settings."""
+    """/v1/completions and /v1/chat/completions with use_beam_search: n beams per prompt, best
+    first, the same as LLM.beam_search on the same engine settings."""
     import httpx
     from server_helpers import serving
 
@@ -114,11 +114,22 @@ def test_server_use_beam_search_equals_llm_beam_search(llama_dir):
     offline = llm.beam_search([{"prompt": p} for p in prompts],
                               BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5))
     prompt_lens = [len(llm.get_tokenizer().encode(p)) for p in prompts]
+    conv = [{"role": "user", "content": "Hello!"}]
+    tok = llm.get_tokenizer()
+    chat_ids = tok.encode(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+    chat_offline = llm.beam_search([{"prompt_token_ids": chat_ids}], BeamSearchParams(beam_width=2, max_tokens=5))[0]
     with serving(llama_dir, "tiny-llama") as srv:
         r = httpx.post(f"{srv.url}/v1/completions", json={"prompt": prompts, "use_beam_search": True, "n": 3,
                                                            "max_tokens": 6, "length_penalty": 0.5}, timeout=60)
         assert r.status_code == 200, r.text
         body = r.json()
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": conv, "use_beam_search": True, "n": 2,
+                                                                "max_tokens": 5}, timeout=60)
+        assert r.status_code == 200, r.text
+        chat = r.json()
+    assert [c["message"]["content"] for c in chat["choices"]] == [s.text for s in chat_offline.sequences]
+    assert chat["usage"]["prompt_tokens"] == len(chat_ids)
     choices = body["choices"]
     assert [c["index"] for c in choices] == list(range(6))
     for i, out in enumerate(offline):

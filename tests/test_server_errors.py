@@ -56,8 +56,10 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages",
      "messages"),
     # Fields that would change the result but are not implemented: refused, not ignored.
-    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True},
-     "completions only", "use_beam_search"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True,
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "not supported", "tools"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "use_beam_search": True, "stream": True},
+     "not supported", "stream"),
     ("completions", {"prompt": "x", "use_beam_search": True, "n": 2, "stream": True}, "not supported", "stream"),
     ("completions", {"prompt": "x", "use_beam_search": True, "logprobs": 2}, "not supported", "logprobs"),
     ("completions", {"prompt": "x", "use_beam_search": True, "top_p": 0.5}, "not supported", "top_p"),

@@ -231,8 +231,8 @@ class SamplingFields(OpenAIBaseModel):
             raise ParamError("priority", "priority is not supported: requests are served first come, first served.")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
-        if self.use_beam_search:  # /v1/completions takes beam_search_params() instead
-            raise ParamError("use_beam_search", "use_beam_search is supported on /v1/completions only.")
+        if self.use_beam_search:  # the handlers take beam_search_params() instead
+            raise ParamError("use_beam_search", "use_beam_search takes beam_search_params().")
         self._refuse_unsupported()
         bias = None
         if self.logit_bias is not None:
@@ -409,6 +409,19 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
             else required_schema(self.tools, parallel=self.parallel_tool_calls is not False)
         # Compact JSON (no free whitespace): the arguments are for a program to read.
         return _structured("tools", json=schema, disable_any_whitespace=True)
+
+    def chat_beam_search_params(self, max_tokens_left: int) -> BeamSearchParams:
+        """use_beam_search on chat: plain replies only (no tools); max_tokens defaults to the
+        room the rendered prompt leaves."""
+        if self.tool_mode != "none":
+            raise ParamError("tools", "tools are not supported with use_beam_search.")
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise ParamError(name, f"{name} is not supported; use tools and tool_choice.")
+        if self.echo:
+            raise ParamError("echo", "echo is not supported for chat completions.")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.beam_search_params(max_tokens if max_tokens is not None else max_tokens_left)
 
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:

@@ -7,6 +7,7 @@ import time
 from contextlib import aclosing
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
+from pagedserve.beam_search import beam_search_many
 from pagedserve.engine.async_engine import Reservation
 from pagedserve.entrypoints.openai.chat_output import ChoiceStream, whole_message
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionChoice, ChatCompletionLogProb,
@@ -20,6 +21,7 @@ from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServin
 from pagedserve.entrypoints.openai.tool_calls import KEEPS_SPECIAL_TOKENS
 from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
+from pagedserve.sampling_params import SamplingParams
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -32,6 +34,8 @@ class OpenAIServingChat(OpenAIServing):
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
         self.check_generates(model)
+        if req.use_beam_search:
+            return await self._beam_search(req, model)
         try:
             self.limits.check_sampling(req)
             params = req.to_sampling_params()
@@ -65,6 +69,28 @@ class OpenAIServingChat(OpenAIServing):
             return await self._full(req, model, request_id, gen, params.n, num_prompt)
         finally:
             reservation.release()
+
+    async def _beam_search(self, req: ChatCompletionRequest, model: str) -> ChatCompletionResponse:
+        """use_beam_search: the n best beams of the conversation's reply, best first, each a
+        choice (pagedserve/beam_search.py); not streamed."""
+        try:
+            self.limits.check_sampling(req)
+            text, ids = await self.render_chat(req, truncating=req.truncate_prompt_tokens is not None)
+            bparams = req.chat_beam_search_params(max(1, self.max_model_len - len(ids)))
+            check = SamplingParams(max_tokens=bparams.max_tokens, truncate_prompt_tokens=req.truncate_prompt_tokens)
+            prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, check)
+        except ParamError as e:
+            raise self._chat_param(e, req) from None
+        request_id = random_id("chatcmpl")
+        (result,) = await beam_search_many(self.llm, [prompt["prompt_token_ids"]], bparams, request_id)
+        num_prompt = len(prompt["prompt_token_ids"])
+        choices = []
+        for i, beam in enumerate(result.sequences):
+            message, finish = whole_message(req, beam.text, beam.finish_reason, self.reasoning_parser, None)
+            choices.append(ChatCompletionChoice(index=i, message=message, finish_reason=finish))
+        generated = sum(len(b.tokens) - num_prompt for b in result.sequences)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices,
+                                      usage=usage_info(num_prompt, generated, None))
 
     async def _full(self, req: ChatCompletionRequest, model: str, request_id: str,
                     gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int) -> ChatCompletionResponse:

@@ -3,13 +3,12 @@ server-sent events."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncGenerator, AsyncIterator, Optional, Union
 
-from pagedserve.beam_search import beam_search_async
+from pagedserve.beam_search import beam_search_many
 from pagedserve.engine.async_engine import Reservation
 from pagedserve.engine.engine import PromptType
 from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
@@ -107,14 +106,7 @@ class OpenAIServingCompletion(OpenAIServing):
         check = SamplingParams(max_tokens=bparams.max_tokens, truncate_prompt_tokens=req.truncate_prompt_tokens)
         prompts = [await self.llm.preprocess(p, check) for p in raw]  # every prompt checked before any runs
         request_id = random_id("cmpl")
-        tasks = [asyncio.ensure_future(beam_search_async(self.llm, p["prompt_token_ids"], bparams, f"{request_id}-{i}"))
-                 for i, p in enumerate(prompts)]
-        try:
-            results = await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            raise
+        results = await beam_search_many(self.llm, [p["prompt_token_ids"] for p in prompts], bparams, request_id)
         choices, generated = [], 0
         for i, (p, res) in enumerate(zip(prompts, results)):
             for j, beam in enumerate(res.sequences):
