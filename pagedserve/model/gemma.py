@@ -79,11 +79,12 @@ class GemmaModel(nn.Module):
             GemmaDecoderLayer(cfg, rotaries[t if per_type else "full_attention"], attn_options, w, sandwich)
             for t, w in zip(types, layer_windows(cfg)))
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.normalizer = cfg.hidden_size**0.5
+        # sqrt(hidden) rounded to the model dtype (the default dtype while the loader builds
+        # the model), as transformers rounds it; a Python float, so a captured graph holds it.
+        self.normalizer = float(torch.tensor(cfg.hidden_size**0.5, dtype=torch.get_default_dtype(), device="cpu"))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        x = x * torch.tensor(self.normalizer, dtype=x.dtype)  # rounded to the dtype first, as transformers does
+        x = self.embed_tokens(input_ids) * self.normalizer
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
