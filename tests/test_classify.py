@@ -15,7 +15,8 @@ def _build(tokenizer_dir: str, path: str, arch: str, num_labels: int) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg_cls = {"LlamaForSequenceClassification": "LlamaConfig", "Qwen3ForSequenceClassification": "Qwen3Config"}[arch]
+    cfg_cls = {"LlamaForSequenceClassification": "LlamaConfig", "Qwen3ForSequenceClassification": "Qwen3Config",
+               "Gemma2ForSequenceClassification": "Gemma2Config"}[arch]
     cfg = getattr(transformers, cfg_cls)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                          vocab_size=len(tok), num_labels=num_labels, pad_token_id=tok.pad_token_id,
@@ -30,11 +31,13 @@ def _build(tokenizer_dir: str, path: str, arch: str, num_labels: int) -> str:
 @pytest.fixture(scope="module")
 def classifiers(tokenizer_dir, tmp_path_factory):
     return {(arch, n): _build(tokenizer_dir, str(tmp_path_factory.mktemp("cls")), arch, n)
-            for arch, n in (("LlamaForSequenceClassification", 3), ("Qwen3ForSequenceClassification", 1))}
+            for arch, n in (("LlamaForSequenceClassification", 3), ("Qwen3ForSequenceClassification", 1),
+                            ("Gemma2ForSequenceClassification", 2))}
 
 
 @pytest.mark.parametrize("arch, num_labels", [("LlamaForSequenceClassification", 3),
-                                              ("Qwen3ForSequenceClassification", 1)])
+                                              ("Qwen3ForSequenceClassification", 1),
+                                              ("Gemma2ForSequenceClassification", 2)])
 def test_probs_match_transformers(classifiers, arch, num_labels):
     from transformers import AutoModelForSequenceClassification
 
