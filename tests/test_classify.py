@@ -56,6 +56,8 @@ def test_probs_match_transformers(classifiers, arch, num_labels):
     assert len({tuple(o.outputs.probs) for o in outs}) == 3  # prompts score differently
     with pytest.raises(ParamError, match="does not embed"):
         llm.embed("hello", use_tqdm=False)
+    with pytest.raises(ParamError, match="sequence classifier .*does not generate text"):
+        llm.generate("hello", use_tqdm=False)
     with pytest.raises(ParamError, match="dimensions"):
         llm.llm_engine.add_request(None, "hello", PoolingParams(dimensions=4))
     with pytest.raises(ValueError, match="no LM head"):

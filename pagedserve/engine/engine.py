@@ -235,8 +235,9 @@ class LLMEngine:
                 raise ParamError("lora_request", "embedding requests take no LoRA adapter.")
             return self._add_pooling(request_id, prompt, params, arrival_time, cache_salt)
         if self.config.runner == "pooling":
-            raise ParamError("model", "this is an embedding model: it computes embeddings (LLM.embed, "
-                             "/v1/embeddings), not text.")
+            what = {"embed": "an embedding model (LLM.embed, /v1/embeddings)",
+                    "classify": "a sequence classifier (LLM.classify, /classify)"}[self.config.pooling_task]
+            raise ParamError("model", f"this is {what}: it does not generate text.")
         params = (params or SamplingParams()).clone()
         text, ids = self.process_prompt(prompt)
         max_tokens = self.validate(ids, params)

@@ -158,9 +158,10 @@ class OpenAIServing:
 
     def check_generates(self, model: str) -> None:
         """Completions and chat need a text-generating model."""
-        if self.llm.engine.config.runner == "pooling":
-            raise OpenAIError(400, f"The model `{model}` is an embedding model: use /v1/embeddings.",
-                              "BadRequestError", "model")
+        task = self.llm.engine.config.pooling_task
+        if task is not None:
+            use = {"embed": "an embedding model: use /v1/embeddings", "classify": "a classifier: use /classify"}[task]
+            raise OpenAIError(400, f"The model `{model}` is {use}.", "BadRequestError", "model")
 
     def model_name(self, requested: Optional[str]) -> str:
         """The name to answer with; 404 for a model we do not serve."""
