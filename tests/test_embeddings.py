@@ -66,6 +66,23 @@ def test_mean_and_cls_pooling_across_chunks(llama_dir, pooling_type):
             assert o.num_cached_tokens == 0
 
 
+def test_mean_pooling_survives_preemption(llama_dir):
+    """A KV cache too small for the batch: requests are preempted mid-prompt and recomputed;
+    the mean must restart with them, not count their first chunks twice."""
+    per_block = 2 * 2 * 8 * 2 * 16 * 4  # layers x (K, V) x block_size x kv heads x head_dim x float32
+    # Async scheduling plans a step before the last one lands, so a request whose prompt is done
+    # still holds its blocks while the next one needs more: it is preempted.
+    llm = LLM(llama_dir, runner="pooling", pooler_config={"pooling_type": "MEAN", "normalize": False},
+              max_num_batched_tokens=64, block_size=8, kv_cache_memory_bytes=20 * per_block, async_scheduling=True)
+    assert llm.llm_engine.kv.num_blocks == 20
+    hidden = _hidden(llama_dir)
+    prompts = [[(5 * i + 3 * j) % 1000 + 4 for j in range(100)] for i in range(4)]
+    outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    for p, o in zip(prompts, outs):
+        _close(o.outputs.embedding, hidden(p).mean(0))
+
+
 def test_sentence_transformers_settings(llama_dir, tmp_path):
     from pagedserve.model.pooler import PoolerConfig, resolve_pooler_config
 

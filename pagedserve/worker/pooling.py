@@ -18,8 +18,11 @@ class PoolingStates:
         self.partial: dict[str, torch.Tensor] = {}  # request id -> running sum (MEAN) or first row (CLS)
 
     def add_chunk(self, request_id: str, hidden: torch.Tensor, start: int) -> None:
-        """The rows of one scheduled chunk, whose first token is prompt position `start`."""
+        """The rows of one scheduled chunk, whose first token is prompt position `start` (0: the
+        request starts, or starts over after a preemption)."""
         kind = self.config.pooling_type
+        if start == 0:
+            self.partial.pop(request_id, None)
         if kind == "MEAN":
             s = hidden.float().sum(0)
             prev = self.partial.get(request_id)
