@@ -62,6 +62,10 @@ class EngineArgs:
     # model's sentence-transformers settings.
     runner: str = "auto"
     pooler_config: Optional[dict] = None
+    # vLLM's hf_overrides: config.json values replaced before anything reads them, e.g.
+    # {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"]}
+    # runs a causal LM as a classifier on those tokens' logits (Qwen3-Reranker).
+    hf_overrides: Optional[dict] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -91,6 +95,11 @@ class EngineArgs:
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}.")
         hf_config = load_hf_config(self.model)
+        if self.hf_overrides is not None:
+            if not isinstance(self.hf_overrides, dict):
+                raise ValueError(f"hf_overrides must be a dict, got {type(self.hf_overrides).__name__}.")
+            for key, value in self.hf_overrides.items():
+                setattr(hf_config, key, value)
         from pagedserve.model.registry import pooling_task
 
         task = pooling_task(hf_config)
@@ -227,6 +236,7 @@ class EngineConfig:
     runner: str = "generate"
     pooler: Any = None  # model/pooler.py PoolerConfig, with runner "pooling"
     pooling_task: Optional[str] = None  # "embed" | "classify", with runner "pooling"
+    classifier_token_ids: Optional[list[int]] = None  # classifier_from_token, resolved by the engine
     num_gpu_blocks: int = 0  # set once the KV cache is sized
 
     @property

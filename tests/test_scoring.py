@@ -76,3 +76,25 @@ def test_score_and_rerank_endpoints(cross_dir, llama_dir, tokenizer_dir, tmp_pat
         with serving(path, "m") as srv:
             r = httpx.post(f"{srv.url}/score", json={"text_1": "a", "text_2": "b"})
             assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+
+
+def test_causal_lm_reranker_from_tokens(model_dirs, hf_refs):
+    """vLLM's hf_overrides recipe for Qwen3-Reranker: a causal LM run as a one-label classifier
+    on two tokens' logits; the score is the 2-way softmax's second token, as the model card
+    computes it from transformers' logits."""
+    path = model_dirs["qwen3"]  # tied embeddings: the LM head is the embedding table
+    tok = LLM(path).get_tokenizer()
+    no, yes = tok.convert_ids_to_tokens([300, 301])
+    llm = LLM(path, runner="pooling", hf_overrides={"architectures": ["Qwen3ForSequenceClassification"],
+                                                    "classifier_from_token": [no, yes]})
+    assert llm.llm_engine.config.pooling_task == "classify"
+    outs = llm.score(QUERY, DOCS, use_tqdm=False)
+    for d, o in zip(DOCS, outs):
+        ids = tok(text=QUERY, text_pair=d)["input_ids"]
+        with torch.inference_mode():
+            logits = hf_refs["qwen3"].model(torch.tensor([ids])).logits[0, -1].double()
+        want = float(torch.softmax(logits[[300, 301]], -1)[1])
+        assert abs(o.outputs.score - want) < 1e-5
+    with pytest.raises(ValueError, match="not a token"):
+        LLM(path, runner="pooling", hf_overrides={"architectures": ["Qwen3ForSequenceClassification"],
+                                                  "classifier_from_token": ["no such token", yes]})

@@ -37,6 +37,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer)
+        config.classifier_token_ids = self._classifier_token_ids()
         self.runner = ModelRunner(config)
         maybe_inject_step_failure(self.runner)
         num_blocks = self.runner.determine_num_blocks()
@@ -58,6 +59,23 @@ class LLMEngine:
         logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d%s",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
                     config.block_size, config.max_model_len, ", async scheduling" if self.async_scheduling else "")
+
+    def _classifier_token_ids(self) -> Optional[list[int]]:
+        """hf_overrides' classifier_from_token: the tokens whose LM-head rows make a causal LM's
+        classifier head (each must be one token of this tokenizer)."""
+        tokens = getattr(self.config.hf_config, "classifier_from_token", None)
+        if tokens is None or self.config.pooling_task != "classify":
+            return None
+        ids = []
+        for t in tokens:
+            tid = self.tokenizer.convert_tokens_to_ids(t)
+            if not isinstance(tid, int) or tid == self.tokenizer.unk_token_id:
+                raise ValueError(f"classifier_from_token: {t!r} is not a token of this tokenizer.")
+            ids.append(tid)
+        if len(ids) < 2:
+            raise ValueError("classifier_from_token needs at least two tokens.")
+        self.config.hf_config.num_labels = 1 if len(ids) == 2 else len(ids)  # see loader._head_from_tokens
+        return ids
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

@@ -55,6 +55,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="adapters no request uses that stay loaded (default: max_loras)")
     p.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
                    help="pooling: an embedding model (/v1/embeddings); auto: pooling for base-model checkpoints")
+    p.add_argument("--hf-overrides", type=_json_dict, default=None,
+                   help="config.json values to replace, JSON (e.g. a causal LM as a reranker: "
+                   '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"]}\')')
     p.add_argument("--pooler-config", type=_json_dict, default=None,
                    help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
     p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,

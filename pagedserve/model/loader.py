@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -55,10 +55,28 @@ def _text_model_weights(weights: Iterator[tuple[str, torch.Tensor]], renamed: li
         yield name, tensor
 
 
+def _head_from_tokens(model: nn.Module, token_ids: list[int]) -> None:
+    """A classifier head from LM-head rows (vLLM's classifier_from_token): two tokens
+    [negative, positive] give one label whose logit is their logit difference, so its sigmoid
+    is the 2-way softmax's positive side (Qwen3-Reranker's score); more give one label each."""
+    rows = model.lm_head.weight.detach()[token_ids]
+    weight = (rows[1] - rows[0])[None] if len(token_ids) == 2 else rows
+    model.score = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        model.score.weight.copy_(weight)
+    model.lm_head = None  # (with tied embeddings, the embedding table stays)
+    model.tie_word_embeddings = False
+
+
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
-               pooling: bool = False, classify: bool = False) -> nn.Module:
+               pooling: bool = False, classify: bool = False,
+               classifier_token_ids: Optional[list[int]] = None) -> nn.Module:
     """pooling: an embedding model, built without its LM head; classify: a sequence
-    classifier, with its `score` head (hidden -> num_labels) instead."""
+    classifier, with its `score` head (hidden -> num_labels) instead. classifier_token_ids:
+    a causal-LM checkpoint classified on those tokens' logits (see _head_from_tokens)."""
+    from_tokens = classifier_token_ids is not None
+    if from_tokens:  # loaded whole, LM head included; the head is made from it afterwards
+        pooling = classify = False
     cls = resolve_model_class(hf_config)
     old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -86,4 +104,6 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"weight {name} holds NaN or infinite values")
+    if from_tokens:
+        _head_from_tokens(model, classifier_token_ids)
     return model.eval().requires_grad_(False)
