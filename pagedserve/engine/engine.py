@@ -55,7 +55,7 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         self._inflight: Optional[_InFlight] = None  # the launched step whose tokens are not back
         self._landed: Optional[tuple[dict, dict, Any]] = None  # its results, for the output side
-        self._pooling: dict[str, tuple[Optional[str], list[int], Request]] = {}  # embedding requests: text, ids, request
+        self._pooling: dict[str, tuple[Optional[str], Request]] = {}  # pooling requests: prompt text, request
         logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d%s",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
                     config.block_size, config.max_model_len, ", async scheduling" if self.async_scheduling else "")
@@ -239,7 +239,7 @@ class LLMEngine:
         # MEAN and CLS pool every prompt token, so none may come from the prefix cache.
         req.skip_prefix_cache = self.config.pooler.pooling_type != "LAST"
         self.scheduler.add_request(req)
-        self._pooling[request_id] = (text, ids, req)
+        self._pooling[request_id] = (text, req)
         return request_id
 
     def add_request(self, request_id: Optional[str], prompt: PromptType,
@@ -365,10 +365,11 @@ class LLMEngine:
         for rid, vector in runner_out.pooled.items():
             entry = self._pooling.pop(rid, None)
             if entry is not None:  # (gone if aborted meanwhile)
-                text, ids, req = entry
+                text, req = entry
                 cls, result = ((ClassificationRequestOutput, ClassificationOutput)
                                if self.config.pooling_task == "classify" else (EmbeddingRequestOutput, EmbeddingOutput))
-                outputs.append(cls(rid, result(vector), ids, True, text, max(req.num_cached_tokens, 0)))
+                outputs.append(cls(rid, result(vector), req.prompt_token_ids, True, text,
+                                   max(req.num_cached_tokens, 0)))
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs

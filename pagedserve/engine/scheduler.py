@@ -280,12 +280,8 @@ class Scheduler:
             if running and min(req.num_computed_tokens, len(req.all_token_ids)) // bs > req.num_published_blocks:
                 self.kv.cache_blocks(req, min(req.num_computed_tokens, len(req.all_token_ids)))
             if pooled and rid in pooled:  # its vector goes out with the step's results
-                if running:
-                    finished_any = True
-                else:
-                    self.waiting.remove(req)
-                req.status = RequestStatus.FINISHED_STOPPED
-                self._release(req)
+                self._end_landed(req, RequestStatus.FINISHED_STOPPED, running)
+                finished_any |= running
                 continue
             if token is None:
                 continue  # a prefill chunk that does not reach the end of the prompt
@@ -297,16 +293,20 @@ class Scheduler:
                 new_tokens.setdefault(rid, []).append(token)
                 stop = self._check_stop(req, token)
             if stop is not None:
-                if running:
-                    finished_any = True
-                else:  # preempted meanwhile: it waits to recompute
-                    self.waiting.remove(req)
-                req.status = stop
-                self._release(req)
+                self._end_landed(req, stop, running)
+                finished_any |= running
                 finished[rid] = (stop.finish_reason, req.stop_reason)
         if finished_any:
             self.running = [r for r in self.running if r.status < _FINISHED]
         return upd
+
+    def _end_landed(self, req: Request, status: RequestStatus, running: bool) -> None:
+        """Finish a request its landed step ended. A running one leaves `running` in one sweep
+        after the step (the caller's); one preempted meanwhile is waiting to recompute."""
+        if not running:
+            self.waiting.remove(req)
+        req.status = status
+        self._release(req)
 
     def _append_many(self, s: ScheduledRequest, tokens: list[int], new_tokens: dict, finished: dict) -> bool:
         """Append confirmed draft tokens one by one with the stop checks of each; True if one of

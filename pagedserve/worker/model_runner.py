@@ -202,8 +202,6 @@ class ModelRunner:
         logprobs where asked, and prompt logprobs for the positions computed."""
         for req in out.preempted:  # their blocks were freed; they get fresh ones later
             self.block_table.release(req.request_id)
-            if self.pooling is not None:  # and they pool again from their first token
-                self.pooling.drop(req.request_id)
         if out.is_empty():
             return PendingStep(ModelRunnerOutput())
         order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
