@@ -11,7 +11,7 @@ from torch import nn
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.attention import PagedAttention
-from pagedserve.model.layers.moe import FusedMoE
+from pagedserve.model.layers.moe import FusedMoE, moe_graph_safe
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 
@@ -148,8 +148,11 @@ class LlamaForCausalLM(nn.Module):
     ]
     # HF checkpoint name piece -> ours, where a module sits under another name.
     renamed: list[tuple[str, str]] = []
-    # Decode steps may be captured in CUDA graphs (no host syncs, static shapes).
-    cuda_graph_safe = True
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """Decode steps may be captured in CUDA graphs (no host syncs, static shapes): expert
+        layers, if any, must be on their Triton path (layers/moe.py)."""
+        return moe_graph_safe(self)
 
     @classmethod
     def attn_options(cls, cfg: Any) -> dict:

@@ -13,7 +13,6 @@ from pagedserve.model.llama import LlamaForCausalLM
 
 class MixtralForCausalLM(LlamaForCausalLM):
     renamed = [(".block_sparse_moe.", ".mlp.")]
-    cuda_graph_safe = False  # layers/moe.py groups tokens by expert on the host
 
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:

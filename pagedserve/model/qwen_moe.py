@@ -21,8 +21,6 @@ def _is_sparse(cfg: Any, layer_idx: int) -> bool:
 
 
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
-    cuda_graph_safe = False  # layers/moe.py groups tokens by expert on the host
-
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         if not _is_sparse(cfg, layer_idx):
@@ -33,8 +31,6 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
 
 
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
-    cuda_graph_safe = False
-
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         if not _is_sparse(cfg, layer_idx):

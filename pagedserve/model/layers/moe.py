@@ -2,9 +2,13 @@
 3-D parameters (gate and up fused, as the dense MLP's gate_up_proj), so one module holds a
 layer's experts whatever the checkpoint's naming.
 
-The experts run in PyTorch: tokens are grouped by expert and each hit expert does one pair of
-matmuls on its tokens. That reads only the experts a batch uses, but the group sizes are known
-only on the host, so a model with these layers runs without CUDA graphs (`cuda_graph_safe`)."""
+Two ways to run the experts:
+- PyTorch (CPU, the PyTorch attention backend, non-SiLU experts): tokens are grouped by expert
+  and each hit expert does one pair of matmuls on its tokens. The group sizes are read on the
+  host, so a model on this path runs without CUDA graphs.
+- Triton (with the Triton backend, SiLU experts): ops/fused_moe.py sorts the routed tokens by
+  expert on the device and runs every expert in one grouped-GEMM launch per projection. No
+  host sync, so decode steps are captured in CUDA graphs (`moe_graph_safe`)."""
 
 from __future__ import annotations
 
@@ -47,9 +51,18 @@ class FusedMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act = _act_fn(act)
         self.is_silu = act == "silu"
+        self.use_triton = False  # set by the model runner with the Triton backend
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.use_triton and self.is_silu
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; each token's output is the routing-weighted sum of its k experts' outputs."""
+        if self.uses_kernel:
+            from pagedserve.ops.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         t, k = topk_ids.shape
         out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
         flat = topk_ids.reshape(-1)
@@ -115,3 +128,8 @@ class SparseMoeBlock(nn.Module):
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+
+def moe_graph_safe(model: nn.Module) -> bool:
+    """Whether every expert layer of `model` runs without a host sync (the Triton path)."""
+    return all(m.uses_kernel for m in model.modules() if isinstance(m, FusedMoE))

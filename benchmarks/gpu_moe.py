@@ -1,0 +1,72 @@
+"""The fused MoE kernels (pagedserve/ops/fused_moe.py) against FusedMoE's PyTorch path (one
+matmul pair per expert hit, group sizes read on the host) on one layer of two real shapes,
+over batch sizes from decode to prefill. The fused path is timed replayed from a CUDA graph,
+which also shows that it captures (the PyTorch path cannot: it syncs with the host).
+
+    python benchmarks/gpu_moe.py            # GPU; prints JSON
+    python benchmarks/gpu_moe.py --dry-run  # CPU, Triton's interpreter, tiny shapes
+
+weight_gbps: bytes of the experts a batch routes to, read once, over the fused time (compare
+with gpu_check's device_rates.copy_gbps: at decode sizes the layer is that read)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpu_timing import bench_chain_ms, bench_ms  # noqa: E402
+
+# name -> (experts, top k, hidden, expert intermediate)
+SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768)}
+DRY_SHAPES = {"tiny": (8, 2, 64, 96)}
+TOKENS = (1, 8, 64, 512, 4096)
+DRY_TOKENS = (1, 8)
+
+
+def moe_timings(device: str, dry: bool) -> dict[str, Any]:
+    from pagedserve.model.layers.moe import FusedMoE, select_experts
+
+    dtype = torch.float32 if dry else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    res: dict[str, Any] = {}
+    for name, (e, k, h, i) in (DRY_SHAPES if dry else SHAPES).items():
+        with torch.device(device):  # not built on the host first: a Mixtral layer is 2.8 GB in bf16
+            moe = FusedMoE(e, h, i, "silu").to(dtype)
+        with torch.no_grad():
+            moe.w13.normal_(0, 0.02, generator=g)
+            moe.w2.normal_(0, 0.02, generator=g)
+        expert_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * moe.w13.element_size()
+        for t in (DRY_TOKENS if dry else TOKENS):
+            x = torch.randn(t, h, device=device, generator=g).to(dtype)
+            weights, ids = select_experts(torch.randn(t, e, device=device, generator=g), k, True)
+            moe.use_triton = False
+            torch_ms = bench_ms(lambda: moe(x, weights, ids), device, rep=50)
+            moe.use_triton = True
+            fused_ms = bench_chain_ms([lambda: moe(x, weights, ids)], device)
+            routed = int(torch.unique(ids).numel())
+            res[f"{name}_t{t}"] = {"fused_ms": round(fused_ms, 4), "torch_ms": round(torch_ms, 4),
+                                   "speedup": round(torch_ms / fused_ms, 2), "experts_routed": routed,
+                                   "weight_gbps": round(routed * expert_bytes / fused_ms / 1e6, 1)}
+            print(name, t, res[f"{name}_t{t}"], flush=True)
+        del moe
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true")
+    ns = ap.parse_args()
+    if ns.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    print(json.dumps(moe_timings("cpu" if ns.dry_run else "cuda", ns.dry_run), indent=1))
+
+
+if __name__ == "__main__":
+    main()
