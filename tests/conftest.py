@@ -56,6 +56,13 @@ MODEL_SPECS = {
     "mistral_swa": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=19)),
     "qwen2_swa": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, use_sliding_window=True, sliding_window=13,
                                           max_window_layers=1)),
+    # Phi-3 family: checkpoint with fused qkv / gate_up, a sliding window, LongRoPE (short
+    # factors: max_model_len stays within the pretraining length) on half of each head
+    # (partial rotary, as Phi-4-mini).
+    "phi3": ("Phi3ForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=23, partial_rotary_factor=0.5,
+                                     original_max_position_embeddings=2048, rope_scaling={
+                                         "rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.8],
+                                         "long_factor": [1.0, 4.0, 9.0, 16.0]})),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -65,7 +65,9 @@ def check_rms_norm(t: int, h: int, dtype: torch.dtype, seed: int = 0) -> None:
     _close(out, ref_out)
 
 
-def check_rotary(t: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int = 0) -> None:
+def check_rotary(t: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int = 0, rot: int = 0) -> None:
+    """rot: the rotary dim (partial rotary) when under d: the rest of each head passes through."""
+    rot = rot or d
     qkv = _rand(t, (hq + 2 * hk) * d, dtype=dtype, seed=seed)
     before = qkv.clone()
     q = qkv[:, : hq * d].view(t, hq, d)
@@ -73,10 +75,12 @@ def check_rotary(t: int, hq: int, hk: int, d: int, dtype: torch.dtype, seed: int
     g = torch.Generator(device=DEV).manual_seed(seed)
     positions = torch.randint(0, 4096, (t,), generator=g, device=DEV)
     positions[0] = 0
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32, device=DEV) / d))
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=DEV) / rot))
     freqs = torch.arange(4096, dtype=torch.float32, device=DEV)[:, None] * inv[None, :]
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
     ref_q, ref_k = rotary_ref(positions, q.clone(), k.clone(), cos_sin)
+    if rot < d:  # the twin passes the tail through, and the kernel leaves it in place
+        assert torch.equal(ref_q[..., rot:], q[..., rot:]) and torch.equal(ref_k[..., rot:], k[..., rot:])
     got_q, got_k = rotary_embedding(positions, q, k, cos_sin)
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
     _close(got_q, ref_q, strict=False)
@@ -130,9 +134,9 @@ def test_rms_norm(t, h, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("hq, hk, d", [(4, 2, 16), (6, 1, 24)])
-def test_rotary(hq, hk, d, dtype):
-    check_rotary(7, hq, hk, d, dtype)
+@pytest.mark.parametrize("hq, hk, d, rot", [(4, 2, 16, 0), (6, 1, 24, 0), (4, 2, 16, 8), (3, 1, 32, 24)])
+def test_rotary(hq, hk, d, rot, dtype):
+    check_rotary(7, hq, hk, d, dtype, rot=rot)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.attn.fuses_rope and self.rotary.use_triton:  # RoPE inside the KV-write kernel
+        if self.attn.fuses_rope and self.rotary.use_triton and not self.rotary.partial:  # RoPE in the KV write
             return self.o_proj(self.attn(q, k, v, meta, rope=(positions, self.rotary.cos_sin)))
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
@@ -225,6 +225,10 @@ class LlamaForCausalLM(nn.Module):
                 with torch.no_grad():
                     param.copy_(tensor)
                 loaded.add(name)
+                # A checkpoint that already fuses it (Phi-3's qkv_proj, gate_up_proj): every shard.
+                owner, kind = name.rsplit(".", 1)
+                for shard in getattr(self.get_submodule(owner), "shard_offsets", {}):
+                    loaded.add(f"{owner}.{kind}#{shard}")
         missing = []
         for name, module in self.named_modules():
             if isinstance(module, FusedMoE):
@@ -250,3 +254,9 @@ class LlamaForCausalLM(nn.Module):
 
 class MistralForCausalLM(LlamaForCausalLM):
     pass
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: the Llama decoder; their checkpoints hold qkv_proj
+    and gate_up_proj already fused, in our layout. LongRoPE and partial rotary (Phi-4-mini)
+    are in layers/rotary.py, Phi-3-mini's sliding window in the attention backends."""

@@ -18,6 +18,7 @@ ARCH_CONFIGS = {
     "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16, "attn_logit_softcapping": 5.0,
                                            "final_logit_softcapping": 3.0}),
     "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
+    "Phi3ForCausalLM": ("Phi3Config", {"sliding_window": None}),
     # Mixtures of experts: 4 experts, 2 per token; expert sizes follow intermediate_size.
     "MixtralForCausalLM": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),

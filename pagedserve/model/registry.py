@@ -12,6 +12,7 @@ _MODELS = {
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),
+    "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),
     "Qwen2ForCausalLM": ("pagedserve.model.qwen2", "Qwen2ForCausalLM"),
     "Qwen2MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3ForCausalLM": ("pagedserve.model.qwen3", "Qwen3ForCausalLM"),

@@ -73,14 +73,19 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Op
 
 def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hugging Face's rotate_half RoPE in the tensors' dtype; returns rotated copies."""
-    cos, sin = cos_sin[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D/2] each
+    """Hugging Face's rotate_half RoPE in the tensors' dtype; returns rotated copies. A cache
+    narrower than the head (cos_sin [P, R], R < D: partial rotary) rotates the leading R dims
+    and passes the rest through."""
+    cos, sin = cos_sin[positions].to(q.dtype).chunk(2, dim=-1)  # [T, R/2] each
     cos = torch.cat([cos, cos], -1)[:, None, :]
     sin = torch.cat([sin, sin], -1)[:, None, :]
+    r = cos_sin.shape[-1]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        out = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
 
     return rotate(q), rotate(k)
 

@@ -94,14 +94,16 @@ def _rotary_and_cache_kernel(
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D] (views into a fused qkv are fine: unit stride in D),
-    rotated in place and returned. cos_sin: [max_positions, D] float32, cos in the first
-    half of the last dim, sin in the second."""
+    rotated in place and returned. cos_sin: [max_positions, R] float32, cos in the first
+    half of the last dim, sin in the second; R < D (partial rotary) rotates the leading R dims
+    of each head and leaves the rest as they are."""
     t, hq, d = q.shape
     hk = k.shape[1]
-    assert d % 2 == 0 and k.shape[2] == d and cos_sin.shape[1] == d and q.dtype == k.dtype
+    r = cos_sin.shape[1]
+    assert r % 2 == 0 and r <= d and k.shape[2] == d and q.dtype == k.dtype
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.stride(-1) == 1
     if t:
-        half = d // 2
+        half = r // 2
         _rotary_kernel[(t,)](
             q, k, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin.stride(0),
             NUM_Q=hq, NUM_K=hk, QH_P=triton.next_power_of_2(hq), KH_P=triton.next_power_of_2(hk),

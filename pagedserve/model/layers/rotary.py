@@ -11,23 +11,48 @@ from torch import nn
 from pagedserve.model.hf_config import rope_is_per_layer_type, rope_parameters
 from pagedserve.ops.reference import rotary_ref
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
-def _inv_freq(hf_config: Any, head_dim: int, layer_type: Optional[str] = None) -> tuple[torch.Tensor, float]:
+def rotary_dim(hf_config: Any, head_dim: int, layer_type: Optional[str] = None) -> int:
+    """How many leading dims of each head RoPE rotates: partial_rotary_factor (Phi-4-mini:
+    0.75) of the head; the rest pass through unrotated."""
+    params = rope_parameters(hf_config, layer_type)
+    factor = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0)
+    dim = int(head_dim * float(factor))
+    if dim <= 0 or dim % 2 or dim > head_dim:
+        raise ValueError(f"partial_rotary_factor={factor} gives a rotary dim of {dim} for head dim {head_dim}; "
+                         "it must be even and in (0, head_dim].")
+    return dim
+
+
+def _inv_freq(hf_config: Any, head_dim: int, layer_type: Optional[str] = None,
+              max_positions: int = 0) -> tuple[torch.Tensor, float]:
     params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
     if rope_type == "default":
         base = float(params["rope_theta"])
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        dim = rotary_dim(hf_config, head_dim, layer_type)
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     # The scaled variants come from transformers itself, so they match its models exactly.
     # ("dynamic" only departs from its base frequencies past max_position_embeddings, which
     # max_model_len never exceeds.)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    kwargs = {"layer_type": layer_type or "full_attention"} if rope_is_per_layer_type(hf_config) else {}
+    kwargs: dict[str, Any] = {"layer_type": layer_type or "full_attention"} if rope_is_per_layer_type(hf_config) else {}
+    if rope_type == "longrope":
+        # LongRoPE (Phi-3/3.5/4) has short factors for contexts up to the pretraining length
+        # and long ones past it. transformers switches per forward pass on the longest
+        # position so far, so a sequence's early keys and later ones can carry different
+        # rotations; here the choice is made once, by max_model_len (as llama.cpp decides by
+        # its context size), so every key in the cache agrees: long factors only when the
+        # engine may run past the pretraining length.
+        original = int(params.get("original_max_position_embeddings")
+                       or getattr(hf_config, "original_max_position_embeddings", 0) or 0)
+        if original and max_positions > original:
+            kwargs["seq_len"] = original + 1
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     return inv_freq.float(), float(attention_factor)
 
@@ -37,6 +62,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.hf_config, self.head_dim, self.max_positions = hf_config, head_dim, max_positions
         self.layer_type = layer_type  # which of per-layer-type RoPE parameters (Gemma 3)
+        self.rotary_dim = rotary_dim(hf_config, head_dim, layer_type)
         self.register_buffer("cos_sin", self._compute(), persistent=False)
         self.use_triton = False  # set by the model runner with the Triton backend
 
@@ -45,10 +71,16 @@ class RotaryEmbedding(nn.Module):
             return self._compute_cpu()
 
     def _compute_cpu(self) -> torch.Tensor:
-        inv_freq, scaling = _inv_freq(self.hf_config, self.head_dim, self.layer_type)
+        inv_freq, scaling = _inv_freq(self.hf_config, self.head_dim, self.layer_type, self.max_positions)
         freqs = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
-        # [max_positions, head_dim]: cos in the first half of the last dim, sin in the second.
+        # [max_positions, rotary_dim]: cos in the first half of the last dim, sin in the second.
         return torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], -1)
+
+    @property
+    def partial(self) -> bool:
+        """Only the leading rotary_dim dims of a head rotate (the fused RoPE + KV-write kernels
+        assume whole heads; this takes the separate rotary kernel)."""
+        return self.rotary_dim != self.head_dim
 
     def rebuild_buffers(self, device: torch.device) -> None:
         """Recompute the cache after the module was built on the meta device."""
