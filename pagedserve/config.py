@@ -100,20 +100,28 @@ class EngineArgs:
                 raise ValueError(f"hf_overrides must be a dict, got {type(self.hf_overrides).__name__}.")
             for key, value in self.hf_overrides.items():
                 setattr(hf_config, key, value)
-        from pagedserve.model.registry import pooling_task
+        from pagedserve.model.registry import is_encoder_only, pooling_task
 
         task = pooling_task(hf_config)
         runner = self.runner
+        encoder = is_encoder_only(hf_config)
         if runner == "auto":
             runner = "pooling" if task is not None else "generate"
         elif runner == "generate" and task == "classify":
             raise ValueError("a sequence classifier has no LM head to generate with; use runner='pooling'.")
+        elif runner == "generate" and encoder:
+            raise ValueError("an encoder-only model (BERT, RoBERTa) does not generate text; use runner='pooling'.")
+        # Bidirectional attention: a prompt's tokens all see each other, so a prompt is computed
+        # in one step (no chunks), and no prefix of one can be reused (its KV would depend on
+        # what followed it).
+        chunked = self.enable_chunked_prefill and not encoder
+        prefix_caching = self.enable_prefix_caching and not encoder
         pooler = None
         if runner == "pooling":
             from pagedserve.model.pooler import resolve_pooler_config
 
             task = task or "embed"
-            pooler = resolve_pooler_config(self.model, self.pooler_config, task)
+            pooler = resolve_pooler_config(self.model, self.pooler_config, task, default_type="CLS" if encoder else "LAST")
             if self.speculative_config is not None or self.enable_lora:
                 raise ValueError("runner='pooling' takes no speculative_config and no LoRA adapters.")
         elif self.pooler_config is not None:
@@ -149,10 +157,10 @@ class EngineArgs:
         max_batched = self.max_num_batched_tokens
         if max_batched is None:
             default = 8192 if device.type == "cuda" else 2048
-            max_batched = default if self.enable_chunked_prefill else max(default, max_model_len)
+            max_batched = default if chunked else max(default, max_model_len)
         if not isinstance(max_batched, int) or max_batched < 1:
             raise ValueError(f"max_num_batched_tokens must be a positive integer, got {max_batched}.")
-        if not self.enable_chunked_prefill and max_batched < max_model_len:
+        if not chunked and max_batched < max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({max_model_len}) "
                 "with chunked prefill disabled: long prompts could never be scheduled. Raise "
@@ -184,8 +192,8 @@ class EngineArgs:
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=max_batched,
-            enable_prefix_caching=self.enable_prefix_caching,
-            enable_chunked_prefill=self.enable_chunked_prefill,
+            enable_prefix_caching=prefix_caching,
+            enable_chunked_prefill=chunked,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             enforce_eager=self.enforce_eager,
@@ -284,7 +292,14 @@ def _resolve_dtype(dtype: Any, hf_config: Any, device: torch.device) -> torch.dt
 
 
 def derive_max_model_len(hf_config: Any) -> int:
-    return int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
+    n = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
+    from pagedserve.model.registry import is_encoder_only
+
+    if is_encoder_only(hf_config):  # RoBERTa's position table starts past its padding index
+        from pagedserve.model.bert import position_offset
+
+        n -= position_offset(hf_config)
+    return n
 
 
 def set_offline_env() -> None:

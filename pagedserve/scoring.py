@@ -26,10 +26,20 @@ def pairs(data_1: Union[str, Sequence[str]], data_2: Union[str, Sequence[str]]) 
     return list(zip(first, second))
 
 
-def pair_prompt(tokenizer: Any, text_1: str, text_2: str) -> dict:
-    """A cross-encoder's input for one pair: the tokenizer's own pair encoding."""
-    ids = tokenizer(text=text_1, text_pair=text_2)["input_ids"]
-    return {"prompt_token_ids": list(ids)}
+def pair_prompt(tokenizer: Any, text_1: str, text_2: str, token_types: bool = False) -> dict:
+    """A cross-encoder's input for one pair: the tokenizer's own pair encoding, with its token
+    types for a model that reads them (token_types: BERT's second segment is type 1)."""
+    enc = tokenizer(text=text_1, text_pair=text_2)
+    prompt = {"prompt_token_ids": list(enc["input_ids"])}
+    types = enc.get("token_type_ids") if token_types else None
+    if types is not None and any(types):
+        prompt["token_type_ids"] = list(types)
+    return prompt
+
+
+def uses_token_types(config: Any) -> bool:
+    """Whether the model has token-type embeddings that tell a pair's two texts apart."""
+    return int(getattr(config.hf_config, "type_vocab_size", 0) or 0) > 1
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:

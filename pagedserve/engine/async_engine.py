@@ -229,8 +229,10 @@ class AsyncLLM:
             text, ids = self.engine.process_prompt(prompt)
         else:
             text, ids = await self.run_tokenizer(self.engine.process_prompt, prompt)
+        types = None
         if isinstance(params, PoolingParams):  # both read only fixed config: safe off the engine thread
             self.engine.validate_pooling(ids, params)
+            types = self.engine.token_types(prompt, len(ids))
         else:
             self.engine.validate(ids, params)
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:  # a 400, before any stream
@@ -238,7 +240,11 @@ class AsyncLLM:
             await loop.run_in_executor(self._grammar_pool, self.engine.compile_grammar, params)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
             ids, text = ids[-params.truncate_prompt_tokens:], None  # the text no longer matches
-        return {"prompt_token_ids": ids, "prompt": text}
+            types = types[-params.truncate_prompt_tokens:] if types is not None else None
+        out = {"prompt_token_ids": ids, "prompt": text}
+        if types is not None:
+            out["token_type_ids"] = types
+        return out
 
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
                        arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,

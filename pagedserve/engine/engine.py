@@ -228,19 +228,37 @@ class LLMEngine:
                      arrival_time: Optional[float], cache_salt: Optional[str]) -> str:
         text, ids = self.process_prompt(prompt)
         self.validate_pooling(ids, params)
+        types = self.token_types(prompt, len(ids))
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
+            types = types[-params.truncate_prompt_tokens:] if types is not None else None
         if request_id is None:
             request_id = str(next(self._ids))
         # A Request as the scheduler knows it: its prompt, then one step's worth of "output".
         req = Request(request_id, ids, SamplingParams(max_tokens=1, detokenize=False), arrival_time, cache_salt)
         req.pooling_params = params.clone()
+        req.token_type_ids = types
         req.max_tokens = 1  # so once its last chunk is in flight the scheduler leaves it (capped_by_inflight)
         # MEAN and CLS pool every prompt token, so none may come from the prefix cache.
         req.skip_prefix_cache = self.config.pooler.pooling_type != "LAST"
         self.scheduler.add_request(req)
         self._pooling[request_id] = (text, req)
         return request_id
+
+    def token_types(self, prompt: PromptType, n: int) -> Optional[list[int]]:
+        """A prompt's token_type_ids (a BERT cross-encoder's pair encoding), checked; None if
+        it has none, or only type 0."""
+        types = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+        if types is None:
+            return None
+        num_types = int(getattr(self.config.hf_config, "type_vocab_size", 0) or 0)
+        if not num_types:
+            raise ParamError("token_type_ids", "token_type_ids are for BERT-family models; this model has none.")
+        if (not isinstance(types, (list, tuple)) or len(types) != n
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < num_types for t in types)):
+            raise ParamError("token_type_ids", f"token_type_ids must be {n} integers (one per prompt token) in "
+                             f"[0, {num_types}).")
+        return list(types) if any(types) else None
 
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Union[SamplingParams, PoolingParams, None] = None,

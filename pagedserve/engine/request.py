@@ -61,6 +61,8 @@ class Request:
         self.cache_salt = cache_salt
         self.lora_request = lora_request
         self.pooling_params: Optional["PoolingParams"] = None  # set for an embedding request
+        # A BERT cross-encoder pair's token types (0: first text, 1: second), one per prompt token.
+        self.token_type_ids: Optional[list[int]] = None
         # The first block's extra hash key: a request's KV depends on its adapter too.
         self.hash_extra = cache_salt if lora_request is None else f"{cache_salt or ''}\x00lora:{lora_request.lora_int_id}"
 

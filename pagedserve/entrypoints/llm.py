@@ -100,8 +100,8 @@ class LLM:
         kind = scoring.check_scorer(self.llm_engine.config)
         texts = scoring.pairs(data_1, data_2)
         if kind == "cross":
-            tok = self.get_tokenizer()
-            outs = self.classify([scoring.pair_prompt(tok, a, b) for a, b in texts], use_tqdm=use_tqdm)
+            tok, types = self.get_tokenizer(), scoring.uses_token_types(self.llm_engine.config)
+            outs = self.classify([scoring.pair_prompt(tok, a, b, types) for a, b in texts], use_tqdm=use_tqdm)
             return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.probs[0]), o.prompt_token_ids)
                     for o in outs]
         unique = list(dict.fromkeys(t for pair in texts for t in pair))
@@ -122,7 +122,8 @@ class LLM:
         for prompt, p in zip(prompts, params_list):  # all checked before any is queued
             text, ids = engine.process_prompt(prompt)
             engine.validate_pooling(ids, p)
-            staged.append(({"prompt_token_ids": ids, "prompt": text}, p))
+            types = engine.token_types(prompt, len(ids))
+            staged.append(({"prompt_token_ids": ids, "prompt": text, "token_type_ids": types}, p))
         order = {}
         try:
             for i, (prompt, p) in enumerate(staged):

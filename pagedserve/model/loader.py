@@ -85,10 +85,11 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
             model = cls(hf_config, max_positions)
     finally:
         torch.set_default_dtype(old_dtype)
+    encoder = getattr(cls, "encoder_only", False)  # builds its own head, loads its own names
     if pooling:
         model.lm_head = None
         model.tie_word_embeddings = False
-    if classify:
+    if classify and not encoder:
         with torch.device("meta"):
             model.score = nn.Linear(hf_config.hidden_size, hf_config.num_labels, bias=False, dtype=dtype)
     model.to_empty(device=device)
@@ -100,7 +101,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     renamed, skipped = checkpoint_names(hf_config)
     if renamed:
         weights = _text_model_weights(weights, renamed, skipped)
-    model.load_weights(_base_model_weights(weights) if pooling else weights)
+    model.load_weights(_base_model_weights(weights) if pooling and not encoder else weights)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"weight {name} holds NaN or infinite values")

@@ -50,15 +50,18 @@ def _sentence_transformers(model_dir: str) -> dict:
     return out
 
 
-def resolve_pooler_config(model_dir: str, override: Optional[dict], task: str = "embed") -> PoolerConfig:
-    """A classifier pools the last token (as transformers' *ForSequenceClassification), not
-    normalized: its head reads the raw hidden state."""
+def resolve_pooler_config(model_dir: str, override: Optional[dict], task: str = "embed",
+                          default_type: str = "LAST") -> PoolerConfig:
+    """A classifier pools the token its head reads (the last for decoder classifiers, the
+    first for BERT-family ones: default_type), not normalized: the head reads the raw hidden
+    state. Encoder embedding models without sentence-transformers files pool the first token
+    (CLS), as vLLM does."""
     settings = _sentence_transformers(model_dir) if task == "embed" else {"normalize": False}
     for key, value in (override or {}).items():
         if key not in ("pooling_type", "normalize"):
             raise ValueError(f"pooler_config: unknown key {key!r} (known: pooling_type, normalize).")
         settings[key] = value
-    pooling_type = str(settings.get("pooling_type", "LAST")).upper()
+    pooling_type = str(settings.get("pooling_type", default_type)).upper()
     if pooling_type not in POOLING_TYPES:
         raise ValueError(f"pooler_config: pooling_type must be one of {', '.join(POOLING_TYPES)}, got {pooling_type!r}.")
     normalize = settings.get("normalize", True)

@@ -19,6 +19,11 @@ ARCH_CONFIGS = {
                                            "final_logit_softcapping": 3.0}),
     "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
     "Phi3ForCausalLM": ("Phi3Config", {"sliding_window": None}),
+    # Encoder-only (model/bert.py): embeddings and cross-encoders.
+    "BertModel": ("BertConfig", {}),
+    "XLMRobertaModel": ("XLMRobertaConfig", {}),
+    "BertForSequenceClassification": ("BertConfig", {"num_labels": 1}),
+    "XLMRobertaForSequenceClassification": ("XLMRobertaConfig", {"num_labels": 3}),
     # Mixtures of experts: 4 experts, 2 per token; expert sizes follow intermediate_size.
     "MixtralForCausalLM": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),

@@ -73,6 +73,14 @@ _CLASSIFIERS = {
 }
 
 
+def is_encoder_only(hf_config: Any) -> bool:
+    """BERT-family encoders (model/bert.py): bidirectional, pooling only."""
+    from pagedserve.model.bert import ENCODER_ARCHITECTURES
+
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    return bool(archs) and archs[0] in ENCODER_ARCHITECTURES
+
+
 def is_base_model(hf_config: Any) -> bool:
     archs = list(getattr(hf_config, "architectures", None) or [])
     return bool(archs) and all(a in _BASE_MODELS for a in archs)
@@ -82,17 +90,25 @@ def pooling_task(hf_config: Any) -> Optional[str]:
     """"embed" for base-model checkpoints, "classify" for sequence classifiers, else None
     (a generative model, which may still be run as an embedding model)."""
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if is_encoder_only(hf_config):
+        return "classify" if archs[0].endswith("ForSequenceClassification") else "embed"
     if archs and all(a in _CLASSIFIERS for a in archs):
         return "classify"
     return "embed" if is_base_model(hf_config) else None
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    from pagedserve.model.bert import ENCODER_ARCHITECTURES
+
+    return sorted([*_MODELS, *_BASE_MODELS, *_CLASSIFIERS, *_TEXT_OF_MULTIMODAL, *ENCODER_ARCHITECTURES])
 
 
 def resolve_model_class(hf_config: Any) -> type:
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if is_encoder_only(hf_config):
+        from pagedserve.model.bert import EncoderModel
+
+        return EncoderModel
     for arch in archs:
         arch = _BASE_MODELS.get(arch) or _CLASSIFIERS.get(arch) or arch
         if arch in _MODELS:

@@ -15,6 +15,7 @@ from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.lora.layers import LoRAState, install_lora_hooks
 from pagedserve.lora.manager import LoRAManager
+from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
@@ -107,10 +108,15 @@ class ModelRunner:
 
     # ---- KV cache ---------------------------------------------------------------------
     def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
+        if not self.attn_layers:  # an encoder (model/bert.py): no KV cache, an empty tensor
+            return (0, 2, num_blocks, self.block_size, 1, 1)
         a = self.attn_layers[0]
         return (len(self.attn_layers), 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
 
     def determine_num_blocks(self) -> int:
+        per_seq = -(-self.config.max_model_len // self.block_size)
+        if not self.attn_layers:  # blocks cost nothing: as many as max_num_seqs full sequences use
+            return self.config.max_num_seqs * per_seq
         a = self.attn_layers[0]
         per_block = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
                                           self.config.dtype)
@@ -120,7 +126,6 @@ class ModelRunner:
                 raise ValueError(f"kv_cache_memory_bytes={self.config.kv_cache_memory_bytes} is smaller than one "
                                  f"KV block ({per_block} bytes).")
             return int(n)
-        per_seq = -(-self.config.max_model_len // self.block_size)
         if self.device.type == "cpu":
             return kv_sizing.cpu_num_blocks(per_block, self.config.max_num_seqs * per_seq)
         return kv_sizing.cuda_num_blocks(per_block, self.config.gpu_memory_utilization, self.device, self._profile_run)
@@ -484,6 +489,8 @@ class ModelRunner:
                 input_ids[t : t + s.num_tokens] = s.request.all_token_ids[start:] + s.drafts
             else:
                 input_ids[t : t + s.num_tokens] = s.request.all_token_ids[start:end]
+            if s.request.token_type_ids is not None:  # into the ids' high bits (model/bert.py)
+                input_ids[t : t + s.num_tokens] |= np.asarray(s.request.token_type_ids[start:end]) << TOKEN_TYPE_SHIFT
             p = np.arange(start, end)
             positions[t : t + s.num_tokens] = p
             slots[t : t + s.num_tokens] = table[rows[i], p // bs].astype(np.int64) * bs + p % bs

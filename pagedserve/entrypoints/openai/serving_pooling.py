@@ -98,8 +98,8 @@ class OpenAIServingPooling(OpenAIServing):
         """(model name, one score per pair, prompt tokens used)."""
         kind = scoring.check_scorer(self.llm.engine.config)
         if kind == "cross":
-            tok = self.llm.tokenizer
-            prompts = [await self.llm.run_tokenizer(scoring.pair_prompt, tok, a, b) for a, b in texts]
+            tok, types = self.llm.tokenizer, scoring.uses_token_types(self.llm.engine.config)
+            prompts = [await self.llm.run_tokenizer(scoring.pair_prompt, tok, a, b, types) for a, b in texts]
             params = PoolingParams(truncate_prompt_tokens=req.truncate_prompt_tokens, task="classify")
             model, _, outs = await self._pool(req, params, "score", prompts)
             return model, [o.outputs.probs[0] for o in outs], _usage(outs).prompt_tokens
