@@ -144,3 +144,28 @@ def test_encoders_refuse_what_they_cannot_do(encoders):
     with pytest.raises(ValueError, match="128"):
         llm.embed([{"prompt_token_ids": [5] * 129}], use_tqdm=False)
     assert os.path.isdir(encoders["BertModel"])
+
+
+def test_server_embeddings_and_rerank_on_encoders(encoders):
+    """/v1/embeddings on a BERT embedding model and /rerank on a BERT cross-encoder (its token
+    types through the async path) give what the offline engine gives."""
+    import httpx
+    from server_helpers import serving
+
+    texts = ["the cat sat on the mat", "why is the sun hot"]
+    offline = [o.outputs.embedding for o in LLM(encoders["BertModel"]).embed(texts, use_tqdm=False)]
+    with serving(encoders["BertModel"], "bert", engine_kwargs={"max_model_len": 128}) as srv:
+        r = httpx.post(f"{srv.url}/v1/embeddings", json={"model": "bert", "input": texts})
+        assert r.status_code == 200, r.text
+        got = [d["embedding"] for d in r.json()["data"]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(offline), rtol=1e-5, atol=1e-6)
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "bert", "prompt": "the cat"})
+        assert r.status_code == 400, r.text
+    query, docs = "why is the sun hot", ["rain is cold", "the sun is hot", "a red fish"]
+    scores = [o.outputs.score for o in LLM(encoders["BertForSequenceClassification"]).score(query, docs,
+                                                                                        use_tqdm=False)]
+    with serving(encoders["BertForSequenceClassification"], "rerank", engine_kwargs={"max_model_len": 128}) as srv:
+        r = httpx.post(f"{srv.url}/rerank", json={"query": query, "documents": docs})
+        assert r.status_code == 200, r.text
+        by_index = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        assert [round(by_index[i], 5) for i in range(3)] == [round(s, 5) for s in scores]
