@@ -68,3 +68,60 @@ def test_lora_module_flags():
 def test_serve_refuses_lora_modules_without_enable_lora(llama_dir, capsys):
     assert main(["serve", llama_dir, "--lora-modules", "a=/nowhere"]) == 2
     assert "--enable-lora" in capsys.readouterr().err
+
+
+def test_runtime_load_and_unload(llama_dir, adapter_dirs, tmp_path):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: a loaded adapter is a model
+    at once, with the offline engine's output; unloaded, it is a 404; bad adapters and names
+    are 400s that serve nothing. Without the operator's permission the paths do not exist."""
+    import httpx
+
+    offline = LLM(llama_dir, max_model_len=512, enable_lora=True, max_loras=2)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = "The capital of France is"
+    want = [offline.generate(prompt, sp, use_tqdm=False, lora_request=LoRARequest(f"a{i}", i + 1, d))[0].outputs[0].text
+            for i, d in enumerate(adapter_dirs)]
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with serving(llama_dir, "tiny-llama", engine_kwargs=dict(enable_lora=True, max_loras=2),
+                 allow_runtime_lora=True) as srv:
+        url = srv.url
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": adapter_dirs[0]})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql' added successfully.", r.text
+        assert "sql" in {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+        r = httpx.post(f"{url}/v1/completions", json={"model": "sql", **body})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[0], r.text
+        # Again under the same name: refused; in place: the other adapter under that name.
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": adapter_dirs[1]})
+        assert r.status_code == 400 and "already been loaded" in r.json()["error"]["message"], r.text
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": adapter_dirs[1],
+                                                              "load_inplace": True})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{url}/v1/completions", json={"model": "sql", **body})
+        assert r.json()["choices"][0]["text"] == want[1], r.text
+        for bad, param in (({"lora_name": "x", "lora_path": str(tmp_path)}, "lora_path"),
+                           ({"lora_name": "tiny-llama", "lora_path": adapter_dirs[0]}, "lora_name")):
+            r = httpx.post(f"{url}/v1/load_lora_adapter", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"tiny-llama", "sql"}
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        assert r.status_code == 200 and r.text == "Success: LoRA adapter 'sql' removed successfully.", r.text
+        r = httpx.post(f"{url}/v1/completions", json={"model": "sql", **body})
+        assert r.status_code == 404, r.text
+        r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        assert r.status_code == 404, r.text
+    with serving(llama_dir, "tiny-llama", engine_kwargs=dict(enable_lora=True)) as srv:
+        r = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": adapter_dirs[0]})
+        assert r.status_code == 404, r.text
+
+
+def test_runtime_lora_permission_comes_from_the_environment(monkeypatch):
+    from pagedserve.entrypoints.openai.serving_lora import runtime_lora_allowed
+
+    for var in ("PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+        monkeypatch.delenv(var, raising=False)
+    assert not runtime_lora_allowed()
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    assert runtime_lora_allowed()
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0")
+    monkeypatch.setenv("PAGEDSERVE_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    assert runtime_lora_allowed()

@@ -35,6 +35,8 @@ from pagedserve.entrypoints.openai.protocol_pooling import (ClassificationReques
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from pagedserve.entrypoints.openai.serving_pooling import OpenAIServingPooling
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_error, load_chat_template
+from pagedserve.entrypoints.openai.serving_lora import (LoadLoRAAdapterRequest, OpenAIServingLoRA,
+                                                        UnloadLoRAAdapterRequest, runtime_lora_allowed)
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
 from pagedserve.lora.request import LoRARequest
@@ -110,7 +112,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
               chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
               enable_log_requests: bool = False, tool_call_parser: Optional[str] = None,
               trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
-              lora_modules: Sequence[LoRARequest] = ()) -> FastAPI:
+              lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -119,7 +121,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     `trust_request_chat_template` lets a request bring its own chat template;
     `reasoning_parser` ("qwen3", "deepseek_r1"; default: the engine's) puts a `<think>` block
     in reasoning_content. `lora_modules`: adapters served under their own names (the engine
-    needs enable_lora)."""
+    needs enable_lora); `allow_runtime_lora` adds vLLM's /v1/load_lora_adapter and
+    /v1/unload_lora_adapter (serving_lora.py)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -127,12 +130,12 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     limits = (limits or ServerLimits()).resolve(async_llm.tokenizer, config.max_model_len)
     stats = PrometheusStatLogger(async_llm.engine, names[0])  # its own registry: one per app
     async_llm.add_stat_logger(stats)
-    lora_modules = list(lora_modules)
-    clash = {lora.lora_name for lora in lora_modules} & set(names)
+    loras = {lora.lora_name: lora for lora in lora_modules}  # shared by every endpoint
+    clash = set(loras) & set(names)
     if clash:
         raise ValueError(f"LoRA module name {sorted(clash)[0]!r} is also the model's name.")
     serving = dict(limits=limits, log_requests=enable_log_requests,
-                   trust_request_chat_template=trust_request_chat_template, lora_modules=lora_modules)
+                   trust_request_chat_template=trust_request_chat_template, lora_modules=loras)
     completion = OpenAIServingCompletion(async_llm, names, **serving)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}.")
@@ -159,7 +162,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=n, root=config.model, max_model_len=config.max_model_len) for n in names]
                          + [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=names[0],
-                                      max_model_len=config.max_model_len) for lora in lora_modules])
+                                      max_model_len=config.max_model_len) for lora in list(loras.values())])
 
     @v1.post("/completions", responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -176,6 +179,17 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     @v1.post("/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await _with_cancellation(request, chat.create(body)))
+
+    if allow_runtime_lora:
+        lora_admin = OpenAIServingLoRA(async_llm, names, loras)
+
+        @v1.post("/load_lora_adapter", responses=_ERRORS)
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            return Response(await lora_admin.load(body), media_type="text/plain")
+
+        @v1.post("/unload_lora_adapter", responses=_ERRORS)
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            return Response(await lora_admin.unload(body), media_type="text/plain")
 
     app.include_router(v1)
 
@@ -330,7 +344,8 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
                     limits=limits, enable_log_requests=args.enable_log_requests,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                    trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras)
+                    trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras,
+                    allow_runtime_lora=runtime_lora_allowed())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5)
     server = _GracefulServer(config, async_llm, args.shutdown_timeout)

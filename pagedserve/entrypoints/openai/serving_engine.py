@@ -8,7 +8,7 @@ import inspect
 import json
 import logging
 import os
-from typing import Any, AsyncGenerator, Optional, Sequence, TypeVar
+from typing import Any, AsyncGenerator, Optional, Sequence, TypeVar, Union
 
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
@@ -126,10 +126,11 @@ class OpenAIServing:
     def __init__(self, async_llm: AsyncLLM, served_model_names: Sequence[str],
                  chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
                  log_requests: bool = False, trust_request_chat_template: bool = False,
-                 lora_modules: Sequence[LoRARequest] = ()) -> None:
+                 lora_modules: Union[Sequence[LoRARequest], dict[str, LoRARequest]] = ()) -> None:
         self.llm = async_llm
         self.served_model_names = list(served_model_names)
-        self.loras = {lora.lora_name: lora for lora in lora_modules}  # model name -> adapter
+        # model name -> adapter; a dict given is shared (the runtime LoRA endpoints change it)
+        self.loras = lora_modules if isinstance(lora_modules, dict) else {lora.lora_name: lora for lora in lora_modules}
         self.chat_template = chat_template
         self.trust_request_chat_template = trust_request_chat_template
         self.max_model_len = async_llm.engine.config.max_model_len
