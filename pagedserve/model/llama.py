@@ -240,6 +240,8 @@ class LlamaForCausalLM(nn.Module):
                     missing.append(f"{name}.weight ({shard})")
                 if module.bias is not None and f"{name}.bias#{shard}" not in loaded:
                     missing.append(f"{name}.bias ({shard})")
+                if hasattr(module, "weight_scale") and f"{name}.weight_scale#{shard}" not in loaded:
+                    missing.append(f"{name}.weight_scale ({shard})")  # an FP8 shard without its scale
         stacked = {n for n, m in self.named_modules() if hasattr(m, "shard_offsets") or isinstance(m, FusedMoE)}
         for name in params:
             if name.rsplit(".", 1)[0] in stacked or name in loaded:

@@ -10,10 +10,15 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from pagedserve.model.layers.fp8 import (FP8, fp8_format, fp8_weights, install_fp8_linears, quantized_modules,
+                                         scaled_weight_names)
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
 
 
-def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device,
+                        cast: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint; floating ones in `dtype` unless not `cast` (FP8
+    checkpoints: layers/fp8.py casts what it does not keep)."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
@@ -25,7 +30,7 @@ def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     t = f.get_tensor(name)
-                    yield name, (t.to(dtype) if t.is_floating_point() else t).to(device)
+                    yield name, (t.to(dtype) if cast and t.is_floating_point() else t).to(device)
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
@@ -68,12 +73,24 @@ def _head_from_tokens(model: nn.Module, token_ids: list[int]) -> None:
     model.tie_word_embeddings = False
 
 
+def _checkpoint_keys(model_dir: str) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys.extend(f.keys())
+    return keys
+
+
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
                pooling: bool = False, classify: bool = False,
-               classifier_token_ids: Optional[list[int]] = None) -> nn.Module:
+               classifier_token_ids: Optional[list[int]] = None, fp8_kernels: bool = False) -> nn.Module:
     """pooling: an embedding model, built without its LM head; classify: a sequence
     classifier, with its `score` head (hidden -> num_labels) instead. classifier_token_ids:
-    a causal-LM checkpoint classified on those tokens' logits (see _head_from_tokens)."""
+    a causal-LM checkpoint classified on those tokens' logits (see _head_from_tokens).
+    fp8_kernels: an FP8 checkpoint's linear layers stay in FP8 (Fp8Linear, the Triton
+    backend); otherwise they are dequantized to `dtype` as they load (layers/fp8.py)."""
     from_tokens = classifier_token_ids is not None
     if from_tokens:  # loaded whole, LM head included; the head is made from it afterwards
         pooling = classify = False
@@ -86,24 +103,36 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     finally:
         torch.set_default_dtype(old_dtype)
     encoder = getattr(cls, "encoder_only", False)  # builds its own head, loads its own names
+    fmt = fp8_format(hf_config)
+    renamed, skipped = checkpoint_names(hf_config)
+
+    def checkpoint_view(weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """The checkpoint's names as this model's load_weights takes them."""
+        if renamed:
+            weights = _text_model_weights(weights, renamed, skipped)
+        return _base_model_weights(weights) if pooling and not encoder else weights
     if pooling:
         model.lm_head = None
         model.tie_word_embeddings = False
     if classify and not encoder:
         with torch.device("meta"):
             model.score = nn.Linear(hf_config.hidden_size, hf_config.num_labels, bias=False, dtype=dtype)
+    fp8_targets: dict[str, str] = {}
+    if fmt is not None and fp8_kernels and not encoder:
+        stems = scaled_weight_names(n for n, _ in checkpoint_view((k, None) for k in _checkpoint_keys(model_dir)))
+        fp8_targets = quantized_modules(stems, model)
+        install_fp8_linears(model, fp8_targets.values(), fmt)
     model.to_empty(device=device)
     model.tie_weights()
     for m in model.modules():
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
-    weights = iterate_safetensors(model_dir, dtype, device)
-    renamed, skipped = checkpoint_names(hf_config)
-    if renamed:
-        weights = _text_model_weights(weights, renamed, skipped)
-    model.load_weights(_base_model_weights(weights) if pooling and not encoder else weights)
+    weights = checkpoint_view(iterate_safetensors(model_dir, dtype, device, cast=fmt is None))
+    if fmt is not None:
+        weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in fp8_targets)
+    model.load_weights(weights)
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not torch.isfinite(p if p.dtype != FP8 else p.float()).all():
             raise ValueError(f"weight {name} holds NaN or infinite values")
     if from_tokens:
         _head_from_tokens(model, classifier_token_ids)
