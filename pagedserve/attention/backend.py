@@ -13,6 +13,17 @@ from dataclasses import dataclass
 import torch
 
 
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0  # e4m3's largest finite value: K/V beyond it saturate (scale 1, as vLLM's default)
+
+
+def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """K/V as the cache stores them: FP8 saturates instead of overflowing to NaN."""
+    if cache_dtype == FP8_KV:
+        return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
 @dataclass
 class AttentionMetadata:
     num_tokens: int  # tokens in the flat batch (padding included, for CUDA graphs)

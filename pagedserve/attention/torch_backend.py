@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
+from pagedserve.attention.backend import FP8_KV, AttentionBackend, AttentionMetadata, to_cache_dtype
 
 
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -40,6 +40,9 @@ class TorchAttentionBackend(AttentionBackend):
         else:
             key, value = key[:n], value[:n]
         kvh, d = key.shape[-2:]
+        key, value = to_cache_dtype(key, k_cache.dtype), to_cache_dtype(value, v_cache.dtype)
+        if k_cache.dtype == FP8_KV:  # PyTorch has no FP8 index_copy_ on CPU: copy the bytes
+            k_cache, v_cache, key, value = (t.view(torch.uint8) for t in (k_cache, v_cache, key, value))
         k_cache.view(-1, kvh, d).index_copy_(0, slots, key)
         v_cache.view(-1, kvh, d).index_copy_(0, slots, value)
 
@@ -65,8 +68,8 @@ class TorchAttentionBackend(AttentionBackend):
         max_len = max(meta.seq_lens_cpu[:nd])
         nb = -(-max_len // meta.block_size)
         bt = meta.block_tables[:nd, :nb].long()
-        k = k_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2)  # [nd, kvh, L, d]
-        v = v_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2)
+        k = k_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2).to(q.dtype)  # [nd, kvh, L, d]
+        v = v_cache[bt].view(nd, nb * meta.block_size, kvh, d).transpose(1, 2).to(q.dtype)
         pos = torch.arange(nb * meta.block_size, device=q.device)
         lens = meta.seq_lens[:nd, None]
         mask = pos[None, :] < lens
@@ -83,13 +86,13 @@ class TorchAttentionBackend(AttentionBackend):
         kvh = k_cache.shape[2]
         group = nh // kvh
         ctx = seq_len - q_len
-        if ctx == 0:  # nothing cached before this chunk: use the new K/V directly
+        if ctx == 0 and k_cache.dtype == key.dtype:  # nothing cached before this chunk: the new K/V as they are
             k, v = key, value
-        else:
+        else:  # (an FP8 cache: what it holds, so that every step sees the same rounded K/V)
             nb = -(-seq_len // block_size)
             blocks = block_table[:nb].long()
-            k = k_cache[blocks].view(-1, kvh, d)[:seq_len]
-            v = v_cache[blocks].view(-1, kvh, d)[:seq_len]
+            k = k_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
+            v = v_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
         mask = None  # plain causal from the start: SDPA's own is_causal
         if ctx or window > 0 or softcap > 0:
             cols = torch.arange(seq_len, device=q.device)[None, :]

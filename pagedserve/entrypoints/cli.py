@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     _bool_flag(p, "enable-chunked-prefill", d.enable_chunked_prefill, "chunked prefill")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: K/V stored in FP8 e4m3, twice the tokens in the same memory")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)

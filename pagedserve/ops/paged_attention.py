@@ -27,6 +27,7 @@ import triton.language as tl
 
 from pagedserve.ops import triton_interpreting, tuned
 from pagedserve.ops.pdl import pdl_launch, pdl_start
+from pagedserve.ops.reshape_and_cache import fp8_kv_value
 
 _LOG2E = 1.4426950408889634
 # K tiles loaded key-major and transposed in registers (1), or gathered head-dim-major (0).
@@ -125,7 +126,8 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
-    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
     # projection; the kernel rotates q and kn, segment 0 writes kn and vn into the cache at
@@ -183,6 +185,9 @@ def _paged_attention_kernel(
         kn = _rope(tl.load(kn_row + offs_d, mask=d_ok, other=0.0).to(tl.float32),
                    tl.load(kn_row + d_swap, mask=d_ok, other=0.0).to(tl.float32), cos, sin, sign, dtype)
         vn = tl.load(vn_ptr + q_start.to(tl.int64) * stride_vn_t + kv_head * stride_vn_h + offs_d, mask=d_ok, other=0.0)
+        if KV_FP8:  # the new key and value as the cache will hold them, for this step too
+            kn = fp8_kv_value(kn.to(tl.float32), INTERPRET).to(k_cache_ptr.dtype.element_ty).to(dtype)
+            vn = fp8_kv_value(vn.to(tl.float32), INTERPRET).to(v_cache_ptr.dtype.element_ty).to(dtype)
         slot = tl.load(slot_ptr + q_start).to(tl.int64)
         if segment == 0:
             if slot >= 0:
@@ -222,12 +227,12 @@ def _paged_attention_kernel(
         if K_ROWS:  # [TILE_N, HEAD_DIM_P] in memory order, transposed for the product
             k = tl.load(k_cache_ptr + page[:, None] * stride_k_b + in_page[:, None] * stride_k_s
                         + kv_head * stride_k_h + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # (an FP8 cache: widened)
             s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * scale_log2
         else:  # loaded directly as [HEAD_DIM_P, TILE_N]
             k = tl.load(k_cache_ptr + page[None, :] * stride_k_b + in_page[None, :] * stride_k_s
                         + kv_head * stride_k_h + offs_d[:, None],
-                        mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+                        mask=n_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)
             s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
         if SOFTCAP:
             s = _softcap(s, softcap_log2)
@@ -242,7 +247,7 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + page[:, None] * stride_v_b + in_page[:, None] * stride_v_s
                     + kv_head * stride_v_h + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE_N, HEAD_DIM_P]
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [TILE_N, HEAD_DIM_P]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
@@ -417,7 +422,8 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
-        ROPE=rope is not None, SLIDING=window > 0, SOFTCAP=softcap > 0, **launch, **pdl,
+        ROPE=rope is not None, SLIDING=window > 0, SOFTCAP=softcap > 0, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        INTERPRET=triton_interpreting(), **launch, **pdl,
     )
     return out
 

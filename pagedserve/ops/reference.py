@@ -15,8 +15,12 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     kvh, d = key.shape[-2:]
-    k_cache.view(-1, kvh, d).index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_cache.view(-1, kvh, d).index_copy_(0, slots, value[keep].to(v_cache.dtype))
+    key, value = key[keep], value[keep]
+    if k_cache.dtype == torch.float8_e4m3fn:  # saturated at e4m3's largest value; copied as bytes
+        key, value = (x.float().clamp(-448.0, 448.0).to(k_cache.dtype).view(torch.uint8) for x in (key, value))
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    k_cache.view(-1, kvh, d).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

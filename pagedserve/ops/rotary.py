@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops.pdl import pdl_launch, pdl_start
+from pagedserve.ops import triton_interpreting
+from pagedserve.ops.reshape_and_cache import fp8_kv_value
 
 
 @triton.jit
@@ -66,7 +68,8 @@ def _rotary_and_cache_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     NUM_Q: tl.constexpr, NUM_K: tl.constexpr, QH_P: tl.constexpr, KH_P: tl.constexpr,
-    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr, KV_FP8: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     # One program per token: RoPE on its q and k heads (in place), then its rotated k and
     # its v into the paged cache at its slot (-1: padding, not written).
@@ -82,13 +85,21 @@ def _rotary_and_cache_kernel(
     if slot >= 0:
         h = tl.arange(0, KH_P)[:, None]
         dd = d[None, :]
+        if KV_FP8:
+            k1 = fp8_kv_value(k1.to(tl.float32), INTERPRET)
+            k2 = fp8_kv_value(k2.to(tl.float32), INTERPRET)
         kc = k_cache_ptr + (slot // BLOCK_SIZE) * stride_kc_b + (slot % BLOCK_SIZE) * stride_kc_s + h * stride_kc_h + dd
         tl.store(kc, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(kc + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
         vp = v_ptr + t * stride_vt + h * stride_vh + dd
         vc = v_cache_ptr + (slot // BLOCK_SIZE) * stride_vc_b + (slot % BLOCK_SIZE) * stride_vc_s + h * stride_vc_h + dd
-        tl.store(vc, tl.load(vp, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc + HALF, tl.load(vp + HALF, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+        v1 = tl.load(vp, mask=mask)
+        v2 = tl.load(vp + HALF, mask=mask)
+        if KV_FP8:
+            v1 = fp8_kv_value(v1.to(tl.float32), INTERPRET)
+            v2 = fp8_kv_value(v2.to(tl.float32), INTERPRET)
+        tl.store(vc, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -132,5 +143,6 @@ def rotary_embedding_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torc
             v_cache.stride(2),
             NUM_Q=hq, NUM_K=hk, QH_P=triton.next_power_of_2(hq), KH_P=triton.next_power_of_2(hk),
             HALF=half, HALF_P=triton.next_power_of_2(half), BLOCK_SIZE=k_cache.shape[1],
+            KV_FP8=k_cache.dtype == torch.float8_e4m3fn, INTERPRET=triton_interpreting(),
             num_warps=4 if hq * d >= 2048 else 1, **pdl_launch(q.device),
         )

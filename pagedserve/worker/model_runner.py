@@ -120,7 +120,7 @@ class ModelRunner:
             return self.config.max_num_seqs * per_seq
         a = self.attn_layers[0]
         per_block = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
-                                          self.config.dtype)
+                                          self.config.kv_dtype)
         if self.config.kv_cache_memory_bytes is not None:
             n = self.config.kv_cache_memory_bytes // per_block
             if n < 1:
@@ -133,7 +133,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # Zeroed, not empty: padded positions of a gathered block must never hold NaN.
-        cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.dtype, device=self.device)
+        cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.kv_dtype, device=self.device)
         self._bind(cache)
         if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
             self.graphs = self.make_graph_runner(capture=True)
@@ -167,7 +167,7 @@ class ModelRunner:
         lens = [min(cfg.max_model_len, n - s) for s in range(0, n, cfg.max_model_len)]
         per_req = -(-max(lens) // self.block_size)
         nblocks = per_req * len(lens)
-        self._bind(torch.zeros(self._kv_shape(nblocks), dtype=cfg.dtype, device=self.device))
+        self._bind(torch.zeros(self._kv_shape(nblocks), dtype=cfg.kv_dtype, device=self.device))
         qsl = np.cumsum([0] + lens).tolist()
         dev = self.device
         positions = torch.cat([torch.arange(m, device=dev) for m in lens])
@@ -185,7 +185,7 @@ class ModelRunner:
             if self.model.lm_head is not None:  # none in a pooling model
                 rows = torch.arange(cfg.max_num_seqs, device=dev) % n
                 self.model.compute_logits(hidden[rows])
-        self._bind(torch.empty(self._kv_shape(0), dtype=cfg.dtype, device=self.device))
+        self._bind(torch.empty(self._kv_shape(0), dtype=cfg.kv_dtype, device=self.device))
 
     def release(self, request_ids) -> None:
         """Forget the per-request state of finished or aborted requests."""
