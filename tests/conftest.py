@@ -63,6 +63,11 @@ MODEL_SPECS = {
                                      original_max_position_embeddings=2048, rope_scaling={
                                          "rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.8],
                                          "long_factor": [1.0, 4.0, 9.0, 16.0]})),
+    # Granite's multipliers, OLMo 2's post-norm layers and whole-projection q/k norms, SmolLM3's
+    # layer without RoPE.
+    "granite": ("GraniteForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    "olmo2": ("Olmo2ForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -21,9 +21,9 @@ def _head_dim(cfg: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+    def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  window: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
-                 norm: Callable[[int, float], nn.Module] = RMSNorm) -> None:
+                 norm: Callable[[int, float], nn.Module] = RMSNorm, qk_norm_whole: bool = False) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -34,9 +34,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
         self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
                                        "v": (self.q_size + self.kv_size, self.kv_size)}
-        self.q_norm = norm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = norm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.rotary = rotary
+        # q/k norms per head (Qwen3, Gemma 3), or over all heads at once (qk_norm_whole: OLMo 2).
+        self.qk_norm_whole = qk_norm_whole
+        self.q_norm = norm(self.q_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = norm(self.kv_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.rotary = rotary  # None: no position encoding in this layer (SmolLM3's NoPE layers)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim**-0.5,
                                    window, softcap)
 
@@ -47,11 +49,15 @@ class LlamaAttention(nn.Module):
         """Everything after the qkv projection, given its output."""
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is None:
+            return self.o_proj(self.attn(q, k, v, meta))
         if self.attn.fuses_rope and self.rotary.use_triton and not self.rotary.partial:  # RoPE in the KV write
             return self.o_proj(self.attn(q, k, v, meta, rope=(positions, self.rotary.cos_sin)))
         q, k = self.rotary(positions, q, k)
@@ -96,6 +102,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = mlp  # LlamaMLP, or a mixture of experts (layers/moe.py)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.residual_multiplier: Optional[float] = None  # Granite: attention and MLP outputs scaled
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         # A projection on the small-batch GEMV kernel takes the norm before it in the same
@@ -110,12 +117,17 @@ class LlamaDecoderLayer(nn.Module):
             else:
                 x, residual = self.input_layernorm(x, residual)
             x = self.self_attn(positions, x, meta)
+        m = self.residual_multiplier
+        if m is not None:
+            x = x * m
         mlp_norm = getattr(getattr(self.mlp, "gate_up_proj", None), "forward_rmsnorm", None)
         if mlp_norm is not None:
             gate_up, residual = mlp_norm(x, residual, self.post_attention_layernorm)
-            return self.mlp.act_down(gate_up), residual
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+            out = self.mlp.act_down(gate_up)
+        else:
+            x, residual = self.post_attention_layernorm(x, residual)
+            out = self.mlp(x)
+        return (out if m is None else out * m), residual
 
 
 class LlamaModel(nn.Module):
@@ -127,9 +139,12 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options, build_mlp(cfg, i), w)
                                     for i, w in enumerate(layer_windows(cfg)))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale: Optional[float] = None  # Granite's embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -256,6 +271,20 @@ class LlamaForCausalLM(nn.Module):
 
 class MistralForCausalLM(LlamaForCausalLM):
     pass
+
+
+class SmolLM3ForCausalLM(LlamaForCausalLM):
+    """SmolLM3: the Llama decoder with RoPE left out of some layers (no_rope_layers: 1 keeps
+    it, 0 drops it; every fourth layer in the released models)."""
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)
+        flags = list(getattr(cfg, "no_rope_layers", None) or [1] * cfg.num_hidden_layers)
+        if len(flags) != cfg.num_hidden_layers:
+            raise ValueError(f"config.json has {len(flags)} no_rope_layers for {cfg.num_hidden_layers} layers.")
+        for layer, use_rope in zip(self.model.layers, flags):
+            if not use_rope:
+                layer.self_attn.rotary = None
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

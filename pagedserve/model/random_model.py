@@ -19,6 +19,11 @@ ARCH_CONFIGS = {
                                            "final_logit_softcapping": 3.0}),
     "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
     "Phi3ForCausalLM": ("Phi3Config", {"sliding_window": None}),
+    # Granite's four scalars away from 1, so that a model ignoring one differs.
+    "GraniteForCausalLM": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                             "attention_multiplier": 0.2, "logits_scaling": 2.5}),
+    "Olmo2ForCausalLM": ("Olmo2Config", {}),
+    "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),
     "XLMRobertaModel": ("XLMRobertaConfig", {}),

@@ -1,0 +1,55 @@
+"""OLMo 2 (Olmo2ForCausalLM): the Llama attention and MLP in a post-norm layer (no norm
+before attention or the MLP; RMSNorm on each of their outputs before it joins the residual
+stream), and RMSNorm over the whole q and k projections (all heads at once) before RoPE."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import layer_windows
+from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+
+
+class Olmo2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "attention_bias", False))
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=True, window=window,
+                                        qk_norm_whole=True)
+        self.mlp = LlamaMLP(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
+        h = x if residual is None else x + residual
+        h = h + self.post_attention_layernorm(self.self_attn(positions, h, meta))
+        return self.post_feedforward_layernorm(self.mlp(h)), h
+
+
+class Olmo2Model(LlamaModel):
+    """LlamaModel's embedding, final norm and forward, around OLMo 2's layers."""
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        nn.Module.__init__(self)
+        rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Olmo2DecoderLayer(cfg, rotary, w) for w in layer_windows(cfg))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale = None
+
+
+class Olmo2ForCausalLM(LlamaForCausalLM):
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.model = Olmo2Model(cfg, max_positions)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
