@@ -99,7 +99,8 @@ def _hf_reference(path: str, scheme: str, tmp_path):
 @pytest.mark.parametrize("name, scheme, backend", [
     *[("llama", s, b) for s in ("block", "channel", "tensor") for b in ("cpu", "triton")],
     ("qwen3", "block", "triton"),  # q/k norms after the FP8 qkv
-    ("qwen2_moe", "block", "triton"),  # experts dequantized at load, the shared expert in FP8
+    ("qwen2_moe", "block", "triton"),  # experts in FP8 on the fused MoE kernel, the shared expert too
+    ("mixtral", "channel", "triton"),
 ])
 def test_fp8_checkpoints_match_transformers(model_dirs, tmp_path, name, scheme, backend):
     path = quantize_checkpoint(model_dirs[name], str(tmp_path / "fp8"), scheme, BLOCK)
@@ -107,8 +108,10 @@ def test_fp8_checkpoints_match_transformers(model_dirs, tmp_path, name, scheme, 
     llm = LLM(path, attention_backend=backend, dtype="float32")
     model = llm.llm_engine.runner.model
     qkv = model.model.layers[0].self_attn.qkv_proj
-    if backend == "triton":  # the projections stay in FP8 (experts are dequantized)
+    if backend == "triton":  # the projections and the experts stay in FP8
         assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == FP8
+        experts = [m for m in model.modules() if type(m).__name__ == "FusedMoE"]
+        assert all(m.w13.dtype == FP8 and m.w2.dtype == FP8 for m in experts)
     else:
         assert qkv.weight.dtype == torch.float32
     prompts = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]

@@ -92,6 +92,37 @@ def test_fused_moe_matches_pytorch_path_bf16(shape):
     assert (got - want).abs().mean().item() <= tol / 8
 
 
+@pytest.mark.parametrize("block", [(32, 32), None])
+@pytest.mark.parametrize("shape", [(5, 8, 2, 64, 96), (70, 4, 2, 96, 64)])
+def test_fp8_experts_match_dequantized_twin(shape, block):
+    """FP8 experts (per 32x32 block, or per row): each tile dequantized in the kernel equals the
+    PyTorch path on the dequantized weights."""
+    from pagedserve.model.fp8_quantize import quantize_block, quantize_rows
+    from pagedserve.model.layers.fp8 import Fp8Format, dequantize, row_scales
+
+    t, e, k, h, i = shape
+    moe = _moe(e, h, i, torch.float32, seed=t)
+    fmt = Fp8Format(block)
+    packed = {}
+    for name in ("w13", "w2"):
+        qs, ss, deq = [], [], []
+        for w in getattr(moe, name).detach().cpu():
+            q, s = quantize_block(w, *block) if block else quantize_rows(w, per_tensor=False)
+            rows, bk = row_scales(s, tuple(w.shape), fmt, name)
+            qs.append(q)
+            ss.append(rows)
+            deq.append(dequantize(q, rows, bk, torch.float32))
+        packed[name] = (torch.stack(qs).to(DEVICE), torch.stack(ss).to(DEVICE), bk)
+        with torch.no_grad():
+            getattr(moe, name).copy_(torch.stack(deq))
+    weights, ids = _routing(t, e, k, seed=t + 1)
+    x = torch.randn(t, h, generator=torch.Generator().manual_seed(t)).to(DEVICE)
+    want = moe(x, weights, ids)
+    (q13, s13, bk13), (q2, s2, bk2) = packed["w13"], packed["w2"]
+    got = fused_moe(x, q13, q2, weights, ids, scales=(s13, s2, bk13, bk2))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_moe_without_tokens():
     moe = _moe(4, 16, 32, torch.float32, seed=0)
     ids = torch.zeros(0, 2, dtype=torch.long, device=DEVICE)

@@ -10,8 +10,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from pagedserve.model.layers.fp8 import (FP8, fp8_format, fp8_weights, install_fp8_linears, quantized_modules,
-                                         scaled_weight_names)
+from pagedserve.model.layers.fp8 import (FP8, fp8_format, fp8_weights, install_fp8_linears, quantized_experts,
+                                         quantized_modules, scaled_weight_names)
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
 
 
@@ -120,7 +120,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     fp8_targets: dict[str, str] = {}
     if fmt is not None and fp8_kernels and not encoder:
         stems = scaled_weight_names(n for n, _ in checkpoint_view((k, None) for k in _checkpoint_keys(model_dir)))
-        fp8_targets = quantized_modules(stems, model)
+        fp8_targets = {**quantized_modules(stems, model), **quantized_experts(stems, model)}
         install_fp8_linears(model, fp8_targets.values(), fmt)
     model.to_empty(device=device)
     model.tie_weights()

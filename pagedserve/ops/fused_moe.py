@@ -64,14 +64,15 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 
 @triton.jit
-def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, num_padded_ptr,
-                     N, K, num_pairs, num_blocks_m, stride_am, stride_we, stride_wn, stride_cm,
+def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, num_padded_ptr, s_ptr,
+                     N, K, num_pairs, num_blocks_m, stride_am, stride_we, stride_wn, stride_cm, stride_se, stride_sn,
                      TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BK: tl.constexpr):
     """C[pair, :] = A[row(pair), :] @ W[expert]^T for the pairs of one BLOCK_M block, one
     BLOCK_N slice of N. row(pair) is the token (pair // k, A_PER_TOKEN) or the pair itself.
-    W is [E, N, K] with K contiguous."""
+    W is [E, N, K] with K contiguous. HAS_SCALE: W is FP8 with float32 scales [E, N, KB] per
+    row and SCALE_BK-wide K block, each tile dequantized to A's dtype (ops/fp8_linear.py)."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the N slices together (weight tiles reused in L2).
@@ -96,6 +97,10 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        if HAS_SCALE:
+            scale = tl.load(s_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn + k0 // SCALE_BK,
+                            mask=offs_n < N, other=0.0)
+            w = (w.to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
         if UPCAST:  # the interpreter has no 16-bit dot (see paged_attention._dot); fp32 stays exact
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -111,24 +116,35 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
 
 
 def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: tuple, top_k: int,
-              a_per_token: bool, weights: Optional[torch.Tensor], config: MoEConfig) -> None:
+              a_per_token: bool, weights: Optional[torch.Tensor], config: MoEConfig,
+              scale: Optional[torch.Tensor] = None, scale_bk: int = 0) -> None:
     sorted_ids, block_experts, num_padded = aligned
     block_m, block_n, block_k, group_m, warps, stages = config
+    if scale is not None and scale_bk < w.shape[2]:  # a K tile must lie in one scale block
+        while scale_bk % block_k:
+            block_k //= 2
+        assert block_k >= 16, f"an FP8 scale block of {scale_bk} columns is too narrow for tl.dot"
     e, n, k = w.shape
     assert a.stride(-1) == 1 and w.stride(-1) == 1 and out.stride(-1) == 1
     num_blocks_m = sorted_ids.numel() // block_m
     grid = (num_blocks_m * triton.cdiv(n, block_n),)
     _moe_gemm_kernel[grid](
         a, w, out, weights if weights is not None else out, sorted_ids, block_experts, num_padded,
+        scale if scale is not None else out,
         n, k, out.shape[0], num_blocks_m, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=weights is not None, UPCAST=a.dtype == torch.float32 or triton_interpreting(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+        scale.stride(0) if scale is not None else 0, scale.stride(1) if scale is not None else 0,
+        TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=weights is not None,
+        UPCAST=a.dtype == torch.float32 or triton_interpreting(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, HAS_SCALE=scale is not None,
+        SCALE_BK=max(scale_bk, 1), num_warps=warps, num_stages=stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: Optional[MoEConfig] = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: Optional[MoEConfig] = None,
+              scales: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_* [T, k]. SiLU
-    experts. Returns [T, H] in x's dtype: each token's routing-weighted sum of its experts."""
+    experts. Returns [T, H] in x's dtype: each token's routing-weighted sum of its experts.
+    scales: FP8 experts' (w13 scales [E, 2I, KB], w2 scales [E, H, KB'], their K blocks)."""
     from pagedserve.ops.activation import silu_and_mul
 
     t, k = topk_ids.shape
@@ -138,8 +154,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     config = config or default_config(t * k, e)
     aligned = moe_align(topk_ids, e, config[0])
     gate_up = torch.empty(t * k, two_i, dtype=x.dtype, device=x.device)
-    _moe_gemm(x.contiguous(), w13, gate_up, aligned, k, True, None, config)
+    s13, s2, bk13, bk2 = scales if scales is not None else (None, None, 0, 0)
+    _moe_gemm(x.contiguous(), w13, gate_up, aligned, k, True, None, config, s13, bk13)
     act = silu_and_mul(gate_up)
     out = torch.empty(t * k, h, dtype=torch.float32, device=x.device)
-    _moe_gemm(act, w2, out, aligned, k, False, topk_weights.reshape(-1).float().contiguous(), config)
+    _moe_gemm(act, w2, out, aligned, k, False, topk_weights.reshape(-1).float().contiguous(), config, s2, bk2)
     return out.view(t, k, h).sum(dim=1).to(x.dtype)

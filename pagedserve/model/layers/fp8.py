@@ -13,8 +13,10 @@ Two ways to run them:
   dtype (weight-only FP8, "W8A16"): compressed-tensors' FP8-dynamic checkpoints are meant to
   quantize activations too, so their outputs differ from an FP8 x FP8 engine's by that
   rounding;
-- elsewhere (CPU, the PyTorch backend, expert weights): dequantized to the model dtype at
-  load, so the checkpoint runs, without the memory saving."""
+  Mixture-of-experts layers keep their experts in FP8 too, dequantized per tile by the fused
+  MoE kernel (ops/fused_moe.py);
+- elsewhere (CPU, the PyTorch backend): dequantized to the model dtype at load, so the
+  checkpoint runs, without the memory saving."""
 
 from __future__ import annotations
 
@@ -168,10 +170,40 @@ def quantized_modules(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
     return out
 
 
+def quantized_experts(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
+    """Checkpoint expert names with FP8 weights -> the FusedMoE (layers/moe.py) they load into,
+    where its experts run on the fused kernel (SiLU experts)."""
+    from pagedserve.model.layers.moe import FusedMoE
+
+    out = {}
+    for stem in stems:
+        name = stem + ".weight"
+        for piece, ours in getattr(model, "renamed", []):
+            name = name.replace(piece, ours)
+        match = FusedMoE.match(name)
+        if match is None:
+            continue
+        owner = match[0].rsplit(".", 1)[0]
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, FusedMoE) and module.is_silu:
+            out[stem] = owner
+    return out
+
+
 def install_fp8_linears(model: nn.Module, targets: Iterable[str], fmt: Fp8Format) -> None:
-    """Replace each named nn.Linear (on the meta device, before loading) with an Fp8Linear."""
+    """Replace each named nn.Linear (on the meta device, before loading) with an Fp8Linear, and
+    put each named FusedMoE's experts in FP8."""
+    from pagedserve.model.layers.moe import FusedMoE
+
     block_k = fmt.block[1] if fmt.block else 0
     for name in sorted(set(targets)):
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, Fp8Linear(getattr(owner, leaf), block_k))
+        module = getattr(owner, leaf)
+        if isinstance(module, FusedMoE):
+            module.to_fp8(block_k)
+        else:
+            setattr(owner, leaf, Fp8Linear(module, block_k))

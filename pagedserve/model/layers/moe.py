@@ -42,7 +42,7 @@ class FusedMoE(nn.Module):
     # Qwen-MoE gate_proj/up_proj/down_proj.
     shard_names = {"w1": ("w13", "gate"), "w3": ("w13", "up"), "w2": ("w2", None),
                    "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", None)}
-    _expert_re = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.weight$")
+    _expert_re = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.(?P<kind>weight|weight_scale)$")
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str) -> None:
         super().__init__()
@@ -52,6 +52,23 @@ class FusedMoE(nn.Module):
         self.act = _act_fn(act)
         self.is_silu = act == "silu"
         self.use_triton = False  # set by the model runner with the Triton backend
+        self.scale_bk: Optional[tuple[int, int]] = None  # FP8 experts: (w13's, w2's) scale K blocks
+
+    def to_fp8(self, block_k: int) -> None:
+        """Hold the experts in FP8 e4m3 with float32 scales per row and K block (layers/fp8.py),
+        for the kernel path; called on the meta device, before loading. block_k 0: a scale per
+        row (the K block is the whole row)."""
+        from pagedserve.model.layers.fp8 import FP8
+
+        e, two_i, h = self.w13.shape
+        i = self.intermediate
+        self.scale_bk = (block_k or h, block_k or i)
+        self.w13 = nn.Parameter(torch.empty(e, two_i, h, dtype=FP8), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, h, i, dtype=FP8), requires_grad=False)
+        self.w13_scale = nn.Parameter(torch.empty(e, two_i, -(-h // self.scale_bk[0]), dtype=torch.float32),
+                                      requires_grad=False)
+        self.w2_scale = nn.Parameter(torch.empty(e, h, -(-i // self.scale_bk[1]), dtype=torch.float32),
+                                     requires_grad=False)
 
     @property
     def uses_kernel(self) -> bool:
@@ -62,6 +79,9 @@ class FusedMoE(nn.Module):
         if self.uses_kernel:
             from pagedserve.ops.fused_moe import fused_moe
 
+            if self.scale_bk is not None:
+                return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, scales=(
+                    self.w13_scale, self.w2_scale, *self.scale_bk))
             return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         t, k = topk_ids.shape
         out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
@@ -90,6 +110,8 @@ class FusedMoE(nn.Module):
         if m is None or m["w"] not in cls.shard_names:
             return None
         param, shard = cls.shard_names[m["w"]]
+        if m["kind"] == "weight_scale":  # an FP8 expert's scales (layers/fp8.py), sharded as its rows
+            param += "_scale"
         return f"{m['prefix']}.{param}", int(m["e"]), param, shard
 
     def load_expert(self, param: str, expert: int, shard: Optional[str], tensor: torch.Tensor, name: str) -> str:
@@ -106,7 +128,10 @@ class FusedMoE(nn.Module):
         return f"{expert}:{param}:{shard}"
 
     def expected_loads(self) -> set[str]:
-        return {f"{e}:{p}:{s}" for e in range(self.num_experts) for p, s in (("w13", "gate"), ("w13", "up"), ("w2", None))}
+        params = (("w13", "gate"), ("w13", "up"), ("w2", None))
+        if self.scale_bk is not None:
+            params += (("w13_scale", "gate"), ("w13_scale", "up"), ("w2_scale", None))
+        return {f"{e}:{p}:{s}" for e in range(self.num_experts) for p, s in params}
 
 
 class SparseMoeBlock(nn.Module):
