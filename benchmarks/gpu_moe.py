@@ -7,7 +7,8 @@ which also shows that it captures (the PyTorch path cannot: it syncs with the ho
     python benchmarks/gpu_moe.py --dry-run  # CPU, Triton's interpreter, tiny shapes
 
 weight_gbps: bytes of the experts a batch routes to, read once, over the fused time (compare
-with gpu_check's device_rates.copy_gbps: at decode sizes the layer is that read)."""
+with gpu_check's device_rates.copy_gbps: at decode sizes the layer is that read). fp8_ms: the
+same layer with its experts in FP8 (128x128 block scales), dequantized per tile in the kernel."""
 
 from __future__ import annotations
 
@@ -30,8 +31,27 @@ TOKENS = (1, 8, 64, 512, 4096)
 DRY_TOKENS = (1, 8)
 
 
+def _fp8_experts(moe, block: tuple[int, int]) -> tuple:
+    """The layer's experts in FP8 with block scales, as fused_moe takes them."""
+    from pagedserve.model.fp8_quantize import quantize_block
+    from pagedserve.model.layers.fp8 import Fp8Format, row_scales
+
+    packed = []
+    for w in (moe.w13.detach(), moe.w2.detach()):
+        qs, ss = [], []
+        for we in w:
+            q, s = quantize_block(we, *block)
+            rows, bk = row_scales(s, tuple(we.shape), Fp8Format(block), "expert")
+            qs.append(q)
+            ss.append(rows)
+        packed.append((torch.stack(qs), torch.stack(ss), bk))
+    (q13, s13, bk13), (q2, s2, bk2) = packed
+    return q13, q2, (s13, s2, bk13, bk2)
+
+
 def moe_timings(device: str, dry: bool) -> dict[str, Any]:
     from pagedserve.model.layers.moe import FusedMoE, select_experts
+    from pagedserve.ops.fused_moe import fused_moe
 
     dtype = torch.float32 if dry else torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
@@ -43,6 +63,7 @@ def moe_timings(device: str, dry: bool) -> dict[str, Any]:
             moe.w13.normal_(0, 0.02, generator=g)
             moe.w2.normal_(0, 0.02, generator=g)
         expert_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * moe.w13.element_size()
+        q13, q2, scales = _fp8_experts(moe, (32, 32) if dry else (128, 128))
         for t in (DRY_TOKENS if dry else TOKENS):
             x = torch.randn(t, h, device=device, generator=g).to(dtype)
             weights, ids = select_experts(torch.randn(t, e, device=device, generator=g), k, True)
@@ -51,9 +72,11 @@ def moe_timings(device: str, dry: bool) -> dict[str, Any]:
             moe.use_triton = True
             fused_ms = bench_chain_ms([lambda: moe(x, weights, ids)], device)
             routed = int(torch.unique(ids).numel())
+            fp8_ms = bench_chain_ms([lambda: fused_moe(x, q13, q2, weights, ids, scales=scales)], device)
             res[f"{name}_t{t}"] = {"fused_ms": round(fused_ms, 4), "torch_ms": round(torch_ms, 4),
                                    "speedup": round(torch_ms / fused_ms, 2), "experts_routed": routed,
-                                   "weight_gbps": round(routed * expert_bytes / fused_ms / 1e6, 1)}
+                                   "weight_gbps": round(routed * expert_bytes / fused_ms / 1e6, 1),
+                                   "fp8_ms": round(fp8_ms, 4), "fp8_speedup": round(fused_ms / fp8_ms, 2)}
             print(name, t, res[f"{name}_t{t}"], flush=True)
         del moe
     return res

@@ -29,7 +29,7 @@ def quantize_block(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, tor
     """[N, K] -> (e4m3 [N, K], scale_inv [ceil(N/bn), ceil(K/bk)]) with w ~ q * scale_inv per tile."""
     n, k = w.shape
     nb, kb = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32)
+    padded = w.new_zeros(nb * bn, kb * bk, dtype=torch.float32)
     padded[:n, :k] = w.float()
     tiles = padded.view(nb, bn, kb, bk)
     scale = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
