@@ -254,7 +254,9 @@ def test_mistral_and_pythonic_streams(size):
     cases = {"mistral": ['Hi [TOOL [TOOL_CALLS] [{"name": "a", "arguments": {"x": "[TOOL_CALLS]"}}]', "Hi [TOOL_",
                          "plain text"],
              "pythonic": ['[f(x="[")]', "  <|python_start|>[f(x=1)]<|python_end|>", "[not a call", "It is sunny",
-                          "<|python"]}
+                          "<|python"],
+             "qwen3_coder": ["Hi <tool_call>\n<function=f>\n<parameter=x>\n<tool_call>\n</parameter>\n</function>\n"
+                             "</tool_call>", "Hi <tool_", "plain text"]}
     for name, texts in cases.items():
         parse, make = TOOL_PARSERS[name]
         for text in texts:
@@ -295,3 +297,55 @@ def test_auto_with_the_other_parsers(llama_dir, parser, regex):
         plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
                                                max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
         assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content
+
+
+def _tools(*specs):
+    from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest(model=MODEL, messages=MESSAGES, tools=list(specs))
+    return req.tools
+
+
+def test_parse_qwen3_coder():
+    """Values typed by the tool's schema: a string stays a string even when it reads as a
+    number; an integer, a boolean, an array and an object become JSON values; a parameter the
+    schema does not know is JSON where it reads as JSON."""
+    from pagedserve.entrypoints.openai.tool_calls import parse_qwen3_coder
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "code": {"type": "string"}, "n": {"type": "integer"}, "ok": {"type": "boolean"},
+        "xs": {"type": "array"}, "cfg": {"type": "object"}, "x": {"type": "number"}}}}}
+    text = ("Let me check.\n<tool_call>\n<function=f>\n<parameter=code>\n007\n</parameter>\n<parameter=n>\n12\n"
+            "</parameter>\n<parameter=ok>\nTrue\n</parameter>\n<parameter=xs>\n[1, \"a\"]\n</parameter>\n"
+            "<parameter=cfg>\n{'k': 2}\n</parameter>\n<parameter=x>\n2.5\n</parameter>\n<parameter=extra>\n3\n"
+            "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=g>\n<parameter=q>\nmulti\nline\n"
+            "</parameter>\n</function>\n</tool_call>")
+    content, calls = parse_qwen3_coder(text, _tools(tool))
+    assert content == "Let me check.\n"
+    assert [c.name for c in calls] == ["f", "g"]
+    assert json.loads(calls[0].arguments) == {"code": "007", "n": 12, "ok": True, "xs": [1, "a"], "cfg": {"k": 2},
+                                              "x": 2.5, "extra": 3}
+    assert json.loads(calls[1].arguments) == {"q": "multi\nline"}
+    assert parse_qwen3_coder("no calls here") == ("no calls here", [])
+    assert parse_qwen3_coder("<tool_call>\n<nonsense>") == ("<tool_call>\n<nonsense>", [])
+
+
+def test_auto_with_the_qwen3_coder_parser(llama_dir):
+    """A reply forced into Qwen3-Coder's format: the days come back as an integer because the
+    schema says so; whole and streamed alike."""
+    regex = (r"<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
+             r"<parameter=days>\n[1-7]\n</parameter>\n</function>\n</tool_call>")
+    with serving(llama_dir, MODEL, tool_call_parser="qwen3_coder") as srv, openai_client(srv) as client:
+        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                      extra_body={"structured_outputs": {"regex": regex}})
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        _check_weather_args(call.function.arguments)
+        assert isinstance(json.loads(call.function.arguments)["days"], int)
+        calls = []
+        for c in client.chat.completions.create(stream=True, **kwargs):
+            calls += c.choices[0].delta.tool_calls or []
+            assert not c.choices[0].delta.content
+        assert [(t.function.name, t.function.arguments) for t in calls] == [("get_weather", call.function.arguments)]

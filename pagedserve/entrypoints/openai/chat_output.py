@@ -8,7 +8,7 @@ from typing import Optional
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
                                                     DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
-from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS, Call, parse_required, random_tool_call_id
+from pagedserve.entrypoints.openai.tool_calls import Call, parse_required, parser_for, random_tool_call_id
 from pagedserve.reasoning import ReasoningSplitter
 
 
@@ -25,7 +25,7 @@ def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str],
             return text, [], finish
         return "", calls, "tool_calls" if finish == "stop" else finish
     if mode == "auto" and tool_parser is not None:
-        content, calls = TOOL_PARSERS[tool_parser][0](text)
+        content, calls = parser_for(tool_parser, req.tools)[0](text)
         if calls:
             return content or None, calls, "tool_calls" if finish == "stop" else finish
     return text, [], finish
@@ -60,7 +60,8 @@ class _ToolStream:
         self.req, self.mode, self.tool_parser = req, req.tool_mode, tool_parser
         self.text = ""
         self.started = False
-        self.parser = TOOL_PARSERS[tool_parser][1]() if self.mode == "auto" and tool_parser is not None else None
+        self.parser = (parser_for(tool_parser, req.tools)[1]() if self.mode == "auto" and tool_parser is not None
+                       else None)
 
     def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
         if self.parser is None and self.mode in ("none", "auto"):

@@ -15,11 +15,16 @@
     comes before is the content. The server keeps special tokens in the text for it, as vLLM;
   - pythonic: an output that is a Python list of calls, `[get_weather(city="Paris"), ...]`,
     optionally in `<|python_start|>...<|python_end|>` (Llama 3.2 / 4); arguments are literals.
+  - qwen3_coder: `<tool_call><function=NAME><parameter=P>value</parameter>...</function>
+    </tool_call>` blocks (Qwen3-Coder); values are raw text, typed by the tool's parameter
+    schema (integer, number, boolean, object / array as JSON; without a schema, JSON if it
+    reads as JSON, else text); what comes before the first block is the content.
 - tool_choice "none": plain text (the tools still reach the chat template, as in vLLM)."""
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import uuid
@@ -241,13 +246,91 @@ def Llama3JsonStream() -> OpeningStream:  # noqa: N802
     return OpeningStream(("{", PYTHON_TAG), parse_llama3_json)
 
 
+_QC_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+_QC_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
+_QC_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+
+
+def _schema_types(tools: Optional[list], function: str) -> dict[str, set]:
+    """A tool's parameter name -> its schema's JSON types (empty where it has none)."""
+    for tool in tools or ():
+        fn = tool.function
+        if fn.name == function:
+            props = (fn.parameters or {}).get("properties") or {}
+            out = {}
+            for name, schema in props.items():
+                t = schema.get("type") if isinstance(schema, dict) else None
+                out[name] = set(t) if isinstance(t, list) else ({t} if t else set())
+            return out
+    return {}
+
+
+def _typed(value: str, types: set) -> Any:
+    """A raw parameter value as its schema's type; text where it does not read as one."""
+    if "string" in types:
+        return value
+    attempts: list[Callable[[str], Any]] = []
+    if "integer" in types:
+        attempts.append(int)
+    if "number" in types:
+        attempts.append(lambda v: int(v) if re.fullmatch(r"-?\d+", v.strip()) else float(v))
+    if "boolean" in types:
+        attempts.append(lambda v: {"true": True, "false": False}[v.strip().lower()])
+    if "null" in types:
+        attempts.append(lambda v: {"null": None, "none": None}[v.strip().lower()])
+    if types & {"object", "array"} or not types:
+        attempts.append(json.loads)
+        if types:
+            attempts.append(ast.literal_eval)
+    for attempt in attempts:
+        try:
+            return attempt(value)
+        except (ValueError, TypeError, KeyError, SyntaxError, RecursionError):
+            continue
+    return value
+
+
+def parse_qwen3_coder(text: str, tools: Optional[list] = None) -> tuple[str, list[Call]]:
+    """(content, calls) of a Qwen3-Coder output (XML-style calls). An unreadable block: all
+    content, so nothing the model wrote is lost."""
+    start = text.find(HERMES_START)
+    if start < 0:
+        return text, []
+    calls = []
+    for block in _QC_CALL.findall(text[start:]):
+        fn = _QC_FUNCTION.search(block)
+        if fn is None:
+            return text, []
+        name = fn.group(1).strip()
+        types = _schema_types(tools, name)
+        args = {}
+        for param, raw in _QC_PARAMETER.findall(fn.group(2)):
+            value = raw[1:] if raw.startswith("\n") else raw  # the template puts values on lines of their own
+            value = value[:-1] if value.endswith("\n") else value
+            args[param.strip()] = _typed(value, types.get(param.strip(), set()))
+        calls.append(Call(name, json.dumps(args, ensure_ascii=False)))
+    return (text[:start], calls) if calls else (text, [])
+
+
 # --tool-call-parser name -> (parse a whole output, make a streaming parser).
 TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]] = {
     "hermes": (parse_hermes, HermesStream),
     "llama3_json": (parse_llama3_json, Llama3JsonStream),
     "mistral": (parse_mistral, lambda: MarkerStream(MISTRAL_TAG, parse_mistral)),
     "pythonic": (parse_pythonic, lambda: OpeningStream(("[", PYTHON_START), parse_pythonic)),
+    "qwen3_coder": (parse_qwen3_coder, lambda: MarkerStream(HERMES_START, parse_qwen3_coder)),
 }
+# Parsers that type the arguments by the request's tool schemas (parser_for binds them).
+SCHEMA_AWARE = {"qwen3_coder"}
+
+
+def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]:
+    """The parser `name` for one request: (parse a whole output, make a streaming parser)."""
+    parse, make = TOOL_PARSERS[name]
+    if name not in SCHEMA_AWARE:
+        return parse, make
+    bound = functools.partial(parse, tools=tools)
+    return bound, lambda: MarkerStream(HERMES_START, bound)
 # Parsers that need special tokens kept in the text (their markers are special tokens).
 KEEPS_SPECIAL_TOKENS = {"mistral"}
 
