@@ -136,6 +136,28 @@ def test_fp8_weights_take_half_the_memory(model_dirs, tmp_path):
     assert fp8 < 0.6 * bf16  # one byte a weight, plus a float32 scale per row and 32 columns
 
 
+def test_lora_on_fp8_layers(model_dirs, tmp_path):
+    """An adapter on an FP8 checkpoint: on the Triton path its product is added to the FP8
+    layers' outputs, and gives what the dequantized layers give on the CPU path."""
+    from pagedserve.lora.random_adapter import make_adapter
+    from pagedserve.lora.request import LoRARequest
+
+    adapter, _ = make_adapter(model_dirs["llama"], str(tmp_path / "lora"), seed=3)
+    path = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "fp8"), "block", BLOCK)
+    prompts = [{"prompt_token_ids": [(5 * j + i) % 900 + 4 for j in range(n)]} for i, n in enumerate((7, 19))]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    runs = {}
+    for backend, lora in (("cpu", True), ("triton", True), ("triton", False)):
+        llm = LLM(path, attention_backend=backend, dtype="float32", enable_lora=True)
+        outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=LoRARequest("a", 1, adapter) if lora else None)
+        runs[backend, lora] = [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                                        o.outputs[0].token_ids)])
+                               for o in outs]
+    for (t1, l1), (t2, l2) in zip(runs["cpu", True], runs["triton", True]):
+        assert t1 == t2 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
+    assert runs["triton", True] != runs["triton", False]  # the adapter is applied
+
+
 def test_bad_quantization_is_a_clear_error(model_dirs, tmp_path):
     awq = tmp_path / "awq"
     shutil.copytree(model_dirs["llama"], awq)

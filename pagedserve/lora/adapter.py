@@ -17,6 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.model.layers.fp8 import Fp8Linear
+
+# The layers an adapter may sit on: plain projections and FP8 ones (layers/fp8.py).
+LINEAR_TYPES = (nn.Linear, Fp8Linear)
+
 _NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
@@ -115,7 +120,7 @@ def load_adapter(adapter_id: int, name: str, path: str, model: nn.Module, max_ra
             module = model.get_submodule(ours)
         except (AttributeError, KeyError):
             module = None
-        if not isinstance(module, nn.Linear) or ours.endswith("lm_head"):
+        if not isinstance(module, LINEAR_TYPES) or ours.endswith("lm_head"):
             raise ValueError(f"{where}: module {hf_module!r} cannot take a LoRA adapter here (supported: the "
                              "attention and MLP projections).")
         a, b = ab["A"], ab["B"]

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from pagedserve.lora.adapter import LoRAAdapter
+from pagedserve.lora.adapter import LINEAR_TYPES, LoRAAdapter
 
 
 class LoRAState:
@@ -44,10 +44,11 @@ def _hook(name: str, state: LoRAState):
 
 
 def install_lora_hooks(model: nn.Module, state: LoRAState) -> int:
-    """A hook on every linear layer but the LM head; returns how many."""
+    """A hook on every linear layer but the LM head (FP8 ones too: the adapter's product is
+    added to the output, whatever the base weight's format); returns how many."""
     n = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+        if isinstance(module, LINEAR_TYPES) and not name.endswith("lm_head"):
             module.register_forward_hook(_hook(name, state))
             n += 1
     return n

@@ -163,6 +163,7 @@ class LlamaForCausalLM(nn.Module):
     ]
     # HF checkpoint name piece -> ours, where a module sits under another name.
     renamed: list[tuple[str, str]] = []
+
     @property
     def cuda_graph_safe(self) -> bool:
         """Decode steps may be captured in CUDA graphs (no host syncs, static shapes): expert

@@ -111,6 +111,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
         if renamed:
             weights = _text_model_weights(weights, renamed, skipped)
         return _base_model_weights(weights) if pooling and not encoder else weights
+
     if pooling:
         model.lm_head = None
         model.tie_word_embeddings = False
