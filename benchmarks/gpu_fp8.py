@@ -10,8 +10,6 @@ gpu_check's device_rates.copy_gbps at batch 1, where a layer is its weight read.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -20,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpu_timing import bench_chain_ms  # noqa: E402
+from gpu_timing import bench_chain_ms, kernel_bench_main  # noqa: E402
 
 # role -> (N, K) of the ~1.1B Llama of issue 6 (qkv fused, gate_up fused)
 SHAPES = {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632)}
@@ -54,14 +52,5 @@ def fp8_timings(device: str, dry: bool) -> dict[str, Any]:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true")
-    ns = ap.parse_args()
-    if ns.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    print(json.dumps(fp8_timings("cpu" if ns.dry_run else "cuda", ns.dry_run), indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    kernel_bench_main(fp8_timings, __doc__)

@@ -12,8 +12,6 @@ same layer with its experts in FP8 (128x128 block scales), dequantized per tile 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -22,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpu_timing import bench_chain_ms, bench_ms  # noqa: E402
+from gpu_timing import bench_chain_ms, bench_ms, kernel_bench_main  # noqa: E402
 
 # name -> (experts, top k, hidden, expert intermediate)
 SHAPES = {"mixtral_8x7b": (8, 2, 4096, 14336), "qwen3_30b_a3b": (128, 8, 2048, 768)}
@@ -82,14 +80,5 @@ def moe_timings(device: str, dry: bool) -> dict[str, Any]:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true")
-    ns = ap.parse_args()
-    if ns.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    print(json.dumps(moe_timings("cpu" if ns.dry_run else "cuda", ns.dry_run), indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    kernel_bench_main(moe_timings, __doc__)

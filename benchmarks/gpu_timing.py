@@ -3,6 +3,9 @@ and back-to-back calls replayed from one CUDA graph."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -62,3 +65,14 @@ def bench_ms(fn: Callable[[], None], device: str, rep: int = 100) -> float:
 
         return triton.testing.do_bench(fn, warmup=min(25, rep), rep=rep, return_mode="median")
     return 1000 * time_median(fn, device, 1, 2)
+
+
+def kernel_bench_main(timings: Callable[[str, bool], dict], doc: str) -> None:
+    """A kernel benchmark's command line: on the GPU, or --dry-run on CPU in Triton's
+    interpreter (set before any kernel is imported); prints the timings as JSON."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true")
+    ns = ap.parse_args()
+    if ns.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    print(json.dumps(timings("cpu" if ns.dry_run else "cuda", ns.dry_run), indent=1))

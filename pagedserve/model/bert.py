@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.weights import check_complete, copy_into
 
 TOKEN_TYPE_SHIFT = 30  # input id = token id | token type << TOKEN_TYPE_SHIFT
 
@@ -158,8 +159,9 @@ class _Embeddings(nn.Module):
         return self.LayerNorm(x)
 
 
-class _RobertaClassificationHead(nn.Module):
-    """RoBERTa's head on the first token: dense, tanh, out_proj."""
+class _ClassificationHead(nn.Module):
+    """The head on the first token: dense, tanh, out_proj. RoBERTa's classifier is exactly
+    this; BERT's pooler (dense + tanh) and classifier are the same two layers."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -168,18 +170,6 @@ class _RobertaClassificationHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(torch.tanh(self.dense(x)))
-
-
-class _BertClassificationHead(nn.Module):
-    """BERT's pooler (dense, tanh) on the first token, then the classifier."""
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__()
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.tanh(self.pooler(x)))
 
 
 class EncoderModel(nn.Module):
@@ -197,11 +187,8 @@ class EncoderModel(nn.Module):
         self.offset = position_offset(cfg)
         self.embeddings = _Embeddings(cfg)
         self.encoder = _Encoder(cfg)
-        self.score: Optional[nn.Module] = None
-        if head == "bert":
-            self.score = _BertClassificationHead(cfg)
-        elif head == "roberta":
-            self.score = _RobertaClassificationHead(cfg)
+        self.head = head  # whose checkpoint names the classification head has
+        self.score: Optional[nn.Module] = _ClassificationHead(cfg) if head is not None else None
         self.lm_head = None
         self.tie_word_embeddings = False
         self.prefix = f"{family}."  # the task checkpoints' prefix of the encoder's tensors
@@ -225,12 +212,12 @@ class EncoderModel(nn.Module):
             name = name[len(self.prefix):]
         if name.startswith(("embeddings.", "encoder.")):
             return None if name.endswith(("position_ids", "token_type_ids")) else name
-        if isinstance(self.score, _BertClassificationHead):
+        if self.head == "bert":  # pooler.dense -> dense, classifier -> out_proj
             if name.startswith("pooler.dense."):
-                return "score.pooler." + name[len("pooler.dense."):]
+                return "score.dense." + name[len("pooler.dense."):]
             if name.startswith("classifier."):
-                return "score." + name
-        if isinstance(self.score, _RobertaClassificationHead) and name.startswith("classifier."):
+                return "score.out_proj." + name[len("classifier."):]
+        if self.head == "roberta" and name.startswith("classifier."):
             return "score." + name[len("classifier."):]
         return None
 
@@ -241,15 +228,6 @@ class EncoderModel(nn.Module):
             ours = self._our_name(name)
             if ours is None:
                 continue
-            if ours not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[ours]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor)
+            copy_into(params, ours, tensor, name, type(self).__name__)
             loaded.add(ours)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:10])}"
-                             + (" ..." if len(missing) > 10 else ""))
+        check_complete(list(set(params) - loaded))

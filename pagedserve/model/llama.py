@@ -14,6 +14,7 @@ from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE, moe_graph_safe
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.weights import check_complete, copy_into
 
 
 def _head_dim(cfg: Any) -> int:
@@ -233,13 +234,7 @@ class LlamaForCausalLM(nn.Module):
                     loaded.add(f"{target}#{shard}")
                     break
             else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                param = params[name]
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
-                with torch.no_grad():
-                    param.copy_(tensor)
+                copy_into(params, name, tensor, name, type(self).__name__)
                 loaded.add(name)
                 # A checkpoint that already fuses it (Phi-3's qkv_proj, gate_up_proj): every shard.
                 owner, kind = name.rsplit(".", 1)
@@ -265,9 +260,7 @@ class LlamaForCausalLM(nn.Module):
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
             missing.append(name)
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:10])}"
-                             + (" ..." if len(missing) > 10 else ""))
+        check_complete(missing)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,27 @@
+"""Checkpoint tensors into parameters, with the errors every model's load_weights gives: a
+tensor with no place, a shape that does not fit, weights the checkpoint lacks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def copy_into(params: dict[str, nn.Parameter], ours: str, tensor: torch.Tensor, name: str, model: str) -> None:
+    """The checkpoint tensor `name` into our parameter `ours`."""
+    if ours not in params:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in {model}")
+    param = params[ours]
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)
+
+
+def check_complete(missing: Sequence[str]) -> None:
+    if missing:
+        missing = sorted(missing)
+        raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:10])}"
+                         + (" ..." if len(missing) > 10 else ""))
