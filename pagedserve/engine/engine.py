@@ -19,7 +19,7 @@ from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
 from pagedserve.lora.request import LoRARequest
-from pagedserve.model.hf_config import generation_eos_ids
+from pagedserve.model.hf_config import generation_eos_ids, layer_windows
 from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                 EmbeddingRequestOutput, RequestOutput)
 from pagedserve.pooling_params import PoolingParams
@@ -43,7 +43,11 @@ class LLMEngine:
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         config.num_gpu_blocks = num_blocks
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        windows = layer_windows(config.hf_config) if self.runner.attn_layers else [0]
+        # Out-of-window blocks are given back only when every layer has a window (Mistral 7B
+        # v0.1, Phi-3-mini): a layer seeing the whole context needs every block.
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 window=max(windows) if min(windows) > 0 else 0)
         proposer = NgramProposer(config.speculative_config) if config.speculative_config is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
@@ -131,8 +135,9 @@ class LLMEngine:
             raise ParamError("max_tokens", f"This model's maximum context length is {max_len} tokens. However, you "
                              f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "
                              "Please reduce the length of the prompt or max_tokens.")
-        capacity = self.kv.num_blocks * self.config.block_size
-        if n + max_tokens > capacity:
+        chunk = self.config.max_num_batched_tokens if self.config.enable_chunked_prefill else n
+        if self.kv.max_blocks_held(n + max_tokens, chunk) > self.kv.num_blocks:
+            capacity = self.kv.num_blocks * self.config.block_size
             raise ParamError("max_tokens", f"the request needs {n + max_tokens} tokens of KV cache but the whole cache "
                              f"holds {capacity} ({self.kv.num_blocks} blocks of {self.config.block_size}); lower "
                              "max_tokens or give the KV cache more memory.")

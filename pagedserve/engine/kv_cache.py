@@ -110,12 +110,17 @@ class BlockPool:
 class KVCacheManager:
     """Per-request block lists on top of the pool, plus prefix-cache lookups."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, window: int = 0) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
+        # Sliding window of every attention layer (0: some layer sees the whole context): blocks
+        # wholly before the window of a request's next token are given back (release_out_of_window).
+        self.window = window
         self.pool = BlockPool(num_blocks)
-        self.req_blocks: dict[str, list[KVBlock]] = {}
+        # A request's blocks, None where an out-of-window block was given back.
+        self.req_blocks: dict[str, list[Optional[KVBlock]]] = {}
         self.req_block_ids: dict[str, list[int]] = {}  # the same, as ids, for the model runner
+        self.req_released: dict[str, int] = {}  # leading blocks given back, per request
         # Counters for metrics: prompt tokens looked up / found in the prefix cache.
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -186,12 +191,36 @@ class KVCacheManager:
 
     def fork(self, src: Request, dst: Request, num_blocks: int) -> None:
         """Give `dst` (which holds no blocks) references to `src`'s first `num_blocks` blocks,
-        whose KV is written: a sibling sample sharing its prompt, copy-free."""
+        whose KV is written: a sibling sample sharing its prompt, copy-free (blocks `src` gave
+        back as out of window stay given back: `dst` starts where `src` is)."""
         blocks = self.req_blocks[src.request_id][:num_blocks]
-        self.pool.touch(blocks)
+        self.pool.touch(b for b in blocks if b is not None)
         self.req_blocks[dst.request_id] = list(blocks)
-        self.req_block_ids[dst.request_id] = [b.block_id for b in blocks]
+        self.req_block_ids[dst.request_id] = list(self.req_block_ids[src.request_id][:num_blocks])
+        self.req_released[dst.request_id] = min(self.req_released.get(src.request_id, 0), num_blocks)
         dst.num_published_blocks = min(num_blocks, src.num_published_blocks)
+
+    def release_out_of_window(self, req: Request, first_position: int) -> None:
+        """Give back the request's blocks that no token from `first_position` on can see: every
+        layer's window ends before them. Their table entries keep a stale id, which attention
+        never reads unmasked (keys before the window are masked or skipped) and no slot maps
+        to. They stay in the prefix cache, evictable."""
+        if not self.window:
+            return
+        rid = req.request_id
+        blocks = self.req_blocks.get(rid)
+        cut = min((first_position - self.window + 1) // self.block_size, len(blocks or ()))
+        if self.enable_caching and not req.skip_prefix_cache:
+            # Not before their hashes are published (with async scheduling the step that wrote
+            # them may not have landed yet), so that the prefix cache keeps them.
+            cut = min(cut, req.num_published_blocks)
+        start = self.req_released.get(rid, 0)
+        if not blocks or cut <= start:
+            return
+        gone = [b for b in blocks[start:cut] if b is not None]
+        blocks[start:cut] = [None] * (cut - start)
+        self.req_released[rid] = cut
+        self.pool.free(gone)
 
     def holds_blocks(self, req: Request) -> bool:
         return bool(self.req_blocks.get(req.request_id))
@@ -209,15 +238,17 @@ class KVCacheManager:
             return
         hashes = self._update_hashes(req, num_full * self.block_size)
         for i in range(start, num_full):
-            self.pool.publish(blocks[i], hashes[i])
+            if blocks[i] is not None:  # (one given back unpublished stays so)
+                self.pool.publish(blocks[i], hashes[i])
         req.num_published_blocks = num_full
 
     def free(self, req: Request) -> None:
         blocks = self.req_blocks.pop(req.request_id, None)
         self.req_block_ids.pop(req.request_id, None)
+        self.req_released.pop(req.request_id, None)
         req.num_published_blocks = 0
         if blocks:
-            self.pool.free(reversed(blocks))
+            self.pool.free(b for b in reversed(blocks) if b is not None)
 
     def block_ids(self, req: Request) -> list[int]:
         """The request's block table (a live list: read it, do not change it)."""
@@ -225,6 +256,18 @@ class KVCacheManager:
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def max_blocks_held(self, num_tokens: int, max_chunk: int) -> int:
+        """The most blocks a request of `num_tokens` holds at once, computed `max_chunk` tokens
+        a step at most: all of them, or with a window, what is behind a chunk and the chunk. A
+        request alone in the cache always fits if this does (no livelock of self-preemption)."""
+        blocks = self.num_blocks_needed(num_tokens)
+        if not self.window:
+            return blocks
+        # Behind the chunk: the window's keys; with prefix caching, blocks go back once published,
+        # which with async scheduling may be a step (a chunk) late.
+        behind = max(self.window - 1, max_chunk) if self.enable_caching else self.window - 1
+        return min(blocks, (behind + max_chunk) // self.block_size + 2)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()

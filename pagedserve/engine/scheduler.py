@@ -156,6 +156,7 @@ class Scheduler:
                 i += 1  # its in-flight token is its last: it finishes when that lands
                 continue
             n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
+            self.kv.release_out_of_window(req, req.num_computed_tokens)
             if n == 1 and self.proposer is not None and req.speculates:
                 d = self._drafts(req, budget - 1)
                 if d and self.kv.allocate_slots(req, 1 + len(d)):  # no room for drafts: decode plainly
