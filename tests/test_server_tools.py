@@ -255,6 +255,9 @@ def test_mistral_and_pythonic_streams(size):
                          "plain text"],
              "pythonic": ['[f(x="[")]', "  <|python_start|>[f(x=1)]<|python_end|>", "[not a call", "It is sunny",
                           "<|python"],
+             "granite": ['<|tool_call|>[{"name": "a", "arguments": {"x": 1}}]', ' [{"name": "b", "arguments": {}}]',
+                         "<tool_call>[not json", "Sunny.", "<|tool"],
+             "phi4_mini_json": ['functools[{"name": "a", "arguments": {"x": "]"}}]', "functools[oops", "It rains."],
              "qwen3_coder": ["Hi <tool_call>\n<function=f>\n<parameter=x>\n<tool_call>\n</parameter>\n</function>\n"
                              "</tool_call>", "Hi <tool_", "plain text"]}
     for name, texts in cases.items():
@@ -274,7 +277,9 @@ def test_mistral_and_pythonic_streams(size):
     ("llama3_json", r'\{"name": "get_weather", "parameters": \{"city": "(Paris|Rome)", "days": [1-7]\}\}'),
     ("mistral", r'Sure\. \[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": '
                 r'\{"city": "(Paris|Rome)", "days": [1-7]\}\}\]'),
-    ("pythonic", r'\[get_weather\(city="(Paris|Rome)", days=[1-7]\)\]')])
+    ("pythonic", r'\[get_weather\(city="(Paris|Rome)", days=[1-7]\)\]'),
+    ("granite", r'<\|tool_call\|>\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}\]'),
+    ("phi4_mini_json", r'functools\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}\]')])
 def test_auto_with_the_other_parsers(llama_dir, parser, regex):
     """Replies forced into each format with a regex: one call, whole and streamed; a reply in
     plain text is content."""
@@ -304,6 +309,22 @@ def _tools(*specs):
 
     req = ChatCompletionRequest(model=MODEL, messages=MESSAGES, tools=list(specs))
     return req.tools
+
+
+def test_parse_granite_and_phi4_mini():
+    from pagedserve.entrypoints.openai.tool_calls import parse_granite, parse_phi4_mini_json
+
+    two = '[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "parameters": {"y": "z"}}]'
+    for text in ("<|tool_call|>" + two, "<tool_call> " + two, two):
+        content, calls = parse_granite(text)
+        assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("a", {"x": 1}),
+                                                                                         ("b", {"y": "z"})]
+    content, calls = parse_phi4_mini_json("functools" + two)
+    assert content == "" and [c.name for c in calls] == ["a", "b"]
+    for text in ("It is sunny.", "<|tool_call|>[oops", "[1, 2]", ""):
+        assert parse_granite(text) == (text, [])
+    for text in ("It is sunny.", "functools[oops", "use functools[...] here"):
+        assert parse_phi4_mini_json(text) == (text, [])
 
 
 def test_parse_qwen3_coder():

@@ -208,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a chat_template in requests (off: such a request is a 400)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='allow tool_choice "auto" (the model decides to call tools; needs --tool-call-parser)')
-    s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"],
+    s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder",
+                                                  "granite", "phi4_mini_json"],
                    default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
                    "Hermes and Qwen2.5 models), llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), "
-                   "mistral ([TOOL_CALLS][...]), pythonic ([f(x=1), ...], Llama 3.2/4) or qwen3_coder "
-                   "(<function=f><parameter=x>...</parameter></function>, Qwen3-Coder)")
+                   "mistral ([TOOL_CALLS][...]), pythonic ([f(x=1), ...], Llama 3.2/4), qwen3_coder "
+                   "(<function=f><parameter=x>...</parameter></function>, Qwen3-Coder), granite "
+                   "(<|tool_call|>[...], Granite 3) or phi4_mini_json (functools[...], Phi-4-mini)")
     s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve, each under its own model name: name=path or "
                    "'{\"name\": ..., \"path\": ...}' (needs --enable-lora)")

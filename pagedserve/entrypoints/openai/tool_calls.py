@@ -15,6 +15,9 @@
     comes before is the content. The server keeps special tokens in the text for it, as vLLM;
   - pythonic: an output that is a Python list of calls, `[get_weather(city="Paris"), ...]`,
     optionally in `<|python_start|>...<|python_end|>` (Llama 3.2 / 4); arguments are literals.
+  - granite: an output that is `<|tool_call|>` (Granite 3.0) or `<tool_call>` (3.1+) then a
+    JSON list of `{"name", "arguments"}`, or that list alone; any other output is content;
+  - phi4_mini_json: an output that is `functools[...]`, a JSON list of calls (Phi-4-mini);
   - qwen3_coder: `<tool_call><function=NAME><parameter=P>value</parameter>...</function>
     </tool_call>` blocks (Qwen3-Coder); values are raw text, typed by the tool's parameter
     schema (integer, number, boolean, object / array as JSON; without a schema, JSON if it
@@ -246,6 +249,40 @@ def Llama3JsonStream() -> OpeningStream:  # noqa: N802
     return OpeningStream(("{", PYTHON_TAG), parse_llama3_json)
 
 
+GRANITE_TAGS = ("<|tool_call|>", "<tool_call>")
+
+
+def _json_calls(body: str, text: str) -> tuple[str, list[Call]]:
+    """The calls of `body`, a JSON list (or one object) of calls; all content if it is not."""
+    try:
+        items = json.loads(body)
+        calls = [_call(i) for i in (items if isinstance(items, list) else [items])]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return text, []
+    return ("", calls) if calls else (text, [])
+
+
+def parse_granite(text: str) -> tuple[str, list[Call]]:
+    """(content, calls) of a Granite output: all calls, or all content."""
+    body = text.strip()
+    for tag in GRANITE_TAGS:
+        if body.startswith(tag):
+            body = body[len(tag):].lstrip()
+            break
+    return _json_calls(body, text) if body.startswith("[") else (text, [])
+
+
+PHI4_TAG = "functools"
+
+
+def parse_phi4_mini_json(text: str) -> tuple[str, list[Call]]:
+    """(content, calls) of a Phi-4-mini output: `functools[...]`, or all content."""
+    body = text.strip()
+    if not body.startswith(PHI4_TAG + "["):
+        return text, []
+    return _json_calls(body[len(PHI4_TAG):], text)
+
+
 _QC_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 _QC_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
 _QC_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
@@ -319,6 +356,8 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "mistral": (parse_mistral, lambda: MarkerStream(MISTRAL_TAG, parse_mistral)),
     "pythonic": (parse_pythonic, lambda: OpeningStream(("[", PYTHON_START), parse_pythonic)),
     "qwen3_coder": (parse_qwen3_coder, lambda: MarkerStream(HERMES_START, parse_qwen3_coder)),
+    "granite": (parse_granite, lambda: OpeningStream((*GRANITE_TAGS, "["), parse_granite)),
+    "phi4_mini_json": (parse_phi4_mini_json, lambda: OpeningStream((PHI4_TAG + "[",), parse_phi4_mini_json)),
 }
 # Parsers that type the arguments by the request's tool schemas (parser_for binds them).
 SCHEMA_AWARE = {"qwen3_coder"}
