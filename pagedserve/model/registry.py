@@ -6,6 +6,7 @@ import importlib
 from typing import Any, Optional
 
 _MODELS = {
+    "CohereForCausalLM": ("pagedserve.model.cohere", "CohereForCausalLM"),
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),

@@ -1,0 +1,99 @@
+"""Cohere Command-R (CohereForCausalLM): attention and MLP in parallel on one normed input
+(h + attn(norm(h)) + mlp(norm(h))), a mean-centred LayerNorm without bias, logits times
+logit_scale, and RoPE on interleaved pairs (dims 2i, 2i + 1).
+
+Interleaved RoPE is run as the usual split-halves RoPE: q_proj's and k_proj's output rows are
+permuted within each head at load (pair i's dims to i and i + D/2). q and k move together, so
+their dot products, hence the attention, are unchanged; v and o are untouched."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import layer_windows
+from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+
+
+class CohereLayerNorm(nn.Module):
+    """(x - mean) / std * weight in float32, then cast (no bias). With residual: the sum is
+    normed and returned too, as layers/norm.py's RMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            return self(x), x
+        xf = x.float()
+        xf = xf - xf.mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class CohereDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "attention_bias", False))
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False, window=window)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = CohereLayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        return self.self_attn(positions, h, meta) + self.mlp(h), residual
+
+
+class CohereModel(LlamaModel):
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        nn.Module.__init__(self)
+        rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(CohereDecoderLayer(cfg, rotary, w) for w in layer_windows(cfg))
+        self.norm = CohereLayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.embed_scale = None
+
+
+def _pairs_to_halves(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows [head][2i + j] -> [head][j * D/2 + i]: interleaved pairs to split halves."""
+    rows = t.shape[0]
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return t.reshape(rows // head_dim, head_dim, *t.shape[1:])[:, order].reshape(t.shape)
+
+
+class CohereForCausalLM(LlamaForCausalLM):
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        if getattr(cfg, "use_qk_norm", False):
+            raise ValueError("Cohere models with use_qk_norm (per-head q/k norms, Command R+) are not supported.")
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.model = CohereModel(cfg, max_positions)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.logit_scale = float(getattr(cfg, "logit_scale", 1.0))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().compute_logits(hidden) * self.logit_scale
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        head_dim = _head_dim(self.config)
+
+        def permuted() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, t in weights:
+                if (".q_proj." in name or ".k_proj." in name) and name.endswith(("weight", "bias", "weight_scale")):
+                    t = _pairs_to_halves(t, head_dim)  # (per-row FP8 scales move with their rows)
+                yield name, t
+
+        super().load_weights(permuted())
