@@ -2,20 +2,19 @@
 (h + attn(norm(h)) + mlp(norm(h))), a mean-centred LayerNorm without bias, logits times
 logit_scale, and RoPE on interleaved pairs (dims 2i, 2i + 1).
 
-Interleaved RoPE is run as the usual split-halves RoPE: q_proj's and k_proj's output rows are
-permuted within each head at load (pair i's dims to i and i + D/2). q and k move together, so
-their dot products, hence the attention, are unchanged; v and o are untouched."""
+Interleaved RoPE is run as the usual split-halves RoPE on q_proj's and k_proj's rows permuted
+at load (layers/rotary.py interleaved_to_halves)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.hf_config import layer_windows
-from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
 
 
@@ -65,13 +64,6 @@ class CohereModel(LlamaModel):
         self.embed_scale = None
 
 
-def _pairs_to_halves(t: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rows [head][2i + j] -> [head][j * D/2 + i]: interleaved pairs to split halves."""
-    rows = t.shape[0]
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    return t.reshape(rows // head_dim, head_dim, *t.shape[1:])[:, order].reshape(t.shape)
-
-
 class CohereForCausalLM(LlamaForCausalLM):
     def __init__(self, cfg: Any, max_positions: int) -> None:
         if getattr(cfg, "use_qk_norm", False):
@@ -89,11 +81,4 @@ class CohereForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         head_dim = _head_dim(self.config)
-
-        def permuted() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, t in weights:
-                if (".q_proj." in name or ".k_proj." in name) and name.endswith(("weight", "bias", "weight_scale")):
-                    t = _pairs_to_halves(t, head_dim)  # (per-row FP8 scales move with their rows)
-                yield name, t
-
-        super().load_weights(permuted())
+        super().load_weights(interleaved_rope_weights(weights, head_dim, head_dim))

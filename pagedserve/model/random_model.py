@@ -24,6 +24,7 @@ ARCH_CONFIGS = {
                                              "attention_multiplier": 0.2, "logits_scaling": 2.5}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
+    "Glm4ForCausalLM": ("Glm4Config", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),

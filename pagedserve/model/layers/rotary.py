@@ -94,3 +94,22 @@ class RotaryEmbedding(nn.Module):
 
             return rotary_embedding(positions, q, k, self.cos_sin)
         return rotary_ref(positions, q, k, self.cos_sin)
+
+
+def interleaved_to_halves(t: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """q/k projection rows (weights, biases or per-row scales) [head][d] of a model whose RoPE
+    rotates interleaved pairs (2i, 2i + 1) (Cohere, GLM-4), reordered within each head's
+    rotated part so that pair i sits at i and i + rotary_dim / 2, where this module's
+    split-halves RoPE rotates it with the same frequency. q and k move alike, so their dot
+    products, the attention, are unchanged."""
+    order = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2),
+                       torch.arange(rotary_dim, head_dim)])
+    return t.reshape(t.shape[0] // head_dim, head_dim, *t.shape[1:])[:, order].reshape(t.shape)
+
+
+def interleaved_rope_weights(weights, head_dim: int, rotary_dim: int):
+    """A checkpoint's tensors with q_proj's and k_proj's rows reordered (interleaved_to_halves)."""
+    for name, t in weights:
+        if (".q_proj." in name or ".k_proj." in name) and name.endswith(("weight", "bias", "weight_scale")):
+            t = interleaved_to_halves(t, head_dim, rotary_dim)  # (per-row FP8 scales move with their rows)
+        yield name, t

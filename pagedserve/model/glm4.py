@@ -1,0 +1,64 @@
+"""GLM-4 (Glm4ForCausalLM: GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1): the Llama attention (q/k/v
+biases) and MLP (gate_up fused in the checkpoint) in a sandwich layer (RMSNorm before and after
+both attention and MLP), and RoPE on interleaved pairs of the first half of each head
+(partial_rotary_factor 0.5), run as split-halves RoPE on q/k rows permuted at load
+(layers/rotary.py interleaved_to_halves)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import layer_windows
+from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+
+
+class Glm4DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bool(getattr(cfg, "attention_bias", False)),
+                                        o_bias=False, qk_norm=False, window=window)
+        self.mlp = LlamaMLP(cfg)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        a = self.post_self_attn_layernorm(self.self_attn(positions, h, meta))
+        h, residual = self.post_attention_layernorm(a, residual)
+        return self.post_mlp_layernorm(self.mlp(h)), residual
+
+
+class Glm4Model(LlamaModel):
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        nn.Module.__init__(self)
+        self.rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Glm4DecoderLayer(cfg, self.rotary, w) for w in layer_windows(cfg))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale = None
+
+
+class Glm4ForCausalLM(LlamaForCausalLM):
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.model = Glm4Model(cfg, max_positions)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(interleaved_rope_weights(weights, _head_dim(self.config), self.model.rotary.rotary_dim))
