@@ -72,6 +72,7 @@ MODEL_SPECS = {
     "cohere": ("CohereForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
     # GLM-4: sandwich norms, q/k/v biases, interleaved RoPE on half of each head.
     "glm4": ("Glm4ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32)),
+    "glm": ("GlmForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

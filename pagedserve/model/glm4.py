@@ -1,8 +1,10 @@
-"""GLM-4 (Glm4ForCausalLM: GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1): the Llama attention (q/k/v
-biases) and MLP (gate_up fused in the checkpoint) in a sandwich layer (RMSNorm before and after
-both attention and MLP), and RoPE on interleaved pairs of the first half of each head
-(partial_rotary_factor 0.5), run as split-halves RoPE on q/k rows permuted at load
-(layers/rotary.py interleaved_to_halves)."""
+"""GLM-4: the Llama attention (q/k/v biases) and MLP (gate_up fused in the checkpoint), with
+RoPE on interleaved pairs of the first half of each head (partial_rotary_factor 0.5), run as
+split-halves RoPE on q/k rows permuted at load (layers/rotary.py interleaved_to_halves).
+
+- GlmForCausalLM (GLM-4-9B-chat-hf): Llama's pre-norm layer;
+- Glm4ForCausalLM (GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1): a sandwich layer, RMSNorm before
+  and after both attention and MLP."""
 
 from __future__ import annotations
 
@@ -16,6 +18,16 @@ from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+
+
+class GlmForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        return {"qkv_bias": bool(getattr(cfg, "attention_bias", False)), "o_bias": False, "qk_norm": False}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        rotary = self.model.layers[0].self_attn.rotary
+        super().load_weights(interleaved_rope_weights(weights, rotary.head_dim, rotary.rotary_dim))
 
 
 class Glm4DecoderLayer(nn.Module):

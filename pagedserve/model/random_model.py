@@ -25,6 +25,7 @@ ARCH_CONFIGS = {
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
+    "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),

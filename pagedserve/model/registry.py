@@ -10,6 +10,7 @@ _MODELS = {
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),
+    "GlmForCausalLM": ("pagedserve.model.glm4", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("pagedserve.model.glm4", "Glm4ForCausalLM"),
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
