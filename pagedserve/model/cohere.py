@@ -13,24 +13,20 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.hf_config import layer_windows
+from pagedserve.model.layers.norm import ResidualNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _head_dim
 
 
-class CohereLayerNorm(nn.Module):
-    """(x - mean) / std * weight in float32, then cast (no bias). With residual: the sum is
-    normed and returned too, as layers/norm.py's RMSNorm."""
+class CohereLayerNorm(ResidualNorm):
+    """(x - mean) / std * weight in float32, then cast (no bias)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if residual is not None:
-            x = x + residual
-            return self(x), x
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf - xf.mean(-1, keepdim=True)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -54,26 +50,19 @@ class CohereDecoderLayer(nn.Module):
         return self.self_attn(positions, h, meta) + self.mlp(h), residual
 
 
-class CohereModel(LlamaModel):
-    def __init__(self, cfg: Any, max_positions: int) -> None:
-        nn.Module.__init__(self)
-        rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(CohereDecoderLayer(cfg, rotary, w) for w in layer_windows(cfg))
-        self.norm = CohereLayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.embed_scale = None
-
-
 class CohereForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        return CohereDecoderLayer(cfg, rotary, window)
+
+    @classmethod
+    def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
+        return CohereLayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
     def __init__(self, cfg: Any, max_positions: int) -> None:
         if getattr(cfg, "use_qk_norm", False):
             raise ValueError("Cohere models with use_qk_norm (per-head q/k norms, Command R+) are not supported.")
-        nn.Module.__init__(self)
-        self.config = cfg
-        self.model = CohereModel(cfg, max_positions)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
+        super().__init__(cfg, max_positions)
         self.logit_scale = float(getattr(cfg, "logit_scale", 1.0))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

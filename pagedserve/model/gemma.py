@@ -17,23 +17,20 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.hf_config import layer_windows, rope_is_per_layer_type
+from pagedserve.model.layers.norm import ResidualNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _head_dim
 
 
-class GemmaRMSNorm(nn.Module):
-    """x / rms(x) * (1 + weight), all in float32, then cast (transformers' GemmaRMSNorm). With
-    residual: (norm(x + residual), x + residual), as layers/norm.py's RMSNorm."""
+class GemmaRMSNorm(ResidualNorm):
+    """x / rms(x) * (1 + weight), all in float32, then cast (transformers' GemmaRMSNorm)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if residual is not None:
-            x = x + residual
-            return self(x), x
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).to(x.dtype)

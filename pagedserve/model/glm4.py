@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
 class GlmForCausalLM(LlamaForCausalLM):
@@ -53,24 +52,7 @@ class Glm4DecoderLayer(nn.Module):
         return self.post_mlp_layernorm(self.mlp(h)), residual
 
 
-class Glm4Model(LlamaModel):
-    def __init__(self, cfg: Any, max_positions: int) -> None:
-        nn.Module.__init__(self)
-        self.rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Glm4DecoderLayer(cfg, self.rotary, w) for w in layer_windows(cfg))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.embed_scale = None
-
-
-class Glm4ForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg: Any, max_positions: int) -> None:
-        nn.Module.__init__(self)
-        self.config = cfg
-        self.model = Glm4Model(cfg, max_positions)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(interleaved_rope_weights(weights, _head_dim(self.config), self.model.rotary.rotary_dim))
+class Glm4ForCausalLM(GlmForCausalLM):
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        return Glm4DecoderLayer(cfg, rotary, window)

@@ -132,14 +132,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, max_positions: int, attn_options: dict,
-                 build_mlp: Callable[[Any, int], nn.Module]) -> None:
+    """Embeddings, the decoder layers (each made by `make_layer(rotary, index, window)`), the
+    final norm (RMSNorm unless given)."""
+
+    def __init__(self, cfg: Any, max_positions: int, make_layer: Callable[[RotaryEmbedding, int, int], nn.Module],
+                 norm: Optional[nn.Module] = None) -> None:
         super().__init__()
         rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, attn_options, build_mlp(cfg, i), w)
-                                    for i, w in enumerate(layer_windows(cfg)))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(make_layer(rotary, i, w) for i, w in enumerate(layer_windows(cfg)))
+        self.norm = norm if norm is not None else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale: Optional[float] = None  # Granite's embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -180,10 +182,20 @@ class LlamaForCausalLM(nn.Module):
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         return LlamaMLP(cfg)
 
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        """One decoder layer (architectures with another layer shape override this)."""
+        return LlamaDecoderLayer(cfg, rotary, cls.attn_options(cfg), cls.build_mlp(cfg, layer_idx), window)
+
+    @classmethod
+    def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
+        return None  # LlamaModel's RMSNorm
+
     def __init__(self, cfg: Any, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions, self.attn_options(cfg), self.build_mlp)
+        self.model = LlamaModel(cfg, max_positions, lambda rotary, i, w: self.make_layer(cfg, rotary, i, w),
+                                self.final_norm(cfg))
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()

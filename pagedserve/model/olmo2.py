@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
 class Olmo2DecoderLayer(nn.Module):
@@ -33,23 +32,7 @@ class Olmo2DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(h)), h
 
 
-class Olmo2Model(LlamaModel):
-    """LlamaModel's embedding, final norm and forward, around OLMo 2's layers."""
-
-    def __init__(self, cfg: Any, max_positions: int) -> None:
-        nn.Module.__init__(self)
-        rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Olmo2DecoderLayer(cfg, rotary, w) for w in layer_windows(cfg))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.embed_scale = None
-
-
 class Olmo2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, cfg: Any, max_positions: int) -> None:
-        nn.Module.__init__(self)
-        self.config = cfg
-        self.model = Olmo2Model(cfg, max_positions)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_weights()
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        return Olmo2DecoderLayer(cfg, rotary, window)

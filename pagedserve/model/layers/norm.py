@@ -26,3 +26,17 @@ class RMSNorm(nn.Module):
 
             return rms_norm(x, self.weight, self.eps, residual)
         return rms_norm_ref(x, self.weight, self.eps, residual)
+
+
+class ResidualNorm(nn.Module):
+    """A norm that also takes the residual stream, as RMSNorm does: with it,
+    (norm(x + residual), x + residual). Subclasses give `normalize`."""
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        if residual is not None:
+            x = x + residual
+            return self.normalize(x), x
+        return self.normalize(x)
