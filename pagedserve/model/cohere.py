@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.norm import ResidualNorm
+from pagedserve.model.layers.norm import ResidualNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _head_dim
 
@@ -43,10 +43,7 @@ class CohereDecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
+        h, residual = pre_norm(self.input_layernorm, x, residual)
         return self.self_attn(positions, h, meta) + self.mlp(h), residual
 
 

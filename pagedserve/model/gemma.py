@@ -17,7 +17,7 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.hf_config import layer_windows, rope_is_per_layer_type
-from pagedserve.model.layers.norm import ResidualNorm
+from pagedserve.model.layers.norm import ResidualNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _head_dim
 
@@ -51,10 +51,7 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = pre_norm(self.input_layernorm, x, residual)
         x = self.self_attn(positions, x, meta)
         if not self.sandwich:  # Gemma 1: Llama's pre-norm layer
             x, residual = self.post_attention_layernorm(x, residual)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding, interleaved_rope_weights
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
@@ -43,10 +43,7 @@ class Glm4DecoderLayer(nn.Module):
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm(x, residual)
+        h, residual = pre_norm(self.input_layernorm, x, residual)
         a = self.post_self_attn_layernorm(self.self_attn(positions, h, meta))
         h, residual = self.post_attention_layernorm(a, residual)
         return self.post_mlp_layernorm(self.mlp(h)), residual

@@ -12,7 +12,7 @@ from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE, moe_graph_safe
-from pagedserve.model.layers.norm import RMSNorm
+from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.weights import check_complete, copy_into
 
@@ -113,10 +113,7 @@ class LlamaDecoderLayer(nn.Module):
             qkv, residual = qkv_norm(x, residual, self.input_layernorm)
             x = self.self_attn.attend(positions, qkv, meta)
         else:
-            if residual is None:
-                residual, x = x, self.input_layernorm(x)
-            else:
-                x, residual = self.input_layernorm(x, residual)
+            x, residual = pre_norm(self.input_layernorm, x, residual)
             x = self.self_attn(positions, x, meta)
         m = self.residual_multiplier
         if m is not None:

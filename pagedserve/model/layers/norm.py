@@ -40,3 +40,11 @@ class ResidualNorm(nn.Module):
             x = x + residual
             return self.normalize(x), x
         return self.normalize(x)
+
+
+def pre_norm(norm: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's input norm over the residual stream x + residual (x alone before the
+    first layer): (normed, new residual)."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
