@@ -23,8 +23,8 @@ Figures (the issue's goals in brackets):
                      GEMV kernel, without and with programmatic dependent launch
                      (PAGEDSERVE_PDL=1), each on the sweep's fastest shapes for its mode;
                      pdl_tokens_equal: the two decode the same tokens (when the shapes match)
-Not goals of the issue: the "moe" and "fp8" phases time the fused MoE kernels and the FP8
-weight-only GEMM (benchmarks/gpu_moe.py, gpu_fp8.py).
+Not goals of the issue: the "moe" and "quant" phases time the fused MoE kernels and the FP8
+and GPTQ / AWQ weight-only GEMMs (benchmarks/gpu_moe.py, gpu_quant.py).
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ DRY_MODEL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=
 GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "tests/test_gemv.py",
                   "tests/test_cuda_graphs.py", "tests/test_gpu_engine.py", "tests/test_pdl.py", "tests/test_argmax.py",
                   "tests/test_decode_rope.py", "tests/test_fused_moe.py", "tests/test_fp8.py",
-                  "tests/test_kv_fp8.py"]
+                  "tests/test_kv_fp8.py", "tests/test_int_quant.py"]
 GOALS = {"throughput_ratio": 15.0, "e2e_efficiency": 0.30, "batch1_bw_fraction": 0.60}
 # Batch-1 engines besides the default, each in its own process: every layer on the Triton
 # GEMV kernel, without and with PDL (ops/pdl.py), each on the sweep's fastest shapes for
 # that mode: phase -> (the sweep's PAGEDSERVE_GEMV key, PAGEDSERVE_PDL).
 BATCH1_VARIANTS = {"batch1_gemv": ("gemv_all_env", "0"), "batch1_gemv_pdl": ("gemv_all_pdl_env", "1")}
 # Phase time limits (seconds), each further capped by what is left of --budget.
-LIMITS = {"device_rates": 60, "kernels": 180, "pagedserve": 240, "hf": 180, "moe": 90, "fp8": 60, "gpu_tests": 240}
+LIMITS = {"device_rates": 60, "kernels": 180, "pagedserve": 240, "hf": 180, "moe": 90, "quant": 90,
+          "gpu_tests": 240}
 
 
 def settings(ns: argparse.Namespace) -> argparse.Namespace:
@@ -108,10 +109,10 @@ def run_phase(ns: argparse.Namespace) -> dict:
         import gpu_moe
 
         return gpu_moe.moe_timings(ns.device, ns.dry_run)
-    if ns.phase == "fp8":
-        import gpu_fp8
+    if ns.phase == "quant":
+        import gpu_quant
 
-        return gpu_fp8.fp8_timings(ns.device, ns.dry_run)
+        return gpu_quant.quant_timings(ns.device, ns.dry_run)
     reqs = gpu_phases.workload(ns)
     if ns.phase == "pagedserve":
         return gpu_phases.run_pagedserve(ns.model_dir, reqs, ns)
@@ -342,7 +343,7 @@ def main() -> int:
         builder.kill()
     if ns.device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         orch.run("moe")  # the fused MoE kernels against the PyTorch expert path (gpu_moe.py)
-        orch.run("fp8")  # the FP8 weight-only GEMM against bf16 cuBLAS (gpu_fp8.py)
+        orch.run("quant")  # the FP8 and GPTQ / AWQ weight-only GEMMs against bf16 cuBLAS (gpu_quant.py)
     if not ns.skip_tests:
         print(f"== gpu_tests ({time.perf_counter() - orch.t0:.0f} s in)", flush=True)
         t = time.perf_counter()

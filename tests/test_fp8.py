@@ -159,13 +159,13 @@ def test_lora_on_fp8_layers(model_dirs, tmp_path):
 
 
 def test_bad_quantization_is_a_clear_error(model_dirs, tmp_path):
-    awq = tmp_path / "awq"
-    shutil.copytree(model_dirs["llama"], awq)
-    cfg = json.loads((awq / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4}
-    (awq / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="quant_method 'awq' is not supported"):
-        LLM(str(awq))
+    bnb = tmp_path / "bnb"
+    shutil.copytree(model_dirs["llama"], bnb)
+    cfg = json.loads((bnb / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (bnb / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported"):
+        LLM(str(bnb))
     lost = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "lost"), "block", BLOCK)
     tensors = load_file(f"{lost}/model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight_scale_inv"]

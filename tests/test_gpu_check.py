@@ -41,7 +41,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert variant["gemv_shapes"] and all(c[-1] == 1 for c in variant["gemv_shapes"].values())
     assert fig["batch1_gemv_bw_fraction"] > 0 and len(variant["batch1"]["tokens"]) > 1 and variant["profile"]
     assert rec["moe"] and all(r["fused_ms"] > 0 and r["torch_ms"] > 0 for r in rec["moe"].values())
-    assert rec["fp8"] and all(r["fp8_ms"] > 0 and r["bf16_ms"] > 0 for r in rec["fp8"].values())
+    assert rec["quant"] and all(r[f"{kind}_ms"] > 0 for r in rec["quant"].values()
+                                for kind in ("fp8", "int4", "int4_act_order", "int8", "bf16"))
     # The candidate holds the settings the engine run used, in a tuned file's syntax.
     cand = tuned.load(str(out / "tuned_candidate.json"))
     assert cand["attn_decode_config"] == tuple(int(v) for v in rec["kernels"]["best_decode_config"].split(","))

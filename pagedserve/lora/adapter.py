@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from pagedserve.model.layers.fp8 import Fp8Linear
+from pagedserve.model.layers.int_quant import IntQuantLinear
 
-# The layers an adapter may sit on: plain projections and FP8 ones (layers/fp8.py).
-LINEAR_TYPES = (nn.Linear, Fp8Linear)
+# The layers an adapter may sit on: plain projections and quantized ones (layers/fp8.py,
+# layers/int_quant.py).
+LINEAR_TYPES = (nn.Linear, Fp8Linear, IntQuantLinear)
 
 _NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 

@@ -44,7 +44,7 @@ def _hook(name: str, state: LoRAState):
 
 
 def install_lora_hooks(model: nn.Module, state: LoRAState) -> int:
-    """A hook on every linear layer but the LM head (FP8 ones too: the adapter's product is
+    """A hook on every linear layer but the LM head (quantized ones too: the adapter's product is
     added to the output, whatever the base weight's format); returns how many."""
     n = 0
     for name, module in model.named_modules():

@@ -14,7 +14,7 @@ from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE, moe_graph_safe
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.weights import check_complete, copy_into
+from pagedserve.model.weights import check_complete, copy_into, load_shared_perm
 
 
 def _head_dim(cfg: Any) -> int:
@@ -236,6 +236,10 @@ class LlamaForCausalLM(nn.Module):
                     module = self.get_submodule(target.rsplit(".", 1)[0])
                     offset, size = module.shard_offsets[shard]
                     param = params[target]
+                    if name.endswith(".weight_perm"):  # an input-side order (GPTQ act order): one for all shards
+                        load_shared_perm(param, tensor, target, f"{target}#perm" in loaded)
+                        loaded.update((f"{target}#perm", f"{target}#{shard}"))
+                        break
                     if tensor.shape[0] != size or tensor.shape[1:] != param.shape[1:]:
                         raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not fit shard {shard} of {target}")
                     with torch.no_grad():
@@ -260,8 +264,9 @@ class LlamaForCausalLM(nn.Module):
                     missing.append(f"{name}.weight ({shard})")
                 if module.bias is not None and f"{name}.bias#{shard}" not in loaded:
                     missing.append(f"{name}.bias ({shard})")
-                if hasattr(module, "weight_scale") and f"{name}.weight_scale#{shard}" not in loaded:
-                    missing.append(f"{name}.weight_scale ({shard})")  # an FP8 shard without its scale
+                for part in ("weight_scale", "weight_zero", "weight_perm"):  # a quantized shard's parts
+                    if getattr(module, part, None) is not None and f"{name}.{part}#{shard}" not in loaded:
+                        missing.append(f"{name}.{part} ({shard})")
         stacked = {n for n, m in self.named_modules() if hasattr(m, "shard_offsets") or isinstance(m, FusedMoE)}
         for name in params:
             if name.rsplit(".", 1)[0] in stacked or name in loaded:

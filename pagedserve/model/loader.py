@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from pagedserve.model.layers.fp8 import (FP8, fp8_format, fp8_weights, install_fp8_linears, quantized_experts,
-                                         quantized_modules, scaled_weight_names)
+from pagedserve.model.layers.fp8 import (FP8, Fp8Format, fp8_format, fp8_weights, install_fp8_linears,
+                                         quantized_experts, quantized_modules, scaled_weight_names)
+from pagedserve.model.layers.int_quant import (IntFormat, install_int_linears, int_format, int_quantized_stems,
+                                               int_weights)
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
 
 
@@ -83,14 +85,25 @@ def _checkpoint_keys(model_dir: str) -> list[str]:
     return keys
 
 
+def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat]:
+    """The checkpoint's weight quantization from config.json's quantization_config: None, FP8
+    (layers/fp8.py) or GPTQ / AWQ (layers/int_quant.py); any other is a ValueError naming it."""
+    q = getattr(hf_config, "quantization_config", None)
+    q = q if q is None or isinstance(q, dict) else q.to_dict()
+    if q is not None and q.get("quant_method") in ("gptq", "awq"):
+        return int_format(q)
+    return fp8_format(hf_config)
+
+
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
                pooling: bool = False, classify: bool = False,
-               classifier_token_ids: Optional[list[int]] = None, fp8_kernels: bool = False) -> nn.Module:
+               classifier_token_ids: Optional[list[int]] = None, quant_kernels: bool = False) -> nn.Module:
     """pooling: an embedding model, built without its LM head; classify: a sequence
     classifier, with its `score` head (hidden -> num_labels) instead. classifier_token_ids:
     a causal-LM checkpoint classified on those tokens' logits (see _head_from_tokens).
-    fp8_kernels: an FP8 checkpoint's linear layers stay in FP8 (Fp8Linear, the Triton
-    backend); otherwise they are dequantized to `dtype` as they load (layers/fp8.py)."""
+    quant_kernels: a quantized checkpoint's linear layers stay quantized (FP8: Fp8Linear,
+    GPTQ / AWQ: IntQuantLinear; the Triton backend); otherwise they are dequantized to `dtype`
+    as they load (layers/fp8.py, layers/int_quant.py)."""
     from_tokens = classifier_token_ids is not None
     if from_tokens:  # loaded whole, LM head included; the head is made from it afterwards
         pooling = classify = False
@@ -103,7 +116,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     finally:
         torch.set_default_dtype(old_dtype)
     encoder = getattr(cls, "encoder_only", False)  # builds its own head, loads its own names
-    fmt = fp8_format(hf_config)
+    fmt = checkpoint_quantization(hf_config)
     renamed, skipped = checkpoint_names(hf_config)
 
     def checkpoint_view(weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -118,22 +131,29 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     if classify and not encoder:
         with torch.device("meta"):
             model.score = nn.Linear(hf_config.hidden_size, hf_config.num_labels, bias=False, dtype=dtype)
-    fp8_targets: dict[str, str] = {}
-    if fmt is not None and fp8_kernels and not encoder:
-        stems = scaled_weight_names(n for n, _ in checkpoint_view((k, None) for k in _checkpoint_keys(model_dir)))
-        fp8_targets = {**quantized_modules(stems, model), **quantized_experts(stems, model)}
-        install_fp8_linears(model, fp8_targets.values(), fmt)
+    targets: dict[str, str] = {}  # checkpoint module -> ours, kept quantized
+    if fmt is not None and quant_kernels and not encoder:
+        names = [n for n, _ in checkpoint_view((k, None) for k in _checkpoint_keys(model_dir))]
+        if isinstance(fmt, IntFormat):  # (MoE experts are dequantized)
+            targets = quantized_modules(int_quantized_stems(names), model)
+            install_int_linears(model, targets.values(), fmt)
+        else:
+            stems = scaled_weight_names(names)
+            targets = {**quantized_modules(stems, model), **quantized_experts(stems, model)}
+            install_fp8_linears(model, targets.values(), fmt)
     model.to_empty(device=device)
     model.tie_weights()
     for m in model.modules():
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
     weights = checkpoint_view(iterate_safetensors(model_dir, dtype, device, cast=fmt is None))
-    if fmt is not None:
-        weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in fp8_targets)
+    if isinstance(fmt, IntFormat):
+        weights = int_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
+    elif fmt is not None:
+        weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
     model.load_weights(weights)
     for name, p in model.named_parameters():
-        if not torch.isfinite(p if p.dtype != FP8 else p.float()).all():
+        if p.is_floating_point() and not torch.isfinite(p if p.dtype != FP8 else p.float()).all():
             raise ValueError(f"weight {name} holds NaN or infinite values")
     if from_tokens:
         _head_from_tokens(model, classifier_token_ids)

@@ -25,3 +25,16 @@ def check_complete(missing: Sequence[str]) -> None:
         missing = sorted(missing)
         raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:10])}"
                          + (" ..." if len(missing) > 10 else ""))
+
+
+def load_shared_perm(param: nn.Parameter, tensor: torch.Tensor, name: str, seen: bool) -> None:
+    """A fused layer's input-row order (GPTQ act order, layers/int_quant.py), which its shards
+    share since they share their input: the first shard sets it, the others must agree."""
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+    if seen:
+        if not torch.equal(param.to(tensor.device), tensor):
+            raise ValueError(f"{name}: the fused shards' act orders (g_idx) differ; they must share one.")
+        return
+    with torch.no_grad():
+        param.copy_(tensor)

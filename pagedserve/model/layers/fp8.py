@@ -60,8 +60,8 @@ def fp8_format(hf_config: Any) -> Optional[Fp8Format]:
                 return Fp8Format(tuple(int(b) for b in weights[0]["block_structure"]))
         raise ValueError("quantization_config: only compressed-tensors' FP8 weights (8-bit float, per tensor, "
                          "channel or block) are supported.")
-    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; supported: FP8 checkpoints "
-                     "('fp8', and compressed-tensors' FP8).")
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8', "
+                     "compressed-tensors' FP8, 'gptq' and 'awq'.")
 
 
 def row_scales(scale: torch.Tensor, shape: tuple[int, int], fmt: Fp8Format, name: str) -> tuple[torch.Tensor, int]:

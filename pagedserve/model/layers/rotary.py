@@ -110,6 +110,7 @@ def interleaved_to_halves(t: torch.Tensor, head_dim: int, rotary_dim: int) -> to
 def interleaved_rope_weights(weights, head_dim: int, rotary_dim: int):
     """A checkpoint's tensors with q_proj's and k_proj's rows reordered (interleaved_to_halves)."""
     for name, t in weights:
-        if (".q_proj." in name or ".k_proj." in name) and name.endswith(("weight", "bias", "weight_scale")):
-            t = interleaved_to_halves(t, head_dim, rotary_dim)  # (per-row FP8 scales move with their rows)
+        rows = name.endswith(("weight", "bias", "weight_scale", "weight_zero"))
+        if rows and (".q_proj." in name or ".k_proj." in name):
+            t = interleaved_to_halves(t, head_dim, rotary_dim)  # (per-row scales and zeros move with their rows)
         yield name, t

@@ -1,0 +1,250 @@
+"""Integer weight-only checkpoints: GPTQ (`quant_method: "gptq"`, 4 or 8 bits: TheBloke's and
+Qwen's *-GPTQ-Int4 / -Int8) and AWQ (`quant_method: "awq"`, 4 bits, the "gemm" layout:
+*-AWQ). Weights are unsigned integers q with, per output column and group of `group_size`
+input rows, a scale s and a zero point z: w = (q - z) * s.
+
+The two formats pack differently:
+- GPTQ: qweight [K * bits / 32, N] int32 packed along K (value j of a word at bits j * bits);
+  qzeros [K / G, N * bits / 32] packed along N, holding z - 1 (AutoGPTQ's convention, kept by
+  `checkpoint_format: "gptq"`; "gptq_v2" holds z itself); scales [K / G, N]; g_idx [K], the
+  group of each input row, which with `desc_act` (act order) is not k // G;
+- AWQ: qweight [K, N / 8] and qzeros [K / G, N / 8] packed along N in the order
+  0, 2, 4, 6, 1, 3, 5, 7 (AWQ_ORDER); scales [K / G, N]; z as stored.
+
+Both become one layout, rows = output features as our other weights (so fused q/k/v and
+gate/up shards load the way plain ones do): qweight [N, K * bits / 32] int32 packed along K,
+scales [N, KG] float32, zeros [N, KG] int16, and, for act order, the input rows sorted by
+group (`weight_perm` [K]: the kernel reads x's columns in that order, so groups are
+contiguous). q/k/v (and gate/up) share their input, so GPTQ gives them one act order; a
+checkpoint whose shards disagree is refused.
+
+Two ways to run them, as FP8 checkpoints (layers/fp8.py):
+- IntQuantLinear (the Triton backend): the packed weights stay packed, a quarter (4 bits) of
+  bf16's bytes, and ops/int_linear.py unpacks and dequantizes each tile inside the GEMM;
+- elsewhere (CPU, the PyTorch backend), and for MoE experts: dequantized to the model dtype
+  as they load (w computed in float32, rounded once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed slot i holds column 8c + AWQ_ORDER[i]
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    method: str  # "gptq" or "awq"
+    bits: int
+    group_size: int  # -1: one group (a scale per output column)
+    desc_act: bool = False  # GPTQ act order: input rows grouped by g_idx, not k // G
+    zero_offset: int = 0  # added to the stored zeros (1 for AutoGPTQ's "gptq" format)
+
+    @property
+    def pack(self) -> int:
+        return 32 // self.bits
+
+
+def int_format(q: dict[str, Any]) -> IntFormat:
+    """The format from config.json's quantization_config (quant_method gptq or awq)."""
+    method = q.get("quant_method")
+    bits = int(q.get("bits", q.get("w_bit", 4)))
+    group = int(q.get("group_size", q.get("q_group_size", 128)))
+    if group == 0 or group < -1:
+        raise ValueError(f"quantization_config.group_size {group} is not a group size (a positive size or -1).")
+    if method == "awq":
+        version = str(q.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"quantization_config.version {version!r}: only AWQ's 'gemm' layout is supported.")
+        if bits != 4:
+            raise ValueError(f"quantization_config.bits {bits}: AWQ checkpoints are 4-bit.")
+        if q.get("zero_point", True) is False:
+            raise ValueError("quantization_config.zero_point false (AWQ without zero points) is not supported.")
+        return IntFormat("awq", 4, group)
+    if bits not in (4, 8):
+        raise ValueError(f"quantization_config.bits {bits}: GPTQ checkpoints of 4 or 8 bits are supported.")
+    fmt = str(q.get("checkpoint_format", "gptq")).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"quantization_config.checkpoint_format {fmt!r} is not supported ('gptq' or 'gptq_v2').")
+    return IntFormat("gptq", bits, group, bool(q.get("desc_act", False)), 1 if fmt == "gptq" else 0)
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words -> their 32 / bits unsigned values, unpacked along `dim` (value j of a word
+    from bits j * bits up), as int16."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    x = packed.to(torch.int32).unsqueeze(dim + 1) >> shifts.view([-1] + [1] * (packed.dim() - 1 - dim))
+    x = (x & ((1 << bits) - 1)).to(torch.int16)
+    shape = list(packed.shape)
+    shape[dim] *= 32 // bits
+    return x.reshape(shape)
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned values [N, K] -> int32 words [N, K * bits / 32] packed along K (value j of a
+    word at bits j * bits): our layout, and GPTQ's qweight transposed."""
+    n, k = q.shape
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    words = (q.to(torch.int64).reshape(n, k // per, per) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _awq_columns(values: torch.Tensor) -> torch.Tensor:
+    """AWQ's unpacked [rows, N] (slot i of a word's 8 is column 8c + AWQ_ORDER[i]) -> columns
+    in order."""
+    reverse = [AWQ_ORDER.index(j) for j in range(8)]
+    rows, n = values.shape
+    return values.reshape(rows, n // 8, 8)[:, :, reverse].reshape(rows, n)
+
+
+@dataclass
+class IntWeight:
+    """One layer in our layout, before packing: q [N, K] and zeros [N, KG] int16, scales [N, KG]
+    float32, g_idx [K] (the group of each input row) or None for k // G."""
+
+    q: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: Optional[torch.Tensor]
+    group: int
+
+    def groups(self) -> torch.Tensor:
+        k = self.q.shape[1]
+        return self.g_idx if self.g_idx is not None else torch.arange(k) // self.group
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        g = self.groups().long()
+        return ((self.q.float() - self.zeros[:, g].float()) * self.scales[:, g]).to(dtype)
+
+
+def read_layer(parts: dict[str, torch.Tensor], fmt: IntFormat, name: str) -> IntWeight:
+    """A checkpoint layer's qweight / qzeros / scales (/ g_idx) -> IntWeight, shapes checked."""
+    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(f"{name}: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}.")
+    if fmt.method == "gptq":
+        q = _unpack(qweight, fmt.bits, 0).t()
+        zeros = _unpack(qzeros, fmt.bits, 1).t() + fmt.zero_offset
+    else:
+        q = _awq_columns(_unpack(qweight, 4, 1)).t()
+        zeros = _awq_columns(_unpack(qzeros, 4, 1)).t()
+    n, k = q.shape
+    group = fmt.group_size if fmt.group_size > 0 else k
+    kg = -(-k // group)
+    if tuple(scales.shape) != (kg, n) or tuple(zeros.shape) != (n, kg):
+        raise ValueError(f"{name}: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit a "
+                         f"[{k}, {n}] weight in groups of {group} (expected scales {(kg, n)}).")
+    g_idx = parts.get("g_idx")
+    if g_idx is not None:
+        g_idx = g_idx.to(torch.int64)
+        if tuple(g_idx.shape) != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= kg:
+            raise ValueError(f"{name}: g_idx must hold {k} group indices in [0, {kg}).")
+        if not fmt.desc_act:
+            if not torch.equal(g_idx, torch.arange(k) // group):
+                raise ValueError(f"{name}: g_idx is not k // group_size, but desc_act is false.")
+            g_idx = None
+    elif fmt.desc_act:
+        raise ValueError(f"{name}: desc_act is true but the checkpoint has no g_idx.")
+    return IntWeight(q.contiguous(), zeros.contiguous(), scales.t().float().contiguous(), g_idx, group)
+
+
+def act_order(g_idx: torch.Tensor, group: int, name: str) -> torch.Tensor:
+    """The input rows sorted by group (stable), each group `group` rows as GPTQ makes them."""
+    counts = torch.bincount(g_idx)
+    k = g_idx.numel()
+    want = torch.full_like(counts, group)
+    want[-1] = k - group * (counts.numel() - 1)
+    if not torch.equal(counts, want):
+        raise ValueError(f"{name}: g_idx does not give every group {group} input rows.")
+    return torch.sort(g_idx, stable=True).indices.to(torch.int32)
+
+
+def int_weights(weights: Iterable[tuple[str, torch.Tensor]], fmt: IntFormat, dtype: torch.dtype,
+                keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with each quantized layer's parts met: for a module `keep`
+    accepts, our layout (`<module>.weight` packed, `.weight_scale`, `.weight_zero`, and
+    `.weight_perm` with act order); otherwise the weight dequantized to `dtype`. Other
+    tensors pass through, floating ones cast to `dtype`."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    need = {"qweight", "qzeros", "scales"} | ({"g_idx"} if fmt.desc_act else set())
+    for name, t in weights:
+        stem, _, part = name.rpartition(".")
+        if part not in PARTS:
+            yield name, (t.to(dtype) if t.is_floating_point() else t)
+            continue
+        parts = pending.setdefault(stem, {})
+        parts[part] = t
+        if not need <= parts.keys():
+            continue
+        del pending[stem]
+        layer = read_layer(parts, fmt, stem)
+        if not keep(stem):
+            yield stem + ".weight", layer.dequantize(dtype)
+            continue
+        q = layer.q
+        if layer.g_idx is not None:
+            perm = act_order(layer.g_idx, layer.group, stem)
+            q = q[:, perm.long()]
+            yield stem + ".weight_perm", perm
+        yield stem + ".weight", pack_rows(q, fmt.bits)
+        yield stem + ".weight_scale", layer.scales
+        yield stem + ".weight_zero", layer.zeros
+    for stem, parts in pending.items():
+        if parts.keys() == {"g_idx"}:  # (desc_act false) after its layer: must be k // G
+            g = parts["g_idx"].to(torch.int64)
+            group = fmt.group_size if fmt.group_size > 0 else g.numel()
+            if not torch.equal(g, torch.arange(g.numel()) // group):
+                raise ValueError(f"{stem}: g_idx is not k // group_size, but desc_act is false.")
+            continue
+        missing = sorted(need - parts.keys())
+        raise ValueError(f"checkpoint: {stem} has no {', '.join(missing)} to go with its {', '.join(sorted(parts))}.")
+
+
+class IntQuantLinear(nn.Module):
+    """y = x[:, perm] @ dequantize(W)^T (+ b), W packed (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, fmt: IntFormat) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        k, n = self.in_features, self.out_features
+        if k % fmt.pack:
+            raise ValueError(f"a {k}-wide layer cannot hold {fmt.bits}-bit weights packed {fmt.pack} a word.")
+        self.bits = fmt.bits
+        self.group = fmt.group_size if fmt.group_size > 0 else k
+        kg = -(-k // self.group)
+        dev = linear.weight.device
+
+        def param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=dev), requires_grad=False)
+
+        self.weight = param(n, k // fmt.pack, dtype=torch.int32)
+        self.weight_scale = param(n, kg, dtype=torch.float32)
+        self.weight_zero = param(n, kg, dtype=torch.int16)
+        self.weight_perm = param(k, dtype=torch.int32) if fmt.desc_act else None
+        self.bias = linear.bias
+        if hasattr(linear, "shard_offsets"):
+            self.shard_offsets = linear.shard_offsets
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from pagedserve.ops.int_linear import int_linear
+
+        return int_linear(x, self.weight, self.weight_scale, self.weight_zero, self.bits, self.group,
+                          self.weight_perm, self.bias)
+
+
+def int_quantized_stems(names: Iterable[str]) -> list[str]:
+    """The module names with packed weights (a qweight) in the checkpoint."""
+    return [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+
+
+def install_int_linears(model: nn.Module, targets: Iterable[str], fmt: IntFormat) -> None:
+    """Replace each named nn.Linear (on the meta device, before loading) with an IntQuantLinear."""
+    for name in sorted(set(targets)):
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, leaf, IntQuantLinear(getattr(owner, leaf), fmt))
