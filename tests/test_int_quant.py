@@ -121,16 +121,31 @@ CASES = [
     ("qwen2_moe", dict(method="gptq", sym=False), "triton"),  # experts dequantized, attention packed
     ("phi3", dict(method="awq", sym=False), "triton"),  # a checkpoint with qkv / gate_up already fused
     ("cohere", dict(method="gptq", desc_act=True), "triton"),  # q/k rows permuted at load: scales, zeros too
+    # compressed-tensors: transformers decompresses the checkpoint itself (the reference)
+    *[("llama", dict(method="compressed-tensors"), b) for b in ("cpu", "triton")],
+    ("llama", dict(method="compressed-tensors", sym=False, bits=8, group_size=-1), "triton"),
+    ("qwen3", dict(method="compressed-tensors", sym=False), "triton"),
+    # (older compressed-tensors' actorder "group", with a weight_g_idx: transformers' current
+    # compressed-tensors refuses it, so the reference is the dequantized copy)
+    ("llama", dict(method="compressed-tensors", desc_act=True), "triton"),
 ]
+
+
+def _reference(path: str, ref_dir: str, quant: dict):
+    import transformers
+
+    if quant["method"] == "compressed-tensors" and not quant.get("desc_act"):
+        cfg = transformers.CompressedTensorsConfig(run_compressed=False)
+        return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg,
+                                                                 dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("name, quant, backend", CASES)
 def test_checkpoints_match_transformers(model_dirs, tmp_path, name, quant, backend):
-    import transformers
-
     ref_dir = str(tmp_path / "reference")
     path = quantize_checkpoint(model_dirs[name], str(tmp_path / "quantized"), reference_dir=ref_dir, **quant)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    hf = _reference(path, ref_dir, quant)
     llm = LLM(path, attention_backend=backend, dtype="float32")
     model = llm.llm_engine.runner.model
     qkv = model.model.layers[0].self_attn.qkv_proj

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from pagedserve.model.layers.int_quant import pack_rows
+
 _QUANTIZED = re.compile(r"\.layers\.\d+\..*(proj|\.w[123])\.weight$")
 _SHARED_INPUT = re.compile(r"(\b[qkv]_proj|gate_proj|up_proj|\bw[13])$")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -78,8 +80,8 @@ def quantize_checkpoint(src: str, dst: str, method: str = "gptq", bits: int = 4,
     """Copy the model directory `src` to `dst` with its decoder linear layers quantized."""
     from safetensors.torch import load_file, save_file
 
-    if method not in ("gptq", "awq"):
-        raise ValueError(f"method must be 'gptq' or 'awq', got {method!r}")
+    if method not in ("gptq", "awq", "compressed-tensors"):
+        raise ValueError(f"method must be 'gptq', 'awq' or 'compressed-tensors', got {method!r}")
     gen = torch.Generator().manual_seed(seed)
     orders: dict[str, torch.Tensor] = {}
     for d in filter(None, (dst, reference_dir)):
@@ -106,10 +108,21 @@ def quantize_checkpoint(src: str, dst: str, method: str = "gptq", bits: int = 4,
                 out[stem + ".qweight"] = _pack_gptq(q.t(), bits)
                 out[stem + ".qzeros"] = _pack_gptq(zeros - (1 if v1 else 0), bits).t().contiguous()
                 out[stem + ".g_idx"] = g_idx.to(torch.int32)
-            else:
+            elif method == "awq":
                 out[stem + ".qweight"] = _pack_awq(q.t())
                 out[stem + ".qzeros"] = _pack_awq(zeros.t())
-            out[stem + ".scales"] = scales.t().contiguous()
+            if method != "compressed-tensors":
+                out[stem + ".scales"] = scales.t().contiguous()
+                continue
+            # compressed-tensors: signed values offset by 2^(bits-1), packed along K ([N, K*bits/32]);
+            # zero points packed along N; scales [N, KG] in the model's dtype
+            out[stem + ".weight_packed"] = pack_rows(q, bits)
+            out[stem + ".weight_scale"] = scales.to(t.dtype)
+            out[stem + ".weight_shape"] = torch.tensor([n, k])
+            if not sym:
+                out[stem + ".weight_zero_point"] = pack_rows(zeros.t().contiguous(), bits).t().contiguous()
+            if desc_act:
+                out[stem + ".weight_g_idx"] = g_idx.to(torch.int32)
         save_file(out, os.path.join(dst, os.path.basename(path)), metadata={"format": "pt"})
         if reference_dir:
             save_file({n: (t.float() if t.is_floating_point() else t) for n, t in ref.items()},
@@ -120,6 +133,15 @@ def quantize_checkpoint(src: str, dst: str, method: str = "gptq", bits: int = 4,
     if method == "gptq":
         cfg["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group_size,
                                       "desc_act": desc_act, "sym": sym, "checkpoint_format": checkpoint_format}
+    elif method == "compressed-tensors":
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"], "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": None, "output_activations": None,
+                "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
+                            "strategy": "group" if group_size > 0 else "channel",
+                            "group_size": group_size if group_size > 0 else None,
+                            "actorder": "group" if desc_act else None}}}}
     else:
         cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                       "zero_point": True, "version": "gemm", "modules_to_not_convert": None}

@@ -85,12 +85,17 @@ def _checkpoint_keys(model_dir: str) -> list[str]:
     return keys
 
 
+def _int_compressed_tensors(q: dict) -> bool:
+    return q.get("quant_method") == "compressed-tensors" and any(
+        (g.get("weights") or {}).get("type") == "int" for g in (q.get("config_groups") or {}).values())
+
+
 def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat]:
     """The checkpoint's weight quantization from config.json's quantization_config: None, FP8
     (layers/fp8.py) or GPTQ / AWQ (layers/int_quant.py); any other is a ValueError naming it."""
     q = getattr(hf_config, "quantization_config", None)
     q = q if q is None or isinstance(q, dict) else q.to_dict()
-    if q is not None and q.get("quant_method") in ("gptq", "awq"):
+    if q is not None and (q.get("quant_method") in ("gptq", "awq") or _int_compressed_tensors(q)):
         return int_format(q)
     return fp8_format(hf_config)
 
@@ -135,7 +140,7 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     if fmt is not None and quant_kernels and not encoder:
         names = [n for n, _ in checkpoint_view((k, None) for k in _checkpoint_keys(model_dir))]
         if isinstance(fmt, IntFormat):  # (MoE experts are dequantized)
-            targets = quantized_modules(int_quantized_stems(names), model)
+            targets = quantized_modules(int_quantized_stems(names, fmt), model)
             install_int_linears(model, targets.values(), fmt)
         else:
             stems = scaled_weight_names(names)

@@ -1,15 +1,20 @@
 """Integer weight-only checkpoints: GPTQ (`quant_method: "gptq"`, 4 or 8 bits: TheBloke's and
-Qwen's *-GPTQ-Int4 / -Int8) and AWQ (`quant_method: "awq"`, 4 bits, the "gemm" layout:
-*-AWQ). Weights are unsigned integers q with, per output column and group of `group_size`
-input rows, a scale s and a zero point z: w = (q - z) * s.
+Qwen's *-GPTQ-Int4 / -Int8), AWQ (`quant_method: "awq"`, 4 bits, the "gemm" layout: *-AWQ)
+and compressed-tensors' pack-quantized integers (llm-compressor's W4A16 / W8A16: RedHatAI
+*-quantized.w4a16). Weights are unsigned integers q with, per output column and group of
+`group_size` input rows, a scale s and a zero point z: w = (q - z) * s.
 
-The two formats pack differently:
+The formats pack differently:
 - GPTQ: qweight [K * bits / 32, N] int32 packed along K (value j of a word at bits j * bits);
   qzeros [K / G, N * bits / 32] packed along N, holding z - 1 (AutoGPTQ's convention, kept by
   `checkpoint_format: "gptq"`; "gptq_v2" holds z itself); scales [K / G, N]; g_idx [K], the
   group of each input row, which with `desc_act` (act order) is not k // G;
 - AWQ: qweight [K, N / 8] and qzeros [K / G, N / 8] packed along N in the order
-  0, 2, 4, 6, 1, 3, 5, 7 (AWQ_ORDER); scales [K / G, N]; z as stored.
+  0, 2, 4, 6, 1, 3, 5, 7 (AWQ_ORDER); scales [K / G, N]; z as stored;
+- compressed-tensors: weight_packed [N, K * bits / 32] packed along K, values signed and
+  stored plus 2^(bits-1) (so unsigned as here, z = 2^(bits-1) when symmetric);
+  weight_zero_point [N * bits / 32, K / G] packed along N, likewise offset; weight_scale
+  [N, K / G]; weight_shape [2]; weight_g_idx [K] (older checkpoints' actorder "group").
 
 Both become one layout, rows = output features as our other weights (so fused q/k/v and
 gate/up shards load the way plain ones do): qweight [N, K * bits / 32] int32 packed along K,
@@ -33,25 +38,60 @@ import torch
 from torch import nn
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # packed slot i holds column 8c + AWQ_ORDER[i]
-PARTS = ("qweight", "qzeros", "scales", "g_idx")
+# each format's tensor names for (packed weight, zeros, scales, groups of input rows)
+NAMES = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales", "g_idx"),
+         "compressed-tensors": ("weight_packed", "weight_zero_point", "weight_scale", "weight_g_idx")}
 
 
 @dataclass(frozen=True)
 class IntFormat:
-    method: str  # "gptq" or "awq"
+    method: str  # "gptq", "awq" or "compressed-tensors"
     bits: int
     group_size: int  # -1: one group (a scale per output column)
     desc_act: bool = False  # GPTQ act order: input rows grouped by g_idx, not k // G
     zero_offset: int = 0  # added to the stored zeros (1 for AutoGPTQ's "gptq" format)
+    zero_points: bool = True  # stored; else symmetric, z = 2^(bits-1) (compressed-tensors)
+
+    @property
+    def names(self) -> tuple[str, str, str, str]:
+        return NAMES[self.method]
+
+    def needs(self) -> set[str]:
+        qweight, qzeros, scales, g_idx = self.names
+        return ({qweight, scales} | ({qzeros} if self.zero_points else set()) | ({g_idx} if self.desc_act else set())
+                | ({"weight_shape"} if self.method == "compressed-tensors" else set()))
 
     @property
     def pack(self) -> int:
         return 32 // self.bits
 
 
+def _compressed_tensors_format(q: dict[str, Any]) -> IntFormat:
+    groups = list((q.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if q.get("format") != "pack-quantized" or any(g.get("input_activations") for g in groups):
+        raise ValueError("quantization_config: of compressed-tensors' integer formats, only weight-only "
+                         f"'pack-quantized' (W4A16 / W8A16) is supported, not {q.get('format')!r} with these "
+                         "activations.")
+    keys = {(w.get("num_bits"), w.get("symmetric", True), w.get("strategy"), w.get("group_size"),
+             w.get("actorder")) for w in weights}
+    if len(keys) != 1:
+        raise ValueError("quantization_config: compressed-tensors groups with different weight schemes are not "
+                         "supported.")
+    bits, sym, strategy, group, order = keys.pop()
+    if bits not in (4, 8) or strategy not in ("group", "channel"):
+        raise ValueError(f"quantization_config: compressed-tensors {bits}-bit integer weights by {strategy!r}: "
+                         "4 or 8 bits, by 'group' or 'channel', are supported.")
+    return IntFormat("compressed-tensors", bits, int(group) if strategy == "group" else -1,
+                     desc_act=order == "group", zero_points=not sym)
+
+
 def int_format(q: dict[str, Any]) -> IntFormat:
-    """The format from config.json's quantization_config (quant_method gptq or awq)."""
+    """The format from config.json's quantization_config (quant_method gptq, awq, or
+    compressed-tensors with integer weights)."""
     method = q.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors_format(q)
     bits = int(q.get("bits", q.get("w_bit", 4)))
     group = int(q.get("group_size", q.get("q_group_size", 128)))
     if group == 0 or group < -1:
@@ -123,23 +163,32 @@ class IntWeight:
 
 
 def read_layer(parts: dict[str, torch.Tensor], fmt: IntFormat, name: str) -> IntWeight:
-    """A checkpoint layer's qweight / qzeros / scales (/ g_idx) -> IntWeight, shapes checked."""
-    qweight, qzeros, scales = parts["qweight"], parts["qzeros"], parts["scales"]
-    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
-        raise ValueError(f"{name}: qweight and qzeros must be int32, got {qweight.dtype} and {qzeros.dtype}.")
+    """A checkpoint layer's packed weight, zeros, scales (and groups) -> IntWeight, shapes checked."""
+    n_qweight, n_qzeros, n_scales, n_g_idx = fmt.names
+    qweight, scales = parts[n_qweight], parts[n_scales]
+    qzeros = parts.get(n_qzeros)
+    if qweight.dtype != torch.int32 or (qzeros is not None and qzeros.dtype != torch.int32):
+        raise ValueError(f"{name}: packed weights and zeros must be int32, got {qweight.dtype}.")
     if fmt.method == "gptq":
         q = _unpack(qweight, fmt.bits, 0).t()
         zeros = _unpack(qzeros, fmt.bits, 1).t() + fmt.zero_offset
-    else:
+        scales = scales.t()
+    elif fmt.method == "awq":
         q = _awq_columns(_unpack(qweight, 4, 1)).t()
         zeros = _awq_columns(_unpack(qzeros, 4, 1)).t()
+        scales = scales.t()
+    else:
+        n, k = (int(d) for d in parts["weight_shape"].tolist())
+        q = _unpack(qweight, fmt.bits, 1)[:, :k]
+        zeros = (_unpack(qzeros, fmt.bits, 0)[:n] if qzeros is not None
+                 else torch.full((n, scales.shape[-1]), 1 << (fmt.bits - 1), dtype=torch.int16))
     n, k = q.shape
     group = fmt.group_size if fmt.group_size > 0 else k
     kg = -(-k // group)
-    if tuple(scales.shape) != (kg, n) or tuple(zeros.shape) != (n, kg):
-        raise ValueError(f"{name}: scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit a "
-                         f"[{k}, {n}] weight in groups of {group} (expected scales {(kg, n)}).")
-    g_idx = parts.get("g_idx")
+    if tuple(scales.shape) != (n, kg) or tuple(zeros.shape) != (n, kg):
+        raise ValueError(f"{name}: scales / zeros of shape {tuple(scales.shape)} / {tuple(zeros.shape)} (as "
+                         f"[N, groups]) do not fit a [{k}, {n}] weight in groups of {group}.")
+    g_idx = parts.get(n_g_idx)
     if g_idx is not None:
         g_idx = g_idx.to(torch.int64)
         if tuple(g_idx.shape) != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= kg:
@@ -150,7 +199,7 @@ def read_layer(parts: dict[str, torch.Tensor], fmt: IntFormat, name: str) -> Int
             g_idx = None
     elif fmt.desc_act:
         raise ValueError(f"{name}: desc_act is true but the checkpoint has no g_idx.")
-    return IntWeight(q.contiguous(), zeros.contiguous(), scales.t().float().contiguous(), g_idx, group)
+    return IntWeight(q.contiguous(), zeros.contiguous(), scales.float().contiguous(), g_idx, group)
 
 
 def act_order(g_idx: torch.Tensor, group: int, name: str) -> torch.Tensor:
@@ -171,10 +220,12 @@ def int_weights(weights: Iterable[tuple[str, torch.Tensor]], fmt: IntFormat, dty
     `.weight_perm` with act order); otherwise the weight dequantized to `dtype`. Other
     tensors pass through, floating ones cast to `dtype`."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    need = {"qweight", "qzeros", "scales"} | ({"g_idx"} if fmt.desc_act else set())
+    need = fmt.needs()
+    g_idx_name = fmt.names[3]
+    ours = set(fmt.names) | {"weight_shape"} if fmt.method == "compressed-tensors" else set(fmt.names)
     for name, t in weights:
         stem, _, part = name.rpartition(".")
-        if part not in PARTS:
+        if part not in ours:
             yield name, (t.to(dtype) if t.is_floating_point() else t)
             continue
         parts = pending.setdefault(stem, {})
@@ -195,8 +246,8 @@ def int_weights(weights: Iterable[tuple[str, torch.Tensor]], fmt: IntFormat, dty
         yield stem + ".weight_scale", layer.scales
         yield stem + ".weight_zero", layer.zeros
     for stem, parts in pending.items():
-        if parts.keys() == {"g_idx"}:  # (desc_act false) after its layer: must be k // G
-            g = parts["g_idx"].to(torch.int64)
+        if parts.keys() == {g_idx_name}:  # (desc_act false) after its layer: must be k // G
+            g = parts[g_idx_name].to(torch.int64)
             group = fmt.group_size if fmt.group_size > 0 else g.numel()
             if not torch.equal(g, torch.arange(g.numel()) // group):
                 raise ValueError(f"{stem}: g_idx is not k // group_size, but desc_act is false.")
@@ -237,9 +288,10 @@ class IntQuantLinear(nn.Module):
                           self.weight_perm, self.bias)
 
 
-def int_quantized_stems(names: Iterable[str]) -> list[str]:
-    """The module names with packed weights (a qweight) in the checkpoint."""
-    return [n[: -len(".qweight")] for n in names if n.endswith(".qweight")]
+def int_quantized_stems(names: Iterable[str], fmt: IntFormat) -> list[str]:
+    """The module names with packed weights in the checkpoint."""
+    suffix = "." + fmt.names[0]
+    return [n[: -len(suffix)] for n in names if n.endswith(suffix)]
 
 
 def install_int_linears(model: nn.Module, targets: Iterable[str], fmt: IntFormat) -> None:
