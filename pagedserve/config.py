@@ -39,6 +39,11 @@ class EngineArgs:
     # vLLM's kv_cache_dtype: "auto" (the model dtype) or "fp8" / "fp8_e4m3": K/V stored in FP8
     # e4m3 (scale 1, saturating at +-448), half the bytes of bf16, so twice the tokens fit.
     kv_cache_dtype: str = "auto"
+    # vLLM's quantization: None follows the checkpoint (FP8, GPTQ, AWQ, compressed-tensors);
+    # naming the checkpoint's method checks it; "fp8" on an unquantized checkpoint quantizes
+    # its decoder linear layers to FP8 e4m3 as they load, a float32 scale per output row
+    # (model/fp8_quantize.py online_fp8_weights).
+    quantization: Optional[str] = None
     device: Optional[str] = None
     enforce_eager: bool = False
     max_logprobs: int = 20
@@ -145,6 +150,7 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
         kv_dtype = dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        online_fp8 = _check_quantization(self.quantization, hf_config)
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
 
@@ -203,6 +209,7 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             kv_dtype=kv_dtype,
+            online_fp8=online_fp8,
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
             attention_backend=backend,
@@ -218,6 +225,33 @@ class EngineArgs:
             pooler=pooler,
             pooling_task=task if runner == "pooling" else None,
         )
+
+
+# vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
+QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq",
+                        "compressed-tensors": "compressed-tensors"}
+
+
+def _check_quantization(quantization: Optional[str], hf_config: Any) -> bool:
+    """`quantization` against the checkpoint's own (model/loader.py checkpoint_quantization);
+    True where it asks for online FP8 (an unquantized checkpoint, quantization="fp8")."""
+    from pagedserve.model.loader import checkpoint_quantization
+
+    found = checkpoint_quantization(hf_config)  # (a ValueError for unsupported methods)
+    if quantization is None:
+        return False
+    if quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {quantization!r}.")
+    if found is None:
+        if quantization != "fp8":
+            raise ValueError(f"quantization={quantization!r}: the checkpoint is not quantized; only 'fp8' "
+                             "quantizes an unquantized checkpoint as it loads.")
+        return True
+    q = hf_config.quantization_config
+    method = (q if isinstance(q, dict) else q.to_dict()).get("quant_method")
+    if QUANTIZATION_METHODS[quantization] != method:
+        raise ValueError(f"quantization={quantization!r}, but the checkpoint is quantized with {method!r}.")
+    return False
 
 
 @dataclass
@@ -239,6 +273,7 @@ class EngineConfig:
     gpu_memory_utilization: float
     kv_cache_memory_bytes: Optional[int]
     kv_dtype: torch.dtype
+    online_fp8: bool  # quantization="fp8" on an unquantized checkpoint
     enforce_eager: bool
     max_logprobs: int
     attention_backend: str

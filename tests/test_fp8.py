@@ -183,3 +183,77 @@ def test_kernel_bf16_on_gpu(m):
         x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
         got, want = fp8_linear(x, q, scales, bk).float(), fp8_linear_ref(x, q, scales, bk).float()
         assert (got - want).abs().max().item() <= 2 ** -6 * want.abs().max().item()
+
+
+def _rows_dequantized(src: str, dst) -> str:
+    """The checkpoint with each weight online FP8 quantizes replaced by its FP8 value times its
+    row scale: what transformers runs as the reference."""
+    from pagedserve.model.fp8_quantize import online_fp8_weights
+
+    shutil.copytree(src, dst)
+    tensors = load_file(f"{dst}/model.safetensors")
+    out = dict(online_fp8_weights(tensors.items()))
+    for name in [n for n in out if n.endswith(".weight_scale")]:
+        w = name[: -len("_scale")]
+        out[w] = out[w].float() * out.pop(name)
+    save_file({n: t.float() for n, t in out.items()}, f"{dst}/model.safetensors", metadata={"format": "pt"})
+    return str(dst)
+
+
+@pytest.mark.parametrize("name, backend", [("llama", "cpu"), ("llama", "triton"), ("qwen2_moe", "triton")])
+def test_online_fp8_matches_transformers(model_dirs, tmp_path, name, backend):
+    """quantization="fp8" on an unquantized checkpoint (vLLM's online FP8): the decoder's linear
+    layers (and experts) held in FP8 on the Triton path, quantized and dequantized on CPU, and
+    the same as transformers on the weights quantized per row."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(_rows_dequantized(model_dirs[name], tmp_path / "ref"),
+                                                           dtype=torch.float32).eval()
+    llm = LLM(model_dirs[name], attention_backend=backend, dtype="float32", quantization="fp8")
+    model = llm.llm_engine.runner.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    if backend == "triton":
+        assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == FP8 and qkv.weight_scale.shape[1] == 1
+        assert all(m.w13.dtype == FP8 for m in model.modules() if type(m).__name__ == "FusedMoE")
+        assert model.lm_head.weight.dtype == torch.float32  # the LM head and embeddings stay
+    prompts = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)
+    plain = LLM(model_dirs[name], attention_backend=backend, dtype="float32").generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)
+    moved = 0.0
+    for p, o, u in zip(prompts, outs, plain):
+        tokens, rows = _greedy_ref(hf, p, 6)
+        assert o.outputs[0].token_ids == tokens
+        for i, t in enumerate(tokens):
+            assert abs(o.outputs[0].logprobs[i][t].logprob - float(rows[i][t])) < 2e-4
+            if u.outputs[0].token_ids[:i] == tokens[:i]:
+                mine, theirs = o.outputs[0].logprobs[i], u.outputs[0].logprobs[i]
+                moved = max([moved] + [abs(mine[c].logprob - theirs[c].logprob) for c in mine.keys() & theirs.keys()])
+    assert moved > 1e-3  # the weights were quantized: logprobs differ from the unquantized model's
+
+
+def test_quantization_argument_is_checked(model_dirs, tmp_path):
+    from pagedserve.model.int_quantize import quantize_checkpoint as int_checkpoint
+
+    gptq = int_checkpoint(model_dirs["llama"], str(tmp_path / "gptq"))
+    LLM(gptq, quantization="gptq")
+    LLM(gptq, quantization="gptq_marlin")  # vLLM's kernel name for the same checkpoints
+    with pytest.raises(ValueError, match="quantization='awq', but the checkpoint is quantized with 'gptq'"):
+        LLM(gptq, quantization="awq")
+    with pytest.raises(ValueError, match="the checkpoint is not quantized"):
+        LLM(model_dirs["llama"], quantization="awq")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        LLM(model_dirs["llama"], quantization="int3")
+    fp8 = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "fp8"), "block", BLOCK)
+    llm = LLM(fp8, quantization="fp8", attention_backend="triton")  # an FP8 checkpoint stays as it is
+    assert llm.llm_engine.runner.model.model.layers[0].self_attn.qkv_proj.block_k == BLOCK[1]
+
+
+def test_quantization_flag_reaches_the_engine_args():
+    from pagedserve.entrypoints.cli import build_parser, engine_args_from
+
+    for argv, want in ((["serve", "m", "--quantization", "fp8"], "fp8"), (["serve", "m", "-q", "awq_marlin"],
+                                                                         "awq_marlin"), (["serve", "m"], None)):
+        assert engine_args_from(build_parser().parse_args(argv), "m").quantization == want

@@ -41,6 +41,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                    help="fp8: K/V stored in FP8 e4m3, twice the tokens in the same memory")
+    p.add_argument("--quantization", "-q", default=None,
+                   choices=["fp8", "gptq", "gptq_marlin", "awq", "awq_marlin", "compressed-tensors"],
+                   help="default: the checkpoint's own; fp8 on an unquantized checkpoint quantizes its linear "
+                   "layers to FP8 as they load")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)

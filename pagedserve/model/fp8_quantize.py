@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 
+from typing import Iterable, Iterator
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -81,3 +83,27 @@ def quantize_checkpoint(src: str, dst: str, scheme: str = "block", block: tuple[
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
     return dst
+
+
+def online_fp8_names(names: Iterable[str]) -> list[str]:
+    """A checkpoint's tensor names as online_fp8_weights will give them: a `.weight_scale`
+    beside each weight it quantizes (so the FP8 loading path finds its layers)."""
+    out = []
+    for name in names:
+        out.append(name)
+        if _QUANTIZED.search(name):
+            out.append(name[: -len(".weight")] + ".weight_scale")
+    return out
+
+
+def online_fp8_weights(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """vLLM's quantization="fp8" on an unquantized checkpoint: each decoder linear weight (as
+    quantize_checkpoint chooses them) as e4m3 with a float32 scale per output row, the layout
+    of a compressed-tensors per-channel FP8 checkpoint; other tensors pass through."""
+    for name, t in weights:
+        if not _QUANTIZED.search(name) or t.dim() != 2:
+            yield name, t
+            continue
+        q, scale = quantize_rows(t, per_tensor=False)
+        yield name, q
+        yield name[: -len(".weight")] + ".weight_scale", scale

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from pagedserve.model.fp8_quantize import online_fp8_names, online_fp8_weights
 from pagedserve.model.layers.fp8 import (FP8, Fp8Format, fp8_format, fp8_weights, install_fp8_linears,
                                          quantized_experts, quantized_modules, scaled_weight_names)
 from pagedserve.model.layers.int_quant import (IntFormat, install_int_linears, int_format, int_quantized_stems,
@@ -102,13 +103,16 @@ def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat]
 
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
                pooling: bool = False, classify: bool = False,
-               classifier_token_ids: Optional[list[int]] = None, quant_kernels: bool = False) -> nn.Module:
+               classifier_token_ids: Optional[list[int]] = None, quant_kernels: bool = False,
+               online_fp8: bool = False) -> nn.Module:
     """pooling: an embedding model, built without its LM head; classify: a sequence
     classifier, with its `score` head (hidden -> num_labels) instead. classifier_token_ids:
     a causal-LM checkpoint classified on those tokens' logits (see _head_from_tokens).
     quant_kernels: a quantized checkpoint's linear layers stay quantized (FP8: Fp8Linear,
     GPTQ / AWQ: IntQuantLinear; the Triton backend); otherwise they are dequantized to `dtype`
-    as they load (layers/fp8.py, layers/int_quant.py)."""
+    as they load (layers/fp8.py, layers/int_quant.py). online_fp8: an unquantized checkpoint's
+    decoder linear layers quantized to FP8 per output row as they load (vLLM's
+    quantization="fp8"), then run as an FP8 checkpoint's."""
     from_tokens = classifier_token_ids is not None
     if from_tokens:  # loaded whole, LM head included; the head is made from it afterwards
         pooling = classify = False
@@ -122,6 +126,9 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
         torch.set_default_dtype(old_dtype)
     encoder = getattr(cls, "encoder_only", False)  # builds its own head, loads its own names
     fmt = checkpoint_quantization(hf_config)
+    online_fp8 = online_fp8 and fmt is None and not getattr(cls, "encoder_only", False)
+    if online_fp8:
+        fmt = Fp8Format(None)
     renamed, skipped = checkpoint_names(hf_config)
 
     def checkpoint_view(weights: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
@@ -138,7 +145,8 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
             model.score = nn.Linear(hf_config.hidden_size, hf_config.num_labels, bias=False, dtype=dtype)
     targets: dict[str, str] = {}  # checkpoint module -> ours, kept quantized
     if fmt is not None and quant_kernels and not encoder:
-        names = [n for n, _ in checkpoint_view((k, None) for k in _checkpoint_keys(model_dir))]
+        keys = _checkpoint_keys(model_dir)
+        names = [n for n, _ in checkpoint_view((k, None) for k in (online_fp8_names(keys) if online_fp8 else keys))]
         if isinstance(fmt, IntFormat):  # (MoE experts are dequantized)
             targets = quantized_modules(int_quantized_stems(names, fmt), model)
             install_int_linears(model, targets.values(), fmt)
@@ -151,7 +159,8 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     for m in model.modules():
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
-    weights = checkpoint_view(iterate_safetensors(model_dir, dtype, device, cast=fmt is None))
+    stream = iterate_safetensors(model_dir, dtype, device, cast=fmt is None)
+    weights = checkpoint_view(online_fp8_weights(stream) if online_fp8 else stream)
     if isinstance(fmt, IntFormat):
         weights = int_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
     elif fmt is not None:
