@@ -8,7 +8,9 @@ which also shows that it captures (the PyTorch path cannot: it syncs with the ho
 
 weight_gbps: bytes of the experts a batch routes to, read once, over the fused time (compare
 with gpu_check's device_rates.copy_gbps: at decode sizes the layer is that read). fp8_ms: the
-same layer with its experts in FP8 (128x128 block scales), dequantized per tile in the kernel."""
+same layer with its experts in FP8 (128x128 block scales), dequantized per tile in the kernel;
+int4_ms: with its experts as packed 4-bit integers (groups of 128, GPTQ / AWQ's layout after
+loading), unpacked per tile (random words: the time does not depend on the values)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,16 @@ def _fp8_experts(moe, block: tuple[int, int]) -> tuple:
     return q13, q2, (s13, s2, bk13, bk2)
 
 
+def _int4_experts(e: int, h: int, i: int, group: int, device: str) -> tuple:
+    def part(n: int, k: int) -> tuple:
+        words = torch.randint(-2**31, 2**31 - 1, (e, n, k // 8), dtype=torch.int32, device=device)
+        scales = torch.rand(e, n, k // group, device=device) * 0.01
+        return words, scales, torch.full((e, n, k // group), 8, dtype=torch.int16, device=device)
+
+    (w13, s13, z13), (w2, s2, z2) = part(2 * i, h), part(h, i)
+    return w13, w2, dict(scales=(s13, s2, group, group), zeros=(z13, z2), int_bits=4)
+
+
 def moe_timings(device: str, dry: bool) -> dict[str, Any]:
     from pagedserve.model.layers.moe import FusedMoE, select_experts
     from pagedserve.ops.fused_moe import fused_moe
@@ -62,6 +74,7 @@ def moe_timings(device: str, dry: bool) -> dict[str, Any]:
             moe.w2.normal_(0, 0.02, generator=g)
         expert_bytes = (moe.w13[0].numel() + moe.w2[0].numel()) * moe.w13.element_size()
         q13, q2, scales = _fp8_experts(moe, (32, 32) if dry else (128, 128))
+        i13, i2, int_args = _int4_experts(e, h, i, 32 if dry else 128, device)
         for t in (DRY_TOKENS if dry else TOKENS):
             x = torch.randn(t, h, device=device, generator=g).to(dtype)
             weights, ids = select_experts(torch.randn(t, e, device=device, generator=g), k, True)
@@ -71,10 +84,12 @@ def moe_timings(device: str, dry: bool) -> dict[str, Any]:
             fused_ms = bench_chain_ms([lambda: moe(x, weights, ids)], device)
             routed = int(torch.unique(ids).numel())
             fp8_ms = bench_chain_ms([lambda: fused_moe(x, q13, q2, weights, ids, scales=scales)], device)
+            int4_ms = bench_chain_ms([lambda: fused_moe(x, i13, i2, weights, ids, **int_args)], device)
             res[f"{name}_t{t}"] = {"fused_ms": round(fused_ms, 4), "torch_ms": round(torch_ms, 4),
                                    "speedup": round(torch_ms / fused_ms, 2), "experts_routed": routed,
                                    "weight_gbps": round(routed * expert_bytes / fused_ms / 1e6, 1),
-                                   "fp8_ms": round(fp8_ms, 4), "fp8_speedup": round(fused_ms / fp8_ms, 2)}
+                                   "fp8_ms": round(fp8_ms, 4), "fp8_speedup": round(fused_ms / fp8_ms, 2),
+                                   "int4_ms": round(int4_ms, 4), "int4_speedup": round(fused_ms / int4_ms, 2)}
             print(name, t, res[f"{name}_t{t}"], flush=True)
         del moe
     return res

@@ -40,7 +40,8 @@ def test_gpu_check_dry_run(tmp_path):
     variant = rec["batch1_gemv"]
     assert variant["gemv_shapes"] and all(c[-1] == 1 for c in variant["gemv_shapes"].values())
     assert fig["batch1_gemv_bw_fraction"] > 0 and len(variant["batch1"]["tokens"]) > 1 and variant["profile"]
-    assert rec["moe"] and all(r["fused_ms"] > 0 and r["torch_ms"] > 0 for r in rec["moe"].values())
+    assert rec["moe"] and all(r["fused_ms"] > 0 and r["torch_ms"] > 0 and r["int4_ms"] > 0
+                              for r in rec["moe"].values())
     assert rec["quant"] and all(r[f"{kind}_ms"] > 0 for r in rec["quant"].values()
                                 for kind in ("fp8", "int4", "int4_act_order", "int8", "bf16"))
     # The candidate holds the settings the engine run used, in a tuned file's syntax.

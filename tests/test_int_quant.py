@@ -101,6 +101,31 @@ def test_kernel_bf16():
     assert (got - want).abs().max().item() <= (0.01 if DEVICE == "cuda" else 0.03) * want.abs().max().item()
 
 
+@pytest.mark.parametrize("bits, group, t", [(4, 32, 1), (4, 16, 37), (8, -1, 9)])
+def test_fused_moe_int_matches_dequantized_experts(bits, group, t):
+    """The fused MoE kernel on packed experts against the same kernel on the experts
+    dequantized (itself held to the PyTorch expert path in test_fused_moe.py)."""
+    from pagedserve.ops.fused_moe import fused_moe
+
+    e, h, i, k = 4, 64, 96, 2
+    gen = torch.Generator().manual_seed(bits + t)
+
+    def experts(n: int, kk: int):
+        g = group if group > 0 else kk
+        parts = [_packed(n, kk, bits, g, False, seed=bits * 100 + j + n) for j in range(e)]
+        packed, s, z = (torch.stack([p[j] for p in parts]) for j in range(3))
+        dense = torch.stack([int_linear_ref(torch.eye(kk, device=DEVICE), *p[:3], bits, g).t() for p in parts])
+        return packed, s, z, dense.contiguous()
+
+    w13, s13, z13, d13 = experts(2 * i, h)
+    w2, s2, z2, d2 = experts(h, i)
+    x = torch.randn(t, h, generator=gen).to(DEVICE)
+    weights, ids = torch.rand(t, k, generator=gen).to(DEVICE), torch.randint(0, e, (t, k), generator=gen).to(DEVICE)
+    g13, g2 = (group, group) if group > 0 else (h, i)
+    got = fused_moe(x, w13, w2, weights, ids, scales=(s13, s2, g13, g2), zeros=(z13, z2), int_bits=bits)
+    torch.testing.assert_close(got, fused_moe(x, d13, d2, weights, ids), rtol=1e-5, atol=1e-5)
+
+
 def _greedy_ref(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
     ids, toks, rows = list(prompt), [], []
     with torch.inference_mode():
@@ -118,7 +143,10 @@ CASES = [
     *[("llama", dict(method="gptq", sym=False, desc_act=True), b) for b in ("cpu", "triton")],
     ("llama", dict(method="gptq", bits=8, group_size=-1, checkpoint_format="gptq_v2"), "triton"),
     ("qwen2", dict(method="gptq", desc_act=True), "triton"),  # q/k/v biases beside packed weights
-    ("qwen2_moe", dict(method="gptq", sym=False), "triton"),  # experts dequantized, attention packed
+    ("qwen2_moe", dict(method="gptq", sym=False), "triton"),  # experts packed on the fused MoE kernel
+    ("mixtral", dict(method="awq", sym=False), "triton"),
+    ("qwen3_moe", dict(method="gptq", bits=8, group_size=-1), "triton"),
+    ("qwen2_moe", dict(method="gptq", desc_act=True), "triton"),  # experts with act order: dequantized
     ("phi3", dict(method="awq", sym=False), "triton"),  # a checkpoint with qkv / gate_up already fused
     ("cohere", dict(method="gptq", desc_act=True), "triton"),  # q/k rows permuted at load: scales, zeros too
     # compressed-tensors: transformers decompresses the checkpoint itself (the reference)
@@ -152,6 +180,9 @@ def test_checkpoints_match_transformers(model_dirs, tmp_path, name, quant, backe
     if backend == "triton":
         assert isinstance(qkv, IntQuantLinear) and qkv.weight.dtype == torch.int32
         assert (qkv.weight_perm is not None) == quant.get("desc_act", False)
+        experts = [m for m in model.modules() if type(m).__name__ == "FusedMoE"]
+        want = 0 if quant.get("desc_act") else quant.get("bits", 4)
+        assert all(m.int_bits == want and (m.w13.dtype == torch.int32) == bool(want) for m in experts)
     else:
         assert type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32
     prompts = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]
@@ -251,3 +282,29 @@ def test_kernel_bf16_on_gpu(m):
         got = int_linear(x, w, s, z, bits, 128, perm).float()
         want = int_linear_ref(x, w, s, z, bits, 128, perm).float()
         assert (got - want).abs().max().item() <= 2 ** -6 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 64, 700])
+def test_fused_moe_int4_bf16_on_gpu(t):
+    """Packed 4-bit experts of a Qwen3-30B-A3B-shaped layer in bf16: within two units of bf16's
+    last place of the kernel on the dequantized experts."""
+    from pagedserve.ops.fused_moe import fused_moe
+
+    e, h, i, k, group = 16, 2048, 768, 8, 128
+
+    def experts(n: int, kk: int):
+        parts = [_packed(n, kk, 4, group, False, seed=j + n) for j in range(e)]
+        packed, s, z = (torch.stack([p[j] for p in parts]) for j in range(3))
+        eye = torch.eye(kk, device=DEVICE)
+        dense = torch.stack([int_linear_ref(eye, *p[:3], 4, group).t() for p in parts]).to(torch.bfloat16)
+        return packed, s, z, dense.contiguous()
+
+    w13, s13, z13, d13 = experts(2 * i, h)
+    w2, s2, z2, d2 = experts(h, i)
+    x = torch.randn(t, h, device=DEVICE).to(torch.bfloat16)
+    weights, ids = torch.rand(t, k, device=DEVICE), torch.randint(0, e, (t, k), device=DEVICE)
+    got = fused_moe(x, w13, w2, weights, ids, scales=(s13, s2, group, group), zeros=(z13, z2), int_bits=4).float()
+    want = fused_moe(x, d13, d2, weights, ids).float()
+    assert (got - want).abs().max().item() <= 2 ** -6 * want.abs().max().item()
+

@@ -147,8 +147,10 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     if fmt is not None and quant_kernels and not encoder:
         keys = _checkpoint_keys(model_dir)
         names = [n for n, _ in checkpoint_view((k, None) for k in (online_fp8_names(keys) if online_fp8 else keys))]
-        if isinstance(fmt, IntFormat):  # (MoE experts are dequantized)
-            targets = quantized_modules(int_quantized_stems(names, fmt), model)
+        if isinstance(fmt, IntFormat):
+            stems = int_quantized_stems(names, fmt)
+            # (experts with act order, each its own input order, are dequantized)
+            targets = {**quantized_modules(stems, model), **({} if fmt.desc_act else quantized_experts(stems, model))}
             install_int_linears(model, targets.values(), fmt)
         else:
             stems = scaled_weight_names(names)

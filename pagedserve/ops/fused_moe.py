@@ -68,11 +68,15 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
                      N, K, num_pairs, num_blocks_m, stride_am, stride_we, stride_wn, stride_cm, stride_se, stride_sn,
                      TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BK: tl.constexpr):
+                     GROUP_M: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BK: tl.constexpr,
+                     z_ptr=None, stride_ze=0, stride_zn=0, INT_BITS: tl.constexpr = 0):
     """C[pair, :] = A[row(pair), :] @ W[expert]^T for the pairs of one BLOCK_M block, one
     BLOCK_N slice of N. row(pair) is the token (pair // k, A_PER_TOKEN) or the pair itself.
     W is [E, N, K] with K contiguous. HAS_SCALE: W is FP8 with float32 scales [E, N, KB] per
-    row and SCALE_BK-wide K block, each tile dequantized to A's dtype (ops/fp8_linear.py)."""
+    row and SCALE_BK-wide K block, each tile dequantized to A's dtype (ops/fp8_linear.py).
+    INT_BITS (4 or 8): W is [E, N, K * INT_BITS / 32] int32 words packed along K, with float32
+    scales and int16 zeros [E, N, KG] per row and SCALE_BK-wide group: w = (q - z) * s
+    (GPTQ / AWQ / compressed-tensors experts, ops/int_linear.py)."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the N slices together (weight tiles reused in L2).
@@ -92,12 +96,26 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     w_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]
+    if INT_BITS:
+        PACK: tl.constexpr = 32 // INT_BITS if INT_BITS else 1
+        w_ptrs = w_ptr + expert * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn + (offs_k // PACK)[:, None]
+        shifts = ((offs_k % PACK) * INT_BITS)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        if HAS_SCALE:
+        if INT_BITS:
+            words = tl.load(w_ptrs + k0 // PACK, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0)
+            q = (words >> shifts) & ((1 << INT_BITS) - 1)
+            n_ok = offs_n < N
+            scale = tl.load(s_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn + k0 // SCALE_BK,
+                            mask=n_ok, other=0.0)
+            zero = tl.load(z_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn + k0 // SCALE_BK,
+                           mask=n_ok, other=0).to(tl.int32)
+            w = ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
+        else:
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        if HAS_SCALE and not INT_BITS:
             scale = tl.load(s_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn + k0 // SCALE_BK,
                             mask=offs_n < N, other=0.0)
             w = (w.to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
@@ -106,7 +124,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
         else:
             acc = tl.dot(a, w, acc)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if not INT_BITS:
+            w_ptrs += BLOCK_K
     dtype = a_ptr.dtype.element_ty
     if MUL_WEIGHT:  # the expert's output in the model dtype (as F.linear gives it), then weighted
         rw = tl.load(weight_ptr + pairs, mask=valid, other=0.0)
@@ -117,14 +136,16 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
 
 def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: tuple, top_k: int,
               a_per_token: bool, weights: Optional[torch.Tensor], config: MoEConfig,
-              scale: Optional[torch.Tensor] = None, scale_bk: int = 0) -> None:
+              scale: Optional[torch.Tensor] = None, scale_bk: int = 0, zero: Optional[torch.Tensor] = None,
+              int_bits: int = 0) -> None:
     sorted_ids, block_experts, num_padded = aligned
     block_m, block_n, block_k, group_m, warps, stages = config
-    if scale is not None and scale_bk < w.shape[2]:  # a K tile must lie in one scale block
+    e, n, k = w.shape
+    k *= 32 // int_bits if int_bits else 1  # packed integer weights: K values in K * bits / 32 words
+    if scale is not None and scale_bk < k:  # a K tile must lie in one scale block (or group)
         while scale_bk % block_k:
             block_k //= 2
-        assert block_k >= 16, f"an FP8 scale block of {scale_bk} columns is too narrow for tl.dot"
-    e, n, k = w.shape
+        assert block_k >= 16, f"a scale block of {scale_bk} columns is too narrow for tl.dot"
     assert a.stride(-1) == 1 and w.stride(-1) == 1 and out.stride(-1) == 1
     num_blocks_m = sorted_ids.numel() // block_m
     grid = (num_blocks_m * triton.cdiv(n, block_n),)
@@ -136,27 +157,35 @@ def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: tupl
         TOP_K=top_k, A_PER_TOKEN=a_per_token, MUL_WEIGHT=weights is not None,
         UPCAST=a.dtype == torch.float32 or triton_interpreting(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, HAS_SCALE=scale is not None,
-        SCALE_BK=max(scale_bk, 1), num_warps=warps, num_stages=stages)
+        SCALE_BK=max(scale_bk, 1), z_ptr=zero if zero is not None else out,
+        stride_ze=zero.stride(0) if zero is not None else 0, stride_zn=zero.stride(1) if zero is not None else 0,
+        INT_BITS=int_bits, num_warps=warps, num_stages=stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: Optional[MoEConfig] = None,
-              scales: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None) -> torch.Tensor:
+              scales: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None,
+              zeros: Optional[tuple[torch.Tensor, torch.Tensor]] = None, int_bits: int = 0) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_* [T, k]. SiLU
     experts. Returns [T, H] in x's dtype: each token's routing-weighted sum of its experts.
-    scales: FP8 experts' (w13 scales [E, 2I, KB], w2 scales [E, H, KB'], their K blocks)."""
+    scales: FP8 experts' (w13 scales [E, 2I, KB], w2 scales [E, H, KB'], their K blocks).
+    int_bits: integer experts, w13 / w2 packed along K ([E, 2I, H * bits / 32], ...), with
+    scales (per group, the groups' widths as the K blocks) and zeros ([E, 2I, HG], [E, H, IG])."""
     from pagedserve.ops.activation import silu_and_mul
 
     t, k = topk_ids.shape
     e, two_i, h = w13.shape
+    h *= 32 // int_bits if int_bits else 1
     if t == 0:
         return x.new_zeros(0, h)
     config = config or default_config(t * k, e)
     aligned = moe_align(topk_ids, e, config[0])
     gate_up = torch.empty(t * k, two_i, dtype=x.dtype, device=x.device)
     s13, s2, bk13, bk2 = scales if scales is not None else (None, None, 0, 0)
-    _moe_gemm(x.contiguous(), w13, gate_up, aligned, k, True, None, config, s13, bk13)
+    z13, z2 = zeros if zeros is not None else (None, None)
+    _moe_gemm(x.contiguous(), w13, gate_up, aligned, k, True, None, config, s13, bk13, z13, int_bits)
     act = silu_and_mul(gate_up)
     out = torch.empty(t * k, h, dtype=torch.float32, device=x.device)
-    _moe_gemm(act, w2, out, aligned, k, False, topk_weights.reshape(-1).float().contiguous(), config, s2, bk2)
+    _moe_gemm(act, w2, out, aligned, k, False, topk_weights.reshape(-1).float().contiguous(), config, s2, bk2,
+              z2, int_bits)
     return out.view(t, k, h).sum(dim=1).to(x.dtype)

@@ -171,7 +171,7 @@ def quantized_modules(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
 
 
 def quantized_experts(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
-    """Checkpoint expert names with FP8 weights -> the FusedMoE (layers/moe.py) they load into,
+    """Checkpoint expert names with quantized weights -> the FusedMoE (layers/moe.py) they load into,
     where its experts run on the fused kernel (SiLU experts)."""
     from pagedserve.model.layers.moe import FusedMoE
 

@@ -26,8 +26,10 @@ checkpoint whose shards disagree is refused.
 Two ways to run them, as FP8 checkpoints (layers/fp8.py):
 - IntQuantLinear (the Triton backend): the packed weights stay packed, a quarter (4 bits) of
   bf16's bytes, and ops/int_linear.py unpacks and dequantizes each tile inside the GEMM;
-- elsewhere (CPU, the PyTorch backend), and for MoE experts: dequantized to the model dtype
-  as they load (w computed in float32, rounded once)."""
+  MoE experts stay packed too, unpacked per tile by the fused MoE kernel (ops/fused_moe.py),
+  except with act order (each expert has its own input order);
+- elsewhere (CPU, the PyTorch backend): dequantized to the model dtype as they load (w
+  computed in float32, rounded once)."""
 
 from __future__ import annotations
 
@@ -295,8 +297,15 @@ def int_quantized_stems(names: Iterable[str], fmt: IntFormat) -> list[str]:
 
 
 def install_int_linears(model: nn.Module, targets: Iterable[str], fmt: IntFormat) -> None:
-    """Replace each named nn.Linear (on the meta device, before loading) with an IntQuantLinear."""
+    """Replace each named nn.Linear (on the meta device, before loading) with an
+    IntQuantLinear, and put each named FusedMoE's experts in the packed layout."""
+    from pagedserve.model.layers.moe import FusedMoE
+
     for name in sorted(set(targets)):
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, IntQuantLinear(getattr(owner, leaf), fmt))
+        module = getattr(owner, leaf)
+        if isinstance(module, FusedMoE):
+            module.to_int(fmt.bits, fmt.group_size)
+        else:
+            setattr(owner, leaf, IntQuantLinear(module, fmt))

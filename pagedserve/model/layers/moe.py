@@ -42,7 +42,8 @@ class FusedMoE(nn.Module):
     # Qwen-MoE gate_proj/up_proj/down_proj.
     shard_names = {"w1": ("w13", "gate"), "w3": ("w13", "up"), "w2": ("w2", None),
                    "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", None)}
-    _expert_re = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\.(?P<kind>weight|weight_scale)$")
+    _expert_re = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\."
+                            r"(?P<kind>weight|weight_scale|weight_zero)$")
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str) -> None:
         super().__init__()
@@ -52,7 +53,8 @@ class FusedMoE(nn.Module):
         self.act = _act_fn(act)
         self.is_silu = act == "silu"
         self.use_triton = False  # set by the model runner with the Triton backend
-        self.scale_bk: Optional[tuple[int, int]] = None  # FP8 experts: (w13's, w2's) scale K blocks
+        self.scale_bk: Optional[tuple[int, int]] = None  # FP8 / integer experts: (w13's, w2's) K blocks
+        self.int_bits = 0  # integer experts (to_int): their bits
 
     def to_fp8(self, block_k: int) -> None:
         """Hold the experts in FP8 e4m3 with float32 scales per row and K block (layers/fp8.py),
@@ -70,6 +72,26 @@ class FusedMoE(nn.Module):
         self.w2_scale = nn.Parameter(torch.empty(e, h, -(-i // self.scale_bk[1]), dtype=torch.float32),
                                      requires_grad=False)
 
+    def to_int(self, bits: int, group: int) -> None:
+        """Hold the experts as packed integers (layers/int_quant.py's layout, stacked per
+        expert) with float32 scales and int16 zeros per row and group, for the kernel path;
+        called on the meta device, before loading. group -1: one group a row."""
+        e, two_i, h = self.w13.shape
+        i = self.intermediate
+        pack = 32 // bits
+        if h % pack or i % pack:
+            raise ValueError(f"experts of sizes {h} / {i} cannot hold {bits}-bit weights packed {pack} a word.")
+        self.int_bits = bits
+        self.scale_bk = (group if group > 0 else h, group if group > 0 else i)
+        hg, ig = -(-h // self.scale_bk[0]), -(-i // self.scale_bk[1])
+
+        def param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.w13, self.w2 = param(e, two_i, h // pack, dtype=torch.int32), param(e, h, i // pack, dtype=torch.int32)
+        self.w13_scale, self.w2_scale = param(e, two_i, hg, dtype=torch.float32), param(e, h, ig, dtype=torch.float32)
+        self.w13_zero, self.w2_zero = param(e, two_i, hg, dtype=torch.int16), param(e, h, ig, dtype=torch.int16)
+
     @property
     def uses_kernel(self) -> bool:
         return self.use_triton and self.is_silu
@@ -79,6 +101,10 @@ class FusedMoE(nn.Module):
         if self.uses_kernel:
             from pagedserve.ops.fused_moe import fused_moe
 
+            if self.int_bits:
+                return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, scales=(
+                    self.w13_scale, self.w2_scale, *self.scale_bk), zeros=(self.w13_zero, self.w2_zero),
+                    int_bits=self.int_bits)
             if self.scale_bk is not None:
                 return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, scales=(
                     self.w13_scale, self.w2_scale, *self.scale_bk))
@@ -110,8 +136,8 @@ class FusedMoE(nn.Module):
         if m is None or m["w"] not in cls.shard_names:
             return None
         param, shard = cls.shard_names[m["w"]]
-        if m["kind"] == "weight_scale":  # an FP8 expert's scales (layers/fp8.py), sharded as its rows
-            param += "_scale"
+        if m["kind"] != "weight":  # a quantized expert's scales (or zeros), sharded as its rows
+            param += "_scale" if m["kind"] == "weight_scale" else "_zero"
         return f"{m['prefix']}.{param}", int(m["e"]), param, shard
 
     def load_expert(self, param: str, expert: int, shard: Optional[str], tensor: torch.Tensor, name: str) -> str:
@@ -131,6 +157,8 @@ class FusedMoE(nn.Module):
         params = (("w13", "gate"), ("w13", "up"), ("w2", None))
         if self.scale_bk is not None:
             params += (("w13_scale", "gate"), ("w13_scale", "up"), ("w2_scale", None))
+        if self.int_bits:
+            params += (("w13_zero", "gate"), ("w13_zero", "up"), ("w2_zero", None))
         return {f"{e}:{p}:{s}" for e in range(self.num_experts) for p, s in params}
 
 
