@@ -13,3 +13,55 @@ def assert_no_leak(llm: LLM) -> None:
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
     assert not eng.has_unfinished_requests() and not eng.output_processor.states
     assert not eng.runner.sampling_states.states
+
+
+# Two prompts, short and longer than a block, for checks against transformers.
+HF_PROMPTS = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> tuple[list[int], list]:
+    """transformers' greedy continuation of `prompt`, and each step's log-softmax row."""
+    import torch
+
+    ids, toks, rows = list(prompt), [], []
+    with torch.inference_mode():
+        for _ in range(n):
+            row = hf(torch.tensor([ids])).logits[0, -1].float()
+            toks.append(int(row.argmax()))
+            rows.append(row.log_softmax(-1))
+            ids.append(toks[-1])
+    return toks, rows
+
+
+def assert_greedy_matches_hf(llm: LLM, hf, n: int = 6, tol: float = 2e-4) -> list:
+    """The engine's greedy tokens on HF_PROMPTS equal transformers', logprobs within `tol`;
+    returns the engine's outputs."""
+    from pagedserve import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in HF_PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2), use_tqdm=False)
+    for p, o in zip(HF_PROMPTS, outs):
+        tokens, rows = hf_greedy(hf, p, n)
+        assert o.outputs[0].token_ids == tokens
+        for i, t in enumerate(tokens):
+            assert abs(o.outputs[0].logprobs[i][t].logprob - float(rows[i][t])) < tol
+    return outs
+
+
+def lora_runs(path: str, adapter: str) -> dict:
+    """(tokens, logprobs) per prompt for a quantized checkpoint under an adapter: on the CPU
+    path (dequantized layers), the Triton path (layers kept quantized), and the Triton path
+    without the adapter; keyed (backend, with adapter)."""
+    from pagedserve import SamplingParams
+    from pagedserve.lora.request import LoRARequest
+
+    prompts = [{"prompt_token_ids": [(5 * j + i) % 900 + 4 for j in range(n)]} for i, n in enumerate((7, 19))]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    runs = {}
+    for backend, lora in (("cpu", True), ("triton", True), ("triton", False)):
+        llm = LLM(path, attention_backend=backend, dtype="float32", enable_lora=True)
+        outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=LoRARequest("a", 1, adapter) if lora else None)
+        runs[backend, lora] = [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                                        o.outputs[0].token_ids)])
+                               for o in outs]
+    return runs

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from engine_helpers import HF_PROMPTS, assert_greedy_matches_hf, lora_runs
 from safetensors.torch import load_file, save_file
 
 from pagedserve import LLM, SamplingParams
@@ -61,17 +62,6 @@ def test_kernel_bf16():
     assert (got - want).abs().max().item() <= (0.01 if DEVICE == "cuda" else 0.03) * want.abs().max().item()
 
 
-def _greedy_ref(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    ids, toks, rows = list(prompt), [], []
-    with torch.inference_mode():
-        for _ in range(n):
-            row = hf(torch.tensor([ids])).logits[0, -1].float()
-            toks.append(int(row.argmax()))
-            rows.append(row.log_softmax(-1))
-            ids.append(toks[-1])
-    return toks, rows
-
-
 def _hf_reference(path: str, scheme: str, tmp_path):
     """transformers on the same weights: its own FP8 dequantization for its format; for
     compressed-tensors (whose transformers integration needs another package), the checkpoint
@@ -114,14 +104,7 @@ def test_fp8_checkpoints_match_transformers(model_dirs, tmp_path, name, scheme, 
         assert all(m.w13.dtype == FP8 and m.w2.dtype == FP8 for m in experts)
     else:
         assert qkv.weight.dtype == torch.float32
-    prompts = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)
-    for p, o in zip(prompts, outs):
-        tokens, rows = _greedy_ref(hf, p, 6)
-        assert o.outputs[0].token_ids == tokens
-        for i, t in enumerate(tokens):
-            assert abs(o.outputs[0].logprobs[i][t].logprob - float(rows[i][t])) < 2e-4
+    assert_greedy_matches_hf(llm, hf)
 
 
 def test_fp8_weights_take_half_the_memory(model_dirs, tmp_path):
@@ -140,19 +123,9 @@ def test_lora_on_fp8_layers(model_dirs, tmp_path):
     """An adapter on an FP8 checkpoint: on the Triton path its product is added to the FP8
     layers' outputs, and gives what the dequantized layers give on the CPU path."""
     from pagedserve.lora.random_adapter import make_adapter
-    from pagedserve.lora.request import LoRARequest
-
     adapter, _ = make_adapter(model_dirs["llama"], str(tmp_path / "lora"), seed=3)
     path = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "fp8"), "block", BLOCK)
-    prompts = [{"prompt_token_ids": [(5 * j + i) % 900 + 4 for j in range(n)]} for i, n in enumerate((7, 19))]
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
-    runs = {}
-    for backend, lora in (("cpu", True), ("triton", True), ("triton", False)):
-        llm = LLM(path, attention_backend=backend, dtype="float32", enable_lora=True)
-        outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=LoRARequest("a", 1, adapter) if lora else None)
-        runs[backend, lora] = [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
-                                                                                        o.outputs[0].token_ids)])
-                               for o in outs]
+    runs = lora_runs(path, adapter)
     for (t1, l1), (t2, l2) in zip(runs["cpu", True], runs["triton", True]):
         assert t1 == t2 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
     assert runs["triton", True] != runs["triton", False]  # the adapter is applied
@@ -216,18 +189,14 @@ def test_online_fp8_matches_transformers(model_dirs, tmp_path, name, backend):
         assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == FP8 and qkv.weight_scale.shape[1] == 1
         assert all(m.w13.dtype == FP8 for m in model.modules() if type(m).__name__ == "FusedMoE")
         assert model.lm_head.weight.dtype == torch.float32  # the LM head and embeddings stay
-    prompts = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)
+    outs = assert_greedy_matches_hf(llm, hf)
     plain = LLM(model_dirs[name], attention_backend=backend, dtype="float32").generate(
-        [{"prompt_token_ids": p} for p in prompts],
+        [{"prompt_token_ids": p} for p in HF_PROMPTS],
         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)
     moved = 0.0
-    for p, o, u in zip(prompts, outs, plain):
-        tokens, rows = _greedy_ref(hf, p, 6)
-        assert o.outputs[0].token_ids == tokens
-        for i, t in enumerate(tokens):
-            assert abs(o.outputs[0].logprobs[i][t].logprob - float(rows[i][t])) < 2e-4
+    for o, u in zip(outs, plain):
+        tokens = o.outputs[0].token_ids
+        for i in range(len(tokens)):
             if u.outputs[0].token_ids[:i] == tokens[:i]:
                 mine, theirs = o.outputs[0].logprobs[i], u.outputs[0].logprobs[i]
                 moved = max([moved] + [abs(mine[c].logprob - theirs[c].logprob) for c in mine.keys() & theirs.keys()])

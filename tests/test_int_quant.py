@@ -10,9 +10,10 @@ import shutil
 
 import pytest
 import torch
+from engine_helpers import assert_greedy_matches_hf, lora_runs
 from safetensors.torch import load_file, save_file
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM
 from pagedserve.model.int_quantize import _pack_awq, _pack_gptq, quantize_checkpoint, quantize_groups
 from pagedserve.model.layers.int_quant import IntFormat, IntQuantLinear, act_order, pack_rows, read_layer
 
@@ -126,17 +127,6 @@ def test_fused_moe_int_matches_dequantized_experts(bits, group, t):
     torch.testing.assert_close(got, fused_moe(x, d13, d2, weights, ids), rtol=1e-5, atol=1e-5)
 
 
-def _greedy_ref(hf, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
-    ids, toks, rows = list(prompt), [], []
-    with torch.inference_mode():
-        for _ in range(n):
-            row = hf(torch.tensor([ids])).logits[0, -1].float()
-            toks.append(int(row.argmax()))
-            rows.append(row.log_softmax(-1))
-            ids.append(toks[-1])
-    return toks, rows
-
-
 CASES = [
     *[("llama", dict(method="gptq"), b) for b in ("cpu", "triton")],
     *[("llama", dict(method="awq", sym=False), b) for b in ("cpu", "triton")],
@@ -185,14 +175,7 @@ def test_checkpoints_match_transformers(model_dirs, tmp_path, name, quant, backe
         assert all(m.int_bits == want and (m.w13.dtype == torch.int32) == bool(want) for m in experts)
     else:
         assert type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32
-    prompts = [[(7 * i + 3 * j) % 900 + 4 for j in range(n)] for i, n in enumerate((6, 21))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)
-    for p, o in zip(prompts, outs):
-        tokens, rows = _greedy_ref(hf, p, 6)
-        assert o.outputs[0].token_ids == tokens
-        for i, t in enumerate(tokens):
-            assert abs(o.outputs[0].logprobs[i][t].logprob - float(rows[i][t])) < 2e-4
+    assert_greedy_matches_hf(llm, hf)
 
 
 def test_int4_weights_take_a_third_of_bf16(model_dirs, tmp_path):
@@ -212,19 +195,9 @@ def test_lora_on_int4_layers(model_dirs, tmp_path):
     """An adapter on a GPTQ checkpoint: added to the packed layers' outputs on the Triton path,
     equal to the dequantized layers' result on the CPU path."""
     from pagedserve.lora.random_adapter import make_adapter
-    from pagedserve.lora.request import LoRARequest
-
     adapter, _ = make_adapter(model_dirs["llama"], str(tmp_path / "lora"), seed=3)
     path = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "gptq"), desc_act=True)
-    prompts = [{"prompt_token_ids": [(5 * j + i) % 900 + 4 for j in range(n)]} for i, n in enumerate((7, 19))]
-    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
-    runs = {}
-    for backend, lora in (("cpu", True), ("triton", True), ("triton", False)):
-        llm = LLM(path, attention_backend=backend, dtype="float32", enable_lora=True)
-        outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=LoRARequest("a", 1, adapter) if lora else None)
-        runs[backend, lora] = [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
-                                                                                        o.outputs[0].token_ids)])
-                               for o in outs]
+    runs = lora_runs(path, adapter)
     for (t1, l1), (t2, l2) in zip(runs["cpu", True], runs["triton", True]):
         assert t1 == t2 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
     assert runs["triton", True] != runs["triton", False]  # the adapter is applied

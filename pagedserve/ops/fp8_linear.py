@@ -15,38 +15,14 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
-
-# BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
-Fp8Config = tuple[int, int, int, int, int, int]
-
-
-def default_config(m: int, block_k: int) -> Fp8Config:
-    """Decode sizes: short row blocks and long K tiles (a weight stream); prefill: square
-    tiles for the tensor cores. BLOCK_K divides the scale's K block so a tile has one scale
-    per row. Not yet tuned on a GPU."""
-    bk = 128
-    while block_k % bk:
-        bk //= 2
-    bk = max(bk, 16)
-    if m <= 16:
-        return 16, 64, bk, 1, 4, 4
-    if m <= 64:
-        return 32, 64, bk, 4, 4, 4
-    return 64, 128, min(bk, 64), 8, 8, 3
+from pagedserve.ops.weight_gemm import GemmConfig, default_config, grouped_tile
 
 
 @triton.jit
 def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                        SCALE_BK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n  # grouped order: GROUP_M row blocks share each weight tile in L2
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -75,7 +51,7 @@ def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, st
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, block_k: int,
-               bias: Optional[torch.Tensor] = None, config: Optional[Fp8Config] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, config: Optional[GemmConfig] = None) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32); weight [N, K] e4m3; scales [N, ceil(K / block_k)]."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
