@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
-from pagedserve.ops.weight_gemm import GemmConfig, default_config, grouped_tile
+from pagedserve.ops.weight_gemm import GemmConfig, as_rows, default_config, grouped_tile
 
 
 @triton.jit
@@ -54,9 +54,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bloc
                bias: Optional[torch.Tensor] = None, config: Optional[GemmConfig] = None) -> torch.Tensor:
     """x [..., K] (bf16 / fp16 / fp32); weight [N, K] e4m3; scales [N, ceil(K / block_k)]."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     m, k = x2.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(-1) == 1 and scales.shape[0] == n

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from pagedserve.ops import triton_interpreting
-from pagedserve.ops.weight_gemm import GemmConfig, default_config, grouped_tile
+from pagedserve.ops.weight_gemm import GemmConfig, as_rows, default_config, grouped_tile
 
 
 @triton.jit
@@ -68,9 +68,7 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero
     """x [..., K] (bf16 / fp16 / fp32); weight [N, K * bits / 32] int32; scales [N, KG] float32;
     zeros [N, KG] int16; perm [K] int32 or None."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x)
     m, k = x2.shape
     n = weight.shape[0]
     assert weight.shape[1] * (32 // bits) == k and weight.stride(-1) == 1 and scales.shape == zeros.shape

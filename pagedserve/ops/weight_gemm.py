@@ -3,6 +3,7 @@ launch shapes and the grouped order of their output tiles."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -23,6 +24,12 @@ def default_config(m: int, k_block: int) -> GemmConfig:
     if m <= 64:
         return 32, 64, bk, 4, 4, 4
     return 64, 128, min(bk, 64), 8, 8, 3
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the [M, K] rows the kernels read (K contiguous)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 @triton.jit
