@@ -235,6 +235,7 @@ QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "aw
 def _check_quantization(quantization: Optional[str], hf_config: Any) -> bool:
     """`quantization` against the checkpoint's own (model/loader.py checkpoint_quantization);
     True where it asks for online FP8 (an unquantized checkpoint, quantization="fp8")."""
+    from pagedserve.model.layers.fp8 import quantization_config
     from pagedserve.model.loader import checkpoint_quantization
 
     found = checkpoint_quantization(hf_config)  # (a ValueError for unsupported methods)
@@ -247,8 +248,7 @@ def _check_quantization(quantization: Optional[str], hf_config: Any) -> bool:
             raise ValueError(f"quantization={quantization!r}: the checkpoint is not quantized; only 'fp8' "
                              "quantizes an unquantized checkpoint as it loads.")
         return True
-    q = hf_config.quantization_config
-    method = (q if isinstance(q, dict) else q.to_dict()).get("quant_method")
+    method = quantization_config(hf_config).get("quant_method")
     if QUANTIZATION_METHODS[quantization] != method:
         raise ValueError(f"quantization={quantization!r}, but the checkpoint is quantized with {method!r}.")
     return False

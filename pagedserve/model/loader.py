@@ -12,7 +12,8 @@ from torch import nn
 
 from pagedserve.model.fp8_quantize import online_fp8_names, online_fp8_weights
 from pagedserve.model.layers.fp8 import (FP8, Fp8Format, fp8_format, fp8_weights, install_fp8_linears,
-                                         quantized_experts, quantized_modules, scaled_weight_names)
+                                         quantization_config, quantized_experts, quantized_modules,
+                                         scaled_weight_names)
 from pagedserve.model.layers.int_quant import (IntFormat, install_int_linears, int_format, int_quantized_stems,
                                                int_weights)
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
@@ -94,8 +95,7 @@ def _int_compressed_tensors(q: dict) -> bool:
 def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat]:
     """The checkpoint's weight quantization from config.json's quantization_config: None, FP8
     (layers/fp8.py) or GPTQ / AWQ (layers/int_quant.py); any other is a ValueError naming it."""
-    q = getattr(hf_config, "quantization_config", None)
-    q = q if q is None or isinstance(q, dict) else q.to_dict()
+    q = quantization_config(hf_config)
     if q is not None and (q.get("quant_method") in ("gptq", "awq") or _int_compressed_tensors(q)):
         return int_format(q)
     return fp8_format(hf_config)

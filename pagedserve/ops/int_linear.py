@@ -89,10 +89,9 @@ def int_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zero
 def dequantize_packed(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
                       dtype: torch.dtype) -> torch.Tensor:
     """Our packed layout -> [N, K] in `dtype` (columns in stored, i.e. act, order)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=weight.device)
-    q = ((weight.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(weight.shape[0], -1)
-    g = torch.arange(q.shape[1], device=weight.device) // group
-    return ((q - zeros[:, g].to(torch.int32)).float() * scales[:, g]).to(dtype)
+    from pagedserve.model.layers.int_quant import IntWeight, unpack
+
+    return IntWeight(unpack(weight, bits, 1), zeros, scales, None, group).dequantize(dtype)
 
 
 def int_linear_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

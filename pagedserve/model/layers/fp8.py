@@ -35,13 +35,18 @@ class Fp8Format:
     block: Optional[tuple[int, int]]  # (bn, bk) tiles, or None: a scale per row or per tensor
 
 
+def quantization_config(hf_config: Any) -> Optional[dict[str, Any]]:
+    """config.json's quantization_config as a dict (transformers may have made it an object)."""
+    q = getattr(hf_config, "quantization_config", None)
+    return q if q is None or isinstance(q, dict) else q.to_dict()
+
+
 def fp8_format(hf_config: Any) -> Optional[Fp8Format]:
     """The checkpoint's FP8 format from config.json's quantization_config; None without one.
     Any other quantization is a ValueError naming it (its weights would load as garbage)."""
-    q = getattr(hf_config, "quantization_config", None)
+    q = quantization_config(hf_config)
     if q is None:
         return None
-    q = q if isinstance(q, dict) else q.to_dict()
     method = q.get("quant_method")
     if method == "fp8":
         block = q.get("weight_block_size")

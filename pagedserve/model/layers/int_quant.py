@@ -115,10 +115,10 @@ def int_format(q: dict[str, Any]) -> IntFormat:
     return IntFormat("gptq", bits, group, bool(q.get("desc_act", False)), 1 if fmt == "gptq" else 0)
 
 
-def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """int32 words -> their 32 / bits unsigned values, unpacked along `dim` (value j of a word
     from bits j * bits up), as int16."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
     x = packed.to(torch.int32).unsqueeze(dim + 1) >> shifts.view([-1] + [1] * (packed.dim() - 1 - dim))
     x = (x & ((1 << bits) - 1)).to(torch.int16)
     shape = list(packed.shape)
@@ -157,7 +157,7 @@ class IntWeight:
 
     def groups(self) -> torch.Tensor:
         k = self.q.shape[1]
-        return self.g_idx if self.g_idx is not None else torch.arange(k) // self.group
+        return self.g_idx if self.g_idx is not None else torch.arange(k, device=self.q.device) // self.group
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         g = self.groups().long()
@@ -172,17 +172,17 @@ def read_layer(parts: dict[str, torch.Tensor], fmt: IntFormat, name: str) -> Int
     if qweight.dtype != torch.int32 or (qzeros is not None and qzeros.dtype != torch.int32):
         raise ValueError(f"{name}: packed weights and zeros must be int32, got {qweight.dtype}.")
     if fmt.method == "gptq":
-        q = _unpack(qweight, fmt.bits, 0).t()
-        zeros = _unpack(qzeros, fmt.bits, 1).t() + fmt.zero_offset
+        q = unpack(qweight, fmt.bits, 0).t()
+        zeros = unpack(qzeros, fmt.bits, 1).t() + fmt.zero_offset
         scales = scales.t()
     elif fmt.method == "awq":
-        q = _awq_columns(_unpack(qweight, 4, 1)).t()
-        zeros = _awq_columns(_unpack(qzeros, 4, 1)).t()
+        q = _awq_columns(unpack(qweight, 4, 1)).t()
+        zeros = _awq_columns(unpack(qzeros, 4, 1)).t()
         scales = scales.t()
     else:
         n, k = (int(d) for d in parts["weight_shape"].tolist())
-        q = _unpack(qweight, fmt.bits, 1)[:, :k]
-        zeros = (_unpack(qzeros, fmt.bits, 0)[:n] if qzeros is not None
+        q = unpack(qweight, fmt.bits, 1)[:, :k]
+        zeros = (unpack(qzeros, fmt.bits, 0)[:n] if qzeros is not None
                  else torch.full((n, scales.shape[-1]), 1 << (fmt.bits - 1), dtype=torch.int16))
     n, k = q.shape
     group = fmt.group_size if fmt.group_size > 0 else k
@@ -224,7 +224,7 @@ def int_weights(weights: Iterable[tuple[str, torch.Tensor]], fmt: IntFormat, dty
     pending: dict[str, dict[str, torch.Tensor]] = {}
     need = fmt.needs()
     g_idx_name = fmt.names[3]
-    ours = set(fmt.names) | {"weight_shape"} if fmt.method == "compressed-tensors" else set(fmt.names)
+    ours = set(fmt.names) | need
     for name, t in weights:
         stem, _, part = name.rpartition(".")
         if part not in ours:
