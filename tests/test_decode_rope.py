@@ -17,7 +17,7 @@ from pagedserve.ops.reference import paged_attention_ref, reshape_and_cache_ref,
 from test_triton_kernels import DEV, assert_attention_close, make_batch  # noqa: E402
 
 
-def _check(heads, kv_heads, head_dim, block_size, dtype, segments, seq_lens, padding=1, seed=0):
+def _check(heads, kv_heads, head_dim, block_size, dtype, segments, seq_lens, padding=1, seed=0, sinks=None):
     reqs = [(1, s) for s in seq_lens] + [(1, 0)] * padding
     b = make_batch(reqs, heads, kv_heads, head_dim, block_size, dtype, seed=seed)
     n = len(reqs)
@@ -45,11 +45,12 @@ def _check(heads, kv_heads, head_dim, block_size, dtype, segments, seq_lens, pad
     kc_ref, vc_ref = b.k_cache.cpu().clone(), b.v_cache.cpu().clone()
     reshape_and_cache_ref(k_ref, v.cpu(), kc_ref, vc_ref, slot_t.cpu())
     want = paged_attention_ref(q_ref, kc_ref, vc_ref, bt, b.seq_lens_cpu, b.qsl_cpu, head_dim**-0.5,
-                               compute_dtype=torch.float64)
+                               compute_dtype=torch.float64, sinks=sinks)
 
     out = torch.full((n, heads, head_dim), float("nan"), dtype=dtype, device=DEV)
     paged_attention(q, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.qsl, n, n, head_dim**-0.5, out=out,
-                    decode=True, num_segments=segments, rope=DecodeRope(positions, cos_sin, k, v, slot_t))
+                    decode=True, num_segments=segments, rope=DecodeRope(positions, cos_sin, k, v, slot_t),
+                    sinks=None if sinks is None else sinks.to(DEV))
     assert_attention_close(out, want, dtype)
     assert (out[len(seq_lens):] == 0).all()  # padding rows: no key, zero output
     assert torch.equal(qkv, qkv_before)  # q and k are rotated in registers, not in place

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -63,12 +64,12 @@ class AttentionBackend(ABC):
     def attend_rope(
         self, positions: torch.Tensor, cos_sin: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
         value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-        window: int = 0, softcap: float = 0.0,
+        window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """write_kv_rope, then attend (only backends with fuses_rope). A backend may do all of
         it in fewer kernels; query and key are then left unrotated."""
         self.write_kv_rope(positions, cos_sin, query, key, value, k_cache, v_cache, meta)
-        return self.attend(query, k_cache, v_cache, meta, scale, key, value, window, softcap)
+        return self.attend(query, k_cache, v_cache, meta, scale, key, value, window, softcap, sinks)
 
     @abstractmethod
     def write_kv(
@@ -82,12 +83,15 @@ class AttentionBackend(ABC):
     def attend(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
         scale: float, key: torch.Tensor, value: torch.Tensor, window: int = 0, softcap: float = 0.0,
+        sinks: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape. Causal within
         each request; GQA by num_heads // num_kv_heads. `key`/`value` are the step's new K/V
         (already in the cache), which a backend may use directly for fresh prefills.
         window > 0: a query sees only the last `window` keys, itself included (sliding-window
-        layers); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2)."""
+        layers); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2);
+        sinks [num_heads] float32 (GPT-OSS): one more logit per head in each softmax's
+        denominator, with no value."""
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

@@ -4,6 +4,8 @@ gathered blocks; prefill chunks one request at a time."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -18,14 +20,23 @@ def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x[:, None].expand(kvh, group, length, d).reshape(kvh * group, length, d)
 
 
-def _sdpa(q, k, v, mask: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
-    """SDPA with a boolean mask; with a logit softcap (which SDPA lacks), the same in plain ops.
-    A query with no visible key gives 0 either way."""
-    if softcap <= 0:
+def _sdpa(q, k, v, mask: torch.Tensor, scale: float, softcap: float,
+          sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA with a boolean mask; with a logit softcap or attention sinks (which SDPA lacks),
+    the same in plain ops. sinks: one logit per query head, shaped to broadcast against the
+    scores' leading dims (each softmax gains it in its denominator). A query with no visible
+    key gives 0 either way."""
+    if softcap <= 0 and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = (softcap * torch.tanh(s / softcap)).masked_fill(~mask, float("-inf"))
-    return torch.softmax(s.float(), dim=-1).nan_to_num(0.0).to(v.dtype) @ v
+    s = ((q @ k.transpose(-1, -2)) * scale).float()
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype) @ v
+    sink = sinks.float().expand(*s.shape[:-1], 1)
+    p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
+    return p.to(v.dtype) @ v
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -47,21 +58,22 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(-1, kvh, d).index_copy_(0, slots, value)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value,
-               window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+               window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, window, softcap)
+            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, window, softcap, sinks)
         qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for r in range(nd, meta.num_reqs):
             qs, qe = qsl[r], qsl[r + 1]
             out[qs:qe] = self._prefill(query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache,
-                                       meta.block_tables[r], seq_lens[r], meta.block_size, scale, window, softcap)
+                                       meta.block_tables[r], seq_lens[r], meta.block_size, scale, window, softcap,
+                                       sinks)
         return out
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window: int = 0,
-                softcap: float = 0.0) -> torch.Tensor:
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         nd, nh, d = q.shape
         kvh = k_cache.shape[2]
         group = nh // kvh
@@ -76,12 +88,13 @@ class TorchAttentionBackend(AttentionBackend):
         if window > 0:
             mask &= pos[None, :] >= lens - window
         # One query token per request: its `group` heads sharing a kv head act as `group` queries.
-        o = _sdpa(q.view(nd, kvh, group, d), k, v, mask.view(nd, 1, 1, -1), scale, softcap)
+        o = _sdpa(q.view(nd, kvh, group, d), k, v, mask.view(nd, 1, 1, -1), scale, softcap,
+                  None if sinks is None else sinks.view(kvh, group, 1))
         return o.reshape(nd, nh, d)
 
     @staticmethod
     def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
-                 softcap: float = 0.0) -> torch.Tensor:
+                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         q_len, nh, d = q.shape
         kvh = k_cache.shape[2]
         group = nh // kvh
@@ -94,7 +107,7 @@ class TorchAttentionBackend(AttentionBackend):
             k = k_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
             v = v_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
         mask = None  # plain causal from the start: SDPA's own is_causal
-        if ctx or window > 0 or softcap > 0:
+        if ctx or window > 0 or softcap > 0 or sinks is not None:
             cols = torch.arange(seq_len, device=q.device)[None, :]
             rows = torch.arange(ctx, seq_len, device=q.device)[:, None]
             mask = cols <= rows
@@ -105,7 +118,7 @@ class TorchAttentionBackend(AttentionBackend):
         if mask is None:
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=scale)
         else:
-            o = _sdpa(q.transpose(0, 1), k, v, mask, scale, softcap)
+            o = _sdpa(q.transpose(0, 1), k, v, mask, scale, softcap, None if sinks is None else sinks.view(nh, 1, 1))
         return o.transpose(0, 1)
 
 
@@ -124,26 +137,26 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     @staticmethod
     def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
-                 softcap: float = 0.0) -> torch.Tensor:
+                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         q_len = q.shape[0]
         ctx = seq_len - q_len
         if ctx == 0 or q_len > SHORT_CHUNK or not cpu_kernels.supports(q, k_cache):
             return TorchAttentionBackend._prefill(q, key, value, k_cache, v_cache, block_table, seq_len,
-                                                  block_size, scale, window, softcap)
+                                                  block_size, scale, window, softcap, sinks)
         # The chunk's own K/V are already in the cache (write_kv runs first).
         lens = torch.arange(ctx + 1, seq_len + 1, dtype=torch.int32)
         tables = block_table.unsqueeze(0).expand(q_len, -1)
-        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap, sinks)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window: int = 0,
-                softcap: float = 0.0) -> torch.Tensor:
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         nd = q.shape[0]
         if not cpu_kernels.supports(q, k_cache):
-            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale, window, softcap)
+            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
         return cpu_kernels.paged_decode(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                        window, softcap)
+                                        window, softcap, sinks)

@@ -7,6 +7,8 @@ integers that a decode CUDA graph fixes (batch size), so decode steps can be cap
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
@@ -42,33 +44,33 @@ class TritonAttentionBackend(AttentionBackend):
         rotary_embedding_and_cache(positions, query, key, value, cos_sin, k_cache, v_cache, meta.slot_mapping)
 
     def attend_rope(self, positions, cos_sin, query, key, value, k_cache, v_cache, meta: AttentionMetadata,
-                    scale, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                    scale, window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Decode-only steps (every CUDA-graph step): RoPE, the KV write and attention (with its
         segment merge) in one kernel per layer. Steps with prefill chunks: the RoPE + KV-write
         kernel, then attention."""
         if meta.num_decodes != meta.num_reqs or not meta.num_reqs:
             return super().attend_rope(positions, cos_sin, query, key, value, k_cache, v_cache, meta, scale,
-                                       window, softcap)
+                                       window, softcap, sinks)
         out = torch.empty_like(query)
         nd = meta.num_decodes
         segments = decode_segments(nd, k_cache.shape[2], self.num_sms(query.device))
         paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, nd, nd,
                         scale, out=out, decode=True, num_segments=segments,
                         rope=DecodeRope(positions, cos_sin, key, value, meta.slot_mapping), window=window,
-                        softcap=softcap)
+                        softcap=softcap, sinks=sinks)
         return out
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value, window: int = 0,
-               softcap: float = 0.0) -> torch.Tensor:
+               softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(query)
         nd, nr = meta.num_decodes, meta.num_reqs
         if nd:
             segments = decode_segments(nd, k_cache.shape[2], self.num_sms(query.device))
             paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             nd, nd, scale, out=out, decode=True, num_segments=segments, window=window,
-                            softcap=softcap)
+                            softcap=softcap, sinks=sinks)
         if nr > nd:
             paged_attention(query, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
                             meta.query_start_loc[nd:], nr - nd, meta.num_tokens - nd, scale, out=out, window=window,
-                            softcap=softcap)
+                            softcap=softcap, sinks=sinks)
         return out

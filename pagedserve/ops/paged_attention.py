@@ -113,7 +113,7 @@ def _softcap(s, cap_log2):
 @triton.jit(do_not_specialize=["block_tables_ptr", "seq_lens_ptr", "qsl_ptr", "num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
-    seg_acc_ptr, seg_max_ptr, seg_sum_ptr, counter_ptr,
+    seg_acc_ptr, seg_max_ptr, seg_sum_ptr, counter_ptr, sinks_ptr,
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
     window,  # SLIDING: each query sees only its last `window` keys, itself included
     softcap_log2,  # SOFTCAP: the logit softcap * log2(e)
@@ -126,7 +126,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
-    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr, SINKS: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
@@ -265,9 +265,11 @@ def _paged_attention_kernel(
         if tl.atomic_add(count_ptr, 1, sem="acq_rel") == NUM_SEGMENTS - 1:
             tl.store(count_ptr, 0)
             _merge_segments(out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, q_start, kv_head, seq,
-                            tl.num_programs(1), stride_o_t, stride_o_h, offs_d, d_ok,
-                            GROUP, GROUP_P, HEAD_DIM_P, NUM_SEGMENTS)
+                            tl.num_programs(1), stride_o_t, stride_o_h, offs_d, d_ok, sinks_ptr,
+                            GROUP, GROUP_P, HEAD_DIM_P, NUM_SEGMENTS, SINKS)
     else:
+        if SINKS:  # the sink's logit joins the denominator (exp2(+inf) when nothing is visible: 0 out)
+            l_i += tl.math.exp2(tl.load(sinks_ptr + head, mask=row_ok, other=0.0) * _LOG2E - m_i)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key -> 0
         tl.store(out_ptr + q_rows[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -275,8 +277,9 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_segments(out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, token, kv_head, seq, num_kv_heads,
-                    stride_o_t, stride_o_h, offs_d, d_ok,
-                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+                    stride_o_t, stride_o_h, offs_d, d_ok, sinks_ptr,
+                    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM_P: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                    SINKS: tl.constexpr):
     """One token's output for the GROUP query heads of a kv head from the segments'
     partials: each segment's sum rescaled to the largest maximum (empty segments weigh 0).
     The partials come from other multiprocessors: read past L1 (.cg), which may hold stale
@@ -294,6 +297,8 @@ def _merge_segments(out_ptr, seg_acc_ptr, seg_max_ptr, seg_sum_ptr, token, kv_he
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.math.exp2(m - m_max[:, None])  # empty segments: exp2(-inf) = 0
     total = tl.sum(l * w, axis=1)
+    if SINKS:  # once per head, after the segments (see the kernel's end)
+        total += tl.math.exp2(tl.load(sinks_ptr + head, mask=g_ok, other=0.0) * _LOG2E - m_max)
     out = tl.sum(acc * w[:, :, None], axis=1) / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -357,7 +362,7 @@ def paged_attention(
     out: Optional[torch.Tensor] = None, decode: bool = False, num_segments: int = 1,
     block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
     num_warps: Optional[int] = None, num_stages: Optional[int] = None, rope: Optional[DecodeRope] = None,
-    window: int = 0, softcap: float = 0.0,
+    window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -371,7 +376,8 @@ def paged_attention(
     query and rope.key are unrotated; the kernel rotates them and writes the new key and
     value into the caches, which then hold only the keys before each token (see the kernel).
     window > 0: each query sees only its last `window` keys (sliding window); softcap > 0:
-    scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)."""
+    scores become softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [Hq]
+    float32 (GPT-OSS): one more logit per head in each softmax's denominator, with no value."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -381,6 +387,7 @@ def paged_attention(
                             and rope.cos_sin.stride(-1) == 1)
     out = torch.empty_like(query) if out is None else out
     assert block_tables.stride(-1) == 1 and out.stride(-1) == 1
+    assert sinks is None or (sinks.shape == (hq,) and sinks.dtype == torch.float32 and sinks.stride(0) == 1)
     if num_seqs == 0:
         return out
     group = hq // kvh
@@ -410,7 +417,7 @@ def paged_attention(
     pdl = pdl_launch(query.device)
     _paged_attention_kernel[(grid0, kvh, num_segments)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        seg_acc, seg_max, seg_sum, counters,
+        seg_acc, seg_max, seg_sum, counters, sinks if sinks is not None else seg_max,
         scale * _LOG2E, int(window), float(softcap) * _LOG2E, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -423,7 +430,7 @@ def paged_attention(
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
         ROPE=rope is not None, SLIDING=window > 0, SOFTCAP=softcap > 0, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
-        INTERPRET=triton_interpreting(), **launch, **pdl,
+        SINKS=sinks is not None, INTERPRET=triton_interpreting(), **launch, **pdl,
     )
     return out
 

@@ -26,12 +26,14 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: Sequence[int], query_start_loc: Sequence[int],
                         scale: float, compute_dtype: torch.dtype = torch.float32, window: int = 0,
-                        softcap: float = 0.0) -> torch.Tensor:
+                        softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention for each request r of a flat varlen batch: its query tokens
     query[qsl[r]:qsl[r+1]] are the last q_len positions of a sequence of seq_lens[r] tokens
     whose K/V sit in the cache pages block_tables[r]; query i at position p = seq_len - q_len + i
     sees keys [0, p], or with a sliding window the last `window` of them, (p - window, p].
     softcap > 0: scores become softcap * tanh(scores / softcap) (Gemma 2) before the softmax.
+    sinks [Hq] (GPT-OSS's attention sinks): one more logit per head in each softmax's
+    denominator, with no value (so the weights sum to under 1).
     GQA: query head h reads kv head h // (Hq // KVH). A query with no visible key gives 0.
     Rows past the last request are left 0. Returns [T, Hq, D] in compute_dtype."""
     t, hq, d = query.shape
@@ -58,7 +60,12 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if window > 0:
             visible &= cols > rows[:, None] - window
         s = s.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.to(compute_dtype)[:, None, None].expand(hq, s.shape[1], 1)
+            s = torch.cat([s, sink], dim=-1)
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+        if sinks is not None:
+            p = p[..., :-1]
         out[qs:qe] = (p @ v).transpose(0, 1)
     return out
 

@@ -3,7 +3,8 @@
  * Layout: q/out [R, H, D]; k_cache/v_cache [num_blocks, block_size, KVH, D];
  * block_tables [R, max_blocks] int32; seq_lens [R] int32. Parallel over (request, kv head).
  * window > 0: only the last `window` keys are seen (sliding window); softcap > 0: scores become
- * softcap * tanh(score / softcap) before the softmax (Gemma 2).
+ * softcap * tanh(score / softcap) before the softmax (Gemma 2); sinks (NULL: none) [H]: one more
+ * logit per head in the softmax's denominator, with no value (GPT-OSS's attention sinks).
  * Two variants: float32 K/V, and bfloat16 K/V (bf16 is the top half of a float32, so a load
  * is a 16-bit shift); q and out are float32 in both. */
 #include <math.h>
@@ -21,7 +22,8 @@ static inline float bf16_load(uint16_t h) {
 
 #define DEFINE_PAGED_DECODE(NAME, KV_T, LOAD) \
 void NAME(float *out, const float *q, const KV_T *k_cache, const KV_T *v_cache, \
-                      const int32_t *block_tables, const int32_t *seq_lens, int num_reqs, int num_heads, \
+                      const int32_t *block_tables, const int32_t *seq_lens, const float *sinks, \
+                      int num_reqs, int num_heads, \
                       int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale, \
                       int window, float softcap, int num_threads) { \
     const int group = num_heads / num_kv_heads; \
@@ -38,7 +40,8 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threa
             const float *qh = q + ((long)r * num_heads + (long)kvh * group) * head_dim; \
             float maxs[64]; \
             float sums[64]; \
-            for (int g = 0; g < group; g++) maxs[g] = -INFINITY, sums[g] = 0.f; \
+            for (int g = 0; g < group; g++) \
+                maxs[g] = sinks ? sinks[kvh * group + g] : -INFINITY, sums[g] = 0.f; \
             /* scores = q . k, one pass over K */ \
             for (int t = 0; t < len; t++) { \
                 const int pos = first + t; \
@@ -57,7 +60,7 @@ _Pragma("omp simd reduction(+ : s)") \
             } \
             for (int g = 0; g < group; g++) { \
                 float *sg = scores + (long)g * len; \
-                float sum = 0.f; \
+                float sum = sinks ? expf(sinks[kvh * group + g] - maxs[g]) : 0.f; \
                 for (int t = 0; t < len; t++) { \
                     sg[t] = expf(sg[t] - maxs[g]); \
                     sum += sg[t]; \

@@ -12,13 +12,16 @@ from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0,
-                 softcap: float = 0.0) -> None:
+                 softcap: float = 0.0, sinks: bool = False) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.window = int(window or 0)  # > 0: a sliding-window layer, each query sees its last `window` keys
         self.softcap = float(softcap or 0.0)  # > 0: Gemma 2's attention logit softcap
+        # GPT-OSS's learned sinks: a logit per head in the softmax's denominator, held in float32
+        # (the checkpoint's values cast once; the kernels take float32).
+        self.sinks = nn.Parameter(torch.empty(num_heads, dtype=torch.float32), requires_grad=False) if sinks else None
         self.backend: Optional[AttentionBackend] = None  # bound by the model runner
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
@@ -34,9 +37,9 @@ class PagedAttention(nn.Module):
         assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
         if rope is not None:
             o = self.backend.attend_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta, self.scale,
-                                         self.window, self.softcap)
+                                         self.window, self.softcap, self.sinks)
         else:
             self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
             o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, k, v, self.window,
-                                    self.softcap)
+                                    self.softcap, self.sinks)
         return o.reshape(o.shape[0], -1)
