@@ -229,7 +229,7 @@ class EngineArgs:
 
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
 QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq",
-                        "compressed-tensors": "compressed-tensors"}
+                        "compressed-tensors": "compressed-tensors", "mxfp4": "mxfp4"}
 
 
 def _check_quantization(quantization: Optional[str], hf_config: Any) -> bool:

@@ -73,6 +73,9 @@ MODEL_SPECS = {
     # GLM-4: sandwich norms, q/k/v biases, interleaved RoPE on half of each head.
     "glm4": ("Glm4ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32)),
     "glm": ("GlmForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32)),
+    # GPT-OSS: attention sinks, window 16 on every other layer, YaRN, biased experts with the
+    # clamped SwiGLU (initializer_range 0.5 drives some past the clamp).
+    "gpt_oss": ("GptOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

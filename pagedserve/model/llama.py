@@ -24,7 +24,8 @@ def _head_dim(cfg: Any) -> int:
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  window: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
-                 norm: Callable[[int, float], nn.Module] = RMSNorm, qk_norm_whole: bool = False) -> None:
+                 norm: Callable[[int, float], nn.Module] = RMSNorm, qk_norm_whole: bool = False,
+                 sinks: bool = False) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -41,7 +42,7 @@ class LlamaAttention(nn.Module):
         self.k_norm = norm(self.kv_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary  # None: no position encoding in this layer (SmolLM3's NoPE layers)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim**-0.5,
-                                   window, softcap)
+                                   window, softcap, sinks)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), meta)

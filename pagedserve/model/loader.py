@@ -16,6 +16,9 @@ from pagedserve.model.layers.fp8 import (FP8, Fp8Format, fp8_format, fp8_weights
                                          scaled_weight_names)
 from pagedserve.model.layers.int_quant import (IntFormat, install_int_linears, int_format, int_quantized_stems,
                                                int_weights)
+from pagedserve.model.layers.moe import KERNEL_ACTIVATIONS, FusedMoE
+from pagedserve.model.layers import mxfp4
+from pagedserve.model.layers.mxfp4 import Mxfp4Format
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
 
 
@@ -92,10 +95,13 @@ def _int_compressed_tensors(q: dict) -> bool:
         (g.get("weights") or {}).get("type") == "int" for g in (q.get("config_groups") or {}).values())
 
 
-def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat]:
+def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat, Mxfp4Format]:
     """The checkpoint's weight quantization from config.json's quantization_config: None, FP8
-    (layers/fp8.py) or GPTQ / AWQ (layers/int_quant.py); any other is a ValueError naming it."""
+    (layers/fp8.py), GPTQ / AWQ (layers/int_quant.py) or MXFP4 experts (layers/mxfp4.py); any
+    other is a ValueError naming it."""
     q = quantization_config(hf_config)
+    if q is not None and q.get("quant_method") == mxfp4.METHOD:
+        return Mxfp4Format()
     if q is not None and (q.get("quant_method") in ("gptq", "awq") or _int_compressed_tensors(q)):
         return int_format(q)
     return fp8_format(hf_config)
@@ -144,7 +150,15 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
         with torch.device("meta"):
             model.score = nn.Linear(hf_config.hidden_size, hf_config.num_labels, bias=False, dtype=dtype)
     targets: dict[str, str] = {}  # checkpoint module -> ours, kept quantized
-    if fmt is not None and quant_kernels and not encoder:
+    if isinstance(fmt, Mxfp4Format):
+        if not getattr(cls, "mxfp4_experts", False):
+            raise ValueError(f"quantization_config.quant_method 'mxfp4' is supported for GPT-OSS's experts only, "
+                             f"not {cls.__name__}.")
+        if quant_kernels:  # (the loader's stream and the model's load_weights do the rest)
+            for m in model.modules():
+                if isinstance(m, FusedMoE) and m.activation in KERNEL_ACTIVATIONS:
+                    m.to_mxfp4()
+    elif fmt is not None and quant_kernels and not encoder:
         keys = _checkpoint_keys(model_dir)
         names = [n for n, _ in checkpoint_view((k, None) for k in (online_fp8_names(keys) if online_fp8 else keys))]
         if isinstance(fmt, IntFormat):
@@ -161,11 +175,11 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     for m in model.modules():
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
-    stream = iterate_safetensors(model_dir, dtype, device, cast=fmt is None)
+    stream = iterate_safetensors(model_dir, dtype, device, cast=fmt is None or isinstance(fmt, Mxfp4Format))
     weights = checkpoint_view(online_fp8_weights(stream) if online_fp8 else stream)
     if isinstance(fmt, IntFormat):
         weights = int_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
-    elif fmt is not None:
+    elif isinstance(fmt, Fp8Format):
         weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
     model.load_weights(weights)
     for name, p in model.named_parameters():

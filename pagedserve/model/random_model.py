@@ -36,6 +36,13 @@ ARCH_CONFIGS = {
     "MixtralForCausalLM": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
+    # GPT-OSS: attention sinks, alternating window / full layers, YaRN, experts with biases and
+    # a clamped SwiGLU; a window and a YaRN original length that short tests cross.
+    "GptOssForCausalLM": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
+                                           "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+                                                               "beta_slow": 1.0, "truncate": False,
+                                                               "original_max_position_embeddings": 256,
+                                                               "rope_theta": 150000.0}}),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -90,10 +97,13 @@ def build_random_model(
     tokenizer_vocab: int = 1024,
     tokenizer_dir: Optional[str] = None,
     dtype: str = "float32",
+    random_biases: Optional[bool] = None,
     **extra: Any,
 ) -> str:
     """Write a random-weight model directory (config, safetensors, tokenizer); returns path.
-    `tokenizer_dir` reuses an already built tokenizer instead of training one."""
+    `tokenizer_dir` reuses an already built tokenizer instead of training one. random_biases:
+    every bias drawn like the weights instead of transformers' zeros (default: for GPT-OSS,
+    whose biases are everywhere, so that a model ignoring one differs)."""
     import torch
     import transformers
 
@@ -128,5 +138,10 @@ def build_random_model(
     config.architectures = [arch]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(getattr(torch, dtype))
+    if random_biases if random_biases is not None else arch == "GptOssForCausalLM":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, initializer_range)
     model.save_pretrained(path)
     return path

@@ -15,6 +15,7 @@ _MODELS = {
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),
+    "GptOssForCausalLM": ("pagedserve.model.gpt_oss", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("pagedserve.model.granite", "GraniteForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),

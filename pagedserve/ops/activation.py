@@ -1,7 +1,11 @@
-"""Triton kernel: SiLU(gate) * up over a fused gate_up projection [T, 2I], one pass instead of
-a split, an activation and a product. Rounds at the steps the PyTorch form rounds (the
-activation, then the product, in the model dtype); tests hold it to a unit of the tensor's
-scale. Twin: reference.silu_and_mul_ref."""
+"""Triton kernels for the gated activations over a fused gate_up projection [T, 2I] (gate
+half, then up half), one pass instead of a split, an activation and a product:
+- SiLU(gate) * up (Llama, Mixtral...): rounds at the steps the PyTorch form rounds (the
+  activation, then the product, in the model dtype); tests hold it to a unit of the
+  tensor's scale. Twin: reference.silu_and_mul_ref.
+- GPT-OSS's clamped SwiGLU ("swigluoai", as vLLM names it): gate clamped above at `limit`,
+  up to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate), in float32 with one
+  rounding. Twin: reference.swigluoai_and_mul_ref."""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _gated_act_kernel(x_ptr, out_ptr, stride_x, stride_o, n, alpha, limit, BLOCK: tl.constexpr,
+                      SWIGLUOAI: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)  # ops/pdl.py
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -23,18 +28,33 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, BLOCK: tl.conste
     dtype = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + t * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + t * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + t * stride_o + cols, (s * u).to(dtype), mask=mask)
+    if SWIGLUOAI:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        out = (u + 1.0) * (g / (1.0 + tl.exp(-alpha * g)))
+    else:
+        out = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * u
+    tl.store(out_ptr + t * stride_o + cols, out.to(dtype), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2I] (gate then up) -> [T, I]."""
+def _gated_act(x: torch.Tensor, swigluoai: bool, alpha: float = 0.0, limit: float = 0.0) -> torch.Tensor:
     t, two_i = x.shape
     assert two_i % 2 == 0 and x.stride(-1) == 1
     n = two_i // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
         block = min(_BLOCK, triton.next_power_of_2(n))
-        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block,
-                                                         num_warps=4, **pdl_launch(x.device))
+        _gated_act_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, float(alpha),
+                                                      float(limit), BLOCK=block, SWIGLUOAI=swigluoai, num_warps=4,
+                                                      **pdl_launch(x.device))
     return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] (gate then up) -> [T, I]."""
+    return _gated_act(x, False)
+
+
+def swigluoai_and_mul(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """x: [T, 2I] (gate then up) -> [T, I], GPT-OSS's clamped SwiGLU."""
+    return _gated_act(x, True, alpha, limit)

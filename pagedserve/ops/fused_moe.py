@@ -6,10 +6,10 @@ against its expert's weights (the design vLLM and SGLang use).
     align:    topk_ids [T, k] -> sorted_ids (pair indices t*k + j grouped by expert, padding
               = T*k), block_experts (each BLOCK_M block's expert), num_padded (a 1-element
               device tensor: blocks at or past it exit at once)
-    w13 GEMM: x[pair // k] @ w13[e]^T              -> [T*k, 2I] in the model dtype
-    SiLU-mul: ops/activation.py                     -> [T*k, I]
-    w2 GEMM:  act[pair] @ w2[e]^T, rounded to the model dtype, times the routing weight
-                                                    -> [T*k, H] in float32
+    w13 GEMM: x[pair // k] @ w13[e]^T (+ b13[e])    -> [T*k, 2I] in the model dtype
+    gated activation: ops/activation.py             -> [T*k, I]
+    w2 GEMM:  act[pair] @ w2[e]^T (+ b2[e]), rounded to the model dtype, times the routing
+              weight                                -> [T*k, H] in float32
     sum over k in float32, one rounding to the model dtype.
 
 It rounds where FusedMoE's PyTorch path rounds, which is its twin (tests/test_fused_moe.py)."""
@@ -69,14 +69,18 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
                      TOP_K: tl.constexpr, A_PER_TOKEN: tl.constexpr, MUL_WEIGHT: tl.constexpr,
                      UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BK: tl.constexpr,
-                     z_ptr=None, stride_ze=0, stride_zn=0, INT_BITS: tl.constexpr = 0):
+                     z_ptr=None, stride_ze=0, stride_zn=0, INT_BITS: tl.constexpr = 0,
+                     b_ptr=None, stride_be=0, HAS_BIAS: tl.constexpr = False, FP4: tl.constexpr = False):
     """C[pair, :] = A[row(pair), :] @ W[expert]^T for the pairs of one BLOCK_M block, one
     BLOCK_N slice of N. row(pair) is the token (pair // k, A_PER_TOKEN) or the pair itself.
     W is [E, N, K] with K contiguous. HAS_SCALE: W is FP8 with float32 scales [E, N, KB] per
     row and SCALE_BK-wide K block, each tile dequantized to A's dtype (ops/fp8_linear.py).
     INT_BITS (4 or 8): W is [E, N, K * INT_BITS / 32] int32 words packed along K, with float32
     scales and int16 zeros [E, N, KG] per row and SCALE_BK-wide group: w = (q - z) * s
-    (GPTQ / AWQ / compressed-tensors experts, ops/int_linear.py)."""
+    (GPTQ / AWQ / compressed-tensors experts, ops/int_linear.py). FP4 (with INT_BITS 4): each
+    4-bit code is an e2m1 float (sign, 2 exponent bits, 1 mantissa bit) and w = fp4(q) * s,
+    no zeros (MXFP4: GPT-OSS's experts, scales 2^e per 32 columns). HAS_BIAS: a bias [E, N]
+    per expert joins the float32 accumulator."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the N slices together (weight tiles reused in L2).
@@ -110,9 +114,16 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
             n_ok = offs_n < N
             scale = tl.load(s_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn + k0 // SCALE_BK,
                             mask=n_ok, other=0.0)
-            zero = tl.load(z_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn + k0 // SCALE_BK,
-                           mask=n_ok, other=0).to(tl.int32)
-            w = ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
+            if FP4:  # e2m1: |v| = m / 2 (exponent 0), else (2 + m) * 2^(e - 1) / 2
+                e = (q >> 1) & 3
+                m = q & 1
+                mag = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0)).to(tl.float32) * 0.5
+                v = tl.where((q & 8) != 0, -mag, mag)
+                w = (v * scale[None, :]).to(a_ptr.dtype.element_ty)
+            else:
+                zero = tl.load(z_ptr + expert * stride_ze + offs_n.to(tl.int64) * stride_zn + k0 // SCALE_BK,
+                               mask=n_ok, other=0).to(tl.int32)
+                w = ((q - zero[None, :]).to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
         else:
             w = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if HAS_SCALE and not INT_BITS:
@@ -127,6 +138,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
         if not INT_BITS:
             w_ptrs += BLOCK_K
     dtype = a_ptr.dtype.element_ty
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + expert * stride_be + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     if MUL_WEIGHT:  # the expert's output in the model dtype (as F.linear gives it), then weighted
         rw = tl.load(weight_ptr + pairs, mask=valid, other=0.0)
         acc = acc.to(dtype).to(tl.float32) * rw[:, None]
@@ -137,7 +151,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
 def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: tuple, top_k: int,
               a_per_token: bool, weights: Optional[torch.Tensor], config: MoEConfig,
               scale: Optional[torch.Tensor] = None, scale_bk: int = 0, zero: Optional[torch.Tensor] = None,
-              int_bits: int = 0) -> None:
+              int_bits: int = 0, bias: Optional[torch.Tensor] = None, fp4: bool = False) -> None:
     sorted_ids, block_experts, num_padded = aligned
     block_m, block_n, block_k, group_m, warps, stages = config
     e, n, k = w.shape
@@ -147,6 +161,7 @@ def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: tupl
             block_k //= 2
         assert block_k >= 16, f"a scale block of {scale_bk} columns is too narrow for tl.dot"
     assert a.stride(-1) == 1 and w.stride(-1) == 1 and out.stride(-1) == 1
+    assert bias is None or (bias.shape == (e, n) and bias.stride(-1) == 1)
     num_blocks_m = sorted_ids.numel() // block_m
     grid = (num_blocks_m * triton.cdiv(n, block_n),)
     _moe_gemm_kernel[grid](
@@ -159,19 +174,25 @@ def _moe_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, aligned: tupl
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, HAS_SCALE=scale is not None,
         SCALE_BK=max(scale_bk, 1), z_ptr=zero if zero is not None else out,
         stride_ze=zero.stride(0) if zero is not None else 0, stride_zn=zero.stride(1) if zero is not None else 0,
-        INT_BITS=int_bits, num_warps=warps, num_stages=stages)
+        INT_BITS=int_bits, b_ptr=bias if bias is not None else out, stride_be=bias.stride(0) if bias is not None else 0,
+        HAS_BIAS=bias is not None, FP4=fp4, num_warps=warps, num_stages=stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: Optional[MoEConfig] = None,
               scales: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None,
-              zeros: Optional[tuple[torch.Tensor, torch.Tensor]] = None, int_bits: int = 0) -> torch.Tensor:
-    """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_* [T, k]. SiLU
-    experts. Returns [T, H] in x's dtype: each token's routing-weighted sum of its experts.
+              zeros: Optional[tuple[torch.Tensor, torch.Tensor]] = None, int_bits: int = 0,
+              biases: Optional[tuple[torch.Tensor, torch.Tensor]] = None, activation: str = "silu",
+              act_params: tuple[float, float] = (0.0, 0.0), fp4: bool = False) -> torch.Tensor:
+    """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_* [T, k].
+    Returns [T, H] in x's dtype: each token's routing-weighted sum of its experts.
     scales: FP8 experts' (w13 scales [E, 2I, KB], w2 scales [E, H, KB'], their K blocks).
     int_bits: integer experts, w13 / w2 packed along K ([E, 2I, H * bits / 32], ...), with
-    scales (per group, the groups' widths as the K blocks) and zeros ([E, 2I, HG], [E, H, IG])."""
-    from pagedserve.ops.activation import silu_and_mul
+    scales (per group, the groups' widths as the K blocks) and zeros ([E, 2I, HG], [E, H, IG]);
+    fp4 (int_bits 4): the codes are e2m1 floats, no zeros (MXFP4). biases: (b13 [E, 2I],
+    b2 [E, H]). activation: "silu" (SiLU(gate) * up) or "swigluoai" (GPT-OSS's clamped SwiGLU,
+    act_params = (alpha, limit))."""
+    from pagedserve.ops.activation import silu_and_mul, swigluoai_and_mul
 
     t, k = topk_ids.shape
     e, two_i, h = w13.shape
@@ -183,9 +204,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     gate_up = torch.empty(t * k, two_i, dtype=x.dtype, device=x.device)
     s13, s2, bk13, bk2 = scales if scales is not None else (None, None, 0, 0)
     z13, z2 = zeros if zeros is not None else (None, None)
-    _moe_gemm(x.contiguous(), w13, gate_up, aligned, k, True, None, config, s13, bk13, z13, int_bits)
-    act = silu_and_mul(gate_up)
+    b13, b2 = biases if biases is not None else (None, None)
+    _moe_gemm(x.contiguous(), w13, gate_up, aligned, k, True, None, config, s13, bk13, z13, int_bits, b13, fp4)
+    if activation == "silu":
+        act = silu_and_mul(gate_up)
+    elif activation == "swigluoai":
+        act = swigluoai_and_mul(gate_up, *act_params)
+    else:
+        raise ValueError(f"fused_moe has no activation {activation!r}")
     out = torch.empty(t * k, h, dtype=torch.float32, device=x.device)
     _moe_gemm(act, w2, out, aligned, k, False, topk_weights.reshape(-1).float().contiguous(), config, s2, bk2,
-              z2, int_bits)
+              z2, int_bits, b2, fp4)
     return out.view(t, k, h).sum(dim=1).to(x.dtype)

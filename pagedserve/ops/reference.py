@@ -104,3 +104,12 @@ def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def swigluoai_and_mul_ref(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU over [gate | up] halves, as transformers' GptOssExperts
+    computes it on interleaved columns, in float32 with one rounding."""
+    gate, up = x.float().chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return ((up + 1) * (gate * torch.sigmoid(gate * alpha))).to(x.dtype)

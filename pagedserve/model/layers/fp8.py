@@ -66,7 +66,7 @@ def fp8_format(hf_config: Any) -> Optional[Fp8Format]:
         raise ValueError("quantization_config: only compressed-tensors' FP8 weights (8-bit float, per tensor, "
                          "channel or block) are supported.")
     raise ValueError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8', "
-                     "compressed-tensors' FP8, 'gptq' and 'awq'.")
+                     "compressed-tensors' FP8, 'gptq', 'awq' and 'mxfp4' (GPT-OSS).")
 
 
 def row_scales(scale: torch.Tensor, shape: tuple[int, int], fmt: Fp8Format, name: str) -> tuple[torch.Tensor, int]:
@@ -177,8 +177,8 @@ def quantized_modules(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
 
 def quantized_experts(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
     """Checkpoint expert names with quantized weights -> the FusedMoE (layers/moe.py) they load into,
-    where its experts run on the fused kernel (SiLU experts)."""
-    from pagedserve.model.layers.moe import FusedMoE
+    where its experts run on the fused kernel (its activations)."""
+    from pagedserve.model.layers.moe import KERNEL_ACTIVATIONS, FusedMoE
 
     out = {}
     for stem in stems:
@@ -193,7 +193,7 @@ def quantized_experts(stems: Iterable[str], model: nn.Module) -> dict[str, str]:
             module = model.get_submodule(owner)
         except AttributeError:
             continue
-        if isinstance(module, FusedMoE) and module.is_silu:
+        if isinstance(module, FusedMoE) and module.activation in KERNEL_ACTIVATIONS:
             out[stem] = owner
     return out
 

@@ -3,10 +3,11 @@
 layer's experts whatever the checkpoint's naming.
 
 Two ways to run the experts:
-- PyTorch (CPU, the PyTorch attention backend, non-SiLU experts): tokens are grouped by expert
+- PyTorch (CPU, the PyTorch attention backend, other activations): tokens are grouped by expert
   and each hit expert does one pair of matmuls on its tokens. The group sizes are read on the
   host, so a model on this path runs without CUDA graphs.
-- Triton (with the Triton backend, SiLU experts): ops/fused_moe.py sorts the routed tokens by
+- Triton (with the Triton backend, SiLU or GPT-OSS's clamped SwiGLU experts, with or without
+  biases): ops/fused_moe.py sorts the routed tokens by
   expert on the device and runs every expert in one grouped-GEMM launch per projection. No
   host sync, so decode steps are captured in CUDA graphs (`moe_graph_safe`)."""
 
@@ -29,32 +30,44 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
-def _act_fn(name: str):
-    from transformers.activations import ACT2FN
+def select_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k logits, then a softmax over just those (GPT-OSS), in float32."""
+    logits, ids = torch.topk(router_logits.float(), top_k, dim=-1)
+    return torch.softmax(logits, dim=-1), ids
 
-    return ACT2FN[name]
+
+KERNEL_ACTIVATIONS = ("silu", "swigluoai")  # the fused kernel's (ops/activation.py)
 
 
 class FusedMoE(nn.Module):
-    """E experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]."""
+    """E experts: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]; with bias,
+    w13_bias [E, 2I] and w2_bias [E, H]. act: a transformers activation name applied to the
+    gate (times up), or "swigluoai" (GPT-OSS's clamped SwiGLU, act_params = (alpha, limit))."""
 
     # Checkpoint names of one expert's tensors -> (our parameter, shard). Mixtral says w1/w3/w2,
     # Qwen-MoE gate_proj/up_proj/down_proj.
     shard_names = {"w1": ("w13", "gate"), "w3": ("w13", "up"), "w2": ("w2", None),
                    "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", None)}
     _expert_re = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<w>\w+)\."
-                            r"(?P<kind>weight|weight_scale|weight_zero)$")
+                            r"(?P<kind>weight|weight_scale|weight_zero|bias)$")
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, bias: bool = False,
+                 act_params: tuple[float, float] = (0.0, 0.0)) -> None:
         super().__init__()
         self.num_experts, self.intermediate = num_experts, intermediate_size
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.act = _act_fn(act)
-        self.is_silu = act == "silu"
+        self.w13_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
+        self.w2_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.activation, self.act_params = act, act_params
+        if act != "swigluoai":
+            from transformers.activations import ACT2FN
+
+            self.act = ACT2FN[act]
         self.use_triton = False  # set by the model runner with the Triton backend
         self.scale_bk: Optional[tuple[int, int]] = None  # FP8 / integer experts: (w13's, w2's) K blocks
         self.int_bits = 0  # integer experts (to_int): their bits
+        self.fp4 = False  # MXFP4 experts (to_mxfp4): 4-bit e2m1 codes, no zeros
 
     def to_fp8(self, block_k: int) -> None:
         """Hold the experts in FP8 e4m3 with float32 scales per row and K block (layers/fp8.py),
@@ -92,23 +105,42 @@ class FusedMoE(nn.Module):
         self.w13_scale, self.w2_scale = param(e, two_i, hg, dtype=torch.float32), param(e, h, ig, dtype=torch.float32)
         self.w13_zero, self.w2_zero = param(e, two_i, hg, dtype=torch.int16), param(e, h, ig, dtype=torch.int16)
 
+    def to_mxfp4(self) -> None:
+        """Hold the experts in MXFP4 (GPT-OSS's checkpoints): e2m1 codes packed 8 to an int32
+        along K, as to_int's 4-bit layout, and a float32 scale (a power of two) per row and
+        32 columns; called on the meta device, before loading."""
+        self.to_int(4, 32)
+        del self.w13_zero, self.w2_zero
+        self.fp4 = True
+
     @property
     def uses_kernel(self) -> bool:
-        return self.use_triton and self.is_silu
+        return self.use_triton and self.activation in KERNEL_ACTIVATIONS
+
+    def gated(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The activation of a [T, 2I] gate_up (gate half, then up) -> [T, I] (PyTorch path)."""
+        if self.activation == "swigluoai":
+            from pagedserve.ops.reference import swigluoai_and_mul_ref
+
+            return swigluoai_and_mul_ref(gate_up, *self.act_params)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; each token's output is the routing-weighted sum of its k experts' outputs."""
         if self.uses_kernel:
             from pagedserve.ops.fused_moe import fused_moe
 
-            if self.int_bits:
-                return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, scales=(
-                    self.w13_scale, self.w2_scale, *self.scale_bk), zeros=(self.w13_zero, self.w2_zero),
-                    int_bits=self.int_bits)
+            opts: dict[str, Any] = {"activation": self.activation, "act_params": self.act_params}
+            if self.w13_bias is not None:
+                opts["biases"] = (self.w13_bias, self.w2_bias)
             if self.scale_bk is not None:
-                return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, scales=(
-                    self.w13_scale, self.w2_scale, *self.scale_bk))
-            return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
+                opts["scales"] = (self.w13_scale, self.w2_scale, *self.scale_bk)
+            if self.int_bits:
+                opts.update(int_bits=self.int_bits, fp4=self.fp4)
+                if not self.fp4:
+                    opts["zeros"] = (self.w13_zero, self.w2_zero)
+            return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, **opts)
         t, k = topk_ids.shape
         out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
         flat = topk_ids.reshape(-1)
@@ -121,8 +153,10 @@ class FusedMoE(nn.Module):
             if n == 0:
                 continue
             rows = token_of[start : start + n]
-            gate, up = torch.nn.functional.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
-            h = torch.nn.functional.linear(self.act(gate) * up, self.w2[e])
+            b13 = self.w13_bias[e] if self.w13_bias is not None else None
+            b2 = self.w2_bias[e] if self.w2_bias is not None else None
+            h = torch.nn.functional.linear(self.gated(torch.nn.functional.linear(x[rows], self.w13[e], b13)),
+                                           self.w2[e], b2)
             # Weighted in float32 and summed in float32: one rounding to the model dtype at the end.
             out.index_add_(0, rows, h.float() * weight_of[start : start + n, None])
             start += n
@@ -136,8 +170,8 @@ class FusedMoE(nn.Module):
         if m is None or m["w"] not in cls.shard_names:
             return None
         param, shard = cls.shard_names[m["w"]]
-        if m["kind"] != "weight":  # a quantized expert's scales (or zeros), sharded as its rows
-            param += "_scale" if m["kind"] == "weight_scale" else "_zero"
+        if m["kind"] != "weight":  # a bias, or a quantized expert's scales (or zeros), sharded as its rows
+            param += {"weight_scale": "_scale", "weight_zero": "_zero", "bias": "_bias"}[m["kind"]]
         return f"{m['prefix']}.{param}", int(m["e"]), param, shard
 
     def load_expert(self, param: str, expert: int, shard: Optional[str], tensor: torch.Tensor, name: str) -> str:
@@ -157,8 +191,10 @@ class FusedMoE(nn.Module):
         params = (("w13", "gate"), ("w13", "up"), ("w2", None))
         if self.scale_bk is not None:
             params += (("w13_scale", "gate"), ("w13_scale", "up"), ("w2_scale", None))
-        if self.int_bits:
+        if self.int_bits and not self.fp4:
             params += (("w13_zero", "gate"), ("w13_zero", "up"), ("w2_zero", None))
+        if self.w13_bias is not None:
+            params += (("w13_bias", "gate"), ("w13_bias", "up"), ("w2_bias", None))
         return {f"{e}:{p}:{s}" for e in range(self.num_experts) for p, s in params}
 
 
