@@ -1,6 +1,7 @@
-"""Reasoning parsers (`pagedserve serve --reasoning-parser qwen3|deepseek_r1`, vLLM's names):
-a thinking model's `<think>...</think>` goes to the chat message's `reasoning_content`, what
-follows to `content`.
+"""Reasoning parsers (`pagedserve serve --reasoning-parser qwen3|deepseek_r1|openai_gptoss`,
+vLLM's names): a thinking model's `<think>...</think>` goes to the chat message's
+`reasoning_content`, what follows to `content`. openai_gptoss reads GPT-OSS's harmony
+messages instead (pagedserve/harmony.py).
 
 - qwen3: the output is reasoning only if it starts with `<think>` (with enable_thinking off,
   Qwen3's template puts an empty think block in the prompt, and the output is all content).
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-REASONING_PARSERS = ("qwen3", "deepseek_r1")
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "openai_gptoss")
+REASONING_KEEPS_SPECIAL_TOKENS = ("openai_gptoss",)  # its markers are special tokens: the text keeps them
 START, END = "<think>", "</think>"
 
 
@@ -32,6 +34,13 @@ def partial_tail(text: str, tag: str) -> int:
 class ReasoningSplitter:
     """One choice's text, fed as it is generated: `feed` returns the (reasoning, content) that
     can be sent now; `finish` the rest. `split` does a whole text at once."""
+
+    def __new__(cls, parser: str):
+        if cls is ReasoningSplitter and parser == "openai_gptoss":
+            from pagedserve.harmony import HarmonySplitter
+
+            return super().__new__(HarmonySplitter)
+        return super().__new__(cls)
 
     def __init__(self, parser: str) -> None:
         if parser not in REASONING_PARSERS:

@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from pagedserve.config import EngineArgs
+from pagedserve.reasoning import REASONING_PARSERS
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
@@ -66,9 +67,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"]}\')')
     p.add_argument("--pooler-config", type=_json_dict, default=None,
                    help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
-    p.add_argument("--reasoning-parser", choices=["qwen3", "deepseek_r1"], default=None,
-                   help="a thinking model's <think>...</think>: structured outputs start after it, and the server "
-                   "puts it in the chat message's reasoning_content")
+    p.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
+                   help="a thinking model's <think>...</think> (openai_gptoss: GPT-OSS's analysis channel): the "
+                   "server puts it in the chat message's reasoning_content, and structured outputs start after a "
+                   "<think> block")
 
 
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:

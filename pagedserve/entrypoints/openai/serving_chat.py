@@ -19,6 +19,7 @@ from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServin
                                                           merge_async_iterators, prompt_logprobs_json, sse,
                                                           sse_error, token_text, top_by_rank, usage_info)
 from pagedserve.entrypoints.openai.tool_calls import KEEPS_SPECIAL_TOKENS
+from pagedserve.reasoning import REASONING_KEEPS_SPECIAL_TOKENS
 from pagedserve.errors import ParamError
 from pagedserve.outputs import CompletionOutput, RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -29,7 +30,7 @@ class OpenAIServingChat(OpenAIServing):
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tool_parser = tool_parser  # --tool-call-parser with --enable-auto-tool-choice, else None
-        self.reasoning_parser = reasoning_parser  # "qwen3" / "deepseek_r1" with --reasoning-parser, else None
+        self.reasoning_parser = reasoning_parser  # one of reasoning.REASONING_PARSERS, else None
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
@@ -44,6 +45,8 @@ class OpenAIServingChat(OpenAIServing):
                                  "--tool-call-parser to be set.")
             if req.tool_mode == "auto" and self.tool_parser in KEEPS_SPECIAL_TOKENS:
                 params.skip_special_tokens = False  # its marker is a special token (as vLLM does)
+            if self.reasoning_parser in REASONING_KEEPS_SPECIAL_TOKENS:
+                params.skip_special_tokens = False  # harmony's markers (the splitter removes them)
         except ParamError as e:
             raise self._chat_param(e, req) from None
         arrival = time.monotonic()
