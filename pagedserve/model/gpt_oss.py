@@ -54,7 +54,8 @@ class GptOssMoE(nn.Module):
 
 # A layer's stacked expert tensors: gate_up_proj / down_proj (bf16, [E, K, N]), their biases
 # ([E, N]), or MXFP4 blocks and scales ([E, N, K/32, 16], [E, N, K/32]).
-_STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<kind>|_bias|_blocks|_scales)$")
+_STACKED = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<kind>|_bias|_blocks|_scales)$")
 
 
 def _per_expert(prefix: str, proj: str, kind: str, rows: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
