@@ -65,7 +65,7 @@ def _int4_experts(e: int, h: int, i: int, group: int, device: str) -> tuple:
 def _mxfp4_experts(e: int, h: int, i: int, device: str) -> tuple:
     def part(n: int, k: int) -> tuple:
         words = torch.randint(-2**31, 2**31 - 1, (e, n, k // 8), dtype=torch.int32, device=device)
-        return words, torch.exp2(torch.randint(-8, -4, (e, n, k // 32), device=device).float())
+        return words, torch.randint(119, 123, (e, n, k // 32), dtype=torch.uint8, device=device)
 
     (w13, s13), (w2, s2) = part(2 * i, h), part(h, i)
     return w13, w2, dict(scales=(s13, s2, 32, 32), int_bits=4, fp4=True)

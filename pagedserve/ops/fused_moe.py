@@ -78,8 +78,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
     INT_BITS (4 or 8): W is [E, N, K * INT_BITS / 32] int32 words packed along K, with float32
     scales and int16 zeros [E, N, KG] per row and SCALE_BK-wide group: w = (q - z) * s
     (GPTQ / AWQ / compressed-tensors experts, ops/int_linear.py). FP4 (with INT_BITS 4): each
-    4-bit code is an e2m1 float (sign, 2 exponent bits, 1 mantissa bit) and w = fp4(q) * s,
-    no zeros (MXFP4: GPT-OSS's experts, scales 2^e per 32 columns). HAS_BIAS: a bias [E, N]
+    4-bit code is an e2m1 float (sign, 2 exponent bits, 1 mantissa bit), the scales uint8
+    exponents, and w = fp4(q) * 2^(s - 127), no zeros (MXFP4: GPT-OSS's experts, a scale per
+    32 columns). HAS_BIAS: a bias [E, N]
     per expert joins the float32 accumulator."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
@@ -114,7 +115,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
             n_ok = offs_n < N
             scale = tl.load(s_ptr + expert * stride_se + offs_n.to(tl.int64) * stride_sn + k0 // SCALE_BK,
                             mask=n_ok, other=0.0)
-            if FP4:  # e2m1: |v| = m / 2 (exponent 0), else (2 + m) * 2^(e - 1) / 2
+            if FP4:  # e2m1: |v| = m / 2 (exponent 0), else (2 + m) * 2^(e - 1) / 2; scale 2^(s - 127)
+                scale = tl.math.exp2(scale.to(tl.float32) - 127.0)
                 e = (q >> 1) & 3
                 m = q & 1
                 mag = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0)).to(tl.float32) * 0.5
@@ -189,7 +191,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     scales: FP8 experts' (w13 scales [E, 2I, KB], w2 scales [E, H, KB'], their K blocks).
     int_bits: integer experts, w13 / w2 packed along K ([E, 2I, H * bits / 32], ...), with
     scales (per group, the groups' widths as the K blocks) and zeros ([E, 2I, HG], [E, H, IG]);
-    fp4 (int_bits 4): the codes are e2m1 floats, no zeros (MXFP4). biases: (b13 [E, 2I],
+    fp4 (int_bits 4): the codes are e2m1 floats and the scales uint8 exponents, no zeros
+    (MXFP4). biases: (b13 [E, 2I],
     b2 [E, H]). activation: "silu" (SiLU(gate) * up) or "swigluoai" (GPT-OSS's clamped SwiGLU,
     act_params = (alpha, limit))."""
     from pagedserve.ops.activation import silu_and_mul, swigluoai_and_mul

@@ -107,10 +107,13 @@ class FusedMoE(nn.Module):
 
     def to_mxfp4(self) -> None:
         """Hold the experts in MXFP4 (GPT-OSS's checkpoints): e2m1 codes packed 8 to an int32
-        along K, as to_int's 4-bit layout, and a float32 scale (a power of two) per row and
-        32 columns; called on the meta device, before loading."""
+        along K, as to_int's 4-bit layout, and a uint8 exponent (scale 2^(s - 127)) per row
+        and 32 columns; called on the meta device, before loading."""
         self.to_int(4, 32)
         del self.w13_zero, self.w2_zero
+        for name in ("w13_scale", "w2_scale"):
+            setattr(self, name, nn.Parameter(torch.empty_like(getattr(self, name), dtype=torch.uint8),
+                                             requires_grad=False))
         self.fp4 = True
 
     @property

@@ -4,7 +4,7 @@ floats: sign, 2 exponent bits, 1 mantissa bit), two to a byte, low nibble first,
 uint8 exponent per group: w = fp4(code) * 2^(exponent - 127). Checkpoint tensors, rows = output
 features: `<proj>_blocks` [E, N, K/32, 16] uint8 and `<proj>_scales` [E, N, K/32] uint8.
 
-On the Triton backend the experts stay in MXFP4 (a little over a quarter of bf16's bytes):
+On the Triton backend the experts stay in MXFP4 (4.25 bits a weight, against bf16's 16):
 the codes viewed as int32 words are exactly the 4-bit packed layout of layers/int_quant.py
 (element i of a row at bits 4 * (i % 8) of word i // 8), so the fused MoE kernel reads them
 with its integer path, decoding e2m1 instead of subtracting a zero (ops/fused_moe.py FP4).
@@ -45,10 +45,11 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, n
 
 
 def packed(blocks: torch.Tensor, scales: torch.Tensor, name: str = "mxfp4") -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's layout: (codes as int32 [..., N, K / 8], float32 scales [..., N, G])."""
+    """The kernel's layout: (codes as int32 [..., N, K / 8], the uint8 exponents [..., N, G]
+    as they are: 4.25 bits a weight in all)."""
     _check(blocks, scales, name)
     words = blocks.contiguous().flatten(-2).view(torch.int32)  # 4 bytes = 8 codes a word
-    return words, torch.exp2(scales.float() - 127)
+    return words, scales.contiguous()
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
