@@ -18,8 +18,10 @@ from pagedserve.ops.pdl import pdl_launch, pdl_start
 _BLOCK = 1024
 
 
+# One kernel for both (named for the common one: profiles and launch counts say so).
+
 @triton.jit
-def _gated_act_kernel(x_ptr, out_ptr, stride_x, stride_o, n, alpha, limit, BLOCK: tl.constexpr,
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, alpha, limit, BLOCK: tl.constexpr,
                       SWIGLUOAI: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)  # ops/pdl.py
     t = tl.program_id(0).to(tl.int64)
@@ -44,7 +46,7 @@ def _gated_act(x: torch.Tensor, swigluoai: bool, alpha: float = 0.0, limit: floa
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     if t:
         block = min(_BLOCK, triton.next_power_of_2(n))
-        _gated_act_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, float(alpha),
+        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, float(alpha),
                                                       float(limit), BLOCK=block, SWIGLUOAI=swigluoai, num_warps=4,
                                                       **pdl_launch(x.device))
     return out
