@@ -125,6 +125,8 @@ def test_mxfp4_checkpoint_matches_transformers(mxfp4_dirs, backend):
     if backend == "triton":
         m = experts[0]
         assert m.w13.dtype == torch.int32 and m.w13.shape[-1] * 8 == m.w2.shape[1] and m.w13_scale.dtype == torch.uint8
+        held = sum(t.numel() * t.element_size() for t in (m.w13, m.w2, m.w13_scale, m.w2_scale))
+        assert held / (2 * (m.w13.numel() + m.w2.numel()) * 8) == pytest.approx(4.25 / 16)  # against bf16
     assert_greedy_matches_hf(llm, hf)
 
 

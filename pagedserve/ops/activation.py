@@ -19,10 +19,9 @@ _BLOCK = 1024
 
 
 # One kernel for both (named for the common one: profiles and launch counts say so).
-
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, alpha, limit, BLOCK: tl.constexpr,
-                      SWIGLUOAI: tl.constexpr, PDL: tl.constexpr):
+                         SWIGLUOAI: tl.constexpr, PDL: tl.constexpr):
     pdl_start(PDL)  # ops/pdl.py
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
