@@ -28,10 +28,10 @@ def _sdpa(q, k, v, mask: torch.Tensor, scale: float, softcap: float,
     key gives 0 either way."""
     if softcap <= 0 and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    s = ((q @ k.transpose(-1, -2)) * scale).float()
+    s = (q @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~mask, float("-inf")).float()
     if sinks is None:
         return torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype) @ v
     sink = sinks.float().expand(*s.shape[:-1], 1)

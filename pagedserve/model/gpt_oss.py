@@ -21,7 +21,7 @@ from pagedserve.model.layers import mxfp4
 from pagedserve.model.layers.moe import FusedMoE, select_topk_softmax
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+from pagedserve.model.llama import LlamaForCausalLM
 
 
 class GptOssRMSNorm(RMSNorm):
@@ -118,7 +118,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        layer = LlamaDecoderLayer(cfg, rotary, cls.attn_options(cfg), cls.build_mlp(cfg, layer_idx), window)
+        layer = super().make_layer(cfg, rotary, layer_idx, window)
         layer.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         layer.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         return layer
@@ -129,5 +129,4 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         packed = any(m.fp4 for m in self.modules() if isinstance(m, FusedMoE))
-        super().load_weights(expert_weights(weights, packed, self.lm_head.weight.dtype
-                                            if self.lm_head is not None else self.model.embed_tokens.weight.dtype))
+        super().load_weights(expert_weights(weights, packed, self.model.embed_tokens.weight.dtype))

@@ -80,8 +80,7 @@ def _moe_gemm_kernel(a_ptr, w_ptr, c_ptr, weight_ptr, sorted_ptr, experts_ptr, n
     (GPTQ / AWQ / compressed-tensors experts, ops/int_linear.py). FP4 (with INT_BITS 4): each
     4-bit code is an e2m1 float (sign, 2 exponent bits, 1 mantissa bit), the scales uint8
     exponents, and w = fp4(q) * 2^(s - 127), no zeros (MXFP4: GPT-OSS's experts, a scale per
-    32 columns). HAS_BIAS: a bias [E, N]
-    per expert joins the float32 accumulator."""
+    32 columns). HAS_BIAS: a bias [E, N] per expert joins the float32 accumulator."""
     pid = tl.program_id(0)
     num_blocks_n = tl.cdiv(N, BLOCK_N)
     # Grouped order: GROUP_M row blocks sweep the N slices together (weight tiles reused in L2).
@@ -192,8 +191,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     int_bits: integer experts, w13 / w2 packed along K ([E, 2I, H * bits / 32], ...), with
     scales (per group, the groups' widths as the K blocks) and zeros ([E, 2I, HG], [E, H, IG]);
     fp4 (int_bits 4): the codes are e2m1 floats and the scales uint8 exponents, no zeros
-    (MXFP4). biases: (b13 [E, 2I],
-    b2 [E, H]). activation: "silu" (SiLU(gate) * up) or "swigluoai" (GPT-OSS's clamped SwiGLU,
+    (MXFP4). biases: (b13 [E, 2I], b2 [E, H]). activation: "silu" (SiLU(gate) * up) or "swigluoai" (GPT-OSS's clamped SwiGLU,
     act_params = (alpha, limit))."""
     from pagedserve.ops.activation import silu_and_mul, swigluoai_and_mul
 

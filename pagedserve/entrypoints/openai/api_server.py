@@ -120,9 +120,9 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     `enable_log_requests`. `tool_call_parser` ("hermes", "llama3_json") enables tool_choice "auto";
     `trust_request_chat_template` lets a request bring its own chat template;
     `reasoning_parser` ("qwen3", "deepseek_r1", "openai_gptoss"; default: the engine's) puts a
-    `<think>` block (GPT-OSS: the analysis channel) in reasoning_content. `lora_modules`: adapters served under their own names (the engine
-    needs enable_lora); `allow_runtime_lora` adds vLLM's /v1/load_lora_adapter and
-    /v1/unload_lora_adapter (serving_lora.py)."""
+    `<think>` block (GPT-OSS: the analysis channel) in reasoning_content. `lora_modules`:
+    adapters served under their own names (the engine needs enable_lora); `allow_runtime_lora`
+    adds vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serving_lora.py)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
