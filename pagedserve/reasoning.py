@@ -35,8 +35,8 @@ class ReasoningSplitter:
     """One choice's text, fed as it is generated: `feed` returns the (reasoning, content) that
     can be sent now; `finish` the rest. `split` does a whole text at once."""
 
-    def __new__(cls, parser: str):
-        if cls is ReasoningSplitter and parser == "openai_gptoss":
+    def __new__(cls, *args: object, **kwargs: object):
+        if cls is ReasoningSplitter and (args[0] if args else kwargs.get("parser")) == "openai_gptoss":
             from pagedserve.harmony import HarmonySplitter
 
             return super().__new__(HarmonySplitter)

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional, Union
 from pagedserve.config import EngineArgs, EngineConfig
 from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.fault_injection import maybe_inject_step_failure
-from pagedserve.engine.grammar import GrammarCompiler, ThinkGate
+from pagedserve.engine.grammar import GrammarCompiler, HarmonyGate, ThinkGate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
@@ -23,6 +23,7 @@ from pagedserve.model.hf_config import generation_eos_ids, layer_windows
 from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                 EmbeddingRequestOutput, RequestOutput)
 from pagedserve.pooling_params import PoolingParams
+from pagedserve.harmony import CHANNEL, ENDS, MESSAGE, START as HARMONY_START
 from pagedserve.reasoning import END as THINK_END, START as THINK_START
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
@@ -160,7 +161,7 @@ class LLMEngine:
             return None
         return self.grammar_compiler.compile(params.structured_outputs)
 
-    def _think_gate(self, prompt_ids: list[int]) -> Optional[ThinkGate]:
+    def _think_gate(self, prompt_ids: list[int]) -> Union[ThinkGate, HarmonyGate, None]:
         """With a reasoning parser, how a grammar waits for the reasoning to end (vLLM's rule):
         not at all when the prompt has already closed the think block (Qwen3's template with
         enable_thinking off), or when `</think>` (and for qwen3 `<think>`) is not one token of
@@ -168,6 +169,8 @@ class LLMEngine:
         parser = self.config.reasoning_parser
         if parser is None:
             return None
+        if parser == "openai_gptoss":
+            return self._harmony_gate(prompt_ids)
         start, end = (self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK_START, THINK_END))
         if len(end) != 1 or (parser == "qwen3" and len(start) != 1):
             return None
@@ -175,6 +178,17 @@ class LLMEngine:
         if last_end >= 0 and last_end > last_start:
             return None
         return ThinkGate(end[0], start[0] if parser == "qwen3" else None)
+
+    def _harmony_gate(self, prompt_ids: list[int]) -> Optional[HarmonyGate]:
+        """GPT-OSS: the grammar waits for the final message's body (vLLM's rule), unless the
+        prompt already opened it, or harmony's markers are not single tokens here."""
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in (*HARMONY_MARKERS, "final")]
+        if any(len(i) != 1 for i in ids[:-1]) or not ids[-1]:
+            return None
+        start, channel, message, *ends = (i[0] for i in ids[:-1])
+        gate = HarmonyGate(channel, message, frozenset(ends), tuple(ids[-1]))
+        tail = prompt_ids[max(_rfind(prompt_ids, [start]), 0):]  # the prompt's last message
+        return None if gate.walk(tail).open else gate
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Token sequences for each bad word, alone and after a space (mid-text), as vLLM."""
@@ -405,6 +419,9 @@ class _InFlight:
         self.sched_out, self.pending = sched_out, pending
         # Requests it samples for that read their output history on the host.
         self.needs_history = any([s.request.needs_output_history for s in sched_out.scheduled if s.samples])
+
+
+HARMONY_MARKERS = (HARMONY_START, CHANNEL, MESSAGE, *ENDS)
 
 
 def _rfind(seq: list[int], sub: list[int]) -> int:

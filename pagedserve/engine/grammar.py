@@ -13,7 +13,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 
@@ -76,7 +76,7 @@ class GrammarCompiler:
             msg = _NOISE.sub("", str(e).strip()).strip()
             raise ParamError(params.source, f"{params.source}: invalid {kind}: {msg}") from None
 
-    def matcher(self, compiled: Any, think: Optional["ThinkGate"] = None) -> "GrammarState":
+    def matcher(self, compiled: Any, think: Union["ThinkGate", "HarmonyGate", None] = None) -> "GrammarState":
         """A fresh matcher for one request on a grammar from `compile`; `think`: how the grammar
         waits for the model's reasoning (None: it applies from the first token)."""
         import xgrammar as xgr
@@ -97,15 +97,59 @@ class ThinkGate:
     start: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class HarmonyGate:
+    """GPT-OSS's harmony messages (openai_gptoss): the grammar waits for the body of a `final`
+    message, and opens at the `<|message|>` of a header `<|channel|>final...`. Markers are
+    single special tokens; `final` the ids of the channel name."""
+
+    channel: int
+    message: int
+    ends: frozenset[int]  # <|end|>, <|return|>, <|call|>: a message's body is over
+    final: tuple[int, ...]
+
+    def walk(self, tokens: list[int]) -> "HarmonyWalker":
+        walker = HarmonyWalker(self)
+        for t in tokens:
+            walker.accept(t)
+        return walker
+
+
+class HarmonyWalker:
+    """One sequence's place in harmony's markers: whether it is inside a final message's body."""
+
+    def __init__(self, gate: HarmonyGate) -> None:
+        self.gate = gate
+        self.header: Optional[list[int]] = None  # the tokens after <|channel|>, up to <|message|>
+        self.open = False
+
+    def accept(self, token: int) -> bool:
+        """Take one token; whether the final message's body has begun."""
+        g = self.gate
+        if token == g.channel:
+            self.header = []
+        elif token == g.message:
+            self.open = self.header is not None and tuple(self.header[:len(g.final)]) == g.final
+            self.header = None
+        elif token in g.ends:
+            self.open, self.header = False, None
+        elif self.header is not None and len(self.header) < len(g.final):
+            self.header.append(token)
+        return self.open
+
+
 class GrammarState:
     """One request's position in its grammar. The scheduler feeds it each token that lands;
     the sampler asks it for the next step's allowed tokens. While the model is reasoning
     (a reasoning parser is set and `</think>` has not come yet) the grammar waits: no mask,
     and tokens pass it by."""
 
-    def __init__(self, matcher: Any, think: Optional[ThinkGate] = None) -> None:
+    def __init__(self, matcher: Any, think: Union[ThinkGate, HarmonyGate, None] = None) -> None:
         self._matcher = matcher
-        self._waiting = think is not None and think.start is None  # for </think>
+        self._harmony = HarmonyWalker(think) if isinstance(think, HarmonyGate) else None
+        if isinstance(think, HarmonyGate):
+            think = None
+        self._waiting = self._harmony is not None or (think is not None and think.start is None)  # for </think>
         self._open = think.start if think is not None else None  # first token still to decide
         self._end = think.end if think is not None else None
 
@@ -122,6 +166,9 @@ class GrammarState:
             if opened:
                 self._waiting = True
                 return True
+        if self._waiting and self._harmony is not None:
+            self._waiting = not self._harmony.accept(token)  # the final message's body: the grammar's
+            return True
         if self._waiting:
             self._waiting = token != self._end  # reasoning done: the grammar starts with the next token
             return True

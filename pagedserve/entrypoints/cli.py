@@ -70,7 +70,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="a thinking model's <think>...</think> (openai_gptoss: GPT-OSS's analysis channel): the "
                    "server puts it in the chat message's reasoning_content, and structured outputs start after a "
-                   "<think> block")
+                   "<think> block (default: openai_gptoss for GPT-OSS models when serving)")
 
 
 def engine_args_from(ns: argparse.Namespace, model: str) -> EngineArgs:
@@ -215,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='allow tool_choice "auto" (the model decides to call tools; needs --tool-call-parser)')
     s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder",
-                                                  "granite", "phi4_mini_json"],
+                                                  "granite", "phi4_mini_json", "openai"],
                    default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
                    "Hermes and Qwen2.5 models), llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), "
                    "mistral ([TOOL_CALLS][...]), pythonic ([f(x=1), ...], Llama 3.2/4), qwen3_coder "
                    "(<function=f><parameter=x>...</parameter></function>, Qwen3-Coder), granite "
-                   "(<|tool_call|>[...], Granite 3) or phi4_mini_json (functools[...], Phi-4-mini)")
+                   "(<|tool_call|>[...], Granite 3), phi4_mini_json (functools[...], Phi-4-mini) or openai (GPT-OSS's "
+                   "harmony messages to=functions.NAME)")
     s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve, each under its own model name: name=path or "
                    "'{\"name\": ..., \"path\": ...}' (needs --enable-lora)")

@@ -38,7 +38,7 @@ from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_
 from pagedserve.entrypoints.openai.serving_lora import (LoadLoRAAdapterRequest, OpenAIServingLoRA,
                                                         UnloadLoRAAdapterRequest, runtime_lora_allowed)
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
-from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
+from pagedserve.entrypoints.openai.tool_calls import HARMONY_TOOL_PARSER, TOOL_PARSER_NAMES
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PrometheusStatLogger
 from pagedserve.reasoning import REASONING_PARSERS
@@ -108,6 +108,17 @@ def _validation_error(request: Request, exc: RequestValidationError) -> OpenAIEr
     return OpenAIError(400, "; ".join(parts) or "invalid request", "BadRequestError", param)
 
 
+def default_reasoning_parser(model: str) -> Optional[str]:
+    """The reasoning parser a model is served with when none is named: openai_gptoss for
+    GPT-OSS (as vLLM, whose chat always reads GPT-OSS's replies as harmony), else None."""
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return "openai_gptoss" if model_type == "gpt_oss" else None
+
+
 def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]], api_key: Optional[str] = None,
               chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
               enable_log_requests: bool = False, tool_call_parser: Optional[str] = None,
@@ -117,7 +128,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
     `limits` bound what a request may ask for; prompts are logged only with
-    `enable_log_requests`. `tool_call_parser` ("hermes", "llama3_json") enables tool_choice "auto";
+    `enable_log_requests`. `tool_call_parser` (tool_calls.TOOL_PARSER_NAMES) enables tool_choice "auto";
     `trust_request_chat_template` lets a request bring its own chat template;
     `reasoning_parser` ("qwen3", "deepseek_r1", "openai_gptoss"; default: the engine's) puts a
     `<think>` block (GPT-OSS: the analysis channel) in reasoning_content. `lora_modules`:
@@ -137,11 +148,14 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     serving = dict(limits=limits, log_requests=enable_log_requests,
                    trust_request_chat_template=trust_request_chat_template, lora_modules=loras)
     completion = OpenAIServingCompletion(async_llm, names, **serving)
-    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
-        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSERS)}.")
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSER_NAMES:
+        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSER_NAMES)}.")
     reasoning_parser = reasoning_parser or config.reasoning_parser
     if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; choose from {', '.join(REASONING_PARSERS)}.")
+    if tool_call_parser == HARMONY_TOOL_PARSER and reasoning_parser != "openai_gptoss":
+        raise ValueError("the openai tool call parser reads GPT-OSS's harmony messages: it needs the "
+                         "openai_gptoss reasoning parser.")
     chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser,
                              reasoning_parser=reasoning_parser, **serving)
     tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
@@ -332,6 +346,7 @@ def run_server(args: argparse.Namespace) -> int:
     if loras and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora.")
     engine_args = engine_args_from(args, args.model)
+    engine_args.reasoning_parser = engine_args.reasoning_parser or default_reasoning_parser(args.model)
     if loras:  # the served adapters stay loaded whether or not a request uses them
         engine_args.max_cpu_loras = max(engine_args.max_cpu_loras or engine_args.max_loras, len(loras))
     async_llm = AsyncLLM.from_engine_args(engine_args, max_waiting_requests=limits.max_waiting_requests)

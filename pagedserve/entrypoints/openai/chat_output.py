@@ -1,6 +1,7 @@
 """A chat choice's generated text -> the assistant message: reasoning (a reasoning parser's
 `<think>` block) apart, then tool calls (under the request's tool_choice) apart from the
-content. Whole (`whole_message`) or streamed (`ChoiceStream`), split the same way."""
+content. Whole (`whole_message`) or streamed (`ChoiceStream`), split the same way. GPT-OSS's
+tool calls (the `openai` parser) are harmony messages: its splitter takes them out."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ from typing import Optional
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
                                                     DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
-from pagedserve.entrypoints.openai.tool_calls import Call, parse_required, parser_for, random_tool_call_id
+from pagedserve.entrypoints.openai.tool_calls import (HARMONY_TOOL_PARSER, Call, parse_required, parser_for,
+                                                      random_tool_call_id)
+from pagedserve.harmony import HarmonySplitter
 from pagedserve.reasoning import ReasoningSplitter
+
+
+def _harmony_calls(req: ChatCompletionRequest, tool_parser: Optional[str]) -> bool:
+    """Whether GPT-OSS's splitter reads this request's tool calls (tool_choice "auto")."""
+    return tool_parser == HARMONY_TOOL_PARSER and req.tool_mode == "auto"
 
 
 def _tool_calls(req: ChatCompletionRequest, text: str, finish: Optional[str],
@@ -35,10 +43,24 @@ def whole_message(req: ChatCompletionRequest, text: str, finish: Optional[str], 
                   tool_parser: Optional[str]) -> tuple[AssistantMessage, Optional[str]]:
     """(message, finish_reason) of a whole choice."""
     reasoning = None
-    if reasoning_parser is not None:
-        reasoning, text = ReasoningSplitter.split(reasoning_parser, text)
-        text = text or ""
-    content, calls, finish = _tool_calls(req, text, finish, tool_parser)
+    if _harmony_calls(req, tool_parser):
+        harmony = HarmonySplitter(tool_calls=True)
+        (r1, c1), (r2, c2) = harmony.feed(text), harmony.finish()
+        reasoning, content = (r1 + r2) if harmony.saw_reasoning else None, c1 + c2
+        calls: list[Call] = []
+        for index, name, arguments in harmony.take_call_pieces():
+            if name is not None:
+                calls.append(Call(name, ""))
+            calls[index].arguments += arguments
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        if calls and not content:
+            content = None
+    else:
+        if reasoning_parser is not None:
+            reasoning, text = ReasoningSplitter.split(reasoning_parser, text)
+            text = text or ""
+        content, calls, finish = _tool_calls(req, text, finish, tool_parser)
     if reasoning is not None and content == "" and not calls:
         content = None  # only thinking (cut short)
     return AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=[
@@ -92,8 +114,15 @@ class ChoiceStream:
     """One streamed choice: each piece of generated text -> (delta message, finish_reason)."""
 
     def __init__(self, req: ChatCompletionRequest, reasoning_parser: Optional[str], tool_parser: Optional[str]) -> None:
-        self.reasoning = ReasoningSplitter(reasoning_parser) if reasoning_parser is not None else None
+        self.harmony: Optional[HarmonySplitter] = None
+        if _harmony_calls(req, tool_parser):  # the splitter hands out the calls; content passes through
+            self.harmony = HarmonySplitter(tool_calls=True)
+            self.reasoning: Optional[ReasoningSplitter] = self.harmony
+            tool_parser = None
+        else:
+            self.reasoning = ReasoningSplitter(reasoning_parser) if reasoning_parser is not None else None
         self.tools = _ToolStream(req, tool_parser)
+        self.called = False
 
     def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
         reasoning = ""
@@ -103,7 +132,27 @@ class ChoiceStream:
                 r, c = self.reasoning.finish()
                 reasoning, text = reasoning + r, text + c
         delta, finish = self.tools.delta(text, finish)
+        if self.harmony is not None:
+            calls = self._harmony_deltas()
+            if calls:
+                delta.tool_calls, self.called = calls, True
+            if self.called and finish == "stop":
+                finish = "tool_calls"
         if reasoning:
             delta.reasoning_content = reasoning
             delta.content = delta.content or None
         return delta, finish
+
+    def _harmony_deltas(self) -> list[DeltaToolCall]:
+        """The harmony splitter's call pieces as deltas: a call's first names its function
+        (with an id), the rest carry its arguments, one delta per call."""
+        deltas: list[DeltaToolCall] = []
+        for index, name, arguments in self.harmony.take_call_pieces():
+            if name is not None:
+                deltas.append(DeltaToolCall(index=index, id=random_tool_call_id(), type="function",
+                                            function=DeltaFunctionCall(name=name, arguments=arguments)))
+            elif deltas and deltas[-1].index == index:
+                deltas[-1].function.arguments = (deltas[-1].function.arguments or "") + arguments
+            else:
+                deltas.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments)))
+        return deltas

@@ -329,6 +329,13 @@ class ChatMessage(BaseModel):
             msg["content"] = "".join(p.text for p in self.content)
         elif self.content is None:
             msg["content"] = ""
+        if msg["role"] == "assistant" and "thinking" not in msg:
+            # An earlier turn's reasoning, sent back as vLLM's reasoning_content (or reasoning):
+            # GPT-OSS's template reads it as `thinking` (the analysis a tool call needs). Recent
+            # transformers does the same; the versions we admit (>= 4.51, 5.0) do not.
+            thought = msg.get("reasoning_content", msg.get("reasoning"))
+            if isinstance(thought, str):
+                msg["thinking"] = thought
         return msg
 
 

@@ -22,6 +22,8 @@
     </tool_call>` blocks (Qwen3-Coder); values are raw text, typed by the tool's parameter
     schema (integer, number, boolean, object / array as JSON; without a schema, JSON if it
     reads as JSON, else text); what comes before the first block is the content.
+  - openai: GPT-OSS's harmony messages addressed `to=functions.NAME` (pagedserve/harmony.py
+    reads them; it needs --reasoning-parser openai_gptoss, the default for GPT-OSS);
 - tool_choice "none": plain text (the tools still reach the chat template, as in vLLM)."""
 
 from __future__ import annotations
@@ -359,6 +361,8 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "granite": (parse_granite, lambda: OpeningStream((*GRANITE_TAGS, "["), parse_granite)),
     "phi4_mini_json": (parse_phi4_mini_json, lambda: OpeningStream((PHI4_TAG + "[",), parse_phi4_mini_json)),
 }
+HARMONY_TOOL_PARSER = "openai"  # GPT-OSS: calls are harmony messages, which its reasoning splitter reads
+TOOL_PARSER_NAMES = (*TOOL_PARSERS, HARMONY_TOOL_PARSER)
 # Parsers that type the arguments by the request's tool schemas (parser_for binds them).
 SCHEMA_AWARE = {"qwen3_coder"}
 
