@@ -211,6 +211,11 @@ def test_a_tool_call_end_to_end(scripted):
             # tool_choice "none": no parsing, the call's text is the content
             none = c.chat.completions.create(tool_choice="none", **kwargs).choices[0]
             assert none.message.tool_calls in (None, []) and '{"city": "Paris"}' in none.message.content
+            # the Responses API: a function_call item
+            resp = c.responses.create(model=MODEL, input="Weather in Paris?", temperature=0, max_output_tokens=40,
+                                      tools=[{"type": "function", **tools[0]["function"]}])
+            (item,) = resp.output
+            assert (item.type, item.name, item.arguments) == ("function_call", "get_weather", '{"city": "Paris"}')
         # The call sent back with its reasoning and the tool's result: the template gets the
         # arguments as a mapping and the reasoning as `thinking`, as GPT-OSS's template wants.
         history = [{"role": "user", "content": "Weather in Paris?"},

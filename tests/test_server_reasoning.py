@@ -4,6 +4,8 @@ into shape with a regex), alone and with a tool call after the thinking."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from server_helpers import openai_client, serving
 
@@ -89,3 +91,41 @@ def test_reasoning_then_a_tool_call(client):
     (call,) = whole.message.tool_calls
     assert call.function.name == "f" and [(c.function.name, c.function.arguments) for c in calls] == [
         ("f", call.function.arguments)]
+
+
+def test_responses_api_items(client):
+    """/v1/responses on the same reply: a reasoning item, a message, a function call, whole
+    and streamed; the call's output sent back continues the conversation as chat would."""
+    regex = r'<think>[a-z]{2,6}</think>ok <tool_call>\{"name": "f", "arguments": \{"x": "(a|b)"\}\}</tool_call>'
+    tools = [{"type": "function", "name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"enum": ["a", "b"]}}, "required": ["x"]}}]
+    kwargs = dict(model=MODEL, input=MESSAGES, tools=tools, temperature=0, max_output_tokens=200,
+                  extra_body={"structured_outputs": {"regex": regex}})
+    resp = client.responses.create(**kwargs)
+    reasoning, message, call = resp.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text.isalpha()
+    assert message.type == "message" and resp.output_text == "ok "
+    assert call.type == "function_call" and call.name == "f" and json.loads(call.arguments)["x"] in ("a", "b")
+    assert call.call_id.startswith("chatcmpl-tool-") and resp.status == "completed"
+    assert resp.usage.output_tokens_details.reasoning_tokens > 0
+    events = list(client.responses.create(stream=True, **kwargs))
+    kinds = [e.type for e in events]
+    for kind in ("response.reasoning_text.delta", "response.output_text.delta",
+                 "response.function_call_arguments.delta", "response.function_call_arguments.done"):
+        assert kind in kinds, kind
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [i.type for i in done] == ["reasoning", "message", "function_call"]
+    assert (done[0].content[0].text, done[2].name, done[2].arguments) == (
+        reasoning.content[0].text, "f", call.arguments)
+    assert [i.type for i in events[-1].response.output] == ["reasoning", "message", "function_call"]
+    # the call's result, sent back: the prompt is chat's for the same conversation
+    follow = client.responses.create(model=MODEL, previous_response_id=resp.id, max_output_tokens=3, temperature=0,
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "done"}])
+    chat = client.chat.completions.create(model=MODEL, max_tokens=3, temperature=0, messages=[
+        *MESSAGES, {"role": "assistant", "content": "ok ", "reasoning_content": reasoning.content[0].text,
+                    "tool_calls": [{"id": call.call_id, "type": "function",
+                                    "function": {"name": "f", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "done"}])
+    assert follow.usage.input_tokens == chat.usage.prompt_tokens
+    assert follow.output_text == chat.choices[0].message.content

@@ -38,6 +38,8 @@ from pagedserve.entrypoints.openai.serving_engine import OpenAIError, as_openai_
 from pagedserve.entrypoints.openai.serving_lora import (LoadLoRAAdapterRequest, OpenAIServingLoRA,
                                                         UnloadLoRAAdapterRequest, runtime_lora_allowed)
 from pagedserve.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
+from pagedserve.entrypoints.openai.protocol_responses import ResponsesRequest
+from pagedserve.entrypoints.openai.serving_responses import OpenAIServingResponses
 from pagedserve.entrypoints.openai.tool_calls import HARMONY_TOOL_PARSER, TOOL_PARSER_NAMES
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PrometheusStatLogger
@@ -76,11 +78,13 @@ async def _with_cancellation(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-def _respond(result: Union[BaseModel, Any]) -> Response:
+def _respond(result: Union[BaseModel, dict, Any]) -> Response:
     if isinstance(result, Response):
         return result
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
+    if isinstance(result, dict):
+        return JSONResponse(result)
     return StreamingResponse(result, media_type="text/event-stream")
 
 
@@ -158,6 +162,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
                          "openai_gptoss reasoning parser.")
     chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser,
                              reasoning_parser=reasoning_parser, **serving)
+    responses = OpenAIServingResponses(chat)
     tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
     pooling = OpenAIServingPooling(async_llm, names, **serving)
 
@@ -193,6 +198,18 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     @v1.post("/chat/completions", responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await _with_cancellation(request, chat.create(body)))
+
+    @v1.post("/responses", responses=_ERRORS)
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return _respond(await _with_cancellation(request, responses.create(body)))
+
+    @v1.get("/responses/{response_id}", responses=_ERRORS)
+    async def get_response(response_id: str) -> Response:
+        return JSONResponse(responses.get(response_id))
+
+    @v1.delete("/responses/{response_id}", responses=_ERRORS)
+    async def delete_response(response_id: str) -> Response:
+        return JSONResponse(responses.delete(response_id))
 
     if allow_runtime_lora:
         lora_admin = OpenAIServingLoRA(async_llm, names, loras)

@@ -1,0 +1,378 @@
+"""POST /v1/responses (OpenAI's Responses API) on the chat machinery: the input items become
+chat messages, the request a chat request (so rendering, sampling, reasoning and tool
+parsing are chat's own), and the chat reply becomes output items: `reasoning`, `message`,
+`function_call`. Streamed, chat's deltas become the Responses events (`response.created`,
+`response.output_text.delta`, ..., `response.completed`).
+
+Responses are kept in memory (the last `store_size`, unless `store: false`), for
+GET /v1/responses/{id} and for `previous_response_id`, which continues a stored
+conversation. Not served: `background` (a 400), built-in tools (web search, file search,
+code interpreter), image and file inputs."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Optional, Union
+
+from pydantic import ValidationError
+
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
+from pagedserve.entrypoints.openai.protocol_responses import ResponsesRequest, response_object, usage_object
+from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
+from pagedserve.entrypoints.openai.serving_engine import OpenAIError
+from pagedserve.errors import ParamError
+
+# A chat request's field -> the Responses field it came from (for error messages).
+_CHAT_PARAMS = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
+                "response_format": "text", "chat_template_kwargs": "reasoning"}
+_TEXT_PARTS = ("input_text", "output_text", "text", "reasoning_text", "summary_text")
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _text(content: Any, where: str) -> str:
+    """An item's content (a string or a list of text parts) as plain text."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, list):
+        raise ParamError("input", f"{where}: content must be a string or a list of parts.")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise ParamError("input", f"{where}: content parts of type {kind!r} are not supported (text only).")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def input_messages(items: Union[str, list[dict]]) -> list[dict]:
+    """Responses input items -> chat messages. A reasoning item and the function calls that
+    follow it join one assistant message (reasoning_content, tool_calls), as chat has them."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict] = []
+    turn: Optional[dict] = None  # the assistant message still open to calls and reasoning
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ParamError("input", f"input[{i}] must be an object.")
+        kind = item.get("type", "message")
+        where = f"input[{i}]"
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ParamError("input", f"{where}: role must be user, system, developer or assistant, got {role!r}.")
+            text = _text(item.get("content"), where)
+            if role == "assistant" and turn is not None and turn.get("content") is None:
+                turn["content"] = text
+            else:
+                messages.append({"role": role, "content": text})
+            turn = messages[-1] if role == "assistant" else None
+        elif kind == "reasoning":
+            text = _text(item.get("content") or item.get("summary") or [], where)
+            turn = {"role": "assistant", "content": None, "reasoning_content": text}
+            messages.append(turn)
+        elif kind == "function_call":
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("call_id"), str):
+                raise ParamError("input", f"{where}: a function_call needs name and call_id.")
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
+            if turn is None:
+                turn = {"role": "assistant", "content": None}
+                messages.append(turn)
+            turn.setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise ParamError("input", f"{where}: a function_call_output needs call_id.")
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": output if isinstance(output, str) else _text(output, where)})
+            turn = None
+        else:
+            raise ParamError("input", f"{where}: input items of type {kind!r} are not supported.")
+    return messages
+
+
+def chat_request(req: ResponsesRequest, messages: list[dict], stream: bool) -> ChatCompletionRequest:
+    """The chat request that serves `req` over `messages` (instructions first)."""
+    if req.instructions:
+        messages = [{"role": "system", "content": req.instructions}, *messages]
+    body: dict[str, Any] = dict(
+        model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
+        top_p=req.top_p, seed=req.seed, top_k=req.top_k, stop=req.stop, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, stream=stream, user=req.user, structured_outputs=req.structured_outputs,
+        stream_options={"include_usage": True} if stream else None)
+    if req.tools:
+        body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
+                         for t in req.tools]
+        choice = req.tool_choice
+        body["tool_choice"] = choice if isinstance(choice, str) else {"type": "function",
+                                                                      "function": {"name": choice.name}}
+        body["parallel_tool_calls"] = req.parallel_tool_calls
+    elif not isinstance(req.tool_choice, str):
+        raise ParamError("tool_choice", f"tool_choice names {req.tool_choice.name!r}, but no tools are given.")
+    fmt = req.text.format if req.text is not None else None
+    if fmt is not None and fmt.type == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise ParamError("text", "text.format of type json_schema needs a schema.")
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
+    if req.reasoning and req.reasoning.get("effort"):
+        body["chat_template_kwargs"] = {"reasoning_effort": req.reasoning["effort"]}  # GPT-OSS's template reads it
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = _CHAT_PARAMS.get(str(err["loc"][0]), str(err["loc"][0])) if err.get("loc") else "input"
+        raise ParamError(field, f"{field}: {err.get('msg')}") from None
+
+
+class OpenAIServingResponses:
+    """/v1/responses, served by the chat endpoint's machinery."""
+
+    def __init__(self, chat: OpenAIServingChat, store_size: int = 1024) -> None:
+        self.chat = chat
+        self.store_size = store_size
+        # response id -> (the response, the conversation it ends: chat messages)
+        self.store: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+
+    def get(self, response_id: str) -> dict:
+        if response_id not in self.store:
+            raise OpenAIError(404, f"Response with id '{response_id}' not found.", "NotFoundError", "response_id")
+        return self.store[response_id][0]
+
+    def delete(self, response_id: str) -> dict:
+        self.get(response_id)
+        del self.store[response_id]
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    def _keep(self, response: dict, conversation: list[dict]) -> None:
+        self.store[response["id"]] = (response, conversation)
+        while len(self.store) > self.store_size:
+            self.store.popitem(last=False)
+
+    async def create(self, req: ResponsesRequest) -> Union[dict, AsyncIterator[str]]:
+        try:
+            if req.background:
+                raise ParamError("background", "background responses are not supported.")
+            history: list[dict] = []
+            if req.previous_response_id is not None:
+                if req.previous_response_id not in self.store:
+                    raise OpenAIError(404, f"Response with id '{req.previous_response_id}' not found.",
+                                      "NotFoundError", "previous_response_id")
+                history = self.store[req.previous_response_id][1]
+            messages = [*history, *input_messages(req.input)]
+            creq = chat_request(req, messages, req.stream)
+            result = await self.chat.create(creq)
+        except ParamError as e:
+            raise ParamError(_CHAT_PARAMS.get(e.param, e.param), str(e)) from None
+        response_id = _id("resp")
+        model = self.chat.model_name(req.model)
+        if req.stream:
+            return self._stream(req, response_id, model, messages, result)
+        assert isinstance(result, ChatCompletionResponse)
+        choice = result.choices[0]
+        msg = choice.message
+        output = _items(msg.reasoning_content, msg.content,
+                        [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls])
+        u = result.usage
+        cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details is not None else 0
+        usage = usage_object(u.prompt_tokens, u.completion_tokens, cached or 0, self._tokens(msg.reasoning_content))
+        incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
+        response = response_object(req, response_id, model, output, "incomplete" if incomplete else "completed",
+                                   usage, incomplete)
+        if req.store:
+            self._keep(response, messages + [_assistant(msg.reasoning_content, msg.content, output)])
+        return response
+
+    def _tokens(self, text: Optional[str]) -> int:
+        return len(self.chat.llm.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+    async def _stream(self, req: ResponsesRequest, response_id: str, model: str, messages: list[dict],
+                      chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        created = int(time.time())
+        events = _Events(req, response_id, model, created)
+        finish, usage, error = None, None, None
+        async with aclosing(chunks) as stream:
+            # Start chat's stream before the first event: closed unstarted (the client gone),
+            # it would never release its place in the queue.
+            first = await anext(stream, "data: [DONE]")
+            yield events.emit("response.created", response=events.response("in_progress"))
+            yield events.emit("response.in_progress", response=events.response("in_progress"))
+            sse: Optional[str] = first
+            while sse is not None:
+                data = sse.removeprefix("data: ").strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    error = chunk["error"]
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    for text in events.reasoning(delta.get("reasoning_content")):
+                        yield text
+                    for text in events.content(delta.get("content")):
+                        yield text
+                    for call in delta.get("tool_calls") or ():
+                        for text in events.call(call):
+                            yield text
+                    finish = choice.get("finish_reason") or finish
+                sse = await anext(stream, None)
+        for text in events.close():
+            yield text
+        if error is not None:
+            yield events.emit("error", code=str(error.get("code")), message=error.get("message"),
+                              param=error.get("param"))
+            yield events.emit("response.failed", response=events.response(
+                "failed", error={"code": str(error.get("code")), "message": error.get("message")}))
+            return
+        cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        u = usage_object((usage or {}).get("prompt_tokens", 0), (usage or {}).get("completion_tokens", 0), cached,
+                         self._tokens(events.reasoning_text))
+        incomplete = "max_output_tokens" if finish == "length" else None
+        response = events.response("incomplete" if incomplete else "completed", usage=u, incomplete=incomplete)
+        if req.store:
+            self._keep(response, messages + [_assistant(events.reasoning_text or None, events.content_text or None,
+                                                        response["output"])])
+        yield events.emit("response.incomplete" if incomplete else "response.completed", response=response)
+
+
+def _items(reasoning: Optional[str], content: Optional[str], calls: list[tuple[str, str, str]]) -> list[dict]:
+    """A reply's output items: its reasoning, its message, its function calls."""
+    items = []
+    if reasoning:
+        items.append(_reasoning_item(_id("rs"), reasoning))
+    if content:
+        items.append(_message_item(_id("msg"), content, "completed"))
+    for call_id, name, arguments in calls:
+        items.append(_call_item(_id("fc"), call_id, name, arguments, "completed"))
+    return items
+
+
+def _reasoning_item(item_id: str, text: str) -> dict:
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def _message_item(item_id: str, text: Optional[str], status: str) -> dict:
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {"type": "message", "id": item_id, "role": "assistant", "status": status, "content": content}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+
+
+def _assistant(reasoning: Optional[str], content: Optional[str], output: list[dict]) -> dict:
+    """A reply as the chat message that continues its conversation."""
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning:
+        msg["reasoning_content"] = reasoning
+    calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
+             for i in output if i["type"] == "function_call"]
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+class _Events:
+    """A streamed response's events: each output item opens when its first delta comes and
+    closes when another kind of delta (or the end) comes."""
+
+    def __init__(self, req: ResponsesRequest, response_id: str, model: str, created: int) -> None:
+        self.req, self.response_id, self.model, self.created = req, response_id, model, created
+        self.sequence = 0
+        self.output: list[dict] = []  # closed items
+        self.open: Optional[dict] = None
+        self.reasoning_text = self.content_text = ""
+        self.calls: dict[int, dict] = {}  # chat's tool-call index -> its item
+
+    def emit(self, kind: str, **fields: Any) -> str:
+        event = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+    def response(self, status: str, usage: Optional[dict] = None, incomplete: Optional[str] = None,
+                 error: Optional[dict] = None) -> dict:
+        return response_object(self.req, self.response_id, self.model, list(self.output), status, usage, incomplete,
+                               self.created, error)
+
+    def _start(self, item: dict) -> list[str]:
+        out = self.close()
+        self.open = item
+        out.append(self.emit("response.output_item.added", output_index=len(self.output), item=item))
+        if item["type"] == "message":
+            out.append(self.emit("response.content_part.added", item_id=item["id"], output_index=len(self.output),
+                                 content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
+        return out
+
+    def reasoning(self, text: Optional[str]) -> list[str]:
+        if not text:
+            return []
+        out = [] if self.open is not None and self.open["type"] == "reasoning" else self._start(
+            {"type": "reasoning", "id": _id("rs"), "summary": [], "content": []})
+        self.open.setdefault("text", "")
+        self.open["text"] += text
+        self.reasoning_text += text
+        out.append(self.emit("response.reasoning_text.delta", item_id=self.open["id"], output_index=len(self.output),
+                             content_index=0, delta=text))
+        return out
+
+    def content(self, text: Optional[str]) -> list[str]:
+        if not text:
+            return []
+        out = [] if self.open is not None and self.open["type"] == "message" else self._start(
+            _message_item(_id("msg"), None, "in_progress"))
+        self.open.setdefault("text", "")
+        self.open["text"] += text
+        self.content_text += text
+        out.append(self.emit("response.output_text.delta", item_id=self.open["id"], output_index=len(self.output),
+                             content_index=0, delta=text, logprobs=[]))
+        return out
+
+    def call(self, delta: dict) -> list[str]:
+        fn = delta.get("function") or {}
+        out = []
+        if delta.get("id") is not None or delta["index"] not in self.calls:
+            item = _call_item(_id("fc"), delta.get("id") or _id("call"), fn.get("name") or "", "", "in_progress")
+            self.calls[delta["index"]] = item
+            out = self._start(item)
+        item = self.calls[delta["index"]]
+        if fn.get("arguments"):
+            item["arguments"] += fn["arguments"]
+            out.append(self.emit("response.function_call_arguments.delta", item_id=item["id"],
+                                 output_index=len(self.output), delta=fn["arguments"]))
+        return out
+
+    def close(self) -> list[str]:
+        """Close the open item: its done events, then it joins the output."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        index, out = len(self.output), []
+        if item["type"] == "reasoning":
+            text = item.pop("text")
+            item = _reasoning_item(item["id"], text)
+            out.append(self.emit("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                 content_index=0, text=text))
+        elif item["type"] == "message":
+            text = item.pop("text")
+            item = _message_item(item["id"], text, "completed")
+            out.append(self.emit("response.output_text.done", item_id=item["id"], output_index=index,
+                                 content_index=0, text=text, logprobs=[]))
+            out.append(self.emit("response.content_part.done", item_id=item["id"], output_index=index,
+                                 content_index=0, part=item["content"][0]))
+        else:
+            item["status"] = "completed"
+            out.append(self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                 name=item["name"], arguments=item["arguments"]))
+        self.output.append(item)
+        out.append(self.emit("response.output_item.done", output_index=index, item=item))
+        return out
