@@ -90,6 +90,9 @@ def test_json_schema_text_format(client):
 
 @pytest.mark.parametrize("body, param, match", [
     ({"input": "x", "background": True}, "background", "background"),
+    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include", "include"),
+    ({"input": "x", "conversation": "conv_1"}, "conversation", "conversation"),
+    ({"input": "x", "top_logprobs": 2}, "top_logprobs", "top_logprobs"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input",
      "input_image"),
     ({"input": [{"type": "web_search_call"}]}, "input", "web_search_call"),

@@ -64,6 +64,21 @@ class ResponsesRequest(OpenAIBaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     structured_outputs: Optional[dict[str, Any]] = None  # as on chat (regex, grammar, choice, ...)
+    # Not served: refused (a 400 naming the field) rather than ignored.
+    include: Optional[list[Any]] = None
+    conversation: Optional[Any] = None
+    prompt: Optional[Any] = None
+    top_logprobs: Optional[int] = None
+    max_tool_calls: Optional[int] = None
+
+    def refused(self) -> Optional[str]:
+        """The first field set that pagedserve does not serve."""
+        if self.background:
+            return "background"
+        for name in ("include", "conversation", "prompt", "top_logprobs", "max_tool_calls"):
+            if getattr(self, name):
+                return name
+        return None
 
 
 def response_object(req: ResponsesRequest, response_id: str, model: str, output: list[dict], status: str,

@@ -159,8 +159,9 @@ class OpenAIServingResponses:
 
     async def create(self, req: ResponsesRequest) -> Union[dict, AsyncIterator[str]]:
         try:
-            if req.background:
-                raise ParamError("background", "background responses are not supported.")
+            refused = req.refused()
+            if refused is not None:
+                raise ParamError(refused, f"{refused} is not supported on /v1/responses.")
             history: list[dict] = []
             if req.previous_response_id is not None:
                 if req.previous_response_id not in self.store:
