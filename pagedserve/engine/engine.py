@@ -3,6 +3,7 @@ schedule -> run the model -> update the scheduler -> process outputs."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -179,14 +180,21 @@ class LLMEngine:
             return None
         return ThinkGate(end[0], start[0] if parser == "qwen3" else None)
 
-    def _harmony_gate(self, prompt_ids: list[int]) -> Optional[HarmonyGate]:
-        """GPT-OSS: the grammar waits for the final message's body (vLLM's rule), unless the
-        prompt already opened it, or harmony's markers are not single tokens here."""
+    @functools.cached_property
+    def _harmony(self) -> Optional[tuple[int, HarmonyGate]]:
+        """(<|start|>'s id, the gate) where harmony's markers are single tokens, else None."""
         ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in (*HARMONY_MARKERS, "final")]
         if any(len(i) != 1 for i in ids[:-1]) or not ids[-1]:
             return None
         start, channel, message, *ends = (i[0] for i in ids[:-1])
-        gate = HarmonyGate(channel, message, frozenset(ends), tuple(ids[-1]))
+        return start, HarmonyGate(channel, message, frozenset(ends), tuple(ids[-1]))
+
+    def _harmony_gate(self, prompt_ids: list[int]) -> Optional[HarmonyGate]:
+        """GPT-OSS: the grammar waits for the final message's body (vLLM's rule), unless the
+        prompt already opened it, or harmony's markers are not single tokens here."""
+        if self._harmony is None:
+            return None
+        start, gate = self._harmony
         tail = prompt_ids[max(_rfind(prompt_ids, [start]), 0):]  # the prompt's last message
         return None if gate.walk(tail).open else gate
 
