@@ -142,13 +142,17 @@ class OpenAIServingResponses:
         # response id -> (the response, the conversation it ends: chat messages)
         self.store: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
 
-    def get(self, response_id: str) -> dict:
+    def _stored(self, response_id: str, param: str) -> tuple[dict, list[dict]]:
+        """A stored (response, conversation); a 404 naming `param` when there is none."""
         if response_id not in self.store:
-            raise OpenAIError(404, f"Response with id '{response_id}' not found.", "NotFoundError", "response_id")
-        return self.store[response_id][0]
+            raise OpenAIError(404, f"Response with id '{response_id}' not found.", "NotFoundError", param)
+        return self.store[response_id]
+
+    def get(self, response_id: str) -> dict:
+        return self._stored(response_id, "response_id")[0]
 
     def delete(self, response_id: str) -> dict:
-        self.get(response_id)
+        self._stored(response_id, "response_id")
         del self.store[response_id]
         return {"id": response_id, "object": "response", "deleted": True}
 
@@ -164,10 +168,7 @@ class OpenAIServingResponses:
                 raise ParamError(refused, f"{refused} is not supported on /v1/responses.")
             history: list[dict] = []
             if req.previous_response_id is not None:
-                if req.previous_response_id not in self.store:
-                    raise OpenAIError(404, f"Response with id '{req.previous_response_id}' not found.",
-                                      "NotFoundError", "previous_response_id")
-                history = self.store[req.previous_response_id][1]
+                history = self._stored(req.previous_response_id, "previous_response_id")[1]
             messages = [*history, *input_messages(req.input)]
             creq = chat_request(req, messages, req.stream)
             result = await self.chat.create(creq)
@@ -184,7 +185,8 @@ class OpenAIServingResponses:
                         [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls])
         u = result.usage
         cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details is not None else 0
-        usage = usage_object(u.prompt_tokens, u.completion_tokens, cached or 0, self._tokens(msg.reasoning_content))
+        usage = usage_object(u.prompt_tokens, u.completion_tokens, cached or 0,
+                             await self._tokens(msg.reasoning_content))
         incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
         response = response_object(req, response_id, model, output, "incomplete" if incomplete else "completed",
                                    usage, incomplete)
@@ -192,8 +194,11 @@ class OpenAIServingResponses:
             self._keep(response, messages + [_assistant(msg.reasoning_content, msg.content, output)])
         return response
 
-    def _tokens(self, text: Optional[str]) -> int:
-        return len(self.chat.llm.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+    async def _tokens(self, text: Optional[str]) -> int:
+        """How many tokens `text` is (reasoning's count), encoded off the event loop."""
+        if not text:
+            return 0
+        return len(await self.chat.llm.run_tokenizer(self.chat.llm.tokenizer.encode, text, add_special_tokens=False))
 
     async def _stream(self, req: ResponsesRequest, response_id: str, model: str, messages: list[dict],
                       chunks: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -236,7 +241,7 @@ class OpenAIServingResponses:
             return
         cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         u = usage_object((usage or {}).get("prompt_tokens", 0), (usage or {}).get("completion_tokens", 0), cached,
-                         self._tokens(events.reasoning_text))
+                         await self._tokens(events.reasoning_text))
         incomplete = "max_output_tokens" if finish == "length" else None
         response = events.response("incomplete" if incomplete else "completed", usage=u, incomplete=incomplete)
         if req.store:
