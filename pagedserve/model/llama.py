@@ -98,9 +98,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict, mlp: nn.Module, window: int = 0) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict, mlp: nn.Module, window: int = 0,
+                 self_attn: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, window=window, **attn_options)
+        # self_attn: another attention module taking (positions, x, meta) (DeepSeek's MLA)
+        self.self_attn = self_attn if self_attn is not None else LlamaAttention(cfg, rotary, window=window,
+                                                                                **attn_options)
         self.mlp = mlp  # LlamaMLP, or a mixture of experts (layers/moe.py)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -109,7 +112,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         # A projection on the small-batch GEMV kernel takes the norm before it in the same
         # kernel (forward_rmsnorm, ops/gemv.py); otherwise norm, then projection.
-        qkv_norm = getattr(self.self_attn.qkv_proj, "forward_rmsnorm", None)
+        qkv_norm = getattr(getattr(self.self_attn, "qkv_proj", None), "forward_rmsnorm", None)
         if qkv_norm is not None:
             qkv, residual = qkv_norm(x, residual, self.input_layernorm)
             x = self.self_attn.attend(positions, qkv, meta)

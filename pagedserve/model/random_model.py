@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+_DEEPSEEK = {"kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 24,
+             "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
+             "first_k_dense_replace": 1}
+
 ARCH_CONFIGS = {
     "LlamaForCausalLM": ("LlamaConfig", {}),
     "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
@@ -43,6 +47,12 @@ ARCH_CONFIGS = {
                                                                "beta_slow": 1.0, "truncate": False,
                                                                "original_max_position_embeddings": 256,
                                                                "rope_theta": 150000.0}}),
+    # DeepSeek: latent attention (ranks, nope / rope / v head dims of their own), 8 experts in
+    # 4 groups of which 2 compete, 2 per token, a shared expert, a dense first layer.
+    "DeepseekV2ForCausalLM": ("DeepseekV2Config", {**_DEEPSEEK, "topk_method": "group_limited_greedy",
+                                                   "routed_scaling_factor": 1.5}),
+    "DeepseekV3ForCausalLM": ("DeepseekV3Config", {**_DEEPSEEK, "routed_scaling_factor": 2.5,
+                                                   "norm_topk_prob": True}),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -125,7 +135,7 @@ def build_random_model(
         tie_word_embeddings=tie_word_embeddings, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
         kwargs["moe_intermediate_size"] = intermediate_size // 2
     if arch == "Qwen2MoeForCausalLM":
         kwargs["shared_expert_intermediate_size"] = intermediate_size
@@ -143,5 +153,9 @@ def build_random_model(
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0.0, initializer_range)
+    with torch.no_grad():  # DeepSeek-V3's router bias (a buffer, zeros in transformers): drawn, so it matters
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return path

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 _MODELS = {
     "CohereForCausalLM": ("pagedserve.model.cohere", "CohereForCausalLM"),
+    "DeepseekV2ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV2ForCausalLM"),
+    "DeepseekV3ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV3ForCausalLM"),
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),

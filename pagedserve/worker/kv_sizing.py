@@ -14,8 +14,10 @@ logger = logging.getLogger("pagedserve")
 CPU_DEFAULT_KV_BYTES = 4 << 30  # like vLLM's VLLM_CPU_KVCACHE_SPACE default
 
 
-def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                parts: int = 2) -> int:
+    """parts: caches a layer, 2 (keys, values) or 1 (MLA's latent, read as both)."""
+    return num_layers * parts * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def _available_ram() -> int:

@@ -112,7 +112,14 @@ class ModelRunner:
         if not self.attn_layers:  # an encoder (model/bert.py): no KV cache, an empty tensor
             return (0, 2, num_blocks, self.block_size, 1, 1)
         a = self.attn_layers[0]
-        return (len(self.attn_layers), 2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        return (len(self.attn_layers), self._kv_parts(), num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+
+    def _kv_parts(self) -> int:
+        """2 caches a layer (keys, values), or 1 where values are read from the key cache (MLA)."""
+        shared = {bool(getattr(a, "kv_shared", False)) for a in self.attn_layers}
+        if len(shared) > 1:
+            raise ValueError("attention layers that share their key and value caches cannot mix with ones that do not.")
+        return 1 if shared == {True} else 2
 
     def determine_num_blocks(self) -> int:
         per_seq = -(-self.config.max_model_len // self.block_size)
@@ -120,7 +127,7 @@ class ModelRunner:
             return self.config.max_num_seqs * per_seq
         a = self.attn_layers[0]
         per_block = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
-                                          self.config.kv_dtype)
+                                          self.config.kv_dtype, self._kv_parts())
         if self.config.kv_cache_memory_bytes is not None:
             n = self.config.kv_cache_memory_bytes // per_block
             if n < 1:
@@ -155,7 +162,7 @@ class ModelRunner:
         return DecodeGraphRunner(self.model, buffers, sizes, capture=capture)
 
     def _bind(self, cache: torch.Tensor) -> None:
-        self.kv_caches = [(cache[i, 0], cache[i, 1]) for i in range(cache.shape[0])]
+        self.kv_caches = [(cache[i, 0], cache[i, -1]) for i in range(cache.shape[0])]  # (one part: v is k)
         for layer, (k, v) in zip(self.attn_layers, self.kv_caches):
             layer.k_cache, layer.v_cache = k, v
 

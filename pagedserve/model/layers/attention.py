@@ -12,7 +12,7 @@ from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0,
-                 softcap: float = 0.0, sinks: bool = False) -> None:
+                 softcap: float = 0.0, sinks: bool = False, kv_shared: bool = False) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
@@ -22,6 +22,9 @@ class PagedAttention(nn.Module):
         # GPT-OSS's learned sinks: a logit per head in the softmax's denominator, held in float32
         # (the checkpoint's values cast once; the kernels take float32).
         self.sinks = nn.Parameter(torch.empty(num_heads, dtype=torch.float32), requires_grad=False) if sinks else None
+        # One cache for keys and values (MLA: the cached latent is the key, its leading dims the
+        # value): the model runner binds v_cache to k_cache and forward's v is k.
+        self.kv_shared = kv_shared
         self.backend: Optional[AttentionBackend] = None  # bound by the model runner
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None

@@ -36,6 +36,32 @@ def select_topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.
     return torch.softmax(logits, dim=-1), ids
 
 
+def select_grouped_experts(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
+                           num_groups: int = 1, topk_groups: int = 1, correction_bias: Optional[torch.Tensor] = None,
+                           renormalize: bool = False, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's routers, in float32: scores by softmax (V2) or sigmoid (V3); with groups,
+    only the topk_groups best groups of experts compete (a group's worth: its best score, or
+    with a correction bias its two best biased scores, as V3). The bias moves the choice, not
+    the weights. Weights optionally renormalised, then scaled (routed_scaling_factor).
+    Returns (weights [T, k] float32, expert ids [T, k])."""
+    logits = router_logits.float()
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"MoE scoring function {scoring!r} is not supported; supported: softmax, sigmoid.")
+    scores = torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if num_groups > 1 and topk_groups < num_groups:
+        t, e = choice.shape
+        grouped = choice.view(t, num_groups, e // num_groups)
+        worth = grouped.topk(2, dim=-1).values.sum(-1) if correction_bias is not None else grouped.amax(-1)
+        keep = torch.zeros_like(worth, dtype=torch.bool).scatter_(1, worth.topk(topk_groups, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // num_groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, ids
+
+
 KERNEL_ACTIVATIONS = ("silu", "swigluoai")  # the fused kernel's (ops/activation.py)
 
 
