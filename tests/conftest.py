@@ -76,6 +76,13 @@ MODEL_SPECS = {
     # GPT-OSS: attention sinks, window 16 on every other layer, YaRN, biased experts with the
     # clamped SwiGLU (initializer_range 0.5 drives some past the clamp).
     "gpt_oss": ("GptOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16)),
+    # DeepSeek's latent attention and group-limited routers. V2: a plain query projection
+    # (V2-Lite), softmax router, interleaved RoPE. V3: a low-rank query, sigmoid router with
+    # its correction bias, renormalised weights, YaRN with mscale (the softmax scale moves too).
+    "deepseek_v2": ("DeepseekV2ForCausalLM", dict(num_heads=4, num_layers=3, q_lora_rank=None)),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", dict(num_heads=4, num_layers=3, rope_parameters={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8, "rope_theta": 10000.0})),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -85,7 +85,7 @@ def test_prefix_cache_hits(name, model_dirs, hf_refs):
 def test_preemption_keeps_outputs(name, model_dirs, hf_refs):
     prompts = _prompts(seed=2, lengths=(30, 45, 60, 75, 90, 105, 120, 135))
     llm_probe = LLM(model_dirs[name], block_size=8)
-    per_block = llm_probe.llm_engine.runner.kv_caches[0][0][0].numel() * 2 * 4 * len(llm_probe.llm_engine.runner.kv_caches)
+    per_block = llm_probe.llm_engine.runner.kv_block_bytes()
     del llm_probe
     # Room for the longest request and a little more, far less than the batch needs.
     blocks = -(-(135 + MAX_TOKENS) // 8) + 6

@@ -149,6 +149,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     sigmoid_router = False
+    # q_proj stays a projection of its own (no fused qkv); gate and up fuse as in Llama.
+    stacked_params = [p for p in LlamaForCausalLM.stacked_params if p[2] in ("gate", "up")]
 
     @classmethod
     def interleaved_rope(cls, cfg: Any) -> bool:

@@ -48,8 +48,8 @@ ARCH_CONFIGS = {
                                                                "original_max_position_embeddings": 256,
                                                                "rope_theta": 150000.0}}),
     # DeepSeek: latent attention (ranks, nope / rope / v head dims of their own), 8 experts in
-    # 4 groups of which 2 compete, 2 per token, a shared expert, a dense first layer.
-    "DeepseekV2ForCausalLM": ("DeepseekV2Config", {**_DEEPSEEK, "topk_method": "group_limited_greedy",
+    # 4 groups of which 2 compete (V2: 1, else its group limit changes nothing), 2 per token, a shared expert, a dense first layer.
+    "DeepseekV2ForCausalLM": ("DeepseekV2Config", {**_DEEPSEEK, "topk_method": "group_limited_greedy", "topk_group": 1,
                                                    "routed_scaling_factor": 1.5}),
     "DeepseekV3ForCausalLM": ("DeepseekV3Config", {**_DEEPSEEK, "routed_scaling_factor": 2.5,
                                                    "norm_topk_prob": True}),

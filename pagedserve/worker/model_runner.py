@@ -121,13 +121,17 @@ class ModelRunner:
             raise ValueError("attention layers that share their key and value caches cannot mix with ones that do not.")
         return 1 if shared == {True} else 2
 
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block over every layer."""
+        a = self.attn_layers[0]
+        return kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
+                                     self.config.kv_dtype, self._kv_parts())
+
     def determine_num_blocks(self) -> int:
         per_seq = -(-self.config.max_model_len // self.block_size)
         if not self.attn_layers:  # blocks cost nothing: as many as max_num_seqs full sequences use
             return self.config.max_num_seqs * per_seq
-        a = self.attn_layers[0]
-        per_block = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
-                                          self.config.kv_dtype, self._kv_parts())
+        per_block = self.kv_block_bytes()
         if self.config.kv_cache_memory_bytes is not None:
             n = self.config.kv_cache_memory_bytes // per_block
             if n < 1:
