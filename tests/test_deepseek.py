@@ -125,3 +125,45 @@ def test_missing_latent_projection_is_named(model_dirs, tmp_path):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.layers\.2\.self_attn\.kv_b_proj\.weight"):
         LLM(str(dst))
+
+
+def _dequantized(path: str, dst, block: int) -> str:
+    """The FP8 checkpoint as float32, weight x its tile's scale_inv, loaded as a plain one.
+    (transformers 5.24's FineGrainedFP8Config(dequantize=True) leaves DeepSeek-V3's q_a_proj
+    and q_b_proj off their dequantized values, so it is not the reference here.)"""
+    shutil.copytree(path, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    for name in [n for n in tensors if n.endswith(".weight_scale_inv")]:
+        w = tensors[name[: -len("_scale_inv")]].float()
+        scale = tensors.pop(name).float().repeat_interleave(block, 0).repeat_interleave(block, 1)
+        tensors[name[: -len("_scale_inv")]] = w * scale[: w.shape[0], : w.shape[1]]
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fp8_checkpoint_in_deepseek_v3s_own_format(model_dirs, tmp_path, backend):
+    """DeepSeek-V3 ships e4m3 weights with a scale per 128x128 tile (transformers' fine-grained
+    FP8; 32x32 here). On the Triton path the projections and experts stay FP8; kv_b_proj,
+    used as two matrices, is dequantized as it loads. On CPU every layer is dequantized."""
+    pytest.importorskip("triton")
+    import transformers
+    from engine_helpers import assert_greedy_matches_hf
+
+    from pagedserve.model.fp8_quantize import quantize_checkpoint
+    from pagedserve.model.layers.fp8 import FP8, Fp8Linear
+
+    path = quantize_checkpoint(model_dirs["deepseek_v3"], str(tmp_path / "fp8"), "block", (32, 32))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(_dequantized(path, tmp_path / "plain", 32),
+                                                           dtype=torch.float32).eval()
+    llm = LLM(path, attention_backend=backend, dtype="float32", block_size=8)
+    layers = llm.llm_engine.runner.model.model.layers
+    kept = backend == "triton"
+    assert isinstance(layers[0].self_attn.q_a_proj, Fp8Linear) == kept
+    assert (layers[0].self_attn.q_a_proj.weight.dtype == FP8) == kept
+    assert (layers[1].mlp.experts.w13.dtype == FP8) == kept
+    assert layers[0].self_attn.kv_b_proj.weight.dtype == torch.float32
+    assert_greedy_matches_hf(llm, hf)
