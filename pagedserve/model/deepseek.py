@@ -3,7 +3,7 @@
   kv_lora_rank vector c (normed) plus a qk_rope_head_dim key k_pe shared by every head. The
   paged cache holds just [c, k_pe] (one "head" of kv_lora_rank + qk_rope_head_dim, one cache
   read as keys and values), not per-head keys and values: 576 numbers a token for V3 against
-  128 heads x 2 x 128. Attention runs "absorbed": each head's nope query is taken into the
+  128 heads x (192 + 128). Attention runs "absorbed": each head's nope query is taken into the
   latent space through its slice of kv_b_proj (W_UK), so q . k = [q_nope W_UK, q_pe] .
   [c, k_pe]; the output, a weighted sum of latents, leaves through W_UV. Same scores and
   outputs as the expanded form transformers computes, rounded differently;
