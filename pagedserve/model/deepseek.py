@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 from torch import nn
