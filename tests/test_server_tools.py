@@ -370,3 +370,55 @@ def test_auto_with_the_qwen3_coder_parser(llama_dir):
             calls += c.choices[0].delta.tool_calls or []
             assert not c.choices[0].delta.content
         assert [(t.function.name, t.function.arguments) for t in calls] == [("get_weather", call.function.arguments)]
+
+
+DS = {"begin": "<｜tool▁calls▁begin｜>", "call": "<｜tool▁call▁begin｜>", "sep": "<｜tool▁sep｜>",
+      "end": "<｜tool▁call▁end｜>", "close": "<｜tool▁calls▁end｜>"}
+
+
+def _ds_v3(name: str, args: str) -> str:
+    return f"{DS['call']}function{DS['sep']}{name}\n```json\n{args}\n```{DS['end']}"
+
+
+def _ds_v31(name: str, args: str) -> str:
+    return f"{DS['call']}{name}{DS['sep']}{args}{DS['end']}"
+
+
+@pytest.mark.parametrize("parser, call", [("deepseek_v3", _ds_v3), ("deepseek_v31", _ds_v31)])
+def test_parse_deepseek(parser, call):
+    from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
+
+    parse, make = TOOL_PARSERS[parser]
+    text = "Let me look. " + DS["begin"] + call("get_weather", '{"city": "Paris"}') + call("f", "{}") + DS["close"]
+    content, calls = parse(text)
+    assert content == "Let me look. "
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("f", {})]
+    for bad in ("It is sunny.", DS["begin"] + call("f", "[1, 2]"), DS["begin"] + call("f", "{oops"),
+                DS["begin"] + "nothing"):
+        assert parse(bad) == (bad, [])
+    for size in (1, 3, 100):  # streamed: the content before the marker only, then the calls
+        s = make()
+        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
+        rest, got = s.finish()
+        assert streamed + rest == "Let me look. " and [c.name for c in got] == ["get_weather", "f"]
+
+
+@pytest.mark.parametrize("parser, call", [("deepseek_v3", _ds_v3), ("deepseek_v31", _ds_v31)])
+def test_auto_with_the_deepseek_parsers(llama_dir, parser, call):
+    """A reply forced (by a regex) into DeepSeek's format: the call, whole and streamed."""
+    import re
+
+    pattern = re.escape("OK" + DS["begin"] + call("get_weather", "@")).replace("@", r'\{"city": "(Paris|Rome)"\}')
+    with serving(llama_dir, MODEL, tool_call_parser=parser) as srv, openai_client(srv) as client:
+        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                      extra_body={"structured_outputs": {"regex": pattern + re.escape(DS["close"])}})
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "OK"
+        (tc,) = choice.message.tool_calls
+        assert tc.function.name == "get_weather" and json.loads(tc.function.arguments)["city"] in ("Paris", "Rome")
+        calls, content = [], ""
+        for c in client.chat.completions.create(stream=True, **kwargs):
+            calls += c.choices[0].delta.tool_calls or []
+            content += c.choices[0].delta.content or ""
+        assert content == "OK" and [(t.function.name, t.function.arguments) for t in calls] == [
+            ("get_weather", tc.function.arguments)]

@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from pagedserve.config import EngineArgs
+from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSER_NAMES
 from pagedserve.reasoning import REASONING_PARSERS
 
 
@@ -214,14 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a chat_template in requests (off: such a request is a 400)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='allow tool_choice "auto" (the model decides to call tools; needs --tool-call-parser)')
-    s.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder",
-                                                  "granite", "phi4_mini_json", "openai"],
-                   default=None,
+    s.add_argument("--tool-call-parser", choices=list(TOOL_PARSER_NAMES), default=None,
                    help="how tool calls are read from the model's text: hermes (<tool_call>{...}</tool_call>, "
                    "Hermes and Qwen2.5 models), llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), "
                    "mistral ([TOOL_CALLS][...]), pythonic ([f(x=1), ...], Llama 3.2/4), qwen3_coder "
                    "(<function=f><parameter=x>...</parameter></function>, Qwen3-Coder), granite "
-                   "(<|tool_call|>[...], Granite 3), phi4_mini_json (functools[...], Phi-4-mini) or openai (GPT-OSS's "
+                   "(<|tool_call|>[...], Granite 3), phi4_mini_json (functools[...], Phi-4-mini), deepseek_v3 / "
+                   "deepseek_v31 (<｜tool▁calls▁begin｜>..., DeepSeek-V3 / R1-0528 / V3.1) or openai (GPT-OSS's "
                    "harmony messages to=functions.NAME)")
     s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve, each under its own model name: name=path or "

@@ -22,6 +22,10 @@
     </tool_call>` blocks (Qwen3-Coder); values are raw text, typed by the tool's parameter
     schema (integer, number, boolean, object / array as JSON; without a schema, JSON if it
     reads as JSON, else text); what comes before the first block is the content.
+  - deepseek_v3: `<｜tool▁calls▁begin｜>` then per call `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`,
+    the arguments in a ```json fence, `<｜tool▁call▁end｜>` (DeepSeek-V3, R1-0528); deepseek_v31:
+    `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>` (DeepSeek-V3.1); what comes
+    before is the content; the markers are special tokens, kept in the text;
   - openai: GPT-OSS's harmony messages addressed `to=functions.NAME` (pagedserve/harmony.py
     reads them; it needs --reasoning-parser openai_gptoss, the default for GPT-OSS);
 - tool_choice "none": plain text (the tools still reach the chat template, as in vLLM)."""
@@ -351,6 +355,39 @@ def parse_qwen3_coder(text: str, tools: Optional[list] = None) -> tuple[str, lis
     return (text[:start], calls) if calls else (text, [])
 
 
+DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+_DS_V3_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:function)?<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n"
+                         r"(?P<args>.*?)\n```\s*<｜tool▁call▁end｜>", re.DOTALL)
+_DS_V31_CALL = re.compile(r"<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>(?P<args>.*?)<｜tool▁call▁end｜>",
+                          re.DOTALL)
+
+
+def _deepseek(text: str, call_re: re.Pattern) -> tuple[str, list[Call]]:
+    """(content before the calls, calls); arguments must read as a JSON object, else the
+    whole output is content (nothing the model wrote is lost)."""
+    start = text.find(DS_CALLS_BEGIN)
+    if start < 0:
+        return text, []
+    calls = []
+    for m in call_re.finditer(text, start):
+        try:
+            args = json.loads(m["args"])
+        except ValueError:
+            return text, []
+        if not isinstance(args, dict):
+            return text, []
+        calls.append(Call(m["name"].strip(), json.dumps(args, ensure_ascii=False)))
+    return (text[:start], calls) if calls else (text, [])
+
+
+def parse_deepseek_v3(text: str) -> tuple[str, list[Call]]:
+    return _deepseek(text, _DS_V3_CALL)
+
+
+def parse_deepseek_v31(text: str) -> tuple[str, list[Call]]:
+    return _deepseek(text, _DS_V31_CALL)
+
+
 # --tool-call-parser name -> (parse a whole output, make a streaming parser).
 TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]] = {
     "hermes": (parse_hermes, HermesStream),
@@ -360,6 +397,8 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "qwen3_coder": (parse_qwen3_coder, lambda: MarkerStream(HERMES_START, parse_qwen3_coder)),
     "granite": (parse_granite, lambda: OpeningStream((*GRANITE_TAGS, "["), parse_granite)),
     "phi4_mini_json": (parse_phi4_mini_json, lambda: OpeningStream((PHI4_TAG + "[",), parse_phi4_mini_json)),
+    "deepseek_v3": (parse_deepseek_v3, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v3)),
+    "deepseek_v31": (parse_deepseek_v31, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v31)),
 }
 HARMONY_TOOL_PARSER = "openai"  # GPT-OSS: calls are harmony messages, which its reasoning splitter reads
 TOOL_PARSER_NAMES = (*TOOL_PARSERS, HARMONY_TOOL_PARSER)
@@ -375,7 +414,7 @@ def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[
     bound = functools.partial(parse, tools=tools)
     return bound, lambda: MarkerStream(HERMES_START, bound)
 # Parsers that need special tokens kept in the text (their markers are special tokens).
-KEEPS_SPECIAL_TOKENS = {"mistral"}
+KEEPS_SPECIAL_TOKENS = {"mistral", "deepseek_v3", "deepseek_v31"}
 
 
 def arguments_for_template(messages: list[dict]) -> list[dict]:
