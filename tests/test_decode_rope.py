@@ -81,7 +81,8 @@ def test_decode_rope_on_gpu_benchmark_shape(segments):
 
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3", "llama3_rope", "mixtral", "qwen2_moe", "mistral_swa",
                                   "gemma2", "gemma3", "phi3", "granite", "olmo2", "smollm3",
-                                  "cohere", "glm4", "glm", "gpt_oss", "deepseek_v2", "deepseek_v3"])
+                                  "cohere", "glm4", "glm", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                                  "glm4_moe"])
 def test_engine_on_triton_backend_matches_transformers(model_dirs, hf_refs, name):
     """Every architecture through the fused decode path (MQA, qkv bias, q/k norms before the
     RoPE, Llama-3 RoPE scaling, experts): greedy tokens equal transformers' (interpreted on CPU)."""

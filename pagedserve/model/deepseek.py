@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -147,6 +147,16 @@ class DeepseekMoE(nn.Module):
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def without_mtp_layers(weights: Iterable[tuple[str, torch.Tensor]],
+                       num_layers: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint less its multi-token-prediction layers (DeepSeek-V3, GLM-4.5: numbered
+    from num_hidden_layers on), which only a speculative decoder would use."""
+    for name, tensor in weights:
+        m = _LAYER.match(name)
+        if m is None or int(m[1]) < num_layers:
+            yield name, tensor
+
+
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
     sigmoid_router = False
     # q_proj stays a projection of its own (no fused qkv); gate and up fuse as in Llama.
@@ -173,15 +183,7 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
         super().__init__(cfg, max_positions)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        n = self.config.num_hidden_layers
-
-        def main_layers() -> Iterable[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                m = _LAYER.match(name)
-                if m is None or int(m[1]) < n:  # past them: V3's multi-token-prediction layers
-                    yield name, tensor
-
-        super().load_weights(main_layers())
+        super().load_weights(without_mtp_layers(weights, self.config.num_hidden_layers))
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

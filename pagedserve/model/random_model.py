@@ -53,6 +53,12 @@ ARCH_CONFIGS = {
                                                    "routed_scaling_factor": 1.5}),
     "DeepseekV3ForCausalLM": ("DeepseekV3Config", {**_DEEPSEEK, "routed_scaling_factor": 2.5,
                                                    "norm_topk_prob": True}),
+    # GLM-4.5: DeepSeek-V3's experts (8 in 4 groups, 2 compete), q/k/v biases, q/k norms,
+    # RoPE on half of each head.
+    "Glm4MoeForCausalLM": ("Glm4MoeConfig", {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
+                                             "topk_group": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                                             "routed_scaling_factor": 2.5, "attention_bias": True,
+                                             "use_qk_norm": True}),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
@@ -135,7 +141,8 @@ def build_random_model(
         tie_word_embeddings=tie_word_embeddings, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
+                "Glm4MoeForCausalLM"):
         kwargs["moe_intermediate_size"] = intermediate_size // 2
     if arch == "Qwen2MoeForCausalLM":
         kwargs["shared_expert_intermediate_size"] = intermediate_size

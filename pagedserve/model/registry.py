@@ -14,6 +14,7 @@ _MODELS = {
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),
     "GlmForCausalLM": ("pagedserve.model.glm4", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("pagedserve.model.glm4", "Glm4ForCausalLM"),
+    "Glm4MoeForCausalLM": ("pagedserve.model.glm4_moe", "Glm4MoeForCausalLM"),
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),

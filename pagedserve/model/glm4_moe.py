@@ -1,0 +1,32 @@
+"""GLM-4.5 / 4.6 (Glm4MoeForCausalLM: GLM-4.5, 4.5-Air, 4.6): the Llama decoder with q/k/v
+biases (attention_bias; o_proj has none), optional per-head q/k norms (use_qk_norm), RoPE on
+the leading half of each head (partial_rotary_factor 0.5, split-halves style), and from layer
+first_k_dense_replace on DeepSeek-V3's mixture of experts (sigmoid router with a correction
+bias, group-limited, shared experts: model/deepseek.py). Its multi-token-prediction layers
+past num_hidden_layers are skipped."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from pagedserve.model.deepseek import DeepseekMoE, without_mtp_layers
+from pagedserve.model.llama import LlamaForCausalLM, LlamaMLP
+
+
+class Glm4MoeForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        return {"qkv_bias": bool(getattr(cfg, "attention_bias", False)), "o_bias": False,
+                "qk_norm": bool(getattr(cfg, "use_qk_norm", False))}
+
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        if layer_idx >= int(getattr(cfg, "first_k_dense_replace", 0) or 0):
+            return DeepseekMoE(cfg, sigmoid=True)
+        return LlamaMLP(cfg)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(without_mtp_layers(weights, self.config.num_hidden_layers))
