@@ -422,3 +422,44 @@ def test_auto_with_the_deepseek_parsers(llama_dir, parser, call):
             content += c.choices[0].delta.content or ""
         assert content == "OK" and [(t.function.name, t.function.arguments) for t in calls] == [
             ("get_weather", tc.function.arguments)]
+
+
+def test_parse_glm45():
+    from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS, parse_glm45
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}, "zip": {"type": "string"}}}}}
+    text = ("Checking.<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+            "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n<arg_key>zip</arg_key>\n<arg_value>75001</arg_value>\n"
+            "</tool_call><tool_call>ping</tool_call>")
+    content, calls = parse_glm45(text, _tools(tool))
+    assert content == "Checking."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": 3, "zip": "75001"}), ("ping", {})]
+    _, untyped = parse_glm45(text)  # no schema: JSON where it reads as JSON
+    assert json.loads(untyped[0].arguments)["zip"] == 75001
+    for bad in ("plain text", "<tool_call>\n<arg_key>x</arg_key><arg_value>1</arg_value></tool_call>"):
+        assert parse_glm45(bad) == (bad, [])
+    parse, make = TOOL_PARSERS["glm45"]
+    for size in (1, 4, 100):
+        s = make()
+        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
+        rest, got = s.finish()
+        assert streamed + rest == "Checking." and [c.name for c in got] == ["get_weather", "ping"]
+
+
+def test_auto_with_the_glm45_parser(llama_dir):
+    """A reply forced into GLM-4.5's format: the call with its arguments typed by the schema."""
+    regex = (r"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>(Paris|Rome)</arg_value>\n"
+             r"<arg_key>days</arg_key>\n<arg_value>[1-7]</arg_value>\n</tool_call>")
+    with serving(llama_dir, MODEL, tool_call_parser="glm45") as srv, openai_client(srv) as client:
+        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                      extra_body={"structured_outputs": {"regex": regex}})
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls"
+        (tc,) = choice.message.tool_calls
+        assert tc.function.name == "get_weather"
+        _check_weather_args(tc.function.arguments)
+        streamed = [t for c in client.chat.completions.create(stream=True, **kwargs)
+                    for t in c.choices[0].delta.tool_calls or []]
+        assert [(t.function.name, t.function.arguments) for t in streamed] == [("get_weather", tc.function.arguments)]

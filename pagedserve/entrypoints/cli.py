@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hermes and Qwen2.5 models), llama3_json ({\"name\": ..., \"parameters\": ...}, Llama 3.1/3.2), "
                    "mistral ([TOOL_CALLS][...]), pythonic ([f(x=1), ...], Llama 3.2/4), qwen3_coder "
                    "(<function=f><parameter=x>...</parameter></function>, Qwen3-Coder), granite "
-                   "(<|tool_call|>[...], Granite 3), phi4_mini_json (functools[...], Phi-4-mini), deepseek_v3 / "
+                   "(<|tool_call|>[...], Granite 3), phi4_mini_json (functools[...], Phi-4-mini), glm45 (<tool_call>NAME"
+                   "<arg_key>..., GLM-4.5 / 4.6), deepseek_v3 / "
                    "deepseek_v31 (<｜tool▁calls▁begin｜>..., DeepSeek-V3 / R1-0528 / V3.1) or openai (GPT-OSS's "
                    "harmony messages to=functions.NAME)")
     s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",

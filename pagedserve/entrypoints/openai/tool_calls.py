@@ -22,6 +22,8 @@
     </tool_call>` blocks (Qwen3-Coder); values are raw text, typed by the tool's parameter
     schema (integer, number, boolean, object / array as JSON; without a schema, JSON if it
     reads as JSON, else text); what comes before the first block is the content.
+  - glm45: `<tool_call>NAME` then `<arg_key>K</arg_key><arg_value>V</arg_value>` pairs,
+    `</tool_call>` (GLM-4.5 / 4.6); values typed by the schema as qwen3_coder's;
   - deepseek_v3: `<｜tool▁calls▁begin｜>` then per call `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`,
     the arguments in a ```json fence, `<｜tool▁call▁end｜>` (DeepSeek-V3, R1-0528); deepseek_v31:
     `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>` (DeepSeek-V3.1); what comes
@@ -355,6 +357,28 @@ def parse_qwen3_coder(text: str, tools: Optional[list] = None) -> tuple[str, lis
     return (text[:start], calls) if calls else (text, [])
 
 
+_GLM_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+_GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|\Z)", re.DOTALL)
+
+
+def parse_glm45(text: str, tools: Optional[list] = None) -> tuple[str, list[Call]]:
+    """(content, calls) of a GLM-4.5 / 4.6 output: `<tool_call>NAME` then `<arg_key>K</arg_key>
+    <arg_value>V</arg_value>` pairs, `</tool_call>`; values typed by the tool's schema as
+    qwen3_coder's. A block without a name: all content."""
+    start = text.find(HERMES_START)
+    if start < 0:
+        return text, []
+    calls = []
+    for block in _GLM_CALL.findall(text[start:]):
+        name = block.split("<arg_key>", 1)[0].strip()
+        if not name or "\n" in name or "<" in name:
+            return text, []
+        types = _schema_types(tools, name)
+        args = {k.strip(): _typed(v, types.get(k.strip(), set())) for k, v in _GLM_ARG.findall(block)}
+        calls.append(Call(name, json.dumps(args, ensure_ascii=False)))
+    return (text[:start], calls) if calls else (text, [])
+
+
 DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
 _DS_V3_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:function)?<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n"
                          r"(?P<args>.*?)\n```\s*<｜tool▁call▁end｜>", re.DOTALL)
@@ -397,13 +421,14 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "qwen3_coder": (parse_qwen3_coder, lambda: MarkerStream(HERMES_START, parse_qwen3_coder)),
     "granite": (parse_granite, lambda: OpeningStream((*GRANITE_TAGS, "["), parse_granite)),
     "phi4_mini_json": (parse_phi4_mini_json, lambda: OpeningStream((PHI4_TAG + "[",), parse_phi4_mini_json)),
+    "glm45": (parse_glm45, lambda: MarkerStream(HERMES_START, parse_glm45)),
     "deepseek_v3": (parse_deepseek_v3, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v3)),
     "deepseek_v31": (parse_deepseek_v31, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v31)),
 }
 HARMONY_TOOL_PARSER = "openai"  # GPT-OSS: calls are harmony messages, which its reasoning splitter reads
 TOOL_PARSER_NAMES = (*TOOL_PARSERS, HARMONY_TOOL_PARSER)
 # Parsers that type the arguments by the request's tool schemas (parser_for binds them).
-SCHEMA_AWARE = {"qwen3_coder"}
+SCHEMA_AWARE = {"qwen3_coder", "glm45"}
 
 
 def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]:
@@ -412,7 +437,7 @@ def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[
     if name not in SCHEMA_AWARE:
         return parse, make
     bound = functools.partial(parse, tools=tools)
-    return bound, lambda: MarkerStream(HERMES_START, bound)
+    return bound, lambda: MarkerStream(HERMES_START, bound)  # (both schema-aware formats open with <tool_call>)
 # Parsers that need special tokens kept in the text (their markers are special tokens).
 KEEPS_SPECIAL_TOKENS = {"mistral", "deepseek_v3", "deepseek_v31"}
 
