@@ -351,12 +351,15 @@ def test_parse_qwen3_coder():
     assert parse_qwen3_coder("<tool_call>\n<nonsense>") == ("<tool_call>\n<nonsense>", [])
 
 
-def test_auto_with_the_qwen3_coder_parser(llama_dir):
-    """A reply forced into Qwen3-Coder's format: the days come back as an integer because the
-    schema says so; whole and streamed alike."""
-    regex = (r"<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
-             r"<parameter=days>\n[1-7]\n</parameter>\n</function>\n</tool_call>")
-    with serving(llama_dir, MODEL, tool_call_parser="qwen3_coder") as srv, openai_client(srv) as client:
+@pytest.mark.parametrize("parser, regex", [
+    ("qwen3_coder", r"<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
+                    r"<parameter=days>\n[1-7]\n</parameter>\n</function>\n</tool_call>"),
+    ("glm45", r"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>(Paris|Rome)</arg_value>\n"
+              r"<arg_key>days</arg_key>\n<arg_value>[1-7]</arg_value>\n</tool_call>")])
+def test_auto_with_the_schema_typed_parsers(llama_dir, parser, regex):
+    """A reply forced into Qwen3-Coder's or GLM-4.5's format: the days come back as an integer
+    because the schema says so; whole and streamed alike."""
+    with serving(llama_dir, MODEL, tool_call_parser=parser) as srv, openai_client(srv) as client:
         kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
                       extra_body={"structured_outputs": {"regex": regex}})
         choice = client.chat.completions.create(**kwargs).choices[0]
@@ -446,20 +449,3 @@ def test_parse_glm45():
         streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
         rest, got = s.finish()
         assert streamed + rest == "Checking." and [c.name for c in got] == ["get_weather", "ping"]
-
-
-def test_auto_with_the_glm45_parser(llama_dir):
-    """A reply forced into GLM-4.5's format: the call with its arguments typed by the schema."""
-    regex = (r"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>(Paris|Rome)</arg_value>\n"
-             r"<arg_key>days</arg_key>\n<arg_value>[1-7]</arg_value>\n</tool_call>")
-    with serving(llama_dir, MODEL, tool_call_parser="glm45") as srv, openai_client(srv) as client:
-        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
-                      extra_body={"structured_outputs": {"regex": regex}})
-        choice = client.chat.completions.create(**kwargs).choices[0]
-        assert choice.finish_reason == "tool_calls"
-        (tc,) = choice.message.tool_calls
-        assert tc.function.name == "get_weather"
-        _check_weather_args(tc.function.arguments)
-        streamed = [t for c in client.chat.completions.create(stream=True, **kwargs)
-                    for t in c.choices[0].delta.tool_calls or []]
-        assert [(t.function.name, t.function.arguments) for t in streamed] == [("get_weather", tc.function.arguments)]
