@@ -51,7 +51,7 @@ class EngineArgs:
     # Schedule step N + 1 before step N's tokens are back (None: on CUDA, where the host work
     # then overlaps the GPU; on CPU the forward pass is the host, so there is nothing to gain).
     async_scheduling: Optional[bool] = None
-    # "qwen3" | "deepseek_r1" | "openai_gptoss": structured outputs start after the model's </think> (and the
+    # "qwen3" | "glm45" | "deepseek_r1" | "openai_gptoss": structured outputs start after the model's </think> (and the
     # server splits reasoning_content off the chat message).
     reasoning_parser: Optional[str] = None
     # vLLM's speculative_config; {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,

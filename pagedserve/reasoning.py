@@ -1,10 +1,11 @@
-"""Reasoning parsers (`pagedserve serve --reasoning-parser qwen3|deepseek_r1|openai_gptoss`,
+"""Reasoning parsers (`pagedserve serve --reasoning-parser qwen3|glm45|deepseek_r1|openai_gptoss`,
 vLLM's names): a thinking model's `<think>...</think>` goes to the chat message's
 `reasoning_content`, what follows to `content`. openai_gptoss reads GPT-OSS's harmony
 messages instead (pagedserve/harmony.py).
 
 - qwen3: the output is reasoning only if it starts with `<think>` (with enable_thinking off,
-  Qwen3's template puts an empty think block in the prompt, and the output is all content).
+  Qwen3's template puts an empty think block in the prompt, and the output is all content);
+  glm45 (GLM-4.5 / 4.6, whose template does the same) reads alike.
 - deepseek_r1: the output is reasoning from its first token (the `<think>` may be in the
   prompt) up to `</think>`.
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-REASONING_PARSERS = ("qwen3", "deepseek_r1", "openai_gptoss")
+REASONING_PARSERS = ("qwen3", "glm45", "deepseek_r1", "openai_gptoss")
+OPENS_WITH_THINK = ("qwen3", "glm45")  # reasoning only when the output opens with <think>
 REASONING_KEEPS_SPECIAL_TOKENS = ("openai_gptoss",)  # its markers are special tokens: the text keeps them
 START, END = "<think>", "</think>"
 
@@ -47,7 +49,7 @@ class ReasoningSplitter:
             raise ValueError(f"unknown reasoning parser {parser!r}; choose from {', '.join(REASONING_PARSERS)}.")
         self.parser = parser
         self.text = ""
-        self.mode: Optional[str] = None if parser == "qwen3" else "reasoning"  # None: not known yet
+        self.mode: Optional[str] = None if parser in OPENS_WITH_THINK else "reasoning"  # None: not known yet
         self.sent = 0  # characters of self.text already handed out (tags included)
 
     @classmethod
@@ -70,7 +72,7 @@ class ReasoningSplitter:
 
     def _advance(self, final: bool) -> tuple[str, str]:
         reasoning = content = ""
-        if self.mode is None:  # qwen3: does the output open with <think>?
+        if self.mode is None:  # qwen3, glm45: does the output open with <think>?
             if self.text.startswith(START):
                 self.mode, self.sent = "reasoning", len(START)
             elif final or not START.startswith(self.text):

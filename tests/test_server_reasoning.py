@@ -15,12 +15,17 @@ MODEL = "tiny-llama"
 MESSAGES = [{"role": "user", "content": "Think first."}]
 
 
+OPENS_WITH_THINK_CASES = [
+    ("<think>\nhmm\n</think>\n\nIt is 4.", ("\nhmm\n", "\n\nIt is 4.")),
+    ("It is 4.", (None, "It is 4.")),  # thinking off: no block, all content
+    ("<think>still thinking", ("still thinking", None)),  # cut short
+    ("<thin", (None, "<thin")),
+    ("<think></think>", ("", None)),
+]
+
+
 @pytest.mark.parametrize("parser, text, want", [
-    ("qwen3", "<think>\nhmm\n</think>\n\nIt is 4.", ("\nhmm\n", "\n\nIt is 4.")),
-    ("qwen3", "It is 4.", (None, "It is 4.")),  # thinking off: no block, all content
-    ("qwen3", "<think>still thinking", ("still thinking", None)),  # cut short
-    ("qwen3", "<thin", (None, "<thin")),
-    ("qwen3", "<think></think>", ("", None)),
+    *[(p, text, want) for p in ("qwen3", "glm45") for text, want in OPENS_WITH_THINK_CASES],
     ("deepseek_r1", "hmm</think>It is 4.", ("hmm", "It is 4.")),  # <think> was in the prompt
     ("deepseek_r1", "<think>hmm</think>It is 4.", ("hmm", "It is 4.")),
     ("deepseek_r1", "no end tag", ("no end tag", None)),

@@ -248,12 +248,13 @@ def test_the_grammar_starts_after_the_reasoning(thinking_model):
         LLM(path, reasoning_parser="o1")
 
 
-def test_qwen3_waits_only_for_an_output_that_opens_with_think(thinking_model, llama_dir):
-    """qwen3: a first token other than <think> starts the grammar at once (a model that does
+@pytest.mark.parametrize("parser", ["qwen3", "glm45"])
+def test_qwen3_waits_only_for_an_output_that_opens_with_think(thinking_model, llama_dir, parser):
+    """qwen3 (and glm45): a first token other than <think> starts the grammar at once (a model that does
     not think is held from the start); <think> first makes it wait for </think>. A tokenizer
     without single-token tags never waits."""
     path, (start_id, end_id) = thinking_model
-    llm = LLM(path, max_model_len=256, reasoning_parser="qwen3", async_scheduling=False)
+    llm = LLM(path, max_model_len=256, reasoning_parser=parser, async_scheduling=False)
     tok = llm.get_tokenizer()
     plain = SamplingParams(temperature=0, max_tokens=60, skip_special_tokens=False,
                            structured_outputs=dict(json=SCHEMA, disable_any_whitespace=True))
@@ -266,6 +267,6 @@ def test_qwen3_waits_only_for_an_output_that_opens_with_think(thinking_model, ll
     out = llm.generate(["What color?"], opened, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [start_id] * 12 and out.finish_reason == "length"
     assert_no_leak(llm)
-    no_tags = LLM(llama_dir, max_model_len=256, reasoning_parser="qwen3", async_scheduling=False)
+    no_tags = LLM(llama_dir, max_model_len=256, reasoning_parser=parser, async_scheduling=False)
     out = no_tags.generate(["What color?"], plain, use_tqdm=False)[0].outputs[0]
     assert _check_schema(no_tags.get_tokenizer().decode(out.token_ids, skip_special_tokens=True))

@@ -25,7 +25,7 @@ from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutpu
                                 EmbeddingRequestOutput, RequestOutput)
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.harmony import CHANNEL, ENDS, MESSAGE, START as HARMONY_START
-from pagedserve.reasoning import END as THINK_END, START as THINK_START
+from pagedserve.reasoning import END as THINK_END, OPENS_WITH_THINK, START as THINK_START
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import ModelRunner, PendingStep
@@ -173,12 +173,13 @@ class LLMEngine:
         if parser == "openai_gptoss":
             return self._harmony_gate(prompt_ids)
         start, end = (self.tokenizer.encode(t, add_special_tokens=False) for t in (THINK_START, THINK_END))
-        if len(end) != 1 or (parser == "qwen3" and len(start) != 1):
+        opens = parser in OPENS_WITH_THINK
+        if len(end) != 1 or (opens and len(start) != 1):
             return None
         last_start, last_end = _rfind(prompt_ids, start), _rfind(prompt_ids, end)
         if last_end >= 0 and last_end > last_start:
             return None
-        return ThinkGate(end[0], start[0] if parser == "qwen3" else None)
+        return ThinkGate(end[0], start[0] if opens else None)
 
     @functools.cached_property
     def _harmony(self) -> Optional[tuple[int, HarmonyGate]]:

@@ -134,7 +134,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     `limits` bound what a request may ask for; prompts are logged only with
     `enable_log_requests`. `tool_call_parser` (tool_calls.TOOL_PARSER_NAMES) enables tool_choice "auto";
     `trust_request_chat_template` lets a request bring its own chat template;
-    `reasoning_parser` ("qwen3", "deepseek_r1", "openai_gptoss"; default: the engine's) puts a
+    `reasoning_parser` ("qwen3", "glm45", "deepseek_r1", "openai_gptoss"; default: the engine's) puts a
     `<think>` block (GPT-OSS: the analysis channel) in reasoning_content. `lora_modules`:
     adapters served under their own names (the engine needs enable_lora); `allow_runtime_lora`
     adds vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serving_lora.py)."""
