@@ -291,7 +291,7 @@ def parse_phi4_mini_json(text: str) -> tuple[str, list[Call]]:
     return _json_calls(body[len(PHI4_TAG):], text)
 
 
-_QC_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+_TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)  # (Qwen3-Coder, GLM-4.5)
 _QC_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|\Z)", re.DOTALL)
 _QC_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
 
@@ -342,7 +342,7 @@ def parse_qwen3_coder(text: str, tools: Optional[list] = None) -> tuple[str, lis
     if start < 0:
         return text, []
     calls = []
-    for block in _QC_CALL.findall(text[start:]):
+    for block in _TOOL_CALL_BLOCK.findall(text[start:]):
         fn = _QC_FUNCTION.search(block)
         if fn is None:
             return text, []
@@ -357,7 +357,6 @@ def parse_qwen3_coder(text: str, tools: Optional[list] = None) -> tuple[str, lis
     return (text[:start], calls) if calls else (text, [])
 
 
-_GLM_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 _GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|\Z)", re.DOTALL)
 
 
@@ -369,7 +368,7 @@ def parse_glm45(text: str, tools: Optional[list] = None) -> tuple[str, list[Call
     if start < 0:
         return text, []
     calls = []
-    for block in _GLM_CALL.findall(text[start:]):
+    for block in _TOOL_CALL_BLOCK.findall(text[start:]):
         name = block.split("<arg_key>", 1)[0].strip()
         if not name or "\n" in name or "<" in name:
             return text, []
