@@ -7,9 +7,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+# DeepSeek-style experts (DeepSeek, GLM-4.5): 8 in 4 groups of which 2 compete, 2 per token,
+# a shared expert, a dense first layer.
+_GROUPED_EXPERTS = {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+                    "n_shared_experts": 1, "first_k_dense_replace": 1}
 _DEEPSEEK = {"kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 24,
-             "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
-             "first_k_dense_replace": 1}
+             **_GROUPED_EXPERTS}
 
 ARCH_CONFIGS = {
     "LlamaForCausalLM": ("LlamaConfig", {}),
@@ -47,17 +50,14 @@ ARCH_CONFIGS = {
                                                                "beta_slow": 1.0, "truncate": False,
                                                                "original_max_position_embeddings": 256,
                                                                "rope_theta": 150000.0}}),
-    # DeepSeek: latent attention (ranks, nope / rope / v head dims of their own), 8 experts in
-    # 4 groups of which 2 compete (V2: 1, else its group limit changes nothing), 2 per token, a shared expert, a dense first layer.
+    # DeepSeek: latent attention (ranks, nope / rope / v head dims of their own) and grouped
+    # experts (V2: 1 group competes, else its best-score group limit changes nothing).
     "DeepseekV2ForCausalLM": ("DeepseekV2Config", {**_DEEPSEEK, "topk_method": "group_limited_greedy", "topk_group": 1,
                                                    "routed_scaling_factor": 1.5}),
     "DeepseekV3ForCausalLM": ("DeepseekV3Config", {**_DEEPSEEK, "routed_scaling_factor": 2.5,
                                                    "norm_topk_prob": True}),
-    # GLM-4.5: DeepSeek-V3's experts (8 in 4 groups, 2 compete), q/k/v biases, q/k norms,
-    # RoPE on half of each head.
-    "Glm4MoeForCausalLM": ("Glm4MoeConfig", {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4,
-                                             "topk_group": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
-                                             "routed_scaling_factor": 2.5, "attention_bias": True,
+    # GLM-4.5: DeepSeek-V3's grouped experts, q/k/v biases, q/k norms, RoPE on half of each head.
+    "Glm4MoeForCausalLM": ("Glm4MoeConfig", {**_GROUPED_EXPERTS, "routed_scaling_factor": 2.5, "attention_bias": True,
                                              "use_qk_norm": True}),
 }
 
