@@ -74,6 +74,10 @@ class EngineArgs:
     # {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"]}
     # runs a causal LM as a classifier on those tokens' logits (Qwen3-Reranker).
     hf_overrides: Optional[dict] = None
+    # vLLM's limit_mm_per_prompt: {"image": k} admits at most k images a prompt for a
+    # vision-language model (LLaVA); {"image": 0} serves it text-only, its vision tower not
+    # loaded. Default: no limit but the context length.
+    limit_mm_per_prompt: Optional[dict] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -193,6 +197,7 @@ class EngineArgs:
                 raise ValueError("attention_backend='triton' needs CUDA; on CPU it runs only in Triton's "
                                  "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
+        max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner)
         return EngineConfig(
             model=self.model,
             tokenizer=self.tokenizer or self.model,
@@ -224,7 +229,24 @@ class EngineArgs:
             runner=runner,
             pooler=pooler,
             pooling_task=task if runner == "pooling" else None,
+            max_images_per_prompt=max_images,
         )
+
+
+def _max_images(limit: Optional[dict], hf_config: Any, runner: str) -> int:
+    """Images a prompt may carry: 0 for a model without an image path (or limited to 0)."""
+    from pagedserve.multimodal.processor import IMAGE_ARCHITECTURES
+
+    if limit is not None:
+        if not isinstance(limit, dict) or set(limit) - {"image"}:
+            raise ValueError(f"limit_mm_per_prompt must be a dict like {{'image': 2}} (images are the only "
+                             f"modality here), got {limit!r}.")
+        v = limit.get("image", 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"limit_mm_per_prompt['image'] must be a non-negative integer, got {v!r}.")
+    if getattr(hf_config, "multimodal_architecture", None) not in IMAGE_ARCHITECTURES or runner != "generate":
+        return 0
+    return (1 << 30) if limit is None or "image" not in limit else limit["image"]
 
 
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
@@ -289,6 +311,7 @@ class EngineConfig:
     pooling_task: Optional[str] = None  # "embed" | "classify", with runner "pooling"
     classifier_token_ids: Optional[list[int]] = None  # classifier_from_token, resolved by the engine
     num_gpu_blocks: int = 0  # set once the KV cache is sized
+    max_images_per_prompt: int = 0  # 0: no image inputs (a text model, or limit_mm_per_prompt 0)
 
     @property
     def vocab_size(self) -> int:

@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, U
 
 from pagedserve.config import EngineArgs
 from pagedserve.engine.engine import LLMEngine, PromptType
+from pagedserve.errors import ParamError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -225,7 +226,14 @@ class AsyncLLM:
         """Tokenize and validate a prompt; returns {"prompt_token_ids", "prompt"}. Raises
         ValueError for a request that can never run, EngineDeadError when the engine is gone."""
         self._check_alive()
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        features: list = []
+        if self.engine.mm_processor is not None or (isinstance(prompt, dict)
+                                                    and prompt.get("multi_modal_data") is not None):
+            # (images are decoded off the event loop; a text prompt's placeholders are checked)
+            text, ids, features = await self.run_tokenizer(self.engine.process_inputs, prompt)
+            if params.truncate_prompt_tokens is not None and features:
+                raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, ids = self.engine.process_prompt(prompt)
         else:
             text, ids = await self.run_tokenizer(self.engine.process_prompt, prompt)
@@ -242,6 +250,8 @@ class AsyncLLM:
             ids, text = ids[-params.truncate_prompt_tokens:], None  # the text no longer matches
             types = types[-params.truncate_prompt_tokens:] if types is not None else None
         out = {"prompt_token_ids": ids, "prompt": text}
+        if features:
+            out["mm_features"] = features
         if types is not None:
             out["token_type_ids"] = types
         return out

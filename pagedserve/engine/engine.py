@@ -21,6 +21,8 @@ from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import ParamError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.hf_config import generation_eos_ids, layer_windows
+from pagedserve.multimodal.inputs import ImageFeature
+from pagedserve.multimodal.processor import IMAGE_ARCHITECTURES, ImageInputProcessor
 from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                 EmbeddingRequestOutput, RequestOutput)
 from pagedserve.pooling_params import PoolingParams
@@ -41,6 +43,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer)
         config.classifier_token_ids = self._classifier_token_ids()
         self.runner = ModelRunner(config)
+        self.mm_processor: Optional[ImageInputProcessor] = None  # a vision-language model's images
+        if config.max_images_per_prompt > 0:
+            self.mm_processor = ImageInputProcessor(config.model, config.max_images_per_prompt)
         maybe_inject_step_failure(self.runner)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
@@ -89,10 +94,14 @@ class LLMEngine:
 
     # ---- input side -------------------------------------------------------------------
     def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
-        """A text prompt, or vLLM's TokensPrompt {"prompt_token_ids": [...]} -> (text, ids)."""
+        """A text prompt, or vLLM's TokensPrompt {"prompt_token_ids": [...]} -> (text, ids).
+        Images (multi_modal_data) are for process_inputs: here they are refused, not dropped."""
         if isinstance(prompt, str):
             return prompt, self.encode(prompt, "prompt")
         if isinstance(prompt, dict):
+            if prompt.get("multi_modal_data") is not None:
+                raise ParamError("multi_modal_data", "images are accepted by text generation only "
+                                 "(LLM.generate / LLM.chat, chat completions).")
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
@@ -102,6 +111,41 @@ class LLMEngine:
                 return prompt["prompt"], self.encode(prompt["prompt"], "prompt")
         raise ParamError("prompt", "a prompt must be a string or a dict with 'prompt_token_ids', "
                          f"got {type(prompt).__name__}.")
+
+    def process_inputs(self, prompt: PromptType) -> tuple[Optional[str], list[int], list[ImageFeature]]:
+        """process_prompt, plus a vision-language prompt's images (vLLM's
+        {"prompt": ..., "multi_modal_data": {"image": image or [images]}}): each image's
+        placeholder token expanded to its embedding rows (multimodal/processor.py). A prompt
+        processed already (AsyncLLM.preprocess, LLM.generate) carries its "mm_features"."""
+        if isinstance(prompt, dict) and "mm_features" in prompt:
+            text, ids = self.process_prompt({k: v for k, v in prompt.items() if k != "mm_features"})
+            return text, ids, list(prompt["mm_features"])
+        data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        if data is not None:
+            prompt = {k: v for k, v in prompt.items() if k != "multi_modal_data"}
+        text, ids = self.process_prompt(prompt)
+        if data is not None and (not isinstance(data, dict) or set(data) - {"image"}):
+            raise ParamError("multi_modal_data", "multi_modal_data must be {'image': an image or a list of images}.")
+        images = (data or {}).get("image", [])
+        if self.mm_processor is None:
+            if data is not None and images not in ([], ()):
+                raise ParamError("multi_modal_data", "this model takes no images" + (
+                    " (limit_mm_per_prompt is 0)." if self._drops_images() else "."))
+            return text, ids, []
+        ids, features = self.mm_processor.process(ids, images)
+        return text, ids, features
+
+    def _drops_images(self) -> bool:
+        return getattr(self.config.hf_config, "multimodal_architecture", None) in IMAGE_ARCHITECTURES
+
+    def prepare(self, prompt: PromptType, params: SamplingParams) -> dict:
+        """A generation prompt processed (text, ids, images) and validated; the dict
+        add_request takes back without doing it again."""
+        text, ids, features = self.process_inputs(prompt)
+        self.validate(ids, params)
+        if features and params.truncate_prompt_tokens is not None:
+            raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
+        return {"prompt_token_ids": ids, "prompt": text, "mm_features": features}
 
     def encode(self, text: str, param: str, **kwargs: Any) -> list[int]:
         """Tokenize; text that is not valid Unicode (lone surrogates, which JSON can carry)
@@ -303,8 +347,10 @@ class LLMEngine:
                     "classify": "a sequence classifier (LLM.classify, /classify)"}[self.config.pooling_task]
             raise ParamError("model", f"this is {what}: it does not generate text.")
         params = (params or SamplingParams()).clone()
-        text, ids = self.process_prompt(prompt)
+        text, ids, features = self.process_inputs(prompt)
         max_tokens = self.validate(ids, params)
+        if features and params.truncate_prompt_tokens is not None:
+            raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
         self.check_lora(lora_request)
         grammar = self.compile_grammar(params)
         if params.truncate_prompt_tokens is not None:
@@ -327,7 +373,7 @@ class LLMEngine:
                 if i > 0:
                     child_params.prompt_logprobs = None  # reported once, by the first sample
             child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
-                            cache_salt, lora_request)
+                            cache_salt, lora_request, features)
             child.max_tokens = max_tokens
             if grammar is not None:  # each sample walks the grammar on its own
                 child.grammar = self.grammar_compiler.matcher(grammar, think)

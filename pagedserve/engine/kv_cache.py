@@ -139,7 +139,7 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], req.hash_extra if i == 0 else None))
+            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], req.block_hash_extra(i, bs)))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 from pagedserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from pagedserve.engine.grammar import GrammarState
     from pagedserve.lora.request import LoRARequest
+    from pagedserve.multimodal.inputs import ImageFeature
     from pagedserve.pooling_params import PoolingParams
 
 
@@ -53,6 +54,7 @@ class Request:
         arrival_time: Optional[float] = None,
         cache_salt: Optional[str] = None,
         lora_request: Optional["LoRARequest"] = None,
+        mm_features: Sequence["ImageFeature"] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -65,6 +67,9 @@ class Request:
         self.token_type_ids: Optional[list[int]] = None
         # The first block's extra hash key: a request's KV depends on its adapter too.
         self.hash_extra = cache_salt if lora_request is None else f"{cache_salt or ''}\x00lora:{lora_request.lora_int_id}"
+        # The prompt's images (multimodal/inputs.py), in prompt order: their placeholders'
+        # embeddings come from the vision encoder, and their hashes key the blocks they cover.
+        self.mm_features = tuple(mm_features)
 
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -97,6 +102,16 @@ class Request:
         # requests whose sampling reads nothing else per position (no logprobs, rules, penalties).
         self._may_speculate = (p.logprobs is None and not self.needs_output_history and not self.has_logit_rules
                                and p.allowed_token_ids is None)
+
+    def block_hash_extra(self, i: int, block_size: int) -> Optional[str]:
+        """The extra hash key of full block i: the first block's salt / adapter, and the hash of
+        every image with a placeholder in the block (same tokens, other pixels: other KV)."""
+        extra = self.hash_extra if i == 0 else None
+        lo, hi = i * block_size, (i + 1) * block_size
+        images = [f.hash for f in self.mm_features if f.offset < hi and f.offset + f.length > lo]
+        if images:
+            extra = f"{extra or ''}\x00image:" + ",".join(images)
+        return extra
 
     @property
     def speculates(self) -> bool:

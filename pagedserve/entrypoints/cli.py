@@ -66,6 +66,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-overrides", type=_json_dict, default=None,
                    help="config.json values to replace, JSON (e.g. a causal LM as a reranker: "
                    '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"]}\')')
+    p.add_argument("--limit-mm-per-prompt", type=_json_dict, default=None,
+                   help='images a prompt may carry for a vision-language model (LLaVA), JSON: \'{"image": 2}\'; '
+                   '\'{"image": 0}\' serves it text-only, without loading its vision tower (default: no limit)')
     p.add_argument("--pooler-config", type=_json_dict, default=None,
                    help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
     p.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,

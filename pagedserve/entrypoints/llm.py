@@ -10,6 +10,7 @@ from pagedserve.config import EngineArgs
 from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
+from pagedserve.multimodal.chat_parts import split_images
 from pagedserve.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
                                 ScoringRequestOutput)
 from pagedserve.pooling_params import PoolingParams
@@ -63,6 +64,7 @@ class LLM:
         tok = self.get_tokenizer()
         prompts = []
         for conv in convs:
+            conv, images = split_images(conv)
             try:
                 text = tok.apply_chat_template(conv, chat_template=chat_template, tokenize=False,
                                                add_generation_prompt=add_generation_prompt,
@@ -71,7 +73,8 @@ class LLM:
             except Exception as e:  # jinja and transformers raise many types for a bad conversation
                 raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
             # The template already holds the special tokens it wants.
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False),
+                            **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def embed(
@@ -160,12 +163,11 @@ class LLM:
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         staged = []
         for prompt, params, lora in zip(prompts, params_list, loras):
-            text, ids = engine.process_prompt(prompt)
-            engine.validate(ids, params)
+            prepared = engine.prepare(prompt, params)
             engine.check_lora(lora)
             params = params.clone()
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            staged.append(({"prompt_token_ids": ids, "prompt": text}, params, lora))
+            staged.append((prepared, params, lora))
         order = {}
         try:
             for i, (prompt, params, lora) in enumerate(staged):

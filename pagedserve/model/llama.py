@@ -145,8 +145,11 @@ class LlamaModel(nn.Module):
         self.norm = norm if norm is not None else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale: Optional[float] = None  # Granite's embedding_multiplier
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """inputs_embeds: the tokens' embeddings given (image placeholders replaced by the
+        vision encoder's outputs), instead of looked up from input_ids."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embed_scale is not None:
             x = x * self.embed_scale
         residual = None
@@ -205,8 +208,12 @@ class LlamaForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, inputs_embeds)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

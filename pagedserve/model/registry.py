@@ -50,7 +50,14 @@ _TEXT_OF_MULTIMODAL = {
                                         ("model.language_model.", "model.")],
                                        ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                                         "model.multi_modal_projector.")),
+    # LLaVA-1.5 and its kin: a Llama / Mistral / Qwen2 decoder (by text_config.model_type); its
+    # images run through multimodal/llava.py.
+    "LlavaForConditionalGeneration": (None, [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                                             ("model.language_model.", "model.")],
+                                      ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                       "model.multi_modal_projector.")),
 }
+_TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def text_model_config(hf_config: Any) -> Any:
@@ -59,7 +66,11 @@ def text_model_config(hf_config: Any) -> Any:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if archs and archs[0] in _TEXT_OF_MULTIMODAL:
         text = hf_config.text_config
-        text.architectures = [_TEXT_OF_MULTIMODAL[archs[0]][0]]
+        arch = _TEXT_OF_MULTIMODAL[archs[0]][0] or _TEXT_BY_MODEL_TYPE.get(text.model_type)
+        if arch is None:
+            raise ValueError(f"{archs[0]} with a {text.model_type!r} language model is not supported; "
+                             f"supported: {', '.join(_TEXT_BY_MODEL_TYPE)}.")
+        text.architectures = [arch]
         text.multimodal_architecture = archs[0]
         return text
     return hf_config

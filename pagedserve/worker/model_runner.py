@@ -22,6 +22,7 @@ from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
+from pagedserve.worker.encoder_cache import EncoderCache
 from pagedserve.worker.pooling import PoolingStates
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
@@ -98,6 +99,13 @@ class ModelRunner:
             if installed:
                 logger.info("small-batch GEMV kernel on layer shapes %s", installed)
         self.pooling = PoolingStates(config.pooler) if config.runner == "pooling" else None
+        self.encoder_cache: Optional[EncoderCache] = None  # a vision-language model's image embeddings
+        if config.max_images_per_prompt > 0:
+            from pagedserve.multimodal.llava import LlavaImageEncoder
+            from pagedserve.multimodal.processor import load_full_config
+
+            encoder = LlavaImageEncoder.load(load_full_config(config.model), config.model, config.dtype, config.device)
+            self.encoder_cache = EncoderCache(encoder, config.device, config.dtype)
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
@@ -192,6 +200,9 @@ class ModelRunner:
             block_size=self.block_size,
         )
         with torch.inference_mode():
+            if self.encoder_cache is not None:  # one image's encoder activations too
+                size = self.encoder_cache.encoder.config.vision_config.image_size
+                self.encoder_cache.encoder(torch.zeros(1, 3, size, size, dtype=cfg.dtype, device=dev))
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
             if self.model.lm_head is not None:  # none in a pooling model
                 rows = torch.arange(cfg.max_num_seqs, device=dev) % n
@@ -208,6 +219,8 @@ class ModelRunner:
                 self.lora.release(rid)
             if self.pooling is not None:
                 self.pooling.drop(rid)
+            if self.encoder_cache is not None:
+                self.encoder_cache.release(rid)
 
     # ---- one step -----------------------------------------------------------------------
     def launch(self, out: SchedulerOutput) -> "PendingStep":
@@ -242,7 +255,8 @@ class ModelRunner:
             self.lora_state.runs = self._lora_runs(order, host.qsl)
         with torch.inference_mode():
             patch = self._pending_token_patch(host.pending_rows)
-            hidden = self._forward(host, patch)
+            images = self.encoder_cache.step_rows(order, host.qsl) if self.encoder_cache is not None else None
+            hidden = self._forward(host, patch, images)
             if not rows:
                 return PendingStep(ModelRunnerOutput())
             # Sampling's host work (per-row tensors, grammar masks) runs while the GPU does
@@ -448,16 +462,24 @@ class ModelRunner:
                 runs.append((adapter, to_device(rows, torch.long, self.device)))
         return runs
 
-    def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None) -> torch.Tensor:
+    def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None,
+                 images: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay when the step is decode-only and
-        fits a captured bucket, else an eager pass. `patch` overwrites pending input tokens."""
-        if self.graphs is not None and host.decode_only and len(host.seq_lens) <= self.graphs.max_size:
+        fits a captured bucket, else an eager pass. `patch` overwrites pending input tokens;
+        `images` (rows, embeddings) replaces image placeholders' embeddings (a one-token
+        prompt chunk looks like a decode row, hence no graph then)."""
+        if (images is None and self.graphs is not None and host.decode_only
+                and len(host.seq_lens) <= self.graphs.max_size):
             return self.graphs.run(host.input_ids, host.positions, host.slots,
                                    np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch)
         ids, positions, meta = self._device_inputs(host)
         if patch is not None:
             apply_patch(ids, patch)
-        return self.model(ids, positions, meta)
+        if images is None:
+            return self.model(ids, positions, meta)
+        embeds = self.model.embed_input_ids(ids)
+        embeds[images[0]] = images[1].to(embeds.dtype)
+        return self.model(ids, positions, meta, inputs_embeds=embeds)
 
     def _host_inputs(self, order: list[ScheduledRequest]) -> HostInputs:
         """The step's flat inputs; `order` has its decode rows first. Decode rows (one token

@@ -311,6 +311,19 @@ class TextContentPart(OpenAIBaseModel):
     text: Text
 
 
+class ImageURL(OpenAIBaseModel):
+    url: str  # a data:image/...;base64 URL or an http(s) URL (multimodal/inputs.py load_image)
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted; LLaVA has one resolution
+
+
+class ImageURLContentPart(OpenAIBaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextContentPart, ImageURLContentPart], Field(discriminator="type")]
+
+
 # OpenAI's roles; anything else is refused rather than handed to the chat template.
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
@@ -320,12 +333,14 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Role
-    content: Optional[Union[Text, list[TextContentPart]]] = None
+    content: Optional[Union[Text, list[ContentPart]]] = None
     name: Optional[Text] = None
 
     def for_template(self) -> dict[str, Any]:
+        """The message as a dict; a list of parts stays a list only where it holds an image
+        (multimodal/chat_parts.py split_images), else it is joined: templates want strings."""
         msg = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):  # the templates we know want plain strings
+        if isinstance(self.content, list) and not any(p.type == "image_url" for p in self.content):
             msg["content"] = "".join(p.text for p in self.content)
         elif self.content is None:
             msg["content"] = ""

@@ -53,8 +53,9 @@ class OpenAIServingChat(OpenAIServing):
         # A place in the queue now (503 before rendering, and before any stream starts).
         reservation = self.llm.reserve()
         try:
-            text, ids = await self.render_chat(req, truncating=params.truncate_prompt_tokens is not None)
-            prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, params)
+            text, ids, images = await self.render_chat(req, truncating=params.truncate_prompt_tokens is not None)
+            prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text,
+                                                **({"multi_modal_data": {"image": images}} if images else {})}, params)
         except ParamError as e:
             reservation.release()
             raise self._chat_param(e, req) from None
@@ -78,7 +79,9 @@ class OpenAIServingChat(OpenAIServing):
         choice (pagedserve/beam_search.py); not streamed."""
         try:
             self.limits.check_sampling(req)
-            text, ids = await self.render_chat(req, truncating=req.truncate_prompt_tokens is not None)
+            text, ids, images = await self.render_chat(req, truncating=req.truncate_prompt_tokens is not None)
+            if images:
+                raise ParamError("use_beam_search", "beam search takes no images.")
             bparams = req.chat_beam_search_params(max(1, self.max_model_len - len(ids)))
             check = SamplingParams(max_tokens=bparams.max_tokens, truncate_prompt_tokens=req.truncate_prompt_tokens)
             prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text}, check)

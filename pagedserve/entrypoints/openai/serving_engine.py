@@ -19,6 +19,7 @@ from pagedserve.lora.request import LoRARequest
 from pagedserve.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInfo, ErrorResponse, PromptLogprob,
                                                     PromptLogprobsJSON, PromptTokenUsageInfo, UsageInfo)
 from pagedserve.entrypoints.openai.tool_calls import arguments_for_template
+from pagedserve.multimodal.chat_parts import split_images
 from pagedserve.errors import ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs
 from pagedserve.sampling_params import SamplingParams
@@ -173,8 +174,9 @@ class OpenAIServing:
         return requested
 
     async def render_chat(self, req: ChatTemplateFields, add_special_tokens: bool = False,
-                          truncating: bool = True) -> tuple[str, list[int]]:
-        """Messages -> (prompt text, token ids) with the server's or the tokenizer's template.
+                          truncating: bool = True) -> tuple[str, list[int], list[Any]]:
+        """Messages -> (prompt text, token ids, image sources) with the server's or the
+        tokenizer's template; each image part is rendered as the template's placeholder.
         Unless `truncating`, a rendered prompt too long to fit the context is refused untokenized."""
         tok = self.llm.tokenizer
         template = self.chat_template
@@ -186,7 +188,8 @@ class OpenAIServing:
         if template is None and not getattr(tok, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; start the server with --chat-template.")
         extra = {k: v for k, v in (req.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
-        messages = arguments_for_template([m.for_template() for m in req.messages])
+        messages, images = split_images([m.for_template() for m in req.messages])
+        messages = arguments_for_template(messages)
         tools = getattr(req, "tools", None)  # chat completions: the template may describe them
         if tools:
             extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
@@ -201,7 +204,8 @@ class OpenAIServing:
             self.limits.check_prompt_chars(text, "messages", truncating)
             return text, self.llm.engine.encode(text, "messages", add_special_tokens=add_special_tokens)
 
-        return await self.llm.run_tokenizer(render)
+        text, ids = await self.llm.run_tokenizer(render)
+        return text, ids, images
 
 
 def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> UsageInfo:

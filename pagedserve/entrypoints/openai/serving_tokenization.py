@@ -13,7 +13,10 @@ class OpenAIServingTokenization(OpenAIServing):
         self.model_name(req.model)
         tok = self.llm.tokenizer
         if isinstance(req, TokenizeChatRequest):
-            _, ids = await self.render_chat(req, add_special_tokens=req.add_special_tokens)
+            text, ids, images = await self.render_chat(req, add_special_tokens=req.add_special_tokens)
+            if images:  # counted as the engine will see them: each placeholder expanded
+                prompt = {"prompt_token_ids": ids, "prompt": text, "multi_modal_data": {"image": images}}
+                ids = (await self.llm.run_tokenizer(self.llm.engine.process_inputs, prompt))[1]
         else:
             ids = await self.llm.run_tokenizer(tok.encode, req.prompt, add_special_tokens=req.add_special_tokens)
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None

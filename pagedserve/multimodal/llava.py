@@ -1,0 +1,69 @@
+"""LLaVA's image path: the vision tower (transformers' own CLIP / SigLIP vision model), the
+chosen hidden layer(s), and the two-layer projector into the language model's embeddings.
+It runs once per image, outside the paged decoder, so the reference modules are used as they
+are rather than rewritten."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedserve.model.loader import iterate_safetensors
+
+# Checkpoint names (transformers 5's "model."-prefixed and the older bare ones) -> ours.
+_PREFIXES = (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
+             ("model.multi_modal_projector.", "multi_modal_projector."),
+             ("multi_modal_projector.", "multi_modal_projector."))
+
+
+class LlavaImageEncoder(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        self.config = cfg
+        self.vision_tower = AutoModel.from_config(cfg.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(cfg)
+
+    @classmethod
+    def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device) -> "LlavaImageEncoder":
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                enc = cls(cfg)
+        finally:
+            torch.set_default_dtype(old)
+        # The vision model's own names: "vision_model.embeddings..." (hub checkpoints, and the
+        # module in transformers 4) or "embeddings..." (the module in transformers 5).
+        nested = any(k.startswith("vision_tower.vision_model.") for k in enc.state_dict())
+        state = {}
+        for name, tensor in iterate_safetensors(model_dir, dtype, device):
+            for piece, ours in _PREFIXES:
+                if name.startswith(piece):
+                    rest = name[len(piece):]
+                    if ours == "vision_tower.":
+                        rest = ("vision_model." if nested else "") + rest.removeprefix("vision_model.")
+                    state[ours + rest] = tensor
+                    break
+        missing, unexpected = enc.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.endswith("position_ids")]  # a buffer some versions do not save
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint's vision weights do not fit {cfg.vision_config.model_type}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        return enc.eval().requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, tokens per image, text hidden size], as transformers'
+        LlavaModel.get_image_features."""
+        cfg = self.config
+        out = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        layers = cfg.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        chosen = [out.hidden_states[i] for i in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            chosen = [h[:, 1:] for h in chosen]
+        return self.multi_modal_projector(torch.cat(chosen, dim=-1))

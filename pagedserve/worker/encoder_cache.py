@@ -1,0 +1,71 @@
+"""Image embeddings for a step's prefill chunks: the vision encoder runs on an image the
+first time a chunk covers any of its placeholders, and its output stays, keyed by the
+image's hash, until no request holding that image remains (chunked prefill, preemption and
+n > 1 siblings reuse it; an image served from the prefix cache is never encoded)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from pagedserve.engine.scheduler import ScheduledRequest
+from pagedserve.worker.device_io import to_device
+
+
+class EncoderCache:
+    def __init__(self, encoder: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.encoder = encoder
+        self.device = device
+        self.dtype = dtype
+        self.embeddings: dict[str, torch.Tensor] = {}  # image hash -> [tokens, hidden]
+        self.users: dict[str, set[str]] = {}  # image hash -> request ids holding it
+        self.held: dict[str, list[str]] = {}  # request id -> its image hashes
+
+    def step_rows(self, order: Sequence[ScheduledRequest],
+                  qsl: Sequence[int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(flat rows, their embeddings) of the step's image placeholders, or None."""
+        spans = []  # (flat row, feature, first and last+1 placeholder index)
+        for i, s in enumerate(order):
+            for f in getattr(s.request, "mm_features", ()):
+                lo, hi = max(s.start, f.offset), min(s.end, f.offset + f.length)
+                if lo < hi:
+                    spans.append((qsl[i] + lo - s.start, f, lo - f.offset, hi - f.offset))
+                    self._hold(s.request.request_id, f.hash)
+        if not spans:
+            return None
+        self._encode([f for _, f, _, _ in spans if f.hash not in self.embeddings])
+        rows = [r + j for r, _, a, b in spans for j in range(b - a)]
+        values = torch.cat([self.embeddings[f.hash][a:b] for _, f, a, b in spans])
+        return to_device(rows, torch.long, self.device), values
+
+    def _hold(self, rid: str, h: str) -> None:
+        users = self.users.setdefault(h, set())
+        if rid not in users:
+            users.add(rid)
+            self.held.setdefault(rid, []).append(h)
+
+    def _encode(self, features: list) -> None:
+        """Run the encoder once per distinct image size over the images not cached yet."""
+        todo = {f.hash: f for f in features}
+        by_shape: dict[tuple, list] = {}
+        for f in todo.values():
+            by_shape.setdefault(tuple(f.pixel_values.shape), []).append(f)
+        for group in by_shape.values():
+            pixels = torch.stack([f.pixel_values for f in group]).to(self.device, self.dtype)
+            out = self.encoder(pixels)
+            for f, emb in zip(group, out):
+                if emb.shape[0] != f.length:
+                    raise RuntimeError(f"the vision encoder gave {emb.shape[0]} embeddings for an image with "
+                                       f"{f.length} placeholders")
+                self.embeddings[f.hash] = emb
+
+    def release(self, rid: str) -> None:
+        for h in self.held.pop(rid, ()):
+            users = self.users.get(h)
+            if users is not None:
+                users.discard(rid)
+                if not users:
+                    del self.users[h]
+                    self.embeddings.pop(h, None)
