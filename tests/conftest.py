@@ -153,6 +153,16 @@ class HFReference:
 
 
 @pytest.fixture(scope="session")
+def llava_dir(tokenizer_dir, tmp_path_factory) -> str:
+    """A random LLaVA (tests/test_multimodal_llava.py): 56-pixel images in 14-pixel patches,
+    16 placeholders an image (the class token dropped)."""
+    from pagedserve.model.random_model import build_random_llava
+
+    path = str(tmp_path_factory.mktemp("llava"))
+    return build_random_llava(path, tokenizer_dir, image_size=56, initializer_range=0.5)
+
+
+@pytest.fixture(scope="session")
 def hf_refs(model_dirs) -> dict[str, HFReference]:
     return {name: HFReference(path) for name, path in model_dirs.items()}
 

@@ -28,15 +28,6 @@ def _image(seed: int, size=(50, 40)):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tokenizer_dir, tmp_path_factory) -> str:
-    from pagedserve.model.random_model import build_random_llava
-
-    path = str(tmp_path_factory.mktemp("llava"))
-    # 56-pixel images in 14-pixel patches: 16 placeholders an image (the class token dropped)
-    return build_random_llava(path, tokenizer_dir, image_size=56, initializer_range=0.5)
-
-
 class LlavaReference:
     """transformers' LlavaForConditionalGeneration and LlavaProcessor, greedy, float32."""
 

@@ -210,7 +210,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.model(input_ids, positions, meta, inputs_embeds)
+        if inputs_embeds is None:  # (decoders other than LlamaModel take no embeddings)
+            return self.model(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta, inputs_embeds=inputs_embeds)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

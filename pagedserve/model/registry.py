@@ -71,6 +71,11 @@ def text_model_config(hf_config: Any) -> Any:
             raise ValueError(f"{archs[0]} with a {text.model_type!r} language model is not supported; "
                              f"supported: {', '.join(_TEXT_BY_MODEL_TYPE)}.")
         text.architectures = [arch]
+        for name in ("dtype", "torch_dtype"):  # a text_config without its own dtype has the checkpoint's
+            top = getattr(hf_config, name, None)
+            if top is not None and getattr(text, name, None) is None:
+                setattr(text, name, top)
+                break
         text.multimodal_architecture = archs[0]
         return text
     return hf_config

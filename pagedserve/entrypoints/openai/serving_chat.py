@@ -132,7 +132,7 @@ class OpenAIServingChat(OpenAIServing):
     @staticmethod
     def _chat_param(e: ParamError, req: ChatCompletionRequest) -> ParamError:
         """The engine names the prompt and max_tokens; a chat request calls them otherwise."""
-        names = {"prompt": "messages", "logprobs": "top_logprobs",
+        names = {"prompt": "messages", "multi_modal_data": "messages", "logprobs": "top_logprobs",
                  "max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"}
         if e.param in names:
             return ParamError(names[e.param], str(e))
