@@ -35,9 +35,12 @@ class LlavaReference:
         from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
         self.model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        cfg = self.model.config
+        cls_token = int(cfg.vision_config.model_type == "clip_vision_model")
         self.processor = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(path),
                                         tokenizer=AutoTokenizer.from_pretrained(path), patch_size=14,
-                                        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                        num_additional_image_tokens=cls_token)
 
     def inputs(self, text: str, images: list) -> tuple[list[int], torch.Tensor]:
         enc = self.processor(text=text, images=images or None, return_tensors="pt")
@@ -86,6 +89,25 @@ def test_placeholders_expand_as_transformers_processor_does(llava_dir, reference
     assert len(starts) == 2 and ids.count(token) == 32
     assert [(f.offset, f.length) for f in feats] == [(i, 16) for i in starts]
     torch.testing.assert_close(torch.stack([f.pixel_values for f in feats]), pixels)
+    # Ids already expanded are taken as they are.
+    again = llm.llm_engine.prepare({"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, _params())
+    assert again["prompt_token_ids"] == ids and [f.offset for f in again["mm_features"]] == starts
+
+
+def test_siglip_tower_full_features_qwen2_decoder(tokenizer_dir, tmp_path):
+    """A SigLIP tower (no class token), every feature kept ("full"), two feature layers
+    concatenated, on a Qwen2 decoder."""
+    from pagedserve.model.random_model import build_random_llava
+
+    path = build_random_llava(str(tmp_path), tokenizer_dir, text_model_type="qwen2", vision="siglip", image_size=42,
+                              select_strategy="full", feature_layer=[-2, -1], initializer_range=0.5)
+    ref = LlavaReference(path)
+    llm = LLM(path, block_size=8, max_num_batched_tokens=16)
+    images = [_image(1), _image(2)]
+    out = llm.generate({"prompt": PROMPT_2, "multi_modal_data": {"image": images}}, _params(logprobs=0),
+                       use_tqdm=False)[0]
+    assert out.prompt_token_ids.count(llm.llm_engine.mm_processor.token_id) == 2 * 9  # 3 x 3 patches each
+    _check(ref.greedy(PROMPT_2, images), out)
 
 
 @pytest.mark.parametrize("chunk", [8, 64])
@@ -204,6 +226,11 @@ def test_bad_image_inputs_are_named(llava_dir, llama_dir):
     with pytest.raises(ValueError, match="truncated"):
         llm.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": _image(1)}},
                      _params(truncate_prompt_tokens=10), use_tqdm=False)
+    from pagedserve.sampling_params import BeamSearchParams
+
+    with pytest.raises(ValueError, match="text generation only"):
+        llm.beam_search([{"prompt": PROMPT_1, "multi_modal_data": {"image": _image(1)}}],
+                        BeamSearchParams(beam_width=2, max_tokens=2))
     assert not eng.has_unfinished_requests() and eng.kv.pool.num_free_blocks == eng.kv.num_blocks
     text_only = LLM(llama_dir, block_size=8)
     with pytest.raises(ValueError, match="takes no images"):

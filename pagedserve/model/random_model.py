@@ -181,10 +181,11 @@ _LLAVA_TEXT_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen
 def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_model_type: str = "llama",
                        image_size: int = 28, patch_size: int = 14, select_strategy: str = "default",
                        feature_layer: Any = -2, initializer_range: float = 0.02, seed: int = 0,
-                       dtype: str = "float32") -> str:
-    """A random LlavaForConditionalGeneration directory: a small CLIP vision tower, the
-    projector, a Llama / Mistral / Qwen2 decoder, the tokenizer with an `<image>` token and
-    a LLaVA-style chat template, and a CLIP image processor (preprocessor_config.json)."""
+                       dtype: str = "float32", vision: str = "clip") -> str:
+    """A random LlavaForConditionalGeneration directory: a small CLIP (or SigLIP) vision
+    tower, the projector, a Llama / Mistral / Qwen2 decoder, the tokenizer with an `<image>`
+    token and a LLaVA-style chat template, and the tower's image processor
+    (preprocessor_config.json)."""
     import torch
     import transformers
 
@@ -198,9 +199,10 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, bos_token_id=None)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=image_size, patch_size=patch_size)
-    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
+    tower = {"clip": transformers.CLIPVisionConfig, "siglip": transformers.SiglipVisionConfig}[vision](
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch_size)
+    cfg = transformers.LlavaConfig(vision_config=tower, text_config=text,
                                    image_token_index=tok.convert_tokens_to_ids("<image>"),
                                    vision_feature_select_strategy=select_strategy, vision_feature_layer=feature_layer)
     cfg.architectures = ["LlavaForConditionalGeneration"]
@@ -208,6 +210,10 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
     model = transformers.LlavaForConditionalGeneration(cfg).to(getattr(torch, dtype))
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
-                                    crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    if vision == "clip":
+        processor = transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                    crop_size={"height": image_size, "width": image_size})
+    else:
+        processor = transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    processor.save_pretrained(path)
     return path

@@ -62,7 +62,8 @@ class ImageInputProcessor:
         self.token_id = image_token_id(self.config)
         self.max_images = max_images
 
-    def process(self, ids: list[int], images: Any, field: str = "multi_modal_data") -> tuple[list[int], list[ImageFeature]]:
+    def process(self, ids: list[int], images: Any,
+                field: str = "multi_modal_data") -> tuple[list[int], list[ImageFeature]]:
         images = images if isinstance(images, (list, tuple)) else [images]
         if len(images) > self.max_images:
             raise ParamError(field, f"at most {self.max_images} images a prompt are accepted (limit_mm_per_prompt), "
