@@ -247,3 +247,15 @@ def test_limit_zero_serves_text_only(llava_dir, reference):
         llm.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": _image(1)}}, _params(), use_tqdm=False)
     out = llm.generate("USER: no picture here. ASSISTANT:", _params(logprobs=0), use_tqdm=False)[0]
     _check(reference.greedy("USER: no picture here. ASSISTANT:", []), out)
+
+
+def test_random_model_cli_builds_a_llava(tmp_path, capsys):
+    from pagedserve.entrypoints.cli import main as cli_main
+
+    path = str(tmp_path / "llava")
+    assert cli_main(["random-model", path, "--arch", "LlavaForConditionalGeneration"]) == 0
+    llm = LLM(path, block_size=8)
+    outs = llm.generate([{"prompt": PROMPT_1, "multi_modal_data": {"image": _image(i)}} for i in (1, 2)], _params(),
+                        use_tqdm=False)
+    assert all(o.prompt_token_ids.count(llm.llm_engine.mm_processor.token_id) == 16 for o in outs)
+    assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)

@@ -126,8 +126,12 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _random_model(ns: argparse.Namespace) -> int:
-    from pagedserve.model.random_model import build_random_model
+    from pagedserve.model.random_model import build_random_llava, build_random_model
 
+    if ns.arch == "LlavaForConditionalGeneration":  # a tiny CLIP tower on a tiny Llama: images in 16 tokens
+        build_random_llava(ns.path, image_size=56, seed=ns.seed, dtype=ns.dtype)
+        print(ns.path)
+        return 0
     build_random_model(ns.path, ns.arch, hidden_size=ns.hidden_size, intermediate_size=ns.intermediate_size,
                        num_layers=ns.num_layers, num_heads=ns.num_heads, num_kv_heads=ns.num_kv_heads,
                        vocab_size=ns.vocab_size, tokenizer_vocab=ns.tokenizer_vocab, seed=ns.seed, dtype=ns.dtype)
@@ -238,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("random-model", help="write a random-weight model directory (for tests and benchmarks)")
     r.add_argument("path")
-    r.add_argument("--arch", default="LlamaForCausalLM")
+    r.add_argument("--arch", default="LlamaForCausalLM",
+                   help="a causal LM's architecture, or LlavaForConditionalGeneration (a tiny vision-language model)")
     r.add_argument("--hidden-size", type=int, default=64)
     r.add_argument("--intermediate-size", type=int, default=128)
     r.add_argument("--num-layers", type=int, default=2)
