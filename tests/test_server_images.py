@@ -136,3 +136,21 @@ def test_an_image_for_a_text_model_is_a_400(llama_dir):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="tiny-llama", messages=_messages(_data_url(1)), max_tokens=4)
         assert "takes no images" in e.value.body["message"]
+
+
+def test_responses_input_image(client, offline, server):
+    want = offline.chat(_messages(_data_url(4)), SamplingParams(temperature=0, max_tokens=8),
+                        use_tqdm=False)[0].outputs[0].text
+    content = [{"type": "input_image", "image_url": _data_url(4)}, {"type": "input_text", "text": QUESTION}]
+    r = client.responses.create(model=MODEL, input=[{"role": "user", "content": content}], max_output_tokens=8,
+                                temperature=0)
+    assert r.output_text == want
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+            {"type": "input_image", "file_id": "file-123"}, {"type": "input_text", "text": QUESTION}]}])
+    assert "file_id" in e.value.body["message"] and e.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "data:image/png;base64,%%%"}]}])
+    assert "base64" in e.value.body["message"]
+    assert server.llm.engine.kv.pool.num_free_blocks == server.llm.engine.kv.num_blocks

@@ -6,8 +6,9 @@ parsing are chat's own), and the chat reply becomes output items: `reasoning`, `
 
 Responses are kept in memory (the last `store_size`, unless `store: false`), for
 GET /v1/responses/{id} and for `previous_response_id`, which continues a stored
-conversation. Not served: `background` (a 400), built-in tools (web search, file search,
-code interpreter), image and file inputs."""
+conversation. User messages may hold `input_image` parts (image URLs, for a vision-language
+model). Not served: `background` (a 400), built-in tools (web search, file search, code
+interpreter), file inputs and images by file_id."""
 
 from __future__ import annotations
 
@@ -51,6 +52,24 @@ def _text(content: Any, where: str) -> str:
     return "".join(parts)
 
 
+def _content(content: Any, where: str) -> Union[str, list[dict]]:
+    """A message's content: plain text, or chat parts where it holds `input_image` parts
+    (an image URL: a data: or http(s) URL, as chat's image_url parts take)."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "input_image"
+                                                for p in content):
+        return _text(content, where)
+    parts: list[dict] = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            url = part.get("image_url")
+            if not isinstance(url, str):
+                raise ParamError("input", f"{where}: an input_image needs image_url (file_id is not supported).")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            parts.append({"type": "text", "text": _text([part], where)})
+    return parts
+
+
 def input_messages(items: Union[str, list[dict]]) -> list[dict]:
     """Responses input items -> chat messages. A reasoning item and the function calls that
     follow it join one assistant message (reasoning_content, tool_calls), as chat has them."""
@@ -67,7 +86,7 @@ def input_messages(items: Union[str, list[dict]]) -> list[dict]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise ParamError("input", f"{where}: role must be user, system, developer or assistant, got {role!r}.")
-            text = _text(item.get("content"), where)
+            text = _content(item.get("content"), where) if role == "user" else _text(item.get("content"), where)
             if role == "assistant" and turn is not None and turn.get("content") is None:
                 turn["content"] = text
             else:
