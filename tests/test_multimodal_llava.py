@@ -16,6 +16,8 @@ import torch
 from conftest import Reference, assert_greedy_matches
 from pagedserve import LLM, SamplingParams
 
+pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
+
 PROMPT_1 = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 PROMPT_2 = "USER: <image>\nand <image>\nWhich of the two is larger? ASSISTANT:"
 MAX_TOKENS = 8
@@ -259,3 +261,17 @@ def test_random_model_cli_builds_a_llava(tmp_path, capsys):
                         use_tqdm=False)
     assert all(o.prompt_token_ids.count(llm.llm_engine.mm_processor.token_id) == 16 for o in outs)
     assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)
+
+
+@pytest.mark.gpu
+def test_images_on_cuda_with_graphs(llava_dir, reference):
+    """On CUDA: the Triton backend with decode graphs (image steps run eagerly), the KV pool
+    sized by a profile pass that includes the encoder, float32 against transformers on CPU."""
+    llm = LLM(llava_dir, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=16,
+              max_num_seqs=8, gpu_memory_utilization=0.3)
+    assert llm.llm_engine.runner.graphs is not None
+    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (90, 30))])]
+    outs = llm.generate([{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in cases], _params(logprobs=0),
+                        use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        _check(reference.greedy(text, images), out, lp_tol=2e-2)
