@@ -130,12 +130,12 @@ class LLMEngine:
         if self.mm_processor is None:
             if data is not None and images not in ([], ()):
                 raise ParamError("multi_modal_data", "this model takes no images" + (
-                    " (limit_mm_per_prompt is 0)." if self._drops_images() else "."))
+                    " (limit_mm_per_prompt is 0)." if self._is_image_model() else "."))
             return text, ids, []
         ids, features = self.mm_processor.process(ids, images)
         return text, ids, features
 
-    def _drops_images(self) -> bool:
+    def _is_image_model(self) -> bool:
         return getattr(self.config.hf_config, "multimodal_architecture", None) in IMAGE_ARCHITECTURES
 
     def prepare(self, prompt: PromptType, params: SamplingParams) -> dict:
