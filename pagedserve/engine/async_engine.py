@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, Union
 
 from pagedserve.config import EngineArgs
-from pagedserve.engine.engine import LLMEngine, PromptType
-from pagedserve.errors import ParamError
+from pagedserve.engine.engine import LLMEngine, PromptType, refuse_truncated_images
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -231,8 +230,7 @@ class AsyncLLM:
                                                     and prompt.get("multi_modal_data") is not None):
             # (images are decoded off the event loop; a text prompt's placeholders are checked)
             text, ids, features = await self.run_tokenizer(self.engine.process_inputs, prompt)
-            if params.truncate_prompt_tokens is not None and features:
-                raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
+            refuse_truncated_images(features, params)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             text, ids = self.engine.process_prompt(prompt)
         else:

@@ -143,8 +143,7 @@ class LLMEngine:
         add_request takes back without doing it again."""
         text, ids, features = self.process_inputs(prompt)
         self.validate(ids, params)
-        if features and params.truncate_prompt_tokens is not None:
-            raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
+        refuse_truncated_images(features, params)
         return {"prompt_token_ids": ids, "prompt": text, "mm_features": features}
 
     def encode(self, text: str, param: str, **kwargs: Any) -> list[int]:
@@ -349,8 +348,7 @@ class LLMEngine:
         params = (params or SamplingParams()).clone()
         text, ids, features = self.process_inputs(prompt)
         max_tokens = self.validate(ids, params)
-        if features and params.truncate_prompt_tokens is not None:
-            raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
+        refuse_truncated_images(features, params)
         self.check_lora(lora_request)
         grammar = self.compile_grammar(params)
         if params.truncate_prompt_tokens is not None:
@@ -477,6 +475,12 @@ class _InFlight:
 
 
 HARMONY_MARKERS = (HARMONY_START, CHANNEL, MESSAGE, *ENDS)
+
+
+def refuse_truncated_images(features: list[ImageFeature], params: Union[SamplingParams, PoolingParams]) -> None:
+    """Truncating from the left could cut an image's placeholders apart from its embeddings."""
+    if features and params.truncate_prompt_tokens is not None:
+        raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
 
 
 def _rfind(seq: list[int], sub: list[int]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -22,10 +22,11 @@ from pagedserve.model.layers.mxfp4 import Mxfp4Format
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
 
 
-def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device,
-                        cast: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint; floating ones in `dtype` unless not `cast` (FP8
-    checkpoints: layers/fp8.py casts what it does not keep)."""
+def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device, cast: bool = True,
+                        keep: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint (those whose name `keep` accepts: the others are not
+    read); floating ones in `dtype` unless not `cast` (FP8 checkpoints: layers/fp8.py casts
+    what it does not keep)."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
@@ -36,6 +37,8 @@ def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
+                    if keep is not None and not keep(name):
+                        continue
                     t = f.get_tensor(name)
                     yield name, (t.to(dtype) if cast and t.is_floating_point() else t).to(device)
         except ValueError:

@@ -41,7 +41,9 @@ class LlavaImageEncoder(nn.Module):
         # module in transformers 4) or "embeddings..." (the module in transformers 5).
         nested = any(k.startswith("vision_tower.vision_model.") for k in enc.state_dict())
         state = {}
-        for name, tensor in iterate_safetensors(model_dir, dtype, device):
+        pieces = tuple(piece for piece, _ in _PREFIXES)
+        # (only the vision weights are read: the decoder's are the text model's to load)
+        for name, tensor in iterate_safetensors(model_dir, dtype, device, keep=lambda n: n.startswith(pieces)):
             for piece, ours in _PREFIXES:
                 if name.startswith(piece):
                     rest = name[len(piece):]
