@@ -235,7 +235,7 @@ class EngineArgs:
 
 def _max_images(limit: Optional[dict], hf_config: Any, runner: str) -> int:
     """Images a prompt may carry: 0 for a model without an image path (or limited to 0)."""
-    from pagedserve.multimodal.processor import IMAGE_ARCHITECTURES
+    from pagedserve.multimodal.processor import takes_images
 
     if limit is not None:
         if not isinstance(limit, dict) or set(limit) - {"image"}:
@@ -244,7 +244,7 @@ def _max_images(limit: Optional[dict], hf_config: Any, runner: str) -> int:
         v = limit.get("image", 0)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"limit_mm_per_prompt['image'] must be a non-negative integer, got {v!r}.")
-    if getattr(hf_config, "multimodal_architecture", None) not in IMAGE_ARCHITECTURES or runner != "generate":
+    if not takes_images(hf_config) or runner != "generate":
         return 0
     return (1 << 30) if limit is None or "image" not in limit else limit["image"]
 

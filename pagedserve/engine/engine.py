@@ -22,7 +22,7 @@ from pagedserve.errors import ParamError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.hf_config import generation_eos_ids, layer_windows
 from pagedserve.multimodal.inputs import ImageFeature
-from pagedserve.multimodal.processor import IMAGE_ARCHITECTURES, ImageInputProcessor
+from pagedserve.multimodal.processor import ImageInputProcessor, takes_images
 from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                                 EmbeddingRequestOutput, RequestOutput)
 from pagedserve.pooling_params import PoolingParams
@@ -130,13 +130,10 @@ class LLMEngine:
         if self.mm_processor is None:
             if data is not None and images not in ([], ()):
                 raise ParamError("multi_modal_data", "this model takes no images" + (
-                    " (limit_mm_per_prompt is 0)." if self._is_image_model() else "."))
+                    " (limit_mm_per_prompt is 0)." if takes_images(self.config.hf_config) else "."))
             return text, ids, []
         ids, features = self.mm_processor.process(ids, images)
         return text, ids, features
-
-    def _is_image_model(self) -> bool:
-        return getattr(self.config.hf_config, "multimodal_architecture", None) in IMAGE_ARCHITECTURES
 
     def prepare(self, prompt: PromptType, params: SamplingParams) -> dict:
         """A generation prompt processed (text, ids, images) and validated; the dict

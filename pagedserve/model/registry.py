@@ -81,6 +81,11 @@ def text_model_config(hf_config: Any) -> Any:
     return hf_config
 
 
+def non_text_prefixes(architecture: str) -> tuple[str, ...]:
+    """The checkpoint name prefixes of a vision-language model's vision tower and projector."""
+    return _TEXT_OF_MULTIMODAL[architecture][2]
+
+
 def checkpoint_names(hf_config: Any) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     """(renamed pieces, skipped prefixes) of the checkpoint a text config was taken from."""
     entry = _TEXT_OF_MULTIMODAL.get(getattr(hf_config, "multimodal_architecture", None) or "")

@@ -11,11 +11,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.loader import iterate_safetensors
-
-# Checkpoint names (transformers 5's "model."-prefixed and the older bare ones) -> ours.
-_PREFIXES = (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-             ("model.multi_modal_projector.", "multi_modal_projector."),
-             ("multi_modal_projector.", "multi_modal_projector."))
+from pagedserve.model.registry import non_text_prefixes
 
 
 class LlavaImageEncoder(nn.Module):
@@ -41,16 +37,15 @@ class LlavaImageEncoder(nn.Module):
         # module in transformers 4) or "embeddings..." (the module in transformers 5).
         nested = any(k.startswith("vision_tower.vision_model.") for k in enc.state_dict())
         state = {}
-        pieces = tuple(piece for piece, _ in _PREFIXES)
-        # (only the vision weights are read: the decoder's are the text model's to load)
+        # Only the weights the text model skips are read (transformers 5 puts them under
+        # "model.", older checkpoints bare).
+        pieces = non_text_prefixes("LlavaForConditionalGeneration")
         for name, tensor in iterate_safetensors(model_dir, dtype, device, keep=lambda n: n.startswith(pieces)):
-            for piece, ours in _PREFIXES:
-                if name.startswith(piece):
-                    rest = name[len(piece):]
-                    if ours == "vision_tower.":
-                        rest = ("vision_model." if nested else "") + rest.removeprefix("vision_model.")
-                    state[ours + rest] = tensor
-                    break
+            name = name.removeprefix("model.")
+            if name.startswith("vision_tower."):
+                rest = name[len("vision_tower."):].removeprefix("vision_model.")
+                name = "vision_tower." + ("vision_model." if nested else "") + rest
+            state[name] = tensor
         missing, unexpected = enc.load_state_dict(state, strict=False)
         missing = [m for m in missing if not m.endswith("position_ids")]  # a buffer some versions do not save
         if missing or unexpected:

@@ -16,6 +16,11 @@ IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 _CLS_TOWERS = ("clip_vision_model",)
 
 
+def takes_images(text_config: Any) -> bool:
+    """Whether the engine's (text) config comes from a vision-language model whose images run here."""
+    return getattr(text_config, "multimodal_architecture", None) in IMAGE_ARCHITECTURES
+
+
 def load_full_config(model_dir: str) -> Any:
     """The vision-language config.json whole (the engine's hf_config is its text part)."""
     from transformers import AutoConfig

@@ -28,7 +28,7 @@ class EncoderCache:
         """(flat rows, their embeddings) of the step's image placeholders, or None."""
         spans = []  # (flat row, feature, first and last+1 placeholder index)
         for i, s in enumerate(order):
-            for f in getattr(s.request, "mm_features", ()):
+            for f in s.request.mm_features:
                 lo, hi = max(s.start, f.offset), min(s.end, f.offset + f.length)
                 if lo < hi:
                     spans.append((qsl[i] + lo - s.start, f, lo - f.offset, hi - f.offset))
