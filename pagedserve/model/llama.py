@@ -13,7 +13,7 @@ from pagedserve.model.hf_config import layer_windows
 from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE, moe_graph_safe
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
-from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.layers.rotary import RotaryEmbedding, make_rotary
 from pagedserve.model.weights import check_complete, copy_into, load_shared_perm
 
 
@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
         if self.rotary is None:
             return self.o_proj(self.attn(q, k, v, meta))
         if self.attn.fuses_rope and self.rotary.use_triton and not self.rotary.partial:  # RoPE in the KV write
-            return self.o_proj(self.attn(q, k, v, meta, rope=(positions, self.rotary.cos_sin)))
+            return self.o_proj(self.attn(q, k, v, meta, rope=self.rotary.lookup(positions)))
         q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -139,7 +139,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: Any, max_positions: int, make_layer: Callable[[RotaryEmbedding, int, int], nn.Module],
                  norm: Optional[nn.Module] = None) -> None:
         super().__init__()
-        rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions)
+        rotary = make_rotary(cfg, _head_dim(cfg), max_positions)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(make_layer(rotary, i, w) for i, w in enumerate(layer_windows(cfg)))
         self.norm = norm if norm is not None else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

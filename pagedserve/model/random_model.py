@@ -217,3 +217,63 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
         processor = transformers.SiglipImageProcessor(size={"height": image_size, "width": image_size})
     processor.save_pretrained(path)
     return path
+
+
+# A Qwen2-VL-style ChatML template: each image part becomes <|vision_start|><|image_pad|><|vision_end|>.
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, version: str = "2",
+                          min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64, window_size: int = 56,
+                          mrope_section: tuple = (2, 3, 3), initializer_range: float = 0.02, seed: int = 0,
+                          dtype: str = "float32") -> str:
+    """A random Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration
+    ("2.5") directory: a small vision transformer (2.5: window attention in all but its last
+    block) with its 2x2 patch merger, a Qwen2 decoder with M-RoPE and random q/k/v biases,
+    the tokenizer with <|vision_start|> <|image_pad|> <|vision_end|> and a ChatML template,
+    and the image processor (preprocessor_config.json; images resized to min..max_pixels)."""
+    import torch
+    import transformers
+
+    if tokenizer_dir is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        tok = build_tokenizer(path)
+    tok.add_tokens(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"], special_tokens=True)
+    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, initializer_range=initializer_range,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        arch = "Qwen2VLForConditionalGeneration"
+    elif version == "2.5":
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[2])
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        arch = "Qwen2_5_VLForConditionalGeneration"
+    else:
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}.")
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=pad, vision_start_token_id=start,
+                     vision_end_token_id=end)
+    cfg.architectures = [arch]
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    with torch.no_grad():  # transformers starts biases at zero: drawn, so a model ignoring one differs
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "visual" not in name:
+                p.normal_(0.0, initializer_range)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    tok.save_pretrained(path)
+    transformers.Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(path)
+    return path

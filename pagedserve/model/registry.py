@@ -56,6 +56,12 @@ _TEXT_OF_MULTIMODAL = {
                                              ("model.language_model.", "model.")],
                                       ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                                        "model.multi_modal_projector.")),
+    # Qwen2-VL, Qwen2.5-VL: the Qwen2 decoder with M-RoPE (model/layers/rotary.py); images
+    # through multimodal/qwen2_vl.py. Hub checkpoints keep the decoder under "model." already.
+    "Qwen2VLForConditionalGeneration": ("Qwen2ForCausalLM", [("model.language_model.", "model.")],
+                                        ("visual.", "model.visual.")),
+    "Qwen2_5_VLForConditionalGeneration": ("Qwen2ForCausalLM", [("model.language_model.", "model.")],
+                                           ("visual.", "model.visual.")),
 }
 _TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -65,7 +71,7 @@ def text_model_config(hf_config: Any) -> Any:
     architecture), else the config unchanged."""
     archs = list(getattr(hf_config, "architectures", None) or [])
     if archs and archs[0] in _TEXT_OF_MULTIMODAL:
-        text = hf_config.text_config
+        text = getattr(hf_config, "text_config", None) or hf_config  # flat in older Qwen2-VL configs
         arch = _TEXT_OF_MULTIMODAL[archs[0]][0] or _TEXT_BY_MODEL_TYPE.get(text.model_type)
         if arch is None:
             raise ValueError(f"{archs[0]} with a {text.model_type!r} language model is not supported; "

@@ -8,7 +8,7 @@ import hashlib
 import io
 import urllib.request
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -25,13 +25,16 @@ class ImageFeature:
 
     offset: int  # the first placeholder's position in the prompt
     length: int  # placeholder tokens: the vision encoder's output rows for this image
-    pixel_values: torch.Tensor  # [3, H, W] float32, as the model's image processor made them
+    # As the model's image processor made them, float32: [3, H, W] (LLaVA), or the image's
+    # flattened patches [t * h * w, C * patch volume] (Qwen2-VL) with their grid.
+    pixel_values: torch.Tensor
     hash: str  # of the pixels: the key of the prefix cache and of the runner's encoder cache
+    grid_thw: Optional[tuple[int, int, int]] = None  # (time, height, width) in patches (Qwen2-VL)
 
     @staticmethod
-    def pixel_hash(pixels: torch.Tensor) -> str:
+    def pixel_hash(pixels: torch.Tensor, grid_thw: Optional[tuple[int, int, int]] = None) -> str:
         t = pixels.detach().to("cpu", torch.float32).contiguous()
-        h = hashlib.sha256(str(tuple(t.shape)).encode())
+        h = hashlib.sha256(str((tuple(t.shape), grid_thw)).encode())
         h.update(t.numpy().tobytes())
         return h.hexdigest()
 

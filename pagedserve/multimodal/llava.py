@@ -5,13 +5,15 @@ are rather than rewritten."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from pagedserve.model.loader import iterate_safetensors
 from pagedserve.model.registry import non_text_prefixes
+from pagedserve.multimodal.inputs import ImageFeature
+from pagedserve.multimodal.processor import tokens_per_image
 
 
 class LlavaImageEncoder(nn.Module):
@@ -52,6 +54,27 @@ class LlavaImageEncoder(nn.Module):
             raise ValueError(f"the checkpoint's vision weights do not fit {cfg.vision_config.model_type}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
         return enc.eval().requires_grad_(False)
+
+    def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:
+        """Each image's embeddings [its placeholders, text hidden size]; one pass per image size."""
+        param = next(self.parameters())
+        out: dict[int, torch.Tensor] = {}
+        by_shape: dict[tuple, list[int]] = {}
+        for i, f in enumerate(features):
+            by_shape.setdefault(tuple(f.pixel_values.shape), []).append(i)
+        for group in by_shape.values():
+            pixels = torch.stack([features[i].pixel_values for i in group]).to(param.device, param.dtype)
+            out.update(zip(group, self(pixels)))
+        return [out[i] for i in range(len(features))]
+
+    def profile_features(self, max_tokens: int) -> list[ImageFeature]:
+        """One image at the tower's size (every image is resized to it)."""
+        size = self.config.vision_config.image_size
+        n = tokens_per_image(self.config, size, size)
+        return [ImageFeature(0, n, torch.zeros(3, size, size), "profile")]
+
+    def rope_positions(self, num_prompt: int, features: Sequence[ImageFeature]) -> None:
+        return None  # plain positions
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, tokens per image, text hidden size], as transformers'

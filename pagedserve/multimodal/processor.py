@@ -1,17 +1,22 @@
 """A prompt's images -> pixel values and placeholder tokens, as the model's Hugging Face
-processor lays them out: each image's one placeholder token (LLaVA's `<image>`) becomes as
-many placeholders as the vision encoder gives it embeddings."""
+processor lays them out: each image's one placeholder token (LLaVA's `<image>`, Qwen2-VL's
+`<|image_pad|>`) becomes as many placeholders as the vision encoder gives it embeddings
+(a fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen2-VL)."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Optional, Sequence
 
+import torch
+
 from pagedserve.errors import ParamError
 from pagedserve.multimodal.inputs import ImageFeature, load_image
 
 # Vision-language architectures whose images pagedserve runs (multimodal/llava.py).
-IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -44,11 +49,16 @@ def tokens_per_image(cfg: Any, height: int, width: int) -> int:
     return n
 
 
-def check_image_model(cfg: Any) -> None:
+def architecture(cfg: Any) -> str:
     archs = list(getattr(cfg, "architectures", None) or [])
-    if not archs or archs[0] not in IMAGE_ARCHITECTURES:
-        raise ValueError(f"images are supported for {', '.join(IMAGE_ARCHITECTURES)}, not {archs}.")
-    if cfg.vision_feature_select_strategy not in ("default", "full"):
+    return archs[0] if archs else ""
+
+
+def check_image_model(cfg: Any) -> None:
+    arch = architecture(cfg)
+    if arch not in IMAGE_ARCHITECTURES:
+        raise ValueError(f"images are supported for {', '.join(IMAGE_ARCHITECTURES)}, not {arch!r}.")
+    if arch in LLAVA_ARCHITECTURES and cfg.vision_feature_select_strategy not in ("default", "full"):
         raise ValueError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} is not supported.")
 
 
@@ -66,6 +76,20 @@ class ImageInputProcessor:
         self.hf = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
         self.token_id = image_token_id(self.config)
         self.max_images = max_images
+        self.qwen_vl = architecture(self.config) in QWEN_VL_ARCHITECTURES
+
+    def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, int, Optional[tuple[int, int, int]]]]:
+        """(pixel values, placeholder tokens, patch grid) of each image."""
+        out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt")
+        if not self.qwen_vl:
+            pixels = out["pixel_values"]
+            n = tokens_per_image(self.config, *pixels.shape[-2:])
+            return [(p, n, None) for p in pixels]
+        # Every image's patches in one [sum of t*h*w, dim] tensor; its grid says how many are its own.
+        merge = self.config.vision_config.spatial_merge_size
+        grids = [tuple(int(v) for v in g) for g in out["image_grid_thw"]]
+        sizes = [t * h * w for t, h, w in grids]
+        return [(p, size // merge**2, g) for p, size, g in zip(out["pixel_values"].split(sizes), sizes, grids)]
 
     def process(self, ids: list[int], images: Any,
                 field: str = "multi_modal_data") -> tuple[list[int], list[ImageFeature]]:
@@ -78,27 +102,47 @@ class ImageInputProcessor:
             if runs:
                 raise ParamError(field, f"the prompt has image placeholders (token {self.token_id}) but no images.")
             return ids, []
-        pixels = self.hf(images=[load_image(im, field).convert("RGB") for im in images],
-                         return_tensors="pt")["pixel_values"]
-        n = tokens_per_image(self.config, *pixels.shape[-2:])
-        # A run of placeholders is one image's single token, or images already expanded.
-        counts = [1 if length == 1 else length // n if length % n == 0 else -1 for _, length in runs]
-        if -1 in counts or sum(counts) != len(images):
+        prepared = self._pixels(list(images), field)
+        counts = _images_per_run([length for _, length in runs], [n for _, n, _ in prepared])
+        if counts is None:
+            sizes = sorted({n for _, n, _ in prepared})
             raise ParamError(field, f"the prompt has {len(runs)} runs of image placeholder tokens for {len(images)} "
-                             f"images: write one placeholder per image (each becomes {n} tokens).")
+                             f"images: write one placeholder per image (each becomes as many tokens as the "
+                             f"encoder gives it: {', '.join(map(str, sizes))} here).")
         out: list[int] = []
         features: list[ImageFeature] = []
         at = 0
         k = 0
         for (start, length), count in zip(runs, counts):
             out += ids[at:start]
-            for _ in range(count):
-                features.append(ImageFeature(len(out), n, pixels[k], ImageFeature.pixel_hash(pixels[k])))
+            for pixels, n, grid in prepared[k:k + count]:
+                features.append(ImageFeature(len(out), n, pixels, ImageFeature.pixel_hash(pixels, grid), grid))
                 out += [self.token_id] * n
-                k += 1
+            k += count
             at = start + length
         out += ids[at:]
         return out, features
+
+
+def _images_per_run(runs: list[int], sizes: list[int]) -> Optional[list[int]]:
+    """How many images each run of placeholders stands for: one placeholder is one image; a
+    longer run is images already expanded, whose sizes must add up to it exactly. None if
+    the runs and the images do not fit."""
+    counts: list[int] = []
+    k = 0
+    for length in runs:
+        if length == 1 and k < len(sizes) and sizes[k] != 1:
+            counts.append(1)
+            k += 1
+            continue
+        total, start = 0, k
+        while total < length and k < len(sizes):
+            total += sizes[k]
+            k += 1
+        if total != length or k == start:
+            return None
+        counts.append(k - start)
+    return counts if k == len(sizes) else None
 
 
 def placeholder_runs(ids: Sequence[int], token: int) -> list[tuple[int, int]]:

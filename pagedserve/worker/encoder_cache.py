@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,7 @@ class EncoderCache:
         self.embeddings: dict[str, torch.Tensor] = {}  # image hash -> [tokens, hidden]
         self.users: dict[str, set[str]] = {}  # image hash -> request ids holding it
         self.held: dict[str, list[str]] = {}  # request id -> its image hashes
+        self.positions: dict[str, Optional[tuple[np.ndarray, int]]] = {}  # request id -> its M-RoPE positions
 
     def step_rows(self, order: Sequence[ScheduledRequest],
                   qsl: Sequence[int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -47,21 +49,26 @@ class EncoderCache:
             self.held.setdefault(rid, []).append(h)
 
     def _encode(self, features: list) -> None:
-        """Run the encoder once per distinct image size over the images not cached yet."""
-        todo = {f.hash: f for f in features}
-        by_shape: dict[tuple, list] = {}
-        for f in todo.values():
-            by_shape.setdefault(tuple(f.pixel_values.shape), []).append(f)
-        for group in by_shape.values():
-            pixels = torch.stack([f.pixel_values for f in group]).to(self.device, self.dtype)
-            out = self.encoder(pixels)
-            for f, emb in zip(group, out):
-                if emb.shape[0] != f.length:
-                    raise RuntimeError(f"the vision encoder gave {emb.shape[0]} embeddings for an image with "
-                                       f"{f.length} placeholders")
-                self.embeddings[f.hash] = emb
+        """Run the encoder over the images not cached yet."""
+        todo = list({f.hash: f for f in features}.values())
+        if not todo:
+            return
+        for f, emb in zip(todo, self.encoder.encode(todo)):
+            if emb.shape[0] != f.length:
+                raise RuntimeError(f"the vision encoder gave {emb.shape[0]} embeddings for an image with "
+                                   f"{f.length} placeholders")
+            self.embeddings[f.hash] = emb
+
+    def rope_positions(self, req) -> Optional[tuple[np.ndarray, int]]:
+        """M-RoPE positions of a request with images ([3, prompt] and the delta of the tokens
+        after it; model/layers/rotary.py), None for a model with plain positions. Computed
+        once a request and kept until its release."""
+        if req.request_id not in self.positions:
+            self.positions[req.request_id] = self.encoder.rope_positions(req.num_prompt_tokens, req.mm_features)
+        return self.positions[req.request_id]
 
     def release(self, rid: str) -> None:
+        self.positions.pop(rid, None)
         for h in self.held.pop(rid, ()):
             users = self.users.get(h)
             if users is not None:

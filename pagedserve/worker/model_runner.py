@@ -47,6 +47,9 @@ class HostInputs:
     # Decode rows whose input token the previous step is still sampling (async scheduling):
     # (row, request id); the token is taken from that step's samples on the device.
     pending_rows: list[tuple[int, str]] = field(default_factory=list)
+    # [3, T] (time, height, width) positions when a row is an image token of an M-RoPE model
+    # (Qwen2-VL); `positions` then holds their first component.
+    mrope: Optional[np.ndarray] = None
 
     @property
     def decode_only(self) -> bool:
@@ -101,10 +104,9 @@ class ModelRunner:
         self.pooling = PoolingStates(config.pooler) if config.runner == "pooling" else None
         self.encoder_cache: Optional[EncoderCache] = None  # a vision-language model's image embeddings
         if config.max_images_per_prompt > 0:
-            from pagedserve.multimodal.llava import LlavaImageEncoder
-            from pagedserve.multimodal.processor import load_full_config
+            from pagedserve.multimodal.encoder import load_image_encoder
 
-            encoder = LlavaImageEncoder.load(load_full_config(config.model), config.model, config.dtype, config.device)
+            encoder = load_image_encoder(config.model, config.dtype, config.device)
             self.encoder_cache = EncoderCache(encoder, config.device, config.dtype)
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
@@ -200,9 +202,9 @@ class ModelRunner:
             block_size=self.block_size,
         )
         with torch.inference_mode():
-            if self.encoder_cache is not None:  # one image's encoder activations too
-                size = self.encoder_cache.encoder.config.vision_config.image_size
-                self.encoder_cache.encoder(torch.zeros(1, 3, size, size, dtype=cfg.dtype, device=dev))
+            if self.encoder_cache is not None:  # the largest image's encoder activations too
+                encoder = self.encoder_cache.encoder
+                encoder.encode(encoder.profile_features(cfg.max_model_len))
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
             if self.model.lm_head is not None:  # none in a pooling model
                 rows = torch.arange(cfg.max_num_seqs, device=dev) % n
@@ -468,7 +470,7 @@ class ModelRunner:
         fits a captured bucket, else an eager pass. `patch` overwrites pending input tokens;
         `images` (rows, embeddings) replaces image placeholders' embeddings (a one-token
         prompt chunk looks like a decode row, hence no graph then)."""
-        if (images is None and self.graphs is not None and host.decode_only
+        if (images is None and host.mrope is None and self.graphs is not None and host.decode_only
                 and len(host.seq_lens) <= self.graphs.max_size):
             return self.graphs.run(host.input_ids, host.positions, host.slots,
                                    np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch)
@@ -534,8 +536,37 @@ class ModelRunner:
         sample_rows = [i for i, s in enumerate(order) if s.samples]
         max_blocks = -(-max(seq_lens) // bs)
         block_rows = table[rows, :max_blocks]  # one C-level copy of the step's rows
+        mrope = self._rope_positions(order, qsl, positions) if self.encoder_cache is not None else None
         return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
-                          pending_rows)
+                          pending_rows, mrope)
+
+    def _rope_positions(self, order: list[ScheduledRequest], qsl: list[int],
+                        positions: np.ndarray) -> Optional[np.ndarray]:
+        """Rewrite the positions of requests with images for M-RoPE (multimodal/qwen2_vl.py):
+        prompt tokens take theirs, later tokens their index plus the request's delta. Returns
+        the [3, T] positions when a row is an image token (the three components differ)."""
+        spans = []
+        for i, s in enumerate(order):
+            req = s.request
+            if not req.mm_features:
+                continue
+            rope = self.encoder_cache.rope_positions(req)
+            if rope is None:
+                return None  # a model with plain positions
+            pos3, delta = rope
+            a, b = qsl[i], qsl[i + 1]
+            idx = np.arange(s.start, s.start + b - a)
+            inside = idx < pos3.shape[1]
+            p3 = np.where(inside, pos3[:, np.minimum(idx, pos3.shape[1] - 1)], idx + delta)
+            positions[a:b] = p3[0]
+            if (p3[1:] != p3[0]).any():
+                spans.append((a, b, p3))
+        if not spans:
+            return None
+        full = np.tile(positions, (3, 1))
+        for a, b, p3 in spans:
+            full[:, a:b] = p3
+        return full
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -549,4 +580,5 @@ class ModelRunner:
             max_query_len=max(b - a for a, b in zip(host.qsl, host.qsl[1:])), max_seq_len=max(host.seq_lens),
             seq_lens_cpu=host.seq_lens, query_start_loc_cpu=host.qsl, block_size=self.block_size,
         )
-        return to_device(host.input_ids, torch.int64, dev), to_device(host.positions, torch.int64, dev), meta
+        positions = host.positions if host.mrope is None else host.mrope
+        return to_device(host.input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta

@@ -30,6 +30,8 @@ def _inv_freq(hf_config: Any, head_dim: int, layer_type: Optional[str] = None,
               max_positions: int = 0) -> tuple[torch.Tensor, float]:
     params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
+    if rope_type == "mrope":  # transformers 4's name for Qwen2-VL's, whose frequencies are the default ones
+        rope_type = "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
     if rope_type == "default":
@@ -86,14 +88,63 @@ class RotaryEmbedding(nn.Module):
         """Recompute the cache after the module was built on the meta device."""
         self.cos_sin = self._compute().to(device)
 
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, cos/sin table) for the kernels, which read row positions[i] of the
+        table for token i: the cache itself here (M-RoPE builds a table per step)."""
+        return positions, self.cos_sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D]; returns the rotated tensors (copies on PyTorch, the
         same tensors rotated in place on the Triton path)."""
+        positions, table = self.lookup(positions)
         if self.use_triton:
             from pagedserve.ops.rotary import rotary_embedding
 
-            return rotary_embedding(positions, q, k, self.cos_sin)
-        return rotary_ref(positions, q, k, self.cos_sin)
+            return rotary_embedding(positions, q, k, table)
+        return rotary_ref(positions, q, k, table)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal RoPE: a position per token for each of (time, height, width), and
+    the rotary frequencies split into three sections (`mrope_section`), each turned by its
+    own component. Text tokens have three equal components, which is plain RoPE: so 1-D
+    positions (decode steps, CUDA graphs, the fused kernels) take the cache as it is, and only
+    a step with image tokens passes positions [3, T] and gets a table of its own."""
+
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+        super().__init__(hf_config, head_dim, max_positions)
+        section = [int(s) for s in rope_parameters(hf_config)["mrope_section"]]
+        if sum(section) != self.rotary_dim // 2 or len(section) != 3:
+            raise ValueError(f"mrope_section {section} must be three numbers summing to half the rotary dim "
+                             f"({self.rotary_dim // 2}).")
+        self.section = section
+        self.register_buffer("component", self._component(), persistent=False)
+
+    def _component(self) -> torch.Tensor:
+        """Which position component turns each column of the cos/sin table."""
+        with torch.device("cpu"):  # also when the model is being built on the meta device
+            comp = torch.repeat_interleave(torch.arange(3), torch.tensor(self.section))
+            return torch.cat([comp, comp])
+
+    def rebuild_buffers(self, device: torch.device) -> None:
+        super().rebuild_buffers(device)
+        self.component = self._component().to(device)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return positions, self.cos_sin
+        rows = self.cos_sin[positions]  # [3, T, R]: each component's angles
+        t = positions.shape[1]
+        table = rows.gather(0, self.component.view(1, 1, -1).expand(1, t, -1)).squeeze(0)
+        return torch.arange(t, device=positions.device), table
+
+
+def make_rotary(hf_config: Any, head_dim: int, max_positions: int,
+                layer_type: Optional[str] = None) -> RotaryEmbedding:
+    """The model's RoPE module: M-RoPE where the config has an `mrope_section` (Qwen2-VL)."""
+    if "mrope_section" in rope_parameters(hf_config, layer_type):
+        return MRotaryEmbedding(hf_config, head_dim, max_positions)
+    return RotaryEmbedding(hf_config, head_dim, max_positions, layer_type)
 
 
 def interleaved_to_halves(t: torch.Tensor, head_dim: int, rotary_dim: int) -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""The vision encoder of a vision-language checkpoint, by architecture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedserve.multimodal.processor import LLAVA_ARCHITECTURES, architecture, load_full_config
+
+
+def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The encoder module: `encode(features)` -> each image's embeddings, `profile_features(n)`
+    -> the largest image's (for KV sizing), `rope_positions(num_prompt, features)` -> M-RoPE
+    positions or None."""
+    cfg = load_full_config(model_dir)
+    if architecture(cfg) in LLAVA_ARCHITECTURES:
+        from pagedserve.multimodal.llava import LlavaImageEncoder
+
+        return LlavaImageEncoder.load(cfg, model_dir, dtype, device)
+    from pagedserve.multimodal.qwen2_vl import Qwen2VLImageEncoder
+
+    return Qwen2VLImageEncoder.load(cfg, model_dir, dtype, device)

@@ -1,0 +1,111 @@
+"""Qwen2-VL's and Qwen2.5-VL's image path: the vision transformer (transformers' own module,
+run once per image outside the paged decoder) over each image's flattened patches, its 2x2
+patch merger into the decoder's embeddings, and the decoder's M-RoPE positions for a prompt
+with images (transformers' `get_rope_index`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from pagedserve.model.loader import iterate_safetensors
+from pagedserve.multimodal.inputs import ImageFeature
+
+_VISION_MODULES = {
+    "Qwen2VLForConditionalGeneration": ("transformers.models.qwen2_vl.modeling_qwen2_vl",
+                                        "Qwen2VisionTransformerPretrainedModel"),
+    "Qwen2_5_VLForConditionalGeneration": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+                                           "Qwen2_5_VisionTransformerPretrainedModel"),
+}
+
+
+def mrope_positions(num_prompt: int, features: Sequence[ImageFeature], merge: int) -> tuple[np.ndarray, int]:
+    """([3, num_prompt] (time, height, width) positions, delta) of a prompt whose images are
+    `features`: text tokens count on from the last position, each of the three the same; an
+    image's tokens sit on its merged patch grid starting there, and the text after it starts
+    past the grid's larger side. Generated token i then has position i + delta everywhere."""
+    pos = np.empty((3, num_prompt), dtype=np.int64)
+    cur = at = 0
+    for f in sorted(features, key=lambda f: f.offset):
+        pos[:, at:f.offset] = cur + np.arange(f.offset - at)
+        cur += f.offset - at
+        t, h, w = f.grid_thw[0], f.grid_thw[1] // merge, f.grid_thw[2] // merge
+        grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, -1)
+        pos[:, f.offset:f.offset + f.length] = cur + grid
+        cur += max(h, w)
+        at = f.offset + f.length
+    pos[:, at:] = cur + np.arange(num_prompt - at)
+    cur += num_prompt - at
+    return pos, cur - num_prompt
+
+
+def _max_pixels(model_dir: str) -> int:
+    """The largest image (in pixels) the checkpoint's image processor resizes to, 0 if unknown."""
+    path = os.path.join(model_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        cfg = json.load(f)
+    size = cfg.get("size") or {}
+    return int(cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or 0)
+
+
+class Qwen2VLImageEncoder(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        import importlib
+
+        module, name = _VISION_MODULES[cfg.architectures[0]]
+        self.config = cfg
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+        self.visual = getattr(importlib.import_module(module), name)._from_config(cfg.vision_config)
+        self.max_pixels = 0  # the image processor's, read at load
+
+
+    @classmethod
+    def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device) -> "Qwen2VLImageEncoder":
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                enc = cls(cfg)
+        finally:
+            torch.set_default_dtype(old)
+        # "visual." in hub checkpoints, "model.visual." as transformers 5 names the module.
+        state = {name.removeprefix("model."): t for name, t in iterate_safetensors(
+            model_dir, dtype, device, keep=lambda n: n.startswith(("visual.", "model.visual.")))}
+        missing, unexpected = enc.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint's vision weights do not fit {cfg.architectures[0]}: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        enc.max_pixels = _max_pixels(model_dir)
+        return enc.to(dtype).eval().requires_grad_(False)
+
+    def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:
+        """Each image's embeddings [its placeholders, text hidden size]; all the images in one
+        pass (the vision attention keeps to each image by its grid)."""
+        param = next(self.visual.parameters())
+        pixels = torch.cat([f.pixel_values for f in features]).to(param.device, param.dtype)
+        grid = torch.tensor([f.grid_thw for f in features], device=param.device)
+        out = self.visual(pixels, grid_thw=grid)
+        merged = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 4: the tensor
+        return list(merged.split([f.length for f in features]))
+
+    def profile_features(self, max_tokens: int) -> list[ImageFeature]:
+        """The largest image the image processor makes (its max_pixels), at most `max_tokens`
+        placeholders: a square grid of merged patches."""
+        vc = self.config.vision_config
+        if self.max_pixels:
+            max_tokens = min(max_tokens, self.max_pixels // (vc.patch_size * self.merge) ** 2)
+        side = max(1, int(max_tokens ** 0.5)) * self.merge
+        dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        pixels = torch.zeros(side * side, dim)
+        return [ImageFeature(0, (side // self.merge) ** 2, pixels, "profile", (1, side, side))]
+
+    def rope_positions(self, num_prompt: int, features: Sequence[ImageFeature]) -> tuple[np.ndarray, int]:
+        return mrope_positions(num_prompt, features, self.merge)
