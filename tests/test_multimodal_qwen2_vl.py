@@ -1,0 +1,286 @@
+"""Image inputs (Qwen2-VL, Qwen2.5-VL): random checkpoints against transformers' own models
+on the same weights and pixels: per-image placeholder counts from the resized image, M-RoPE
+positions (transformers' get_rope_index), chunked prefill across images, prefix caching,
+preemption, chat, the Triton path (interpreted), and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import Reference, assert_greedy_matches
+from pagedserve import LLM, SamplingParams
+
+pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
+
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPT_1 = f"<|im_start|>user\n{IMAGE}What is in the picture?<|im_end|>\n<|im_start|>assistant\n"
+PROMPT_2 = f"<|im_start|>user\n{IMAGE} and {IMAGE}Which one is larger?<|im_end|>\n<|im_start|>assistant\n"
+TEXT = "<|im_start|>user\nNo picture here.<|im_end|>\n<|im_start|>assistant\n"
+MAX_TOKENS = 8
+# Random weights this large make attention sharp enough that a wrong position changes tokens.
+INIT = 0.3
+
+
+def _image(seed: int, size=(90, 60)):
+    from PIL import Image
+
+    w, h = size
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+class QwenVLReference:
+    """transformers' Qwen2(.5)-VL, greedy, float32; placeholders expanded from the image
+    processor's grids (its full processor would need torchvision for videos)."""
+
+    def __init__(self, path: str) -> None:
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        cls = getattr(transformers, cfg.architectures[0])
+        self.model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.images = transformers.AutoImageProcessor.from_pretrained(path)
+        self.pad = cfg.image_token_id
+        self.merge = cfg.vision_config.spatial_merge_size
+
+    def inputs(self, text: str, images: list) -> dict:
+        enc = self.images(images=images, return_tensors="pt") if images else {}
+        grids = enc["image_grid_thw"].tolist() if images else []
+        ids, types, k = [], [], 0
+        for t in self.tokenizer(text)["input_ids"]:
+            n = 1
+            if t == self.pad:
+                n = int(np.prod(grids[k])) // self.merge**2
+                k += 1
+            ids += [t] * n
+            types += [int(t == self.pad)] * n
+        return {"input_ids": ids, "mm_token_type_ids": types, "pixel_values": enc.get("pixel_values"),
+                "image_grid_thw": enc.get("image_grid_thw")}
+
+    @torch.inference_mode()
+    def greedy(self, text: str, images: list, max_tokens: int = MAX_TOKENS) -> Reference:
+        inp = self.inputs(text, images)
+        ids, types = inp["input_ids"], inp["mm_token_type_ids"]
+        tokens, logits = [], []
+        for _ in range(max_tokens):  # the whole sequence each step: positions from get_rope_index alone
+            kw = {"pixel_values": inp["pixel_values"], "image_grid_thw": inp["image_grid_thw"],
+                  "mm_token_type_ids": torch.tensor([types])} if images else {}
+            row = self.model(input_ids=torch.tensor([ids]), **kw).logits[0, -1].float()
+            tokens.append(int(row.argmax()))
+            logits.append(row)
+            ids, types = ids + [tokens[-1]], types + [0]
+        return Reference(tokens, logits)
+
+
+def _build(root, tokenizer_dir, version: str) -> str:
+    from pagedserve.model.random_model import build_random_qwen2_vl
+
+    return build_random_qwen2_vl(str(root.mktemp(f"qwen{version}vl")), tokenizer_dir, version=version,
+                                 initializer_range=INIT)
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def vl(request, tokenizer_dir, tmp_path_factory) -> tuple[str, QwenVLReference]:
+    path = _build(tmp_path_factory, tokenizer_dir, request.param)
+    return path, QwenVLReference(path)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl(tokenizer_dir, tmp_path_factory) -> tuple[str, QwenVLReference]:
+    path = _build(tmp_path_factory, tokenizer_dir, "2")
+    return path, QwenVLReference(path)
+
+
+def _params(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
+
+
+def _check(ref: Reference, out, lp_tol: float = 2e-3) -> None:
+    c = out.outputs[0]
+    assert_greedy_matches(ref, c.token_ids)
+    for i, (t, step) in enumerate(zip(c.token_ids, c.logprobs)):
+        want = float(ref.logits[i].log_softmax(-1)[t])
+        assert abs(step[t].logprob - want) < lp_tol, (i, step[t].logprob, want)
+
+
+def _prompt(text: str, images: list):
+    return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
+
+
+def test_placeholders_and_positions_follow_transformers(qwen2_vl):
+    """Each image's placeholders number its resized grid / 4, pixels and grids are the image
+    processor's, and the M-RoPE positions and delta equal transformers' get_rope_index."""
+    from pagedserve.multimodal.qwen2_vl import mrope_positions
+
+    path, ref = qwen2_vl
+    llm = LLM(path, block_size=8, max_num_batched_tokens=64)
+    images = [_image(1), _image(2, (40, 130))]  # landscape and portrait: other grids
+    prepared = llm.llm_engine.prepare(_prompt(PROMPT_2, images), _params())
+    inp = ref.inputs(PROMPT_2, images)
+    ids = inp["input_ids"]
+    assert prepared["prompt_token_ids"] == ids
+    feats = prepared["mm_features"]
+    grids = [tuple(g) for g in inp["image_grid_thw"].tolist()]
+    assert [f.grid_thw for f in feats] == grids and grids[0] != grids[1]
+    assert [f.length for f in feats] == [int(np.prod(g)) // 4 for g in grids]
+    assert [ids[f.offset:f.offset + f.length] for f in feats] == [[ref.pad] * f.length for f in feats]
+    torch.testing.assert_close(torch.cat([f.pixel_values for f in feats]), inp["pixel_values"])
+    pos, delta = mrope_positions(len(ids), feats, 2)
+    want, want_delta = ref.model.model.get_rope_index(torch.tensor([ids]), torch.tensor([inp["mm_token_type_ids"]]),
+                                                      image_grid_thw=inp["image_grid_thw"])
+    np.testing.assert_array_equal(pos, want[:, 0].numpy())
+    assert delta == int(want_delta) and delta < 0  # an image's tokens take fewer positions than tokens
+    # Ids already expanded are taken as they are.
+    again = llm.llm_engine.prepare({"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, _params())
+    assert again["prompt_token_ids"] == ids and [f.offset for f in again["mm_features"]] == [f.offset for f in feats]
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_images_match_transformers(vl, chunk):
+    """One and two images a prompt with a text-only prompt in one batch, greedy tokens and
+    logprobs; chunk 8 splits images across prefill steps, so steps mix image rows, text rows
+    after an image (positions shifted by the delta) and decode rows."""
+    path, ref = vl
+    llm = LLM(path, block_size=8, max_num_batched_tokens=chunk, enable_prefix_caching=False)
+    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        _check(ref.greedy(text, images), out)
+    cache = llm.llm_engine.runner.encoder_cache
+    assert not cache.embeddings and not cache.positions  # released with their requests
+
+
+def test_prefix_cache_and_preemption_keep_positions(qwen2_vl):
+    """A cached prefix with the same image skips its prefill and keeps the shifted positions
+    of what follows; another image reuses only the blocks before it; preempted requests
+    recompute their images and positions with unchanged outputs."""
+    path, ref = qwen2_vl
+    llm = LLM(path, block_size=8, max_num_batched_tokens=64)
+    a, b = _image(4), _image(5)
+    first, other, again = (llm.generate(_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
+                           for im in (a, b, a))
+    assert first.outputs[0].token_ids != other.outputs[0].token_ids
+    _check(ref.greedy(PROMPT_1, [a]), first)
+    _check(ref.greedy(PROMPT_1, [b]), other)
+    _check(ref.greedy(PROMPT_1, [a]), again)
+    start = first.prompt_token_ids.index(ref.pad)
+    assert other.num_cached_tokens == (start // 8) * 8
+    assert again.num_cached_tokens == (len(first.prompt_token_ids) - 1) // 8 * 8
+
+    # Room for two prompts but not for both to grow by MAX_TOKENS.
+    blocks = 2 * -(-len(first.prompt_token_ids) // 8) + 1
+    small = LLM(path, block_size=8, max_num_batched_tokens=64,
+                kv_cache_memory_bytes=blocks * llm.llm_engine.runner.kv_block_bytes(), enable_prefix_caching=False)
+    images = [_image(10 + i) for i in range(3)]
+    outs = small.generate([_prompt(PROMPT_1, [im]) for im in images], _params(logprobs=0), use_tqdm=False)
+    assert small.llm_engine.scheduler.num_preemptions > 0
+    for im, out in zip(images, outs):
+        _check(ref.greedy(PROMPT_1, [im]), out)
+
+
+def test_chat_with_an_image_url(qwen2_vl):
+    import base64
+    import io
+
+    path, ref = qwen2_vl
+    img = _image(7, (70, 70))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    llm = LLM(path, block_size=8, max_num_batched_tokens=64)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    out = llm.chat(messages, _params(logprobs=0), use_tqdm=False)[0]
+    assert out.prompt == PROMPT_1
+    _check(ref.greedy(PROMPT_1, [img]), out)
+
+
+def test_triton_path_matches_transformers(qwen2_vl):
+    """The Triton backend (interpreted on CPU): RoPE fused into the KV write with a table per
+    image step, and decode steps on the shifted 1-D positions through the fused decode kernel."""
+    pytest.importorskip("triton")
+    path, ref = qwen2_vl
+    llm = LLM(path, attention_backend="triton", block_size=8, max_num_batched_tokens=16, max_num_seqs=4,
+              dtype="float32")
+    cases = [(PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        _check(ref.greedy(text, images), out)
+
+
+def test_mrope_rotary_equals_transformers():
+    """MRotaryEmbedding on [3, T] positions equals transformers' multimodal RoPE, and on equal
+    components (or 1-D positions) plain RoPE."""
+    from transformers import Qwen2VLTextConfig
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
+
+    from pagedserve.model.layers.rotary import MRotaryEmbedding, RotaryEmbedding, make_rotary
+
+    cfg = Qwen2VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    rope = make_rotary(cfg, 16, 64)
+    assert isinstance(rope, MRotaryEmbedding)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(10, 4, 16, generator=g), torch.randn(10, 2, 16, generator=g)
+    pos = torch.randint(0, 60, (3, 10), generator=g)
+    cos, sin = hf.Qwen2VLRotaryEmbedding(cfg)(q, pos[:, None, :])
+    want_q, want_k = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    got_q, got_k = rope(pos, q, k)
+    torch.testing.assert_close(got_q, want_q[0].transpose(0, 1))
+    torch.testing.assert_close(got_k, want_k[0].transpose(0, 1))
+    plain = RotaryEmbedding(cfg, 16, 64)
+    same = pos[0].expand(3, -1)
+    for a, b in zip(rope(same, q, k), plain(pos[0], q, k)):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(rope(pos[0], q, k), plain(pos[0], q, k)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_and_text_only(qwen2_vl):
+    path, ref = qwen2_vl
+    llm = LLM(path, block_size=8)
+    eng = llm.llm_engine
+    bad = [
+        (_prompt(PROMPT_2, [_image(1)]), "runs of image placeholder"),
+        (_prompt(PROMPT_1, [_image(1), _image(2)]), "runs of image placeholder"),
+        ({"prompt": PROMPT_1}, "placeholders"),
+        ({"prompt_token_ids": [ref.pad] * 3, "multi_modal_data": {"image": [_image(1)]}}, "runs of image"),
+    ]
+    for prompt, words in bad:
+        with pytest.raises(ValueError, match=words):
+            llm.generate(prompt, _params(), use_tqdm=False)
+    assert not eng.has_unfinished_requests() and eng.kv.pool.num_free_blocks == eng.kv.num_blocks
+    # Without images (limit 0: no vision tower at all) a text prompt runs as a Qwen2 model.
+    text_only = LLM(path, block_size=8, limit_mm_per_prompt={"image": 0})
+    assert text_only.llm_engine.runner.encoder_cache is None
+    _check(ref.greedy(TEXT, []), text_only.generate(TEXT, _params(logprobs=0), use_tqdm=False)[0])
+
+
+def test_random_model_cli_builds_a_qwen2_vl(tmp_path):
+    from pagedserve.entrypoints.cli import main as cli_main
+
+    path = str(tmp_path / "qwen")
+    assert cli_main(["random-model", path, "--arch", "Qwen2_5_VLForConditionalGeneration"]) == 0
+    llm = LLM(path, block_size=8)
+    outs = llm.generate([_prompt(PROMPT_1, [_image(1)]), _prompt(PROMPT_1, [_image(2, (200, 200))])],
+                        _params(), use_tqdm=False)
+    counts = [o.prompt_token_ids.count(llm.llm_engine.mm_processor.token_id) for o in outs]
+    assert counts[0] < counts[1]  # a larger image, more placeholders
+    assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)
+
+
+@pytest.mark.gpu
+def test_images_on_cuda_with_graphs(qwen2_vl):
+    """On CUDA: the Triton backend with decode graphs on shifted positions (image steps run
+    eagerly), the KV pool sized with the largest image through the encoder, float32
+    against transformers on CPU."""
+    path, ref = qwen2_vl
+    llm = LLM(path, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=16, max_num_seqs=8,
+              gpu_memory_utilization=0.3)
+    assert llm.llm_engine.runner.graphs is not None
+    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))])]
+    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        _check(ref.greedy(text, images), out, lp_tol=2e-2)
