@@ -5,6 +5,8 @@ preemption, chat, the Triton path (interpreted), and the errors."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,34 @@ def test_prefix_cache_and_preemption_keep_positions(qwen2_vl):
     assert small.llm_engine.scheduler.num_preemptions > 0
     for im, out in zip(images, outs):
         _check(ref.greedy(PROMPT_1, [im]), out)
+
+
+def test_hub_config_layout(qwen2_vl, tmp_path):
+    """Qwen2-VL's hub config.json is flat (the decoder's fields at the top, RoPE as
+    rope_scaling {"type": "mrope", ...}) and its preprocessor_config.json names min_pixels /
+    max_pixels: that layout loads to the same model."""
+    import json
+    import shutil
+
+    path, ref = qwen2_vl
+    for f in os.listdir(path):
+        shutil.copy(os.path.join(path, f), tmp_path / f)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    cfg.update(text, model_type="qwen2_vl", rope_theta=rope["rope_theta"],
+               rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with open(os.path.join(path, "preprocessor_config.json")) as f:
+        pre = json.load(f)
+    size = pre.pop("size")
+    pre.update(min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    llm = LLM(str(tmp_path), block_size=8, max_num_batched_tokens=16)
+    assert llm.llm_engine.runner.encoder_cache.encoder.max_pixels == size["longest_edge"]
+    out = llm.generate(_prompt(PROMPT_2, [_image(2), _image(3, (50, 120))]), _params(logprobs=0), use_tqdm=False)[0]
+    _check(ref.greedy(PROMPT_2, [_image(2), _image(3, (50, 120))]), out)
 
 
 def test_chat_with_an_image_url(qwen2_vl):

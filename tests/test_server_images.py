@@ -154,3 +154,32 @@ def test_responses_input_image(client, offline, server):
             {"type": "input_image", "image_url": "data:image/png;base64,%%%"}]}])
     assert "base64" in e.value.body["message"]
     assert server.llm.engine.kv.pool.num_free_blocks == server.llm.engine.kv.num_blocks
+
+
+def test_qwen2_vl_chat_with_images_of_two_sizes(tokenizer_dir, tmp_path):
+    """Qwen2-VL over the server: each image's placeholders follow its size (M-RoPE positions
+    shifted after it), whole and streamed, equal to the offline LLM.chat."""
+    from PIL import Image
+
+    from pagedserve.model.random_model import build_random_qwen2_vl
+
+    path = build_random_qwen2_vl(str(tmp_path), tokenizer_dir, initializer_range=0.3)
+    wide = Image.fromarray(np.random.RandomState(5).randint(0, 255, (40, 130, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    urls = [_data_url(1), "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+                 + [{"type": "text", "text": QUESTION}]}]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = LLM(path, block_size=8).chat(messages, params, use_tqdm=False)[0]
+    with serving(path, "tiny-qwen2-vl", engine_kwargs={"block_size": 8, "max_num_batched_tokens": 16}) as srv, \
+            openai_client(srv) as c:
+        r = c.chat.completions.create(model="tiny-qwen2-vl", messages=messages, max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].message.content == want.outputs[0].text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        stream = c.chat.completions.create(model="tiny-qwen2-vl", messages=messages, max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == want.outputs[0].text
+        tok = httpx.post(f"{srv.url}/tokenize", json={"model": "tiny-qwen2-vl", "messages": messages})
+        assert tok.json()["count"] == len(want.prompt_token_ids)
