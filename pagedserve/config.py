@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
@@ -78,6 +78,10 @@ class EngineArgs:
     # vision-language model (LLaVA); {"image": 0} serves it text-only, its vision tower not
     # loaded. Default: no limit but the context length.
     limit_mm_per_prompt: Optional[dict] = None
+    # vLLM's mm_processor_kwargs: settings of the model's image processor that replace its
+    # preprocessor_config.json's, e.g. {"max_pixels": 1003520} caps Qwen2-VL's image size
+    # (and so its placeholders a picture).
+    mm_processor_kwargs: Optional[dict] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -230,6 +234,7 @@ class EngineArgs:
             pooler=pooler,
             pooling_task=task if runner == "pooling" else None,
             max_images_per_prompt=max_images,
+            mm_processor_kwargs=_mm_processor_kwargs(self.mm_processor_kwargs),
         )
 
 
@@ -247,6 +252,14 @@ def _max_images(limit: Optional[dict], hf_config: Any, runner: str) -> int:
     if not takes_images(hf_config) or runner != "generate":
         return 0
     return (1 << 30) if limit is None or "image" not in limit else limit["image"]
+
+
+def _mm_processor_kwargs(kwargs: Optional[dict]) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"mm_processor_kwargs must be a dict of image processor settings, got {kwargs!r}.")
+    return dict(kwargs)
 
 
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
@@ -312,6 +325,7 @@ class EngineConfig:
     classifier_token_ids: Optional[list[int]] = None  # classifier_from_token, resolved by the engine
     num_gpu_blocks: int = 0  # set once the KV cache is sized
     max_images_per_prompt: int = 0  # 0: no image inputs (a text model, or limit_mm_per_prompt 0)
+    mm_processor_kwargs: dict = field(default_factory=dict)  # the image processor's settings overridden
 
     @property
     def vocab_size(self) -> int:

@@ -210,6 +210,26 @@ def test_hub_config_layout(qwen2_vl, tmp_path):
     _check(ref.greedy(PROMPT_2, [_image(2), _image(3, (50, 120))]), out)
 
 
+def test_mm_processor_kwargs_cap_the_image_size(qwen2_vl):
+    """mm_processor_kwargs={"max_pixels": ...} (vLLM's) resizes images smaller: fewer
+    placeholders, the outputs of transformers given the same setting; an unknown key is named."""
+    import transformers
+
+    path, ref = qwen2_vl
+    big = _image(8, (200, 150))
+    cap = 28 * 28 * 9
+    llm = LLM(path, block_size=8, mm_processor_kwargs={"max_pixels": cap})
+    assert llm.llm_engine.runner.encoder_cache.encoder.max_pixels == cap
+    out = llm.generate(_prompt(PROMPT_1, [big]), _params(logprobs=0), use_tqdm=False)[0]
+    full = LLM(path, block_size=8).generate(_prompt(PROMPT_1, [big]), _params(), use_tqdm=False)[0]
+    assert 0 < out.prompt_token_ids.count(ref.pad) <= 9 < full.prompt_token_ids.count(ref.pad)
+    capped = QwenVLReference(path)
+    capped.images = transformers.AutoImageProcessor.from_pretrained(path, max_pixels=cap)
+    _check(capped.greedy(PROMPT_1, [big]), out)
+    with pytest.raises(ValueError, match="max_pixel"):
+        LLM(path, mm_processor_kwargs={"max_pixel": cap})
+
+
 def test_chat_with_an_image_url(qwen2_vl):
     import base64
     import io

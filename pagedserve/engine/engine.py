@@ -45,7 +45,8 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.mm_processor: Optional[ImageInputProcessor] = None  # a vision-language model's images
         if config.max_images_per_prompt > 0:
-            self.mm_processor = ImageInputProcessor(config.model, config.max_images_per_prompt)
+            self.mm_processor = ImageInputProcessor(config.model, config.max_images_per_prompt,
+                                                    config.mm_processor_kwargs)
         maybe_inject_step_failure(self.runner)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)

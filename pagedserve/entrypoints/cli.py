@@ -67,8 +67,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="config.json values to replace, JSON (e.g. a causal LM as a reranker: "
                    '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"]}\')')
     p.add_argument("--limit-mm-per-prompt", type=_json_dict, default=None,
-                   help='images a prompt may carry for a vision-language model (LLaVA), JSON: \'{"image": 2}\'; '
-                   '\'{"image": 0}\' serves it text-only, without loading its vision tower (default: no limit)')
+                   help='images a prompt may carry for a vision-language model (LLaVA, Qwen2-VL), JSON: '
+                   '\'{"image": 2}\'; \'{"image": 0}\' serves it text-only, without loading its vision tower '
+                   '(default: no limit)')
+    p.add_argument("--mm-processor-kwargs", type=_json_dict, default=None,
+                   help='image processor settings replacing preprocessor_config.json\'s, JSON (e.g. Qwen2-VL\'s '
+                   'image size cap: \'{"max_pixels": 1003520}\')')
     p.add_argument("--pooler-config", type=_json_dict, default=None,
                    help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
     p.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,

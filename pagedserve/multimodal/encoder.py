@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from pagedserve.multimodal.processor import LLAVA_ARCHITECTURES, architecture, load_full_config
 
 
-def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
+                       processor_kwargs: Optional[dict] = None) -> nn.Module:
     """The encoder module: `encode(features)` -> each image's embeddings, `profile_features(n)`
     -> the largest image's (for KV sizing), `rope_positions(num_prompt, features)` -> M-RoPE
     positions or None."""
@@ -19,4 +22,4 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device)
         return LlavaImageEncoder.load(cfg, model_dir, dtype, device)
     from pagedserve.multimodal.qwen2_vl import Qwen2VLImageEncoder
 
-    return Qwen2VLImageEncoder.load(cfg, model_dir, dtype, device)
+    return Qwen2VLImageEncoder.load(cfg, model_dir, dtype, device, processor_kwargs)

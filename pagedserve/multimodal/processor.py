@@ -54,6 +54,32 @@ def architecture(cfg: Any) -> str:
     return archs[0] if archs else ""
 
 
+def load_image_processor(model_dir: str, kwargs: dict) -> Any:
+    """transformers' image processor of the checkpoint, `kwargs` (mm_processor_kwargs)
+    replacing its settings; a ValueError names a key it does not have (transformers would
+    ignore it silently)."""
+    from transformers import AutoImageProcessor
+
+    if not os.path.isfile(os.path.join(model_dir, "preprocessor_config.json")):
+        raise ValueError(f"{model_dir!r} is a vision-language model without preprocessor_config.json: its "
+                         "images cannot be prepared (serve it text-only with limit_mm_per_prompt={'image': 0}).")
+    hf = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    known = set(hf.to_dict())
+    for cls in getattr(getattr(type(hf), "valid_kwargs", None), "__mro__", ()):  # transformers 5's typed settings
+        known |= set(getattr(cls, "__annotations__", {}))
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"mm_processor_kwargs {unknown} are not settings of {type(hf).__name__}.")
+    return hf
+
+
+def max_image_pixels(hf: Any) -> int:
+    """The largest image (in pixels) a Qwen2-VL image processor resizes to, 0 if it has no cap."""
+    size = getattr(hf, "size", None) or {}
+    get = size.get if hasattr(size, "get") else lambda k: getattr(size, k, None)
+    return int(getattr(hf, "max_pixels", None) or get("max_pixels") or get("longest_edge") or 0)
+
+
 def check_image_model(cfg: Any) -> None:
     arch = architecture(cfg)
     if arch not in IMAGE_ARCHITECTURES:
@@ -65,15 +91,10 @@ def check_image_model(cfg: Any) -> None:
 class ImageInputProcessor:
     """Turns (prompt ids, images) into expanded prompt ids and one ImageFeature per image."""
 
-    def __init__(self, model_dir: str, max_images: int) -> None:
-        from transformers import AutoImageProcessor
-
+    def __init__(self, model_dir: str, max_images: int, processor_kwargs: Optional[dict] = None) -> None:
         self.config = load_full_config(model_dir)
         check_image_model(self.config)
-        if not os.path.isfile(os.path.join(model_dir, "preprocessor_config.json")):
-            raise ValueError(f"{model_dir!r} is a vision-language model without preprocessor_config.json: its "
-                             "images cannot be prepared (serve it text-only with limit_mm_per_prompt={'image': 0}).")
-        self.hf = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.hf = load_image_processor(model_dir, processor_kwargs or {})
         self.token_id = image_token_id(self.config)
         self.max_images = max_images
         self.qwen_vl = architecture(self.config) in QWEN_VL_ARCHITECTURES

@@ -5,9 +5,7 @@ with images (transformers' `get_rope_index`)."""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +13,7 @@ from torch import nn
 
 from pagedserve.model.loader import iterate_safetensors
 from pagedserve.multimodal.inputs import ImageFeature
+from pagedserve.multimodal.processor import load_image_processor, max_image_pixels
 
 _VISION_MODULES = {
     "Qwen2VLForConditionalGeneration": ("transformers.models.qwen2_vl.modeling_qwen2_vl",
@@ -44,17 +43,6 @@ def mrope_positions(num_prompt: int, features: Sequence[ImageFeature], merge: in
     return pos, cur - num_prompt
 
 
-def _max_pixels(model_dir: str) -> int:
-    """The largest image (in pixels) the checkpoint's image processor resizes to, 0 if unknown."""
-    path = os.path.join(model_dir, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return 0
-    with open(path) as f:
-        cfg = json.load(f)
-    size = cfg.get("size") or {}
-    return int(cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or 0)
-
-
 class Qwen2VLImageEncoder(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -68,7 +56,8 @@ class Qwen2VLImageEncoder(nn.Module):
 
 
     @classmethod
-    def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device) -> "Qwen2VLImageEncoder":
+    def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device,
+             processor_kwargs: Optional[dict] = None) -> "Qwen2VLImageEncoder":
         old = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
@@ -83,7 +72,7 @@ class Qwen2VLImageEncoder(nn.Module):
         if missing or unexpected:
             raise ValueError(f"the checkpoint's vision weights do not fit {cfg.architectures[0]}: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
-        enc.max_pixels = _max_pixels(model_dir)
+        enc.max_pixels = max_image_pixels(load_image_processor(model_dir, processor_kwargs or {}))
         return enc.to(dtype).eval().requires_grad_(False)
 
     def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:

@@ -106,7 +106,7 @@ class ModelRunner:
         if config.max_images_per_prompt > 0:
             from pagedserve.multimodal.encoder import load_image_encoder
 
-            encoder = load_image_encoder(config.model, config.dtype, config.device)
+            encoder = load_image_encoder(config.model, config.dtype, config.device, config.mm_processor_kwargs)
             self.encoder_cache = EncoderCache(encoder, config.device, config.dtype)
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
