@@ -1,6 +1,7 @@
-"""Image inputs (Qwen2-VL, Qwen2.5-VL): random checkpoints against transformers' own models
+"""Image inputs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): random checkpoints against transformers' own models
 on the same weights and pixels: per-image placeholder counts from the resized image, M-RoPE
-positions (transformers' get_rope_index), chunked prefill across images, prefix caching,
+positions (transformers' get_rope_index), Qwen3-VL's interleaved M-RoPE and DeepStack
+features, chunked prefill across images, prefix caching,
 preemption, chat, the Triton path (interpreted), and the errors."""
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def _build(root, tokenizer_dir, version: str) -> str:
                                  initializer_range=INIT)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3"])
 def vl(request, tokenizer_dir, tmp_path_factory) -> tuple[str, QwenVLReference]:
     path = _build(tmp_path_factory, tokenizer_dir, request.param)
     return path, QwenVLReference(path)
@@ -261,8 +262,8 @@ def test_triton_path_matches_transformers(qwen2_vl):
 
 
 def test_mrope_rotary_equals_transformers():
-    """MRotaryEmbedding on [3, T] positions equals transformers' multimodal RoPE, and on equal
-    components (or 1-D positions) plain RoPE."""
+    """MRotaryEmbedding on [3, T] positions equals transformers' multimodal RoPE (Qwen2-VL's
+    sections, Qwen3-VL's interleaving), and on equal components (or 1-D positions) plain RoPE."""
     from transformers import Qwen2VLTextConfig
     from transformers.models.qwen2_vl import modeling_qwen2_vl as hf
 
@@ -278,6 +279,20 @@ def test_mrope_rotary_equals_transformers():
     cos, sin = hf.Qwen2VLRotaryEmbedding(cfg)(q, pos[:, None, :])
     want_q, want_k = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     got_q, got_k = rope(pos, q, k)
+    torch.testing.assert_close(got_q, want_q[0].transpose(0, 1))
+    torch.testing.assert_close(got_k, want_k[0].transpose(0, 1))
+    # Qwen3-VL: the three components' frequencies interleaved.
+    from transformers import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as hf3
+
+    cfg3 = Qwen3VLTextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                              "mrope_interleaved": True})
+    rope3 = make_rotary(cfg3, 16, 64)
+    assert rope3.interleaved
+    cos, sin = hf3.Qwen3VLTextRotaryEmbedding(cfg3)(q, pos[:, None, :])
+    want_q, want_k = hf3.apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    got_q, got_k = rope3(pos, q, k)
     torch.testing.assert_close(got_q, want_q[0].transpose(0, 1))
     torch.testing.assert_close(got_k, want_k[0].transpose(0, 1))
     plain = RotaryEmbedding(cfg, 16, 64)

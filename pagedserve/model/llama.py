@@ -146,15 +146,20 @@ class LlamaModel(nn.Module):
         self.embed_scale: Optional[float] = None  # Granite's embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+                inputs_embeds: Optional[torch.Tensor] = None,
+                deepstack: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """inputs_embeds: the tokens' embeddings given (image placeholders replaced by the
-        vision encoder's outputs), instead of looked up from input_ids."""
+        vision encoder's outputs), instead of looked up from input_ids. deepstack: (rows,
+        [levels, rows, hidden]) added to those rows' hidden states after each of the first
+        `levels` layers (Qwen3-VL's DeepStack)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.embed_scale is not None:
             x = x * self.embed_scale
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual, meta)
+            if deepstack is not None and i < deepstack[1].shape[0]:  # (the hidden state is x + residual)
+                x = x.index_add(0, deepstack[0], deepstack[1][i].to(x.dtype))
         x, _ = self.norm(x, residual)
         return x
 
@@ -209,10 +214,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+                inputs_embeds: Optional[torch.Tensor] = None,
+                deepstack: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         if inputs_embeds is None:  # (decoders other than LlamaModel take no embeddings)
             return self.model(input_ids, positions, meta)
-        return self.model(input_ids, positions, meta, inputs_embeds=inputs_embeds)
+        if deepstack is None:
+            return self.model(input_ids, positions, meta, inputs_embeds=inputs_embeds)
+        return self.model(input_ids, positions, meta, inputs_embeds=inputs_embeds, deepstack=deepstack)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

@@ -233,9 +233,10 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
                           min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64, window_size: int = 56,
                           mrope_section: tuple = (2, 3, 3), initializer_range: float = 0.02, seed: int = 0,
                           dtype: str = "float32") -> str:
-    """A random Qwen2VLForConditionalGeneration (version "2") or Qwen2_5_VLForConditionalGeneration
-    ("2.5") directory: a small vision transformer (2.5: window attention in all but its last
-    block) with its 2x2 patch merger, a Qwen2 decoder with M-RoPE and random q/k/v biases,
+    """A random Qwen2VLForConditionalGeneration (version "2"), Qwen2_5_VLForConditionalGeneration
+    ("2.5") or Qwen3VLForConditionalGeneration ("3") directory: a small vision transformer (2.5:
+    window attention in all but its last block; 3: 16-pixel patches, DeepStack features) with
+    its 2x2 patch merger, a Qwen2 (3: Qwen3) decoder with M-RoPE and random q/k/v biases,
     the tokenizer with <|vision_start|> <|image_pad|> <|vision_end|> and a ChatML template,
     and the image processor (preprocessor_config.json; images resized to min..max_pixels)."""
     import torch
@@ -262,8 +263,16 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
                       spatial_merge_size=2, temporal_patch_size=2, window_size=window_size, fullatt_block_indexes=[2])
         config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
         arch = "Qwen2_5_VLForConditionalGeneration"
+    elif version == "3":  # interleaved M-RoPE over 8 frequencies, DeepStack from vision blocks 0 and 1
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+        config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+        arch = "Qwen3VLForConditionalGeneration"
     else:
-        raise ValueError(f"version must be '2' or '2.5', got {version!r}.")
+        raise ValueError(f"version must be '2', '2.5' or '3', got {version!r}.")
     cfg = config_cls(text_config=text, vision_config=vision, image_token_id=pad, vision_start_token_id=start,
                      vision_end_token_id=end)
     cfg.architectures = [arch]
@@ -273,7 +282,13 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
         for name, p in model.named_parameters():
             if name.endswith("bias") and "visual" not in name:
                 p.normal_(0.0, initializer_range)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # Qwen3: sharper attention, positions matter
+                p.uniform_(1.0, 4.0)
+            elif "deepstack_merger_list" in name and name.endswith("fc2.weight"):  # DeepStack features that matter
+                p.normal_(0.0, 0.5)
     model.to(getattr(torch, dtype)).save_pretrained(path)
     tok.save_pretrained(path)
-    transformers.Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(path)
+    patch = vision["patch_size"]  # images resized to multiples of 2x2 patches
+    transformers.Qwen2VLImageProcessor(min_pixels=min_pixels * patch**2 // 196, max_pixels=max_pixels * patch**2 // 196,
+                                       patch_size=patch).save_pretrained(path)
     return path

@@ -62,6 +62,10 @@ _TEXT_OF_MULTIMODAL = {
                                         ("visual.", "model.visual.")),
     "Qwen2_5_VLForConditionalGeneration": ("Qwen2ForCausalLM", [("model.language_model.", "model.")],
                                            ("visual.", "model.visual.")),
+    # Qwen3-VL: the Qwen3 decoder with interleaved M-RoPE, and DeepStack (vision features added
+    # into the first decoder layers' outputs).
+    "Qwen3VLForConditionalGeneration": ("Qwen3ForCausalLM", [("model.language_model.", "model.")],
+                                        ("visual.", "model.visual.")),
 }
 _TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 

@@ -20,6 +20,7 @@ _VISION_MODULES = {
                                         "Qwen2VisionTransformerPretrainedModel"),
     "Qwen2_5_VLForConditionalGeneration": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
                                            "Qwen2_5_VisionTransformerPretrainedModel"),
+    "Qwen3VLForConditionalGeneration": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
 }
 
 
@@ -76,14 +77,21 @@ class Qwen2VLImageEncoder(nn.Module):
         return enc.to(dtype).eval().requires_grad_(False)
 
     def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:
-        """Each image's embeddings [its placeholders, text hidden size]; all the images in one
-        pass (the vision attention keeps to each image by its grid)."""
+        """Each image's embeddings [its placeholders, text hidden size], all the images in one
+        pass (the vision attention keeps to each image by its grid). Qwen3-VL's DeepStack
+        features follow on the same rows: [placeholders, (1 + levels) * hidden], level k for
+        the output of decoder layer k (the runner splits them)."""
         param = next(self.visual.parameters())
         pixels = torch.cat([f.pixel_values for f in features]).to(param.device, param.dtype)
         grid = torch.tensor([f.grid_thw for f in features], device=param.device)
         out = self.visual(pixels, grid_thw=grid)
-        merged = out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 4: the tensor
-        return list(merged.split([f.length for f in features]))
+        if isinstance(out, torch.Tensor):  # transformers 4's Qwen2-VL: the merged rows
+            merged, deep = out, []
+        elif isinstance(out, tuple):  # transformers 4's Qwen3-VL: (merged, DeepStack levels)
+            merged, deep = out[0], list(out[1] or [])
+        else:
+            merged, deep = out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
+        return list(torch.cat([merged, *deep], dim=-1).split([f.length for f in features]))
 
     def profile_features(self, max_tokens: int) -> list[ImageFeature]:
         """The largest image the image processor makes (its max_pixels), at most `max_tokens`

@@ -480,8 +480,14 @@ class ModelRunner:
         if images is None:
             return self.model(ids, positions, meta)
         embeds = self.model.embed_input_ids(ids)
-        embeds[images[0]] = images[1].to(embeds.dtype)
-        return self.model(ids, positions, meta, inputs_embeds=embeds)
+        rows, values = images
+        hidden = embeds.shape[-1]
+        embeds[rows] = values[:, :hidden].to(embeds.dtype)
+        if values.shape[1] == hidden:
+            return self.model(ids, positions, meta, inputs_embeds=embeds)
+        # Qwen3-VL: DeepStack levels follow the embeddings on each row (multimodal/qwen2_vl.py).
+        deep = values[:, hidden:].view(len(values), -1, hidden).transpose(0, 1)
+        return self.model(ids, positions, meta, inputs_embeds=embeds, deepstack=(rows, deep))
 
     def _host_inputs(self, order: list[ScheduledRequest]) -> HostInputs:
         """The step's flat inputs; `order` has its decode rows first. Decode rows (one token

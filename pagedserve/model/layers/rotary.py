@@ -106,24 +106,31 @@ class RotaryEmbedding(nn.Module):
 
 class MRotaryEmbedding(RotaryEmbedding):
     """Qwen2-VL's multimodal RoPE: a position per token for each of (time, height, width), and
-    the rotary frequencies split into three sections (`mrope_section`), each turned by its
-    own component. Text tokens have three equal components, which is plain RoPE: so 1-D
-    positions (decode steps, CUDA graphs, the fused kernels) take the cache as it is, and only
-    a step with image tokens passes positions [3, T] and gets a table of its own."""
+    the rotary frequencies shared among the three (`mrope_section`: how many each turns), in
+    consecutive sections (Qwen2-VL, 2.5-VL) or interleaved t, h, w, t, h, w, ... (Qwen3-VL).
+    Text tokens have three equal components, which is plain RoPE: so 1-D positions (decode
+    steps, CUDA graphs, the fused kernels) take the cache as it is, and only a step with image
+    tokens passes positions [3, T] and gets a table of its own."""
 
-    def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, section: list[int],
+                 interleaved: bool) -> None:
         super().__init__(hf_config, head_dim, max_positions)
-        section = [int(s) for s in rope_parameters(hf_config)["mrope_section"]]
         if sum(section) != self.rotary_dim // 2 or len(section) != 3:
             raise ValueError(f"mrope_section {section} must be three numbers summing to half the rotary dim "
                              f"({self.rotary_dim // 2}).")
-        self.section = section
+        self.section, self.interleaved = section, interleaved
         self.register_buffer("component", self._component(), persistent=False)
 
     def _component(self) -> torch.Tensor:
         """Which position component turns each column of the cos/sin table."""
         with torch.device("cpu"):  # also when the model is being built on the meta device
-            comp = torch.repeat_interleave(torch.arange(3), torch.tensor(self.section))
+            if self.interleaved:  # frequency j: h where j % 3 == 1 (j < 3 * s_h), w where j % 3 == 2 (j < 3 * s_w)
+                j = torch.arange(sum(self.section))
+                comp = torch.zeros_like(j)
+                comp[(j % 3 == 1) & (j < 3 * self.section[1])] = 1
+                comp[(j % 3 == 2) & (j < 3 * self.section[2])] = 2
+            else:
+                comp = torch.repeat_interleave(torch.arange(3), torch.tensor(self.section))
             return torch.cat([comp, comp])
 
     def rebuild_buffers(self, device: torch.device) -> None:
@@ -139,11 +146,21 @@ class MRotaryEmbedding(RotaryEmbedding):
         return torch.arange(t, device=positions.device), table
 
 
+# Decoders whose RoPE is always M-RoPE, interleaved, whether or not the config says so (Qwen3-VL:
+# transformers' defaults).
+_INTERLEAVED_MROPE = {"qwen3_vl_text": [24, 20, 20], "qwen3_vl_moe_text": [24, 20, 20]}
+
+
 def make_rotary(hf_config: Any, head_dim: int, max_positions: int,
                 layer_type: Optional[str] = None) -> RotaryEmbedding:
-    """The model's RoPE module: M-RoPE where the config has an `mrope_section` (Qwen2-VL)."""
-    if "mrope_section" in rope_parameters(hf_config, layer_type):
-        return MRotaryEmbedding(hf_config, head_dim, max_positions)
+    """The model's RoPE module: M-RoPE where the config has an `mrope_section` (Qwen2-VL) or
+    is Qwen3-VL's decoder."""
+    params = rope_parameters(hf_config, layer_type)
+    default = _INTERLEAVED_MROPE.get(getattr(hf_config, "model_type", ""))
+    if "mrope_section" in params or default is not None:
+        section = [int(v) for v in params.get("mrope_section") or default]
+        interleaved = bool(params.get("mrope_interleaved", default is not None))
+        return MRotaryEmbedding(hf_config, head_dim, max_positions, section, interleaved)
     return RotaryEmbedding(hf_config, head_dim, max_positions, layer_type)
 
 
