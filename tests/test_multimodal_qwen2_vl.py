@@ -78,13 +78,14 @@ class QwenVLReference:
 
 
 def _build(root, tokenizer_dir, version: str) -> str:
+    """version "2", "2.5", "3", or "3-moe" (Qwen3-VL-MoE)."""
     from pagedserve.model.random_model import build_random_qwen2_vl
 
-    return build_random_qwen2_vl(str(root.mktemp(f"qwen{version}vl")), tokenizer_dir, version=version,
-                                 initializer_range=INIT)
+    return build_random_qwen2_vl(str(root.mktemp(f"qwen{version}vl")), tokenizer_dir, version=version.split("-")[0],
+                                 moe=version.endswith("moe"), initializer_range=INIT)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"])
 def vl(request, tokenizer_dir, tmp_path_factory) -> tuple[str, QwenVLReference]:
     path = _build(tmp_path_factory, tokenizer_dir, request.param)
     return path, QwenVLReference(path)
@@ -209,6 +210,35 @@ def test_hub_config_layout(qwen2_vl, tmp_path):
     assert llm.llm_engine.runner.encoder_cache.encoder.max_pixels == size["longest_edge"]
     out = llm.generate(_prompt(PROMPT_2, [_image(2), _image(3, (50, 120))]), _params(logprobs=0), use_tqdm=False)[0]
     _check(ref.greedy(PROMPT_2, [_image(2), _image(3, (50, 120))]), out)
+
+
+def test_qwen3_vl_moe_hub_expert_layout(tokenizer_dir, tmp_path_factory, tmp_path):
+    """Qwen3-VL-MoE's hub checkpoints stack each layer's experts as gate_up_proj [E, hidden, 2I]
+    and down_proj [E, I, hidden] (transformers 5 saves its modules' transposes): both load
+    to the same model, and the LM head stays untied as the top config says (its text
+    config says tied)."""
+    import glob
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = _build(tmp_path_factory, tokenizer_dir, "3-moe")
+    ref = QwenVLReference(path)
+    (src,) = glob.glob(os.path.join(path, "*.safetensors"))
+    state = load_file(src)
+    hub = {k: (v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v)
+           for k, v in state.items()}
+    assert any(hub[k].shape != state[k].shape for k in state)
+    for f in os.listdir(path):
+        if not f.endswith(".safetensors"):
+            shutil.copy(os.path.join(path, f), tmp_path / f)
+    save_file(hub, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    images = [_image(2), _image(3, (50, 120))]
+    for d in (path, str(tmp_path)):
+        llm = LLM(d, block_size=8, max_num_batched_tokens=16)
+        assert not llm.llm_engine.runner.model.tie_word_embeddings
+        _check(ref.greedy(PROMPT_2, images), llm.generate(_prompt(PROMPT_2, images), _params(logprobs=0),
+                                                           use_tqdm=False)[0])
 
 
 def test_mm_processor_kwargs_cap_the_image_size(qwen2_vl):

@@ -4,8 +4,10 @@ weights renormalised only with norm_topk_prob. Qwen2-MoE adds an always-on share
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Iterable, Iterator
 
+import torch
 from torch import nn
 
 from pagedserve.model.layers.moe import SparseMoeBlock
@@ -35,4 +37,41 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         if not _is_sparse(cfg, layer_idx):
             return LlamaMLP(cfg)
-        return SparseMoeBlock(cfg, cfg.num_experts, cfg.moe_intermediate_size, renormalize=bool(cfg.norm_topk_prob))
+        # (Qwen3-VL-MoE's decoder has no norm_topk_prob: it always renormalises.)
+        return SparseMoeBlock(cfg, cfg.num_experts, cfg.moe_intermediate_size,
+                              renormalize=bool(getattr(cfg, "norm_topk_prob", True)))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(unstack_experts(weights, self.config.hidden_size, self.config.moe_intermediate_size))
+
+
+_STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def unstack_experts(weights: Iterable[tuple[str, torch.Tensor]], hidden: int,
+                    inter: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Experts stacked in one tensor per projection (Qwen3-VL-MoE) -> the per-expert
+    '...experts.<e>.gate_proj.weight' [I, hidden] names; other tensors unchanged. Hub
+    checkpoints hold gate_up_proj [E, hidden, 2I] (gate then up along the last dim) and
+    down_proj [E, I, hidden]; transformers 5 saves its modules' [E, 2I, hidden] / [E, hidden, I].
+    As transformers does, a tensor already in the module's shape is taken as it is."""
+    for name, t in weights:
+        m = _STACKED.match(name)
+        if m is None:
+            yield name, t
+            continue
+        prefix, gate_up = m["prefix"], m["proj"] == "gate_up_proj"
+        module_shape = (2 * inter, hidden) if gate_up else (hidden, inter)
+        if tuple(t.shape[1:]) == module_shape:
+            per_expert = list(t)
+        elif tuple(t.shape[1:]) == module_shape[::-1]:
+            per_expert = [w.t() for w in t]
+        else:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} fits neither [E, {module_shape[0]}, {module_shape[1]}] "
+                             "nor its transpose")
+        for e, w in enumerate(per_expert):
+            if gate_up:
+                yield f"{prefix}.{e}.gate_proj.weight", w[:inter]
+                yield f"{prefix}.{e}.up_proj.weight", w[inter:]
+            else:
+                yield f"{prefix}.{e}.down_proj.weight", w

@@ -232,9 +232,10 @@ QWEN_VL_CHAT_TEMPLATE = (
 def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, version: str = "2",
                           min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 64, window_size: int = 56,
                           mrope_section: tuple = (2, 3, 3), initializer_range: float = 0.02, seed: int = 0,
-                          dtype: str = "float32") -> str:
+                          dtype: str = "float32", moe: bool = False) -> str:
     """A random Qwen2VLForConditionalGeneration (version "2"), Qwen2_5_VLForConditionalGeneration
-    ("2.5") or Qwen3VLForConditionalGeneration ("3") directory: a small vision transformer (2.5:
+    ("2.5") or Qwen3VLForConditionalGeneration ("3"; Qwen3VLMoeForConditionalGeneration with
+    `moe`) directory: a small vision transformer (2.5:
     window attention in all but its last block; 3: 16-pixel patches, DeepStack features) with
     its 2x2 patch merger, a Qwen2 (3: Qwen3) decoder with M-RoPE and random q/k/v biases,
     the tokenizer with <|vision_start|> <|image_pad|> <|vision_end|> and a ChatML template,
@@ -271,6 +272,10 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
                       deepstack_visual_indexes=[0, 1])
         config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
         arch = "Qwen3VLForConditionalGeneration"
+        if moe:  # Qwen3-VL-MoE: 4 experts, 2 a token, in every decoder layer (2 x 48 != 64: no square stacks)
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+            config_cls, model_cls = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
+            arch = "Qwen3VLMoeForConditionalGeneration"
     else:
         raise ValueError(f"version must be '2', '2.5' or '3', got {version!r}.")
     cfg = config_cls(text_config=text, vision_config=vision, image_token_id=pad, vision_start_token_id=start,
@@ -286,6 +291,8 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
                 p.uniform_(1.0, 4.0)
             elif "deepstack_merger_list" in name and name.endswith("fc2.weight"):  # DeepStack features that matter
                 p.normal_(0.0, 0.5)
+            elif name.endswith("mlp.gate.weight"):  # a router: no ties among experts
+                p.normal_(0.0, 1.0)
     model.to(getattr(torch, dtype)).save_pretrained(path)
     tok.save_pretrained(path)
     patch = vision["patch_size"]  # images resized to multiples of 2x2 patches

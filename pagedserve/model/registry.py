@@ -66,6 +66,8 @@ _TEXT_OF_MULTIMODAL = {
     # into the first decoder layers' outputs).
     "Qwen3VLForConditionalGeneration": ("Qwen3ForCausalLM", [("model.language_model.", "model.")],
                                         ("visual.", "model.visual.")),
+    "Qwen3VLMoeForConditionalGeneration": ("Qwen3MoeForCausalLM", [("model.language_model.", "model.")],
+                                           ("visual.", "model.visual.")),
 }
 _TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -86,6 +88,11 @@ def text_model_config(hf_config: Any) -> Any:
             if top is not None and getattr(text, name, None) is None:
                 setattr(text, name, top)
                 break
+        # The LM head belongs to the whole model: transformers ties it by the top config's flag,
+        # whatever the text config says (Qwen3-VL-MoE's differ; Qwen2-VL's text config has none).
+        tie = getattr(hf_config, "tie_word_embeddings", None)
+        if text is not hf_config and tie is not None:
+            text.tie_word_embeddings = bool(tie)
         text.multimodal_architecture = archs[0]
         return text
     return hf_config

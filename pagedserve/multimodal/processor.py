@@ -16,7 +16,7 @@ from pagedserve.multimodal.inputs import ImageFeature, load_image
 # Vision-language architectures whose images pagedserve runs (multimodal/llava.py).
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                         "Qwen3VLForConditionalGeneration")
+                         "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)

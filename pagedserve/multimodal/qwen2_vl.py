@@ -21,6 +21,8 @@ _VISION_MODULES = {
     "Qwen2_5_VLForConditionalGeneration": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
                                            "Qwen2_5_VisionTransformerPretrainedModel"),
     "Qwen3VLForConditionalGeneration": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
+    "Qwen3VLMoeForConditionalGeneration": ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
+                                           "Qwen3VLMoeVisionModel"),
 }
 
 
