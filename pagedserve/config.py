@@ -201,7 +201,7 @@ class EngineArgs:
                 raise ValueError("attention_backend='triton' needs CUDA; on CPU it runs only in Triton's "
                                  "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
-        max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner)
+        max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner, self.model)
         return EngineConfig(
             model=self.model,
             tokenizer=self.tokenizer or self.model,
@@ -238,8 +238,10 @@ class EngineArgs:
         )
 
 
-def _max_images(limit: Optional[dict], hf_config: Any, runner: str) -> int:
-    """Images a prompt may carry: 0 for a model without an image path (or limited to 0)."""
+def _max_images(limit: Optional[dict], hf_config: Any, runner: str, model_dir: str) -> int:
+    """Images a prompt may carry: 0 for a model without an image path (or limited to 0), or
+    whose directory lacks the image processor's settings and was given no limit (a text-only
+    copy: served as its language model; an explicit limit makes the missing file an error)."""
     from pagedserve.multimodal.processor import takes_images
 
     if limit is not None:
@@ -250,6 +252,10 @@ def _max_images(limit: Optional[dict], hf_config: Any, runner: str) -> int:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"limit_mm_per_prompt['image'] must be a non-negative integer, got {v!r}.")
     if not takes_images(hf_config) or runner != "generate":
+        return 0
+    if (limit is None or "image" not in limit) and not os.path.isfile(os.path.join(model_dir,
+                                                                                 "preprocessor_config.json")):
+        logger.warning("%s has no preprocessor_config.json: serving it text-only (no images).", model_dir)
         return 0
     return (1 << 30) if limit is None or "image" not in limit else limit["image"]
 

@@ -41,6 +41,10 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     query_start_loc_cpu: list[int]
     block_size: int
+    # [num_tokens] int32: keys each query token sees, where some see past themselves (tokens of
+    # one image attend to each other both ways: Gemma 3); None: causal, its position + 1.
+    # Only prefill chunks carry such rows, and a chunk never ends inside such an image.
+    kv_limit: Optional[torch.Tensor] = None
 
     @property
     def num_decode_tokens(self) -> int:

@@ -66,6 +66,11 @@ class TorchAttentionBackend(AttentionBackend):
         qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for r in range(nd, meta.num_reqs):
             qs, qe = qsl[r], qsl[r + 1]
+            if meta.kv_limit is not None:  # (a request's chunk with two-way image spans: the reference path)
+                out[qs:qe] = TorchAttentionBackend._prefill(
+                    query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache, meta.block_tables[r], seq_lens[r],
+                    meta.block_size, scale, window, softcap, sinks, meta.kv_limit[qs:qe])
+                continue
             out[qs:qe] = self._prefill(query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache,
                                        meta.block_tables[r], seq_lens[r], meta.block_size, scale, window, softcap,
                                        sinks)
@@ -94,7 +99,10 @@ class TorchAttentionBackend(AttentionBackend):
 
     @staticmethod
     def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
-                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                 limit: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """limit: [q_len] keys each query sees (AttentionMetadata.kv_limit), else causal; a
+        window counts back from the query's own position either way."""
         q_len, nh, d = q.shape
         kvh = k_cache.shape[2]
         group = nh // kvh
@@ -107,10 +115,10 @@ class TorchAttentionBackend(AttentionBackend):
             k = k_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
             v = v_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
         mask = None  # plain causal from the start: SDPA's own is_causal
-        if ctx or window > 0 or softcap > 0 or sinks is not None:
+        if ctx or window > 0 or softcap > 0 or sinks is not None or limit is not None:
             cols = torch.arange(seq_len, device=q.device)[None, :]
             rows = torch.arange(ctx, seq_len, device=q.device)[:, None]
-            mask = cols <= rows
+            mask = cols <= rows if limit is None else cols < limit[:, None]
             if window > 0:
                 mask &= cols > rows - window
         k = _expand_kv(k.transpose(0, 1), group)

@@ -46,7 +46,7 @@ class LLMEngine:
         self.mm_processor: Optional[ImageInputProcessor] = None  # a vision-language model's images
         if config.max_images_per_prompt > 0:
             self.mm_processor = ImageInputProcessor(config.model, config.max_images_per_prompt,
-                                                    config.mm_processor_kwargs)
+                                                    config.mm_processor_kwargs, self.tokenizer)
         maybe_inject_step_failure(self.runner)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
@@ -60,6 +60,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
                                    config.max_loras if config.enable_lora else 0)
+        if self.mm_processor is not None and self.mm_processor.bidirectional:
+            # Gemma 3: a chunk holds the rest of an image whole, so one must fit the step's budget.
+            need = int(self.mm_processor.config.mm_tokens_per_image)
+            if config.max_num_batched_tokens < need:
+                raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least an "
+                                 f"image's {need} tokens for this model's images.")
+            self.scheduler.whole_images = True
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.grammar_compiler = GrammarCompiler(self.tokenizer, config.vocab_size, self.eos_token_ids)

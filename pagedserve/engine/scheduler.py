@@ -85,6 +85,9 @@ class Scheduler:
         self.proposer = proposer  # speculative decoding (synchronous scheduling only)
         self.num_draft_tokens = self.num_accepted_tokens = 0
         self.max_loras = max_loras  # distinct LoRA adapters a batch may hold (0: LoRA off)
+        # A chunk never ends inside an image (Gemma 3: an image's tokens attend to each other
+        # both ways, so all of them must be in the cache when any of them is computed).
+        self.whole_images = False
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -156,6 +159,11 @@ class Scheduler:
                 i += 1  # its in-flight token is its last: it finishes when that lands
                 continue
             n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
+            if self.whole_images and req.mm_features:
+                n = self._whole_images(req, req.num_computed_tokens, n)
+                if n == 0:  # the rest of an image does not fit this step's budget: next step
+                    i += 1
+                    continue
             self.kv.release_out_of_window(req, req.num_computed_tokens)
             if n == 1 and self.proposer is not None and req.speculates:
                 d = self._drafts(req, budget - 1)
@@ -191,6 +199,10 @@ class Scheduler:
                     if not self.enable_chunked_prefill:
                         break
                     n = budget
+                    if self.whole_images and req.mm_features:
+                        n = self._whole_images(req, num_hit, n)
+                        if n == 0:
+                            break
                 if not self.kv.allocate_slots(req, n, hits):
                     break
                 self.waiting.popleft()
@@ -215,6 +227,16 @@ class Scheduler:
             if samples:
                 req.num_inflight += 1
         return out
+
+    @staticmethod
+    def _whole_images(req: Request, start: int, n: int) -> int:
+        """n shortened so that the chunk [start, start + n) does not end inside an image (0 if
+        an image it must finish does not fit)."""
+        end = start + n
+        for f in req.mm_features:
+            if f.offset < end < f.offset + f.length:
+                end = f.offset if f.offset > start else start
+        return end - start
 
     def _drafts(self, req: Request, budget: int) -> list[int]:
         """Draft tokens for a decoding request, within its max_tokens, the context and `budget`

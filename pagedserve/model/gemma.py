@@ -77,8 +77,11 @@ class GemmaModel(nn.Module):
         # the model), as transformers rounds it; a Python float, so a captured graph holds it.
         self.normalizer = float(torch.tensor(cfg.hidden_size**0.5, dtype=torch.get_default_dtype(), device="cpu"))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.normalizer
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """inputs_embeds: scaled token embeddings with image rows replaced (unscaled, as in
+        transformers' Gemma 3), instead of those of input_ids."""
+        x = self.embed_tokens(input_ids) * self.normalizer if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
@@ -107,6 +110,9 @@ class GemmaForCausalLM(LlamaForCausalLM):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.final_softcap = float(getattr(cfg, "final_logit_softcapping", None) or 0.0)
         self.tie_weights()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids) * self.model.normalizer
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)

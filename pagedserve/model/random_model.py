@@ -299,3 +299,51 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
     transformers.Qwen2VLImageProcessor(min_pixels=min_pixels * patch**2 // 196, max_pixels=max_pixels * patch**2 // 196,
                                        patch_size=patch).save_pretrained(path)
     return path
+
+
+# A Gemma-3-style template: each image part becomes <start_of_image> where it stands.
+GEMMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<start_of_image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_random_gemma3_vl(path: str, tokenizer_dir: Optional[str] = None, image_size: int = 56,
+                           tokens_per_image: int = 16, initializer_range: float = 0.3, seed: int = 0,
+                           dtype: str = "float32") -> str:
+    """A random Gemma3ForConditionalGeneration directory: a small SigLIP tower (image_size
+    pixels in 14-pixel patches, pooled to tokens_per_image), a Gemma 3 decoder with a
+    sliding-window and a full layer, the tokenizer with <start_of_image> <image_soft_token>
+    <end_of_image> and a Gemma-style chat template, and the image processor."""
+    import torch
+    import transformers
+
+    if tokenizer_dir is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        tok = build_tokenizer(path)
+    tok.add_tokens(["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"],
+                   special_tokens=True)
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    boi, image, eoi = tok.convert_tokens_to_ids(["<start_of_image>", "<image_soft_token>", "<end_of_image>"])
+    # (An LM head of its own: tied to the sqrt(hidden)-scaled embeddings, a random model repeats its input.)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=len(tok), sliding_window=12, tie_word_embeddings=False,
+                layer_types=["sliding_attention", "full_attention"], initializer_range=initializer_range,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
+                                    image_token_index=image, boi_token_index=boi, eoi_token_index=eoi,
+                                    initializer_range=initializer_range, tie_word_embeddings=False)
+    cfg.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers starts the projector at zero: drawn, so the image matters
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 1.0)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    tok.save_pretrained(path)
+    transformers.Gemma3ImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path

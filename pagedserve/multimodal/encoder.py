@@ -7,15 +7,19 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pagedserve.multimodal.processor import LLAVA_ARCHITECTURES, architecture, load_full_config
+from pagedserve.multimodal.processor import GEMMA3_ARCHITECTURES, LLAVA_ARCHITECTURES, architecture, load_full_config
 
 
 def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
                        processor_kwargs: Optional[dict] = None) -> nn.Module:
     """The encoder module: `encode(features)` -> each image's embeddings, `profile_features(n)`
     -> the largest image's (for KV sizing), `rope_positions(num_prompt, features)` -> M-RoPE
-    positions or None."""
+    positions or None; `bidirectional` where an image's tokens attend to each other both ways."""
     cfg = load_full_config(model_dir)
+    if architecture(cfg) in GEMMA3_ARCHITECTURES:
+        from pagedserve.multimodal.gemma3 import Gemma3ImageEncoder
+
+        return Gemma3ImageEncoder.load(cfg, model_dir, dtype, device)
     if architecture(cfg) in LLAVA_ARCHITECTURES:
         from pagedserve.multimodal.llava import LlavaImageEncoder
 

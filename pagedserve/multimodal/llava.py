@@ -41,7 +41,7 @@ class LlavaImageEncoder(nn.Module):
         state = {}
         # Only the weights the text model skips are read (transformers 5 puts them under
         # "model.", older checkpoints bare).
-        pieces = non_text_prefixes("LlavaForConditionalGeneration")
+        pieces = non_text_prefixes(cfg.architectures[0])
         for name, tensor in iterate_safetensors(model_dir, dtype, device, keep=lambda n: n.startswith(pieces)):
             name = name.removeprefix("model.")
             if name.startswith("vision_tower."):

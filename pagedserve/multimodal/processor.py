@@ -17,7 +17,8 @@ from pagedserve.multimodal.inputs import ImageFeature, load_image
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
-IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES
+GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -92,17 +93,28 @@ def check_image_model(cfg: Any) -> None:
 class ImageInputProcessor:
     """Turns (prompt ids, images) into expanded prompt ids and one ImageFeature per image."""
 
-    def __init__(self, model_dir: str, max_images: int, processor_kwargs: Optional[dict] = None) -> None:
+    def __init__(self, model_dir: str, max_images: int, processor_kwargs: Optional[dict] = None,
+                 tokenizer: Any = None) -> None:
         self.config = load_full_config(model_dir)
         check_image_model(self.config)
         self.hf = load_image_processor(model_dir, processor_kwargs or {})
         self.token_id = image_token_id(self.config)
         self.max_images = max_images
         self.qwen_vl = architecture(self.config) in QWEN_VL_ARCHITECTURES
+        # Gemma 3: images written <start_of_image>, expanded with the tokenizer's help; an
+        # image's tokens attend to each other both ways (the scheduler keeps each whole in a chunk).
+        self.bidirectional = architecture(self.config) in GEMMA3_ARCHITECTURES
+        self.tokenizer = tokenizer
+        if self.bidirectional and tokenizer is None:
+            raise ValueError("Gemma 3's images need the tokenizer to expand <start_of_image>.")
 
     def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, int, Optional[tuple[int, int, int]]]]:
         """(pixel values, placeholder tokens, patch grid) of each image."""
         out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt")
+        if self.bidirectional:
+            if any(int(c) for c in out.get("num_crops", [])):
+                raise ValueError("Gemma 3's pan-and-scan crops (do_pan_and_scan) are not supported.")
+            return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
         if not self.qwen_vl:
             pixels = out["pixel_values"]
             n = tokens_per_image(self.config, *pixels.shape[-2:])
@@ -119,6 +131,10 @@ class ImageInputProcessor:
         if len(images) > self.max_images:
             raise ParamError(field, f"at most {self.max_images} images a prompt are accepted (limit_mm_per_prompt), "
                              f"got {len(images)}.")
+        if self.bidirectional:
+            from pagedserve.multimodal.gemma3 import expand_image_markers
+
+            ids = expand_image_markers(ids, self.tokenizer, self.config)
         runs = placeholder_runs(ids, self.token_id)
         if not images:
             if runs:

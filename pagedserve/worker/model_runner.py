@@ -50,6 +50,9 @@ class HostInputs:
     # [3, T] (time, height, width) positions when a row is an image token of an M-RoPE model
     # (Qwen2-VL); `positions` then holds their first component.
     mrope: Optional[np.ndarray] = None
+    # [T] keys each row sees when some rows are image tokens that attend to their whole image
+    # (Gemma 3; AttentionMetadata.kv_limit), else None (causal).
+    kv_limit: Optional[np.ndarray] = None
 
     @property
     def decode_only(self) -> bool:
@@ -470,7 +473,8 @@ class ModelRunner:
         fits a captured bucket, else an eager pass. `patch` overwrites pending input tokens;
         `images` (rows, embeddings) replaces image placeholders' embeddings (a one-token
         prompt chunk looks like a decode row, hence no graph then)."""
-        if (images is None and host.mrope is None and self.graphs is not None and host.decode_only
+        if (images is None and host.mrope is None and host.kv_limit is None and self.graphs is not None
+                and host.decode_only
                 and len(host.seq_lens) <= self.graphs.max_size):
             return self.graphs.run(host.input_ids, host.positions, host.slots,
                                    np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch)
@@ -542,9 +546,31 @@ class ModelRunner:
         sample_rows = [i for i, s in enumerate(order) if s.samples]
         max_blocks = -(-max(seq_lens) // bs)
         block_rows = table[rows, :max_blocks]  # one C-level copy of the step's rows
-        mrope = self._rope_positions(order, qsl, positions) if self.encoder_cache is not None else None
+        mrope = kv_limit = None
+        if self.encoder_cache is not None:
+            mrope = self._rope_positions(order, qsl, positions)
+            if getattr(self.encoder_cache.encoder, "bidirectional", False):
+                kv_limit = self._image_kv_limits(order, qsl)
         return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
-                          pending_rows, mrope)
+                          pending_rows, mrope, kv_limit)
+
+    @staticmethod
+    def _image_kv_limits(order: list[ScheduledRequest], qsl: list[int]) -> Optional[np.ndarray]:
+        """Keys each row sees when the step computes image tokens that attend to their whole
+        image (their chunk reaches the image's end: scheduler.whole_images); None if none."""
+        limit = None
+        for i, s in enumerate(order):
+            for f in s.request.mm_features:
+                lo, hi = max(s.start, f.offset), min(s.end, f.offset + f.length)
+                if lo >= hi:
+                    continue
+                if s.end < f.offset + f.length:
+                    raise RuntimeError("a prefill chunk ends inside an image that attends both ways")
+                if limit is None:
+                    limit = np.concatenate([np.arange(o.start + 1, o.start + 1 + qsl[j + 1] - qsl[j])
+                                            for j, o in enumerate(order)])
+                limit[qsl[i] + lo - s.start:qsl[i] + hi - s.start] = f.offset + f.length
+        return limit
 
     def _rope_positions(self, order: list[ScheduledRequest], qsl: list[int],
                         positions: np.ndarray) -> Optional[np.ndarray]:
@@ -585,6 +611,7 @@ class ModelRunner:
             query_start_loc=to_device(host.qsl, torch.int32, dev),
             max_query_len=max(b - a for a, b in zip(host.qsl, host.qsl[1:])), max_seq_len=max(host.seq_lens),
             seq_lens_cpu=host.seq_lens, query_start_loc_cpu=host.qsl, block_size=self.block_size,
+            kv_limit=None if host.kv_limit is None else to_device(host.kv_limit, torch.int32, dev),
         )
         positions = host.positions if host.mrope is None else host.mrope
         return to_device(host.input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta
