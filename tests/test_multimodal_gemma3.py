@@ -143,8 +143,8 @@ def test_prefix_cache_and_chat(gemma3):
 
 
 def test_triton_path_matches_transformers(gemma3):
-    """The Triton backend (interpreted): steps with image rows attend through the PyTorch
-    reference (the kernel has no two-way spans), decode steps through the kernel."""
+    """The Triton backend (interpreted): the prefill kernel reads each image row's key bound
+    (kv_limit), decode steps run as for text."""
     pytest.importorskip("triton")
     path, ref = gemma3
     llm = LLM(path, attention_backend="triton", block_size=8, max_num_batched_tokens=24, max_num_seqs=4,
@@ -183,7 +183,7 @@ def test_errors(gemma3, tmp_path):
 
 @pytest.mark.gpu
 def test_images_on_cuda(gemma3):
-    """On CUDA: decode graphs, image steps eagerly through the reference attention, the
+    """On CUDA: decode graphs, image steps eagerly with the kernel's per-row key bounds, the
     encoder in the KV pool's profile pass; float32 against transformers on CPU."""
     path, ref = gemma3
     llm = LLM(path, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=32, max_num_seqs=8,

@@ -170,6 +170,34 @@ def test_attention_sliding_window_and_softcap(window, softcap, dtype):
                 reqs=[(1, n) for n in (1, 9, 16, 17, 40, 77)])
 
 
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_kv_limit(window, dtype):
+    """Per-query key bounds (Gemma 3's two-way image spans): spans inside a chunk, one reaching
+    its last token, one after cached context, across query blocks and tiles; with decode rows
+    before them and a sliding window, against the twin."""
+    reqs = [(1, 9), (1, 20), (30, 30), (13, 40), (5, 5)]
+    b = make_batch(reqs, 8, 2, 32, 8, dtype)
+    limit = []
+    for q, n in reqs:
+        lim = list(range(n - q + 1, n + 1))  # causal
+        if q > 1:  # a span of the chunk whose tokens see to its end
+            a, e = q // 3, q - q // 4
+            lim[a:e] = [n - q + e] * (e - a)
+        limit += lim
+    limit_t = torch.tensor(limit, dtype=torch.int32, device=DEV)
+    out = torch.full_like(b.query, float("nan"))
+    nd = b.num_decodes
+    paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables, b.seq_lens, b.qsl, nd, nd, 1.0, out=out,
+                    decode=True, window=window)
+    paged_attention(b.query, b.k_cache, b.v_cache, b.block_tables[nd:], b.seq_lens[nd:], b.qsl[nd:],
+                    len(reqs) - nd, b.num_tokens - b.qsl_cpu[nd], 1.0, out=out, block_m=16, tile_n=16, window=window,
+                    kv_limit=limit_t)
+    want = reference(b, 1.0, window=window, kv_limit=limit)
+    assert_attention_close(out, want, dtype)
+    assert not torch.allclose(want, reference(b, 1.0, window=window))  # the bounds matter
+
+
 def test_prefill_only_and_decode_only():
     check_mixed(4, 2, 32, 8, torch.float32, block_m=16, tile_n=16, reqs=[(30, 30), (17, 40)])
     check_mixed(4, 2, 32, 8, torch.float32, tile_n=16, reqs=[(1, 3), (1, 33)])

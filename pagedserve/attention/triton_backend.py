@@ -69,19 +69,8 @@ class TritonAttentionBackend(AttentionBackend):
             paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             nd, nd, scale, out=out, decode=True, num_segments=segments, window=window,
                             softcap=softcap, sinks=sinks)
-        if nr > nd and meta.kv_limit is not None:
-            # Two-way image spans (Gemma 3) are not in the kernel: those steps' prefill chunks
-            # take the PyTorch reference path (steps with image rows only).
-            from pagedserve.attention.torch_backend import TorchAttentionBackend
-
-            qsl = meta.query_start_loc_cpu
-            for r in range(nd, nr):
-                qs, qe = qsl[r], qsl[r + 1]
-                out[qs:qe] = TorchAttentionBackend._prefill(
-                    query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache, meta.block_tables[r],
-                    meta.seq_lens_cpu[r], meta.block_size, scale, window, softcap, sinks, meta.kv_limit[qs:qe])
-        elif nr > nd:
+        if nr > nd:
             paged_attention(query, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
                             meta.query_start_loc[nd:], nr - nd, meta.num_tokens - nd, scale, out=out, window=window,
-                            softcap=softcap, sinks=sinks)
+                            softcap=softcap, sinks=sinks, kv_limit=meta.kv_limit)
         return out

@@ -122,12 +122,13 @@ def _paged_attention_kernel(
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     stride_bt,
     kn_ptr, vn_ptr, pos_ptr, cos_sin_ptr, slot_ptr, stride_kn_t, stride_kn_h, stride_vn_t, stride_vn_h, stride_cs,
+    limit_ptr,  # LIMIT: [T] int32 keys each query token sees (two-way image spans), instead of causal
     GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr, SINKS: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    LIMIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
     # projection; the kernel rotates q and kn, segment 0 writes kn and vn into the cache at
@@ -167,6 +168,9 @@ def _paged_attention_kernel(
     # Keys the block's last query sees bound the walk (causal: later tiles are all masked).
     last_q = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
     kv_len = tl.minimum(context + last_q + 1, seq_len)
+    if LIMIT:  # each query's own bound; the walk goes to the farthest
+        q_see = tl.load(limit_ptr + q_rows, mask=row_ok, other=0)
+        kv_len = tl.minimum(tl.max(q_see, axis=0), seq_len)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
@@ -236,7 +240,10 @@ def _paged_attention_kernel(
             s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
         if SOFTCAP:
             s = _softcap(s, softcap_log2)
-        visible = (offs_n[None, :] <= q_abs[:, None]) & n_ok[None, :]
+        if LIMIT:
+            visible = (offs_n[None, :] < q_see[:, None]) & n_ok[None, :]
+        else:
+            visible = (offs_n[None, :] <= q_abs[:, None]) & n_ok[None, :]
         if SLIDING:
             visible &= offs_n[None, :] > q_abs[:, None] - window
         s = tl.where(visible, s, float("-inf"))
@@ -363,6 +370,7 @@ def paged_attention(
     block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
     num_warps: Optional[int] = None, num_stages: Optional[int] = None, rope: Optional[DecodeRope] = None,
     window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+    kv_limit: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -377,7 +385,9 @@ def paged_attention(
     value into the caches, which then hold only the keys before each token (see the kernel).
     window > 0: each query sees only its last `window` keys (sliding window); softcap > 0:
     scores become softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [Hq]
-    float32 (GPT-OSS): one more logit per head in each softmax's denominator, with no value."""
+    float32 (GPT-OSS): one more logit per head in each softmax's denominator, with no value.
+    kv_limit [T] int32 (prefill only): how many keys each query row sees, in place of its
+    causal bound (AttentionMetadata.kv_limit: Gemma 3's two-way image spans)."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -388,6 +398,7 @@ def paged_attention(
     out = torch.empty_like(query) if out is None else out
     assert block_tables.stride(-1) == 1 and out.stride(-1) == 1
     assert sinks is None or (sinks.shape == (hq,) and sinks.dtype == torch.float32 and sinks.stride(0) == 1)
+    assert kv_limit is None or (not decode and kv_limit.dtype == torch.int32 and kv_limit.stride(0) == 1)
     if num_seqs == 0:
         return out
     group = hq // kvh
@@ -425,12 +436,13 @@ def paged_attention(
         *((rope.key, rope.value, rope.positions, rope.cos_sin, rope.slot_mapping, rope.key.stride(0),
            rope.key.stride(1), rope.value.stride(0), rope.value.stride(1), rope.cos_sin.stride(0))
           if rope is not None else (query,) * 5 + (0,) * 5),  # unused; aligned, so no new variant
+        kv_limit if kv_limit is not None else seq_lens,
         GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=d, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size, TILE_N=tile_n,
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
         ROPE=rope is not None, SLIDING=window > 0, SOFTCAP=softcap > 0, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
-        SINKS=sinks is not None, INTERPRET=triton_interpreting(), **launch, **pdl,
+        SINKS=sinks is not None, LIMIT=kv_limit is not None, INTERPRET=triton_interpreting(), **launch, **pdl,
     )
     return out
 

@@ -26,14 +26,16 @@ def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch
 def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, seq_lens: Sequence[int], query_start_loc: Sequence[int],
                         scale: float, compute_dtype: torch.dtype = torch.float32, window: int = 0,
-                        softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                        kv_limit: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Causal attention for each request r of a flat varlen batch: its query tokens
     query[qsl[r]:qsl[r+1]] are the last q_len positions of a sequence of seq_lens[r] tokens
     whose K/V sit in the cache pages block_tables[r]; query i at position p = seq_len - q_len + i
     sees keys [0, p], or with a sliding window the last `window` of them, (p - window, p].
     softcap > 0: scores become softcap * tanh(scores / softcap) (Gemma 2) before the softmax.
     sinks [Hq] (GPT-OSS's attention sinks): one more logit per head in each softmax's
-    denominator, with no value (so the weights sum to under 1).
+    denominator, with no value (so the weights sum to under 1). kv_limit [T]: query row t
+    sees keys [0, kv_limit[t]) instead of [0, p] (a window still counts back from p).
     GQA: query head h reads kv head h // (Hq // KVH). A query with no visible key gives 0.
     Rows past the last request are left 0. Returns [T, Hq, D] in compute_dtype."""
     t, hq, d = query.shape
@@ -56,7 +58,10 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             s = softcap * torch.tanh(s / softcap)
         rows = torch.arange(n - (qe - qs), n, device=query.device)
         cols = torch.arange(n, device=query.device)[None, :]
-        visible = cols <= rows[:, None]
+        if kv_limit is None:
+            visible = cols <= rows[:, None]
+        else:
+            visible = cols < torch.as_tensor(kv_limit[qs:qe], device=query.device)[:, None]
         if window > 0:
             visible &= cols > rows[:, None] - window
         s = s.masked_fill(~visible, float("-inf"))
