@@ -23,6 +23,7 @@ from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, Toke
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
 from pagedserve.worker.encoder_cache import EncoderCache
+from pagedserve.worker.image_rows import image_kv_limits, rope_positions
 from pagedserve.worker.pooling import PoolingStates
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
@@ -547,58 +548,12 @@ class ModelRunner:
         max_blocks = -(-max(seq_lens) // bs)
         block_rows = table[rows, :max_blocks]  # one C-level copy of the step's rows
         mrope = kv_limit = None
-        if self.encoder_cache is not None:
-            mrope = self._rope_positions(order, qsl, positions)
+        if self.encoder_cache is not None:  # images: M-RoPE positions, two-way image spans
+            mrope = rope_positions(order, qsl, positions, self.encoder_cache)
             if getattr(self.encoder_cache.encoder, "bidirectional", False):
-                kv_limit = self._image_kv_limits(order, qsl)
+                kv_limit = image_kv_limits(order, qsl)
         return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
                           pending_rows, mrope, kv_limit)
-
-    @staticmethod
-    def _image_kv_limits(order: list[ScheduledRequest], qsl: list[int]) -> Optional[np.ndarray]:
-        """Keys each row sees when the step computes image tokens that attend to their whole
-        image (their chunk reaches the image's end: scheduler.whole_images); None if none."""
-        limit = None
-        for i, s in enumerate(order):
-            for f in s.request.mm_features:
-                lo, hi = max(s.start, f.offset), min(s.end, f.offset + f.length)
-                if lo >= hi:
-                    continue
-                if s.end < f.offset + f.length:
-                    raise RuntimeError("a prefill chunk ends inside an image that attends both ways")
-                if limit is None:
-                    limit = np.concatenate([np.arange(o.start + 1, o.start + 1 + qsl[j + 1] - qsl[j])
-                                            for j, o in enumerate(order)])
-                limit[qsl[i] + lo - s.start:qsl[i] + hi - s.start] = f.offset + f.length
-        return limit
-
-    def _rope_positions(self, order: list[ScheduledRequest], qsl: list[int],
-                        positions: np.ndarray) -> Optional[np.ndarray]:
-        """Rewrite the positions of requests with images for M-RoPE (multimodal/qwen2_vl.py):
-        prompt tokens take theirs, later tokens their index plus the request's delta. Returns
-        the [3, T] positions when a row is an image token (the three components differ)."""
-        spans = []
-        for i, s in enumerate(order):
-            req = s.request
-            if not req.mm_features:
-                continue
-            rope = self.encoder_cache.rope_positions(req)
-            if rope is None:
-                return None  # a model with plain positions
-            pos3, delta = rope
-            a, b = qsl[i], qsl[i + 1]
-            idx = np.arange(s.start, s.start + b - a)
-            inside = idx < pos3.shape[1]
-            p3 = np.where(inside, pos3[:, np.minimum(idx, pos3.shape[1] - 1)], idx + delta)
-            positions[a:b] = p3[0]
-            if (p3[1:] != p3[0]).any():
-                spans.append((a, b, p3))
-        if not spans:
-            return None
-        full = np.tile(positions, (3, 1))
-        for a, b, p3 in spans:
-            full[:, a:b] = p3
-        return full
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
