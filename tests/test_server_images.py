@@ -156,14 +156,17 @@ def test_responses_input_image(client, offline, server):
     assert server.llm.engine.kv.pool.num_free_blocks == server.llm.engine.kv.num_blocks
 
 
-def test_qwen2_vl_chat_with_images_of_two_sizes(tokenizer_dir, tmp_path):
-    """Qwen2-VL over the server: each image's placeholders follow its size (M-RoPE positions
-    shifted after it), whole and streamed, equal to the offline LLM.chat."""
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_other_families_chat_with_two_images(tokenizer_dir, tmp_path, family):
+    """Qwen2-VL (each image's placeholders follow its size, M-RoPE positions shifted after it)
+    and Gemma 3 (<start_of_image> expanded with its newlines, two-way image attention) over the
+    server, whole and streamed, equal to the offline LLM.chat."""
     from PIL import Image
 
-    from pagedserve.model.random_model import build_random_qwen2_vl
+    from pagedserve.model.random_model import build_random_gemma3_vl, build_random_qwen2_vl
 
-    path = build_random_qwen2_vl(str(tmp_path), tokenizer_dir, initializer_range=0.3)
+    build = build_random_qwen2_vl if family == "qwen2_vl" else build_random_gemma3_vl
+    path = build(str(tmp_path), tokenizer_dir, initializer_range=0.3)
     wide = Image.fromarray(np.random.RandomState(5).randint(0, 255, (40, 130, 3), dtype=np.uint8))
     buf = io.BytesIO()
     wide.save(buf, format="PNG")
@@ -172,7 +175,7 @@ def test_qwen2_vl_chat_with_images_of_two_sizes(tokenizer_dir, tmp_path):
                  + [{"type": "text", "text": QUESTION}]}]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = LLM(path, block_size=8).chat(messages, params, use_tqdm=False)[0]
-    with serving(path, "tiny-qwen2-vl", engine_kwargs={"block_size": 8, "max_num_batched_tokens": 16}) as srv, \
+    with serving(path, "tiny-qwen2-vl", engine_kwargs={"block_size": 8, "max_num_batched_tokens": 24}) as srv, \
             openai_client(srv) as c:
         r = c.chat.completions.create(model="tiny-qwen2-vl", messages=messages, max_tokens=8, temperature=0,
                                       extra_body={"ignore_eos": True})
