@@ -178,6 +178,18 @@ def assert_greedy_matches(ref: Reference, got: list[int], tie_tol: float = 1e-3)
             return
 
 
+def assert_output_matches(ref: Reference, out, lp_tol: float = 2e-3) -> None:
+    """A RequestOutput's greedy tokens (assert_greedy_matches) and their logprobs (asked with
+    logprobs=0) against the reference's, up to where the sequences part at a near-tie."""
+    c = out.outputs[0]
+    assert_greedy_matches(ref, c.token_ids)
+    for i, (t, step) in enumerate(zip(c.token_ids, c.logprobs)):
+        if t != ref.tokens[i]:
+            break
+        want = float(ref.logits[i].log_softmax(-1)[t])
+        assert abs(step[t].logprob - want) < lp_tol, (i, step[t].logprob, want)
+
+
 @pytest.fixture(scope="session")
 def base_dir(model_dirs, tmp_path_factory):
     """The qwen3 test model saved as a base-model checkpoint (Qwen3Model: no LM head, names

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_greedy_matches
+from conftest import Reference, assert_output_matches
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -74,14 +74,6 @@ def _params(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
 
 
-def _check(ref: Reference, out, lp_tol: float = 2e-3) -> None:
-    c = out.outputs[0]
-    assert_greedy_matches(ref, c.token_ids)
-    for i, (t, step) in enumerate(zip(c.token_ids, c.logprobs)):
-        want = float(ref.logits[i].log_softmax(-1)[t])
-        assert abs(step[t].logprob - want) < lp_tol, (i, step[t].logprob, want)
-
-
 def _prompt(text: str, images: list):
     return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
 
@@ -113,7 +105,7 @@ def test_images_match_transformers(gemma3, chunk):
     cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
     outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(ref.greedy(text, images), out)
+        assert_output_matches(ref.greedy(text, images), out)
     assert not llm.llm_engine.runner.encoder_cache.embeddings
 
 
@@ -126,9 +118,9 @@ def test_prefix_cache_and_chat(gemma3):
     a, b = _image(4), _image(5)
     first, other, again = (llm.generate(_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
                            for im in (a, b, a))
-    _check(ref.greedy(PROMPT_1, [a]), first)
-    _check(ref.greedy(PROMPT_1, [b]), other)
-    _check(ref.greedy(PROMPT_1, [a]), again)
+    assert_output_matches(ref.greedy(PROMPT_1, [a]), first)
+    assert_output_matches(ref.greedy(PROMPT_1, [b]), other)
+    assert_output_matches(ref.greedy(PROMPT_1, [a]), again)
     assert first.outputs[0].token_ids != other.outputs[0].token_ids
     assert again.num_cached_tokens == (len(first.prompt_token_ids) - 1) // 8 * 8
     assert other.num_cached_tokens < first.prompt_token_ids.index(ref.image_token) + 1
@@ -139,7 +131,7 @@ def test_prefix_cache_and_chat(gemma3):
                                                   {"type": "text", "text": "What is in the picture?"}]}],
                     _params(logprobs=0), use_tqdm=False)[0]
     assert chat.prompt == PROMPT_1
-    _check(ref.greedy(PROMPT_1, [a]), chat)
+    assert_output_matches(ref.greedy(PROMPT_1, [a]), chat)
 
 
 def test_triton_path_matches_transformers(gemma3):
@@ -152,7 +144,7 @@ def test_triton_path_matches_transformers(gemma3):
     cases = [(PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
     outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(ref.greedy(text, images), out)
+        assert_output_matches(ref.greedy(text, images), out)
 
 
 def test_errors(gemma3, tmp_path):
@@ -176,7 +168,7 @@ def test_errors(gemma3, tmp_path):
             shutil.copy(os.path.join(path, f), tmp_path / f)
     text_only = LLM(str(tmp_path), block_size=8)
     assert text_only.llm_engine.mm_processor is None
-    _check(ref.greedy(TEXT, []), text_only.generate(TEXT, _params(logprobs=0), use_tqdm=False)[0])
+    assert_output_matches(ref.greedy(TEXT, []), text_only.generate(TEXT, _params(logprobs=0), use_tqdm=False)[0])
     with pytest.raises(ValueError, match="preprocessor_config.json"):
         LLM(str(tmp_path), limit_mm_per_prompt={"image": 1})
 
@@ -192,4 +184,4 @@ def test_images_on_cuda(gemma3):
     cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))])]
     outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(ref.greedy(text, images), out, lp_tol=2e-2)
+        assert_output_matches(ref.greedy(text, images), out, lp_tol=2e-2)

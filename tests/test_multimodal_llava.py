@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_greedy_matches
+from conftest import Reference, assert_output_matches
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -69,16 +69,6 @@ def _params(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
 
 
-def _check(ref: Reference, out, lp_tol: float = 2e-3) -> None:
-    c = out.outputs[0]
-    assert_greedy_matches(ref, c.token_ids)
-    for i, (t, step) in enumerate(zip(c.token_ids, c.logprobs)):
-        if t != ref.tokens[i]:
-            break
-        want = float(ref.logits[i].log_softmax(-1)[t])
-        assert abs(step[t].logprob - want) < lp_tol, (i, step[t].logprob, want)
-
-
 def test_placeholders_expand_as_transformers_processor_does(llava_dir, reference):
     llm = LLM(llava_dir, block_size=8, max_num_batched_tokens=64)
     images = [_image(1), _image(2, (30, 70))]
@@ -109,7 +99,7 @@ def test_siglip_tower_full_features_qwen2_decoder(tokenizer_dir, tmp_path):
     out = llm.generate({"prompt": PROMPT_2, "multi_modal_data": {"image": images}}, _params(logprobs=0),
                        use_tqdm=False)[0]
     assert out.prompt_token_ids.count(llm.llm_engine.mm_processor.token_id) == 2 * 9  # 3 x 3 patches each
-    _check(ref.greedy(PROMPT_2, images), out)
+    assert_output_matches(ref.greedy(PROMPT_2, images), out)
 
 
 @pytest.mark.parametrize("chunk", [8, 64])
@@ -122,7 +112,7 @@ def test_images_match_transformers(llava_dir, reference, chunk):
     prompts = [{"prompt": t, "multi_modal_data": {"image": ims}} if ims else t for t, ims in cases]
     outs = llm.generate(prompts, _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(reference.greedy(text, images), out)
+        assert_output_matches(reference.greedy(text, images), out)
     assert not llm.llm_engine.runner.encoder_cache.embeddings  # released with their requests
 
 
@@ -137,8 +127,8 @@ def test_the_image_decides_the_output_and_keys_the_prefix_cache(llava_dir, refer
     again = llm.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": a}}, _params(logprobs=0),
                          use_tqdm=False)[0]
     assert first.outputs[0].token_ids != other.outputs[0].token_ids
-    _check(reference.greedy(PROMPT_1, [a]), first)
-    _check(reference.greedy(PROMPT_1, [b]), other)
+    assert_output_matches(reference.greedy(PROMPT_1, [a]), first)
+    assert_output_matches(reference.greedy(PROMPT_1, [b]), other)
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
     start = first.prompt_token_ids.index(llm.llm_engine.mm_processor.token_id)
     assert other.num_cached_tokens == (start // 8) * 8  # the blocks before the image only
@@ -157,7 +147,7 @@ def test_preempted_requests_recompute_their_images(llava_dir, reference):
                         _params(logprobs=0), use_tqdm=False)
     assert llm.llm_engine.scheduler.num_preemptions > 0
     for im, out in zip(images, outs):
-        _check(reference.greedy(PROMPT_1, [im]), out)
+        assert_output_matches(reference.greedy(PROMPT_1, [im]), out)
     assert not llm.llm_engine.runner.encoder_cache.embeddings
 
 
@@ -178,7 +168,7 @@ def test_chat_with_image_parts(llava_dir, reference):
                    _params(), use_tqdm=False)[0]
     text = "USER: <image>\nWhat is in the picture?\nASSISTANT:"
     assert out.prompt == text
-    _check(reference.greedy(text, [img]), out)
+    assert_output_matches(reference.greedy(text, [img]), out)
     assert pil.outputs[0].token_ids == out.outputs[0].token_ids
 
 
@@ -207,7 +197,7 @@ def test_hub_checkpoint_names(llava_dir, reference, tmp_path):
     llm = LLM(str(tmp_path), block_size=8)
     out = llm.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": _image(1)}}, _params(logprobs=0),
                        use_tqdm=False)[0]
-    _check(reference.greedy(PROMPT_1, [_image(1)]), out)
+    assert_output_matches(reference.greedy(PROMPT_1, [_image(1)]), out)
 
 
 def test_bad_image_inputs_are_named(llava_dir, llama_dir):
@@ -248,7 +238,7 @@ def test_limit_zero_serves_text_only(llava_dir, reference):
     with pytest.raises(ValueError, match="limit_mm_per_prompt is 0"):
         llm.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": _image(1)}}, _params(), use_tqdm=False)
     out = llm.generate("USER: no picture here. ASSISTANT:", _params(logprobs=0), use_tqdm=False)[0]
-    _check(reference.greedy("USER: no picture here. ASSISTANT:", []), out)
+    assert_output_matches(reference.greedy("USER: no picture here. ASSISTANT:", []), out)
 
 
 def test_random_model_cli_builds_a_llava(tmp_path, capsys):
@@ -274,4 +264,4 @@ def test_images_on_cuda_with_graphs(llava_dir, reference):
     outs = llm.generate([{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in cases], _params(logprobs=0),
                         use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(reference.greedy(text, images), out, lp_tol=2e-2)
+        assert_output_matches(reference.greedy(text, images), out, lp_tol=2e-2)

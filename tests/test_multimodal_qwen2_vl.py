@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_greedy_matches
+from conftest import Reference, assert_output_matches
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -101,14 +101,6 @@ def _params(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
 
 
-def _check(ref: Reference, out, lp_tol: float = 2e-3) -> None:
-    c = out.outputs[0]
-    assert_greedy_matches(ref, c.token_ids)
-    for i, (t, step) in enumerate(zip(c.token_ids, c.logprobs)):
-        want = float(ref.logits[i].log_softmax(-1)[t])
-        assert abs(step[t].logprob - want) < lp_tol, (i, step[t].logprob, want)
-
-
 def _prompt(text: str, images: list):
     return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
 
@@ -151,7 +143,7 @@ def test_images_match_transformers(vl, chunk):
     cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
     outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(ref.greedy(text, images), out)
+        assert_output_matches(ref.greedy(text, images), out)
     cache = llm.llm_engine.runner.encoder_cache
     assert not cache.embeddings and not cache.positions  # released with their requests
 
@@ -166,9 +158,9 @@ def test_prefix_cache_and_preemption_keep_positions(qwen2_vl):
     first, other, again = (llm.generate(_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
                            for im in (a, b, a))
     assert first.outputs[0].token_ids != other.outputs[0].token_ids
-    _check(ref.greedy(PROMPT_1, [a]), first)
-    _check(ref.greedy(PROMPT_1, [b]), other)
-    _check(ref.greedy(PROMPT_1, [a]), again)
+    assert_output_matches(ref.greedy(PROMPT_1, [a]), first)
+    assert_output_matches(ref.greedy(PROMPT_1, [b]), other)
+    assert_output_matches(ref.greedy(PROMPT_1, [a]), again)
     start = first.prompt_token_ids.index(ref.pad)
     assert other.num_cached_tokens == (start // 8) * 8
     assert again.num_cached_tokens == (len(first.prompt_token_ids) - 1) // 8 * 8
@@ -181,7 +173,7 @@ def test_prefix_cache_and_preemption_keep_positions(qwen2_vl):
     outs = small.generate([_prompt(PROMPT_1, [im]) for im in images], _params(logprobs=0), use_tqdm=False)
     assert small.llm_engine.scheduler.num_preemptions > 0
     for im, out in zip(images, outs):
-        _check(ref.greedy(PROMPT_1, [im]), out)
+        assert_output_matches(ref.greedy(PROMPT_1, [im]), out)
 
 
 def test_hub_config_layout(qwen2_vl, tmp_path):
@@ -209,7 +201,7 @@ def test_hub_config_layout(qwen2_vl, tmp_path):
     llm = LLM(str(tmp_path), block_size=8, max_num_batched_tokens=16)
     assert llm.llm_engine.runner.encoder_cache.encoder.max_pixels == size["longest_edge"]
     out = llm.generate(_prompt(PROMPT_2, [_image(2), _image(3, (50, 120))]), _params(logprobs=0), use_tqdm=False)[0]
-    _check(ref.greedy(PROMPT_2, [_image(2), _image(3, (50, 120))]), out)
+    assert_output_matches(ref.greedy(PROMPT_2, [_image(2), _image(3, (50, 120))]), out)
 
 
 def test_qwen3_vl_moe_hub_expert_layout(tokenizer_dir, tmp_path_factory, tmp_path):
@@ -237,7 +229,7 @@ def test_qwen3_vl_moe_hub_expert_layout(tokenizer_dir, tmp_path_factory, tmp_pat
     for d in (path, str(tmp_path)):
         llm = LLM(d, block_size=8, max_num_batched_tokens=16)
         assert not llm.llm_engine.runner.model.tie_word_embeddings
-        _check(ref.greedy(PROMPT_2, images), llm.generate(_prompt(PROMPT_2, images), _params(logprobs=0),
+        assert_output_matches(ref.greedy(PROMPT_2, images), llm.generate(_prompt(PROMPT_2, images), _params(logprobs=0),
                                                            use_tqdm=False)[0])
 
 
@@ -256,7 +248,7 @@ def test_mm_processor_kwargs_cap_the_image_size(qwen2_vl):
     assert 0 < out.prompt_token_ids.count(ref.pad) <= 9 < full.prompt_token_ids.count(ref.pad)
     capped = QwenVLReference(path)
     capped.images = transformers.AutoImageProcessor.from_pretrained(path, max_pixels=cap)
-    _check(capped.greedy(PROMPT_1, [big]), out)
+    assert_output_matches(capped.greedy(PROMPT_1, [big]), out)
     with pytest.raises(ValueError, match="max_pixel"):
         LLM(path, mm_processor_kwargs={"max_pixel": cap})
 
@@ -275,7 +267,7 @@ def test_chat_with_an_image_url(qwen2_vl):
                                              {"type": "text", "text": "What is in the picture?"}]}]
     out = llm.chat(messages, _params(logprobs=0), use_tqdm=False)[0]
     assert out.prompt == PROMPT_1
-    _check(ref.greedy(PROMPT_1, [img]), out)
+    assert_output_matches(ref.greedy(PROMPT_1, [img]), out)
 
 
 def test_triton_path_matches_transformers(qwen2_vl):
@@ -288,7 +280,7 @@ def test_triton_path_matches_transformers(qwen2_vl):
     cases = [(PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
     outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(ref.greedy(text, images), out)
+        assert_output_matches(ref.greedy(text, images), out)
 
 
 def test_mrope_rotary_equals_transformers():
@@ -350,7 +342,7 @@ def test_bad_inputs_and_text_only(qwen2_vl):
     # Without images (limit 0: no vision tower at all) a text prompt runs as a Qwen2 model.
     text_only = LLM(path, block_size=8, limit_mm_per_prompt={"image": 0})
     assert text_only.llm_engine.runner.encoder_cache is None
-    _check(ref.greedy(TEXT, []), text_only.generate(TEXT, _params(logprobs=0), use_tqdm=False)[0])
+    assert_output_matches(ref.greedy(TEXT, []), text_only.generate(TEXT, _params(logprobs=0), use_tqdm=False)[0])
 
 
 def test_random_model_cli_builds_a_qwen2_vl(tmp_path):
@@ -378,4 +370,4 @@ def test_images_on_cuda_with_graphs(qwen2_vl):
     cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))])]
     outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
-        _check(ref.greedy(text, images), out, lp_tol=2e-2)
+        assert_output_matches(ref.greedy(text, images), out, lp_tol=2e-2)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from pagedserve.multimodal.processor import GEMMA3_ARCHITECTURES, LLAVA_ARCHITECTURES, architecture, load_full_config
+
+
+def build_in(cls: type, cfg: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """cls(cfg) with its parameters made in `dtype` on `device` (transformers' modules take
+    the default dtype), before the checkpoint's weights are copied in."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
 
 
 def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,

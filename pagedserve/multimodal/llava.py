@@ -28,13 +28,9 @@ class LlavaImageEncoder(nn.Module):
 
     @classmethod
     def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device) -> "LlavaImageEncoder":
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                enc = cls(cfg)
-        finally:
-            torch.set_default_dtype(old)
+        from pagedserve.multimodal.encoder import build_in
+
+        enc = build_in(cls, cfg, dtype, device)
         # The vision model's own names: "vision_model.embeddings..." (hub checkpoints, and the
         # module in transformers 4) or "embeddings..." (the module in transformers 5).
         nested = any(k.startswith("vision_tower.vision_model.") for k in enc.state_dict())

@@ -61,13 +61,9 @@ class Qwen2VLImageEncoder(nn.Module):
     @classmethod
     def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device,
              processor_kwargs: Optional[dict] = None) -> "Qwen2VLImageEncoder":
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                enc = cls(cfg)
-        finally:
-            torch.set_default_dtype(old)
+        from pagedserve.multimodal.encoder import build_in
+
+        enc = build_in(cls, cfg, dtype, device)
         # "visual." in hub checkpoints, "model.visual." as transformers 5 names the module.
         state = {name.removeprefix("model."): t for name, t in iterate_safetensors(
             model_dir, dtype, device, keep=lambda n: n.startswith(("visual.", "model.visual.")))}
