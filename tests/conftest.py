@@ -7,6 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Without CUDA, Triton kernels run on CPU tensors in Triton's interpreter. Set before anything
@@ -176,6 +177,19 @@ def assert_greedy_matches(ref: Reference, got: list[int], tie_tol: float = 1e-3)
             gap = float(ref.logits[i][b] - ref.logits[i][a])
             assert gap < tie_tol, f"token {i}: got {a}, transformers chose {b} with a logit lead of {gap:.4g}"
             return
+
+
+def random_image(seed: int, size: tuple[int, int] = (90, 60)):
+    """A PIL image (width, height) of random pixels."""
+    from PIL import Image
+
+    w, h = size
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def image_prompt(text: str, images: list):
+    """vLLM's prompt with images, or the text alone without any."""
+    return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
 
 
 def assert_output_matches(ref: Reference, out, lp_tol: float = 2e-3) -> None:

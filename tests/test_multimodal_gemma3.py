@@ -6,11 +6,10 @@ path (interpreted), and the errors."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches
+from conftest import Reference, assert_output_matches, image_prompt, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -21,13 +20,6 @@ PROMPT_2 = TURN.format("Look:\n<start_of_image>\nand <start_of_image> which is l
 TEXT = TURN.format("No picture here.")
 MAX_TOKENS = 8
 IMAGE_TOKENS = 16
-
-
-def _image(seed: int, size=(90, 60)):
-    from PIL import Image
-
-    w, h = size
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 class Gemma3Reference:
@@ -74,17 +66,13 @@ def _params(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
 
 
-def _prompt(text: str, images: list):
-    return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
-
-
 def test_image_markers_expand_as_the_processor_does(gemma3):
     """The "\\n\\n" around each image merges with the prompt's own newlines as tokenizing the
     expanded text would merge them; expanded ids are taken as they are."""
     path, ref = gemma3
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)
-    images = [_image(1), _image(2, (40, 130))]
-    prepared = llm.llm_engine.prepare(_prompt(PROMPT_2, images), _params())
+    images = [random_image(1), random_image(2, (40, 130))]
+    prepared = llm.llm_engine.prepare(image_prompt(PROMPT_2, images), _params())
     ids = ref.ids(PROMPT_2)
     assert prepared["prompt_token_ids"] == ids
     assert [f.length for f in prepared["mm_features"]] == [IMAGE_TOKENS] * 2
@@ -102,8 +90,8 @@ def test_images_match_transformers(gemma3, chunk):
     tokens fit a step), so every image token is computed with its whole image in the cache."""
     path, ref = gemma3
     llm = LLM(path, block_size=8, max_num_batched_tokens=chunk, enable_prefix_caching=False)
-    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
-    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    cases = [(PROMPT_1, [random_image(1)]), (PROMPT_2, [random_image(2), random_image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out)
     assert not llm.llm_engine.runner.encoder_cache.embeddings
@@ -115,8 +103,8 @@ def test_prefix_cache_and_chat(gemma3):
 
     path, ref = gemma3
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)
-    a, b = _image(4), _image(5)
-    first, other, again = (llm.generate(_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
+    a, b = random_image(4), random_image(5)
+    first, other, again = (llm.generate(image_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
                            for im in (a, b, a))
     assert_output_matches(ref.greedy(PROMPT_1, [a]), first)
     assert_output_matches(ref.greedy(PROMPT_1, [b]), other)
@@ -141,8 +129,8 @@ def test_triton_path_matches_transformers(gemma3):
     path, ref = gemma3
     llm = LLM(path, attention_backend="triton", block_size=8, max_num_batched_tokens=24, max_num_seqs=4,
               dtype="float32")
-    cases = [(PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
-    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    cases = [(PROMPT_2, [random_image(2), random_image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out)
 
@@ -155,7 +143,7 @@ def test_errors(gemma3, tmp_path):
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(path, max_num_batched_tokens=8, max_model_len=64)
     llm = LLM(path, block_size=8)
-    for prompt, words in [(_prompt(PROMPT_2, [_image(1)]), "runs of image placeholder"),
+    for prompt, words in [(image_prompt(PROMPT_2, [random_image(1)]), "runs of image placeholder"),
                           ({"prompt": PROMPT_1}, "placeholders")]:
         with pytest.raises(ValueError, match=words):
             llm.generate(prompt, _params(), use_tqdm=False)
@@ -181,7 +169,7 @@ def test_images_on_cuda(gemma3):
     llm = LLM(path, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=32, max_num_seqs=8,
               gpu_memory_utilization=0.3)
     assert llm.llm_engine.runner.graphs is not None
-    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))])]
-    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    cases = [(PROMPT_1, [random_image(1)]), (PROMPT_2, [random_image(2), random_image(3, (50, 120))])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out, lp_tol=2e-2)

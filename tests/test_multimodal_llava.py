@@ -9,11 +9,10 @@ import glob
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches
+from conftest import Reference, assert_output_matches, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -21,13 +20,6 @@ pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it 
 PROMPT_1 = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 PROMPT_2 = "USER: <image>\nand <image>\nWhich of the two is larger? ASSISTANT:"
 MAX_TOKENS = 8
-
-
-def _image(seed: int, size=(50, 40)):
-    from PIL import Image
-
-    w, h = size
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 class LlavaReference:
@@ -63,6 +55,10 @@ class LlavaReference:
 @pytest.fixture(scope="module")
 def reference(llava_dir) -> LlavaReference:
     return LlavaReference(llava_dir)
+
+
+def _image(seed: int, size=(50, 40)):
+    return random_image(seed, size)
 
 
 def _params(**kw) -> SamplingParams:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches
+from conftest import Reference, assert_output_matches, image_prompt, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -24,13 +24,6 @@ TEXT = "<|im_start|>user\nNo picture here.<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 8
 # Random weights this large make attention sharp enough that a wrong position changes tokens.
 INIT = 0.3
-
-
-def _image(seed: int, size=(90, 60)):
-    from PIL import Image
-
-    w, h = size
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 class QwenVLReference:
@@ -101,10 +94,6 @@ def _params(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kw)
 
 
-def _prompt(text: str, images: list):
-    return {"prompt": text, "multi_modal_data": {"image": images}} if images else text
-
-
 def test_placeholders_and_positions_follow_transformers(qwen2_vl):
     """Each image's placeholders number its resized grid / 4, pixels and grids are the image
     processor's, and the M-RoPE positions and delta equal transformers' get_rope_index."""
@@ -112,8 +101,8 @@ def test_placeholders_and_positions_follow_transformers(qwen2_vl):
 
     path, ref = qwen2_vl
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)
-    images = [_image(1), _image(2, (40, 130))]  # landscape and portrait: other grids
-    prepared = llm.llm_engine.prepare(_prompt(PROMPT_2, images), _params())
+    images = [random_image(1), random_image(2, (40, 130))]  # landscape and portrait: other grids
+    prepared = llm.llm_engine.prepare(image_prompt(PROMPT_2, images), _params())
     inp = ref.inputs(PROMPT_2, images)
     ids = inp["input_ids"]
     assert prepared["prompt_token_ids"] == ids
@@ -140,8 +129,8 @@ def test_images_match_transformers(vl, chunk):
     after an image (positions shifted by the delta) and decode rows."""
     path, ref = vl
     llm = LLM(path, block_size=8, max_num_batched_tokens=chunk, enable_prefix_caching=False)
-    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
-    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    cases = [(PROMPT_1, [random_image(1)]), (PROMPT_2, [random_image(2), random_image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out)
     cache = llm.llm_engine.runner.encoder_cache
@@ -154,8 +143,8 @@ def test_prefix_cache_and_preemption_keep_positions(qwen2_vl):
     recompute their images and positions with unchanged outputs."""
     path, ref = qwen2_vl
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)
-    a, b = _image(4), _image(5)
-    first, other, again = (llm.generate(_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
+    a, b = random_image(4), random_image(5)
+    first, other, again = (llm.generate(image_prompt(PROMPT_1, [im]), _params(logprobs=0), use_tqdm=False)[0]
                            for im in (a, b, a))
     assert first.outputs[0].token_ids != other.outputs[0].token_ids
     assert_output_matches(ref.greedy(PROMPT_1, [a]), first)
@@ -169,8 +158,8 @@ def test_prefix_cache_and_preemption_keep_positions(qwen2_vl):
     blocks = 2 * -(-len(first.prompt_token_ids) // 8) + 1
     small = LLM(path, block_size=8, max_num_batched_tokens=64,
                 kv_cache_memory_bytes=blocks * llm.llm_engine.runner.kv_block_bytes(), enable_prefix_caching=False)
-    images = [_image(10 + i) for i in range(3)]
-    outs = small.generate([_prompt(PROMPT_1, [im]) for im in images], _params(logprobs=0), use_tqdm=False)
+    images = [random_image(10 + i) for i in range(3)]
+    outs = small.generate([image_prompt(PROMPT_1, [im]) for im in images], _params(logprobs=0), use_tqdm=False)
     assert small.llm_engine.scheduler.num_preemptions > 0
     for im, out in zip(images, outs):
         assert_output_matches(ref.greedy(PROMPT_1, [im]), out)
@@ -200,8 +189,8 @@ def test_hub_config_layout(qwen2_vl, tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
     llm = LLM(str(tmp_path), block_size=8, max_num_batched_tokens=16)
     assert llm.llm_engine.runner.encoder_cache.encoder.max_pixels == size["longest_edge"]
-    out = llm.generate(_prompt(PROMPT_2, [_image(2), _image(3, (50, 120))]), _params(logprobs=0), use_tqdm=False)[0]
-    assert_output_matches(ref.greedy(PROMPT_2, [_image(2), _image(3, (50, 120))]), out)
+    out = llm.generate(image_prompt(PROMPT_2, [random_image(2), random_image(3, (50, 120))]), _params(logprobs=0), use_tqdm=False)[0]
+    assert_output_matches(ref.greedy(PROMPT_2, [random_image(2), random_image(3, (50, 120))]), out)
 
 
 def test_qwen3_vl_moe_hub_expert_layout(tokenizer_dir, tmp_path_factory, tmp_path):
@@ -225,11 +214,11 @@ def test_qwen3_vl_moe_hub_expert_layout(tokenizer_dir, tmp_path_factory, tmp_pat
         if not f.endswith(".safetensors"):
             shutil.copy(os.path.join(path, f), tmp_path / f)
     save_file(hub, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    images = [_image(2), _image(3, (50, 120))]
+    images = [random_image(2), random_image(3, (50, 120))]
     for d in (path, str(tmp_path)):
         llm = LLM(d, block_size=8, max_num_batched_tokens=16)
         assert not llm.llm_engine.runner.model.tie_word_embeddings
-        assert_output_matches(ref.greedy(PROMPT_2, images), llm.generate(_prompt(PROMPT_2, images), _params(logprobs=0),
+        assert_output_matches(ref.greedy(PROMPT_2, images), llm.generate(image_prompt(PROMPT_2, images), _params(logprobs=0),
                                                            use_tqdm=False)[0])
 
 
@@ -239,12 +228,12 @@ def test_mm_processor_kwargs_cap_the_image_size(qwen2_vl):
     import transformers
 
     path, ref = qwen2_vl
-    big = _image(8, (200, 150))
+    big = random_image(8, (200, 150))
     cap = 28 * 28 * 9
     llm = LLM(path, block_size=8, mm_processor_kwargs={"max_pixels": cap})
     assert llm.llm_engine.runner.encoder_cache.encoder.max_pixels == cap
-    out = llm.generate(_prompt(PROMPT_1, [big]), _params(logprobs=0), use_tqdm=False)[0]
-    full = LLM(path, block_size=8).generate(_prompt(PROMPT_1, [big]), _params(), use_tqdm=False)[0]
+    out = llm.generate(image_prompt(PROMPT_1, [big]), _params(logprobs=0), use_tqdm=False)[0]
+    full = LLM(path, block_size=8).generate(image_prompt(PROMPT_1, [big]), _params(), use_tqdm=False)[0]
     assert 0 < out.prompt_token_ids.count(ref.pad) <= 9 < full.prompt_token_ids.count(ref.pad)
     capped = QwenVLReference(path)
     capped.images = transformers.AutoImageProcessor.from_pretrained(path, max_pixels=cap)
@@ -258,7 +247,7 @@ def test_chat_with_an_image_url(qwen2_vl):
     import io
 
     path, ref = qwen2_vl
-    img = _image(7, (70, 70))
+    img = random_image(7, (70, 70))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -277,8 +266,8 @@ def test_triton_path_matches_transformers(qwen2_vl):
     path, ref = qwen2_vl
     llm = LLM(path, attention_backend="triton", block_size=8, max_num_batched_tokens=16, max_num_seqs=4,
               dtype="float32")
-    cases = [(PROMPT_2, [_image(2), _image(3, (50, 120))]), (TEXT, [])]
-    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    cases = [(PROMPT_2, [random_image(2), random_image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out)
 
@@ -330,10 +319,10 @@ def test_bad_inputs_and_text_only(qwen2_vl):
     llm = LLM(path, block_size=8)
     eng = llm.llm_engine
     bad = [
-        (_prompt(PROMPT_2, [_image(1)]), "runs of image placeholder"),
-        (_prompt(PROMPT_1, [_image(1), _image(2)]), "runs of image placeholder"),
+        (image_prompt(PROMPT_2, [random_image(1)]), "runs of image placeholder"),
+        (image_prompt(PROMPT_1, [random_image(1), random_image(2)]), "runs of image placeholder"),
         ({"prompt": PROMPT_1}, "placeholders"),
-        ({"prompt_token_ids": [ref.pad] * 3, "multi_modal_data": {"image": [_image(1)]}}, "runs of image"),
+        ({"prompt_token_ids": [ref.pad] * 3, "multi_modal_data": {"image": [random_image(1)]}}, "runs of image"),
     ]
     for prompt, words in bad:
         with pytest.raises(ValueError, match=words):
@@ -351,7 +340,7 @@ def test_random_model_cli_builds_a_qwen2_vl(tmp_path):
     path = str(tmp_path / "qwen")
     assert cli_main(["random-model", path, "--arch", "Qwen2_5_VLForConditionalGeneration"]) == 0
     llm = LLM(path, block_size=8)
-    outs = llm.generate([_prompt(PROMPT_1, [_image(1)]), _prompt(PROMPT_1, [_image(2, (200, 200))])],
+    outs = llm.generate([image_prompt(PROMPT_1, [random_image(1)]), image_prompt(PROMPT_1, [random_image(2, (200, 200))])],
                         _params(), use_tqdm=False)
     counts = [o.prompt_token_ids.count(llm.llm_engine.mm_processor.token_id) for o in outs]
     assert counts[0] < counts[1]  # a larger image, more placeholders
@@ -367,7 +356,7 @@ def test_images_on_cuda_with_graphs(qwen2_vl):
     llm = LLM(path, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=16, max_num_seqs=8,
               gpu_memory_utilization=0.3)
     assert llm.llm_engine.runner.graphs is not None
-    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (50, 120))])]
-    outs = llm.generate([_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    cases = [(PROMPT_1, [random_image(1)]), (PROMPT_2, [random_image(2), random_image(3, (50, 120))])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out, lp_tol=2e-2)
