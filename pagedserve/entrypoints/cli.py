@@ -130,12 +130,17 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _random_model(ns: argparse.Namespace) -> int:
-    from pagedserve.model.random_model import build_random_llava, build_random_model, build_random_qwen2_vl
+    from pagedserve.model.random_model import (build_random_llava, build_random_mistral3, build_random_model,
+                                               build_random_qwen2_vl)
 
     qwen_vl = {"Qwen2VLForConditionalGeneration": "2", "Qwen2_5_VLForConditionalGeneration": "2.5",
                "Qwen3VLForConditionalGeneration": "3"}
     if ns.arch == "LlavaForConditionalGeneration":  # a tiny CLIP tower on a tiny Llama: images in 16 tokens
         build_random_llava(ns.path, image_size=56, seed=ns.seed, dtype=ns.dtype)
+        print(ns.path)
+        return 0
+    if ns.arch == "Mistral3ForConditionalGeneration":  # a tiny Pixtral tower on a tiny Mistral: 4 to 16 tokens
+        build_random_mistral3(ns.path, seed=ns.seed, dtype=ns.dtype)
         print(ns.path)
         return 0
     if ns.arch in qwen_vl:  # a tiny vision transformer on a tiny Qwen2 with M-RoPE: images in 1 to 64 tokens
@@ -254,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path")
     r.add_argument("--arch", default="LlamaForCausalLM",
                    help="a causal LM's architecture, or a vision-language one (LlavaForConditionalGeneration, "
-                        "Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, "
-                        "Qwen3VLForConditionalGeneration): a tiny model")
+                        "Mistral3ForConditionalGeneration, Qwen2VLForConditionalGeneration, "
+                        "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration): a tiny model")
     r.add_argument("--hidden-size", type=int, default=64)
     r.add_argument("--intermediate-size", type=int, default=128)
     r.add_argument("--num-layers", type=int, default=2)

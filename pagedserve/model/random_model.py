@@ -347,3 +347,46 @@ def build_random_gemma3_vl(path: str, tokenizer_dir: Optional[str] = None, image
     tok.save_pretrained(path)
     transformers.Gemma3ImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+# A Mistral-style template: each image part becomes [IMG] where it stands.
+MISTRAL3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}[IMG]{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if message['role'] == 'user' %}[/INST]{% endif %}{% endfor %}"
+)
+
+
+def build_random_mistral3(path: str, tokenizer_dir: Optional[str] = None, longest_edge: int = 112,
+                          initializer_range: float = 0.3, seed: int = 0, dtype: str = "float32") -> str:
+    """A random Mistral3ForConditionalGeneration directory: a small Pixtral tower (14-pixel
+    patches, images up to `longest_edge` pixels, merged 2x2), Mistral 3's projector, a Mistral
+    decoder, the tokenizer with [IMG] [IMG_BREAK] [IMG_END] and a Mistral-style template, and
+    the image processor."""
+    import torch
+    import transformers
+
+    if tokenizer_dir is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        tok = build_tokenizer(path)
+    tok.add_tokens(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], special_tokens=True)
+    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id, bos_token_id=None, sliding_window=None)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, head_dim=16, image_size=longest_edge,
+                                              patch_size=14)
+    cfg = transformers.Mistral3Config(vision_config=vision, text_config=text,
+                                      image_token_index=tok.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2,
+                                      vision_feature_layer=-1)
+    cfg.architectures = ["Mistral3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    transformers.PixtralImageProcessor(size={"longest_edge": longest_edge}, patch_size=14).save_pretrained(path)
+    return path

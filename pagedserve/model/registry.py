@@ -56,6 +56,13 @@ _TEXT_OF_MULTIMODAL = {
                                              ("model.language_model.", "model.")],
                                       ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                                        "model.multi_modal_projector.")),
+    # Mistral 3 (Mistral Small 3.1 / 3.2): a Pixtral tower on a Mistral decoder (by
+    # text_config.model_type); its images run through multimodal/mistral3.py.
+    "Mistral3ForConditionalGeneration": (None, [("language_model.model.", "model."),
+                                                ("language_model.lm_head.", "lm_head."),
+                                                ("model.language_model.", "model.")],
+                                         ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                          "model.multi_modal_projector.")),
     # Qwen2-VL, Qwen2.5-VL: the Qwen2 decoder with M-RoPE (model/layers/rotary.py); images
     # through multimodal/qwen2_vl.py. Hub checkpoints keep the decoder under "model." already.
     "Qwen2VLForConditionalGeneration": ("Qwen2ForCausalLM", [("model.language_model.", "model.")],

@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pagedserve.multimodal.processor import GEMMA3_ARCHITECTURES, LLAVA_ARCHITECTURES, architecture, load_full_config
+from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, LLAVA_ARCHITECTURES, MISTRAL3_ARCHITECTURES,
+                                             architecture, load_full_config)
 
 
 def build_in(cls: type, cfg: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -32,6 +33,10 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
         from pagedserve.multimodal.gemma3 import Gemma3ImageEncoder
 
         return Gemma3ImageEncoder.load(cfg, model_dir, dtype, device)
+    if architecture(cfg) in MISTRAL3_ARCHITECTURES:
+        from pagedserve.multimodal.mistral3 import Mistral3ImageEncoder
+
+        return Mistral3ImageEncoder.load(cfg, model_dir, dtype, device)
     if architecture(cfg) in LLAVA_ARCHITECTURES:
         from pagedserve.multimodal.llava import LlavaImageEncoder
 

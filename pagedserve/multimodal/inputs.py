@@ -24,12 +24,20 @@ class ImageFeature:
     """One image of a prompt: the run of placeholder tokens it fills and its pixels."""
 
     offset: int  # the first placeholder's position in the prompt
-    length: int  # placeholder tokens: the vision encoder's output rows for this image
+    length: int  # the image's span of placeholder tokens (the vision encoder's rows, unless embed_rows)
     # As the model's image processor made them, float32: [3, H, W] (LLaVA), or the image's
     # flattened patches [t * h * w, C * patch volume] (Qwen2-VL) with their grid.
     pixel_values: torch.Tensor
     hash: str  # of the pixels: the key of the prefix cache and of the runner's encoder cache
     grid_thw: Optional[tuple[int, int, int]] = None  # (time, height, width) in patches (Qwen2-VL)
+    # Positions within the span that take the encoder's rows, in order; None: all of them. (Mistral
+    # 3 puts an [IMG_BREAK] token after each row of patches: plain tokens inside the span.)
+    embed_rows: Optional[tuple[int, ...]] = None
+
+    @property
+    def num_embeds(self) -> int:
+        """The encoder's output rows for this image."""
+        return self.length if self.embed_rows is None else len(self.embed_rows)
 
     @staticmethod
     def pixel_hash(pixels: torch.Tensor, grid_thw: Optional[tuple[int, int, int]] = None) -> str:

@@ -18,7 +18,8 @@ LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
-IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES
+MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
+IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES + MISTRAL3_ARCHITECTURES
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -104,17 +105,25 @@ class ImageInputProcessor:
         # Gemma 3: images written <start_of_image>, expanded with the tokenizer's help; an
         # image's tokens attend to each other both ways (the scheduler keeps each whole in a chunk).
         self.bidirectional = architecture(self.config) in GEMMA3_ARCHITECTURES
+        # Mistral 3: rows of [IMG] closed by [IMG_BREAK] / [IMG_END] (multimodal/mistral3.py).
+        self.pixtral = architecture(self.config) in MISTRAL3_ARCHITECTURES
         self.tokenizer = tokenizer
-        if self.bidirectional and tokenizer is None:
-            raise ValueError("Gemma 3's images need the tokenizer to expand <start_of_image>.")
+        if (self.bidirectional or self.pixtral) and tokenizer is None:
+            raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
 
-    def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, int, Optional[tuple[int, int, int]]]]:
-        """(pixel values, placeholder tokens, patch grid) of each image."""
-        out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt")
+    def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, Any, Optional[tuple[int, int, int]]]]:
+        """(pixel values, placeholder tokens (Mistral 3: the resized (height, width)), patch
+        grid) of each image."""
+        kwargs = {}
+        if self.pixtral:  # images resized to whole merged patches, as PixtralProcessor asks
+            kwargs["patch_size"] = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt", **kwargs)
         if self.bidirectional:
             if any(int(c) for c in out.get("num_crops", [])):
                 raise ValueError("Gemma 3's pan-and-scan crops (do_pan_and_scan) are not supported.")
             return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
+        if self.pixtral:  # each image at its own size (padded to the largest in the batch: cropped back)
+            return [(p[:, :h, :w], (int(h), int(w)), None) for p, (h, w) in zip(out["pixel_values"], out["image_sizes"])]
         if not self.qwen_vl:
             pixels = out["pixel_values"]
             n = tokens_per_image(self.config, *pixels.shape[-2:])
@@ -135,6 +144,8 @@ class ImageInputProcessor:
             from pagedserve.multimodal.gemma3 import expand_image_markers
 
             ids = expand_image_markers(ids, self.tokenizer, self.config)
+        if self.pixtral:
+            return self._process_pixtral(ids, list(images), field)
         runs = placeholder_runs(ids, self.token_id)
         if not images:
             if runs:
@@ -159,6 +170,21 @@ class ImageInputProcessor:
             k += count
             at = start + length
         out += ids[at:]
+        return out, features
+
+
+    def _process_pixtral(self, ids: list[int], images: list, field: str) -> tuple[list[int], list[ImageFeature]]:
+        from pagedserve.multimodal.mistral3 import expand_images, image_layout
+
+        brk, end = self.tokenizer.convert_tokens_to_ids(["[IMG_BREAK]", "[IMG_END]"])
+        prepared = self._pixels(images, field) if images else []
+        step = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        layouts = [image_layout(h // step, w // step, self.token_id, brk, end) for _, (h, w), _ in prepared]
+        out, starts = expand_images(ids, layouts, self.token_id, brk, end, field)
+        features = []
+        for (pixels, _, _), start, layout in zip(prepared, starts, layouts):
+            rows = tuple(i for i, t in enumerate(layout) if t == self.token_id)
+            features.append(ImageFeature(start, len(layout), pixels, ImageFeature.pixel_hash(pixels), embed_rows=rows))
         return out, features
 
 

@@ -5,6 +5,7 @@ n > 1 siblings reuse it; an image served from the prefix cache is never encoded)
 
 from __future__ import annotations
 
+import bisect
 from typing import Optional, Sequence
 
 import numpy as np
@@ -38,9 +39,19 @@ class EncoderCache:
         if not spans:
             return None
         self._encode([f for _, f, _, _ in spans if f.hash not in self.embeddings])
-        rows = [r + j for r, _, a, b in spans for j in range(b - a)]
-        values = torch.cat([self.embeddings[f.hash][a:b] for _, f, a, b in spans])
-        return to_device(rows, torch.long, self.device), values
+        rows: list[int] = []
+        values = []
+        for r, f, a, b in spans:
+            if f.embed_rows is None:
+                rows += range(r, r + b - a)
+                values.append(self.embeddings[f.hash][a:b])
+            else:  # only some of the span's positions take rows (in order)
+                lo, hi = bisect.bisect_left(f.embed_rows, a), bisect.bisect_left(f.embed_rows, b)
+                rows += (r + p - a for p in f.embed_rows[lo:hi])
+                values.append(self.embeddings[f.hash][lo:hi])
+        if not rows:
+            return None
+        return to_device(rows, torch.long, self.device), torch.cat(values)
 
     def _hold(self, rid: str, h: str) -> None:
         users = self.users.setdefault(h, set())
@@ -54,9 +65,9 @@ class EncoderCache:
         if not todo:
             return
         for f, emb in zip(todo, self.encoder.encode(todo)):
-            if emb.shape[0] != f.length:
+            if emb.shape[0] != f.num_embeds:
                 raise RuntimeError(f"the vision encoder gave {emb.shape[0]} embeddings for an image with "
-                                   f"{f.length} placeholders")
+                                   f"{f.num_embeds} placeholders")
             self.embeddings[f.hash] = emb
 
     def rope_positions(self, req) -> Optional[tuple[np.ndarray, int]]:
