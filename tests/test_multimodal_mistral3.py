@@ -159,7 +159,7 @@ def test_bad_inputs(mistral3):
         (image_prompt(PROMPT_2, [random_image(1)]), "more images"),
         (image_prompt(PROMPT_1, [random_image(1), random_image(2)]), "1 image placeholders"),
         ({"prompt": PROMPT_1}, "more images"),
-        ({"prompt_token_ids": [5, img, img, brk, 7], "multi_modal_data": {"image": [random_image(1)]}}, "match its size"),
+        ({"prompt_token_ids": [5, img, brk, 7], "multi_modal_data": {"image": [random_image(1)]}}, "match its size"),
     ]
     for prompt, words in bad:
         with pytest.raises(ValueError, match=words):

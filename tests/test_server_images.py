@@ -156,16 +156,17 @@ def test_responses_input_image(client, offline, server):
     assert server.llm.engine.kv.pool.num_free_blocks == server.llm.engine.kv.num_blocks
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "mistral3"])
 def test_other_families_chat_with_two_images(tokenizer_dir, tmp_path, family):
-    """Qwen2-VL (each image's placeholders follow its size, M-RoPE positions shifted after it)
-    and Gemma 3 (<start_of_image> expanded with its newlines, two-way image attention) over the
-    server, whole and streamed, equal to the offline LLM.chat."""
+    """Qwen2-VL (each image's placeholders follow its size, M-RoPE positions shifted after it),
+    Gemma 3 (<start_of_image> expanded with its newlines, two-way image attention) and Mistral 3
+    (rows of [IMG] with breaks) over the server, whole and streamed, equal to the offline LLM.chat."""
     from PIL import Image
 
-    from pagedserve.model.random_model import build_random_gemma3_vl, build_random_qwen2_vl
+    from pagedserve.model.random_model import build_random_gemma3_vl, build_random_mistral3, build_random_qwen2_vl
 
-    build = build_random_qwen2_vl if family == "qwen2_vl" else build_random_gemma3_vl
+    build = {"qwen2_vl": build_random_qwen2_vl, "gemma3": build_random_gemma3_vl,
+             "mistral3": build_random_mistral3}[family]
     path = build(str(tmp_path), tokenizer_dir, initializer_range=0.3)
     wide = Image.fromarray(np.random.RandomState(5).randint(0, 255, (40, 130, 3), dtype=np.uint8))
     buf = io.BytesIO()

@@ -26,11 +26,15 @@ def image_layout(rows: int, cols: int, img: int, brk: int, end: int) -> list[int
 def expand_images(ids: list[int], layouts: list[list[int]], img: int, brk: int, end: int,
                   field: str) -> tuple[list[int], list[int]]:
     """(ids with each image's layout in place, each image's first position). An image is one
-    [IMG] token, or its layout already written out (up to its [IMG_END])."""
+    [IMG] token, or its layout already written out (up to its [IMG_END]); a break or end token
+    outside a whole layout is an error."""
     out: list[int] = []
     starts: list[int] = []
     i = k = 0
     while i < len(ids):
+        if ids[i] in (brk, end):
+            raise ParamError(field, f"image {max(k - 1, 0)}'s placeholders do not match its size: write one [IMG] "
+                             "per image.")
         if ids[i] != img:
             out.append(ids[i])
             i += 1
@@ -39,12 +43,7 @@ def expand_images(ids: list[int], layouts: list[list[int]], img: int, brk: int, 
             raise ParamError(field, f"the prompt has more images ([IMG] placeholders) than the {len(layouts)} given.")
         starts.append(len(out))
         layout = layouts[k]
-        if ids[i:i + len(layout)] == layout:  # already expanded
-            i += len(layout)
-        elif i + 1 < len(ids) and ids[i + 1] in (img, brk, end):
-            raise ParamError(field, f"image {k}'s placeholders do not match its size: write one [IMG] per image.")
-        else:
-            i += 1
+        i += len(layout) if ids[i:i + len(layout)] == layout else 1  # already expanded, or its marker
         out += layout
         k += 1
     if k != len(layouts):
