@@ -1,7 +1,9 @@
 """A prompt's images -> pixel values and placeholder tokens, as the model's Hugging Face
-processor lays them out: each image's one placeholder token (LLaVA's `<image>`, Qwen2-VL's
-`<|image_pad|>`) becomes as many placeholders as the vision encoder gives it embeddings
-(a fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen2-VL)."""
+processor lays them out: each image's one placeholder token (LLaVA's `<image>`, Qwen-VL's
+`<|image_pad|>`) becomes as many placeholders as the vision encoder gives it embeddings (a
+fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen-VL); Gemma 3's
+`<start_of_image>` and Mistral 3's `[IMG]` take their own layouts (multimodal/gemma3.py,
+multimodal/mistral3.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 from pagedserve.errors import ParamError
 from pagedserve.multimodal.inputs import ImageFeature, load_image
 
-# Vision-language architectures whose images pagedserve runs (multimodal/llava.py).
+# Vision-language architectures whose images pagedserve runs (multimodal/: llava.py, qwen2_vl.py,
+# gemma3.py, mistral3.py).
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
@@ -110,6 +113,8 @@ class ImageInputProcessor:
         self.tokenizer = tokenizer
         if (self.bidirectional or self.pixtral) and tokenizer is None:
             raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
+        if self.bidirectional and getattr(self.hf, "do_pan_and_scan", False):
+            raise ValueError("Gemma 3's pan-and-scan crops (do_pan_and_scan) are not supported.")
 
     def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, Any, Optional[tuple[int, int, int]]]]:
         """(pixel values, placeholder tokens (Mistral 3: the resized (height, width)), patch
@@ -119,8 +124,6 @@ class ImageInputProcessor:
             kwargs["patch_size"] = self.config.vision_config.patch_size * self.config.spatial_merge_size
         out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt", **kwargs)
         if self.bidirectional:
-            if any(int(c) for c in out.get("num_crops", [])):
-                raise ValueError("Gemma 3's pan-and-scan crops (do_pan_and_scan) are not supported.")
             return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
         if self.pixtral:  # each image at its own size (padded to the largest in the batch: cropped back)
             return [(p[:, :h, :w], (int(h), int(w)), None) for p, (h, w) in zip(out["pixel_values"], out["image_sizes"])]
@@ -171,7 +174,6 @@ class ImageInputProcessor:
             at = start + length
         out += ids[at:]
         return out, features
-
 
     def _process_pixtral(self, ids: list[int], images: list, field: str) -> tuple[list[int], list[ImageFeature]]:
         from pagedserve.multimodal.mistral3 import expand_images, image_layout
