@@ -550,8 +550,8 @@ class ModelRunner:
         mrope = kv_limit = None
         if self.encoder_cache is not None:  # images: M-RoPE positions, two-way image spans
             mrope = rope_positions(order, qsl, positions, self.encoder_cache)
-            if getattr(self.encoder_cache.encoder, "bidirectional", False):
-                kv_limit = image_kv_limits(order, qsl)
+            if num_decodes < len(order) and getattr(self.encoder_cache.encoder, "bidirectional", False):
+                kv_limit = image_kv_limits(order, qsl)  # (one-token rows see what causal rows see)
         return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
                           pending_rows, mrope, kv_limit)
 
