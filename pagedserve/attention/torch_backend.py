@@ -66,14 +66,10 @@ class TorchAttentionBackend(AttentionBackend):
         qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for r in range(nd, meta.num_reqs):
             qs, qe = qsl[r], qsl[r + 1]
-            if meta.kv_limit is not None:  # (a request's chunk with two-way image spans: the reference path)
-                out[qs:qe] = TorchAttentionBackend._prefill(
-                    query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache, meta.block_tables[r], seq_lens[r],
-                    meta.block_size, scale, window, softcap, sinks, meta.kv_limit[qs:qe])
-                continue
+            limit = None if meta.kv_limit is None else meta.kv_limit[qs:qe]
             out[qs:qe] = self._prefill(query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache,
                                        meta.block_tables[r], seq_lens[r], meta.block_size, scale, window, softcap,
-                                       sinks)
+                                       sinks, limit)
         return out
 
     @staticmethod
@@ -145,14 +141,15 @@ class CpuAttentionBackend(TorchAttentionBackend):
 
     @staticmethod
     def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
-                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                 limit: Optional[torch.Tensor] = None) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         q_len = q.shape[0]
         ctx = seq_len - q_len
-        if ctx == 0 or q_len > SHORT_CHUNK or not cpu_kernels.supports(q, k_cache):
+        if ctx == 0 or q_len > SHORT_CHUNK or limit is not None or not cpu_kernels.supports(q, k_cache):
             return TorchAttentionBackend._prefill(q, key, value, k_cache, v_cache, block_table, seq_len,
-                                                  block_size, scale, window, softcap, sinks)
+                                                  block_size, scale, window, softcap, sinks, limit)
         # The chunk's own K/V are already in the cache (write_kv runs first).
         lens = torch.arange(ctx + 1, seq_len + 1, dtype=torch.int32)
         tables = block_table.unsqueeze(0).expand(q_len, -1)
