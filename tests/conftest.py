@@ -187,6 +187,27 @@ def random_image(seed: int, size: tuple[int, int] = (90, 60)):
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
+def png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_data_url(img) -> str:
+    """A PIL image as a `data:image/png;base64,` URL, as chat image_url parts carry it."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode()
+
+
+def image_chat(urls: list[str], text: str = "What is in the picture?") -> list[dict]:
+    """One user message: an image_url part per URL, then the text."""
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+             + [{"type": "text", "text": text}]}]
+
+
 def image_prompt(text: str, images: list):
     """vLLM's prompt with images, or the text alone without any."""
     return {"prompt": text, "multi_modal_data": {"image": images}} if images else text

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, image_prompt, random_image
+from conftest import Reference, assert_output_matches, image_chat, image_data_url, image_prompt, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -98,9 +98,6 @@ def test_images_match_transformers(gemma3, chunk):
 
 
 def test_prefix_cache_and_chat(gemma3):
-    import base64
-    import io
-
     path, ref = gemma3
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)
     a, b = random_image(4), random_image(5)
@@ -112,12 +109,7 @@ def test_prefix_cache_and_chat(gemma3):
     assert first.outputs[0].token_ids != other.outputs[0].token_ids
     assert again.num_cached_tokens == (len(first.prompt_token_ids) - 1) // 8 * 8
     assert other.num_cached_tokens < first.prompt_token_ids.index(ref.image_token) + 1
-    buf = io.BytesIO()
-    a.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    chat = llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": "What is in the picture?"}]}],
-                    _params(logprobs=0), use_tqdm=False)[0]
+    chat = llm.chat(image_chat([image_data_url(a)]), _params(logprobs=0), use_tqdm=False)[0]
     assert chat.prompt == PROMPT_1
     assert_output_matches(ref.greedy(PROMPT_1, [a]), chat)
 

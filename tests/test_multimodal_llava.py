@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, random_image
+from conftest import Reference, assert_output_matches, image_chat, image_data_url, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -148,17 +148,9 @@ def test_preempted_requests_recompute_their_images(llava_dir, reference):
 
 
 def test_chat_with_image_parts(llava_dir, reference):
-    import base64
-    import io
-
     img = _image(7)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     llm = LLM(llava_dir, block_size=8, max_num_batched_tokens=64)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "What is in the picture?"}]}]
-    out = llm.chat(messages, _params(logprobs=0), use_tqdm=False)[0]
+    out = llm.chat(image_chat([image_data_url(img)]), _params(logprobs=0), use_tqdm=False)[0]
     pil = llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": img},
                                                   {"type": "text", "text": "What is in the picture?"}]}],
                    _params(), use_tqdm=False)[0]

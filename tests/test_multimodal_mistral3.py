@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, image_prompt, random_image
+from conftest import Reference, assert_output_matches, image_chat, image_data_url, image_prompt, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -111,9 +111,6 @@ def test_prefix_cache_chat_and_checkpoint_names(mistral3, tmp_path):
     """The same image hits the cache, another does not past the blocks before it; chat with a
     data URL; transformers 5's names ('model.language_model.', 'model.vision_tower.') load
     to the same model as the hub's ('language_model.model.', 'vision_tower.')."""
-    import base64
-    import io
-
     from safetensors.torch import load_file, save_file
 
     path, ref = mistral3
@@ -127,12 +124,7 @@ def test_prefix_cache_chat_and_checkpoint_names(mistral3, tmp_path):
     assert again.num_cached_tokens == (len(first.prompt_token_ids) - 1) // 8 * 8
     img = ref.tokenizer.convert_tokens_to_ids("[IMG]")
     assert other.num_cached_tokens == first.prompt_token_ids.index(img) // 8 * 8
-    buf = io.BytesIO()
-    a.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    chat = llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                  {"type": "text", "text": "What is in the picture?"}]}],
-                    _params(logprobs=0), use_tqdm=False)[0]
+    chat = llm.chat(image_chat([image_data_url(a)]), _params(logprobs=0), use_tqdm=False)[0]
     assert chat.prompt == PROMPT_1
     assert_output_matches(ref.greedy(PROMPT_1, [a]), chat)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, image_prompt, random_image
+from conftest import Reference, assert_output_matches, image_chat, image_data_url, image_prompt, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")  # a dependency; the GPU machines' image may lack it (its `-m gpu` test then skips)
@@ -243,18 +243,10 @@ def test_mm_processor_kwargs_cap_the_image_size(qwen2_vl):
 
 
 def test_chat_with_an_image_url(qwen2_vl):
-    import base64
-    import io
-
     path, ref = qwen2_vl
     img = random_image(7, (70, 70))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     llm = LLM(path, block_size=8, max_num_batched_tokens=64)
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                             {"type": "text", "text": "What is in the picture?"}]}]
-    out = llm.chat(messages, _params(logprobs=0), use_tqdm=False)[0]
+    out = llm.chat(image_chat([image_data_url(img)]), _params(logprobs=0), use_tqdm=False)[0]
     assert out.prompt == PROMPT_1
     assert_output_matches(ref.greedy(PROMPT_1, [img]), out)
 

@@ -8,13 +8,12 @@ import base64
 import contextlib
 import functools
 import http.server
-import io
 import threading
 
 import httpx
-import numpy as np
 import openai
 import pytest
+from conftest import image_chat, image_data_url, png_bytes, random_image
 from server_helpers import openai_client, serving
 
 from pagedserve import LLM, SamplingParams
@@ -24,21 +23,15 @@ QUESTION = "What is in the picture?"
 
 
 def _png(seed: int) -> bytes:
-    from PIL import Image
-
-    img = Image.fromarray(np.random.RandomState(seed).randint(0, 255, (40, 50, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(random_image(seed, (50, 40)))
 
 
 def _data_url(seed: int) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(seed)).decode()
+    return image_data_url(random_image(seed, (50, 40)))
 
 
 def _messages(url: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": QUESTION}]}]
+    return image_chat([url], QUESTION)
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +154,12 @@ def test_other_families_chat_with_two_images(tokenizer_dir, tmp_path, family):
     """Qwen2-VL (each image's placeholders follow its size, M-RoPE positions shifted after it),
     Gemma 3 (<start_of_image> expanded with its newlines, two-way image attention) and Mistral 3
     (rows of [IMG] with breaks) over the server, whole and streamed, equal to the offline LLM.chat."""
-    from PIL import Image
-
     from pagedserve.model.random_model import build_random_gemma3_vl, build_random_mistral3, build_random_qwen2_vl
 
     build = {"qwen2_vl": build_random_qwen2_vl, "gemma3": build_random_gemma3_vl,
              "mistral3": build_random_mistral3}[family]
     path = build(str(tmp_path), tokenizer_dir, initializer_range=0.3)
-    wide = Image.fromarray(np.random.RandomState(5).randint(0, 255, (40, 130, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    wide.save(buf, format="PNG")
-    urls = [_data_url(1), "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()]
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-                 + [{"type": "text", "text": QUESTION}]}]
+    messages = image_chat([_data_url(1), image_data_url(random_image(5, (130, 40)))], QUESTION)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = LLM(path, block_size=8).chat(messages, params, use_tqdm=False)[0]
     with serving(path, "tiny-qwen2-vl", engine_kwargs={"block_size": 8, "max_num_batched_tokens": 24}) as srv, \

@@ -168,6 +168,20 @@ def build_random_model(
     return path
 
 
+def _vl_tokenizer(path: str, tokenizer_dir: Optional[str], special: list[str], template: str) -> Any:
+    """A vision-language model's tokenizer: tokenizer_dir's (or a new one), with the model's
+    image (and turn) tokens added as special tokens and its chat template."""
+    import transformers
+
+    if tokenizer_dir is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    else:
+        tok = build_tokenizer(path)
+    tok.add_tokens(special, special_tokens=True)
+    tok.chat_template = template
+    return tok
+
+
 # A LLaVA-1.5-style template: each image part becomes the <image> placeholder where it stands.
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() }}: {% endif %}"
@@ -189,12 +203,7 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
     import torch
     import transformers
 
-    if tokenizer_dir is not None:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    else:
-        tok = build_tokenizer(path)
-    tok.add_tokens(["<image>"], special_tokens=True)
-    tok.chat_template = LLAVA_CHAT_TEMPLATE
+    tok = _vl_tokenizer(path, tokenizer_dir, ["<image>"], LLAVA_CHAT_TEMPLATE)
     text = getattr(transformers, _LLAVA_TEXT_CONFIGS[text_model_type])(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
@@ -243,12 +252,8 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
     import torch
     import transformers
 
-    if tokenizer_dir is not None:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    else:
-        tok = build_tokenizer(path)
-    tok.add_tokens(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"], special_tokens=True)
-    tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tok = _vl_tokenizer(path, tokenizer_dir, ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"],
+                        QWEN_VL_CHAT_TEMPLATE)
     start, pad, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, initializer_range=initializer_range,
@@ -320,13 +325,8 @@ def build_random_gemma3_vl(path: str, tokenizer_dir: Optional[str] = None, image
     import torch
     import transformers
 
-    if tokenizer_dir is not None:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    else:
-        tok = build_tokenizer(path)
-    tok.add_tokens(["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"],
-                   special_tokens=True)
-    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    tok = _vl_tokenizer(path, tokenizer_dir, ["<start_of_image>", "<image_soft_token>", "<end_of_image>",
+                                              "<start_of_turn>", "<end_of_turn>"], GEMMA3_CHAT_TEMPLATE)
     boi, image, eoi = tok.convert_tokens_to_ids(["<start_of_image>", "<image_soft_token>", "<end_of_image>"])
     # (An LM head of its own: tied to the sqrt(hidden)-scaled embeddings, a random model repeats its input.)
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -367,12 +367,8 @@ def build_random_mistral3(path: str, tokenizer_dir: Optional[str] = None, longes
     import torch
     import transformers
 
-    if tokenizer_dir is not None:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    else:
-        tok = build_tokenizer(path)
-    tok.add_tokens(["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"], special_tokens=True)
-    tok.chat_template = MISTRAL3_CHAT_TEMPLATE
+    tok = _vl_tokenizer(path, tokenizer_dir, ["[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"],
+                        MISTRAL3_CHAT_TEMPLATE)
     text = transformers.MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                       initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
