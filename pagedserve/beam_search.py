@@ -119,10 +119,10 @@ def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams) -> list
 
 
 async def beam_search_many(async_llm: "AsyncLLM", prompts: list[list[int]], params: BeamSearchParams,
-                           request_id: str) -> list[BeamSearchOutput]:
+                           request_id: str, priority: int = 0) -> list[BeamSearchOutput]:
     """One search per prompt, concurrently; if one fails (or the caller goes away) the others
     are cancelled, and their requests aborted."""
-    tasks = [asyncio.ensure_future(beam_search_async(async_llm, ids, params, f"{request_id}-{i}"))
+    tasks = [asyncio.ensure_future(beam_search_async(async_llm, ids, params, f"{request_id}-{i}", priority))
              for i, ids in enumerate(prompts)]
     try:
         return list(await asyncio.gather(*tasks))
@@ -133,7 +133,7 @@ async def beam_search_many(async_llm: "AsyncLLM", prompts: list[list[int]], para
 
 
 async def beam_search_async(async_llm: "AsyncLLM", prompt_ids: list[int], params: BeamSearchParams,
-                            request_id: str) -> BeamSearchOutput:
+                            request_id: str, priority: int = 0) -> BeamSearchOutput:
     """The same search for one prompt through the server's engine: each round's steps run
     concurrently, as ordinary requests (a client that goes away aborts them)."""
     engine = async_llm.engine
@@ -142,7 +142,8 @@ async def beam_search_async(async_llm: "AsyncLLM", prompt_ids: list[int], params
 
     async def step(tokens: list[int], rid: str) -> dict[int, Logprob]:
         found: dict[int, Logprob] = {}
-        async for out in async_llm.generate({"prompt_token_ids": tokens}, search.step_params, rid):
+        async for out in async_llm.generate({"prompt_token_ids": tokens}, search.step_params, rid,
+                                            priority=priority):
             for c in out.outputs:
                 if c.logprobs:
                     found = c.logprobs[-1]

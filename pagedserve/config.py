@@ -34,6 +34,9 @@ class EngineArgs:
     max_num_batched_tokens: Optional[int] = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # vLLM's scheduling_policy: "fcfs" (arrival order) or "priority" (each request's priority,
+    # lower first, then arrival; lower-priority running requests are preempted for it).
+    scheduling_policy: str = "fcfs"
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: Optional[int] = None
     # vLLM's kv_cache_dtype: "auto" (the model dtype) or "fp8" / "fp8_e4m3": K/V stored in FP8
@@ -151,6 +154,8 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {self.block_size}.")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
@@ -215,6 +220,7 @@ class EngineArgs:
             max_num_batched_tokens=max_batched,
             enable_prefix_caching=prefix_caching,
             enable_chunked_prefill=chunked,
+            scheduling_policy=self.scheduling_policy,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             kv_dtype=kv_dtype,
@@ -332,6 +338,7 @@ class EngineConfig:
     num_gpu_blocks: int = 0  # set once the KV cache is sized
     max_images_per_prompt: int = 0  # 0: no image inputs (a text model, or limit_mm_per_prompt 0)
     mm_processor_kwargs: dict = field(default_factory=dict)  # the image processor's settings overridden
+    scheduling_policy: str = "fcfs"
 
     @property
     def vocab_size(self) -> int:

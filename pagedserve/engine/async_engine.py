@@ -105,6 +105,7 @@ class _Add:
     arrival_time: float
     cache_salt: Optional[str]
     lora_request: Optional[LoRARequest] = None
+    priority: int = 0
 
 
 @dataclass
@@ -257,18 +258,21 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str, *,
                        arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
                        reservation: Optional[Reservation] = None,
-                       lora_request: Optional[LoRARequest] = None) -> AsyncGenerator[RequestOutput, None]:
+                       lora_request: Optional[LoRARequest] = None,
+                       priority: int = 0) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs as deltas (new text/tokens/logprobs per output; with
         n > 1 only the samples that changed). Closing the iterator or cancelling the task
         consuming it aborts the request at once and frees its KV blocks. Without a
         `reservation` holding a place, a full waiting queue raises UnavailableError."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.engine.check_priority(priority)
         tokens_prompt = await self.preprocess(prompt, params)
         params = params.clone()
         params.output_kind = RequestOutputKind.DELTA
         loop = asyncio.get_running_loop()
         stream = _Stream(request_id, loop, [s.new_request(arrival_time, params.n) for s in self.stat_loggers])
-        self._enqueue(_Add(stream, tokens_prompt, params, arrival_time, cache_salt, lora_request), reservation)
+        self._enqueue(_Add(stream, tokens_prompt, params, arrival_time, cache_salt, lora_request, priority),
+                      reservation)
         done = False
         finished_seqs: set[int] = set()
         try:
@@ -409,7 +413,7 @@ class AsyncLLM:
                 if rid in self._streams:
                     raise ValueError(f"request_id {rid!r} is already in use.")
                 self.engine.add_request(rid, cmd.prompt, cmd.params, cmd.arrival_time, cmd.cache_salt,
-                                        cmd.lora_request)
+                                        cmd.lora_request, cmd.priority)
             except ValueError as e:
                 outbox.append((cmd.stream, e))
                 return

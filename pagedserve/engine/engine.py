@@ -59,7 +59,7 @@ class LLMEngine:
         proposer = NgramProposer(config.speculative_config) if config.speculative_config is not None else None
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
-                                   config.max_loras if config.enable_lora else 0)
+                                   config.max_loras if config.enable_lora else 0, config.scheduling_policy)
         if self.mm_processor is not None and self.mm_processor.bidirectional:
             # Gemma 3: a chunk holds the rest of an image whole, so one must fit the step's budget.
             need = int(self.mm_processor.config.mm_tokens_per_image)
@@ -272,6 +272,15 @@ class LLMEngine:
         except ValueError as e:
             raise ParamError("lora_request", str(e)) from None
 
+    def check_priority(self, priority: int) -> None:
+        """A request's scheduling priority: an integer, and other than 0 only under the priority
+        policy (as vLLM: it would otherwise be silently ignored)."""
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ParamError("priority", f"priority must be an integer, got {priority!r}.")
+        if priority and self.config.scheduling_policy != "priority":
+            raise ParamError("priority", f"priority={priority} needs priority scheduling: start the engine with "
+                             "scheduling_policy='priority' (--scheduling-policy priority).")
+
     def validate_pooling(self, token_ids: list[int], params: PoolingParams) -> None:
         """Check an embedding request can run (ParamError naming the field)."""
         task = self.config.pooling_task
@@ -301,7 +310,7 @@ class LLMEngine:
         self._check_token_ids("prompt", token_ids)
 
     def _add_pooling(self, request_id: Optional[str], prompt: PromptType, params: PoolingParams,
-                     arrival_time: Optional[float], cache_salt: Optional[str]) -> str:
+                     arrival_time: Optional[float], cache_salt: Optional[str], priority: int) -> str:
         text, ids = self.process_prompt(prompt)
         self.validate_pooling(ids, params)
         types = self.token_types(prompt, len(ids))
@@ -311,7 +320,8 @@ class LLMEngine:
         if request_id is None:
             request_id = str(next(self._ids))
         # A Request as the scheduler knows it: its prompt, then one step's worth of "output".
-        req = Request(request_id, ids, SamplingParams(max_tokens=1, detokenize=False), arrival_time, cache_salt)
+        req = Request(request_id, ids, SamplingParams(max_tokens=1, detokenize=False), arrival_time, cache_salt,
+                      priority=priority)
         req.pooling_params = params.clone()
         req.token_type_ids = types
         req.max_tokens = 1  # so once its last chunk is in flight the scheduler leaves it (capped_by_inflight)
@@ -339,13 +349,15 @@ class LLMEngine:
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Union[SamplingParams, PoolingParams, None] = None,
                     arrival_time: Optional[float] = None, cache_salt: Optional[str] = None,
-                    lora_request: Optional[LoRARequest] = None) -> str:
+                    lora_request: Optional[LoRARequest] = None, priority: int = 0) -> str:
         """Queue a request: text generation with SamplingParams, or an embedding with
-        PoolingParams (a pooling model)."""
+        PoolingParams (a pooling model). `priority`: lower is served first, under
+        scheduling_policy='priority'."""
+        self.check_priority(priority)
         if isinstance(params, PoolingParams):
             if lora_request is not None:
                 raise ParamError("lora_request", "embedding requests take no LoRA adapter.")
-            return self._add_pooling(request_id, prompt, params, arrival_time, cache_salt)
+            return self._add_pooling(request_id, prompt, params, arrival_time, cache_salt, priority)
         if self.config.runner == "pooling":
             what = {"embed": "an embedding model (LLM.embed, /v1/embeddings)",
                     "classify": "a sequence classifier (LLM.classify, /classify)"}[self.config.pooling_task]
@@ -376,7 +388,7 @@ class LLMEngine:
                 if i > 0:
                     child_params.prompt_logprobs = None  # reported once, by the first sample
             child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
-                            cache_salt, lora_request, features)
+                            cache_salt, lora_request, features, priority)
             child.max_tokens = max_tokens
             if grammar is not None:  # each sample walks the grammar on its own
                 child.grammar = self.grammar_compiler.matcher(grammar, think)

@@ -155,10 +155,14 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
-        num_hit = len(hits) * self.block_size
-        self.prefix_queries += req.num_tokens
-        self.prefix_hits += num_hit
-        return hits, num_hit
+        return hits, len(hits) * self.block_size
+
+    def count_prefix_lookup(self, req: Request, num_hit: int) -> None:
+        """Count an admitted request's lookup in the hit-rate metrics (once: a request refused
+        for room looks up again at the next step)."""
+        if self.enable_caching and not req.skip_prefix_cache:
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += num_hit
 
     def allocate_slots(self, req: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens after the request's computed ones

@@ -55,12 +55,15 @@ class Request:
         cache_salt: Optional[str] = None,
         lora_request: Optional["LoRARequest"] = None,
         mm_features: Sequence["ImageFeature"] = (),
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.cache_salt = cache_salt
+        # Under the priority policy: lower values are served first, ties by arrival.
+        self.priority = priority
         self.lora_request = lora_request
         self.pooling_params: Optional["PoolingParams"] = None  # set for an embedding request
         # A BERT cross-encoder pair's token types (0: first text, 1: second), one per prompt token.
@@ -112,6 +115,11 @@ class Request:
         if images:
             extra = f"{extra or ''}\x00image:" + ",".join(images)
         return extra
+
+    @property
+    def sort_key(self) -> tuple[int, float]:
+        """The priority policy's order: the smaller key is served first and preempted last."""
+        return (self.priority, self.arrival_time)
 
     @property
     def speculates(self) -> bool:

@@ -5,10 +5,16 @@ scheduler): every request has `num_computed_tokens` and a target `num_tokens`, a
 step hands out at most `max_num_batched_tokens` tokens over at most `max_num_seqs`
 requests. Running requests go first; when the KV pool runs dry the most recently admitted
 running request is preempted (blocks freed, recomputed later from the front of the queue).
+
+Policies (vLLM's scheduling_policy): "fcfs" serves requests in arrival order; "priority"
+orders the waiting queue and the running batch by (priority, arrival), preempts the
+lowest-priority running request when the pool runs dry, and preempts running requests of
+lower priority than the head of the queue when it cannot otherwise be admitted.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -58,6 +64,7 @@ class StepUpdate:
 
 
 _FINISHED = RequestStatus.FINISHED_STOPPED  # statuses from here on are finished
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 class Scheduler:
@@ -70,8 +77,12 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         proposer: Optional["NgramProposer"] = None,
         max_loras: int = 0,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}.")
         self.kv = kv
+        self.by_priority = policy == "priority"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -100,7 +111,17 @@ class Scheduler:
             sib.leader = req
             self.requests[sib.request_id] = sib
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request, front: bool = False) -> None:
+        """Queue a request: last (front=True: first, to resume) under FCFS; under the priority
+        policy in key order, ahead of (front) or behind its equals."""
+        if not self.by_priority:
+            self.waiting.appendleft(req) if front else self.waiting.append(req)
+            return
+        keys = [r.sort_key for r in self.waiting]
+        at = (bisect.bisect_left if front else bisect.bisect_right)(keys, req.sort_key)
+        self.waiting.insert(at, req)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Finish (abort, or stop on a stop string) requests wherever they are."""
@@ -151,6 +172,8 @@ class Scheduler:
         drafts: dict[str, list[int]] = {}
 
         i = 0
+        if self.by_priority:  # best first: the budget goes to them, and the last is the victim
+            self.running.sort(key=Request.sort_key.fget)
         running = self.running
         while i < len(running) and budget > 0:
             req = running[i]
@@ -185,12 +208,18 @@ class Scheduler:
         if not out.preempted:
             now = time.monotonic()
             loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            while self.waiting and budget > 0:
                 req = self.waiting[0]
+                if len(self.running) >= self.max_num_seqs:
+                    if self._preempt_for(req, plan, drafts, out):
+                        budget = self.max_num_batched_tokens - sum(n for _, n in plan)
+                        continue
+                    break
                 lora = req.lora_request
                 if lora is not None and lora.lora_int_id not in loras and len(loras) >= self.max_loras:
                     break  # first come, first served: it waits until an adapter's requests are done
-                if self.kv.holds_blocks(req):  # a sibling forked from its leader's prompt
+                forked = self.kv.holds_blocks(req)
+                if forked:  # a sibling forked from its leader's prompt
                     hits, num_hit = [], req.num_computed_tokens
                 else:
                     hits, num_hit = self.kv.get_computed_blocks(req)
@@ -204,12 +233,17 @@ class Scheduler:
                         if n == 0:
                             break
                 if not self.kv.allocate_slots(req, n, hits):
+                    if self._preempt_for(req, plan, drafts, out):
+                        budget = self.max_num_batched_tokens - sum(n for _, n in plan)
+                        continue
                     break
                 self.waiting.popleft()
                 self.running.append(req)
                 if lora is not None:
                     loras.add(lora.lora_int_id)
                 req.status = RequestStatus.RUNNING
+                if not forked:
+                    self.kv.count_prefix_lookup(req, num_hit)
                 req.num_computed_tokens = num_hit
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_hit
@@ -258,7 +292,23 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req, front=True)
+
+    def _preempt_for(self, head: Request, plan: list, drafts: dict, out: SchedulerOutput) -> bool:
+        """Priority policy: make room for the head of the queue by preempting the running request
+        of lowest priority, if it is of strictly lower priority than the head (its place in this
+        step's plan, if any, is dropped). False when there is none."""
+        if not self.by_priority or not self.running:
+            return False
+        victim = max(self.running, key=Request.sort_key.fget)
+        if victim.priority <= head.priority:
+            return False
+        self.running.remove(victim)
+        plan[:] = [(r, n) for r, n in plan if r is not victim]
+        drafts.pop(victim.request_id, None)
+        self._preempt(victim)
+        out.preempted.append(victim)
+        return True
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int],
                            accepted: Optional[dict[str, list[int]]] = None,
@@ -363,7 +413,7 @@ class Scheduler:
                 self.kv.fork(leader, sib, shared)
                 sib.num_computed_tokens = shared * self.kv.block_size
                 self._forked_waiting.append(sib)
-            self.waiting.appendleft(sib)
+            self._enqueue(sib, front=True)
         leader.pending_siblings = []
 
     def _check_stop(self, req: Request, token: int) -> Optional[RequestStatus]:

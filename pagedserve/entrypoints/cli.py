@@ -39,6 +39,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     _bool_flag(p, "enable-prefix-caching", d.enable_prefix_caching, "automatic prefix caching")
     _bool_flag(p, "enable-chunked-prefill", d.enable_chunked_prefill, "chunked prefill")
+    p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"],
+                   help="priority: requests' `priority` field orders the queue (lower first) and lower-priority "
+                   "running requests are preempted for higher ones")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],

@@ -150,28 +150,34 @@ class LLM:
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
         lora_request: Optional[Union[LoRARequest, Sequence[Optional[LoRARequest]]]] = None,
+        priority: Optional[list[int]] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; results come back in the order of `prompts`. lora_request:
-        one adapter for all prompts, or one (or None) per prompt (needs enable_lora=True)."""
+        one adapter for all prompts, or one (or None) per prompt (needs enable_lora=True).
+        priority: one per prompt, lower first (needs scheduling_policy='priority')."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params = SamplingParams() if sampling_params is None else sampling_params
         params_list = _per_prompt("sampling_params", params, SamplingParams, len(prompts))
         loras = _per_prompt("lora_request", lora_request, (LoRARequest, type(None)), len(prompts))
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority must have one value per prompt: {len(priorities)} for {len(prompts)} prompts.")
         engine = self.llm_engine
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
         staged = []
-        for prompt, params, lora in zip(prompts, params_list, loras):
+        for prompt, params, lora, prio in zip(prompts, params_list, loras, priorities):
             prepared = engine.prepare(prompt, params)
             engine.check_lora(lora)
+            engine.check_priority(prio)
             params = params.clone()
             params.output_kind = RequestOutputKind.FINAL_ONLY
-            staged.append((prepared, params, lora))
+            staged.append((prepared, params, lora, prio))
         order = {}
         try:
-            for i, (prompt, params, lora) in enumerate(staged):
-                order[engine.add_request(None, prompt, params, lora_request=lora)] = i
+            for i, (prompt, params, lora, prio) in enumerate(staged):
+                order[engine.add_request(None, prompt, params, lora_request=lora, priority=prio)] = i
             return self._run(order, use_tqdm)
         except BaseException:
             engine.abort_request(list(order))

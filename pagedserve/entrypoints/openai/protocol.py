@@ -159,10 +159,11 @@ class SamplingFields(OpenAIBaseModel):
     # vLLM's beam search (completions, non-streamed): n beams, scored with length_penalty.
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # vLLM's: lower is served first, under --scheduling-policy priority (else non-zero is a 400).
+    priority: int = 0
     # Fields that would change the result but are not implemented: refused (400), never
     # silently ignored (see _refuse_unsupported).
     best_of: Optional[int] = None
-    priority: int = 0
 
     @field_validator("cache_salt")
     @classmethod
@@ -227,8 +228,6 @@ class SamplingFields(OpenAIBaseModel):
     def _refuse_unsupported(self) -> None:
         if self.best_of is not None and self.best_of != self.n:
             raise ParamError("best_of", "best_of is not supported (it may only equal n).")
-        if self.priority:
-            raise ParamError("priority", "priority is not supported: requests are served first come, first served.")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         if self.use_beam_search:  # the handlers take beam_search_params() instead

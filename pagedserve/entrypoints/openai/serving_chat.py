@@ -34,7 +34,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
-        self.check_generates(model)
+        self.check_generates(model, req.priority)
         if req.use_beam_search:
             return await self._beam_search(req, model)
         try:
@@ -65,7 +65,7 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         self.log_request(request_id, prompt["prompt"], prompt["prompt_token_ids"], params)
         gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt,
-                                reservation=reservation, lora_request=self.loras.get(model))
+                                reservation=reservation, lora_request=self.loras.get(model), priority=req.priority)
         num_prompt = len(prompt["prompt_token_ids"])
         if req.stream:
             return self._stream(req, model, request_id, gen, params.n, num_prompt, reservation)
@@ -88,7 +88,8 @@ class OpenAIServingChat(OpenAIServing):
         except ParamError as e:
             raise self._chat_param(e, req) from None
         request_id = random_id("chatcmpl")
-        (result,) = await beam_search_many(self.llm, [prompt["prompt_token_ids"]], bparams, request_id)
+        (result,) = await beam_search_many(self.llm, [prompt["prompt_token_ids"]], bparams, request_id,
+                                           req.priority)
         num_prompt = len(prompt["prompt_token_ids"])
         choices = []
         for i, beam in enumerate(result.sequences):

@@ -55,7 +55,7 @@ def _prompts(prompt: Union[str, list]) -> list[PromptType]:
 class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest) -> Union[CompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
-        self.check_generates(model)
+        self.check_generates(model, req.priority)
         self.limits.check_sampling(req)
         if req.use_beam_search:
             return await self._beam_search(req, model)
@@ -81,7 +81,8 @@ class OpenAIServingCompletion(OpenAIServing):
             raise
         lora = self.loras.get(model)
         gens = [self.llm.generate(p, params, f"{request_id}-{i}", arrival_time=arrival, cache_salt=req.cache_salt,
-                                  reservation=reservation, lora_request=lora) for i, p in enumerate(prompts)]
+                                  reservation=reservation, lora_request=lora, priority=req.priority)
+                for i, p in enumerate(prompts)]
         if req.stream:
             return self._stream(req, model, request_id, states, gens, reservation)
         try:
@@ -106,7 +107,8 @@ class OpenAIServingCompletion(OpenAIServing):
         check = SamplingParams(max_tokens=bparams.max_tokens, truncate_prompt_tokens=req.truncate_prompt_tokens)
         prompts = [await self.llm.preprocess(p, check) for p in raw]  # every prompt checked before any runs
         request_id = random_id("cmpl")
-        results = await beam_search_many(self.llm, [p["prompt_token_ids"] for p in prompts], bparams, request_id)
+        results = await beam_search_many(self.llm, [p["prompt_token_ids"] for p in prompts], bparams, request_id,
+                                         req.priority)
         choices, generated = [], 0
         for i, (p, res) in enumerate(zip(prompts, results)):
             for j, beam in enumerate(res.sequences):

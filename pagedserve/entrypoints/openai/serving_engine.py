@@ -158,12 +158,14 @@ class OpenAIServing:
             if isinstance(p, str):
                 self.limits.check_prompt_chars(p, field, truncating)
 
-    def check_generates(self, model: str) -> None:
-        """Completions and chat need a text-generating model."""
+    def check_generates(self, model: str, priority: int = 0) -> None:
+        """Completions and chat need a text-generating model (and a priority the scheduler takes:
+        checked before any stream starts)."""
         task = self.llm.engine.config.pooling_task
         if task is not None:
             use = {"embed": "an embedding model: use /v1/embeddings", "classify": "a classifier: use /classify"}[task]
             raise OpenAIError(400, f"The model `{model}` is {use}.", "BadRequestError", "model")
+        self.llm.engine.check_priority(priority)
 
     def model_name(self, requested: Optional[str]) -> str:
         """The name to answer with; 404 for a model we do not serve."""
