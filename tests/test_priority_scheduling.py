@@ -155,6 +155,8 @@ def test_server_takes_priority(llama_dir):
         chat = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], stream=True,
                                               **{**kw, "extra_body": {"priority": 7}})
         assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+        resp = client.responses.create(model="m", input="hi", max_output_tokens=3, extra_body={"priority": 1})
+        assert resp.status in ("completed", "incomplete")
         assert no_requests_left(llm)
     finally:
         srv.stop()

@@ -68,6 +68,7 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
     ("completions", {"prompt": "x", "priority": 1}, "needs priority scheduling", "priority"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "priority": -2}, "needs priority scheduling",
      "priority"),
+    ("responses", {"input": "x", "priority": 1}, "needs priority scheduling", "priority"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
      "use tools", "functions"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "function_call": "auto"},

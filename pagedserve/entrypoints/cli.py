@@ -132,6 +132,9 @@ def _serve(ns: argparse.Namespace) -> int:
     return run_server(ns)
 
 
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
 def _random_model(ns: argparse.Namespace) -> int:
     from pagedserve.model.random_model import (build_random_llava, build_random_mistral3, build_random_model,
                                                build_random_qwen2_vl)
@@ -140,6 +143,10 @@ def _random_model(ns: argparse.Namespace) -> int:
                "Qwen3VLForConditionalGeneration": "3"}
     if ns.arch == "LlavaForConditionalGeneration":  # a tiny CLIP tower on a tiny Llama: images in 16 tokens
         build_random_llava(ns.path, image_size=56, seed=ns.seed, dtype=ns.dtype)
+        print(ns.path)
+        return 0
+    if ns.arch == "LlavaNextForConditionalGeneration":  # the same, tiling images to 1x2, 2x1 or 2x2 tiles
+        build_random_llava(ns.path, image_size=56, seed=ns.seed, dtype=ns.dtype, pinpoints=LLAVA_NEXT_PINPOINTS)
         print(ns.path)
         return 0
     if ns.arch == "Mistral3ForConditionalGeneration":  # a tiny Pixtral tower on a tiny Mistral: 4 to 16 tokens
@@ -262,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path")
     r.add_argument("--arch", default="LlamaForCausalLM",
                    help="a causal LM's architecture, or a vision-language one (LlavaForConditionalGeneration, "
-                        "Mistral3ForConditionalGeneration, Qwen2VLForConditionalGeneration, "
+                        "LlavaNextForConditionalGeneration, Mistral3ForConditionalGeneration, Qwen2VLForConditionalGeneration, "
                         "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration): a tiny model")
     r.add_argument("--hidden-size", type=int, default=64)
     r.add_argument("--intermediate-size", type=int, default=128)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -195,11 +196,12 @@ _LLAVA_TEXT_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen
 def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_model_type: str = "llama",
                        image_size: int = 28, patch_size: int = 14, select_strategy: str = "default",
                        feature_layer: Any = -2, initializer_range: float = 0.02, seed: int = 0,
-                       dtype: str = "float32", vision: str = "clip") -> str:
+                       dtype: str = "float32", vision: str = "clip", pinpoints: Optional[list] = None) -> str:
     """A random LlavaForConditionalGeneration directory: a small CLIP (or SigLIP) vision
     tower, the projector, a Llama / Mistral / Qwen2 decoder, the tokenizer with an `<image>`
     token and a LLaVA-style chat template, and the tower's image processor
-    (preprocessor_config.json)."""
+    (preprocessor_config.json). With `pinpoints` ([[height, width], ...], multiples of
+    image_size): a LlavaNextForConditionalGeneration (LLaVA-1.6) tiling images to them."""
     import torch
     import transformers
 
@@ -211,14 +213,30 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
     tower = {"clip": transformers.CLIPVisionConfig, "siglip": transformers.SiglipVisionConfig}[vision](
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
         patch_size=patch_size)
-    cfg = transformers.LlavaConfig(vision_config=tower, text_config=text,
-                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
-                                   vision_feature_select_strategy=select_strategy, vision_feature_layer=feature_layer)
-    cfg.architectures = ["LlavaForConditionalGeneration"]
+    kind = "Llava" if pinpoints is None else "LlavaNext"
+    extra = {} if pinpoints is None else {"image_grid_pinpoints": pinpoints}
+    cfg = getattr(transformers, f"{kind}Config")(vision_config=tower, text_config=text,
+                                                 image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                                 vision_feature_select_strategy=select_strategy,
+                                                 vision_feature_layer=feature_layer, **extra)
+    cfg.architectures = [f"{kind}ForConditionalGeneration"]
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(cfg).to(getattr(torch, dtype))
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(cfg).to(getattr(torch, dtype))
+    if pinpoints is not None:  # transformers leaves it unset (the checkpoint fills it): make it random
+        with torch.no_grad():
+            model.model.image_newline.normal_(0, 1)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    if pinpoints is not None:
+        transformers.LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size={
+            "height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints).save_pretrained(path)
+        # As hub checkpoints name it (without torchvision transformers saves its PIL fallback's name).
+        conf = os.path.join(path, "preprocessor_config.json")
+        with open(conf) as f:
+            settings = json.load(f)
+        with open(conf, "w") as f:
+            json.dump({**settings, "image_processor_type": "LlavaNextImageProcessor"}, f, indent=2)
+        return path
     if vision == "clip":
         processor = transformers.CLIPImageProcessor(size={"shortest_edge": image_size},
                                                     crop_size={"height": image_size, "width": image_size})

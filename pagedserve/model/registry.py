@@ -56,6 +56,13 @@ _TEXT_OF_MULTIMODAL = {
                                              ("model.language_model.", "model.")],
                                       ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                                        "model.multi_modal_projector.")),
+    # LLaVA-NeXT (LLaVA-1.6): the same, plus the learned row-end vector; multimodal/llava_next.py.
+    "LlavaNextForConditionalGeneration": (None, [("language_model.model.", "model."),
+                                                 ("language_model.lm_head.", "lm_head."),
+                                                 ("model.language_model.", "model.")],
+                                          ("vision_tower.", "multi_modal_projector.", "image_newline",
+                                           "model.vision_tower.", "model.multi_modal_projector.",
+                                           "model.image_newline")),
     # Mistral 3 (Mistral Small 3.1 / 3.2): a Pixtral tower on a Mistral decoder (by
     # text_config.model_type); its images run through multimodal/mistral3.py.
     "Mistral3ForConditionalGeneration": (None, [("language_model.model.", "model."),

@@ -25,14 +25,17 @@ class ImageFeature:
 
     offset: int  # the first placeholder's position in the prompt
     length: int  # the image's span of placeholder tokens (the vision encoder's rows, unless embed_rows)
-    # As the model's image processor made them, float32: [3, H, W] (LLaVA), or the image's
-    # flattened patches [t * h * w, C * patch volume] (Qwen2-VL) with their grid.
+    # As the model's image processor made them, float32: [3, H, W] (LLaVA), its tiles
+    # [n, 3, H, W] (LLaVA-NeXT), or the image's flattened patches [t * h * w, C * patch volume]
+    # (Qwen2-VL) with their grid.
     pixel_values: torch.Tensor
     hash: str  # of the pixels: the key of the prefix cache and of the runner's encoder cache
     grid_thw: Optional[tuple[int, int, int]] = None  # (time, height, width) in patches (Qwen2-VL)
     # Positions within the span that take the encoder's rows, in order; None: all of them. (Mistral
     # 3 puts an [IMG_BREAK] token after each row of patches: plain tokens inside the span.)
     embed_rows: Optional[tuple[int, ...]] = None
+    # The image's own (height, width) before resizing (LLaVA-NeXT: its tiles' padding is cut by it).
+    image_size: Optional[tuple[int, int]] = None
 
     @property
     def num_embeds(self) -> int:
@@ -40,7 +43,7 @@ class ImageFeature:
         return self.length if self.embed_rows is None else len(self.embed_rows)
 
     @staticmethod
-    def pixel_hash(pixels: torch.Tensor, grid_thw: Optional[tuple[int, int, int]] = None) -> str:
+    def pixel_hash(pixels: torch.Tensor, grid_thw: Optional[tuple[int, ...]] = None) -> str:
         t = pixels.detach().to("cpu", torch.float32).contiguous()
         h = hashlib.sha256(str((tuple(t.shape), grid_thw)).encode())
         h.update(t.numpy().tobytes())

@@ -18,11 +18,13 @@ from pagedserve.multimodal.inputs import ImageFeature, load_image
 # Vision-language architectures whose images pagedserve runs (multimodal/: llava.py, qwen2_vl.py,
 # gemma3.py, mistral3.py).
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+LLAVA_NEXT_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
-IMAGE_ARCHITECTURES = LLAVA_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES + MISTRAL3_ARCHITECTURES
+IMAGE_ARCHITECTURES = (LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES
+                       + MISTRAL3_ARCHITECTURES)
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -90,7 +92,8 @@ def check_image_model(cfg: Any) -> None:
     arch = architecture(cfg)
     if arch not in IMAGE_ARCHITECTURES:
         raise ValueError(f"images are supported for {', '.join(IMAGE_ARCHITECTURES)}, not {arch!r}.")
-    if arch in LLAVA_ARCHITECTURES and cfg.vision_feature_select_strategy not in ("default", "full"):
+    if arch in LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES and cfg.vision_feature_select_strategy not in (
+            "default", "full"):
         raise ValueError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} is not supported.")
 
 
@@ -110,6 +113,11 @@ class ImageInputProcessor:
         self.bidirectional = architecture(self.config) in GEMMA3_ARCHITECTURES
         # Mistral 3: rows of [IMG] closed by [IMG_BREAK] / [IMG_END] (multimodal/mistral3.py).
         self.pixtral = architecture(self.config) in MISTRAL3_ARCHITECTURES
+        # LLaVA-NeXT: tiles of the image at its best-fit resolution, placeholders by its size.
+        self.anyres = architecture(self.config) in LLAVA_NEXT_ARCHITECTURES
+        if self.anyres and [list(p) for p in self.hf.image_grid_pinpoints] != [
+                list(p) for p in self.config.image_grid_pinpoints]:
+            raise ValueError("the image processor's image_grid_pinpoints differ from the model's config.json.")
         self.tokenizer = tokenizer
         if (self.bidirectional or self.pixtral) and tokenizer is None:
             raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
@@ -127,6 +135,12 @@ class ImageInputProcessor:
             return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
         if self.pixtral:  # each image at its own size (padded to the largest in the batch: cropped back)
             return [(p[:, :h, :w], (int(h), int(w)), None) for p, (h, w) in zip(out["pixel_values"], out["image_sizes"])]
+        if self.anyres:  # each image's tiles (padded to the most in the batch: cut back), by its size
+            from pagedserve.multimodal.llava_next import num_image_tokens, num_tiles
+
+            sizes = [(int(h), int(w)) for h, w in out["image_sizes"]]
+            return [(p[:num_tiles(self.config, *hw)], num_image_tokens(self.config, *hw), hw)
+                    for p, hw in zip(out["pixel_values"], sizes)]
         if not self.qwen_vl:
             pixels = out["pixel_values"]
             n = tokens_per_image(self.config, *pixels.shape[-2:])
@@ -168,7 +182,10 @@ class ImageInputProcessor:
         for (start, length), count in zip(runs, counts):
             out += ids[at:start]
             for pixels, n, grid in prepared[k:k + count]:
-                features.append(ImageFeature(len(out), n, pixels, ImageFeature.pixel_hash(pixels, grid), grid))
+                size = grid if self.anyres else None  # LLaVA-NeXT's third item: the image's size
+                grid = None if self.anyres else grid
+                features.append(ImageFeature(len(out), n, pixels, ImageFeature.pixel_hash(pixels, grid or size), grid,
+                                             image_size=size))
                 out += [self.token_id] * n
             k += count
             at = start + length

@@ -64,6 +64,7 @@ class ResponsesRequest(OpenAIBaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     structured_outputs: Optional[dict[str, Any]] = None  # as on chat (regex, grammar, choice, ...)
+    priority: int = 0  # under --scheduling-policy priority, as on chat
     # Not served: refused (a 400 naming the field) rather than ignored.
     include: Optional[list[Any]] = None
     conversation: Optional[Any] = None
