@@ -406,25 +406,57 @@ def test_parse_deepseek(parser, call):
         assert streamed + rest == "Let me look. " and [c.name for c in got] == ["get_weather", "f"]
 
 
-@pytest.mark.parametrize("parser, call", [("deepseek_v3", _ds_v3), ("deepseek_v31", _ds_v31)])
-def test_auto_with_the_deepseek_parsers(llama_dir, parser, call):
-    """A reply forced (by a regex) into DeepSeek's format: the call, whole and streamed."""
+KIMI = {"begin": "<|tool_calls_section_begin|>", "close": "<|tool_calls_section_end|>"}
+
+
+def _kimi(name: str, args: str, i: int = 0) -> str:
+    return f"<|tool_call_begin|>functions.{name}:{i}<|tool_call_argument_begin|>{args}<|tool_call_end|>"
+
+
+def test_parse_kimi_k2():
+    from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
+
+    parse, make = TOOL_PARSERS["kimi_k2"]
+    body = _kimi("get_weather", '{"city": "Paris"}') + " " + _kimi("f", "{}", 1) + KIMI["close"]
+    text = "Let me look. " + KIMI["begin"] + body
+    content, calls = parse(text)
+    assert content == "Let me look. "
+    assert [(c.name, json.loads(c.arguments), c.id) for c in calls] == [
+        ("get_weather", {"city": "Paris"}, "functions.get_weather:0"), ("f", {}, "functions.f:1")]
+    assert [c.name for c in parse("<|tool_call_section_begin|>" + body)[1]] == ["get_weather", "f"]  # either spelling
+    for bad in ("It is sunny.", KIMI["begin"] + _kimi("f", "[1]"), KIMI["begin"] + _kimi("f", "{oops"),
+                KIMI["begin"] + "nothing"):
+        assert parse(bad) == (bad, [])
+    for size in (1, 3, 100):  # streamed: the content before the section only, then the calls
+        s = make()
+        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
+        rest, got = s.finish()
+        assert streamed + rest == "Let me look. " and [c.id for c in got] == ["functions.get_weather:0", "functions.f:1"]
+
+
+@pytest.mark.parametrize("parser, call, marks", [("deepseek_v3", _ds_v3, DS), ("deepseek_v31", _ds_v31, DS),
+                                                 ("kimi_k2", _kimi, KIMI)])
+def test_auto_with_marker_section_parsers(llama_dir, parser, call, marks):
+    """A reply forced (by a regex) into DeepSeek's or Kimi K2's format: the call, whole and
+    streamed (Kimi's keeps the model's call id)."""
     import re
 
-    pattern = re.escape("OK" + DS["begin"] + call("get_weather", "@")).replace("@", r'\{"city": "(Paris|Rome)"\}')
+    pattern = re.escape("OK" + marks["begin"] + call("get_weather", "@")).replace("@", r'\{"city": "(Paris|Rome)"\}')
     with serving(llama_dir, MODEL, tool_call_parser=parser) as srv, openai_client(srv) as client:
         kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
-                      extra_body={"structured_outputs": {"regex": pattern + re.escape(DS["close"])}})
+                      extra_body={"structured_outputs": {"regex": pattern + re.escape(marks["close"])}})
         choice = client.chat.completions.create(**kwargs).choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content == "OK"
         (tc,) = choice.message.tool_calls
         assert tc.function.name == "get_weather" and json.loads(tc.function.arguments)["city"] in ("Paris", "Rome")
+        assert (tc.id == "functions.get_weather:0") == (parser == "kimi_k2")
         calls, content = [], ""
         for c in client.chat.completions.create(stream=True, **kwargs):
             calls += c.choices[0].delta.tool_calls or []
             content += c.choices[0].delta.content or ""
         assert content == "OK" and [(t.function.name, t.function.arguments) for t in calls] == [
             ("get_weather", tc.function.arguments)]
+        assert calls[0].id == tc.id or parser != "kimi_k2"
 
 
 def test_parse_glm45():

@@ -64,12 +64,12 @@ def whole_message(req: ChatCompletionRequest, text: str, finish: Optional[str], 
     if reasoning is not None and content == "" and not calls:
         content = None  # only thinking (cut short)
     return AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=[
-        ToolCall(id=random_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
+        ToolCall(id=c.id or random_tool_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
         for c in calls]), finish
 
 
 def _delta_calls(calls: list[Call]) -> list[DeltaToolCall]:
-    return [DeltaToolCall(index=i, id=random_tool_call_id(), type="function",
+    return [DeltaToolCall(index=i, id=c.id or random_tool_call_id(), type="function",
                           function=DeltaFunctionCall(name=c.name, arguments=c.arguments)) for i, c in enumerate(calls)]
 
 

@@ -40,7 +40,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from pagedserve.reasoning import partial_tail
 
@@ -53,6 +53,9 @@ def random_tool_call_id() -> str:
 class Call:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
+    # The model's own call id where its format has one (Kimi K2's "functions.NAME:0", which its
+    # chat template writes back in later turns); else the server makes a random one.
+    id: Optional[str] = None
 
 
 def _parameters(fn: Any) -> dict:
@@ -221,8 +224,9 @@ class MarkerStream:
     starts, then holds the rest; `finish` parses the whole text. Text that could still become
     the marker is held back."""
 
-    def __init__(self, marker: str, parse: Callable[[str], tuple[str, list[Call]]]) -> None:
-        self.marker, self.parse = marker, parse
+    def __init__(self, marker: Union[str, tuple[str, ...]], parse: Callable[[str], tuple[str, list[Call]]]) -> None:
+        self.markers = (marker,) if isinstance(marker, str) else marker  # any of them opens the calls
+        self.parse = parse
         self.text = ""
         self.sent = 0  # characters of content already streamed
         self.in_calls = False
@@ -232,12 +236,13 @@ class MarkerStream:
         self.text += delta
         if self.in_calls:
             return ""
-        start = self.text.find(self.marker, self.sent)
-        if start >= 0:
+        found = [i for i in (self.text.find(m, self.sent) for m in self.markers) if i >= 0]
+        if found:
             self.in_calls = True
-            end = start
+            end = min(found)
         else:
-            end = len(self.text) - min(partial_tail(self.text, self.marker), len(self.text) - self.sent)
+            held = max(partial_tail(self.text, m) for m in self.markers)
+            end = len(self.text) - min(held, len(self.text) - self.sent)
         out, self.sent = self.text[self.sent:end], max(self.sent, end)
         return out
 
@@ -411,6 +416,33 @@ def parse_deepseek_v31(text: str) -> tuple[str, list[Call]]:
     return _deepseek(text, _DS_V31_CALL)
 
 
+KIMI_SECTION_BEGIN = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")
+_KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<\s]+:\d+)\s*<\|tool_call_argument_begin\|>\s*"
+                        r"(?P<args>.*?)\s*<\|tool_call_end\|>", re.DOTALL)
+
+
+def parse_kimi_k2(text: str) -> tuple[str, list[Call]]:
+    """Kimi K2's calls: a section of `<|tool_call_begin|>functions.NAME:IDX
+    <|tool_call_argument_begin|>{arguments}<|tool_call_end|>` (the section marker spelled either
+    way, as vLLM takes it). The id is kept: Kimi's template writes it back. Arguments that are
+    not a JSON object leave the whole output as content."""
+    starts = [i for i in (text.find(m) for m in KIMI_SECTION_BEGIN) if i >= 0]
+    if not starts:
+        return text, []
+    start = min(starts)
+    calls = []
+    for m in _KIMI_CALL.finditer(text, start):
+        try:
+            args = json.loads(m["args"])
+        except ValueError:
+            return text, []
+        if not isinstance(args, dict):
+            return text, []
+        name = m["id"].rsplit(":", 1)[0].split(".", 1)[-1]  # "functions.get_weather:0" -> get_weather
+        calls.append(Call(name, json.dumps(args, ensure_ascii=False), id=m["id"]))
+    return (text[:start], calls) if calls else (text, [])
+
+
 # --tool-call-parser name -> (parse a whole output, make a streaming parser).
 TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]] = {
     "hermes": (parse_hermes, HermesStream),
@@ -423,6 +455,7 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "glm45": (parse_glm45, lambda: MarkerStream(HERMES_START, parse_glm45)),
     "deepseek_v3": (parse_deepseek_v3, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v3)),
     "deepseek_v31": (parse_deepseek_v31, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v31)),
+    "kimi_k2": (parse_kimi_k2, lambda: MarkerStream(KIMI_SECTION_BEGIN, parse_kimi_k2)),
 }
 HARMONY_TOOL_PARSER = "openai"  # GPT-OSS: calls are harmony messages, which its reasoning splitter reads
 TOOL_PARSER_NAMES = (*TOOL_PARSERS, HARMONY_TOOL_PARSER)
@@ -438,7 +471,7 @@ def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[
     bound = functools.partial(parse, tools=tools)
     return bound, lambda: MarkerStream(HERMES_START, bound)  # (both schema-aware formats open with <tool_call>)
 # Parsers that need special tokens kept in the text (their markers are special tokens).
-KEEPS_SPECIAL_TOKENS = {"mistral", "deepseek_v3", "deepseek_v31"}
+KEEPS_SPECIAL_TOKENS = {"mistral", "deepseek_v3", "deepseek_v31", "kimi_k2"}
 
 
 def arguments_for_template(messages: list[dict]) -> list[dict]:
