@@ -125,7 +125,9 @@ class _Every(dict):
         return self.config
 
 
-@pytest.mark.parametrize("config", [(16, 32, 4, 2), (8, 32, 4, 2, 0), (8, 32, 4, 2, 2)], ids=["dot", "fma", "fma_bcast"])
+# The routing is the same for every kernel variant; each variant's arithmetic (plain, bias,
+# norm prologue, SiLU-and-mul) is checked against its twin in test_gemv_matches_linear.
+@pytest.mark.parametrize("config", [(16, 32, 4, 2)], ids=["dot"])
 def test_engine_with_gemv_matches_transformers(llama_dir, hf_refs, monkeypatch, config):
     from conftest import assert_greedy_matches
 
