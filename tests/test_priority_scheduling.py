@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_helpers import ServerThread, make_async_llm, no_requests_left
+from server_helpers import ServerThread, make_async_llm, no_requests_left, openai_client, serving
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.engine.kv_cache import KVCacheManager
@@ -161,3 +161,17 @@ def test_server_takes_priority(llama_dir):
     finally:
         srv.stop()
         llm.shutdown()
+
+
+def test_embeddings_take_priority(base_dir):
+    """/v1/embeddings (and /classify, /score, /rerank, which share its path) take `priority`: a
+    400 naming it under FCFS, the same vectors under the priority policy."""
+    with serving(base_dir, "e") as fcfs, openai_client(fcfs) as client:
+        plain = client.embeddings.create(model="e", input="hello there").data[0].embedding
+        with pytest.raises(openai.BadRequestError) as e:
+            client.embeddings.create(model="e", input="hello there", extra_body={"priority": 2})
+        assert e.value.body["param"] == "priority"
+    with serving(base_dir, "e", engine_kwargs={"scheduling_policy": "priority"}) as srv, openai_client(srv) as client:
+        got = client.embeddings.create(model="e", input=["hello there", "x"], extra_body={"priority": -1}).data
+        assert got[0].embedding == pytest.approx(plain, rel=1e-5, abs=1e-6)
+        assert no_requests_left(srv.llm)

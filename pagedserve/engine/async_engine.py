@@ -309,15 +309,16 @@ class AsyncLLM:
             self._cond.notify()
 
     async def encode(self, prompt: PromptType, params: PoolingParams, request_id: str, *,
-                     arrival_time: Optional[float] = None,
-                     reservation: Optional[Reservation] = None) -> PoolingRequestOutput:
+                     arrival_time: Optional[float] = None, reservation: Optional[Reservation] = None,
+                     priority: int = 0) -> PoolingRequestOutput:
         """A pooling request (embedding, classification): its result once its prompt is computed.
         Cancelling the awaiting task aborts it and frees its KV blocks."""
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.engine.check_priority(priority)
         tokens_prompt = await self.preprocess(prompt, params)
         stream = _Stream(request_id, asyncio.get_running_loop(), [s.new_request(arrival_time, 1)
                                                                   for s in self.stat_loggers])
-        self._enqueue(_Add(stream, tokens_prompt, params.clone(), arrival_time, None), reservation)
+        self._enqueue(_Add(stream, tokens_prompt, params.clone(), arrival_time, None, priority=priority), reservation)
         done = False
         try:
             item = await stream.queue.get()

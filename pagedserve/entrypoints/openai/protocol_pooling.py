@@ -21,6 +21,7 @@ class EmbeddingRequest(OpenAIBaseModel):
     dimensions: Optional[int] = None
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = None
+    priority: int = 0  # vLLM's: under --scheduling-policy priority, lower first
     normalize: Optional[bool] = None
 
 
@@ -44,6 +45,7 @@ class ClassificationRequest(OpenAIBaseModel):
     input: PoolingInput
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = None
+    priority: int = 0  # vLLM's: under --scheduling-policy priority, lower first
 
 
 class ClassificationData(OpenAIBaseModel):
@@ -68,6 +70,7 @@ class ScoreRequest(OpenAIBaseModel):
     text_1: Union[Text, list[Text]]
     text_2: Union[Text, list[Text]]
     truncate_prompt_tokens: Optional[int] = None
+    priority: int = 0  # vLLM's: under --scheduling-policy priority, lower first
 
 
 class ScoreData(OpenAIBaseModel):
@@ -91,6 +94,7 @@ class RerankRequest(OpenAIBaseModel):
     documents: list[Text]
     top_n: Optional[int] = None
     truncate_prompt_tokens: Optional[int] = None
+    priority: int = 0  # vLLM's: under --scheduling-policy priority, lower first
 
 
 class RerankDocument(OpenAIBaseModel):

@@ -55,6 +55,7 @@ class OpenAIServingPooling(OpenAIServing):
                               "model")
         prompts = _inputs(req.input) if prompts is None else prompts
         self.check_prompts(prompts, "input", params.truncate_prompt_tokens is not None)
+        self.llm.engine.check_priority(req.priority)
         reservation = self.llm.reserve(len(prompts))
         request_id = random_id(prefix)
         arrival = time.monotonic()
@@ -62,7 +63,8 @@ class OpenAIServingPooling(OpenAIServing):
             # Every input tokenized and checked before any is queued: a bad one fails the call.
             tokens = [await self.llm.preprocess(p, params) for p in prompts]
             tasks = [asyncio.ensure_future(self.llm.encode(t, params, f"{request_id}-{i}", arrival_time=arrival,
-                                                           reservation=reservation)) for i, t in enumerate(tokens)]
+                                                           reservation=reservation, priority=req.priority))
+                     for i, t in enumerate(tokens)]
             try:
                 outs = await asyncio.gather(*tasks)
             except BaseException:
