@@ -387,25 +387,6 @@ def _ds_v31(name: str, args: str) -> str:
     return f"{DS['call']}{name}{DS['sep']}{args}{DS['end']}"
 
 
-@pytest.mark.parametrize("parser, call", [("deepseek_v3", _ds_v3), ("deepseek_v31", _ds_v31)])
-def test_parse_deepseek(parser, call):
-    from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
-
-    parse, make = TOOL_PARSERS[parser]
-    text = "Let me look. " + DS["begin"] + call("get_weather", '{"city": "Paris"}') + call("f", "{}") + DS["close"]
-    content, calls = parse(text)
-    assert content == "Let me look. "
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("f", {})]
-    for bad in ("It is sunny.", DS["begin"] + call("f", "[1, 2]"), DS["begin"] + call("f", "{oops"),
-                DS["begin"] + "nothing"):
-        assert parse(bad) == (bad, [])
-    for size in (1, 3, 100):  # streamed: the content before the marker only, then the calls
-        s = make()
-        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
-        rest, got = s.finish()
-        assert streamed + rest == "Let me look. " and [c.name for c in got] == ["get_weather", "f"]
-
-
 KIMI = {"begin": "<|tool_calls_section_begin|>", "close": "<|tool_calls_section_end|>"}
 
 
@@ -414,24 +395,33 @@ def _kimi(name: str, args: str, i: int = 0) -> str:
 
 
 def test_parse_kimi_k2():
+    from pagedserve.entrypoints.openai.tool_calls import parse_kimi_k2
+
+    body = _kimi("get_weather", '{"city": "Paris"}') + " " + _kimi("f", "{}", 1) + KIMI["close"]
+    for begin in (KIMI["begin"], "<|tool_call_section_begin|>"):  # either spelling of the section
+        content, calls = parse_kimi_k2("Look. " + begin + body)
+        assert content == "Look. " and [(c.name, c.id) for c in calls] == [
+            ("get_weather", "functions.get_weather:0"), ("f", "functions.f:1")]  # the model's own ids
+
+
+@pytest.mark.parametrize("parser, call, marks", [("deepseek_v3", _ds_v3, DS), ("deepseek_v31", _ds_v31, DS),
+                                                 ("kimi_k2", _kimi, KIMI)])
+def test_parse_call_sections(parser, call, marks):
     from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
 
-    parse, make = TOOL_PARSERS["kimi_k2"]
-    body = _kimi("get_weather", '{"city": "Paris"}') + " " + _kimi("f", "{}", 1) + KIMI["close"]
-    text = "Let me look. " + KIMI["begin"] + body
+    parse, make = TOOL_PARSERS[parser]
+    text = "Let me look. " + marks["begin"] + call("get_weather", '{"city": "Paris"}') + call("f", "{}") + marks["close"]
     content, calls = parse(text)
     assert content == "Let me look. "
-    assert [(c.name, json.loads(c.arguments), c.id) for c in calls] == [
-        ("get_weather", {"city": "Paris"}, "functions.get_weather:0"), ("f", {}, "functions.f:1")]
-    assert [c.name for c in parse("<|tool_call_section_begin|>" + body)[1]] == ["get_weather", "f"]  # either spelling
-    for bad in ("It is sunny.", KIMI["begin"] + _kimi("f", "[1]"), KIMI["begin"] + _kimi("f", "{oops"),
-                KIMI["begin"] + "nothing"):
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("f", {})]
+    for bad in ("It is sunny.", marks["begin"] + call("f", "[1, 2]"), marks["begin"] + call("f", "{oops"),
+                marks["begin"] + "nothing"):
         assert parse(bad) == (bad, [])
-    for size in (1, 3, 100):  # streamed: the content before the section only, then the calls
+    for size in (1, 3, 100):  # streamed: the content before the marker only, then the calls
         s = make()
         streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
         rest, got = s.finish()
-        assert streamed + rest == "Let me look. " and [c.id for c in got] == ["functions.get_weather:0", "functions.f:1"]
+        assert streamed + rest == "Let me look. " and [c.name for c in got] == ["get_weather", "f"]
 
 
 @pytest.mark.parametrize("parser, call, marks", [("deepseek_v3", _ds_v3, DS), ("deepseek_v31", _ds_v31, DS),

@@ -390,12 +390,15 @@ _DS_V31_CALL = re.compile(r"<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool�
                           re.DOTALL)
 
 
-def _deepseek(text: str, call_re: re.Pattern) -> tuple[str, list[Call]]:
-    """(content before the calls, calls); arguments must read as a JSON object, else the
+def _section_calls(text: str, markers: tuple[str, ...], call_re: re.Pattern,
+                   call: Callable[[re.Match, str], Call]) -> tuple[str, list[Call]]:
+    """(content before the first marker, the calls `call_re` finds after it, each made by
+    `call(match, arguments as compact JSON)`); arguments must read as a JSON object, else the
     whole output is content (nothing the model wrote is lost)."""
-    start = text.find(DS_CALLS_BEGIN)
-    if start < 0:
+    starts = [i for i in (text.find(m) for m in markers) if i >= 0]
+    if not starts:
         return text, []
+    start = min(starts)
     calls = []
     for m in call_re.finditer(text, start):
         try:
@@ -404,16 +407,20 @@ def _deepseek(text: str, call_re: re.Pattern) -> tuple[str, list[Call]]:
             return text, []
         if not isinstance(args, dict):
             return text, []
-        calls.append(Call(m["name"].strip(), json.dumps(args, ensure_ascii=False)))
+        calls.append(call(m, json.dumps(args, ensure_ascii=False)))
     return (text[:start], calls) if calls else (text, [])
 
 
+def _named(m: re.Match, arguments: str) -> Call:
+    return Call(m["name"].strip(), arguments)
+
+
 def parse_deepseek_v3(text: str) -> tuple[str, list[Call]]:
-    return _deepseek(text, _DS_V3_CALL)
+    return _section_calls(text, (DS_CALLS_BEGIN,), _DS_V3_CALL, _named)
 
 
 def parse_deepseek_v31(text: str) -> tuple[str, list[Call]]:
-    return _deepseek(text, _DS_V31_CALL)
+    return _section_calls(text, (DS_CALLS_BEGIN,), _DS_V31_CALL, _named)
 
 
 KIMI_SECTION_BEGIN = ("<|tool_calls_section_begin|>", "<|tool_call_section_begin|>")
@@ -421,26 +428,16 @@ _KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<\s]+:\d+)\s*<\|tool_
                         r"(?P<args>.*?)\s*<\|tool_call_end\|>", re.DOTALL)
 
 
+def _kimi_call(m: re.Match, arguments: str) -> Call:
+    name = m["id"].rsplit(":", 1)[0].split(".", 1)[-1]  # "functions.get_weather:0" -> get_weather
+    return Call(name, arguments, id=m["id"])
+
+
 def parse_kimi_k2(text: str) -> tuple[str, list[Call]]:
     """Kimi K2's calls: a section of `<|tool_call_begin|>functions.NAME:IDX
     <|tool_call_argument_begin|>{arguments}<|tool_call_end|>` (the section marker spelled either
-    way, as vLLM takes it). The id is kept: Kimi's template writes it back. Arguments that are
-    not a JSON object leave the whole output as content."""
-    starts = [i for i in (text.find(m) for m in KIMI_SECTION_BEGIN) if i >= 0]
-    if not starts:
-        return text, []
-    start = min(starts)
-    calls = []
-    for m in _KIMI_CALL.finditer(text, start):
-        try:
-            args = json.loads(m["args"])
-        except ValueError:
-            return text, []
-        if not isinstance(args, dict):
-            return text, []
-        name = m["id"].rsplit(":", 1)[0].split(".", 1)[-1]  # "functions.get_weather:0" -> get_weather
-        calls.append(Call(name, json.dumps(args, ensure_ascii=False), id=m["id"]))
-    return (text[:start], calls) if calls else (text, [])
+    way, as vLLM takes it). The id is kept: Kimi's template writes it back."""
+    return _section_calls(text, KIMI_SECTION_BEGIN, _KIMI_CALL, _kimi_call)
 
 
 # --tool-call-parser name -> (parse a whole output, make a streaming parser).
