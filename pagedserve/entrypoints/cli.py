@@ -136,8 +136,8 @@ LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
 
 def _random_model(ns: argparse.Namespace) -> int:
-    from pagedserve.model.random_model import (build_random_llava, build_random_mistral3, build_random_model,
-                                               build_random_qwen2_vl)
+    from pagedserve.model.random_model import (build_random_internvl, build_random_llava, build_random_mistral3,
+                                               build_random_model, build_random_qwen2_vl)
 
     qwen_vl = {"Qwen2VLForConditionalGeneration": "2", "Qwen2_5_VLForConditionalGeneration": "2.5",
                "Qwen3VLForConditionalGeneration": "3"}
@@ -147,6 +147,10 @@ def _random_model(ns: argparse.Namespace) -> int:
         return 0
     if ns.arch == "LlavaNextForConditionalGeneration":  # the same, tiling images to 1x2, 2x1 or 2x2 tiles
         build_random_llava(ns.path, image_size=56, seed=ns.seed, dtype=ns.dtype, pinpoints=LLAVA_NEXT_PINPOINTS)
+        print(ns.path)
+        return 0
+    if ns.arch == "InternVLForConditionalGeneration":  # a tiny InternViT on a tiny Qwen2: 1 to 5 tiles of 4 tokens
+        build_random_internvl(ns.path, seed=ns.seed, dtype=ns.dtype)
         print(ns.path)
         return 0
     if ns.arch == "Mistral3ForConditionalGeneration":  # a tiny Pixtral tower on a tiny Mistral: 4 to 16 tokens
@@ -270,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arch", default="LlamaForCausalLM",
                    help="a causal LM's architecture, or a vision-language one (LlavaForConditionalGeneration, "
                         "LlavaNextForConditionalGeneration, Mistral3ForConditionalGeneration, Qwen2VLForConditionalGeneration, "
-                        "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration): a tiny model")
+                        "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
+                        "InternVLForConditionalGeneration): a tiny model")
     r.add_argument("--hidden-size", type=int, default=64)
     r.add_argument("--intermediate-size", type=int, default=128)
     r.add_argument("--num-layers", type=int, default=2)

@@ -246,6 +246,82 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
     return path
 
 
+# An InternVL-hf-style ChatML template: each image part becomes <IMG_CONTEXT> where it stands
+# (InternVLProcessor writes <img>, its tiles' <IMG_CONTEXT> run and </img> in its place).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The names InternVL tokenizers give their image tokens (tokenizer_config.json's extra_special_tokens).
+INTERNVL_IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def build_random_internvl(path: str, tokenizer_dir: Optional[str] = None, text_model_type: str = "qwen2",
+                          image_size: int = 56, patch_size: int = 14, max_patches: int = 4,
+                          initializer_range: float = 0.02, seed: int = 0, dtype: str = "float32") -> str:
+    """A random InternVLForConditionalGeneration directory (InternVL3 / 3.5 "-hf"): a small
+    InternViT tower (image_size-pixel tiles in patch_size patches, pixel-shuffled 2x2 into one
+    token), the projector, a Qwen2 / Qwen3 / Llama decoder, the tokenizer with <img> </img>
+    <IMG_CONTEXT> <video> named as InternVL's are and a ChatML template, and the GotOcr2 image
+    processor tiling images into 1..max_patches tiles plus a thumbnail (and processor_config.json
+    with InternVLProcessor's image_seq_length, as the hub's)."""
+    import torch
+    import transformers
+
+    tok = _vl_tokenizer(path, tokenizer_dir, list(INTERNVL_IMAGE_TOKENS.values()), INTERNVL_CHAT_TEMPLATE)
+    tok.save_pretrained(path)
+    conf = os.path.join(path, "tokenizer_config.json")
+    with open(conf) as f:
+        settings = json.load(f)
+    with open(conf, "w") as f:  # as the hub's: the tokenizer then has start_image_token etc. (InternVLProcessor)
+        json.dump({**settings, "extra_special_tokens": INTERNVL_IMAGE_TOKENS}, f, indent=2)
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # (A short max_position_embeddings: Qwen's 32768 would size a CPU KV cache of gigabytes.)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, bos_token_id=None, max_position_embeddings=2048)
+    if text_model_type == "qwen3":
+        text["head_dim"] = 16
+    text = getattr(transformers, {**_LLAVA_TEXT_CONFIGS, "qwen3": "Qwen3Config"}[text_model_type])(**text)
+    # Layer scale 1 and weights larger than transformers' defaults: every vision layer matters.
+    vision = transformers.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=image_size, patch_size=patch_size,
+                                               attention_bias=True, layer_scale_init_value=1.0,
+                                               initializer_range=0.2)
+    seq = (image_size // patch_size) ** 2 // 4  # tokens a tile: 2x2 patches shuffled into one
+    cfg = transformers.InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5,
+                                      image_token_id=tok.context_image_token_id, image_seq_length=seq,
+                                      tie_word_embeddings=False)
+    cfg.architectures = ["InternVLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = transformers.InternVLForConditionalGeneration(cfg)
+    with torch.no_grad():  # zeros and small in transformers: drawn, so positions and the image matter
+        for name, p in model.named_parameters():
+            if name.endswith(("cls_token", "position_embeddings")):
+                p.normal_(0.0, 1.0)
+            elif "multi_modal_projector.linear" in name and name.endswith("weight"):
+                p.normal_(0.0, 0.15)
+            elif name.endswith("bias") and "language_model" in name:
+                p.normal_(0.0, initializer_range)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    # As hub checkpoints store it: no cropping in preprocessor_config.json, InternVLProcessor asks for it.
+    images = transformers.GotOcr2ImageProcessor(size={"height": image_size, "width": image_size},
+                                                crop_to_patches=False, min_patches=1, max_patches=max_patches,
+                                                image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    images.save_pretrained(path)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:  # as the hub's (InternVLProcessor needs
+        json.dump({"image_seq_length": seq, "processor_class": "InternVLProcessor"}, f, indent=2)  # torchvision)
+    conf = os.path.join(path, "preprocessor_config.json")
+    with open(conf) as f:
+        settings = json.load(f)
+    with open(conf, "w") as f:  # the hub's name (without torchvision transformers saves its PIL fallback's)
+        json.dump({**settings, "image_processor_type": "GotOcr2ImageProcessorFast"}, f, indent=2)
+    return path
+
+
 # A Qwen2-VL-style ChatML template: each image part becomes <|vision_start|><|image_pad|><|vision_end|>.
 QWEN_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"

@@ -63,6 +63,13 @@ _TEXT_OF_MULTIMODAL = {
                                           ("vision_tower.", "multi_modal_projector.", "image_newline",
                                            "model.vision_tower.", "model.multi_modal_projector.",
                                            "model.image_newline")),
+    # InternVL3 / InternVL3.5 "-hf": an InternViT tower on a Qwen2 / Qwen3 / Llama decoder (by
+    # text_config.model_type), LLaVA's checkpoint names; its images run through multimodal/internvl.py.
+    "InternVLForConditionalGeneration": (None, [("language_model.model.", "model."),
+                                                ("language_model.lm_head.", "lm_head."),
+                                                ("model.language_model.", "model.")],
+                                         ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                          "model.multi_modal_projector.")),
     # Mistral 3 (Mistral Small 3.1 / 3.2): a Pixtral tower on a Mistral decoder (by
     # text_config.model_type); its images run through multimodal/mistral3.py.
     "Mistral3ForConditionalGeneration": (None, [("language_model.model.", "model."),
@@ -83,7 +90,8 @@ _TEXT_OF_MULTIMODAL = {
     "Qwen3VLMoeForConditionalGeneration": ("Qwen3MoeForCausalLM", [("model.language_model.", "model.")],
                                            ("visual.", "model.visual.")),
 }
-_TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                       "qwen3": "Qwen3ForCausalLM"}
 
 
 def text_model_config(hf_config: Any) -> Any:

@@ -7,8 +7,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, LLAVA_ARCHITECTURES, LLAVA_NEXT_ARCHITECTURES,
-                                             MISTRAL3_ARCHITECTURES, architecture, load_full_config)
+from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, INTERNVL_ARCHITECTURES, LLAVA_ARCHITECTURES,
+                                             LLAVA_NEXT_ARCHITECTURES, MISTRAL3_ARCHITECTURES, architecture,
+                                             load_full_config)
 
 
 def build_in(cls: type, cfg: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -37,6 +38,10 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
         from pagedserve.multimodal.mistral3 import Mistral3ImageEncoder
 
         return Mistral3ImageEncoder.load(cfg, model_dir, dtype, device)
+    if architecture(cfg) in INTERNVL_ARCHITECTURES:
+        from pagedserve.multimodal.internvl import InternVLImageEncoder
+
+        return InternVLImageEncoder.load(cfg, model_dir, dtype, device, processor_kwargs)
     if architecture(cfg) in LLAVA_NEXT_ARCHITECTURES:
         from pagedserve.multimodal.llava_next import LlavaNextImageEncoder
 

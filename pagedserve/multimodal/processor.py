@@ -3,7 +3,7 @@ processor lays them out: each image's one placeholder token (LLaVA's `<image>`, 
 `<|image_pad|>`) becomes as many placeholders as the vision encoder gives it embeddings (a
 fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen-VL); Gemma 3's
 `<start_of_image>` and Mistral 3's `[IMG]` take their own layouts (multimodal/gemma3.py,
-multimodal/mistral3.py)."""
+multimodal/mistral3.py); InternVL's `<IMG_CONTEXT>` becomes `<img>`, its tiles' run, `</img>`."""
 
 from __future__ import annotations
 
@@ -15,16 +15,17 @@ import torch
 from pagedserve.errors import ParamError
 from pagedserve.multimodal.inputs import ImageFeature, load_image
 
-# Vision-language architectures whose images pagedserve runs (multimodal/: llava.py, qwen2_vl.py,
-# gemma3.py, mistral3.py).
+# Vision-language architectures whose images pagedserve runs (multimodal/: llava.py, llava_next.py,
+# qwen2_vl.py, gemma3.py, mistral3.py, internvl.py).
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 LLAVA_NEXT_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
+INTERNVL_ARCHITECTURES = ("InternVLForConditionalGeneration",)
 IMAGE_ARCHITECTURES = (LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES
-                       + MISTRAL3_ARCHITECTURES)
+                       + MISTRAL3_ARCHITECTURES + INTERNVL_ARCHITECTURES)
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -92,9 +93,12 @@ def check_image_model(cfg: Any) -> None:
     arch = architecture(cfg)
     if arch not in IMAGE_ARCHITECTURES:
         raise ValueError(f"images are supported for {', '.join(IMAGE_ARCHITECTURES)}, not {arch!r}.")
-    if arch in LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES and cfg.vision_feature_select_strategy not in (
-            "default", "full"):
+    if arch in LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + INTERNVL_ARCHITECTURES and (
+            cfg.vision_feature_select_strategy not in ("default", "full")):
         raise ValueError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} is not supported.")
+    if arch in INTERNVL_ARCHITECTURES and not isinstance(cfg.vision_feature_layer, int):
+        # transformers' InternVLModel.get_image_features takes one layer only
+        raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer!r} is not supported: one layer only.")
 
 
 class ImageInputProcessor:
@@ -118,11 +122,23 @@ class ImageInputProcessor:
         if self.anyres and [list(p) for p in self.hf.image_grid_pinpoints] != [
                 list(p) for p in self.config.image_grid_pinpoints]:
             raise ValueError("the image processor's image_grid_pinpoints differ from the model's config.json.")
+        # InternVL: each image's tiles (a thumbnail after them), wrapped in <img> ... </img>.
+        self.internvl = architecture(self.config) in INTERNVL_ARCHITECTURES
+        self.processor_kwargs = dict(processor_kwargs or {})
+        if self.internvl:
+            from pagedserve.multimodal.internvl import check_tile_size
+
+            check_tile_size(self.config, self.hf)
         self.tokenizer = tokenizer
-        if (self.bidirectional or self.pixtral) and tokenizer is None:
+        if (self.bidirectional or self.pixtral or self.internvl) and tokenizer is None:
             raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
         if self.bidirectional and getattr(self.hf, "do_pan_and_scan", False):
             raise ValueError("Gemma 3's pan-and-scan crops (do_pan_and_scan) are not supported.")
+        self.image_start = self.image_end = -1  # InternVL's <img> and </img>
+        if self.internvl:
+            from pagedserve.multimodal.internvl import image_marker_ids
+
+            self.image_start, self.image_end = image_marker_ids(tokenizer)
 
     def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, Any, Optional[tuple[int, int, int]]]]:
         """(pixel values, placeholder tokens (Mistral 3: the resized (height, width)), patch
@@ -130,6 +146,10 @@ class ImageInputProcessor:
         kwargs = {}
         if self.pixtral:  # images resized to whole merged patches, as PixtralProcessor asks
             kwargs["patch_size"] = self.config.vision_config.patch_size * self.config.spatial_merge_size
+        if self.internvl:  # InternVLProcessor tiles images whatever preprocessor_config.json says
+            from pagedserve.multimodal.internvl import crop_to_patches
+
+            kwargs["crop_to_patches"] = crop_to_patches(self.processor_kwargs)
         out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt", **kwargs)
         if self.bidirectional:
             return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
@@ -141,6 +161,12 @@ class ImageInputProcessor:
             sizes = [(int(h), int(w)) for h, w in out["image_sizes"]]
             return [(p[:num_tiles(self.config, *hw)], num_image_tokens(self.config, *hw), hw)
                     for p, hw in zip(out["pixel_values"], sizes)]
+        if self.internvl:  # every image's tiles in one tensor; num_patches says how many are each one's
+            from pagedserve.multimodal.internvl import tokens_per_tile
+
+            tiles = [int(n) for n in out["num_patches"]]
+            per_tile = tokens_per_tile(self.config)
+            return [(p, per_tile * n, None) for p, n in zip(out["pixel_values"].split(tiles), tiles)]
         if not self.qwen_vl:
             pixels = out["pixel_values"]
             n = tokens_per_image(self.config, *pixels.shape[-2:])
@@ -181,16 +207,30 @@ class ImageInputProcessor:
         k = 0
         for (start, length), count in zip(runs, counts):
             out += ids[at:start]
+            # InternVL: an image's one placeholder becomes <img> run </img> (the two are text tokens)
+            wrap = self.internvl and self._internvl_marker(ids, start, length, prepared[k][1])
             for pixels, n, grid in prepared[k:k + count]:
                 size = grid if self.anyres else None  # LLaVA-NeXT's third item: the image's size
                 grid = None if self.anyres else grid
+                out += [self.image_start] if wrap else []
                 features.append(ImageFeature(len(out), n, pixels, ImageFeature.pixel_hash(pixels, grid or size), grid,
                                              image_size=size))
                 out += [self.token_id] * n
+                out += [self.image_end] if wrap else []
             k += count
             at = start + length
         out += ids[at:]
         return out, features
+
+    def _internvl_marker(self, ids: list[int], start: int, length: int, n: int) -> bool:
+        """Whether a run of <IMG_CONTEXT> is an image's one placeholder (to wrap in <img> ... </img>)
+        rather than the image written out already: one token, unless the image is one token and
+        the run already stands between <img> and </img>."""
+        if length != 1:
+            return False
+        written = 0 < start and start + 1 < len(ids) and (ids[start - 1], ids[start + 1]) == (
+            self.image_start, self.image_end)
+        return n != 1 or not written
 
     def _process_pixtral(self, ids: list[int], images: list, field: str) -> tuple[list[int], list[ImageFeature]]:
         from pagedserve.multimodal.mistral3 import expand_images, image_layout
