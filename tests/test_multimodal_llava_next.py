@@ -30,7 +30,8 @@ class NextReference:
     """transformers' LlavaNextForConditionalGeneration and LlavaNextProcessor, greedy, float32."""
 
     def __init__(self, path: str) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, LlavaNextForConditionalGeneration, LlavaNextProcessor
+        from transformers import (AutoImageProcessor, AutoTokenizer, LlavaNextForConditionalGeneration,
+                                  LlavaNextProcessor)
 
         self.model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
         # transformers renames past_key_values to cache (5.24 warns, later versions drop the old name)

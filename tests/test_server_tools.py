@@ -410,7 +410,8 @@ def test_parse_call_sections(parser, call, marks):
     from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSERS
 
     parse, make = TOOL_PARSERS[parser]
-    text = "Let me look. " + marks["begin"] + call("get_weather", '{"city": "Paris"}') + call("f", "{}") + marks["close"]
+    calls = call("get_weather", '{"city": "Paris"}') + call("f", "{}")
+    text = "Let me look. " + marks["begin"] + calls + marks["close"]
     content, calls = parse(text)
     assert content == "Let me look. "
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}), ("f", {})]

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path")
     r.add_argument("--arch", default="LlamaForCausalLM",
                    help="a causal LM's architecture, or a vision-language one (LlavaForConditionalGeneration, "
-                        "LlavaNextForConditionalGeneration, Mistral3ForConditionalGeneration, Qwen2VLForConditionalGeneration, "
+                        "LlavaNextForConditionalGeneration, Mistral3ForConditionalGeneration, "
+                        "Qwen2VLForConditionalGeneration, "
                         "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
                         "InternVLForConditionalGeneration): a tiny model")
     r.add_argument("--hidden-size", type=int, default=64)

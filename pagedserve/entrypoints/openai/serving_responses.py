@@ -125,7 +125,8 @@ def chat_request(req: ResponsesRequest, messages: list[dict], stream: bool) -> C
         model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
         top_p=req.top_p, seed=req.seed, top_k=req.top_k, stop=req.stop, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, stream=stream, user=req.user,
-        structured_outputs=req.structured_outputs, priority=req.priority, stream_options={"include_usage": True} if stream else None)
+        structured_outputs=req.structured_outputs, priority=req.priority,
+        stream_options={"include_usage": True} if stream else None)
     if req.tools:
         body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
                          for t in req.tools]
