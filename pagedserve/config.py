@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import torch
 
+from pagedserve.engine.scheduler import SCHEDULING_POLICIES
+
 logger = logging.getLogger("pagedserve")
 
 _DTYPES = {
@@ -154,8 +156,9 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {self.block_size}.")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}.")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}.")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:

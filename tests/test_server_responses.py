@@ -1,7 +1,7 @@
 """POST /v1/responses (OpenAI's Responses API) through the official openai client: the same
 reply as chat on the same conversation, whole and streamed (OpenAI's event sequence),
-instructions, stored responses (retrieve, delete, previous_response_id), structured text
-formats, and clear 400 / 404 errors. Tool calls and reasoning: tests/test_harmony.py."""
+instructions, stored responses (retrieve, delete, previous_response_id), background responses
+(polled, streamed and resumed, cancelled), structured text formats, and clear 400 / 404 errors. Tool calls and reasoning: tests/test_harmony.py."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_json_schema_text_format(client):
 
 
 @pytest.mark.parametrize("body, param, match", [
-    ({"input": "x", "background": True}, "background", "background"),
+    ({"input": "x", "background": True, "store": False}, "background", "store"),
     ({"input": "x", "include": ["message.output_text.logprobs"]}, "include", "include"),
     ({"input": "x", "conversation": "conv_1"}, "conversation", "conversation"),
     ({"input": "x", "top_logprobs": 2}, "top_logprobs", "top_logprobs"),
@@ -135,3 +135,89 @@ def test_streams_closed_early_free_everything(server):
 
     asyncio.run(run())
     wait_for(lambda: no_requests_left(server.llm) and server.llm._reserved == 0, 10, "requests to be freed")
+
+
+def _finished(client, response_id, timeout=30.0):
+    from server_helpers import wait_for
+    wait_for(lambda: client.responses.retrieve(response_id).status not in ("queued", "in_progress"), timeout,
+             "the background response to finish")
+    return client.responses.retrieve(response_id)
+
+
+def test_background_response_is_polled_to_the_same_reply(client):
+    kwargs = dict(model=MODEL, input="Background, please", max_output_tokens=9, temperature=0)
+    whole = client.responses.create(**kwargs)
+    queued = client.responses.create(background=True, **kwargs)
+    assert queued.status == "queued" and queued.background is True and queued.output == []
+    done = _finished(client, queued.id)
+    assert done.status == "incomplete" and done.background is True and done.id == queued.id
+    assert done.output_text == whole.output_text and done.usage.output_tokens == 9
+    # a finished background response continues a conversation like any other
+    after = client.responses.create(model=MODEL, input="And then?", previous_response_id=done.id,
+                                    max_output_tokens=4, temperature=0)
+    assert after.status == "incomplete" and after.usage.input_tokens > done.usage.input_tokens + 9
+    # cancelling a finished one is idempotent: it stays as it ended
+    assert client.responses.cancel(done.id).status == "incomplete"
+
+
+def test_background_stream_outlives_its_client_and_resumes(client):
+    kwargs = dict(model=MODEL, input="Stream in the background", max_output_tokens=24, temperature=0)
+    whole = client.responses.create(**kwargs)
+    stream = client.responses.create(background=True, stream=True, **kwargs)
+    first = []
+    for event in stream:
+        first.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()  # the client leaves: the run goes on
+    response_id = first[0].response.id
+    assert first[0].type == "response.created" and first[0].response.background is True
+    done = _finished(client, response_id)
+    assert done.output_text == whole.output_text
+    seen = first[-1].sequence_number
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=seen))
+    assert [e.sequence_number for e in rest] == list(range(seen + 1, seen + 1 + len(rest)))
+    text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    assert text == whole.output_text and rest[-1].type == "response.incomplete"
+    # from the start: the whole stream again
+    again = list(client.responses.retrieve(response_id, stream=True))
+    assert again[0].type == "response.created" and len(again) == seen + 1 + len(rest)
+
+
+def test_background_cancel_and_delete_free_everything(server, client):
+    from server_helpers import no_requests_left, wait_for
+
+    ids = []
+
+    def start():
+        stream = client.responses.create(model=MODEL, input="A long one", background=True, stream=True,
+                                         max_output_tokens=400)
+        for event in stream:
+            if event.type == "response.created":
+                ids.append(event.response.id)
+            if event.type == "response.output_text.delta":
+                stream.close()
+                return ids[-1]
+        raise AssertionError("no text came")
+
+    rid = start()
+    assert client.responses.retrieve(rid).status == "in_progress"
+    cancelled = client.responses.cancel(rid)
+    assert cancelled.status == "cancelled" and cancelled.id == rid
+    wait_for(lambda: no_requests_left(server.llm) and server.llm._reserved == 0, 10, "the request to be freed")
+    assert client.responses.retrieve(rid).status == "cancelled"
+    assert client.responses.cancel(rid).status == "cancelled"  # idempotent
+    # the follow-up of a cancelled response, and cancelling a foreground one: clear 400s
+    with pytest.raises(openai.BadRequestError, match="cancelled"):
+        client.responses.create(model=MODEL, input="x", previous_response_id=rid)
+    fg = client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="background"):
+        client.responses.cancel(fg.id)
+    r = httpx.get(f"{server.url}/v1/responses/{fg.id}", params={"stream": "true"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    # deleting a running one stops it too
+    rid = start()
+    client.responses.delete(rid)
+    wait_for(lambda: no_requests_left(server.llm) and server.llm._reserved == 0, 10, "the request to be freed")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(rid)

@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from pagedserve.config import EngineArgs
+from pagedserve.engine.scheduler import SCHEDULING_POLICIES
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSER_NAMES
 from pagedserve.reasoning import REASONING_PARSERS
 
@@ -39,7 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     _bool_flag(p, "enable-prefix-caching", d.enable_prefix_caching, "automatic prefix caching")
     _bool_flag(p, "enable-chunked-prefill", d.enable_chunked_prefill, "chunked prefill")
-    p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=["fcfs", "priority"],
+    p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=list(SCHEDULING_POLICIES),
                    help="priority: requests' `priority` field orders the queue (lower first) and lower-priority "
                    "running requests are preempted for higher ones")
     p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)

@@ -204,12 +204,18 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
         return _respond(await _with_cancellation(request, responses.create(body)))
 
     @v1.get("/responses/{response_id}", responses=_ERRORS)
-    async def get_response(response_id: str) -> Response:
+    async def get_response(response_id: str, stream: bool = False, starting_after: Optional[int] = None) -> Response:
+        if stream:  # a background response's events, resumed after `starting_after`
+            return _respond(responses.follow(response_id, starting_after))
         return JSONResponse(responses.get(response_id))
+
+    @v1.post("/responses/{response_id}/cancel", responses=_ERRORS)
+    async def cancel_response(response_id: str) -> Response:
+        return JSONResponse(await responses.cancel(response_id))
 
     @v1.delete("/responses/{response_id}", responses=_ERRORS)
     async def delete_response(response_id: str) -> Response:
-        return JSONResponse(responses.delete(response_id))
+        return JSONResponse(await responses.delete(response_id))
 
     if allow_runtime_lora:
         lora_admin = OpenAIServingLoRA(async_llm, names, loras)

@@ -74,8 +74,6 @@ class ResponsesRequest(OpenAIBaseModel):
 
     def refused(self) -> Optional[str]:
         """The first field set that pagedserve does not serve."""
-        if self.background:
-            return "background"
         for name in ("include", "conversation", "prompt", "top_logprobs", "max_tool_calls"):
             if getattr(self, name):
                 return name
@@ -98,7 +96,7 @@ def response_object(req: ResponsesRequest, response_id: str, model: str, output:
         "parallel_tool_calls": req.parallel_tool_calls,
         "text": (req.text or ResponseTextConfig()).model_dump(by_alias=True, exclude_none=True),
         "reasoning": req.reasoning, "previous_response_id": req.previous_response_id, "store": req.store,
-        "metadata": req.metadata or {}, "user": req.user, "background": False, "truncation": "disabled",
+        "metadata": req.metadata or {}, "user": req.user, "background": req.background, "truncation": "disabled",
         "output": output, "usage": usage,
     }
 

@@ -6,9 +6,11 @@ parsing are chat's own), and the chat reply becomes output items: `reasoning`, `
 
 Responses are kept in memory (the last `store_size`, unless `store: false`), for
 GET /v1/responses/{id} and for `previous_response_id`, which continues a stored
-conversation. User messages may hold `input_image` parts (image URLs, for a vision-language
-model). Not served: `background` (a 400), built-in tools (web search, file search, code
-interpreter), file inputs and images by file_id."""
+conversation. With `background: true` the generation runs on its own (responses_background.py):
+POST answers at once (status "queued"), GET polls it or, with `stream=true&starting_after=N`,
+streams its events from anywhere, POST /v1/responses/{id}/cancel stops it. User messages may
+hold `input_image` parts (image URLs, for a vision-language model). Not served: built-in tools
+(web search, file search, code interpreter), file inputs and images by file_id."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
 from pagedserve.entrypoints.openai.protocol_responses import ResponsesRequest, response_object, usage_object
+from pagedserve.entrypoints.openai.responses_background import BackgroundRun
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError
 from pagedserve.errors import ParamError
@@ -156,13 +159,17 @@ def chat_request(req: ResponsesRequest, messages: list[dict], stream: bool) -> C
 class OpenAIServingResponses:
     """/v1/responses, served by the chat endpoint's machinery."""
 
-    def __init__(self, chat: OpenAIServingChat, store_size: int = 1024) -> None:
+    def __init__(self, chat: OpenAIServingChat, store_size: int = 1024, kept_runs: int = 64) -> None:
         self.chat = chat
         self.store_size = store_size
-        # response id -> (the response, the conversation it ends: chat messages)
-        self.store: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        # response id -> (the response, the conversation it ends: chat messages; None until it ends)
+        self.store: OrderedDict[str, tuple[dict, Optional[list[dict]]]] = OrderedDict()
+        # Background runs, oldest first: running ones, and the last `kept_runs` finished ones
+        # (their events, for streams resumed later; a run's events can be megabytes).
+        self.runs: OrderedDict[str, BackgroundRun] = OrderedDict()
+        self.kept_runs = kept_runs
 
-    def _stored(self, response_id: str, param: str) -> tuple[dict, list[dict]]:
+    def _stored(self, response_id: str, param: str) -> tuple[dict, Optional[list[dict]]]:
         """A stored (response, conversation); a 404 naming `param` when there is none."""
         if response_id not in self.store:
             raise OpenAIError(404, f"Response with id '{response_id}' not found.", "NotFoundError", param)
@@ -171,31 +178,80 @@ class OpenAIServingResponses:
     def get(self, response_id: str) -> dict:
         return self._stored(response_id, "response_id")[0]
 
-    def delete(self, response_id: str) -> dict:
+    def follow(self, response_id: str, starting_after: Optional[int]) -> AsyncIterator[str]:
+        """GET ?stream=true: a background response's events after `starting_after`, then live."""
         self._stored(response_id, "response_id")
-        del self.store[response_id]
+        if response_id not in self.runs:
+            raise ParamError("stream", f"Response '{response_id}' was not made in the background, or its events "
+                             "are no longer kept: only a recent background response can be streamed again.")
+        return self.runs[response_id].follow(-1 if starting_after is None else starting_after)
+
+    async def cancel(self, response_id: str) -> dict:
+        """POST /v1/responses/{id}/cancel: the response, cancelled if it was still running (a
+        finished one is returned as it is: cancelling is idempotent, as OpenAI's)."""
+        response = self.get(response_id)
+        if response_id in self.runs:
+            return await self.runs[response_id].cancel()
+        if not response["background"]:
+            raise ParamError("response_id", f"Response '{response_id}' was not made in the background: only a "
+                             "background response can be cancelled.")
+        return response
+
+    async def delete(self, response_id: str) -> dict:
+        self._stored(response_id, "response_id")
+        run = self.runs.pop(response_id, None)
+        if run is not None:  # still generating: stopped first, nothing runs unseen
+            await run.cancel()
+        self.store.pop(response_id, None)
         return {"id": response_id, "object": "response", "deleted": True}
 
-    def _keep(self, response: dict, conversation: list[dict]) -> None:
+    def _keep(self, response: dict, conversation: Optional[list[dict]]) -> None:
         self.store[response["id"]] = (response, conversation)
         while len(self.store) > self.store_size:
-            self.store.popitem(last=False)
+            gone, _ = self.store.popitem(last=False)
+            run = self.runs.pop(gone, None)
+            if run is not None:  # pushed out of the store: nobody could see or cancel it any more
+                run.task.cancel()
+
+    def _snapshot(self, response: dict) -> None:
+        """A background run's progress: its stored response, while it is stored."""
+        if response["id"] in self.store:
+            self.store[response["id"]] = (response, self.store[response["id"]][1])
+
+    def _background(self, req: ResponsesRequest, response_id: str, model: str, messages: list[dict],
+                    chunks: AsyncIterator[str]) -> Union[dict, AsyncIterator[str]]:
+        queued = response_object(req, response_id, model, [], "queued", None)
+        self._keep(queued, None)
+        run = BackgroundRun(self._stream(req, response_id, model, messages, chunks), self._snapshot, queued)
+        self.runs[response_id] = run
+        finished = [rid for rid, r in self.runs.items() if r.done]
+        for rid in finished[:max(0, len(finished) - self.kept_runs)]:
+            del self.runs[rid]
+        return run.follow() if req.stream else queued
 
     async def create(self, req: ResponsesRequest) -> Union[dict, AsyncIterator[str]]:
         try:
             refused = req.refused()
             if refused is not None:
                 raise ParamError(refused, f"{refused} is not supported on /v1/responses.")
+            if req.background and not req.store:
+                raise ParamError("background", "background responses are stored: background needs store=true.")
             history: list[dict] = []
             if req.previous_response_id is not None:
-                history = self._stored(req.previous_response_id, "previous_response_id")[1]
+                previous, history = self._stored(req.previous_response_id, "previous_response_id")
+                if history is None:
+                    raise ParamError("previous_response_id", f"Response '{req.previous_response_id}' is "
+                                     f"{previous['status']}: only a finished response can be continued.")
             messages = [*history, *input_messages(req.input)]
-            creq = chat_request(req, messages, req.stream)
+            # In the background the reply is always streamed: its events are what the run keeps.
+            creq = chat_request(req, messages, req.stream or req.background)
             result = await self.chat.create(creq)
         except ParamError as e:
             raise ParamError(_CHAT_PARAMS.get(e.param, e.param), str(e)) from None
         response_id = _id("resp")
         model = self.chat.model_name(req.model)
+        if req.background:
+            return self._background(req, response_id, model, messages, result)
         if req.stream:
             return self._stream(req, response_id, model, messages, result)
         assert isinstance(result, ChatCompletionResponse)
