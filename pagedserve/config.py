@@ -87,6 +87,12 @@ class EngineArgs:
     # preprocessor_config.json's, e.g. {"max_pixels": 1003520} caps Qwen2-VL's image size
     # (and so its placeholders a picture).
     mm_processor_kwargs: Optional[dict] = None
+    # vLLM's generation_config: where requests' sampling defaults come from. "auto": the model's
+    # generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+    # max_new_tokens); "vllm": SamplingParams' own; or a directory holding one.
+    # override_generation_config: those keys set over it, e.g. {"temperature": 0.5}.
+    generation_config: str = "auto"
+    override_generation_config: Optional[dict] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -210,6 +216,7 @@ class EngineArgs:
                                  "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
         max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner, self.model)
+        default_sampling = _sampling_defaults(self.model, self.generation_config, self.override_generation_config)
         return EngineConfig(
             model=self.model,
             tokenizer=self.tokenizer or self.model,
@@ -224,6 +231,7 @@ class EngineArgs:
             enable_prefix_caching=prefix_caching,
             enable_chunked_prefill=chunked,
             scheduling_policy=self.scheduling_policy,
+            default_sampling=default_sampling,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             kv_dtype=kv_dtype,
@@ -342,6 +350,8 @@ class EngineConfig:
     max_images_per_prompt: int = 0  # 0: no image inputs (a text model, or limit_mm_per_prompt 0)
     mm_processor_kwargs: dict = field(default_factory=dict)  # the image processor's settings overridden
     scheduling_policy: str = "fcfs"
+    # Sampling defaults of requests that leave them unset (model/generation_defaults.py).
+    default_sampling: dict = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -349,6 +359,24 @@ class EngineConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def _sampling_defaults(model: str, source: str, override: Optional[dict]) -> dict:
+    """The model's recommended sampling defaults, checked now rather than on every request."""
+    from pagedserve.model.generation_defaults import sampling_defaults
+    from pagedserve.sampling_params import SamplingParams
+
+    if override is not None and not isinstance(override, dict):
+        raise ValueError(f"override_generation_config must be a dict, got {type(override).__name__}.")
+    defaults = sampling_defaults(model, source, override)
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"generation_config: the model's sampling defaults are invalid: {e}") from None
+    if defaults:
+        logger.info("Sampling defaults from the model's generation config (--generation-config vllm ignores "
+                    "them): %s", defaults)
+    return defaults
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:

@@ -180,7 +180,9 @@ class LLMEngine:
         if n >= max_len:
             raise ParamError("prompt", f"The prompt (length {n}) is longer than the maximum model length of {max_len} "
                              "(it must leave room for at least one generated token).")
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - n
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # the room left, capped by the model's max_new_tokens (generation_config)
+            max_tokens = min(max_len - n, self.config.default_sampling.get("max_tokens", max_len))
         if n + max_tokens > max_len:
             raise ParamError("max_tokens", f"This model's maximum context length is {max_len} tokens. However, you "
                              f"requested {n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion). "

@@ -79,6 +79,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    'image size cap: \'{"max_pixels": 1003520}\')')
     p.add_argument("--pooler-config", type=_json_dict, default=None,
                    help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
+    p.add_argument("--generation-config", default=d.generation_config,
+                   help="where requests' sampling defaults come from: auto (the model's generation_config.json: "
+                   "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), vllm (none: "
+                   "SamplingParams' own), or a directory holding a generation_config.json")
+    p.add_argument("--override-generation-config", type=_json_dict, default=None,
+                   help='sampling defaults set over the generation config, JSON: \'{"temperature": 0.5}\'')
     p.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
                    help="a thinking model's <think>...</think> (openai_gptoss: GPT-OSS's analysis channel): the "
                    "server puts it in the chat message's reasoning_content, and structured outputs start after a "

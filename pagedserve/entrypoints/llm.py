@@ -42,6 +42,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what generate() and chat() use when given no sampling_params: SamplingParams'
+        defaults, with those the model's generation_config.json recommends over them (unless
+        generation_config='vllm')."""
+        return SamplingParams(**self.llm_engine.config.default_sampling)
+
     def chat(
         self,
         messages: Union[list[dict], Sequence[list[dict]]],
@@ -158,7 +164,7 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
-        params = SamplingParams() if sampling_params is None else sampling_params
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = _per_prompt("sampling_params", params, SamplingParams, len(prompts))
         loras = _per_prompt("lora_request", lora_request, (LoRARequest, type(None)), len(prompts))
         priorities = [0] * len(prompts) if priority is None else list(priority)

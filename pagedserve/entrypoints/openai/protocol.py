@@ -229,7 +229,10 @@ class SamplingFields(OpenAIBaseModel):
         if self.best_of is not None and self.best_of != self.n:
             raise ParamError("best_of", "best_of is not supported (it may only equal n).")
 
-    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                         defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
+        """`defaults`: the model's sampling defaults (its generation_config.json), for the
+        fields this request leaves unset; max_tokens' is the engine's to apply."""
         if self.use_beam_search:  # the handlers take beam_search_params() instead
             raise ParamError("use_beam_search", "use_beam_search takes beam_search_params().")
         self._refuse_unsupported()
@@ -239,8 +242,9 @@ class SamplingFields(OpenAIBaseModel):
                 bias = {int(k): v for k, v in self.logit_bias.items()}
             except ValueError:
                 raise ParamError("logit_bias", "logit_bias keys must be token ids (integers as strings).") from None
-        opt = {k: v for k, v in dict(top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                     temperature=self.temperature, top_p=self.top_p).items() if v is not None}
+        opt = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
+        opt.update({k: v for k, v in dict(top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                          temperature=self.temperature, top_p=self.top_p).items() if v is not None})
         return SamplingParams(
             n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, max_tokens=max_tokens,
@@ -260,10 +264,10 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: Optional[str] = None
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
         if self.suffix is not None:
             raise ParamError("suffix", "suffix is not supported.")
-        params = self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs, defaults)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs  # echo + logprobs reports the prompt's too
         return params
@@ -444,7 +448,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.beam_search_params(max_tokens if max_tokens is not None else max_tokens_left)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "when using top_logprobs, logprobs must be set to true.")
         for name in ("functions", "function_call"):
@@ -454,7 +458,7 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
         if self.echo:
             raise ParamError("echo", "echo is not supported for chat completions.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
         constraint = self._tool_constraint()
         if constraint is not None:
             if params.structured_outputs is not None:

@@ -39,7 +39,7 @@ class OpenAIServingChat(OpenAIServing):
             return await self._beam_search(req, model)
         try:
             self.limits.check_sampling(req)
-            params = req.to_sampling_params()
+            params = req.to_sampling_params(self.llm.engine.config.default_sampling)
             if req.tool_mode == "auto" and self.tool_parser is None:
                 raise ParamError("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice and '
                                  "--tool-call-parser to be set.")

@@ -59,7 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self.limits.check_sampling(req)
         if req.use_beam_search:
             return await self._beam_search(req, model)
-        params = req.to_sampling_params()
+        params = req.to_sampling_params(self.llm.engine.config.default_sampling)
         request_id = random_id("cmpl")
         arrival = time.monotonic()
         raw = _prompts(req.prompt)
