@@ -44,9 +44,10 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
               if path.startswith(("/v1", "/v2")) or path in ("/classify", "/score", "/rerank") for m in ops]
     pooling = {"/v1/embeddings", "/v1/classify", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank",
                "/v2/rerank"}
-    stored = "/v1/responses/{response_id}"  # GET, DELETE: past the key, this id is unknown (404)
+    # GET, DELETE, POST .../cancel: past the key, this id is unknown (404)
+    stored = {"/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel"}
     assert {p for _, p in routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses",
-                                      stored} | pooling
+                                      *stored} | pooling
     srv = ServerThread(app)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "input": "x",
             "text_1": "x", "text_2": "y", "query": "x", "documents": ["y"]}
@@ -65,7 +66,7 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
             ok = {k: v for k, v in body.items() if k != "prompt"} if path == "/v1/responses" else body
             r = httpx.request(method, f"{srv.url}{path}", json=ok, headers={"Authorization": "Bearer s3cret"})
             # (Past the key, pooling requests to this generative model are the model's 400.)
-            assert r.status_code == (400 if path in pooling else 404 if path == stored else 200), r.text
+            assert r.status_code == (400 if path in pooling else 404 if path in stored else 200), r.text
         assert (b"s3cre", b"s3cret") in compared and (b"s3cret", b"s3cret") in compared  # constant-time compare
         # Unknown /v1 paths look the same to a stranger; the open routes stay open.
         assert httpx.get(f"{srv.url}/v1/no-such-route").status_code == 401

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from pydantic import ValidationError
 
-from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest, ChatCompletionResponse
+from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedserve.entrypoints.openai.protocol_responses import ResponsesRequest, response_object, usage_object
 from pagedserve.entrypoints.openai.responses_background import BackgroundRun
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
@@ -218,11 +218,11 @@ class OpenAIServingResponses:
         if response["id"] in self.store:
             self.store[response["id"]] = (response, self.store[response["id"]][1])
 
-    def _background(self, req: ResponsesRequest, response_id: str, model: str, messages: list[dict],
-                    chunks: AsyncIterator[str]) -> Union[dict, AsyncIterator[str]]:
+    def _background(self, req: ResponsesRequest, response_id: str, model: str,
+                    events: AsyncIterator[str]) -> Union[dict, AsyncIterator[str]]:
         queued = response_object(req, response_id, model, [], "queued", None)
         self._keep(queued, None)
-        run = BackgroundRun(self._stream(req, response_id, model, messages, chunks), self._snapshot, queued)
+        run = BackgroundRun(events, self._snapshot, queued)
         self.runs[response_id] = run
         finished = [rid for rid, r in self.runs.items() if r.done]
         for rid in finished[:max(0, len(finished) - self.kept_runs)]:
@@ -243,32 +243,17 @@ class OpenAIServingResponses:
                     raise ParamError("previous_response_id", f"Response '{req.previous_response_id}' is "
                                      f"{previous['status']}: only a finished response can be continued.")
             messages = [*history, *input_messages(req.input)]
-            # In the background the reply is always streamed: its events are what the run keeps.
-            creq = chat_request(req, messages, req.stream or req.background)
-            result = await self.chat.create(creq)
+            # Chat's reply is always streamed: the events are the one place output items are
+            # made (whole, a response is the last event's; in the background, what the run keeps).
+            chunks = await self.chat.create(chat_request(req, messages, stream=True))
         except ParamError as e:
             raise ParamError(_CHAT_PARAMS.get(e.param, e.param), str(e)) from None
         response_id = _id("resp")
         model = self.chat.model_name(req.model)
+        events = self._stream(req, response_id, model, messages, chunks)
         if req.background:
-            return self._background(req, response_id, model, messages, result)
-        if req.stream:
-            return self._stream(req, response_id, model, messages, result)
-        assert isinstance(result, ChatCompletionResponse)
-        choice = result.choices[0]
-        msg = choice.message
-        output = _items(msg.reasoning_content, msg.content,
-                        [(c.id, c.function.name, c.function.arguments) for c in msg.tool_calls])
-        u = result.usage
-        cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details is not None else 0
-        usage = usage_object(u.prompt_tokens, u.completion_tokens, cached or 0,
-                             await self._tokens(msg.reasoning_content))
-        incomplete = "max_output_tokens" if choice.finish_reason == "length" else None
-        response = response_object(req, response_id, model, output, "incomplete" if incomplete else "completed",
-                                   usage, incomplete)
-        if req.store:
-            self._keep(response, messages + [_assistant(msg.reasoning_content, msg.content, output)])
-        return response
+            return self._background(req, response_id, model, events)
+        return events if req.stream else await _last_response(events)
 
     async def _tokens(self, text: Optional[str]) -> int:
         """How many tokens `text` is (reasoning's count), encoded off the event loop."""
@@ -326,16 +311,18 @@ class OpenAIServingResponses:
         yield events.emit("response.incomplete" if incomplete else "response.completed", response=response)
 
 
-def _items(reasoning: Optional[str], content: Optional[str], calls: list[tuple[str, str, str]]) -> list[dict]:
-    """A reply's output items: its reasoning, its message, its function calls."""
-    items = []
-    if reasoning:
-        items.append(_reasoning_item(_id("rs"), reasoning))
-    if content:
-        items.append(_message_item(_id("msg"), content, "completed"))
-    for call_id, name, arguments in calls:
-        items.append(_call_item(_id("fc"), call_id, name, arguments, "completed"))
-    return items
+async def _last_response(events: AsyncIterator[str]) -> dict:
+    """A whole response: the one the last event carries. A failure is the HTTP error it was."""
+    event, error = None, None
+    async with aclosing(events) as stream:
+        async for sse in stream:
+            event = json.loads(sse.split("data: ", 1)[1])
+            error = event if event["type"] == "error" else error
+    if error is not None:
+        code = int(error["code"]) if str(error["code"]).isdigit() else 500
+        raise OpenAIError(code, error["message"], "BadRequestError" if code < 500 else "InternalServerError",
+                          error.get("param"))
+    return event["response"]
 
 
 def _reasoning_item(item_id: str, text: str) -> dict:
