@@ -90,9 +90,10 @@ def test_json_schema_text_format(client):
 
 @pytest.mark.parametrize("body, param, match", [
     ({"input": "x", "background": True, "store": False}, "background", "store"),
-    ({"input": "x", "include": ["message.output_text.logprobs"]}, "include", "include"),
+    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include", "only message.output_text.logprobs"),
+    ({"input": "x", "top_logprobs": 50}, "top_logprobs", "20"),
     ({"input": "x", "conversation": "conv_1"}, "conversation", "conversation"),
-    ({"input": "x", "top_logprobs": 2}, "top_logprobs", "top_logprobs"),
+    ({"input": "x", "max_tool_calls": 2}, "max_tool_calls", "max_tool_calls"),
     # (a text model: images are read only by a vision-language one, tests/test_server_images.py)
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input",
      "takes no images"),
@@ -135,6 +136,28 @@ def test_streams_closed_early_free_everything(server):
 
     asyncio.run(run())
     wait_for(lambda: no_requests_left(server.llm) and server.llm._reserved == 0, 10, "requests to be freed")
+
+
+def test_logprobs_match_chat(client):
+    kwargs = dict(model=MODEL, input="Logprobs, please", max_output_tokens=8, temperature=0)
+    chat = _chat(client, [{"role": "user", "content": "Logprobs, please"}], max_tokens=8, logprobs=True,
+                 top_logprobs=2).choices[0].logprobs.content
+    whole = client.responses.create(include=["message.output_text.logprobs"], top_logprobs=2, **kwargs)
+    part = whole.output[0].content[0]
+    assert [lp.token for lp in part.logprobs] == [lp.token for lp in chat]
+    # (the prefix cache serves the second request: float noise only)
+    assert [lp.logprob for lp in part.logprobs] == pytest.approx([lp.logprob for lp in chat], abs=1e-4)
+    assert all(len(lp.top_logprobs) == 2 and lp.top_logprobs[0].logprob >= lp.top_logprobs[1].logprob
+               for lp in part.logprobs)
+    assert "".join(lp.token for lp in part.logprobs) == part.text
+    # streamed: each delta carries its tokens' logprobs, the done event all of them
+    events = list(client.responses.create(stream=True, include=["message.output_text.logprobs"], **kwargs))
+    streamed = [lp for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    (done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [lp.token for lp in streamed] == [lp.token for lp in done.logprobs] == [lp.token for lp in chat]
+    assert all(lp.top_logprobs == [] for lp in streamed)  # top_logprobs unset: no alternatives
+    # without include, none
+    assert client.responses.create(**kwargs).output[0].content[0].logprobs == []
 
 
 def _finished(client, response_id, timeout=30.0):

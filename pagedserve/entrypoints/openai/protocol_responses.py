@@ -39,6 +39,9 @@ class ResponseTextConfig(OpenAIBaseModel):
     format: ResponseTextFormat = Field(default_factory=ResponseTextFormat)
 
 
+INCLUDABLE = ("message.output_text.logprobs",)
+
+
 class ResponsesRequest(OpenAIBaseModel):
     model: Optional[str] = None
     input: Union[Text, list[dict[str, Any]]]
@@ -65,19 +68,28 @@ class ResponsesRequest(OpenAIBaseModel):
     frequency_penalty: float = 0.0
     structured_outputs: Optional[dict[str, Any]] = None  # as on chat (regex, grammar, choice, ...)
     priority: int = 0  # under --scheduling-policy priority, as on chat
+    # "message.output_text.logprobs": each output_text part carries its tokens' logprobs, with
+    # top_logprobs alternatives each (setting top_logprobs alone asks for them too).
+    include: Optional[list[str]] = None
+    top_logprobs: Optional[Int64] = None
     # Not served: refused (a 400 naming the field) rather than ignored.
-    include: Optional[list[Any]] = None
     conversation: Optional[Any] = None
     prompt: Optional[Any] = None
-    top_logprobs: Optional[int] = None
     max_tool_calls: Optional[int] = None
 
     def refused(self) -> Optional[str]:
         """The first field set that pagedserve does not serve."""
-        for name in ("include", "conversation", "prompt", "top_logprobs", "max_tool_calls"):
+        for name in ("conversation", "prompt", "max_tool_calls"):
             if getattr(self, name):
                 return name
+        for item in self.include or ():
+            if item not in INCLUDABLE:
+                return "include"
         return None
+
+    @property
+    def logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ()) or self.top_logprobs is not None
 
 
 def response_object(req: ResponsesRequest, response_id: str, model: str, output: list[dict], status: str,

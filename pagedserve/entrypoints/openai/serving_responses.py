@@ -24,7 +24,8 @@ from typing import Any, AsyncIterator, Optional, Union
 from pydantic import ValidationError
 
 from pagedserve.entrypoints.openai.protocol import ChatCompletionRequest
-from pagedserve.entrypoints.openai.protocol_responses import ResponsesRequest, response_object, usage_object
+from pagedserve.entrypoints.openai.protocol_responses import (INCLUDABLE, ResponsesRequest, response_object,
+                                                             usage_object)
 from pagedserve.entrypoints.openai.responses_background import BackgroundRun
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError
@@ -128,7 +129,8 @@ def chat_request(req: ResponsesRequest, messages: list[dict], stream: bool) -> C
         model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens, temperature=req.temperature,
         top_p=req.top_p, seed=req.seed, top_k=req.top_k, stop=req.stop, presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty, stream=stream, user=req.user,
-        structured_outputs=req.structured_outputs, priority=req.priority,
+        structured_outputs=req.structured_outputs, priority=req.priority, logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs if req.logprobs else None,
         stream_options={"include_usage": True} if stream else None)
     if req.tools:
         body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type", "strict"}, exclude_none=True)}
@@ -232,6 +234,8 @@ class OpenAIServingResponses:
     async def create(self, req: ResponsesRequest) -> Union[dict, AsyncIterator[str]]:
         try:
             refused = req.refused()
+            if refused == "include":
+                raise ParamError("include", f"include: only {', '.join(INCLUDABLE)} is served, got {req.include}.")
             if refused is not None:
                 raise ParamError(refused, f"{refused} is not supported on /v1/responses.")
             if req.background and not req.store:
@@ -283,6 +287,7 @@ class OpenAIServingResponses:
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or ():
                     delta = choice.get("delta") or {}
+                    events.token_logprobs(delta, (choice.get("logprobs") or {}).get("content"))
                     for text in events.reasoning(delta.get("reasoning_content")):
                         yield text
                     for text in events.content(delta.get("content")):
@@ -329,8 +334,9 @@ def _reasoning_item(item_id: str, text: str) -> dict:
     return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
 
 
-def _message_item(item_id: str, text: Optional[str], status: str) -> dict:
-    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+def _message_item(item_id: str, text: Optional[str], status: str, logprobs: Optional[list[dict]] = None) -> dict:
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [],
+                                        "logprobs": logprobs or []}]
     return {"type": "message", "id": item_id, "role": "assistant", "status": status, "content": content}
 
 
@@ -362,6 +368,8 @@ class _Events:
         self.open: Optional[dict] = None
         self.reasoning_text = self.content_text = ""
         self.calls: dict[int, dict] = {}  # chat's tool-call index -> its item
+        # Logprobs of tokens not yet in a text delta (chat may send them ahead of their text).
+        self.pending: list[dict] = []
 
     def emit(self, kind: str, **fields: Any) -> str:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -381,6 +389,19 @@ class _Events:
             out.append(self.emit("response.content_part.added", item_id=item["id"], output_index=len(self.output),
                                  content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         return out
+
+    def token_logprobs(self, delta: dict, logprobs: Optional[list[dict]]) -> None:
+        """A chunk's token logprobs: the message text's, kept until its text comes; those of
+        reasoning or a tool call are not the text's, and go."""
+        if delta.get("reasoning_content") or delta.get("tool_calls"):
+            self.pending = []
+        elif logprobs:
+            self.pending.extend(logprobs)
+
+    def _take_logprobs(self, item: dict) -> list[dict]:
+        taken, self.pending = self.pending, []
+        item.setdefault("logprobs", []).extend(taken)
+        return taken
 
     def reasoning(self, text: Optional[str]) -> list[str]:
         if not text:
@@ -403,7 +424,7 @@ class _Events:
         self.open["text"] += text
         self.content_text += text
         out.append(self.emit("response.output_text.delta", item_id=self.open["id"], output_index=len(self.output),
-                             content_index=0, delta=text, logprobs=[]))
+                             content_index=0, delta=text, logprobs=self._take_logprobs(self.open)))
         return out
 
     def call(self, delta: dict) -> list[str]:
@@ -433,9 +454,10 @@ class _Events:
                                  content_index=0, text=text))
         elif item["type"] == "message":
             text = item.pop("text")
-            item = _message_item(item["id"], text, "completed")
+            self._take_logprobs(item)  # the tokens after the text's last delta (its end of sequence, ...)
+            item = _message_item(item["id"], text, "completed", item["logprobs"])
             out.append(self.emit("response.output_text.done", item_id=item["id"], output_index=index,
-                                 content_index=0, text=text, logprobs=[]))
+                                 content_index=0, text=text, logprobs=item["content"][0]["logprobs"]))
             out.append(self.emit("response.content_part.done", item_id=item["id"], output_index=index,
                                  content_index=0, part=item["content"][0]))
         else:
