@@ -144,6 +144,7 @@ def test_logprobs_match_chat(client):
                  top_logprobs=2).choices[0].logprobs.content
     whole = client.responses.create(include=["message.output_text.logprobs"], top_logprobs=2, **kwargs)
     part = whole.output[0].content[0]
+    assert whole.top_logprobs == 2
     assert [lp.token for lp in part.logprobs] == [lp.token for lp in chat]
     # (the prefix cache serves the second request: float noise only)
     assert [lp.logprob for lp in part.logprobs] == pytest.approx([lp.logprob for lp in chat], abs=1e-4)

@@ -109,6 +109,7 @@ def response_object(req: ResponsesRequest, response_id: str, model: str, output:
         "text": (req.text or ResponseTextConfig()).model_dump(by_alias=True, exclude_none=True),
         "reasoning": req.reasoning, "previous_response_id": req.previous_response_id, "store": req.store,
         "metadata": req.metadata or {}, "user": req.user, "background": req.background, "truncation": "disabled",
+        "top_logprobs": req.top_logprobs,
         "output": output, "usage": usage,
     }
 
