@@ -50,7 +50,8 @@ GPU_TEST_FILES = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "te
                   "tests/test_kv_fp8.py", "tests/test_int_quant.py", "tests/test_attention_sinks.py",
                   "tests/test_gpt_oss.py", "tests/test_multimodal_llava.py", "tests/test_multimodal_qwen2_vl.py",
                   "tests/test_multimodal_gemma3.py", "tests/test_multimodal_mistral3.py",
-                  "tests/test_multimodal_llava_next.py", "tests/test_multimodal_internvl.py"]
+                  "tests/test_multimodal_llava_next.py", "tests/test_multimodal_llava_onevision.py",
+                  "tests/test_multimodal_internvl.py"]
 GOALS = {"throughput_ratio": 15.0, "e2e_efficiency": 0.30, "batch1_bw_fraction": 0.60}
 # Batch-1 engines besides the default, each in its own process: every layer on the Triton
 # GEMV kernel, without and with PDL (ops/pdl.py), each on the sweep's fastest shapes for

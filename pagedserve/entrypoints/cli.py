@@ -156,6 +156,11 @@ def _random_model(ns: argparse.Namespace) -> int:
         build_random_llava(ns.path, image_size=56, seed=ns.seed, dtype=ns.dtype, pinpoints=LLAVA_NEXT_PINPOINTS)
         print(ns.path)
         return 0
+    if ns.arch == "LlavaOnevisionForConditionalGeneration":  # the same tiles, a SigLIP tower on a Qwen2, 2x2 downscaled
+        build_random_llava(ns.path, text_model_type="qwen2", image_size=56, select_strategy="full", feature_layer=-1,
+                           seed=ns.seed, dtype=ns.dtype, vision="siglip", pinpoints=LLAVA_NEXT_PINPOINTS, max_patches=2)
+        print(ns.path)
+        return 0
     if ns.arch == "InternVLForConditionalGeneration":  # a tiny InternViT on a tiny Qwen2: 1 to 5 tiles of 4 tokens
         build_random_internvl(ns.path, seed=ns.seed, dtype=ns.dtype)
         print(ns.path)
@@ -280,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path")
     r.add_argument("--arch", default="LlamaForCausalLM",
                    help="a causal LM's architecture, or a vision-language one (LlavaForConditionalGeneration, "
-                        "LlavaNextForConditionalGeneration, Mistral3ForConditionalGeneration, "
+                        "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
+                        "Mistral3ForConditionalGeneration, "
                         "Qwen2VLForConditionalGeneration, "
                         "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
                         "InternVLForConditionalGeneration): a tiny model")

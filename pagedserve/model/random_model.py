@@ -196,25 +196,32 @@ _LLAVA_TEXT_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen
 def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_model_type: str = "llama",
                        image_size: int = 28, patch_size: int = 14, select_strategy: str = "default",
                        feature_layer: Any = -2, initializer_range: float = 0.02, seed: int = 0,
-                       dtype: str = "float32", vision: str = "clip", pinpoints: Optional[list] = None) -> str:
+                       dtype: str = "float32", vision: str = "clip", pinpoints: Optional[list] = None,
+                       max_patches: Optional[int] = None) -> str:
     """A random LlavaForConditionalGeneration directory: a small CLIP (or SigLIP) vision
     tower, the projector, a Llama / Mistral / Qwen2 decoder, the tokenizer with an `<image>`
     token and a LLaVA-style chat template, and the tower's image processor
     (preprocessor_config.json). With `pinpoints` ([[height, width], ...], multiples of
-    image_size): a LlavaNextForConditionalGeneration (LLaVA-1.6) tiling images to them."""
+    image_size): a LlavaNextForConditionalGeneration (LLaVA-1.6) tiling images to them; with
+    `max_patches` too, a LlavaOnevisionForConditionalGeneration (vision_aspect_ratio
+    "anyres_max_<max_patches>", a `<video>` token as well)."""
     import torch
     import transformers
 
-    tok = _vl_tokenizer(path, tokenizer_dir, ["<image>"], LLAVA_CHAT_TEMPLATE)
+    onevision = pinpoints is not None and max_patches is not None
+    tok = _vl_tokenizer(path, tokenizer_dir, ["<image>", "<video>"] if onevision else ["<image>"], LLAVA_CHAT_TEMPLATE)
     text = getattr(transformers, _LLAVA_TEXT_CONFIGS[text_model_type])(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, bos_token_id=None)
     tower = {"clip": transformers.CLIPVisionConfig, "siglip": transformers.SiglipVisionConfig}[vision](
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=patch_size)
-    kind = "Llava" if pinpoints is None else "LlavaNext"
+        patch_size=patch_size, **({"vision_use_head": False} if onevision and vision == "siglip" else {}))
+    kind = "Llava" if pinpoints is None else "LlavaOnevision" if onevision else "LlavaNext"
     extra = {} if pinpoints is None else {"image_grid_pinpoints": pinpoints}
+    if onevision:
+        extra.update(vision_aspect_ratio=f"anyres_max_{max_patches}",
+                     video_token_index=tok.convert_tokens_to_ids("<video>"))
     cfg = getattr(transformers, f"{kind}Config")(vision_config=tower, text_config=text,
                                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
                                                  vision_feature_select_strategy=select_strategy,
@@ -227,15 +234,19 @@ def build_random_llava(path: str, tokenizer_dir: Optional[str] = None, text_mode
             model.model.image_newline.normal_(0, 1)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    if pinpoints is not None:
+    if onevision:
+        transformers.LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size},
+                                                  image_grid_pinpoints=pinpoints).save_pretrained(path)
+    elif pinpoints is not None:
         transformers.LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size={
             "height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints).save_pretrained(path)
+    if pinpoints is not None:
         # As hub checkpoints name it (without torchvision transformers saves its PIL fallback's name).
         conf = os.path.join(path, "preprocessor_config.json")
         with open(conf) as f:
             settings = json.load(f)
         with open(conf, "w") as f:
-            json.dump({**settings, "image_processor_type": "LlavaNextImageProcessor"}, f, indent=2)
+            json.dump({**settings, "image_processor_type": f"{kind}ImageProcessor"}, f, indent=2)
         return path
     if vision == "clip":
         processor = transformers.CLIPImageProcessor(size={"shortest_edge": image_size},

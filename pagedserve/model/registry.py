@@ -90,6 +90,8 @@ _TEXT_OF_MULTIMODAL = {
     "Qwen3VLMoeForConditionalGeneration": ("Qwen3MoeForCausalLM", [("model.language_model.", "model.")],
                                            ("visual.", "model.visual.")),
 }
+# LLaVA-OneVision: LLaVA-NeXT's checkpoint names, on a Qwen2 decoder; multimodal/llava_onevision.py.
+_TEXT_OF_MULTIMODAL["LlavaOnevisionForConditionalGeneration"] = _TEXT_OF_MULTIMODAL["LlavaNextForConditionalGeneration"]
 _TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                        "qwen3": "Qwen3ForCausalLM"}
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, INTERNVL_ARCHITECTURES, LLAVA_ARCHITECTURES,
-                                             LLAVA_NEXT_ARCHITECTURES, MISTRAL3_ARCHITECTURES, architecture,
-                                             load_full_config)
+                                             LLAVA_NEXT_ARCHITECTURES, LLAVA_ONEVISION_ARCHITECTURES,
+                                             MISTRAL3_ARCHITECTURES, architecture, load_full_config)
 
 
 def build_in(cls: type, cfg: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -46,6 +46,10 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
         from pagedserve.multimodal.llava_next import LlavaNextImageEncoder
 
         return LlavaNextImageEncoder.load(cfg, model_dir, dtype, device)
+    if architecture(cfg) in LLAVA_ONEVISION_ARCHITECTURES:
+        from pagedserve.multimodal.llava_onevision import LlavaOnevisionImageEncoder
+
+        return LlavaOnevisionImageEncoder.load(cfg, model_dir, dtype, device)
     if architecture(cfg) in LLAVA_ARCHITECTURES:
         from pagedserve.multimodal.llava import LlavaImageEncoder
 

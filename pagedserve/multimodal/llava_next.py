@@ -24,9 +24,9 @@ def num_tiles(cfg: Any, height: int, width: int) -> int:
     return int(image_size_to_num_patches((height, width), cfg.image_grid_pinpoints, cfg.vision_config.image_size))
 
 
-def num_image_tokens(cfg: Any, height: int, width: int) -> int:
-    """An image's placeholders: the whole image's rows, then its unpadded tile grid with one
-    newline a row (LlavaNextProcessor._get_number_of_features)."""
+def unpadded_grid(cfg: Any, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) of patch features of an image's tile grid once the resize's padding is
+    cut off (LlavaNextProcessor._get_unpadded_features)."""
     from transformers.image_processing_utils import select_best_resolution
 
     size = cfg.vision_config.image_size
@@ -39,6 +39,14 @@ def num_image_tokens(cfg: Any, height: int, width: int) -> int:
     else:
         pad = (cols - int(round(width * (rows / height), 7))) // 2
         cols -= 2 * pad
+    return rows, cols
+
+
+def num_image_tokens(cfg: Any, height: int, width: int) -> int:
+    """An image's placeholders: the whole image's rows, then its unpadded tile grid with one
+    newline a row (LlavaNextProcessor._get_number_of_features)."""
+    size = cfg.vision_config.image_size
+    rows, cols = unpadded_grid(cfg, height, width)
     return tokens_per_image(cfg, size, size) + rows * cols + rows
 
 
@@ -46,26 +54,34 @@ class LlavaNextImageEncoder(LlavaImageEncoder):
     def __init__(self, cfg: Any) -> None:
         nn.Module.__init__(self)
         from transformers import AutoModel
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
         self.config = cfg
         self.vision_tower = AutoModel.from_config(cfg.vision_config)
-        self.multi_modal_projector = LlavaNextMultiModalProjector(cfg)
+        self.multi_modal_projector = self.projector_class()(cfg)
         self.image_newline = nn.Parameter(torch.empty(cfg.text_config.hidden_size))
 
-    def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:
-        """All images' tiles through the tower in one pass, then each image packed."""
+    @staticmethod
+    def projector_class() -> type:
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+        return LlavaNextMultiModalProjector
+
+    def pack(self, per_tile: list[torch.Tensor], sizes: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's tile features -> its placeholders' rows (transformers' packing as it is:
+        its `self` needs only `config`)."""
         from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
-        param = next(self.parameters())
-        tiles = torch.cat([f.pixel_values for f in features]).to(param.device, param.dtype)
-        per_tile = self(tiles).split([f.pixel_values.shape[0] for f in features])
-        sizes = torch.tensor([f.image_size for f in features])
-        # Its `self` needs only `config`: the packing is transformers' as it is.
-        packed, _ = LlavaNextModel.pack_image_features(self, list(per_tile), sizes,
+        packed, _ = LlavaNextModel.pack_image_features(self, per_tile, sizes,
                                                        self.config.vision_feature_select_strategy,
                                                        image_newline=self.image_newline)
         return list(packed)
+
+    def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:
+        """All images' tiles through the tower in one pass, then each image packed."""
+        param = next(self.parameters())
+        tiles = torch.cat([f.pixel_values for f in features]).to(param.device, param.dtype)
+        per_tile = self(tiles).split([f.pixel_values.shape[0] for f in features])
+        return self.pack(list(per_tile), torch.tensor([f.image_size for f in features]))
 
     def profile_features(self, max_tokens: int) -> list[ImageFeature]:
         """The image with the most placeholders: one the size of the largest pinpoint grid."""

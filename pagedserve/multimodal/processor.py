@@ -16,16 +16,17 @@ from pagedserve.errors import ParamError
 from pagedserve.multimodal.inputs import ImageFeature, load_image
 
 # Vision-language architectures whose images pagedserve runs (multimodal/: llava.py, llava_next.py,
-# qwen2_vl.py, gemma3.py, mistral3.py, internvl.py).
+# llava_onevision.py, qwen2_vl.py, gemma3.py, mistral3.py, internvl.py).
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 LLAVA_NEXT_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
+LLAVA_ONEVISION_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 INTERNVL_ARCHITECTURES = ("InternVLForConditionalGeneration",)
-IMAGE_ARCHITECTURES = (LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES
-                       + MISTRAL3_ARCHITECTURES + INTERNVL_ARCHITECTURES)
+IMAGE_ARCHITECTURES = (LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + LLAVA_ONEVISION_ARCHITECTURES
+                       + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES + MISTRAL3_ARCHITECTURES + INTERNVL_ARCHITECTURES)
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -93,9 +94,13 @@ def check_image_model(cfg: Any) -> None:
     arch = architecture(cfg)
     if arch not in IMAGE_ARCHITECTURES:
         raise ValueError(f"images are supported for {', '.join(IMAGE_ARCHITECTURES)}, not {arch!r}.")
-    if arch in LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + INTERNVL_ARCHITECTURES and (
-            cfg.vision_feature_select_strategy not in ("default", "full")):
+    if arch in LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + LLAVA_ONEVISION_ARCHITECTURES + INTERNVL_ARCHITECTURES \
+            and cfg.vision_feature_select_strategy not in ("default", "full"):
         raise ValueError(f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r} is not supported.")
+    if arch in LLAVA_ONEVISION_ARCHITECTURES:
+        from pagedserve.multimodal.llava_onevision import check_config
+
+        check_config(cfg)
     if arch in INTERNVL_ARCHITECTURES and not isinstance(cfg.vision_feature_layer, int):
         # transformers' InternVLModel.get_image_features takes one layer only
         raise ValueError(f"vision_feature_layer {cfg.vision_feature_layer!r} is not supported: one layer only.")
@@ -117,8 +122,10 @@ class ImageInputProcessor:
         self.bidirectional = architecture(self.config) in GEMMA3_ARCHITECTURES
         # Mistral 3: rows of [IMG] closed by [IMG_BREAK] / [IMG_END] (multimodal/mistral3.py).
         self.pixtral = architecture(self.config) in MISTRAL3_ARCHITECTURES
-        # LLaVA-NeXT: tiles of the image at its best-fit resolution, placeholders by its size.
-        self.anyres = architecture(self.config) in LLAVA_NEXT_ARCHITECTURES
+        # LLaVA-NeXT, LLaVA-OneVision: tiles of the image at its best-fit resolution, placeholders
+        # by its size (OneVision: a prompt's several images one tile each, multimodal/llava_onevision.py).
+        self.onevision = architecture(self.config) in LLAVA_ONEVISION_ARCHITECTURES
+        self.anyres = self.onevision or architecture(self.config) in LLAVA_NEXT_ARCHITECTURES
         if self.anyres and [list(p) for p in self.hf.image_grid_pinpoints] != [
                 list(p) for p in self.config.image_grid_pinpoints]:
             raise ValueError("the image processor's image_grid_pinpoints differ from the model's config.json.")
@@ -150,7 +157,11 @@ class ImageInputProcessor:
             from pagedserve.multimodal.internvl import crop_to_patches
 
             kwargs["crop_to_patches"] = crop_to_patches(self.processor_kwargs)
-        out = self.hf(images=[load_image(im, field).convert("RGB") for im in images], return_tensors="pt", **kwargs)
+        pil = [load_image(im, field).convert("RGB") for im in images]
+        alone = len(pil) == 1
+        if self.onevision and not alone:  # grouped as one prompt's: each image padded square, not tiled
+            pil = [pil]
+        out = self.hf(images=pil, return_tensors="pt", **kwargs)
         if self.bidirectional:
             return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
         if self.pixtral:  # each image at its own size (padded to the largest in the batch: cropped back)
@@ -159,6 +170,10 @@ class ImageInputProcessor:
             from pagedserve.multimodal.llava_next import num_image_tokens, num_tiles
 
             sizes = [(int(h), int(w)) for h, w in out["image_sizes"]]
+            if self.onevision:
+                from pagedserve.multimodal.llava_onevision import prepared_image
+
+                return [prepared_image(self.config, p, hw, alone) for p, hw in zip(out["pixel_values"], sizes)]
             return [(p[:num_tiles(self.config, *hw)], num_image_tokens(self.config, *hw), hw)
                     for p, hw in zip(out["pixel_values"], sizes)]
         if self.internvl:  # every image's tiles in one tensor; num_patches says how many are each one's
@@ -189,6 +204,10 @@ class ImageInputProcessor:
             ids = expand_image_markers(ids, self.tokenizer, self.config)
         if self.pixtral:
             return self._process_pixtral(ids, list(images), field)
+        video = getattr(self.config, "video_token_index", None) if self.onevision else None
+        if video is not None and video in ids:
+            raise ParamError("prompt", f"the prompt has a video placeholder (token {video}): videos are not "
+                             "supported, only images.")
         runs = placeholder_runs(ids, self.token_id)
         if not images:
             if runs:
