@@ -147,6 +147,22 @@ def test_preempted_requests_recompute_their_images(llava_dir, reference):
     assert not llm.llm_engine.runner.encoder_cache.embeddings
 
 
+def test_memory_profile_covers_the_busiest_encoder_step(llava_dir):
+    """A step encodes every new image its chunks touch, in one pass: the memory profile's
+    encoder pass must be at least that large (worker/encoder_cache.py profile_images)."""
+    from pagedserve.worker.encoder_cache import profile_images
+
+    llm = LLM(llava_dir, max_num_batched_tokens=64, max_num_seqs=8)
+    encoder = llm.llm_engine.runner.encoder_cache.encoder
+    passes, real = [], encoder.encode
+    encoder.encode = lambda feats: passes.append(sum(f.num_embeds for f in feats)) or real(feats)
+    prompts = [{"prompt": PROMPT_2, "multi_modal_data": {"image": [_image(40 + i), _image(60 + i)]}} for i in range(8)]
+    llm.generate(prompts, _params(), use_tqdm=False)
+    largest = sum(f.num_embeds for f in encoder.profile_features(llm.llm_engine.config.max_model_len))
+    assert max(passes) > largest  # the busiest step encoded several images at once
+    assert max(passes) <= sum(f.num_embeds for f in profile_images(encoder, llm.llm_engine.config))
+
+
 def test_chat_with_image_parts(llava_dir, reference):
     img = _image(7)
     llm = LLM(llava_dir, block_size=8, max_num_batched_tokens=64)

@@ -6,7 +6,7 @@ n > 1 siblings reuse it; an image served from the prefix cache is never encoded)
 from __future__ import annotations
 
 import bisect
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +14,19 @@ from torch import nn
 
 from pagedserve.engine.scheduler import ScheduledRequest
 from pagedserve.worker.device_io import to_device
+
+
+def profile_images(encoder: nn.Module, config: Any) -> list:
+    """The images of the vision encoder's worst step, for the memory profile. A step encodes
+    every new image its prompt chunks touch, in one pass: max_num_batched_tokens placeholders
+    touch at most ceil((n - 1) / k) + 1 images of k placeholders each (cut at both ends), and
+    no more than the batch's requests may carry. Copies of the model's largest image(s)."""
+    largest = encoder.profile_features(config.max_model_len)
+    per_copy = max(1, sum(f.num_embeds for f in largest))
+    n = config.max_num_batched_tokens
+    copies = -(-(n - 1) // per_copy) + 1
+    copies = min(copies, config.max_num_seqs * max(1, config.max_images_per_prompt))
+    return largest * copies
 
 
 class EncoderCache:

@@ -22,7 +22,7 @@ from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, capture_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
-from pagedserve.worker.encoder_cache import EncoderCache
+from pagedserve.worker.encoder_cache import EncoderCache, profile_images
 from pagedserve.worker.image_rows import image_kv_limits, rope_positions
 from pagedserve.worker.pooling import PoolingStates
 from pagedserve.worker.sampler import Sampler
@@ -206,9 +206,8 @@ class ModelRunner:
             block_size=self.block_size,
         )
         with torch.inference_mode():
-            if self.encoder_cache is not None:  # the largest image's encoder activations too
-                encoder = self.encoder_cache.encoder
-                encoder.encode(encoder.profile_features(cfg.max_model_len))
+            if self.encoder_cache is not None:  # the encoder's worst step too
+                self.encoder_cache.encoder.encode(profile_images(self.encoder_cache.encoder, cfg))
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
             if self.model.lm_head is not None:  # none in a pooling model
                 rows = torch.arange(cfg.max_num_seqs, device=dev) % n
