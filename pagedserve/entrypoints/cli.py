@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagedserve.entrypoints.openai.limits import ServerLimits
 
     ServerLimits.add_cli_args(s.add_argument_group("request limits"))
+    from pagedserve.entrypoints.openai.http_options import HttpOptions
+
+    HttpOptions.add_cli_args(s.add_argument_group("HTTP: CORS, TLS, headers"))
     add_engine_args(s)
     s.set_defaults(func=_serve)
 

@@ -24,6 +24,7 @@ from pagedserve import __version__
 from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, UnavailableError
 from pagedserve.entrypoints.openai.auth import ApiKeyBackend
 from pagedserve.entrypoints.openai.body_limit import BodySizeLimitMiddleware
+from pagedserve.entrypoints.openai.http_options import HttpOptions
 from pagedserve.entrypoints.openai.limits import ServerLimits
 from pagedserve.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                     DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
@@ -127,7 +128,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
               chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
               enable_log_requests: bool = False, tool_call_parser: Optional[str] = None,
               trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
-              lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False) -> FastAPI:
+              lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False,
+              http: Optional[HttpOptions] = None) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -137,7 +139,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     `reasoning_parser` ("qwen3", "glm45", "deepseek_r1", "openai_gptoss"; default: the engine's) puts a
     `<think>` block (GPT-OSS: the analysis channel) in reasoning_content. `lora_modules`:
     adapters served under their own names (the engine needs enable_lora); `allow_runtime_lora`
-    adds vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serving_lora.py)."""
+    adds vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serving_lora.py). `http`:
+    CORS, X-Request-Id headers, the docs pages (http_options.py; default: CORS open to all, as vLLM's)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -166,7 +169,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
     pooling = OpenAIServingPooling(async_llm, names, **serving)
 
-    app = FastAPI(title="pagedserve", version=__version__)
+    http = http or HttpOptions()
+    app = FastAPI(title="pagedserve", version=__version__, **http.fastapi_kwargs())
     app.state.async_llm = async_llm
     app.state.metrics = stats
     app.state.limits = limits
@@ -174,6 +178,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     if api_key:  # outermost: a stranger learns nothing, not even the body limit
         app.add_middleware(AuthenticationMiddleware, backend=ApiKeyBackend(api_key), on_error=lambda _, exc:
                            _error_response(OpenAIError(401, str(exc), "AuthenticationError")))
+    http.add_middleware(app)
 
     v1 = APIRouter(prefix="/v1")
 
@@ -365,6 +370,7 @@ def run_server(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template)
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     limits = ServerLimits.from_args(args)
+    http = HttpOptions.from_args(args)  # checked before the engine loads
     loras = parse_lora_modules(args.lora_modules or [])
     if loras and not args.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora.")
@@ -383,9 +389,9 @@ def run_server(args: argparse.Namespace) -> int:
                     limits=limits, enable_log_requests=args.enable_log_requests,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras,
-                    allow_runtime_lora=runtime_lora_allowed())
+                    allow_runtime_lora=runtime_lora_allowed(), http=http)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5, **http.uvicorn_kwargs())
     server = _GracefulServer(config, async_llm, args.shutdown_timeout)
     # uvicorn re-raises the signal it caught once it has shut down, to reach the handlers
     # that were there before; make those no-ops so a graceful stop exits with status 0.

@@ -1,0 +1,125 @@
+"""The server's HTTP options (vLLM's serve flags): CORS for browsers (open by default,
+restricted by --allowed-origins, answered before the API key is asked for), X-Request-Id
+headers, the docs pages switched off, and TLS."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+
+import httpx
+import pytest
+import uvicorn
+from server_helpers import ServerThread, make_async_llm
+
+from pagedserve.entrypoints.cli import build_parser
+from pagedserve.entrypoints.openai.api_server import build_app
+from pagedserve.entrypoints.openai.http_options import HttpOptions
+
+MODEL = "tiny"
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+             "Access-Control-Request-Headers": "authorization, content-type"}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    llm = make_async_llm(llama_dir)
+    yield llm
+    llm.shutdown()
+
+
+def _serve(llm, **kw):
+    return ServerThread(build_app(llm, MODEL, **kw))
+
+
+def test_cors_is_open_by_default_and_answered_before_the_key(llm):
+    srv = _serve(llm, api_key="k")
+    try:
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers=PREFLIGHT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        # the page can read the refusal, and the answer with the key
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "*"
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT,
+                       headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        assert "x-request-id" not in r.headers  # off unless asked for
+    finally:
+        srv.stop()
+
+
+def test_cors_restricted_to_named_origins(llm):
+    http = HttpOptions(allowed_origins=["https://app.example"], allow_credentials=True)
+    srv = _serve(llm, http=http)
+    try:
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers=PREFLIGHT)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert r.headers["access-control-allow-credentials"] == "true"
+        r = httpx.options(f"{srv.url}/v1/chat/completions", headers={**PREFLIGHT, "Origin": "https://evil.example"})
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+        r = httpx.get(f"{srv.url}/v1/models", headers={"Origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # the browser hides it
+    finally:
+        srv.stop()
+
+
+def test_request_id_headers_and_no_docs(llm):
+    srv = _serve(llm, api_key="k", http=HttpOptions(enable_request_id_headers=True, disable_fastapi_docs=True))
+    try:
+        auth = {"Authorization": "Bearer k"}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=CHAT, headers={**auth, "X-Request-Id": "trace-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+        ids = {httpx.get(f"{srv.url}/v1/models", headers=auth).headers["x-request-id"] for _ in range(2)}
+        assert len(ids) == 2 and all(len(i) == 32 for i in ids)  # new ones, each its own
+        assert httpx.get(f"{srv.url}/v1/models").headers["x-request-id"]  # the 401 too
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                          headers={**auth, "X-Request-Id": "s-1"}) as s:
+            assert s.headers["x-request-id"] == "s-1" and "[DONE]" in s.read().decode()
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert httpx.get(f"{srv.url}{path}").status_code == 404
+    finally:
+        srv.stop()
+    srv = _serve(llm)
+    try:
+        assert httpx.get(f"{srv.url}/docs").status_code == 200
+        assert httpx.get(f"{srv.url}/openapi.json").status_code == 200
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(llm, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    http = HttpOptions(ssl_keyfile=str(key), ssl_certfile=str(cert))
+    app = build_app(llm, MODEL, http=http)
+    srv = ServerThread(app, make_server=lambda cfg: uvicorn.Server(
+        uvicorn.Config(cfg.app, log_level="warning", **http.uvicorn_kwargs())))
+    try:
+        url = srv.url.replace("http://", "https://")
+        r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, verify=ssl.create_default_context(cafile=str(cert)))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not spoken there
+            httpx.get(f"{srv.url}/health")
+    finally:
+        srv.stop()
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="go together"):
+        HttpOptions(ssl_keyfile="k.pem")
+    with pytest.raises(ValueError, match="name the origins"):
+        HttpOptions(allow_credentials=True)
+    with pytest.raises(ValueError, match="ssl-cert-reqs"):
+        HttpOptions(ssl_cert_reqs=5)
+    ns = build_parser().parse_args(["serve", "m", "--allowed-origins", '["https://a.example"]',
+                                    "--enable-request-id-headers"])
+    http = HttpOptions.from_args(ns)
+    assert http.allowed_origins == ["https://a.example"] and http.enable_request_id_headers
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--allowed-origins", "https://a.example"])  # not JSON
