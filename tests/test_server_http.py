@@ -1,6 +1,6 @@
 """The server's HTTP options (vLLM's serve flags): CORS for browsers (open by default,
 restricted by --allowed-origins, answered before the API key is asked for), X-Request-Id
-headers, the docs pages switched off, and TLS."""
+headers, the docs pages switched off, TLS, and logprob tokens as token ids."""
 
 from __future__ import annotations
 
@@ -123,3 +123,31 @@ def test_options_are_checked():
     assert http.allowed_origins == ["https://a.example"] and http.enable_request_id_headers
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "m", "--allowed-origins", "https://a.example"])  # not JSON
+
+
+def test_return_tokens_as_token_ids(llm, llama_dir):
+    """Logprob tokens as "token_id:N" (vLLM's --return-tokens-as-token-ids and request field):
+    the same tokens, named by id; completions' text offsets still index the text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    srv = _serve(llm, return_tokens_as_token_ids=True)
+    try:
+        chat = {**CHAT, "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+        by_id = httpx.post(f"{srv.url}/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+        as_text = httpx.post(f"{srv.url}/v1/chat/completions", json={**chat, "return_tokens_as_token_ids": False}
+                             ).json()["choices"][0]["logprobs"]["content"]
+        assert all(e["token"].startswith("token_id:") for e in by_id)
+        assert [tok.decode([int(e["token"][9:])]) for e in by_id] == [e["token"] for e in as_text]
+        assert [[tok.decode([int(t["token"][9:])]) for t in e["top_logprobs"]] for e in by_id] == [
+            [t["token"] for t in e["top_logprobs"]] for e in as_text]
+        assert by_id[0]["bytes"] == list(by_id[0]["token"].encode())
+        body = {"model": MODEL, "prompt": "one two", "max_tokens": 5, "temperature": 0, "logprobs": 1}
+        c_id = httpx.post(f"{srv.url}/v1/completions", json=body).json()["choices"][0]
+        c_text = httpx.post(f"{srv.url}/v1/completions", json={**body, "return_tokens_as_token_ids": False}
+                            ).json()["choices"][0]
+        assert c_id["text"] == c_text["text"] and c_id["logprobs"]["text_offset"] == c_text["logprobs"]["text_offset"]
+        assert [tok.decode([int(t[9:])]) for t in c_id["logprobs"]["tokens"]] == c_text["logprobs"]["tokens"]
+        assert all(all(k.startswith("token_id:") for k in d) for d in c_id["logprobs"]["top_logprobs"])
+    finally:
+        srv.stop()

@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "<arg_key>..., GLM-4.5 / 4.6), deepseek_v3 / "
                    "deepseek_v31 (<｜tool▁calls▁begin｜>..., DeepSeek-V3 / R1-0528 / V3.1) or openai (GPT-OSS's "
                    "harmony messages to=functions.NAME)")
+    s.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='logprob tokens as "token_id:N" (a request\'s return_tokens_as_token_ids overrides it)')
     s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve, each under its own model name: name=path or "
                    "'{\"name\": ..., \"path\": ...}' (needs --enable-lora)")

@@ -142,6 +142,8 @@ class SamplingFields(OpenAIBaseModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[Int64] = None
+    # vLLM's: logprob tokens as "token_id:N" (default: the server's --return-tokens-as-token-ids)
+    return_tokens_as_token_ids: Optional[bool] = None
     truncate_prompt_tokens: Optional[Int64] = None
     allowed_token_ids: Optional[list[Int64]] = None
     bad_words: Optional[list[Text]] = None

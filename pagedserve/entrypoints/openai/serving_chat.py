@@ -115,7 +115,8 @@ class OpenAIServingChat(OpenAIServing):
                     texts[c.index] += c.text
                     num_tokens[c.index] += len(c.token_ids)
                     if req.logprobs:
-                        logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0)
+                        logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0,
+                                                                                      self.tokens_as_ids(req))
                     finals[c.index] = c
         choices = []
         for i in range(n):
@@ -139,13 +140,13 @@ class OpenAIServingChat(OpenAIServing):
             return ParamError(names[e.param], str(e))
         return e
 
-    def _logprobs(self, c: CompletionOutput, k: int) -> list[ChatCompletionLogProbsContent]:
+    def _logprobs(self, c: CompletionOutput, k: int, as_ids: bool = False) -> list[ChatCompletionLogProbsContent]:
         tok = self.llm.tokenizer
         out = []
         for tid, step in zip(c.token_ids, c.logprobs or []):
             lp = step[tid]
-            text = token_text(tok, tid, lp)
-            top = [ChatCompletionLogProb(token=(t := token_text(tok, i, p)), logprob=clamp_logprob(p.logprob),
+            text = token_text(tok, tid, lp, as_ids)
+            top = [ChatCompletionLogProb(token=(t := token_text(tok, i, p, as_ids)), logprob=clamp_logprob(p.logprob),
                                          bytes=list(t.encode("utf-8", errors="replace")))
                    for i, p in top_by_rank(step, k)]
             out.append(ChatCompletionLogProbsContent(token=text, logprob=clamp_logprob(lp.logprob),
@@ -177,7 +178,7 @@ class OpenAIServingChat(OpenAIServing):
                         if not (delta.content or delta.tool_calls or delta.reasoning_content) and finish is None \
                                 and not (req.logprobs and c.token_ids):
                             continue  # nothing to say yet (text held back for a possible stop string)
-                        lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0)) \
+                        lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0, self.tokens_as_ids(req))) \
                             if req.logprobs else None
                         yield chunk([ChatCompletionStreamChoice(index=c.index, delta=delta, logprobs=lps,
                                                                 finish_reason=finish, stop_reason=c.stop_reason)])

@@ -137,7 +137,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         steps = list(st.prompt_logprobs or [None] * len(st.prompt_ids)) + steps
             delta_lp = None
             if req.logprobs is not None:
-                delta_lp = _logprobs(tok, ids, steps, req.logprobs, ch.text_len)
+                delta_lp = _logprobs(tok, ids, steps, req.logprobs, ch.text_len, self.tokens_as_ids(req))
                 if ch.logprobs is None:
                     ch.logprobs = CompletionLogProbs()
                 for name in ("text_offset", "token_logprobs", "tokens", "top_logprobs"):
@@ -177,15 +177,15 @@ class OpenAIServingCompletion(OpenAIServing):
 
 
 def _logprobs(tok, ids: list[int], steps: list[Optional[dict[int, Logprob]]], k: int,
-              offset: int) -> CompletionLogProbs:
+              offset: int, as_ids: bool = False) -> CompletionLogProbs:
     """OpenAI's legacy shape: per token its text, logprob, text offset, and a dict of the k
     most likely tokens plus the chosen one (None where there is nothing, e.g. the first
-    prompt token)."""
+    prompt token). With `as_ids` tokens are "token_id:N"; offsets stay the text's."""
     out = CompletionLogProbs()
     for tid, step in zip(ids, steps):
         lp = step.get(tid) if step else None
         text = token_text(tok, tid, lp)
-        out.tokens.append(text)
+        out.tokens.append(token_text(tok, tid, lp, as_ids))
         out.text_offset.append(offset)
         offset += len(text)
         out.token_logprobs.append(clamp_logprob(lp.logprob) if lp is not None else None)
@@ -195,5 +195,5 @@ def _logprobs(tok, ids: list[int], steps: list[Optional[dict[int, Logprob]]], k:
         top = top_by_rank(step, k)
         if lp is not None and all(t != tid for t, _ in top):
             top.append((tid, lp))
-        out.top_logprobs.append({token_text(tok, t, p): clamp_logprob(p.logprob) for t, p in top})
+        out.top_logprobs.append({token_text(tok, t, p, as_ids): clamp_logprob(p.logprob) for t, p in top})
     return out

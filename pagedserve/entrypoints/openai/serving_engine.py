@@ -127,8 +127,10 @@ class OpenAIServing:
     def __init__(self, async_llm: AsyncLLM, served_model_names: Sequence[str],
                  chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
                  log_requests: bool = False, trust_request_chat_template: bool = False,
-                 lora_modules: Union[Sequence[LoRARequest], dict[str, LoRARequest]] = ()) -> None:
+                 lora_modules: Union[Sequence[LoRARequest], dict[str, LoRARequest]] = (),
+                 return_tokens_as_token_ids: bool = False) -> None:
         self.llm = async_llm
+        self.return_tokens_as_token_ids = return_tokens_as_token_ids
         self.served_model_names = list(served_model_names)
         # model name -> adapter; a dict given is shared (the runtime LoRA endpoints change it)
         self.loras = lora_modules if isinstance(lora_modules, dict) else {lora.lora_name: lora for lora in lora_modules}
@@ -139,6 +141,11 @@ class OpenAIServing:
         self.log_requests = log_requests
         # usage.prompt_tokens_details.cached_tokens is reported when prefix caching is on.
         self.report_cached_tokens = async_llm.engine.config.enable_prefix_caching
+
+    def tokens_as_ids(self, req: Any) -> bool:
+        """Logprob tokens as "token_id:N": the request's choice, else the server's."""
+        own = getattr(req, "return_tokens_as_token_ids", None)
+        return self.return_tokens_as_token_ids if own is None else own
 
     def log_request(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -226,7 +233,11 @@ def top_by_rank(step: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
     return ranked[:k]
 
 
-def token_text(tokenizer: Any, token_id: int, lp: Optional[Logprob] = None) -> str:
+def token_text(tokenizer: Any, token_id: int, lp: Optional[Logprob] = None, as_id: bool = False) -> str:
+    """A logprob's token as text; `as_id` (vLLM's return_tokens_as_token_ids): "token_id:N",
+    which names a token whose text alone does not (a partial UTF-8 character, say)."""
+    if as_id:
+        return f"token_id:{token_id}"
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
     return tokenizer.decode([token_id])
