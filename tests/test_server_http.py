@@ -151,3 +151,56 @@ def test_return_tokens_as_token_ids(llm, llama_dir):
         assert all(all(k.startswith("token_id:") for k in d) for d in c_id["logprobs"]["top_logprobs"])
     finally:
         srv.stop()
+
+
+def test_sagemaker_routes_and_load_tracking(llm):
+    """/ping and /invocations (SageMaker's), and GET /load (--enable-server-load-tracking)."""
+    srv = _serve(llm, http=HttpOptions(enable_server_load_tracking=True))
+    try:
+        for method in ("GET", "POST"):
+            assert httpx.request(method, f"{srv.url}/ping").status_code == 200
+        chat = httpx.post(f"{srv.url}/invocations", json={**CHAT, "temperature": 0}).json()
+        direct = httpx.post(f"{srv.url}/v1/chat/completions", json={**CHAT, "temperature": 0}).json()
+        assert chat["object"] == "chat.completion"
+        assert chat["choices"][0]["message"] == direct["choices"][0]["message"]
+        text = httpx.post(f"{srv.url}/invocations", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).json()
+        assert text["object"] == "text_completion" and text["usage"]["completion_tokens"] == 2
+        r = httpx.post(f"{srv.url}/invocations", json={"model": MODEL, "messages": "not a list"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        r = httpx.post(f"{srv.url}/invocations", json={"model": MODEL})
+        assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+        r = httpx.post(f"{srv.url}/invocations", json={"model": MODEL, "input": "x"})
+        assert r.status_code == 400  # embeddings, from a generative model: the pooling endpoint's 400
+        assert httpx.get(f"{srv.url}/load").json() == {"server_load": 0}  # errors too left it balanced
+    finally:
+        srv.stop()
+    srv = _serve(llm)
+    try:
+        assert httpx.get(f"{srv.url}/load").status_code == 404  # off unless asked for
+    finally:
+        srv.stop()
+
+
+def test_load_counts_api_requests_until_their_last_byte():
+    import asyncio
+
+    from pagedserve.entrypoints.openai.http_options import LoadTracker, LoadTrackingMiddleware
+
+    async def run():
+        release, seen = asyncio.Event(), []
+
+        async def app(scope, receive, send):  # a response that takes its time (a stream)
+            await release.wait()
+
+        tracker = LoadTracker()
+        mw = LoadTrackingMiddleware(app, tracker)
+        calls = [asyncio.create_task(mw({"type": "http", "path": p}, None, None))
+                 for p in ("/v1/chat/completions", "/invocations", "/health", "/metrics", "/v1x")]
+        await asyncio.sleep(0)
+        seen.append(await tracker.report())
+        release.set()
+        await asyncio.gather(*calls)
+        seen.append(await tracker.report())
+        return seen
+
+    assert asyncio.run(run()) == [{"server_load": 2}, {"server_load": 0}]

@@ -41,13 +41,14 @@ def test_every_v1_route_needs_the_key(llm, monkeypatch):
     real = hmac.compare_digest
     monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
     routes = [(m.upper(), path) for path, ops in app.openapi()["paths"].items()
-              if path.startswith(("/v1", "/v2")) or path in ("/classify", "/score", "/rerank") for m in ops]
+              if path.startswith(("/v1", "/v2")) or path in ("/classify", "/score", "/rerank", "/invocations")
+              for m in ops]
     pooling = {"/v1/embeddings", "/v1/classify", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank",
                "/v2/rerank"}
     # GET, DELETE, POST .../cancel: past the key, this id is unknown (404)
     stored = {"/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel"}
     assert {p for _, p in routes} == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/responses",
-                                      *stored} | pooling
+                                      "/invocations", *stored} | pooling
     srv = ServerThread(app)
     body = {"model": MODEL, "prompt": "x", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}], "input": "x",
             "text_1": "x", "text_2": "y", "query": "x", "documents": ["y"]}

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.authentication import AuthenticationMiddleware
 
@@ -257,6 +257,31 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     async def health() -> Response:
         # 503 once the engine has failed, and while draining for shutdown (stop routing here).
         return Response(status_code=503 if async_llm.errored or async_llm.draining else 200)
+
+    @app.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)
+    async def ping() -> Response:  # SageMaker's health check: /health's answer
+        return await health()
+
+    @app.post("/invocations", responses=_ERRORS)
+    async def invocations(request: Request) -> Response:
+        """SageMaker's one entry point: the body's shape picks the endpoint (vLLM's order)."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise OpenAIError(400, "The request body could not be parsed as JSON.", "BadRequestError") from None
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "The request body must be a JSON object.", "BadRequestError")
+        for field, kind, handle in (("messages", ChatCompletionRequest, chat.create),
+                                    ("prompt", CompletionRequest, completion.create),
+                                    ("input", EmbeddingRequest, pooling.embed)):
+            if field in body:
+                try:
+                    parsed = kind.model_validate(body)
+                except ValidationError as e:
+                    raise RequestValidationError(e.errors()) from None
+                return _respond(await _with_cancellation(request, handle(parsed)))
+        raise OpenAIError(400, "/invocations takes a chat (messages), completion (prompt) or embedding (input) "
+                          "request.", "BadRequestError")
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:

@@ -12,7 +12,7 @@ from typing import Optional
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.requests import HTTPConnection
 
-PROTECTED_PREFIXES = ("/v1", "/v2", "/classify", "/score", "/rerank")
+PROTECTED_PREFIXES = ("/v1", "/v2", "/classify", "/score", "/rerank", "/invocations")
 
 
 class ApiKeyBackend(AuthenticationBackend):

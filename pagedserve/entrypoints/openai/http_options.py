@@ -1,6 +1,6 @@
 """How the server meets the web, with vLLM's `serve` flags: CORS (browsers calling the API
 from another origin; allowed from anywhere by default, as vLLM's), TLS (uvicorn's own),
-X-Request-Id response headers, and the FastAPI docs pages."""
+X-Request-Id response headers, the FastAPI docs pages, and server load tracking (GET /load)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class HttpOptions:
     ssl_cert_reqs: int = int(ssl.CERT_NONE)
     enable_request_id_headers: bool = False
     disable_fastapi_docs: bool = False
+    enable_server_load_tracking: bool = False
 
     def __post_init__(self) -> None:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
@@ -65,6 +66,8 @@ class HttpOptions:
                        help="answer every request with an X-Request-Id header (the client's own, or a new one)")
         g.add_argument("--disable-fastapi-docs", action="store_true",
                        help="no /docs, /redoc or /openapi.json pages")
+        g.add_argument("--enable-server-load-tracking", action="store_true",
+                       help="GET /load answers {\"server_load\": API requests in flight}, for a load balancer")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "HttpOptions":
@@ -78,6 +81,11 @@ class HttpOptions:
         carries the CORS and request-id headers that let its page read it."""
         from starlette.middleware.cors import CORSMiddleware
 
+        if self.enable_server_load_tracking:
+            tracker = LoadTracker()
+            app.state.server_load = tracker
+            app.add_api_route("/load", tracker.report, methods=["GET"])
+            app.add_middleware(LoadTrackingMiddleware, tracker=tracker)
         if self.enable_request_id_headers:
             app.add_middleware(RequestIdMiddleware)
         app.add_middleware(CORSMiddleware, allow_origins=self.allowed_origins, allow_methods=self.allowed_methods,
@@ -108,3 +116,33 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class LoadTracker:
+    """API requests in flight (a stream counts until its last byte is sent)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+
+    async def report(self) -> dict[str, int]:
+        return {"server_load": self.in_flight}
+
+
+class LoadTrackingMiddleware:
+    def __init__(self, app: ASGIApp, tracker: LoadTracker) -> None:
+        from pagedserve.entrypoints.openai.auth import PROTECTED_PREFIXES
+
+        self.app = app
+        self.tracker = tracker
+        self.prefixes = PROTECTED_PREFIXES  # the API's routes, not /health, /metrics or /load
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not any(path == p or path.startswith(p + "/") for p in self.prefixes):
+            await self.app(scope, receive, send)
+            return
+        self.tracker.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.tracker.in_flight -= 1
