@@ -144,6 +144,9 @@ class SamplingFields(OpenAIBaseModel):
     prompt_logprobs: Optional[Int64] = None
     # vLLM's: logprob tokens as "token_id:N" (default: the server's --return-tokens-as-token-ids)
     return_tokens_as_token_ids: Optional[bool] = None
+    # vLLM's: the prompt's and the reply's token ids beside the text (streamed: the prompt's in
+    # the first chunk, each chunk's own); for RL rollouts that must not re-tokenize.
+    return_token_ids: bool = False
     truncate_prompt_tokens: Optional[Int64] = None
     allowed_token_ids: Optional[list[Int64]] = None
     bad_words: Optional[list[Text]] = None
@@ -245,8 +248,9 @@ class SamplingFields(OpenAIBaseModel):
             except ValueError:
                 raise ParamError("logit_bias", "logit_bias keys must be token ids (integers as strings).") from None
         opt = {k: v for k, v in (defaults or {}).items() if k != "max_tokens"}
-        opt.update({k: v for k, v in dict(top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                                          temperature=self.temperature, top_p=self.top_p).items() if v is not None})
+        given = dict(top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                     temperature=self.temperature, top_p=self.top_p)
+        opt.update({k: v for k, v in given.items() if v is not None})
         return SamplingParams(
             n=self.n, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids, max_tokens=max_tokens,
@@ -299,6 +303,8 @@ class CompletionChoice(OpenAIBaseModel):
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
     prompt_logprobs: Optional[PromptLogprobsJSON] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids (streamed: in the first chunk)
+    token_ids: Optional[list[int]] = None
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -508,6 +514,7 @@ class ChatCompletionChoice(OpenAIBaseModel):
     logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -518,6 +525,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatCompletionChoice]
     usage: Optional[UsageInfo] = None
     prompt_logprobs: Optional[PromptLogprobsJSON] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids
 
 
 class DeltaFunctionCall(OpenAIBaseModel):
@@ -545,6 +553,7 @@ class ChatCompletionStreamChoice(OpenAIBaseModel):
     logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = None  # return_token_ids: this chunk's
 
 
 class ChatCompletionStreamResponse(OpenAIBaseModel):
@@ -554,6 +563,7 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionStreamChoice]
     usage: Optional[UsageInfo] = None
+    prompt_token_ids: Optional[list[int]] = None  # return_token_ids: in the first chunk
 
 
 # ---- tokenize / detokenize (vLLM's shapes) ------------------------------------------------

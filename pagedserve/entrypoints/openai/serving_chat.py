@@ -66,11 +66,11 @@ class OpenAIServingChat(OpenAIServing):
         self.log_request(request_id, prompt["prompt"], prompt["prompt_token_ids"], params)
         gen = self.llm.generate(prompt, params, request_id, arrival_time=arrival, cache_salt=req.cache_salt,
                                 reservation=reservation, lora_request=self.loras.get(model), priority=req.priority)
-        num_prompt = len(prompt["prompt_token_ids"])
+        prompt_ids = list(prompt["prompt_token_ids"])
         if req.stream:
-            return self._stream(req, model, request_id, gen, params.n, num_prompt, reservation)
+            return self._stream(req, model, request_id, gen, params.n, prompt_ids, reservation)
         try:
-            return await self._full(req, model, request_id, gen, params.n, num_prompt)
+            return await self._full(req, model, request_id, gen, params.n, prompt_ids)
         finally:
             reservation.release()
 
@@ -100,8 +100,8 @@ class OpenAIServingChat(OpenAIServing):
                                       usage=usage_info(num_prompt, generated, None))
 
     async def _full(self, req: ChatCompletionRequest, model: str, request_id: str,
-                    gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int) -> ChatCompletionResponse:
-        texts, num_tokens = [""] * n, [0] * n
+                    gen: AsyncGenerator[RequestOutput, None], n: int, prompt_ids: list[int]) -> ChatCompletionResponse:
+        texts, token_ids = [""] * n, [[] for _ in range(n)]
         logprobs: list[Optional[list[ChatCompletionLogProbsContent]]] = [None] * n
         finals: list[Optional[CompletionOutput]] = [None] * n
         prompt_logprobs = None
@@ -113,7 +113,7 @@ class OpenAIServingChat(OpenAIServing):
                     prompt_logprobs = out.prompt_logprobs
                 for c in out.outputs:
                     texts[c.index] += c.text
-                    num_tokens[c.index] += len(c.token_ids)
+                    token_ids[c.index] += c.token_ids
                     if req.logprobs:
                         logprobs[c.index] = (logprobs[c.index] or []) + self._logprobs(c, req.top_logprobs or 0,
                                                                                       self.tokens_as_ids(req))
@@ -125,11 +125,13 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(ChatCompletionChoice(
                 index=i, message=message,
                 logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
-                finish_reason=finish, stop_reason=finals[i].stop_reason if finals[i] else None))
-        completion = sum(num_tokens)
+                finish_reason=finish, stop_reason=finals[i].stop_reason if finals[i] else None,
+                token_ids=token_ids[i] if req.return_token_ids else None))
+        completion = sum(map(len, token_ids))
         return ChatCompletionResponse(
             id=request_id, model=model, choices=choices, prompt_logprobs=prompt_logprobs_json(prompt_logprobs),
-            usage=usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
+            usage=usage_info(len(prompt_ids), completion, cached if self.report_cached_tokens else None),
+            prompt_token_ids=prompt_ids if req.return_token_ids else None)
 
     @staticmethod
     def _chat_param(e: ParamError, req: ChatCompletionRequest) -> ParamError:
@@ -155,19 +157,21 @@ class OpenAIServingChat(OpenAIServing):
         return out
 
     async def _stream(self, req: ChatCompletionRequest, model: str, request_id: str,
-                      gen: AsyncGenerator[RequestOutput, None], n: int, num_prompt: int,
+                      gen: AsyncGenerator[RequestOutput, None], n: int, prompt_ids: list[int],
                       reservation: Reservation) -> AsyncIterator[str]:
         created = int(time.time())
 
-        def chunk(choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None) -> str:
+        def chunk(choices: list[ChatCompletionStreamChoice], usage: Optional[UsageInfo] = None,
+                  prompt_token_ids: Optional[list[int]] = None) -> str:
             return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices,
-                                                    usage=usage))
+                                                    usage=usage, prompt_token_ids=prompt_token_ids))
 
         completion = cached = 0
         streams = [ChoiceStream(req, self.reasoning_parser, self.tool_parser) for _ in range(n)]
         try:
             for i in range(n):  # the role comes first, before any content
-                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                            prompt_token_ids=prompt_ids if req.return_token_ids and i == 0 else None)
             out: RequestOutput
             async with aclosing(merge_async_iterators(gen)) as outputs:
                 async for _, out in outputs:
@@ -176,14 +180,15 @@ class OpenAIServingChat(OpenAIServing):
                         completion += len(c.token_ids)
                         delta, finish = streams[c.index].delta(c.text, c.finish_reason)
                         if not (delta.content or delta.tool_calls or delta.reasoning_content) and finish is None \
-                                and not (req.logprobs and c.token_ids):
+                                and not ((req.logprobs or req.return_token_ids) and c.token_ids):
                             continue  # nothing to say yet (text held back for a possible stop string)
-                        lps = ChatCompletionLogProbs(content=self._logprobs(c, req.top_logprobs or 0, self.tokens_as_ids(req))) \
-                            if req.logprobs else None
-                        yield chunk([ChatCompletionStreamChoice(index=c.index, delta=delta, logprobs=lps,
-                                                                finish_reason=finish, stop_reason=c.stop_reason)])
+                        lps = ChatCompletionLogProbs(content=self._logprobs(
+                            c, req.top_logprobs or 0, self.tokens_as_ids(req))) if req.logprobs else None
+                        yield chunk([ChatCompletionStreamChoice(
+                            index=c.index, delta=delta, logprobs=lps, finish_reason=finish, stop_reason=c.stop_reason,
+                            token_ids=list(c.token_ids) if req.return_token_ids else None)])
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield chunk([], usage_info(num_prompt, completion, cached if self.report_cached_tokens else None))
+                yield chunk([], usage_info(len(prompt_ids), completion, cached if self.report_cached_tokens else None))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)
         finally:

@@ -31,6 +31,8 @@ class _Choice:
     stop_reason: Union[int, str, None] = None
     started: bool = False  # the echo (prompt text) has been sent
     text_len: int = 0  # characters sent so far, for text_offset
+    token_ids: list[int] = field(default_factory=list)  # the reply's, for return_token_ids
+    sent: bool = False  # a chunk of it has been streamed (the first carries the prompt's ids)
 
 
 @dataclass
@@ -92,9 +94,12 @@ class OpenAIServingCompletion(OpenAIServing):
                         pass
         finally:
             reservation.release()
+        ids = req.return_token_ids
         choices = [CompletionChoice(index=i * params.n + j, text=c.text, logprobs=c.logprobs,
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                    prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs))
+                                    prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs),
+                                    prompt_token_ids=st.prompt_ids if ids else None,
+                                    token_ids=c.token_ids if ids else None)
                    for i, st in enumerate(states) for j, c in enumerate(st.choices)]
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=self._usage(states))
 
@@ -145,10 +150,15 @@ class OpenAIServingCompletion(OpenAIServing):
             ch.text += text
             ch.text_len += len(text)
             ch.num_tokens += len(c.token_ids)
+            ch.token_ids += c.token_ids
             ch.finish_reason, ch.stop_reason = c.finish_reason, c.stop_reason
             if text or ids or c.finish_reason is not None:
+                want, first = req.return_token_ids, not ch.sent
+                ch.sent = True
                 yield c.index, CompletionChoice(index=c.index, text=text, logprobs=delta_lp,
-                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                                prompt_token_ids=st.prompt_ids if want and first else None,
+                                                token_ids=list(c.token_ids) if want else None)
 
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, states: list[_PromptState],
                       gens: list[AsyncGenerator[RequestOutput, None]], reservation: Reservation) -> AsyncIterator[str]:
