@@ -73,7 +73,8 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
      "use tools", "functions"),
     ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "function_call": "auto"},
      "use tools", "function_call"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "not supported", "echo"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True, "use_beam_search": True,
+                          "n": 2}, "not supported with use_beam_search", "echo"),
 ])
 def test_pydantic_errors_are_400(server, route, body, match, param):
     _error(httpx.post(f"{server.url}/v1/{route}", json=body), 400, "BadRequestError", match, param)

@@ -252,3 +252,23 @@ def test_sse_events_survive_naive_line_splitting():
     event = sse(CompletionResponse(id="x", model="m", choices=[CompletionChoice(index=0, text=text)]))
     assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
     assert json.loads(event[len("data: "):])["choices"][0]["text"] == text
+
+
+def test_chat_echo_prepends_the_continued_message(client):
+    """vLLM's chat echo: continuing an assistant's message, the reply starts with its text,
+    whole and streamed; after a user's message there is nothing to echo."""
+    partial = "Sure, the answer is"
+    msgs = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": partial}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+              extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    echoed = client.chat.completions.create(**{**kw, "extra_body": {**kw["extra_body"], "echo": True}})
+    assert echoed.choices[0].message.content == partial + plain
+    chunks = list(client.chat.completions.create(stream=True, **{**kw, "extra_body": {**kw["extra_body"],
+                                                                                   "echo": True}}))
+    assert chunks[1].choices[0].delta.content == partial
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == partial + plain
+    user_last = client.chat.completions.create(model=MODEL, messages=msgs[:1], max_tokens=3, temperature=0,
+                                               extra_body={"echo": True})
+    assert user_last.choices[0].message.content == client.chat.completions.create(
+        model=MODEL, messages=msgs[:1], max_tokens=3, temperature=0).choices[0].message.content

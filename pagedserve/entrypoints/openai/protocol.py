@@ -410,11 +410,20 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     # Unset: "auto" with tools, "none" without (OpenAI's and vLLM's default).
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None  # False: "required" makes exactly one call
-    # Not implemented, refused rather than ignored: OpenAI's deprecated functions API and
-    # vLLM's chat echo.
+    # vLLM's chat echo: a reply continuing the last message (an assistant's, with
+    # continue_final_message) starts with that message's text.
+    echo: bool = False
+    # Not implemented, refused rather than ignored: OpenAI's deprecated functions API.
     functions: Optional[list[Any]] = None
     function_call: Optional[Any] = None
-    echo: bool = False
+
+    @property
+    def echoed(self) -> str:
+        """echo's text: the last message's, when it is the assistant's (the reply's role)."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant":
+            return ""
+        return last.for_template()["content"] if isinstance(last.for_template()["content"], str) else ""
 
     @property
     def tool_mode(self) -> str:
@@ -451,8 +460,6 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
                 raise ParamError(name, f"{name} is not supported; use tools and tool_choice.")
-        if self.echo:
-            raise ParamError("echo", "echo is not supported for chat completions.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.beam_search_params(max_tokens if max_tokens is not None else max_tokens_left)
 
@@ -463,8 +470,6 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
             if getattr(self, name) is not None:
                 raise ParamError(name, f"{name} (OpenAI's deprecated functions API) is not supported; use tools and "
                                  "tool_choice.")
-        if self.echo:
-            raise ParamError("echo", "echo is not supported for chat completions.")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         params = self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
         constraint = self._tool_constraint()

@@ -122,6 +122,8 @@ class OpenAIServingChat(OpenAIServing):
         for i in range(n):
             message, finish = whole_message(req, texts[i], finals[i].finish_reason if finals[i] else None,
                                             self.reasoning_parser, self.tool_parser)
+            if req.echoed:
+                message.content = req.echoed + (message.content or "")
             choices.append(ChatCompletionChoice(
                 index=i, message=message,
                 logprobs=ChatCompletionLogProbs(content=logprobs[i]) if req.logprobs else None,
@@ -172,6 +174,9 @@ class OpenAIServingChat(OpenAIServing):
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
                             prompt_token_ids=prompt_ids if req.return_token_ids and i == 0 else None)
+            if req.echoed:  # the continued message's text, then the continuation
+                for i in range(n):
+                    yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=req.echoed))])
             out: RequestOutput
             async with aclosing(merge_async_iterators(gen)) as outputs:
                 async for _, out in outputs:
