@@ -61,6 +61,13 @@ class EmbeddingOutput:
 
 
 @dataclass
+class PoolingOutput:
+    """LLM.encode's output (vLLM's): the pooled result as a tensor."""
+
+    data: Any  # torch.Tensor
+
+
+@dataclass
 class PoolingRequestOutput:
     """One prompt's result from a pooling model (vLLM's PoolingRequestOutput): `outputs` is an
     EmbeddingOutput or a ClassificationOutput."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
+import torch
 from tqdm.auto import tqdm
 
 from pagedserve.config import EngineArgs
@@ -11,8 +12,8 @@ from pagedserve.demo import resolve_model
 from pagedserve.engine.engine import LLMEngine, PromptType
 from pagedserve.lora.request import LoRARequest
 from pagedserve.multimodal.chat_parts import split_images
-from pagedserve.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
-                                ScoringRequestOutput)
+from pagedserve.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, PoolingOutput,
+                                PoolingRequestOutput, RequestOutput, ScoringOutput, ScoringRequestOutput)
 from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -38,9 +39,29 @@ class LLM:
                             f"supported: {', '.join(sorted(EngineArgs.field_names() - {'model'}))}.")
         self.engine_args = EngineArgs(model=resolve_model(model), **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._profiler: Optional[Any] = None
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forget every cached prefix block (after changing weights, say). False, with
+        nothing changed, while requests hold blocks."""
+        return self.llm_engine.kv.reset_prefix_cache()
+
+    def start_profile(self) -> None:
+        """vLLM's: torch's profiler on, until stop_profile() writes its trace into
+        $PAGEDSERVE_TORCH_PROFILER_DIR (a RuntimeError when that is unset)."""
+        from pagedserve.profiler import TorchProfiler
+
+        self._profiler = self._profiler or TorchProfiler()
+        self._profiler.start()
+
+    def stop_profile(self) -> str:
+        """Stop the profiler; the path of the trace it wrote (Chrome / Perfetto JSON)."""
+        if self._profiler is None:
+            raise RuntimeError("the profiler is not running: start_profile() first.")
+        return self._profiler.stop()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: what generate() and chat() use when given no sampling_params: SamplingParams'
@@ -92,6 +113,20 @@ class LLM:
         """vLLM's LLM.embed (a pooling model: runner="pooling", or a base-model checkpoint):
         one vector per prompt, `.outputs.embedding`, in the order of `prompts`."""
         return self._pool(prompts, pooling_params, "embed", use_tqdm)
+
+    def encode(self, prompts: Union[PromptType, Sequence[PromptType]],
+               pooling_params: Optional[Union[PoolingParams, Sequence[PoolingParams]]] = None, use_tqdm: bool = True,
+               pooling_task: Optional[str] = None) -> list[PoolingRequestOutput]:
+        """vLLM's LLM.encode: a pooling model's outputs as tensors, `.outputs.data` (the
+        embedding, or the class probabilities); pooling_task "embed" or "classify" (default:
+        the model's own)."""
+        task = pooling_task or self.llm_engine.config.pooling_task
+        if task not in ("embed", "classify"):
+            raise ValueError(f"pooling_task must be 'embed' or 'classify', got {pooling_task!r}.")
+        outs = self._pool(prompts, pooling_params if task == "embed" else None, task, use_tqdm)
+        return [PoolingRequestOutput(o.request_id, PoolingOutput(torch.tensor(
+            o.outputs.embedding if task == "embed" else o.outputs.probs)), o.prompt_token_ids, o.finished, o.prompt,
+            o.num_cached_tokens) for o in outs]
 
     def classify(self, prompts: Union[PromptType, Sequence[PromptType]],
                  use_tqdm: bool = True) -> list[ClassificationRequestOutput]:

@@ -1,0 +1,55 @@
+"""vLLM's smaller LLM methods: encode (a pooling model's outputs as tensors),
+reset_prefix_cache, and start_profile / stop_profile (torch's profiler, a trace file)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.profiler import PROFILER_DIR_ENV
+
+
+def test_encode_returns_the_embeddings_as_tensors(llama_dir):
+    llm = LLM(llama_dir, runner="pooling", pooler_config={"pooling_type": "MEAN", "normalize": True})
+    prompts = ["a first prompt", "and a second, longer one"]
+    embedded = llm.embed(prompts, use_tqdm=False)
+    encoded = llm.encode(prompts, use_tqdm=False)
+    for e, o in zip(embedded, encoded):
+        assert isinstance(o.outputs.data, torch.Tensor) and o.prompt_token_ids == e.prompt_token_ids
+        torch.testing.assert_close(o.outputs.data, torch.tensor(e.outputs.embedding))
+    with pytest.raises(ValueError, match="pooling_task"):
+        llm.encode(prompts, pooling_task="token_embed")
+
+
+def test_reset_prefix_cache(llama_dir):
+    llm = LLM(llama_dir, block_size=8)
+    prompt = {"prompt_token_ids": list(range(5, 45))}
+    params = SamplingParams(temperature=0, max_tokens=2)
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens == 32  # four full blocks
+    assert llm.reset_prefix_cache()
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_profiler_writes_a_trace(llama_dir, tmp_path, monkeypatch):
+    llm = LLM(llama_dir)
+    monkeypatch.delenv(PROFILER_DIR_ENV, raising=False)
+    with pytest.raises(RuntimeError, match=PROFILER_DIR_ENV):
+        llm.start_profile()
+    monkeypatch.setenv(PROFILER_DIR_ENV, str(tmp_path))
+    llm._profiler = None  # (the environment is read when profiling starts)
+    with pytest.raises(RuntimeError, match="not running"):
+        llm.stop_profile()
+    llm.start_profile()
+    with pytest.raises(RuntimeError, match="already running"):
+        llm.start_profile()
+    llm.generate("profile me", SamplingParams(max_tokens=3), use_tqdm=False)
+    path = llm.stop_profile()
+    assert path.startswith(str(tmp_path))
+    with open(path) as f:
+        names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names)  # the forward passes' ops are in it
