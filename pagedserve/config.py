@@ -93,6 +93,12 @@ class EngineArgs:
     # override_generation_config: those keys set over it, e.g. {"temperature": 0.5}.
     generation_config: str = "auto"
     override_generation_config: Optional[dict] = None
+    # vLLM's names a switching user passes out of habit. trust_remote_code: accepted, and
+    # meaningless here (no checkpoint's own code ever runs: an architecture is served by
+    # pagedserve's module for it, or refused). One device: parallel sizes other than 1 refused.
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -103,6 +109,13 @@ class EngineArgs:
 
         if not self.model:
             raise ValueError("model must be set to a local Hugging Face model directory.")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) != 1:
+                raise ValueError(f"{name} must be 1 (pagedserve runs a model on one device), "
+                                 f"got {getattr(self, name)!r}.")
+        if self.trust_remote_code:
+            logger.info("trust_remote_code is accepted and changes nothing: pagedserve never runs a checkpoint's "
+                        "own code.")
         from pagedserve.reasoning import REASONING_PARSERS
 
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:

@@ -53,3 +53,20 @@ def test_profiler_writes_a_trace(llama_dir, tmp_path, monkeypatch):
     with open(path) as f:
         names = {e.get("name", "") for e in json.load(f)["traceEvents"]}
     assert any(n.startswith("aten::") for n in names)  # the forward passes' ops are in it
+
+
+def test_vllm_habits_are_accepted(llama_dir):
+    """Arguments a vLLM user passes out of habit: trust_remote_code (no checkpoint code runs
+    here either way) and parallel sizes of 1; more than one device is a clear error."""
+    from pagedserve.entrypoints.cli import build_parser, engine_args_from
+
+    llm = LLM(llama_dir, trust_remote_code=True, tensor_parallel_size=1, pipeline_parallel_size=1)
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        with pytest.raises(ValueError, match=f"{name} must be 1"):
+            LLM(llama_dir, **{name: 2})
+    ns = build_parser().parse_args(["serve", llama_dir, "--trust-remote-code", "-tp", "2"])
+    args = engine_args_from(ns, llama_dir)
+    assert args.trust_remote_code and args.tensor_parallel_size == 2
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
+        args.create_engine_config()

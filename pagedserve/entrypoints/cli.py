@@ -79,6 +79,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    'image size cap: \'{"max_pixels": 1003520}\')')
     p.add_argument("--pooler-config", type=_json_dict, default=None,
                    help='embedding pooling, JSON: \'{"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": true}\'')
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM's command lines; pagedserve never runs a checkpoint's own code")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 only: one device")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only: one device")
     p.add_argument("--generation-config", default=d.generation_config,
                    help="where requests' sampling defaults come from: auto (the model's generation_config.json: "
                    "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), vllm (none: "
