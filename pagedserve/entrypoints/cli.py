@@ -263,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "aborted (each stream then ends with finish_reason 'abort')")
     s.add_argument("--enable-log-requests", action="store_true",
                    help="log every request with its prompt and parameters (off: prompts never reach the logs)")
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="vLLM's older flag, accepted: requests are not logged unless --enable-log-requests")
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="no stats line every 10 s (throughput, running / waiting requests, KV cache usage, "
+                   "prefix cache hit rate)")
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="accept a chat_template in requests (off: such a request is a 400)")
     s.add_argument("--enable-auto-tool-choice", action="store_true",

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import signal
-from typing import Any, Awaitable, Optional, Sequence, Union
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -45,6 +45,7 @@ from pagedserve.entrypoints.openai.tool_calls import HARMONY_TOOL_PARSER, TOOL_P
 from pagedserve.lora.request import LoRARequest
 from pagedserve.metrics import PrometheusStatLogger
 from pagedserve.reasoning import REASONING_PARSERS
+from pagedserve.stat_logging import LoggingStatLogger
 
 logger = logging.getLogger("pagedserve")
 
@@ -333,17 +334,24 @@ class _GracefulServer(uvicorn.Server):
     (streams have had their error events) and `engine_failed` is set: the process exits
     non-zero so that a supervisor restarts it."""
 
-    def __init__(self, config: uvicorn.Config, async_llm: AsyncLLM, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, async_llm: AsyncLLM, grace: float,
+                 background: Sequence[Callable[[], Awaitable[None]]] = ()) -> None:
         super().__init__(config)
         self.async_llm = async_llm
         self.grace = grace
+        self.background = background  # coroutines run beside the server (the stats line)
         self.engine_failed = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         async_llm.add_failure_callback(self._on_engine_failure)
 
     async def serve(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        tasks = [asyncio.create_task(run()) for run in self.background]
+        try:
+            await super().serve(sockets)
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         first = not self.should_exit
@@ -420,7 +428,10 @@ def run_server(args: argparse.Namespace) -> int:
                     return_tokens_as_token_ids=args.return_tokens_as_token_ids)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, **http.uvicorn_kwargs())
-    server = _GracefulServer(config, async_llm, args.shutdown_timeout)
+    stats = None if args.disable_log_stats else LoggingStatLogger(async_llm.engine)
+    if stats is not None:
+        async_llm.add_stat_logger(stats)
+    server = _GracefulServer(config, async_llm, args.shutdown_timeout, [stats.run] if stats is not None else [])
     # uvicorn re-raises the signal it caught once it has shut down, to reach the handlers
     # that were there before; make those no-ops so a graceful stop exits with status 0.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
