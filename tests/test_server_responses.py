@@ -1,7 +1,8 @@
 """POST /v1/responses (OpenAI's Responses API) through the official openai client: the same
 reply as chat on the same conversation, whole and streamed (OpenAI's event sequence),
 instructions, stored responses (retrieve, delete, previous_response_id), background responses
-(polled, streamed and resumed, cancelled), structured text formats, and clear 400 / 404 errors. Tool calls and reasoning: tests/test_harmony.py."""
+(polled, streamed and resumed, cancelled), logprobs, structured text formats, and clear 400 / 404
+errors. Tool calls and reasoning: tests/test_harmony.py."""
 
 from __future__ import annotations
 
