@@ -4,6 +4,7 @@ headers, the docs pages switched off, TLS, and logprob tokens as token ids."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import ssl
 import subprocess
@@ -204,3 +205,13 @@ def test_load_counts_api_requests_until_their_last_byte():
         return seen
 
     assert asyncio.run(run()) == [{"server_load": 2}, {"server_load": 0}]
+
+
+def test_force_include_usage(llm):
+    srv = _serve(llm, enable_force_include_usage=True)
+    try:
+        with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    finally:
+        srv.stop()

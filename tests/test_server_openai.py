@@ -272,3 +272,21 @@ def test_chat_echo_prepends_the_continued_message(client):
                                                extra_body={"echo": True})
     assert user_last.choices[0].message.content == client.chat.completions.create(
         model=MODEL, messages=msgs[:1], max_tokens=3, temperature=0).choices[0].message.content
+
+
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, every chunk carries the
+    usage so far; the last chunk the whole."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=6, stream=True, stream_options=opts,
+                                               extra_body={"ignore_eos": True}))
+    text = list(client.completions.create(model=MODEL, prompt="one two", max_tokens=6, stream=True,
+                                          stream_options=opts, extra_body={"ignore_eos": True}))
+    for chunks in (chat, text):
+        used = [c.usage.completion_tokens for c in chunks]  # every chunk has its usage
+        assert used == sorted(used) and used[-1] == 6 and chunks[-1].choices == []
+        assert len({c.usage.prompt_tokens for c in chunks}) == 1
+    plain = list(client.completions.create(model=MODEL, prompt="one two", max_tokens=3, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 3

@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "harmony messages to=functions.NAME)")
     s.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='logprob tokens as "token_id:N" (a request\'s return_tokens_as_token_ids overrides it)')
+    s.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every stream ends with a usage chunk, as if stream_options.include_usage were set")
     s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
                    help="LoRA adapters to serve, each under its own model name: name=path or "
                    "'{\"name\": ..., \"path\": ...}' (needs --enable-lora)")

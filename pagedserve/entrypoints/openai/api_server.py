@@ -130,7 +130,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
               enable_log_requests: bool = False, tool_call_parser: Optional[str] = None,
               trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False,
-              http: Optional[HttpOptions] = None, return_tokens_as_token_ids: bool = False) -> FastAPI:
+              http: Optional[HttpOptions] = None, return_tokens_as_token_ids: bool = False,
+              enable_force_include_usage: bool = False) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -142,7 +143,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     adapters served under their own names (the engine needs enable_lora); `allow_runtime_lora`
     adds vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serving_lora.py). `http`:
     CORS, X-Request-Id headers, the docs pages (http_options.py; default: CORS open to all, as vLLM's).
-    `return_tokens_as_token_ids`: logprob tokens as "token_id:N" unless a request says otherwise."""
+    `return_tokens_as_token_ids`: logprob tokens as "token_id:N" unless a request says otherwise;
+    `enable_force_include_usage`: every stream ends with a usage chunk, asked for or not."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -156,7 +158,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
         raise ValueError(f"LoRA module name {sorted(clash)[0]!r} is also the model's name.")
     serving = dict(limits=limits, log_requests=enable_log_requests,
                    trust_request_chat_template=trust_request_chat_template, lora_modules=loras,
-                   return_tokens_as_token_ids=return_tokens_as_token_ids)
+                   return_tokens_as_token_ids=return_tokens_as_token_ids,
+                   force_include_usage=enable_force_include_usage)
     completion = OpenAIServingCompletion(async_llm, names, **serving)
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSER_NAMES:
         raise ValueError(f"unknown tool call parser {tool_call_parser!r}; choose from {', '.join(TOOL_PARSER_NAMES)}.")
@@ -425,7 +428,8 @@ def run_server(args: argparse.Namespace) -> int:
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras,
                     allow_runtime_lora=runtime_lora_allowed(), http=http,
-                    return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+                    return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                    enable_force_include_usage=args.enable_force_include_usage)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + 5, **http.uvicorn_kwargs())
     stats = None if args.disable_log_stats else LoggingStatLogger(async_llm.engine)

@@ -64,6 +64,7 @@ class UsageInfo(OpenAIBaseModel):
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class ModelCard(OpenAIBaseModel):
@@ -130,6 +131,13 @@ class SamplingFields(OpenAIBaseModel):
     stop: Optional[Union[Text, list[Text]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+
+    def usage_wanted(self, forced: bool = False) -> tuple[bool, bool]:
+        """(usage in a last chunk, usage so far in every chunk), as asked in stream_options
+        (`forced`: the server's --enable-force-include-usage)."""
+        opts = self.stream_options
+        final = forced or (opts is not None and opts.include_usage)
+        return final, final and opts is not None and opts.continuous_usage_stats
     user: Optional[str] = None
     # vLLM's extras
     top_k: Optional[Int64] = None

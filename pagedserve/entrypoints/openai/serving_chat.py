@@ -170,13 +170,20 @@ class OpenAIServingChat(OpenAIServing):
 
         completion = cached = 0
         streams = [ChoiceStream(req, self.reasoning_parser, self.tool_parser) for _ in range(n)]
+        final_usage, running_usage = req.usage_wanted(self.force_include_usage)
+
+        def usage_so_far() -> Optional[UsageInfo]:
+            return usage_info(len(prompt_ids), completion, cached if self.report_cached_tokens else None) \
+                if running_usage else None
+
         try:
             for i in range(n):  # the role comes first, before any content
                 yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
-                            prompt_token_ids=prompt_ids if req.return_token_ids and i == 0 else None)
+                            usage_so_far(), prompt_token_ids=prompt_ids if req.return_token_ids and i == 0 else None)
             if req.echoed:  # the continued message's text, then the continuation
                 for i in range(n):
-                    yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=req.echoed))])
+                    yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(content=req.echoed))],
+                                usage_so_far())
             out: RequestOutput
             async with aclosing(merge_async_iterators(gen)) as outputs:
                 async for _, out in outputs:
@@ -191,8 +198,8 @@ class OpenAIServingChat(OpenAIServing):
                             c, req.top_logprobs or 0, self.tokens_as_ids(req))) if req.logprobs else None
                         yield chunk([ChatCompletionStreamChoice(
                             index=c.index, delta=delta, logprobs=lps, finish_reason=finish, stop_reason=c.stop_reason,
-                            token_ids=list(c.token_ids) if req.return_token_ids else None)])
-            if req.stream_options is not None and req.stream_options.include_usage:
+                            token_ids=list(c.token_ids) if req.return_token_ids else None)], usage_so_far())
+            if final_usage:
                 yield chunk([], usage_info(len(prompt_ids), completion, cached if self.report_cached_tokens else None))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly
             yield sse_error(e)

@@ -164,13 +164,15 @@ class OpenAIServingCompletion(OpenAIServing):
                       gens: list[AsyncGenerator[RequestOutput, None]], reservation: Reservation) -> AsyncIterator[str]:
         n = len(states[0].choices)
         created = int(time.time())
+        final_usage, running_usage = req.usage_wanted(self.force_include_usage)
         try:
             async with aclosing(merge_async_iterators(*gens)) as merged:
                 async for i, out in merged:
                     for j, choice in self._fold(req, states[i], out):
                         choice.index = i * n + j
-                        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
-            if req.stream_options is not None and req.stream_options.include_usage:
+                        yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
+                                                     usage=self._usage(states) if running_usage else None))
+            if final_usage:
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
                                              usage=self._usage(states)))
         except Exception as e:  # headers are gone: report in-band, then end the stream properly

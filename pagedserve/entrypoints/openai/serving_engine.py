@@ -128,9 +128,10 @@ class OpenAIServing:
                  chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
                  log_requests: bool = False, trust_request_chat_template: bool = False,
                  lora_modules: Union[Sequence[LoRARequest], dict[str, LoRARequest]] = (),
-                 return_tokens_as_token_ids: bool = False) -> None:
+                 return_tokens_as_token_ids: bool = False, force_include_usage: bool = False) -> None:
         self.llm = async_llm
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
+        self.force_include_usage = force_include_usage  # streams end with usage, asked or not
         self.served_model_names = list(served_model_names)
         # model name -> adapter; a dict given is shared (the runtime LoRA endpoints change it)
         self.loras = lora_modules if isinstance(lora_modules, dict) else {lora.lora_name: lora for lora in lora_modules}
