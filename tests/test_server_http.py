@@ -215,3 +215,21 @@ def test_force_include_usage(llm):
         assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
     finally:
         srv.stop()
+
+
+def test_chat_documents_reach_the_template(llm):
+    """vLLM's chat `documents`: passed to the chat template (a RAG template lists them)."""
+    template = ("{% for d in documents %}[{{ d.title }}: {{ d.text }}] {% endfor %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    srv = _serve(llm, chat_template=template)
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "question"}],
+                "documents": [{"title": "A", "text": "first"}, {"title": "B", "text": "second"}]}
+        got = httpx.post(f"{srv.url}/tokenize", json=body).json()["tokens"]
+        want = httpx.post(f"{srv.url}/tokenize", json={"model": MODEL, "add_special_tokens": False,
+                                                      "prompt": "[A: first] [B: second] question"}).json()["tokens"]
+        assert got == want
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json={**body, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want)
+    finally:
+        srv.stop()

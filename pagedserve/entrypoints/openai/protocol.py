@@ -379,6 +379,9 @@ class ChatTemplateFields(OpenAIBaseModel):
     continue_final_message: bool = False
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # vLLM's: documents for a retrieval-augmented template (Command-R's, Granite's), each a
+    # dict such as {"title": ..., "text": ...}
+    documents: Optional[list[dict[str, str]]] = None
 
     @field_validator("continue_final_message")
     @classmethod

@@ -203,6 +203,8 @@ class OpenAIServing:
         tools = getattr(req, "tools", None)  # chat completions: the template may describe them
         if tools:
             extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+        if req.documents:
+            extra["documents"] = req.documents
 
         def render() -> tuple[str, list[int]]:
             try:
