@@ -27,6 +27,17 @@ _LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                     480.0, 960.0, 1920.0, 7680.0]
 
 
+def _1_2_5_buckets(limit: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(float(m * scale))
+        scale *= 10
+
+
 class _EngineStateCollector(Collector):
     """Gauges and counters that the engine already keeps, read at scrape time."""
 
@@ -69,6 +80,8 @@ class _RequestTracker:
         self.n = n
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
+        self.scheduled_time: Optional[float] = None
+        self.num_prompt = self.num_generated = 0
         self.num_finished = 0
         self.done = False
 
@@ -77,9 +90,12 @@ class _RequestTracker:
             return
         m = self.m
         new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        self.num_generated += new_tokens
         if self.first_token_time is None:
-            m.prompt_tokens.inc(len(out.prompt_token_ids))
+            self.num_prompt = len(out.prompt_token_ids)
+            m.prompt_tokens.inc(self.num_prompt)
             if out.metrics is not None and out.metrics.first_scheduled_time is not None:
+                self.scheduled_time = out.metrics.first_scheduled_time
                 m.queue_time.observe(max(0.0, out.metrics.first_scheduled_time - out.metrics.arrival_time))
         if new_tokens:
             m.generation_tokens.inc(new_tokens)
@@ -94,7 +110,24 @@ class _RequestTracker:
                 self.num_finished += 1
                 m.success.labels(m.model_name, c.finish_reason).inc()
         if out.finished:
+            self._phases()
             self._end(now)
+
+    def _phases(self) -> None:
+        """A finished request's sizes and phase times (vLLM's request_* histograms)."""
+        m = self.m
+        m.request_prompt_tokens.observe(self.num_prompt)
+        m.request_generation_tokens.observe(self.num_generated)
+        m.request_params_n.observe(self.n)
+        first, last, start = self.first_token_time, self.last_token_time, self.scheduled_time
+        if first is None or last is None:
+            return
+        m.decode_time.observe(last - first)
+        if self.num_generated > 1:
+            m.tpot.observe((last - first) / (self.num_generated - 1))
+        if start is not None:
+            m.prefill_time.observe(max(0.0, first - start))
+            m.inference_time.observe(max(0.0, last - start))
 
     def on_pooled(self, out: PoolingRequestOutput, now: float) -> None:
         """A pooling request's one result (embedding, classification): its prompt tokens, a
@@ -142,6 +175,18 @@ class PrometheusStatLogger:
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "Time from arrival to first scheduling.",
                                     _LATENCY_BUCKETS)
+        tokens = _1_2_5_buckets(engine.config.max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens of finished requests.", tokens)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Generated tokens of finished requests (all samples).", tokens)
+        self.request_params_n = histogram("request_params_n", "The n of finished requests.", [1, 2, 5, 10, 20])
+        self.prefill_time = histogram("request_prefill_time_seconds", "First scheduling to first token.",
+                                      _LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "First token to last token.", _LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "First scheduling to last token.",
+                                        _LATENCY_BUCKETS)
+        self.tpot = histogram("request_time_per_output_token_seconds",
+                              "Mean time between a finished request's output tokens.", _ITL_BUCKETS)
 
     def new_request(self, arrival_time: float, n: int) -> _RequestTracker:
         return _RequestTracker(self, arrival_time, n)

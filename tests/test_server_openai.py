@@ -196,6 +196,16 @@ def test_metrics_counters_move(client, server):
     for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
         assert delta(f"pagedserve:{h}_count", model_name=MODEL) == 1
     assert delta("pagedserve:inter_token_latency_seconds_count") == 6
+    # vLLM's per-request histograms: sizes and phase times of the finished request
+    assert delta("pagedserve:request_prompt_tokens_sum") == r.usage.prompt_tokens
+    assert delta("pagedserve:request_generation_tokens_sum") == 7
+    assert delta("pagedserve:request_params_n_sum") == 1
+    phases = {h: delta(f"pagedserve:request_{h}_seconds_sum") for h in ("prefill_time", "decode_time",
+                                                                          "inference_time")}
+    assert all(delta(f"pagedserve:request_{h}_seconds_count") == 1 for h in phases)
+    assert phases["inference_time"] == pytest.approx(phases["prefill_time"] + phases["decode_time"], abs=1e-6)
+    tpot = delta("pagedserve:request_time_per_output_token_seconds_sum")
+    assert tpot == pytest.approx(phases["decode_time"] / 6, rel=1e-6)
     assert metric(after, "pagedserve:kv_cache_usage_perc") == 0
     assert metric(after, "pagedserve:num_requests_running") == 0
 
