@@ -134,8 +134,8 @@ def test_errors(gemma3, tmp_path):
     path, ref = gemma3
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(path, max_num_batched_tokens=8, max_model_len=64)
-    with pytest.raises(ValueError, match="pan-and-scan"):
-        LLM(path, mm_processor_kwargs={"do_pan_and_scan": True})
+    with pytest.raises(ValueError, match="pan_and_scan_max_crops"):  # (pan-and-scan: its own test file)
+        LLM(path, mm_processor_kwargs={"do_pan_and_scan": True, "pan_and_scan_max_crops": 2})
     llm = LLM(path, block_size=8)
     for prompt, words in [(image_prompt(PROMPT_2, [random_image(1)]), "runs of image placeholder"),
                           ({"prompt": PROMPT_1}, "placeholders")]:

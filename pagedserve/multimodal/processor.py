@@ -139,8 +139,12 @@ class ImageInputProcessor:
         self.tokenizer = tokenizer
         if (self.bidirectional or self.pixtral or self.internvl) and tokenizer is None:
             raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
-        if self.bidirectional and getattr(self.hf, "do_pan_and_scan", False):
-            raise ValueError("Gemma 3's pan-and-scan crops (do_pan_and_scan) are not supported.")
+        # Gemma 3's pan-and-scan settings (multimodal/gemma3.py): none unless do_pan_and_scan.
+        self.pan_and_scan: dict = {}
+        if self.bidirectional:
+            from pagedserve.multimodal.gemma3 import pan_and_scan_kwargs
+
+            self.pan_and_scan = pan_and_scan_kwargs(self.hf)
         self.image_start = self.image_end = -1  # InternVL's <img> and </img>
         if self.internvl:
             from pagedserve.multimodal.internvl import image_marker_ids
@@ -162,8 +166,6 @@ class ImageInputProcessor:
         if self.onevision and not alone:  # grouped as one prompt's: each image padded square, not tiled
             pil = [pil]
         out = self.hf(images=pil, return_tensors="pt", **kwargs)
-        if self.bidirectional:
-            return [(p, int(self.config.mm_tokens_per_image), None) for p in out["pixel_values"]]
         if self.pixtral:  # each image at its own size (padded to the largest in the batch: cropped back)
             return [(p[:, :h, :w], (int(h), int(w)), None) for p, (h, w) in zip(out["pixel_values"], out["image_sizes"])]
         if self.anyres:  # each image's tiles (padded to the most in the batch: cut back), by its size
@@ -198,10 +200,13 @@ class ImageInputProcessor:
         if len(images) > self.max_images:
             raise ParamError(field, f"at most {self.max_images} images a prompt are accepted (limit_mm_per_prompt), "
                              f"got {len(images)}.")
-        if self.bidirectional:
-            from pagedserve.multimodal.gemma3 import expand_image_markers
+        prepared = None
+        if self.bidirectional:  # each image's crops (pan-and-scan) decide the text it becomes
+            from pagedserve.multimodal.gemma3 import expand_image_markers, prepare_images
 
-            ids = expand_image_markers(ids, self.tokenizer, self.config)
+            pil = [load_image(im, field).convert("RGB") for im in images]
+            prepared, crops = prepare_images(self.hf, self.config, pil, self.pan_and_scan)
+            ids = expand_image_markers(ids, self.tokenizer, self.config, crops)
         if self.pixtral:
             return self._process_pixtral(ids, list(images), field)
         video = getattr(self.config, "video_token_index", None) if self.onevision else None
@@ -213,7 +218,7 @@ class ImageInputProcessor:
             if runs:
                 raise ParamError(field, f"the prompt has image placeholders (token {self.token_id}) but no images.")
             return ids, []
-        prepared = self._pixels(list(images), field)
+        prepared = prepared if prepared is not None else self._pixels(list(images), field)
         counts = _images_per_run([length for _, length in runs], [n for _, n, _ in prepared])
         if counts is None:
             sizes = sorted({n for _, n, _ in prepared})
