@@ -1,5 +1,6 @@
 """StructuredOutputsParams: constrain a request's output to a JSON schema, any JSON object, a
-regular expression, one of a list of strings, or an EBNF grammar (vLLM's names and checks;
+regular expression, one of a list of strings, an EBNF grammar, or a structural tag (free text
+until a trigger, then a tagged JSON block: tool calls; vLLM's names and checks;
 `GuidedDecodingParams` is vLLM's older name for the same thing). The engine compiles the
 constraint with xgrammar (engine/grammar.py) and masks every step's logits to the tokens
 that keep the output inside it."""
@@ -29,7 +30,9 @@ class StructuredOutputsParams:
     # so this flag changes nothing; accepted for vLLM compatibility.
     disable_additional_properties: bool = False
     whitespace_pattern: Optional[str] = None  # not supported (xgrammar has no such option)
-    structural_tag: Optional[str] = None  # not supported
+    # vLLM's structural tag (JSON text or an object): {"structures": [{"begin": ..., "schema": {...},
+    # "end": ...}], "triggers": [...]}, or xgrammar's newer {"type": "structural_tag", "format": ...}
+    structural_tag: Optional[Union[str, dict]] = None
 
     # The request field it came from (the server's response_format, guided_json, ...): errors
     # name it. A class attribute, not a field.
@@ -42,15 +45,11 @@ class StructuredOutputsParams:
             raise ParamError(FIELD, f"{FIELD}: exactly one kind of constraint must be given (one of "
                              f"{', '.join(_KINDS)}), but {which} specified.")
         if self.structural_tag is not None:
-            raise ParamError(FIELD, f"{FIELD}: structural_tag is not supported.")
+            self.structural_tag = _object_text(self.structural_tag, "structural_tag")
         if self.whitespace_pattern is not None:
             raise ParamError(FIELD, f"{FIELD}: whitespace_pattern is not supported.")
         if self.json is not None:
-            if isinstance(self.json, dict):
-                self.json = json.dumps(self.json)
-            if not isinstance(self.json, str):
-                raise ParamError(FIELD, f"{FIELD}: json must be a JSON schema (an object or its text), "
-                                 f"got {type(self.json).__name__}.")
+            self.json = _object_text(self.json, "json")
         for name in ("regex", "grammar"):
             v = getattr(self, name)
             if v is not None and not (isinstance(v, str) and v):
@@ -82,6 +81,15 @@ class StructuredOutputsParams:
         if unknown:
             raise ParamError(field, f"{field}: unknown field(s) {', '.join(map(repr, unknown))}.")
         return cls(**data)
+
+
+def _object_text(value: Any, name: str) -> str:
+    """A JSON object given as an object or as its text, as text."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if not isinstance(value, str):
+        raise ParamError(FIELD, f"{FIELD}: {name} must be a JSON object or its text, got {type(value).__name__}.")
+    return value
 
 
 def _freeze(v: Any) -> Any:

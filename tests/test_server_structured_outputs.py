@@ -1,6 +1,7 @@
-"""Structured outputs through the server: OpenAI's response_format (json_schema, json_object),
-vLLM's structured_outputs object and its older guided_* fields give the offline engine's
-constrained output; a bad constraint is a 400 naming the field the client used."""
+"""Structured outputs through the server: OpenAI's response_format (json_schema, json_object,
+and vLLM's structural_tag), vLLM's structured_outputs object and its older guided_* fields give
+the offline engine's constrained output; a bad constraint is a 400 naming the field the client
+used."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ pytest.importorskip("xgrammar")
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "n": {"type": "integer",
           "minimum": 0, "maximum": 9}}, "required": ["color", "n"], "additionalProperties": False}
 PROMPT = "the value of an object is"
+# vLLM's response_format of type structural_tag, in xgrammar's format: a fixed opening, then JSON
+TAG = {"format": {"type": "sequence", "elements": [{"type": "const_string", "value": "Answer: "},
+                                                  {"type": "json_schema", "json_schema": {"enum": ["a", "b"]}}]}}
 
 
 def _offline_text(offline: LLM, **spec) -> str:
@@ -31,6 +35,7 @@ def _offline_text(offline: LLM, **spec) -> str:
     ({"guided_json": SCHEMA, "guided_decoding_backend": "xgrammar"}, dict(json=SCHEMA)),
     ({"guided_regex": "[0-9]{4}"}, dict(regex="[0-9]{4}")),
     ({"guided_grammar": 'root ::= "x" [0-9]'}, dict(grammar='root ::= "x" [0-9]')),
+    ({"response_format": {"type": "structural_tag", **TAG}}, dict(structural_tag={"type": "structural_tag", **TAG})),
 ])
 def test_completion_fields_map_to_the_engines_constraint(client, offline, body, spec):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, extra_body=body)
@@ -57,6 +62,8 @@ def test_chat_json_schema_streamed_and_whole(client, server, offline):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
     ({"response_format": {"type": "yaml"}}, "response_format", ""),
     ({"guided_regex": "[a-"}, "guided_regex", "invalid regex"),
+    ({"response_format": {"type": "structural_tag", "structures": [{"begin": "<f>"}], "triggers": ["<f>"]}},
+     "response_format", "invalid structural_tag"),
     ({"guided_choice": []}, "guided_choice", "non-empty"),
     ({"guided_grammar": "root ::= missing"}, "guided_grammar", "invalid grammar"),
     ({"structured_outputs": {"regex": "a", "nope": 1}}, "structured_outputs", "unknown field"),

@@ -60,7 +60,7 @@ def test_params_need_exactly_one_constraint():
     with pytest.raises(ValueError, match=r"2 are \(json, regex\)"):
         StructuredOutputsParams(json=SCHEMA, regex="a")
     for bad in (dict(choice=[]), dict(choice=["a", ""]), dict(regex=""), dict(json=3), dict(json_object=False),
-                dict(regex="a", whitespace_pattern=" "), dict(structural_tag="{}")):
+                dict(regex="a", whitespace_pattern=" "), dict(structural_tag=3)):
         with pytest.raises(ParamError):
             StructuredOutputsParams(**bad)
     assert StructuredOutputsParams(json=SCHEMA).json == json.dumps(SCHEMA)  # dicts become their text
@@ -206,6 +206,36 @@ def test_an_invalid_constraint_is_a_value_error(llm, spec, message):
     with pytest.raises(ParamError, match=message) as e:
         llm.generate(_prompts(1), SamplingParams(structured_outputs=spec), use_tqdm=False)
     assert e.value.param == "structured_outputs" and "/project/" not in str(e.value)  # no C++ source paths
+    assert_no_leak(llm)
+
+
+# ---- structural tags: free text until a trigger, then a tagged block held to its schema -------
+TAG = {"structures": [{"begin": "<f>", "schema": {"type": "object", "properties": {"n": {"type": "integer"}},
+                                                  "required": ["n"], "additionalProperties": False},
+                       "end": "</f>"}], "triggers": ["<f>"]}
+
+
+def test_structural_tag_holds_tagged_blocks_to_their_schema(llm):
+    compiled = llm.llm_engine.compile_grammar(SamplingParams(structured_outputs={"structural_tag": TAG}))
+    for text, ok in [('free text <f>{"n": 3}</f> and more', True), ('x <f>{"m": 3}', False),
+                     ("no tag at all", True), ("<f>not json", False)]:
+        assert xgr.GrammarMatcher(compiled).accept_string(text) is ok, text
+    with pytest.raises(ParamError, match="invalid structural_tag"):
+        llm.generate(_prompts(1), SamplingParams(structured_outputs={"structural_tag": {"structures": []}}),
+                     use_tqdm=False)
+    assert_no_leak(llm)
+
+
+def test_structural_tag_in_xgrammars_format_shapes_the_output(llm):
+    """xgrammar's own format, as vLLM passes it through: a fixed opening, then a JSON object."""
+    value = {"enum": ["red", "green", "blue"]}  # (a random model pads an object with whitespace)
+    tag = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "Answer: "}, {"type": "json_schema", "json_schema": value}]}}
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=40, structured_outputs={"structural_tag": tag})
+    for out in llm.generate(_prompts(3), params, use_tqdm=False):
+        text = out.outputs[0].text
+        assert text.startswith("Answer: ") and out.outputs[0].finish_reason == "stop", text
+        assert json.loads(text[len("Answer: "):]) in value["enum"]
     assert_no_leak(llm)
 
 

@@ -69,6 +69,8 @@ class GrammarCompiler:
                 return c.compile_regex(params.regex)
             if kind == "choice":  # EBNF string literals take JSON's escapes
                 return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in params.choice))
+            if kind == "structural_tag":
+                return _compile_structural_tag(c, params.structural_tag)
             return c.compile_grammar(params.grammar)
         except ParamError:
             raise
@@ -229,3 +231,29 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """A host bitmask with every token allowed (rows without a grammar stay so)."""
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
 
+
+
+def _compile_structural_tag(compiler: Any, text: str) -> Any:
+    """vLLM's structural tag: {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (free
+    text until a trigger, then one of the structures: begin, a JSON value of its schema, end),
+    or xgrammar's own format ({"type": "structural_tag", "format": ...}) as it is."""
+    import xgrammar as xgr
+
+    try:
+        tag = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(tag, dict):
+        raise ValueError("a structural tag is a JSON object")
+    if "structures" not in tag:
+        return compiler.compile_structural_tag(text)
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not isinstance(structures, list) or not structures or not isinstance(triggers, list) or not triggers:
+        raise ValueError("structures and triggers must be non-empty lists")
+    items = []
+    for s in structures:
+        if not isinstance(s, dict) or not {"begin", "schema", "end"} <= set(s):
+            raise ValueError("each structure needs begin, schema and end")
+        schema = s["schema"] if isinstance(s["schema"], str) else json.dumps(s["schema"])
+        items.append(xgr.StructuralTagItem(begin=s["begin"], schema=schema, end=s["end"]))
+    return compiler.compile_structural_tag(items, triggers)

@@ -98,8 +98,12 @@ class JsonSchemaFormat(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: Optional[JsonSchemaFormat] = None
+    # type structural_tag (vLLM's): the tagged structures and the texts that trigger them
+    structures: Optional[list[dict[str, Any]]] = None
+    triggers: Optional[list[str]] = None
+    format: Optional[dict[str, Any]] = None  # xgrammar's newer structural-tag format
 
 
 # vLLM's older per-kind request fields -> the StructuredOutputsParams field each sets.
@@ -203,6 +207,8 @@ class SamplingFields(OpenAIBaseModel):
             if rf.json_schema is None or rf.json_schema.json_schema is None:
                 raise ParamError("response_format", "response_format of type json_schema needs json_schema.schema.")
             found.append(_structured("response_format", json=rf.json_schema.json_schema))
+        elif rf is not None and rf.type == "structural_tag":
+            found.append(_structured("response_format", structural_tag=rf.model_dump(exclude_none=True)))
         for name, kind in _GUIDED_FIELDS.items():
             value = getattr(self, name)
             if value is not None:
