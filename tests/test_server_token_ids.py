@@ -47,3 +47,32 @@ def test_completion_token_ids_whole_and_streamed(server, client):
         assert mine[0].prompt_token_ids == choice.prompt_token_ids
         assert all(ch.prompt_token_ids is None for ch in mine[1:])
         assert [t for ch in mine for t in (ch.token_ids or [])] == choice.token_ids
+
+
+def test_add_special_tokens(llama_dir, tmp_path):
+    """vLLM's add_special_tokens: completions add the tokenizer's BOS unless told not to; chat
+    adds it only when asked (templates write their own). On a copy whose tokenizer adds a BOS."""
+    import shutil
+
+    from server_helpers import openai_client, serving
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = str(tmp_path / "bos")
+    shutil.copytree(llama_dir, path)
+    tok = AutoTokenizer.from_pretrained(path)
+    mark = tok.bos_token or tok.eos_token  # (the test tokenizer has no BOS of its own)
+    bos = tok.convert_tokens_to_ids(mark)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{mark} $A", special_tokens=[(mark, bos)])
+    tok.save_pretrained(path)
+    with serving(path, MODEL) as srv, openai_client(srv) as client:
+        kw = dict(model=MODEL, prompt="one two", max_tokens=1)
+        with_bos = client.completions.create(**kw, extra_body={"return_token_ids": True}).choices[0]
+        without = client.completions.create(**kw, extra_body={"return_token_ids": True,
+                                                              "add_special_tokens": False}).choices[0]
+        assert with_bos.prompt_token_ids[0] == bos and without.prompt_token_ids == with_bos.prompt_token_ids[1:]
+        chat = dict(model=MODEL, messages=MSGS, max_tokens=1)
+        plain = client.chat.completions.create(**chat, extra_body={"return_token_ids": True}).prompt_token_ids
+        added = client.chat.completions.create(**chat, extra_body={"return_token_ids": True,
+                                                                   "add_special_tokens": True}).prompt_token_ids
+        assert added[0] == bos and added[1:] == plain

@@ -283,6 +283,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Optional[Int64] = None
     echo: bool = False
     suffix: Optional[str] = None
+    add_special_tokens: bool = True  # vLLM's: False tokenizes text prompts without BOS and the like
 
     def to_sampling_params(self, defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
         if self.suffix is not None:
@@ -427,6 +428,9 @@ class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     # Unset: "auto" with tools, "none" without (OpenAI's and vLLM's default).
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None  # False: "required" makes exactly one call
+    # vLLM's: True adds the tokenizer's special tokens (BOS) to the rendered chat, which most
+    # templates already write themselves.
+    add_special_tokens: bool = False
     # vLLM's chat echo: a reply continuing the last message (an assistant's, with
     # continue_final_message) starts with that message's text.
     echo: bool = False

@@ -53,7 +53,8 @@ class OpenAIServingChat(OpenAIServing):
         # A place in the queue now (503 before rendering, and before any stream starts).
         reservation = self.llm.reserve()
         try:
-            text, ids, images = await self.render_chat(req, truncating=params.truncate_prompt_tokens is not None)
+            text, ids, images = await self.render_chat(req, add_special_tokens=req.add_special_tokens,
+                                                       truncating=params.truncate_prompt_tokens is not None)
             prompt = await self.llm.preprocess({"prompt_token_ids": ids, "prompt": text,
                                                 **({"multi_modal_data": {"image": images}} if images else {})}, params)
         except ParamError as e:

@@ -69,6 +69,9 @@ class OpenAIServingCompletion(OpenAIServing):
         # Places in the queue now (503 before tokenizing, and before any stream starts).
         reservation = self.llm.reserve(len(raw))
         try:
+            if not req.add_special_tokens:  # text prompts tokenized without BOS and the like
+                raw = [p if not isinstance(p, str) else {"prompt": p, "prompt_token_ids": await self.llm.run_tokenizer(
+                    self.llm.engine.encode, p, "prompt", add_special_tokens=False)} for p in raw]
             # Tokenize and validate every prompt before any starts: a bad one fails the whole call.
             prompts = [await self.llm.preprocess(p, params) for p in raw]
             states = []
