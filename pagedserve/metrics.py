@@ -64,6 +64,17 @@ class _EngineStateCollector(Collector):
                            e.kv.prefix_queries)
         yield self._family(CounterMetricFamily, "prefix_cache_hits", "Tokens found in the prefix cache.",
                            e.kv.prefix_hits)
+        # vLLM's cache_config_info: the KV cache's settings as labels (value 1), for dashboards
+        # that show capacity (num_gpu_blocks x block_size tokens).
+        c = e.config
+        info = {"block_size": c.block_size, "num_gpu_blocks": e.kv.num_blocks,
+                "cache_dtype": "fp8" if c.kv_dtype != c.dtype else "auto",
+                "enable_prefix_caching": c.enable_prefix_caching,
+                "gpu_memory_utilization": c.gpu_memory_utilization}
+        fam = GaugeMetricFamily(PREFIX + "cache_config_info", "The KV cache's settings.",
+                                labels=[*self.labels, *info])
+        fam.add_metric([*self.labels.values(), *(str(v) for v in info.values())], 1)
+        yield fam
         if e.scheduler.proposer is not None:  # speculative decoding (vLLM's names)
             yield self._family(CounterMetricFamily, "spec_decode_num_draft_tokens", "Draft tokens proposed.",
                                e.scheduler.num_draft_tokens)

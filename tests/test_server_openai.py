@@ -208,6 +208,10 @@ def test_metrics_counters_move(client, server):
     assert tpot == pytest.approx(phases["decode_time"] / 6, rel=1e-6)
     assert metric(after, "pagedserve:kv_cache_usage_perc") == 0
     assert metric(after, "pagedserve:num_requests_running") == 0
+    config = server.llm.engine.config
+    assert metric(after, "pagedserve:cache_config_info", block_size=str(config.block_size),
+                  num_gpu_blocks=str(server.llm.engine.kv.num_blocks), cache_dtype="auto",
+                  enable_prefix_caching="True") == 1
 
 
 def test_non_streaming_client_timeout_aborts(server):
