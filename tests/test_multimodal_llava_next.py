@@ -5,10 +5,8 @@ caching, preemption, chat, the hub's checkpoint names, the KV profile's largest 
 
 from __future__ import annotations
 
-import glob
 import inspect
 import os
-import shutil
 
 import pytest
 import torch
@@ -149,27 +147,9 @@ def test_checkpoint_names(next_dir, reference, tmp_path):
     """The builder's checkpoint has the hub's names ('image_newline', 'language_model.model...'
     at the top); transformers 5's module names ('model.image_newline', 'model.language_model...',
     'lm_head') and the tower under 'vision_model.' load to the same model."""
-    from safetensors.torch import load_file, save_file
+    from llava_checkpoints import write_transformers5_names
 
-    (src,) = glob.glob(os.path.join(next_dir, "*.safetensors"))
-    state = load_file(src)
-    assert "image_newline" in state and "language_model.lm_head.weight" in state
-    moved = {}
-    for k, v in state.items():
-        if k.startswith("vision_tower."):
-            k = "model.vision_tower.vision_model." + k[len("vision_tower."):]
-        elif k.startswith("language_model.model."):
-            k = "model.language_model." + k[len("language_model.model."):]
-        elif k.startswith("language_model.lm_head."):
-            k = k[len("language_model."):]
-        else:
-            k = "model." + k
-        moved[k] = v
-    assert "model.image_newline" in moved
-    for f in os.listdir(next_dir):
-        if not f.endswith(".safetensors"):
-            shutil.copy(os.path.join(next_dir, f), tmp_path / f)
-    save_file(moved, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    write_transformers5_names(next_dir, str(tmp_path))
     image = random_image(6, SIZES[0])
     out = LLM(str(tmp_path), block_size=8).generate({"prompt": PROMPT_1, "multi_modal_data": {"image": image}},
                                                     _params(logprobs=0), use_tqdm=False)[0]
