@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,6 +167,25 @@ def llava_dir(tokenizer_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def hf_refs(model_dirs) -> dict[str, HFReference]:
     return {name: HFReference(path) for name, path in model_dirs.items()}
+
+
+@torch.inference_mode()
+def cached_greedy(model: Any, input_ids: torch.Tensor, max_tokens: int, **inputs: Any) -> Reference:
+    """Greedy decoding with a transformers model's own KV cache (`inputs`: its image tensors).
+    With the cache, a sampled token that happens to be an image placeholder is not taken for
+    one, as it would be if the whole sequence went through the model again."""
+    import inspect
+
+    # transformers renames past_key_values to cache (5.24 warns, later versions drop the old name)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens, logits = [], []
+    out = model(input_ids=input_ids, use_cache=True, **inputs)
+    for _ in range(max_tokens):
+        row = out.logits[0, -1].float()
+        tokens.append(int(row.argmax()))
+        logits.append(row)
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache_arg: out.past_key_values})
+    return Reference(tokens, logits)
 
 
 def assert_greedy_matches(ref: Reference, got: list[int], tie_tol: float = 1e-3) -> None:

@@ -8,14 +8,13 @@ a Qwen3 decoder (InternVL3.5), the KV profile's largest image."""
 from __future__ import annotations
 
 import glob
-import inspect
 import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, image_chat, image_data_url, random_image
+from conftest import Reference, assert_output_matches, cached_greedy, image_chat, image_data_url, random_image
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ParamError
 
@@ -43,8 +42,6 @@ class InternVLReference:
                 return None if arg is None else super().check_argument_for_proper_class(name, arg)
 
         self.model = InternVLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        # transformers renames past_key_values to cache (5.24 warns, later versions drop the old name)
-        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.processor = Processor(image_processor=AutoImageProcessor.from_pretrained(path),
                                    tokenizer=AutoTokenizer.from_pretrained(path),
                                    image_seq_length=self.model.config.image_seq_length)
@@ -56,16 +53,7 @@ class InternVLReference:
     def greedy(self, text: str, images: list, max_tokens: int = MAX_TOKENS) -> Reference:
         enc = self.inputs(text, images)
         extra = {"pixel_values": enc["pixel_values"]} if "pixel_values" in enc else {}
-        tokens, logits = [], []
-        # With its KV cache: a sampled token that happens to be <IMG_CONTEXT> is then not a placeholder.
-        out = self.model(input_ids=enc["input_ids"], use_cache=True, **extra)
-        for _ in range(max_tokens):
-            row = out.logits[0, -1].float()
-            tokens.append(int(row.argmax()))
-            logits.append(row)
-            out = self.model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True,
-                             **{self.cache_arg: out.past_key_values})
-        return Reference(tokens, logits)
+        return cached_greedy(self.model, enc["input_ids"], max_tokens, **extra)
 
 
 @pytest.fixture(scope="module")

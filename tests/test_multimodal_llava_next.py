@@ -5,13 +5,12 @@ caching, preemption, chat, the hub's checkpoint names, the KV profile's largest 
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, image_chat, image_data_url, random_image
+from conftest import Reference, assert_output_matches, cached_greedy, image_chat, image_data_url, random_image
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")
@@ -32,8 +31,6 @@ class NextReference:
                                   LlavaNextProcessor)
 
         self.model = LlavaNextForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
-        # transformers renames past_key_values to cache (5.24 warns, later versions drop the old name)
-        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         cfg = self.model.config
         self.processor = LlavaNextProcessor(image_processor=AutoImageProcessor.from_pretrained(path),
                                             tokenizer=AutoTokenizer.from_pretrained(path), patch_size=14,
@@ -46,18 +43,8 @@ class NextReference:
     @torch.inference_mode()
     def greedy(self, text: str, images: list, max_tokens: int = MAX_TOKENS) -> Reference:
         enc = self.inputs(text, images)
-        ids = enc["input_ids"][0].tolist()
         extra = {k: enc[k] for k in ("pixel_values", "image_sizes") if k in enc}
-        tokens, logits = [], []
-        # With its KV cache: a sampled token that happens to be <image> is then not a placeholder.
-        out = self.model(input_ids=torch.tensor([ids]), use_cache=True, **extra)
-        for _ in range(max_tokens):
-            row = out.logits[0, -1].float()
-            tokens.append(int(row.argmax()))
-            logits.append(row)
-            out = self.model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True,
-                             **{self.cache_arg: out.past_key_values})
-        return Reference(tokens, logits)
+        return cached_greedy(self.model, enc["input_ids"], max_tokens, **extra)
 
 
 @pytest.fixture(scope="module")
