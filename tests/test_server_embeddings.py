@@ -92,3 +92,22 @@ def test_classify_endpoint(tokenizer_dir, tmp_path):
         assert r.status_code == 400 and "does not support the Embeddings API" in r.json()["error"]["message"]
     with serving(path, "tiny-cls", api_key="k") as srv:
         assert httpx.post(f"{srv.url}/classify", json={"input": "x"}).status_code == 401
+
+
+def test_embedding_a_conversation(emb_server):
+    """vLLM's chat form of /v1/embeddings: `messages` rendered with the chat template (no
+    generation prompt unless asked for), embedded as its token ids would be."""
+    url = f"{emb_server.url}"
+    msgs = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    for gen in (False, True):
+        ids = httpx.post(f"{url}/tokenize", json={"model": "tiny-embed", "messages": msgs,
+                                                  "add_generation_prompt": gen}).json()["tokens"]
+        body = {"model": "tiny-embed", "messages": msgs, **({"add_generation_prompt": True} if gen else {})}
+        chat = httpx.post(f"{url}/v1/embeddings", json=body).json()
+        plain = httpx.post(f"{url}/v1/embeddings", json={"model": "tiny-embed", "input": ids}).json()
+        np.testing.assert_allclose(chat["data"][0]["embedding"], plain["data"][0]["embedding"], rtol=1e-5, atol=1e-6)
+        assert chat["usage"]["prompt_tokens"] == len(ids)
+    for body in ({"model": "tiny-embed"}, {"model": "tiny-embed", "input": "x", "messages": msgs}):
+        r = httpx.post(f"{url}/v1/embeddings", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    assert no_requests_left(emb_server.llm)

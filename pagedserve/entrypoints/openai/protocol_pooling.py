@@ -4,11 +4,12 @@ normalize), and of vLLM's /classify, /score and /rerank (Jina and Cohere's reran
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from pagedserve.entrypoints.openai.protocol import OpenAIBaseModel, Text, UsageInfo, random_id
+from pagedserve.entrypoints.openai.protocol import ChatMessage, OpenAIBaseModel, Text, UsageInfo, random_id
+from pagedserve.errors import ParamError
 
 # A string, a list of strings, a token-id list, or a list of token-id lists (OpenAI's forms).
 PoolingInput = Union[Text, list[Text], list[int], list[list[int]]]
@@ -16,13 +17,36 @@ PoolingInput = Union[Text, list[Text], list[int], list[list[int]]]
 
 class EmbeddingRequest(OpenAIBaseModel):
     model: Optional[str] = None
-    input: PoolingInput
+    input: Optional[PoolingInput] = None
+    # vLLM's chat form: a conversation rendered with the chat template and embedded whole
+    # (instead of `input`); no generation prompt unless asked for.
+    messages: Optional[list[ChatMessage]] = None
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: bool = False
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = None
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = None
     priority: int = 0  # vLLM's: under --scheduling-policy priority, lower first
     normalize: Optional[bool] = None
+
+
+    def chat_fields(self) -> Optional[Any]:
+        """The chat form as the chat endpoint's template fields; None for `input`. Exactly one
+        of the two is given (a ParamError naming `input` otherwise)."""
+        from pagedserve.entrypoints.openai.protocol import ChatTemplateFields
+
+        if (self.input is None) == (self.messages is None):
+            raise ParamError("input", "give either input or messages (a conversation to embed), not both or none.")
+        if self.messages is None:
+            return None
+        return ChatTemplateFields(messages=self.messages, chat_template=self.chat_template,
+                                  chat_template_kwargs=self.chat_template_kwargs,
+                                  add_generation_prompt=self.add_generation_prompt,
+                                  continue_final_message=self.continue_final_message)
 
 
 class EmbeddingData(OpenAIBaseModel):

@@ -78,7 +78,14 @@ class OpenAIServingPooling(OpenAIServing):
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResponse:
         params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
                                truncate_prompt_tokens=req.truncate_prompt_tokens, task="embed")
-        model, request_id, outs = await self._pool(req, params, "embd")
+        chat, prompts = req.chat_fields(), None
+        if chat is not None:  # vLLM's chat form: the conversation rendered, then embedded
+            text, ids, images = await self.render_chat(chat, add_special_tokens=req.add_special_tokens,
+                                                       truncating=req.truncate_prompt_tokens is not None)
+            if images:
+                raise ParamError("messages", "embedding a conversation takes text only, not images.")
+            prompts = [{"prompt_token_ids": ids, "prompt": text}]
+        model, request_id, outs = await self._pool(req, params, "embd", prompts)
         data = [EmbeddingData(index=i, embedding=_encode(o.outputs.embedding, req.encoding_format))
                 for i, o in enumerate(outs)]
         return EmbeddingResponse(id=request_id, model=model, data=data, usage=_usage(outs))
