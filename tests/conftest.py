@@ -245,6 +245,27 @@ def assert_output_matches(ref: Reference, out, lp_tol: float = 2e-3) -> None:
         assert abs(step[t].logprob - want) < lp_tol, (i, step[t].logprob, want)
 
 
+def assert_cases_match(llm: Any, reference: Any, cases: list, params: Any) -> None:
+    """One batch of (text, images) prompts: each output equals reference.greedy(text, images),
+    and the encoder cache is empty afterwards (embeddings go with their requests)."""
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], params, use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        assert_output_matches(reference.greedy(text, images), out)
+    assert not llm.llm_engine.runner.encoder_cache.embeddings
+
+
+def assert_pixels_key_the_cache(llm: Any, reference: Any, prompt: str, a: Any, b: Any, params: Any,
+                                block_size: int = 8) -> tuple:
+    """The same prompt with image `a`, then `b`: both equal the reference, and `b` finds only
+    the blocks before its image in the prefix cache (same tokens, other pixels). (first, other)."""
+    first, other = (llm.generate(image_prompt(prompt, [im]), params, use_tqdm=False)[0] for im in (a, b))
+    assert_output_matches(reference.greedy(prompt, [a]), first)
+    assert_output_matches(reference.greedy(prompt, [b]), other)
+    start = first.prompt_token_ids.index(llm.llm_engine.mm_processor.token_id)
+    assert other.num_cached_tokens == (start // block_size) * block_size
+    return first, other
+
+
 @pytest.fixture(scope="session")
 def base_dir(model_dirs, tmp_path_factory):
     """The qwen3 test model saved as a base-model checkpoint (Qwen3Model: no LM head, names

@@ -14,7 +14,8 @@ import shutil
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, cached_greedy, image_chat, image_data_url, random_image
+from conftest import (Reference, assert_cases_match, assert_output_matches, assert_pixels_key_the_cache,
+                      cached_greedy, image_chat, image_data_url, random_image)
 from pagedserve import LLM, SamplingParams
 from pagedserve.errors import ParamError
 
@@ -130,26 +131,15 @@ def test_images_match_transformers(internvl_dir, reference, chunk):
     cases = [(PROMPT_1, [random_image(1, SIZES[0])]),
              (PROMPT_2, [random_image(2, SIZES[3]), random_image(3, SIZES[1])]),
              (TEXT, [])]
-    prompts = [{"prompt": t, "multi_modal_data": {"image": ims}} if ims else t for t, ims in cases]
-    outs = llm.generate(prompts, _params(logprobs=0), use_tqdm=False)
-    for (text, images), out in zip(cases, outs):
-        assert_output_matches(reference.greedy(text, images), out)
-    assert not llm.llm_engine.runner.encoder_cache.embeddings
+    assert_cases_match(llm, reference, cases, _params(logprobs=0))
 
 
 def test_prefix_cache_preemption_and_chat(internvl_dir, reference):
     probe = LLM(internvl_dir, block_size=8, max_num_batched_tokens=64)
     block = probe.llm_engine.runner.kv_block_bytes()
     a, b = random_image(4, SIZES[1]), random_image(5, SIZES[1])
-    first = probe.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": a}}, _params(logprobs=0),
-                           use_tqdm=False)[0]
-    other = probe.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": b}}, _params(logprobs=0),
-                           use_tqdm=False)[0]
-    assert_output_matches(reference.greedy(PROMPT_1, [a]), first)
-    assert_output_matches(reference.greedy(PROMPT_1, [b]), other)
+    first, other = assert_pixels_key_the_cache(probe, reference, PROMPT_1, a, b, _params(logprobs=0))
     assert first.prompt_token_ids == other.prompt_token_ids
-    start = first.prompt_token_ids.index(probe.llm_engine.mm_processor.token_id)
-    assert other.num_cached_tokens == (start // 8) * 8  # same tokens, other pixels: the blocks before it only
     chat = probe.chat(image_chat([image_data_url(a)]), _params(logprobs=0), use_tqdm=False)[0]
     assert chat.prompt_token_ids == first.prompt_token_ids
     assert_output_matches(reference.greedy(PROMPT_1, [a]), chat)

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from conftest import Reference, assert_output_matches, cached_greedy, image_chat, image_data_url, random_image
+from conftest import (Reference, assert_cases_match, assert_output_matches, assert_pixels_key_the_cache,
+                      cached_greedy, image_chat, image_data_url, random_image)
 from pagedserve import LLM, SamplingParams
 
 pytest.importorskip("PIL")
@@ -127,24 +128,14 @@ def test_images_match_transformers(ov_dir, reference, chunk):
     cases = [(PROMPT_1, [random_image(1, LARGE[0])]), (PROMPT_1, [random_image(2, SIZES[0])]),
              (PROMPT_2, [random_image(3, SIZES[1]), random_image(4, SIZES[3])]),
              ("USER: no picture here. ASSISTANT:", [])]
-    prompts = [{"prompt": t, "multi_modal_data": {"image": ims}} if ims else t for t, ims in cases]
-    outs = llm.generate(prompts, _params(logprobs=0), use_tqdm=False)
-    for (text, images), out in zip(cases, outs):
-        assert_output_matches(reference.greedy(text, images), out)
-    assert not llm.llm_engine.runner.encoder_cache.embeddings
+    assert_cases_match(llm, reference, cases, _params(logprobs=0))
 
 
 def test_prefix_cache_and_chat(ov_dir, reference):
     probe = _llm(ov_dir, max_num_batched_tokens=64)
     a, b = random_image(4, SIZES[2]), random_image(5, SIZES[2])
-    first = probe.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": a}}, _params(logprobs=0),
-                           use_tqdm=False)[0]
-    other = probe.generate({"prompt": PROMPT_1, "multi_modal_data": {"image": b}}, _params(logprobs=0),
-                           use_tqdm=False)[0]
-    assert_output_matches(reference.greedy(PROMPT_1, [a]), first)
-    assert_output_matches(reference.greedy(PROMPT_1, [b]), other)
+    first, _ = assert_pixels_key_the_cache(probe, reference, PROMPT_1, a, b, _params(logprobs=0))
     start = first.prompt_token_ids.index(probe.llm_engine.mm_processor.token_id)
-    assert other.num_cached_tokens == (start // 8) * 8  # same tokens, other pixels: the blocks before it only
     # The same image alone (tiled) and beside another (one tile): other embeddings, not reused.
     pair = probe.generate({"prompt": PROMPT_2, "multi_modal_data": {"image": [a, b]}}, _params(logprobs=0),
                           use_tqdm=False)[0]
