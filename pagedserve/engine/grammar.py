@@ -232,7 +232,6 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
 
 
-
 def _compile_structural_tag(compiler: Any, text: str) -> Any:
     """vLLM's structural tag: {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (free
     text until a trigger, then one of the structures: begin, a JSON value of its schema, end),

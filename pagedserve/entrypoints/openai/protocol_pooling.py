@@ -8,7 +8,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field
 
-from pagedserve.entrypoints.openai.protocol import ChatMessage, OpenAIBaseModel, Text, UsageInfo, random_id
+from pagedserve.entrypoints.openai.protocol import (ChatMessage, ChatTemplateFields, OpenAIBaseModel, Text, UsageInfo,
+                                                    random_id)
 from pagedserve.errors import ParamError
 
 # A string, a list of strings, a token-id list, or a list of token-id lists (OpenAI's forms).
@@ -33,12 +34,9 @@ class EmbeddingRequest(OpenAIBaseModel):
     priority: int = 0  # vLLM's: under --scheduling-policy priority, lower first
     normalize: Optional[bool] = None
 
-
-    def chat_fields(self) -> Optional[Any]:
+    def chat_fields(self) -> Optional[ChatTemplateFields]:
         """The chat form as the chat endpoint's template fields; None for `input`. Exactly one
         of the two is given (a ParamError naming `input` otherwise)."""
-        from pagedserve.entrypoints.openai.protocol import ChatTemplateFields
-
         if (self.input is None) == (self.messages is None):
             raise ParamError("input", "give either input or messages (a conversation to embed), not both or none.")
         if self.messages is None:
