@@ -7,9 +7,6 @@ a Qwen3 decoder (InternVL3.5), the KV profile's largest image."""
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 
 import pytest
 import torch
@@ -159,25 +156,11 @@ def test_checkpoint_names(internvl_dir, reference, tmp_path):
     """The builder's checkpoint has the hub's names ('vision_tower.', 'multi_modal_projector.',
     'language_model.model...', 'language_model.lm_head' at the top); transformers 5's module
     names ('model.vision_tower...', 'model.language_model...', 'lm_head') load to the same model."""
-    from safetensors.torch import load_file, save_file
+    from llava_checkpoints import write_transformers5_names
 
-    (src,) = glob.glob(os.path.join(internvl_dir, "*.safetensors"))
-    state = load_file(src)
-    assert "language_model.lm_head.weight" in state and "multi_modal_projector.linear_1.weight" in state
-    assert any(k.startswith("vision_tower.encoder.") for k in state)
-    moved = {}
-    for k, v in state.items():
-        if k.startswith("language_model.model."):
-            k = "model.language_model." + k[len("language_model.model."):]
-        elif k.startswith("language_model.lm_head."):
-            k = k[len("language_model."):]
-        else:
-            k = "model." + k
-        moved[k] = v
-    for f in os.listdir(internvl_dir):
-        if not f.endswith(".safetensors"):
-            shutil.copy(os.path.join(internvl_dir, f), tmp_path / f)
-    save_file(moved, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    hub, _ = write_transformers5_names(internvl_dir, str(tmp_path), tower="model.vision_tower.")
+    assert "language_model.lm_head.weight" in hub and "multi_modal_projector.linear_1.weight" in hub
+    assert any(k.startswith("vision_tower.encoder.") for k in hub)
     image = random_image(6, SIZES[4])
     out = LLM(str(tmp_path), block_size=8).generate({"prompt": PROMPT_1, "multi_modal_data": {"image": image}},
                                                     _params(logprobs=0), use_tqdm=False)[0]

@@ -126,7 +126,8 @@ def test_checkpoint_names(next_dir, reference, tmp_path):
     'lm_head') and the tower under 'vision_model.' load to the same model."""
     from llava_checkpoints import write_transformers5_names
 
-    write_transformers5_names(next_dir, str(tmp_path))
+    hub, moved = write_transformers5_names(next_dir, str(tmp_path))
+    assert {"image_newline", "language_model.lm_head.weight"} <= hub and "model.image_newline" in moved
     image = random_image(6, SIZES[0])
     out = LLM(str(tmp_path), block_size=8).generate({"prompt": PROMPT_1, "multi_modal_data": {"image": image}},
                                                     _params(logprobs=0), use_tqdm=False)[0]

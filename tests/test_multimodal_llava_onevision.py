@@ -154,7 +154,8 @@ def test_checkpoint_names(ov_dir, reference, tmp_path):
     'lm_head') and the tower under 'vision_model.' load to the same model."""
     from llava_checkpoints import write_transformers5_names
 
-    write_transformers5_names(ov_dir, str(tmp_path))
+    hub, moved = write_transformers5_names(ov_dir, str(tmp_path))
+    assert {"image_newline", "language_model.lm_head.weight"} <= hub and "model.image_newline" in moved
     image = random_image(6, LARGE[1])
     out = _llm(str(tmp_path)).generate({"prompt": PROMPT_1, "multi_modal_data": {"image": image}},
                                                     _params(logprobs=0), use_tqdm=False)[0]
