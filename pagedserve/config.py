@@ -69,6 +69,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # LLM.sleep() / wake_up() (and the server's /sleep, /wake_up): the weights' and KV cache's
+    # device memory given back while idle (worker/sleep.py), as vLLM's enable_sleep_mode.
+    enable_sleep_mode: bool = False
     # "generate" (text generation) or "pooling" (embeddings: LLM.embed, /v1/embeddings); "auto":
     # pooling for base-model checkpoints (architectures such as "Qwen3Model"), else generate.
     # pooler_config: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool} over the
@@ -260,6 +263,7 @@ class EngineArgs:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras or self.max_loras,
+            enable_sleep_mode=bool(self.enable_sleep_mode),
             runner=runner,
             pooler=pooler,
             pooling_task=task if runner == "pooling" else None,
@@ -355,6 +359,7 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
+    enable_sleep_mode: bool = False
     runner: str = "generate"
     pooler: Any = None  # model/pooler.py PoolerConfig, with runner "pooling"
     pooling_task: Optional[str] = None  # "embed" | "classify", with runner "pooling"

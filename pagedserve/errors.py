@@ -10,3 +10,8 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class EngineSleepingError(RuntimeError):
+    """A request came while the engine sleeps (sleep mode): its memory is given back until
+    wake_up(). The server answers 503."""

@@ -19,6 +19,7 @@ from typing import Any, AsyncGenerator, Callable, Optional, Protocol, TypeVar, U
 
 from pagedserve.config import EngineArgs
 from pagedserve.engine.engine import LLMEngine, PromptType, refuse_truncated_images
+from pagedserve.errors import EngineSleepingError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -116,6 +117,30 @@ class _Abort:
 
 class _AbortAll:
     pass
+
+
+@dataclass
+class _Call:
+    """Run fn(engine) on the engine thread, between steps (sleep, wake_up, collective_rpc)."""
+    fn: Callable[[LLMEngine], Any]
+    loop: asyncio.AbstractEventLoop
+    future: "asyncio.Future[Any]"
+
+
+def _settle(future: "asyncio.Future[Any]", result: Any, error: Optional[BaseException]) -> None:
+    if not future.done():  # its caller may have gone (cancelled)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+def _answer(call: _Call, result: Any, error: Optional[BaseException]) -> None:
+    """From the engine thread: settle the caller's future on its loop (gone: nobody waits)."""
+    try:
+        call.loop.call_soon_threadsafe(_settle, call.future, result, error)
+    except RuntimeError:  # that loop is closed
+        pass
 
 
 def _deliver(items: list[tuple[_Stream, _Item]], now: float) -> None:
@@ -344,6 +369,16 @@ class AsyncLLM:
         finish_reason "abort" (used by graceful shutdown)."""
         self._post(_AbortAll())
 
+    async def call_engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """fn(engine) on the engine thread, between two steps; its result or its exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._cond:  # checked under the lock: a dying loop takes the inbox under it too
+            self._check_alive()
+            self._inbox.append(_Call(fn, loop, future))
+            self._cond.notify()
+        return await future
+
     async def check_health(self) -> None:
         self._check_alive()
 
@@ -407,15 +442,21 @@ class AsyncLLM:
                 return
         self._fail_all(EngineDeadError("the engine was shut down"), None)
 
-    def _apply(self, cmd: Union[_Add, _Abort, _AbortAll], outbox: list[tuple[_Stream, _Item]]) -> None:
-        if isinstance(cmd, _Add):
+    def _apply(self, cmd: Union[_Add, _Abort, _AbortAll, _Call], outbox: list[tuple[_Stream, _Item]]) -> None:
+        if isinstance(cmd, _Call):
+            try:
+                result, error = cmd.fn(self.engine), None
+            except Exception as e:  # the caller's to handle; the engine goes on
+                result, error = None, e
+            _answer(cmd, result, error)
+        elif isinstance(cmd, _Add):
             rid = cmd.stream.request_id
             try:
                 if rid in self._streams:
                     raise ValueError(f"request_id {rid!r} is already in use.")
                 self.engine.add_request(rid, cmd.prompt, cmd.params, cmd.arrival_time, cmd.cache_salt,
                                         cmd.lora_request, cmd.priority)
-            except ValueError as e:
+            except (ValueError, EngineSleepingError) as e:
                 outbox.append((cmd.stream, e))
                 return
             self._streams[rid] = cmd.stream
@@ -453,6 +494,9 @@ class AsyncLLM:
             self._dead = err
             cmds, self._inbox = self._inbox, []
         streams = list(self._streams.values()) + [c.stream for c in cmds if isinstance(c, _Add)]
+        for c in cmds:
+            if isinstance(c, _Call):
+                _answer(c, None, EngineDeadError(str(err)))
         self._streams.clear()
         outbox: list[tuple[_Stream, _Item]] = []
         for s in streams:

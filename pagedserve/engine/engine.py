@@ -18,7 +18,7 @@ from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
-from pagedserve.errors import ParamError
+from pagedserve.errors import EngineSleepingError, ParamError
 from pagedserve.lora.request import LoRARequest
 from pagedserve.model.hf_config import generation_eos_ids, layer_windows
 from pagedserve.multimodal.inputs import ImageFeature
@@ -31,6 +31,7 @@ from pagedserve.reasoning import END as THINK_END, OPENS_WITH_THINK, START as TH
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import ModelRunner, PendingStep
+from pagedserve.worker.worker import Executor, Worker
 
 logger = logging.getLogger("pagedserve")
 
@@ -356,6 +357,9 @@ class LLMEngine:
         PoolingParams (a pooling model). `priority`: lower is served first, under
         scheduling_policy='priority'."""
         self.check_priority(priority)
+        if self.runner.sleeping_tags:
+            raise EngineSleepingError(f"the engine is asleep ({', '.join(self.runner.sleeping_tags)} given back): "
+                                      "wake_up() first.")
         if isinstance(params, PoolingParams):
             if lora_request is not None:
                 raise ParamError("lora_request", "embedding requests take no LoRA adapter.")
@@ -419,6 +423,43 @@ class LLMEngine:
         if self._inflight is not None and all(s.request.is_finished() for s in self._inflight.sched_out.scheduled):
             self._inflight = None  # nothing it computes is wanted any more
         self.runner.release(self.scheduler.pop_finished_ids())
+
+    # ---- sleep mode, weight updates, RPC (vLLM's LLM.sleep / wake_up / collective_rpc) ----
+    def require_idle(self, what: str) -> None:
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"{what} needs an idle engine: {self.get_num_unfinished_requests()} requests are "
+                               "unfinished (let them finish or abort them first).")
+
+    def sleep(self, level: int = 1) -> dict[str, int]:
+        """Give the device memory of the KV cache and the weights back (worker/sleep.py) until
+        wake_up(); the prefix cache is emptied. Needs enable_sleep_mode and an idle engine."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: start the engine with enable_sleep_mode=True (--enable-sleep-mode).")
+        self.require_idle("sleep")
+        self.kv.reset_prefix_cache()
+        freed = self.runner.sleep(level)
+        logger.info("sleep level %d: gave back %.2f GiB of weights (%s) and %.2f GiB of KV cache", level,
+                    freed["weights"] / 2**30, "kept in host memory" if level == 1 else "dropped",
+                    freed["kv_cache"] / 2**30)
+        return freed
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take the memory of `tags` ("weights", "kv_cache"; default both) again."""
+        self.runner.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return bool(self.runner.sleeping_tags)
+
+    def collective_rpc(self, method: Union[str, Any], timeout: Optional[float] = None, args: tuple = (),
+                       kwargs: Optional[dict] = None) -> list[Any]:
+        """vLLM's: call `method` (a worker method's name, or a callable given the worker) on
+        every worker (one here); the list of their results. `timeout` is accepted for vLLM's
+        signature: the one worker runs in this thread."""
+        return [self.model_executor.driver_worker.call(method, tuple(args), kwargs)]
+
+    @functools.cached_property
+    def model_executor(self) -> Executor:
+        return Executor(Worker(self))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._inflight is not None

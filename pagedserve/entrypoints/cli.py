@@ -65,6 +65,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters no request uses that stay loaded (default: max_loras)")
+    p.add_argument("--enable-sleep-mode", action="store_true",
+                   help="LLM.sleep() / wake_up(), and with PAGEDSERVE_SERVER_DEV_MODE=1 the server's /sleep and "
+                   "/wake_up: the weights' and KV cache's device memory given back while idle")
     p.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
                    help="pooling: an embedding model (/v1/embeddings); auto: pooling for base-model checkpoints")
     p.add_argument("--hf-overrides", type=_json_dict, default=None,

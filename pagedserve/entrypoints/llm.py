@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +48,25 @@ class LLM:
         """vLLM's: forget every cached prefix block (after changing weights, say). False, with
         nothing changed, while requests hold blocks."""
         return self.llm_engine.kv.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's: give the device memory of the KV cache and the weights back (an RL trainer's
+        turn on the GPU). Level 1 keeps the weights in host memory, level 2 drops them (load
+        new ones, or collective_rpc("reload_weights"), after wake_up). The prefix cache is
+        emptied. Needs LLM(..., enable_sleep_mode=True)."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take the memory of `tags` ("weights", "kv_cache"; default both) again: waking the
+        weights alone first leaves room to update them before the KV cache comes back."""
+        self.llm_engine.wake_up(tags)
+
+    def collective_rpc(self, method: Union[str, Callable[..., Any]], timeout: Optional[float] = None,
+                       args: tuple = (), kwargs: Optional[dict] = None) -> list[Any]:
+        """vLLM's: run `method` on each worker (one here, worker/worker.py) and return their
+        results: a worker method's name ("load_weights", "reload_weights", "get_model", ...)
+        or a callable given the worker, e.g. `lambda w: w.model_runner.model.load_weights(ws)`."""
+        return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
 
     def start_profile(self) -> None:
         """vLLM's: torch's profiler on, until stop_profile() writes its trace into

@@ -20,6 +20,7 @@ from pagedserve.model.layers.moe import KERNEL_ACTIVATIONS, FusedMoE
 from pagedserve.model.layers import mxfp4
 from pagedserve.model.layers.mxfp4 import Mxfp4Format
 from pagedserve.model.registry import checkpoint_names, resolve_model_class
+from pagedserve.model.weights import whole_checkpoint
 
 
 def iterate_safetensors(model_dir: str, dtype: torch.dtype, device: torch.device, cast: bool = True,
@@ -178,16 +179,30 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     for m in model.modules():
         if hasattr(m, "rebuild_buffers"):
             m.rebuild_buffers(device)
-    stream = iterate_safetensors(model_dir, dtype, device, cast=fmt is None or isinstance(fmt, Mxfp4Format))
-    weights = checkpoint_view(online_fp8_weights(stream) if online_fp8 else stream)
-    if isinstance(fmt, IntFormat):
-        weights = int_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
-    elif isinstance(fmt, Fp8Format):
-        weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
-    model.load_weights(weights)
+
+    def checkpoint_weights() -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors, named and (de)quantized as load_weights takes them."""
+        stream = iterate_safetensors(model_dir, dtype, device, cast=fmt is None or isinstance(fmt, Mxfp4Format))
+        weights = checkpoint_view(online_fp8_weights(stream) if online_fp8 else stream)
+        if isinstance(fmt, IntFormat):
+            weights = int_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
+        elif isinstance(fmt, Fp8Format):
+            weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
+        return weights
+
+    with whole_checkpoint():
+        model.load_weights(checkpoint_weights())
+    check_finite(model)
+    if from_tokens:
+        _head_from_tokens(model, classifier_token_ids)
+    # What weight updates (worker/weight_updates.py) need: the checkpoint again, its names.
+    model.checkpoint_weights = None if from_tokens else checkpoint_weights
+    model.checkpoint_view = checkpoint_view
+    model.quantized_checkpoint = fmt is not None
+    return model.eval().requires_grad_(False)
+
+
+def check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p if p.dtype != FP8 else p.float()).all():
             raise ValueError(f"weight {name} holds NaN or infinite values")
-    if from_tokens:
-        _head_from_tokens(model, classifier_token_ids)
-    return model.eval().requires_grad_(False)

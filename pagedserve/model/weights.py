@@ -1,9 +1,13 @@
 """Checkpoint tensors into parameters, with the errors every model's load_weights gives: a
-tensor with no place, a shape that does not fit, weights the checkpoint lacks."""
+tensor with no place, a shape that does not fit, weights the checkpoint lacks (only while
+the loader loads a whole checkpoint: called directly, as an RL trainer updating some weights
+does, a model's load_weights takes any subset, as vLLM's does)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -20,8 +24,21 @@ def copy_into(params: dict[str, nn.Parameter], ours: str, tensor: torch.Tensor, 
         param.copy_(tensor)
 
 
+_WHOLE_CHECKPOINT = contextvars.ContextVar("pagedserve_whole_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def whole_checkpoint() -> Iterator[None]:
+    """Within it, load_weights must be given every weight of the model (check_complete)."""
+    token = _WHOLE_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_CHECKPOINT.reset(token)
+
+
 def check_complete(missing: Sequence[str]) -> None:
-    if missing:
+    if missing and _WHOLE_CHECKPOINT.get():
         missing = sorted(missing)
         raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:10])}"
                          + (" ..." if len(missing) > 10 else ""))

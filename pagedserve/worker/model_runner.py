@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ from pagedserve.worker.image_rows import image_kv_limits, rope_positions
 from pagedserve.worker.pooling import PoolingStates
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
+from pagedserve.worker.sleep import SLEEP_TAGS, SleepingStorages, release_cached_memory, unique_storages
 from pagedserve.worker.spec_verify import SampledDrafts, settle, verify_sampled
+from pagedserve.worker.weight_updates import reload_weights, update_weights
 
 logger = logging.getLogger("pagedserve")
 
@@ -118,6 +120,7 @@ class ModelRunner:
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
+        self._asleep: dict[str, list[SleepingStorages]] = {}  # sleep mode: tag -> memory given back
         # The last launched step's sampled tokens (device) and the requests of its rows.
         self._last_samples: Optional[tuple[torch.Tensor, list]] = None
 
@@ -183,6 +186,61 @@ class ModelRunner:
         self.kv_caches = [(cache[i, 0], cache[i, -1]) for i in range(cache.shape[0])]  # (one part: v is k)
         for layer, (k, v) in zip(self.attn_layers, self.kv_caches):
             layer.k_cache, layer.v_cache = k, v
+
+    # ---- sleep mode and weight updates (worker/sleep.py, worker/weight_updates.py) ----------
+    def sleep(self, level: int) -> dict[str, int]:
+        """Give back the KV cache's memory (its contents are dropped) and the decoder weights'
+        (level 1: kept in host memory; level 2: dropped, to be reloaded or replaced after
+        wake-up). The vision encoder and buffers are small and always kept in host memory.
+        Returns the bytes given back by tag."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (weights kept in host memory) or 2 (weights dropped), "
+                             f"got {level!r}.")
+        if self._asleep:
+            raise RuntimeError("the engine is already asleep.")
+        params = unique_storages(self.model.parameters())
+        taken = {s.data_ptr() for s in params}
+        kept = [t for t in self.model.buffers()]
+        if self.encoder_cache is not None:
+            enc = self.encoder_cache.encoder
+            kept += list(enc.parameters()) + list(enc.buffers())
+        kept_storages = [s for s in unique_storages(kept) if s.data_ptr() not in taken]
+        kv = unique_storages(t for pair in self.kv_caches for t in pair)
+        self.graphs = None  # they hold the addresses about to go; captured again on wake-up
+        self._asleep = {
+            "weights": [SleepingStorages(params, offload=level == 1), SleepingStorages(kept_storages, offload=True)],
+            "kv_cache": [SleepingStorages(kv, offload=False)],
+        }
+        release_cached_memory(self.device)
+        return {tag: sum(s.nbytes for s in parts) for tag, parts in self._asleep.items()}
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take the memory of `tags` (default: all of SLEEP_TAGS) again. The KV cache comes
+        back zeroed; once all is awake the decode CUDA graphs are captured again."""
+        for tag in tags if tags is not None else SLEEP_TAGS:
+            if tag not in SLEEP_TAGS:
+                raise ValueError(f"wake_up tags must be among {list(SLEEP_TAGS)}, got {tag!r}.")
+            for part in self._asleep.pop(tag, ()):
+                part.restore(zero=tag == "kv_cache")
+        if not self._asleep and self.graphs is None and self.use_cuda_graphs():
+            self.graphs = self.make_graph_runner(capture=True)
+            self.graphs.capture()
+
+    @property
+    def sleeping_tags(self) -> list[str]:
+        return sorted(self._asleep)
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        if "weights" in self._asleep:
+            raise RuntimeError("the weights are asleep: wake_up(tags=['weights']) first.")
+        with torch.no_grad():
+            return update_weights(self.model, self.config.hf_config, weights)
+
+    def reload_weights(self) -> None:
+        if "weights" in self._asleep:
+            raise RuntimeError("the weights are asleep: wake_up(tags=['weights']) first.")
+        with torch.no_grad():
+            reload_weights(self.model)
 
     def _profile_run(self) -> None:
         """A worst-case step: max_num_batched_tokens prompt tokens (split into requests of at

@@ -22,7 +22,9 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 
 from pagedserve import __version__
 from pagedserve.engine.async_engine import AsyncLLM, EngineDeadError, UnavailableError
+from pagedserve.errors import EngineSleepingError
 from pagedserve.entrypoints.openai.auth import ApiKeyBackend
+from pagedserve.entrypoints.openai.dev_routes import add_dev_routes, dev_mode_from_env
 from pagedserve.entrypoints.openai.body_limit import BodySizeLimitMiddleware
 from pagedserve.entrypoints.openai.http_options import HttpOptions
 from pagedserve.entrypoints.openai.limits import ServerLimits
@@ -131,7 +133,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
               trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False,
               http: Optional[HttpOptions] = None, return_tokens_as_token_ids: bool = False,
-              enable_force_include_usage: bool = False) -> FastAPI:
+              enable_force_include_usage: bool = False, dev_mode: Optional[bool] = None) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -144,7 +146,9 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     adds vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (serving_lora.py). `http`:
     CORS, X-Request-Id headers, the docs pages (http_options.py; default: CORS open to all, as vLLM's).
     `return_tokens_as_token_ids`: logprob tokens as "token_id:N" unless a request says otherwise;
-    `enable_force_include_usage`: every stream ends with a usage chunk, asked for or not."""
+    `enable_force_include_usage`: every stream ends with a usage chunk, asked for or not.
+    `dev_mode` (default: $PAGEDSERVE_SERVER_DEV_MODE): vLLM's /sleep, /wake_up, /is_sleeping,
+    /reset_prefix_cache and /collective_rpc (dev_routes.py)."""
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names:
         raise ValueError("served_model_name must name at least one model.")
@@ -287,6 +291,9 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
         raise OpenAIError(400, "/invocations takes a chat (messages), completion (prompt) or embedding (input) "
                           "request.", "BadRequestError")
 
+    if dev_mode if dev_mode is not None else dev_mode_from_env():
+        add_dev_routes(app, async_llm)
+
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:
         return VersionResponse(version=__version__)
@@ -318,14 +325,15 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         err = as_openai_error(exc)  # OpenAIError as is, ValueError 400, unavailable 503, else 500
-        if err.status_code >= 500 and not isinstance(exc, (OpenAIError, EngineDeadError, UnavailableError)):
+        if err.status_code >= 500 and not isinstance(exc, (OpenAIError, EngineDeadError, UnavailableError,
+                                                            EngineSleepingError)):
             logger.error("internal error serving %s %s: %s: %s", request.method, request.url.path,
                          type(exc).__name__, exc, exc_info=exc)
         return _error_response(err)
 
     # Expected failures get handlers of their own: a handler for Exception alone runs in
     # starlette's ServerErrorMiddleware, which re-raises (a traceback per request) afterwards.
-    for exc_type in (OpenAIError, ValueError, EngineDeadError, UnavailableError, Exception):
+    for exc_type in (OpenAIError, ValueError, EngineDeadError, UnavailableError, EngineSleepingError, Exception):
         app.add_exception_handler(exc_type, on_error)
     return app
 

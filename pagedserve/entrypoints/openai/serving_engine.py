@@ -20,7 +20,7 @@ from pagedserve.entrypoints.openai.protocol import (ChatTemplateFields, ErrorInf
                                                     PromptLogprobsJSON, PromptTokenUsageInfo, UsageInfo)
 from pagedserve.entrypoints.openai.tool_calls import arguments_for_template
 from pagedserve.multimodal.chat_parts import split_images
-from pagedserve.errors import ParamError
+from pagedserve.errors import EngineSleepingError, ParamError
 from pagedserve.outputs import Logprob, PromptLogprobs
 from pagedserve.sampling_params import SamplingParams
 
@@ -61,6 +61,8 @@ def as_openai_error(e: BaseException) -> OpenAIError:
         return OpenAIError(503, str(e), "ServiceUnavailableError", headers=headers)
     if isinstance(e, EngineDeadError):
         return OpenAIError(503, str(e), "EngineDeadError")
+    if isinstance(e, EngineSleepingError):
+        return OpenAIError(503, str(e), "ServiceUnavailableError")
     return OpenAIError(500, f"internal server error: {type(e).__name__}: {e}", "InternalServerError")
 
 

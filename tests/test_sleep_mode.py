@@ -1,0 +1,199 @@
+"""Sleep mode and weight updates, as RL trainers use vLLM: LLM.sleep / wake_up give the
+device memory of the weights and KV cache back and take it again with unchanged outputs;
+weights from a trainer (collective_rpc, or TRL's driver_worker.model_runner.model path) make
+the engine answer as the new checkpoint does in transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import MODEL_SPECS, HFReference, assert_greedy_matches
+from pagedserve import LLM, SamplingParams
+from pagedserve.errors import EngineSleepingError
+from pagedserve.model.random_model import build_random_model
+
+PROMPTS = [[1, 5, 9, 14, 3, 7, 22, 8, 40, 2, 17, 33, 6, 11, 19, 25, 31, 4], [1, 100, 200, 300]]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2)
+
+
+def _run(llm: LLM) -> list[tuple[list[int], list]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
+
+
+def _assert_same(a: list, b: list, tol: float = 1e-5) -> None:
+    """Same tokens, logprobs equal up to summation order (a prefix-cache hit prefills less)."""
+    for (t0, lp0), (t1, lp1) in zip(a, b, strict=True):
+        assert t0 == t1
+        assert all(abs(x[t].logprob - y[t].logprob) < tol for t, x, y in zip(t0, lp0, lp1))
+
+
+def _storage_bytes(llm: LLM) -> tuple[int, int]:
+    runner = llm.llm_engine.runner
+    weights = sum(p.untyped_storage().nbytes() for p in runner.model.parameters())
+    kv = sum(t.untyped_storage().nbytes() for pair in runner.kv_caches for t in pair)
+    return weights, kv
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir) -> LLM:
+    return LLM(llama_dir, enable_sleep_mode=True, max_model_len=256, seed=0, block_size=4)
+
+
+def test_sleep_level1_gives_memory_back_and_keeps_outputs(llm):
+    before = _run(llm)
+    _run(llm)  # the second run hits the prefix cache
+    assert llm.llm_engine.kv.pool.cached
+    llm.sleep(level=1)
+    assert llm.llm_engine.is_sleeping()
+    assert _storage_bytes(llm) == (0, 0)
+    assert not llm.llm_engine.kv.pool.cached  # the cached prefixes went with the KV cache
+    with pytest.raises(EngineSleepingError, match="asleep"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()  # nothing was left queued
+    with pytest.raises(RuntimeError, match="already asleep"):
+        llm.sleep(level=1)
+    llm.wake_up()
+    assert not llm.llm_engine.is_sleeping()
+    assert all(b > 0 for b in _storage_bytes(llm))
+    _assert_same(_run(llm), before)
+
+
+def test_sleep_level2_then_reload_weights(llm):
+    before = _run(llm)
+    llm.sleep(level=2)
+    llm.wake_up(tags=["weights"])  # the KV cache stays given back: still asleep
+    assert llm.llm_engine.is_sleeping() and llm.llm_engine.runner.sleeping_tags == ["kv_cache"]
+    assert _storage_bytes(llm)[1] == 0
+    with torch.no_grad():  # what level 2 dropped is gone: make sure the reload is what restores it
+        for p in llm.llm_engine.runner.model.parameters():
+            p.zero_()
+    assert llm.collective_rpc("reload_weights") == [None]
+    llm.wake_up(tags=["kv_cache"])
+    _assert_same(_run(llm), before)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3_moe"])
+def test_weights_from_a_trainer_match_the_new_checkpoint(name, model_dirs, tokenizer_dir, tmp_path):
+    """A policy update: the engine runs checkpoint A; a trainer's model B (another random
+    init of the same config) is pushed in by name, half through collective_rpc, half as TRL
+    does (driver_worker.model_runner.model.load_weights, one tensor at a time); the engine
+    then answers as transformers does on B (tied embeddings and fused experts included)."""
+    from transformers import AutoModelForCausalLM
+
+    arch, kwargs = MODEL_SPECS[name]
+    new_dir = str(tmp_path / "b")
+    build_random_model(new_dir, arch, initializer_range=0.5, tokenizer_dir=tokenizer_dir, seed=7, **kwargs)
+    llm = LLM(model_dirs[name], enable_sleep_mode=True, max_model_len=256, seed=0)
+    _run(llm)  # fills the prefix cache with A's keys and values
+    trainer = AutoModelForCausalLM.from_pretrained(new_dir, dtype=torch.float32)
+    named = list(trainer.named_parameters())
+    half = len(named) // 2
+    llm.sleep(level=2)
+    llm.wake_up(tags=["weights"])
+    assert llm.collective_rpc("load_weights", args=([(n, p.detach()) for n, p in named[:half]],)) == [half]
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    for n, p in named[half:]:
+        model.load_weights([(n, p.detach())])
+    llm.wake_up(tags=["kv_cache"])
+    ref = HFReference(new_dir)
+    for prompt, (tokens, logprobs) in zip(PROMPTS, _run(llm)):
+        want = ref.greedy(prompt, GREEDY.max_tokens)
+        assert_greedy_matches(want, tokens)
+        for t, row, lp in zip(tokens, want.logits, logprobs):
+            assert abs(lp[t].logprob - float(torch.log_softmax(row, -1)[t])) < 2e-3
+
+
+def test_bad_calls_are_clear_errors(llm, llama_dir):
+    with pytest.raises(ValueError, match="enable_sleep_mode"):
+        LLM(llama_dir, max_model_len=64).sleep()
+    with pytest.raises(ValueError, match="sleep level"):
+        llm.sleep(level=3)
+    assert not llm.llm_engine.is_sleeping()
+    with pytest.raises(ValueError, match="wake_up tags"):
+        llm.wake_up(tags=["optimizer"])
+    with pytest.raises(ValueError, match="unknown worker method 'nope'.*load_weights"):
+        llm.collective_rpc("nope")
+    with pytest.raises(ValueError, match="unknown worker method '_engine'"):
+        llm.collective_rpc("_engine")
+    w = llm.llm_engine.runner.model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="has no place"):
+        llm.collective_rpc("load_weights", args=([("model.nonexistent.weight", w)],))
+    with pytest.raises(ValueError, match="shape"):
+        llm.collective_rpc("load_weights", args=([("model.embed_tokens.weight", w[:3])],))
+    with pytest.raises(ValueError, match=r"\(name, tensor\) pairs"):
+        llm.collective_rpc("load_weights", args=([("model.embed_tokens.weight", [1.0])],))
+    # A callable gets the worker, as vLLM's collective_rpc gives it.
+    assert llm.collective_rpc(lambda w: w.device.type) == ["cpu"]
+    # Sleeping or updating under running requests is refused, and they still finish.
+    engine = llm.llm_engine
+    engine.add_request("busy", {"prompt_token_ids": PROMPTS[1]}, GREEDY)
+    for call in (lambda: llm.sleep(), lambda: llm.collective_rpc("reload_weights")):
+        with pytest.raises(RuntimeError, match="idle engine: 1 requests"):
+            call()
+    assert not engine.is_sleeping()
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_quantized_models_refuse_weight_updates(llama_dir):
+    llm = LLM(llama_dir, quantization="fp8", max_model_len=64)
+    w = llm.llm_engine.runner.model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="unquantized"):
+        llm.collective_rpc("load_weights", args=([("model.embed_tokens.weight", w)],))
+
+
+def test_server_dev_routes(llama_dir):
+    """vLLM's dev-mode endpoints: behind the API key, off unless asked for, and a request
+    while asleep is a 503 with an OpenAI error body, not a hang."""
+    import httpx
+
+    from server_helpers import serving
+
+    auth = {"Authorization": "Bearer k"}
+    body = {"model": "tiny-llama", "prompt": [1, 5, 9], "max_tokens": 3, "temperature": 0}
+    with serving(llama_dir, engine_kwargs={"enable_sleep_mode": True}, api_key="k", dev_mode=True) as srv:
+        with httpx.Client(base_url=srv.url, headers=auth, timeout=30) as c:
+            before = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            assert httpx.post(f"{srv.url}/sleep").status_code == 401
+            assert c.get("/is_sleeping").json() == {"is_sleeping": False}
+            assert c.post("/sleep", params={"level": 1}).status_code == 200
+            assert c.get("/is_sleeping").json() == {"is_sleeping": True}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 503 and "asleep" in r.json()["error"]["message"]
+            r = c.post("/sleep")
+            assert r.status_code == 409 and "already asleep" in r.json()["error"]["message"]
+            assert c.post("/wake_up", params=[("tags", "weights")]).status_code == 200
+            assert c.get("/is_sleeping").json() == {"is_sleeping": True}
+            assert c.post("/wake_up", params=[("tags", "kv_cache")]).status_code == 200
+            assert c.get("/is_sleeping").json() == {"is_sleeping": False}
+            assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == before
+            assert c.post("/collective_rpc", json={"method": "reload_weights"}).json() == {"results": [None]}
+            r = c.post("/collective_rpc", json={"method": "nope"})
+            assert r.status_code == 400 and "unknown worker method" in r.json()["error"]["message"]
+            r = c.post("/wake_up", params=[("tags", "gpu")])
+            assert r.status_code == 400 and "wake_up tags" in r.json()["error"]["message"]
+            assert c.post("/reset_prefix_cache").status_code == 200
+    with serving(llama_dir, dev_mode=False) as srv:
+        assert httpx.post(f"{srv.url}/sleep").status_code == 404
+
+
+@pytest.mark.gpu
+def test_sleep_frees_cuda_memory_and_graphs_come_back(llama_dir):
+    """On CUDA: sleep gives the weights' and the KV cache's memory back to the driver, and
+    after wake-up the decode CUDA graphs (captured again: the old ones held freed addresses)
+    give the same greedy tokens and logprobs."""
+    llm = LLM(llama_dir, device="cuda", dtype="float32", enable_sleep_mode=True, max_model_len=256,
+              kv_cache_memory_bytes=64 << 20, max_num_seqs=8)
+    runner = llm.llm_engine.runner
+    assert runner.graphs is not None
+    before = _run(llm)
+    weights, kv = _storage_bytes(llm)
+    held = torch.cuda.memory_allocated()
+    llm.sleep(level=1)
+    assert held - torch.cuda.memory_allocated() >= weights + kv
+    assert runner.graphs is None
+    llm.wake_up()
+    assert runner.graphs is not None
+    _assert_same(_run(llm), before, tol=1e-4)
