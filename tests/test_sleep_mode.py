@@ -95,7 +95,8 @@ def test_weights_from_a_trainer_match_the_new_checkpoint(name, model_dirs, token
     assert llm.collective_rpc("load_weights", args=([(n, p.detach()) for n, p in named[:half]],)) == [half]
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     for n, p in named[half:]:
-        model.load_weights([(n, p.detach())])
+        model.load_weights([(n, p)])  # as TRL passes them: parameters that require grad
+    assert not any(p.requires_grad for p in model.parameters())
     llm.wake_up(tags=["kv_cache"])
     ref = HFReference(new_dir)
     for prompt, (tokens, logprobs) in zip(PROMPTS, _run(llm)):
