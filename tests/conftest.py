@@ -8,8 +8,17 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
+# Under pytest-xdist (the README's `-n 2`) each worker is one process per core: one thread
+# each, or OpenMP's spinning threads fight over the cores (a test ran 45x slower that way).
+# Set before torch loads OpenMP; subprocesses (server and CLI tests) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # Without CUDA, Triton kernels run on CPU tensors in Triton's interpreter. Set before anything
 # imports triton (it reads the variable at import).
