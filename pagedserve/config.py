@@ -49,6 +49,9 @@ class EngineArgs:
     # its decoder linear layers to FP8 e4m3 as they load, a float32 scale per output row
     # (model/fp8_quantize.py online_fp8_weights).
     quantization: Optional[str] = None
+    # vLLM's load_format: "auto" / "safetensors" read *.safetensors; "dummy" fills the weights
+    # with small random values instead (a config.json and tokenizer suffice: for benchmarks).
+    load_format: str = "auto"
     device: Optional[str] = None
     enforce_eager: bool = False
     max_logprobs: int = 20
@@ -189,6 +192,11 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
         kv_dtype = dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
         online_fp8 = _check_quantization(self.quantization, hf_config)
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r} "
+                             "(checkpoints are read from *.safetensors only).")
+        if self.load_format == "dummy" and (online_fp8 or _checkpoint_quantized(hf_config)):
+            raise ValueError("load_format='dummy' makes unquantized weights: it cannot serve a quantized model.")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
 
@@ -232,6 +240,9 @@ class EngineArgs:
                                  "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
         max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner, self.model)
+        if self.load_format == "dummy" and max_images:
+            raise ValueError("load_format='dummy' covers the language model only: serve a vision-language model "
+                             "text-only with it (limit_mm_per_prompt={'image': 0}).")
         default_sampling = _sampling_defaults(self.model, self.generation_config, self.override_generation_config)
         return EngineConfig(
             model=self.model,
@@ -252,6 +263,7 @@ class EngineArgs:
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             kv_dtype=kv_dtype,
             online_fp8=online_fp8,
+            dummy_weights=self.load_format == "dummy",
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
             attention_backend=backend,
@@ -302,9 +314,16 @@ def _mm_processor_kwargs(kwargs: Optional[dict]) -> dict:
     return dict(kwargs)
 
 
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
 QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq",
                         "compressed-tensors": "compressed-tensors", "mxfp4": "mxfp4"}
+
+
+def _checkpoint_quantized(hf_config: Any) -> bool:
+    from pagedserve.model.loader import checkpoint_quantization
+
+    return checkpoint_quantization(hf_config) is not None
 
 
 def _check_quantization(quantization: Optional[str], hf_config: Any) -> bool:
@@ -349,6 +368,7 @@ class EngineConfig:
     kv_cache_memory_bytes: Optional[int]
     kv_dtype: torch.dtype
     online_fp8: bool  # quantization="fp8" on an unquantized checkpoint
+    dummy_weights: bool  # load_format="dummy": random weights, no checkpoint read
     enforce_eager: bool
     max_logprobs: int
     attention_backend: str

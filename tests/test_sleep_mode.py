@@ -198,3 +198,33 @@ def test_sleep_frees_cuda_memory_and_graphs_come_back(llama_dir):
     llm.wake_up()
     assert runner.graphs is not None
     _assert_same(_run(llm), before, tol=1e-4)
+
+
+def test_dummy_weights_need_no_checkpoint(llama_dir, tmp_path):
+    """load_format='dummy' (vLLM's): a config.json and tokenizer suffice; weights uniform in
+    [-1e-3, 1e-3], the same for the same seed; a quantized model and other formats refused."""
+    import json
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(llama_dir, bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        LLM(str(bare), max_model_len=64)
+    llm = LLM(str(bare), load_format="dummy", max_model_len=64, seed=3)
+    params = list(llm.llm_engine.runner.model.parameters())
+    assert all(float(p.abs().max()) <= 1e-3 for p in params) and float(params[0].std()) > 1e-4
+    out = llm.generate(["hello"], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    again = LLM(str(bare), load_format="dummy", max_model_len=64, seed=3).llm_engine.runner.model.parameters()
+    assert all(torch.equal(a, b) for a, b in zip(params, again))
+    with pytest.raises(ValueError, match="cannot be reloaded"):
+        llm.collective_rpc("reload_weights")
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        LLM(str(bare), load_format="pt")
+    with pytest.raises(ValueError, match="quantized model"):
+        LLM(str(bare), load_format="dummy", quantization="fp8")
+    cfg = json.loads((bare / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": None, "activation_scheme": "dynamic"}
+    (bare / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantized model"):
+        LLM(str(bare), load_format="dummy")

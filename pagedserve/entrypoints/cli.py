@@ -65,6 +65,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters no request uses that stay loaded (default: max_loras)")
+    p.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights, no checkpoint read (a config.json and tokenizer suffice)")
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="LLM.sleep() / wake_up(), and with PAGEDSERVE_SERVER_DEV_MODE=1 the server's /sleep and "
                    "/wake_up: the weights' and KV cache's device memory given back while idle")

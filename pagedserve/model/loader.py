@@ -114,7 +114,7 @@ def checkpoint_quantization(hf_config: Any) -> Union[None, Fp8Format, IntFormat,
 def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch.device, max_positions: int,
                pooling: bool = False, classify: bool = False,
                classifier_token_ids: Optional[list[int]] = None, quant_kernels: bool = False,
-               online_fp8: bool = False) -> nn.Module:
+               online_fp8: bool = False, dummy: bool = False, seed: int = 0) -> nn.Module:
     """pooling: an embedding model, built without its LM head; classify: a sequence
     classifier, with its `score` head (hidden -> num_labels) instead. classifier_token_ids:
     a causal-LM checkpoint classified on those tokens' logits (see _head_from_tokens).
@@ -122,7 +122,8 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     GPTQ / AWQ: IntQuantLinear; the Triton backend); otherwise they are dequantized to `dtype`
     as they load (layers/fp8.py, layers/int_quant.py). online_fp8: an unquantized checkpoint's
     decoder linear layers quantized to FP8 per output row as they load (vLLM's
-    quantization="fp8"), then run as an FP8 checkpoint's."""
+    quantization="fp8"), then run as an FP8 checkpoint's. dummy: no checkpoint is read, the
+    weights are drawn uniformly from [-1e-3, 1e-3] (vLLM's load_format="dummy"), from `seed`."""
     from_tokens = classifier_token_ids is not None
     if from_tokens:  # loaded whole, LM head included; the head is made from it afterwards
         pooling = classify = False
@@ -190,16 +191,29 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
             weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
         return weights
 
-    with whole_checkpoint():
-        model.load_weights(checkpoint_weights())
-    check_finite(model)
+    if dummy:
+        dummy_weights(model, seed)
+    else:
+        with whole_checkpoint():
+            model.load_weights(checkpoint_weights())
+        check_finite(model)
     if from_tokens:
         _head_from_tokens(model, classifier_token_ids)
     # What weight updates (worker/weight_updates.py) need: the checkpoint again, its names.
-    model.checkpoint_weights = None if from_tokens else checkpoint_weights
+    model.checkpoint_weights = None if from_tokens or dummy else checkpoint_weights
     model.checkpoint_view = checkpoint_view
     model.quantized_checkpoint = fmt is not None
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def dummy_weights(model: nn.Module, seed: int) -> None:
+    """vLLM's dummy weights: every floating parameter uniform in [-1e-3, 1e-3]; tied ones once."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.uniform_(-1e-3, 1e-3, generator=gen)
 
 
 def check_finite(model: nn.Module) -> None:

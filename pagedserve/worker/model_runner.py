@@ -85,7 +85,8 @@ class ModelRunner:
         self.model = load_model(config.model, config.hf_config, config.dtype, config.device, config.max_model_len,
                                 pooling=config.runner == "pooling", classify=config.pooling_task == "classify",
                                 classifier_token_ids=config.classifier_token_ids,
-                                quant_kernels=config.attention_backend == "triton", online_fp8=config.online_fp8)
+                                quant_kernels=config.attention_backend == "triton", online_fp8=config.online_fp8,
+                                dummy=config.dummy_weights, seed=config.seed)
         self.backend = get_attention_backend(config.attention_backend)
         self.attn_layers = self.model.attention_layers()
         for layer in self.attn_layers:

@@ -46,8 +46,8 @@ def reload_weights(model: nn.Module) -> None:
     """Every weight again from the checkpoint on disk (as at start-up)."""
     source = getattr(model, "checkpoint_weights", None)
     if source is None:
-        raise ValueError("this model's weights cannot be reloaded (its classifier head was made from "
-                         "LM-head rows at load).")
+        raise ValueError("this model's weights cannot be reloaded: they came from load_format='dummy', or its "
+                         "classifier head was made from LM-head rows at load.")
     with whole_checkpoint():
         model.load_weights(source())
     check_finite(model)
