@@ -75,6 +75,9 @@ class EngineArgs:
     # LLM.sleep() / wake_up() (and the server's /sleep, /wake_up): the weights' and KV cache's
     # device memory given back while idle (worker/sleep.py), as vLLM's enable_sleep_mode.
     enable_sleep_mode: bool = False
+    # vLLM's enable_prompt_embeds: prompts given as input embeddings ({"prompt_embeds": tensor},
+    # /v1/completions' base64 prompt_embeds; engine/prompt_embeds.py). Text models only.
+    enable_prompt_embeds: bool = False
     # "generate" (text generation) or "pooling" (embeddings: LLM.embed, /v1/embeddings); "auto":
     # pooling for base-model checkpoints (architectures such as "Qwen3Model"), else generate.
     # pooler_config: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool} over the
@@ -240,6 +243,9 @@ class EngineArgs:
                                  "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
         max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner, self.model)
+        if self.enable_prompt_embeds and (max_images or runner != "generate"):
+            raise ValueError("enable_prompt_embeds is for text generation with a text model (a vision-language "
+                             "model text-only: limit_mm_per_prompt={'image': 0}).")
         if self.load_format == "dummy" and max_images:
             raise ValueError("load_format='dummy' covers the language model only: serve a vision-language model "
                              "text-only with it (limit_mm_per_prompt={'image': 0}).")
@@ -276,6 +282,7 @@ class EngineArgs:
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras or self.max_loras,
             enable_sleep_mode=bool(self.enable_sleep_mode),
+            enable_prompt_embeds=bool(self.enable_prompt_embeds),
             runner=runner,
             pooler=pooler,
             pooling_task=task if runner == "pooling" else None,
@@ -380,6 +387,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
     enable_sleep_mode: bool = False
+    enable_prompt_embeds: bool = False
     runner: str = "generate"
     pooler: Any = None  # model/pooler.py PoolerConfig, with runner "pooling"
     pooling_task: Optional[str] = None  # "embed" | "classify", with runner "pooling"

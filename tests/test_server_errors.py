@@ -41,7 +41,7 @@ def _error(r: httpx.Response, status: int, type_: str, match: str = "", param=No
 
 @pytest.mark.parametrize("route,body,match,param", [
     ("completions", {"prompt": "x", "max_tokens": "many"}, "valid integer", "max_tokens"),
-    ("completions", {"max_tokens": 3}, "Field required", "prompt"),
+    ("completions", {"max_tokens": 3}, "prompt is required", "prompt"),  # (or prompt_embeds)
     ("completions", {"prompt": {"a": 1}}, "prompt", "prompt"),
     ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", None),
     # would overflow int64 inside the engine step (and kill it) if let through

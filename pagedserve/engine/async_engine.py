@@ -252,8 +252,8 @@ class AsyncLLM:
         ValueError for a request that can never run, EngineDeadError when the engine is gone."""
         self._check_alive()
         features: list = []
-        if self.engine.mm_processor is not None or (isinstance(prompt, dict)
-                                                    and prompt.get("multi_modal_data") is not None):
+        if self.engine.mm_processor is not None or (isinstance(prompt, dict) and (
+                prompt.get("multi_modal_data") is not None or "prompt_embeds" in prompt or "mm_features" in prompt)):
             # (images are decoded off the event loop; a text prompt's placeholders are checked)
             text, ids, features = await self.run_tokenizer(self.engine.process_inputs, prompt)
             refuse_truncated_images(features, params)

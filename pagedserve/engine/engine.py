@@ -15,6 +15,8 @@ from pagedserve.engine.fault_injection import maybe_inject_step_failure
 from pagedserve.engine.grammar import GrammarCompiler, HarmonyGate, ThinkGate
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.ngram import NgramProposer
+from pagedserve.engine.prompt_embeds import (FIELD as PROMPT_EMBEDS, PLACEHOLDER_ID as EMBEDS_PLACEHOLDER_ID,
+                                             embeds_features, model_takes_prompt_embeds)
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -48,6 +50,9 @@ class LLMEngine:
         if config.max_images_per_prompt > 0:
             self.mm_processor = ImageInputProcessor(config.model, config.max_images_per_prompt,
                                                     config.mm_processor_kwargs, self.tokenizer)
+        if config.enable_prompt_embeds and not model_takes_prompt_embeds(self.runner.model):
+            raise ValueError(f"enable_prompt_embeds: {type(self.runner.model).__name__} does not take prompt "
+                             "embeddings (decoders built on LlamaModel do: Llama, Mistral, Qwen2/3, ...).")
         maybe_inject_step_failure(self.runner)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
@@ -126,6 +131,9 @@ class LLMEngine:
         {"prompt": ..., "multi_modal_data": {"image": image or [images]}}): each image's
         placeholder token expanded to its embedding rows (multimodal/processor.py). A prompt
         processed already (AsyncLLM.preprocess, LLM.generate) carries its "mm_features"."""
+        if isinstance(prompt, dict) and PROMPT_EMBEDS in prompt:
+            ids, features = self._embeds_prompt(prompt)
+            return None, ids, features
         if isinstance(prompt, dict) and "mm_features" in prompt:
             text, ids = self.process_prompt({k: v for k, v in prompt.items() if k != "mm_features"})
             return text, ids, list(prompt["mm_features"])
@@ -143,6 +151,17 @@ class LLMEngine:
             return text, ids, []
         ids, features = self.mm_processor.process(ids, images)
         return text, ids, features
+
+    def _embeds_prompt(self, prompt: dict) -> tuple[list[int], list[ImageFeature]]:
+        """vLLM's EmbedsPrompt -> (a placeholder id per embedding, the embeddings' features)."""
+        if not self.config.enable_prompt_embeds:
+            raise ParamError(PROMPT_EMBEDS, "prompt embeddings are off: start the engine with "
+                             "enable_prompt_embeds=True (--enable-prompt-embeds).")
+        other = sorted(set(prompt) - {PROMPT_EMBEDS})
+        if other:
+            raise ParamError(PROMPT_EMBEDS, f"a prompt_embeds prompt takes nothing else, got {other}.")
+        features = embeds_features(prompt[PROMPT_EMBEDS], self.config.hf_config.hidden_size, self.config.block_size)
+        return [EMBEDS_PLACEHOLDER_ID] * sum(f.length for f in features), features
 
     def prepare(self, prompt: PromptType, params: SamplingParams) -> dict:
         """A generation prompt processed (text, ids, images) and validated; the dict
@@ -405,9 +424,12 @@ class LLMEngine:
         if lora_request is not None:  # loaded by check_lora: this cannot fail
             for c in children:
                 self.runner.lora.acquire(c.request_id, lora_request)
-        seqs = [SequenceState(i, c, IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        embeds = leader.prompt_is_embeds  # no prompt tokens: none to detokenize after or to report
+        seqs = [SequenceState(i, c, IncrementalDetokenizer(self.tokenizer, [] if embeds else ids,
+                                                           params.skip_special_tokens)
                               if params.detokenize else None) for i, c in enumerate(children)]
-        self.output_processor.add(RequestState(request_id, text, ids, params, seqs, lora_request=lora_request))
+        self.output_processor.add(RequestState(request_id, text, None if embeds else ids, params, seqs,
+                                               lora_request=lora_request))
         return request_id
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
@@ -538,9 +560,15 @@ HARMONY_MARKERS = (HARMONY_START, CHANNEL, MESSAGE, *ENDS)
 
 
 def refuse_truncated_images(features: list[ImageFeature], params: Union[SamplingParams, PoolingParams]) -> None:
-    """Truncating from the left could cut an image's placeholders apart from its embeddings."""
+    """Truncating from the left could cut an image's placeholders apart from its embeddings;
+    a prompt given as embeddings has no tokens to score (prompt_logprobs)."""
+    embeds = any(f.precomputed for f in features)
     if features and params.truncate_prompt_tokens is not None:
-        raise ParamError("truncate_prompt_tokens", "a prompt with images cannot be truncated.")
+        raise ParamError("truncate_prompt_tokens", f"a prompt with {'embeddings' if embeds else 'images'} cannot be "
+                         "truncated.")
+    if embeds and getattr(params, "prompt_logprobs", None) is not None:
+        raise ParamError("prompt_logprobs", "prompt_logprobs needs prompt tokens: a prompt given as embeddings "
+                         "has none.")
 
 
 def _rfind(seq: list[int], sub: list[int]) -> int:

@@ -47,7 +47,7 @@ class SequenceState:
 class RequestState:
     request_id: str
     prompt: Optional[str]
-    prompt_token_ids: list[int]
+    prompt_token_ids: Optional[list[int]]  # None: the prompt was given as embeddings
     params: SamplingParams
     seqs: list[SequenceState]
     prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None

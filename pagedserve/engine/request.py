@@ -73,6 +73,8 @@ class Request:
         # The prompt's images (multimodal/inputs.py), in prompt order: their placeholders'
         # embeddings come from the vision encoder, and their hashes key the blocks they cover.
         self.mm_features = tuple(mm_features)
+        # A prompt given as embeddings (engine/prompt_embeds.py): its ids are placeholders.
+        self.prompt_is_embeds = any(f.precomputed for f in self.mm_features)
 
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.output_token_ids: list[int] = []

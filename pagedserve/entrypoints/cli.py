@@ -67,6 +67,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="adapters no request uses that stay loaded (default: max_loras)")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"],
                    help="dummy: random weights, no checkpoint read (a config.json and tokenizer suffice)")
+    p.add_argument("--enable-prompt-embeds", action="store_true",
+                   help="prompts given as input embeddings ({'prompt_embeds': tensor}; /v1/completions' base64 "
+                   "prompt_embeds): only for trusted clients, as in vLLM")
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="LLM.sleep() / wake_up(), and with PAGEDSERVE_SERVER_DEV_MODE=1 the server's /sleep and "
                    "/wake_up: the weights' and KV cache's device memory given back while idle")

@@ -36,6 +36,9 @@ class ImageFeature:
     embed_rows: Optional[tuple[int, ...]] = None
     # The image's own (height, width) before resizing (LLaVA-NeXT: its tiles' padding is cut by it).
     image_size: Optional[tuple[int, int]] = None
+    # Embeddings given by the caller (engine/prompt_embeds.py): pixel_values are the rows
+    # themselves [length, hidden], taken as they are, with no encoder.
+    precomputed: bool = False
 
     @property
     def num_embeds(self) -> int:

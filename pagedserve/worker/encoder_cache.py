@@ -30,7 +30,7 @@ def profile_images(encoder: nn.Module, config: Any) -> list:
 
 
 class EncoderCache:
-    def __init__(self, encoder: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, encoder: Optional[nn.Module], device: torch.device, dtype: torch.dtype) -> None:
         self.encoder = encoder
         self.device = device
         self.dtype = dtype
@@ -75,6 +75,9 @@ class EncoderCache:
     def _encode(self, features: list) -> None:
         """Run the encoder over the images not cached yet."""
         todo = list({f.hash: f for f in features}.values())
+        for f in [f for f in todo if f.precomputed]:  # prompt embeddings: the rows are given
+            self.embeddings[f.hash] = f.pixel_values.to(self.device, self.dtype)
+        todo = [f for f in todo if not f.precomputed]
         if not todo:
             return
         for f, emb in zip(todo, self.encoder.encode(todo)):
@@ -87,6 +90,8 @@ class EncoderCache:
         """M-RoPE positions of a request with images ([3, prompt] and the delta of the tokens
         after it; model/layers/rotary.py), None for a model with plain positions. Computed
         once a request and kept until its release."""
+        if self.encoder is None:  # a text model taking prompt embeddings
+            return None
         if req.request_id not in self.positions:
             self.positions[req.request_id] = self.encoder.rope_positions(req.num_prompt_tokens, req.mm_features)
         return self.positions[req.request_id]

@@ -115,6 +115,8 @@ class ModelRunner:
 
             encoder = load_image_encoder(config.model, config.dtype, config.device, config.mm_processor_kwargs)
             self.encoder_cache = EncoderCache(encoder, config.device, config.dtype)
+        elif config.enable_prompt_embeds:  # prompt embeddings ride the image rows' path, with no encoder
+            self.encoder_cache = EncoderCache(None, config.device, config.dtype)
         self.sampler = Sampler()
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
@@ -202,8 +204,8 @@ class ModelRunner:
         params = unique_storages(self.model.parameters())
         taken = {s.data_ptr() for s in params}
         kept = [t for t in self.model.buffers()]
-        if self.encoder_cache is not None:
-            enc = self.encoder_cache.encoder
+        enc = self.encoder_cache.encoder if self.encoder_cache is not None else None
+        if enc is not None:
             kept += list(enc.parameters()) + list(enc.buffers())
         kept_storages = [s for s in unique_storages(kept) if s.data_ptr() not in taken]
         kv = unique_storages(t for pair in self.kv_caches for t in pair)
@@ -265,7 +267,7 @@ class ModelRunner:
             block_size=self.block_size,
         )
         with torch.inference_mode():
-            if self.encoder_cache is not None:  # the encoder's worst step too
+            if self.encoder_cache is not None and self.encoder_cache.encoder is not None:  # its worst step too
                 self.encoder_cache.encoder.encode(profile_images(self.encoder_cache.encoder, cfg))
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
             if self.model.lm_head is not None:  # none in a pooling model

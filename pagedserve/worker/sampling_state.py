@@ -51,7 +51,8 @@ class SamplingStates:
             st.output_counts = torch.zeros(self.vocab_size, device=self.device)
             st.penalty_sub = torch.zeros(self.vocab_size, device=self.device)
             st.seen_mask = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
-            st.seen_mask.index_fill_(0, to_device(req.prompt_token_ids, torch.long, self.device), True)
+            if not req.prompt_is_embeds:  # (an embeddings prompt's ids are placeholders, as in transformers)
+                st.seen_mask.index_fill_(0, to_device(req.prompt_token_ids, torch.long, self.device), True)
         new = req.output_token_ids[st.num_counted:]
         if new:
             ids = to_device(new, torch.long, self.device)

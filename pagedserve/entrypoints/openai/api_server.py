@@ -281,6 +281,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
             raise OpenAIError(400, "The request body must be a JSON object.", "BadRequestError")
         for field, kind, handle in (("messages", ChatCompletionRequest, chat.create),
                                     ("prompt", CompletionRequest, completion.create),
+                                    ("prompt_embeds", CompletionRequest, completion.create),
                                     ("input", EmbeddingRequest, pooling.embed)):
             if field in body:
                 try:

@@ -278,12 +278,22 @@ class SamplingFields(OpenAIBaseModel):
 
 # ---- completions --------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
-    prompt: Union[list[int], list[list[int]], Text, list[Text]]
+    prompt: Optional[Union[list[int], list[list[int]], Text, list[Text]]] = None
+    # vLLM's: base64 torch.save()d tensors [tokens, hidden], run before `prompt`'s prompts
+    # (--enable-prompt-embeds; engine/prompt_embeds.py).
+    prompt_embeds: Optional[Union[str, list[str]]] = None
     max_tokens: Optional[Int64] = 16
     logprobs: Optional[Int64] = None
     echo: bool = False
     suffix: Optional[str] = None
     add_special_tokens: bool = True  # vLLM's: False tokenizes text prompts without BOS and the like
+
+    def check_prompts_given(self) -> None:
+        if self.prompt is None and not self.prompt_embeds:
+            raise ParamError("prompt", "prompt is required (or prompt_embeds).")
+        if self.prompt_embeds and (self.echo or self.use_beam_search):
+            raise ParamError("prompt_embeds", f"prompt_embeds cannot be used with "
+                             f"{'echo' if self.echo else 'use_beam_search'}: there are no prompt tokens.")
 
     def to_sampling_params(self, defaults: Optional[dict[str, Any]] = None) -> SamplingParams:
         if self.suffix is not None:

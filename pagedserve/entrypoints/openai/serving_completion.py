@@ -11,6 +11,7 @@ from typing import AsyncGenerator, AsyncIterator, Optional, Union
 from pagedserve.beam_search import beam_search_many
 from pagedserve.engine.async_engine import Reservation
 from pagedserve.engine.engine import PromptType
+from pagedserve.engine.prompt_embeds import decode_base64_embeds
 from pagedserve.entrypoints.openai.protocol import (CompletionChoice, CompletionLogProbs, CompletionRequest,
                                                     CompletionResponse, UsageInfo, random_id)
 from pagedserve.entrypoints.openai.serving_engine import (SSE_DONE, OpenAIServing, clamp_logprob,
@@ -42,9 +43,20 @@ class _PromptState:
     choices: list[_Choice] = field(default_factory=list)
     prompt_logprobs: Optional[PromptLogprobs] = None  # arrives with the request's first output
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    embeds: bool = False  # given as prompt_embeds: its ids are placeholders, not reported
 
 
-def _prompts(prompt: Union[str, list]) -> list[PromptType]:
+def _embeds_prompts(req: CompletionRequest) -> list[PromptType]:
+    """vLLM's prompt_embeds: each a base64 torch.save()d tensor; they come before `prompt`'s."""
+    if not req.prompt_embeds:
+        return []
+    items = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else req.prompt_embeds
+    return [{"prompt_embeds": decode_base64_embeds(s)} for s in items]
+
+
+def _prompts(prompt: Union[str, list, None]) -> list[PromptType]:
+    if prompt is None:
+        return []
     if isinstance(prompt, str):
         return [prompt]
     if prompt and isinstance(prompt[0], list):
@@ -59,12 +71,14 @@ class OpenAIServingCompletion(OpenAIServing):
         model = self.model_name(req.model)
         self.check_generates(model, req.priority)
         self.limits.check_sampling(req)
+        req.check_prompts_given()
         if req.use_beam_search:
             return await self._beam_search(req, model)
         params = req.to_sampling_params(self.llm.engine.config.default_sampling)
         request_id = random_id("cmpl")
         arrival = time.monotonic()
-        raw = _prompts(req.prompt)
+        text = None if req.prompt_embeds and req.prompt in ("", [], [""]) else req.prompt  # (vLLM's clients send "")
+        raw = _embeds_prompts(req) + _prompts(text)
         self.check_prompts(raw, "prompt", params.truncate_prompt_tokens is not None)
         # Places in the queue now (503 before tokenizing, and before any stream starts).
         reservation = self.llm.reserve(len(raw))
@@ -80,7 +94,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 text = p["prompt"]
                 if text is None and req.echo:  # token-id prompts echo their decoded text
                     text = await self.llm.run_tokenizer(self.llm.tokenizer.decode, p["prompt_token_ids"])
-                states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)]))
+                states.append(_PromptState(text or "", p["prompt_token_ids"], [_Choice() for _ in range(params.n)],
+                                           embeds="mm_features" in p and p["mm_features"][0].precomputed))
         except BaseException:
             reservation.release()
             raise
@@ -101,7 +116,7 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = [CompletionChoice(index=i * params.n + j, text=c.text, logprobs=c.logprobs,
                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                     prompt_logprobs=prompt_logprobs_json(st.prompt_logprobs),
-                                    prompt_token_ids=st.prompt_ids if ids else None,
+                                    prompt_token_ids=st.prompt_ids if ids and not st.embeds else None,
                                     token_ids=c.token_ids if ids else None)
                    for i, st in enumerate(states) for j, c in enumerate(st.choices)]
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=self._usage(states))
@@ -160,7 +175,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 ch.sent = True
                 yield c.index, CompletionChoice(index=c.index, text=text, logprobs=delta_lp,
                                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                                prompt_token_ids=st.prompt_ids if want and first else None,
+                                                prompt_token_ids=st.prompt_ids if want and first and not st.embeds
+                                                else None,
                                                 token_ids=list(c.token_ids) if want else None)
 
     async def _stream(self, req: CompletionRequest, model: str, request_id: str, states: list[_PromptState],
