@@ -108,8 +108,16 @@ class BeamSearch:
         return out
 
 
+def _check_mode(config) -> None:
+    """Beams are scored by summed logprobs: a logits mode reports no logprobs to sum."""
+    if config.logprobs_mode.endswith("logits"):
+        raise ParamError("use_beam_search", f"beam search needs logprobs: the engine reports "
+                         f"{config.logprobs_mode} (logprobs_mode).")
+
+
 def beam_search(llm: "LLM", prompts: Sequence, params: BeamSearchParams) -> list[BeamSearchOutput]:
     engine = llm.llm_engine
+    _check_mode(engine.config)
     search = BeamSearch([engine.process_prompt(p)[1] for p in prompts], params, engine.eos_token_ids,
                         engine.config.max_model_len, engine.config.max_logprobs)
     while batch := search.pending():
@@ -137,6 +145,7 @@ async def beam_search_async(async_llm: "AsyncLLM", prompt_ids: list[int], params
     """The same search for one prompt through the server's engine: each round's steps run
     concurrently, as ordinary requests (a client that goes away aborts them)."""
     engine = async_llm.engine
+    _check_mode(engine.config)
     search = BeamSearch([prompt_ids], params, engine.eos_token_ids, engine.config.max_model_len,
                         engine.config.max_logprobs)
 

@@ -55,6 +55,10 @@ class EngineArgs:
     device: Optional[str] = None
     enforce_eager: bool = False
     max_logprobs: int = 20
+    # vLLM's logprobs_mode: what logprobs report. "raw_logprobs" (the model's distribution),
+    # "raw_logits", or "processed_logprobs" / "processed_logits": of the distribution a token is
+    # drawn from, after penalties, bias, temperature, min-p, top-k and top-p (RL's sampler ratio).
+    logprobs_mode: str = "raw_logprobs"
     attention_backend: Optional[str] = None  # "torch" | "cpu" | "triton"; default picks by device
     # Schedule step N + 1 before step N's tokens are back (None: on CUDA, where the host work
     # then overlaps the GPU; on CPU the forward pass is the host, so there is nothing to gain).
@@ -200,6 +204,8 @@ class EngineArgs:
                              "(checkpoints are read from *.safetensors only).")
         if self.load_format == "dummy" and (online_fp8 or _checkpoint_quantized(hf_config)):
             raise ValueError("load_format='dummy' makes unquantized weights: it cannot serve a quantized model.")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r}.")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}.")
 
@@ -272,6 +278,7 @@ class EngineArgs:
             dummy_weights=self.load_format == "dummy",
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
+            logprobs_mode=self.logprobs_mode,
             attention_backend=backend,
             async_scheduling=(device.type == "cuda" and spec is None) if self.async_scheduling is None
             else bool(self.async_scheduling),
@@ -322,6 +329,7 @@ def _mm_processor_kwargs(kwargs: Optional[dict]) -> dict:
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")  # (worker/sampler.py)
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
 QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq",
                         "compressed-tensors": "compressed-tensors", "mxfp4": "mxfp4"}
@@ -378,6 +386,7 @@ class EngineConfig:
     dummy_weights: bool  # load_format="dummy": random weights, no checkpoint read
     enforce_eager: bool
     max_logprobs: int
+    logprobs_mode: str
     attention_backend: str
     async_scheduling: bool = False
     reasoning_parser: Optional[str] = None

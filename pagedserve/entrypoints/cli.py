@@ -54,6 +54,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
+    p.add_argument("--logprobs-mode", default=d.logprobs_mode,
+                   choices=["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"],
+                   help="what logprobs report: the model's distribution (raw) or the one tokens are drawn from "
+                   "(processed: after penalties, temperature, top-k/p), as log-probabilities or logits")
     p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
     _bool_flag(p, "async-scheduling", None, "schedule step N+1 before step N's tokens are back (default: on "
                "CUDA)")

@@ -117,7 +117,7 @@ class ModelRunner:
             self.encoder_cache = EncoderCache(encoder, config.device, config.dtype)
         elif config.enable_prompt_embeds:  # prompt embeddings ride the image rows' path, with no encoder
             self.encoder_cache = EncoderCache(None, config.device, config.dtype)
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.logprobs_mode)
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
@@ -333,7 +333,8 @@ class ModelRunner:
                          if prompt_lp else None)
             logits = self.model.compute_logits(hidden[: len(rows)] if rows_t is None else hidden[rows_t])
             s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
-            plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t)
+            plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t,
+                                                raw_logits=self.config.logprobs_mode.endswith("logits"))
                    if prompt_lp else None)
             # Copies to the host queued right behind this step, so that result() waits for this
             # step alone, not for one launched after it (async scheduling).
@@ -465,11 +466,13 @@ class ModelRunner:
         return items
 
     @staticmethod
-    def _prompt_logprob_tensors(logits: torch.Tensor, items, targets: list[list[int]], targets_t: torch.Tensor):
+    def _prompt_logprob_tensors(logits: torch.Tensor, items, targets: list[list[int]], targets_t: torch.Tensor,
+                                raw_logits: bool = False):
         """Queue the prompt-logprob computations of a step: per item (request, target ids,
         chosen logprobs, ranks, top-k values and ids or None). targets_t: all items' target
-        ids, already on the device."""
-        logprobs = logits.float().log_softmax(dim=-1)
+        ids, already on the device. raw_logits: the logits themselves (logprobs_mode
+        "*_logits"; a prompt position has no sampling to process)."""
+        logprobs = logits.float() if raw_logits else logits.float().log_softmax(dim=-1)
         offset = 0
         out = []
         for (req, _, rows, k), tgt in zip(items, targets):

@@ -2,7 +2,9 @@
 vocabulary). vLLM's order: grammar (structured outputs) -> allowed tokens -> bad words /
 min_tokens bans -> logit bias -> penalties -> greedy argmax | temperature -> min-p -> top-k
 -> top-p -> seeded draw.
-Logprobs are of the model's raw distribution (vLLM's default "raw_logprobs").
+Logprobs are of the model's raw distribution (vLLM's default "raw_logprobs"), or as vLLM's
+logprobs_mode asks: "raw_logits", or "processed_logprobs" / "processed_logits" of the
+distribution each row is drawn from (after every step above; greedy rows: before the choice).
 
 Speed: rows with a top-k work on their k candidates only (one topk instead of a sort of
 the vocabulary); min-p is a logit threshold (p_i < min_p * p_max  <=>  l_i < l_max +
@@ -20,6 +22,7 @@ import torch
 from pagedserve.engine.grammar import unpack_bitmask
 
 _NEG_INF = float("-inf")
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 
 @dataclass
@@ -110,20 +113,46 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
+    def __init__(self, logprobs_mode: str = "raw_logprobs") -> None:
+        if logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}.")
+        self.logprobs_mode = logprobs_mode
+
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         if b.all_greedy and b.num_logprobs is None and not self.processes(b):
             # Plain greedy (most batch-1 decoding): argmax of the 16-bit logits is the
             # argmax of their exact float32 copy, so the copy is skipped (one kernel fewer).
             return SamplerOutput(greedy_tokens(logits))
         logits = logits.float()
-        raw_logprobs = logits.log_softmax(dim=-1) if b.num_logprobs is not None else None
-        tokens = self._sample(self.process_logits(logits, b), b)
+        want = b.num_logprobs is not None
+        mode = self.logprobs_mode
+        reported = None
+        if want and mode.startswith("raw"):
+            reported = logits.log_softmax(dim=-1) if mode == "raw_logprobs" else logits.clone()
+        processed = self.process_logits(logits, b)
+        tokens = self._sample(processed, b)
+        if want and mode.startswith("processed"):
+            final = self.final_logits(processed, b)
+            reported = final.log_softmax(dim=-1) if mode == "processed_logprobs" else final
         out = SamplerOutput(tokens)
-        if raw_logprobs is not None:
-            out.sampled_logprobs = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            out.sampled_ranks = (raw_logprobs > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1, dtype=torch.int32) + 1
+        if reported is not None:
+            out.sampled_logprobs = reported.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            out.sampled_ranks = (reported > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1, dtype=torch.int32) + 1
             if b.num_logprobs > 0:
-                out.topk_logprobs, out.topk_ids = raw_logprobs.topk(b.num_logprobs, dim=-1)
+                out.topk_logprobs, out.topk_ids = reported.topk(b.num_logprobs, dim=-1)
+        return out
+
+    def final_logits(self, processed: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """[S, V] logits each row is drawn from: a random row's after temperature, min-p,
+        top-k and top-p (-inf where cut); a greedy row's as processed."""
+        out = processed.clone()
+        for g in b.groups:
+            vals, ids = self.candidates(processed, b, g)
+            full = vals if ids is None else torch.full_like(processed[: vals.shape[0]], _NEG_INF).scatter_(1, ids, vals)
+            if g.rows is None:
+                out = torch.where(b.greedy.unsqueeze(1), out, full)
+            else:
+                out[g.rows] = full
         return out
 
     @staticmethod
