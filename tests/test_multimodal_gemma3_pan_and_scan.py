@@ -172,3 +172,21 @@ def test_setting_in_preprocessor_config(gemma3, tmp_path):
     assert_output_matches(ref.greedy(PROMPT, images, SMALL_CROPS), out)
     off = _processor(str(tmp_path), {"do_pan_and_scan": False})
     assert len(_check_prepared(off, ref, PROMPT, images, {})) == 2
+
+
+def test_memory_profile_counts_the_crops(gemma3):
+    """One request with one wide image is four encoder images (the image and 3 crops), encoded
+    in one pass: the memory profile caps its copies at requests x images x (1 + max crops)."""
+    from pagedserve.worker.encoder_cache import profile_images
+
+    path, _ = gemma3
+    llm = LLM(path, block_size=8, max_num_batched_tokens=256, max_num_seqs=1, limit_mm_per_prompt={"image": 1},
+              mm_processor_kwargs=SMALL_CROPS)
+    encoder = llm.llm_engine.runner.encoder_cache.encoder
+    assert encoder.images_per_image == 5  # (pan_and_scan_max_num_crops 4)
+    passes, real = [], encoder.encode
+    encoder.encode = lambda feats: passes.append(sum(f.num_embeds for f in feats)) or real(feats)
+    llm.generate(image_prompt(TURN.format("<start_of_image>Describe."), [random_image(12, WIDE)]), _params(),
+                 use_tqdm=False)
+    assert passes == [4 * IMAGE_TOKENS]
+    assert max(passes) <= sum(f.num_embeds for f in profile_images(encoder, llm.llm_engine.config))

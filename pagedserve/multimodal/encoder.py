@@ -33,7 +33,11 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
     if architecture(cfg) in GEMMA3_ARCHITECTURES:
         from pagedserve.multimodal.gemma3 import Gemma3ImageEncoder
 
-        return Gemma3ImageEncoder.load(cfg, model_dir, dtype, device)
+        from pagedserve.multimodal.gemma3 import images_per_image
+
+        enc = Gemma3ImageEncoder.load(cfg, model_dir, dtype, device)
+        enc.images_per_image = images_per_image(model_dir, processor_kwargs)  # pan-and-scan's crops
+        return enc
     if architecture(cfg) in MISTRAL3_ARCHITECTURES:
         from pagedserve.multimodal.mistral3 import Mistral3ImageEncoder
 

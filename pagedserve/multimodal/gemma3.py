@@ -10,7 +10,7 @@ tokens and two-way span), as transformers' model sees it (one group per run of i
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -24,6 +24,15 @@ PAN_AND_SCAN_DEFAULTS = {"pan_and_scan_min_crop_size": 256, "pan_and_scan_max_nu
 # Gemma3Processor's text around an image with pan-and-scan crops (replace_image_token).
 ORIGINAL_TEXT = "Here is the original image "
 CROPS_TEXT = " and here are some crops to help you see better "
+
+
+def images_per_image(model_dir: str, processor_kwargs: Optional[dict]) -> int:
+    """Encoder images one prompt image may become: itself, and with pan-and-scan up to
+    pan_and_scan_max_num_crops crops (the memory profile's cap counts them)."""
+    from pagedserve.multimodal.processor import load_image_processor
+
+    settings = pan_and_scan_kwargs(load_image_processor(model_dir, processor_kwargs or {}))
+    return 1 + int(settings["pan_and_scan_max_num_crops"]) if settings else 1
 
 
 def pan_and_scan_kwargs(hf: Any) -> dict:

@@ -20,12 +20,14 @@ def profile_images(encoder: nn.Module, config: Any) -> list:
     """The images of the vision encoder's worst step, for the memory profile. A step encodes
     every new image its prompt chunks touch, in one pass: max_num_batched_tokens placeholders
     touch at most ceil((n - 1) / k) + 1 images of k placeholders each (cut at both ends), and
-    no more than the batch's requests may carry. Copies of the model's largest image(s)."""
+    no more than the batch's requests may carry (Gemma 3's pan-and-scan: each image and its
+    crops). Copies of the model's largest image(s)."""
     largest = encoder.profile_features(config.max_model_len)
     per_copy = max(1, sum(f.num_embeds for f in largest))
     n = config.max_num_batched_tokens
     copies = -(-(n - 1) // per_copy) + 1
-    copies = min(copies, config.max_num_seqs * max(1, config.max_images_per_prompt))
+    per_image = getattr(encoder, "images_per_image", 1)
+    copies = min(copies, config.max_num_seqs * max(1, config.max_images_per_prompt) * per_image)
     return largest * copies
 
 
