@@ -103,7 +103,7 @@ class _RequestTracker:
         new_tokens = sum(len(c.token_ids) for c in out.outputs)
         self.num_generated += new_tokens
         if self.first_token_time is None:
-            self.num_prompt = len(out.prompt_token_ids)
+            self.num_prompt = out.num_prompt_tokens
             m.prompt_tokens.inc(self.num_prompt)
             if out.metrics is not None and out.metrics.first_scheduled_time is not None:
                 self.scheduled_time = out.metrics.first_scheduled_time

@@ -42,13 +42,19 @@ class RequestOutput:
 
     request_id: str
     prompt: Optional[str]
-    prompt_token_ids: list[int]
+    prompt_token_ids: Optional[list[int]]  # None: the prompt was given as embeddings
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
     metrics: Optional["RequestMetrics"] = None
     lora_request: Optional[Any] = None  # the LoRARequest it ran with
+    num_prompt_embeds: int = 0  # a prompt given as embeddings (engine/prompt_embeds.py): how many
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The prompt's positions, token ids or embeddings."""
+        return len(self.prompt_token_ids) if self.prompt_token_ids is not None else self.num_prompt_embeds
 
 
 @dataclass

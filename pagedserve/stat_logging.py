@@ -26,7 +26,7 @@ class _Counter:
     def on_output(self, out: RequestOutput, now: float) -> None:
         if not self.started:
             self.started = True
-            self.owner.prompt_tokens += len(out.prompt_token_ids)
+            self.owner.prompt_tokens += out.num_prompt_tokens
         self.owner.generation_tokens += sum(len(c.token_ids) for c in out.outputs)
 
     def on_pooled(self, out: PoolingRequestOutput, now: float) -> None:

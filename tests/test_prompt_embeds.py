@@ -64,7 +64,7 @@ def test_embeddings_match_transformers(llm, hf):
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for e, out in zip(embeds, outs):
         _check(out, _hf_greedy(hf, e, GREEDY.max_tokens))
-        assert out.prompt_token_ids is None and out.prompt is None
+        assert out.prompt_token_ids is None and out.prompt is None and out.num_prompt_tokens == len(e)
     # A token's own embeddings give what its ids give.
     plain = llm.generate([{"prompt_token_ids": IDS[0]}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     same = llm.generate([{"prompt_embeds": _embeds(hf, IDS[0], 0.0, 0)}], GREEDY, use_tqdm=False)[0]
@@ -134,7 +134,7 @@ def test_qwen3_tied_embeddings(model_dirs):
 
 
 def test_server_completions_take_base64_embeddings(llama_dir, hf):
-    from server_helpers import openai_client, serving
+    from server_helpers import openai_client, scrape, serving
 
     def b64(t: torch.Tensor) -> str:
         buf = io.BytesIO()
@@ -149,6 +149,8 @@ def test_server_completions_take_base64_embeddings(llama_dir, hf):
         r = client.completions.create(model="tiny-llama", prompt="", max_tokens=4, temperature=0, extra_body=extra)
         assert r.choices[0].token_ids == want and r.choices[0].prompt_token_ids is None
         assert r.usage.prompt_tokens == len(IDS[0])
+        counted = scrape(srv.url)[("pagedserve:prompt_tokens_total", frozenset({("model_name", "tiny-llama")}))]
+        assert counted == len(IDS[0])  # the metrics count embeddings as prompt positions
         r = client.completions.create(model="tiny-llama", prompt="hello", max_tokens=4, temperature=0,
                                       extra_body={"prompt_embeds": [b64(e)], "ignore_eos": True})
         assert len(r.choices) == 2

@@ -310,9 +310,12 @@ class AsyncLLM:
                     done = True
                     for t in stream.trackers:
                         t.on_abort(time.monotonic())
-                    yield RequestOutput(request_id, tokens_prompt["prompt"], tokens_prompt["prompt_token_ids"],
+                    embeds = any(f.precomputed for f in tokens_prompt.get("mm_features", ()))
+                    ids = tokens_prompt["prompt_token_ids"]
+                    yield RequestOutput(request_id, tokens_prompt["prompt"], None if embeds else ids,
                                         [CompletionOutput(i, "", [], finish_reason="abort")
-                                         for i in range(params.n) if i not in finished_seqs], finished=True)
+                                         for i in range(params.n) if i not in finished_seqs], finished=True,
+                                        num_prompt_embeds=len(ids) if embeds else 0)
                     return
                 assert isinstance(item, RequestOutput)
                 finished_seqs.update(c.index for c in item.outputs if c.finish_reason is not None)

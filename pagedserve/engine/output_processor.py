@@ -220,4 +220,5 @@ class OutputProcessor:
         return RequestOutput(request_id=state.request_id, prompt=state.prompt,
                              prompt_token_ids=state.prompt_token_ids, outputs=completions, finished=finished,
                              prompt_logprobs=prompt_logprobs, num_cached_tokens=max(first.num_cached_tokens, 0),
-                             metrics=metrics, lora_request=state.lora_request)
+                             metrics=metrics, lora_request=state.lora_request,
+                             num_prompt_embeds=first.num_prompt_tokens if first.prompt_is_embeds else 0)
