@@ -79,6 +79,10 @@ class EngineArgs:
     # LLM.sleep() / wake_up() (and the server's /sleep, /wake_up): the weights' and KV cache's
     # device memory given back while idle (worker/sleep.py), as vLLM's enable_sleep_mode.
     enable_sleep_mode: bool = False
+    # vLLM's LLM(disable_log_stats=False): the offline engine keeps the server's Prometheus
+    # metrics, read with LLM.get_metrics() (metrics_reader.py). (The server's flag of the same
+    # name turns off its periodic stats line.)
+    disable_log_stats: bool = True
     # vLLM's enable_prompt_embeds: prompts given as input embeddings ({"prompt_embeds": tensor},
     # /v1/completions' base64 prompt_embeds; engine/prompt_embeds.py). Text models only.
     enable_prompt_embeds: bool = False

@@ -70,3 +70,35 @@ def test_vllm_habits_are_accepted(llama_dir):
     assert args.trust_remote_code and args.tensor_parallel_size == 2
     with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
         args.create_engine_config()
+
+
+def test_get_metrics_counts_what_ran(llama_dir):
+    """LLM(disable_log_stats=False).get_metrics(): the server's metrics as vLLM's reader objects;
+    the outputs stay those of a run without metrics (which reports only final outputs)."""
+    from pagedserve.metrics_reader import Counter, Gauge, Histogram
+
+    prompts = [{"prompt_token_ids": [1, 5, 9, 14, 3]}, {"prompt_token_ids": [1, 100, 200]}]
+    params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=4, ignore_eos=True)]
+    llm = LLM(llama_dir, disable_log_stats=False, max_model_len=64)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    plain = LLM(llama_dir, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    for a, b in zip(outs, plain):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        assert a.outputs[0].text == b.outputs[0].text and a.outputs[0].logprobs == b.outputs[0].logprobs
+    metrics = {(m.name, tuple(sorted(m.labels.items()))): m for m in llm.get_metrics()}
+    model = ("model_name", llm.engine_args.model)
+
+    def get(name: str, *labels: tuple[str, str]):
+        return metrics[(f"pagedserve:{name}", tuple(sorted((model, *labels))))]
+
+    assert isinstance(get("prompt_tokens"), Counter) and get("prompt_tokens").value == 8
+    assert get("generation_tokens").value == 5 + 2 * 4
+    assert get("request_success", ("finished_reason", "length")).value == 3  # samples
+    ttft = get("time_to_first_token_seconds")
+    assert isinstance(ttft, Histogram) and ttft.count == 2 and ttft.buckets["+Inf"] == 2 and ttft.sum > 0
+    assert get("inter_token_latency_seconds").count > 0
+    assert get("request_generation_tokens").sum == 13
+    assert isinstance(get("num_requests_running"), Gauge) and get("num_requests_running").value == 0
+    with pytest.raises(RuntimeError, match="disable_log_stats=False"):
+        LLM(llama_dir, max_model_len=64).get_metrics()

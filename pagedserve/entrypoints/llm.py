@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -40,6 +41,22 @@ class LLM:
         self.engine_args = EngineArgs(model=resolve_model(model), **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._profiler: Optional[Any] = None
+        self._stats: Optional[Any] = None  # PrometheusStatLogger, with disable_log_stats=False
+        if not self.engine_args.disable_log_stats:
+            from pagedserve.metrics import PrometheusStatLogger
+
+            self._stats = PrometheusStatLogger(self.llm_engine, self.engine_args.model)
+        self._feeds: dict[str, Any] = {}  # request id -> its stats feed
+
+    def get_metrics(self) -> list:
+        """vLLM's: the engine's metrics now, as metrics_reader.Counter / Gauge / Histogram (the
+        server's /metrics, pagedserve:* names). Needs LLM(..., disable_log_stats=False)."""
+        if self._stats is None:
+            raise RuntimeError("metrics are off: create the LLM with disable_log_stats=False.")
+        from pagedserve.metrics import PREFIX
+        from pagedserve.metrics_reader import snapshot
+
+        return snapshot(self._stats.registry, PREFIX)
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
@@ -190,7 +207,9 @@ class LLM:
         order = {}
         try:
             for i, (prompt, p) in enumerate(staged):
-                order[engine.add_request(None, prompt, p)] = i
+                rid = engine.add_request(None, prompt, p)
+                order[rid] = i
+                self._track(rid, 1)
             return self._run(order, use_tqdm)
         except BaseException:
             engine.abort_request(list(order))
@@ -232,16 +251,25 @@ class LLM:
             engine.check_lora(lora)
             engine.check_priority(prio)
             params = params.clone()
-            params.output_kind = RequestOutputKind.FINAL_ONLY
+            # (with metrics, every step's output: the trackers time first and later tokens)
+            params.output_kind = RequestOutputKind.FINAL_ONLY if self._stats is None else RequestOutputKind.CUMULATIVE
             staged.append((prepared, params, lora, prio))
         order = {}
         try:
             for i, (prompt, params, lora, prio) in enumerate(staged):
-                order[engine.add_request(None, prompt, params, lora_request=lora, priority=prio)] = i
+                rid = engine.add_request(None, prompt, params, lora_request=lora, priority=prio)
+                order[rid] = i
+                self._track(rid, params.n)
             return self._run(order, use_tqdm)
         except BaseException:
             engine.abort_request(list(order))
             raise
+
+    def _track(self, request_id: str, n: int) -> None:
+        if self._stats is not None:
+            from pagedserve.metrics_reader import DeltaFeed
+
+            self._feeds[request_id] = DeltaFeed(self._stats.new_request(time.monotonic(), n))
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
         results: list[Optional[RequestOutput]] = [None] * len(order)
@@ -250,11 +278,21 @@ class LLM:
         try:
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    feed = self._feeds.get(out.request_id)
+                    if feed is not None:  # (metrics on)
+                        if isinstance(out, RequestOutput):
+                            feed.feed(out, time.monotonic())
+                        else:
+                            feed.tracker.on_pooled(out, time.monotonic())
+                        if out.finished:
+                            del self._feeds[out.request_id]
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
                         bar.update(1)
         finally:
             bar.close()
+            for rid in [r for r in self._feeds if r in order]:  # aborted (an exception above)
+                self._feeds.pop(rid).tracker.on_abort(time.monotonic())
         return [r for r in results if r is not None]
 
 
