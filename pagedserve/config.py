@@ -83,6 +83,9 @@ class EngineArgs:
     # metrics, read with LLM.get_metrics() (metrics_reader.py). (The server's flag of the same
     # name turns off its periodic stats line.)
     disable_log_stats: bool = True
+    # vLLM's worker_extension_cls: "module.Class" whose methods join the worker's, to be called
+    # by name through collective_rpc (an RL library's weight-sync methods; worker/worker.py).
+    worker_extension_cls: Optional[str] = None
     # vLLM's enable_prompt_embeds: prompts given as input embeddings ({"prompt_embeds": tensor},
     # /v1/completions' base64 prompt_embeds; engine/prompt_embeds.py). Text models only.
     enable_prompt_embeds: bool = False
@@ -253,6 +256,10 @@ class EngineArgs:
                                  "interpreter (TRITON_INTERPRET=1, slow, for tests).")
 
         max_images = _max_images(self.limit_mm_per_prompt, hf_config, runner, self.model)
+        if self.worker_extension_cls is not None:  # imported now: a bad name fails at start-up
+            from pagedserve.worker.worker import worker_class
+
+            worker_class(self.worker_extension_cls)
         if self.enable_prompt_embeds and (max_images or runner != "generate"):
             raise ValueError("enable_prompt_embeds is for text generation with a text model (a vision-language "
                              "model text-only: limit_mm_per_prompt={'image': 0}).")
@@ -292,6 +299,7 @@ class EngineArgs:
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras or self.max_loras,
+            worker_extension_cls=self.worker_extension_cls,
             enable_sleep_mode=bool(self.enable_sleep_mode),
             enable_prompt_embeds=bool(self.enable_prompt_embeds),
             runner=runner,
@@ -399,6 +407,7 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
+    worker_extension_cls: Optional[str] = None
     enable_sleep_mode: bool = False
     enable_prompt_embeds: bool = False
     runner: str = "generate"

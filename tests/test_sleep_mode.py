@@ -228,3 +228,33 @@ def test_dummy_weights_need_no_checkpoint(llama_dir, tmp_path):
     (bare / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quantized model"):
         LLM(str(bare), load_format="dummy")
+
+
+class ParamStats:
+    """A worker extension, as an RL library brings one (vLLM's worker_extension_cls)."""
+
+    def param_sum(self, name: str) -> float:
+        return float(dict(self.get_model().named_parameters())[name].sum())
+
+    def scale_param(self, name: str, factor: float) -> None:
+        with torch.no_grad():
+            dict(self.model_runner.model.named_parameters())[name].mul_(factor)
+
+
+class Clashing:
+    def load_weights(self, weights) -> None:
+        pass
+
+
+def test_worker_extension_and_apply_model(llama_dir):
+    llm = LLM(llama_dir, worker_extension_cls=f"{__name__}.ParamStats", max_model_len=64)
+    name = "model.norm.weight"
+    before = llm.collective_rpc("param_sum", args=(name,))
+    assert before == llm.apply_model(lambda m: float(m.model.norm.weight.sum()))
+    llm.collective_rpc("scale_param", kwargs={"name": name, "factor": 2.0})
+    assert llm.collective_rpc("param_sum", args=(name,))[0] == pytest.approx(2 * before[0])
+    with pytest.raises(ValueError, match="could not be imported"):
+        LLM(llama_dir, worker_extension_cls="no_such_module.Thing", max_model_len=64)
+    with pytest.raises(ValueError, match=r"redefines the worker's \['load_weights'\]"):
+        LLM(llama_dir, worker_extension_cls=f"{__name__}.Clashing", max_model_len=64)
+    assert llm.llm_engine.reset_prefix_cache()

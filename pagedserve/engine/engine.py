@@ -33,7 +33,7 @@ from pagedserve.reasoning import END as THINK_END, OPENS_WITH_THINK, START as TH
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import ModelRunner, PendingStep
-from pagedserve.worker.worker import Executor, Worker
+from pagedserve.worker.worker import Executor, worker_class
 
 logger = logging.getLogger("pagedserve")
 
@@ -469,6 +469,10 @@ class LLMEngine:
         """Take the memory of `tags` ("weights", "kv_cache"; default both) again."""
         self.runner.wake_up(tags)
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's LLMEngine.reset_prefix_cache (False while requests hold blocks)."""
+        return self.kv.reset_prefix_cache()
+
     def is_sleeping(self) -> bool:
         return bool(self.runner.sleeping_tags)
 
@@ -481,7 +485,7 @@ class LLMEngine:
 
     @functools.cached_property
     def model_executor(self) -> Executor:
-        return Executor(Worker(self))
+        return Executor(worker_class(self.config.worker_extension_cls)(self))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._inflight is not None

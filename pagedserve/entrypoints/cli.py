@@ -74,6 +74,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prompt-embeds", action="store_true",
                    help="prompts given as input embeddings ({'prompt_embeds': tensor}; /v1/completions' base64 "
                    "prompt_embeds): only for trusted clients, as in vLLM")
+    p.add_argument("--worker-extension-cls", default=None,
+                   help="'module.Class' whose methods join the worker's (called by name through collective_rpc)")
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="LLM.sleep() / wake_up(), and with PAGEDSERVE_SERVER_DEV_MODE=1 the server's /sleep and "
                    "/wake_up: the weights' and KV cache's device memory given back while idle")

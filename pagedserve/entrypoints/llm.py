@@ -85,6 +85,10 @@ class LLM:
         or a callable given the worker, e.g. `lambda w: w.model_runner.model.load_weights(ws)`."""
         return self.llm_engine.collective_rpc(method, timeout, args, kwargs)
 
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
+        """vLLM's: func(model) on each worker's model (one here); their results."""
+        return self.collective_rpc(lambda worker: func(worker.get_model()))
+
     def start_profile(self) -> None:
         """vLLM's: torch's profiler on, until stop_profile() writes its trace into
         $PAGEDSERVE_TORCH_PROFILER_DIR (a RuntimeError when that is unset)."""

@@ -58,13 +58,32 @@ class Worker:
             return method(self, *args, **(kwargs or {}))
         if not isinstance(method, str) or method.startswith("_") or not callable(getattr(self, method, None)):
             raise ValueError(f"collective_rpc: unknown worker method {method!r}; the worker has "
-                             f"{', '.join(worker_methods())}.")
+                             f"{', '.join(worker_methods(type(self)))}.")
         return getattr(self, method)(*args, **(kwargs or {}))
 
 
-def worker_methods() -> list[str]:
-    return sorted(n for n in vars(Worker) if not n.startswith("_") and callable(getattr(Worker, n))
-                  and n != "call")
+def worker_methods(cls: type = Worker) -> list[str]:
+    return sorted(n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n, None)) and n != "call")
+
+
+def worker_class(extension: Optional[str]) -> type:
+    """Worker, with vLLM's worker_extension_cls ("module.Class") mixed in: its methods come
+    first, and collective_rpc reaches them by name."""
+    if not extension:
+        return Worker
+    import importlib
+
+    module, _, name = extension.rpartition(".")
+    try:
+        ext = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"worker_extension_cls {extension!r} could not be imported: {e}") from None
+    if not isinstance(ext, type):
+        raise ValueError(f"worker_extension_cls must name a class as 'module.Class', got {extension!r}.")
+    clash = sorted(n for n in vars(ext) if not n.startswith("__") and n in vars(Worker))
+    if clash:
+        raise ValueError(f"worker_extension_cls {extension!r} redefines the worker's {clash}.")
+    return type("Worker", (ext, Worker), {})
 
 
 class Executor:
