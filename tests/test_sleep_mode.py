@@ -258,3 +258,67 @@ def test_worker_extension_and_apply_model(llama_dir):
     with pytest.raises(ValueError, match=r"redefines the worker's \['load_weights'\]"):
         LLM(llama_dir, worker_extension_cls=f"{__name__}.Clashing", max_model_len=64)
     assert llm.llm_engine.reset_prefix_cache()
+
+
+def _stream_tokens(url: str, body: dict, got: list, done: list) -> None:
+    """A streamed completion's token ids into `got` as they come; its finish reason into `done`."""
+    import json
+
+    import httpx
+
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                got.extend(choice.get("token_ids") or [])
+                if choice.get("finish_reason"):
+                    done.append(choice["finish_reason"])
+
+
+def test_pause_and_resume_generation(llama_dir):
+    """vLLM's /pause and /resume (dev mode): "keep" freezes a streaming request and, with
+    clear_cache, makes it recompute on resume with the same greedy tokens; "abort" ends it; "wait"
+    returns once it has finished. A request that arrives while paused waits for the resume."""
+    import threading
+    import time
+
+    import httpx
+
+    from server_helpers import serving, wait_for
+
+    body = {"model": "tiny-llama", "prompt": [1, 5, 9, 14], "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    with serving(llama_dir, engine_kwargs={"max_model_len": 512}, dev_mode=True) as srv:
+        c = httpx.Client(base_url=srv.url, timeout=60)
+        want = c.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
+        for mode in ("keep", "abort", "wait"):
+            got, done = [], []
+            t = threading.Thread(target=_stream_tokens, args=(srv.url, body, got, done))
+            t.start()
+            wait_for(lambda: len(got) >= 5, 30, "the stream started")
+            assert c.post("/pause", params={"mode": mode}).status_code == 200
+            assert c.get("/is_paused").json() == {"is_paused": True}
+            if mode == "wait":  # returned only once the request had finished
+                t.join(5)
+                assert done == ["length"] and got == want
+            else:
+                frozen = len(got)
+                time.sleep(0.3)
+                assert len(got) == frozen < len(want)  # nothing generated while paused
+            late_got, late_done = [], []
+            late = threading.Thread(target=_stream_tokens, args=(srv.url, {**body, "max_tokens": 3}, late_got,
+                                                                 late_done))
+            late.start()
+            time.sleep(0.3)
+            assert not late_done  # queued, not run
+            assert c.post("/resume").status_code == 200
+            assert c.get("/is_paused").json() == {"is_paused": False}
+            t.join(30)
+            late.join(30)
+            assert late_done == ["length"] and late_got == want[:3]
+            if mode == "keep":  # recomputed after the pause (clear_cache), with the same tokens
+                assert done == ["length"] and got == want and srv.llm.engine.scheduler.num_preemptions == 1
+            elif mode == "abort":
+                assert done == ["abort"] and got == want[:len(got)]
+        r = c.post("/pause", params={"mode": "later"})
+        assert r.status_code == 400 and "pause mode" in r.json()["error"]["message"]

@@ -119,6 +119,19 @@ class _AbortAll:
     pass
 
 
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
+@dataclass
+class _Pause:
+    """Stop stepping (pause_generation): "abort" ends the requests in flight first; "keep"
+    leaves them queued, to go on after resume_generation."""
+    mode: str
+    clear_cache: bool
+    loop: asyncio.AbstractEventLoop
+    future: "asyncio.Future[Any]"
+
+
 @dataclass
 class _Call:
     """Run fn(engine) on the engine thread, between steps (sleep, wake_up, collective_rpc)."""
@@ -135,7 +148,7 @@ def _settle(future: "asyncio.Future[Any]", result: Any, error: Optional[BaseExce
             future.set_result(result)
 
 
-def _answer(call: _Call, result: Any, error: Optional[BaseException]) -> None:
+def _answer(call: Union[_Call, _Pause], result: Any, error: Optional[BaseException]) -> None:
     """From the engine thread: settle the caller's future on its loop (gone: nobody waits)."""
     try:
         call.loop.call_soon_threadsafe(_settle, call.future, result, error)
@@ -176,6 +189,7 @@ class AsyncLLM:
         self._dead: Optional[BaseException] = None
         self._stopping = False
         self._draining = False
+        self._paused = False  # pause_generation: no step runs until resume_generation
         # Queue length, under _cond: requests the engine held as waiting after its last step
         # (plus those it took from the inbox since), adds still in the inbox, reservations.
         self._engine_waiting = 0
@@ -382,6 +396,40 @@ class AsyncLLM:
             self._cond.notify()
         return await future
 
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = True) -> None:
+        """vLLM's: stop generating, for a weight update between steps. mode "abort": requests in
+        flight end now (finish_reason "abort"); "wait": no new request starts and this returns
+        once the running ones have finished; "keep": they stay, frozen, and go on after
+        resume_generation(). clear_cache: the prefix cache is emptied, and (keep) the frozen
+        requests recompute their tokens on resume, so every KV entry comes from the new
+        weights. Requests that arrive while paused wait in the queue."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}.")
+        if mode == "wait":
+            def stop_admitting(engine: LLMEngine) -> int:
+                engine.scheduler.admitting = False
+                return engine.scheduler.num_running
+
+            while await self.call_engine(stop_admitting):
+                await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        with self._cond:
+            self._check_alive()
+            self._inbox.append(_Pause(mode, clear_cache, loop, future))
+            self._cond.notify()
+        await future
+
+    async def resume_generation(self) -> None:
+        def resume(engine: LLMEngine) -> None:
+            self._paused = False
+
+        await self.call_engine(resume)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     async def check_health(self) -> None:
         self._check_alive()
 
@@ -413,7 +461,7 @@ class AsyncLLM:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._inbox and not self._stopping and not engine.has_unfinished_requests():
+                while not self._inbox and not self._stopping and (self._paused or not engine.has_unfinished_requests()):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -424,13 +472,8 @@ class AsyncLLM:
                 outbox: list[tuple[_Stream, _Item]] = []
                 for cmd in cmds:
                     self._apply(cmd, outbox)
-                if engine.has_unfinished_requests():
-                    for out in engine.step():
-                        stream = self._streams.get(out.request_id)
-                        if stream is not None:
-                            if out.finished:
-                                del self._streams[out.request_id]
-                            outbox.append((stream, out))
+                if engine.has_unfinished_requests() and not self._paused:
+                    self._route(engine.step(), outbox)
                 with self._cond:
                     self._engine_waiting = engine.scheduler.num_waiting
                 self._send(outbox)
@@ -445,8 +488,29 @@ class AsyncLLM:
                 return
         self._fail_all(EngineDeadError("the engine was shut down"), None)
 
-    def _apply(self, cmd: Union[_Add, _Abort, _AbortAll, _Call], outbox: list[tuple[_Stream, _Item]]) -> None:
-        if isinstance(cmd, _Call):
+    def _route(self, outputs: list, outbox: list[tuple[_Stream, _Item]]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                if out.finished:
+                    del self._streams[out.request_id]
+                outbox.append((stream, out))
+
+    def _pause(self, cmd: _Pause, outbox: list[tuple[_Stream, _Item]]) -> None:
+        engine = self.engine
+        self._route(engine.flush(), outbox)  # the step in flight lands: nothing runs after this
+        if cmd.mode == "abort":
+            self._apply(_AbortAll(), outbox)
+        if cmd.clear_cache:
+            engine.recompute_all()
+        engine.scheduler.admitting = True
+        self._paused = True
+        _answer(cmd, None, None)
+
+    def _apply(self, cmd: Union[_Add, _Abort, _AbortAll, _Call, _Pause], outbox: list[tuple[_Stream, _Item]]) -> None:
+        if isinstance(cmd, _Pause):
+            self._pause(cmd, outbox)
+        elif isinstance(cmd, _Call):
             try:
                 result, error = cmd.fn(self.engine), None
             except Exception as e:  # the caller's to handle; the engine goes on
@@ -498,7 +562,7 @@ class AsyncLLM:
             cmds, self._inbox = self._inbox, []
         streams = list(self._streams.values()) + [c.stream for c in cmds if isinstance(c, _Add)]
         for c in cmds:
-            if isinstance(c, _Call):
+            if isinstance(c, (_Call, _Pause)):
                 _answer(c, None, EngineDeadError(str(err)))
         self._streams.clear()
         outbox: list[tuple[_Stream, _Item]] = []

@@ -469,6 +469,27 @@ class LLMEngine:
         """Take the memory of `tags` ("weights", "kv_cache"; default both) again."""
         self.runner.wake_up(tags)
 
+    def flush(self) -> list[RequestOutput]:
+        """Land the launched step, if one is in flight, and return its outputs: afterwards
+        nothing runs on the device (AsyncLLM.pause_generation)."""
+        if self._inflight is None:
+            return []
+        self._land(self._inflight)
+        self._inflight = None
+        outputs = self._process_landed()
+        self.runner.release(self.scheduler.pop_finished_ids())
+        return outputs
+
+    def recompute_all(self) -> None:
+        """Running requests give their blocks back and will recompute their tokens, and the
+        prefix cache is emptied: every KV entry after this comes from the weights then loaded
+        (pause_generation's clear_cache). Call after flush()."""
+        if self._inflight is not None:
+            raise RuntimeError("recompute_all() with a step in flight: flush() first.")
+        for req in self.scheduler.preempt_all():
+            self.runner.block_table.release(req.request_id)
+        self.kv.reset_prefix_cache()
+
     def reset_prefix_cache(self) -> bool:
         """vLLM's LLMEngine.reset_prefix_cache (False while requests hold blocks)."""
         return self.kv.reset_prefix_cache()

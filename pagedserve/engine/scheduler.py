@@ -99,6 +99,9 @@ class Scheduler:
         # A chunk never ends inside an image (Gemma 3: an image's tokens attend to each other
         # both ways, so all of them must be in the cache when any of them is computed).
         self.whole_images = False
+        # False: waiting requests stay queued (AsyncLLM.pause_generation "wait"); requests
+        # preempted from the running batch are still taken back.
+        self.admitting = True
 
     # ---- queue management -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -210,6 +213,8 @@ class Scheduler:
             loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
             while self.waiting and budget > 0:
                 req = self.waiting[0]
+                if not self.admitting and req.status != RequestStatus.PREEMPTED:
+                    break
                 if len(self.running) >= self.max_num_seqs:
                     if self._preempt_for(req, plan, drafts, out):
                         budget = self.max_num_batched_tokens - sum(n for _, n in plan)
@@ -293,6 +298,15 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(req, front=True)
+
+    def preempt_all(self) -> list[Request]:
+        """Every running request back to the front of the queue, in its order, its blocks
+        freed: it recomputes its tokens when admitted again (after a weight update)."""
+        victims = list(self.running)
+        for req in reversed(victims):
+            self._preempt(req)
+        self.running.clear()
+        return victims
 
     def _preempt_for(self, head: Request, plan: list, drafts: dict, out: SchedulerOutput) -> bool:
         """Priority policy: make room for the head of the queue by preempting the running request

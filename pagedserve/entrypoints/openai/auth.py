@@ -12,9 +12,10 @@ from typing import Optional
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.requests import HTTPConnection
 
-PROTECTED_PREFIXES = ("/v1", "/v2", "/classify", "/score", "/rerank", "/invocations",
-                      # dev_routes.py's (PAGEDSERVE_SERVER_DEV_MODE): they reshape the server
-                      "/reset_prefix_cache", "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc")
+from pagedserve.entrypoints.openai.dev_routes import DEV_PATHS
+
+# (and dev_routes.py's, PAGEDSERVE_SERVER_DEV_MODE: they reshape the server)
+PROTECTED_PREFIXES = ("/v1", "/v2", "/classify", "/score", "/rerank", "/invocations") + DEV_PATHS
 
 
 class ApiKeyBackend(AuthenticationBackend):

@@ -1,5 +1,7 @@
 """vLLM's development endpoints, which reshape a running server: POST /reset_prefix_cache,
-POST /sleep?level=N, POST /wake_up?tags=..., GET /is_sleeping, POST /collective_rpc. Off
+POST /sleep?level=N, POST /wake_up?tags=..., GET /is_sleeping, POST /collective_rpc, and
+for weight updates between steps POST /pause?mode=abort|wait|keep&clear_cache=true, POST
+/resume, GET /is_paused (AsyncLLM.pause_generation). Off
 unless PAGEDSERVE_SERVER_DEV_MODE=1 (vLLM's VLLM_SERVER_DEV_MODE=1 is honoured too), and
 behind the API key (auth.py)."""
 
@@ -17,7 +19,8 @@ from pydantic import BaseModel, Field
 from pagedserve.engine.async_engine import AsyncLLM
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError
 
-DEV_PATHS = ("/reset_prefix_cache", "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc")
+DEV_PATHS = ("/reset_prefix_cache", "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/pause", "/resume",
+             "/is_paused")
 _ENV = ("PAGEDSERVE_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
 
 
@@ -76,6 +79,22 @@ def add_dev_routes(app: FastAPI, async_llm: AsyncLLM) -> None:
     @app.get("/is_sleeping")
     async def is_sleeping() -> JSONResponse:
         return JSONResponse({"is_sleeping": await on_engine(lambda engine: engine.is_sleeping())})
+
+    @app.post("/pause")
+    async def pause(mode: Optional[str] = Query(None), clear_cache: bool = Query(True),
+                    wait_for_inflight_requests: bool = Query(False)) -> Response:
+        """vLLM's; its older wait_for_inflight_requests=true means mode "wait"."""
+        await async_llm.pause_generation(mode or ("wait" if wait_for_inflight_requests else "abort"), clear_cache)
+        return Response(status_code=200)
+
+    @app.post("/resume")
+    async def resume() -> Response:
+        await async_llm.resume_generation()
+        return Response(status_code=200)
+
+    @app.get("/is_paused")
+    async def is_paused() -> JSONResponse:
+        return JSONResponse({"is_paused": async_llm.paused})
 
     @app.post("/collective_rpc")
     async def collective_rpc(body: CollectiveRpcRequest) -> JSONResponse:
