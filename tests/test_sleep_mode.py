@@ -322,3 +322,40 @@ def test_pause_and_resume_generation(llama_dir):
                 assert done == ["abort"] and got == want[:len(got)]
         r = c.post("/pause", params={"mode": "later"})
         assert r.status_code == 400 and "pause mode" in r.json()["error"]["message"]
+
+
+def test_weights_pushed_while_paused_take_over(llama_dir, tokenizer_dir, tmp_path):
+    """The async-RL loop: pause ("keep"), push new weights into the frozen engine, resume. The
+    tokens before the pause came from the old weights; the rest are the new model's greedy
+    continuation of them (clear_cache: recomputed, not read from the old KV)."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from server_helpers import serving, wait_for
+
+    arch, kwargs = MODEL_SPECS["llama"]
+    new_dir = str(tmp_path / "new")
+    build_random_model(new_dir, arch, initializer_range=0.5, tokenizer_dir=tokenizer_dir, seed=9, **kwargs)
+    from pagedserve.model.loader import iterate_safetensors
+
+    weights = list(iterate_safetensors(new_dir, torch.float32, torch.device("cpu")))
+    body = {"model": "tiny-llama", "prompt": [1, 5, 9, 14], "max_tokens": 150, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    with serving(llama_dir, engine_kwargs={"max_model_len": 512}, dev_mode=True) as srv:
+        got, done = [], []
+        t = threading.Thread(target=_stream_tokens, args=(srv.url, body, got, done))
+        t.start()
+        wait_for(lambda: len(got) >= 5, 30, "the stream started")
+        assert httpx.post(f"{srv.url}/pause", params={"mode": "keep"}).status_code == 200
+        frozen = len(got)
+        pushed = asyncio.run(srv.llm.call_engine(lambda e: e.collective_rpc("load_weights", args=(weights,))))
+        assert pushed == [len(weights)]
+        assert httpx.post(f"{srv.url}/resume").status_code == 200
+        t.join(30)
+    assert done == ["length"] and frozen < len(got) == 150
+    new = LLM(new_dir, max_model_len=512)
+    rest = new.generate([{"prompt_token_ids": body["prompt"] + got[:frozen]}],
+                        SamplingParams(temperature=0, max_tokens=150 - frozen, ignore_eos=True), use_tqdm=False)
+    assert got[frozen:] == list(rest[0].outputs[0].token_ids)

@@ -189,7 +189,6 @@ class AsyncLLM:
         self._dead: Optional[BaseException] = None
         self._stopping = False
         self._draining = False
-        self._paused = False  # pause_generation: no step runs until resume_generation
         # Queue length, under _cond: requests the engine held as waiting after its last step
         # (plus those it took from the inbox since), adds still in the inbox, reservations.
         self._engine_waiting = 0
@@ -422,13 +421,13 @@ class AsyncLLM:
 
     async def resume_generation(self) -> None:
         def resume(engine: LLMEngine) -> None:
-            self._paused = False
+            self.engine.paused = False
 
         await self.call_engine(resume)
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self.engine.paused
 
     async def check_health(self) -> None:
         self._check_alive()
@@ -461,7 +460,8 @@ class AsyncLLM:
         engine = self.engine
         while True:
             with self._cond:
-                while not self._inbox and not self._stopping and (self._paused or not engine.has_unfinished_requests()):
+                while not self._inbox and not self._stopping and (
+                        engine.paused or not engine.has_unfinished_requests()):
                     self._cond.wait()
                 if self._stopping:
                     break
@@ -472,7 +472,7 @@ class AsyncLLM:
                 outbox: list[tuple[_Stream, _Item]] = []
                 for cmd in cmds:
                     self._apply(cmd, outbox)
-                if engine.has_unfinished_requests() and not self._paused:
+                if engine.has_unfinished_requests() and not engine.paused:
                     self._route(engine.step(), outbox)
                 with self._cond:
                     self._engine_waiting = engine.scheduler.num_waiting
@@ -504,7 +504,7 @@ class AsyncLLM:
         if cmd.clear_cache:
             engine.recompute_all()
         engine.scheduler.admitting = True
-        self._paused = True
+        self.engine.paused = True
         _answer(cmd, None, None)
 
     def _apply(self, cmd: Union[_Add, _Abort, _AbortAll, _Call, _Pause], outbox: list[tuple[_Stream, _Item]]) -> None:

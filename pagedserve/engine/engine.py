@@ -81,6 +81,8 @@ class LLMEngine:
         self._inflight: Optional[_InFlight] = None  # the launched step whose tokens are not back
         self._landed: Optional[tuple[dict, dict, Any]] = None  # its results, for the output side
         self._pooling: dict[str, tuple[Optional[str], Request]] = {}  # pooling requests: prompt text, request
+        # AsyncLLM.pause_generation: no step runs; weights may change under frozen requests.
+        self.paused = False
         logger.info("pagedserve engine: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d%s",
                     config.model, config.device, str(config.dtype).replace("torch.", ""), num_blocks,
                     config.block_size, config.max_model_len, ", async scheduling" if self.async_scheduling else "")
@@ -447,7 +449,10 @@ class LLMEngine:
         self.runner.release(self.scheduler.pop_finished_ids())
 
     # ---- sleep mode, weight updates, RPC (vLLM's LLM.sleep / wake_up / collective_rpc) ----
-    def require_idle(self, what: str) -> None:
+    def require_idle(self, what: str, unless_paused: bool = False) -> None:
+        """No request unfinished (or, with unless_paused, the engine paused: none can step)."""
+        if unless_paused and self.paused:
+            return
         if self.has_unfinished_requests():
             raise RuntimeError(f"{what} needs an idle engine: {self.get_num_unfinished_requests()} requests are "
                                "unfinished (let them finish or abort them first).")

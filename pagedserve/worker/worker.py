@@ -37,15 +37,16 @@ class Worker:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """(name, tensor) pairs named as in the Hugging Face checkpoint (a trainer's
         named_parameters()), any subset, into the model; the prefix cache, whose blocks the old
-        weights computed, is emptied. Needs an idle engine. Returns how many were given."""
-        self._engine.require_idle("a weight update")
+        weights computed, is emptied. Needs an idle engine, or a paused one (pause_generation:
+        its frozen requests go on under the new weights). Returns how many were given."""
+        self._engine.require_idle("a weight update", unless_paused=True)
         n = self._engine.runner.update_weights(weights)
         self._engine.kv.reset_prefix_cache()
         return n
 
     def reload_weights(self) -> None:
         """Every weight again from the checkpoint on disk (after sleep level 2, say)."""
-        self._engine.require_idle("reload_weights")
+        self._engine.require_idle("reload_weights", unless_paused=True)
         self._engine.runner.reload_weights()
         self._engine.kv.reset_prefix_cache()
 
