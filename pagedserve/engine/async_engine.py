@@ -409,8 +409,16 @@ class AsyncLLM:
                 engine.scheduler.admitting = False
                 return engine.scheduler.num_running
 
-            while await self.call_engine(stop_admitting):
-                await asyncio.sleep(0.01)
+            try:
+                while await self.call_engine(stop_admitting):
+                    await asyncio.sleep(0.01)
+            except BaseException:  # (the caller went away, say): admit again, nothing paused
+                with self._cond:
+                    loop = asyncio.get_running_loop()
+                    self._inbox.append(_Call(lambda e: setattr(e.scheduler, "admitting", True), loop,
+                                             loop.create_future()))
+                    self._cond.notify()
+                raise
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
@@ -421,7 +429,7 @@ class AsyncLLM:
 
     async def resume_generation(self) -> None:
         def resume(engine: LLMEngine) -> None:
-            self.engine.paused = False
+            engine.paused = False
 
         await self.call_engine(resume)
 
