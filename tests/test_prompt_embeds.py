@@ -170,3 +170,27 @@ def test_server_completions_take_base64_embeddings(llama_dir, hf):
 def test_pooling_runner_refused(llama_dir):
     with pytest.raises(ValueError, match="text generation"):
         LLM(llama_dir, enable_prompt_embeds=True, runner="pooling")
+
+
+def test_chunked_prefill_and_preemption(llama_dir, hf):
+    """Embeddings cut across prefill chunks of 8 and recomputed after preemption (a 12-block
+    cache for three 8-block requests) still give transformers' tokens."""
+    llm = LLM(llama_dir, enable_prompt_embeds=True, max_model_len=64, block_size=4, max_num_batched_tokens=8,
+              kv_cache_memory_bytes=12 * llm_block_bytes(llama_dir), enable_prefix_caching=False)
+    embeds = [_embeds(hf, IDS[0], 0.3, 20 + i) for i in range(3)]
+    assert llm.llm_engine.config.num_gpu_blocks == 12
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, ignore_eos=True)
+    outs = llm.generate([{"prompt_embeds": e} for e in embeds], params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    for e, out in zip(embeds, outs):
+        _check(out, _hf_greedy(hf, e, 12))
+    assert not llm.llm_engine.runner.encoder_cache.embeddings  # released with their requests
+
+
+def llm_block_bytes(model_dir: str) -> int:
+    """Bytes of one 4-token KV block of the test Llama (2 layers, K and V, 2 heads of 16, fp32)."""
+    import json
+
+    cfg = json.load(open(f"{model_dir}/config.json"))
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 2 * 4 * cfg["num_key_value_heads"] * head_dim * 4
