@@ -119,6 +119,22 @@ class EngineArgs:
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # More of vLLM's flags, for copied command lines (compat_notes): moot on one device or in
+    # this engine, so accepted and logged as ignored, or refused where they ask for what is
+    # not here (a data-parallel size or CPU offload, swap preemption, another tokenizer mode).
+    data_parallel_size: int = 1
+    distributed_executor_backend: Optional[str] = None
+    disable_custom_all_reduce: bool = False
+    enable_expert_parallel: bool = False
+    swap_space: Optional[float] = None
+    max_seq_len_to_capture: Optional[int] = None
+    compilation_config: Any = None
+    cpu_offload_gb: float = 0
+    preemption_mode: Optional[str] = None
+    tokenizer_mode: str = "auto"
+    # vLLM's cuda_graph_sizes: the decode batch sizes captured as CUDA graphs. One value N:
+    # 1, 2, 4, then every 8 up to N (the default's shape, N = max_num_seqs); several: those.
+    cuda_graph_sizes: Optional[list[int]] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -133,6 +149,8 @@ class EngineArgs:
             if getattr(self, name) != 1:
                 raise ValueError(f"{name} must be 1 (pagedserve runs a model on one device), "
                                  f"got {getattr(self, name)!r}.")
+        for note in compat_notes(self):
+            logger.info(note)
         if self.trust_remote_code:
             logger.info("trust_remote_code is accepted and changes nothing: pagedserve never runs a checkpoint's "
                         "own code.")
@@ -300,6 +318,7 @@ class EngineArgs:
             max_lora_rank=self.max_lora_rank,
             max_cpu_loras=self.max_cpu_loras or self.max_loras,
             worker_extension_cls=self.worker_extension_cls,
+            cuda_graph_sizes=list(self.cuda_graph_sizes) if self.cuda_graph_sizes else None,
             enable_sleep_mode=bool(self.enable_sleep_mode),
             enable_prompt_embeds=bool(self.enable_prompt_embeds),
             runner=runner,
@@ -338,6 +357,32 @@ def _mm_processor_kwargs(kwargs: Optional[dict]) -> dict:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"mm_processor_kwargs must be a dict of image processor settings, got {kwargs!r}.")
     return dict(kwargs)
+
+
+def compat_notes(args: EngineArgs) -> list[str]:
+    """vLLM flags with nothing to do here: a note for each one set, a ValueError for a value
+    that asks for what pagedserve does not do."""
+    if args.data_parallel_size != 1:
+        raise ValueError(f"data_parallel_size must be 1 (one engine, one device), got {args.data_parallel_size!r}.")
+    if args.cpu_offload_gb:
+        raise ValueError("cpu_offload_gb: weights are not offloaded to CPU memory here; it must be 0.")
+    if args.preemption_mode not in (None, "recompute"):
+        raise ValueError(f"preemption_mode must be 'recompute' (preempted requests recompute; nothing is "
+                         f"swapped), got {args.preemption_mode!r}.")
+    if args.tokenizer_mode not in ("auto", "hf", "slow"):
+        raise ValueError(f"tokenizer_mode must be 'auto', 'hf' or 'slow' (a Hugging Face tokenizer), got "
+                         f"{args.tokenizer_mode!r}.")
+    if args.cuda_graph_sizes is not None and (not args.cuda_graph_sizes or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in args.cuda_graph_sizes)):
+        raise ValueError(f"cuda_graph_sizes must be positive integers, got {args.cuda_graph_sizes!r}.")
+    moot = {"distributed_executor_backend": "one process", "disable_custom_all_reduce": "no all-reduce on one device",
+            "enable_expert_parallel": "one device holds every expert",
+            "swap_space": "preempted requests recompute (no swap space)",
+            "max_seq_len_to_capture": "decode graphs serve any sequence length",
+            "compilation_config": "no torch.compile here", "tokenizer_mode": "a Hugging Face tokenizer either way"}
+    defaults = EngineArgs()
+    return [f"{name}={getattr(args, name)!r} accepted and ignored: {why}." for name, why in moot.items()
+            if getattr(args, name) not in (getattr(defaults, name), None, False)]
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -408,6 +453,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
     worker_extension_cls: Optional[str] = None
+    cuda_graph_sizes: Optional[list[int]] = None
     enable_sleep_mode: bool = False
     enable_prompt_embeds: bool = False
     runner: str = "generate"

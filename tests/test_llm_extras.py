@@ -102,3 +102,35 @@ def test_get_metrics_counts_what_ran(llama_dir):
     assert isinstance(get("num_requests_running"), Gauge) and get("num_requests_running").value == 0
     with pytest.raises(RuntimeError, match="disable_log_stats=False"):
         LLM(llama_dir, max_model_len=64).get_metrics()
+
+
+def test_copied_vllm_command_lines_parse(llama_dir, caplog):
+    """A vLLM serve command with its usual single-GPU flags parses; the moot ones are logged as
+    ignored, the ones asking for what is not here are clear errors, --cuda-graph-sizes is used."""
+    import logging
+
+    from pagedserve.entrypoints.cli import build_parser, engine_args_from
+    from pagedserve.worker.cuda_graphs import graph_sizes
+
+    argv = ["serve", llama_dir, "--swap-space", "16", "--disable-custom-all-reduce", "--max-seq-len-to-capture",
+            "8192", "-O3", "--distributed-executor-backend", "mp", "-dp", "1", "--enable-expert-parallel",
+            "--preemption-mode", "recompute", "--tokenizer-mode", "auto", "--cuda-graph-sizes", "1", "2", "8",
+            "--max-log-len", "100"]
+    ns = build_parser().parse_args(argv)
+    assert ns.max_log_len == 100
+    args = engine_args_from(ns, llama_dir)
+    args.max_num_seqs = 4
+    with caplog.at_level(logging.INFO, logger="pagedserve"):
+        config = args.create_engine_config()
+    for name in ("swap_space", "disable_custom_all_reduce", "max_seq_len_to_capture", "compilation_config",
+                 "distributed_executor_backend", "enable_expert_parallel"):
+        assert f"{name}=" in caplog.text and "accepted and ignored" in caplog.text
+    assert graph_sizes(config.max_num_seqs, config.cuda_graph_sizes) == [1, 2]  # none above max_num_seqs
+    assert graph_sizes(64, [24]) == [1, 2, 4, 8, 16, 24] and graph_sizes(64, None)[-1] == 64
+    runner = LLM(llama_dir, max_model_len=64, max_num_seqs=4, cuda_graph_sizes=[1, 3]).llm_engine.runner
+    assert runner.make_graph_runner(capture=False).sizes == [1, 3]
+    for bad, match in (({"data_parallel_size": 2}, "data_parallel_size must be 1"),
+                       ({"cpu_offload_gb": 4}, "cpu_offload_gb"), ({"preemption_mode": "swap"}, "recompute"),
+                       ({"tokenizer_mode": "mistral"}, "tokenizer_mode"), ({"cuda_graph_sizes": [0]}, "positive")):
+        with pytest.raises(ValueError, match=match):
+            LLM(llama_dir, max_model_len=64, **bad)

@@ -153,6 +153,12 @@ def test_prompts_reach_the_logs_only_with_enable_log_requests(llm, caplog):
         assert caplog.records  # the capture works at all
         assert "QUIET-SECRET-7f3a" not in caplog.text
         assert "LOUD-SECRET-19c2 completion" in caplog.text and "LOUD-SECRET-19c2 chat" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            cut = ServerThread(build_app(llm, MODEL, enable_log_requests=True, max_log_len=9))
+            traffic(cut.url, "CUT-SECRET-5e1b")
+            cut.stop()
+        assert "'CUT-SECRE'" in caplog.text and "CUT-SECRET" not in caplog.text  # --max-log-len
     finally:
         quiet.stop()
         loud.stop()

@@ -97,6 +97,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for vLLM's command lines; pagedserve never runs a checkpoint's own code")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="1 only: one device")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="1 only: one device")
+    p.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None,
+                   help="decode batch sizes captured as CUDA graphs: N (1, 2, 4, then every 8 up to N) or a list")
+    # vLLM's flags with nothing to do on one device: accepted (and logged as ignored) or checked
+    # (config.compat_notes), so a copied vLLM command line runs.
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="1 only: one device")
+    p.add_argument("--distributed-executor-backend", default=None, help="ignored: one process")
+    p.add_argument("--disable-custom-all-reduce", action="store_true", help="ignored: no all-reduce")
+    p.add_argument("--enable-expert-parallel", action="store_true", help="ignored: one device holds every expert")
+    p.add_argument("--swap-space", type=float, default=None, help="ignored: preempted requests recompute")
+    p.add_argument("--max-seq-len-to-capture", type=int, default=None, help="ignored: graphs serve any length")
+    p.add_argument("-O", "--compilation-config", default=None, help="ignored: no torch.compile")
+    p.add_argument("--cpu-offload-gb", type=float, default=0, help="0 only")
+    p.add_argument("--preemption-mode", default=None, help="recompute only")
+    p.add_argument("--tokenizer-mode", default=d.tokenizer_mode, help="auto / hf / slow: a Hugging Face tokenizer")
     p.add_argument("--generation-config", default=d.generation_config,
                    help="where requests' sampling defaults come from: auto (the model's generation_config.json: "
                    "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens), vllm (none: "
@@ -275,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=0.0,
                    help="seconds in-flight requests may still run after SIGTERM/SIGINT before they are "
                    "aborted (each stream then ends with finish_reason 'abort')")
+    s.add_argument("--max-log-len", type=int, default=None,
+                   help="with --enable-log-requests: logged prompts cut to this many characters and token ids")
     s.add_argument("--enable-log-requests", action="store_true",
                    help="log every request with its prompt and parameters (off: prompts never reach the logs)")
     s.add_argument("--disable-log-requests", action="store_true",

@@ -27,6 +27,16 @@ logger = logging.getLogger("pagedserve")
 MAX_CAPTURE_SIZE = 512
 
 
+def graph_sizes(max_num_seqs: int, asked: Optional[list[int]] = None) -> list[int]:
+    """The buckets to capture: capture_sizes(max_num_seqs), or vLLM's cuda_graph_sizes (one
+    value N: the same shape up to N; several: those), none above max_num_seqs."""
+    if not asked:
+        return capture_sizes(max_num_seqs)
+    if len(asked) == 1:
+        return capture_sizes(min(asked[0], max_num_seqs))
+    return sorted({s for s in asked if s <= max_num_seqs}) or [1]
+
+
 def capture_sizes(max_num_seqs: int, limit: int = MAX_CAPTURE_SIZE) -> list[int]:
     """1, 2, 4, 8, then every 8 (vLLM's buckets), up to max_num_seqs, which is always one."""
     cap = min(max_num_seqs, limit)

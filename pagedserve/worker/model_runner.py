@@ -19,7 +19,7 @@ from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
-from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, capture_sizes
+from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, graph_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
 from pagedserve.worker.encoder_cache import EncoderCache, profile_images
@@ -180,7 +180,7 @@ class ModelRunner:
     def make_graph_runner(self, capture: bool) -> DecodeGraphRunner:
         """Decode graphs over batch-size buckets up to max_num_seqs; capture=False runs the
         same static-buffer path eagerly (tests without CUDA)."""
-        sizes = capture_sizes(self.config.max_num_seqs)
+        sizes = graph_sizes(self.config.max_num_seqs, self.config.cuda_graph_sizes)
         buffers = DecodeBuffers(sizes[-1], self.block_table.table.shape[1], self.block_size,
                                 self.config.max_model_len, self.device)
         return DecodeGraphRunner(self.model, buffers, sizes, capture=capture)

@@ -133,7 +133,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
               trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False,
               http: Optional[HttpOptions] = None, return_tokens_as_token_ids: bool = False,
-              enable_force_include_usage: bool = False, dev_mode: Optional[bool] = None) -> FastAPI:
+              enable_force_include_usage: bool = False, dev_mode: Optional[bool] = None,
+              max_log_len: Optional[int] = None) -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -160,7 +161,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
     clash = set(loras) & set(names)
     if clash:
         raise ValueError(f"LoRA module name {sorted(clash)[0]!r} is also the model's name.")
-    serving = dict(limits=limits, log_requests=enable_log_requests,
+    serving = dict(limits=limits, log_requests=enable_log_requests, max_log_len=max_log_len,
                    trust_request_chat_template=trust_request_chat_template, lora_modules=loras,
                    return_tokens_as_token_ids=return_tokens_as_token_ids,
                    force_include_usage=enable_force_include_usage)
@@ -433,7 +434,7 @@ def run_server(args: argparse.Namespace) -> int:
         async_llm.shutdown()
         raise
     app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
-                    limits=limits, enable_log_requests=args.enable_log_requests,
+                    limits=limits, enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras,
                     allow_runtime_lora=runtime_lora_allowed(), http=http,

@@ -130,8 +130,10 @@ class OpenAIServing:
                  chat_template: Optional[str] = None, limits: Optional[ServerLimits] = None,
                  log_requests: bool = False, trust_request_chat_template: bool = False,
                  lora_modules: Union[Sequence[LoRARequest], dict[str, LoRARequest]] = (),
-                 return_tokens_as_token_ids: bool = False, force_include_usage: bool = False) -> None:
+                 return_tokens_as_token_ids: bool = False, force_include_usage: bool = False,
+                 max_log_len: Optional[int] = None) -> None:
         self.llm = async_llm
+        self.max_log_len = max_log_len  # vLLM's --max-log-len: logged prompts cut to this many characters / ids
         self.return_tokens_as_token_ids = return_tokens_as_token_ids
         self.force_include_usage = force_include_usage  # streams end with usage, asked or not
         self.served_model_names = list(served_model_names)
@@ -154,6 +156,9 @@ class OpenAIServing:
                     params: SamplingParams) -> None:
         """Prompts are user data: they reach the logs only with --enable-log-requests."""
         if self.log_requests:
+            n = self.max_log_len
+            if n is not None:
+                prompt, prompt_token_ids = (prompt[:n] if prompt is not None else None), prompt_token_ids[:n]
             logger.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id, prompt,
                         params, prompt_token_ids)
 
