@@ -304,3 +304,22 @@ def test_continuous_usage_stats(client):
     plain = list(client.completions.create(model=MODEL, prompt="one two", max_tokens=3, stream=True,
                                            stream_options={"include_usage": True}))
     assert all(c.usage is None for c in plain[:-1]) and plain[-1].usage.completion_tokens == 3
+
+
+def test_response_role(llama_dir):
+    """vLLM's --response-role names the reply after a generation prompt; continuing a final
+    message keeps that message's role."""
+    from server_helpers import serving
+
+    msgs = [{"role": "user", "content": "hi"}]
+    with serving(llama_dir, MODEL, response_role="bot") as srv:
+        url = f"{srv.url}/v1/chat/completions"
+        full = httpx.post(url, json={"model": MODEL, "messages": msgs, "max_tokens": 2}).json()
+        assert full["choices"][0]["message"]["role"] == "bot"
+        with httpx.stream("POST", url, json={"model": MODEL, "messages": msgs, "max_tokens": 2, "stream": True}) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: {"))
+        assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "bot"
+        cont = httpx.post(url, json={"model": MODEL, "max_tokens": 2, "add_generation_prompt": False,
+                                     "continue_final_message": True,
+                                     "messages": msgs + [{"role": "assistant", "content": "Hello"}]}).json()
+        assert cont["choices"][0]["message"]["role"] == "assistant"

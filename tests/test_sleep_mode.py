@@ -176,6 +176,7 @@ def test_server_dev_routes(llama_dir):
             r = c.post("/wake_up", params=[("tags", "gpu")])
             assert r.status_code == 400 and "wake_up tags" in r.json()["error"]["message"]
             assert c.post("/reset_prefix_cache").status_code == 200
+            assert c.get("/get_world_size").json() == {"world_size": 1}
     with serving(llama_dir, dev_mode=False) as srv:
         assert httpx.post(f"{srv.url}/sleep").status_code == 404
 
@@ -275,6 +276,20 @@ def _stream_tokens(url: str, body: dict, got: list, done: list) -> None:
                     done.append(choice["finish_reason"])
 
 
+def _settled(got: list, quiet_s: float = 0.4, timeout_s: float = 10.0) -> int:
+    """How many tokens a paused stream ends with: tokens sampled before the pause may still be
+    on their way to the client, so wait until none has come for `quiet_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    n = -1
+    while n != len(got):
+        n = len(got)
+        time.sleep(quiet_s)
+        assert time.monotonic() < deadline, "the stream did not stop"
+    return n
+
+
 def test_pause_and_resume_generation(llama_dir):
     """vLLM's /pause and /resume (dev mode): "keep" freezes a streaming request and, with
     clear_cache, makes it recompute on resume with the same greedy tokens; "abort" ends it; "wait"
@@ -302,7 +317,7 @@ def test_pause_and_resume_generation(llama_dir):
                 t.join(5)
                 assert done == ["length"] and got == want
             else:
-                frozen = len(got)
+                frozen = _settled(got)
                 time.sleep(0.3)
                 assert len(got) == frozen < len(want)  # nothing generated while paused
             late_got, late_done = [], []
@@ -349,7 +364,7 @@ def test_weights_pushed_while_paused_take_over(llama_dir, tokenizer_dir, tmp_pat
         t.start()
         wait_for(lambda: len(got) >= 5, 30, "the stream started")
         assert httpx.post(f"{srv.url}/pause", params={"mode": "keep"}).status_code == 200
-        frozen = len(got)
+        frozen = _settled(got)
         pushed = asyncio.run(srv.llm.call_engine(lambda e: e.collective_rpc("load_weights", args=(weights,))))
         assert pushed == [len(weights)]
         assert httpx.post(f"{srv.url}/resume").status_code == 200

@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=float, default=0.0,
                    help="seconds in-flight requests may still run after SIGTERM/SIGINT before they are "
                    "aborted (each stream then ends with finish_reason 'abort')")
+    s.add_argument("--response-role", default="assistant",
+                   help="the role of chat replies after a generation prompt (vLLM's; default assistant)")
     s.add_argument("--max-log-len", type=int, default=None,
                    help="with --enable-log-requests: logged prompts cut to this many characters and token ids")
     s.add_argument("--enable-log-requests", action="store_true",

@@ -134,7 +134,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
               lora_modules: Sequence[LoRARequest] = (), allow_runtime_lora: bool = False,
               http: Optional[HttpOptions] = None, return_tokens_as_token_ids: bool = False,
               enable_force_include_usage: bool = False, dev_mode: Optional[bool] = None,
-              max_log_len: Optional[int] = None) -> FastAPI:
+              max_log_len: Optional[int] = None, response_role: str = "assistant") -> FastAPI:
     """A FastAPI app serving `async_llm` under `served_model_name` (the first of several
     names is the one responses and metrics carry). With `api_key`, /v1/* needs
     `Authorization: Bearer <api_key>`; /health, /metrics, /version, /tokenize stay open.
@@ -175,7 +175,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: Union[str, Sequence[str]],
         raise ValueError("the openai tool call parser reads GPT-OSS's harmony messages: it needs the "
                          "openai_gptoss reasoning parser.")
     chat = OpenAIServingChat(async_llm, names, chat_template, tool_parser=tool_call_parser,
-                             reasoning_parser=reasoning_parser, **serving)
+                             reasoning_parser=reasoning_parser, response_role=response_role, **serving)
     responses = OpenAIServingResponses(chat)
     tokenization = OpenAIServingTokenization(async_llm, names, chat_template, **serving)
     pooling = OpenAIServingPooling(async_llm, names, **serving)
@@ -435,6 +435,7 @@ def run_server(args: argparse.Namespace) -> int:
         raise
     app = build_app(async_llm, args.served_model_name or [args.model], api_key=api_key, chat_template=chat_template,
                     limits=limits, enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+                    response_role=args.response_role,
                     tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                     trust_request_chat_template=args.trust_request_chat_template, lora_modules=loras,
                     allow_runtime_lora=runtime_lora_allowed(), http=http,

@@ -1,7 +1,7 @@
 """vLLM's development endpoints, which reshape a running server: POST /reset_prefix_cache,
 POST /sleep?level=N, POST /wake_up?tags=..., GET /is_sleeping, POST /collective_rpc, and
 for weight updates between steps POST /pause?mode=abort|wait|keep&clear_cache=true, POST
-/resume, GET /is_paused (AsyncLLM.pause_generation). Off
+/resume, GET /is_paused (AsyncLLM.pause_generation), GET /get_world_size. Off
 unless PAGEDSERVE_SERVER_DEV_MODE=1 (vLLM's VLLM_SERVER_DEV_MODE=1 is honoured too), and
 behind the API key (auth.py)."""
 
@@ -20,7 +20,7 @@ from pagedserve.engine.async_engine import AsyncLLM
 from pagedserve.entrypoints.openai.serving_engine import OpenAIError
 
 DEV_PATHS = ("/reset_prefix_cache", "/sleep", "/wake_up", "/is_sleeping", "/collective_rpc", "/pause", "/resume",
-             "/is_paused")
+             "/is_paused", "/get_world_size")
 _ENV = ("PAGEDSERVE_SERVER_DEV_MODE", "VLLM_SERVER_DEV_MODE")
 
 
@@ -91,6 +91,11 @@ def add_dev_routes(app: FastAPI, async_llm: AsyncLLM) -> None:
     async def resume() -> Response:
         await async_llm.resume_generation()
         return Response(status_code=200)
+
+    @app.get("/get_world_size")
+    async def get_world_size(include_dp: bool = Query(True)) -> JSONResponse:
+        """vLLM's (RL libraries size their weight transfer by it): one device, so 1."""
+        return JSONResponse({"world_size": 1})
 
     @app.get("/is_paused")
     async def is_paused() -> JSONResponse:

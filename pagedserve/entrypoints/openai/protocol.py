@@ -538,7 +538,7 @@ class ToolCall(OpenAIBaseModel):
 
 
 class AssistantMessage(OpenAIBaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # (--response-role; a continued final message keeps its own role)
     content: Optional[str] = None
     reasoning_content: Optional[str] = None  # with --reasoning-parser (vLLM's field)
     tool_calls: list[ToolCall] = Field(default_factory=list)

@@ -27,10 +27,19 @@ from pagedserve.sampling_params import SamplingParams
 
 class OpenAIServingChat(OpenAIServing):
     def __init__(self, *args, tool_parser: Optional[str] = None, reasoning_parser: Optional[str] = None,
-                 **kwargs) -> None:
+                 response_role: str = "assistant", **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.response_role = response_role  # vLLM's --response-role
         self.tool_parser = tool_parser  # --tool-call-parser with --enable-auto-tool-choice, else None
         self.reasoning_parser = reasoning_parser  # one of reasoning.REASONING_PARSERS, else None
+
+    def role(self, req: ChatCompletionRequest) -> str:
+        """vLLM's: --response-role after a generation prompt; a continued final message's own
+        role otherwise."""
+        if req.add_generation_prompt or not req.messages:
+            return self.response_role
+        last = req.messages[-1]
+        return str(last.get("role") if isinstance(last, dict) else getattr(last, "role", self.response_role))
 
     async def create(self, req: ChatCompletionRequest) -> Union[ChatCompletionResponse, AsyncIterator[str]]:
         model = self.model_name(req.model)
@@ -95,6 +104,7 @@ class OpenAIServingChat(OpenAIServing):
         choices = []
         for i, beam in enumerate(result.sequences):
             message, finish = whole_message(req, beam.text, beam.finish_reason, self.reasoning_parser, None)
+            message.role = self.role(req)
             choices.append(ChatCompletionChoice(index=i, message=message, finish_reason=finish))
         generated = sum(len(b.tokens) - num_prompt for b in result.sequences)
         return ChatCompletionResponse(id=request_id, model=model, choices=choices,
@@ -123,6 +133,7 @@ class OpenAIServingChat(OpenAIServing):
         for i in range(n):
             message, finish = whole_message(req, texts[i], finals[i].finish_reason if finals[i] else None,
                                             self.reasoning_parser, self.tool_parser)
+            message.role = self.role(req)
             if req.echoed:
                 message.content = req.echoed + (message.content or "")
             choices.append(ChatCompletionChoice(
@@ -179,7 +190,7 @@ class OpenAIServingChat(OpenAIServing):
 
         try:
             for i in range(n):  # the role comes first, before any content
-                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))],
+                yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role=self.role(req), content=""))],
                             usage_so_far(), prompt_token_ids=prompt_ids if req.return_token_ids and i == 0 else None)
             if req.echoed:  # the continued message's text, then the continuation
                 for i in range(n):
