@@ -13,7 +13,7 @@ from pagedserve.errors import ParamError
 class PoolingParams:
     """dimensions: keep the first k values (Matryoshka embeddings), before normalizing;
     normalize: L2-normalize the vector (None: the model's pooler config, default yes);
-    truncate_prompt_tokens: keep only the last k prompt tokens; task: "embed" or "classify"
+    truncate_prompt_tokens: keep only the last k prompt tokens (-1: max_model_len); task: "embed" or "classify"
     (set by LLM.embed / LLM.classify; None: whatever the model does)."""
 
     dimensions: Optional[int] = None
@@ -24,6 +24,8 @@ class PoolingParams:
     def __post_init__(self) -> None:
         for name in ("dimensions", "truncate_prompt_tokens"):
             v = getattr(self, name)
+            if name == "truncate_prompt_tokens" and v == -1 and not isinstance(v, bool):
+                continue  # vLLM's: the model's maximum length
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ParamError(name, f"{name} must be a positive integer, got {v!r}.")
         if self.normalize is not None and not isinstance(self.normalize, bool):

@@ -65,7 +65,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
-    truncate_prompt_tokens: Optional[int] = None  # keep only the last k prompt tokens
+    truncate_prompt_tokens: Optional[int] = None  # keep only the last k prompt tokens (-1: max_model_len)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Output constrained to a JSON schema, regex, choice or grammar (engine/grammar.py).
     structured_outputs: Optional[StructuredOutputsParams] = None
@@ -129,8 +129,9 @@ class SamplingParams:
             v = getattr(self, name)
             check(v is None or (_is_int(v) and v >= 0), name, "must be a non-negative integer")
         check(self.truncate_prompt_tokens is None or (_is_int(self.truncate_prompt_tokens)
-                                                      and self.truncate_prompt_tokens >= 1),
-              "truncate_prompt_tokens", "must be at least 1")
+                                                      and (self.truncate_prompt_tokens >= 1
+                                                           or self.truncate_prompt_tokens == -1)),
+              "truncate_prompt_tokens", "must be at least 1, or -1 (the model's maximum length)")
         check(all(isinstance(s, str) for s in self.stop), "stop", "must be strings")
         check(all(self.stop), "stop", "cannot contain an empty string")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",

@@ -134,3 +134,22 @@ def test_copied_vllm_command_lines_parse(llama_dir, caplog):
                        ({"tokenizer_mode": "mistral"}, "tokenizer_mode"), ({"cuda_graph_sizes": [0]}, "positive")):
         with pytest.raises(ValueError, match=match):
             LLM(llama_dir, max_model_len=64, **bad)
+
+
+def test_truncate_to_the_model_length(llama_dir):
+    """vLLM's truncate_prompt_tokens=-1: keep the last max_model_len tokens (an embedding of a
+    long document); other values below 1 are errors."""
+    from pagedserve.pooling_params import PoolingParams
+
+    llm = LLM(llama_dir, runner="pooling", max_model_len=16, pooler_config={"pooling_type": "MEAN"})
+    ids = [(7 * i) % 900 + 4 for i in range(40)]
+    whole = llm.embed([{"prompt_token_ids": ids}], PoolingParams(truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    tail = llm.embed([{"prompt_token_ids": ids[-16:]}], use_tqdm=False)[0]
+    assert whole.prompt_token_ids == ids[-16:]
+    torch.testing.assert_close(torch.tensor(whole.outputs.embedding), torch.tensor(tail.outputs.embedding))
+    for bad in (-2, 0):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            PoolingParams(truncate_prompt_tokens=bad)
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1

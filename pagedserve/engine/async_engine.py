@@ -283,9 +283,10 @@ class AsyncLLM:
         if isinstance(params, SamplingParams) and params.structured_outputs is not None:  # a 400, before any stream
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._grammar_pool, self.engine.compile_grammar, params)
-        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
-            ids, text = ids[-params.truncate_prompt_tokens:], None  # the text no longer matches
-            types = types[-params.truncate_prompt_tokens:] if types is not None else None
+        keep = self.engine.truncation(params)
+        if keep is not None and len(ids) > keep:
+            ids, text = ids[-keep:], None  # the text no longer matches
+            types = types[-keep:] if types is not None else None
         out = {"prompt_token_ids": ids, "prompt": text}
         if features:
             out["mm_features"] = features

@@ -189,12 +189,17 @@ class LLMEngine:
         if bad is not None:
             raise ParamError(field, f"{field}: token id {bad} is out of vocabulary (vocab size {vocab}).")
 
+    def truncation(self, params: Union[SamplingParams, PoolingParams]) -> Optional[int]:
+        """How many prompt tokens truncate_prompt_tokens keeps (vLLM's -1: max_model_len)."""
+        k = params.truncate_prompt_tokens
+        return self.config.max_model_len if k == -1 else k
+
     def validate(self, token_ids: list[int], params: SamplingParams) -> int:
         """Check a request can ever run; returns its resolved max_tokens. Errors name the
         parameter at fault (ParamError). Length checks come first: they are O(1), so a
         huge prompt is refused before anything scans it."""
-        if params.truncate_prompt_tokens is not None:
-            token_ids = token_ids[-params.truncate_prompt_tokens:]
+        if self.truncation(params) is not None:
+            token_ids = token_ids[-self.truncation(params):]
         n = len(token_ids)
         if n == 0:
             raise ParamError("prompt", "The prompt cannot be empty.")
@@ -317,8 +322,8 @@ class LLMEngine:
         if task == "classify" and (params.dimensions is not None or params.normalize is not None):
             raise ParamError("dimensions" if params.dimensions is not None else "normalize",
                              "a classifier's probabilities take no dimensions or normalize.")
-        if params.truncate_prompt_tokens is not None:
-            token_ids = token_ids[-params.truncate_prompt_tokens:]
+        if self.truncation(params) is not None:
+            token_ids = token_ids[-self.truncation(params):]
         n, max_len = len(token_ids), self.config.max_model_len
         if n == 0:
             raise ParamError("prompt", "The prompt cannot be empty.")
@@ -338,9 +343,10 @@ class LLMEngine:
         text, ids = self.process_prompt(prompt)
         self.validate_pooling(ids, params)
         types = self.token_types(prompt, len(ids))
-        if params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens:]
-            types = types[-params.truncate_prompt_tokens:] if types is not None else None
+        k = self.truncation(params)
+        if k is not None:
+            ids = ids[-k:]
+            types = types[-k:] if types is not None else None
         if request_id is None:
             request_id = str(next(self._ids))
         # A Request as the scheduler knows it: its prompt, then one step's worth of "output".
@@ -395,8 +401,8 @@ class LLMEngine:
         refuse_truncated_images(features, params)
         self.check_lora(lora_request)
         grammar = self.compile_grammar(params)
-        if params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens:]
+        if self.truncation(params) is not None:
+            ids = ids[-self.truncation(params):]
         think = self._think_gate(ids) if grammar is not None else None
         if request_id is None:
             request_id = str(next(self._ids))
