@@ -386,7 +386,7 @@ def compat_notes(args: EngineArgs) -> list[str]:
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")  # (worker/sampler.py)
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")  # worker/sampler.py
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
 QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq",
                         "compressed-tensors": "compressed-tensors", "mxfp4": "mxfp4"}

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from pagedserve.config import EngineArgs
+from pagedserve.config import LOAD_FORMATS, LOGPROBS_MODES, EngineArgs
 from pagedserve.engine.scheduler import SCHEDULING_POLICIES
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSER_NAMES
 from pagedserve.reasoning import REASONING_PARSERS
@@ -54,8 +54,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
-    p.add_argument("--logprobs-mode", default=d.logprobs_mode,
-                   choices=["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"],
+    p.add_argument("--logprobs-mode", default=d.logprobs_mode, choices=LOGPROBS_MODES,
                    help="what logprobs report: the model's distribution (raw) or the one tokens are drawn from "
                    "(processed: after penalties, temperature, top-k/p), as log-probabilities or logits")
     p.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"])
@@ -69,7 +68,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters no request uses that stay loaded (default: max_loras)")
-    p.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"],
+    p.add_argument("--load-format", default=d.load_format, choices=LOAD_FORMATS,
                    help="dummy: random weights, no checkpoint read (a config.json and tokenizer suffice)")
     p.add_argument("--enable-prompt-embeds", action="store_true",
                    help="prompts given as input embeddings ({'prompt_embeds': tensor}; /v1/completions' base64 "

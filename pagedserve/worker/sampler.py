@@ -19,10 +19,10 @@ from typing import Optional
 
 import torch
 
+from pagedserve.config import LOGPROBS_MODES
 from pagedserve.engine.grammar import unpack_bitmask
 
 _NEG_INF = float("-inf")
-LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 
 
 @dataclass
