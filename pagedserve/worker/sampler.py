@@ -241,12 +241,7 @@ class Sampler:
         Not on the hot path: for tests and debugging."""
         x = self.process_logits(logits.float(), b)
         out = torch.nn.functional.one_hot(x.argmax(dim=-1), x.shape[1]).float()
-        for g in b.groups:
-            vals, ids = self.candidates(x, b, g)
-            probs = vals.softmax(dim=-1)
-            full = probs if ids is None else torch.zeros_like(x[: probs.shape[0]]).scatter_(1, ids, probs)
-            if g.rows is None:
-                out = torch.where(b.greedy.unsqueeze(1), out, full)
-            else:
-                out[g.rows] = full
-        return out
+        if not b.groups:  # every row greedy
+            return out
+        # (cut tokens are -inf in final_logits: the softmax gives them exactly 0)
+        return torch.where(b.greedy.unsqueeze(1), out, self.final_logits(x, b).softmax(dim=-1))
