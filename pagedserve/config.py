@@ -161,7 +161,7 @@ class EngineArgs:
                              f"got {self.reasoning_parser!r}.")
         spec = None
         if self.speculative_config is not None:
-            from pagedserve.engine.ngram import SpeculativeConfig
+            from pagedserve.engine.spec_config import SpeculativeConfig
 
             spec = SpeculativeConfig.from_dict(self.speculative_config)
             if self.async_scheduling:  # drafts come from the previous step's tokens
@@ -284,6 +284,13 @@ class EngineArgs:
         if self.load_format == "dummy" and max_images:
             raise ValueError("load_format='dummy' covers the language model only: serve a vision-language model "
                              "text-only with it (limit_mm_per_prompt={'image': 0}).")
+        if spec is not None and spec.method == "draft_model":
+            clash = [name for name, on in (("enable_sleep_mode", self.enable_sleep_mode),
+                                           ("enable_prompt_embeds", self.enable_prompt_embeds),
+                                           ("images (limit_mm_per_prompt={'image': 0} turns them off)", max_images))
+                     if on]
+            if clash:
+                raise ValueError(f"speculative_config: a draft model does not run with {clash[0]}.")
         default_sampling = _sampling_defaults(self.model, self.generation_config, self.override_generation_config)
         return EngineConfig(
             model=self.model,
@@ -447,7 +454,7 @@ class EngineConfig:
     attention_backend: str
     async_scheduling: bool = False
     reasoning_parser: Optional[str] = None
-    speculative_config: Any = None  # engine/ngram.py SpeculativeConfig
+    speculative_config: Any = None  # engine/spec_config.py SpeculativeConfig
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16

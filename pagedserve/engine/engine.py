@@ -62,7 +62,12 @@ class LLMEngine:
         # v0.1, Phi-3-mini): a layer seeing the whole context needs every block.
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  window=max(windows) if min(windows) > 0 else 0)
-        proposer = NgramProposer(config.speculative_config) if config.speculative_config is not None else None
+        proposer = self.runner.draft
+        if proposer is not None and self.kv.window:  # the draft's catch-up would write released blocks
+            raise ValueError("speculative_config: a draft model cannot run beside a model whose every layer has a "
+                             "sliding window (its blocks out of the window are given back).")
+        if config.speculative_config is not None and proposer is None:
+            proposer = NgramProposer(config.speculative_config)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
                                    config.max_loras if config.enable_lora else 0, config.scheduling_policy)

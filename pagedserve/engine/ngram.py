@@ -9,42 +9,11 @@ bytearray, and `bytearray.rfind` looks for the n-gram's bytes (a hit must be wor
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
-from typing import Any
 
 from pagedserve.engine.request import Request
+from pagedserve.engine.spec_config import SpeculativeConfig
 
-
-@dataclass
-class SpeculativeConfig:
-    """vLLM's speculative_config for method "ngram"."""
-
-    num_speculative_tokens: int
-    prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 1
-
-    @classmethod
-    def from_dict(cls, d: Any) -> "SpeculativeConfig":
-        if isinstance(d, cls):
-            return d
-        if not isinstance(d, dict):
-            raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}.")
-        d = dict(d)
-        method = d.pop("method", "ngram")
-        if method != "ngram":
-            raise ValueError(f"speculative_config: only method 'ngram' is available, got {method!r}.")
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"speculative_config: unknown key(s) {sorted(unknown)}.")
-        if "num_speculative_tokens" not in d:
-            raise ValueError("speculative_config needs num_speculative_tokens.")
-        cfg = cls(**d)
-        k, lo, hi = cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, lo, hi)) or not (
-                1 <= k <= 32 and 1 <= lo <= hi <= 32):
-            raise ValueError("speculative_config: need 1 <= num_speculative_tokens <= 32 and "
-                             f"1 <= prompt_lookup_min <= prompt_lookup_max <= 32, got {k}, {lo}, {hi}.")
-        return cfg
+__all__ = ["NgramProposer", "SpeculativeConfig"]
 
 
 class NgramProposer:

@@ -192,7 +192,9 @@ class Scheduler:
                     continue
             self.kv.release_out_of_window(req, req.num_computed_tokens)
             if n == 1 and self.proposer is not None and req.speculates:
-                d = self._drafts(req, budget - 1)
+                # A draft model drafts once the slots are allocated, for all requests at once.
+                batched = getattr(self.proposer, "batched", False)
+                d = [0] * self._draft_room(req, budget - 1) if batched else self._drafts(req, budget - 1)
                 if d and self.kv.allocate_slots(req, 1 + len(d)):  # no room for drafts: decode plainly
                     drafts[req.request_id] = d
                     n = 1 + len(d)
@@ -257,6 +259,10 @@ class Scheduler:
                 plan.append((req, n))
                 budget -= n
 
+        if drafts and getattr(self.proposer, "batched", False):
+            planned = {r.request_id: r for r, _ in plan}
+            drafts = self.proposer.propose_batch([(planned[rid], self.kv.block_ids(planned[rid]), len(d))
+                                                  for rid, d in drafts.items() if rid in planned])
         for req, n in plan:
             start = req.num_computed_tokens
             samples = start + n >= len(req.all_token_ids) + req.num_inflight
@@ -277,11 +283,15 @@ class Scheduler:
                 end = f.offset if f.offset > start else start
         return end - start
 
-    def _drafts(self, req: Request, budget: int) -> list[int]:
-        """Draft tokens for a decoding request, within its max_tokens, the context and `budget`
-        (the last token a step yields is always the model's own)."""
+    def _draft_room(self, req: Request, budget: int) -> int:
+        """How many draft tokens a decoding request may take, within its max_tokens, the
+        context and `budget` (the last token a step yields is always the model's own)."""
         room = min(budget, req.max_tokens - len(req.output_token_ids) - 1,
                    self.max_model_len - len(req.all_token_ids) - 1)
+        return max(0, min(room, self.proposer.cfg.num_speculative_tokens))
+
+    def _drafts(self, req: Request, budget: int) -> list[int]:
+        room = self._draft_room(req, budget)
         return self.proposer.propose(req, room) if room > 0 else []
 
     def _preempt(self, req: Request) -> None:
@@ -293,6 +303,8 @@ class Scheduler:
                 w.num_computed_tokens = 0
         self._forked_waiting.clear()
         self.kv.free(req)
+        if self.proposer is not None:  # a draft model's KV went with the blocks
+            self.proposer.forget(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

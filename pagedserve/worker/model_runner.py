@@ -22,6 +22,7 @@ from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, graph_sizes
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
+from pagedserve.worker.draft_model import DraftModelProposer
 from pagedserve.worker.encoder_cache import EncoderCache, profile_images
 from pagedserve.worker.image_rows import image_kv_limits, rope_positions
 from pagedserve.worker.pooling import PoolingStates
@@ -117,6 +118,10 @@ class ModelRunner:
             self.encoder_cache = EncoderCache(encoder, config.device, config.dtype)
         elif config.enable_prompt_embeds:  # prompt embeddings ride the image rows' path, with no encoder
             self.encoder_cache = EncoderCache(None, config.device, config.dtype)
+        self.draft: Optional[DraftModelProposer] = None  # speculative decoding's draft model
+        spec = config.speculative_config
+        if spec is not None and spec.method == "draft_model":
+            self.draft = DraftModelProposer(config, self.backend)
         self.sampler = Sampler(config.logprobs_mode)
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
@@ -142,10 +147,11 @@ class ModelRunner:
         return 1 if shared == {True} else 2
 
     def kv_block_bytes(self) -> int:
-        """Bytes of one KV block over every layer."""
+        """Bytes of one KV block over every layer (the draft model's too)."""
         a = self.attn_layers[0]
-        return kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
-                                     self.config.kv_dtype, self._kv_parts())
+        own = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
+                                    self.config.kv_dtype, self._kv_parts())
+        return own + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
         per_seq = -(-self.config.max_model_len // self.block_size)
@@ -166,6 +172,8 @@ class ModelRunner:
         # Zeroed, not empty: padded positions of a gathered block must never hold NaN.
         cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.kv_dtype, device=self.device)
         self._bind(cache)
+        if self.draft is not None:
+            self.draft.allocate_kv_cache(num_blocks)
         if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
             self.graphs = self.make_graph_runner(capture=True)
             self.graphs.capture()

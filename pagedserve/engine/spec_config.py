@@ -1,0 +1,59 @@
+"""vLLM's speculative_config: which proposer drafts tokens, and how many a step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass
+class SpeculativeConfig:
+    """method "ngram": prompt lookup (engine/ngram.py); "draft_model": a smaller model with the
+    target's vocabulary drafts greedily (worker/draft_model.py). As in vLLM, a `model` with
+    no `method` means a draft model."""
+
+    num_speculative_tokens: int
+    method: str = "ngram"
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: Optional[str] = None  # the draft model's directory
+    draft_tensor_parallel_size: int = 1
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "SpeculativeConfig":
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}.")
+        d = dict(d)
+        if d.get("method") is None:
+            d["method"] = "draft_model" if d.get("model") is not None else "ngram"
+        method = d["method"]
+        if method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config: method must be one of {', '.join(SPEC_METHODS)}, "
+                             f"got {method!r} (EAGLE, Medusa and MTP heads are not available).")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown key(s) {sorted(unknown)}.")
+        if "num_speculative_tokens" not in d:
+            raise ValueError("speculative_config needs num_speculative_tokens.")
+        if method == "ngram" and d.get("model") is not None:
+            raise ValueError("speculative_config: method 'ngram' takes no model.")
+        if method == "draft_model":
+            if not isinstance(d.get("model"), str) or not d["model"]:
+                raise ValueError("speculative_config: method 'draft_model' needs model (the draft model's "
+                                 "directory).")
+            lookup = {"prompt_lookup_max", "prompt_lookup_min"} & set(d)
+            if lookup:
+                raise ValueError(f"speculative_config: {sorted(lookup)} are for method 'ngram'.")
+            if d.get("draft_tensor_parallel_size", 1) != 1:
+                raise ValueError("speculative_config: draft_tensor_parallel_size must be 1 (one device).")
+        cfg = cls(**d)
+        k, lo, hi = cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, lo, hi)) or not (
+                1 <= k <= 32 and 1 <= lo <= hi <= 32):
+            raise ValueError("speculative_config: need 1 <= num_speculative_tokens <= 32 and "
+                             f"1 <= prompt_lookup_min <= prompt_lookup_max <= 32, got {k}, {lo}, {hi}.")
+        return cfg

@@ -1,0 +1,187 @@
+"""Speculative decoding with a draft model (vLLM's method "draft_model"): a smaller model with
+the target's vocabulary drafts k tokens greedily, and the target checks them in one step.
+
+The draft keeps its own KV cache, of the same number of blocks, read through the target's
+block tables: a request's draft KV lives in the same block ids as its target KV, so no
+second allocator is needed. The draft catches up lazily: when a request next needs drafts,
+the draft computes its tokens since the last position it holds (at first, the whole prompt,
+in chunks of at most max_num_batched_tokens), then drafts one token a pass. Positions that
+held rejected drafts are computed again at the next catch-up.
+
+Its KV is trusted only for positions this request's own draft wrote since it last got its
+blocks (a preempted request starts over): a prefix-cache hit or a forked sibling reuses the
+target's blocks, not the draft's, and its catch-up writes the draft's entries again (the
+same tokens at the same positions, so another request's entries there are unchanged).
+
+Drafts are greedy. A sampled request verifies them with the one-hot rule of
+worker/spec_verify.py, which keeps its tokens distributed exactly as without speculation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.engine.request import Request
+from pagedserve.model.hf_config import load_hf_config
+from pagedserve.model.loader import load_model
+from pagedserve.model.registry import is_encoder_only
+from pagedserve.worker import kv_sizing
+from pagedserve.worker.device_io import to_device
+
+logger = logging.getLogger("pagedserve")
+
+
+@dataclass
+class _Drafted:
+    """What the draft's cache holds for a request: its tokens' KV up to `base` (exclusive),
+    then the KV of `drafts[:-1]` (the last draft was never fed)."""
+
+    base: int
+    drafts: list[int]
+
+    def valid(self, tokens: list[int]) -> int:
+        """Positions whose KV is still right now that `tokens` are the request's tokens."""
+        n = 0
+        for d in self.drafts[:-1]:
+            if self.base + n >= len(tokens) or tokens[self.base + n] != d:
+                break
+            n += 1
+        return self.base + n
+
+
+class DraftModelProposer:
+    """Owned by the model runner (it holds tensors); the scheduler calls `propose_batch` with
+    the block ids it allocated for each request's 1 + k positions."""
+
+    batched = True  # the scheduler allocates the slots first, then asks for all drafts at once
+
+    def __init__(self, config: Any, backend: Any) -> None:
+        spec = self.cfg = config.speculative_config
+        self.device = config.device
+        self.block_size = config.block_size
+        self.kv_dtype = config.kv_dtype
+        self.chunk = config.max_num_batched_tokens
+        hf = load_hf_config(spec.model)
+        if is_encoder_only(hf):
+            raise ValueError(f"speculative_config: the draft model {spec.model!r} is an encoder; it must be a "
+                             f"decoder (a causal LM).")
+        if int(hf.vocab_size) > config.vocab_size:
+            raise ValueError(f"speculative_config: the draft model's vocabulary ({hf.vocab_size}) is larger than the "
+                             f"target's ({config.vocab_size}); it must use the target's tokenizer.")
+        self.vocab_size = int(hf.vocab_size)
+        self.model = load_model(spec.model, hf, config.dtype, config.device, config.max_model_len,
+                                quant_kernels=config.attention_backend == "triton", dummy=config.dummy_weights,
+                                seed=config.seed)
+        self.model.requires_grad_(False)
+        self.layers = self.model.attention_layers()
+        for layer in self.layers:
+            layer.backend = backend
+        if backend.name == "triton":  # its fused norm, RoPE and SiLU-and-mul kernels too
+            for m in self.model.modules():
+                if hasattr(m, "use_triton"):
+                    m.use_triton = True
+        self._parts = 1 if all(getattr(a, "kv_shared", False) for a in self.layers) else 2
+        self._held: dict[str, _Drafted] = {}
+
+    # ---- KV cache (sized with the target's: runner.kv_block_bytes counts both) ----------
+    def kv_block_bytes(self) -> int:
+        a = self.layers[0]
+        return kv_sizing.block_bytes(len(self.layers), self.block_size, a.num_kv_heads, a.head_dim, self.kv_dtype,
+                                     self._parts)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        a = self.layers[0]
+        cache = torch.zeros((len(self.layers), self._parts, num_blocks, self.block_size, a.num_kv_heads, a.head_dim),
+                            dtype=self.kv_dtype, device=self.device)
+        for i, layer in enumerate(self.layers):
+            layer.k_cache, layer.v_cache = cache[i, 0], cache[i, -1]
+        self._held.clear()
+
+    def forget(self, request_id: str) -> None:
+        """Finished or preempted: its blocks (and the draft KV in them) are gone."""
+        self._held.pop(request_id, None)
+
+    # ---- drafting ----------------------------------------------------------------------
+    def propose_batch(self, items: list[tuple[Request, list[int], int]]) -> dict[str, list[int]]:
+        """items: (request, its block ids, k) for decoding requests whose slots for 1 + k
+        positions are allocated. Returns exactly k greedy draft tokens per request."""
+        if not items:
+            return {}
+        with torch.inference_mode():
+            reqs = [(r, blocks, k, r.all_token_ids) for r, blocks, k in items]
+            # Catch up: every request's tokens since what its draft KV holds, the last included.
+            todo = []
+            for r, blocks, _, toks in reqs:
+                held = self._held.get(r.request_id)
+                todo.append([held.valid(toks) if held is not None else 0, len(toks)])
+            last = [0] * len(reqs)  # each request's newest draft token
+            while True:
+                rows, budget = [], self.chunk
+                for i, (start, end) in enumerate(todo):
+                    if start < end and budget > 0:
+                        n = min(end - start, budget)
+                        rows.append((i, reqs[i][3][start:start + n], start))
+                        budget -= n
+                        todo[i][0] = start + n
+                if not rows:
+                    break
+                picks = self._forward([(reqs[i][1], toks, start) for i, toks, start in rows])
+                for (i, _, _), tok in zip(rows, picks):
+                    if todo[i][0] == todo[i][1]:
+                        last[i] = tok
+            drafts = [[t] for t in last]
+            # One token a pass for those drafting further.
+            for j in range(1, max(k for _, _, k, _ in reqs)):
+                live = [i for i, (_, _, k, _) in enumerate(reqs) if k > j]
+                picks = self._forward([(reqs[i][1], [drafts[i][-1]], len(reqs[i][3]) + j - 1) for i in live])
+                for i, tok in zip(live, picks):
+                    drafts[i].append(tok)
+        out = {}
+        for (r, _, _, toks), d in zip(reqs, drafts):
+            self._held[r.request_id] = _Drafted(len(toks), d)
+            out[r.request_id] = d
+        return out
+
+    def _forward(self, rows: list[tuple[list[int], list[int], int]]) -> list[int]:
+        """One draft pass over rows of (block ids, tokens, first position): each row's argmax
+        after its last token. One-token rows go first, as the backends expect."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]) != 1)
+        bs = self.block_size
+        ids, pos, slots, seq_lens, qsl = [], [], [], [], [0]
+        for i in order:
+            blocks, toks, start = rows[i]
+            p = np.arange(start, start + len(toks))
+            ids += toks
+            pos.append(p)
+            slots.append(np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs)
+            seq_lens.append(start + len(toks))
+            qsl.append(qsl[-1] + len(toks))
+        width = -(-max(seq_lens) // bs)
+        table = np.zeros((len(order), width), dtype=np.int32)
+        for r, i in enumerate(order):
+            blocks = rows[i][0][:width]
+            table[r, :len(blocks)] = blocks
+        dev = self.device
+        meta = AttentionMetadata(
+            num_tokens=len(ids), num_actual_tokens=len(ids), num_reqs=len(order),
+            num_decodes=sum(1 for i in order if len(rows[i][1]) == 1),
+            slot_mapping=to_device(np.concatenate(slots), torch.int64, dev),
+            block_tables=to_device(table, torch.int32, dev), seq_lens=to_device(seq_lens, torch.int32, dev),
+            query_start_loc=to_device(qsl, torch.int32, dev),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])), max_seq_len=max(seq_lens),
+            seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
+        )
+        if self.vocab_size < 1 + max(ids):  # target-only tokens (added specials): the draft cannot read them
+            ids = [t if t < self.vocab_size else 0 for t in ids]
+        hidden = self.model(to_device(ids, torch.int64, dev), to_device(np.concatenate(pos), torch.int64, dev), meta)
+        last_rows = to_device([b - 1 for b in qsl[1:]], torch.long, dev)
+        picks = self.model.compute_logits(hidden[last_rows]).argmax(dim=-1).tolist()
+        out = [0] * len(rows)
+        for r, i in enumerate(order):
+            out[i] = picks[r]
+        return out

@@ -1,0 +1,195 @@
+"""Speculative decoding with a draft model: every draft the proposer makes is the draft
+model's own greedy continuation (checked against transformers on the draft's weights),
+through chunked catch-up, rejections, preemption, prefix-cache hits and forked siblings;
+the target's outputs are unchanged; the target as its own draft has its drafts accepted;
+nothing leaks; bad configs are refused."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import HFReference, assert_greedy_matches
+from engine_helpers import assert_no_leak
+
+from pagedserve import LLM, SamplingParams
+
+PER_BLOCK_8 = 2 * 2 * 8 * 2 * 16 * 4  # target: layers * (k, v) * block 8 * kv heads * head dim * fp32
+
+
+def _spec(model: str, k: int = 3) -> dict:
+    return {"model": model, "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def near_draft(llama_dir, tmp_path_factory) -> str:
+    """The target with noise in its last MLP: it agrees with the target often, not always."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(tmp_path_factory.mktemp("near_draft"))
+    shutil.copytree(llama_dir, path, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        w = model.model.layers[-1].mlp.down_proj.weight
+        w += torch.randn(w.shape, generator=g) * w.std() * 0.6
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def draft_ref(near_draft) -> HFReference:
+    return HFReference(near_draft)
+
+
+@pytest.fixture(scope="module")
+def plain(llama_dir) -> LLM:
+    return LLM(llama_dir, max_model_len=256, async_scheduling=False)
+
+
+def _prompts(n: int, words: int = 6) -> list[list[int]]:
+    return [[(11 * i + 7 * j) % 900 + 4 for j in range(words + 9 * i)] for i in range(n)]
+
+
+def _spy(llm: LLM) -> list:
+    """Record every proposal: (the request's tokens then, the drafts)."""
+    proposer = llm.llm_engine.scheduler.proposer
+    calls: list = []
+    inner = proposer.propose_batch
+
+    def spy(items):
+        seen = [(list(r.all_token_ids), k) for r, _, k in items]
+        out = inner(items)
+        calls.extend((toks, out[r.request_id]) for (toks, k), (r, _, _) in zip(seen, items))
+        assert all(len(out[r.request_id]) == k for r, _, k in items)
+        return out
+
+    proposer.propose_batch = spy
+    return calls
+
+
+def _check_drafts(calls: list, ref: HFReference) -> None:
+    assert calls
+    for toks, drafts in calls:
+        assert_greedy_matches(ref.greedy(toks, len(drafts)), drafts)
+
+
+def _tokens(outs) -> list:
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def _acceptance(llm: LLM) -> float:
+    s = llm.llm_engine.scheduler
+    return s.num_accepted_tokens / s.num_draft_tokens
+
+
+def test_the_target_as_its_own_draft(llama_dir, hf_refs):
+    """Every draft is the target's own next token: all are accepted (a draft KV entry at a wrong
+    position or from a stale block would show as rejections), and the tokens are
+    transformers' greedy ones."""
+    llm = LLM(llama_dir, max_model_len=256, speculative_config=_spec(llama_dir, 4))
+    prompts = _prompts(4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(hf_refs["llama"].greedy(p, 24), o.outputs[0].token_ids)
+    assert llm.llm_engine.scheduler.num_draft_tokens > 40
+    assert _acceptance(llm) > 0.95
+    assert_no_leak(llm)
+    assert not llm.llm_engine.scheduler.proposer._held  # forgotten with their requests
+
+
+def test_drafts_are_the_draft_models_greedy_tokens(llama_dir, near_draft, draft_ref, plain):
+    """A draft that is sometimes wrong: each proposal is what transformers' greedy decoding of
+    the draft model gives, after rejections, and in catch-up chunks of 16 tokens; the
+    target's tokens are unchanged."""
+    llm = LLM(llama_dir, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4,
+              speculative_config=_spec(near_draft))
+    calls = _spy(llm)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(5)]
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain.generate(prompts, params,
+                                                                                            use_tqdm=False))
+    _check_drafts(calls, draft_ref)
+    assert 0.1 < _acceptance(llm) < 0.95  # both outcomes happen
+    assert_no_leak(llm)
+
+
+def test_preemption_prefix_caching_and_mixed_batches(llama_dir, near_draft, draft_ref, plain):
+    """Preempted requests (a 14-block cache), prefix-cache hits of an earlier run, forked
+    siblings, sampled and not-speculated requests beside greedy ones: the draft's KV is
+    trusted only where the request's own draft wrote it."""
+    tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * PER_BLOCK_8 * 2,
+                speculative_config=_spec(near_draft))
+    roomy = LLM(llama_dir, max_model_len=256, block_size=8, speculative_config=_spec(near_draft))
+    calls = [_spy(tight), _spy(roomy)]
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6, 20)]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+              # top_k=1: the rejection-sampling path, which must then give greedy's tokens
+              SamplingParams(temperature=0.9, top_k=1, seed=3, max_tokens=30, ignore_eos=True, n=2),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2  # not speculated
+    want = _tokens(plain.generate(prompts, params, use_tqdm=False))
+    assert _tokens(tight.generate(prompts, params, use_tqdm=False)) == want
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert _tokens(roomy.generate(prompts, params, use_tqdm=False)) == want
+    again = roomy.generate(prompts, params, use_tqdm=False)
+    assert _tokens(again) == want
+    assert all(o.num_cached_tokens >= 16 for o in again)  # prefix-cache hits: target blocks, no draft KV
+    for c in calls:
+        _check_drafts(c, draft_ref)
+    for llm in (tight, roomy):
+        assert_no_leak(llm)
+        assert not llm.llm_engine.scheduler.proposer._held
+
+
+def test_sampled_requests_with_a_draft(llama_dir, near_draft):
+    llm = LLM(llama_dir, max_model_len=256, speculative_config=_spec(near_draft))
+    params = SamplingParams(temperature=0.8, seed=11, max_tokens=25, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(3)]
+    a, b = (_tokens(llm.generate(prompts, params, use_tqdm=False)) for _ in range(2))
+    assert a == b and all(len(c) == 25 for o in a for c in o)  # seeded: the same again
+    assert llm.llm_engine.scheduler.num_accepted_tokens > 0
+    assert_no_leak(llm)
+
+
+def test_a_draft_with_a_smaller_vocabulary(llama_dir, tokenizer_dir, tmp_path_factory, plain):
+    """Prompt tokens the draft does not have are read as token 0: no crash, outputs unchanged."""
+    from pagedserve.model.random_model import build_random_model
+
+    small = build_random_model(str(tmp_path_factory.mktemp("small_vocab")), vocab_size=512, num_layers=1,
+                               initializer_range=0.5, tokenizer_dir=tokenizer_dir, seed=3)
+    llm = LLM(llama_dir, max_model_len=256, speculative_config=_spec(small))
+    prompts = [{"prompt_token_ids": [900, 1000, 5, 600, 7]}]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain.generate(prompts, params,
+                                                                                            use_tqdm=False))
+    assert llm.llm_engine.scheduler.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs model"),
+    ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "takes no model"),
+    ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "for method 'ngram'"),
+    ({"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size"),
+    ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"model": "/nonexistent/draft", "num_speculative_tokens": 2}, "not a local directory"),
+])
+def test_bad_draft_configs(llama_dir, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        LLM(llama_dir, speculative_config=cfg)
+
+
+def test_refused_combinations(llama_dir, model_dirs, tokenizer_dir, tmp_path_factory):
+    from pagedserve.model.random_model import build_random_model
+
+    big = build_random_model(str(tmp_path_factory.mktemp("big_vocab")), vocab_size=2048, num_layers=1,
+                             tokenizer_dir=tokenizer_dir)
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(llama_dir, speculative_config=_spec(big))
+    with pytest.raises(ValueError, match="enable_sleep_mode"):
+        LLM(llama_dir, speculative_config=_spec(llama_dir), enable_sleep_mode=True)
+    with pytest.raises(ValueError, match="sliding window"):  # Mistral: every layer windowed, blocks given back
+        LLM(model_dirs["mistral_swa"], speculative_config=_spec(model_dirs["mistral_swa"]))
+    with pytest.raises(ValueError, match="synchronous"):
+        LLM(llama_dir, speculative_config=_spec(llama_dir), async_scheduling=True)
