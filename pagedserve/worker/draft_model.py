@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -109,58 +109,68 @@ class DraftModelProposer:
     # ---- drafting ----------------------------------------------------------------------
     def propose_batch(self, items: list[tuple[Request, list[int], int]]) -> dict[str, list[int]]:
         """items: (request, its block ids, k) for decoding requests whose slots for 1 + k
-        positions are allocated. Returns exactly k greedy draft tokens per request."""
+        positions are allocated. Returns exactly k greedy draft tokens per request. The
+        drafts stay on the device from pass to pass; one copy to the host at the end."""
         if not items:
             return {}
+        dev = self.device
+        reqs = [(r, blocks, k, r.all_token_ids) for r, blocks, k in items]
+        kmax = max(k for _, _, k, _ in reqs)
         with torch.inference_mode():
-            reqs = [(r, blocks, k, r.all_token_ids) for r, blocks, k in items]
-            # Catch up: every request's tokens since what its draft KV holds, the last included.
+            drafts = torch.zeros((len(reqs), kmax), dtype=torch.long, device=dev)
+            # Catch up: every request's tokens since what its draft KV holds, the last included,
+            # at most `chunk` tokens a pass; a request's first draft follows its last token.
             todo = []
-            for r, blocks, _, toks in reqs:
+            for r, _, _, toks in reqs:
                 held = self._held.get(r.request_id)
                 todo.append([held.valid(toks) if held is not None else 0, len(toks)])
-            last = [0] * len(reqs)  # each request's newest draft token
             while True:
-                rows, budget = [], self.chunk
+                rows, ends, budget = [], [], self.chunk
                 for i, (start, end) in enumerate(todo):
                     if start < end and budget > 0:
-                        n = min(end - start, budget)
-                        rows.append((i, reqs[i][3][start:start + n], start))
-                        budget -= n
-                        todo[i][0] = start + n
+                        m = min(end - start, budget)
+                        if start + m == end:
+                            ends.append((len(rows), i))
+                        rows.append((reqs[i][1], reqs[i][3][start:start + m], start))
+                        budget -= m
+                        todo[i][0] = start + m
                 if not rows:
                     break
-                picks = self._forward([(reqs[i][1], toks, start) for i, toks, start in rows])
-                for (i, _, _), tok in zip(rows, picks):
-                    if todo[i][0] == todo[i][1]:
-                        last[i] = tok
-            drafts = [[t] for t in last]
-            # One token a pass for those drafting further.
-            for j in range(1, max(k for _, _, k, _ in reqs)):
+                picks = self._forward(rows)
+                if ends:
+                    idx = to_device([[a for a, _ in ends], [b for _, b in ends]], torch.long, dev)
+                    drafts[idx[1], 0] = picks[idx[0]]
+            # Then one token a pass for the requests drafting further.
+            for j in range(1, kmax):
                 live = [i for i, (_, _, k, _) in enumerate(reqs) if k > j]
-                picks = self._forward([(reqs[i][1], [drafts[i][-1]], len(reqs[i][3]) + j - 1) for i in live])
-                for i, tok in zip(live, picks):
-                    drafts[i].append(tok)
+                sel = slice(None) if len(live) == len(reqs) else to_device(live, torch.long, dev)
+                rows = [(reqs[i][1], 1, len(reqs[i][3]) + j - 1) for i in live]
+                drafts[sel, j] = self._forward(rows, drafts[sel, j - 1])
+            host = drafts.tolist()
         out = {}
-        for (r, _, _, toks), d in zip(reqs, drafts):
-            self._held[r.request_id] = _Drafted(len(toks), d)
-            out[r.request_id] = d
+        for (r, _, k, toks), d in zip(reqs, host):
+            self._held[r.request_id] = _Drafted(len(toks), d[:k])
+            out[r.request_id] = d[:k]
         return out
 
-    def _forward(self, rows: list[tuple[list[int], list[int], int]]) -> list[int]:
-        """One draft pass over rows of (block ids, tokens, first position): each row's argmax
-        after its last token. One-token rows go first, as the backends expect."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][1]) != 1)
+    def _forward(self, rows: list[tuple[list[int], Any, int]], ids_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One draft pass over rows of (block ids, tokens, first position), or of (block ids,
+        1, position) with the tokens in `ids_t` on the device: each row's argmax after its
+        last token, in the rows' order (on the device). One-token rows go first in the pass,
+        as the backends expect."""
+        lens = [len(t) if ids_t is None else 1 for _, t, _ in rows]
+        order = sorted(range(len(rows)), key=lambda i: lens[i] != 1)
         bs = self.block_size
         ids, pos, slots, seq_lens, qsl = [], [], [], [], [0]
         for i in order:
             blocks, toks, start = rows[i]
-            p = np.arange(start, start + len(toks))
-            ids += toks
+            p = np.arange(start, start + lens[i])
+            if ids_t is None:
+                ids += toks
             pos.append(p)
             slots.append(np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs)
-            seq_lens.append(start + len(toks))
-            qsl.append(qsl[-1] + len(toks))
+            seq_lens.append(start + lens[i])
+            qsl.append(qsl[-1] + lens[i])
         width = -(-max(seq_lens) // bs)
         table = np.zeros((len(order), width), dtype=np.int32)
         for r, i in enumerate(order):
@@ -168,20 +178,23 @@ class DraftModelProposer:
             table[r, :len(blocks)] = blocks
         dev = self.device
         meta = AttentionMetadata(
-            num_tokens=len(ids), num_actual_tokens=len(ids), num_reqs=len(order),
-            num_decodes=sum(1 for i in order if len(rows[i][1]) == 1),
+            num_tokens=qsl[-1], num_actual_tokens=qsl[-1], num_reqs=len(order), num_decodes=lens.count(1),
             slot_mapping=to_device(np.concatenate(slots), torch.int64, dev),
             block_tables=to_device(table, torch.int32, dev), seq_lens=to_device(seq_lens, torch.int32, dev),
             query_start_loc=to_device(qsl, torch.int32, dev),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])), max_seq_len=max(seq_lens),
+            max_query_len=max(lens), max_seq_len=max(seq_lens),
             seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
         )
-        if self.vocab_size < 1 + max(ids):  # target-only tokens (added specials): the draft cannot read them
-            ids = [t if t < self.vocab_size else 0 for t in ids]
-        hidden = self.model(to_device(ids, torch.int64, dev), to_device(np.concatenate(pos), torch.int64, dev), meta)
-        last_rows = to_device([b - 1 for b in qsl[1:]], torch.long, dev)
-        picks = self.model.compute_logits(hidden[last_rows]).argmax(dim=-1).tolist()
-        out = [0] * len(rows)
+        if ids_t is None:
+            if self.vocab_size < 1 + max(ids):  # target-only tokens (added specials): the draft cannot read them
+                ids = [t if t < self.vocab_size else 0 for t in ids]
+            ids_t = to_device(ids, torch.int64, dev)
+        hidden = self.model(ids_t, to_device(np.concatenate(pos), torch.int64, dev), meta)
+        last = hidden[qsl[-1] - 1 : qsl[-1]] if len(order) == 1 else hidden[to_device(qsl[1:], torch.long, dev) - 1]
+        picks = self.model.compute_logits(last).argmax(dim=-1)
+        if order == sorted(order):
+            return picks
+        back = [0] * len(order)  # rows' order from the pass's
         for r, i in enumerate(order):
-            out[i] = picks[r]
-        return out
+            back[i] = r
+        return picks[to_device(back, torch.long, dev)]
