@@ -83,6 +83,9 @@ class EngineArgs:
     # metrics, read with LLM.get_metrics() (metrics_reader.py). (The server's flag of the same
     # name turns off its periodic stats line.)
     disable_log_stats: bool = True
+    # Prometheus metric names' prefix: "pagedserve" (pagedserve:num_requests_running, ...) or
+    # "vllm" (vllm:num_requests_running: dashboards and alerts written for vLLM work unchanged).
+    metrics_prefix: str = "pagedserve"
     # vLLM's worker_extension_cls: "module.Class" whose methods join the worker's, to be called
     # by name through collective_rpc (an RL library's weight-sync methods; worker/worker.py).
     worker_extension_cls: Optional[str] = None
@@ -159,6 +162,8 @@ class EngineArgs:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}.")
+        if self.metrics_prefix not in METRICS_PREFIXES:
+            raise ValueError(f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, got {self.metrics_prefix!r}.")
         spec = None
         if self.speculative_config is not None:
             from pagedserve.engine.spec_config import SpeculativeConfig
@@ -327,6 +332,7 @@ class EngineArgs:
             worker_extension_cls=self.worker_extension_cls,
             cuda_graph_sizes=list(self.cuda_graph_sizes) if self.cuda_graph_sizes else None,
             enable_sleep_mode=bool(self.enable_sleep_mode),
+            metrics_prefix=self.metrics_prefix,
             enable_prompt_embeds=bool(self.enable_prompt_embeds),
             runner=runner,
             pooler=pooler,
@@ -393,6 +399,7 @@ def compat_notes(args: EngineArgs) -> list[str]:
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+METRICS_PREFIXES = ("pagedserve", "vllm")  # metrics.py
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")  # worker/sampler.py
 # vLLM's names for the methods a checkpoint may carry (its Marlin kernels' names included)
 QUANTIZATION_METHODS = {"fp8": "fp8", "gptq": "gptq", "gptq_marlin": "gptq", "awq": "awq", "awq_marlin": "awq",
@@ -462,6 +469,7 @@ class EngineConfig:
     worker_extension_cls: Optional[str] = None
     cuda_graph_sizes: Optional[list[int]] = None
     enable_sleep_mode: bool = False
+    metrics_prefix: str = "pagedserve"
     enable_prompt_embeds: bool = False
     runner: str = "generate"
     pooler: Any = None  # model/pooler.py PoolerConfig, with runner "pooling"

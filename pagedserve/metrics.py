@@ -1,5 +1,6 @@
-"""Prometheus metrics with vLLM's names (prefix `pagedserve:`), in a registry of their own so
-that several servers in one process do not collide.
+"""Prometheus metrics with vLLM's names (prefix `pagedserve:`, or vLLM's own `vllm:` with
+metrics_prefix="vllm"), in a registry of their own so that several servers in one process do
+not collide.
 
 Engine state (queue lengths, KV usage, preemptions, prefix-cache counters) is read when
 scraped, by a custom collector; per-request counters and latency histograms are fed by
@@ -16,7 +17,6 @@ from prometheus_client.registry import Collector
 from pagedserve.engine.engine import LLMEngine
 from pagedserve.outputs import PoolingRequestOutput, RequestOutput
 
-PREFIX = "pagedserve:"
 
 # vLLM's bucket boundaries.
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -41,12 +41,13 @@ def _1_2_5_buckets(limit: int) -> list[float]:
 class _EngineStateCollector(Collector):
     """Gauges and counters that the engine already keeps, read at scrape time."""
 
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+    def __init__(self, engine: LLMEngine, model_name: str, prefix: str) -> None:
         self.engine = engine
+        self.prefix = prefix
         self.labels = {"model_name": model_name}
 
     def _family(self, cls: type, name: str, doc: str, value: float) -> Metric:
-        fam = cls(PREFIX + name, doc, labels=list(self.labels))
+        fam = cls(self.prefix + name, doc, labels=list(self.labels))
         fam.add_metric(list(self.labels.values()), value)
         return fam
 
@@ -71,7 +72,7 @@ class _EngineStateCollector(Collector):
                 "cache_dtype": "fp8" if c.kv_dtype != c.dtype else "auto",
                 "enable_prefix_caching": c.enable_prefix_caching,
                 "gpu_memory_utilization": c.gpu_memory_utilization}
-        fam = GaugeMetricFamily(PREFIX + "cache_config_info", "The KV cache's settings.",
+        fam = GaugeMetricFamily(self.prefix + "cache_config_info", "The KV cache's settings.",
                                 labels=[*self.labels, *info])
         fam.add_metric([*self.labels.values(), *(str(v) for v in info.values())], 1)
         yield fam
@@ -164,22 +165,23 @@ class _RequestTracker:
 class PrometheusStatLogger:
     def __init__(self, engine: LLMEngine, model_name: str, registry: Optional[CollectorRegistry] = None) -> None:
         self.model_name = model_name
+        self.prefix = engine.config.metrics_prefix + ":"
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.registry.register(_EngineStateCollector(engine, model_name))
+        self.registry.register(_EngineStateCollector(engine, model_name, self.prefix))
         # process_resident_memory_bytes and friends (Linux), as vLLM's default registry has:
         # what a soak watches for leaks.
         ProcessCollector(registry=self.registry)
-        r, labels = self.registry, ["model_name"]
+        r, labels, prefix = self.registry, ["model_name"], self.prefix
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(PREFIX + name, doc, labels, registry=r).labels(model_name)
+            return Counter(prefix + name, doc, labels, registry=r).labels(model_name)
 
         def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(prefix + name, doc, labels, buckets=buckets, registry=r).labels(model_name)
 
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.success = Counter(PREFIX + "request_success", "Finished requests (per sample), by finish reason.",
+        self.success = Counter(prefix + "request_success", "Finished requests (per sample), by finish reason.",
                                labels + ["finished_reason"], registry=r)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive outputs.", _ITL_BUCKETS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import torch
 
@@ -153,3 +154,25 @@ def test_truncate_to_the_model_length(llama_dir):
         with pytest.raises(ValueError, match="truncate_prompt_tokens"):
             SamplingParams(truncate_prompt_tokens=bad)
     assert SamplingParams(truncate_prompt_tokens=-1).truncate_prompt_tokens == -1
+
+
+def test_metrics_under_vllms_names(llama_dir):
+    """metrics_prefix="vllm": /metrics and LLM.get_metrics() carry vLLM's own names (vllm:*),
+    so dashboards written for vLLM read them; a request is counted under them."""
+    from server_helpers import metric, scrape, serving
+
+    llm = LLM(llama_dir, disable_log_stats=False, max_model_len=64, metrics_prefix="vllm")
+    llm.generate([{"prompt_token_ids": [1, 5, 9]}], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    names = {m.name for m in llm.get_metrics()}
+    assert {"vllm:generation_tokens", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"} <= names
+    assert not [n for n in names if n.startswith("pagedserve:")]
+    with serving(llama_dir, engine_kwargs={"metrics_prefix": "vllm"}) as srv:
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4,
+                                                           "ignore_eos": True})
+        assert r.status_code == 200
+        samples = scrape(srv.url)
+        assert metric(samples, "vllm:generation_tokens_total") == 4
+        assert metric(samples, "vllm:request_success_total", finished_reason="length") == 1
+        assert not [n for n, _ in samples if n.startswith("pagedserve:")]
+    with pytest.raises(ValueError, match="metrics_prefix"):
+        LLM(llama_dir, metrics_prefix="sglang")

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from pagedserve.config import LOAD_FORMATS, LOGPROBS_MODES, EngineArgs
+from pagedserve.config import LOAD_FORMATS, LOGPROBS_MODES, METRICS_PREFIXES, EngineArgs
 from pagedserve.engine.scheduler import SCHEDULING_POLICIES
 from pagedserve.entrypoints.openai.tool_calls import TOOL_PARSER_NAMES
 from pagedserve.reasoning import REASONING_PARSERS
@@ -62,7 +62,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                "CUDA)")
     p.add_argument("--speculative-config", type=_json_dict, default=None,
                    help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                   '"prompt_lookup_max": 4}\' (greedy requests; synchronous scheduling)')
+                   '"prompt_lookup_max": 4}\', or a draft model: \'{"model": DIR, "num_speculative_tokens": 3}\' '
+                   '(synchronous scheduling)')
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT format) on the model")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
@@ -78,6 +79,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="LLM.sleep() / wake_up(), and with PAGEDSERVE_SERVER_DEV_MODE=1 the server's /sleep and "
                    "/wake_up: the weights' and KV cache's device memory given back while idle")
+    p.add_argument("--metrics-prefix", default=d.metrics_prefix, choices=list(METRICS_PREFIXES),
+                   help="Prometheus metric names' prefix: vllm makes /metrics read as vLLM's (vllm:*), for "
+                   "dashboards written for vLLM")
     p.add_argument("--runner", default=d.runner, choices=["auto", "generate", "pooling"],
                    help="pooling: an embedding model (/v1/embeddings); auto: pooling for base-model checkpoints")
     p.add_argument("--hf-overrides", type=_json_dict, default=None,

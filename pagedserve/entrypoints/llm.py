@@ -50,13 +50,12 @@ class LLM:
 
     def get_metrics(self) -> list:
         """vLLM's: the engine's metrics now, as metrics_reader.Counter / Gauge / Histogram (the
-        server's /metrics, pagedserve:* names). Needs LLM(..., disable_log_stats=False)."""
+        server's /metrics, pagedserve:* names, or vllm:* with metrics_prefix="vllm"). Needs LLM(..., disable_log_stats=False)."""
         if self._stats is None:
             raise RuntimeError("metrics are off: create the LLM with disable_log_stats=False.")
-        from pagedserve.metrics import PREFIX
         from pagedserve.metrics_reader import snapshot
 
-        return snapshot(self._stats.registry, PREFIX)
+        return snapshot(self._stats.registry, self._stats.prefix)
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
