@@ -178,3 +178,20 @@ def test_speculative_decoding_on_cuda(llama_dir):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert spec.llm_engine.scheduler.num_accepted_tokens > 20 and spec.llm_engine.runner.graphs is not None
     _free(spec)
+
+
+def test_draft_model_on_cuda(llama_dir):
+    """A draft model on CUDA (Triton attention for both models, float32): the target as its
+    own draft has nearly every draft accepted, and the tokens equal the plain engine's."""
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6, 5)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, kv_cache_memory_bytes=KV_BYTES)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    _free(plain)
+    spec = LLM(llama_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES,
+               speculative_config={"model": llama_dir, "num_speculative_tokens": 3})
+    got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
+    sched = spec.llm_engine.scheduler
+    assert got == want
+    assert sched.num_draft_tokens > 30 and sched.num_accepted_tokens > 0.9 * sched.num_draft_tokens
+    _free(spec)
