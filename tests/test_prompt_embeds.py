@@ -85,18 +85,26 @@ def test_equal_embedding_prefixes_share_blocks(llm, hf):
     _check(hit, _hf_greedy(hf, other, GREEDY.max_tokens))
     miss = llm.generate([{"prompt_embeds": changed}], GREEDY, use_tqdm=False)[0]
     assert miss.num_cached_tokens == 0
-    # Penalties count the reply only, as transformers' generate(inputs_embeds=...) does.
-    pen = SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.5, ignore_eos=True)
+    # Penalties count the reply only, as transformers' generate(inputs_embeds=...) does. A
+    # bias makes the placeholder id (0) the first choice by a hair, so a penalty that counted
+    # the placeholders as prompt tokens would change that choice.
+    with torch.no_grad():
+        first = hf(inputs_embeds=base[None]).logits[0, -1]
+    top = float(first.max())
+    assert top > 0.1
+    bias = {0: top - float(first[0]) + 0.05}
+    pen = SamplingParams(temperature=0.0, max_tokens=5, repetition_penalty=1.5, ignore_eos=True, logit_bias=bias)
     out = llm.generate([{"prompt_embeds": base}], pen, use_tqdm=False)[0]
     tokens, x = [], base[None]
     with torch.no_grad():
         for _ in range(5):
             row = hf(inputs_embeds=x).logits[0, -1]
+            row[0] += bias[0]
             for t in set(tokens):
                 row[t] = row[t] / 1.5 if row[t] > 0 else row[t] * 1.5
             tokens.append(int(row.argmax()))
             x = torch.cat([x, hf.get_input_embeddings()(torch.tensor([[tokens[-1]]]))], dim=1)
-    assert list(out.outputs[0].token_ids) == tokens
+    assert list(out.outputs[0].token_ids) == tokens and tokens[0] == 0
 
 
 def test_bad_embeddings_are_clear_errors(llm, llama_dir, hf, model_dirs):
