@@ -143,6 +143,38 @@ def test_preemption_prefix_caching_and_mixed_batches(llama_dir, near_draft, draf
         assert not llm.llm_engine.scheduler.proposer._held
 
 
+def test_rejection_sampling_with_a_draft_distribution():
+    """Drafts drawn from r, accepted with probability min(1, q/r), else replaced by a draw from
+    max(0, q - r): the first token is distributed as q, and a draft stands with probability
+    sum(min(q, r))."""
+    from pagedserve.worker.spec_verify import rejection_sample
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    trials = 200_000
+    for r in (torch.tensor([0.1, 0.5, 0.2, 0.1, 0.1]), q.clone(), torch.tensor([0.0, 0.0, 0.0, 0.2, 0.8])):
+        drafts = torch.multinomial(r, trials, replacement=True, generator=g)
+        accepted, resampled = rejection_sample(q.expand(trials, 5), drafts, torch.rand(trials, generator=g),
+                                               torch.rand(trials, generator=g), r.expand(trials, 5))
+        first = torch.where(accepted, drafts, resampled)
+        freq = torch.bincount(first, minlength=5).float() / trials
+        torch.testing.assert_close(freq, q, atol=4e-3, rtol=0)
+        assert abs(accepted.float().mean().item() - torch.minimum(q, r).sum().item()) < 4e-3
+
+
+def test_sampled_drafts_follow_the_requests_distribution(llama_dir):
+    """The target as its own draft, sampled at temperature 2 with top-p: the drafts are drawn
+    from the very distribution the target samples from, so nearly all stand (drafts taken as
+    one-hot, or drawn at another temperature, would mostly be rejected)."""
+    llm = LLM(llama_dir, max_model_len=256, speculative_config=_spec(llama_dir, 3))
+    params = SamplingParams(temperature=2.0, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in _prompts(4)], params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+    assert llm.llm_engine.scheduler.num_draft_tokens > 30 and _acceptance(llm) > 0.95
+    assert not llm.llm_engine.runner.draft._probs  # each taken by its step's verification
+    assert_no_leak(llm)
+
+
 def test_sampled_requests_with_a_draft(llama_dir, near_draft):
     llm = LLM(llama_dir, max_model_len=256, speculative_config=_spec(near_draft))
     params = SamplingParams(temperature=0.8, seed=11, max_tokens=25, ignore_eos=True)

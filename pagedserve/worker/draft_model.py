@@ -13,8 +13,11 @@ blocks (a preempted request starts over): a prefix-cache hit or a forked sibling
 target's blocks, not the draft's, and its catch-up writes the draft's entries again (the
 same tokens at the same positions, so another request's entries there are unchanged).
 
-Drafts are greedy. A sampled request verifies them with the one-hot rule of
-worker/spec_verify.py, which keeps its tokens distributed exactly as without speculation."""
+A greedy request's drafts are the draft's argmax. A sampled request's are drawn from the
+draft's distribution under the request's own temperature, top-k, top-p and min-p (its seeded
+generator, if any, draws them), and that distribution goes to the verifier
+(worker/spec_verify.py): accepted with probability min(1, q/r), the tokens keep exactly the
+target's distribution."""
 
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from pagedserve.model.loader import load_model
 from pagedserve.model.registry import is_encoder_only
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.device_io import to_device
+from pagedserve.worker.sampler import Sampler, inverse_cdf
+from pagedserve.worker.sampling_state import SamplingStates
 
 logger = logging.getLogger("pagedserve")
 
@@ -60,7 +65,7 @@ class DraftModelProposer:
 
     batched = True  # the scheduler allocates the slots first, then asks for all drafts at once
 
-    def __init__(self, config: Any, backend: Any) -> None:
+    def __init__(self, config: Any, backend: Any, sampler: Sampler, sampling_states: SamplingStates) -> None:
         spec = self.cfg = config.speculative_config
         self.device = config.device
         self.block_size = config.block_size
@@ -87,6 +92,9 @@ class DraftModelProposer:
                     m.use_triton = True
         self._parts = 1 if all(getattr(a, "kv_shared", False) for a in self.layers) else 2
         self._held: dict[str, _Drafted] = {}
+        self.sampler, self.sampling_states = sampler, sampling_states
+        # Sampled requests' draft distributions [k, draft vocab], from proposal to verification.
+        self._probs: dict[str, torch.Tensor] = {}
 
     # ---- KV cache (sized with the target's: runner.kv_block_bytes counts both) ----------
     def kv_block_bytes(self) -> int:
@@ -105,6 +113,18 @@ class DraftModelProposer:
     def forget(self, request_id: str) -> None:
         """Finished or preempted: its blocks (and the draft KV in them) are gone."""
         self._held.pop(request_id, None)
+        self._probs.pop(request_id, None)
+
+    def take_probs(self, scheduled: list, vocab_size: int) -> torch.Tensor:
+        """[sum of k, vocab_size] the distributions the drafts of these sampled requests (their
+        ScheduledRequests, in order) were drawn from; one-hot rows where none was kept."""
+        rows = []
+        for sr in scheduled:
+            p = self._probs.pop(sr.request.request_id, None)
+            if p is None or p.shape[0] != len(sr.drafts):
+                p = torch.nn.functional.one_hot(to_device(sr.drafts, torch.long, self.device), vocab_size).float()
+            rows.append(torch.nn.functional.pad(p, (0, vocab_size - p.shape[1])))
+        return torch.cat(rows)
 
     # ---- drafting ----------------------------------------------------------------------
     def propose_batch(self, items: list[tuple[Request, list[int], int]]) -> dict[str, list[int]]:
@@ -118,6 +138,7 @@ class DraftModelProposer:
         kmax = max(k for _, _, k, _ in reqs)
         with torch.inference_mode():
             drafts = torch.zeros((len(reqs), kmax), dtype=torch.long, device=dev)
+            probs: dict[int, torch.Tensor] = {}  # sampled requests' draft distributions, by index
             # Catch up: every request's tokens since what its draft KV holds, the last included,
             # at most `chunk` tokens a pass; a request's first draft follows its last token.
             todo = []
@@ -136,27 +157,48 @@ class DraftModelProposer:
                         todo[i][0] = start + m
                 if not rows:
                     break
-                picks = self._forward(rows)
+                logits = self._forward(rows)
                 if ends:
-                    idx = to_device([[a for a, _ in ends], [b for _, b in ends]], torch.long, dev)
-                    drafts[idx[1], 0] = picks[idx[0]]
+                    idx = to_device([a for a, _ in ends], torch.long, dev)
+                    chosen = [b for _, b in ends]
+                    drafts[to_device(chosen, torch.long, dev), 0] = self._choose(logits[idx], reqs, chosen, 0,
+                                                                                   probs)
             # Then one token a pass for the requests drafting further.
             for j in range(1, kmax):
                 live = [i for i, (_, _, k, _) in enumerate(reqs) if k > j]
                 sel = slice(None) if len(live) == len(reqs) else to_device(live, torch.long, dev)
                 rows = [(reqs[i][1], 1, len(reqs[i][3]) + j - 1) for i in live]
-                drafts[sel, j] = self._forward(rows, drafts[sel, j - 1])
+                drafts[sel, j] = self._choose(self._forward(rows, drafts[sel, j - 1]), reqs, live, j, probs)
             host = drafts.tolist()
         out = {}
-        for (r, _, k, toks), d in zip(reqs, host):
+        for i, ((r, _, k, toks), d) in enumerate(zip(reqs, host)):
             self._held[r.request_id] = _Drafted(len(toks), d[:k])
             out[r.request_id] = d[:k]
+            if i in probs:
+                self._probs[r.request_id] = probs[i][:k]
         return out
+
+    def _choose(self, logits: torch.Tensor, reqs: list, which: list[int], j: int,
+                probs: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Draft j of the requests `which` (indices into reqs) from their logits rows: the
+        argmax for greedy requests; for sampled ones a draw from the distribution their
+        sampling parameters make of the draft's logits, kept in probs[i][j]."""
+        chosen = [reqs[i][0] for i in which]
+        if all(r.sampling_params.is_greedy for r in chosen):
+            return logits.argmax(dim=-1)
+        batch = self.sampling_states.build(chosen)
+        dist = self.sampler.probabilities(logits, batch)  # greedy rows: one-hot at the argmax
+        for row, i in enumerate(which):
+            if not reqs[i][0].sampling_params.is_greedy:
+                if i not in probs:
+                    probs[i] = dist.new_zeros((reqs[i][2], dist.shape[1]))
+                probs[i][j] = dist[row]
+        return inverse_cdf(dist, self.sampler.uniforms(batch, len(chosen), dist.device))
 
     def _forward(self, rows: list[tuple[list[int], Any, int]], ids_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One draft pass over rows of (block ids, tokens, first position), or of (block ids,
-        1, position) with the tokens in `ids_t` on the device: each row's argmax after its
-        last token, in the rows' order (on the device). One-token rows go first in the pass,
+        1, position) with the tokens in `ids_t` on the device: each row's logits after its
+        last token, in the rows' order. One-token rows go first in the pass,
         as the backends expect."""
         lens = [len(t) if ids_t is None else 1 for _, t, _ in rows]
         order = sorted(range(len(rows)), key=lambda i: lens[i] != 1)
@@ -191,10 +233,10 @@ class DraftModelProposer:
             ids_t = to_device(ids, torch.int64, dev)
         hidden = self.model(ids_t, to_device(np.concatenate(pos), torch.int64, dev), meta)
         last = hidden[qsl[-1] - 1 : qsl[-1]] if len(order) == 1 else hidden[to_device(qsl[1:], torch.long, dev) - 1]
-        picks = self.model.compute_logits(last).argmax(dim=-1)
+        logits = self.model.compute_logits(last)
         if order == sorted(order):
-            return picks
+            return logits
         back = [0] * len(order)  # rows' order from the pass's
         for r, i in enumerate(order):
             back[i] = r
-        return picks[to_device(back, torch.long, dev)]
+        return logits[to_device(back, torch.long, dev)]

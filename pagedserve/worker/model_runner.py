@@ -120,10 +120,10 @@ class ModelRunner:
             self.encoder_cache = EncoderCache(None, config.device, config.dtype)
         self.draft: Optional[DraftModelProposer] = None  # speculative decoding's draft model
         spec = config.speculative_config
-        if spec is not None and spec.method == "draft_model":
-            self.draft = DraftModelProposer(config, self.backend)
         self.sampler = Sampler(config.logprobs_mode)
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
+        if spec is not None and spec.method == "draft_model":  # it samples as the requests ask
+            self.draft = DraftModelProposer(config, self.backend, self.sampler, self.sampling_states)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -415,7 +415,8 @@ class ModelRunner:
         if not rows:
             return None
         batch = self.sampling_states.build([sr.request for sr in scheduled for _ in sr.drafts])
-        return verify_sampled(self.sampler, logits, rows, batch, scheduled, d2h)
+        draft_probs = self.draft.take_probs(scheduled, logits.shape[1]) if self.draft is not None else None
+        return verify_sampled(self.sampler, logits, rows, batch, scheduled, d2h, draft_probs)
 
     @staticmethod
     def _collect_samples(reqs, s_out, result: ModelRunnerOutput, spec: list,

@@ -1,12 +1,14 @@
-"""Verifying speculative drafts (engine/ngram.py) against the model's own distributions.
+"""Verifying speculative drafts (engine/ngram.py, worker/draft_model.py) against the model's
+own distributions.
 
 Greedy requests: a draft stands while it equals the model's argmax at its position.
-Sampled requests (temperature > 0): speculative sampling with a deterministic draft. Draft
-d at a position whose target distribution is q is accepted with probability q(d); at the
-first rejection the token is drawn from q with d taken out (renormalised); if every draft
-stands, the position after them is drawn from its q as usual. Each emitted token is then
-distributed exactly as without speculation (Leviathan et al. 2023, Chen et al. 2023, with the
-draft distribution one-hot)."""
+Sampled requests (temperature > 0): speculative sampling (Leviathan et al. 2023, Chen et al.
+2023). Draft d, drawn from the draft distribution r, at a position whose target distribution
+is q is accepted with probability min(1, q(d) / r(d)); at the first rejection the token is
+drawn from max(0, q - r) (renormalised); if every draft stands, the position after them is
+drawn from its q as usual. Each emitted token is then distributed exactly as without
+speculation. An n-gram draft is deterministic: r is one-hot, so d is accepted with
+probability q(d) and the residual is q with d taken out."""
 
 from __future__ import annotations
 
@@ -20,12 +22,19 @@ from pagedserve.worker.sampler import Sampler, SamplingBatch, inverse_cdf
 
 
 def rejection_sample(probs: torch.Tensor, drafts: torch.Tensor, u_accept: torch.Tensor,
-                     u_resample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """probs [R, V] (each row a distribution), drafts [R] -> (accepted [R] bool, the token to
-    emit instead where rejected [R])."""
-    p_draft = probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
-    accepted = u_accept < p_draft
-    residual = probs.scatter(1, drafts.unsqueeze(1), 0.0)
+                     u_resample: torch.Tensor, draft_probs: Optional[torch.Tensor] = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs [R, V] (each row the target's distribution q), drafts [R] drawn from draft_probs
+    [R, V] (the draft's r; None: one-hot, a deterministic draft) -> (accepted [R] bool, the
+    token to emit instead where rejected [R])."""
+    q_d = probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
+    if draft_probs is None:
+        accepted = u_accept < q_d
+        residual = probs.scatter(1, drafts.unsqueeze(1), 0.0)
+    else:
+        r_d = draft_probs.gather(1, drafts.unsqueeze(1)).squeeze(1)
+        accepted = u_accept * r_d < q_d  # u < q(d) / r(d), without dividing
+        residual = (probs - draft_probs).clamp_(min=0.0)  # has mass wherever a rejection can happen
     return accepted, inverse_cdf(residual, u_resample)
 
 
@@ -39,9 +48,11 @@ class SampledDrafts:
 
 
 def verify_sampled(sampler: Sampler, logits: torch.Tensor, rows: list[int], batch: SamplingBatch,
-                   scheduled: list, d2h: DeviceToHost) -> Optional[SampledDrafts]:
+                   scheduled: list, d2h: DeviceToHost,
+                   draft_probs: Optional[torch.Tensor] = None) -> Optional[SampledDrafts]:
     """Queue the checks of sampled requests' drafts: `rows` index their draft positions in
-    `logits` (k rows per request, in `scheduled` order), `batch` is built for those rows."""
+    `logits` (k rows per request, in `scheduled` order), `batch` is built for those rows.
+    draft_probs: [rows, V] the distributions the drafts were drawn from (None: one-hot)."""
     if not rows:
         return None
     dev = logits.device
@@ -49,7 +60,7 @@ def verify_sampled(sampler: Sampler, logits: torch.Tensor, rows: list[int], batc
     drafts = to_device([t for s in scheduled for t in s.drafts], torch.long, dev)
     u_accept = sampler.uniforms(batch, len(rows), dev)
     u_resample = sampler.uniforms(batch, len(rows), dev)
-    accepted, resampled = rejection_sample(probs, drafts, u_accept, u_resample)
+    accepted, resampled = rejection_sample(probs, drafts, u_accept, u_resample, draft_probs)
     return SampledDrafts(scheduled, d2h(accepted), d2h(resampled))
 
 
