@@ -225,3 +225,14 @@ def test_refused_combinations(llama_dir, model_dirs, tokenizer_dir, tmp_path_fac
         LLM(model_dirs["mistral_swa"], speculative_config=_spec(model_dirs["mistral_swa"]))
     with pytest.raises(ValueError, match="synchronous"):
         LLM(llama_dir, speculative_config=_spec(llama_dir), async_scheduling=True)
+
+
+def test_the_command_line_takes_a_draft_model(llama_dir):
+    import json
+
+    from pagedserve.entrypoints.cli import build_parser, engine_args_from
+
+    ns = build_parser().parse_args(["serve", llama_dir, "--speculative-config",
+                                    json.dumps({"model": llama_dir, "num_speculative_tokens": 2})])
+    spec = engine_args_from(ns, llama_dir).create_engine_config().speculative_config
+    assert (spec.method, spec.model, spec.num_speculative_tokens) == ("draft_model", llama_dir, 2)
