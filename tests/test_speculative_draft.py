@@ -236,3 +236,18 @@ def test_the_command_line_takes_a_draft_model(llama_dir):
                                     json.dumps({"model": llama_dir, "num_speculative_tokens": 2})])
     spec = engine_args_from(ns, llama_dir).create_engine_config().speculative_config
     assert (spec.method, spec.model, spec.num_speculative_tokens) == ("draft_model", llama_dir, 2)
+
+
+def test_what_the_draft_cache_still_holds():
+    """After drafts [a, b, c] at position 10 the draft's cache holds positions < 10 and the
+    fed drafts a, b (positions 10, 11) while the request's tokens agree; never the request's
+    last token, which is fed again to draft what follows it."""
+    from pagedserve.worker.draft_model import _Drafted
+
+    held = _Drafted(10, [7, 8, 9])
+    base = list(range(10))
+    assert held.valid(base + [7, 8, 5]) == 12  # a and b accepted, c replaced
+    assert held.valid(base + [7, 4]) == 11  # b rejected
+    assert held.valid(base + [3]) == 10  # a rejected
+    assert held.valid(base + [7]) == 10  # no drafts ran that step; the last token is a's value
+    assert held.valid(base + [7, 8, 9, 1]) == 12  # all accepted: c was never fed

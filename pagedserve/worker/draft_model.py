@@ -50,10 +50,11 @@ class _Drafted:
     drafts: list[int]
 
     def valid(self, tokens: list[int]) -> int:
-        """Positions whose KV is still right now that `tokens` are the request's tokens."""
+        """Positions whose KV is still right now that `tokens` are the request's tokens (never
+        the last token: it is fed again, to draft what follows it)."""
         n = 0
         for d in self.drafts[:-1]:
-            if self.base + n >= len(tokens) or tokens[self.base + n] != d:
+            if self.base + n >= len(tokens) - 1 or tokens[self.base + n] != d:
                 break
             n += 1
         return self.base + n
