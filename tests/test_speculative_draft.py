@@ -251,3 +251,18 @@ def test_what_the_draft_cache_still_holds():
     assert held.valid(base + [3]) == 10  # a rejected
     assert held.valid(base + [7]) == 10  # no drafts ran that step; the last token is a's value
     assert held.valid(base + [7, 8, 9, 1]) == 12  # all accepted: c was never fed
+
+
+def test_a_draft_model_on_the_triton_backend(llama_dir, hf_refs):
+    """Both models through the Triton kernels (interpreted on CPU; on a GPU in
+    tests/test_gpu_engine.py): the draft's catch-up chunks and one-token passes, the target's
+    verification; tokens are transformers', and the target as its own draft is accepted."""
+    pytest.importorskip("triton")
+    llm = LLM(llama_dir, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=2,
+              max_model_len=64, speculative_config=_spec(llama_dir, 2))
+    prompts = _prompts(2, 5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(hf_refs["llama"].greedy(p, 7), o.outputs[0].token_ids)
+    assert llm.llm_engine.scheduler.num_draft_tokens >= 6 and _acceptance(llm) > 0.9
