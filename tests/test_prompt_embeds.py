@@ -107,7 +107,7 @@ def test_equal_embedding_prefixes_share_blocks(llm, hf):
     assert list(out.outputs[0].token_ids) == tokens and tokens[0] == 0
 
 
-def test_bad_embeddings_are_clear_errors(llm, llama_dir, hf, model_dirs):
+def test_bad_embeddings_are_clear_errors(llm, llama_dir, hf):
     e = _embeds(hf, IDS[1], 0.1, 0)
     cases = [
         ({"prompt_embeds": e[:, :10]}, "shape"),
@@ -127,16 +127,20 @@ def test_bad_embeddings_are_clear_errors(llm, llama_dir, hf, model_dirs):
     assert not llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="enable_prompt_embeds=True"):
         LLM(llama_dir, max_model_len=64).generate([{"prompt_embeds": e}], GREEDY, use_tqdm=False)
-    with pytest.raises(ValueError, match="does not take prompt embeddings"):
-        LLM(model_dirs["gemma"], enable_prompt_embeds=True, max_model_len=64)
 
 
-def test_qwen3_tied_embeddings(model_dirs):
-    """Another decoder (q/k norms, tied LM head), through the same path."""
+@pytest.mark.parametrize("name", ["qwen3", "gemma", "gemma2", "gemma3", "granite", "cohere", "olmo2", "smollm3",
+                                  "phi3", "glm4", "gpt_oss", "deepseek_v2", "deepseek_v3", "mixtral", "qwen3_moe",
+                                  "glm4_moe", "mistral_swa"])
+def test_other_decoders(model_dirs, name):
+    """Every other decoder family through the same path: q/k norms and a tied LM head (Qwen3);
+    the Gemma families, whose embedding layer scales its output (the embeddings given are
+    used as they are, as transformers uses them); Granite's embedding multiplier; sliding
+    windows, softcaps, sinks, latent attention and experts."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dirs["qwen3"], dtype=torch.float32).eval()
-    llm = LLM(model_dirs["qwen3"], enable_prompt_embeds=True, max_model_len=64)
+    hf = AutoModelForCausalLM.from_pretrained(model_dirs[name], dtype=torch.float32).eval()
+    llm = LLM(model_dirs[name], enable_prompt_embeds=True, max_model_len=64)
     e = _embeds(hf, IDS[0], 0.3, 9)
     _check(llm.generate([{"prompt_embeds": e}], GREEDY, use_tqdm=False)[0], _hf_greedy(hf, e, GREEDY.max_tokens))
 

@@ -25,11 +25,14 @@ MAX_EMBEDS_BYTES = 256 << 20  # a base64 tensor larger than this is refused befo
 
 
 def model_takes_prompt_embeds(model: nn.Module) -> bool:
-    """Decoders whose embeddings go in unscaled, as transformers' take `inputs_embeds`
-    (LlamaModel and the families built on it; Gemma's scale theirs, so they are left out)."""
+    """Decoders that take `inputs_embeds` as transformers' do: as given, in place of what
+    their embedding layer would give (LlamaModel and the families built on it; the Gemma
+    families, whose embedding layer scales by sqrt(hidden) in transformers too, so a prompt
+    made with `get_input_embeddings()` is already scaled and goes in as it is)."""
+    from pagedserve.model.gemma import GemmaModel
     from pagedserve.model.llama import LlamaModel
 
-    return (type(getattr(model, "model", None)) is LlamaModel
+    return (type(getattr(model, "model", None)) in (LlamaModel, GemmaModel)
             and "inputs_embeds" in inspect.signature(model.forward).parameters)
 
 
