@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -142,3 +141,36 @@ def test_chat_exits_cleanly_on_ctrl_c():
         proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_the_demo_draft_drafts_for_the_demo_model(demo_llm):
+    """The shipped draft model (distilled from the demo model, its tokenizer): greedy text is
+    the demo model's own, and a good share of its drafts stand (a random draft's almost never
+    do)."""
+    from pagedserve.demo import demo_draft_path
+
+    spec = LLM(speculative_config={"model": demo_draft_path(), "num_speculative_tokens": 2})
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in demo_llm.generate(PROMPTS, params, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in spec.generate(PROMPTS, params, use_tqdm=False)] == want
+    sched = spec.llm_engine.scheduler
+    assert sched.num_accepted_tokens > 0.25 * sched.num_draft_tokens
+
+
+def test_distillation_loss():
+    """The draft's training loss: cross entropy, mixed with the KL divergence from a teacher's
+    distribution (zero when the teacher is the model itself)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pagedserve.demo.train import _loss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model, other = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        ce = _loss(model, x)
+        assert torch.allclose(_loss(model, x, teacher=model, distill=0.25), 0.75 * ce)
+        assert _loss(model, x, teacher=other, distill=0.25) > 0.75 * ce + 1e-4

@@ -50,6 +50,10 @@ class TrainConfig:
     threads: int = 1
     amp_dtype: str = "bfloat16"  # autocast matmuls (2x faster on CPUs with AVX512-BF16); "float32": off
     save_dtype: str = "bfloat16"
+    # Distillation (the demo's draft model): a teacher model dir, and the weight of the KL
+    # divergence from the teacher's next-token distribution in the loss (the rest: cross entropy).
+    teacher: str = ""
+    distill: float = 0.0
 
 
 def build_corpus(tok: Any, cfg: TrainConfig) -> dict[str, Any]:
@@ -118,8 +122,9 @@ def evaluate(model: Any, streams: dict[str, Any], cfg: TrainConfig, batches: int
     return out
 
 
-def _loss(model: Any, x: Any, amp_dtype: str = "float32") -> Any:
-    """Next-token cross entropy over a [batch, seq_len + 1] window."""
+def _loss(model: Any, x: Any, amp_dtype: str = "float32", teacher: Any = None, distill: float = 0.0) -> Any:
+    """Next-token cross entropy over a [batch, seq_len + 1] window; with a teacher, mixed with
+    the KL divergence from the teacher's distribution (weight `distill`), per token."""
     import contextlib
 
     import torch
@@ -129,7 +134,15 @@ def _loss(model: Any, x: Any, amp_dtype: str = "float32") -> Any:
            else contextlib.nullcontext())
     with amp:
         logits = model(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    ce = F.cross_entropy(logits, x[:, 1:].reshape(-1))
+    if teacher is None or distill == 0:
+        return ce
+    with torch.no_grad(), amp:
+        target = teacher(input_ids=x[:, :-1]).logits
+    target = target.reshape(-1, target.shape[-1]).float().log_softmax(-1)
+    kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+    return (1 - distill) * ce + distill * kl
 
 
 def train(out_dir: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -153,6 +166,14 @@ def train(out_dir: str, cfg: TrainConfig) -> dict[str, Any]:
     logger.info("tokenizer: %d tokens; corpus tokens: %s (%.0fs)", len(tok), sizes, time.time() - t0)
 
     model = make_model(tok, cfg)
+    teacher = None
+    if cfg.teacher:
+        from transformers import AutoModelForCausalLM
+
+        teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher, dtype=torch.float32).eval()
+        if teacher.config.vocab_size != len(tok):
+            raise ValueError(f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the tokenizer's "
+                             f"({len(tok)}).")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %s", n_params / 1e6, model.config.to_diff_dict())
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -168,7 +189,7 @@ def train(out_dir: str, cfg: TrainConfig) -> dict[str, Any]:
             g["lr"] = lr_at(step, cfg)
         x = torch.cat([sample_batch(streams["text_train"], cfg.batch_size - n_chat, cfg.seq_len, gen),
                        sample_batch(streams["chat_train"], n_chat, cfg.seq_len, gen)])
-        loss = _loss(model, x, cfg.amp_dtype)
+        loss = _loss(model, x, cfg.amp_dtype, teacher, cfg.distill)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
