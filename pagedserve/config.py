@@ -163,7 +163,8 @@ class EngineArgs:
             raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}.")
         if self.metrics_prefix not in METRICS_PREFIXES:
-            raise ValueError(f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, got {self.metrics_prefix!r}.")
+            raise ValueError(f"metrics_prefix must be one of {', '.join(METRICS_PREFIXES)}, "
+                             f"got {self.metrics_prefix!r}.")
         spec = None
         if self.speculative_config is not None:
             from pagedserve.engine.spec_config import SpeculativeConfig

@@ -50,7 +50,8 @@ class LLM:
 
     def get_metrics(self) -> list:
         """vLLM's: the engine's metrics now, as metrics_reader.Counter / Gauge / Histogram (the
-        server's /metrics, pagedserve:* names, or vllm:* with metrics_prefix="vllm"). Needs LLM(..., disable_log_stats=False)."""
+        server's /metrics, pagedserve:* names, or vllm:* with metrics_prefix="vllm"). Needs
+        LLM(..., disable_log_stats=False)."""
         if self._stats is None:
             raise RuntimeError("metrics are off: create the LLM with disable_log_stats=False.")
         from pagedserve.metrics_reader import snapshot

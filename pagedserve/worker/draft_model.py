@@ -130,7 +130,7 @@ class DraftModelProposer:
     # ---- drafting ----------------------------------------------------------------------
     def propose_batch(self, items: list[tuple[Request, list[int], int]]) -> dict[str, list[int]]:
         """items: (request, its block ids, k) for decoding requests whose slots for 1 + k
-        positions are allocated. Returns exactly k greedy draft tokens per request. The
+        positions are allocated. Returns exactly k draft tokens per request (see _choose). The
         drafts stay on the device from pass to pass; one copy to the host at the end."""
         if not items:
             return {}
