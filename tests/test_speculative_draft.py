@@ -261,8 +261,19 @@ def test_a_draft_model_on_the_triton_backend(llama_dir, hf_refs):
     llm = LLM(llama_dir, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=2,
               max_model_len=64, speculative_config=_spec(llama_dir, 2))
     prompts = _prompts(2, 5)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=7, ignore_eos=True), use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert_greedy_matches(hf_refs["llama"].greedy(p, 7), o.outputs[0].token_ids)
     assert llm.llm_engine.scheduler.num_draft_tokens >= 6 and _acceptance(llm) > 0.9
+    # The draft's one-token passes through its decode-graph path (static buffers, replayed
+    # eagerly here: capture=False); the catch-up after a full acceptance (two tokens) not.
+    runner = llm.llm_engine.runner
+    draft = runner.draft
+    draft.graphs = runner.make_graph_runner(capture=False, model=draft.model)
+    calls = []
+    run = draft.graphs.run
+    draft.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
+    again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    assert calls and max(calls) == 2 and _acceptance(llm) > 0.9

@@ -34,6 +34,7 @@ from pagedserve.model.hf_config import load_hf_config
 from pagedserve.model.loader import load_model
 from pagedserve.model.registry import is_encoder_only
 from pagedserve.worker import kv_sizing
+from pagedserve.worker.cuda_graphs import DecodeGraphRunner
 from pagedserve.worker.device_io import to_device
 from pagedserve.worker.sampler import Sampler, inverse_cdf
 from pagedserve.worker.sampling_state import SamplingStates
@@ -93,6 +94,9 @@ class DraftModelProposer:
                     m.use_triton = True
         self._parts = 1 if all(getattr(a, "kv_shared", False) for a in self.layers) else 2
         self._held: dict[str, _Drafted] = {}
+        # Decode CUDA graphs for passes of one-token rows (most of them: after a step, the
+        # catch-up is the new token alone unless every draft stood), set by the runner.
+        self.graphs: Optional[DecodeGraphRunner] = None
         self.sampler, self.sampling_states = sampler, sampling_states
         # Sampled requests' draft distributions [k, draft vocab], from proposal to verification.
         self._probs: dict[str, torch.Tensor] = {}
@@ -219,6 +223,14 @@ class DraftModelProposer:
         for r, i in enumerate(order):
             blocks = rows[i][0][:width]
             table[r, :len(blocks)] = blocks
+        if ids_t is None and self.vocab_size < 1 + max(ids):  # target-only tokens (added specials)
+            ids = [t if t < self.vocab_size else 0 for t in ids]  # the draft cannot read them
+        if self.graphs is not None and max(lens) == 1 and len(rows) <= self.graphs.max_size:
+            host_ids = np.zeros(len(rows), dtype=np.int64) if ids_t is not None else np.asarray(ids, dtype=np.int64)
+            hidden = self.graphs.run(host_ids, np.concatenate(pos), np.concatenate(slots),
+                                     np.asarray(seq_lens, dtype=np.int32), table,
+                                     None if ids_t is None else (None, ids_t))
+            return self.model.compute_logits(hidden)  # (one-token rows: the pass's order is the rows')
         dev = self.device
         meta = AttentionMetadata(
             num_tokens=qsl[-1], num_actual_tokens=qsl[-1], num_reqs=len(order), num_decodes=lens.count(1),
@@ -229,8 +241,6 @@ class DraftModelProposer:
             seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
         )
         if ids_t is None:
-            if self.vocab_size < 1 + max(ids):  # target-only tokens (added specials): the draft cannot read them
-                ids = [t if t < self.vocab_size else 0 for t in ids]
             ids_t = to_device(ids, torch.int64, dev)
         hidden = self.model(ids_t, to_device(np.concatenate(pos), torch.int64, dev), meta)
         last = hidden[qsl[-1] - 1 : qsl[-1]] if len(order) == 1 else hidden[to_device(qsl[1:], torch.long, dev) - 1]

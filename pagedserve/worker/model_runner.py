@@ -177,6 +177,9 @@ class ModelRunner:
         if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
             self.graphs = self.make_graph_runner(capture=True)
             self.graphs.capture()
+            if self.draft is not None and getattr(self.draft.model, "cuda_graph_safe", True):
+                self.draft.graphs = self.make_graph_runner(capture=True, model=self.draft.model)
+                self.draft.graphs.capture()
 
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.enforce_eager
@@ -185,13 +188,14 @@ class ModelRunner:
                 and not self.config.enable_lora  # LoRA rows are mapped per step on the host
                 and self.config.runner == "generate")  # a pooling model only prefills
 
-    def make_graph_runner(self, capture: bool) -> DecodeGraphRunner:
-        """Decode graphs over batch-size buckets up to max_num_seqs; capture=False runs the
-        same static-buffer path eagerly (tests without CUDA)."""
+    def make_graph_runner(self, capture: bool, model: Optional[torch.nn.Module] = None) -> DecodeGraphRunner:
+        """Decode graphs of `model` (default: the target; the draft model's one-token passes
+        have theirs) over batch-size buckets up to max_num_seqs; capture=False runs the same
+        static-buffer path eagerly (tests without CUDA)."""
         sizes = graph_sizes(self.config.max_num_seqs, self.config.cuda_graph_sizes)
         buffers = DecodeBuffers(sizes[-1], self.block_table.table.shape[1], self.block_size,
                                 self.config.max_model_len, self.device)
-        return DecodeGraphRunner(self.model, buffers, sizes, capture=capture)
+        return DecodeGraphRunner(model or self.model, buffers, sizes, capture=capture)
 
     def _bind(self, cache: torch.Tensor) -> None:
         self.kv_caches = [(cache[i, 0], cache[i, -1]) for i in range(cache.shape[0])]  # (one part: v is k)
