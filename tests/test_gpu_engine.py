@@ -181,8 +181,9 @@ def test_speculative_decoding_on_cuda(llama_dir):
 
 
 def test_draft_model_on_cuda(llama_dir):
-    """A draft model on CUDA (Triton attention for both models, float32): the target as its
-    own draft has nearly every draft accepted, and the tokens equal the plain engine's."""
+    """A draft model on CUDA (Triton attention for both models, float32, the draft's one-token
+    passes in its own CUDA graphs): the target as its own draft has nearly every draft
+    accepted, and the tokens equal the plain engine's."""
     prompts = [{"prompt_token_ids": p} for p in _prompts(6, 5)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     plain = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, kv_cache_memory_bytes=KV_BYTES)
@@ -194,4 +195,5 @@ def test_draft_model_on_cuda(llama_dir):
     sched = spec.llm_engine.scheduler
     assert got == want
     assert sched.num_draft_tokens > 30 and sched.num_accepted_tokens > 0.9 * sched.num_draft_tokens
+    assert spec.llm_engine.runner.draft.graphs is not None  # its one-token passes replay graphs
     _free(spec)
