@@ -128,7 +128,8 @@ def test_preemption_prefix_caching_and_mixed_batches(llama_dir, near_draft, draf
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
               # top_k=1: the rejection-sampling path, which must then give greedy's tokens
               SamplingParams(temperature=0.9, top_k=1, seed=3, max_tokens=30, ignore_eos=True, n=2),
-              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2  # not speculated
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2
+    params[-1] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=0.5)  # not speculated
     want = _tokens(plain.generate(prompts, params, use_tqdm=False))
     assert _tokens(tight.generate(prompts, params, use_tqdm=False)) == want
     assert tight.llm_engine.scheduler.num_preemptions > 0
@@ -277,3 +278,51 @@ def test_a_draft_model_on_the_triton_backend(llama_dir, hf_refs):
     again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
     assert calls and max(calls) == 2 and _acceptance(llm) > 0.9
+
+
+def _hf_logprobs(hf, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """transformers' log-softmax rows predicting each of `tokens` after `prompt`."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1]
+    return logits.float().log_softmax(-1)
+
+
+def _check_logprobs(out, prompt: list[int], hf, k: int) -> None:
+    c = out.outputs[0]
+    assert len(c.logprobs) == len(c.token_ids)
+    rows = _hf_logprobs(hf, prompt, list(c.token_ids))
+    for t, row, lp in zip(c.token_ids, rows, c.logprobs):
+        assert abs(lp[t].logprob - float(row[t])) < 1e-4
+        assert lp[t].rank == int((row > row[t]).sum()) + 1
+        top = {i for i, v in lp.items() if v.rank <= k}
+        assert top == set(row.topk(k).indices.tolist())
+    assert abs(c.cumulative_logprob - sum(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs))) < 1e-3
+
+
+def test_requests_with_logprobs_speculate(llama_dir, near_draft, plain):
+    """Logprobs no longer keep a request from speculating. Each emitted token's logprob, rank
+    and top-k are read from the row that predicted it. For sampled requests that is the
+    token emitted (an accepted draft, or its replacement), not the sampler's own draw there.
+    They equal transformers' on the whole output, and greedy outputs equal plain decoding's,
+    stop strings inside a step's drafts included."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    llm = LLM(llama_dir, max_model_len=256, speculative_config=_spec(near_draft))
+    prompts = _prompts(4)
+    sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=30, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampled, use_tqdm=False)
+    sched = llm.llm_engine.scheduler
+    assert 0 < sched.num_accepted_tokens < sched.num_draft_tokens  # drafts stood and fell
+    for p, o in zip(prompts, outs):
+        _check_logprobs(o, p, hf, 3)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
+    want = plain.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+    stops = [w.outputs[0].text[8:11] for w in want if len(w.outputs[0].text) > 11]
+    for params in (greedy, SamplingParams(temperature=0, max_tokens=30, logprobs=2, stop=stops)):
+        want = plain.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for p, w, g in zip(prompts, want, got):
+            assert g.outputs[0].token_ids == w.outputs[0].token_ids and g.outputs[0].text == w.outputs[0].text
+            _check_logprobs(g, p, hf, 2)
+    assert_no_leak(llm)

@@ -137,8 +137,10 @@ class OutputProcessor:
             if lp is not None:
                 if seq.logprobs is None:
                     seq.logprobs, seq.cumulative_logprob = [], 0.0
-                seq.logprobs.append(self._logprob_dict(lp))
-                seq.cumulative_logprob += lp.logprob
+                # (speculative: one per token emitted; those after a stop were dropped)
+                for p in (lp[: len(tokens)] if isinstance(lp, list) else [lp]):
+                    seq.logprobs.append(self._logprob_dict(p))
+                    seq.cumulative_logprob += p.logprob
             if seq.detok is not None:
                 # A stop token (EOS, stop_token_ids) that ends the request stays in token_ids
                 # but not in the text, unless include_stop_str_in_output (as vLLM).
@@ -158,7 +160,10 @@ class OutputProcessor:
                                                params.include_stop_str_in_output)
                         if hit is not None:
                             if len(pieces) > 1:
-                                seq.token_end = len(seq.request.output_token_ids) - (len(pieces) - 1 - j)
+                                seq.token_end = end = len(seq.request.output_token_ids) - (len(pieces) - 1 - j)
+                                if seq.logprobs is not None:  # the dropped tokens' logprobs leave the sum
+                                    ids = seq.request.output_token_ids
+                                    seq.cumulative_logprob = sum(d[t].logprob for d, t in zip(seq.logprobs[:end], ids))
                             break
                 if hit is not None:
                     seq.stop_reason, seq.text_end = hit
@@ -194,9 +199,10 @@ class OutputProcessor:
                 continue
             text = seq.visible_text(state.params)
             ids = seq.request.output_token_ids
-            if seq.token_end is not None:
-                ids = ids[: seq.token_end]
             logprobs = seq.logprobs
+            if seq.token_end is not None:  # a stop string among a step's tokens: those after it go
+                ids = ids[: seq.token_end]
+                logprobs = logprobs[: seq.token_end] if logprobs is not None else None
             if delta:
                 text, ids = text[seq.sent_text:], ids[seq.sent_tokens:]
                 if logprobs is not None:

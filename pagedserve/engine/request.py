@@ -104,8 +104,9 @@ class Request:
         # Structured outputs: where the output stands in its grammar (set by the engine).
         self.grammar: Optional["GrammarState"] = None
         # Speculative decoding verifies drafts against each position's distribution: only for
-        # requests whose sampling reads nothing else per position (no logprobs, rules, penalties).
-        self._may_speculate = (p.logprobs is None and not self.needs_output_history and not self.has_logit_rules
+        # requests whose sampling reads nothing else per position (no rules, penalties).
+        # Logprobs are fine: every emitted token's row is computed (worker/model_runner.py).
+        self._may_speculate = (not self.needs_output_history and not self.has_logit_rules
                                and p.allowed_token_ids is None)
 
     def block_hash_extra(self, i: int, block_size: int) -> Optional[str]:

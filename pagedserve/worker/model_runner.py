@@ -77,6 +77,18 @@ class PendingStep:
         return out
 
 
+def _report_emitted(s_out: Any, drafts: SampledDrafts) -> None:
+    """Sampled speculative rows: the logprob and rank of the token each row emits (its draft
+    where it stood, else the token drawn in its place), not of the sampler's own draw there."""
+    if s_out.sampled_logprobs is None:
+        return
+    rows = to_device(drafts.rows, torch.long, s_out.reported.device)
+    rep = s_out.reported[rows]
+    chosen = rep.gather(1, drafts.emitted.unsqueeze(1)).squeeze(1)
+    s_out.sampled_logprobs[rows] = chosen
+    s_out.sampled_ranks[rows] = (rep > chosen.unsqueeze(1)).sum(dim=-1, dtype=torch.int32) + 1
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -344,15 +356,19 @@ class ModelRunner:
             targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
                          if prompt_lp else None)
             logits = self.model.compute_logits(hidden[: len(rows)] if rows_t is None else hidden[rows_t])
-            s_out = self.sampler(logits[: len(hidden_rows)], batch) if batch is not None else None
+            s_out = self.sampler(logits[: len(hidden_rows)], batch, keep_reported=bool(spec)) if batch else None
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t,
                                                 raw_logits=self.config.logprobs_mode.endswith("logits"))
                    if prompt_lp else None)
             # Copies to the host queued right behind this step, so that result() waits for this
             # step alone, not for one launched after it (async scheduling).
             d2h = DeviceToHost(self.device)
-            s_host = d2h.dataclass(s_out)
             sampled_drafts = self._verify_sampled_drafts(logits, spec, len(hidden_rows), d2h)
+            if s_out is not None and s_out.reported is not None:
+                if sampled_drafts is not None:
+                    _report_emitted(s_out, sampled_drafts)
+                s_out.reported = None
+            s_host = d2h.dataclass(s_out)
             plp_host = None if plp is None else [
                 (req, tgt, d2h(chosen), d2h(ranks), None if top is None else (d2h(top[0]), d2h(top[1])))
                 for req, tgt, chosen, ranks, top in plp]
@@ -450,12 +466,28 @@ class ModelRunner:
         lps, ranks = s_out.sampled_logprobs.tolist(), s_out.sampled_ranks.tolist()
         top_ids = s_out.topk_ids.tolist() if s_out.topk_ids is not None else None
         top_lps = s_out.topk_logprobs.tolist() if s_out.topk_logprobs is not None else None
-        for i, r in enumerate(reqs):
+
+        def position(row: int, token: int, k: int) -> PositionLogprobs:
+            return PositionLogprobs(token, lps[row], ranks[row], top_ids[row][:k] if k else [],
+                                    top_lps[row][:k] if k else [])
+
+        for i, r in enumerate(reqs[:n_plain]):
             k = r.sampling_params.logprobs
-            if k is None:
-                continue
-            result.logprobs[r.request_id] = PositionLogprobs(
-                tokens[i], lps[i], ranks[i], top_ids[i][:k] if k else [], top_lps[i][:k] if k else [])
+            if k is not None:
+                result.logprobs[r.request_id] = position(i, tokens[i], k)
+        # Speculative requests: a position per token emitted, each read from the row that
+        # predicted it (a draft row, or the plain row after every draft); sampled rows' values
+        # are of the emitted token (_report_emitted).
+        plain_row = {r.request_id: i for i, r in enumerate(reqs[:n_plain])}
+        at = n_plain
+        for sr, _ in spec:
+            rid, k = sr.request.request_id, sr.request.sampling_params.logprobs
+            n = len(sr.drafts)
+            if k is not None:
+                emitted = result.accepted[rid] + [result.sampled[rid]]
+                rows = list(range(at, at + n)) + [plain_row[rid]]
+                result.logprobs[rid] = [position(row, t, k) for row, t in zip(rows, emitted)]
+            at += n
 
     def _prompt_logprob_rows(self, order: list[ScheduledRequest], qsl: list[int]):
         """For requests wanting prompt logprobs: (request, first target position, hidden rows,

@@ -21,7 +21,9 @@ class ModelRunnerOutput:
     sampled: dict[str, int] = field(default_factory=dict)  # request id -> its new token
     # Speculative decoding: request id -> the draft tokens confirmed (they precede `sampled`).
     accepted: dict[str, list[int]] = field(default_factory=dict)
-    logprobs: dict[str, PositionLogprobs] = field(default_factory=dict)  # for requests asking
+    # For requests asking: their new token's, or (speculative decoding) a list, one per token
+    # emitted (the confirmed drafts, then the sampled token).
+    logprobs: dict[str, "PositionLogprobs | list[PositionLogprobs]"] = field(default_factory=dict)
     # request id -> logprobs of the prompt tokens computed this step, in order (targets 1..)
     prompt_logprobs: dict[str, list[PositionLogprobs]] = field(default_factory=dict)
     pooled: dict[str, list[float]] = field(default_factory=dict)  # request id -> its embedding (pooling runner)

@@ -65,6 +65,9 @@ class SamplerOutput:
     sampled_ranks: Optional[torch.Tensor] = None  # [S]
     topk_ids: Optional[torch.Tensor] = None  # [S, K]
     topk_logprobs: Optional[torch.Tensor] = None  # [S, K]
+    # With keep_reported: the full [S, V] logprobs (or logits) the above are read from, to
+    # report other tokens than the sampled ones (speculative rows); never copied to the host.
+    reported: Optional[torch.Tensor] = None
 
 
 def _min_p_threshold(logits: torch.Tensor, top: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ class Sampler:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}.")
         self.logprobs_mode = logprobs_mode
 
-    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch, keep_reported: bool = False) -> SamplerOutput:
         if b.all_greedy and b.num_logprobs is None and not self.processes(b):
             # Plain greedy (most batch-1 decoding): argmax of the 16-bit logits is the
             # argmax of their exact float32 copy, so the copy is skipped (one kernel fewer).
@@ -140,6 +143,8 @@ class Sampler:
             out.sampled_ranks = (reported > out.sampled_logprobs.unsqueeze(1)).sum(dim=-1, dtype=torch.int32) + 1
             if b.num_logprobs > 0:
                 out.topk_logprobs, out.topk_ids = reported.topk(b.num_logprobs, dim=-1)
+            if keep_reported:
+                out.reported = reported
         return out
 
     def final_logits(self, processed: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

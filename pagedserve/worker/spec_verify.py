@@ -45,6 +45,8 @@ class SampledDrafts:
     requests: list  # the ScheduledRequests, in row order
     accepted: torch.Tensor  # [rows] bool
     resampled: torch.Tensor  # [rows]
+    rows: list[int]  # their rows in the step's logits
+    emitted: torch.Tensor  # [rows] on the device: the draft where it stands, else its replacement
 
 
 def verify_sampled(sampler: Sampler, logits: torch.Tensor, rows: list[int], batch: SamplingBatch,
@@ -61,7 +63,7 @@ def verify_sampled(sampler: Sampler, logits: torch.Tensor, rows: list[int], batc
     u_accept = sampler.uniforms(batch, len(rows), dev)
     u_resample = sampler.uniforms(batch, len(rows), dev)
     accepted, resampled = rejection_sample(probs, drafts, u_accept, u_resample, draft_probs)
-    return SampledDrafts(scheduled, d2h(accepted), d2h(resampled))
+    return SampledDrafts(scheduled, d2h(accepted), d2h(resampled), rows, torch.where(accepted, drafts, resampled))
 
 
 def settle(drafts: list[int], picks: list[int], accepted: Optional[list[bool]] = None) -> tuple[list[int], int]:
