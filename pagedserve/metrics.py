@@ -81,6 +81,15 @@ class _EngineStateCollector(Collector):
                                e.scheduler.num_draft_tokens)
             yield self._family(CounterMetricFamily, "spec_decode_num_accepted_tokens",
                                "Draft tokens the model confirmed.", e.scheduler.num_accepted_tokens)
+            yield self._family(CounterMetricFamily, "spec_decode_num_drafts",
+                               "Steps a request ran drafts in.", e.scheduler.num_drafts)
+            # Acceptance by position in a step's drafts: how far drafts go on standing.
+            fam = CounterMetricFamily(self.prefix + "spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens the model confirmed, by position in the step's drafts.",
+                                      labels=[*self.labels, "position"])
+            for pos, n in enumerate(e.scheduler.accepted_per_pos):
+                fam.add_metric([*self.labels.values(), str(pos)], n)
+            yield fam
 
 
 class _RequestTracker:

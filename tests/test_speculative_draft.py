@@ -326,3 +326,28 @@ def test_requests_with_logprobs_speculate(llama_dir, near_draft, plain):
             assert g.outputs[0].token_ids == w.outputs[0].token_ids and g.outputs[0].text == w.outputs[0].text
             _check_logprobs(g, p, hf, 2)
     assert_no_leak(llm)
+
+
+def test_served_with_a_draft_model(llama_dir, plain):
+    """`serve` with a draft model: a streamed completion gives the offline greedy tokens, and
+    /metrics carries vLLM's speculative-decoding counters (accepted by position summing to
+    the accepted total)."""
+    from server_helpers import metric, openai_client, scrape, serving
+
+    prompt = _prompts(1)[0]
+    want = plain.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=20,
+                                                                        ignore_eos=True), use_tqdm=False)
+    with serving(llama_dir, engine_kwargs={"speculative_config": _spec(llama_dir, 3)}) as srv, \
+            openai_client(srv) as client:
+        stream = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=20, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+        tokens = [t for chunk in stream for c in chunk.choices for t in (c.token_ids or [])]
+        assert tokens == want[0].outputs[0].token_ids
+        m = scrape(srv.url)
+        drafted = metric(m, "pagedserve:spec_decode_num_draft_tokens_total")
+        accepted = metric(m, "pagedserve:spec_decode_num_accepted_tokens_total")
+        per_pos = [metric(m, "pagedserve:spec_decode_num_accepted_tokens_per_pos_total", position=str(j))
+                   for j in range(3)]
+        assert drafted > 0 and accepted > 0.9 * drafted and sum(per_pos) == accepted
+        assert per_pos[0] >= per_pos[1] >= per_pos[2] > 0
+        assert metric(m, "pagedserve:spec_decode_num_drafts_total") >= drafted / 3

@@ -95,6 +95,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.proposer = proposer  # speculative decoding (synchronous scheduling only)
         self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.num_drafts = 0  # steps a request ran drafts in (vLLM's spec_decode_num_drafts)
+        self.accepted_per_pos: list[int] = []  # [j]: drafts accepted at position j of a step's drafts
         self.max_loras = max_loras  # distinct LoRA adapters a batch may hold (0: LoRA off)
         # A chunk never ends inside an image (Gemma 3: an image's tokens attend to each other
         # both ways, so all of them must be in the cache when any of them is computed).
@@ -367,6 +369,12 @@ class Scheduler:
                 req.num_computed_tokens -= len(s.drafts) - len(confirmed)
                 self.num_draft_tokens += len(s.drafts)
                 self.num_accepted_tokens += len(confirmed)
+                self.num_drafts += 1
+                per_pos = self.accepted_per_pos
+                if len(per_pos) < len(s.drafts):
+                    per_pos += [0] * (len(s.drafts) - len(per_pos))
+                for j in range(len(confirmed)):
+                    per_pos[j] += 1
                 if token is not None and confirmed and self._append_many(s, confirmed, new_tokens, finished):
                     continue  # a confirmed draft ended it: the rest are dropped
             # A token its grammar refuses (only when every token was masked: min_tokens banning
