@@ -351,3 +351,35 @@ def test_served_with_a_draft_model(llama_dir, plain):
         assert drafted > 0 and accepted > 0.9 * drafted and sum(per_pos) == accepted
         assert per_pos[0] >= per_pos[1] >= per_pos[2] > 0
         assert metric(m, "pagedserve:spec_decode_num_drafts_total") >= drafted / 3
+
+
+def test_speculation_limits(llama_dir, plain):
+    """vLLM's disable_by_batch_size: no drafts while more requests than that run (drafts
+    again once the batch has shrunk); the draft's max_model_len: a request drafts only while
+    its drafts stay within it. Tokens are plain decoding's either way."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (4, 4, 4, 30)]
+    prompts = [{"prompt_token_ids": p} for p in _prompts(4)]
+    want = _tokens(plain.generate(prompts, params, use_tqdm=False))
+    llm = LLM(llama_dir, max_model_len=256, speculative_config={**_spec(llama_dir, 2), "disable_by_batch_size": 1})
+    sizes = []
+    schedule = llm.llm_engine.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        sizes.append((len(out.scheduled), sum(bool(s.drafts) for s in out.scheduled)))
+        return out
+
+    llm.llm_engine.scheduler.schedule = spy
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == want
+    assert all(d == 0 for n, d in sizes if n > 1) and any(d for n, d in sizes if n == 1)
+    short = LLM(llama_dir, max_model_len=256, speculative_config={**_spec(llama_dir, 2), "max_model_len": 40})
+    calls = _spy(short)
+    one = [{"prompt_token_ids": _prompts(1, 20)[0]}]  # 20 tokens, 40 more: the last 20 past the draft's 40
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    assert _tokens(short.generate(one, params, use_tqdm=False)) == _tokens(plain.generate(one, params,
+                                                                                          use_tqdm=False))
+    assert calls and max(len(toks) + len(d) for toks, d in calls) <= 40  # never a draft past position 39
+    for bad in ({"disable_by_batch_size": 0}, {"max_model_len": "8"}, {"revision": "main"},
+                {"quantization": "fp8"}):
+        with pytest.raises(ValueError, match="speculative_config"):
+            LLM(llama_dir, speculative_config={**_spec(llama_dir), **bad})

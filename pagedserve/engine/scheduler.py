@@ -180,6 +180,8 @@ class Scheduler:
         if self.by_priority:  # best first: the budget goes to them, and the last is the victim
             self.running.sort(key=Request.sort_key.fget)
         running = self.running
+        limit = self.proposer.cfg.disable_by_batch_size if self.proposer is not None else None
+        speculating = self.proposer is not None and (limit is None or len(running) <= limit)
         while i < len(running) and budget > 0:
             req = running[i]
             inflight = req.num_inflight
@@ -193,7 +195,7 @@ class Scheduler:
                     i += 1
                     continue
             self.kv.release_out_of_window(req, req.num_computed_tokens)
-            if n == 1 and self.proposer is not None and req.speculates:
+            if n == 1 and speculating and req.speculates:
                 # A draft model drafts once the slots are allocated, for all requests at once.
                 batched = getattr(self.proposer, "batched", False)
                 d = [0] * self._draft_room(req, budget - 1) if batched else self._drafts(req, budget - 1)
@@ -288,9 +290,10 @@ class Scheduler:
     def _draft_room(self, req: Request, budget: int) -> int:
         """How many draft tokens a decoding request may take, within its max_tokens, the
         context and `budget` (the last token a step yields is always the model's own)."""
+        cfg = self.proposer.cfg
         room = min(budget, req.max_tokens - len(req.output_token_ids) - 1,
-                   self.max_model_len - len(req.all_token_ids) - 1)
-        return max(0, min(room, self.proposer.cfg.num_speculative_tokens))
+                   min(self.max_model_len, cfg.max_model_len or self.max_model_len) - len(req.all_token_ids) - 1)
+        return max(0, min(room, cfg.num_speculative_tokens))
 
     def _drafts(self, req: Request, budget: int) -> list[int]:
         room = self._draft_room(req, budget)

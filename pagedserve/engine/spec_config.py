@@ -11,8 +11,8 @@ SPEC_METHODS = ("ngram", "draft_model")
 @dataclass
 class SpeculativeConfig:
     """method "ngram": prompt lookup (engine/ngram.py); "draft_model": a smaller model with the
-    target's vocabulary drafts greedily (worker/draft_model.py). As in vLLM, a `model` with
-    no `method` means a draft model."""
+    target's vocabulary drafts (worker/draft_model.py). As in vLLM, a `model` with no
+    `method` means a draft model."""
 
     num_speculative_tokens: int
     method: str = "ngram"
@@ -20,6 +20,16 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     model: Optional[str] = None  # the draft model's directory
     draft_tensor_parallel_size: int = 1
+    # No drafts while more requests than this run (speculation costs throughput in big batches).
+    disable_by_batch_size: Optional[int] = None
+    enforce_eager: bool = False  # the draft model without CUDA graphs
+    # The draft's context: a request drafts only while its drafts stay within it (default:
+    # the target's max_model_len).
+    max_model_len: Optional[int] = None
+    # vLLM's hub fields: only None (nothing is downloaded) and no quantization of the draft.
+    revision: Optional[str] = None
+    code_revision: Optional[str] = None
+    quantization: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: Any) -> "SpeculativeConfig":
@@ -50,6 +60,14 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config: {sorted(lookup)} are for method 'ngram'.")
             if d.get("draft_tensor_parallel_size", 1) != 1:
                 raise ValueError("speculative_config: draft_tensor_parallel_size must be 1 (one device).")
+        for name in ("revision", "code_revision", "quantization"):
+            if d.get(name) is not None:
+                raise ValueError(f"speculative_config: {name} must be None (drafts load from a local directory, "
+                                 f"as they are), got {d[name]!r}.")
+        for name in ("disable_by_batch_size", "max_model_len"):
+            v = d.get(name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"speculative_config: {name} must be a positive integer, got {v!r}.")
         cfg = cls(**d)
         k, lo, hi = cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, lo, hi)) or not (

@@ -189,7 +189,8 @@ class ModelRunner:
         if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
             self.graphs = self.make_graph_runner(capture=True)
             self.graphs.capture()
-            if self.draft is not None and getattr(self.draft.model, "cuda_graph_safe", True):
+            draft = self.draft
+            if draft is not None and not draft.cfg.enforce_eager and getattr(draft.model, "cuda_graph_safe", True):
                 self.draft.graphs = self.make_graph_runner(capture=True, model=self.draft.model)
                 self.draft.graphs.capture()
 
