@@ -16,10 +16,12 @@ HIDDEN = 256
 
 
 def build_scripted_model(path: str, tokenizer_dir: str, scripts: Sequence[Sequence[int]],
-                         eos_token_ids: Sequence[int] = ()) -> str:
+                         eos_token_ids: Sequence[int] = (), lead: float = 10.0) -> str:
     """A model directory at `path` (float32, `tokenizer_dir`'s tokenizer) that, greedily, after
     each token of a script writes the script's next token. `eos_token_ids`: the model's stop
-    tokens (config and generation config), besides the tokenizer's EOS."""
+    tokens (config and generation config), besides the tokenizer's EOS. `lead`: how far the
+    scripted successor's logit stands out (about lead * sqrt(hidden); other logits have a
+    standard deviation of about 0.16), small enough for a penalty to overturn at 0.05."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -38,7 +40,7 @@ def build_scripted_model(path: str, tokenizer_dir: str, scripts: Sequence[Sequen
     embed = torch.randn(weights["model.embed_tokens.weight"].shape, generator=g)
     head = torch.randn(embed.shape, generator=g) * 0.01
     for a, b in successor.items():
-        head[b] += 10 * embed[a] / embed[a].norm()
+        head[b] += lead * embed[a] / embed[a].norm()
     weights["model.embed_tokens.weight"], weights["lm_head.weight"] = embed, head
     for name in weights:
         if name.endswith(("o_proj.weight", "down_proj.weight")):

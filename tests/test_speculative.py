@@ -205,3 +205,58 @@ def test_sampled_requests_speculate(engines):
     assert _fields(spec.generate(prompts, params, use_tqdm=False)) == _fields(a)
     assert all(len(o.outputs[0].token_ids) == 40 for o in a)
     assert_no_leak(spec)
+
+
+def test_penalties_bias_and_allowed_tokens_speculate(engines):
+    """Penalties count each row's preceding drafts as output (a draft row sees the drafts
+    before it); logit bias and allowed tokens hold at every row. Greedy outputs, and sampled
+    ones with top_k=1, equal plain decoding's while drafts stand and fall (the oracle)."""
+    prompts = _prompts(6)
+    allowed = sorted({t for p in prompts for t in engines[0].get_tokenizer().encode(p)} | set(range(40)))
+    common = dict(max_tokens=30, ignore_eos=True)
+    params = [SamplingParams(temperature=0, repetition_penalty=1.3, **common),
+              SamplingParams(temperature=0, presence_penalty=0.8, frequency_penalty=0.6, **common),
+              SamplingParams(temperature=0.9, top_k=1, seed=2, frequency_penalty=1.1, **common),
+              SamplingParams(temperature=0, logit_bias={7: 6.0, 11: 5.0}, **common),
+              SamplingParams(temperature=0, allowed_token_ids=allowed, repetition_penalty=1.2, **common),
+              SamplingParams(temperature=0, presence_penalty=1.5, logprobs=2, **common)]
+    plain, spec = engines
+    # The oracle drafts each request's own penalised continuation (one token wrong a step), so
+    # drafts stand deep into a step: where a penalty counted too few drafts, a row would
+    # prefer a token the plain run avoids.
+    want = plain.generate(prompts, params, use_tqdm=False)
+    for o in want:
+        spec.llm_engine.scheduler.proposer.reference[tuple(o.prompt_token_ids)] = o.outputs[0].token_ids
+    sched = spec.llm_engine.scheduler
+    before = sched.num_accepted_tokens
+    assert _fields(spec.generate(prompts, params, use_tqdm=False)) == _fields(want)
+    assert_no_leak(spec)
+    assert sched.num_accepted_tokens - before > 80
+    unbiased = engines[0].generate(prompts[3:4], SamplingParams(temperature=0, **common),
+                                   use_tqdm=False)[0].outputs[0].token_ids
+    assert want[3].outputs[0].token_ids != unbiased  # the bias shows
+
+
+def test_penalties_count_the_drafts_before_each_row(tokenizer_dir, tmp_path):
+    """A model that, unpenalised, repeats its current token (every token its own successor, by
+    a small lead): a penalty must count the drafts before a row, or that row repeats its
+    input draft where plain decoding, having emitted it, moves on."""
+    from scripted_model import build_scripted_model
+
+    path = build_scripted_model(str(tmp_path / "echo"), tokenizer_dir, [[t, t] for t in range(1024)], lead=0.05)
+    plain = LLM(path, max_model_len=128, async_scheduling=False)
+    spec = LLM(path, max_model_len=128, speculative_config=SPEC)
+    oracle = spec.llm_engine.scheduler.proposer = OracleProposer(4)
+    prompts = [{"prompt_token_ids": [5 + 9 * i, 300 + i, 17 * i + 2]} for i in range(4)]
+    common = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    for params in (SamplingParams(presence_penalty=2.0, **common), SamplingParams(frequency_penalty=2.0, **common),
+                   SamplingParams(repetition_penalty=3.0, **common)):
+        want = plain.generate(prompts, params, use_tqdm=False)
+        repeats = plain.generate(prompts, SamplingParams(**common), use_tqdm=False)
+        assert all(len(set(o.outputs[0].token_ids)) == 1 for o in repeats)  # unpenalised: one token over and over
+        for o in want:
+            oracle.reference[tuple(o.prompt_token_ids)] = o.outputs[0].token_ids
+        before = spec.llm_engine.scheduler.num_accepted_tokens
+        got = spec.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        assert spec.llm_engine.scheduler.num_accepted_tokens - before > 30

@@ -191,6 +191,12 @@ class DraftModelProposer:
         chosen = [reqs[i][0] for i in which]
         if all(r.sampling_params.is_greedy for r in chosen):
             return logits.argmax(dim=-1)
+        # The requests' own processing (bias, allowed tokens, penalties without the drafts: any
+        # draft distribution keeps the output exact, a closer one only makes more drafts stand),
+        # over the target's vocabulary.
+        if logits.shape[1] < self.sampling_states.vocab_size:
+            logits = torch.nn.functional.pad(logits.float(), (0, self.sampling_states.vocab_size - logits.shape[1]),
+                                             value=float("-inf"))
         batch = self.sampling_states.build(chosen)
         dist = self.sampler.probabilities(logits, batch)  # greedy rows: one-hot at the argmax
         for row, i in enumerate(which):

@@ -77,6 +77,20 @@ class PendingStep:
         return out
 
 
+def _draft_extras(reqs: list, spec: list) -> Optional[list[list[int]]]:
+    """Per sampled row, the drafts before its position (for penalties): a speculative
+    request's plain row follows all its drafts, its draft row j the first j; None without
+    drafts."""
+    if not spec:
+        return None
+    drafts = {sr.request.request_id: sr.drafts for sr, _ in spec}
+    n_plain = len(reqs) - sum(len(d) for d in drafts.values())
+    extra = [drafts.get(r.request_id, []) for r in reqs[:n_plain]]
+    for sr, _ in spec:
+        extra += [sr.drafts[:j] for j in range(len(sr.drafts))]
+    return extra
+
+
 def _report_emitted(s_out: Any, drafts: SampledDrafts) -> None:
     """Sampled speculative rows: the logprob and rank of the token each row emits (its draft
     where it stood, else the token drawn in its place), not of the sampler's own draw there."""
@@ -352,7 +366,8 @@ class ModelRunner:
                 return PendingStep(ModelRunnerOutput())
             # Sampling's host work (per-row tensors, grammar masks) runs while the GPU does
             # the forward pass queued above.
-            batch = self.sampling_states.build(sampled_reqs) if sampled_reqs else None
+            batch = (self.sampling_states.build(sampled_reqs, _draft_extras(sampled_reqs, spec))
+                     if sampled_reqs else None)
             targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
             targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
                          if prompt_lp else None)
@@ -435,7 +450,8 @@ class ModelRunner:
             at += len(sr.drafts)
         if not rows:
             return None
-        batch = self.sampling_states.build([sr.request for sr in scheduled for _ in sr.drafts])
+        batch = self.sampling_states.build([sr.request for sr in scheduled for _ in sr.drafts],
+                                           [sr.drafts[:j] for sr in scheduled for j in range(len(sr.drafts))])
         draft_probs = self.draft.take_probs(scheduled, logits.shape[1]) if self.draft is not None else None
         return verify_sampled(self.sampler, logits, rows, batch, scheduled, d2h, draft_probs)
 

@@ -63,6 +63,17 @@ class SamplingStates:
             st.num_counted += len(new)
         return st.seen_mask, st.penalty_sub
 
+    def _with_drafts(self, req: Request, rows: tuple[torch.Tensor, torch.Tensor],
+                     drafts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A request's (seen mask, subtractive penalty) as if `drafts` were output already."""
+        p, st = req.sampling_params, self._state(req)
+        ids = to_device(drafts, torch.long, self.device)
+        counts = st.output_counts.clone()
+        counts.index_put_((ids,), torch.ones(len(drafts), device=self.device), accumulate=True)
+        sub = rows[1].clone()
+        sub[ids] = p.frequency_penalty * counts[ids] + p.presence_penalty * (counts[ids] > 0).float()
+        return rows[0].clone().index_fill_(0, ids, True), sub
+
     def _groups(self, params: list, greedy: list[bool], b: SamplingBatch) -> list[SampleGroup]:
         """The random rows split by sampling path (top-k candidates or the whole vocabulary),
         decided here on the host."""
@@ -79,7 +90,9 @@ class SamplingStates:
         without = [i for i in rand if params[i].top_k <= 0]
         return [group(r, False, k) for r, k in ((with_k, True), (without, False)) if r]
 
-    def build(self, reqs: list[Request]) -> SamplingBatch:
+    def build(self, reqs: list[Request], extra: Optional[list[list[int]]] = None) -> SamplingBatch:
+        """The batch's per-row tensors. extra[row]: draft tokens that precede the row's
+        position (speculative decoding), counted by its penalties as output tokens."""
         params = [r.sampling_params for r in reqs]
         dev = self.device
         greedy = [p.is_greedy for p in params]
@@ -110,6 +123,9 @@ class SamplingStates:
         if any(p.has_penalties for p in params):
             rows = [self._penalty_rows(r) if p.has_penalties else (self._false, self._zeros)
                     for r, p in zip(reqs, params)]
+            if extra is not None:
+                rows = [self._with_drafts(r, row, extra[i]) if extra[i] and r.sampling_params.has_penalties else row
+                        for i, (r, row) in enumerate(zip(reqs, rows))]
             if any(p.repetition_penalty != 1.0 for p in params):
                 b.seen_mask = torch.stack([s for s, _ in rows])
                 b.repetition = to_device([p.repetition_penalty for p in params], torch.float32, dev)
