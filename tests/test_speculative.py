@@ -260,3 +260,61 @@ def test_penalties_count_the_drafts_before_each_row(tokenizer_dir, tmp_path):
         got = spec.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
         assert spec.llm_engine.scheduler.num_accepted_tokens - before > 30
+
+
+def _round_trip_pairs(tokenizer_dir: str, n: int) -> list[tuple[int, int]]:
+    """n token pairs (x, y) whose text encodes back to exactly [x, y] (a bad word's tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pairs: list[tuple[int, int]] = []
+    used: set[int] = set()
+    for x in range(300, 1000):
+        for y in range(x + 1, min(x + 60, 1000)):
+            if x in used or y in used:
+                continue
+            if tok.encode(tok.decode([x, y]).lstrip(), add_special_tokens=False) == [x, y]:
+                pairs.append((x, y))
+                used |= {x, y}
+                break
+        if len(pairs) == n:
+            return pairs
+    raise AssertionError("no such token pairs")
+
+
+def test_min_tokens_and_bad_words_count_the_drafts(tokenizer_dir, tmp_path):
+    """min_tokens and multi-token bad words read the output so far, which at a draft row
+    includes the drafts before it. Chain models (each token's successor fixed) show it, with
+    the oracle drafting plain decoding's own tokens: a stop token at exactly min_tokens, and a
+    bad word whose first token is a draft."""
+    from transformers import AutoTokenizer
+
+    from scripted_model import build_scripted_model
+
+    pairs = _round_trip_pairs(tokenizer_dir, 4)
+    taken = {t for p in pairs for t in p}
+    filler = iter(t for t in range(20, 300) if t not in taken)
+    # Chain i: a start, 2 + i tokens, the pair, then more: the pair lands at another place in a
+    # step's drafts for each prompt.
+    chains = [[next(filler) for _ in range(3 + i)] + list(pair) + [next(filler) for _ in range(12)]
+              for i, pair in enumerate(pairs)]
+    path = build_scripted_model(str(tmp_path / "chains"), tokenizer_dir, chains, lead=0.1)
+    plain = LLM(path, max_model_len=128, async_scheduling=False)
+    spec = LLM(path, max_model_len=128, speculative_config=SPEC)
+    oracle = spec.llm_engine.scheduler.proposer = OracleProposer(4)
+    prompts = [{"prompt_token_ids": [3, c[0]]} for c in chains]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(temperature=0, max_tokens=16)
+    cases = [
+        # the stop token c[n] comes after n - 1 output tokens: min_tokens n - 1 lets it end the
+        # request there (counted without the drafts, its row would still ban it)
+        [SamplingParams(stop_token_ids=[c[n]], min_tokens=n - 1, **common) for c, n in zip(chains, (3, 5, 6, 8))],
+        [SamplingParams(bad_words=[tok.decode(list(pair))], ignore_eos=True, **common) for pair in pairs],
+    ]
+    for params in cases:
+        want = plain.generate(prompts, params, use_tqdm=False)
+        for o in want:
+            oracle.reference[tuple(o.prompt_token_ids)] = o.outputs[0].token_ids
+        got = spec.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert [o.outputs[0].finish_reason for o in plain.generate(prompts, cases[0], use_tqdm=False)] == ["stop"] * 4

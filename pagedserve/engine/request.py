@@ -103,12 +103,12 @@ class Request:
         self.first_scheduled_time: Optional[float] = None
         # Structured outputs: where the output stands in its grammar (set by the engine).
         self.grammar: Optional["GrammarState"] = None
-        # Speculative decoding verifies drafts against each position's distribution. Penalties
-        # count the drafts before each row (SamplingStates.build's `extra`); logit bias and
-        # allowed tokens are the same at every row; logprobs come from each emitted token's
-        # row. A grammar's state, bad words and min_tokens bans would differ from row to row
-        # in ways not worked out here: those requests do not speculate.
-        self._may_speculate = (p.structured_outputs is None and not p._bad_words_token_ids and p.min_tokens == 0)
+        # Speculative decoding verifies drafts against each position's distribution. Penalties,
+        # min_tokens and bad words count the drafts before each row (SamplingStates.build's
+        # `extra`); logit bias and allowed tokens are the same at every row; logprobs come from
+        # each emitted token's row. A grammar's state would have to walk the drafts and back:
+        # those requests do not speculate.
+        self._may_speculate = p.structured_outputs is None
 
     def block_hash_extra(self, i: int, block_size: int) -> Optional[str]:
         """The extra hash key of full block i: the first block's salt / adapter, and the hash of

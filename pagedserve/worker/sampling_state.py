@@ -92,7 +92,8 @@ class SamplingStates:
 
     def build(self, reqs: list[Request], extra: Optional[list[list[int]]] = None) -> SamplingBatch:
         """The batch's per-row tensors. extra[row]: draft tokens that precede the row's
-        position (speculative decoding), counted by its penalties as output tokens."""
+        position (speculative decoding), counted as output tokens by its penalties, its
+        min_tokens and its bad words."""
         params = [r.sampling_params for r in reqs]
         dev = self.device
         greedy = [p.is_greedy for p in params]
@@ -157,14 +158,15 @@ class SamplingStates:
             if not r.has_logit_rules:
                 continue
             p = r.sampling_params
+            drafts = extra[row] if extra is not None else []
             # Output tokens before the one sampled now: those landed, plus any an earlier
-            # step still in flight is sampling (async scheduling).
-            if r.num_output_tokens + max(r.num_inflight - 1, 0) < p.min_tokens:  # no stop token yet
+            # step still in flight is sampling (async scheduling), plus the row's drafts.
+            if r.num_output_tokens + max(r.num_inflight - 1, 0) + len(drafts) < p.min_tokens:  # no stop yet
                 stops = set(p.stop_token_ids) | p._eos_token_ids
                 ban_rows += [row] * len(stops)
                 ban_cols += sorted(stops)
             if p._bad_words_token_ids:
-                out = r.output_token_ids
+                out = r.output_token_ids + drafts if drafts else r.output_token_ids
                 for seq in p._bad_words_token_ids:
                     k = len(seq) - 1
                     if k == 0 or (len(out) >= k and out[-k:] == seq[:-1]):
