@@ -300,3 +300,38 @@ def test_qwen3_waits_only_for_an_output_that_opens_with_think(thinking_model, ll
     no_tags = LLM(llama_dir, max_model_len=256, reasoning_parser=parser, async_scheduling=False)
     out = no_tags.generate(["What color?"], plain, use_tqdm=False)[0].outputs[0]
     assert _check_schema(no_tags.get_tokenizer().decode(out.token_ids, skip_special_tokens=True))
+
+
+def test_speculative_decoding_under_a_grammar(llm, llama_dir):
+    """Requests with a grammar speculate: each draft row is masked by the grammar after the
+    drafts before it; n-gram drafts the grammar refuses are cut before the step; confirmed
+    drafts advance the grammar. The oracle drafts plain decoding's own tokens with one wrong
+    a step (every acceptance count happens), sampled requests draw them through a draft
+    model: outputs equal plain decoding's, and every constraint holds."""
+    from test_speculative import SPEC, OracleProposer
+
+    prompts = _prompts(4)
+    cases = [dict(json=SCHEMA, disable_any_whitespace=True), dict(regex=r"[a-c]{3}-[0-9]{2}( [a-c]{3}-[0-9]{2})*"),
+             dict(choice=["alpha beta gamma", "beta gamma alpha"])]
+    spec = LLM(llama_dir, max_model_len=256, speculative_config=SPEC)
+    oracle = spec.llm_engine.scheduler.proposer = OracleProposer(4)
+    sched = spec.llm_engine.scheduler
+    for constraint in cases:
+        params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=constraint)
+        want = llm.generate(prompts, params, use_tqdm=False)
+        for o in want:
+            oracle.reference[tuple(o.prompt_token_ids)] = o.outputs[0].token_ids
+        before = sched.num_accepted_tokens
+        got = spec.generate(prompts, params, use_tqdm=False)
+        assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in got] == \
+            [(o.outputs[0].text, o.outputs[0].finish_reason) for o in want]
+        assert sched.num_accepted_tokens > before
+    assert all(_check_schema(o.outputs[0].text) for o in spec.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=40, structured_outputs=cases[0]), use_tqdm=False))
+    assert_no_leak(spec)
+    drafted = LLM(llama_dir, max_model_len=256, speculative_config={"model": llama_dir, "num_speculative_tokens": 3})
+    params = SamplingParams(temperature=1.0, seed=4, max_tokens=40, structured_outputs=cases[0])
+    outs = drafted.generate(prompts, params, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "stop" and _check_schema(o.outputs[0].text) for o in outs)
+    assert drafted.llm_engine.scheduler.num_accepted_tokens > 0
+    assert_no_leak(drafted)

@@ -177,6 +177,38 @@ class GrammarState:
         return bool(self._matcher.accept_token(token))
 
     @property
+    def speculates(self) -> bool:
+        """Whether drafts may run: the grammar masks every token from here on (no reasoning
+        or opening to wait for), so a draft row's mask is the matcher's after the drafts
+        before it."""
+        return not self._waiting and self._open is None
+
+    def valid_prefix(self, drafts: list[int]) -> int:
+        """How many leading drafts the grammar takes (its state is left unchanged)."""
+        n = 0
+        for t in drafts:
+            if self._matcher.is_terminated() or not self._matcher.accept_token(int(t)):
+                break
+            n += 1
+        if n:
+            self._matcher.rollback(n)
+        return n
+
+    def fill_bitmask_after(self, drafts: list[int], bitmask: torch.Tensor, row: int) -> None:
+        """fill_bitmask as if `drafts` had been taken (the state is left unchanged). Past a
+        draft the grammar refuses, the row is left allowing everything: that draft falls at
+        its own row, and the rows after it are discarded."""
+        n = self.valid_prefix(drafts)
+        if n < len(drafts):
+            bitmask[row] = -1
+            return
+        for t in drafts:
+            self._matcher.accept_token(int(t))
+        if not self._matcher.is_terminated():
+            self._matcher.fill_next_token_bitmask(bitmask, row)
+        self._matcher.rollback(len(drafts))
+
+    @property
     def is_terminated(self) -> bool:
         """The grammar is complete and its stop token taken: nothing may follow."""
         return bool(self._matcher.is_terminated())

@@ -104,11 +104,10 @@ class Request:
         # Structured outputs: where the output stands in its grammar (set by the engine).
         self.grammar: Optional["GrammarState"] = None
         # Speculative decoding verifies drafts against each position's distribution. Penalties,
-        # min_tokens and bad words count the drafts before each row (SamplingStates.build's
-        # `extra`); logit bias and allowed tokens are the same at every row; logprobs come from
-        # each emitted token's row. A grammar's state would have to walk the drafts and back:
-        # those requests do not speculate.
-        self._may_speculate = p.structured_outputs is None
+        # min_tokens, bad words and a grammar take the drafts before each row
+        # (SamplingStates.build's `extra`); logit bias and allowed tokens are the same at every
+        # row; logprobs come from each emitted token's row. Every request may speculate, once
+        # its grammar (if any) masks every token (GrammarState.speculates).
 
     def block_hash_extra(self, i: int, block_size: int) -> Optional[str]:
         """The extra hash key of full block i: the first block's salt / adapter, and the hash of
@@ -127,7 +126,7 @@ class Request:
 
     @property
     def speculates(self) -> bool:
-        return self._may_speculate and self.grammar is None
+        return self.grammar is None or self.grammar.speculates
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -297,7 +297,10 @@ class Scheduler:
 
     def _drafts(self, req: Request, budget: int) -> list[int]:
         room = self._draft_room(req, budget)
-        return self.proposer.propose(req, room) if room > 0 else []
+        d = self.proposer.propose(req, room) if room > 0 else []
+        if d and req.grammar is not None:  # drafts its grammar refuses would only fall
+            d = d[: req.grammar.valid_prefix(d)]
+        return d
 
     def _preempt(self, req: Request) -> None:
         # Forked siblings still waiting pin their leader's prompt blocks; under memory
@@ -424,9 +427,12 @@ class Scheduler:
         req = s.request
         got = new_tokens.setdefault(req.request_id, [])
         for t in tokens:
-            req.append_output_token(t)
-            got.append(t)
-            stop = self._check_stop(req, t)
+            # (a confirmed draft was checked under the grammar's mask: the grammar takes it)
+            refused = req.grammar is not None and not req.grammar.accept(t)
+            if not refused:
+                req.append_output_token(t)
+                got.append(t)
+            stop = RequestStatus.FINISHED_STOPPED if refused else self._check_stop(req, t)
             if stop is not None:
                 if req.status == RequestStatus.RUNNING:
                     self.running.remove(req)

@@ -93,7 +93,7 @@ class SamplingStates:
     def build(self, reqs: list[Request], extra: Optional[list[list[int]]] = None) -> SamplingBatch:
         """The batch's per-row tensors. extra[row]: draft tokens that precede the row's
         position (speculative decoding), counted as output tokens by its penalties, its
-        min_tokens and its bad words."""
+        min_tokens and its bad words, and taken by its grammar."""
         params = [r.sampling_params for r in reqs]
         dev = self.device
         greedy = [p.is_greedy for p in params]
@@ -149,7 +149,10 @@ class SamplingStates:
         grammar_rows = [(row, r.grammar) for row, r in enumerate(reqs) if r.grammar is not None and r.grammar.active]
         if grammar_rows:  # the tokens each grammar allows next, as bits; other rows allow all
             words = new_bitmask(len(reqs), self.vocab_size)
-            fill_bitmasks(grammar_rows, words)
+            fill_bitmasks([(row, g) for row, g in grammar_rows if not (extra and extra[row])], words)
+            for row, g in grammar_rows:
+                if extra and extra[row]:  # a speculative row: the grammar after the drafts before it
+                    g.fill_bitmask_after(extra[row], words, row)
             b.grammar_bitmask = to_device(words.numpy(), torch.int32, dev)
 
         ban_rows, ban_cols = [], []
