@@ -383,3 +383,51 @@ def test_speculation_limits(llama_dir, plain):
                 {"quantization": "fp8"}):
         with pytest.raises(ValueError, match="speculative_config"):
             LLM(llama_dir, speculative_config={**_spec(llama_dir), **bad})
+
+
+def test_a_random_mix_of_requests_equals_plain_decoding(llama_dir, near_draft, plain):
+    """Forty requests in one batch, each drawing its own mix (seeded) of what speculation
+    must get right: logprobs, penalties, bias, min_tokens, stop strings, a grammar, n=2, and
+    greedy or sampled with top_k=1. Tokens, text, finish reasons and logprobs equal plain
+    decoding's, through a small KV cache that preempts; nothing leaks."""
+    import random
+
+    rng = random.Random(11)
+    prompts, params = [], []
+    for i in range(40):
+        kw: dict = dict(max_tokens=rng.randint(5, 30), ignore_eos=rng.random() < 0.7)
+        if rng.random() < 0.5:
+            kw.update(temperature=0.8, top_k=1, seed=i)
+        else:
+            kw.update(temperature=0)
+        if rng.random() < 0.4:
+            kw["logprobs"] = rng.randint(0, 3)
+        if rng.random() < 0.3:
+            kw[rng.choice(["repetition_penalty", "presence_penalty", "frequency_penalty"])] = rng.choice([1.2, 0.7])
+        if rng.random() < 0.2:
+            kw["logit_bias"] = {rng.randrange(1000): 4.0}
+        if rng.random() < 0.2:
+            kw["min_tokens"] = rng.randint(1, 5)
+        if rng.random() < 0.2:
+            kw["stop"] = ["e", "an"]
+        if rng.random() < 0.15:
+            kw["structured_outputs"] = {"regex": "[a-d]{2,6}( [0-9]+)?"}
+        if rng.random() < 0.15 and kw["temperature"]:
+            kw["n"] = 2
+        prompts.append({"prompt_token_ids": [(7 * i + 3 * j) % 900 + 4 for j in range(rng.randint(3, 40))]})
+        params.append(SamplingParams(**kw))
+    want = plain.generate(prompts, params, use_tqdm=False)
+    llm = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=60 * PER_BLOCK_8 * 2,
+              speculative_config=_spec(near_draft))
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0 and llm.llm_engine.scheduler.num_accepted_tokens > 50
+    for w, g, prm in zip(want, got, params):
+        for a, b in zip(w.outputs, g.outputs):
+            assert (b.token_ids, b.text) == (a.token_ids, a.text), prm
+            assert (b.token_ids, b.text, b.finish_reason, b.stop_reason) == (a.token_ids, a.text, a.finish_reason,
+                                                                              a.stop_reason)
+            if a.logprobs is not None:
+                assert len(b.logprobs) == len(a.logprobs)
+                for x, y in zip(a.logprobs, b.logprobs):
+                    assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
+    assert_no_leak(llm)

@@ -126,7 +126,9 @@ class Sampler:
             # Plain greedy (most batch-1 decoding): argmax of the 16-bit logits is the
             # argmax of their exact float32 copy, so the copy is skipped (one kernel fewer).
             return SamplerOutput(greedy_tokens(logits))
-        logits = logits.float()
+        # process_logits works in place: a float32 input is copied first (the caller may read
+        # its logits again: speculative verification), a 16-bit one is copied by .float().
+        logits = logits.clone() if logits.dtype == torch.float32 and self.processes(b) else logits.float()
         want = b.num_logprobs is not None
         mode = self.logprobs_mode
         reported = None
@@ -244,7 +246,7 @@ class Sampler:
     def probabilities(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         """The full [S, V] distribution each random row samples from (greedy rows: one-hot).
         Not on the hot path: for tests and debugging."""
-        x = self.process_logits(logits.float(), b)
+        x = self.process_logits(logits.clone() if logits.dtype == torch.float32 else logits.float(), b)
         out = torch.nn.functional.one_hot(x.argmax(dim=-1), x.shape[1]).float()
         if not b.groups:  # every row greedy
             return out
