@@ -351,6 +351,24 @@ def test_served_with_a_draft_model(llama_dir, plain):
         assert drafted > 0 and accepted > 0.9 * drafted and sum(per_pos) == accepted
         assert per_pos[0] >= per_pos[1] >= per_pos[2] > 0
         assert metric(m, "pagedserve:spec_decode_num_drafts_total") >= drafted / 3
+        # Several tokens a step, with logprobs, streamed: the chunks add up to the whole reply
+        # (completions and chat alike).
+        kw = dict(model="tiny-llama", max_tokens=16, temperature=0, logprobs=True, top_logprobs=2)
+        whole = client.chat.completions.create(messages=[{"role": "user", "content": "hi there"}], **kw)
+        chunks = client.chat.completions.create(messages=[{"role": "user", "content": "hi there"}], stream=True, **kw)
+        streamed = [lp for ch in chunks for c in ch.choices if c.logprobs for lp in c.logprobs.content]
+        assert [(x.token, round(x.logprob, 4)) for x in streamed] == \
+            [(x.token, round(x.logprob, 4)) for x in whole.choices[0].logprobs.content]
+        whole = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=16, temperature=0, logprobs=2)
+        chunks = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=16, temperature=0,
+                                           logprobs=2, stream=True)
+        tokens, lps = [], []
+        for ch in chunks:
+            for c in ch.choices:
+                if c.logprobs:
+                    tokens += c.logprobs.tokens
+                    lps += c.logprobs.token_logprobs
+        assert tokens == whole.choices[0].logprobs.tokens and len(lps) == len(tokens) == 16
 
 
 def test_speculation_limits(llama_dir, plain):
