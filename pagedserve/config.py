@@ -292,9 +292,7 @@ class EngineArgs:
                              "text-only with it (limit_mm_per_prompt={'image': 0}).")
         if spec is not None and spec.method == "draft_model":
             clash = [name for name, on in (("enable_sleep_mode", self.enable_sleep_mode),
-                                           ("enable_prompt_embeds", self.enable_prompt_embeds),
-                                           ("images (limit_mm_per_prompt={'image': 0} turns them off)", max_images))
-                     if on]
+                                           ("enable_prompt_embeds", self.enable_prompt_embeds)) if on]
             if clash:
                 raise ValueError(f"speculative_config: a draft model does not run with {clash[0]}.")
         default_sampling = _sampling_defaults(self.model, self.generation_config, self.override_generation_config)

@@ -269,3 +269,20 @@ def test_images_on_cuda_with_graphs(llava_dir, reference):
                         use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(reference.greedy(text, images), out, lp_tol=2e-2)
+
+
+@pytest.mark.parametrize("draft", ["llava", "llama"])
+def test_a_draft_model_beside_images(llava_dir, llama_dir, reference, draft):
+    """A text draft model (a Llama with the tokenizer, or the LLaVA's own language model)
+    drafts for a vision-language target: it reads image placeholders as tokens, so its drafts
+    near an image are worse, never wrong: outputs are transformers' with the images."""
+    path = llava_dir if draft == "llava" else llama_dir
+    llm = LLM(llava_dir, block_size=8, max_num_batched_tokens=64,
+              speculative_config={"model": path, "num_speculative_tokens": 3})
+    cases = [(PROMPT_1, [_image(1)]), (PROMPT_2, [_image(2), _image(3, (90, 30))])]
+    outs = llm.generate([{"prompt": t, "multi_modal_data": {"image": ims}} for t, ims in cases],
+                        _params(logprobs=0), use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        assert_output_matches(reference.greedy(text, images), out)
+    sched = llm.llm_engine.scheduler
+    assert sched.num_draft_tokens > 0 and (draft == "llama" or sched.num_accepted_tokens > 0)

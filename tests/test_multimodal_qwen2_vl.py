@@ -352,3 +352,17 @@ def test_images_on_cuda_with_graphs(qwen2_vl):
     outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out, lp_tol=2e-2)
+
+
+def test_a_draft_model_beside_m_rope(qwen2_vl):
+    """The Qwen2-VL's own language model as a text draft: its rows go at plain positions, the
+    target's drafts and verification at M-RoPE's (shifted after each image); outputs are
+    transformers' with the images, and drafts stand."""
+    path, ref = qwen2_vl
+    llm = LLM(path, block_size=8, max_num_batched_tokens=64,
+              speculative_config={"model": path, "num_speculative_tokens": 3})
+    cases = [(PROMPT_1, [random_image(1)]), (PROMPT_2, [random_image(2), random_image(3, (50, 120))]), (TEXT, [])]
+    outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
+    for (text, images), out in zip(cases, outs):
+        assert_output_matches(ref.greedy(text, images), out)
+    assert llm.llm_engine.scheduler.num_accepted_tokens > 0
