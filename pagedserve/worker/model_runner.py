@@ -372,7 +372,8 @@ class ModelRunner:
             targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
                          if prompt_lp else None)
             logits = self.model.compute_logits(hidden[: len(rows)] if rows_t is None else hidden[rows_t])
-            s_out = self.sampler(logits[: len(hidden_rows)], batch, keep_reported=bool(spec)) if batch else None
+            s_out = (self.sampler(logits[: len(hidden_rows)], batch, keep_reported=bool(spec), keep_input=bool(spec))
+                     if batch else None)
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t,
                                                 raw_logits=self.config.logprobs_mode.endswith("logits"))
                    if prompt_lp else None)

@@ -121,14 +121,17 @@ class Sampler:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {logprobs_mode!r}.")
         self.logprobs_mode = logprobs_mode
 
-    def __call__(self, logits: torch.Tensor, b: SamplingBatch, keep_reported: bool = False) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch, keep_reported: bool = False,
+                 keep_input: bool = False) -> SamplerOutput:
+        """keep_reported: SamplerOutput.reported kept (speculative rows report other tokens).
+        keep_input: `logits` left as they are (processing works in place; float32 input is
+        then copied first), for a caller that reads them again (speculative verification)."""
         if b.all_greedy and b.num_logprobs is None and not self.processes(b):
             # Plain greedy (most batch-1 decoding): argmax of the 16-bit logits is the
             # argmax of their exact float32 copy, so the copy is skipped (one kernel fewer).
             return SamplerOutput(greedy_tokens(logits))
-        # process_logits works in place: a float32 input is copied first (the caller may read
-        # its logits again: speculative verification), a 16-bit one is copied by .float().
-        logits = logits.clone() if logits.dtype == torch.float32 and self.processes(b) else logits.float()
+        copy = keep_input and logits.dtype == torch.float32 and self.processes(b)
+        logits = logits.clone() if copy else logits.float()
         want = b.num_logprobs is not None
         mode = self.logprobs_mode
         reported = None
