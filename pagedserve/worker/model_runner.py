@@ -78,9 +78,9 @@ class PendingStep:
 
 
 def _draft_extras(reqs: list, spec: list) -> Optional[list[list[int]]]:
-    """Per sampled row, the drafts before its position (for penalties): a speculative
-    request's plain row follows all its drafts, its draft row j the first j; None without
-    drafts."""
+    """Per sampled row, the drafts before its position (its penalties, min_tokens, bad words
+    and grammar take them as output): a speculative request's plain row follows all its
+    drafts, its draft row j the first j; None without drafts."""
     if not spec:
         return None
     drafts = {sr.request.request_id: sr.drafts for sr, _ in spec}
@@ -205,8 +205,8 @@ class ModelRunner:
             self.graphs.capture()
             draft = self.draft
             if draft is not None and not draft.cfg.enforce_eager and getattr(draft.model, "cuda_graph_safe", True):
-                self.draft.graphs = self.make_graph_runner(capture=True, model=self.draft.model)
-                self.draft.graphs.capture()
+                draft.graphs = self.make_graph_runner(capture=True, model=draft.model)
+                draft.graphs.capture()
 
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.enforce_eager
@@ -373,7 +373,7 @@ class ModelRunner:
                          if prompt_lp else None)
             logits = self.model.compute_logits(hidden[: len(rows)] if rows_t is None else hidden[rows_t])
             s_out = (self.sampler(logits[: len(hidden_rows)], batch, keep_reported=bool(spec), keep_input=bool(spec))
-                     if batch else None)
+                     if batch is not None else None)
             plp = (self._prompt_logprob_tensors(logits[len(hidden_rows):], prompt_lp, targets, targets_t,
                                                 raw_logits=self.config.logprobs_mode.endswith("logits"))
                    if prompt_lp else None)
