@@ -153,7 +153,7 @@ def test_mixed_batches_preemption_and_prefix_caching(llama_dir, engines):
               # exactly greedy's.
               SamplingParams(temperature=0.9, top_k=1, seed=3, max_tokens=30, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2
-    params[-1] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=0.5)  # not speculated
+    params[-1] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=0.5)  # penalised
     want = _same(engines, prompts, params)
     tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * PER_BLOCK_8,
                 speculative_config=SPEC)

@@ -118,7 +118,7 @@ def test_drafts_are_the_draft_models_greedy_tokens(llama_dir, near_draft, draft_
 
 def test_preemption_prefix_caching_and_mixed_batches(llama_dir, near_draft, draft_ref, plain):
     """Preempted requests (a 14-block cache), prefix-cache hits of an earlier run, forked
-    siblings, sampled and not-speculated requests beside greedy ones: the draft's KV is
+    siblings, sampled, logprobs and penalised requests beside greedy ones: the draft's KV is
     trusted only where the request's own draft wrote it."""
     tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * PER_BLOCK_8 * 2,
                 speculative_config=_spec(near_draft))
@@ -129,7 +129,7 @@ def test_preemption_prefix_caching_and_mixed_batches(llama_dir, near_draft, draf
               # top_k=1: the rejection-sampling path, which must then give greedy's tokens
               SamplingParams(temperature=0.9, top_k=1, seed=3, max_tokens=30, ignore_eos=True, n=2),
               SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)] * 2
-    params[-1] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=0.5)  # not speculated
+    params[-1] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=0.5)  # penalised
     want = _tokens(plain.generate(prompts, params, use_tqdm=False))
     assert _tokens(tight.generate(prompts, params, use_tqdm=False)) == want
     assert tight.llm_engine.scheduler.num_preemptions > 0
