@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedserve.worker.cuda_graphs import DecodeBuffers, bucket_for, capture_sizes
+from pagedserve.worker.cuda_graphs import DecodeBuffers, bucket_for, capture_sizes, pad_uniform
 
 
 def test_capture_sizes():
@@ -50,44 +50,117 @@ def test_buffers_fill_pads_rows_and_keeps_block_tables():
     assert buf.slot_mapping[:4].tolist() == [2, -1, -1, -1] and buf.seq_lens[:4].tolist() == [2, 0, 0, 0]
 
 
-def test_padded_bucket_matches_unpadded_step(llama_dir):
-    """The model on a bucket's padded buffers gives the real rows exactly what the eager,
-    unpadded metadata gives, and writes no KV for the padding rows."""
-    pytest.importorskip("triton")
+def test_pad_uniform_keeps_each_tokens_causal_bound():
+    """Requests of 1, 3 and 2 tokens laid out 3 rows each: tokens first, padding after them
+    (token 0 at the last position, slot -1), seq_len grown by the padding."""
+    qsl = [0, 1, 4, 6]
+    ids, pos = np.array([10, 20, 21, 22, 30, 31]), np.array([7, 4, 5, 6, 0, 1])
+    slots, seq_lens = np.array([100, 200, 201, 202, 300, 301]), [8, 7, 2]
+    ids_p, pos_p, slots_p, seq_p, dst = pad_uniform(3, qsl, ids, pos, slots, seq_lens)
+    assert dst.tolist() == [0, 3, 4, 5, 6, 7]
+    assert ids_p.tolist() == [10, 0, 0, 20, 21, 22, 30, 31, 0]
+    assert pos_p.tolist() == [7, 7, 7, 4, 5, 6, 0, 1, 1]
+    assert slots_p.tolist() == [100, -1, -1, 200, 201, 202, 300, 301, -1]
+    assert seq_p.tolist() == [10, 7, 3]
+    for r in range(3):  # query i of a chunk sees keys [0, seq_len - q_len + i]: unchanged
+        for i in range(qsl[r + 1] - qsl[r]):
+            assert seq_p[r] - 3 + i == seq_lens[r] - (qsl[r + 1] - qsl[r]) + i == pos[qsl[r] + i]
+    with pytest.raises(AssertionError):
+        pad_uniform(2, qsl, ids, pos, slots, seq_lens)  # a request longer than q
+
+
+def test_buffers_of_several_query_rows():
+    buf = DecodeBuffers(max_batch=4, max_blocks_per_seq=5, block_size=4, max_model_len=20, device=torch.device("cpu"),
+                        query_len=3)
+    assert buf.block_tables.shape == (4, 6)  # a padded seq_len reaches max_model_len + 2
+    ids, pos, slots, lens, _ = pad_uniform(3, [0, 2], np.array([5, 6]), np.array([8, 9]), np.array([40, 41]), [10])
+    buf.fill(ids, pos, slots, lens, np.array([[10, 11, 12]], dtype=np.int32), 2)
+    assert buf.input_ids[:6].tolist() == [5, 6, 0, 0, 0, 0]
+    assert buf.slot_mapping[:6].tolist() == [40, 41, -1, -1, -1, -1]
+    assert buf.seq_lens[:2].tolist() == [11, 0]  # the padding request sees no key
+    meta = buf.metadata(2)
+    assert (meta.num_tokens, meta.num_reqs, meta.num_decodes, meta.max_query_len) == (6, 2, 0, 3)
+    assert meta.query_start_loc.tolist() == [0, 3, 6] and meta.slot_mapping.shape == (6,)
+
+
+def _llm_with_history(llama_dir):
+    """A Triton-backend engine whose KV cache holds random history to attend over."""
     from pagedserve import LLM
 
     llm = LLM(llama_dir, attention_backend="triton", block_size=4, max_num_seqs=8, dtype="float32")
     runner = llm.llm_engine.runner
-    graphs = runner.make_graph_runner(capture=False)
-    k_cache = runner.kv_caches[0][0]
     g = torch.Generator().manual_seed(0)
-    k_cache.copy_(torch.randn(k_cache.shape, generator=g))  # a cache with history to attend over
-    runner.kv_caches[0][1].copy_(torch.randn(k_cache.shape, generator=g))
-    for layer_k, layer_v in runner.kv_caches[1:]:
-        layer_k.copy_(torch.randn(k_cache.shape, generator=g))
-        layer_v.copy_(torch.randn(k_cache.shape, generator=g))
+    for layer_k, layer_v in runner.kv_caches:
+        layer_k.copy_(torch.randn(layer_k.shape, generator=g))
+        layer_v.copy_(torch.randn(layer_v.shape, generator=g))
+    return runner
+
+
+def _eager_and_graph_path(runner, host, run):
+    """The step's hidden states eagerly, what `run` (a graph runner's path) returns, each from
+    the same KV cache; the cache before, and the caches each left."""
+    caches = lambda: [c for pair in runner.kv_caches for c in pair]  # noqa: E731
+    before = [c.clone() for c in caches()]
+    with torch.inference_mode():
+        eager = runner.model(*runner._device_inputs(host)).clone()
+        after_eager = [c.clone() for c in caches()]
+        for a, b in zip(before, caches()):
+            b.copy_(a)
+        padded = run()
+    return eager, padded, before, after_eager, caches()
+
+
+def _assert_same_kv_and_none_for_padding(before, after_eager, after, slots, k_shape) -> None:
+    written = torch.zeros(k_shape[:2], dtype=torch.bool)
+    written.view(-1)[torch.from_numpy(slots)] = True
+    for a, b, c in zip(after_eager, after, before):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # same KV for the real rows (GEMM shapes differ)
+        assert torch.equal(b[~written], c[~written])  # and none for the padding rows
+
+
+def test_padded_bucket_matches_unpadded_step(llama_dir):
+    """The model on a bucket's padded buffers gives the real rows exactly what the eager,
+    unpadded metadata gives, and writes no KV for the padding rows."""
+    pytest.importorskip("triton")
+    from pagedserve.worker.model_runner import HostInputs
+
+    runner = _llm_with_history(llama_dir)
+    graphs = runner.make_graph_runner(capture=False)
     seq_lens = np.array([5, 1, 12], dtype=np.int32)
     block_rows = np.array([[1, 2, 0], [3, 0, 0], [4, 5, 6]], dtype=np.int32)
     positions = seq_lens.astype(np.int64) - 1
     slots = np.array([block_rows[i, p // 4] * 4 + p % 4 for i, p in enumerate(positions)], dtype=np.int64)
     ids = np.array([7, 8, 9])
-    from pagedserve.worker.model_runner import HostInputs
-
     host = HostInputs(ids, positions, slots, seq_lens.tolist(), [0, 1, 2, 3], block_rows, 3, [0, 1, 2])
-    before = [c.clone() for pair in runner.kv_caches for c in pair]
-    with torch.inference_mode():
-        eager = runner.model(*runner._device_inputs(host)).clone()
-        after_eager = [c.clone() for pair in runner.kv_caches for c in pair]
-        for a, b in zip(before, [c for pair in runner.kv_caches for c in pair]):
-            b.copy_(a)
-        padded = graphs.run(ids, positions, slots, seq_lens, block_rows)  # bucket 4: one padding row
+    eager, padded, before, after_eager, after = _eager_and_graph_path(
+        runner, host, lambda: graphs.run(ids, positions, slots, seq_lens, block_rows))  # bucket 4: one padding row
     assert graphs.bucket(3) == 4 and padded.shape == eager.shape
     torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
-    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
-    written.view(-1)[torch.from_numpy(slots)] = True
-    for a, b, c in zip(after_eager, [c for pair in runner.kv_caches for c in pair], before):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # same KV for the real rows (GEMM shapes differ)
-        assert torch.equal(b[~written], c[~written])  # and none for the padding row
+    _assert_same_kv_and_none_for_padding(before, after_eager, after, slots, runner.kv_caches[0][0].shape)
+
+
+def test_uniform_bucket_matches_a_varlen_step(llama_dir):
+    """Graphs of 3 query rows a request (speculative verification) on a step of a decode, a
+    last token with two drafts crossing a block boundary, and a two-token prompt: the real
+    rows get what the eager varlen step gives, and the padding rows write no KV."""
+    pytest.importorskip("triton")
+    from pagedserve.worker.model_runner import HostInputs
+
+    runner = _llm_with_history(llama_dir)
+    graphs = runner.make_graph_runner(capture=False, query_len=3)
+    assert graphs.query_len == 3 and graphs.buffers.metadata(1).num_decodes == 0
+    block_rows = np.array([[1, 2, 0], [4, 5, 6], [7, 0, 0]], dtype=np.int32)
+    positions = np.array([4, 6, 7, 8, 0, 1])
+    qsl, seq_lens = [0, 1, 4, 6], [5, 9, 2]
+    rows = [0, 1, 1, 1, 2, 2]
+    slots = np.array([block_rows[r, p // 4] * 4 + p % 4 for r, p in zip(rows, positions)], dtype=np.int64)
+    ids = np.array([7, 8, 9, 10, 11, 12])
+    host = HostInputs(ids, positions, slots, seq_lens, qsl, block_rows, 1, [0, 1, 2])
+    eager, (hidden, dst), before, after_eager, after = _eager_and_graph_path(
+        runner, host, lambda: graphs.run_varlen(ids, positions, slots, seq_lens, qsl, block_rows))
+    assert graphs.bucket(3) == 4 and hidden.shape[0] == 9 and dst.tolist() == [0, 3, 4, 5, 6, 7]
+    torch.testing.assert_close(hidden[torch.from_numpy(dst)], eager, rtol=1e-5, atol=1e-5)
+    _assert_same_kv_and_none_for_padding(before, after_eager, after, slots, runner.kv_caches[0][0].shape)
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe"])

@@ -157,10 +157,20 @@ def test_async_scheduling_matches_sync_on_cuda(llama_dir, eager):
     _free(llm)
 
 
+def _count_replays(graphs) -> list:
+    """Each run of a graph runner from now on: its number of requests."""
+    calls: list = []
+    run = graphs.run
+    graphs.run = lambda *a: calls.append(len(a[3])) or run(*a)
+    return calls
+
+
 def test_speculative_decoding_on_cuda(llama_dir):
-    """N-gram drafts on CUDA (Triton attention, float32): steps with drafts run eagerly, plain
-    decode steps replay graphs; greedy tokens equal the plain engine's, and sampled requests
-    with top_k=1 (the rejection-sampling path) too. An oracle proposer makes drafts stand."""
+    """N-gram drafts on CUDA (Triton attention, float32): steps with drafts replay the
+    verification graphs (4 rows a request, padded where a request has fewer drafts), plain
+    decode steps the decode graphs; greedy tokens equal the plain engine's, and sampled
+    requests with top_k=1 (the rejection-sampling path) too. An oracle proposer makes drafts
+    stand."""
     from test_speculative import OracleProposer
 
     prompts = [{"prompt_token_ids": p} for p in _prompts(6, 5)]
@@ -174,16 +184,21 @@ def test_speculative_decoding_on_cuda(llama_dir):
     oracle = OracleProposer(3)
     oracle.reference = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in want}
     spec.llm_engine.scheduler.proposer = oracle
+    runner = spec.llm_engine.runner
+    assert runner.verify_graphs is not None and runner.verify_graphs.use_graphs and runner.verify_graphs.graphs
+    verified = _count_replays(runner.verify_graphs)
     got = spec.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
-    assert spec.llm_engine.scheduler.num_accepted_tokens > 20 and spec.llm_engine.runner.graphs is not None
+    assert spec.llm_engine.scheduler.num_accepted_tokens > 20 and runner.graphs is not None
+    assert verified and max(verified) == 6
     _free(spec)
 
 
 def test_draft_model_on_cuda(llama_dir):
-    """A draft model on CUDA (Triton attention for both models, float32, the draft's one-token
-    passes in its own CUDA graphs): the target as its own draft has nearly every draft
-    accepted, and the tokens equal the plain engine's."""
+    """A draft model on CUDA (Triton attention for both models, float32; the target's
+    verification steps, the draft's one-token passes and its two-token catch-ups replay CUDA
+    graphs): the target as its own draft has nearly every draft accepted, and the tokens equal
+    the plain engine's."""
     prompts = [{"prompt_token_ids": p} for p in _prompts(6, 5)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     plain = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, kv_cache_memory_bytes=KV_BYTES)
@@ -191,9 +206,12 @@ def test_draft_model_on_cuda(llama_dir):
     _free(plain)
     spec = LLM(llama_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES,
                speculative_config={"model": llama_dir, "num_speculative_tokens": 3})
+    runner = spec.llm_engine.runner
+    replays = {name: _count_replays(g) for name, g in (("verify", runner.verify_graphs), ("draft", runner.draft.graphs),
+                                                       ("pair", runner.draft.pair_graphs))}
     got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
     sched = spec.llm_engine.scheduler
     assert got == want
     assert sched.num_draft_tokens > 30 and sched.num_accepted_tokens > 0.9 * sched.num_draft_tokens
-    assert spec.llm_engine.runner.draft.graphs is not None  # its one-token passes replay graphs
+    assert all(replays.values()), {k: len(v) for k, v in replays.items()}
     _free(spec)

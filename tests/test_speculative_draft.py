@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import HFReference, assert_greedy_matches
@@ -267,17 +268,46 @@ def test_a_draft_model_on_the_triton_backend(llama_dir, hf_refs):
     for p, o in zip(prompts, outs):
         assert_greedy_matches(hf_refs["llama"].greedy(p, 7), o.outputs[0].token_ids)
     assert llm.llm_engine.scheduler.num_draft_tokens >= 6 and _acceptance(llm) > 0.9
-    # The draft's one-token passes through its decode-graph path (static buffers, replayed
-    # eagerly here: capture=False); the catch-up after a full acceptance (two tokens) not.
+
+
+def test_graph_paths_on_static_buffers(llama_dir, near_draft, draft_ref, hf_refs):
+    """Every CUDA-graph path of speculation on its static buffers (replayed eagerly here:
+    capture=False; captured in tests/test_gpu_engine.py), Triton kernels for both models: the
+    target's verification steps (3 rows a request; requests with fewer drafts near their
+    max_tokens are padded), the draft's one-token passes, and its catch-up passes of one and
+    two tokens a request (two after a full acceptance). Every draft is transformers' greedy
+    one for the draft model, and the target's tokens are transformers'."""
+    pytest.importorskip("triton")
+    llm = LLM(llama_dir, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=4,
+              max_model_len=64, speculative_config=_spec(near_draft, 2))
     runner = llm.llm_engine.runner
     draft = runner.draft
-    draft.graphs = runner.make_graph_runner(capture=False, model=draft.model)
-    calls = []
-    run = draft.graphs.run
-    draft.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
-    again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
-    assert calls and max(calls) == 2 and _acceptance(llm) > 0.9
+    calls: dict[str, list] = {}
+
+    def counted(graphs, name):
+        run = graphs.run
+        # (requests, padding rows among theirs: fewer drafts than the graphs' rows)
+        graphs.run = lambda *a: calls.setdefault(name, []).append((len(a[3]), int((a[2] == -1).sum()))) or run(*a)
+        return graphs
+
+    runner.verify_graphs = counted(runner.make_graph_runner(capture=False, query_len=3), "verify")
+    draft.graphs = counted(runner.make_graph_runner(capture=False, model=draft.model), "draft")
+    draft.pair_graphs = counted(runner.make_graph_runner(capture=False, model=draft.model, query_len=2), "pair")
+    pair_lens = []
+    varlen = draft.pair_graphs.run_varlen
+    draft.pair_graphs.run_varlen = lambda *a: pair_lens.append(np.diff(a[4]).tolist()) or varlen(*a)
+    proposals = _spy(llm)
+    prompts = _prompts(4, 3)
+    max_tokens = [9, 11, 12, 14]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert_greedy_matches(hf_refs["llama"].greedy(p, m), o.outputs[0].token_ids)
+    _check_drafts(proposals, draft_ref)
+    assert 0.1 < _acceptance(llm) < 0.95
+    assert max(n for n, _ in calls["verify"]) == 4 and any(pad for _, pad in calls["verify"]) and calls["draft"]
+    assert any(set(lens) == {1, 2} for lens in pair_lens), pair_lens  # mixed catch-up passes
+    assert_no_leak(llm)
 
 
 def _hf_logprobs(hf, prompt: list[int], tokens: list[int]) -> torch.Tensor:

@@ -97,6 +97,9 @@ class DraftModelProposer:
         # Decode CUDA graphs for passes of one-token rows (most of them: after a step, the
         # catch-up is the new token alone unless every draft stood), set by the runner.
         self.graphs: Optional[DecodeGraphRunner] = None
+        # Graphs of two-token rows: the catch-up after a step whose drafts all stood (the last
+        # draft and the target's bonus token), beside one-token rows.
+        self.pair_graphs: Optional[DecodeGraphRunner] = None
         self.sampler, self.sampling_states = sampler, sampling_states
         # Sampled requests' draft distributions [k, draft vocab], from proposal to verification.
         self._probs: dict[str, torch.Tensor] = {}
@@ -212,7 +215,11 @@ class DraftModelProposer:
         last token, in the rows' order. One-token rows go first in the pass,
         as the backends expect."""
         lens = [len(t) if ids_t is None else 1 for _, t, _ in rows]
-        order = sorted(range(len(rows)), key=lambda i: lens[i] != 1)
+        pair = self.pair_graphs
+        if pair is not None and not (max(lens) == pair.query_len and len(rows) <= pair.max_size):
+            pair = None
+        # The pair graphs take rows in any order; the backends want one-token rows first.
+        order = list(range(len(rows))) if pair else sorted(range(len(rows)), key=lambda i: lens[i] != 1)
         bs = self.block_size
         ids, pos, slots, seq_lens, qsl = [], [], [], [], [0]
         for i in order:
@@ -238,6 +245,10 @@ class DraftModelProposer:
                                      None if ids_t is None else (None, ids_t))
             return self.model.compute_logits(hidden)  # (one-token rows: the pass's order is the rows')
         dev = self.device
+        if pair is not None:
+            hidden, dst = pair.run_varlen(np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots),
+                                          seq_lens, qsl, table)
+            return self.model.compute_logits(hidden[to_device(dst[np.asarray(qsl[1:]) - 1], torch.long, dev)])
         meta = AttentionMetadata(
             num_tokens=qsl[-1], num_actual_tokens=qsl[-1], num_reqs=len(order), num_decodes=lens.count(1),
             slot_mapping=to_device(np.concatenate(slots), torch.int64, dev),

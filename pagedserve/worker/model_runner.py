@@ -19,7 +19,8 @@ from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
-from pagedserve.worker.cuda_graphs import DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, graph_sizes
+from pagedserve.worker.cuda_graphs import (DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, graph_sizes,
+                                           pad_uniform)
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
 from pagedserve.worker.draft_model import DraftModelProposer
@@ -154,6 +155,9 @@ class ModelRunner:
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
+        # Graphs of 1 + k query rows a request: speculative verification steps (and any step
+        # whose every request has at most 1 + k tokens).
+        self.verify_graphs: Optional[DecodeGraphRunner] = None
         self._asleep: dict[str, list[SleepingStorages]] = {}  # sleep mode: tag -> memory given back
         # The last launched step's sampled tokens (device) and the requests of its rows.
         self._last_samples: Optional[tuple[torch.Tensor, list]] = None
@@ -200,13 +204,30 @@ class ModelRunner:
         self._bind(cache)
         if self.draft is not None:
             self.draft.allocate_kv_cache(num_blocks)
-        if self.use_cuda_graphs():  # their activations (<= max_num_seqs tokens) fit the headroom left
-            self.graphs = self.make_graph_runner(capture=True)
-            self.graphs.capture()
-            draft = self.draft
-            if draft is not None and not draft.cfg.enforce_eager and getattr(draft.model, "cuda_graph_safe", True):
-                draft.graphs = self.make_graph_runner(capture=True, model=draft.model)
-                draft.graphs.capture()
+        self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """Every CUDA graph, in one memory pool (they never run at the same time), largest
+        first: the target's verification graphs, its decode graphs, then the draft model's
+        catch-up and one-token graphs. Their activations (at most max_num_batched_tokens
+        tokens) fit the headroom the profiling pass left."""
+        if not self.use_cuda_graphs():
+            return
+        pool = torch.cuda.graph_pool_handle()
+        spec = self.config.speculative_config
+        if spec is not None:
+            self.verify_graphs = self.make_graph_runner(capture=True, query_len=1 + spec.num_speculative_tokens)
+            if self.verify_graphs is not None:
+                self.verify_graphs.capture(pool)
+        self.graphs = self.make_graph_runner(capture=True)
+        self.graphs.capture(pool)
+        draft = self.draft
+        if draft is not None and not draft.cfg.enforce_eager and getattr(draft.model, "cuda_graph_safe", True):
+            draft.pair_graphs = self.make_graph_runner(capture=True, model=draft.model, query_len=2)
+            if draft.pair_graphs is not None:
+                draft.pair_graphs.capture(pool)
+            draft.graphs = self.make_graph_runner(capture=True, model=draft.model)
+            draft.graphs.capture(pool)
 
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.enforce_eager
@@ -215,13 +236,23 @@ class ModelRunner:
                 and not self.config.enable_lora  # LoRA rows are mapped per step on the host
                 and self.config.runner == "generate")  # a pooling model only prefills
 
-    def make_graph_runner(self, capture: bool, model: Optional[torch.nn.Module] = None) -> DecodeGraphRunner:
-        """Decode graphs of `model` (default: the target; the draft model's one-token passes
-        have theirs) over batch-size buckets up to max_num_seqs; capture=False runs the same
-        static-buffer path eagerly (tests without CUDA)."""
-        sizes = graph_sizes(self.config.max_num_seqs, self.config.cuda_graph_sizes)
-        buffers = DecodeBuffers(sizes[-1], self.block_table.table.shape[1], self.block_size,
-                                self.config.max_model_len, self.device)
+    def make_graph_runner(self, capture: bool, model: Optional[torch.nn.Module] = None,
+                          query_len: int = 1) -> Optional[DecodeGraphRunner]:
+        """Graphs of `model` (default: the target; the draft model's passes have theirs) over
+        batch-size buckets up to max_num_seqs, of query_len rows a request; capture=False runs
+        the same static-buffer path eagerly (tests without CUDA). Where query_len > 1, only
+        buckets within max_num_batched_tokens (and speculation's disable_by_batch_size): None
+        if no bucket is left."""
+        cfg = self.config
+        sizes = graph_sizes(cfg.max_num_seqs, cfg.cuda_graph_sizes)
+        if query_len > 1:
+            spec = cfg.speculative_config
+            cap = spec.disable_by_batch_size if spec is not None and spec.disable_by_batch_size else cfg.max_num_seqs
+            sizes = [s for s in sizes if s * query_len <= cfg.max_num_batched_tokens and s <= cap]
+            if not sizes:
+                return None
+        buffers = DecodeBuffers(sizes[-1], self.block_table.table.shape[1], self.block_size, cfg.max_model_len,
+                                self.device, query_len=query_len)
         return DecodeGraphRunner(model or self.model, buffers, sizes, capture=capture)
 
     def _bind(self, cache: torch.Tensor) -> None:
@@ -248,7 +279,7 @@ class ModelRunner:
             kept += list(enc.parameters()) + list(enc.buffers())
         kept_storages = [s for s in unique_storages(kept) if s.data_ptr() not in taken]
         kv = unique_storages(t for pair in self.kv_caches for t in pair)
-        self.graphs = None  # they hold the addresses about to go; captured again on wake-up
+        self.graphs = self.verify_graphs = None  # they hold the addresses about to go; captured again on wake-up
         self._asleep = {
             "weights": [SleepingStorages(params, offload=level == 1), SleepingStorages(kept_storages, offload=True)],
             "kv_cache": [SleepingStorages(kv, offload=False)],
@@ -264,9 +295,8 @@ class ModelRunner:
                 raise ValueError(f"wake_up tags must be among {list(SLEEP_TAGS)}, got {tag!r}.")
             for part in self._asleep.pop(tag, ()):
                 part.restore(zero=tag == "kv_cache")
-        if not self._asleep and self.graphs is None and self.use_cuda_graphs():
-            self.graphs = self.make_graph_runner(capture=True)
-            self.graphs.capture()
+        if not self._asleep and self.graphs is None:
+            self._capture_graphs()
 
     @property
     def sleeping_tags(self) -> list[str]:
@@ -353,6 +383,9 @@ class ModelRunner:
             hidden_rows += range(first, first + len(sr.drafts))
         prompt_lp = self._prompt_logprob_rows(order, host.qsl)
         rows = hidden_rows + [r for _, _, rs, _ in prompt_lp for r in rs]
+        uniform = self._uniform_step(host)
+        if uniform is not None and rows:  # the hidden states come in the graphs' padded layout
+            rows = uniform[1][4][rows].tolist()
         # A decode-only step samples every row in order: its logits rows are a slice of the
         # hidden states (no gather, no index copy to the device).
         rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
@@ -361,7 +394,7 @@ class ModelRunner:
         with torch.inference_mode():
             patch = self._pending_token_patch(host.pending_rows)
             images = self.encoder_cache.step_rows(order, host.qsl) if self.encoder_cache is not None else None
-            hidden = self._forward(host, patch, images)
+            hidden = self._forward(host, patch, images, uniform)
             if not rows:
                 return PendingStep(ModelRunnerOutput())
             # Sampling's host work (per-row tensors, grammar masks) runs while the GPU does
@@ -594,12 +627,29 @@ class ModelRunner:
                 runs.append((adapter, to_device(rows, torch.long, self.device)))
         return runs
 
+    def _uniform_step(self, host: HostInputs) -> Optional[tuple[DecodeGraphRunner, tuple[np.ndarray, ...]]]:
+        """The verification graphs and the step laid out for them (pad_uniform), where the step
+        has a request of several tokens, each of at most 1 + k (a speculative verification
+        step, or short last prompt chunks beside decodes), and fits a bucket; else None."""
+        g = self.verify_graphs
+        if (g is None or host.decode_only or host.mrope is not None or host.kv_limit is not None
+                or host.pending_rows or self.encoder_cache is not None or len(host.seq_lens) > g.max_size
+                or max(b - a for a, b in zip(host.qsl, host.qsl[1:])) > g.query_len):
+            return None
+        return g, pad_uniform(g.query_len, host.qsl, host.input_ids, host.positions, host.slots, host.seq_lens)
+
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None,
-                 images: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                 images: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 uniform: Optional[tuple[DecodeGraphRunner, tuple[np.ndarray, ...]]] = None) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay when the step is decode-only and
-        fits a captured bucket, else an eager pass. `patch` overwrites pending input tokens;
-        `images` (rows, embeddings) replaces image placeholders' embeddings (a one-token
-        prompt chunk looks like a decode row, hence no graph then)."""
+        fits a captured bucket, or when `uniform` (_uniform_step) gives graphs and the padded
+        layout (the hidden states are then in that layout), else an eager pass. `patch`
+        overwrites pending input tokens; `images` (rows, embeddings) replaces image
+        placeholders' embeddings (a one-token prompt chunk looks like a decode row, hence no
+        graph then)."""
+        if uniform is not None:
+            graphs, (ids, pos, slots, lens, _) = uniform
+            return graphs.run(ids, pos, slots, lens, host.block_rows)
         if (images is None and host.mrope is None and host.kv_limit is None and self.graphs is not None
                 and host.decode_only
                 and len(host.seq_lens) <= self.graphs.max_size):
