@@ -161,3 +161,37 @@ def test_lora_on_the_triton_backend(model_dirs, adapters):
     ref = HFReference(adapters["all"][1])
     for p, o in zip(prompts, got):
         assert_greedy_matches(ref.greedy(p["prompt_token_ids"], 6), o.outputs[0].token_ids)
+
+
+def test_lora_on_the_graph_paths(model_dirs, adapters):
+    """Adapters inside CUDA graphs: the decode graphs' and the speculative verification graphs'
+    static-buffer paths (capture=False: the same buffers and slots, the Triton kernels
+    interpreted). A batch of two adapters and the base model, then other adapters loaded
+    into the slots the graphs read in place (max_loras=2: a third adapter evicts one); every
+    request's tokens equal transformers' with its adapter merged."""
+    pytest.importorskip("triton")
+    base = model_dirs["llama"]
+    d3, merged3 = make_adapter(base, os.path.dirname(adapters["all"][0]) + "_g3", seed=7)
+    llm = LLM(base, enable_lora=True, max_loras=2, attention_backend="triton", block_size=8, max_num_seqs=4,
+              dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    runner = llm.llm_engine.runner
+    calls = {}
+    for name, graphs in (("decode", runner.make_graph_runner(capture=False)),
+                         ("verify", runner.make_graph_runner(capture=False, query_len=3))):
+        run = graphs.run
+        graphs.run = (lambda name, run: lambda *a: calls.setdefault(name, []).append(len(a[3])) or run(*a))(name, run)
+        setattr(runner, "graphs" if name == "decode" else "verify_graphs", graphs)
+    refs = {"all": HFReference(adapters["all"][1]), "attn": HFReference(adapters["attn"][1]),
+            "three": HFReference(merged3), None: HFReference(base)}
+    loras = {"all": LoRARequest("all", 1, adapters["all"][0]), "attn": LoRARequest("attn", 2, adapters["attn"][0]),
+             "three": LoRARequest("three", 3, d3), None: None}
+    # Repetitive prompts, so that n-gram drafts come up.
+    prompts = [[4 + (i + j) % 5 for j in range(12 + 3 * i)] for i in range(3)]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for names in (("all", None, "attn"), ("three", "attn", None)):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False,
+                            lora_request=[loras[n] for n in names])
+        for p, n, o in zip(prompts, names, outs):
+            assert_greedy_matches(refs[n].greedy(p, 8), o.outputs[0].token_ids)
+    assert max(calls["decode"]) == 3 and max(calls["verify"]) == 3, calls
+    assert runner.lora_slots.held[0].name == "three" or runner.lora_slots.held[1].name == "three"

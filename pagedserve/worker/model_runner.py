@@ -13,7 +13,7 @@ import torch
 from pagedserve.attention.backend import AttentionMetadata, get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from pagedserve.lora.layers import LoRAState, install_lora_hooks
+from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.loader import load_model
@@ -120,9 +120,13 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.lora: Optional[LoRAManager] = None
-        self.lora_state = LoRAState()
+        self.lora_slots: Optional[LoRASlots] = None  # the adapters' factors as the forward pass reads them
         if config.enable_lora:
-            install_lora_hooks(self.model, self.lora_state)
+            spec = config.speculative_config
+            max_rows = max(config.max_num_batched_tokens,
+                           config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0)))
+            self.lora_slots = LoRASlots(self.model, config.max_loras, config.max_lora_rank, max_rows, config.dtype,
+                                        config.device)
             self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras, config.dtype,
                                     config.device)
         if self.backend.name == "triton":  # the fused norm, RoPE and SiLU-and-mul kernels too
@@ -213,6 +217,8 @@ class ModelRunner:
         tokens) fit the headroom the profiling pass left."""
         if not self.use_cuda_graphs():
             return
+        if self.lora_slots is not None:  # the adapters' products in every graph (rows without one add 0)
+            self.lora_slots.active = True
         pool = torch.cuda.graph_pool_handle()
         spec = self.config.speculative_config
         if spec is not None:
@@ -228,12 +234,13 @@ class ModelRunner:
                 draft.pair_graphs.capture(pool)
             draft.graphs = self.make_graph_runner(capture=True, model=draft.model)
             draft.graphs.capture(pool)
+        if self.lora_slots is not None:
+            self.lora_slots.active = False
 
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.enforce_eager
                 and getattr(self.backend, "supports_cuda_graphs", False)
                 and getattr(self.model, "cuda_graph_safe", True)
-                and not self.config.enable_lora  # LoRA rows are mapped per step on the host
                 and self.config.runner == "generate")  # a pooling model only prefills
 
     def make_graph_runner(self, capture: bool, model: Optional[torch.nn.Module] = None,
@@ -338,7 +345,11 @@ class ModelRunner:
         with torch.inference_mode():
             if self.encoder_cache is not None and self.encoder_cache.encoder is not None:  # its worst step too
                 self.encoder_cache.encoder.encode(profile_images(self.encoder_cache.encoder, cfg))
+            if self.lora_slots is not None:  # with the adapters' products (no adapter: 0 added)
+                self.lora_slots.active = True
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
+            if self.lora_slots is not None:
+                self.lora_slots.active = False
             if self.model.lm_head is not None:  # none in a pooling model
                 rows = torch.arange(cfg.max_num_seqs, device=dev) % n
                 self.model.compute_logits(hidden[rows])
@@ -389,8 +400,8 @@ class ModelRunner:
         # A decode-only step samples every row in order: its logits rows are a slice of the
         # hidden states (no gather, no index copy to the device).
         rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
-        if self.lora is not None:
-            self.lora_state.runs = self._lora_runs(order, host.qsl)
+        if self.lora_slots is not None:
+            self._set_lora_rows(order, host, uniform)
         with torch.inference_mode():
             patch = self._pending_token_patch(host.pending_rows)
             images = self.encoder_cache.step_rows(order, host.qsl) if self.encoder_cache is not None else None
@@ -605,27 +616,16 @@ class ModelRunner:
         idx = to_device([rows, src], torch.long, self.device)
         return idx[0], tokens.index_select(0, idx[1])
 
-    def _lora_runs(self, order: list[ScheduledRequest], qsl: list[int]) -> list:
-        """(adapter, its rows) per adapter of the step: a slice if the rows are contiguous,
-        else an index tensor on the device."""
-        ranges: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
-        for i, s in enumerate(order):
-            adapter = self.lora.adapter_of(s.request.request_id)
-            if adapter is None:
-                continue
-            spans = ranges.setdefault(adapter.adapter_id, (adapter, []))[1]
-            if spans and spans[-1][1] == qsl[i]:
-                spans[-1] = (spans[-1][0], qsl[i + 1])
-            else:
-                spans.append((qsl[i], qsl[i + 1]))
-        runs = []
-        for adapter, spans in ranges.values():
-            if len(spans) == 1:
-                runs.append((adapter, slice(*spans[0])))
-            else:
-                rows = [r for a, b in spans for r in range(a, b)]
-                runs.append((adapter, to_device(rows, torch.long, self.device)))
-        return runs
+    def _set_lora_rows(self, order: list[ScheduledRequest], host: HostInputs, uniform) -> None:
+        """Each row's adapter slot (lora/layers.py), in the layout the forward pass takes:
+        the flat rows, or the verification graphs' padded ones (their padding: no adapter)."""
+        slots = self.lora_slots.slot_of([self.lora.adapter_of(s.request.request_id) for s in order])
+        rows = np.repeat(np.asarray(slots, dtype=np.int64), np.diff(host.qsl))
+        if uniform is not None:
+            padded = np.full(len(uniform[1][0]), -1, dtype=np.int64)
+            padded[uniform[1][4]] = rows
+            rows = padded
+        self.lora_slots.set_rows(rows)
 
     def _uniform_step(self, host: HostInputs) -> Optional[tuple[DecodeGraphRunner, tuple[np.ndarray, ...]]]:
         """The verification graphs and the step laid out for them (pad_uniform), where the step
