@@ -170,8 +170,6 @@ class EngineArgs:
             from pagedserve.engine.spec_config import SpeculativeConfig
 
             spec = SpeculativeConfig.from_dict(self.speculative_config)
-            if self.async_scheduling:  # drafts come from the previous step's tokens
-                raise ValueError("speculative_config needs synchronous scheduling (async_scheduling=False).")
         for name in ("max_loras", "max_lora_rank") + (("max_cpu_loras",) if self.max_cpu_loras is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -320,7 +318,7 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             logprobs_mode=self.logprobs_mode,
             attention_backend=backend,
-            async_scheduling=(device.type == "cuda" and spec is None) if self.async_scheduling is None
+            async_scheduling=(device.type == "cuda") if self.async_scheduling is None
             else bool(self.async_scheduling),
             reasoning_parser=self.reasoning_parser,
             speculative_config=spec,

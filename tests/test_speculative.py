@@ -166,9 +166,50 @@ def test_mixed_batches_preemption_and_prefix_caching(llama_dir, engines):
     assert _fields(again) == _fields(want)
 
 
-def test_async_scheduling_is_refused(llama_dir):
-    with pytest.raises(ValueError, match="synchronous"):
-        LLM(llama_dir, speculative_config=SPEC, async_scheduling=True)
+def test_async_scheduling_beside_speculation(llama_dir, engines):
+    """Async scheduling with drafts off above disable_by_batch_size=2: the big batch's steps
+    run ahead of their tokens (decode rows whose input is still in flight), and once the
+    batch is down to two the engine lands each step before scheduling, so drafts follow the
+    right tokens. Outputs equal plain decoding's, stop strings included."""
+    plain = engines[0]
+    prompts = _prompts(6)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 9 * i, ignore_eos=True) for i in range(6)]
+    ref = plain.generate(prompts, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True), use_tqdm=False)
+    params[3] = SamplingParams(temperature=0, max_tokens=40, stop=[ref[3].outputs[0].text[20:24]])
+    want = plain.generate(prompts, params, use_tqdm=False)
+    spec = LLM(llama_dir, max_model_len=256, async_scheduling=True,
+               speculative_config={**SPEC, "disable_by_batch_size": 2})
+    oracle = spec.llm_engine.scheduler.proposer = OracleProposer(4)
+    oracle.cfg.disable_by_batch_size = 2
+    oracle.reference = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in ref}
+    runner = spec.llm_engine.runner
+    ahead = []
+    patch = runner._pending_token_patch
+    runner._pending_token_patch = lambda rows: ahead.append(len(rows)) or patch(rows)
+    got = spec.generate(prompts, params, use_tqdm=False)
+    assert _fields(got) == _fields(want)
+    sched = spec.llm_engine.scheduler
+    assert max(ahead) >= 3 and sched.num_accepted_tokens > 20  # steps ran ahead, and drafts stood
+    # Arrivals while one request drafts: the step that admits them has drafts, and the batch
+    # it leaves is past the limit; the step after must still wait for it.
+    eng = spec.llm_engine
+    late = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    done: dict = {}
+
+    def collect(outs) -> None:
+        done.update({o.request_id: o.outputs[0].token_ids for o in outs if o.finished})
+
+    eng.add_request("first", prompts[0], late)
+    drafted = sched.num_drafts
+    while sched.num_drafts == drafted:
+        collect(eng.step())
+    for i in range(1, 4):
+        eng.add_request(f"late{i}", prompts[i], late)
+    while eng.has_unfinished_requests():
+        collect(eng.step())
+    want = plain.generate(prompts[:4], late, use_tqdm=False)
+    assert [done[k] for k in ("first", "late1", "late2", "late3")] == [w.outputs[0].token_ids for w in want]
+    assert_no_leak(spec)
 
 
 def test_rejection_sampling_keeps_the_distribution():

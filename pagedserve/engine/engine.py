@@ -543,8 +543,12 @@ class LLMEngine:
         N - 1's samples, so the device never waits for the host between steps. A request that
         step N - 1 ends (EOS, stop token) has run in step N too; that token is dropped, as is
         the one after a stop string. Batches that sample from the output history on the host
-        (penalties, multi-token bad words) wait for step N - 1 first."""
-        if self._inflight is not None and (not self.async_scheduling or self._inflight.needs_history):
+        (penalties, multi-token bad words) wait for step N - 1 first, as do steps after one
+        with drafts (how many stood decides where each request goes on) and steps that may
+        draft (speculative decoding, within disable_by_batch_size: drafts follow the last
+        token)."""
+        if self._inflight is not None and (not self.async_scheduling or self._inflight.needs_history
+                                           or self.scheduler.may_draft()):
             self._land(self._inflight)
             self._inflight = None
         sched_out = self.scheduler.schedule()
@@ -593,8 +597,10 @@ class _InFlight:
 
     def __init__(self, sched_out: SchedulerOutput, pending: PendingStep) -> None:
         self.sched_out, self.pending = sched_out, pending
-        # Requests it samples for that read their output history on the host.
-        self.needs_history = any([s.request.needs_output_history for s in sched_out.scheduled if s.samples])
+        # Requests it samples for that read their output history on the host, or drafts whose
+        # outcome the next step's positions depend on.
+        self.needs_history = any([s.drafts or (s.samples and s.request.needs_output_history)
+                                  for s in sched_out.scheduled])
 
 
 HARMONY_MARKERS = (HARMONY_START, CHANNEL, MESSAGE, *ENDS)

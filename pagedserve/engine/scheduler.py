@@ -93,7 +93,7 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         self._forked_waiting: list[Request] = []  # siblings queued while holding shared blocks
         self.num_preemptions = 0
-        self.proposer = proposer  # speculative decoding (synchronous scheduling only)
+        self.proposer = proposer  # speculative decoding
         self.num_draft_tokens = self.num_accepted_tokens = 0
         self.num_drafts = 0  # steps a request ran drafts in (vLLM's spec_decode_num_drafts)
         self.accepted_per_pos: list[int] = []  # [j]: drafts accepted at position j of a step's drafts
@@ -169,6 +169,16 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def may_draft(self) -> bool:
+        """Whether the next step may run drafts (disable_by_batch_size counts the running
+        batch). Drafts follow a request's last token, so under async scheduling the engine
+        lands the step in flight first; a request whose last token is still in flight decodes
+        plainly."""
+        if self.proposer is None:
+            return False
+        limit = self.proposer.cfg.disable_by_batch_size
+        return limit is None or len(self.running) <= limit
+
     # ---- the step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -180,8 +190,7 @@ class Scheduler:
         if self.by_priority:  # best first: the budget goes to them, and the last is the victim
             self.running.sort(key=Request.sort_key.fget)
         running = self.running
-        limit = self.proposer.cfg.disable_by_batch_size if self.proposer is not None else None
-        speculating = self.proposer is not None and (limit is None or len(running) <= limit)
+        speculating = self.may_draft()
         while i < len(running) and budget > 0:
             req = running[i]
             inflight = req.num_inflight
@@ -195,7 +204,7 @@ class Scheduler:
                     i += 1
                     continue
             self.kv.release_out_of_window(req, req.num_computed_tokens)
-            if n == 1 and speculating and req.speculates:
+            if n == 1 and speculating and not inflight and req.speculates:
                 # A draft model drafts once the slots are allocated, for all requests at once.
                 batched = getattr(self.proposer, "batched", False)
                 d = [0] * self._draft_room(req, budget - 1) if batched else self._drafts(req, budget - 1)

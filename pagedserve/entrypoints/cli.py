@@ -62,8 +62,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                "CUDA)")
     p.add_argument("--speculative-config", type=_json_dict, default=None,
                    help='speculative decoding, vLLM\'s JSON: \'{"method": "ngram", "num_speculative_tokens": 4, '
-                   '"prompt_lookup_max": 4}\', or a draft model: \'{"model": DIR, "num_speculative_tokens": 3}\' '
-                   '(synchronous scheduling)')
+                   '"prompt_lookup_max": 4}\', or a draft model: \'{"model": DIR, "num_speculative_tokens": 3}\'')
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT format) on the model")
     p.add_argument("--max-loras", type=int, default=d.max_loras, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
