@@ -12,6 +12,7 @@ device tensor graphs read in place). Rows without an adapter (slot -1) get nothi
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -52,7 +53,9 @@ class LoRASlots:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, max_rows: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.device = device
-        self.held: list[Optional[LoRAAdapter]] = [None] * max_loras
+        # The adapter in each slot, weakly: one the manager drops (lora/manager.py) frees its
+        # slot and its memory; its factors stay in the slot until another is loaded there.
+        self._held: list[Optional[weakref.ref]] = [None] * max_loras
         self._last_use = [0] * max_loras
         self._clock = 0
         # Each row's slot (-1: none). Steps write their first rows; graphs read it in place.
@@ -65,6 +68,10 @@ class LoRASlots:
                 self.stacks[name] = stack = _Stack(module, max_loras, max_rank, dtype, device)
                 module.register_forward_hook(_hook(stack, self))
 
+    @property
+    def held(self) -> list[Optional[LoRAAdapter]]:
+        return [None if r is None else r() for r in self._held]
+
     def num_bytes(self) -> int:
         return sum(s.a.numel() * s.a.element_size() + s.b.numel() * s.b.element_size() for s in self.stacks.values())
 
@@ -75,17 +82,19 @@ class LoRASlots:
         new factors are copied on the device's stream: a step still running reads the old."""
         self._clock += 1
         step = {id(a) for a in adapters if a is not None}
+        held = self.held
         out = []
         for adapter in adapters:
             if adapter is None:
                 out.append(-1)
                 continue
-            slot = next((s for s, a in enumerate(self.held) if a is adapter), None)
+            slot = next((s for s, a in enumerate(held) if a is adapter), None)
             if slot is None:
-                free = [s for s, a in enumerate(self.held) if a is None or id(a) not in step]
+                free = [s for s, a in enumerate(held) if a is None or id(a) not in step]
                 assert free, "more adapters in a step than max_loras"
-                slot = min(free, key=lambda s: (self.held[s] is not None, self._last_use[s]))
+                slot = min(free, key=lambda s: (held[s] is not None, self._last_use[s]))
                 self._load(slot, adapter)
+                held[slot] = adapter
             self._last_use[slot] = self._clock
             out.append(slot)
         return out
@@ -96,7 +105,7 @@ class LoRASlots:
         for name, factors in adapter.modules.items():
             for f in factors:
                 self.stacks[name].put(slot, f.offset, f.size, f.a, f.b, adapter.scaling)
-        self.held[slot] = adapter
+        self._held[slot] = weakref.ref(adapter)
 
     def set_rows(self, slots: np.ndarray) -> None:
         """The step's rows' slots, in the layout its forward pass takes (written even when
