@@ -233,10 +233,14 @@ def test_lora_in_cuda_graphs(llama_dir, tmp_path):
     for eager in (True, False):
         llm = LLM(llama_dir, device="cuda", dtype="float32", enforce_eager=eager, enable_lora=True, max_loras=2,
                   kv_cache_memory_bytes=KV_BYTES)
-        replays = [] if eager else _count_replays(llm.llm_engine.runner.graphs)
+        runner = llm.llm_engine.runner
+        replays = [] if eager else _count_replays(runner.graphs)
         results[eager] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False,
                                                                         lora_request=b)] for b in batches]
         assert eager or replays
+        factors = [f for a in runner.lora.adapters.values() for fs in a.modules.values() for f in fs]
+        assert factors and all(f.a.device.type == "cpu" and f.a.is_pinned() for f in factors)  # host, pinned
+        assert runner.lora_slots.stacks and all(s.a.is_cuda for s in runner.lora_slots.stacks.values())
         _free(llm)
     assert results[False] == results[True]
     assert results[True][0][1] != results[True][1][1]  # the same prompt: the base model, then an adapter

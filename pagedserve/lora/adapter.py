@@ -29,12 +29,12 @@ _NAME = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.d
 
 @dataclass
 class LoRAFactors:
-    """delta(x)[:, offset:offset + size] = scaling * (x @ a.T) @ b.T"""
+    """delta(x)[:, offset:offset + size] = (x @ a.T) @ b.T, the adapter's scaling folded into b."""
 
     offset: int
     size: int
     a: torch.Tensor  # [r, in_features]
-    b: torch.Tensor  # [size, r]
+    b: torch.Tensor  # [size, r], times the adapter's scaling
 
 
 @dataclass
@@ -67,8 +67,10 @@ def _target(model: nn.Module, hf_module: str) -> tuple[str, int, int]:
 
 
 def load_adapter(adapter_id: int, name: str, path: str, model: nn.Module, max_rank: int,
-                 dtype: torch.dtype, device: torch.device) -> LoRAAdapter:
-    """Read and check an adapter against the model; a ValueError names what is wrong."""
+                 dtype: torch.dtype, pin: bool = False) -> LoRAAdapter:
+    """Read and check an adapter against the model; a ValueError names what is wrong. Its
+    factors stay in host memory (pinned with `pin`, for the copies into the device's slots,
+    lora/layers.py)."""
     where = f"LoRA adapter {name!r} ({path})"
     cfg_path = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(cfg_path):
@@ -129,8 +131,9 @@ def load_adapter(adapter_id: int, name: str, path: str, model: nn.Module, max_ra
         if tuple(a.shape) != (rank, module.in_features) or tuple(b.shape) != (size, rank):
             raise ValueError(f"{where}: {hf_module} factors have shapes {tuple(a.shape)} and {tuple(b.shape)}; "
                              f"expected ({rank}, {module.in_features}) and ({size}, {rank}).")
+        a, b = a.to(dtype), (b.float() * scaling).to(dtype)
         adapter.modules.setdefault(ours, []).append(
-            LoRAFactors(offset, size, a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)))
+            LoRAFactors(offset, size, a.pin_memory() if pin else a, b.pin_memory() if pin else b))
     if not adapter.modules:
         raise ValueError(f"{where}: adapter_model.safetensors holds no LoRA factors.")
     return adapter

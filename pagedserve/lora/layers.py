@@ -40,11 +40,13 @@ class _Stack:
         self.a[cols].zero_()
         self.b[:, cols].zero_()
 
-    def put(self, slot: int, offset: int, size: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    def put(self, slot: int, offset: int, size: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Factors from host memory (pinned on CUDA: queued copies, behind any step still
+        running on the old ones)."""
         at = slot * self.per_slot + self.offsets.index(offset) * self.rank
         r = a.shape[0]
-        self.a[at:at + r].copy_(a)
-        self.b[offset:offset + size, at:at + r].copy_(b * scaling)
+        self.a[at:at + r].copy_(a, non_blocking=True)
+        self.b[offset:offset + size, at:at + r].copy_(b, non_blocking=True)
 
 
 class LoRASlots:
@@ -104,7 +106,7 @@ class LoRASlots:
             stack.clear(slot)
         for name, factors in adapter.modules.items():
             for f in factors:
-                self.stacks[name].put(slot, f.offset, f.size, f.a, f.b, adapter.scaling)
+                self.stacks[name].put(slot, f.offset, f.size, f.a, f.b)
         self._held[slot] = weakref.ref(adapter)
 
     def set_rows(self, slots: np.ndarray) -> None:

@@ -34,7 +34,7 @@ class LoRAManager:
         adapter = self.adapters.get(aid)
         if adapter is None:
             adapter = load_adapter(aid, lora.lora_name, lora.lora_path, self.model, self.max_rank, self.dtype,
-                                   self.device)
+                                   pin=self.device.type == "cuda")
             self.adapters[aid] = adapter
             self.paths[aid] = (lora.lora_name, lora.lora_path)
         self.adapters.move_to_end(aid)

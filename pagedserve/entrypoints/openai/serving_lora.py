@@ -88,7 +88,6 @@ class OpenAIServingLoRA:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, lambda: load_adapter(lora.lora_int_id, lora.lora_name, lora.lora_path,
-                                                                  runner.model, config.max_lora_rank, config.dtype,
-                                                                  "cpu"))
+                                                                  runner.model, config.max_lora_rank, config.dtype))
         except (ValueError, OSError) as e:
             raise _bad(f"Loading the lora adapter '{lora.lora_name}' failed: {e}", "lora_path") from None
