@@ -127,6 +127,8 @@ class ModelRunner:
                            config.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0)))
             self.lora_slots = LoRASlots(self.model, config.max_loras, config.max_lora_rank, max_rows, config.dtype,
                                         config.device)
+            logger.info("LoRA: %d adapter slots of rank %d, %.1f MiB", config.max_loras, config.max_lora_rank,
+                        self.lora_slots.num_bytes() / 2**20)
             self.lora = LoRAManager(self.model, config.max_lora_rank, config.max_cpu_loras, config.dtype,
                                     config.device)
         if self.backend.name == "triton":  # the fused norm, RoPE and SiLU-and-mul kernels too
