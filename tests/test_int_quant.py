@@ -146,13 +146,18 @@ CASES = [
     # (older compressed-tensors' actorder "group", with a weight_g_idx: transformers' current
     # compressed-tensors refuses it, so the reference is the dequantized copy)
     ("llama", dict(method="compressed-tensors", desc_act=True), "triton"),
+    # W8A8 int8 (int-quantized): transformers runs them decompressed, activations unquantized
+    *[("llama", dict(method="w8a8", group_size=-1), b) for b in ("cpu", "triton")],
+    ("qwen3", dict(method="w8a8", group_size=32), "triton"),
+    # (transformers cannot decompress compressed-tensors experts: the dequantized copy is the reference)
+    ("qwen2_moe", dict(method="w8a8", group_size=-1, reference="dequantized"), "triton"),
 ]
 
 
 def _reference(path: str, ref_dir: str, quant: dict):
     import transformers
 
-    if quant["method"] == "compressed-tensors" and not quant.get("desc_act"):
+    if quant["method"] in ("compressed-tensors", "w8a8") and not quant.get("desc_act") and not quant.get("reference"):
         cfg = transformers.CompressedTensorsConfig(run_compressed=False)
         return transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg,
                                                                  dtype=torch.float32).eval()
@@ -162,7 +167,8 @@ def _reference(path: str, ref_dir: str, quant: dict):
 @pytest.mark.parametrize("name, quant, backend", CASES)
 def test_checkpoints_match_transformers(model_dirs, tmp_path, name, quant, backend):
     ref_dir = str(tmp_path / "reference")
-    path = quantize_checkpoint(model_dirs[name], str(tmp_path / "quantized"), reference_dir=ref_dir, **quant)
+    path = quantize_checkpoint(model_dirs[name], str(tmp_path / "quantized"), reference_dir=ref_dir,
+                               **{k: v for k, v in quant.items() if k != "reference"})
     hf = _reference(path, ref_dir, quant)
     llm = LLM(path, attention_backend=backend, dtype="float32")
     model = llm.llm_engine.runner.model
@@ -171,7 +177,7 @@ def test_checkpoints_match_transformers(model_dirs, tmp_path, name, quant, backe
         assert isinstance(qkv, IntQuantLinear) and qkv.weight.dtype == torch.int32
         assert (qkv.weight_perm is not None) == quant.get("desc_act", False)
         experts = [m for m in model.modules() if type(m).__name__ == "FusedMoE"]
-        want = 0 if quant.get("desc_act") else quant.get("bits", 4)
+        want = 0 if quant.get("desc_act") else 8 if quant["method"] == "w8a8" else quant.get("bits", 4)
         assert all(m.int_bits == want and (m.w13.dtype == torch.int32) == bool(want) for m in experts)
     else:
         assert type(qkv) is torch.nn.Linear and qkv.weight.dtype == torch.float32
@@ -243,6 +249,27 @@ def test_bad_checkpoints_are_clear_errors(model_dirs, tmp_path):
     _edit_config(str(trivial), desc_act=False)
     with pytest.raises(ValueError, match="g_idx is not k // group_size"):
         LLM(str(trivial))
+
+
+def test_bad_w8a8_checkpoints_are_clear_errors(model_dirs, tmp_path):
+    base = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "base"), method="w8a8", group_size=-1)
+    group = lambda path: json.loads(open(f"{path}/config.json").read())["quantization_config"]["config_groups"]  # noqa: E731
+    for i, (edit, match) in enumerate([
+            (lambda g: g["weights"].update(symmetric=False), "int8, symmetric"),
+            (lambda g: g["weights"].update(num_bits=4), "int8, symmetric"),
+            (lambda g: g["weights"].update(strategy="tensor"), "by 'channel' or 'group'"),
+            (lambda g: g["input_activations"].update(type="float"), "only weight-only 'pack-quantized'")]):
+        bad = shutil.copytree(base, tmp_path / f"bad{i}")
+        groups = group(bad)
+        edit(groups["group_0"])
+        _edit_config(str(bad), config_groups=groups)
+        with pytest.raises(ValueError, match=match):
+            LLM(str(bad))
+    wrong = shutil.copytree(base, tmp_path / "wrong")  # a quantized layer's weight stored as float
+    _edit(wrong, lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight",
+                                         t["model.layers.0.mlp.down_proj.weight"].float()))
+    with pytest.raises(ValueError, match="down_proj has no weight"):
+        LLM(str(wrong))
 
 
 @pytest.mark.gpu

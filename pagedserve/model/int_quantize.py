@@ -1,5 +1,6 @@
-"""Write a GPTQ or AWQ copy of a checkpoint, for tests and benchmarks (a real one comes from
-its publisher or a tool such as GPTQModel or AutoAWQ; this rounds to nearest, no calibration).
+"""Write a GPTQ, AWQ or compressed-tensors (W4A16 / W8A16, W8A8) copy of a checkpoint, for tests
+and benchmarks (a real one comes from its publisher or a tool such as GPTQModel, AutoAWQ or
+llm-compressor; this rounds to nearest, no calibration).
 
 The packing follows the published packers' loops, written here independently of the loader's
 unpacking (layers/int_quant.py) so that a test holds one to the other:
@@ -80,8 +81,10 @@ def quantize_checkpoint(src: str, dst: str, method: str = "gptq", bits: int = 4,
     """Copy the model directory `src` to `dst` with its decoder linear layers quantized."""
     from safetensors.torch import load_file, save_file
 
-    if method not in ("gptq", "awq", "compressed-tensors"):
-        raise ValueError(f"method must be 'gptq', 'awq' or 'compressed-tensors', got {method!r}")
+    if method not in ("gptq", "awq", "compressed-tensors", "w8a8"):
+        raise ValueError(f"method must be 'gptq', 'awq', 'compressed-tensors' or 'w8a8', got {method!r}")
+    if method == "w8a8":  # compressed-tensors' int-quantized: int8 weights, symmetric, int8 activations
+        bits, sym, desc_act = 8, True, False
     gen = torch.Generator().manual_seed(seed)
     orders: dict[str, torch.Tensor] = {}
     for d in filter(None, (dst, reference_dir)):
@@ -111,6 +114,11 @@ def quantize_checkpoint(src: str, dst: str, method: str = "gptq", bits: int = 4,
             elif method == "awq":
                 out[stem + ".qweight"] = _pack_awq(q.t())
                 out[stem + ".qzeros"] = _pack_awq(zeros.t())
+            if method == "w8a8":  # signed int8 as they are, a static input scale (unused) beside
+                out[stem + ".weight"] = (q - 128).to(torch.int8)
+                out[stem + ".weight_scale"] = scales.to(t.dtype)
+                out[stem + ".input_scale"] = torch.ones(1, dtype=t.dtype)
+                continue
             if method != "compressed-tensors":
                 out[stem + ".scales"] = scales.t().contiguous()
                 continue
@@ -142,6 +150,16 @@ def quantize_checkpoint(src: str, dst: str, method: str = "gptq", bits: int = 4,
                             "strategy": "group" if group_size > 0 else "channel",
                             "group_size": group_size if group_size > 0 else None,
                             "actorder": "group" if desc_act else None}}}}
+    elif method == "w8a8":
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "int-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"], "config_groups": {"group_0": {
+                "targets": ["Linear"], "output_activations": None,
+                "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True,
+                                      "strategy": "token"},
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False,
+                            "strategy": "group" if group_size > 0 else "channel",
+                            "group_size": group_size if group_size > 0 else None}}}}
     else:
         cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size,
                                       "zero_point": True, "version": "gemm", "modules_to_not_convert": None}

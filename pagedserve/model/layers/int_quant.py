@@ -1,8 +1,14 @@
 """Integer weight-only checkpoints: GPTQ (`quant_method: "gptq"`, 4 or 8 bits: TheBloke's and
 Qwen's *-GPTQ-Int4 / -Int8), AWQ (`quant_method: "awq"`, 4 bits, the "gemm" layout: *-AWQ)
 and compressed-tensors' pack-quantized integers (llm-compressor's W4A16 / W8A16: RedHatAI
-*-quantized.w4a16). Weights are unsigned integers q with, per output column and group of
-`group_size` input rows, a scale s and a zero point z: w = (q - z) * s.
+*-quantized.w4a16) and int-quantized int8 weights (W8A8: RedHatAI *-quantized.w8a8). Weights
+are unsigned integers q with, per output column and group of `group_size` input rows, a
+scale s and a zero point z: w = (q - z) * s.
+
+W8A8 checkpoints also give the activations' int8 quantization (dynamic per token, or static
+input scales). It is not applied: activations stay in the model dtype, as transformers runs
+these checkpoints (decompressed: the same logits as the dequantized weights), so outputs
+agree with it; the weights stay int8 all the same (half of bf16's bytes).
 
 The formats pack differently:
 - GPTQ: qweight [K * bits / 32, N] int32 packed along K (value j of a word at bits j * bits);
@@ -11,6 +17,9 @@ The formats pack differently:
   group of each input row, which with `desc_act` (act order) is not k // G;
 - AWQ: qweight [K, N / 8] and qzeros [K / G, N / 8] packed along N in the order
   0, 2, 4, 6, 1, 3, 5, 7 (AWQ_ORDER); scales [K / G, N]; z as stored;
+- compressed-tensors int-quantized (W8A8): weight [N, K] int8, signed, symmetric (read as
+  q + 128 with z = 128), weight_scale [N, 1] (by channel) or [N, K / G]; input_scale and
+  input_zero_point (static activations) are dropped;
 - compressed-tensors: weight_packed [N, K * bits / 32] packed along K, values signed and
   stored plus 2^(bits-1) (so unsigned as here, z = 2^(bits-1) when symmetric);
   weight_zero_point [N * bits / 32, K / G] packed along N, likewise offset; weight_scale
@@ -53,24 +62,42 @@ class IntFormat:
     desc_act: bool = False  # GPTQ act order: input rows grouped by g_idx, not k // G
     zero_offset: int = 0  # added to the stored zeros (1 for AutoGPTQ's "gptq" format)
     zero_points: bool = True  # stored; else symmetric, z = 2^(bits-1) (compressed-tensors)
+    packed: bool = True  # False: compressed-tensors' int-quantized int8 `weight` [N, K] (W8A8)
 
     @property
     def names(self) -> tuple[str, str, str, str]:
-        return NAMES[self.method]
+        return ("weight",) + NAMES[self.method][1:] if not self.packed else NAMES[self.method]
 
     def needs(self) -> set[str]:
         qweight, qzeros, scales, g_idx = self.names
         return ({qweight, scales} | ({qzeros} if self.zero_points else set()) | ({g_idx} if self.desc_act else set())
-                | ({"weight_shape"} if self.method == "compressed-tensors" else set()))
+                | ({"weight_shape"} if self.method == "compressed-tensors" and self.packed else set()))
 
     @property
     def pack(self) -> int:
         return 32 // self.bits
 
 
+def _int8_activations(groups: list[dict]) -> bool:
+    """Whether every group's activations are int8 (W8A8) or not quantized."""
+    acts = [g.get("input_activations") for g in groups]
+    return all(a is None or (a.get("type") == "int" and a.get("num_bits") == 8) for a in acts)
+
+
 def _compressed_tensors_format(q: dict[str, Any]) -> IntFormat:
     groups = list((q.get("config_groups") or {}).values())
     weights = [g.get("weights") or {} for g in groups]
+    if q.get("format") == "int-quantized" and _int8_activations(groups):  # W8A8 (see the module docstring)
+        if any((w.get("num_bits"), w.get("type"), w.get("symmetric", True)) != (8, "int", True) for w in weights):
+            raise ValueError("quantization_config: compressed-tensors 'int-quantized' weights must be int8, "
+                             "symmetric.")
+        strategies = {(w.get("strategy"), w.get("group_size")) for w in weights}
+        if len(strategies) != 1 or next(iter(strategies))[0] not in ("channel", "group"):
+            raise ValueError(f"quantization_config: int8 weights by {sorted(map(str, strategies))}: one scheme, by "
+                             "'channel' or 'group', is supported.")
+        strategy, group = strategies.pop()
+        return IntFormat("compressed-tensors", 8, int(group) if strategy == "group" else -1, zero_points=False,
+                         packed=False)
     if q.get("format") != "pack-quantized" or any(g.get("input_activations") for g in groups):
         raise ValueError("quantization_config: of compressed-tensors' integer formats, only weight-only "
                          f"'pack-quantized' (W4A16 / W8A16) is supported, not {q.get('format')!r} with these "
@@ -169,8 +196,9 @@ def read_layer(parts: dict[str, torch.Tensor], fmt: IntFormat, name: str) -> Int
     n_qweight, n_qzeros, n_scales, n_g_idx = fmt.names
     qweight, scales = parts[n_qweight], parts[n_scales]
     qzeros = parts.get(n_qzeros)
-    if qweight.dtype != torch.int32 or (qzeros is not None and qzeros.dtype != torch.int32):
-        raise ValueError(f"{name}: packed weights and zeros must be int32, got {qweight.dtype}.")
+    want = torch.int32 if fmt.packed else torch.int8
+    if qweight.dtype != want or (qzeros is not None and qzeros.dtype != torch.int32):
+        raise ValueError(f"{name}: {'packed ' if fmt.packed else ''}weights must be {want}, got {qweight.dtype}.")
     if fmt.method == "gptq":
         q = unpack(qweight, fmt.bits, 0).t()
         zeros = unpack(qzeros, fmt.bits, 1).t() + fmt.zero_offset
@@ -179,6 +207,10 @@ def read_layer(parts: dict[str, torch.Tensor], fmt: IntFormat, name: str) -> Int
         q = _awq_columns(unpack(qweight, 4, 1)).t()
         zeros = _awq_columns(unpack(qzeros, 4, 1)).t()
         scales = scales.t()
+    elif not fmt.packed:  # int8, signed: offset to unsigned as the packed formats store them
+        q = qweight.to(torch.int16) + 128
+        n = q.shape[0]
+        zeros = torch.full((n, scales.shape[-1]), 128, dtype=torch.int16)
     else:
         n, k = (int(d) for d in parts["weight_shape"].tolist())
         q = unpack(qweight, fmt.bits, 1)[:, :k]
@@ -227,7 +259,9 @@ def int_weights(weights: Iterable[tuple[str, torch.Tensor]], fmt: IntFormat, dty
     ours = set(fmt.names) | need
     for name, t in weights:
         stem, _, part = name.rpartition(".")
-        if part not in ours:
+        if not fmt.packed and part in ("input_scale", "input_zero_point"):
+            continue  # W8A8's activation quantization: not applied (see the module docstring)
+        if part not in ours or (not fmt.packed and part == "weight" and t.dtype != torch.int8):
             yield name, (t.to(dtype) if t.is_floating_point() else t)
             continue
         parts = pending.setdefault(stem, {})
@@ -291,8 +325,8 @@ class IntQuantLinear(nn.Module):
 
 
 def int_quantized_stems(names: Iterable[str], fmt: IntFormat) -> list[str]:
-    """The module names with packed weights in the checkpoint."""
-    suffix = "." + fmt.names[0]
+    """The module names with packed weights in the checkpoint (int8 ones: with their scales)."""
+    suffix = "." + (fmt.names[0] if fmt.packed else fmt.names[2])
     return [n[: -len(suffix)] for n in names if n.endswith(suffix)]
 
 
