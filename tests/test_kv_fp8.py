@@ -4,6 +4,7 @@ the engine, and what it buys: twice the blocks of bf16 in the same memory."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -136,3 +137,60 @@ def test_fp8_cache_on_gpu_with_cuda_graphs(model_dirs):
     for (t1, l1), (t2, l2) in zip(ref, got):
         assert t1 == t2
         assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-3
+
+
+def _rescaled_copy(src: str, dst: str, shift: int, scale_names: dict) -> str:
+    """The model at `src` with keys and values made 2^-shift as large (k/v projections down,
+    q/o projections up: the same function, exactly, in full precision) and the KV scales
+    `scale_names` ({suffix after self_attn: value}) written beside each layer's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (path,) = [f"{dst}/{f}" for f in os.listdir(dst) if f.endswith(".safetensors")]
+    t = load_file(path)
+    layers = sorted({n.split(".self_attn.")[0] for n in t if ".self_attn." in n})
+    for layer in layers:
+        a = f"{layer}.self_attn"
+        for proj, f in (("k_proj", 2.0 ** -shift), ("v_proj", 2.0 ** -shift), ("q_proj", 2.0 ** shift),
+                        ("o_proj", 2.0 ** shift)):
+            t[f"{a}.{proj}.weight"] = t[f"{a}.{proj}.weight"] * f
+        for suffix, value in scale_names.items():
+            t[f"{a}.{suffix}"] = torch.tensor(value, dtype=torch.float32)
+    save_file(t, path, metadata={"format": "pt"})
+    return dst
+
+
+def test_checkpoint_kv_scales(tmp_path, tokenizer_dir):
+    """Per-layer KV scales in the checkpoint (each name vLLM reads). The model's keys and
+    values are made 2^-6 as large (exact in floating point), into FP8's subnormals, and
+    k_scale = v_scale = 2^-6 given: the FP8 cache then holds exactly the original model's
+    values, so the logprobs are the original's on an FP8 cache (all three backends); without
+    the scales they move far more; a full-precision cache ignores them."""
+    from pagedserve.model.random_model import build_random_model
+
+    src = build_random_model(str(tmp_path / "m"), "LlamaForCausalLM", initializer_range=0.05,
+                             tokenizer_dir=tokenizer_dir)
+    s = 2.0 ** -6
+    _, want = _run(src, "torch", "fp8")
+    _, full = _run(src, "torch", "auto")
+    bare = _rescaled_copy(src, str(tmp_path / "bare"), 6, {})
+    _, unscaled = _run(bare, "torch", "fp8")
+    for i, names in enumerate([{"k_scale": s, "v_scale": s}, {"kv_scale": s},
+                               {"k_proj.output_scale": s, "v_proj.output_scale": s, "q_scale": 1.0}]):
+        path = _rescaled_copy(src, str(tmp_path / f"scaled{i}"), 6, names)
+        for backend in ("torch", "cpu", "triton") if i == 0 else ("torch",):
+            llm, got = _run(path, backend, "fp8")
+            assert llm.llm_engine.runner.attn_layers[0].k_scale == s
+            for (t1, l1), (t2, l2) in zip(want, got):
+                assert t1 == t2 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
+    gap = max(abs(a - b) for (_, l1), (_, l2) in zip(want, unscaled) for a, b in zip(l1, l2))
+    assert gap > 0.01  # subnormal K/V lose precision without their scales (0.30 when written)
+    llm, ignored = _run(path, "torch", "auto")
+    assert llm.llm_engine.runner.attn_layers[0].k_scale == 1.0
+    for (t1, l1), (t2, l2) in zip(full, ignored):
+        assert t1 == t2 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
+    per_head = _rescaled_copy(src, str(tmp_path / "per_head"), 0, {"k_scale": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="per head"):
+        LLM(per_head)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.fp8_quantize import online_fp8_names, online_fp8_weights
+from pagedserve.model.kv_scales import attach_kv_scales, split_kv_scales
 from pagedserve.model.layers.fp8 import (FP8, Fp8Format, fp8_format, fp8_weights, install_fp8_linears,
                                          quantization_config, quantized_experts, quantized_modules,
                                          scaled_weight_names)
@@ -184,19 +185,21 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     def checkpoint_weights() -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint's tensors, named and (de)quantized as load_weights takes them."""
         stream = iterate_safetensors(model_dir, dtype, device, cast=fmt is None or isinstance(fmt, Mxfp4Format))
-        weights = checkpoint_view(online_fp8_weights(stream) if online_fp8 else stream)
+        weights = split_kv_scales(checkpoint_view(online_fp8_weights(stream) if online_fp8 else stream), kv_scales)
         if isinstance(fmt, IntFormat):
             weights = int_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
         elif isinstance(fmt, Fp8Format):
             weights = fp8_weights(weights, fmt, dtype, keep=lambda stem: stem in targets)
         return weights
 
+    kv_scales: dict[str, dict[str, float]] = {}  # FP8 KV-cache scales the checkpoint carries (kv_scales.py)
     if dummy:
         dummy_weights(model, seed)
     else:
         with whole_checkpoint():
             model.load_weights(checkpoint_weights())
         check_finite(model)
+        attach_kv_scales(model, kv_scales)
     if from_tokens:
         _head_from_tokens(model, classifier_token_ids)
     # What weight updates (worker/weight_updates.py) need: the checkpoint again, its names.

@@ -31,6 +31,7 @@ import torch
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.engine.request import Request
 from pagedserve.model.hf_config import load_hf_config
+from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
 from pagedserve.model.registry import is_encoder_only
 from pagedserve.worker import kv_sizing
@@ -88,6 +89,7 @@ class DraftModelProposer:
         self.layers = self.model.attention_layers()
         for layer in self.layers:
             layer.backend = backend
+        use_kv_scales(self.layers, self.kv_dtype)
         if backend.name == "triton":  # its fused norm, RoPE and SiLU-and-mul kernels too
             for m in self.model.modules():
                 if hasattr(m, "use_triton"):

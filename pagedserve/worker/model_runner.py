@@ -16,6 +16,7 @@ from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
+from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
@@ -119,6 +120,8 @@ class ModelRunner:
         self.attn_layers = self.model.attention_layers()
         for layer in self.attn_layers:
             layer.backend = self.backend
+        if use_kv_scales(self.attn_layers, config.kv_dtype):
+            logger.info("FP8 KV cache with the checkpoint's per-layer scales")
         self.lora: Optional[LoRAManager] = None
         self.lora_slots: Optional[LoRASlots] = None  # the adapters' factors as the forward pass reads them
         if config.enable_lora:

@@ -26,6 +26,11 @@ class PagedAttention(nn.Module):
         # value): the model runner binds v_cache to k_cache and forward's v is k.
         self.kv_shared = kv_shared
         self.backend: Optional[AttentionBackend] = None  # bound by the model runner
+        # An FP8 cache holds k / k_scale and v / v_scale (the checkpoint's calibrated per-layer
+        # scales, model/kv_scales.py; 1: none). Attention folds them outside the kernels:
+        # q . (k_scale * k8) is k_scale * (q . k8), so the softmax scale takes k_scale, and the
+        # output, a weighted sum of values, is v_scale times that of the stored values.
+        self.k_scale = self.v_scale = 1.0
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
 
@@ -38,11 +43,16 @@ class PagedAttention(nn.Module):
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]. rope: (positions, cos_sin) when
         q and k are still to be rotated, by the backend's KV write (needs fuses_rope)."""
         assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
+        scale, scaled = self.scale, self.k_scale != 1.0 or self.v_scale != 1.0
+        if scaled:  # (RoPE is linear: rotating k / k_scale is rotating k, then dividing)
+            k, v, scale = k / self.k_scale, v / self.v_scale, scale * self.k_scale
         if rope is not None:
-            o = self.backend.attend_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta, self.scale,
+            o = self.backend.attend_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta, scale,
                                          self.window, self.softcap, self.sinks)
         else:
             self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
-            o = self.backend.attend(q, self.k_cache, self.v_cache, meta, self.scale, k, v, self.window,
+            o = self.backend.attend(q, self.k_cache, self.v_cache, meta, scale, k, v, self.window,
                                     self.softcap, self.sinks)
+        if scaled and self.v_scale != 1.0:
+            o = o * self.v_scale
         return o.reshape(o.shape[0], -1)
