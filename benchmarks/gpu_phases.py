@@ -375,3 +375,50 @@ def run_hf(model: str, reqs, ns) -> dict:
     out_tokens = sum(r.output_len for r in reqs)
     return {"elapsed_s": elapsed, "output_tokens": out_tokens, "output_tokens_per_s": out_tokens / elapsed,
             "batch_size": ns.hf_batch_size, "transformers": __import__("transformers").__version__}
+
+
+def speculative_batch1(model: str, ns) -> dict:
+    """Batch-1 greedy decode of a repetitive prompt (a 32-token phrase four times): plain; with
+    n-gram drafts (k = 3; on CUDA the verification steps replay their own graphs); and with
+    an oracle proposing the plain run's own next 3 tokens, so that every draft stands (what
+    verification costs at full acceptance). Wall time per output token, the drafts that stood,
+    and whether the tokens are the plain run's."""
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.engine.ngram import NgramProposer, SpeculativeConfig
+
+    class Oracle(NgramProposer):
+        def __init__(self, tokens: list[int]) -> None:
+            super().__init__(SpeculativeConfig(num_speculative_tokens=3))
+            self.tokens = tokens
+
+        def propose(self, req, max_tokens: int) -> list[int]:
+            done = len(req.output_token_ids)
+            return self.tokens[done:done + min(3, max_tokens)]
+
+    prompt = {"prompt_token_ids": [(7 * j) % 500 + 10 for j in range(32)] * 4}
+    sp = SamplingParams(temperature=0, max_tokens=ns.batch1_tokens, ignore_eos=True)
+    res: dict[str, Any] = {"prompt_len": 128, "output_len": ns.batch1_tokens}
+    ngram = {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3}}
+    for name, kw in (("plain", {}), ("ngram_k3", ngram), ("oracle_k3", ngram)):
+        llm = LLM(model, dtype=ns.dtype, seed=0, max_num_seqs=4, **kw)
+        sched, runner = llm.llm_engine.scheduler, llm.llm_engine.runner
+        if name == "oracle_k3":
+            sched.proposer = Oracle(res["plain"]["tokens"])
+        llm.generate([prompt], sp, use_tqdm=False)  # warm-up (compiles)
+        drafted, accepted = sched.num_draft_tokens, sched.num_accepted_tokens
+        sync(ns.device)
+        t = time.perf_counter()
+        out = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+        sync(ns.device)
+        res[name] = {"s_per_token": (time.perf_counter() - t) / len(out.token_ids), "tokens": list(out.token_ids),
+                     "draft_tokens": sched.num_draft_tokens - drafted,
+                     "accepted_tokens": sched.num_accepted_tokens - accepted,
+                     "verify_graphs": runner.verify_graphs is not None and runner.verify_graphs.use_graphs}
+        del llm, runner, sched
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for name in ("ngram_k3", "oracle_k3"):
+        res[f"{name}_speedup"] = res["plain"]["s_per_token"] / res[name]["s_per_token"]
+        res[f"{name}_tokens_equal"] = res["plain"]["tokens"] == res[name]["tokens"]
+    return res

@@ -33,6 +33,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert not failed, failed
     fig = rec["figures"]
     assert fig["batch1_bw_fraction"] > 0 and fig["e2e_efficiency"] > 0 and fig["async_sync_tokens_equal"]
+    spec = rec["speculative"]  # the same tokens with drafts; the oracle's all stand
+    assert fig["ngram_k3_tokens_equal"] and fig["oracle_k3_tokens_equal"] and fig["oracle_k3_batch1_speedup"] > 0
+    assert spec["oracle_k3"]["accepted_tokens"] == spec["oracle_k3"]["draft_tokens"] > 0
     gemv = rec["kernels"]["gemv"]
     assert {r["role"] for r in gemv.values()} == {"norm", "silu", "plain"}
     assert all(r["chain"] > 1 and r["speedup_m1"] > 0 for r in gemv.values())
