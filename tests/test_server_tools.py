@@ -104,7 +104,10 @@ def test_auto_with_the_hermes_parser(client):
         calls += d.tool_calls or []
         finish = c.choices[0].finish_reason or finish
     assert content == "Sure. " and finish == "tool_calls"
-    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [("get_weather", call.function.arguments)]
+    # The call's name first (with its id), then its arguments in pieces as they are generated.
+    assert calls[0].function.name == "get_weather" and calls[0].id and len(calls) > 2
+    assert all(tc.index == 0 and tc.function.name is None and tc.id is None for tc in calls[1:])
+    assert "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments
 
     plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
                                            max_tokens=8).choices[0]
@@ -176,18 +179,62 @@ def test_parse_hermes():
     assert content == "" and calls[0].name == "a"
 
 
+def _hermes_streamed(text: str, size: int) -> tuple[str, list[tuple[str, str]], list]:
+    """(content, [(name, arguments)] assembled from the call pieces, the pieces) of `text`
+    fed `size` characters at a time."""
+    s = HermesStream()
+    content, pieces = "", []
+    for i in range(0, len(text), size):
+        content += s.feed(text[i:i + size])
+        pieces += s.take_call_pieces()
+    content += s.finish()[0]
+    pieces += s.take_call_pieces()
+    calls: dict = {}
+    for index, name, args in pieces:
+        if name is not None:
+            assert index not in calls and args == ""  # a call's first piece names it
+            calls[index] = [name, ""]
+        else:
+            calls[index][1] += args
+    return content, [tuple(calls[i]) for i in sorted(calls)], pieces
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
 def test_hermes_stream_holds_back_what_may_be_a_tag(size):
     text = 'Hi <tool <tool_call>{"name": "a", "arguments": {"x": "<tool_call>"}}</tool_call>'
-    s = HermesStream()
-    streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
-    assert "<tool_call" not in streamed
-    rest, calls = s.finish()
-    assert streamed + rest == "Hi <tool " and [c.name for c in calls] == ["a"]
+    content, calls, _ = _hermes_streamed(text, size)
+    assert content == "Hi <tool " and calls == [("a", '{"x": "<tool_call>"}')]
     s = HermesStream()
     head = text[:8]  # "Hi <tool": ends like the start of a tag, but no call follows
     streamed = "".join(s.feed(head[i:i + size]) for i in range(0, len(head), size))
     assert streamed == "Hi " and streamed + s.finish()[0] == head  # held back, then all of it is content
+
+
+HERMES_CASES = [
+    'Let me check. <tool_call>\n{"name": "a", "arguments": {"x": 1, "y": [1, {"z": "}]\\""}]}}\n</tool_call>\n'
+    '<tool_call>{"name": "b", "arguments": {}}</tool_call>',
+    '<tool_call>{"arguments": {"q": "first"}, "name": "late"}</tool_call>',  # the name after the arguments
+    '<tool_call>{"name": "s", "arguments": "{\\"k\\": 2}"}</tool_call>',  # arguments as a JSON string
+    '<tool_call>{"name": "n", "parameters": {"p": true}}</tool_call><tool_call>{"name": "none"}</tool_call>',
+    '<tool_call>{"name": "open", "arguments": {"a": 1}}',  # unclosed at the end of the output
+]
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000])
+def test_hermes_streams_arguments_as_they_come(size):
+    """At every chunk size the pieces add up to what the whole-output parser gives, and the
+    arguments of an object value go out before the call is over."""
+    for text in HERMES_CASES:
+        content, calls, pieces = _hermes_streamed(text, size)
+        want_content, want = parse_hermes(text)
+        assert content == want_content and calls == [(c.name, c.arguments) for c in want], text
+    _, calls, pieces = _hermes_streamed(HERMES_CASES[0], 1)
+    assert calls[0] == ("a", '{"x": 1, "y": [1, {"z": "}]\\""}]}')
+    assert sum(1 for p in pieces if p[0] == 0) > 10  # one piece a character: streamed as generated
+    assert _hermes_streamed(HERMES_CASES[2], 3)[1] == [("s", '{"k": 2}')]  # a string value: decoded, whole
+    assert _hermes_streamed(HERMES_CASES[3], 3)[1] == [("n", '{"p": true}'), ("none", "{}")]
+    broken = '<tool_call>{"nam": "x"}</tool_call>'  # never named: all content, as the whole-output parser
+    assert _hermes_streamed(broken, 2)[:2] == (broken, [])
 
 
 # ---- the llama3_json parser ---------------------------------------------------------------

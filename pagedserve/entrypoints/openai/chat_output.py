@@ -84,6 +84,7 @@ class _ToolStream:
         self.started = False
         self.parser = (parser_for(tool_parser, req.tools)[1]() if self.mode == "auto" and tool_parser is not None
                        else None)
+        self.called = False  # a call's first piece has gone out
 
     def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
         if self.parser is None and self.mode in ("none", "auto"):
@@ -103,6 +104,12 @@ class _ToolStream:
             content, calls, finish = _tool_calls(self.req, self.text, finish, self.tool_parser)
             return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
         content = self.parser.feed(text)
+        if getattr(self.parser, "streams_calls", False):  # calls go out in pieces (hermes_stream.py)
+            rest = self.parser.finish()[0] if finish is not None else ""
+            calls = piece_deltas(self.parser.take_call_pieces())
+            self.called = self.called or bool(calls)
+            return (DeltaMessage(content=(content + rest) or None, tool_calls=calls or None),
+                    "tool_calls" if self.called and finish == "stop" else finish)
         if finish is None:
             return DeltaMessage(content=content or None), None
         rest, calls = self.parser.finish()
@@ -144,15 +151,19 @@ class ChoiceStream:
         return delta, finish
 
     def _harmony_deltas(self) -> list[DeltaToolCall]:
-        """The harmony splitter's call pieces as deltas: a call's first names its function
-        (with an id), the rest carry its arguments, one delta per call."""
-        deltas: list[DeltaToolCall] = []
-        for index, name, arguments in self.harmony.take_call_pieces():
-            if name is not None:
-                deltas.append(DeltaToolCall(index=index, id=random_tool_call_id(), type="function",
-                                            function=DeltaFunctionCall(name=name, arguments=arguments)))
-            elif deltas and deltas[-1].index == index:
-                deltas[-1].function.arguments = (deltas[-1].function.arguments or "") + arguments
-            else:
-                deltas.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments)))
-        return deltas
+        return piece_deltas(self.harmony.take_call_pieces())
+
+
+def piece_deltas(pieces: list[tuple[int, Optional[str], str]]) -> list[DeltaToolCall]:
+    """Call pieces (index, name or None, arguments text) as deltas: a call's first names its
+    function (with an id), the rest carry its arguments, one delta per call."""
+    deltas: list[DeltaToolCall] = []
+    for index, name, arguments in pieces:
+        if name is not None:
+            deltas.append(DeltaToolCall(index=index, id=random_tool_call_id(), type="function",
+                                        function=DeltaFunctionCall(name=name, arguments=arguments)))
+        elif deltas and deltas[-1].index == index:
+            deltas[-1].function.arguments = (deltas[-1].function.arguments or "") + arguments
+        else:
+            deltas.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments)))
+    return deltas

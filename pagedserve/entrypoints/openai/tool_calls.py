@@ -42,6 +42,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from pagedserve.entrypoints.openai.hermes_stream import HERMES_START, CallScanner, HermesStream
 from pagedserve.reasoning import partial_tail
 
 
@@ -89,19 +90,23 @@ def parse_required(text: str) -> Optional[list[Call]]:
 
 
 _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
-HERMES_START = "<tool_call>"
 
 
 def parse_hermes(text: str) -> tuple[str, list[Call]]:
     """(content, calls) of a Hermes-style output. Text that is not well-formed calls stays
-    content, so nothing the model wrote is lost."""
+    content, so nothing the model wrote is lost. A call's arguments are the model's own text
+    of the value, as the streaming parser sends it (hermes_stream.py)."""
     start = text.find(HERMES_START)
     if start < 0:
         return text, []
     calls = []
     try:
         for closed, open_ in _HERMES.findall(text[start:]):
-            calls.append(_call(json.loads(closed or open_)))
+            body = closed or open_
+            obj = json.loads(body)
+            scanner = CallScanner()
+            scanner.feed(body)
+            calls.append(Call(str(obj["name"]), scanner.arguments()))
     except (ValueError, TypeError, KeyError, AttributeError):
         return text, []
     return text[:start], calls
@@ -252,10 +257,6 @@ class MarkerStream:
         if calls:
             return content[self.sent:], calls
         return self.text[self.sent:], []
-
-
-def HermesStream() -> MarkerStream:  # noqa: N802 (a parser's stream, by its old class name)
-    return MarkerStream(HERMES_START, parse_hermes)
 
 
 def Llama3JsonStream() -> OpeningStream:  # noqa: N802
