@@ -179,10 +179,10 @@ def test_parse_hermes():
     assert content == "" and calls[0].name == "a"
 
 
-def _hermes_streamed(text: str, size: int) -> tuple[str, list[tuple[str, str]], list]:
+def _hermes_streamed(text: str, size: int, stream=HermesStream) -> tuple[str, list[tuple[str, str]], list]:
     """(content, [(name, arguments)] assembled from the call pieces, the pieces) of `text`
-    fed `size` characters at a time."""
-    s = HermesStream()
+    fed `size` characters at a time to a new `stream()`."""
+    s = stream()
     content, pieces = "", []
     for i in range(0, len(text), size):
         content += s.feed(text[i:i + size])
@@ -254,14 +254,13 @@ def test_llama3_json_stream(size):
     from pagedserve.entrypoints.openai.tool_calls import Llama3JsonStream, parse_llama3_json
 
     for text in ('<|python_tag|>{"name": "a", "parameters": {"x": 1}}', '  {"name": "a", "parameters": {}}',
+                 '{"name": "a", "parameters": {"x": [1, "}"]}}; {"name": "b", "arguments": {"y": 2}}',
                  "It is <|python_tag|> sunny", "<|pyth", "", '{"broken'):
-        s = Llama3JsonStream()
-        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
-        rest, calls = s.finish()
+        content, calls, pieces = _hermes_streamed(text, size, Llama3JsonStream)
         want_content, want_calls = parse_llama3_json(text)
-        assert streamed + rest == want_content and [c.name for c in calls] == [c.name for c in want_calls]
-        if want_calls:
-            assert streamed == ""  # calls are never streamed as content
+        assert content == want_content and calls == [(c.name, c.arguments) for c in want_calls], text
+    # The arguments go out as they are generated.
+    assert len(_hermes_streamed('{"name": "a", "parameters": {"x": 12345}}', 1, Llama3JsonStream)[2]) > 5
 
 
 # ---- the mistral and pythonic parsers -------------------------------------------------------
@@ -344,8 +343,12 @@ def test_auto_with_the_other_parsers(llama_dir, parser, regex):
             calls += c.choices[0].delta.tool_calls or []
             content += c.choices[0].delta.content or ""
         assert content == (choice.message.content or "")
-        assert [(t.function.name, t.function.arguments) for t in calls] == [
-            ("get_weather", call.function.arguments)]
+        joined = {}  # by index: the name from the first piece, the arguments joined (llama3_json streams them)
+        for t in calls:
+            name, args = joined.get(t.index, (None, ""))
+            joined[t.index] = (name or t.function.name, args + (t.function.arguments or ""))
+        assert list(joined.values()) == [("get_weather", call.function.arguments)]
+        assert len(calls) > 2 if parser == "llama3_json" else len(calls) == 1
         plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
                                                max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
         assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content

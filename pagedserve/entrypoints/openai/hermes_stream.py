@@ -105,10 +105,11 @@ class CallScanner:
         return raw
 
 
-class HermesStream:
-    """The streaming parser: `feed` returns the content to send now, `take_call_pieces` the
-    calls' pieces since the last take ((index, name, "") first, then (index, None, text)),
-    `finish` the content left and the calls not streamed (none: calls go out in pieces)."""
+class _PieceStream:
+    """Calls read one JSON object at a time by CallScanner, each sent in pieces:
+    `take_call_pieces` gives those since the last take ((index, name, "") first, then
+    (index, None, text)); `finish` the content left and the calls not streamed (none).
+    Subclasses say where the calls begin (`_opens`) and where each next one starts (`_next`)."""
 
     streams_calls = True
 
@@ -118,8 +119,8 @@ class HermesStream:
         self.in_calls = False
         self.index = -1
         self.scanner: Optional[CallScanner] = None  # the call being read; None between calls
-        self.call_at = 0  # where its text starts (after its <tool_call>)
-        self.search_from = 0  # where the next <tool_call> may start
+        self.call_at = 0  # where its text starts
+        self.search_from = 0  # where the next call may start
         self.args_sent = 0  # of the current call's arguments text
         self.named = False
         self.pieces: list[tuple[int, Optional[str], str]] = []
@@ -128,29 +129,28 @@ class HermesStream:
         self.text += delta
         out = ""
         if not self.in_calls:
-            found = self.text.find(HERMES_START, self.sent)
-            if found < 0:  # (text that may be the start of the tag is held back)
-                end = len(self.text) - min(partial_tail(self.text, HERMES_START), len(self.text) - self.sent)
-                out, self.sent = self.text[self.sent:end], max(self.sent, end)
+            out = self._opens()
+            if not self.in_calls:
                 return out
-            out, self.sent, self.in_calls, self.search_from = self.text[self.sent:found], found, True, found
-        self._advance()
-        return out
-
-    def _advance(self) -> None:
         while True:
-            if self.scanner is None:  # between calls: the next <tool_call> opens one
-                nxt = self.text.find(HERMES_START, self.search_from)
-                if nxt < 0:
-                    return
-                self.index, self.scanner, self.call_at = self.index + 1, CallScanner(), nxt + len(HERMES_START)
+            if self.scanner is None:
+                nxt = self._next(self.search_from)
+                if nxt is None:
+                    return out
+                self.index, self.scanner, self.call_at = self.index + 1, CallScanner(), nxt
                 self.args_sent, self.named = 0, False
             s = self.scanner
             s.feed(self.text[self.call_at + len(s.text):])
             self._emit(final=s.done)
             if not s.done:
-                return
+                return out
             self.search_from, self.scanner = self.call_at + s.pos, None
+
+    def _opens(self) -> str:
+        raise NotImplementedError
+
+    def _next(self, at: int) -> Optional[int]:
+        raise NotImplementedError
 
     def _emit(self, final: bool) -> None:
         s = self.scanner
@@ -181,3 +181,54 @@ class HermesStream:
         if not self.in_calls or (self.index <= 0 and not self.named):
             return self.text[self.sent:], []  # no call, or one never named: the text is content
         return "", []
+
+
+class HermesStream(_PieceStream):
+    """Content until the first <tool_call> (text that may be its start held back); each call
+    follows a <tool_call>."""
+
+    def _opens(self) -> str:
+        found = self.text.find(HERMES_START, self.sent)
+        if found < 0:
+            end = len(self.text) - min(partial_tail(self.text, HERMES_START), len(self.text) - self.sent)
+            out, self.sent = self.text[self.sent:end], max(self.sent, end)
+            return out
+        out, self.sent, self.in_calls, self.search_from = self.text[self.sent:found], found, True, found
+        return out
+
+    def _next(self, at: int) -> Optional[int]:
+        found = self.text.find(HERMES_START, at)
+        return None if found < 0 else found + len(HERMES_START)
+
+
+class JsonCallsStream(_PieceStream):
+    """Llama 3 JSON tool calling: an output that opens with `{` (or `<|python_tag|>`) is all
+    calls, objects separated by `;` or blanks; any other output is content, streamed as it
+    comes."""
+
+    def __init__(self, openers: tuple[str, ...], tag: str) -> None:
+        super().__init__()
+        self.openers, self.tag = openers, tag
+        self.content: Optional[bool] = None  # unknown until the first visible characters
+
+    def _opens(self) -> str:
+        if self.content:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
+        head = self.text.lstrip()
+        if not head or any(o.startswith(head) for o in self.openers):
+            return ""
+        if not head.startswith(self.openers):
+            self.content = True
+            return self._opens()
+        self.in_calls, self.search_from = True, len(self.text) - len(head)
+        if head.startswith(self.tag):
+            self.search_from += len(self.tag)
+        return ""
+
+    def _next(self, at: int) -> Optional[int]:
+        while at < len(self.text) and self.text[at] in " \t\r\n;":
+            at += 1
+        if at < len(self.text) and self.text[at] == "{":
+            return at
+        return None  # not yet written (or not a call: the whole-output parser makes it content)

@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from pagedserve.entrypoints.openai.hermes_stream import HERMES_START, CallScanner, HermesStream
+from pagedserve.entrypoints.openai.hermes_stream import HERMES_START, CallScanner, HermesStream, JsonCallsStream
 from pagedserve.reasoning import partial_tail
 
 
@@ -103,13 +103,18 @@ def parse_hermes(text: str) -> tuple[str, list[Call]]:
     try:
         for closed, open_ in _HERMES.findall(text[start:]):
             body = closed or open_
-            obj = json.loads(body)
-            scanner = CallScanner()
-            scanner.feed(body)
-            calls.append(Call(str(obj["name"]), scanner.arguments()))
+            calls.append(_scanned_call(json.loads(body), body))
     except (ValueError, TypeError, KeyError, AttributeError):
         return text, []
     return text[:start], calls
+
+
+def _scanned_call(obj: dict, text: str) -> Call:
+    """A JSON call object and its text: the arguments as the model wrote them, as the
+    streaming parsers send them (hermes_stream.py)."""
+    scanner = CallScanner()
+    scanner.feed(text)
+    return Call(str(obj["name"]), scanner.arguments())
 
 
 def _call(obj: dict) -> Call:
@@ -131,9 +136,10 @@ def parse_llama3_json(text: str) -> tuple[str, list[Call]]:
     decoder, calls, i = json.JSONDecoder(), [], 0
     try:
         while i < len(body):
-            obj, i = decoder.raw_decode(body, i)
-            calls.append(_call(obj))
-            while i < len(body) and body[i] in " \t\n;":
+            obj, end = decoder.raw_decode(body, i)
+            calls.append(_scanned_call(obj, body[i:end]))
+            i = end
+            while i < len(body) and body[i] in " \t\r\n;":
                 i += 1
     except (ValueError, TypeError, KeyError, AttributeError):
         return text, []
@@ -259,8 +265,8 @@ class MarkerStream:
         return self.text[self.sent:], []
 
 
-def Llama3JsonStream() -> OpeningStream:  # noqa: N802
-    return OpeningStream(("{", PYTHON_TAG), parse_llama3_json)
+def Llama3JsonStream() -> JsonCallsStream:  # noqa: N802
+    return JsonCallsStream(("{", PYTHON_TAG), PYTHON_TAG)
 
 
 GRANITE_TAGS = ("<|tool_call|>", "<tool_call>")
