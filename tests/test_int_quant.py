@@ -253,7 +253,8 @@ def test_bad_checkpoints_are_clear_errors(model_dirs, tmp_path):
 
 def test_bad_w8a8_checkpoints_are_clear_errors(model_dirs, tmp_path):
     base = quantize_checkpoint(model_dirs["llama"], str(tmp_path / "base"), method="w8a8", group_size=-1)
-    group = lambda path: json.loads(open(f"{path}/config.json").read())["quantization_config"]["config_groups"]  # noqa: E731
+    def group(path) -> dict:
+        return json.loads(open(f"{path}/config.json").read())["quantization_config"]["config_groups"]
     for i, (edit, match) in enumerate([
             (lambda g: g["weights"].update(symmetric=False), "int8, symmetric"),
             (lambda g: g["weights"].update(num_bits=4), "int8, symmetric"),

@@ -179,7 +179,7 @@ def test_parse_hermes():
     assert content == "" and calls[0].name == "a"
 
 
-def _hermes_streamed(text: str, size: int, stream=HermesStream) -> tuple[str, list[tuple[str, str]], list]:
+def _streamed(text: str, size: int, stream=HermesStream) -> tuple[str, list[tuple[str, str]], list]:
     """(content, [(name, arguments)] assembled from the call pieces, the pieces) of `text`
     fed `size` characters at a time to a new `stream()`."""
     s = stream()
@@ -202,7 +202,7 @@ def _hermes_streamed(text: str, size: int, stream=HermesStream) -> tuple[str, li
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
 def test_hermes_stream_holds_back_what_may_be_a_tag(size):
     text = 'Hi <tool <tool_call>{"name": "a", "arguments": {"x": "<tool_call>"}}</tool_call>'
-    content, calls, _ = _hermes_streamed(text, size)
+    content, calls, _ = _streamed(text, size)
     assert content == "Hi <tool " and calls == [("a", '{"x": "<tool_call>"}')]
     s = HermesStream()
     head = text[:8]  # "Hi <tool": ends like the start of a tag, but no call follows
@@ -225,16 +225,16 @@ def test_hermes_streams_arguments_as_they_come(size):
     """At every chunk size the pieces add up to what the whole-output parser gives, and the
     arguments of an object value go out before the call is over."""
     for text in HERMES_CASES:
-        content, calls, pieces = _hermes_streamed(text, size)
+        content, calls, pieces = _streamed(text, size)
         want_content, want = parse_hermes(text)
         assert content == want_content and calls == [(c.name, c.arguments) for c in want], text
-    _, calls, pieces = _hermes_streamed(HERMES_CASES[0], 1)
+    _, calls, pieces = _streamed(HERMES_CASES[0], 1)
     assert calls[0] == ("a", '{"x": 1, "y": [1, {"z": "}]\\""}]}')
     assert sum(1 for p in pieces if p[0] == 0) > 10  # one piece a character: streamed as generated
-    assert _hermes_streamed(HERMES_CASES[2], 3)[1] == [("s", '{"k": 2}')]  # a string value: decoded, whole
-    assert _hermes_streamed(HERMES_CASES[3], 3)[1] == [("n", '{"p": true}'), ("none", "{}")]
+    assert _streamed(HERMES_CASES[2], 3)[1] == [("s", '{"k": 2}')]  # a string value: decoded, whole
+    assert _streamed(HERMES_CASES[3], 3)[1] == [("n", '{"p": true}'), ("none", "{}")]
     broken = '<tool_call>{"nam": "x"}</tool_call>'  # never named: all content, as the whole-output parser
-    assert _hermes_streamed(broken, 2)[:2] == (broken, [])
+    assert _streamed(broken, 2)[:2] == (broken, [])
 
 
 # ---- the llama3_json parser ---------------------------------------------------------------
@@ -256,11 +256,11 @@ def test_llama3_json_stream(size):
     for text in ('<|python_tag|>{"name": "a", "parameters": {"x": 1}}', '  {"name": "a", "parameters": {}}',
                  '{"name": "a", "parameters": {"x": [1, "}"]}}; {"name": "b", "arguments": {"y": 2}}',
                  "It is <|python_tag|> sunny", "<|pyth", "", '{"broken'):
-        content, calls, pieces = _hermes_streamed(text, size, Llama3JsonStream)
+        content, calls, pieces = _streamed(text, size, Llama3JsonStream)
         want_content, want_calls = parse_llama3_json(text)
         assert content == want_content and calls == [(c.name, c.arguments) for c in want_calls], text
     # The arguments go out as they are generated.
-    assert len(_hermes_streamed('{"name": "a", "parameters": {"x": 12345}}', 1, Llama3JsonStream)[2]) > 5
+    assert len(_streamed('{"name": "a", "parameters": {"x": 12345}}', 1, Llama3JsonStream)[2]) > 5
 
 
 # ---- the mistral and pythonic parsers -------------------------------------------------------

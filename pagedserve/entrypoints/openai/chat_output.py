@@ -104,7 +104,7 @@ class _ToolStream:
             content, calls, finish = _tool_calls(self.req, self.text, finish, self.tool_parser)
             return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
         content = self.parser.feed(text)
-        if getattr(self.parser, "streams_calls", False):  # calls go out in pieces (hermes_stream.py)
+        if getattr(self.parser, "streams_calls", False):  # calls go out in pieces (json_call_stream.py)
             rest = self.parser.finish()[0] if finish is not None else ""
             calls = piece_deltas(self.parser.take_call_pieces())
             self.called = self.called or bool(calls)

@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-from pagedserve.entrypoints.openai.hermes_stream import HERMES_START, CallScanner, HermesStream, JsonCallsStream
+from pagedserve.entrypoints.openai.json_call_stream import HERMES_START, CallScanner, HermesStream, JsonCallsStream
 from pagedserve.reasoning import partial_tail
 
 
@@ -95,7 +95,7 @@ _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTAL
 def parse_hermes(text: str) -> tuple[str, list[Call]]:
     """(content, calls) of a Hermes-style output. Text that is not well-formed calls stays
     content, so nothing the model wrote is lost. A call's arguments are the model's own text
-    of the value, as the streaming parser sends it (hermes_stream.py)."""
+    of the value, as the streaming parser sends it (json_call_stream.py)."""
     start = text.find(HERMES_START)
     if start < 0:
         return text, []
@@ -111,7 +111,7 @@ def parse_hermes(text: str) -> tuple[str, list[Call]]:
 
 def _scanned_call(obj: dict, text: str) -> Call:
     """A JSON call object and its text: the arguments as the model wrote them, as the
-    streaming parsers send them (hermes_stream.py)."""
+    streaming parsers send them (json_call_stream.py)."""
     scanner = CallScanner()
     scanner.feed(text)
     return Call(str(obj["name"]), scanner.arguments())

@@ -1,13 +1,14 @@
-"""Hermes tool calls (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) streamed as
-vLLM streams them: content until the first call, then, per call, a first delta naming the
-function once its name is complete, and the arguments' JSON text as it is generated.
+"""Tool calls written as JSON objects, streamed as vLLM streams them: Hermes'
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (content until the first
+one) and Llama 3's `{"name": ..., "parameters": {...}}` outputs. Per call, a first delta names
+the function once its name is complete; the arguments' JSON text follows as it is generated.
 
 The arguments sent are the model's own text of the "arguments" (or "parameters") value, so
-the pieces add up to what the whole-output parser gives (parse_hermes uses the same scanner).
-A string value (JSON inside a JSON string) is sent whole, decoded, once complete; so is a
-number or literal. A call is only sent once its name is complete; a call whose JSON turns out
-malformed has been sent as far as it went (streaming cannot take it back), where the whole
-output would have been content."""
+the pieces add up to what the whole-output parsers give (they use the same scanner). A string
+value (JSON inside a JSON string) is sent whole, decoded, once complete; so is a number or
+literal. A call is only sent once its name is complete; a call whose JSON turns out malformed
+has been sent as far as it went (streaming cannot take it back), where the whole output would
+have been content."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 
 from pagedserve.reasoning import partial_tail
 
-HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
+HERMES_START = "<tool_call>"
 _ARG_KEYS = ("arguments", "parameters")
 
 
