@@ -36,6 +36,9 @@ class EngineArgs:
     max_num_batched_tokens: Optional[int] = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # vLLM's long_prefill_token_threshold: a request's prompt takes at most this many tokens a
+    # step (0: no limit), so long prompts leave room for others' prefills and decodes.
+    long_prefill_token_threshold: int = 0
     # vLLM's scheduling_policy: "fcfs" (arrival order) or "priority" (each request's priority,
     # lower first, then arrival; lower-priority running requests are preempted for it).
     scheduling_policy: str = "fcfs"
@@ -217,6 +220,11 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two between 1 and 256, got {self.block_size}.")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        t = self.long_prefill_token_threshold
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ValueError(f"long_prefill_token_threshold must be a non-negative integer, got {t!r}.")
+        if t and not self.enable_chunked_prefill:
+            raise ValueError("long_prefill_token_threshold needs chunked prefill (enable_chunked_prefill=True).")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}.")
@@ -308,6 +316,7 @@ class EngineArgs:
             enable_prefix_caching=prefix_caching,
             enable_chunked_prefill=chunked,
             scheduling_policy=self.scheduling_policy,
+            long_prefill_token_threshold=self.long_prefill_token_threshold if chunked else 0,
             default_sampling=default_sampling,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
@@ -476,6 +485,7 @@ class EngineConfig:
     max_images_per_prompt: int = 0  # 0: no image inputs (a text model, or limit_mm_per_prompt 0)
     mm_processor_kwargs: dict = field(default_factory=dict)  # the image processor's settings overridden
     scheduling_policy: str = "fcfs"
+    long_prefill_token_threshold: int = 0
     # Sampling defaults of requests that leave them unset (model/generation_defaults.py).
     default_sampling: dict = field(default_factory=dict)
 

@@ -43,6 +43,27 @@ def test_budget_chunks_long_prompts_and_mixes_decodes():
     assert got == {"a": 1, "b": 1}
 
 
+def test_long_prefill_token_threshold_leaves_room_for_others():
+    """vLLM's long_prefill_token_threshold: a prompt takes at most 6 tokens a step, so a short
+    prompt queued behind a long one gets its first token in the first step."""
+    kv = KVCacheManager(64, 4, True)
+    s = Scheduler(kv, 8, 16, 256, True, long_prefill_token_threshold=6)
+    s.add_request(_req("long", 20))
+    s.add_request(_req("short", 4, max_tokens=10))
+    got, _ = _step(s)
+    assert got == {"long": 6, "short": 4} and s.requests["short"].num_output_tokens == 1
+    sizes = [got["long"]]
+    while s.requests["long"].num_output_tokens == 0:
+        got, _ = _step(s)
+        sizes.append(got["long"])
+        assert got["short"] == 1  # it decodes meanwhile
+    assert sizes == [6, 6, 6, 2] and _step(s)[0] == {"long": 1, "short": 1}
+    plain = _sched(budget=16)
+    plain.add_request(_req("long", 20))
+    plain.add_request(_req("short", 4))
+    assert _step(plain)[0] == {"long": 16}  # without it, the long prompt takes the whole budget
+
+
 def test_no_chunking_waits_for_budget():
     s = _sched(budget=16, chunked=False)
     s.add_request(_req("a", 10))

@@ -359,3 +359,33 @@ def test_min_tokens_and_bad_words_count_the_drafts(tokenizer_dir, tmp_path):
         got = spec.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert [o.outputs[0].finish_reason for o in plain.generate(prompts, cases[0], use_tqdm=False)] == ["stop"] * 4
+
+
+@pytest.mark.parametrize("threshold", [1, 5])
+def test_long_prefill_token_threshold(llama_dir, engines, threshold):
+    """vLLM's long_prefill_token_threshold: prompts go in chunks of at most `threshold` tokens
+    beside requests that draft (a one-token chunk mid-prompt must not draft: only a request's
+    last token does; that drafted mid-prompt and crashed before); outputs equal plain
+    decoding's. Bad values are ValueErrors."""
+    plain = engines[0]
+    prompts = _prompts(4)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = plain.generate(prompts, params, use_tqdm=False)
+    llm = LLM(llama_dir, max_model_len=256, long_prefill_token_threshold=threshold, speculative_config=SPEC)
+    sched = llm.llm_engine.scheduler
+    chunks = []
+    schedule = sched.schedule
+
+    def spy():
+        out = schedule()
+        chunks.extend(s.num_tokens for s in out.scheduled if s.start < s.request.num_prompt_tokens and not s.drafts)
+        return out
+
+    sched.schedule = spy
+    assert _fields(llm.generate(prompts, params, use_tqdm=False)) == _fields(want)
+    assert max(chunks) == threshold and sched.num_draft_tokens > 0
+    assert_no_leak(llm)
+    for kw, match in ((dict(long_prefill_token_threshold=-1), "non-negative"),
+                      (dict(long_prefill_token_threshold=8, enable_chunked_prefill=False), "chunked prefill")):
+        with pytest.raises(ValueError, match=match):
+            LLM(llama_dir, max_model_len=256, **kw)

@@ -70,13 +70,17 @@ class LLMEngine:
             proposer = NgramProposer(config.speculative_config)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
-                                   config.max_loras if config.enable_lora else 0, config.scheduling_policy)
+                                   config.max_loras if config.enable_lora else 0, config.scheduling_policy,
+                                   config.long_prefill_token_threshold)
         if self.mm_processor is not None and self.mm_processor.bidirectional:
             # Gemma 3: a chunk holds the rest of an image whole, so one must fit the step's budget.
             need = int(self.mm_processor.config.mm_tokens_per_image)
             if config.max_num_batched_tokens < need:
                 raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least an "
                                  f"image's {need} tokens for this model's images.")
+            if 0 < config.long_prefill_token_threshold < need:
+                raise ValueError(f"long_prefill_token_threshold ({config.long_prefill_token_threshold}) must be at "
+                                 f"least an image's {need} tokens for this model's images (0: no limit).")
             self.scheduler.whole_images = True
         self.eos_token_ids = frozenset(generation_eos_ids(config.model, config.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -78,6 +78,7 @@ class Scheduler:
         proposer: Optional["NgramProposer"] = None,
         max_loras: int = 0,
         policy: str = "fcfs",
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}.")
@@ -87,6 +88,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
+        # At most this many prompt tokens of a request a step (0: no limit; chunked prefill only).
+        self.long_prefill = long_prefill_token_threshold
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -197,14 +200,17 @@ class Scheduler:
             if inflight and req.capped_by_inflight(self.max_model_len):
                 i += 1  # its in-flight token is its last: it finishes when that lands
                 continue
-            n = min(len(req.all_token_ids) + inflight - req.num_computed_tokens, budget)
+            left = len(req.all_token_ids) + inflight - req.num_computed_tokens
+            n = min(left, budget)
+            if self.long_prefill:  # (a decode's one token is never above it)
+                n = min(n, self.long_prefill)
             if self.whole_images and req.mm_features:
                 n = self._whole_images(req, req.num_computed_tokens, n)
                 if n == 0:  # the rest of an image does not fit this step's budget: next step
                     i += 1
                     continue
             self.kv.release_out_of_window(req, req.num_computed_tokens)
-            if n == 1 and speculating and not inflight and req.speculates:
+            if left == 1 and speculating and not inflight and req.speculates:
                 # A draft model drafts once the slots are allocated, for all requests at once.
                 batched = getattr(self.proposer, "batched", False)
                 d = [0] * self._draft_room(req, budget - 1) if batched else self._drafts(req, budget - 1)
@@ -244,6 +250,8 @@ class Scheduler:
                 else:
                     hits, num_hit = self.kv.get_computed_blocks(req)
                 n = req.num_tokens - num_hit
+                if self.long_prefill:
+                    n = min(n, self.long_prefill)
                 if n > budget:
                     if not self.enable_chunked_prefill:
                         break

@@ -40,6 +40,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     _bool_flag(p, "enable-prefix-caching", d.enable_prefix_caching, "automatic prefix caching")
     _bool_flag(p, "enable-chunked-prefill", d.enable_chunked_prefill, "chunked prefill")
+    p.add_argument("--long-prefill-token-threshold", type=int, default=d.long_prefill_token_threshold,
+                   help="at most this many prompt tokens of one request a step (0: no limit)")
     p.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=list(SCHEDULING_POLICIES),
                    help="priority: requests' `priority` field orders the queue (lower first) and lower-priority "
                    "running requests are preempted for higher ones")
