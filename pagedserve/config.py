@@ -296,7 +296,7 @@ class EngineArgs:
         if self.load_format == "dummy" and max_images:
             raise ValueError("load_format='dummy' covers the language model only: serve a vision-language model "
                              "text-only with it (limit_mm_per_prompt={'image': 0}).")
-        if spec is not None and spec.method == "draft_model":
+        if spec is not None and spec.method != "ngram":  # a draft model or an EAGLE head
             clash = [name for name, on in (("enable_sleep_mode", self.enable_sleep_mode),
                                            ("enable_prompt_embeds", self.enable_prompt_embeds)) if on]
             if clash:

@@ -280,10 +280,15 @@ class Scheduler:
                 plan.append((req, n))
                 budget -= n
 
-        if drafts and getattr(self.proposer, "batched", False):
+        if getattr(self.proposer, "batched", False):
             planned = {r.request_id: r for r, _ in plan}
-            drafts = self.proposer.propose_batch([(planned[rid], self.kv.block_ids(planned[rid]), len(d))
-                                                  for rid, d in drafts.items() if rid in planned])
+            items = [(planned[rid], self.kv.block_ids(planned[rid]), len(d)) for rid, d in drafts.items()
+                     if rid in planned]
+            behind = getattr(self.proposer, "behind", None)  # an EAGLE head takes waiting features
+            if behind is not None:
+                items += [(r, self.kv.block_ids(r), 0) for r, _ in plan if r.request_id not in drafts and behind(r)]
+            if items:
+                drafts = self.proposer.propose_batch(items)
         for req, n in plan:
             start = req.num_computed_tokens
             samples = start + n >= len(req.all_token_ids) + req.num_inflight

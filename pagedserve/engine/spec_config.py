@@ -5,20 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-SPEC_METHODS = ("ngram", "draft_model")
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 
 
 @dataclass
 class SpeculativeConfig:
     """method "ngram": prompt lookup (engine/ngram.py); "draft_model": a smaller model with the
-    target's vocabulary drafts (worker/draft_model.py). As in vLLM, a `model` with no
-    `method` means a draft model."""
+    target's vocabulary drafts (worker/draft_model.py); "eagle" / "eagle3": an EAGLE head drafts
+    from the target's hidden states (model/eagle.py, worker/eagle_proposer.py). As in vLLM, a
+    `model` with no `method` means a draft model."""
 
     num_speculative_tokens: int
     method: str = "ngram"
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    model: Optional[str] = None  # the draft model's directory
+    model: Optional[str] = None  # the draft model's (or EAGLE head's) directory
     draft_tensor_parallel_size: int = 1
     # No drafts while more requests than this run (speculation costs throughput in big batches).
     disable_by_batch_size: Optional[int] = None
@@ -43,7 +44,7 @@ class SpeculativeConfig:
         method = d["method"]
         if method not in SPEC_METHODS:
             raise ValueError(f"speculative_config: method must be one of {', '.join(SPEC_METHODS)}, "
-                             f"got {method!r} (EAGLE, Medusa and MTP heads are not available).")
+                             f"got {method!r} (Medusa and MTP heads are not available).")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {sorted(unknown)}.")
@@ -51,10 +52,10 @@ class SpeculativeConfig:
             raise ValueError("speculative_config needs num_speculative_tokens.")
         if method == "ngram" and d.get("model") is not None:
             raise ValueError("speculative_config: method 'ngram' takes no model.")
-        if method == "draft_model":
+        if method != "ngram":
             if not isinstance(d.get("model"), str) or not d["model"]:
-                raise ValueError("speculative_config: method 'draft_model' needs model (the draft model's "
-                                 "directory).")
+                raise ValueError(f"speculative_config: method {method!r} needs model (the draft model's "
+                                 f"directory).")
             lookup = {"prompt_lookup_max", "prompt_lookup_min"} & set(d)
             if lookup:
                 raise ValueError(f"speculative_config: {sorted(lookup)} are for method 'ngram'.")

@@ -144,6 +144,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(make_layer(rotary, i, w) for i, w in enumerate(layer_windows(cfg)))
         self.norm = norm if norm is not None else RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale: Optional[float] = None  # Granite's embedding_multiplier
+        # EAGLE-3 speculation (model/eagle.py): the hidden states entering these layers are
+        # returned too, after the final ones on each row ([tokens, (1 + len) * hidden]).
+        self.aux_layers: tuple[int, ...] = ()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: Optional[torch.Tensor] = None,
@@ -156,12 +159,15 @@ class LlamaModel(nn.Module):
         if self.embed_scale is not None:
             x = x * self.embed_scale
         residual = None
+        aux = []
         for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux.append(x if residual is None else x + residual)
             x, residual = layer(positions, x, residual, meta)
             if deepstack is not None and i < deepstack[1].shape[0]:  # (the hidden state is x + residual)
                 x = x.index_add(0, deepstack[0], deepstack[1][i].to(x.dtype))
         x, _ = self.norm(x, residual)
-        return x
+        return torch.cat([x, *aux], dim=-1) if aux else x
 
 
 class LlamaForCausalLM(nn.Module):

@@ -491,3 +491,70 @@ def build_random_mistral3(path: str, tokenizer_dir: Optional[str] = None, longes
     tok.save_pretrained(path)
     transformers.PixtralImageProcessor(size={"longest_edge": longest_edge}, patch_size=14).save_pretrained(path)
     return path
+
+
+def build_random_eagle_head(path: str, target_dir: str, version: int = 3, num_layers: int = 1,
+                            draft_vocab_size: Optional[int] = None, aux_layer_ids: Optional[list[int]] = None,
+                            fc_bias: bool = False, seed: int = 0, std: float = 0.1) -> str:
+    """A random EAGLE-1 or EAGLE-3 head for the Llama-shaped model in target_dir, in the
+    checkpoint layout of the published heads (model/eagle.py): EAGLE-1 `fc` and `layers.N`;
+    EAGLE-3 `fc`, `midlayer` (first layer), `norm`, its own `lm_head` over `draft_vocab_size`
+    tokens with `d2t` / `t2d` maps. Returns path."""
+    import torch
+    from safetensors.torch import save_file
+
+    with open(os.path.join(target_dir, "config.json")) as f:
+        cfg = json.load(f)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // heads
+    vocab = cfg["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * std
+
+    def layer(prefix: str, in_size: int, with_input_norm: bool) -> dict:
+        w = {f"{prefix}.self_attn.q_proj.weight": rand(heads * hd, in_size),
+             f"{prefix}.self_attn.k_proj.weight": rand(kv * hd, in_size),
+             f"{prefix}.self_attn.v_proj.weight": rand(kv * hd, in_size),
+             f"{prefix}.self_attn.o_proj.weight": rand(h, heads * hd),
+             f"{prefix}.mlp.gate_proj.weight": rand(inter, h), f"{prefix}.mlp.up_proj.weight": rand(inter, h),
+             f"{prefix}.mlp.down_proj.weight": rand(h, inter),
+             f"{prefix}.post_attention_layernorm.weight": 1 + rand(h)}
+        if with_input_norm:
+            w[f"{prefix}.input_layernorm.weight"] = 1 + rand(h)
+        return w
+
+    os.makedirs(path, exist_ok=True)
+    head = dict(cfg, num_hidden_layers=num_layers)
+    weights: dict = {}
+    if version == 1:
+        head["architectures"] = ["LlamaForCausalLM"]
+        weights["fc.weight"] = rand(h, 2 * h)
+        for i in range(num_layers):
+            weights.update(layer(f"layers.{i}", h, i > 0))
+    else:
+        dv = draft_vocab_size or vocab
+        head.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=dv, target_hidden_size=h)
+        if aux_layer_ids is not None:
+            head["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids)}
+        weights["fc.weight"] = rand(h, 3 * h)
+        weights.update(layer("midlayer", 2 * h, True))
+        weights["midlayer.hidden_norm.weight"] = 1 + rand(h)
+        for i in range(1, num_layers):
+            weights.update(layer(f"layers.{i}", h, True))
+        weights["norm.weight"] = 1 + rand(h)
+        weights["lm_head.weight"] = rand(dv, h)
+        # The draft vocabulary: every other target token from 0 (d2t holds target - draft).
+        targets = torch.arange(dv) * max(1, vocab // dv)
+        weights["d2t"] = targets - torch.arange(dv)
+        t2d = torch.zeros(vocab, dtype=torch.bool)
+        t2d[targets] = True
+        weights["t2d"] = t2d
+    if fc_bias:
+        weights["fc.bias"] = rand(h)
+    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(head, f, indent=1)
+    return path

@@ -43,6 +43,38 @@ from pagedserve.worker.sampling_state import SamplingStates
 logger = logging.getLogger("pagedserve")
 
 
+def pass_layout(rows: list[tuple[list[int], int, int]], block_size: int) -> tuple[list, list, list, list, np.ndarray]:
+    """A draft pass over rows of (block ids, first position, tokens), in that order:
+    (positions, slots (arrays a row), seq_lens, query_start_loc, block table)."""
+    bs = block_size
+    pos, slots, seq_lens, qsl = [], [], [], [0]
+    for blocks, start, n in rows:
+        p = np.arange(start, start + n)
+        pos.append(p)
+        slots.append(np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs)
+        seq_lens.append(start + n)
+        qsl.append(qsl[-1] + n)
+    width = -(-max(seq_lens) // bs)
+    table = np.zeros((len(rows), width), dtype=np.int32)
+    for r, (blocks, _, _) in enumerate(rows):
+        table[r, :min(len(blocks), width)] = blocks[:width]
+    return pos, slots, seq_lens, qsl, table
+
+
+def pass_metadata(slots: list, seq_lens: list[int], qsl: list[int], table: np.ndarray, block_size: int,
+                  device: torch.device) -> AttentionMetadata:
+    """An eager draft pass's attention metadata (rows of one token first)."""
+    lens = np.diff(qsl).tolist()
+    return AttentionMetadata(
+        num_tokens=qsl[-1], num_actual_tokens=qsl[-1], num_reqs=len(seq_lens), num_decodes=lens.count(1),
+        slot_mapping=to_device(np.concatenate(slots), torch.int64, device),
+        block_tables=to_device(table, torch.int32, device), seq_lens=to_device(seq_lens, torch.int32, device),
+        query_start_loc=to_device(qsl, torch.int32, device),
+        max_query_len=max(lens), max_seq_len=max(seq_lens),
+        seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=block_size,
+    )
+
+
 @dataclass
 class _Drafted:
     """What the draft's cache holds for a request: its tokens' KV up to `base` (exclusive),
@@ -223,21 +255,8 @@ class DraftModelProposer:
         # The pair graphs take rows in any order; the backends want one-token rows first.
         order = list(range(len(rows))) if pair else sorted(range(len(rows)), key=lambda i: lens[i] != 1)
         bs = self.block_size
-        ids, pos, slots, seq_lens, qsl = [], [], [], [], [0]
-        for i in order:
-            blocks, toks, start = rows[i]
-            p = np.arange(start, start + lens[i])
-            if ids_t is None:
-                ids += toks
-            pos.append(p)
-            slots.append(np.asarray(blocks, dtype=np.int64)[p // bs] * bs + p % bs)
-            seq_lens.append(start + lens[i])
-            qsl.append(qsl[-1] + lens[i])
-        width = -(-max(seq_lens) // bs)
-        table = np.zeros((len(order), width), dtype=np.int32)
-        for r, i in enumerate(order):
-            blocks = rows[i][0][:width]
-            table[r, :len(blocks)] = blocks
+        ids = [] if ids_t is not None else [t for i in order for t in rows[i][1]]
+        pos, slots, seq_lens, qsl, table = pass_layout([(rows[i][0], rows[i][2], lens[i]) for i in order], bs)
         if ids_t is None and self.vocab_size < 1 + max(ids):  # target-only tokens (added specials)
             ids = [t if t < self.vocab_size else 0 for t in ids]  # the draft cannot read them
         if self.graphs is not None and max(lens) == 1 and len(rows) <= self.graphs.max_size:
@@ -251,14 +270,7 @@ class DraftModelProposer:
             hidden, dst = pair.run_varlen(np.asarray(ids, dtype=np.int64), np.concatenate(pos), np.concatenate(slots),
                                           seq_lens, qsl, table)
             return self.model.compute_logits(hidden[to_device(dst[np.asarray(qsl[1:]) - 1], torch.long, dev)])
-        meta = AttentionMetadata(
-            num_tokens=qsl[-1], num_actual_tokens=qsl[-1], num_reqs=len(order), num_decodes=lens.count(1),
-            slot_mapping=to_device(np.concatenate(slots), torch.int64, dev),
-            block_tables=to_device(table, torch.int32, dev), seq_lens=to_device(seq_lens, torch.int32, dev),
-            query_start_loc=to_device(qsl, torch.int32, dev),
-            max_query_len=max(lens), max_seq_len=max(seq_lens),
-            seq_lens_cpu=seq_lens, query_start_loc_cpu=qsl, block_size=bs,
-        )
+        meta = pass_metadata(slots, seq_lens, qsl, table, bs, dev)
         if ids_t is None:
             ids_t = to_device(ids, torch.int64, dev)
         hidden = self.model(ids_t, to_device(np.concatenate(pos), torch.int64, dev), meta)

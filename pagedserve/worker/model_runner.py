@@ -16,6 +16,7 @@ from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
+from pagedserve.model.eagle import EAGLE_METHODS
 from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
@@ -25,6 +26,7 @@ from pagedserve.worker.cuda_graphs import (DecodeBuffers, DecodeGraphRunner, Tok
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
 from pagedserve.worker.draft_model import DraftModelProposer
+from pagedserve.worker.eagle_proposer import EagleProposer
 from pagedserve.worker.encoder_cache import EncoderCache, profile_images
 from pagedserve.worker.image_rows import image_kv_limits, rope_positions
 from pagedserve.worker.pooling import PoolingStates
@@ -160,6 +162,8 @@ class ModelRunner:
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
         if spec is not None and spec.method == "draft_model":  # it samples as the requests ask
             self.draft = DraftModelProposer(config, self.backend, self.sampler, self.sampling_states)
+        elif spec is not None and spec.method in EAGLE_METHODS:  # it reads the target's hidden states
+            self.draft = EagleProposer(config, self.backend, self.sampler, self.sampling_states, self.model)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -353,6 +357,8 @@ class ModelRunner:
             if self.lora_slots is not None:  # with the adapters' products (no adapter: 0 added)
                 self.lora_slots.active = True
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=dev), positions, meta)
+            if isinstance(self.draft, EagleProposer):  # (the target's own columns)
+                hidden = self.draft.keep_features([], [0], hidden)
             if self.lora_slots is not None:
                 self.lora_slots.active = False
             if self.model.lm_head is not None:  # none in a pooling model
@@ -411,6 +417,8 @@ class ModelRunner:
             patch = self._pending_token_patch(host.pending_rows)
             images = self.encoder_cache.step_rows(order, host.qsl) if self.encoder_cache is not None else None
             hidden = self._forward(host, patch, images, uniform)
+            if isinstance(self.draft, EagleProposer):
+                hidden = self.draft.keep_features(order, host.qsl, hidden, None if uniform is None else uniform[1][4])
             if not rows:
                 return PendingStep(ModelRunnerOutput())
             # Sampling's host work (per-row tensors, grammar masks) runs while the GPU does
