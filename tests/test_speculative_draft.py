@@ -206,7 +206,7 @@ def test_a_draft_with_a_smaller_vocabulary(llama_dir, tokenizer_dir, tmp_path_fa
     ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "takes no model"),
     ({"model": "x", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "for method 'ngram'"),
     ({"model": "x", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size"),
-    ({"method": "eagle", "model": "x", "num_speculative_tokens": 2}, "method must be one of"),
+    ({"method": "medusa", "model": "x", "num_speculative_tokens": 2}, "method must be one of"),
     ({"model": "/nonexistent/draft", "num_speculative_tokens": 2}, "not a local directory"),
 ])
 def test_bad_draft_configs(llama_dir, cfg, match):

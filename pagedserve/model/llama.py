@@ -159,15 +159,15 @@ class LlamaModel(nn.Module):
         if self.embed_scale is not None:
             x = x * self.embed_scale
         residual = None
-        aux = []
+        aux = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_layers:
-                aux.append(x if residual is None else x + residual)
+                aux[i] = x if residual is None else x + residual
             x, residual = layer(positions, x, residual, meta)
             if deepstack is not None and i < deepstack[1].shape[0]:  # (the hidden state is x + residual)
                 x = x.index_add(0, deepstack[0], deepstack[1][i].to(x.dtype))
         x, _ = self.norm(x, residual)
-        return torch.cat([x, *aux], dim=-1) if aux else x
+        return torch.cat([x, *(aux[i] for i in self.aux_layers)], dim=-1) if aux else x
 
 
 class LlamaForCausalLM(nn.Module):
