@@ -78,7 +78,8 @@ class NaiveHead:
         k, v = (z.repeat_interleave(heads // kv, 1) for z in (k, v))
         scores = torch.einsum("qhd,khd->hqk", q, k) / hd ** 0.5
         scores = scores.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
-        a = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(t, heads * hd) @ w[p + "self_attn.o_proj.weight"].T
+        a = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(t, heads * hd)
+        a = a @ w[p + "self_attn.o_proj.weight"].T
         residual = residual + a
         m = _rms(residual, w[p + "post_attention_layernorm.weight"], c["rms_norm_eps"])
         m = (torch.nn.functional.silu(m @ w[p + "mlp.gate_proj.weight"].T) * (m @ w[p + "mlp.up_proj.weight"].T))
@@ -221,3 +222,20 @@ def test_bad_heads(target4, tmp_path):
         LLM(target4, speculative_config={"method": "eagle3", "model": head, "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="needs model"):
         LLM(target4, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+
+
+def test_preemption_and_async_scheduling(target4, plain4, tmp_path):
+    """A 14-block cache preempts (the head's features and KV start over with the request), with
+    async scheduling: the outputs are the target's."""
+    head = build_random_eagle_head(str(tmp_path / "head"), target4, version=3, seed=6)
+    per_block = (4 + 1) * 2 * 8 * 2 * 16 * 4  # (target + head layers) * (k, v) * block * kv heads * dim * fp32
+    llm = LLM(target4, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * per_block,
+              async_scheduling=True, speculative_config={"method": "eagle3", "model": head,
+                                                         "num_speculative_tokens": 3})
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6, 20)]
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain4.generate(prompts, params,
+                                                                                              use_tqdm=False))
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert_no_leak(llm)
+    assert not llm.llm_engine.runner.draft._feats

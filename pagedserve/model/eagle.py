@@ -20,7 +20,7 @@ target's LM head unless the checkpoint has one."""
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 from torch import nn
