@@ -65,3 +65,21 @@ def lora_runs(path: str, adapter: str) -> dict:
                                                                                         o.outputs[0].token_ids)])
                                for o in outs]
     return runs
+
+
+def spy_proposals(llm: LLM) -> list:
+    """Record every proposal a batched proposer (draft model, EAGLE head) makes: (the
+    request's tokens then, the drafts); catch-up-only items (k = 0) are left out."""
+    proposer = llm.llm_engine.scheduler.proposer
+    calls: list = []
+    inner = proposer.propose_batch
+
+    def spy(items):
+        seen = [(list(r.all_token_ids), k) for r, _, k in items]
+        out = inner(items)
+        calls.extend((toks, out[r.request_id]) for (toks, k), (r, _, _) in zip(seen, items) if k)
+        assert all(len(out[r.request_id]) == k for r, _, k in items)
+        return out
+
+    proposer.propose_batch = spy
+    return calls

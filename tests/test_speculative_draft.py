@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HFReference, assert_greedy_matches
-from engine_helpers import assert_no_leak
+from engine_helpers import assert_no_leak, spy_proposals
 
 from pagedserve import LLM, SamplingParams
 
@@ -53,23 +53,6 @@ def _prompts(n: int, words: int = 6) -> list[list[int]]:
     return [[(11 * i + 7 * j) % 900 + 4 for j in range(words + 9 * i)] for i in range(n)]
 
 
-def _spy(llm: LLM) -> list:
-    """Record every proposal: (the request's tokens then, the drafts)."""
-    proposer = llm.llm_engine.scheduler.proposer
-    calls: list = []
-    inner = proposer.propose_batch
-
-    def spy(items):
-        seen = [(list(r.all_token_ids), k) for r, _, k in items]
-        out = inner(items)
-        calls.extend((toks, out[r.request_id]) for (toks, k), (r, _, _) in zip(seen, items))
-        assert all(len(out[r.request_id]) == k for r, _, k in items)
-        return out
-
-    proposer.propose_batch = spy
-    return calls
-
-
 def _check_drafts(calls: list, ref: HFReference) -> None:
     assert calls
     for toks, drafts in calls:
@@ -107,7 +90,7 @@ def test_drafts_are_the_draft_models_greedy_tokens(llama_dir, near_draft, draft_
     target's tokens are unchanged."""
     llm = LLM(llama_dir, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4,
               speculative_config=_spec(near_draft))
-    calls = _spy(llm)
+    calls = spy_proposals(llm)
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _prompts(5)]
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain.generate(prompts, params,
@@ -124,7 +107,7 @@ def test_preemption_prefix_caching_and_mixed_batches(llama_dir, near_draft, draf
     tight = LLM(llama_dir, max_model_len=256, block_size=8, kv_cache_memory_bytes=14 * PER_BLOCK_8 * 2,
                 speculative_config=_spec(near_draft))
     roomy = LLM(llama_dir, max_model_len=256, block_size=8, speculative_config=_spec(near_draft))
-    calls = [_spy(tight), _spy(roomy)]
+    calls = [spy_proposals(tight), spy_proposals(roomy)]
     prompts = [{"prompt_token_ids": p} for p in _prompts(6, 20)]
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
               # top_k=1: the rejection-sampling path, which must then give greedy's tokens
@@ -294,7 +277,7 @@ def test_graph_paths_on_static_buffers(llama_dir, near_draft, draft_ref, hf_refs
     pair_lens = []
     varlen = draft.pair_graphs.run_varlen
     draft.pair_graphs.run_varlen = lambda *a: pair_lens.append(np.diff(a[4]).tolist()) or varlen(*a)
-    proposals = _spy(llm)
+    proposals = spy_proposals(llm)
     prompts = _prompts(4, 3)
     max_tokens = [9, 11, 12, 14]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
@@ -419,7 +402,7 @@ def test_speculation_limits(llama_dir, plain):
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == want
     assert all(d == 0 for n, d in sizes if n > 1) and any(d for n, d in sizes if n == 1)
     short = LLM(llama_dir, max_model_len=256, speculative_config={**_spec(llama_dir, 2), "max_model_len": 40})
-    calls = _spy(short)
+    calls = spy_proposals(short)
     one = [{"prompt_token_ids": _prompts(1, 20)[0]}]  # 20 tokens, 40 more: the last 20 past the draft's 40
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     assert _tokens(short.generate(one, params, use_tqdm=False)) == _tokens(plain.generate(one, params,

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from engine_helpers import assert_no_leak
+from engine_helpers import assert_no_leak, spy_proposals
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.random_model import build_random_eagle_head
@@ -116,21 +116,6 @@ def _prompts(n: int, words: int = 6) -> list[list[int]]:
     return [[(13 * i + 5 * j) % 900 + 4 for j in range(words + 9 * i)] for i in range(n)]
 
 
-def _spy(llm: LLM) -> list:
-    proposer = llm.llm_engine.scheduler.proposer
-    calls: list = []
-    inner = proposer.propose_batch
-
-    def spy(items):
-        seen = [(list(r.all_token_ids), k) for r, _, k in items]
-        out = inner(items)
-        calls.extend((toks, out[r.request_id]) for (toks, k), (r, _, _) in zip(seen, items) if k)
-        return out
-
-    proposer.propose_batch = spy
-    return calls
-
-
 @pytest.fixture(scope="module")
 def target4(tokenizer_dir, tmp_path_factory) -> str:
     from pagedserve.model.random_model import build_random_model
@@ -157,7 +142,7 @@ def test_drafts_are_the_heads_own(target4, plain4, tmp_path, version):
     llm = LLM(target4, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4, block_size=8,
               speculative_config={"method": "eagle3" if version == 3 else "eagle", "model": head,
                                   "num_speculative_tokens": 3})
-    calls = _spy(llm)
+    calls = spy_proposals(llm)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _prompts(4, 10)]
     want = _tokens(plain4.generate(prompts, params, use_tqdm=False))

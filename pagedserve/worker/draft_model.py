@@ -101,11 +101,7 @@ class DraftModelProposer:
     batched = True  # the scheduler allocates the slots first, then asks for all drafts at once
 
     def __init__(self, config: Any, backend: Any, sampler: Sampler, sampling_states: SamplingStates) -> None:
-        spec = self.cfg = config.speculative_config
-        self.device = config.device
-        self.block_size = config.block_size
-        self.kv_dtype = config.kv_dtype
-        self.chunk = config.max_num_batched_tokens
+        spec = self._settings(config, sampler, sampling_states)
         hf = load_hf_config(spec.model)
         if is_encoder_only(hf):
             raise ValueError(f"speculative_config: the draft model {spec.model!r} is an encoder; it must be a "
@@ -118,16 +114,16 @@ class DraftModelProposer:
                                 quant_kernels=config.attention_backend == "triton", dummy=config.dummy_weights,
                                 seed=config.seed)
         self.model.requires_grad_(False)
-        self.layers = self.model.attention_layers()
-        for layer in self.layers:
-            layer.backend = backend
-        use_kv_scales(self.layers, self.kv_dtype)
-        if backend.name == "triton":  # its fused norm, RoPE and SiLU-and-mul kernels too
-            for m in self.model.modules():
-                if hasattr(m, "use_triton"):
-                    m.use_triton = True
-        self._parts = 1 if all(getattr(a, "kv_shared", False) for a in self.layers) else 2
+        self._wire(backend)
         self._held: dict[str, _Drafted] = {}
+
+    def _settings(self, config: Any, sampler: Sampler, sampling_states: SamplingStates) -> Any:
+        """What every proposer with a model of its own keeps; returns the speculative config."""
+        spec = self.cfg = config.speculative_config
+        self.device = config.device
+        self.block_size = config.block_size
+        self.kv_dtype = config.kv_dtype
+        self.chunk = config.max_num_batched_tokens
         # Decode CUDA graphs for passes of one-token rows (most of them: after a step, the
         # catch-up is the new token alone unless every draft stood), set by the runner.
         self.graphs: Optional[DecodeGraphRunner] = None
@@ -137,6 +133,19 @@ class DraftModelProposer:
         self.sampler, self.sampling_states = sampler, sampling_states
         # Sampled requests' draft distributions [k, draft vocab], from proposal to verification.
         self._probs: dict[str, torch.Tensor] = {}
+        return spec
+
+    def _wire(self, backend: Any) -> None:
+        """The model's attention layers on the target's backend (and its KV scales)."""
+        self.layers = self.model.attention_layers()
+        for layer in self.layers:
+            layer.backend = backend
+        use_kv_scales(self.layers, self.kv_dtype)
+        if backend.name == "triton":  # its fused norm, RoPE and SiLU-and-mul kernels too
+            for m in self.model.modules():
+                if hasattr(m, "use_triton"):
+                    m.use_triton = True
+        self._parts = 1 if all(getattr(a, "kv_shared", False) for a in self.layers) else 2
 
     # ---- KV cache (sized with the target's: runner.kv_block_bytes counts both) ----------
     def kv_block_bytes(self) -> int:

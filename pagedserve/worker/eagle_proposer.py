@@ -29,7 +29,6 @@ import torch
 from pagedserve.engine.request import Request
 from pagedserve.model.eagle import load_eagle
 from pagedserve.model.hf_config import load_hf_config
-from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.worker.device_io import to_device
 from pagedserve.worker.draft_model import DraftModelProposer, pass_layout, pass_metadata
 from pagedserve.worker.sampler import Sampler
@@ -43,28 +42,12 @@ class EagleProposer(DraftModelProposer):
 
     def __init__(self, config: Any, backend: Any, sampler: Sampler, sampling_states: SamplingStates,
                  target: torch.nn.Module) -> None:
-        spec = self.cfg = config.speculative_config
-        self.device = config.device
-        self.block_size = config.block_size
-        self.kv_dtype = config.kv_dtype
-        self.chunk = config.max_num_batched_tokens
-        hf = load_hf_config(spec.model)
-        self.model = load_eagle(spec.model, hf, spec.method, target, config.dtype, config.device,
-                                config.max_model_len, dummy=config.dummy_weights, seed=config.seed)
+        spec = self._settings(config, sampler, sampling_states)  # (no graphs: the head's passes run eagerly)
+        self.model = load_eagle(spec.model, load_hf_config(spec.model), spec.method, target, config.dtype,
+                                config.device, config.max_model_len, dummy=config.dummy_weights, seed=config.seed)
         self.vocab_size = self.model.vocab_size
         self.target_hidden = int(target.config.hidden_size)
-        self.layers = self.model.attention_layers()
-        for layer in self.layers:
-            layer.backend = backend
-        use_kv_scales(self.layers, self.kv_dtype)
-        if backend.name == "triton":
-            for m in self.model.modules():
-                if hasattr(m, "use_triton"):
-                    m.use_triton = True
-        self._parts = 2
-        self.graphs = self.pair_graphs = None  # (the head's passes run eagerly)
-        self.sampler, self.sampling_states = sampler, sampling_states
-        self._probs: dict[str, torch.Tensor] = {}
+        self._wire(backend)
         self._held: dict[str, int] = {}  # positions below it: head KV from the target's features
         # Features waiting, per request: (first position, [rows, hidden]) segments in order.
         self._feats: dict[str, list[tuple[int, torch.Tensor]]] = {}
