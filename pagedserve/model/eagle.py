@@ -19,7 +19,6 @@ target's LM head unless the checkpoint has one."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterable
 
 import torch
@@ -30,7 +29,7 @@ from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import make_rotary
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
-from pagedserve.model.loader import check_finite, dummy_weights, iterate_safetensors
+from pagedserve.model.loader import _checkpoint_keys, check_finite, dummy_weights, iterate_safetensors
 from pagedserve.model.weights import whole_checkpoint
 
 EAGLE_METHODS = ("eagle", "eagle3")
@@ -176,17 +175,6 @@ class EagleDraft(nn.Module):
         LlamaForCausalLM.load_weights(self, named())
 
 
-def _checkpoint_names(model_dir: str) -> set[str]:
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for f in sorted(os.listdir(model_dir)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(model_dir, f), framework="pt", device="cpu") as st:
-                names.update(st.keys())
-    return names
-
-
 def eagle_version(method: str, draft_cfg: Any) -> int:
     archs = " ".join(getattr(draft_cfg, "architectures", None) or [])
     if method == "eagle3" or "Eagle3" in archs:
@@ -215,7 +203,7 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
     if int(draft_cfg.vocab_size) != int(target_cfg.vocab_size):
         raise ValueError(f"speculative_config: the EAGLE head's vocab_size ({draft_cfg.vocab_size}) is not the "
                          f"target's ({target_cfg.vocab_size}).")
-    names = _checkpoint_names(model_dir)
+    names = set(_checkpoint_keys(model_dir))
     own = {part for part in ("embed_tokens", "lm_head", "d2t")
            if any(n.removeprefix("model.").startswith(part) for n in names)}
     old = torch.get_default_dtype()
@@ -240,9 +228,3 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
     if version == 3:
         base.aux_layers = aux_layer_ids(draft_cfg, len(base.layers))
     return head.eval().requires_grad_(False)
-
-
-def feature_width(head: EagleDraft) -> int:
-    """Columns of the target's output that are features (EAGLE-3: after its final hidden)."""
-    cfg = head._target[0].config
-    return 3 * cfg.hidden_size if head.version == 3 else 0
