@@ -141,6 +141,10 @@ class EngineArgs:
     # vLLM's cuda_graph_sizes: the decode batch sizes captured as CUDA graphs. One value N:
     # 1, 2, 4, then every 8 up to N (the default's shape, N = max_num_seqs); several: those.
     cuda_graph_sizes: Optional[list[int]] = None
+    # vLLM's logits_processors: custom logits processor classes (or "module:Class" names) run
+    # on every step's logits, with installed plugins' (entry points "pagedserve.logits_processors");
+    # see pagedserve/logits_processor.py. Requests pass them arguments in SamplingParams.extra_args.
+    logits_processors: Optional[list] = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -211,6 +215,7 @@ class EngineArgs:
                 raise ValueError("runner='pooling' takes no speculative_config and no LoRA adapters.")
         elif self.pooler_config is not None:
             raise ValueError("pooler_config needs runner='pooling'.")
+        logits_procs = _logits_processors(self.logits_processors, runner, spec)
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
 
@@ -345,7 +350,23 @@ class EngineArgs:
             pooling_task=task if runner == "pooling" else None,
             max_images_per_prompt=max_images,
             mm_processor_kwargs=_mm_processor_kwargs(self.mm_processor_kwargs),
+            logits_processors=logits_procs,
         )
+
+
+def _logits_processors(specs: Optional[list], runner: str, spec: Any) -> tuple[type, ...]:
+    """The custom logits processor classes, loaded now so that a bad name fails at start-up."""
+    from pagedserve.logits_processor import load_logits_processors
+
+    if runner == "pooling":  # (installed plugins are for generation: not loaded here)
+        if specs:
+            raise ValueError("logits_processors: a pooling model samples nothing; it takes no logits processors.")
+        return ()
+    classes = load_logits_processors(specs)
+    if classes and spec is not None:
+        raise ValueError("logits_processors: custom logits processors do not run with speculative_config (as in "
+                         "vLLM: drafts are verified against distributions they would change).")
+    return classes
 
 
 def _max_images(limit: Optional[dict], hf_config: Any, runner: str, model_dir: str) -> int:
@@ -488,6 +509,7 @@ class EngineConfig:
     long_prefill_token_threshold: int = 0
     # Sampling defaults of requests that leave them unset (model/generation_defaults.py).
     default_sampling: dict = field(default_factory=dict)
+    logits_processors: tuple = ()  # custom logits processor classes (pagedserve/logits_processor.py)
 
     @property
     def vocab_size(self) -> int:

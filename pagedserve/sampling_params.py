@@ -70,6 +70,9 @@ class SamplingParams:
     # Output constrained to a JSON schema, regex, choice or grammar (engine/grammar.py).
     structured_outputs: Optional[StructuredOutputsParams] = None
     guided_decoding: Optional[GuidedDecodingParams] = None  # vLLM's older name for the same
+    # vLLM's extra_args: arguments for custom logits processors (pagedserve/logits_processor.py)
+    # and other extensions; nothing built in reads them. The server fills them from vllm_xargs.
+    extra_args: Optional[dict[str, Any]] = None
 
     # Filled in by the engine: EOS ids of the model unless ignore_eos (kept apart from the
     # user's stop_token_ids because an EOS stop reports stop_reason None, like vLLM), and
@@ -107,6 +110,9 @@ class SamplingParams:
                 raise ParamError(name, f"{name} {msg}, got {_short_repr(getattr(self, name))}.")
 
         check(_is_int(self.n) and self.n >= 1, "n", "must be at least 1")
+        check(self.extra_args is None or (isinstance(self.extra_args, dict)
+                                          and all(isinstance(k, str) for k in self.extra_args)),
+              "extra_args", "must be a dict with string keys")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             check(_is_num(v) and -2.0 <= v <= 2.0, name, "must be in [-2, 2]")

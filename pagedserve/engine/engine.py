@@ -238,6 +238,9 @@ class LLMEngine:
         self._check_token_ids("stop_token_ids", params.stop_token_ids)
         self._check_token_ids("logit_bias", params.logit_bias or ())
         self._check_token_ids("allowed_token_ids", params.allowed_token_ids or ())
+        for cls in self.config.logits_processors:  # the user's processors check their extra_args
+            if hasattr(cls, "validate_params"):
+                cls.validate_params(params)
         return max_tokens
 
     def compile_grammar(self, params: SamplingParams) -> Any:
@@ -432,6 +435,8 @@ class LLMEngine:
             child = Request(request_id if params.n == 1 else f"{i}_{request_id}", ids, child_params, arrival_time,
                             cache_salt, lora_request, features, priority)
             child.max_tokens = max_tokens
+            # Custom logits processors may read the output so far: async scheduling waits for it.
+            child.needs_output_history |= bool(self.config.logits_processors)
             if grammar is not None:  # each sample walks the grammar on its own
                 child.grammar = self.grammar_compiler.matcher(grammar, think)
             children.append(child)

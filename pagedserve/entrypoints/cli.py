@@ -77,6 +77,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "prompt_embeds): only for trusted clients, as in vLLM")
     p.add_argument("--worker-extension-cls", default=None,
                    help="'module.Class' whose methods join the worker's (called by name through collective_rpc)")
+    p.add_argument("--logits-processors", nargs="+", default=None, metavar="MODULE:CLASS",
+                   help="custom logits processor classes run on every step's logits (vLLM's interface; see "
+                   "pagedserve/logits_processor.py); requests pass them arguments in vllm_xargs")
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="LLM.sleep() / wake_up(), and with PAGEDSERVE_SERVER_DEV_MODE=1 the server's /sleep and "
                    "/wake_up: the weights' and KV cache's device memory given back while idle")

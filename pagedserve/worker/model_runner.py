@@ -30,6 +30,7 @@ from pagedserve.worker.eagle_proposer import EagleProposer
 from pagedserve.worker.encoder_cache import EncoderCache, profile_images
 from pagedserve.worker.image_rows import image_kv_limits, rope_positions
 from pagedserve.worker.pooling import PoolingStates
+from pagedserve.worker.custom_logits import CustomLogits
 from pagedserve.worker.sampler import Sampler
 from pagedserve.worker.sampling_state import SamplingStates
 from pagedserve.worker.sleep import SLEEP_TAGS, SleepingStorages, release_cached_memory, unique_storages
@@ -160,6 +161,9 @@ class ModelRunner:
         spec = config.speculative_config
         self.sampler = Sampler(config.logprobs_mode)
         self.sampling_states = SamplingStates(config.vocab_size, config.device)
+        # The user's logits processors (LLM(logits_processors=...)), instantiated once.
+        self.custom_logits = (CustomLogits(config.logits_processors, config, config.device)
+                              if config.logits_processors else None)
         if spec is not None and spec.method == "draft_model":  # it samples as the requests ask
             self.draft = DraftModelProposer(config, self.backend, self.sampler, self.sampling_states)
         elif spec is not None and spec.method in EAGLE_METHODS:  # it reads the target's hidden states
@@ -397,6 +401,8 @@ class ModelRunner:
             return self._launch_pooling(order, host)
         sampled_reqs = [order[i].request for i in host.sample_rows]
         hidden_rows = [host.qsl[i + 1] - 1 for i in host.sample_rows]
+        if self.custom_logits is not None:  # (no speculative rows: config refuses the two together)
+            self.custom_logits.update(sampled_reqs)
         # Speculative rows: every position of the request's chunk is sampled (its last token's
         # and each draft's), after the plain rows.
         spec = [(order[i], host.qsl[i]) for i in host.sample_rows if order[i].drafts]
@@ -425,6 +431,8 @@ class ModelRunner:
             # the forward pass queued above.
             batch = (self.sampling_states.build(sampled_reqs, _draft_extras(sampled_reqs, spec))
                      if sampled_reqs else None)
+            if batch is not None:
+                batch.custom = self.custom_logits
             targets = [req.prompt_token_ids[first : first + len(rs)] for req, first, rs, _ in prompt_lp]
             targets_t = (to_device([t for ts in targets for t in ts], torch.long, self.device)
                          if prompt_lp else None)

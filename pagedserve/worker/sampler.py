@@ -1,7 +1,7 @@
 """Batched sampling for one step, as tensor ops on the device (no per-row loops over the
 vocabulary). vLLM's order: grammar (structured outputs) -> allowed tokens -> bad words /
-min_tokens bans -> logit bias -> penalties -> greedy argmax | temperature -> min-p -> top-k
--> top-p -> seeded draw.
+min_tokens bans -> logit bias -> custom logits processors -> penalties -> greedy argmax |
+temperature -> argmax-invariant custom processors -> min-p -> top-k -> top-p -> seeded draw.
 Logprobs are of the model's raw distribution (vLLM's default "raw_logprobs"), or as vLLM's
 logprobs_mode asks: "raw_logits", or "processed_logprobs" / "processed_logits" of the
 distribution each row is drawn from (after every step above; greedy rows: before the choice).
@@ -13,9 +13,10 @@ random number per step and its tokens do not depend on the rest of the batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -55,6 +56,7 @@ class SamplingBatch:
     penalty_sub: Optional[torch.Tensor] = None  # [S, V]: frequency * count + presence * (count > 0)
     num_logprobs: Optional[int] = None  # the largest top-k asked for by any row; None = no logprobs
     groups: list[SampleGroup] = field(default_factory=list)  # the random rows, by path
+    custom: Any = None  # worker/custom_logits.py CustomLogits: the user's logits processors
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Sampler:
         if want and mode.startswith("raw"):
             reported = logits.log_softmax(dim=-1) if mode == "raw_logprobs" else logits.clone()
         processed = self.process_logits(logits, b)
+        processed, b = self._after_temperature(processed, b)
         tokens = self._sample(processed, b)
         if want and mode.startswith("processed"):
             final = self.final_logits(processed, b)
@@ -169,7 +172,16 @@ class Sampler:
     def processes(b: SamplingBatch) -> bool:
         """Whether process_logits changes anything for this batch."""
         return any(t is not None for t in (b.grammar_bitmask, b.allowed_mask, b.banned, b.bias, b.repetition,
-                                           b.penalty_sub))
+                                           b.penalty_sub)) or (b.custom is not None and bool(b.custom.before))
+
+    @staticmethod
+    def _after_temperature(processed: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, SamplingBatch]:
+        """Argmax-invariant custom processors run on the logits after temperature (vLLM's
+        place for them), when some row samples; the temperature is then spent."""
+        if b.custom is None or not b.custom.after or b.all_greedy:
+            return processed, b
+        processed = b.custom.apply_after(processed, b.temperature)
+        return processed, dataclasses.replace(b, temperature=torch.ones_like(b.temperature))
 
     @staticmethod
     def process_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -185,6 +197,8 @@ class Sampler:
         if b.bias is not None:
             rows, cols, vals = b.bias
             logits.index_put_((rows, cols), vals, accumulate=True)
+        if b.custom is not None and b.custom.before:  # the user's, before penalties as in vLLM
+            logits = b.custom.apply_before(logits)
         if b.repetition is not None:  # seen tokens only, scaled by sign (no host read-back)
             rep = b.repetition.unsqueeze(1)
             logits = torch.where(b.seen_mask, torch.where(logits > 0, logits / rep, logits * rep), logits)
@@ -250,6 +264,7 @@ class Sampler:
         """The full [S, V] distribution each random row samples from (greedy rows: one-hot).
         Not on the hot path: for tests and debugging."""
         x = self.process_logits(logits.clone() if logits.dtype == torch.float32 else logits.float(), b)
+        x, b = self._after_temperature(x, b)
         out = torch.nn.functional.one_hot(x.argmax(dim=-1), x.shape[1]).float()
         if not b.groups:  # every row greedy
             return out

@@ -178,6 +178,9 @@ class SamplingFields(OpenAIBaseModel):
     length_penalty: float = 1.0
     # vLLM's: lower is served first, under --scheduling-policy priority (else non-zero is a 400).
     priority: int = 0
+    # vLLM's: arguments for the server's custom logits processors (--logits-processors), handed
+    # to them as SamplingParams.extra_args.
+    vllm_xargs: Optional[dict[str, Union[str, int, float, bool, list[Union[str, int, float, bool]]]]] = None
     # Fields that would change the result but are not implemented: refused (400), never
     # silently ignored (see _refuse_unsupported).
     best_of: Optional[int] = None
@@ -232,7 +235,8 @@ class SamplingFields(OpenAIBaseModel):
                    "top_p": self.top_p not in (None, 1.0), "top_k": self.top_k not in (None, 0, -1),
                    "min_p": self.min_p not in (None, 0.0), "presence_penalty": bool(self.presence_penalty),
                    "frequency_penalty": bool(self.frequency_penalty),
-                   "repetition_penalty": self.repetition_penalty not in (None, 1.0)}
+                   "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+                   "vllm_xargs": self.vllm_xargs is not None}
         for name, given in ignored.items():
             if given:
                 raise ParamError(name, f"{name} is not supported with use_beam_search.")
@@ -273,7 +277,8 @@ class SamplingFields(OpenAIBaseModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             truncate_prompt_tokens=self.truncate_prompt_tokens, allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words, structured_outputs=self._structured_outputs(), **opt)
+            bad_words=self.bad_words, structured_outputs=self._structured_outputs(), extra_args=self.vllm_xargs,
+            **opt)
 
 
 # ---- completions --------------------------------------------------------------------------
