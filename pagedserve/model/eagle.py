@@ -107,6 +107,8 @@ class EagleDraft(nn.Module):
         draft_vocab = int(getattr(cfg, "draft_vocab_size", None) or cfg.vocab_size)
         self.lm_head = nn.Linear(hidden, draft_vocab, bias=False) if "lm_head" in own or version == 3 else None
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long) if "d2t" in own else None)
+        # The target id of each draft-vocabulary logit (set_target_ids, once d2t is loaded).
+        self.register_buffer("target_ids", None, persistent=False)
         self._target = (target,)  # not a submodule: its weights are the target's
 
     @property
@@ -149,14 +151,18 @@ class EagleDraft(nn.Module):
         if self.lm_head is None:
             return self._target[0].compute_logits(hidden)
         logits = self.lm_head(hidden)
-        if self.d2t is None and logits.shape[1] == self.vocab_size:
+        if self.target_ids is None:
             return logits
         full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
-        ids = torch.arange(logits.shape[1], device=logits.device)
-        if self.d2t is not None:
-            ids = ids + self.d2t
-        full[:, ids] = logits
+        full[:, self.target_ids] = logits
         return full
+
+    def set_target_ids(self) -> None:
+        """A draft-vocabulary head's logit j is target token j + d2t[j] (j without d2t)."""
+        if self.lm_head is None or (self.d2t is None and self.lm_head.out_features == self.vocab_size):
+            return
+        ids = torch.arange(self.lm_head.out_features, device=self.lm_head.weight.device)
+        self.target_ids = ids if self.d2t is None else ids + self.d2t
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def named() -> Iterable[tuple[str, torch.Tensor]]:
@@ -225,6 +231,7 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
         with whole_checkpoint():
             head.load_weights(iterate_safetensors(model_dir, dtype, device))
         check_finite(head)
+    head.set_target_ids()
     if version == 3:
         base.aux_layers = aux_layer_ids(draft_cfg, len(base.layers))
     return head.eval().requires_grad_(False)
