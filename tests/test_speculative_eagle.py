@@ -41,12 +41,16 @@ class NaiveHead:
         from transformers import AutoModelForCausalLM
 
         with open(os.path.join(head_dir, "config.json")) as f:
-            self.cfg = json.load(f)
+            top = json.load(f)
+        speculators = "speculators_model_type" in top  # the layer's settings nested, the head's on top
+        self.cfg = dict(top.get("transformer_layer_config", top), **top) if speculators else top
         self.w = {k.replace("midlayer.", "layers.0."): v.float() if v.is_floating_point() else v
                   for k, v in load_file(os.path.join(head_dir, "model.safetensors")).items()}
         self.v3 = "d2t" in self.w
+        self.residual_normed = self.cfg.get("norm_before_residual", speculators)  # (speculators' default: True)
         self.target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-        ids = self.cfg.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")
+        ids = (self.cfg.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")
+               or self.cfg.get("eagle_aux_hidden_state_layer_ids"))
         n = self.target.config.num_hidden_layers
         self.aux = ids or [2, n // 2, n - 3]
 
@@ -63,7 +67,14 @@ class NaiveHead:
         finally:
             for h in hooks:
                 h.remove()
-        return torch.cat([seen[i] for i in self.aux], -1) @ self.w["fc.weight"].T
+        eps = self.cfg["rms_norm_eps"]
+        x = torch.cat([seen[i] for i in self.aux], -1)
+        if self.cfg.get("norm_before_fc"):  # (vLLM's order: the whole, then each target layer's part)
+            x = _rms(x, self.w["input_norm.weight"], eps)
+        if self.cfg.get("fc_norm"):
+            x = torch.cat([_rms(p, self.w[f"fc_norm.{j}.weight"], eps)
+                           for j, p in enumerate(x.chunk(len(self.aux), -1))], -1)
+        return x @ self.w["fc.weight"].T
 
     def _layer(self, i: int, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w, c = self.w, self.cfg
@@ -95,12 +106,14 @@ class NaiveHead:
             e = embed(torch.tensor(ids))
             if self.v3:
                 eps = c["rms_norm_eps"]
-                x = torch.cat([_rms(e, w["layers.0.input_layernorm.weight"], eps),
-                               _rms(feats, w["layers.0.hidden_norm.weight"], eps)], -1)
-                x, residual = self._layer(0, x, feats)
+                normed = _rms(feats, w["layers.0.hidden_norm.weight"], eps)
+                x = torch.cat([_rms(e, w["layers.0.input_layernorm.weight"], eps), normed], -1)
+                x, residual = self._layer(0, x, normed if self.residual_normed else feats)
                 pre = x + residual
                 logits = _rms(pre[-1], w["norm.weight"], eps) @ w["lm_head.weight"].T
                 tok = int(logits.argmax()) + int(w["d2t"][int(logits.argmax())])
+                if self.cfg.get("norm_output"):
+                    pre = _rms(pre, w["norm.weight"], eps)
             else:
                 x = torch.cat([e, feats], -1) @ w["fc.weight"].T + w.get("fc.bias", 0)
                 x, residual = self._layer(0, x, x)
@@ -203,7 +216,7 @@ def test_bad_heads(target4, tmp_path):
     cfg["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [0, 1, 9]}
     with open(os.path.join(head, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match="three target layers"):
+    with pytest.raises(ValueError, match=r"reads target layers in \[0, 4\)"):
         LLM(target4, speculative_config={"method": "eagle3", "model": head, "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="needs model"):
         LLM(target4, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
@@ -224,3 +237,44 @@ def test_preemption_and_async_scheduling(target4, plain4, tmp_path):
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert_no_leak(llm)
     assert not llm.llm_engine.runner.draft._feats
+
+
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_speculators_format_heads(target4, plain4, tmp_path, variant):
+    """A head saved by `speculators` (nested layer config, `layers.0` names, norm_before_residual
+    True by default): `{"model": HEAD}` alone takes the method and the draft length from its
+    config; with vLLM's variants too (norm_before_fc, fc_norm, norm_output) and two target
+    layers, every proposal is the twin's."""
+    variants = {"norm_before_fc": True, "fc_norm": True, "norm_output": True} if variant == "all" else None
+    head = build_random_eagle_head(str(tmp_path / "head"), target4, version=3, seed=8, draft_vocab_size=400,
+                                   aux_layer_ids=[1, 2] if variant == "all" else None, speculators_tokens=2,
+                                   variants=variants)
+    ref = NaiveHead(head, target4)
+    assert ref.residual_normed  # (the speculators default)
+    llm = LLM(target4, max_model_len=256, max_num_batched_tokens=16, speculative_config={"model": head})
+    spec = llm.llm_engine.config.speculative_config
+    assert (spec.method, spec.num_speculative_tokens) == ("eagle3", 2)
+    calls = spy_proposals(llm)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(3, 10)]
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain4.generate(prompts, params,
+                                                                                              use_tqdm=False))
+    assert len(calls) > 10 and max(len(d) for _, d in calls) == 2
+    for toks, drafts in calls:
+        assert drafts == ref.drafts(toks, len(drafts))
+    assert_no_leak(llm)
+
+
+def test_bad_speculators_heads(target4, tmp_path):
+    head = build_random_eagle_head(str(tmp_path / "head"), target4, version=3, speculators_tokens=3)
+    with pytest.raises(ValueError, match="is a speculators 'eagle3' head, but method is 'eagle'"):
+        LLM(target4, speculative_config={"model": head, "method": "eagle"})
+    with open(os.path.join(head, "config.json")) as f:
+        cfg = json.load(f)
+    for change, words in (({"speculators_model_type": "medusa"}, "speculators_model_type 'medusa' is not"),
+                          ({"transformer_layer_config": dict(cfg["transformer_layer_config"], model_type="qwen3")},
+                           "'qwen3' layers are not supported")):
+        with open(os.path.join(head, "config.json"), "w") as f:
+            json.dump(dict(cfg, **change), f)
+        with pytest.raises(ValueError, match=words):
+            LLM(target4, speculative_config={"model": head, "num_speculative_tokens": 2})

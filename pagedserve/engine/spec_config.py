@@ -39,6 +39,7 @@ class SpeculativeConfig:
         if not isinstance(d, dict):
             raise ValueError(f"speculative_config must be a dict, got {type(d).__name__}.")
         d = dict(d)
+        _from_speculators(d)
         if d.get("method") is None:
             d["method"] = "draft_model" if d.get("model") is not None else "ngram"
         method = d["method"]
@@ -76,3 +77,22 @@ class SpeculativeConfig:
             raise ValueError("speculative_config: need 1 <= num_speculative_tokens <= 32 and "
                              f"1 <= prompt_lookup_min <= prompt_lookup_max <= 32, got {k}, {lo}, {hi}.")
         return cfg
+
+
+def _from_speculators(d: dict) -> None:
+    """A speculators-format head's method and draft length, where the dict leaves them out."""
+    from pagedserve.model.speculators import read_speculators, speculative_tokens, speculators_method
+
+    model = d.get("model")
+    raw = read_speculators(model) if isinstance(model, str) and model else None
+    if raw is None:
+        return
+    method = speculators_method(raw)
+    if d.get("method") is None:
+        d["method"] = method
+    elif d["method"] != method:
+        raise ValueError(f"speculative_config: {model} is a speculators {method!r} head, but method is "
+                         f"{d['method']!r}.")
+    k = speculative_tokens(raw)
+    if "num_speculative_tokens" not in d and k is not None:
+        d["num_speculative_tokens"] = k

@@ -12,7 +12,11 @@ fc(concat of the hidden states entering three target layers: by default 2, L // 
 the first layer's attention reads concat(input_layernorm(embed), hidden_norm(feature)), with
 the feature as its residual; a final norm, then the head's own LM head over a smaller draft
 vocabulary (`d2t` maps draft ids to target ids: target = draft + d2t[draft]). Its output
-before the final norm is the feature of the next pass.
+before the final norm is the feature of the next pass. Heads may read another number of
+target layers, and carry vLLM's variants: `norm_before_fc` (an RMSNorm `input_norm` over
+the concatenated states), `fc_norm` (one per target layer), `norm_output` (the normed
+output as the next feature). Heads saved by `speculators` are read by
+model/speculators.py.
 
 Both share the target's token embeddings unless the checkpoint has its own, and EAGLE-1 the
 target's LM head unless the checkpoint has one."""
@@ -37,16 +41,23 @@ EAGLE_METHODS = ("eagle", "eagle3")
 
 def aux_layer_ids(draft_cfg: Any, num_target_layers: int) -> tuple[int, ...]:
     """The target layers whose input hidden states EAGLE-3 reads: the checkpoint's
-    `eagle_aux_hidden_state_layer_ids` (top level or in `eagle_config`), else vLLM's default."""
-    eagle = getattr(draft_cfg, "eagle_config", None) or {}
-    ids = getattr(draft_cfg, "eagle_aux_hidden_state_layer_ids", None) or eagle.get("eagle_aux_hidden_state_layer_ids")
+    `eagle_aux_hidden_state_layer_ids` (top level or in `eagle_config`), else vLLM's default
+    three (2, L // 2, L - 3)."""
+    ids = getattr(draft_cfg, "eagle_aux_hidden_state_layer_ids", None) or _eagle_field(
+        draft_cfg, "eagle_aux_hidden_state_layer_ids")
     if ids is None:
         ids = (2, num_target_layers // 2, num_target_layers - 3)
     ids = tuple(int(i) for i in ids)
-    if len(ids) != 3 or not all(0 <= i < num_target_layers for i in ids):
-        raise ValueError(f"speculative_config: EAGLE-3 reads three target layers in [0, {num_target_layers}), "
+    if not ids or not all(0 <= i < num_target_layers for i in ids):
+        raise ValueError(f"speculative_config: EAGLE-3 reads target layers in [0, {num_target_layers}), "
                          f"got {list(ids)}.")
     return ids
+
+
+def _eagle_field(cfg: Any, name: str, default: Any = None) -> Any:
+    """A head setting from its `eagle_config` object, else from the top level."""
+    eagle = getattr(cfg, "eagle_config", None) or {}
+    return eagle.get(name, getattr(cfg, name, default))
 
 
 class Eagle3Layer(LlamaDecoderLayer):
@@ -83,7 +94,7 @@ class EagleDraft(nn.Module):
     cuda_graph_safe = False  # its passes run eagerly (they take the feature beside the tokens)
 
     def __init__(self, cfg: Any, target: nn.Module, version: int, max_positions: int,
-                 own: set[str], fc_bias: bool) -> None:
+                 own: set[str], fc_bias: bool, num_aux: int = 3) -> None:
         super().__init__()
         self.config, self.version = cfg, version
         hidden = cfg.hidden_size
@@ -98,7 +109,14 @@ class EagleDraft(nn.Module):
             self.norm = None
         else:
             target_hidden = int(getattr(cfg, "target_hidden_size", None) or hidden)
-            self.fc = nn.Linear(3 * target_hidden, hidden, bias=fc_bias)
+            eps = cfg.rms_norm_eps
+            # Variants (vLLM's, from speculators heads): one norm over the concatenated hidden
+            # states before fc, or one per target layer; the normed output as the next feature.
+            self.input_norm = RMSNorm(num_aux * target_hidden, eps) if _eagle_field(cfg, "norm_before_fc") else None
+            self.fc_norm = (nn.ModuleList(RMSNorm(target_hidden, eps) for _ in range(num_aux))
+                            if getattr(cfg, "fc_norm", False) else None)
+            self.norm_output = bool(getattr(cfg, "norm_output", False))
+            self.fc = nn.Linear(num_aux * target_hidden, hidden, bias=fc_bias)
             layers = [Eagle3Layer(cfg, rotary)] + [LlamaDecoderLayer(cfg, rotary, options, LlamaMLP(cfg))
                                                    for _ in range(n - 1)]
             self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
@@ -127,7 +145,14 @@ class EagleDraft(nn.Module):
     def combine(self, features: torch.Tensor) -> torch.Tensor:
         """The target's features as the first pass reads them (EAGLE-3: fc of the three
         layers' hidden states; EAGLE-1: the final hidden states as they are)."""
-        return self.fc(features) if self.version == 3 else features
+        if self.version == 1:
+            return features
+        if self.input_norm is not None:
+            features = self.input_norm(features)
+        if self.fc_norm is not None:
+            parts = features.chunk(len(self.fc_norm), dim=-1)
+            features = torch.cat([norm(p) for norm, p in zip(self.fc_norm, parts)], dim=-1)
+        return self.fc(features)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +169,8 @@ class EagleDraft(nn.Module):
         if self.norm is None:
             out = x + residual
             return out, out
-        return self.norm(x, residual)
+        normed, pre = self.norm(x, residual)
+        return normed, normed if self.norm_output else pre
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the target's vocabulary (draft-vocabulary heads: -inf elsewhere)."""
@@ -209,6 +235,7 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
     if int(draft_cfg.vocab_size) != int(target_cfg.vocab_size):
         raise ValueError(f"speculative_config: the EAGLE head's vocab_size ({draft_cfg.vocab_size}) is not the "
                          f"target's ({target_cfg.vocab_size}).")
+    aux = aux_layer_ids(draft_cfg, len(base.layers)) if version == 3 else ()
     names = set(_checkpoint_keys(model_dir))
     own = {part for part in ("embed_tokens", "lm_head", "d2t")
            if any(n.removeprefix("model.").startswith(part) for n in names)}
@@ -216,7 +243,7 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            head = EagleDraft(draft_cfg, target, version, max_positions, own, "fc.bias" in names)
+            head = EagleDraft(draft_cfg, target, version, max_positions, own, "fc.bias" in names, len(aux))
     finally:
         torch.set_default_dtype(old)
     head.to_empty(device=device)
@@ -233,5 +260,5 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
         check_finite(head)
     head.set_target_ids()
     if version == 3:
-        base.aux_layers = aux_layer_ids(draft_cfg, len(base.layers))
+        base.aux_layers = aux
     return head.eval().requires_grad_(False)

@@ -495,11 +495,15 @@ def build_random_mistral3(path: str, tokenizer_dir: Optional[str] = None, longes
 
 def build_random_eagle_head(path: str, target_dir: str, version: int = 3, num_layers: int = 1,
                             draft_vocab_size: Optional[int] = None, aux_layer_ids: Optional[list[int]] = None,
-                            fc_bias: bool = False, seed: int = 0, std: float = 0.1) -> str:
+                            fc_bias: bool = False, seed: int = 0, std: float = 0.1,
+                            speculators_tokens: Optional[int] = None, variants: Optional[dict] = None) -> str:
     """A random EAGLE-1 or EAGLE-3 head for the Llama-shaped model in target_dir, in the
     checkpoint layout of the published heads (model/eagle.py): EAGLE-1 `fc` and `layers.N`;
     EAGLE-3 `fc`, `midlayer` (first layer), `norm`, its own `lm_head` over `draft_vocab_size`
-    tokens with `d2t` / `t2d` maps. Returns path."""
+    tokens with `d2t` / `t2d` maps. speculators_tokens: an EAGLE-3 head saved as the
+    `speculators` library saves one (model/speculators.py), proposing that many tokens.
+    variants: EAGLE-3 flags set in its config ({"norm_before_fc": True, "fc_norm": True,
+    "norm_output": True, "norm_before_residual": ...}), with the weights they need. Returns path."""
     import torch
     from safetensors.torch import save_file
 
@@ -536,12 +540,19 @@ def build_random_eagle_head(path: str, target_dir: str, version: int = 3, num_la
             weights.update(layer(f"layers.{i}", h, i > 0))
     else:
         dv = draft_vocab_size or vocab
-        head.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=dv, target_hidden_size=h)
+        head.update(architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=dv, target_hidden_size=h,
+                    **(variants or {}))
         if aux_layer_ids is not None:
             head["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids)}
-        weights["fc.weight"] = rand(h, 3 * h)
-        weights.update(layer("midlayer", 2 * h, True))
-        weights["midlayer.hidden_norm.weight"] = 1 + rand(h)
+        n_aux = len(aux_layer_ids) if aux_layer_ids is not None else 3
+        weights["fc.weight"] = rand(h, n_aux * h)
+        if (variants or {}).get("norm_before_fc"):
+            weights["input_norm.weight"] = 1 + rand(n_aux * h)
+        if (variants or {}).get("fc_norm"):
+            weights.update({f"fc_norm.{i}.weight": 1 + rand(h) for i in range(n_aux)})
+        first = "layers.0" if speculators_tokens else "midlayer"
+        weights.update(layer(first, 2 * h, True))
+        weights[f"{first}.hidden_norm.weight"] = 1 + rand(h)
         for i in range(1, num_layers):
             weights.update(layer(f"layers.{i}", h, True))
         weights["norm.weight"] = 1 + rand(h)
@@ -554,7 +565,27 @@ def build_random_eagle_head(path: str, target_dir: str, version: int = 3, num_la
         weights["t2d"] = t2d
     if fc_bias:
         weights["fc.bias"] = rand(h)
+    if speculators_tokens:
+        head = _speculators_layout(head, target_dir, speculators_tokens)
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(head, f, indent=1)
     return path
+
+
+def _speculators_layout(head: dict, target_dir: str, tokens: int) -> dict:
+    """An EAGLE-3 head's config as `speculators` writes it: the layer's settings nested, the
+    head's fields on top, the proposal length and the verifier named."""
+    top = ("draft_vocab_size", "target_hidden_size", "norm_before_residual", "norm_before_fc", "fc_norm",
+           "norm_output")
+    layer = {k: v for k, v in head.items() if k not in top + ("architectures", "eagle_config")}
+    out = {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+           "transformer_layer_config": dict(layer, model_type="llama"),
+           **{k: head[k] for k in top if k in head},
+           "speculators_config": {"algorithm": "eagle3", "default_proposal_method": "greedy",
+                                  "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": tokens}],
+                                  "verifier": {"name_or_path": target_dir, "architectures": ["LlamaForCausalLM"]}}}
+    ids = head.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids")
+    if ids is not None:
+        out["eagle_aux_hidden_state_layer_ids"] = ids
+    return out

@@ -28,7 +28,7 @@ import torch
 
 from pagedserve.engine.request import Request
 from pagedserve.model.eagle import load_eagle
-from pagedserve.model.hf_config import load_hf_config
+from pagedserve.model.speculators import draft_config
 from pagedserve.worker.device_io import to_device
 from pagedserve.worker.draft_model import DraftModelProposer, pass_layout, pass_metadata
 from pagedserve.worker.sampler import Sampler
@@ -43,7 +43,7 @@ class EagleProposer(DraftModelProposer):
     def __init__(self, config: Any, backend: Any, sampler: Sampler, sampling_states: SamplingStates,
                  target: torch.nn.Module) -> None:
         spec = self._settings(config, sampler, sampling_states)  # (no graphs: the head's passes run eagerly)
-        self.model = load_eagle(spec.model, load_hf_config(spec.model), spec.method, target, config.dtype,
+        self.model = load_eagle(spec.model, draft_config(spec.model), spec.method, target, config.dtype,
                                 config.device, config.max_model_len, dummy=config.dummy_weights, seed=config.seed)
         self.vocab_size = self.model.vocab_size
         self.target_hidden = int(target.config.hidden_size)
