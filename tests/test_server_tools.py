@@ -180,23 +180,37 @@ def test_parse_hermes():
 
 
 def _streamed(text: str, size: int, stream=HermesStream) -> tuple[str, list[tuple[str, str]], list]:
-    """(content, [(name, arguments)] assembled from the call pieces, the pieces) of `text`
-    fed `size` characters at a time to a new `stream()`."""
+    """(content, [(name, arguments)] assembled from the call pieces (or, for a stream that
+    sends calls whole, from its finish), the pieces) of `text` fed `size` characters at a
+    time to a new `stream()`."""
     s = stream()
     content, pieces = "", []
     for i in range(0, len(text), size):
         content += s.feed(text[i:i + size])
-        pieces += s.take_call_pieces()
-    content += s.finish()[0]
+        pieces += s.take_call_pieces() if getattr(s, "streams_calls", False) else []
+    rest, whole = s.finish()
+    content += rest
+    if not getattr(s, "streams_calls", False):
+        return content, [(c.name, c.arguments) for c in whole], []
     pieces += s.take_call_pieces()
     calls: dict = {}
-    for index, name, args in pieces:
+    for index, name, args, *_ in pieces:
         if name is not None:
             assert index not in calls and args == ""  # a call's first piece names it
             calls[index] = [name, ""]
         else:
             calls[index][1] += args
     return content, [tuple(calls[i]) for i in sorted(calls)], pieces
+
+
+def _joined(deltas) -> list[tuple[str, str]]:
+    """Streamed tool-call deltas joined by index: the name from the first, the arguments
+    concatenated."""
+    joined: dict = {}
+    for t in deltas:
+        name, args = joined.get(t.index, (None, ""))
+        joined[t.index] = (name or t.function.name, args + (t.function.arguments or ""))
+    return list(joined.values())
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
@@ -309,14 +323,12 @@ def test_mistral_and_pythonic_streams(size):
     for name, texts in cases.items():
         parse, make = TOOL_PARSERS[name]
         for text in texts:
-            s = make()
-            streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
-            rest, calls = s.finish()
+            content, calls, _ = _streamed(text, size, make)
             want_content, want_calls = parse(text)
-            assert streamed + rest == want_content, (name, text)
-            assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in want_calls]
+            assert content == want_content, (name, text)
+            assert calls == [(c.name, c.arguments) for c in want_calls]
             if want_calls:
-                assert "[TOOL_CALLS]" not in streamed and "f(" not in streamed  # calls never stream as content
+                assert "[TOOL_CALLS]" not in content and "f(" not in content  # calls never stream as content
 
 
 @pytest.mark.parametrize("parser, regex", [
@@ -343,12 +355,8 @@ def test_auto_with_the_other_parsers(llama_dir, parser, regex):
             calls += c.choices[0].delta.tool_calls or []
             content += c.choices[0].delta.content or ""
         assert content == (choice.message.content or "")
-        joined = {}  # by index: the name from the first piece, the arguments joined (llama3_json streams them)
-        for t in calls:
-            name, args = joined.get(t.index, (None, ""))
-            joined[t.index] = (name or t.function.name, args + (t.function.arguments or ""))
-        assert list(joined.values()) == [("get_weather", call.function.arguments)]
-        assert len(calls) > 2 if parser == "llama3_json" else len(calls) == 1
+        assert _joined(calls) == [("get_weather", call.function.arguments)]
+        assert len(calls) > 2 if parser != "pythonic" else len(calls) == 1  # (pythonic: whole, at the end)
         plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0,
                                                max_tokens=8, extra_body={"structured_outputs": {"regex": "[a-z ]+"}})
         assert plain.choices[0].message.tool_calls == [] and plain.choices[0].message.content  # text: content
@@ -422,7 +430,8 @@ def test_auto_with_the_schema_typed_parsers(llama_dir, parser, regex):
         for c in client.chat.completions.create(stream=True, **kwargs):
             calls += c.choices[0].delta.tool_calls or []
             assert not c.choices[0].delta.content
-        assert [(t.function.name, t.function.arguments) for t in calls] == [("get_weather", call.function.arguments)]
+        assert _joined(calls) == [("get_weather", call.function.arguments)]
+        assert len(calls) > 1  # the name, then each parameter as it completes
 
 
 DS = {"begin": "<｜tool▁calls▁begin｜>", "call": "<｜tool▁call▁begin｜>", "sep": "<｜tool▁sep｜>",
@@ -469,10 +478,8 @@ def test_parse_call_sections(parser, call, marks):
                 marks["begin"] + "nothing"):
         assert parse(bad) == (bad, [])
     for size in (1, 3, 100):  # streamed: the content before the marker only, then the calls
-        s = make()
-        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
-        rest, got = s.finish()
-        assert streamed + rest == "Let me look. " and [c.name for c in got] == ["get_weather", "f"]
+        content, got, _ = _streamed(text, size, make)
+        assert content == "Let me look. " and got == [(c.name, c.arguments) for c in calls]
 
 
 @pytest.mark.parametrize("parser, call, marks", [("deepseek_v3", _ds_v3, DS), ("deepseek_v31", _ds_v31, DS),
@@ -495,8 +502,7 @@ def test_auto_with_marker_section_parsers(llama_dir, parser, call, marks):
         for c in client.chat.completions.create(stream=True, **kwargs):
             calls += c.choices[0].delta.tool_calls or []
             content += c.choices[0].delta.content or ""
-        assert content == "OK" and [(t.function.name, t.function.arguments) for t in calls] == [
-            ("get_weather", tc.function.arguments)]
+        assert content == "OK" and _joined(calls) == [("get_weather", tc.function.arguments)]
         assert calls[0].id == tc.id or parser != "kimi_k2"
 
 
@@ -518,7 +524,5 @@ def test_parse_glm45():
         assert parse_glm45(bad) == (bad, [])
     parse, make = TOOL_PARSERS["glm45"]
     for size in (1, 4, 100):
-        s = make()
-        streamed = "".join(s.feed(text[i:i + size]) for i in range(0, len(text), size))
-        rest, got = s.finish()
-        assert streamed + rest == "Checking." and [c.name for c in got] == ["get_weather", "ping"]
+        content, got, _ = _streamed(text, size, make)
+        assert content == "Checking." and [name for name, _ in got] == ["get_weather", "ping"]

@@ -154,14 +154,14 @@ class ChoiceStream:
         return piece_deltas(self.harmony.take_call_pieces())
 
 
-def piece_deltas(pieces: list[tuple[int, Optional[str], str]]) -> list[DeltaToolCall]:
-    """Call pieces (index, name or None, arguments text) as deltas: a call's first names its
+def piece_deltas(pieces: list[tuple]) -> list[DeltaToolCall]:
+    """Call pieces (index, name or None, arguments text[, id]) as deltas: a call's first names its
     function (with an id), the rest carry its arguments, one delta per call."""
     deltas: list[DeltaToolCall] = []
-    for index, name, arguments in pieces:
+    for index, name, arguments, *call_id in pieces:  # (a 4th item: the model's own call id)
         if name is not None:
-            deltas.append(DeltaToolCall(index=index, id=random_tool_call_id(), type="function",
-                                        function=DeltaFunctionCall(name=name, arguments=arguments)))
+            deltas.append(DeltaToolCall(index=index, id=(call_id and call_id[0]) or random_tool_call_id(),
+                                        type="function", function=DeltaFunctionCall(name=name, arguments=arguments)))
         elif deltas and deltas[-1].index == index:
             deltas[-1].function.arguments = (deltas[-1].function.arguments or "") + arguments
         else:

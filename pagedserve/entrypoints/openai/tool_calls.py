@@ -42,7 +42,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+from pagedserve.entrypoints.openai.call_stream import (MISTRAL_TAG, BlockFinder, Glm45Call, JsonListFinder,
+                                                       MarkedFinder, MistralFinder, Qwen3CoderCall, SectionStream)
 from pagedserve.entrypoints.openai.json_call_stream import HERMES_START, CallScanner, HermesStream, JsonCallsStream
+from pagedserve.entrypoints.openai.json_prefix import skip_space
 from pagedserve.reasoning import partial_tail
 
 
@@ -146,28 +149,29 @@ def parse_llama3_json(text: str) -> tuple[str, list[Call]]:
     return "", calls
 
 
-MISTRAL_TAG = "[TOOL_CALLS]"
-
-
 def parse_mistral(text: str) -> tuple[str, list[Call]]:
     """(content, calls) of a Mistral output: content, then `[TOOL_CALLS]` and the calls, as a
-    JSON list (or object) or as `name[ARGS]{...}` after each tag. Malformed calls: all content."""
+    JSON list (or object) or as `name[ARGS]{...}` after each tag. Each JSON value is read
+    whole (a tag inside a string is text). Malformed calls: all content."""
     start = text.find(MISTRAL_TAG)
     if start < 0:
         return text, []
-    calls = []
+    calls, i, decoder = [], start, json.JSONDecoder()
     try:
-        for seg in text[start + len(MISTRAL_TAG):].split(MISTRAL_TAG):
-            seg = seg.strip()
-            if seg.startswith(("[", "{")):
-                items = json.loads(seg)
-                calls += [_call(i) for i in (items if isinstance(items, list) else [items])]
-            else:
-                name, sep, args = seg.partition("[ARGS]")
-                name = name.split("[CALL_ID]")[0].strip()
-                if not sep or not name:
-                    return text, []
-                calls.append(Call(name, json.dumps(json.loads(args), ensure_ascii=False)))
+        while (i := skip_space(text, i)) < len(text):
+            if not text.startswith(MISTRAL_TAG, i):
+                return text, []
+            i = skip_space(text, i + len(MISTRAL_TAG))
+            if i < len(text) and text[i] in "[{":
+                items, i = decoder.raw_decode(text, i)
+                calls += [_call(c) for c in (items if isinstance(items, list) else [items])]
+                continue
+            sep = text.find("[ARGS]", i)
+            name = text[i:sep].split("[CALL_ID]")[0].strip() if sep >= 0 else ""
+            if not name:
+                return text, []
+            args, i = decoder.raw_decode(text, skip_space(text, sep + len("[ARGS]")))
+            calls.append(Call(name, json.dumps(args, ensure_ascii=False)))
     except (ValueError, TypeError, KeyError, AttributeError):
         return text, []
     return (text[:start], calls) if calls else (text, [])
@@ -391,6 +395,7 @@ def parse_glm45(text: str, tools: Optional[list] = None) -> tuple[str, list[Call
 
 
 DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+DS_CALL_BEGIN = "<｜tool▁call▁begin｜>"
 _DS_V3_CALL = re.compile(r"<｜tool▁call▁begin｜>(?:function)?<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n"
                          r"(?P<args>.*?)\n```\s*<｜tool▁call▁end｜>", re.DOTALL)
 _DS_V31_CALL = re.compile(r"<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>(?P<args>.*?)<｜tool▁call▁end｜>",
@@ -436,8 +441,7 @@ _KIMI_CALL = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<\s]+:\d+)\s*<\|tool_
 
 
 def _kimi_call(m: re.Match, arguments: str) -> Call:
-    name = m["id"].rsplit(":", 1)[0].split(".", 1)[-1]  # "functions.get_weather:0" -> get_weather
-    return Call(name, arguments, id=m["id"])
+    return Call(_kimi_name(m), arguments, id=m["id"])
 
 
 def parse_kimi_k2(text: str) -> tuple[str, list[Call]]:
@@ -447,24 +451,51 @@ def parse_kimi_k2(text: str) -> tuple[str, list[Call]]:
     return _section_calls(text, KIMI_SECTION_BEGIN, _KIMI_CALL, _kimi_call)
 
 
+def _marked(markers: tuple[str, ...], begin: str, head: re.Pattern, whole: re.Pattern,
+            name: Callable[[re.Match], str], parse: Callable[[str], tuple[str, list[Call]]]) -> SectionStream:
+    return SectionStream(MarkerStream(markers, parse), MarkedFinder(begin, head, whole, name), parse)
+
+
+def _blocks(parse: Callable[[str], tuple[str, list[Call]]], call: type, tools: Optional[list]) -> SectionStream:
+    """Qwen3-Coder / GLM-4.5 calls in <tool_call> blocks, values typed by the tools' schemas."""
+    finder = BlockFinder(lambda start: call(start, _typed, lambda name: _schema_types(tools, name)))
+    return SectionStream(MarkerStream(HERMES_START, parse), finder, parse)
+
+
+_DS_V3_HEAD = re.compile(r"<｜tool▁call▁begin｜>(?:function)?<｜tool▁sep｜>(?P<name>[^\n<]+)\n```(?:json)?\n")
+_DS_V31_HEAD = re.compile(r"<｜tool▁call▁begin｜>(?P<name>[^<]+?)<｜tool▁sep｜>")
+_KIMI_HEAD = re.compile(r"<\|tool_call_begin\|>\s*(?P<id>[^<\s]+:\d+)\s*<\|tool_call_argument_begin\|>")
+
+
+def _kimi_name(m: re.Match) -> str:
+    return m["id"].rsplit(":", 1)[0].split(".", 1)[-1]  # "functions.get_weather:0" -> get_weather
+
+
 # --tool-call-parser name -> (parse a whole output, make a streaming parser).
 TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]] = {
     "hermes": (parse_hermes, HermesStream),
     "llama3_json": (parse_llama3_json, Llama3JsonStream),
-    "mistral": (parse_mistral, lambda: MarkerStream(MISTRAL_TAG, parse_mistral)),
+    "mistral": (parse_mistral, lambda: SectionStream(MarkerStream(MISTRAL_TAG, parse_mistral), MistralFinder(),
+                                                     parse_mistral)),
     "pythonic": (parse_pythonic, lambda: OpeningStream(("[", PYTHON_START), parse_pythonic)),
-    "qwen3_coder": (parse_qwen3_coder, lambda: MarkerStream(HERMES_START, parse_qwen3_coder)),
-    "granite": (parse_granite, lambda: OpeningStream((*GRANITE_TAGS, "["), parse_granite)),
-    "phi4_mini_json": (parse_phi4_mini_json, lambda: OpeningStream((PHI4_TAG + "[",), parse_phi4_mini_json)),
-    "glm45": (parse_glm45, lambda: MarkerStream(HERMES_START, parse_glm45)),
-    "deepseek_v3": (parse_deepseek_v3, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v3)),
-    "deepseek_v31": (parse_deepseek_v31, lambda: MarkerStream(DS_CALLS_BEGIN, parse_deepseek_v31)),
-    "kimi_k2": (parse_kimi_k2, lambda: MarkerStream(KIMI_SECTION_BEGIN, parse_kimi_k2)),
+    "qwen3_coder": (parse_qwen3_coder, lambda: _blocks(parse_qwen3_coder, Qwen3CoderCall, None)),
+    "granite": (parse_granite, lambda: SectionStream(OpeningStream((*GRANITE_TAGS, "["), parse_granite),
+                                                     JsonListFinder(GRANITE_TAGS), parse_granite)),
+    "phi4_mini_json": (parse_phi4_mini_json, lambda: SectionStream(
+        OpeningStream((PHI4_TAG + "[",), parse_phi4_mini_json), JsonListFinder((PHI4_TAG,)), parse_phi4_mini_json)),
+    "glm45": (parse_glm45, lambda: _blocks(parse_glm45, Glm45Call, None)),
+    "deepseek_v3": (parse_deepseek_v3, lambda: _marked((DS_CALLS_BEGIN,), DS_CALL_BEGIN, _DS_V3_HEAD, _DS_V3_CALL,
+                                                       lambda m: m["name"].strip(), parse_deepseek_v3)),
+    "deepseek_v31": (parse_deepseek_v31, lambda: _marked((DS_CALLS_BEGIN,), DS_CALL_BEGIN, _DS_V31_HEAD,
+                                                         _DS_V31_CALL, lambda m: m["name"].strip(),
+                                                         parse_deepseek_v31)),
+    "kimi_k2": (parse_kimi_k2, lambda: _marked(KIMI_SECTION_BEGIN, "<|tool_call_begin|>", _KIMI_HEAD, _KIMI_CALL,
+                                               _kimi_name, parse_kimi_k2)),
 }
 HARMONY_TOOL_PARSER = "openai"  # GPT-OSS: calls are harmony messages, which its reasoning splitter reads
 TOOL_PARSER_NAMES = (*TOOL_PARSERS, HARMONY_TOOL_PARSER)
 # Parsers that type the arguments by the request's tool schemas (parser_for binds them).
-SCHEMA_AWARE = {"qwen3_coder", "glm45"}
+SCHEMA_AWARE = {"qwen3_coder": Qwen3CoderCall, "glm45": Glm45Call}
 
 
 def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]:
@@ -473,7 +504,7 @@ def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[
     if name not in SCHEMA_AWARE:
         return parse, make
     bound = functools.partial(parse, tools=tools)
-    return bound, lambda: MarkerStream(HERMES_START, bound)  # (both schema-aware formats open with <tool_call>)
+    return bound, lambda: _blocks(bound, SCHEMA_AWARE[name], tools)
 # Parsers that need special tokens kept in the text (their markers are special tokens).
 KEEPS_SPECIAL_TOKENS = {"mistral", "deepseek_v3", "deepseek_v31", "kimi_k2"}
 
