@@ -140,3 +140,23 @@ def test_json_object_prefix_settles_a_prefix_of_the_normalized_text():
                 assert want.startswith(out) and out.startswith(prev)
                 prev = out
             assert out == want and p.end == len(raw)
+
+
+def test_required_calls_stream_too():
+    """tool_choice "required" (a JSON array of {"name", "parameters"}): pieces add up to
+    parse_required's calls at every chunking."""
+    from pagedserve.entrypoints.openai.tool_calls import RequiredStream, parse_required
+
+    text = json.dumps([{"name": "write", "parameters": ARGS}, {"name": "get_weather", "parameters": {"city": "Rome"}}])
+    want = [(c.name, c.arguments) for c in parse_required(text)]
+    for size in (1, 3, 50):
+        s, pieces = RequiredStream(), []
+        for i in range(0, len(text), size):
+            assert s.feed(text[i:i + size]) == ""
+            pieces += s.take_call_pieces()
+        assert s.finish() == ("", [])
+        pieces += s.take_call_pieces()
+        got: dict = {}
+        for index, name, args, _ in pieces:
+            got[index] = (got[index][0], got[index][1] + args) if name is None else (name, "")
+        assert list(got.values()) == want and (size > 1 or len(pieces) > 100)

@@ -9,8 +9,8 @@ from typing import Optional
 
 from pagedserve.entrypoints.openai.protocol import (AssistantMessage, ChatCompletionRequest, DeltaFunctionCall,
                                                     DeltaMessage, DeltaToolCall, FunctionCall, ToolCall)
-from pagedserve.entrypoints.openai.tool_calls import (HARMONY_TOOL_PARSER, Call, parse_required, parser_for,
-                                                      random_tool_call_id)
+from pagedserve.entrypoints.openai.tool_calls import (HARMONY_TOOL_PARSER, Call, RequiredStream, parse_required,
+                                                      parser_for, random_tool_call_id)
 from pagedserve.harmony import HarmonySplitter
 from pagedserve.reasoning import ReasoningSplitter
 
@@ -75,15 +75,17 @@ def _delta_calls(calls: list[Call]) -> list[DeltaToolCall]:
 
 class _ToolStream:
     """A streamed choice's content under tool_choice: a named function's arguments stream as
-    they come; "required" calls go out whole at the end; "auto" streams content until a tool
-    call starts."""
+    they come; "required" and "auto" calls go out in pieces as they are generated ("auto"
+    streams content until a tool call starts)."""
 
     def __init__(self, req: ChatCompletionRequest, tool_parser: Optional[str]) -> None:
         self.req, self.mode, self.tool_parser = req, req.tool_mode, tool_parser
-        self.text = ""
         self.started = False
-        self.parser = (parser_for(tool_parser, req.tools)[1]() if self.mode == "auto" and tool_parser is not None
-                       else None)
+        self.parser = None
+        if self.mode == "auto" and tool_parser is not None:
+            self.parser = parser_for(tool_parser, req.tools)[1]()
+        elif self.mode == "required":
+            self.parser = RequiredStream()
         self.called = False  # a call's first piece has gone out
 
     def delta(self, text: str, finish: Optional[str]) -> tuple[DeltaMessage, Optional[str]]:
@@ -97,12 +99,6 @@ class _ToolStream:
                     function=DeltaFunctionCall(name=self.req.tool_choice.function.name, arguments=text))]), finish
             return DeltaMessage(tool_calls=[DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=text))]
                                 if text else None), finish
-        if self.mode == "required":
-            self.text += text
-            if finish is None:
-                return DeltaMessage(), None
-            content, calls, finish = _tool_calls(self.req, self.text, finish, self.tool_parser)
-            return DeltaMessage(content=content or None, tool_calls=_delta_calls(calls) or None), finish
         content = self.parser.feed(text)
         if getattr(self.parser, "streams_calls", False):  # calls go out in pieces (json_call_stream.py)
             rest = self.parser.finish()[0] if finish is not None else ""

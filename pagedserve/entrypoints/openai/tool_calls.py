@@ -92,6 +92,17 @@ def parse_required(text: str) -> Optional[list[Call]]:
         return None
 
 
+def _required_whole(text: str) -> tuple[str, list[Call]]:
+    calls = parse_required(text)
+    return ("", calls) if calls else (text, [])
+
+
+def RequiredStream() -> SectionStream:  # noqa: N802
+    """A streamed "required" output (a JSON array of {"name", "parameters"} calls): each call
+    as it is generated, like the auto parsers'."""
+    return SectionStream(OpeningStream(("[",), _required_whole), JsonListFinder(), _required_whole)
+
+
 _HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
 
 
