@@ -159,4 +159,4 @@ def test_required_calls_stream_too():
         got: dict = {}
         for index, name, args, _ in pieces:
             got[index] = (got[index][0], got[index][1] + args) if name is None else (name, "")
-        assert list(got.values()) == want and (size > 1 or len(pieces) > 100)
+        assert list(got.values()) == want and (size > 1 or len(pieces) > 60)
