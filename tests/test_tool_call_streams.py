@@ -66,6 +66,9 @@ CASES = {
                     + f"{DS_CALL}function{DS_SEP}get_weather\n```json\n{SMALL}\n```{DS_END}" + DS_CLOSE],
     "deepseek_v31": ["OK" + DS_BEGIN + f"{DS_CALL}write{DS_SEP}{RAW}{DS_END}{DS_CALL}get_weather{DS_SEP}{SMALL}{DS_END}"
                      + DS_CLOSE],
+    "pythonic": ["[write(" + ", ".join(f"{k}={v!r}" for k, v in ARGS.items()) + "), get_weather(city='Paris')]",
+                 "<|python_start|>[ping(), f(x=[1, (2, 3)], s=\"\"\"it's \"quoted\"\n\"\"\", d={'a': ')'})]"
+                 "<|python_end|>"],
     "kimi_k2": ["Look. " + KIMI_BEGIN + _kimi("write", RAW, 0) + " " + _kimi("get_weather", SMALL, 1) + KIMI_CLOSE],
 }
 
@@ -115,7 +118,8 @@ def test_arguments_stream_while_generated(parser):
     _, calls, pieces = _run(parser, text, list(range(1, len(text))))
     (index,) = [i for i, c in enumerate(calls) if c[0] == "write"]
     args_pieces = [p for p in pieces if p[0] == index and p[1] is None]
-    assert len(args_pieces) > 40, len(args_pieces)
+    # (pythonic: each keyword argument once complete, then the closing brace)
+    assert len(args_pieces) > 40 or parser == "pythonic" and len(args_pieces) == len(ARGS) + 1, len(args_pieces)
     assert json.loads(calls[index][1]) == ARGS
 
 

@@ -403,3 +403,85 @@ class BlockFinder(CallFinder):
 
     def new_call(self, start: int) -> Any:
         return self.make(start)
+
+
+# ---- pythonic: [f(a=1, b="x"), g()] -------------------------------------------------------
+class PythonicCall:
+    """`name(kw=literal, ...)`: the name at "(", each keyword argument as it completes (read
+    with ast, never evaluated), "}" at ")". Strings and brackets are tracked a character at a
+    time, so a long call costs linear time."""
+
+    def __init__(self, start: int, literal: Callable[[str], tuple[str, Any]]) -> None:
+        self.start, self.pos, self.literal = start, start, literal
+        self.depth, self.quote, self.arg_start = 0, "", 0
+        self.state, self.members, self.bad = CallState(), _TypedMembers(), False
+
+    def update(self, body: str) -> CallState:
+        st, t = self.state, body
+        while self.pos < len(t) and st.end is None and not self.bad:
+            c = t[self.pos]
+            if self.quote:
+                if c == "\\":
+                    if self.pos + 1 >= len(t):
+                        break
+                    self.pos += 2
+                elif t.startswith(self.quote, self.pos):
+                    self.pos, self.quote = self.pos + len(self.quote), ""
+                elif len(self.quote) == 3 and self.quote.startswith(t[self.pos:]):
+                    break  # (maybe the closing triple, not yet whole)
+                else:
+                    self.pos += 1
+                continue
+            if c in "\"'":
+                if self.pos + 3 > len(t) and t[self.pos:] == c * len(t[self.pos:]):
+                    break  # one, two or three quotes: not yet known
+                self.quote = c * 3 if t.startswith(c * 3, self.pos) else c
+                self.pos += len(self.quote)
+                continue
+            if c == "(" and self.depth == 0:
+                name = t[self.start:self.pos].strip()
+                if not name.isidentifier():
+                    self.bad = True
+                    break
+                st.name, st.args, self.arg_start = name, "{", self.pos + 1
+            if c in "([{":
+                self.depth += 1
+            elif c in ")]}":
+                self.depth -= 1
+            if self.depth == 0 and c == ")" or self.depth == 1 and c == ",":
+                self._argument(t[self.arg_start:self.pos])
+                self.arg_start = self.pos + 1
+                if c == ")" and not self.bad:
+                    st.args, st.end = self.members.settled + "}", self.pos + 1
+            self.pos += 1
+        return st
+
+    def _argument(self, text: str) -> None:
+        if not text.strip():
+            return
+        try:
+            key, value = self.literal(text)
+        except (ValueError, TypeError, SyntaxError, RecursionError):
+            self.bad = True
+            return
+        self.members.add(key, value)
+        self.state.args = self.members.settled
+
+
+class PythonicFinder(CallFinder):
+    """Calls in a Python list, optionally inside <|python_start|> ... <|python_end|>."""
+
+    def __init__(self, tag: str, literal: Callable[[str], tuple[str, Any]]) -> None:
+        super().__init__()
+        self.tag, self.literal = tag, literal
+
+    def next_call(self, body: str, at: int) -> Optional[int]:
+        i = skip_space(body, at)
+        if at == 0 and body.startswith(self.tag, i):
+            i += len(self.tag)
+        while i < len(body) and body[i] in " \t\r\n[,":
+            i += 1
+        return i if i < len(body) and (body[i].isalpha() or body[i] == "_") else None
+
+    def new_call(self, start: int) -> PythonicCall:
+        return PythonicCall(start, self.literal)

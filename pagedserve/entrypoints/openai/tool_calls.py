@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from pagedserve.entrypoints.openai.call_stream import (MISTRAL_TAG, BlockFinder, Glm45Call, JsonListFinder,
-                                                       MarkedFinder, MistralFinder, Qwen3CoderCall, SectionStream)
+                                                       MarkedFinder, MistralFinder, PythonicFinder, Qwen3CoderCall,
+                                                       SectionStream)
 from pagedserve.entrypoints.openai.json_call_stream import HERMES_START, CallScanner, HermesStream, JsonCallsStream
 from pagedserve.entrypoints.openai.json_prefix import skip_space
 from pagedserve.reasoning import partial_tail
@@ -218,10 +219,18 @@ def parse_pythonic(text: str) -> tuple[str, list[Call]]:
     return "", calls
 
 
+def _keyword(text: str) -> tuple[str, Any]:
+    """One `kw=literal` argument of a pythonic call, as parse_pythonic reads it."""
+    call = ast.parse(f"f({text})", mode="eval").body
+    if not isinstance(call, ast.Call) or call.args or len(call.keywords) != 1 or call.keywords[0].arg is None:
+        raise ValueError("not one keyword argument")
+    return call.keywords[0].arg, ast.literal_eval(call.keywords[0].value)
+
+
 class OpeningStream:
     """For outputs that are all calls or all content: content streams as it comes unless the
-    output opens with one of `openers`; then it is held for `finish` to parse (a call's
-    arguments are sent whole)."""
+    output opens with one of `openers`; then it is held for `finish` to parse (the gate of a
+    call_stream.SectionStream, which sends the calls as they come)."""
 
     def __init__(self, openers: tuple[str, ...], parse: Callable[[str], tuple[str, list[Call]]]) -> None:
         self.openers, self.parse = openers, parse
@@ -488,7 +497,8 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "llama3_json": (parse_llama3_json, Llama3JsonStream),
     "mistral": (parse_mistral, lambda: SectionStream(MarkerStream(MISTRAL_TAG, parse_mistral), MistralFinder(),
                                                      parse_mistral)),
-    "pythonic": (parse_pythonic, lambda: OpeningStream(("[", PYTHON_START), parse_pythonic)),
+    "pythonic": (parse_pythonic, lambda: SectionStream(OpeningStream(("[", PYTHON_START), parse_pythonic),
+                                                       PythonicFinder(PYTHON_START, _keyword), parse_pythonic)),
     "qwen3_coder": (parse_qwen3_coder, lambda: _blocks(parse_qwen3_coder, Qwen3CoderCall, None)),
     "granite": (parse_granite, lambda: SectionStream(OpeningStream((*GRANITE_TAGS, "["), parse_granite),
                                                      JsonListFinder(GRANITE_TAGS), parse_granite)),
