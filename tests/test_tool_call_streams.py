@@ -67,24 +67,13 @@ CASES = {
     "deepseek_v31": ["OK" + DS_BEGIN + f"{DS_CALL}write{DS_SEP}{RAW}{DS_END}{DS_CALL}get_weather{DS_SEP}{SMALL}{DS_END}"
                      + DS_CLOSE],
     "pythonic": ["[write(" + ", ".join(f"{k}={v!r}" for k, v in ARGS.items()) + "), get_weather(city='Paris')]",
-                 "<|python_start|>[ping(), f(x=[1, (2, 3)], s=\"\"\"it's \"quoted\"\n\"\"\", d={'a': ')'})]"
+                 "<|python_start|>[ping(), f(x=[1, (2, 3)], s=\"\"\"it's \"quoted, or not)\"\n\"\"\", d={'a': ')'})]"
                  "<|python_end|>"],
     "kimi_k2": ["Look. " + KIMI_BEGIN + _kimi("write", RAW, 0) + " " + _kimi("get_weather", SMALL, 1) + KIMI_CLOSE],
 }
 
 
-def _run(parser: str, text: str, cuts: list[int]) -> tuple[str, list[tuple], list]:
-    """(content, [(name, arguments, id)], pieces) of `text` cut at `cuts` and fed to the stream."""
-    parse, make = parser_for(parser, _tools())
-    s = make()
-    content, pieces, at = "", [], 0
-    for cut in cuts + [len(text)]:
-        content += s.feed(text[at:cut])
-        pieces += s.take_call_pieces()
-        at = cut
-    rest, whole = s.finish()
-    assert whole == []  # every call went out in pieces
-    pieces += s.take_call_pieces()
+def _assemble(pieces: list) -> list[tuple]:
     calls: dict = {}
     for index, name, args, call_id in pieces:
         if name is not None:
@@ -92,7 +81,24 @@ def _run(parser: str, text: str, cuts: list[int]) -> tuple[str, list[tuple], lis
             calls[index] = [name, "", call_id]
         else:
             calls[index][1] += args
-    return content + rest, [tuple(calls[i]) for i in sorted(calls)], pieces
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def _run(parser: str, text: str, cuts: list[int]) -> tuple[str, list[tuple], list, list[tuple]]:
+    """(content, [(name, arguments, id)], pieces, the calls as they stood before finish) of
+    `text` cut at `cuts` and fed to the stream."""
+    parse, make = parser_for(parser, _tools())
+    s = make()
+    content, pieces, at = "", [], 0
+    for cut in cuts + [len(text)]:
+        content += s.feed(text[at:cut])
+        pieces += s.take_call_pieces()
+        at = cut
+    fed = _assemble(pieces)
+    rest, whole = s.finish()
+    assert whole == []  # every call went out in pieces
+    pieces += s.take_call_pieces()
+    return content + rest, _assemble(pieces), pieces, fed
 
 
 @pytest.mark.parametrize("parser", sorted(CASES))
@@ -104,7 +110,10 @@ def test_pieces_add_up_to_the_whole_output_parse(parser):
         assert want, text  # (the cases are well-formed)
         want_calls = [(c.name, c.arguments, c.id) for c in want]
         for size in (1, 2, 3, 7, 1000):
-            assert _run(parser, text, list(range(size, len(text), size)))[:2] == (want_content, want_calls), size
+            got = _run(parser, text, list(range(size, len(text), size)))
+            assert got[:2] == (want_content, want_calls), size
+            # Every call of these replies is whole before the output ends: sent by then, not by finish.
+            assert got[3] == want_calls, size
         for _ in range(20):
             cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 40))))
             assert _run(parser, text, cuts)[:2] == (want_content, want_calls)
@@ -115,7 +124,7 @@ def test_arguments_stream_while_generated(parser):
     """One character at a time: the long call's arguments arrive in many pieces, most of them
     before its text is over (the string content character by character)."""
     text = CASES[parser][0]
-    _, calls, pieces = _run(parser, text, list(range(1, len(text))))
+    _, calls, pieces, _ = _run(parser, text, list(range(1, len(text))))
     (index,) = [i for i, c in enumerate(calls) if c[0] == "write"]
     args_pieces = [p for p in pieces if p[0] == index and p[1] is None]
     # (pythonic: each keyword argument once complete, then the closing brace)
