@@ -244,3 +244,35 @@ def test_lora_in_cuda_graphs(llama_dir, tmp_path):
         _free(llm)
     assert results[False] == results[True]
     assert results[True][0][1] != results[True][1][1]  # the same prompt: the base model, then an adapter
+
+
+def test_eagle_head_graphs_on_cuda(llama_dir, tmp_path):
+    """An EAGLE-3 head's passes captured in CUDA graphs (one-token passes and catch-ups of up
+    to 1 + k tokens a request): its drafts are those of the same head run eagerly
+    (speculative_config enforce_eager), and the tokens are plain decoding's."""
+    from engine_helpers import spy_proposals
+
+    from pagedserve.model.random_model import build_random_eagle_head
+
+    head = build_random_eagle_head(str(tmp_path / "head"), llama_dir, version=3, aux_layer_ids=[0, 1], seed=3)
+    prompts = [{"prompt_token_ids": p} for p in _prompts(6, 7)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = LLM(llama_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    _free(plain)
+    drafts, replays = [], {}
+    for eager in (True, False):
+        llm = LLM(llama_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES, async_scheduling=False,
+                  speculative_config={"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+                                      "enforce_eager": eager})
+        draft = llm.llm_engine.runner.draft
+        assert (draft.graphs is None) == eager
+        if not eager:
+            replays = {"one": _count_replays(draft.graphs), "catch": _count_replays(draft.catch_graphs)}
+        calls = spy_proposals(llm)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+        drafts.append(calls)
+        _free(llm)
+    same = sum(a == b for a, b in zip(*drafts))
+    assert len(drafts[0]) == len(drafts[1]) and same >= 0.95 * len(drafts[0]), (same, len(drafts[0]))
+    assert all(replays.values()), {k: len(v) for k, v in replays.items()}

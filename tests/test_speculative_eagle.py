@@ -278,3 +278,33 @@ def test_bad_speculators_heads(target4, tmp_path):
             json.dump(dict(cfg, **change), f)
         with pytest.raises(ValueError, match=words):
             LLM(target4, speculative_config={"model": head, "num_speculative_tokens": 2})
+
+
+def test_graph_passes_on_static_buffers(target4, plain4, tmp_path):
+    """The head's CUDA-graph passes on their static buffers (replayed eagerly here:
+    capture=False), on the Triton backend: one-token passes (drafts 2..k, tokens and features
+    from the device) and catch-up passes of 1 to 1 + k tokens a request (short prompts, then
+    each step's new tokens), padded to 1 + k rows. Every proposal is the twin's, and the
+    outputs are plain decoding's."""
+    pytest.importorskip("triton")
+    head = build_random_eagle_head(str(tmp_path / "head"), target4, version=3, seed=9, draft_vocab_size=300)
+    ref = NaiveHead(head, target4)
+    llm = LLM(target4, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=4, max_model_len=64,
+              speculative_config={"method": "eagle3", "model": head, "num_speculative_tokens": 3})
+    runner = llm.llm_engine.runner
+    made = runner.draft.make_graphs(lambda fn, q: runner.make_graph_runner(capture=False, model=fn, query_len=q))
+    assert [g.query_len for g in made] == [4, 1]
+    lens: dict[int, list] = {1: [], 4: []}
+    for g in made:
+        run = g.run
+        g.run = lambda *a, g=g, run=run: lens[g.query_len].append(int((a[2] != -1).sum())) or run(*a)
+    calls = spy_proposals(llm)
+    prompts = [{"prompt_token_ids": p} for p in ([5, 9, 2], [7, 1, 4, 8], [3, 3], [11, 12, 13])]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain4.generate(prompts, params,
+                                                                                              use_tqdm=False))
+    assert len(calls) > 10
+    for toks, drafts in calls:
+        assert drafts == ref.drafts(toks, len(drafts))
+    assert lens[1] and max(lens[4]) > len(prompts)  # (catch-up rows of several tokens: the prompts')
+    assert_no_leak(llm)

@@ -21,7 +21,7 @@ only decides how many drafts stand."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ import torch
 from pagedserve.engine.request import Request
 from pagedserve.model.eagle import load_eagle
 from pagedserve.model.speculators import draft_config
+from pagedserve.worker.cuda_graphs import DecodeGraphRunner, pad_uniform
 from pagedserve.worker.device_io import to_device
 from pagedserve.worker.draft_model import DraftModelProposer, pass_layout, pass_metadata
 from pagedserve.worker.sampler import Sampler
@@ -42,15 +43,20 @@ class EagleProposer(DraftModelProposer):
 
     def __init__(self, config: Any, backend: Any, sampler: Sampler, sampling_states: SamplingStates,
                  target: torch.nn.Module) -> None:
-        spec = self._settings(config, sampler, sampling_states)  # (no graphs: the head's passes run eagerly)
+        spec = self._settings(config, sampler, sampling_states)
         self.model = load_eagle(spec.model, draft_config(spec.model), spec.method, target, config.dtype,
                                 config.device, config.max_model_len, dummy=config.dummy_weights, seed=config.seed)
         self.vocab_size = self.model.vocab_size
         self.target_hidden = int(target.config.hidden_size)
+        self.max_rows = config.max_num_seqs
         self._wire(backend)
         self._held: dict[str, int] = {}  # positions below it: head KV from the target's features
         # Features waiting, per request: (first position, [rows, hidden]) segments in order.
         self._feats: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        # CUDA graphs (make_graphs): one-token passes (self.graphs), catch-up passes of up to
+        # 1 + k tokens a request, and the static feature rows both read.
+        self.catch_graphs: Optional[DecodeGraphRunner] = None
+        self._feat_in: Optional[torch.Tensor] = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         super().allocate_kv_cache(num_blocks)
@@ -195,13 +201,62 @@ class EagleProposer(DraftModelProposer):
                 self._probs[rid] = probs[i][:k]
         return result
 
+    # ---- CUDA graphs ----------------------------------------------------------------------
+    def make_graphs(self, make: Callable[[Callable, int], Optional[DecodeGraphRunner]]) -> list[DecodeGraphRunner]:
+        """Graph runners of the head's passes, made by `make(model_fn, query_len)` (the model
+        runner's make_graph_runner): one-token passes (drafts 2..k) and catch-up passes of up
+        to 1 + k tokens a request (after a verification step). Their features go through a
+        static buffer the graphs read. Returns the runners to capture."""
+        q = 1 + self.cfg.num_speculative_tokens
+        rows = self.max_rows * q
+        self._feat_in = torch.zeros((rows, self.model.config.hidden_size), dtype=self._dtype(), device=self.device)
+        self.graphs = make(self._graph_forward, 1)
+        self.catch_graphs = make(self._graph_forward, q)
+        return [g for g in (self.catch_graphs, self.graphs) if g is not None]
+
+    def _graph_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        normed, out = self.model(input_ids, positions, meta, self._feat_in[:len(input_ids)])
+        return torch.cat([normed, out], dim=-1)
+
+    def _split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.model.config.hidden_size
+        return hidden[:, :h], hidden[:, h:]
+
+    def _graph_pass(self, rows: list, ids_t: torch.Tensor, feats_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-token rows (in order) through the graphs; tokens and features stay on the device."""
+        pos, slots, seq_lens, _, table = pass_layout([(r[0], r[1], 1) for r in rows], self.block_size)
+        n = len(rows)
+        self._feat_in[:n].copy_(feats_t)
+        hidden = self.graphs.run(np.zeros(n, dtype=np.int64), np.concatenate(pos), np.concatenate(slots),
+                                 np.asarray(seq_lens, dtype=np.int32), table, (None, ids_t))
+        return self._split(hidden)
+
+    def _catch_graph_pass(self, rows: list, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Catch-up rows of 1 to q tokens each through the graphs of q rows a request."""
+        dev = self.device
+        pos, slots, seq_lens, qsl, table = pass_layout([(r[0], r[1], n) for r, n in zip(rows, lens)],
+                                                       self.block_size)
+        ids = np.asarray([t for r in rows for t in r[2]], dtype=np.int64)
+        ids, pos, slots, seq_lens, dst = pad_uniform(self.catch_graphs.query_len, qsl, ids, np.concatenate(pos),
+                                                     np.concatenate(slots), seq_lens)
+        feats = torch.cat([r[3] for r in rows]) if len(rows) > 1 else rows[0][3]
+        self._feat_in.index_copy_(0, to_device(dst, torch.long, dev), feats)
+        hidden = self.catch_graphs.run(ids, pos, slots, seq_lens, table)
+        return self._split(hidden[to_device(dst[np.asarray(qsl[1:]) - 1], torch.long, dev)])
+
     def _pass(self, rows: list, ids_t: Optional[torch.Tensor] = None,
               feats_t: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One head pass over rows of (block ids, first position, tokens, features), or of
         one token each with the tokens in ids_t and the features in feats_t (in row order):
-        each row's last (LM-head input, output feature), in the rows' order."""
+        each row's last (LM-head input, output feature), in the rows' order. Through the
+        graphs where they hold the pass."""
         dev = self.device
         lens = [1 if ids_t is not None else len(t) for _, _, t, _ in rows]
+        if ids_t is not None and self.graphs is not None and len(rows) <= self.graphs.max_size:
+            return self._graph_pass(rows, ids_t, feats_t)
+        catch = self.catch_graphs
+        if ids_t is None and catch is not None and max(lens) <= catch.query_len and len(rows) <= catch.max_size:
+            return self._catch_graph_pass(rows, lens)
         order = sorted(range(len(rows)), key=lambda i: lens[i] != 1)  # one-token rows first
         pos, slots, seq_lens, qsl, table = pass_layout([(rows[i][0], rows[i][1], lens[i]) for i in order],
                                                        self.block_size)

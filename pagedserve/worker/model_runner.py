@@ -225,8 +225,8 @@ class ModelRunner:
 
     def _capture_graphs(self) -> None:
         """Every CUDA graph, in one memory pool (they never run at the same time), largest
-        first: the target's verification graphs, its decode graphs, then the draft model's
-        catch-up and one-token graphs. Their activations (at most max_num_batched_tokens
+        first: the target's verification graphs, its decode graphs, then the draft model's (or
+        EAGLE head's) catch-up and one-token graphs. Their activations (at most max_num_batched_tokens
         tokens) fit the headroom the profiling pass left."""
         if not self.use_cuda_graphs():
             return
@@ -247,6 +247,9 @@ class ModelRunner:
                 draft.pair_graphs.capture(pool)
             draft.graphs = self.make_graph_runner(capture=True, model=draft.model)
             draft.graphs.capture(pool)
+        elif isinstance(draft, EagleProposer) and not draft.cfg.enforce_eager:
+            for graphs in draft.make_graphs(lambda fn, q: self.make_graph_runner(capture=True, model=fn, query_len=q)):
+                graphs.capture(pool)
         if self.lora_slots is not None:
             self.lora_slots.active = False
 
@@ -256,7 +259,7 @@ class ModelRunner:
                 and getattr(self.model, "cuda_graph_safe", True)
                 and self.config.runner == "generate")  # a pooling model only prefills
 
-    def make_graph_runner(self, capture: bool, model: Optional[torch.nn.Module] = None,
+    def make_graph_runner(self, capture: bool, model: Optional[Callable] = None,
                           query_len: int = 1) -> Optional[DecodeGraphRunner]:
         """Graphs of `model` (default: the target; the draft model's passes have theirs) over
         batch-size buckets up to max_num_seqs, of query_len rows a request; capture=False runs
