@@ -78,6 +78,13 @@ MODEL_SPECS = {
     # layer without RoPE.
     "granite": ("GraniteForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "olmo2": ("Olmo2ForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    # OLMo 3: OLMo 2's layers with a window on three of four; YaRN on the full layer only.
+    "olmo3": ("Olmo3ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+        "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+                           "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 500000.0}})),
+    # Seed-OSS: q/k/v, output and MLP biases (drawn, not zeros), a head_dim of its own.
+    "seed_oss": ("SeedOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, random_biases=True)),
     "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
     # Cohere: parallel attention + MLP, mean-centred LayerNorm, logit scale, interleaved RoPE.
     "cohere": ("CohereForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),

@@ -308,6 +308,16 @@ class MistralForCausalLM(LlamaForCausalLM):
     pass
 
 
+class SeedOssForCausalLM(LlamaForCausalLM):
+    """Seed-OSS (ByteDance): the Llama decoder, its q/k/v biases (attention_bias) set apart
+    from the output projection's (attention_out_bias); the MLP's follow mlp_bias."""
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        return {"qkv_bias": bool(getattr(cfg, "attention_bias", True)),
+                "o_bias": bool(getattr(cfg, "attention_out_bias", False)), "qk_norm": False}
+
+
 class SmolLM3ForCausalLM(LlamaForCausalLM):
     """SmolLM3: the Llama decoder with RoPE left out of some layers (no_rope_layers: 1 keeps
     it, 0 drops it; every fourth layer in the released models)."""

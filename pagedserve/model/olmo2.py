@@ -1,6 +1,9 @@
 """OLMo 2 (Olmo2ForCausalLM): the Llama attention and MLP in a post-norm layer (no norm
 before attention or the MLP; RMSNorm on each of their outputs before it joins the residual
-stream), and RMSNorm over the whole q and k projections (all heads at once) before RoPE."""
+stream), and RMSNorm over the whole q and k projections (all heads at once) before RoPE.
+OLMo 3 (Olmo3ForCausalLM): the same layers, sliding-window attention on the layers its
+`layer_types` marks (three of four), and RoPE parameters per layer type (YaRN on the
+full-attention layers of the long-context models)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.norm import RMSNorm
-from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from pagedserve.model.hf_config import rope_is_per_layer_type
+from pagedserve.model.layers.rotary import RotaryEmbedding, make_rotary
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _head_dim
 
 
 class Olmo2DecoderLayer(nn.Module):
@@ -36,3 +40,13 @@ class Olmo2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         return Olmo2DecoderLayer(cfg, rotary, window)
+
+
+class Olmo3ForCausalLM(Olmo2ForCausalLM):
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)  # (layer_windows reads the windows from layer_types)
+        if rope_is_per_layer_type(cfg):
+            types = list(cfg.layer_types)
+            rotaries = {t: make_rotary(cfg, _head_dim(cfg), max_positions, t) for t in sorted(set(types))}
+            for layer, t in zip(self.model.layers, types):
+                layer.self_attn.rotary = rotaries[t]

@@ -31,6 +31,8 @@ ARCH_CONFIGS = {
     "GraniteForCausalLM": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                              "attention_multiplier": 0.2, "logits_scaling": 2.5}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
+    "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
+    "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
