@@ -83,6 +83,9 @@ MODEL_SPECS = {
         "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
         "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
                            "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 500000.0}})),
+    # ERNIE 4.5: biases everywhere (drawn), interleaved RoPE over the whole head.
+    "ernie4_5": ("Ernie4_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_biases=True,
+                                            tie_word_embeddings=True)),
     # Seed-OSS: q/k/v, output and MLP biases (drawn, not zeros), a head_dim of its own.
     "seed_oss": ("SeedOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, random_biases=True)),
     "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),

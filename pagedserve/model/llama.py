@@ -67,12 +67,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, intermediate_size: Optional[int] = None, act: Optional[str] = None) -> None:
+    def __init__(self, cfg: Any, intermediate_size: Optional[int] = None, act: Optional[str] = None,
+                 bias: Optional[bool] = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
         act = act or cfg.hidden_act
-        bias = bool(getattr(cfg, "mlp_bias", False))
+        bias = bool(getattr(cfg, "mlp_bias", False)) if bias is None else bias
         self.intermediate = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * self.intermediate, bias=bias)
         self.gate_up_proj.shard_offsets = {"gate": (0, self.intermediate), "up": (self.intermediate, self.intermediate)}

@@ -32,6 +32,7 @@ ARCH_CONFIGS = {
                                              "attention_multiplier": 0.2, "logits_scaling": 2.5}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
+    "Ernie4_5ForCausalLM": ("Ernie4_5Config", {"use_bias": True}),
     "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
