@@ -83,6 +83,10 @@ MODEL_SPECS = {
         "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
         "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
                            "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 500000.0}})),
+    # Ministral 3: YaRN and the queries' position scale, with an original length short tests cross.
+    "ministral3": ("Ministral3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_parameters={
+        "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "llama_4_scaling_beta": 0.5,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1000000.0})),
     # ERNIE 4.5: biases everywhere (drawn), interleaved RoPE over the whole head.
     "ernie4_5": ("Ernie4_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_biases=True,
                                             tie_word_embeddings=True)),

@@ -182,3 +182,15 @@ def test_images_on_cuda(mistral3):
     outs = llm.generate([image_prompt(t, ims) for t, ims in cases], _params(logprobs=0), use_tqdm=False)
     for (text, images), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, images), out, lp_tol=2e-2)
+
+
+def test_ministral3_language_model_is_chosen():
+    """Ministral 3 checkpoints are Mistral3ForConditionalGeneration over a "ministral3" text
+    config: its decoder class (YaRN and the queries' position scale) serves them."""
+    from transformers import Ministral3Config, Mistral3Config
+
+    from pagedserve.model.registry import text_model_config
+
+    cfg = Mistral3Config(text_config=Ministral3Config(num_hidden_layers=2).to_dict())
+    cfg.architectures = ["Mistral3ForConditionalGeneration"]
+    assert text_model_config(cfg).architectures == ["Ministral3ForCausalLM"]

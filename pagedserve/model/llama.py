@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.hf_config import layer_windows
+from pagedserve.model.hf_config import layer_windows, rope_parameters
 from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE, moe_graph_safe
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
@@ -41,6 +41,9 @@ class LlamaAttention(nn.Module):
         self.q_norm = norm(self.q_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = norm(self.kv_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary  # None: no position encoding in this layer (SmolLM3's NoPE layers)
+        # (beta, length): queries scaled by 1 + beta * log(1 + floor(position / length)) (Llama 4's
+        # attention temperature, as Ministral 3 has it); None: not scaled.
+        self.q_position_scale: Optional[tuple[float, int]] = None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim**-0.5,
                                    window, softcap, sinks)
 
@@ -58,6 +61,10 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_position_scale is not None:  # (before RoPE: the same, as RoPE is linear)
+            beta, length = self.q_position_scale
+            scale = 1 + beta * torch.log1p(torch.div(positions, length, rounding_mode="floor").float())
+            q = q * scale.to(q.dtype)[:, None, None]
         if self.rotary is None:
             return self.o_proj(self.attn(q, k, v, meta))
         if self.attn.fuses_rope and self.rotary.use_triton and not self.rotary.partial:  # RoPE in the KV write
@@ -307,6 +314,22 @@ class LlamaForCausalLM(nn.Module):
 
 class MistralForCausalLM(LlamaForCausalLM):
     pass
+
+
+class Ministral3ForCausalLM(LlamaForCausalLM):
+    """Ministral 3 (Mistral's 3B / 8B / 14B of December 2025, the language model of their
+    Mistral3ForConditionalGeneration checkpoints): the Mistral decoder with YaRN, its queries
+    scaled by 1 + beta * log(1 + floor(position / original_max_position_embeddings))
+    (`llama_4_scaling_beta`), which is 1 within the original context."""
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)
+        params = rope_parameters(cfg)
+        beta = params.get("llama_4_scaling_beta")
+        if beta:
+            length = int(params.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+            for layer in self.model.layers:
+                layer.self_attn.q_position_scale = (float(beta), length)
 
 
 class SeedOssForCausalLM(LlamaForCausalLM):

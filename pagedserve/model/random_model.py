@@ -33,6 +33,7 @@ ARCH_CONFIGS = {
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
     "Ernie4_5ForCausalLM": ("Ernie4_5Config", {"use_bias": True}),
+    "Ministral3ForCausalLM": ("Ministral3Config", {}),
     "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Glm4ForCausalLM": ("Glm4Config", {}),

@@ -18,6 +18,7 @@ _MODELS = {
     "Glm4MoeForCausalLM": ("pagedserve.model.glm4_moe", "Glm4MoeForCausalLM"),
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
+    "Ministral3ForCausalLM": ("pagedserve.model.llama", "Ministral3ForCausalLM"),
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),
     "GptOssForCausalLM": ("pagedserve.model.gpt_oss", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("pagedserve.model.granite", "GraniteForCausalLM"),
@@ -96,7 +97,7 @@ _TEXT_OF_MULTIMODAL = {
 # LLaVA-OneVision: LLaVA-NeXT's checkpoint names, on a Qwen2 decoder; multimodal/llava_onevision.py.
 _TEXT_OF_MULTIMODAL["LlavaOnevisionForConditionalGeneration"] = _TEXT_OF_MULTIMODAL["LlavaNextForConditionalGeneration"]
 _TEXT_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM"}
+                       "qwen3": "Qwen3ForCausalLM", "ministral3": "Ministral3ForCausalLM"}
 
 
 def text_model_config(hf_config: Any) -> Any:
