@@ -108,6 +108,8 @@ MODEL_SPECS = {
     "deepseek_v3": ("DeepseekV3ForCausalLM", dict(num_heads=4, num_layers=3, rope_parameters={
         "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8, "rope_theta": 10000.0})),
+    # GLM-4.7-Flash: V3's latent attention and experts, its dense layer named in mlp_layer_types.
+    "glm4_moe_lite": ("Glm4MoeLiteForCausalLM", dict(num_heads=4, num_layers=3)),
     # GLM-4.5: V3's router and shared experts on a Llama decoder with q/k/v biases (drawn, not
     # zeros), q/k norms and RoPE on half of each head.
     "glm4_moe": ("Glm4MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3,

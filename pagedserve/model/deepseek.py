@@ -192,3 +192,16 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     @classmethod
     def interleaved_rope(cls, cfg: Any) -> bool:
         return bool(getattr(cfg, "rope_interleave", True))
+
+
+class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):
+    """GLM-4.7-Flash (Glm4MoeLiteForCausalLM): DeepSeek-V3's latent attention and grouped,
+    sigmoid-routed experts, the dense and sparse layers named one by one in
+    `mlp_layer_types`."""
+
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        types = list(getattr(cfg, "mlp_layer_types", None) or [])
+        if len(types) != cfg.num_hidden_layers:
+            raise ValueError(f"config.json has {len(types)} mlp_layer_types for {cfg.num_hidden_layers} layers.")
+        return DeepseekMoE(cfg, cls.sigmoid_router) if types[layer_idx] == "sparse" else LlamaMLP(cfg)

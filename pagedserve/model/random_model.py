@@ -61,6 +61,9 @@ ARCH_CONFIGS = {
                                                    "routed_scaling_factor": 1.5}),
     "DeepseekV3ForCausalLM": ("DeepseekV3Config", {**_DEEPSEEK, "routed_scaling_factor": 2.5,
                                                    "norm_topk_prob": True}),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and experts, dense / sparse layers by name.
+    "Glm4MoeLiteForCausalLM": ("Glm4MoeLiteConfig", {**_DEEPSEEK, "routed_scaling_factor": 1.8, "norm_topk_prob": True,
+                                                     "mlp_layer_types": ["sparse", "dense", "sparse"]}),
     # GLM-4.5: DeepSeek-V3's grouped experts, q/k/v biases, q/k norms, RoPE on half of each head.
     "Glm4MoeForCausalLM": ("Glm4MoeConfig", {**_GROUPED_EXPERTS, "routed_scaling_factor": 2.5, "attention_bias": True,
                                              "use_qk_norm": True}),
@@ -147,7 +150,7 @@ def build_random_model(
         bos_token_id=None,
     )
     if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
-                "Glm4MoeForCausalLM"):
+                "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM"):
         kwargs["moe_intermediate_size"] = intermediate_size // 2
     if arch == "Qwen2MoeForCausalLM":
         kwargs["shared_expert_intermediate_size"] = intermediate_size

@@ -16,6 +16,7 @@ _MODELS = {
     "GlmForCausalLM": ("pagedserve.model.glm4", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("pagedserve.model.glm4", "Glm4ForCausalLM"),
     "Glm4MoeForCausalLM": ("pagedserve.model.glm4_moe", "Glm4MoeForCausalLM"),
+    "Glm4MoeLiteForCausalLM": ("pagedserve.model.deepseek", "Glm4MoeLiteForCausalLM"),
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedserve.model.llama", "MistralForCausalLM"),
     "Ministral3ForCausalLM": ("pagedserve.model.llama", "Ministral3ForCausalLM"),
