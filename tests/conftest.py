@@ -90,6 +90,9 @@ MODEL_SPECS = {
     # ERNIE 4.5: biases everywhere (drawn), interleaved RoPE over the whole head.
     "ernie4_5": ("Ernie4_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_biases=True,
                                             tie_word_embeddings=True)),
+    # ERNIE 4.5 MoE: a dense first layer, softmax routing moved by a drawn correction bias.
+    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3,
+                                                    random_biases=True)),
     # Seed-OSS: q/k/v, output and MLP biases (drawn, not zeros), a head_dim of its own.
     "seed_oss": ("SeedOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, random_biases=True)),
     "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),

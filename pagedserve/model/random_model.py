@@ -33,6 +33,9 @@ ARCH_CONFIGS = {
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
     "Ernie4_5ForCausalLM": ("Ernie4_5Config", {"use_bias": True}),
+    # ERNIE 4.5 MoE: experts on layers 1..2 (layer 0 dense), 4 of them, 2 a token, a shared one.
+    "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_num_shared_experts": 1,
+                                                       "moe_layer_start_index": 1, "moe_layer_end_index": 2}),
     "Ministral3ForCausalLM": ("Ministral3Config", {}),
     "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
@@ -150,7 +153,7 @@ def build_random_model(
         bos_token_id=None,
     )
     if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
-                "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM"):
+                "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Ernie4_5_MoeForCausalLM"):
         kwargs["moe_intermediate_size"] = intermediate_size // 2
     if arch == "Qwen2MoeForCausalLM":
         kwargs["shared_expert_intermediate_size"] = intermediate_size
