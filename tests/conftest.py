@@ -87,6 +87,9 @@ MODEL_SPECS = {
     "ministral3": ("Ministral3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_parameters={
         "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "llama_4_scaling_beta": 0.5,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1000000.0})),
+    # EXAONE 4.0: post-norm layers, per-head q/k norms, windows on three of four, the fourth without RoPE.
+    "exaone4": ("Exaone4ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, head_dim=16,
+                                          sliding_window_pattern=4)),
     # ERNIE 4.5: biases everywhere (drawn), interleaved RoPE over the whole head.
     "ernie4_5": ("Ernie4_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_biases=True,
                                             tie_word_embeddings=True)),

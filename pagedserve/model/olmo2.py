@@ -3,7 +3,9 @@ before attention or the MLP; RMSNorm on each of their outputs before it joins th
 stream), and RMSNorm over the whole q and k projections (all heads at once) before RoPE.
 OLMo 3 (Olmo3ForCausalLM): the same layers, sliding-window attention on the layers its
 `layer_types` marks (three of four), and RoPE parameters per layer type (YaRN on the
-full-attention layers of the long-context models)."""
+full-attention layers of the long-context models).
+EXAONE 4.0 (Exaone4ForCausalLM): the same post-norm layers with q/k norms per head; with a
+sliding window, its full-attention layers (one of four) use no RoPE."""
 
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _
 
 
 class Olmo2DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int, qk_norm_whole: bool = True) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "attention_bias", False))
         self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=True, window=window,
-                                        qk_norm_whole=True)
+                                        qk_norm_whole=qk_norm_whole)
         self.mlp = LlamaMLP(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -50,3 +52,17 @@ class Olmo3ForCausalLM(Olmo2ForCausalLM):
             rotaries = {t: make_rotary(cfg, _head_dim(cfg), max_positions, t) for t in sorted(set(types))}
             for layer, t in zip(self.model.layers, types):
                 layer.self_attn.rotary = rotaries[t]
+
+
+class Exaone4ForCausalLM(Olmo2ForCausalLM):
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        return Olmo2DecoderLayer(cfg, rotary, window, qk_norm_whole=False)
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)
+        types = getattr(cfg, "layer_types", None)
+        if getattr(cfg, "sliding_window", None) and types:  # the hybrid models' global layers: no RoPE
+            for layer, t in zip(self.model.layers, types):
+                if t != "sliding_attention":
+                    layer.self_attn.rotary = None

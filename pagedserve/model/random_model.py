@@ -32,6 +32,7 @@ ARCH_CONFIGS = {
                                              "attention_multiplier": 0.2, "logits_scaling": 2.5}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
+    "Exaone4ForCausalLM": ("Exaone4Config", {"sliding_window": 16}),
     "Ernie4_5ForCausalLM": ("Ernie4_5Config", {"use_bias": True}),
     # ERNIE 4.5 MoE: experts on layers 1..2 (layer 0 dense), 4 of them, 2 a token, a shared one.
     "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_num_shared_experts": 1,
