@@ -101,6 +101,8 @@ MODEL_SPECS = {
     "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
     # Cohere: parallel attention + MLP, mean-centred LayerNorm, logit scale, interleaved RoPE.
     "cohere": ("CohereForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
+    # Command R7B / A: Cohere's layers, windows on three of four, the fourth without RoPE.
+    "cohere2": ("Cohere2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, tie_word_embeddings=True)),
     # GLM-4: sandwich norms, q/k/v biases, interleaved RoPE on half of each head.
     "glm4": ("Glm4ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32)),
     "glm": ("GlmForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32)),

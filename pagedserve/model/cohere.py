@@ -68,3 +68,15 @@ class CohereForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         head_dim = _head_dim(self.config)
         super().load_weights(interleaved_rope_weights(weights, head_dim, head_dim))
+
+
+class Cohere2ForCausalLM(CohereForCausalLM):
+    """Command R7B, Command A: Cohere's layers, sliding-window attention with RoPE on the
+    layers `layer_types` marks (three of four) and no RoPE on the full-attention ones."""
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)
+        window = getattr(cfg, "sliding_window", None)
+        for layer, t in zip(self.model.layers, getattr(cfg, "layer_types", None) or ()):
+            if t != "sliding_attention" or window is None:  # (transformers: RoPE where the layer has a window)
+                layer.self_attn.rotary = None

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 _MODELS = {
     "CohereForCausalLM": ("pagedserve.model.cohere", "CohereForCausalLM"),
+    "Cohere2ForCausalLM": ("pagedserve.model.cohere", "Cohere2ForCausalLM"),
     "DeepseekV2ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV3ForCausalLM"),
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
