@@ -96,6 +96,10 @@ MODEL_SPECS = {
     # ERNIE 4.5 MoE: a dense first layer, softmax routing moved by a drawn correction bias.
     "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3,
                                                     random_biases=True)),
+    # Hunyuan: q/k norms after RoPE (drawn norm weights: the order shows), NTK-alpha RoPE.
+    "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_norms=True,
+                                                  rope_parameters={
+        "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # Seed-OSS: q/k/v, output and MLP biases (drawn, not zeros), a head_dim of its own.
     "seed_oss": ("SeedOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, random_biases=True)),
     "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),

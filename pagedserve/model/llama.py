@@ -25,7 +25,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  window: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
                  norm: Callable[[int, float], nn.Module] = RMSNorm, qk_norm_whole: bool = False,
-                 sinks: bool = False) -> None:
+                 sinks: bool = False, qk_norm_after_rope: bool = False) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -38,6 +38,7 @@ class LlamaAttention(nn.Module):
                                        "v": (self.q_size + self.kv_size, self.kv_size)}
         # q/k norms per head (Qwen3, Gemma 3), or over all heads at once (qk_norm_whole: OLMo 2).
         self.qk_norm_whole = qk_norm_whole
+        self.qk_norm_after_rope = qk_norm_after_rope  # per-head norms of the rotated q/k (HunYuan)
         self.q_norm = norm(self.q_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = norm(self.kv_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary  # None: no position encoding in this layer (SmolLM3's NoPE layers)
@@ -59,12 +60,15 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and not self.qk_norm_whole:
+        if self.q_norm is not None and not self.qk_norm_whole and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.q_position_scale is not None:  # (before RoPE: the same, as RoPE is linear)
             beta, length = self.q_position_scale
             scale = 1 + beta * torch.log1p(torch.div(positions, length, rounding_mode="floor").float())
             q = q * scale.to(q.dtype)[:, None, None]
+        if self.rotary is not None and self.qk_norm_after_rope:
+            q, k = self.rotary(positions, q, k)
+            return self.o_proj(self.attn(self.q_norm(q), self.k_norm(k), v, meta))
         if self.rotary is None:
             return self.o_proj(self.attn(q, k, v, meta))
         if self.attn.fuses_rope and self.rotary.use_triton and not self.rotary.partial:  # RoPE in the KV write
@@ -330,6 +334,19 @@ class Ministral3ForCausalLM(LlamaForCausalLM):
             length = int(params.get("original_max_position_embeddings") or cfg.max_position_embeddings)
             for layer in self.model.layers:
                 layer.self_attn.q_position_scale = (float(beta), length)
+
+
+class HunYuanDenseV1ForCausalLM(LlamaForCausalLM):
+    """Hunyuan dense models (tencent/Hunyuan-0.5B..7B-Instruct): the Llama decoder with per-head
+    RMSNorm of q and k after RoPE (`query_layernorm`, `key_layernorm`) and NTK-alpha RoPE (a
+    fixed alpha stretches the base: theta * alpha ** (d / (d - 2)))."""
+
+    renamed = [(".query_layernorm.", ".q_norm."), (".key_layernorm.", ".k_norm.")]
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_after_rope": True}
 
 
 class SeedOssForCausalLM(LlamaForCausalLM):

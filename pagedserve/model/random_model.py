@@ -38,6 +38,7 @@ ARCH_CONFIGS = {
     "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_num_shared_experts": 1,
                                                        "moe_layer_start_index": 1, "moe_layer_end_index": 2}),
     "Ministral3ForCausalLM": ("Ministral3Config", {}),
+    "HunYuanDenseV1ForCausalLM": ("HunYuanDenseV1Config", {}),
     "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Cohere2ForCausalLM": ("Cohere2Config", {"logit_scale": 0.5, "sliding_window": 16}),
@@ -127,12 +128,15 @@ def build_random_model(
     tokenizer_dir: Optional[str] = None,
     dtype: str = "float32",
     random_biases: Optional[bool] = None,
+    random_norms: bool = False,
     **extra: Any,
 ) -> str:
     """Write a random-weight model directory (config, safetensors, tokenizer); returns path.
     `tokenizer_dir` reuses an already built tokenizer instead of training one. random_biases:
     every bias drawn like the weights instead of transformers' zeros (default: for GPT-OSS,
-    whose biases are everywhere, so that a model ignoring one differs)."""
+    whose biases are everywhere, so that a model ignoring one differs). random_norms: every
+    norm's weight drawn around 1 instead of all ones (a norm applied in the wrong place then
+    shows)."""
     import torch
     import transformers
 
@@ -173,6 +177,11 @@ def build_random_model(
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
                     p.normal_(0.0, initializer_range)
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(1.0, 0.3)
     with torch.no_grad():  # DeepSeek-V3's router bias (a buffer, zeros in transformers): drawn, so it matters
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

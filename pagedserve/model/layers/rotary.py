@@ -34,6 +34,10 @@ def _inv_freq(hf_config: Any, head_dim: int, layer_type: Optional[str] = None,
         rope_type = "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}.")
+    if rope_type == "dynamic" and params.get("alpha"):  # HunYuan's fixed NTK alpha: a larger base, static
+        dim = rotary_dim(hf_config, head_dim, layer_type)
+        base = float(params["rope_theta"]) * float(params["alpha"]) ** (dim / (dim - 2))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
     if rope_type == "default":
         base = float(params["rope_theta"])
         dim = rotary_dim(hf_config, head_dim, layer_type)
