@@ -79,7 +79,7 @@ MODEL_SPECS = {
     "granite": ("GraniteForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "olmo2": ("Olmo2ForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     # OLMo 3: OLMo 2's layers with a window on three of four; YaRN on the full layer only.
-    "olmo3": ("Olmo3ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, rope_parameters={
+    "olmo3": ("Olmo3ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
         "full_attention": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
                            "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 500000.0}})),
@@ -89,7 +89,7 @@ MODEL_SPECS = {
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1000000.0})),
     # EXAONE 4.0: post-norm layers, per-head q/k norms, windows on three of four, the fourth without RoPE.
     "exaone4": ("Exaone4ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, head_dim=16,
-                                          sliding_window_pattern=4)),
+                                          sliding_window_pattern=4, random_norms=True)),
     # ERNIE 4.5: biases everywhere (drawn), interleaved RoPE over the whole head.
     "ernie4_5": ("Ernie4_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_biases=True,
                                             tie_word_embeddings=True)),
