@@ -100,6 +100,11 @@ MODEL_SPECS = {
     "hunyuan": ("HunYuanDenseV1ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_norms=True,
                                                   rope_parameters={
         "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
+    # Arcee AFM: a gateless ReLU² MLP. Apertus: a gateless xIELU MLP, q/k norms, Llama-3 RoPE.
+    "arcee": ("ArceeForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    "apertus": ("ApertusForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256, "rope_theta": 500000.0})),
     # Seed-OSS: q/k/v, output and MLP biases (drawn, not zeros), a head_dim of its own.
     "seed_oss": ("SeedOssForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, random_biases=True)),
     "smollm3": ("SmolLM3ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),

@@ -109,6 +109,40 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
+class XIELU(nn.Module):
+    """xIELU (Apertus): x > 0: alpha_p * x^2 + beta * x; else (expm1(min(x, eps)) - x) *
+    alpha_n + beta * x, with alpha_p = softplus(a_p), alpha_n = beta + softplus(a_n) learned
+    per layer (all four numbers read from the checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("alpha_p", "alpha_n", "beta", "eps"):  # (the checkpoint's shapes: [1] and [])
+            self.register_parameter(name, nn.Parameter(torch.zeros(1 if name.startswith("alpha") else ()),
+                                                       requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p = nn.functional.softplus(self.alpha_p)
+        alpha_n = self.beta + nn.functional.softplus(self.alpha_n)
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x,
+                           (torch.expm1(torch.minimum(x, self.eps)) - x) * alpha_n + self.beta * x)
+
+
+class UpDownMLP(nn.Module):
+    """An MLP without a gate: down(act(up(x))) (Arcee's ReLU², Apertus' xIELU)."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.act_fn = XIELU() if cfg.hidden_act == "xielu" else ACT2FN[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: Any, rotary: RotaryEmbedding, attn_options: dict, mlp: nn.Module, window: int = 0,
                  self_attn: Optional[nn.Module] = None) -> None:
@@ -347,6 +381,29 @@ class HunYuanDenseV1ForCausalLM(LlamaForCausalLM):
     def attn_options(cls, cfg: Any) -> dict:
         bias = bool(getattr(cfg, "attention_bias", False))
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_after_rope": True}
+
+
+class ArceeForCausalLM(LlamaForCausalLM):
+    """Arcee AFM: the Llama decoder with an MLP without a gate, ReLU² (down(relu(up(x))²))."""
+
+    stacked_params = [p for p in LlamaForCausalLM.stacked_params if p[2] not in ("gate", "up")]
+
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        return UpDownMLP(cfg)
+
+
+class ApertusForCausalLM(ArceeForCausalLM):
+    """Apertus (swiss-ai): Arcee's gateless MLP with the xIELU activation (its numbers learned per
+    layer), q/k norms per head, Llama-3 RoPE."""
+
+    renamed = [(".attention_layernorm.", ".input_layernorm."),
+               (".feedforward_layernorm.", ".post_attention_layernorm.")]
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True}
 
 
 class SeedOssForCausalLM(LlamaForCausalLM):

@@ -39,6 +39,8 @@ ARCH_CONFIGS = {
                                                        "moe_layer_start_index": 1, "moe_layer_end_index": 2}),
     "Ministral3ForCausalLM": ("Ministral3Config", {}),
     "HunYuanDenseV1ForCausalLM": ("HunYuanDenseV1Config", {}),
+    "ArceeForCausalLM": ("ArceeConfig", {}),
+    "ApertusForCausalLM": ("ApertusConfig", {"dtype": "float32"}),
     "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Cohere2ForCausalLM": ("Cohere2Config", {"logit_scale": 0.5, "sliding_window": 16}),

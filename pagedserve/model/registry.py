@@ -6,6 +6,8 @@ import importlib
 from typing import Any, Optional
 
 _MODELS = {
+    "ApertusForCausalLM": ("pagedserve.model.llama", "ApertusForCausalLM"),
+    "ArceeForCausalLM": ("pagedserve.model.llama", "ArceeForCausalLM"),
     "CohereForCausalLM": ("pagedserve.model.cohere", "CohereForCausalLM"),
     "Cohere2ForCausalLM": ("pagedserve.model.cohere", "Cohere2ForCausalLM"),
     "DeepseekV2ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV2ForCausalLM"),
