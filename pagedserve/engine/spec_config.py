@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
+# vLLM's other names for "mtp" (the target's own multi-token-prediction layers)
+_MTP_ALIASES = ("deepseek_mtp", "glm4_moe_mtp")
 
 
 @dataclass
@@ -42,18 +44,24 @@ class SpeculativeConfig:
         _from_speculators(d)
         if d.get("method") is None:
             d["method"] = "draft_model" if d.get("model") is not None else "ngram"
+        if d["method"] in _MTP_ALIASES:
+            d["method"] = "mtp"
         method = d["method"]
         if method not in SPEC_METHODS:
             raise ValueError(f"speculative_config: method must be one of {', '.join(SPEC_METHODS)}, "
-                             f"got {method!r} (Medusa and MTP heads are not available).")
+                             f"got {method!r} (Medusa heads are not available).")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"speculative_config: unknown key(s) {sorted(unknown)}.")
+        if method == "mtp":  # (vLLM's default: the model's one MTP layer, one draft)
+            d.setdefault("num_speculative_tokens", 1)
         if "num_speculative_tokens" not in d:
             raise ValueError("speculative_config needs num_speculative_tokens.")
         if method == "ngram" and d.get("model") is not None:
             raise ValueError("speculative_config: method 'ngram' takes no model.")
-        if method != "ngram":
+        if method == "mtp" and d.get("model") is not None:
+            raise ValueError("speculative_config: method 'mtp' uses the target's own layers; it takes no model.")
+        if method not in ("ngram", "mtp"):
             if not isinstance(d.get("model"), str) or not d["model"]:
                 raise ValueError(f"speculative_config: method {method!r} needs model (the draft model's "
                                  f"directory).")

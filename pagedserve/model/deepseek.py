@@ -204,4 +204,5 @@ class Glm4MoeLiteForCausalLM(DeepseekV3ForCausalLM):
         types = list(getattr(cfg, "mlp_layer_types", None) or [])
         if len(types) != cfg.num_hidden_layers:
             raise ValueError(f"config.json has {len(types)} mlp_layer_types for {cfg.num_hidden_layers} layers.")
-        return DeepseekMoE(cfg, cls.sigmoid_router) if types[layer_idx] == "sparse" else LlamaMLP(cfg)
+        sparse = layer_idx >= len(types) or types[layer_idx] == "sparse"  # (past them: its MTP layer, with experts)
+        return DeepseekMoE(cfg, cls.sigmoid_router) if sparse else LlamaMLP(cfg)

@@ -612,3 +612,51 @@ def _speculators_layout(head: dict, target_dir: str, tokens: int) -> dict:
     if ids is not None:
         out["eagle_aux_hidden_state_layer_ids"] = ids
     return out
+
+
+def add_random_mtp_layer(model_dir: str, seed: int = 0, std: float = 0.1, own_head: bool = True,
+                         own_embed: bool = False) -> str:
+    """Give the DeepSeek-V3 / GLM-4.5 / GLM-4.7-Flash model in model_dir one random
+    multi-token-prediction layer, as their checkpoints hold them (model/mtp.py): tensors under
+    model.layers.{num_hidden_layers}. (enorm, hnorm, eh_proj, shared_head.norm, optionally
+    shared_head.head and embed_tokens, and a decoder layer of the model's kind) in a file of
+    their own, and num_nextn_predict_layers 1 in config.json. Returns model_dir."""
+    import tempfile
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    n, h, vocab = raw["num_hidden_layers"], raw["hidden_size"], raw["vocab_size"]
+    bigger = dict(raw, num_hidden_layers=n + 1)
+    if raw.get("mlp_layer_types"):
+        bigger["mlp_layer_types"] = raw["mlp_layer_types"] + ["sparse"]  # (an MTP layer has experts)
+    arch = raw["architectures"][0]
+    config = getattr(transformers, ARCH_CONFIGS[arch][0]).from_dict(bigger)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config)
+    prefix = f"model.layers.{n}."
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors = {}
+        for name in sorted(os.listdir(tmp)):
+            if name.endswith(".safetensors"):
+                tensors.update({k: v for k, v in load_file(os.path.join(tmp, name)).items() if k.startswith(prefix)})
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * std
+
+    tensors.update({prefix + "enorm.weight": 1 + rand(h), prefix + "hnorm.weight": 1 + rand(h),
+                    prefix + "eh_proj.weight": rand(h, 2 * h), prefix + "shared_head.norm.weight": 1 + rand(h)})
+    if own_head:
+        tensors[prefix + "shared_head.head.weight"] = rand(vocab, h)
+    if own_embed:
+        tensors[prefix + "embed_tokens.weight"] = rand(vocab, h)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(model_dir, "model-mtp.safetensors"))
+    raw["num_nextn_predict_layers"] = 1
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    return model_dir

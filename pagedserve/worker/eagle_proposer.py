@@ -1,5 +1,6 @@
 """Speculative decoding with an EAGLE head (model/eagle.py; vLLM's methods "eagle" and
-"eagle3"): the head drafts from the target's hidden states as well as its tokens.
+"eagle3") or the target's own multi-token-prediction layer (model/mtp.py; "mtp"): the head
+drafts from the target's hidden states as well as its tokens.
 
 The head's KV at position p is computed from (token p + 1, the target's feature at p), so it
 can only be written once the target has computed p and the token after p is known. Each
@@ -28,6 +29,7 @@ import torch
 
 from pagedserve.engine.request import Request
 from pagedserve.model.eagle import load_eagle
+from pagedserve.model.mtp import MTP_METHODS, load_mtp
 from pagedserve.model.speculators import draft_config
 from pagedserve.worker.cuda_graphs import DecodeGraphRunner, pad_uniform
 from pagedserve.worker.device_io import to_device
@@ -44,8 +46,13 @@ class EagleProposer(DraftModelProposer):
     def __init__(self, config: Any, backend: Any, sampler: Sampler, sampling_states: SamplingStates,
                  target: torch.nn.Module) -> None:
         spec = self._settings(config, sampler, sampling_states)
-        self.model = load_eagle(spec.model, draft_config(spec.model), spec.method, target, config.dtype,
-                                config.device, config.max_model_len, dummy=config.dummy_weights, seed=config.seed)
+        if spec.method in MTP_METHODS:  # the target checkpoint's own multi-token-prediction layer
+            self.model = load_mtp(config.model, target.config, target, config.dtype, config.device,
+                                  config.max_model_len, dummy=config.dummy_weights, seed=config.seed)
+        else:
+            self.model = load_eagle(spec.model, draft_config(spec.model), spec.method, target, config.dtype,
+                                    config.device, config.max_model_len, dummy=config.dummy_weights,
+                                    seed=config.seed)
         self.vocab_size = self.model.vocab_size
         self.target_hidden = int(target.config.hidden_size)
         self.max_rows = config.max_num_seqs

@@ -17,6 +17,7 @@ from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.eagle import EAGLE_METHODS
+from pagedserve.model.mtp import MTP_METHODS
 from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing
@@ -166,7 +167,7 @@ class ModelRunner:
                               if config.logits_processors else None)
         if spec is not None and spec.method == "draft_model":  # it samples as the requests ask
             self.draft = DraftModelProposer(config, self.backend, self.sampler, self.sampling_states)
-        elif spec is not None and spec.method in EAGLE_METHODS:  # it reads the target's hidden states
+        elif spec is not None and spec.method in EAGLE_METHODS + MTP_METHODS:  # it reads the target's hidden states
             self.draft = EagleProposer(config, self.backend, self.sampler, self.sampling_states, self.model)
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
