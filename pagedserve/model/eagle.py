@@ -33,7 +33,7 @@ from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import make_rotary
 from pagedserve.model.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel, _head_dim
-from pagedserve.model.loader import _checkpoint_keys, check_finite, dummy_weights, iterate_safetensors
+from pagedserve.model.loader import _checkpoint_keys, build_empty, check_finite, dummy_weights, iterate_safetensors
 from pagedserve.model.weights import whole_checkpoint
 
 EAGLE_METHODS = ("eagle", "eagle3")
@@ -239,17 +239,8 @@ def load_eagle(model_dir: str, draft_cfg: Any, method: str, target: nn.Module, d
     names = set(_checkpoint_keys(model_dir))
     own = {part for part in ("embed_tokens", "lm_head", "d2t")
            if any(n.removeprefix("model.").startswith(part) for n in names)}
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            head = EagleDraft(draft_cfg, target, version, max_positions, own, "fc.bias" in names, len(aux))
-    finally:
-        torch.set_default_dtype(old)
-    head.to_empty(device=device)
-    for m in head.modules():
-        if hasattr(m, "rebuild_buffers"):
-            m.rebuild_buffers(device)
+    head = build_empty(lambda: EagleDraft(draft_cfg, target, version, max_positions, own, "fc.bias" in names,
+                                          len(aux)), dtype, device)
     if dummy:  # vLLM's load_format="dummy" covers the head too
         dummy_weights(head, seed)
         if head.d2t is not None:

@@ -210,6 +210,23 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
 
 
 @torch.no_grad()
+def build_empty(make: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """make() built on the meta device in `dtype`, then given uninitialised storage on `device`
+    (and its computed buffers rebuilt there): for the loader to fill."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            module = make()
+    finally:
+        torch.set_default_dtype(old)
+    module.to_empty(device=device)
+    for m in module.modules():
+        if hasattr(m, "rebuild_buffers"):
+            m.rebuild_buffers(device)
+    return module
+
+
 def dummy_weights(model: nn.Module, seed: int) -> None:
     """vLLM's dummy weights: every floating parameter uniform in [-1e-3, 1e-3]; tied ones once."""
     gens: dict[torch.device, torch.Generator] = {}

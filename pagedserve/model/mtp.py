@@ -24,7 +24,7 @@ from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import make_rotary
 from pagedserve.model.llama import LlamaForCausalLM, LlamaModel, _head_dim
-from pagedserve.model.loader import _checkpoint_keys, check_finite, dummy_weights, iterate_safetensors
+from pagedserve.model.loader import _checkpoint_keys, build_empty, check_finite, dummy_weights, iterate_safetensors
 from pagedserve.model.weights import whole_checkpoint
 
 MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
@@ -94,19 +94,12 @@ def load_mtp(model_dir: str, hf_config: Any, target: nn.Module, dtype: torch.dty
         raise ValueError(f"speculative_config: the checkpoint has no MTP layer weights ({prefix}*), though "
                          "config.json has num_nextn_predict_layers; it may have been saved without them.")
     own = {part for part in ("embed_tokens", "shared_head.head") if any(k.startswith(part + ".") for k in names)}
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            rotary = make_rotary(hf_config, _head_dim(hf_config), max_positions)
-            layer = type(target).make_layer(hf_config, rotary, hf_config.num_hidden_layers, 0)
-            draft = MtpDraft(hf_config, target, layer, own)
-    finally:
-        torch.set_default_dtype(old)
-    draft.to_empty(device=device)
-    for m in draft.modules():
-        if hasattr(m, "rebuild_buffers"):
-            m.rebuild_buffers(device)
+    def make() -> MtpDraft:
+        rotary = make_rotary(hf_config, _head_dim(hf_config), max_positions)
+        layer = type(target).make_layer(hf_config, rotary, hf_config.num_hidden_layers, 0)
+        return MtpDraft(hf_config, target, layer, own)
+
+    draft = build_empty(make, dtype, device)
     if dummy:
         dummy_weights(draft, seed)
     else:

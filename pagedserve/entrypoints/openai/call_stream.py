@@ -299,15 +299,19 @@ def _earliest(body: str, at: int, marks: tuple[str, ...]) -> tuple[int, str]:
     return min(found) if found else (-1, "")
 
 
-class Qwen3CoderCall:
-    """`<function=NAME>` then `<parameter=P>value</parameter>` ... `</function>`."""
-
-    PARAM_END = ("</parameter>", "<parameter=", "</function>", "</tool_call>")
+class _TypedCall:
+    """A call whose parameters are typed by the tool's schema (`typed(text, types)`)."""
 
     def __init__(self, start: int, typed: Callable, schema_types: Callable[[str], dict]) -> None:
         self.start, self.typed, self.schema_types = start, typed, schema_types
         self.state, self.members, self.pos = CallState(), _TypedMembers(), 0
         self.types: dict = {}
+
+
+class Qwen3CoderCall(_TypedCall):
+    """`<function=NAME>` then `<parameter=P>value</parameter>` ... `</function>`."""
+
+    PARAM_END = ("</parameter>", "<parameter=", "</function>", "</tool_call>")
 
     def update(self, body: str) -> CallState:
         st = self.state
@@ -344,15 +348,10 @@ class Qwen3CoderCall:
             self.pos = end + len(closer) if closer == "</parameter>" else end
 
 
-class Glm45Call:
+class Glm45Call(_TypedCall):
     """`NAME` then `<arg_key>K</arg_key><arg_value>V</arg_value>` pairs, `</tool_call>`."""
 
     VALUE_END = ("</arg_value>", "</tool_call>")
-
-    def __init__(self, start: int, typed: Callable, schema_types: Callable[[str], dict]) -> None:
-        self.start, self.typed, self.schema_types = start, typed, schema_types
-        self.state, self.members, self.pos = CallState(), _TypedMembers(), 0
-        self.types: dict = {}
 
     def update(self, body: str) -> CallState:
         st = self.state
