@@ -209,7 +209,6 @@ def load_model(model_dir: str, hf_config: Any, dtype: torch.dtype, device: torch
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
 def build_empty(make: Callable[[], nn.Module], dtype: torch.dtype, device: torch.device) -> nn.Module:
     """make() built on the meta device in `dtype`, then given uninitialised storage on `device`
     (and its computed buffers rebuilt there): for the loader to fill."""
@@ -227,6 +226,7 @@ def build_empty(make: Callable[[], nn.Module], dtype: torch.dtype, device: torch
     return module
 
 
+@torch.no_grad()
 def dummy_weights(model: nn.Module, seed: int) -> None:
     """vLLM's dummy weights: every floating parameter uniform in [-1e-3, 1e-3]; tied ones once."""
     gens: dict[torch.device, torch.Generator] = {}
