@@ -47,6 +47,9 @@ class EngineArgs:
     # vLLM's kv_cache_dtype: "auto" (the model dtype) or "fp8" / "fp8_e4m3": K/V stored in FP8
     # e4m3 (scale 1, saturating at +-448), half the bytes of bf16, so twice the tokens fit.
     kv_cache_dtype: str = "auto"
+    # vLLM's mamba_ssm_cache_dtype: the recurrent state of linear-attention layers (Qwen3-Next,
+    # Qwen3.5). "auto": the model dtype; "float32": full precision, twice the bytes of bf16.
+    mamba_ssm_cache_dtype: str = "auto"
     # vLLM's quantization: None follows the checkpoint (FP8, GPTQ, AWQ, compressed-tensors);
     # naming the checkpoint's method checks it; "fp8" on an unquantized checkpoint quantizes
     # its decoder linear layers to FP8 e4m3 as they load, a float32 scale per output row
@@ -240,6 +243,21 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
         kv_dtype = dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+        if self.mamba_ssm_cache_dtype not in SSM_CACHE_DTYPES:
+            raise ValueError(f"mamba_ssm_cache_dtype must be one of {', '.join(SSM_CACHE_DTYPES)}, "
+                             f"got {self.mamba_ssm_cache_dtype!r}.")
+        ssm_dtype = dtype if self.mamba_ssm_cache_dtype == "auto" else _DTYPES[self.mamba_ssm_cache_dtype]
+        state = has_linear_attention(hf_config)
+        if state:
+            # A request's linear-attention state exists only at the end of what it computed, so
+            # neither a cached prefix nor a sibling sample can start part-way into a prompt.
+            if prefix_caching:
+                logger.info("prefix caching is off for this model: its linear-attention layers keep no "
+                            "per-block state to resume from.")
+                prefix_caching = False
+            if spec is not None:
+                raise ValueError("speculative_config: speculative decoding does not run with linear-attention "
+                                 "layers here (their state cannot step back past rejected drafts).")
         online_fp8 = _check_quantization(self.quantization, hf_config)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r} "
@@ -326,6 +344,8 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             kv_dtype=kv_dtype,
+            ssm_dtype=ssm_dtype,
+            has_state_layers=state,
             online_fp8=online_fp8,
             dummy_weights=self.load_format == "dummy",
             enforce_eager=self.enforce_eager,
@@ -510,6 +530,10 @@ class EngineConfig:
     # Sampling defaults of requests that leave them unset (model/generation_defaults.py).
     default_sampling: dict = field(default_factory=dict)
     logits_processors: tuple = ()  # custom logits processor classes (pagedserve/logits_processor.py)
+    # Linear-attention layers (model/layers/gated_delta.py): a state row per running request,
+    # its recurrent part in ssm_dtype; no prefix caching, no prompt sharing between samples.
+    has_state_layers: bool = False
+    ssm_dtype: torch.dtype = torch.float32
 
     @property
     def vocab_size(self) -> int:
@@ -517,6 +541,12 @@ class EngineConfig:
 
 
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+SSM_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def has_linear_attention(hf_config: Any) -> bool:
+    """Whether the (text) model has linear-attention layers with a per-request state."""
+    return "linear_attention" in (getattr(hf_config, "layer_types", None) or ())
 
 
 def _sampling_defaults(model: str, source: str, override: Optional[dict]) -> dict:

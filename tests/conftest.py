@@ -43,11 +43,19 @@ def pytest_collection_modifyitems(config, items):
 
 # name -> (architecture, build kwargs). initializer_range 0.5 keeps logits well apart so
 # float32 round-off cannot flip a greedy choice.
+_HYBRID = ["linear_attention", "full_attention", "linear_attention"]
 MODEL_SPECS = {
     "llama": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "mistral": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=1)),
     "qwen2": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, tie_word_embeddings=True)),
     "qwen3": ("Qwen3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)),
+    # Hybrid linear attention: Gated DeltaNet layers around a gated full-attention layer;
+    # Qwen3-Next's experts skip the middle layer (mlp_only_layers).
+    "qwen3_next": ("Qwen3NextForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, layer_types=_HYBRID)),
+    "qwen3_5": ("Qwen3_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, layer_types=_HYBRID,
+                                           tie_word_embeddings=True, random_norms=True)),
+    "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", dict(num_heads=4, num_kv_heads=1, num_layers=3, layer_types=[
+        "full_attention", "linear_attention", "linear_attention"])),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;
     # Qwen3-MoE with a dense layer (mlp_only_layers).
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),

@@ -44,6 +44,7 @@ def _assert_no_leak(llm: LLM) -> None:
     assert kv.pool.num_free_blocks == kv.num_blocks
     assert not kv.req_blocks
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
+    assert not llm.llm_engine.runner.block_table.row_of  # (linear-attention states live in these rows)
 
 
 @pytest.mark.parametrize("name", list(MODEL_SPECS))
@@ -71,21 +72,25 @@ def test_prefix_cache_hits(name, model_dirs, hf_refs):
     first = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
     assert first[0].num_cached_tokens == 0
     outs = first + llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], params, use_tqdm=False)
+    # Linear-attention layers keep no state per block: prefix caching is off for them, and
+    # every prompt is computed whole, with the same outputs.
+    hits = 0 if llm.llm_engine.config.has_state_layers else 48
     # The 53-token shared prefix holds 3 full blocks of 16; the last prompt is the prefix
     # alone, so one token must still be computed: its hits stop at 48 as well.
-    assert [o.num_cached_tokens for o in outs[1:]] == [48, 48, 48]
+    assert [o.num_cached_tokens for o in outs[1:]] == [hits] * 3
     _check(hf_refs[name], prompts, outs)
     # Running the same batch again hits generated-token blocks too.
     again = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert all(o.num_cached_tokens >= 48 for o in again)
+    assert all(o.num_cached_tokens >= hits for o in again)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
     _assert_no_leak(llm)
 
 
 # Preemption recomputes through the same forward pass every architecture is checked on above;
 # these cover each kind of KV state it must rebuild: plain, all layers windowed (blocks given
-# back), mixed windows with softcaps, sinks, experts, latent attention (one cache, not two).
-PREEMPTION_SPECS = ["llama", "mistral_swa", "gemma2", "gpt_oss", "qwen2_moe", "deepseek_v3", "phi3"]
+# back), mixed windows with softcaps, sinks, experts, latent attention (one cache, not two),
+# linear-attention states (started again from zeros).
+PREEMPTION_SPECS = ["llama", "mistral_swa", "gemma2", "gpt_oss", "qwen2_moe", "deepseek_v3", "phi3", "qwen3_next"]
 
 
 @pytest.mark.parametrize("name", PREEMPTION_SPECS)
@@ -116,6 +121,11 @@ def test_text_prompts_and_detokenization(llama_dir, hf_refs):
         assert o.outputs[0].text == tok.decode(o.outputs[0].token_ids)
 
 
+# Float32 noise grows through Qwen3.5's drawn (1 + w) norms: transformers' own logprobs for the
+# same tokens differ by up to 5.7e-4 between its full forward pass and its cached decode.
+LOGPROB_TOL = {"qwen3_5": 1e-3}
+
+
 @pytest.mark.parametrize("name", list(MODEL_SPECS))
 def test_logprobs_match_transformers(name, model_dirs, hf_refs):
     """The sampled token's and the top-3 logprobs equal transformers' log-softmax: what greedy
@@ -134,4 +144,5 @@ def test_logprobs_match_transformers(name, model_dirs, hf_refs):
             top = want.topk(3).indices.tolist()
             assert set(top) <= set(lps), f"token {i}: top-3 {top} not all in {sorted(lps)}"
             for t, lp in lps.items():
-                assert abs(lp.logprob - float(want[t])) < 2e-4, f"token {i}, id {t}: {lp.logprob} vs {float(want[t])}"
+                assert abs(lp.logprob - float(want[t])) < LOGPROB_TOL.get(name, 2e-4), \
+                    f"token {i}, id {t}: {lp.logprob} vs {float(want[t])}"

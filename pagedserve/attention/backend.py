@@ -26,6 +26,18 @@ def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
 
 
 @dataclass
+class StateRows:
+    """Which row of the recurrent-state tensors (linear-attention layers: model/layers/gated_delta.py)
+    each request of a step owns, and whether it continues from that row (it has computed tokens
+    before this step) or starts from zeros."""
+
+    rows: torch.Tensor  # [num_reqs] int64
+    init: torch.Tensor  # [num_reqs] of the step's dtype: 1 continues, 0 starts fresh
+    rows_cpu: list[int]
+    init_cpu: list[bool]
+
+
+@dataclass
 class AttentionMetadata:
     num_tokens: int  # tokens in the flat batch (padding included, for CUDA graphs)
     num_actual_tokens: int  # real tokens; those after them are padding with slot -1
@@ -45,6 +57,9 @@ class AttentionMetadata:
     # one image attend to each other both ways: Gemma 3); None: causal, its position + 1.
     # Only prefill chunks carry such rows, and a chunk never ends inside such an image.
     kv_limit: Optional[torch.Tensor] = None
+    # Models with linear-attention layers: each request's state row; None in a profiling pass
+    # (every request then starts from zeros and nothing is kept).
+    states: Optional[StateRows] = None
 
     @property
     def num_decode_tokens(self) -> int:

@@ -71,7 +71,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
                                    config.max_loras if config.enable_lora else 0, config.scheduling_policy,
-                                   config.long_prefill_token_threshold)
+                                   config.long_prefill_token_threshold, fork_prompts=not config.has_state_layers)
         if self.mm_processor is not None and self.mm_processor.bidirectional:
             # Gemma 3: a chunk holds the rest of an image whole, so one must fit the step's budget.
             need = int(self.mm_processor.config.mm_tokens_per_image)

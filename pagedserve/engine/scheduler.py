@@ -79,6 +79,7 @@ class Scheduler:
         max_loras: int = 0,
         policy: str = "fcfs",
         long_prefill_token_threshold: int = 0,
+        fork_prompts: bool = True,
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}.")
@@ -90,6 +91,9 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         # At most this many prompt tokens of a request a step (0: no limit; chunked prefill only).
         self.long_prefill = long_prefill_token_threshold
+        # n > 1: siblings share their leader's prompt blocks; off where a request's state cannot
+        # resume part-way into its prompt (linear-attention layers): each computes it whole.
+        self.fork_prompts = fork_prompts
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -470,7 +474,7 @@ class Scheduler:
         """The leader's prompt KV is written: its siblings share the full prompt blocks and
         compute only the rest (at least one token, so each samples its own first token).
         share=False (the leader was preempted meanwhile): they start from scratch."""
-        shared = (leader.num_prompt_tokens - 1) // self.kv.block_size if share else 0
+        shared = (leader.num_prompt_tokens - 1) // self.kv.block_size if share and self.fork_prompts else 0
         # Keep the list to siblings still waiting (admitted or finished ones drop out).
         self._forked_waiting = [w for w in self._forked_waiting if w.status == RequestStatus.WAITING]
         for sib in reversed(leader.pending_siblings):

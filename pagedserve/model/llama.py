@@ -25,17 +25,21 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  window: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
                  norm: Callable[[int, float], nn.Module] = RMSNorm, qk_norm_whole: bool = False,
-                 sinks: bool = False, qk_norm_after_rope: bool = False) -> None:
+                 sinks: bool = False, qk_norm_after_rope: bool = False, output_gate: bool = False) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = _head_dim(cfg)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        # output_gate (Qwen3-Next, Qwen3.5): q_proj gives each head's query then its gate, and the
+        # attention output is multiplied by sigmoid(gate) before o_proj.
+        self.output_gate = output_gate
+        q_out = self.q_size * (2 if output_gate else 1)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q_out + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
-        self.qkv_proj.shard_offsets = {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
-                                       "v": (self.q_size + self.kv_size, self.kv_size)}
+        self.qkv_proj.shard_offsets = {"q": (0, q_out), "k": (q_out, self.kv_size),
+                                       "v": (q_out + self.kv_size, self.kv_size)}
         # q/k norms per head (Qwen3, Gemma 3), or over all heads at once (qk_norm_whole: OLMo 2).
         self.qk_norm_whole = qk_norm_whole
         self.qk_norm_after_rope = qk_norm_after_rope  # per-head norms of the rotated q/k (HunYuan)
@@ -54,7 +58,19 @@ class LlamaAttention(nn.Module):
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Everything after the qkv projection, given its output."""
         t = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        gate = None
+        if self.output_gate:
+            q_gate, k, v = qkv.split([2 * self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q_gate = q_gate.view(t, self.num_heads, 2 * self.head_dim)
+            q, gate = q_gate[..., : self.head_dim].reshape(t, self.q_size), q_gate[..., self.head_dim :]
+            gate = torch.sigmoid(gate.reshape(t, self.q_size))
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        out = self._attend(positions, q, k, v, meta, t)
+        return self.o_proj(out if gate is None else out * gate)
+
+    def _attend(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata, t: int) -> torch.Tensor:
         if self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -68,13 +84,13 @@ class LlamaAttention(nn.Module):
             q = q * scale.to(q.dtype)[:, None, None]
         if self.rotary is not None and self.qk_norm_after_rope:
             q, k = self.rotary(positions, q, k)
-            return self.o_proj(self.attn(self.q_norm(q), self.k_norm(k), v, meta))
+            return self.attn(self.q_norm(q), self.k_norm(k), v, meta)
         if self.rotary is None:
-            return self.o_proj(self.attn(q, k, v, meta))
+            return self.attn(q, k, v, meta)
         if self.attn.fuses_rope and self.rotary.use_triton and not self.rotary.partial:  # RoPE in the KV write
-            return self.o_proj(self.attn(q, k, v, meta, rope=self.rotary.lookup(positions)))
+            return self.attn(q, k, v, meta, rope=self.rotary.lookup(positions))
         q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        return self.attn(q, k, v, meta)
 
 
 class LlamaMLP(nn.Module):

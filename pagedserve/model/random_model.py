@@ -15,6 +15,9 @@ _GROUPED_EXPERTS = {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 
 _DEEPSEEK = {"kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 24,
              **_GROUPED_EXPERTS}
 
+_GATED_DELTA = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "head_dim": 16}
+
 ARCH_CONFIGS = {
     "LlamaForCausalLM": ("LlamaConfig", {}),
     "MistralForCausalLM": ("MistralConfig", {"sliding_window": None}),
@@ -47,6 +50,13 @@ ARCH_CONFIGS = {
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
+    # Hybrid linear attention (model/qwen3_next.py): Gated DeltaNet layers (2 key heads serving 4
+    # value heads) and full-attention ones (every 4th unless layer_types says), RoPE on a quarter
+    # of each attention head.
+    "Qwen3NextForCausalLM": ("Qwen3NextConfig", {**_GATED_DELTA, "num_experts": 4, "num_experts_per_tok": 2,
+                                                 "decoder_sparse_step": 1, "mlp_only_layers": [1]}),
+    "Qwen3_5ForCausalLM": ("Qwen3_5TextConfig", _GATED_DELTA),
+    "Qwen3_5MoeForCausalLM": ("Qwen3_5MoeTextConfig", {**_GATED_DELTA, "num_experts": 4, "num_experts_per_tok": 2}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),
     "XLMRobertaModel": ("XLMRobertaConfig", {}),
@@ -161,9 +171,10 @@ def build_random_model(
         bos_token_id=None,
     )
     if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM",
-                "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Ernie4_5_MoeForCausalLM"):
+                "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Ernie4_5_MoeForCausalLM", "Qwen3NextForCausalLM",
+                "Qwen3_5MoeForCausalLM"):
         kwargs["moe_intermediate_size"] = intermediate_size // 2
-    if arch == "Qwen2MoeForCausalLM":
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM"):
         kwargs["shared_expert_intermediate_size"] = intermediate_size
     if head_dim is not None:
         kwargs["head_dim"] = head_dim

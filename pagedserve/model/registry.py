@@ -33,6 +33,9 @@ _MODELS = {
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),
     "SmolLM3ForCausalLM": ("pagedserve.model.llama", "SmolLM3ForCausalLM"),
+    "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
+    "Qwen3_5ForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5ForCausalLM"),
+    "Qwen3_5MoeForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5MoeForCausalLM"),
     "SeedOssForCausalLM": ("pagedserve.model.llama", "SeedOssForCausalLM"),
     "Qwen2ForCausalLM": ("pagedserve.model.qwen2", "Qwen2ForCausalLM"),
     "Qwen2MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen2MoeForCausalLM"),
@@ -99,6 +102,12 @@ _TEXT_OF_MULTIMODAL = {
     "Qwen3VLForConditionalGeneration": ("Qwen3ForCausalLM", [("model.language_model.", "model.")],
                                         ("visual.", "model.visual.")),
     "Qwen3VLMoeForConditionalGeneration": ("Qwen3MoeForCausalLM", [("model.language_model.", "model.")],
+                                           ("visual.", "model.visual.")),
+    # Qwen3.5 (all its releases are vision-language checkpoints): the hybrid decoder, served
+    # text-only (their vision tower has no image path here yet).
+    "Qwen3_5ForConditionalGeneration": ("Qwen3_5ForCausalLM", [("model.language_model.", "model.")],
+                                        ("visual.", "model.visual.")),
+    "Qwen3_5MoeForConditionalGeneration": ("Qwen3_5MoeForCausalLM", [("model.language_model.", "model.")],
                                            ("visual.", "model.visual.")),
 }
 # LLaVA-OneVision: LLaVA-NeXT's checkpoint names, on a Qwen2 decoder; multimodal/llava_onevision.py.

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
-from pagedserve.attention.backend import AttentionMetadata, get_attention_backend
+from pagedserve.attention.backend import AttentionMetadata, StateRows, get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.lora.layers import LoRASlots
@@ -63,6 +63,10 @@ class HostInputs:
     # [T] keys each row sees when some rows are image tokens that attend to their whole image
     # (Gemma 3; AttentionMetadata.kv_limit), else None (causal).
     kv_limit: Optional[np.ndarray] = None
+    # Models with linear-attention layers: each request's block-table row (its state row too)
+    # and whether it continues a state (it has computed tokens before this step).
+    state_rows: Optional[list[int]] = None
+    state_init: Optional[list[bool]] = None
 
     @property
     def decode_only(self) -> bool:
@@ -172,6 +176,14 @@ class ModelRunner:
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Linear-attention layers keep a fixed-size state per request, in the row of the
+        # request's block-table row (allocated now: the KV cache is sized from what is left).
+        self.state_layers = list(getattr(self.model, "state_layers", list)())
+        for layer in self.state_layers:
+            layer.allocate_state(config.max_num_seqs, self.device, config.dtype, config.ssm_dtype)
+        if self.state_layers:
+            logger.info("linear-attention state: %d layers, %.1f MiB for %d requests", len(self.state_layers),
+                        sum(t.nbytes for t in self._state_tensors()) / 2**20, config.max_num_seqs)
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
         # Graphs of 1 + k query rows a request: speculative verification steps (and any step
         # whose every request has at most 1 + k tokens).
@@ -279,6 +291,9 @@ class ModelRunner:
                                 self.device, query_len=query_len)
         return DecodeGraphRunner(model or self.model, buffers, sizes, capture=capture)
 
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.state_layers for t in (layer.conv_state, layer.ssm_state)]
+
     def _bind(self, cache: torch.Tensor) -> None:
         self.kv_caches = [(cache[i, 0], cache[i, -1]) for i in range(cache.shape[0])]  # (one part: v is k)
         for layer, (k, v) in zip(self.attn_layers, self.kv_caches):
@@ -302,7 +317,7 @@ class ModelRunner:
         if enc is not None:
             kept += list(enc.parameters()) + list(enc.buffers())
         kept_storages = [s for s in unique_storages(kept) if s.data_ptr() not in taken]
-        kv = unique_storages(t for pair in self.kv_caches for t in pair)
+        kv = unique_storages([t for pair in self.kv_caches for t in pair] + self._state_tensors())
         self.graphs = self.verify_graphs = None  # they hold the addresses about to go; captured again on wake-up
         self._asleep = {
             "weights": [SleepingStorages(params, offload=level == 1), SleepingStorages(kept_storages, offload=True)],
@@ -700,6 +715,13 @@ class ModelRunner:
         each) are gathered into lists and written in bulk: this runs at every step."""
         bs = self.block_size
         sync = self.block_table.sync
+        state_init = None
+        if self.state_layers:  # a state continues only where this runner kept it
+            state_init = [s.start > 0 for s in order]
+            lost = [s.request.request_id for s, init in zip(order, state_init)
+                    if init and s.request.request_id not in self.block_table.row_of]
+            if lost:
+                raise RuntimeError(f"requests {lost} resume at a later position but have no linear-attention state")
         rows = [sync(s.request.request_id, s.block_ids) for s in order]
         table = self.block_table.table
         ids: list[int] = []
@@ -754,7 +776,7 @@ class ModelRunner:
             if num_decodes < len(order) and getattr(self.encoder_cache.encoder, "bidirectional", False):
                 kv_limit = image_kv_limits(order, qsl)  # (one-token rows see what causal rows see)
         return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
-                          pending_rows, mrope, kv_limit)
+                          pending_rows, mrope, kv_limit, rows if state_init is not None else None, state_init)
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -769,5 +791,8 @@ class ModelRunner:
             seq_lens_cpu=host.seq_lens, query_start_loc_cpu=host.qsl, block_size=self.block_size,
             kv_limit=None if host.kv_limit is None else to_device(host.kv_limit, torch.int32, dev),
         )
+        if host.state_rows is not None:
+            meta.states = StateRows(to_device(host.state_rows, torch.int64, dev),
+                                    to_device(host.state_init, torch.float32, dev), host.state_rows, host.state_init)
         positions = host.positions if host.mrope is None else host.mrope
         return to_device(host.input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta

@@ -1,0 +1,222 @@
+"""Gated DeltaNet (Qwen3-Next, Qwen3.5): linear attention whose memory of a request is a
+fixed-size matrix per head (plus the last few inputs of a short causal convolution), not a
+growing KV cache. Each request owns one row of a layer's state tensors (its block-table row,
+AttentionMetadata.states); a prefill chunk continues from what the request's earlier chunks
+left there, and a request starting at position 0 ignores whatever the row held before.
+
+Per head, with state S [Dk, Dv], each token (q, k, v, decay g <= 0, rate beta) does
+    S <- exp(g) S;  u = beta (v - S^T k);  S <- S + k u^T;  out = S^T q.
+Prefill chunks run the same recurrence in blocks of `CHUNK` tokens (the WY form: a triangular
+solve per block, then matrix products), decode tokens one step for the whole batch."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+
+CHUNK = 64
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (the normalisation FLA's kernels apply)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                        state: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence, float32. q, k [L, H, Dk] (normalised, q scaled), v [L, H, Dv], g, beta
+    [L, H]; state [H, Dk, Dv] before the first token. Returns (out [L, H, Dv], final state).
+
+    Within a block, with c_i the running sum of g up to token i (so exp(c_i - c_j) is the
+    decay from token j to token i) and S0 the state entering the block:
+        (I + A) U = beta V - beta exp(c) K S0,  A_ij = beta_i exp(c_i - c_j) k_i.k_j  (j < i)
+        out_i = exp(c_i) q_i S0 + sum_{j<=i} exp(c_i - c_j) (q_i.k_j) u_j
+        S_end = exp(c_last) S0 + sum_j exp(c_last - c_j) k_j u_j^T.
+    U splits into a part without S0 and W S0, both solved for every block at once; only the
+    small products with S0 run block after block."""
+    length, heads, dk = k.shape
+    dv = v.shape[-1]
+    pad = (-length) % chunk
+    n = (length + pad) // chunk
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [L, H, ...] -> [H, n, chunk, ...], zero-padded
+        x = x.transpose(0, 1)
+        if pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        return x.reshape(heads, n, chunk, *x.shape[2:])
+
+    q, k, v, g, beta = blocks(q), blocks(k), blocks(v), blocks(g), blocks(beta)  # padding: k = 0, beta = 0, g = 0
+    c = g.cumsum(dim=-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    # exp(c_i - c_j) on and below the diagonal, 0 above (masked before exp: no overflow)
+    decay = (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
+    strict = (beta.unsqueeze(-1) * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    system = strict + torch.eye(chunk, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([beta.unsqueeze(-1) * v, (beta * c.exp()).unsqueeze(-1) * k], dim=-1)
+    u_free, w = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
+    scores = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * c.exp().unsqueeze(-1)
+    k_to_end = (k * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2)
+    end_decay = c[..., -1].exp()[..., None, None]  # [H, n, 1, 1]
+    out = torch.empty(heads, n, chunk, dv, dtype=q.dtype, device=q.device)
+    s = state
+    for b in range(n):
+        u = u_free[:, b] - w[:, b] @ s
+        out[:, b] = q_decayed[:, b] @ s + scores[:, b] @ u
+        s = end_decay[:, b] * s + k_to_end[:, b] @ u
+    return out.reshape(heads, n * chunk, dv)[:, :length].transpose(0, 1), s
+
+
+def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for each of B requests, float32: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H],
+    state [B, H, Dk, Dv]. Returns (out [B, H, Dv], new state)."""
+    s = state * g.exp()[..., None, None]
+    u = beta.unsqueeze(-1) * (v - torch.einsum("bhk,bhkv->bhv", k, s))
+    s = s + k.unsqueeze(-1) * u.unsqueeze(-2)
+    return torch.einsum("bhk,bhkv->bhv", q, s), s
+
+
+def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution and SiLU over one request's chunk: x [L, C], state [C, K-1]
+    (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new state)."""
+    seq = torch.cat([state.to(x.dtype), x.t()], dim=-1)
+    out = F.conv1d(seq.unsqueeze(0), weight.unsqueeze(1), groups=seq.shape[0])[0]
+    return F.silu(out).t(), seq[:, seq.shape[1] - state.shape[1]:]
+
+
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token each for B requests: x [B, C], state [B, C, K-1]. Returns (out, new state)."""
+    seq = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
+    return F.silu((seq * weight).sum(dim=-1)), seq[..., 1:]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm per value head, then times SiLU(z) (transformers' Qwen3NextRMSNormGated)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """The token mixer of a linear-attention layer. One fused input projection in the order
+    [q, k, v (the convolution's channels), z (the output gate), b (beta), a (the decay)];
+    checkpoints' in_proj_qkv / in_proj_z / in_proj_b / in_proj_a load as its shards."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.num_k_heads, self.num_v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        if self.num_v_heads % self.num_k_heads:
+            raise ValueError(f"linear_num_value_heads ({self.num_v_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({self.num_k_heads}).")
+        self.head_k_dim, self.head_v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = cfg.linear_conv_kernel_dim
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"Gated DeltaNet layers use SiLU in their convolution; hidden_act is {cfg.hidden_act!r}.")
+        hv = self.num_v_heads
+        self.in_proj = nn.Linear(cfg.hidden_size, self.conv_dim + self.value_dim + 2 * hv, bias=False)
+        self.in_proj.shard_offsets = {"qkv": (0, self.conv_dim), "z": (self.conv_dim, self.value_dim),
+                                      "b": (self.conv_dim + self.value_dim, hv),
+                                      "a": (self.conv_dim + self.value_dim + hv, hv)}
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(hv))
+        self.A_log = nn.Parameter(torch.zeros(hv))
+        self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+        # Per-request state, one row a request (allocate_state): the convolution's last K-1
+        # inputs and the recurrent matrix of every value head.
+        self.conv_state: Optional[torch.Tensor] = None
+        self.ssm_state: Optional[torch.Tensor] = None
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One request's (convolution state, recurrent state) shapes."""
+        return (self.conv_dim, self.kernel - 1), (self.num_v_heads, self.head_k_dim, self.head_v_dim)
+
+    def allocate_state(self, rows: int, device: torch.device, conv_dtype: torch.dtype,
+                       ssm_dtype: torch.dtype) -> None:
+        conv, ssm = self.state_shapes()
+        self.conv_state = torch.zeros((rows, *conv), dtype=conv_dtype, device=device)
+        self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads],
+                                             dim=-1)
+        mixed = self._convolve(qkv, meta)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        rep = self.num_v_heads // self.num_k_heads  # each q/k head serves `rep` consecutive value heads
+        q = l2_normalize(q.float().view(t, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
+        k = l2_normalize(k.float().view(t, self.num_k_heads, self.head_k_dim))
+        if rep > 1:
+            q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
+        v = v.float().view(t, self.num_v_heads, self.head_v_dim)
+        beta = b.sigmoid().float()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
+        core = self._recur(q, k, v, g, beta, meta).to(x.dtype)
+        out = self.norm(core, z.view(t, self.num_v_heads, self.head_v_dim))
+        return self.out_proj(out.reshape(t, self.value_dim))
+
+    def _rows(self, meta: AttentionMetadata) -> tuple[Optional[Any], int]:
+        """The step's state rows (None: no states, a profiling pass) and its decode count."""
+        return meta.states, meta.num_decodes if meta.states is not None else 0
+
+    def _convolve(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        weight = self.conv1d.weight.squeeze(1)
+        states, nd = self._rows(meta)
+        out = torch.empty_like(qkv)
+        if nd:
+            rows = states.rows[:nd]
+            prev = self.conv_state.index_select(0, rows)
+            if not all(states.init_cpu[:nd]):  # one-token prompts start from zeros
+                prev = prev * states.init[:nd, None, None]
+            out[:nd], new = conv_step(qkv[:nd], prev, weight)
+            self.conv_state.index_copy_(0, rows, new.to(self.conv_state.dtype))
+        qsl = meta.query_start_loc_cpu
+        for r in range(nd, meta.num_reqs):
+            lo, hi = qsl[r], qsl[r + 1]
+            if states is not None and states.init_cpu[r]:
+                prev = self.conv_state[states.rows_cpu[r]]
+            else:
+                prev = qkv.new_zeros(self.conv_dim, self.kernel - 1)
+            out[lo:hi], new = conv_chunk(qkv[lo:hi], prev, weight)
+            if states is not None:
+                self.conv_state[states.rows_cpu[r]] = new
+        return out
+
+    def _recur(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+        states, nd = self._rows(meta)
+        out = torch.empty_like(v)
+        if nd:
+            rows = states.rows[:nd]
+            prev = self.ssm_state.index_select(0, rows).float()
+            if not all(states.init_cpu[:nd]):
+                prev = prev * states.init[:nd, None, None, None]
+            out[:nd], new = gated_delta_step(q[:nd], k[:nd], v[:nd], g[:nd], beta[:nd], prev)
+            self.ssm_state.index_copy_(0, rows, new.to(self.ssm_state.dtype))
+        qsl = meta.query_start_loc_cpu
+        for r in range(nd, meta.num_reqs):
+            lo, hi = qsl[r], qsl[r + 1]
+            if states is not None and states.init_cpu[r]:
+                prev = self.ssm_state[states.rows_cpu[r]].float()
+            else:
+                prev = v.new_zeros(self.num_v_heads, self.head_k_dim, self.head_v_dim)
+            out[lo:hi], new = gated_delta_chunked(q[lo:hi], k[lo:hi], v[lo:hi], g[lo:hi], beta[lo:hi], prev)
+            if states is not None:
+                self.ssm_state[states.rows_cpu[r]] = new
+        return out
