@@ -1,0 +1,206 @@
+"""Gated DeltaNet linear attention (model/layers/gated_delta.py) and the engine around its
+per-request state: the chunked form equals the token-by-token recurrence and transformers'
+reference; the layer run in chunks and single tokens through state rows equals transformers'
+layer over the whole sequence; a reused row starts fresh; and in the engine, rows are reused,
+samples of one prompt compute it whole, async scheduling and preemption keep outputs, and what
+cannot work with such a state (prefix caching, speculative decoding) is off or refused."""
+
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+import torch
+
+from conftest import HFReference, assert_greedy_matches
+from pagedserve import LLM, SamplingParams
+from pagedserve.attention.backend import StateRows
+from pagedserve.model.layers.gated_delta import (GatedDeltaNet, conv_chunk, conv_step, gated_delta_chunked,
+                                                 gated_delta_step, l2_normalize)
+from pagedserve.model.random_model import build_random_model
+
+HYBRID = ["linear_attention", "full_attention", "linear_attention"]
+
+
+def _inputs(length: int, heads: int = 3, dk: int = 8, dv: int = 5, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = l2_normalize(torch.randn(length, heads, dk, generator=g, dtype=dtype)) * dk**-0.5
+    k = l2_normalize(torch.randn(length, heads, dk, generator=g, dtype=dtype))
+    v = torch.randn(length, heads, dv, generator=g, dtype=dtype)
+    decay = -torch.rand(length, heads, generator=g, dtype=dtype) * 2  # exp(g) in (e^-2, 1]
+    beta = torch.rand(length, heads, generator=g, dtype=dtype)
+    state = torch.randn(heads, dk, dv, generator=g, dtype=dtype)
+    return q, k, v, decay, beta, state
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 50])
+def test_chunked_form_equals_the_recurrence(length):
+    q, k, v, g, beta, state = _inputs(length, seed=length)
+    out, final = gated_delta_chunked(q, k, v, g, beta, state, chunk=16)
+    s, steps = state.unsqueeze(0), []
+    for t in range(length):
+        o, s = gated_delta_step(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], s)
+        steps.append(o[0])
+    torch.testing.assert_close(out, torch.stack(steps), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, s[0], rtol=1e-10, atol=1e-10)
+
+
+def test_recurrence_equals_transformers_reference():
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
+
+    q, k, v, g, beta, state = _inputs(40, seed=7)
+    out, final = gated_delta_chunked(q, k, v, g, beta, state)
+    # transformers scales the query itself (q / sqrt(dk)) and takes [batch, length, heads, dim]
+    want, want_final = torch_recurrent_gated_delta_rule(
+        (q * 8**0.5).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.unsqueeze(0), beta.unsqueeze(0),
+        initial_state=state.unsqueeze(0), output_final_state=True)
+    # (transformers computes in float32)
+    torch.testing.assert_close(out, want[0].to(out.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(final, want_final[0].to(out.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_chunks_equal_steps():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(9, 6, generator=g), torch.randn(6, 4, generator=g)
+    state = torch.randn(6, 3, generator=g)
+    out, new = conv_chunk(x, state, w)
+    s, steps = state.unsqueeze(0), []
+    for t in range(9):
+        o, s = conv_step(x[t : t + 1], s, w)
+        steps.append(o[0])
+    torch.testing.assert_close(out, torch.stack(steps))
+    torch.testing.assert_close(new, s[0])
+    # the state is the last K-1 inputs, the earlier state's tail where the chunk is shorter
+    torch.testing.assert_close(conv_chunk(x[:2], state, w)[1], torch.cat([state[:, 2:], x[:2].t()], dim=1))
+
+
+def _layer_pair(seed: int = 0):
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
+    cfg = Qwen3_5TextConfig(hidden_size=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                            linear_value_head_dim=16, num_hidden_layers=1, layer_types=["linear_attention"])
+    torch.manual_seed(seed)
+    hf = Qwen3_5GatedDeltaNet(cfg, 0).eval()
+    ours = GatedDeltaNet(cfg)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.5)
+        ours.in_proj.weight.copy_(torch.cat([hf.in_proj_qkv.weight, hf.in_proj_z.weight, hf.in_proj_b.weight,
+                                             hf.in_proj_a.weight]))
+        for name in ("conv1d.weight", "dt_bias", "A_log", "norm.weight", "out_proj.weight"):
+            ours.get_parameter(name).copy_(hf.get_parameter(name))
+    return hf, ours
+
+
+def _meta(lens: list[int], num_decodes: int, rows: list[int], init: list[bool]):
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    states = StateRows(torch.tensor(rows), torch.tensor(init, dtype=torch.float32), rows, init)
+    return types.SimpleNamespace(states=states, num_decodes=num_decodes, num_reqs=len(lens), query_start_loc_cpu=qsl)
+
+
+@torch.no_grad()
+def test_layer_in_pieces_equals_transformers_whole():
+    """Two requests through state rows 2 and 0, in prefill chunks and single-token (decode)
+    steps, interleaved: their outputs are transformers' layer over each whole sequence. Row 2
+    starts full of garbage (a finished request's), which a fresh request must not read."""
+    hf, ours = _layer_pair()
+    ours.allocate_state(3, torch.device("cpu"), torch.float32, torch.float32)
+    ours.conv_state.normal_()
+    ours.ssm_state.normal_()
+    a, b = torch.randn(80, 64), torch.randn(70, 64)
+    want_a, want_b = hf(a.unsqueeze(0))[0], hf(b.unsqueeze(0))[0]
+    got_a, got_b = [], []
+    # step 1: a's first chunk alone (fresh); step 2: a one-token prompt start for b (fresh) as
+    # a decode row beside a's second chunk; then b's chunk beside a's decode; then both decode.
+    out = ours(None, a[:37], _meta([37], 0, [2], [False]))
+    got_a.append(out)
+    out = ours(None, torch.cat([b[:1], a[37:60]]), _meta([1, 23], 1, [0, 2], [False, True]))
+    got_b.append(out[:1]); got_a.append(out[1:])
+    out = ours(None, torch.cat([a[60:61], b[1:69]]), _meta([1, 68], 1, [2, 0], [True, True]))
+    got_a.append(out[:1]); got_b.append(out[1:])
+    out = ours(None, torch.cat([b[69:70], a[61:62]]), _meta([1, 1], 2, [0, 2], [True, True]))
+    got_b.append(out[:1]); got_a.append(out[1:])
+    torch.testing.assert_close(torch.cat(got_a), want_a[:62], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hybrid(tmp_path_factory, tokenizer_dir) -> tuple[str, HFReference]:
+    path = str(tmp_path_factory.mktemp("qwen3_next"))
+    build_random_model(path, "Qwen3NextForCausalLM", num_layers=3, layer_types=HYBRID, initializer_range=0.5,
+                       tokenizer_dir=tokenizer_dir)
+    return path, HFReference(path)
+
+
+def _prompts(seed: int, lengths) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 1024) for _ in range(n)] for n in lengths]
+
+
+def _greedy(max_tokens: int = 16, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def _assert_rows_free(llm: LLM) -> None:
+    assert not llm.llm_engine.runner.block_table.row_of
+    assert llm.llm_engine.kv.pool.num_free_blocks == llm.llm_engine.kv.num_blocks
+
+
+def test_rows_reused_by_later_requests_start_fresh(hybrid):
+    """Every row once held a finished request's state; later requests (a one-token prompt,
+    which runs as a decode row, among them) must start from zeros."""
+    path, ref = hybrid
+    llm = LLM(path, max_num_seqs=3, max_num_batched_tokens=48, block_size=8)
+    for seed, lengths in ((0, (60, 90, 45, 30)), (1, (1, 70, 2, 33, 1))):
+        prompts = _prompts(seed, lengths)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy(), use_tqdm=False)
+        for p, o in zip(prompts, outs):
+            assert_greedy_matches(ref.greedy(p, 16), o.outputs[0].token_ids)
+        _assert_rows_free(llm)
+
+
+def test_samples_compute_their_prompt_whole(hybrid):
+    """n > 1: no sibling starts part-way into the prompt (there is no state there to share)."""
+    path, ref = hybrid
+    llm = LLM(path, block_size=8)
+    assert not llm.llm_engine.config.enable_prefix_caching  # off: no state per block to resume from
+    prompt = _prompts(2, (41,))[0]
+    top1 = SamplingParams(temperature=1.0, top_k=1, n=3, max_tokens=16, ignore_eos=True)  # greedy, n > 1
+    out = llm.generate([{"prompt_token_ids": prompt}], top1, use_tqdm=False)[0]
+    want = ref.greedy(prompt, 16)
+    assert len(out.outputs) == 3
+    for sample in out.outputs:
+        assert_greedy_matches(want, sample.token_ids)
+    assert out.num_cached_tokens == 0
+    _assert_rows_free(llm)
+
+
+def test_async_scheduling_and_preemption_keep_outputs(hybrid):
+    path, ref = hybrid
+    probe = LLM(path, block_size=8)
+    per_block = probe.llm_engine.runner.kv_block_bytes()
+    del probe
+    prompts = _prompts(3, (30, 45, 60, 75, 90, 105, 120, 135))
+    llm = LLM(path, block_size=8, async_scheduling=True, kv_cache_memory_bytes=(-(-(135 + 16) // 8) + 6) * per_block)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy(), use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(ref.greedy(p, 16), o.outputs[0].token_ids)
+    _assert_rows_free(llm)
+
+
+def test_state_dtype_and_refusals(hybrid):
+    path, _ = hybrid
+    llm = LLM(path, mamba_ssm_cache_dtype="bfloat16")
+    layers = llm.llm_engine.runner.state_layers
+    assert len(layers) == 2 and all(layer.ssm_state.dtype == torch.bfloat16 for layer in layers)
+    assert all(layer.ssm_state.shape == (256, 4, 16, 16) for layer in layers)  # max_num_seqs rows
+    assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], _greedy(4), use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="mamba_ssm_cache_dtype"):
+        LLM(path, mamba_ssm_cache_dtype="int8")
+    with pytest.raises(ValueError, match="speculative decoding does not run with linear-attention"):
+        LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
