@@ -1,4 +1,4 @@
-"""Image inputs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): random checkpoints against transformers' own models
+"""Image inputs (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5): random checkpoints against transformers' own models
 on the same weights and pixels: per-image placeholder counts from the resized image, M-RoPE
 positions (transformers' get_rope_index), Qwen3-VL's interleaved M-RoPE and DeepStack
 features, chunked prefill across images, prefix caching,
@@ -71,14 +71,14 @@ class QwenVLReference:
 
 
 def _build(root, tokenizer_dir, version: str) -> str:
-    """version "2", "2.5", "3", or "3-moe" (Qwen3-VL-MoE)."""
+    """version "2", "2.5", "3", "3-moe" (Qwen3-VL-MoE), "3.5" or "3.5-moe" (hybrid linear attention)."""
     from pagedserve.model.random_model import build_random_qwen2_vl
 
     return build_random_qwen2_vl(str(root.mktemp(f"qwen{version}vl")), tokenizer_dir, version=version.split("-")[0],
                                  moe=version.endswith("moe"), initializer_range=INIT)
 
 
-@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe"])
+@pytest.fixture(scope="module", params=["2", "2.5", "3", "3-moe", "3.5", "3.5-moe"])
 def vl(request, tokenizer_dir, tmp_path_factory) -> tuple[str, QwenVLReference]:
     path = _build(tmp_path_factory, tokenizer_dir, request.param)
     return path, QwenVLReference(path)

@@ -382,8 +382,9 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
                           mrope_section: tuple = (2, 3, 3), initializer_range: float = 0.02, seed: int = 0,
                           dtype: str = "float32", moe: bool = False) -> str:
     """A random Qwen2VLForConditionalGeneration (version "2"), Qwen2_5_VLForConditionalGeneration
-    ("2.5") or Qwen3VLForConditionalGeneration ("3"; Qwen3VLMoeForConditionalGeneration with
-    `moe`) directory: a small vision transformer (2.5:
+    ("2.5"), Qwen3VLForConditionalGeneration ("3"; Qwen3VLMoeForConditionalGeneration with
+    `moe`) or Qwen3_5ForConditionalGeneration ("3.5"; Qwen3_5Moe... with `moe`) directory: a
+    small vision transformer (2.5:
     window attention in all but its last block; 3: 16-pixel patches, DeepStack features) with
     its 2x2 patch merger, a Qwen2 (3: Qwen3) decoder with M-RoPE and random q/k/v biases,
     the tokenizer with <|vision_start|> <|image_pad|> <|vision_end|> and a ChatML template,
@@ -420,8 +421,23 @@ def build_random_qwen2_vl(path: str, tokenizer_dir: Optional[str] = None, versio
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
             config_cls, model_cls = transformers.Qwen3VLMoeConfig, transformers.Qwen3VLMoeForConditionalGeneration
             arch = "Qwen3VLMoeForConditionalGeneration"
+    elif version == "3.5":  # the hybrid decoder (Gated DeltaNet, gated attention), no DeepStack
+        text.update(_GATED_DELTA)
+        text.update(head_dim=32, num_hidden_layers=3, layer_types=["linear_attention", "full_attention",
+                                                                   "linear_attention"],
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+        config_cls, model_cls = transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration
+        arch = "Qwen3_5ForConditionalGeneration"
+        if moe:
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                        shared_expert_intermediate_size=64)
+            config_cls, model_cls = transformers.Qwen3_5MoeConfig, transformers.Qwen3_5MoeForConditionalGeneration
+            arch = "Qwen3_5MoeForConditionalGeneration"
     else:
-        raise ValueError(f"version must be '2', '2.5' or '3', got {version!r}.")
+        raise ValueError(f"version must be '2', '2.5', '3' or '3.5', got {version!r}.")
     cfg = config_cls(text_config=text, vision_config=vision, image_token_id=pad, vision_start_token_id=start,
                      vision_end_token_id=end)
     cfg.architectures = [arch]

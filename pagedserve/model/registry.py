@@ -103,8 +103,8 @@ _TEXT_OF_MULTIMODAL = {
                                         ("visual.", "model.visual.")),
     "Qwen3VLMoeForConditionalGeneration": ("Qwen3MoeForCausalLM", [("model.language_model.", "model.")],
                                            ("visual.", "model.visual.")),
-    # Qwen3.5 (all its releases are vision-language checkpoints): the hybrid decoder, served
-    # text-only (their vision tower has no image path here yet).
+    # Qwen3.5 (all its releases are vision-language checkpoints): the hybrid decoder with
+    # interleaved M-RoPE; images through multimodal/qwen2_vl.py.
     "Qwen3_5ForConditionalGeneration": ("Qwen3_5ForCausalLM", [("model.language_model.", "model.")],
                                         ("visual.", "model.visual.")),
     "Qwen3_5MoeForConditionalGeneration": ("Qwen3_5MoeForCausalLM", [("model.language_model.", "model.")],

@@ -21,7 +21,8 @@ LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 LLAVA_NEXT_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 LLAVA_ONEVISION_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
 QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                         "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+                         "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+                         "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 INTERNVL_ARCHITECTURES = ("InternVLForConditionalGeneration",)

@@ -1,4 +1,4 @@
-"""Qwen2-VL's and Qwen2.5-VL's image path: the vision transformer (transformers' own module,
+"""Qwen2-VL's, Qwen2.5-VL's, Qwen3-VL's and Qwen3.5's image path: the vision transformer (transformers' own module,
 run once per image outside the paged decoder) over each image's flattened patches, its 2x2
 patch merger into the decoder's embeddings, and the decoder's M-RoPE positions for a prompt
 with images (transformers' `get_rope_index`)."""
@@ -23,6 +23,10 @@ _VISION_MODULES = {
     "Qwen3VLForConditionalGeneration": ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
     "Qwen3VLMoeForConditionalGeneration": ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
                                            "Qwen3VLMoeVisionModel"),
+    # Qwen3.5: Qwen3-VL's tower without DeepStack, before the hybrid decoder (model/qwen3_next.py).
+    "Qwen3_5ForConditionalGeneration": ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionModel"),
+    "Qwen3_5MoeForConditionalGeneration": ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+                                           "Qwen3_5MoeVisionModel"),
 }
 
 

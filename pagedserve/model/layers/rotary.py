@@ -150,9 +150,10 @@ class MRotaryEmbedding(RotaryEmbedding):
         return torch.arange(t, device=positions.device), table
 
 
-# Decoders whose RoPE is always M-RoPE, interleaved, whether or not the config says so (Qwen3-VL:
-# transformers' defaults).
-_INTERLEAVED_MROPE = {"qwen3_vl_text": [24, 20, 20], "qwen3_vl_moe_text": [24, 20, 20]}
+# Decoders whose RoPE is always M-RoPE, interleaved, whether or not the config says so (Qwen3-VL,
+# Qwen3.5: transformers' defaults).
+_INTERLEAVED_MROPE = {"qwen3_vl_text": [24, 20, 20], "qwen3_vl_moe_text": [24, 20, 20], "qwen3_5_text": [11, 11, 10],
+                      "qwen3_5_moe_text": [11, 11, 10]}
 
 
 def make_rotary(hf_config: Any, head_dim: int, max_positions: int,
@@ -163,7 +164,10 @@ def make_rotary(hf_config: Any, head_dim: int, max_positions: int,
     default = _INTERLEAVED_MROPE.get(getattr(hf_config, "model_type", ""))
     if "mrope_section" in params or default is not None:
         section = [int(v) for v in params.get("mrope_section") or default]
-        interleaved = bool(params.get("mrope_interleaved", default is not None))
+        if "mrope_section" not in params and sum(section) != rotary_dim(hf_config, head_dim, layer_type) // 2:
+            # a default that does not fit this head (small test models): text-only, plain RoPE
+            return RotaryEmbedding(hf_config, head_dim, max_positions, layer_type)
+        interleaved = default is not None or bool(params.get("mrope_interleaved", False))
         return MRotaryEmbedding(hf_config, head_dim, max_positions, section, interleaved)
     return RotaryEmbedding(hf_config, head_dim, max_positions, layer_type)
 
