@@ -163,11 +163,13 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
     _assert_same_kv_and_none_for_padding(before, after_eager, after, slots, runner.kv_caches[0][0].shape)
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next"])
 def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_refs):
     """Decode steps through DecodeGraphRunner (capture=False) inside the engine: greedy tokens
     still equal transformers', and the path was taken. The MoE models' experts run on the
-    fused Triton kernel there (no host sync), which makes them graph-safe."""
+    fused Triton kernel there (no host sync), which makes them graph-safe. Linear-attention
+    models (Qwen3.5, Qwen3-Next) read their state rows from static buffers, padding requests a
+    scratch row; a one-token prompt starts its state there."""
     pytest.importorskip("triton")
     from conftest import assert_greedy_matches
 
@@ -186,6 +188,12 @@ def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_
     for p, o in zip(prompts, outs):
         assert_greedy_matches(hf_refs[name].greedy(p, 6), o.outputs[0].token_ids)
     assert calls and max(calls) == 3
+    if runner.state_layers:  # a one-token prompt is a decode row: a fresh state in a reused row
+        calls.clear()
+        out = llm.generate([{"prompt_token_ids": [77]}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                           use_tqdm=False)[0]
+        assert_greedy_matches(hf_refs[name].greedy([77], 4), out.outputs[0].token_ids)
+        assert calls == [1] * 4
 
 
 def test_no_graphs_on_cpu_or_with_enforce_eager(llama_dir):

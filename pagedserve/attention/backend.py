@@ -33,8 +33,12 @@ class StateRows:
 
     rows: torch.Tensor  # [num_reqs] int64
     init: torch.Tensor  # [num_reqs] of the step's dtype: 1 continues, 0 starts fresh
-    rows_cpu: list[int]
+    rows_cpu: list[int]  # host copies; empty in a CUDA graph's metadata
     init_cpu: list[bool]
+
+    def first_all_continue(self, n: int) -> bool:
+        """Whether the host knows that the first n requests all continue their states."""
+        return len(self.init_cpu) >= n and all(self.init_cpu[:n])
 
 
 @dataclass

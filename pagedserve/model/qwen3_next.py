@@ -74,12 +74,6 @@ class Qwen3NextForCausalLM(LlamaForCausalLM):
         (".in_proj_a.", ".in_proj.", "a"),
     ]
 
-    @property
-    def cuda_graph_safe(self) -> bool:
-        # The state layers loop over prefill requests on the host and read their rows by
-        # index from host lists: decode steps run eagerly until they have a graph-safe path.
-        return False
-
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         if not getattr(cfg, "num_experts", 0) or not _is_sparse(cfg, layer_idx):

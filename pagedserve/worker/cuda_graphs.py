@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.attention.backend import AttentionMetadata, StateRows
 
 logger = logging.getLogger("pagedserve")
 
@@ -102,6 +102,9 @@ class _Staging:
         self.header = torch.zeros(_header_bytes(max_batch * q, max_batch), dtype=torch.uint8, pin_memory=pin)
         self.ids, self.pos, self.slots, self.lens = _row_fields(self.header, max_batch * q, max_batch)
         self.bt = torch.zeros((max_batch, table_width), dtype=torch.int32, pin_memory=pin)
+        # (linear-attention models) each request's state row, and 1 where it continues a state
+        self.state_rows = torch.zeros(max_batch, dtype=torch.int64, pin_memory=pin)
+        self.state_init = torch.zeros(max_batch, dtype=torch.float32, pin_memory=pin)
         self.copied: Optional[torch.cuda.Event] = None
 
 
@@ -119,7 +122,7 @@ class DecodeBuffers:
     (or 0): only padding rows read through them."""
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, block_size: int, max_model_len: int,
-                 device: torch.device, query_len: int = 1) -> None:
+                 device: torch.device, query_len: int = 1, scratch_state_row: Optional[int] = None) -> None:
         self.max_batch, self.block_size, self.max_model_len, self.device = max_batch, block_size, max_model_len, device
         self.query_len = q = query_len
         self._cuda = device.type == "cuda"
@@ -136,13 +139,19 @@ class DecodeBuffers:
         self._turn = 0
         # q query tokens per request: query_start_loc is always 0, q, 2q, ...
         self.query_start_loc = torch.arange(0, (max_batch + 1) * q, q, dtype=torch.int32, device=device)
+        # Linear-attention models (q = 1 only): each request's state row and whether it continues
+        # it; padding requests read and write `scratch_state_row`, a row no request owns.
+        self.scratch_state_row = scratch_state_row
+        self.state_rows = zeros(max_batch, torch.int64) if scratch_state_row is not None else None
+        self.state_init = zeros(max_batch, torch.float32) if scratch_state_row is not None else None
         self.fill_padding(max_batch)
 
     def fill(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-             block_rows: np.ndarray, bucket: int) -> None:
+             block_rows: np.ndarray, bucket: int, states: Optional[tuple[list[int], list[bool]]] = None) -> None:
         """Requests [0, n) from the step (n = len(seq_lens); their n * q token rows, laid out
-        by pad_uniform where q > 1; block_rows: [n, <= max_blocks_per_seq]), requests
-        [n, bucket) padding."""
+        by pad_uniform where q > 1; block_rows: [n, <= max_blocks_per_seq]; states: their
+        state rows and continue flags, for a linear-attention model), requests [n, bucket)
+        padding."""
         n, q = len(seq_lens), self.query_len
         assert n <= bucket <= self.max_batch and len(input_ids) == n * q
         st = self._staging[self._turn]
@@ -158,6 +167,13 @@ class DecodeBuffers:
         self._header.copy_(st.header, non_blocking=self._cuda)  # (rows past the bucket: unread)
         if n:
             self.block_tables[:n].copy_(st.bt[:n], non_blocking=self._cuda)
+        if self.state_rows is not None:
+            rows, init = states if states is not None else ([], [])
+            assert len(rows) == n, "a linear-attention model's step needs every request's state row"
+            st.state_rows.numpy()[:n], st.state_init.numpy()[:n] = rows, init
+            st.state_rows.numpy()[n:bucket], st.state_init.numpy()[n:bucket] = self.scratch_state_row, 0.0
+            self.state_rows[:bucket].copy_(st.state_rows[:bucket], non_blocking=self._cuda)
+            self.state_init[:bucket].copy_(st.state_init[:bucket], non_blocking=self._cuda)
         if self._cuda:
             st.copied = torch.cuda.Event()
             st.copied.record()
@@ -172,12 +188,15 @@ class DecodeBuffers:
         replay, so they are left empty: only backends with `supports_cuda_graphs`, which read
         the device tensors alone, may run on this."""
         q = self.query_len
+        states = None
+        if self.state_rows is not None:  # (no host copies: the layers mask by state_init on the device)
+            states = StateRows(self.state_rows[:bucket], self.state_init[:bucket], [], [])
         return AttentionMetadata(
             num_tokens=bucket * q, num_actual_tokens=bucket * q, num_reqs=bucket, num_decodes=bucket if q == 1 else 0,
             slot_mapping=self.slot_mapping[: bucket * q], block_tables=self.block_tables[:bucket],
             seq_lens=self.seq_lens[:bucket], query_start_loc=self.query_start_loc[: bucket + 1],
             max_query_len=q, max_seq_len=self.max_model_len + q - 1, seq_lens_cpu=[], query_start_loc_cpu=[],
-            block_size=self.block_size,
+            block_size=self.block_size, states=states,
         )
 
 
@@ -244,15 +263,17 @@ class DecodeGraphRunner:
                     self.query_len, self.sizes[0], self.sizes[-1], time.perf_counter() - start)
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-            block_rows: np.ndarray, patch: Optional[TokenPatch] = None) -> torch.Tensor:
+            block_rows: np.ndarray, patch: Optional[TokenPatch] = None,
+            states: Optional[tuple[list[int], list[bool]]] = None) -> torch.Tensor:
         """Hidden states [n * q, hidden] of a step of n <= max_size requests (one token each
         where q = 1; else laid out by pad_uniform). The result is a view into the graph's
         output, valid until the next run. `patch`: (rows, tokens) device tensors written over
-        input_ids (tokens a previous step is still sampling)."""
+        input_ids (tokens a previous step is still sampling). `states`: the requests' state rows
+        and continue flags (linear-attention models)."""
         n = len(seq_lens)
         bucket = self.bucket(n)
         assert bucket is not None, f"{n} rows exceed the largest captured batch {self.max_size}"
-        self.buffers.fill(input_ids, positions, slots, seq_lens, block_rows, bucket)
+        self.buffers.fill(input_ids, positions, slots, seq_lens, block_rows, bucket, states)
         if patch is not None:
             apply_patch(self.buffers.input_ids, patch)
         rows = n * self.query_len

@@ -177,10 +177,11 @@ class ModelRunner:
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Linear-attention layers keep a fixed-size state per request, in the row of the
-        # request's block-table row (allocated now: the KV cache is sized from what is left).
+        # request's block-table row, plus a scratch row the decode graphs' padding rows use
+        # (allocated now: the KV cache is sized from what is left).
         self.state_layers = list(getattr(self.model, "state_layers", list)())
         for layer in self.state_layers:
-            layer.allocate_state(config.max_num_seqs, self.device, config.dtype, config.ssm_dtype)
+            layer.allocate_state(config.max_num_seqs + 1, self.device, config.dtype, config.ssm_dtype)
         if self.state_layers:
             logger.info("linear-attention state: %d layers, %.1f MiB for %d requests", len(self.state_layers),
                         sum(t.nbytes for t in self._state_tensors()) / 2**20, config.max_num_seqs)
@@ -287,8 +288,9 @@ class ModelRunner:
             sizes = [s for s in sizes if s * query_len <= cfg.max_num_batched_tokens and s <= cap]
             if not sizes:
                 return None
+        scratch = cfg.max_num_seqs if self.state_layers and model is None else None  # (the target's states)
         buffers = DecodeBuffers(sizes[-1], self.block_table.table.shape[1], self.block_size, cfg.max_model_len,
-                                self.device, query_len=query_len)
+                                self.device, query_len=query_len, scratch_state_row=scratch)
         return DecodeGraphRunner(model or self.model, buffers, sizes, capture=capture)
 
     def _state_tensors(self) -> list[torch.Tensor]:
@@ -693,8 +695,9 @@ class ModelRunner:
         if (images is None and host.mrope is None and host.kv_limit is None and self.graphs is not None
                 and host.decode_only
                 and len(host.seq_lens) <= self.graphs.max_size):
+            states = (host.state_rows, host.state_init) if host.state_rows is not None else None
             return self.graphs.run(host.input_ids, host.positions, host.slots,
-                                   np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch)
+                                   np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch, states)
         ids, positions, meta = self._device_inputs(host)
         if patch is not None:
             apply_patch(ids, patch)

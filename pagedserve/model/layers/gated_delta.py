@@ -182,7 +182,7 @@ class GatedDeltaNet(nn.Module):
         if nd:
             rows = states.rows[:nd]
             prev = self.conv_state.index_select(0, rows)
-            if not all(states.init_cpu[:nd]):  # one-token prompts start from zeros
+            if not states.first_all_continue(nd):  # one-token prompts start from zeros
                 prev = prev * states.init[:nd, None, None]
             out[:nd], new = conv_step(qkv[:nd], prev, weight)
             self.conv_state.index_copy_(0, rows, new.to(self.conv_state.dtype))
@@ -205,7 +205,7 @@ class GatedDeltaNet(nn.Module):
         if nd:
             rows = states.rows[:nd]
             prev = self.ssm_state.index_select(0, rows).float()
-            if not all(states.init_cpu[:nd]):
+            if not states.first_all_continue(nd):
                 prev = prev * states.init[:nd, None, None, None]
             out[:nd], new = gated_delta_step(q[:nd], k[:nd], v[:nd], g[:nd], beta[:nd], prev)
             self.ssm_state.index_copy_(0, rows, new.to(self.ssm_state.dtype))
