@@ -198,7 +198,7 @@ def test_state_dtype_and_refusals(hybrid):
     llm = LLM(path, mamba_ssm_cache_dtype="bfloat16")
     layers = llm.llm_engine.runner.state_layers
     assert len(layers) == 2 and all(layer.ssm_state.dtype == torch.bfloat16 for layer in layers)
-    assert all(layer.ssm_state.shape == (256, 4, 16, 16) for layer in layers)  # max_num_seqs rows
+    assert all(layer.ssm_state.shape == (257, 4, 16, 16) for layer in layers)  # max_num_seqs rows + scratch
     assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], _greedy(4), use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="mamba_ssm_cache_dtype"):
         LLM(path, mamba_ssm_cache_dtype="int8")
