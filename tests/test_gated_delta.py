@@ -16,8 +16,8 @@ import torch
 from conftest import HFReference, assert_greedy_matches
 from pagedserve import LLM, SamplingParams
 from pagedserve.attention.backend import StateRows
-from pagedserve.model.layers.gated_delta import (GatedDeltaNet, conv_chunk, conv_step, gated_delta_chunked,
-                                                 gated_delta_step, l2_normalize)
+from pagedserve.model.layers.gated_delta import GatedDeltaNet, gated_delta_chunked, gated_delta_step, l2_normalize
+from pagedserve.model.layers.state_mixer import conv_chunk, conv_step
 from pagedserve.model.random_model import build_random_model
 
 HYBRID = ["linear_attention", "full_attention", "linear_attention"]

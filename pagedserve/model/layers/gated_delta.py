@@ -11,13 +11,14 @@ solve per block, then matrix products), decode tokens one step for the whole bat
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.layers.state_mixer import StateMixer
 
 CHUNK = 64
 
@@ -82,20 +83,6 @@ def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return torch.einsum("bhk,bhkv->bhv", q, s), s
 
 
-def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution and SiLU over one request's chunk: x [L, C], state [C, K-1]
-    (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new state)."""
-    seq = torch.cat([state.to(x.dtype), x.t()], dim=-1)
-    out = F.conv1d(seq.unsqueeze(0), weight.unsqueeze(1), groups=seq.shape[0])[0]
-    return F.silu(out).t(), seq[:, seq.shape[1] - state.shape[1]:]
-
-
-def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token each for B requests: x [B, C], state [B, C, K-1]. Returns (out, new state)."""
-    seq = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
-    return F.silu((seq * weight).sum(dim=-1)), seq[..., 1:]
-
-
 class GatedRMSNorm(nn.Module):
     """RMSNorm per value head, then times SiLU(z) (transformers' Qwen3NextRMSNormGated)."""
 
@@ -110,7 +97,7 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(StateMixer):
     """The token mixer of a linear-attention layer. One fused input projection in the order
     [q, k, v (the convolution's channels), z (the output gate), b (beta), a (the decay)];
     checkpoints' in_proj_qkv / in_proj_z / in_proj_b / in_proj_a load as its shards."""
@@ -138,26 +125,16 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(hv))
         self.norm = GatedRMSNorm(self.head_v_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
-        # Per-request state, one row a request (allocate_state): the convolution's last K-1
-        # inputs and the recurrent matrix of every value head.
-        self.conv_state: Optional[torch.Tensor] = None
-        self.ssm_state: Optional[torch.Tensor] = None
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """One request's (convolution state, recurrent state) shapes."""
+        # the convolution's last K-1 inputs; the recurrent matrix of every value head
         return (self.conv_dim, self.kernel - 1), (self.num_v_heads, self.head_k_dim, self.head_v_dim)
-
-    def allocate_state(self, rows: int, device: torch.device, conv_dtype: torch.dtype,
-                       ssm_dtype: torch.dtype) -> None:
-        conv, ssm = self.state_shapes()
-        self.conv_state = torch.zeros((rows, *conv), dtype=conv_dtype, device=device)
-        self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv, z, b, a = self.in_proj(x).split([self.conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads],
                                              dim=-1)
-        mixed = self._convolve(qkv, meta)
+        mixed = self.convolve(qkv, meta)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         rep = self.num_v_heads // self.num_k_heads  # each q/k head serves `rep` consecutive value heads
         q = l2_normalize(q.float().view(t, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
@@ -171,52 +148,7 @@ class GatedDeltaNet(nn.Module):
         out = self.norm(core, z.view(t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(out.reshape(t, self.value_dim))
 
-    def _rows(self, meta: AttentionMetadata) -> tuple[Optional[Any], int]:
-        """The step's state rows (None: no states, a profiling pass) and its decode count."""
-        return meta.states, meta.num_decodes if meta.states is not None else 0
-
-    def _convolve(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        weight = self.conv1d.weight.squeeze(1)
-        states, nd = self._rows(meta)
-        out = torch.empty_like(qkv)
-        if nd:
-            rows = states.rows[:nd]
-            prev = self.conv_state.index_select(0, rows)
-            if not states.first_all_continue(nd):  # one-token prompts start from zeros
-                prev = prev * states.init[:nd, None, None]
-            out[:nd], new = conv_step(qkv[:nd], prev, weight)
-            self.conv_state.index_copy_(0, rows, new.to(self.conv_state.dtype))
-        qsl = meta.query_start_loc_cpu
-        for r in range(nd, meta.num_reqs):
-            lo, hi = qsl[r], qsl[r + 1]
-            if states is not None and states.init_cpu[r]:
-                prev = self.conv_state[states.rows_cpu[r]]
-            else:
-                prev = qkv.new_zeros(self.conv_dim, self.kernel - 1)
-            out[lo:hi], new = conv_chunk(qkv[lo:hi], prev, weight)
-            if states is not None:
-                self.conv_state[states.rows_cpu[r]] = new
-        return out
-
     def _recur(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                meta: AttentionMetadata) -> torch.Tensor:
-        states, nd = self._rows(meta)
-        out = torch.empty_like(v)
-        if nd:
-            rows = states.rows[:nd]
-            prev = self.ssm_state.index_select(0, rows).float()
-            if not states.first_all_continue(nd):
-                prev = prev * states.init[:nd, None, None, None]
-            out[:nd], new = gated_delta_step(q[:nd], k[:nd], v[:nd], g[:nd], beta[:nd], prev)
-            self.ssm_state.index_copy_(0, rows, new.to(self.ssm_state.dtype))
-        qsl = meta.query_start_loc_cpu
-        for r in range(nd, meta.num_reqs):
-            lo, hi = qsl[r], qsl[r + 1]
-            if states is not None and states.init_cpu[r]:
-                prev = self.ssm_state[states.rows_cpu[r]].float()
-            else:
-                prev = v.new_zeros(self.num_v_heads, self.head_k_dim, self.head_v_dim)
-            out[lo:hi], new = gated_delta_chunked(q[lo:hi], k[lo:hi], v[lo:hi], g[lo:hi], beta[lo:hi], prev)
-            if states is not None:
-                self.ssm_state[states.rows_cpu[r]] = new
-        return out
+        return self.over_rows(self.ssm_state, meta, (q, k, v, g, beta), torch.empty_like(v), gated_delta_step,
+                              gated_delta_chunked, torch.float32)

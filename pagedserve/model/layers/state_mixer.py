@@ -1,0 +1,90 @@
+"""Token mixers that keep a fixed-size state per request instead of KV blocks (Gated DeltaNet,
+Mamba-2): the state tensors, one row a request (AttentionMetadata.states: the request's
+block-table row, plus a scratch row for CUDA-graph padding), and the loop that runs a step's
+decode rows together and its prefill chunks one by one, each from the state its request left
+(or from zeros, for a request starting at position 0, whatever its row held before)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+
+# (inputs of the rows..., state) -> (outputs, new state)
+StateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution and SiLU over one request's chunk: x [L, C], state [C, K-1]
+    (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new state)."""
+    seq = torch.cat([state.to(x.dtype), x.t()], dim=-1)
+    out = F.conv1d(seq.unsqueeze(0), weight.unsqueeze(1), bias, groups=seq.shape[0])[0]
+    return F.silu(out).t(), seq[:, seq.shape[1] - state.shape[1]:]
+
+
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token each for B requests: x [B, C], state [B, C, K-1]. Returns (out, new state)."""
+    seq = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
+    out = (seq * weight).sum(dim=-1)
+    return F.silu(out if bias is None else out + bias), seq[..., 1:]
+
+
+class StateMixer(nn.Module):
+    """Subclasses give state_shapes() and a `conv1d` (nn.Conv1d, depthwise) whose last K-1
+    inputs are the convolution state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_state: Optional[torch.Tensor] = None  # [rows, channels, K-1]
+        self.ssm_state: Optional[torch.Tensor] = None  # [rows, *the recurrence's state]
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """One request's (convolution state, recurrent state) shapes."""
+        raise NotImplementedError
+
+    def allocate_state(self, rows: int, device: torch.device, conv_dtype: torch.dtype,
+                       ssm_dtype: torch.dtype) -> None:
+        conv, ssm = self.state_shapes()
+        self.conv_state = torch.zeros((rows, *conv), dtype=conv_dtype, device=device)
+        self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
+
+    def convolve(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The causal convolution (and SiLU) of the step's rows x [T, channels]."""
+        w, b = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        return self.over_rows(self.conv_state, meta, (x,), torch.empty_like(x), partial(conv_step, weight=w, bias=b),
+                              partial(conv_chunk, weight=w, bias=b), x.dtype)
+
+    @staticmethod
+    def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
+                  step: StateFn, chunk: StateFn, dtype: torch.dtype) -> torch.Tensor:
+        """Fill `out` [T, ...]: the decode rows in one `step` from their states, then each
+        prefill chunk by `chunk`; states are read and computed in `dtype` and written back to
+        `cache`. Without states (a profiling pass) every request starts from zeros and nothing
+        is kept."""
+        states = meta.states
+        nd = meta.num_decodes if states is not None else 0
+        if nd:
+            rows = states.rows[:nd]
+            prev = cache.index_select(0, rows).to(dtype)
+            if not states.first_all_continue(nd):  # one-token prompts start from zeros
+                prev = prev * states.init[:nd].view(-1, *[1] * (prev.dim() - 1)).to(dtype)
+            out[:nd], new = step(*(x[:nd] for x in inputs), prev)
+            cache.index_copy_(0, rows, new.to(cache.dtype))
+        qsl = meta.query_start_loc_cpu
+        for r in range(nd, meta.num_reqs):
+            lo, hi = qsl[r], qsl[r + 1]
+            if states is not None and states.init_cpu[r]:
+                prev = cache[states.rows_cpu[r]].to(dtype)
+            else:
+                prev = torch.zeros(cache.shape[1:], dtype=dtype, device=out.device)
+            out[lo:hi], new = chunk(*(x[lo:hi] for x in inputs), prev)
+            if states is not None:
+                cache[states.rows_cpu[r]] = new.to(cache.dtype)
+        return out
