@@ -56,6 +56,13 @@ MODEL_SPECS = {
                                            tie_word_embeddings=True, random_norms=True)),
     "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", dict(num_heads=4, num_kv_heads=1, num_layers=3, layer_types=[
         "full_attention", "linear_attention", "linear_attention"])),
+    # Granite 4.0-H: Mamba-2 layers around an attention layer without RoPE, a shared MLP and 4
+    # experts; Granite 4.0's dense form with RoPE.
+    "granite_hybrid": ("GraniteMoeHybridForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, layer_types=[
+        "mamba", "attention", "mamba"], random_norms=True)),
+    "granite_hybrid_dense": ("GraniteMoeHybridForCausalLM", dict(
+        num_heads=4, num_kv_heads=1, num_layers=3, layer_types=["attention", "mamba", "attention"], num_local_experts=0,
+        position_embedding_type="rope")),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;
     # Qwen3-MoE with a dense layer (mlp_only_layers).
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),

@@ -90,7 +90,8 @@ def test_prefix_cache_hits(name, model_dirs, hf_refs):
 # these cover each kind of KV state it must rebuild: plain, all layers windowed (blocks given
 # back), mixed windows with softcaps, sinks, experts, latent attention (one cache, not two),
 # linear-attention states (started again from zeros).
-PREEMPTION_SPECS = ["llama", "mistral_swa", "gemma2", "gpt_oss", "qwen2_moe", "deepseek_v3", "phi3", "qwen3_next"]
+PREEMPTION_SPECS = ["llama", "mistral_swa", "gemma2", "gpt_oss", "qwen2_moe", "deepseek_v3", "phi3", "qwen3_next",
+                    "granite_hybrid"]
 
 
 @pytest.mark.parametrize("name", PREEMPTION_SPECS)

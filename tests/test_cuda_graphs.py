@@ -163,12 +163,12 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
     _assert_same_kv_and_none_for_padding(before, after_eager, after, slots, runner.kv_caches[0][0].shape)
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next"])
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next", "granite_hybrid"])
 def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_refs):
     """Decode steps through DecodeGraphRunner (capture=False) inside the engine: greedy tokens
     still equal transformers', and the path was taken. The MoE models' experts run on the
     fused Triton kernel there (no host sync), which makes them graph-safe. Linear-attention
-    models (Qwen3.5, Qwen3-Next) read their state rows from static buffers, padding requests a
+    and Mamba-2 models (Qwen3.5, Qwen3-Next, Granite 4.0-H) read their state rows from static buffers, padding requests a
     scratch row; a one-token prompt starts its state there."""
     pytest.importorskip("triton")
     from conftest import assert_greedy_matches

@@ -45,7 +45,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         super().load_weights(unstack_experts(weights, self.config.hidden_size, self.config.moe_intermediate_size))
 
 
-_STACKED = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_STACKED = re.compile(r"^(?P<prefix>.*\.(?:mlp|block_sparse_moe)\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 
 
 def unstack_experts(weights: Iterable[tuple[str, torch.Tensor]], hidden: int,

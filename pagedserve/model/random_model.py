@@ -57,6 +57,14 @@ ARCH_CONFIGS = {
                                                  "decoder_sparse_step": 1, "mlp_only_layers": [1]}),
     "Qwen3_5ForCausalLM": ("Qwen3_5TextConfig", _GATED_DELTA),
     "Qwen3_5MoeForCausalLM": ("Qwen3_5MoeTextConfig", {**_GATED_DELTA, "num_experts": 4, "num_experts_per_tok": 2}),
+    # Granite 4.0 (model/granite_hybrid.py): Mamba-2 layers (8 heads of 16 in 2 groups) and
+    # attention ones (layer_types; no RoPE unless position_embedding_type says), a shared MLP
+    # plus 4 experts (2 a token; none: num_local_experts 0), Granite's four scalars away from 1.
+    "GraniteMoeHybridForCausalLM": ("GraniteMoeHybridConfig", {
+        "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 2, "mamba_d_state": 16, "mamba_chunk_size": 32,
+        "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 64,
+        "position_embedding_type": "nope", "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+        "attention_multiplier": 0.2, "logits_scaling": 2.5}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),
     "XLMRobertaModel": ("XLMRobertaConfig", {}),

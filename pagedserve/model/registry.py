@@ -28,6 +28,7 @@ _MODELS = {
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),
     "GptOssForCausalLM": ("pagedserve.model.gpt_oss", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("pagedserve.model.granite", "GraniteForCausalLM"),
+    "GraniteMoeHybridForCausalLM": ("pagedserve.model.granite_hybrid", "GraniteMoeHybridForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),

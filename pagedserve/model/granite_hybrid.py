@@ -1,0 +1,98 @@
+"""IBM Granite 4.0 (GraniteMoeHybridForCausalLM): Mamba-2 layers (layers/mamba2.py) and
+attention layers (config.layer_types), each followed by a shared SwiGLU MLP plus, where the
+model has experts, a top-k mixture of experts; Granite's four scalars (embedding, residual and
+attention multipliers, logits scaling) as in granite.py. The H models' attention has no
+position encoding (position_embedding_type "nope"); the dense micro model is all attention
+with RoPE."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.layers.attention import PagedAttention
+from pagedserve.model.layers.mamba2 import Mamba2Mixer
+from pagedserve.model.layers.moe import SparseMoeBlock
+from pagedserve.model.layers.norm import RMSNorm, pre_norm
+from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from pagedserve.model.qwen_moe import unstack_experts
+
+
+class GraniteHybridLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], mamba: bool) -> None:
+        super().__init__()
+        if mamba:
+            self.mamba = Mamba2Mixer(cfg)
+        else:
+            bias = bool(getattr(cfg, "attention_bias", False))
+            self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False,
+                                            scale=float(cfg.attention_multiplier))
+        self.shared_mlp = LlamaMLP(cfg, cfg.shared_intermediate_size)
+        experts = int(getattr(cfg, "num_local_experts", 0) or 0)
+        self.block_sparse_moe = (SparseMoeBlock(cfg, experts, cfg.intermediate_size, renormalize=True)
+                                 if experts else None)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.residual_multiplier = float(cfg.residual_multiplier)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        x, residual = pre_norm(self.input_layernorm, x, residual)
+        mixer = self.mamba if hasattr(self, "mamba") else self.self_attn
+        x = mixer(positions, x, meta) * self.residual_multiplier
+        x, residual = self.post_attention_layernorm(x, residual)
+        out = self.shared_mlp(x)
+        if self.block_sparse_moe is not None:
+            out = out + self.block_sparse_moe(x)
+        return out * self.residual_multiplier, residual
+
+
+# Hub checkpoints stack the experts as block_sparse_moe.input_linear.weight [E, 2I, H] (gate rows,
+# then up) and output_linear.weight [E, H, I]; transformers 5 saves them as experts.gate_up_proj /
+# experts.down_proj, and the router as router.weight (hub: router.layer.weight).
+_HUB_NAMES = [(re.compile(r"\.block_sparse_moe\.input_linear\.weight$"), ".block_sparse_moe.experts.gate_up_proj"),
+              (re.compile(r"\.block_sparse_moe\.output_linear\.weight$"), ".block_sparse_moe.experts.down_proj"),
+              (re.compile(r"\.block_sparse_moe\.router(\.layer)?\.weight$"), ".block_sparse_moe.gate.weight")]
+
+
+class GraniteMoeHybridForCausalLM(LlamaForCausalLM):
+    renamed = [(".shared_mlp.input_linear.", ".shared_mlp.gate_up_proj."),
+               (".shared_mlp.output_linear.", ".shared_mlp.down_proj.")]
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        types = list(cfg.layer_types)
+        if len(types) != cfg.num_hidden_layers or set(types) - {"linear_attention", "full_attention"}:
+            raise ValueError(f"layer_types {types} must give each of the {cfg.num_hidden_layers} layers as "
+                             "Mamba (linear_attention / mamba) or attention.")
+        rope = getattr(cfg, "position_embedding_type", None) == "rope"
+        return GraniteHybridLayer(cfg, rotary if rope else None, types[layer_idx] == "linear_attention")
+
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)
+        self.model.embed_scale = float(cfg.embedding_multiplier)
+        self.logits_scaling = float(cfg.logits_scaling)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().compute_logits(hidden) / self.logits_scaling
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers if hasattr(layer, "self_attn")]
+
+    def state_layers(self) -> list[Mamba2Mixer]:
+        return [layer.mamba for layer in self.model.layers if hasattr(layer, "mamba")]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        cfg = self.config
+        super().load_weights(unstack_experts(self._hub_names(weights), cfg.hidden_size, cfg.intermediate_size))
+
+    @staticmethod
+    def _hub_names(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in weights:
+            for pattern, ours in _HUB_NAMES:
+                name = pattern.sub(ours, name)
+            yield name, t

@@ -1,0 +1,129 @@
+"""Mamba-2 (the SSD layer of IBM Granite 4.0-H and other hybrids): a selective state-space token
+mixer whose memory of a request is a fixed-size state per head (layers/state_mixer.py keeps
+it, one row a request). Per head, with state S [N, P] and scalar decay exp(dt * A):
+    S <- exp(dt A) S + B (dt x)^T;  y = S^T C + D x,
+dt = softplus(dt_raw + dt_bias) per token, x [P] the head's slice of the convolved input, B
+and C [N] shared by the heads of a group. The output is gated by SiLU(z), RMS-normalised per
+group, and projected back."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.layers.state_mixer import StateMixer
+
+CHUNK = 64
+
+
+def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
+                a: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence, float32: x [L, H, P], dt [L, H], b, c [L, H, N], state [H, N, P] before the
+    first token, a [H] (negative). Returns (y [L, H, P] without the D skip, final state).
+    Within a block, with s_i the running sum of dt * a (exp(s_i - s_j): the decay from token j
+    to token i) and S0 the state entering it:
+        y_i = exp(s_i) c_i S0 + sum_{j<=i} exp(s_i - s_j) (c_i.b_j) dt_j x_j
+        S_end = exp(s_last) S0 + sum_j exp(s_last - s_j) b_j (dt_j x_j)^T."""
+    length, heads, p = x.shape
+    pad = (-length) % chunk
+    n = (length + pad) // chunk
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:  # [L, H, ...] -> [H, n, chunk, ...], zero-padded
+        t = t.transpose(0, 1)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(heads, n, chunk, *t.shape[2:])
+
+    xdt = blocks(x * dt.unsqueeze(-1))  # padding: dt = 0, so no decay and no input
+    b, c, s = blocks(b), blocks(c), blocks(dt * a).cumsum(dim=-1)
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    decay = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
+    intra = ((c @ b.transpose(-1, -2)) * decay) @ xdt
+    c_decayed = c * s.exp().unsqueeze(-1)
+    b_to_end = (b * (s[..., -1:] - s).exp().unsqueeze(-1)).transpose(-1, -2)
+    end_decay = s[..., -1].exp()[..., None, None]
+    out = torch.empty(heads, n, chunk, p, dtype=x.dtype, device=x.device)
+    st = state
+    for i in range(n):
+        out[:, i] = intra[:, i] + c_decayed[:, i] @ st
+        st = end_decay[:, i] * st + b_to_end[:, i] @ xdt[:, i]
+    return out.reshape(heads, n * chunk, p)[:, :length].transpose(0, 1), st
+
+
+def ssd_step(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
+             a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token for each of B requests, float32: x [B, H, P], dt [B, H], b, c [B, H, N], state
+    [B, H, N, P]. Returns (y [B, H, P] without the D skip, new state)."""
+    st = state * (dt * a).exp()[..., None, None] + b.unsqueeze(-1) * (x * dt.unsqueeze(-1)).unsqueeze(-2)
+    return torch.einsum("bhn,bhnp->bhp", c, st), st
+
+
+class GroupGatedRMSNorm(nn.Module):
+    """y * SiLU(z), then RMSNorm within each of `groups` equal slices, then the weight
+    (Mamba-2's norm with the gate before it)."""
+
+    def __init__(self, dim: int, groups: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.groups, self.eps = groups, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = y.float() * F.silu(z.float())
+        g = h.view(*h.shape[:-1], self.groups, -1)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.view(h.shape).to(y.dtype)
+
+
+class Mamba2Mixer(StateMixer):
+    """The checkpoint's in_proj gives [z (the gate), x B C (the convolution's channels), dt]."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.heads, self.head_dim = int(cfg.mamba_n_heads), int(cfg.mamba_d_head)
+        self.groups, self.d_state = int(cfg.mamba_n_groups), int(cfg.mamba_d_state)
+        self.inner = int(cfg.mamba_expand * cfg.hidden_size)
+        if self.heads * self.head_dim != self.inner or self.heads % self.groups:
+            raise ValueError(f"Mamba-2 layer: {self.heads} heads of {self.head_dim} must make mamba_expand * "
+                             f"hidden_size ({self.inner}), in groups of equal size ({self.groups} groups).")
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"Mamba-2 layers use SiLU in their convolution; hidden_act is {cfg.hidden_act!r}.")
+        self.conv_dim = self.inner + 2 * self.groups * self.d_state
+        self.kernel = int(cfg.mamba_d_conv)
+        bias = bool(getattr(cfg, "mamba_proj_bias", False))
+        self.in_proj = nn.Linear(cfg.hidden_size, self.inner + self.conv_dim + self.heads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim,
+                                bias=bool(getattr(cfg, "mamba_conv_bias", True)))
+        self.dt_bias = nn.Parameter(torch.ones(self.heads))
+        self.A_log = nn.Parameter(torch.zeros(self.heads))
+        self.D = nn.Parameter(torch.ones(self.heads))
+        self.norm = GroupGatedRMSNorm(self.inner, self.groups, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.inner, cfg.hidden_size, bias=bias)
+        lo, hi = tuple(getattr(cfg, "time_step_limit", None) or (0.0, math.inf))
+        self.dt_limit = (float(lo), float(hi))
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.conv_dim, self.kernel - 1), (self.heads, self.d_state, self.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        xbc = self.convolve(xbc, meta)
+        xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], dim=-1)
+        per_group = self.heads // self.groups  # each group's B and C serve that many consecutive heads
+        b = b.float().view(t, self.groups, self.d_state).repeat_interleave(per_group, dim=1)
+        c = c.float().view(t, self.groups, self.d_state).repeat_interleave(per_group, dim=1)
+        xs = xs.float().view(t, self.heads, self.head_dim)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
+        a = -self.A_log.float().exp()
+        y = self.over_rows(self.ssm_state, meta, (xs, dt, b, c), torch.empty_like(xs), partial(ssd_step, a=a),
+                           partial(ssd_chunked, a=a), torch.float32)
+        y = (y + self.D.float()[:, None] * xs).view(t, self.inner)
+        return self.out_proj(self.norm(y.to(x.dtype), z))
