@@ -63,6 +63,10 @@ MODEL_SPECS = {
     "granite_hybrid_dense": ("GraniteMoeHybridForCausalLM", dict(
         num_heads=4, num_kv_heads=1, num_layers=3, layer_types=["attention", "mamba", "attention"], num_local_experts=0,
         position_embedding_type="rope")),
+    # Nemotron-H: Mamba-2, MLP, attention (no position encoding) and Mamba-2 blocks; weights small
+    # enough that every dt stays clear of time_step_min (random_model.py says why).
+    "nemotron_h": ("NemotronHForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True,
+                                                initializer_range=0.15)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;
     # Qwen3-MoE with a dense layer (mlp_only_layers).
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),
@@ -166,7 +170,8 @@ def _build(tmp_path_factory, tokenizer_dir: str, name: str) -> str:
 
     arch, kwargs = MODEL_SPECS[name]
     path = str(tmp_path_factory.mktemp(name))
-    build_random_model(path, arch, initializer_range=0.5, tokenizer_dir=tokenizer_dir, **kwargs)
+    kwargs = {"initializer_range": 0.5, **kwargs}
+    build_random_model(path, arch, tokenizer_dir=tokenizer_dir, **kwargs)
     return path
 
 

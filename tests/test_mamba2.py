@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pagedserve.attention.backend import StateRows
-from pagedserve.model.layers.mamba2 import Mamba2Mixer, ssd_chunked, ssd_step
+from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer, ssd_chunked, ssd_step
 
 
 @pytest.mark.parametrize("length", [1, 15, 16, 17, 50])
@@ -49,7 +49,7 @@ def test_layer_in_pieces_equals_transformers_whole():
                                  mamba_chunk_size=32, num_hidden_layers=1, layer_types=["mamba"])
     torch.manual_seed(0)
     hf = GraniteMoeHybridMambaLayer(cfg, 0).eval()
-    ours = Mamba2Mixer(cfg)
+    ours = Mamba2Mixer(Mamba2Dims.granite(cfg))
     for name, p in hf.named_parameters():
         if name in ("A_log", "dt_bias"):
             p.uniform_(-1.0, 1.0)

@@ -15,7 +15,7 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.attention import PagedAttention
-from pagedserve.model.layers.mamba2 import Mamba2Mixer
+from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer
 from pagedserve.model.layers.moe import SparseMoeBlock
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
@@ -27,7 +27,7 @@ class GraniteHybridLayer(nn.Module):
     def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], mamba: bool) -> None:
         super().__init__()
         if mamba:
-            self.mamba = Mamba2Mixer(cfg)
+            self.mamba = Mamba2Mixer(Mamba2Dims.granite(cfg))
         else:
             bias = bool(getattr(cfg, "attention_bias", False))
             self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False,

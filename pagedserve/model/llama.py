@@ -146,14 +146,15 @@ class XIELU(nn.Module):
 class UpDownMLP(nn.Module):
     """An MLP without a gate: down(act(up(x))) (Arcee's ReLU², Apertus' xIELU)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, act: Optional[str] = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
         bias = bool(getattr(cfg, "mlp_bias", False))
+        act = act or cfg.hidden_act
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
-        self.act_fn = XIELU() if cfg.hidden_act == "xielu" else ACT2FN[cfg.hidden_act]
+        self.act_fn = XIELU() if act == "xielu" else ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.up_proj(x)))

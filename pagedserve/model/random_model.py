@@ -65,6 +65,11 @@ ARCH_CONFIGS = {
         "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 64,
         "position_embedding_type": "nope", "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
         "attention_multiplier": 0.2, "logits_scaling": 2.5}),
+    # Nemotron-H: Mamba-2 blocks (8 heads of 16 in 2 groups), attention blocks without position
+    # encoding, ReLU² MLP blocks, in hybrid_override_pattern's order.
+    "NemotronHForCausalLM": ("NemotronHConfig", {
+        "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 16, "chunk_size": 32,
+        "head_dim": 16, "hybrid_override_pattern": "M-*M"}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),
     "XLMRobertaModel": ("XLMRobertaConfig", {}),
@@ -203,6 +208,13 @@ def build_random_model(
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.normal_(1.0, 0.3)
+    if arch == "NemotronHForCausalLM":
+        # dt = softplus(raw + dt_bias) near 0.05, clear of time_step_min (0.001): transformers clamps
+        # dt there in prefill but not in decode (pagedserve, like vLLM, follows time_step_limit).
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("mixer.dt_bias"):
+                    p.fill_(-3.0)
     with torch.no_grad():  # DeepSeek-V3's router bias (a buffer, zeros in transformers): drawn, so it matters
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

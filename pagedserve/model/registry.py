@@ -29,6 +29,7 @@ _MODELS = {
     "GptOssForCausalLM": ("pagedserve.model.gpt_oss", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("pagedserve.model.granite", "GraniteForCausalLM"),
     "GraniteMoeHybridForCausalLM": ("pagedserve.model.granite_hybrid", "GraniteMoeHybridForCausalLM"),
+    "NemotronHForCausalLM": ("pagedserve.model.nemotron_h", "NemotronHForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),

@@ -9,6 +9,7 @@ group, and projected back."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -80,32 +81,66 @@ class GroupGatedRMSNorm(nn.Module):
         return self.weight * g.view(h.shape).to(y.dtype)
 
 
+@dataclass(frozen=True)
+class Mamba2Dims:
+    hidden: int
+    heads: int
+    head_dim: int
+    groups: int
+    d_state: int
+    kernel: int
+    proj_bias: bool
+    conv_bias: bool
+    eps: float
+    dt_limit: tuple[float, float]
+    act: str
+
+    @classmethod
+    def granite(cls, cfg: Any) -> "Mamba2Dims":
+        """GraniteMoeHybrid's config names."""
+        heads = int(cfg.mamba_n_heads)
+        head_dim = int(cfg.mamba_d_head) if str(cfg.mamba_d_head) != "auto" else int(
+            cfg.mamba_expand * cfg.hidden_size) // heads
+        return cls(cfg.hidden_size, heads, head_dim, int(cfg.mamba_n_groups), int(cfg.mamba_d_state),
+                   int(cfg.mamba_d_conv), bool(getattr(cfg, "mamba_proj_bias", False)),
+                   bool(getattr(cfg, "mamba_conv_bias", True)), float(cfg.rms_norm_eps), _dt_limit(cfg), cfg.hidden_act)
+
+    @classmethod
+    def nemotron(cls, cfg: Any) -> "Mamba2Dims":
+        """NemotronH's config names."""
+        return cls(cfg.hidden_size, int(cfg.mamba_num_heads), int(cfg.mamba_head_dim), int(cfg.n_groups),
+                   int(cfg.ssm_state_size), int(cfg.conv_kernel), bool(getattr(cfg, "use_bias", False)),
+                   bool(getattr(cfg, "use_conv_bias", True)), float(cfg.layer_norm_epsilon), _dt_limit(cfg),
+                   getattr(cfg, "mamba_hidden_act", "silu"))
+
+
+def _dt_limit(cfg: Any) -> tuple[float, float]:
+    lo, hi = tuple(getattr(cfg, "time_step_limit", None) or (0.0, math.inf))
+    return float(lo), float(hi)
+
+
 class Mamba2Mixer(StateMixer):
     """The checkpoint's in_proj gives [z (the gate), x B C (the convolution's channels), dt]."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, dims: Mamba2Dims) -> None:
         super().__init__()
-        self.heads, self.head_dim = int(cfg.mamba_n_heads), int(cfg.mamba_d_head)
-        self.groups, self.d_state = int(cfg.mamba_n_groups), int(cfg.mamba_d_state)
-        self.inner = int(cfg.mamba_expand * cfg.hidden_size)
-        if self.heads * self.head_dim != self.inner or self.heads % self.groups:
-            raise ValueError(f"Mamba-2 layer: {self.heads} heads of {self.head_dim} must make mamba_expand * "
-                             f"hidden_size ({self.inner}), in groups of equal size ({self.groups} groups).")
-        if cfg.hidden_act != "silu":
-            raise ValueError(f"Mamba-2 layers use SiLU in their convolution; hidden_act is {cfg.hidden_act!r}.")
+        self.heads, self.head_dim = dims.heads, dims.head_dim
+        self.groups, self.d_state = dims.groups, dims.d_state
+        self.inner = self.heads * self.head_dim
+        if self.heads % self.groups:
+            raise ValueError(f"Mamba-2 layer: {self.heads} heads do not split into {self.groups} equal groups.")
+        if dims.act != "silu":
+            raise ValueError(f"Mamba-2 layers here use SiLU in their convolution, not {dims.act!r}.")
         self.conv_dim = self.inner + 2 * self.groups * self.d_state
-        self.kernel = int(cfg.mamba_d_conv)
-        bias = bool(getattr(cfg, "mamba_proj_bias", False))
-        self.in_proj = nn.Linear(cfg.hidden_size, self.inner + self.conv_dim + self.heads, bias=bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim,
-                                bias=bool(getattr(cfg, "mamba_conv_bias", True)))
+        self.kernel = dims.kernel
+        self.in_proj = nn.Linear(dims.hidden, self.inner + self.conv_dim + self.heads, bias=dims.proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=dims.conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(self.heads))
         self.A_log = nn.Parameter(torch.zeros(self.heads))
         self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = GroupGatedRMSNorm(self.inner, self.groups, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.inner, cfg.hidden_size, bias=bias)
-        lo, hi = tuple(getattr(cfg, "time_step_limit", None) or (0.0, math.inf))
-        self.dt_limit = (float(lo), float(hi))
+        self.norm = GroupGatedRMSNorm(self.inner, self.groups, dims.eps)
+        self.out_proj = nn.Linear(self.inner, dims.hidden, bias=dims.proj_bias)
+        self.dt_limit = dims.dt_limit
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (self.conv_dim, self.kernel - 1), (self.heads, self.d_state, self.head_dim)
