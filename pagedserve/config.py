@@ -47,8 +47,9 @@ class EngineArgs:
     # vLLM's kv_cache_dtype: "auto" (the model dtype) or "fp8" / "fp8_e4m3": K/V stored in FP8
     # e4m3 (scale 1, saturating at +-448), half the bytes of bf16, so twice the tokens fit.
     kv_cache_dtype: str = "auto"
-    # vLLM's mamba_ssm_cache_dtype: the recurrent state of linear-attention layers (Qwen3-Next,
-    # Qwen3.5). "auto": the model dtype; "float32": full precision, twice the bytes of bf16.
+    # vLLM's mamba_ssm_cache_dtype: the recurrent state of linear-attention and Mamba-2 layers
+    # (Qwen3-Next, Qwen3.5, Granite 4.0-H, Nemotron-H). "auto": the model dtype; "float32": full
+    # precision, twice the bytes of bf16.
     mamba_ssm_cache_dtype: str = "auto"
     # vLLM's quantization: None follows the checkpoint (FP8, GPTQ, AWQ, compressed-tensors);
     # naming the checkpoint's method checks it; "fp8" on an unquantized checkpoint quantizes
@@ -247,17 +248,17 @@ class EngineArgs:
             raise ValueError(f"mamba_ssm_cache_dtype must be one of {', '.join(SSM_CACHE_DTYPES)}, "
                              f"got {self.mamba_ssm_cache_dtype!r}.")
         ssm_dtype = dtype if self.mamba_ssm_cache_dtype == "auto" else _DTYPES[self.mamba_ssm_cache_dtype]
-        state = has_linear_attention(hf_config)
+        state = has_state_layers_in(hf_config)
         if state:
-            # A request's linear-attention state exists only at the end of what it computed, so
-            # neither a cached prefix nor a sibling sample can start part-way into a prompt.
+            # A request's state exists only at the end of what it computed, so neither a cached
+            # prefix nor a sibling sample can start part-way into a prompt.
             if prefix_caching:
-                logger.info("prefix caching is off for this model: its linear-attention layers keep no "
-                            "per-block state to resume from.")
+                logger.info("prefix caching is off for this model: its linear-attention / state-space layers keep "
+                            "no per-block state to resume from.")
                 prefix_caching = False
             if spec is not None:
-                raise ValueError("speculative_config: speculative decoding does not run with linear-attention "
-                                 "layers here (their state cannot step back past rejected drafts).")
+                raise ValueError("speculative_config: speculative decoding does not run with linear-attention / "
+                                 "state-space layers here (their state cannot step back past rejected drafts).")
         online_fp8 = _check_quantization(self.quantization, hf_config)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r} "
@@ -544,9 +545,14 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 SSM_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def has_linear_attention(hf_config: Any) -> bool:
-    """Whether the (text) model has linear-attention layers with a per-request state."""
-    return "linear_attention" in (getattr(hf_config, "layer_types", None) or ())
+# layer_types of layers that keep a per-request state (transformers' names: Gated DeltaNet and
+# Mamba-2 layers are "linear_attention", LFM2's short convolutions "conv").
+STATE_LAYER_TYPES = ("linear_attention", "conv")
+
+
+def has_state_layers_in(hf_config: Any) -> bool:
+    """Whether the (text) model has layers with a per-request state instead of KV blocks."""
+    return any(t in STATE_LAYER_TYPES for t in (getattr(hf_config, "layer_types", None) or ()))
 
 
 def _sampling_defaults(model: str, source: str, override: Optional[dict]) -> dict:

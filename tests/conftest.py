@@ -67,6 +67,8 @@ MODEL_SPECS = {
     # enough that every dt stays clear of time_step_min (random_model.py says why).
     "nemotron_h": ("NemotronHForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True,
                                                 initializer_range=0.15)),
+    # LFM2: short-convolution layers around an attention layer with q/k norms.
+    "lfm2": ("Lfm2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;
     # Qwen3-MoE with a dense layer (mlp_only_layers).
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),

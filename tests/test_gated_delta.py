@@ -202,5 +202,5 @@ def test_state_dtype_and_refusals(hybrid):
     assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], _greedy(4), use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="mamba_ssm_cache_dtype"):
         LLM(path, mamba_ssm_cache_dtype="int8")
-    with pytest.raises(ValueError, match="speculative decoding does not run with linear-attention"):
+    with pytest.raises(ValueError, match="speculative decoding does not run with linear-attention / state-space"):
         LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})

@@ -294,7 +294,7 @@ class ModelRunner:
         return DecodeGraphRunner(model or self.model, buffers, sizes, capture=capture)
 
     def _state_tensors(self) -> list[torch.Tensor]:
-        return [t for layer in self.state_layers for t in (layer.conv_state, layer.ssm_state)]
+        return [t for layer in self.state_layers for t in layer.state_tensors()]
 
     def _bind(self, cache: torch.Tensor) -> None:
         self.kv_caches = [(cache[i, 0], cache[i, -1]) for i in range(cache.shape[0])]  # (one part: v is k)

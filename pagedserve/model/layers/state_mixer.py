@@ -19,47 +19,55 @@ from pagedserve.attention.backend import AttentionMetadata
 StateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
-def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution and SiLU over one request's chunk: x [L, C], state [C, K-1]
-    (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new state)."""
+def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               silu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution (then SiLU) over one request's chunk: x [L, C], state
+    [C, K-1] (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new state)."""
     seq = torch.cat([state.to(x.dtype), x.t()], dim=-1)
     out = F.conv1d(seq.unsqueeze(0), weight.unsqueeze(1), bias, groups=seq.shape[0])[0]
-    return F.silu(out).t(), seq[:, seq.shape[1] - state.shape[1]:]
+    return (F.silu(out) if silu else out).t(), seq[:, seq.shape[1] - state.shape[1]:]
 
 
-def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
-              bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              silu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One token each for B requests: x [B, C], state [B, C, K-1]. Returns (out, new state)."""
     seq = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
     out = (seq * weight).sum(dim=-1)
-    return F.silu(out if bias is None else out + bias), seq[..., 1:]
+    out = out if bias is None else out + bias
+    return (F.silu(out) if silu else out), seq[..., 1:]
 
 
 class StateMixer(nn.Module):
     """Subclasses give state_shapes() and a `conv1d` (nn.Conv1d, depthwise) whose last K-1
-    inputs are the convolution state."""
+    inputs are the convolution state; a recurrent state is optional (LFM2's short
+    convolutions have none)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv_state: Optional[torch.Tensor] = None  # [rows, channels, K-1]
         self.ssm_state: Optional[torch.Tensor] = None  # [rows, *the recurrence's state]
 
-    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """One request's (convolution state, recurrent state) shapes."""
+    def state_shapes(self) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
+        """One request's (convolution state, recurrent state or None) shapes."""
         raise NotImplementedError
 
     def allocate_state(self, rows: int, device: torch.device, conv_dtype: torch.dtype,
                        ssm_dtype: torch.dtype) -> None:
         conv, ssm = self.state_shapes()
         self.conv_state = torch.zeros((rows, *conv), dtype=conv_dtype, device=device)
-        self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
+        if ssm is not None:
+            self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
 
-    def convolve(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.conv_state, self.ssm_state) if t is not None]
+
+    def convolve(self, x: torch.Tensor, meta: AttentionMetadata, silu: bool = True) -> torch.Tensor:
         """The causal convolution (and SiLU) of the step's rows x [T, channels]."""
-        w, b = self.conv1d.weight.squeeze(1), self.conv1d.bias
-        return self.over_rows(self.conv_state, meta, (x,), torch.empty_like(x), partial(conv_step, weight=w, bias=b),
-                              partial(conv_chunk, weight=w, bias=b), x.dtype)
+        conv = self.conv1d
+        w, b = conv.weight.squeeze(1), conv.bias
+        return self.over_rows(self.conv_state, meta, (x,), torch.empty_like(x),
+                              partial(conv_step, weight=w, bias=b, silu=silu),
+                              partial(conv_chunk, weight=w, bias=b, silu=silu), x.dtype)
 
     @staticmethod
     def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
