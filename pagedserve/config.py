@@ -51,6 +51,9 @@ class EngineArgs:
     # (Qwen3-Next, Qwen3.5, Granite 4.0-H, Nemotron-H). "auto": the model dtype; "float32": full
     # precision, twice the bytes of bf16.
     mamba_ssm_cache_dtype: str = "auto"
+    # Those models' prefix caching: how many prompt states are kept (each one request's state
+    # in every such layer; engine/state_cache.py). None: min(max_num_seqs, 64).
+    state_cache_slots: Optional[int] = None
     # vLLM's quantization: None follows the checkpoint (FP8, GPTQ, AWQ, compressed-tensors);
     # naming the checkpoint's method checks it; "fp8" on an unquantized checkpoint quantizes
     # its decoder linear layers to FP8 e4m3 as they load, a float32 scale per output row
@@ -249,13 +252,10 @@ class EngineArgs:
                              f"got {self.mamba_ssm_cache_dtype!r}.")
         ssm_dtype = dtype if self.mamba_ssm_cache_dtype == "auto" else _DTYPES[self.mamba_ssm_cache_dtype]
         state = has_state_layers_in(hf_config)
+        slots = self.state_cache_slots if self.state_cache_slots is not None else min(self.max_num_seqs, 64)
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"state_cache_slots must be a positive integer, got {self.state_cache_slots!r}.")
         if state:
-            # A request's state exists only at the end of what it computed, so neither a cached
-            # prefix nor a sibling sample can start part-way into a prompt.
-            if prefix_caching:
-                logger.info("prefix caching is off for this model: its linear-attention / state-space layers keep "
-                            "no per-block state to resume from.")
-                prefix_caching = False
             if spec is not None:
                 raise ValueError("speculative_config: speculative decoding does not run with linear-attention / "
                                  "state-space layers here (their state cannot step back past rejected drafts).")
@@ -347,6 +347,7 @@ class EngineArgs:
             kv_dtype=kv_dtype,
             ssm_dtype=ssm_dtype,
             has_state_layers=state,
+            state_cache_slots=slots,
             online_fp8=online_fp8,
             dummy_weights=self.load_format == "dummy",
             enforce_eager=self.enforce_eager,
@@ -535,6 +536,7 @@ class EngineConfig:
     # its recurrent part in ssm_dtype; no prefix caching, no prompt sharing between samples.
     has_state_layers: bool = False
     ssm_dtype: torch.dtype = torch.float32
+    state_cache_slots: int = 64  # their prefix caching: prompt states kept
 
     @property
     def vocab_size(self) -> int:

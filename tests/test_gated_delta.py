@@ -1,9 +1,9 @@
 """Gated DeltaNet linear attention (model/layers/gated_delta.py) and the engine around its
 per-request state: the chunked form equals the token-by-token recurrence and transformers'
 reference; the layer run in chunks and single tokens through state rows equals transformers'
-layer over the whole sequence; a reused row starts fresh; and in the engine, rows are reused,
-samples of one prompt compute it whole, async scheduling and preemption keep outputs, and what
-cannot work with such a state (prefix caching, speculative decoding) is off or refused."""
+layer over the whole sequence; a reused row starts fresh; and in the engine, rows are reused, prefix hits resume from saved
+states (siblings of n > 1 too, with LRU eviction), async scheduling and preemption keep
+outputs, and speculative decoding is refused."""
 
 from __future__ import annotations
 
@@ -163,19 +163,49 @@ def test_rows_reused_by_later_requests_start_fresh(hybrid):
         _assert_rows_free(llm)
 
 
-def test_samples_compute_their_prompt_whole(hybrid):
-    """n > 1: no sibling starts part-way into the prompt (there is no state there to share)."""
+def test_prefix_hits_resume_from_saved_states(hybrid):
+    """Prefix caching: a prompt's chunk stops at its last block boundary before its final
+    token (40 of 41), whose state is saved; a later prompt sharing those 40 tokens resumes from
+    that state (its row full of garbage before), n > 1 siblings do too; with two slots, a third
+    prompt's state evicts the least recently used one, and a prefix whose state is gone is not
+    a hit even though its KV blocks are still cached."""
     path, ref = hybrid
-    llm = LLM(path, block_size=8)
-    assert not llm.llm_engine.config.enable_prefix_caching  # off: no state per block to resume from
-    prompt = _prompts(2, (41,))[0]
+    llm = LLM(path, block_size=8, max_num_batched_tokens=24, state_cache_slots=2)
+    runner, cache = llm.llm_engine.runner, llm.llm_engine.runner.state_cache
+    copies = []
+    copy = runner._copy_states
+    runner._copy_states = lambda pairs, load: copies.append((load, len(pairs))) or copy(pairs, load)
+    a, c = _prompts(4, (41, 30))
+    out = llm.generate([{"prompt_token_ids": a}], _greedy(), use_tqdm=False)[0]
+    assert_greedy_matches(ref.greedy(a, 16), out.outputs[0].token_ids)
+    assert copies == [(False, 1)] and len(cache) == 1  # saved at 40 (a 24-token step then a 16-token one)
+
+    for layer in runner.state_layers:  # every row's state is garbage now
+        for t in (layer.conv_state, layer.ssm_state):
+            t.normal_()
+    b = a[:40] + _prompts(5, (10,))[0]
+    out = llm.generate([{"prompt_token_ids": b}], _greedy(), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 40 and (True, 1) in copies
+    assert_greedy_matches(ref.greedy(b, 16), out.outputs[0].token_ids)
+
+    def run(prompt: list[int]):
+        out = llm.generate([{"prompt_token_ids": prompt}], _greedy(), use_tqdm=False)[0]
+        assert_greedy_matches(ref.greedy(prompt, 16), out.outputs[0].token_ids)
+        return out.num_cached_tokens
+
+    assert run(a[:40] + _prompts(6, (5,))[0]) == 40  # a's state is now the most recently used
     top1 = SamplingParams(temperature=1.0, top_k=1, n=3, max_tokens=16, ignore_eos=True)  # greedy, n > 1
-    out = llm.generate([{"prompt_token_ids": prompt}], top1, use_tqdm=False)[0]
-    want = ref.greedy(prompt, 16)
+    copies.clear()
+    out = llm.generate([{"prompt_token_ids": c}], top1, use_tqdm=False)[0]
     assert len(out.outputs) == 3
     for sample in out.outputs:
-        assert_greedy_matches(want, sample.token_ids)
-    assert out.num_cached_tokens == 0
+        assert_greedy_matches(ref.greedy(c, 16), sample.token_ids)
+    assert sum(n for load, n in copies if load) == 2  # the two siblings resumed from the first's state at 24
+    # Two slots: saving c's state evicted b's (48, least recently used), not a's.
+    assert len(cache) == 2
+    assert run(a[:40] + _prompts(7, (5,))[0]) == 40
+    # b's state at 48 is gone: the hit falls back to a's at 40, though all 6 KV blocks are cached.
+    assert run(b[:48] + _prompts(8, (3,))[0]) == 40
     _assert_rows_free(llm)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from pagedserve.engine.request import Request
+from pagedserve.engine.state_cache import StateCache
 
 
 @dataclass(eq=False)
@@ -124,6 +125,9 @@ class KVCacheManager:
         # Counters for metrics: prompt tokens looked up / found in the prefix cache.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # Models with per-request states (engine/state_cache.py): a prefix hit must also end
+        # where a state was saved. None: KV blocks alone resume a request.
+        self.state_cache: Optional[StateCache] = None
 
     @property
     def num_blocks(self) -> int:
@@ -155,6 +159,12 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
+        if self.state_cache is not None:  # (only prefixes whose state was saved can be resumed)
+            k = len(hits)
+            while k and not self.state_cache.has(hashes[k - 1]):
+                k -= 1
+            hits = hits[:k]
+            req.state_resume = hashes[k - 1] if k else None
         return hits, len(hits) * self.block_size
 
     def count_prefix_lookup(self, req: Request, num_hit: int) -> None:
@@ -274,4 +284,8 @@ class KVCacheManager:
         return min(blocks, (behind + max_chunk) // self.block_size + 2)
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_prefix_cache()
+        if not self.pool.reset_prefix_cache():
+            return False
+        if self.state_cache is not None:
+            self.state_cache.reset()
+        return True

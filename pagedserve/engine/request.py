@@ -87,6 +87,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: Union[int, str, None] = None
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the KV cache manager
+        # Models with per-request states: the prefix hash whose saved state this request resumes
+        # from when admitted with prefix-cache hits (engine/state_cache.py).
+        self.state_resume: Optional[bytes] = None
         self.num_published_blocks = 0  # how many of its blocks the KV cache manager put in the prefix cache
         # Sampling reads its output history on the host (async scheduling waits for it).
         self.needs_output_history = sampling_params.needs_output_history

@@ -23,6 +23,7 @@ from typing import Collection, Iterable, Optional
 from pagedserve.engine.kv_cache import KVCacheManager
 from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.request import Request, RequestStatus
+from pagedserve.engine.state_cache import boundary as state_boundary
 
 
 @dataclass(slots=True)
@@ -213,6 +214,7 @@ class Scheduler:
                 if n == 0:  # the rest of an image does not fit this step's budget: next step
                     i += 1
                     continue
+            n = self._state_cut(req, req.num_computed_tokens, n)
             self.kv.release_out_of_window(req, req.num_computed_tokens)
             if left == 1 and speculating and not inflight and req.speculates:
                 # A draft model drafts once the slots are allocated, for all requests at once.
@@ -264,6 +266,7 @@ class Scheduler:
                         n = self._whole_images(req, num_hit, n)
                         if n == 0:
                             break
+                n = self._state_cut(req, num_hit, n)
                 if not self.kv.allocate_slots(req, n, hits):
                     if self._preempt_for(req, plan, drafts, out):
                         budget = self.max_num_batched_tokens - sum(n for _, n in plan)
@@ -302,6 +305,14 @@ class Scheduler:
             if samples:
                 req.num_inflight += 1
         return out
+
+    def _state_cut(self, req: Request, start: int, n: int) -> int:
+        """Models with saved states: a prompt chunk that would run past the prompt's state
+        boundary ends there, so that a step leaves the state to save (engine/state_cache.py)."""
+        if self.kv.state_cache is None:
+            return n
+        b = state_boundary(req.num_prompt_tokens, self.kv.block_size)
+        return b - start if start < b < start + n else n
 
     @staticmethod
     def _whole_images(req: Request, start: int, n: int) -> int:

@@ -51,6 +51,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fp8: K/V stored in FP8 e4m3, twice the tokens in the same memory")
     p.add_argument("--mamba-ssm-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of linear-attention layers' recurrent state (Qwen3-Next, Qwen3.5); auto: the model's")
+    p.add_argument("--state-cache-slots", type=int, default=None,
+                   help="prefix caching for models with per-request states (Qwen3.5, Granite 4.0-H, ...): prompt "
+                   "states kept (default: min(max-num-seqs, 64))")
     p.add_argument("--quantization", "-q", default=None,
                    choices=["fp8", "gptq", "gptq_marlin", "awq", "awq_marlin", "compressed-tensors"],
                    help="default: the checkpoint's own; fp8 on an unquantized checkpoint quantizes its linear "

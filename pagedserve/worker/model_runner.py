@@ -13,6 +13,7 @@ import torch
 from pagedserve.attention.backend import AttentionMetadata, StateRows, get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pagedserve.engine.state_cache import StateCache, boundary as state_boundary
 from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
@@ -67,6 +68,11 @@ class HostInputs:
     # and whether it continues a state (it has computed tokens before this step).
     state_rows: Optional[list[int]] = None
     state_init: Optional[list[bool]] = None
+    # Prefix caching of states (engine/state_cache.py): (row, slot) loaded before the forward
+    # pass (requests resuming from a saved state), (row, prefix hash) saved after it (chunks
+    # that end at their prompt's state boundary).
+    state_loads: list[tuple[int, int]] = field(default_factory=list)
+    state_saves: list[tuple[int, bytes]] = field(default_factory=list)
 
     @property
     def decode_only(self) -> bool:
@@ -182,9 +188,15 @@ class ModelRunner:
         self.state_layers = list(getattr(self.model, "state_layers", list)())
         for layer in self.state_layers:
             layer.allocate_state(config.max_num_seqs + 1, self.device, config.dtype, config.ssm_dtype)
+        self.state_cache: Optional[StateCache] = None  # prefix caching of those states
+        if self.state_layers and config.enable_prefix_caching:
+            self.state_cache = StateCache(config.state_cache_slots)
+            for layer in self.state_layers:
+                layer.allocate_snapshots(config.state_cache_slots)
         if self.state_layers:
-            logger.info("linear-attention state: %d layers, %.1f MiB for %d requests", len(self.state_layers),
-                        sum(t.nbytes for t in self._state_tensors()) / 2**20, config.max_num_seqs)
+            logger.info("per-request states: %d layers, %.1f MiB for %d requests and %d saved prefixes",
+                        len(self.state_layers), sum(t.nbytes for t in self._state_tensors()) / 2**20,
+                        config.max_num_seqs, config.state_cache_slots if self.state_cache is not None else 0)
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
         # Graphs of 1 + k query rows a request: speculative verification steps (and any step
         # whose every request has at most 1 + k tokens).
@@ -683,6 +695,26 @@ class ModelRunner:
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None,
                  images: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                  uniform: Optional[tuple[DecodeGraphRunner, tuple[np.ndarray, ...]]] = None) -> torch.Tensor:
+        """_run_model, with saved states loaded into resuming requests' rows before it and
+        states at prompt boundaries saved after it (prefix caching, engine/state_cache.py)."""
+        if host.state_loads:
+            self._copy_states(host.state_loads, load=True)
+        hidden = self._run_model(host, patch, images, uniform)
+        if host.state_saves:
+            saves = [(row, slot) for row, h in host.state_saves
+                     if (slot := self.state_cache.insert(h)) is not None]
+            if saves:
+                self._copy_states(saves, load=False)
+        return hidden
+
+    def _copy_states(self, pairs: list[tuple[int, int]], load: bool) -> None:
+        rows, slots = to_device([[r for r, _ in pairs], [s for _, s in pairs]], torch.long, self.device)
+        for layer in self.state_layers:
+            (layer.load_states if load else layer.save_states)(rows, slots)
+
+    def _run_model(self, host: HostInputs, patch: Optional[TokenPatch] = None,
+                   images: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                   uniform: Optional[tuple[DecodeGraphRunner, tuple[np.ndarray, ...]]] = None) -> torch.Tensor:
         """Hidden states of the step's tokens: a graph replay when the step is decode-only and
         fits a captured bucket, or when `uniform` (_uniform_step) gives graphs and the padded
         layout (the hidden states are then in that layout), else an eager pass. `patch`
@@ -719,12 +751,17 @@ class ModelRunner:
         bs = self.block_size
         sync = self.block_table.sync
         state_init = None
-        if self.state_layers:  # a state continues only where this runner kept it
+        resumed: list[tuple[int, int]] = []  # (index in order, snapshot slot)
+        if self.state_layers:  # a state continues where this runner kept it, or from a saved one
             state_init = [s.start > 0 for s in order]
-            lost = [s.request.request_id for s, init in zip(order, state_init)
-                    if init and s.request.request_id not in self.block_table.row_of]
-            if lost:
-                raise RuntimeError(f"requests {lost} resume at a later position but have no linear-attention state")
+            for i, (s, init) in enumerate(zip(order, state_init)):
+                if init and s.request.request_id not in self.block_table.row_of:
+                    resume = s.request.state_resume
+                    slot = self.state_cache.lookup(resume) if self.state_cache and resume else None
+                    if slot is None:
+                        raise RuntimeError(f"request {s.request.request_id} resumes at position {s.start} but has no "
+                                           "state there")
+                    resumed.append((i, slot))
         rows = [sync(s.request.request_id, s.block_ids) for s in order]
         table = self.block_table.table
         ids: list[int] = []
@@ -778,8 +815,15 @@ class ModelRunner:
             mrope = rope_positions(order, qsl, positions, self.encoder_cache)
             if num_decodes < len(order) and getattr(self.encoder_cache.encoder, "bidirectional", False):
                 kv_limit = image_kv_limits(order, qsl)  # (one-token rows see what causal rows see)
-        return HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
+        host = HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
                           pending_rows, mrope, kv_limit, rows if state_init is not None else None, state_init)
+        if self.state_cache is not None:
+            host.state_loads = [(rows[i], slot) for i, slot in resumed]
+            for s, row in zip(order, rows):
+                b = state_boundary(s.request.num_prompt_tokens, bs)
+                if b and s.start < b == s.end and len(s.request.block_hashes) >= b // bs:
+                    host.state_saves.append((row, s.request.block_hashes[b // bs - 1]))
+        return host
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device

@@ -46,6 +46,7 @@ class StateMixer(nn.Module):
         super().__init__()
         self.conv_state: Optional[torch.Tensor] = None  # [rows, channels, K-1]
         self.ssm_state: Optional[torch.Tensor] = None  # [rows, *the recurrence's state]
+        self.snapshots: list[torch.Tensor] = []  # saved states, [slots, ...] like each of the two
 
     def state_shapes(self) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
         """One request's (convolution state, recurrent state or None) shapes."""
@@ -59,7 +60,20 @@ class StateMixer(nn.Module):
             self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.conv_state, self.ssm_state) if t is not None]
+        return [t for t in (self.conv_state, self.ssm_state, *self.snapshots) if t is not None]
+
+    def allocate_snapshots(self, slots: int) -> None:
+        """Room for `slots` saved states (prefix caching, engine/state_cache.py)."""
+        self.snapshots = [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                          for t in (self.conv_state, self.ssm_state) if t is not None]
+
+    def save_states(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        for snap, live in zip(self.snapshots, (t for t in (self.conv_state, self.ssm_state) if t is not None)):
+            snap.index_copy_(0, slots, live.index_select(0, rows))
+
+    def load_states(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        for snap, live in zip(self.snapshots, (t for t in (self.conv_state, self.ssm_state) if t is not None)):
+            live.index_copy_(0, rows, snap.index_select(0, slots))
 
     def convolve(self, x: torch.Tensor, meta: AttentionMetadata, silu: bool = True) -> torch.Tensor:
         """The causal convolution (and SiLU) of the step's rows x [T, channels]."""

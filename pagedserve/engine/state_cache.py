@@ -1,0 +1,57 @@
+"""Prefix caching for models whose layers keep a per-request state (linear attention, Mamba-2,
+short convolutions): KV blocks alone cannot resume such a request part-way into its prompt, so
+the engine also saves a copy of the state at one block boundary of each prompt, the last one
+before its final token (`boundary`), and a later request resumes from the longest cached
+prefix that ends at such a saved state.
+
+This object is the host-side index: which prefix hash (the hash of the block ending at the
+boundary, so the whole prefix) has a snapshot, in which slot of the layers' snapshot tensors,
+least recently used first. The runner copies states in and out of the slots; the scheduler
+cuts a prompt's chunk at its boundary so that a step ends there."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+
+def boundary(num_prompt_tokens: int, block_size: int) -> int:
+    """The prompt position whose state is saved: the last block boundary before the prompt's
+    final token (0: the prompt has no full block before it, nothing is saved)."""
+    return (num_prompt_tokens - 1) // block_size * block_size
+
+
+class StateCache:
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"state_cache_slots must be at least 1, got {slots}.")
+        self.num_slots = slots
+        self._slot_of: OrderedDict[bytes, int] = OrderedDict()
+        self._free = list(range(slots - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def has(self, prefix_hash: bytes) -> bool:
+        return prefix_hash in self._slot_of
+
+    def lookup(self, prefix_hash: bytes) -> Optional[int]:
+        """The slot holding this prefix's state (now most recently used), or None."""
+        slot = self._slot_of.get(prefix_hash)
+        if slot is not None:
+            self._slot_of.move_to_end(prefix_hash)
+        return slot
+
+    def insert(self, prefix_hash: bytes) -> Optional[int]:
+        """A slot to save this prefix's state into (a free one, else the least recently used
+        entry's), or None when it is saved already."""
+        if prefix_hash in self._slot_of:
+            self._slot_of.move_to_end(prefix_hash)
+            return None
+        slot = self._free.pop() if self._free else self._slot_of.popitem(last=False)[1]
+        self._slot_of[prefix_hash] = slot
+        return slot
+
+    def reset(self) -> None:
+        self._free.extend(self._slot_of.values())
+        self._slot_of.clear()
