@@ -38,22 +38,52 @@ def build(name: str) -> str:
     return path
 
 
+def _namespace(argv: list[str]) -> argparse.Namespace:
+    q = argparse.ArgumentParser()
+    add_args(q)
+    add_engine_args(q)
+    return q.parse_args(argv)
+
+
+def prefix_caching(name: str, num: int, json_dir: str | None) -> None:
+    """Requests sharing a 384-token prefix (+64 own, 32 out): the engine with prefix caching
+    (states saved at prompt boundaries) against the same engine without it."""
+    from pagedserve.bench.common import machine_info, write_json
+    from pagedserve.bench.throughput import _requests, run_pagedserve
+
+    model = build(name)
+    argv = [model, "--no-progress", "--dataset", "prefix", "--prefix-len", "384", "--input-len", "64",
+            "--output-len", "32", "--num-prompts", str(num)]
+    on, off = _namespace(argv), _namespace(argv + ["--no-enable-prefix-caching"])
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+    special = tuple(t for t in (cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id) if isinstance(t, int))
+    reqs = _requests(on, cfg.vocab_size, special)
+    seconds = {"on": run_pagedserve(model, on, reqs), "off": run_pagedserve(model, off, reqs)}
+    out = sum(r.output_len for r in reqs)
+    print(f"== {name}, shared 384-token prefix: prefix caching on {out / seconds['on']:.1f} output tok/s, "
+          f"off {out / seconds['off']:.1f}: {seconds['off'] / seconds['on']:.2f}x", flush=True)
+    if json_dir:
+        write_json(os.path.join(json_dir, f"hybrid_{name}_prefix.json"),
+                   {"bench": "hybrid prefix caching", "model": model, "requests": num, "seconds": seconds,
+                    "speedup": seconds["off"] / seconds["on"], "machine": machine_info()})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--num", type=int, default=64, help="requests per model")
     p.add_argument("--json-dir", default=None, help="write <model>.json there")
     ns = p.parse_args()
+    prefix_caching(ns.models[0], ns.num, ns.json_dir)
     for name in ns.models:
-        q = argparse.ArgumentParser()
-        add_args(q)
-        add_engine_args(q)
         argv = [build(name), "--compare", "--no-progress", "--num-prompts", str(ns.num), "--input-len-min", "64",
                 "--input-len-max", "512", "--output-len-min", "16", "--output-len-max", "128"]
         if ns.json_dir:
             argv += ["--output-json", os.path.join(ns.json_dir, f"hybrid_{name}.json")]
         print(f"== {name} ==", flush=True)
-        throughput(q.parse_args(argv))
+        throughput(_namespace(argv))
 
 
 if __name__ == "__main__":

@@ -34,23 +34,31 @@ def _inputs(length: int, heads: int = 3, dk: int = 8, dv: int = 5, seed: int = 0
     return q, k, v, decay, beta, state
 
 
-@pytest.mark.parametrize("length", [1, 15, 16, 17, 50])
-def test_chunked_form_equals_the_recurrence(length):
+@pytest.mark.parametrize("length,at", [(1, 0), (15, 0), (16, 0), (17, 0), (50, 0), (50, 5), (40, 16), (3, 31)])
+def test_chunked_form_equals_the_recurrence(length, at):
+    """From any start position `at` (blocks then end at multiples of 16 counted from 0), with
+    the states before the block ends inside the sequence kept."""
     q, k, v, g, beta, state = _inputs(length, seed=length)
-    out, final = gated_delta_chunked(q, k, v, g, beta, state, chunk=16)
-    s, steps = state.unsqueeze(0), []
+    keep = [p for p in range(16, at + length, 16) if p > at]
+    out, final, kept = gated_delta_chunked(q, k, v, g, beta, state, at=at, keep=keep, chunk=16)
+    s, steps, want_kept = state.unsqueeze(0), [], []
     for t in range(length):
+        if at + t in keep:
+            want_kept.append(s[0])
         o, s = gated_delta_step(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], s)
         steps.append(o[0])
     torch.testing.assert_close(out, torch.stack(steps), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, s[0], rtol=1e-10, atol=1e-10)
+    assert len(kept) == len(want_kept) == len(keep)
+    for got, want in zip(kept, want_kept):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_recurrence_equals_transformers_reference():
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
 
     q, k, v, g, beta, state = _inputs(40, seed=7)
-    out, final = gated_delta_chunked(q, k, v, g, beta, state)
+    out, final, _ = gated_delta_chunked(q, k, v, g, beta, state)
     # transformers scales the query itself (q / sqrt(dk)) and takes [batch, length, heads, dim]
     want, want_final = torch_recurrent_gated_delta_rule(
         (q * 8**0.5).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.unsqueeze(0), beta.unsqueeze(0),
@@ -64,13 +72,16 @@ def test_conv_chunks_equal_steps():
     g = torch.Generator().manual_seed(1)
     x, w = torch.randn(9, 6, generator=g), torch.randn(6, 4, generator=g)
     state = torch.randn(6, 3, generator=g)
-    out, new = conv_chunk(x, state, w)
-    s, steps = state.unsqueeze(0), []
+    out, new, kept = conv_chunk(x, state, w, at=10, keep=[12, 17])
+    s, steps, want_kept = state.unsqueeze(0), [], []
     for t in range(9):
+        if 10 + t in (12, 17):
+            want_kept.append(s[0])
         o, s = conv_step(x[t : t + 1], s, w)
         steps.append(o[0])
     torch.testing.assert_close(out, torch.stack(steps))
     torch.testing.assert_close(new, s[0])
+    torch.testing.assert_close(torch.stack(kept), torch.stack(want_kept))
     # the state is the last K-1 inputs, the earlier state's tail where the chunk is shorter
     torch.testing.assert_close(conv_chunk(x[:2], state, w)[1], torch.cat([state[:, 2:], x[:2].t()], dim=1))
 
@@ -206,6 +217,31 @@ def test_prefix_hits_resume_from_saved_states(hybrid):
     assert run(a[:40] + _prompts(7, (5,))[0]) == 40
     # b's state at 48 is gone: the hit falls back to a's at 40, though all 6 KV blocks are cached.
     assert run(b[:48] + _prompts(8, (3,))[0]) == 40
+    _assert_rows_free(llm)
+
+
+def test_shared_prefix_hits_a_state_saved_inside_a_chunk(hybrid):
+    """States are also saved every 256 tokens: a prompt computed in chunks of 100 keeps its
+    state at 256 from inside the chunk [200, 300) (whose scan blocks are aligned to absolute
+    positions); another prompt sharing the first 300 tokens resumes there, not at its own
+    boundary (304, past the shared part)."""
+    path, ref = hybrid
+    llm = LLM(path, block_size=16, max_num_batched_tokens=100)
+    shared = _prompts(9, (300,))[0]
+    first, second = shared + _prompts(10, (20,))[0], shared + _prompts(11, (25,))[0]
+    assert llm.generate([{"prompt_token_ids": first}], _greedy(8), use_tqdm=False)[0].num_cached_tokens == 0
+    assert len(llm.llm_engine.runner.state_cache) == 2  # at 256 (inside a chunk) and 304 (the boundary)
+    for layer in llm.llm_engine.runner.state_layers:
+        for t in (layer.conv_state, layer.ssm_state):
+            t.normal_()
+    out = llm.generate([{"prompt_token_ids": second}], _greedy(8, logprobs=1), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 256
+    want = ref.greedy(second, 8)
+    assert out.outputs[0].token_ids == want.tokens
+    # (the logprobs, not only the tokens: a wrong state at 256 moves them by ~1e-2 here, fading
+    # over the 69 tokens after it)
+    for i, (tok, lps) in enumerate(zip(want.tokens, out.outputs[0].logprobs)):
+        assert abs(lps[tok].logprob - float(want.logits[i].log_softmax(-1)[tok])) < 2e-4
     _assert_rows_free(llm)
 
 

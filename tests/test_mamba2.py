@@ -13,8 +13,8 @@ from pagedserve.attention.backend import StateRows
 from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer, ssd_chunked, ssd_step
 
 
-@pytest.mark.parametrize("length", [1, 15, 16, 17, 50])
-def test_chunked_scan_equals_the_recurrence(length):
+@pytest.mark.parametrize("length,at", [(1, 0), (15, 0), (16, 0), (17, 0), (50, 0), (50, 5), (40, 16)])
+def test_chunked_scan_equals_the_recurrence(length, at):
     g = torch.Generator().manual_seed(length)
     h, p, n = 3, 5, 4
     x = torch.randn(length, h, p, generator=g, dtype=torch.float64)
@@ -23,13 +23,19 @@ def test_chunked_scan_equals_the_recurrence(length):
                                                                                       dtype=torch.float64)
     a = -torch.rand(h, generator=g, dtype=torch.float64) * 3
     state = torch.randn(h, n, p, generator=g, dtype=torch.float64)
-    out, final = ssd_chunked(x, dt, b, c, state, a, chunk=16)
-    s, steps = state.unsqueeze(0), []
+    keep = [p for p in range(16, at + length, 16) if p > at]
+    out, final, kept = ssd_chunked(x, dt, b, c, state, a, at=at, keep=keep, chunk=16)
+    s, steps, want_kept = state.unsqueeze(0), [], []
     for t in range(length):
+        if at + t in keep:
+            want_kept.append(s[0])
         y, s = ssd_step(x[t:t + 1], dt[t:t + 1], b[t:t + 1], c[t:t + 1], s, a)
         steps.append(y[0])
     torch.testing.assert_close(out, torch.stack(steps), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, s[0], rtol=1e-10, atol=1e-10)
+    assert len(kept) == len(keep)
+    for got, want in zip(kept, want_kept):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def _meta(lens: list[int], num_decodes: int, rows: list[int], init: list[bool]):

@@ -8,7 +8,7 @@ through its row of `block_tables`; the step's own new K/V are written there firs
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -35,6 +35,9 @@ class StateRows:
     init: torch.Tensor  # [num_reqs] of the step's dtype: 1 continues, 0 starts fresh
     rows_cpu: list[int]  # host copies; empty in a CUDA graph's metadata
     init_cpu: list[bool]
+    # Prefix caching (engine/state_cache.py): request index -> [(position inside its prefill
+    # chunk, snapshot slot)]: the state before that position is saved there.
+    keep: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     def first_all_continue(self, n: int) -> bool:
         """Whether the host knows that the first n requests all continue their states."""

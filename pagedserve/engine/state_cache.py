@@ -1,8 +1,10 @@
 """Prefix caching for models whose layers keep a per-request state (linear attention, Mamba-2,
 short convolutions): KV blocks alone cannot resume such a request part-way into its prompt, so
-the engine also saves a copy of the state at one block boundary of each prompt, the last one
-before its final token (`boundary`), and a later request resumes from the longest cached
-prefix that ends at such a saved state.
+the engine also saves copies of the state at some block boundaries of each prompt: every
+SAVE_STRIDE tokens (a shared system prompt or document then hits), and the last boundary before
+its final token (`boundary`: the next turn of a conversation, whose prompt extends this one,
+hits there); a later request resumes from the longest cached prefix that ends at a saved
+state.
 
 This object is the host-side index: which prefix hash (the hash of the block ending at the
 boundary, so the whole prefix) has a snapshot, in which slot of the layers' snapshot tensors,
@@ -11,14 +13,28 @@ cuts a prompt's chunk at its boundary so that a step ends there."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Optional
 
+SAVE_STRIDE = 256  # a multiple of the layers' scan blocks (64), so their states are at hand there
+
 
 def boundary(num_prompt_tokens: int, block_size: int) -> int:
-    """The prompt position whose state is saved: the last block boundary before the prompt's
-    final token (0: the prompt has no full block before it, nothing is saved)."""
+    """The last prompt position whose state is saved: the last block boundary before the
+    prompt's final token (0: the prompt has no full block before it, nothing is saved)."""
     return (num_prompt_tokens - 1) // block_size * block_size
+
+
+def save_positions(start: int, end: int, num_prompt_tokens: int, block_size: int) -> list[int]:
+    """The positions in (start, end] whose state a chunk [start, end) saves: multiples of the
+    stride (and of the block size) up to the prompt's boundary, and the boundary itself."""
+    last = boundary(num_prompt_tokens, block_size)
+    stride = math.lcm(SAVE_STRIDE, block_size)
+    out = list(range((start // stride + 1) * stride, min(end, last) + 1, stride))
+    if start < last <= end and (not out or out[-1] != last):
+        out.append(last)
+    return out
 
 
 class StateCache:

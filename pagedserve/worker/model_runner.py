@@ -13,7 +13,7 @@ import torch
 from pagedserve.attention.backend import AttentionMetadata, StateRows, get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
-from pagedserve.engine.state_cache import StateCache, boundary as state_boundary
+from pagedserve.engine.state_cache import StateCache, save_positions
 from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
@@ -73,6 +73,10 @@ class HostInputs:
     # that end at their prompt's state boundary).
     state_loads: list[tuple[int, int]] = field(default_factory=list)
     state_saves: list[tuple[int, bytes]] = field(default_factory=list)
+    # ... and states saved inside prefill chunks by the layers' scans: request index ->
+    # [(position, prefix hash)], then [(position, slot)] once slots are given (_forward).
+    state_keeps: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+    state_keep_slots: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def decode_only(self) -> bool:
@@ -699,6 +703,8 @@ class ModelRunner:
         states at prompt boundaries saved after it (prefix caching, engine/state_cache.py)."""
         if host.state_loads:
             self._copy_states(host.state_loads, load=True)
+        for i, keeps in host.state_keeps.items():
+            host.state_keep_slots[i] = [(p, slot) for p, h in keeps if (slot := self.state_cache.insert(h)) is not None]
         hidden = self._run_model(host, patch, images, uniform)
         if host.state_saves:
             saves = [(row, slot) for row, h in host.state_saves
@@ -819,10 +825,15 @@ class ModelRunner:
                           pending_rows, mrope, kv_limit, rows if state_init is not None else None, state_init)
         if self.state_cache is not None:
             host.state_loads = [(rows[i], slot) for i, slot in resumed]
-            for s, row in zip(order, rows):
-                b = state_boundary(s.request.num_prompt_tokens, bs)
-                if b and s.start < b == s.end and len(s.request.block_hashes) >= b // bs:
-                    host.state_saves.append((row, s.request.block_hashes[b // bs - 1]))
+            for i, (s, row) in enumerate(zip(order, rows)):
+                hashes = s.request.block_hashes
+                for p in save_positions(s.start, s.end, s.request.num_prompt_tokens, bs):
+                    if len(hashes) < p // bs:  # (a request that skips the prefix cache has none)
+                        break
+                    if p == s.end:  # the state left in its row after the step
+                        host.state_saves.append((row, hashes[p // bs - 1]))
+                    else:  # inside the chunk: the scan keeps it
+                        host.state_keeps.setdefault(i, []).append((p, hashes[p // bs - 1]))
         return host
 
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -840,6 +851,7 @@ class ModelRunner:
         )
         if host.state_rows is not None:
             meta.states = StateRows(to_device(host.state_rows, torch.int64, dev),
-                                    to_device(host.state_init, torch.float32, dev), host.state_rows, host.state_init)
+                                    to_device(host.state_init, torch.float32, dev), host.state_rows, host.state_init,
+                                    host.state_keep_slots)
         positions = host.positions if host.mrope is None else host.mrope
         return to_device(host.input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta

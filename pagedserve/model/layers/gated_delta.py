@@ -11,14 +11,14 @@ solve per block, then matrix products), decode tokens one step for the whole bat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.state_mixer import StateMixer
+from pagedserve.model.layers.state_mixer import StateMixer, to_blocks
 
 CHUNK = 64
 
@@ -29,9 +29,12 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                        state: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                        state: torch.Tensor, at: int = 0, keep: Sequence[int] = (),
+                        chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One sequence, float32. q, k [L, H, Dk] (normalised, q scaled), v [L, H, Dv], g, beta
-    [L, H]; state [H, Dk, Dv] before the first token. Returns (out [L, H, Dv], final state).
+    [L, H], from position `at`; state [H, Dk, Dv] before the first token. Returns (out [L, H,
+    Dv], final state, [the state before each position of `keep`: multiples of chunk inside the
+    sequence]). Blocks end at absolute multiples of chunk (zero tokens pad the first one).
 
     Within a block, with c_i the running sum of g up to token i (so exp(c_i - c_j) is the
     decay from token j to token i) and S0 the state entering the block:
@@ -42,16 +45,11 @@ def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     small products with S0 run block after block."""
     length, heads, dk = k.shape
     dv = v.shape[-1]
-    pad = (-length) % chunk
-    n = (length + pad) // chunk
-
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # [L, H, ...] -> [H, n, chunk, ...], zero-padded
-        x = x.transpose(0, 1)
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        return x.reshape(heads, n, chunk, *x.shape[2:])
-
-    q, k, v, g, beta = blocks(q), blocks(k), blocks(v), blocks(g), blocks(beta)  # padding: k = 0, beta = 0, g = 0
+    front = at % chunk
+    # (padding: k = 0, beta = 0, g = 0: the state passes through unchanged)
+    q, k, v, g, beta = (to_blocks(x, chunk, front) for x in (q, k, v, g, beta))
+    n = q.shape[1]
+    kept_after = {(p - at + front) // chunk - 1: i for i, p in enumerate(keep)}
     c = g.cumsum(dim=-1)
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     # exp(c_i - c_j) on and below the diagonal, 0 above (masked before exp: no overflow)
@@ -65,12 +63,14 @@ def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     k_to_end = (k * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2)
     end_decay = c[..., -1].exp()[..., None, None]  # [H, n, 1, 1]
     out = torch.empty(heads, n, chunk, dv, dtype=q.dtype, device=q.device)
-    s = state
+    s, kept = state, [state] * len(keep)
     for b in range(n):
         u = u_free[:, b] - w[:, b] @ s
         out[:, b] = q_decayed[:, b] @ s + scores[:, b] @ u
         s = end_decay[:, b] * s + k_to_end[:, b] @ u
-    return out.reshape(heads, n * chunk, dv)[:, :length].transpose(0, 1), s
+        if b in kept_after:
+            kept[kept_after[b]] = s
+    return out.reshape(heads, n * chunk, dv)[:, front:front + length].transpose(0, 1), s, kept
 
 
 def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -151,4 +151,4 @@ class GatedDeltaNet(StateMixer):
     def _recur(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                meta: AttentionMetadata) -> torch.Tensor:
         return self.over_rows(self.ssm_state, meta, (q, k, v, g, beta), torch.empty_like(v), gated_delta_step,
-                              gated_delta_chunked, torch.float32)
+                              gated_delta_chunked, torch.float32, self._snapshot(1))

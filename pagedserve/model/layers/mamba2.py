@@ -11,38 +11,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.state_mixer import StateMixer
+from pagedserve.model.layers.state_mixer import StateMixer, to_blocks
 
 CHUNK = 64
 
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
-                a: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence, float32: x [L, H, P], dt [L, H], b, c [L, H, N], state [H, N, P] before the
-    first token, a [H] (negative). Returns (y [L, H, P] without the D skip, final state).
+                a: torch.Tensor, at: int = 0, keep: Sequence[int] = (),
+                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One sequence, float32: x [L, H, P], dt [L, H], b, c [L, H, N] from position `at`, state
+    [H, N, P] before the first token, a [H] (negative). Returns (y [L, H, P] without the D skip,
+    final state, [the state before each position of `keep`: multiples of chunk inside the
+    sequence]). Blocks end at absolute multiples of chunk (zero tokens pad the first one).
     Within a block, with s_i the running sum of dt * a (exp(s_i - s_j): the decay from token j
     to token i) and S0 the state entering it:
         y_i = exp(s_i) c_i S0 + sum_{j<=i} exp(s_i - s_j) (c_i.b_j) dt_j x_j
         S_end = exp(s_last) S0 + sum_j exp(s_last - s_j) b_j (dt_j x_j)^T."""
     length, heads, p = x.shape
-    pad = (-length) % chunk
-    n = (length + pad) // chunk
-
-    def blocks(t: torch.Tensor) -> torch.Tensor:  # [L, H, ...] -> [H, n, chunk, ...], zero-padded
-        t = t.transpose(0, 1)
-        if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(heads, n, chunk, *t.shape[2:])
-
-    xdt = blocks(x * dt.unsqueeze(-1))  # padding: dt = 0, so no decay and no input
-    b, c, s = blocks(b), blocks(c), blocks(dt * a).cumsum(dim=-1)
+    front = at % chunk
+    xdt = to_blocks(x * dt.unsqueeze(-1), chunk, front)  # padding: dt = 0, so no decay and no input
+    b, c, s = to_blocks(b, chunk, front), to_blocks(c, chunk, front), to_blocks(dt * a, chunk, front).cumsum(dim=-1)
+    n = xdt.shape[1]
+    kept_after = {(q - at + front) // chunk - 1: i for i, q in enumerate(keep)}
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     decay = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
     intra = ((c @ b.transpose(-1, -2)) * decay) @ xdt
@@ -50,11 +47,13 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Ten
     b_to_end = (b * (s[..., -1:] - s).exp().unsqueeze(-1)).transpose(-1, -2)
     end_decay = s[..., -1].exp()[..., None, None]
     out = torch.empty(heads, n, chunk, p, dtype=x.dtype, device=x.device)
-    st = state
+    st, kept = state, [state] * len(keep)
     for i in range(n):
         out[:, i] = intra[:, i] + c_decayed[:, i] @ st
         st = end_decay[:, i] * st + b_to_end[:, i] @ xdt[:, i]
-    return out.reshape(heads, n * chunk, p)[:, :length].transpose(0, 1), st
+        if i in kept_after:
+            kept[kept_after[i]] = st
+    return out.reshape(heads, n * chunk, p)[:, front:front + length].transpose(0, 1), st, kept
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
@@ -159,6 +158,6 @@ class Mamba2Mixer(StateMixer):
             dt = dt.clamp(*self.dt_limit)
         a = -self.A_log.float().exp()
         y = self.over_rows(self.ssm_state, meta, (xs, dt, b, c), torch.empty_like(xs), partial(ssd_step, a=a),
-                           partial(ssd_chunked, a=a), torch.float32)
+                           partial(ssd_chunked, a=a), torch.float32, self._snapshot(1))
         y = (y + self.D.float()[:, None] * xs).view(t, self.inner)
         return self.out_proj(self.norm(y.to(x.dtype), z))

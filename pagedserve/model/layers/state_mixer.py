@@ -7,7 +7,7 @@ decode rows together and its prefill chunks one by one, each from the state its 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,27 @@ from pagedserve.attention.backend import AttentionMetadata
 StateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+def to_blocks(x: torch.Tensor, chunk: int, front: int) -> torch.Tensor:
+    """[L, H, ...] -> [H, n, chunk, ...], with `front` zero rows before (so that blocks end at
+    absolute positions that are multiples of chunk) and zeros after. Zero rows leave a
+    recurrence's state as it is wherever their decay input is 0 (exp(0) = 1) and their input
+    is 0."""
+    x = x.transpose(0, 1)
+    back = (-(front + x.shape[1])) % chunk
+    if front or back:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (front, back))
+    return x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:])
+
+
 def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               silu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution (then SiLU) over one request's chunk: x [L, C], state
-    [C, K-1] (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new state)."""
+               silu: bool = True, at: int = 0, keep: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
+    """Depthwise causal convolution (then SiLU) over one request's chunk: x [L, C] from position
+    `at`, state [C, K-1] (the inputs before the chunk), weight [C, K]. Returns (out [L, C], new
+    state, [the state before each position in `keep`])."""
     seq = torch.cat([state.to(x.dtype), x.t()], dim=-1)
     out = F.conv1d(seq.unsqueeze(0), weight.unsqueeze(1), bias, groups=seq.shape[0])[0]
-    return (F.silu(out) if silu else out).t(), seq[:, seq.shape[1] - state.shape[1]:]
+    k1 = state.shape[1]
+    return (F.silu(out) if silu else out).t(), seq[:, seq.shape[1] - k1:], [seq[:, p - at: p - at + k1] for p in keep]
 
 
 def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -81,15 +95,21 @@ class StateMixer(nn.Module):
         w, b = conv.weight.squeeze(1), conv.bias
         return self.over_rows(self.conv_state, meta, (x,), torch.empty_like(x),
                               partial(conv_step, weight=w, bias=b, silu=silu),
-                              partial(conv_chunk, weight=w, bias=b, silu=silu), x.dtype)
+                              partial(conv_chunk, weight=w, bias=b, silu=silu), x.dtype, self._snapshot(0))
+
+    def _snapshot(self, i: int) -> Optional[torch.Tensor]:
+        """The saved states of the convolution (0) or the recurrence (1), if any are kept."""
+        return self.snapshots[i] if i < len(self.snapshots) else None
 
     @staticmethod
     def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
-                  step: StateFn, chunk: StateFn, dtype: torch.dtype) -> torch.Tensor:
+                  step: StateFn, chunk: StateFn, dtype: torch.dtype,
+                  snapshots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fill `out` [T, ...]: the decode rows in one `step` from their states, then each
-        prefill chunk by `chunk`; states are read and computed in `dtype` and written back to
-        `cache`. Without states (a profiling pass) every request starts from zeros and nothing
-        is kept."""
+        prefill chunk by `chunk(*rows, state, at=first position, keep=positions)` (-> out, new
+        state, the states before the `keep` positions, which go to their `snapshots` slots:
+        StateRows.keep); states are read and computed in `dtype` and written back to `cache`.
+        Without states (a profiling pass) every request starts from zeros and nothing is kept."""
         states = meta.states
         nd = meta.num_decodes if states is not None else 0
         if nd:
@@ -106,7 +126,11 @@ class StateMixer(nn.Module):
                 prev = cache[states.rows_cpu[r]].to(dtype)
             else:
                 prev = torch.zeros(cache.shape[1:], dtype=dtype, device=out.device)
-            out[lo:hi], new = chunk(*(x[lo:hi] for x in inputs), prev)
+            keep = states.keep.get(r, []) if states is not None and snapshots is not None else []
+            at = meta.seq_lens_cpu[r] - (hi - lo) if keep else 0
+            out[lo:hi], new, kept = chunk(*(x[lo:hi] for x in inputs), prev, at=at, keep=[p for p, _ in keep])
+            for (_, slot), state in zip(keep, kept):
+                snapshots[slot] = state.to(snapshots.dtype)
             if states is not None:
                 cache[states.rows_cpu[r]] = new.to(cache.dtype)
         return out
