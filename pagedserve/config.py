@@ -532,8 +532,9 @@ class EngineConfig:
     # Sampling defaults of requests that leave them unset (model/generation_defaults.py).
     default_sampling: dict = field(default_factory=dict)
     logits_processors: tuple = ()  # custom logits processor classes (pagedserve/logits_processor.py)
-    # Linear-attention layers (model/layers/gated_delta.py): a state row per running request,
-    # its recurrent part in ssm_dtype; no prefix caching, no prompt sharing between samples.
+    # Layers with a per-request state (model/layers/state_mixer.py): a state row per running
+    # request, its recurrent part in ssm_dtype; prefix caching through saved states
+    # (engine/state_cache.py, state_cache_slots of them); samples do not share prompt blocks.
     has_state_layers: bool = False
     ssm_dtype: torch.dtype = torch.float32
     state_cache_slots: int = 64  # their prefix caching: prompt states kept

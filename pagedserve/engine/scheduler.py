@@ -93,7 +93,8 @@ class Scheduler:
         # At most this many prompt tokens of a request a step (0: no limit; chunked prefill only).
         self.long_prefill = long_prefill_token_threshold
         # n > 1: siblings share their leader's prompt blocks; off where a request's state cannot
-        # resume part-way into its prompt (linear-attention layers): each computes it whole.
+        # resume part-way into its prompt from blocks alone (models with per-request states):
+        # each is admitted on its own, and hits the state saved from the leader's prompt.
         self.fork_prompts = fork_prompts
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

@@ -64,13 +64,13 @@ class HostInputs:
     # [T] keys each row sees when some rows are image tokens that attend to their whole image
     # (Gemma 3; AttentionMetadata.kv_limit), else None (causal).
     kv_limit: Optional[np.ndarray] = None
-    # Models with linear-attention layers: each request's block-table row (its state row too)
+    # Models with per-request states: each request's block-table row (its state row too)
     # and whether it continues a state (it has computed tokens before this step).
     state_rows: Optional[list[int]] = None
     state_init: Optional[list[bool]] = None
     # Prefix caching of states (engine/state_cache.py): (row, slot) loaded before the forward
     # pass (requests resuming from a saved state), (row, prefix hash) saved after it (chunks
-    # that end at their prompt's state boundary).
+    # that end at a save position).
     state_loads: list[tuple[int, int]] = field(default_factory=list)
     state_saves: list[tuple[int, bytes]] = field(default_factory=list)
     # ... and states saved inside prefill chunks by the layers' scans: request index ->
@@ -186,7 +186,7 @@ class ModelRunner:
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        # Linear-attention layers keep a fixed-size state per request, in the row of the
+        # Layers with a per-request state keep it (fixed-size) in the row of the
         # request's block-table row, plus a scratch row the decode graphs' padding rows use
         # (allocated now: the KV cache is sized from what is left).
         self.state_layers = list(getattr(self.model, "state_layers", list)())
