@@ -83,3 +83,20 @@ def spy_proposals(llm: LLM) -> list:
 
     proposer.propose_batch = spy
     return calls
+
+
+def state_step_meta(lens: list[int], num_decodes: int, rows: list[int], init: list[bool]):
+    """The metadata a state layer (model/layers/state_mixer.py) reads for one step: requests of
+    `lens` tokens (the first num_decodes of one), their state rows, and whether each continues
+    its row's state."""
+    import types
+
+    import torch
+
+    from pagedserve.attention.backend import StateRows
+
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    states = StateRows(torch.tensor(rows), torch.tensor(init, dtype=torch.float32), rows, init)
+    return types.SimpleNamespace(states=states, num_decodes=num_decodes, num_reqs=len(lens), query_start_loc_cpu=qsl)

@@ -8,14 +8,13 @@ outputs, and speculative decoding is refused."""
 from __future__ import annotations
 
 import random
-import types
 
 import pytest
 import torch
+from engine_helpers import state_step_meta
 
 from conftest import HFReference, assert_greedy_matches
 from pagedserve import LLM, SamplingParams
-from pagedserve.attention.backend import StateRows
 from pagedserve.model.layers.gated_delta import GatedDeltaNet, gated_delta_chunked, gated_delta_step, l2_normalize
 from pagedserve.model.layers.state_mixer import conv_chunk, conv_step
 from pagedserve.model.random_model import build_random_model
@@ -105,14 +104,6 @@ def _layer_pair(seed: int = 0):
     return hf, ours
 
 
-def _meta(lens: list[int], num_decodes: int, rows: list[int], init: list[bool]):
-    qsl = [0]
-    for n in lens:
-        qsl.append(qsl[-1] + n)
-    states = StateRows(torch.tensor(rows), torch.tensor(init, dtype=torch.float32), rows, init)
-    return types.SimpleNamespace(states=states, num_decodes=num_decodes, num_reqs=len(lens), query_start_loc_cpu=qsl)
-
-
 @torch.no_grad()
 def test_layer_in_pieces_equals_transformers_whole():
     """Two requests through state rows 2 and 0, in prefill chunks and single-token (decode)
@@ -127,13 +118,13 @@ def test_layer_in_pieces_equals_transformers_whole():
     got_a, got_b = [], []
     # step 1: a's first chunk alone (fresh); step 2: a one-token prompt start for b (fresh) as
     # a decode row beside a's second chunk; then b's chunk beside a's decode; then both decode.
-    out = ours(None, a[:37], _meta([37], 0, [2], [False]))
+    out = ours(None, a[:37], state_step_meta([37], 0, [2], [False]))
     got_a.append(out)
-    out = ours(None, torch.cat([b[:1], a[37:60]]), _meta([1, 23], 1, [0, 2], [False, True]))
+    out = ours(None, torch.cat([b[:1], a[37:60]]), state_step_meta([1, 23], 1, [0, 2], [False, True]))
     got_b.append(out[:1]); got_a.append(out[1:])
-    out = ours(None, torch.cat([a[60:61], b[1:69]]), _meta([1, 68], 1, [2, 0], [True, True]))
+    out = ours(None, torch.cat([a[60:61], b[1:69]]), state_step_meta([1, 68], 1, [2, 0], [True, True]))
     got_a.append(out[:1]); got_b.append(out[1:])
-    out = ours(None, torch.cat([b[69:70], a[61:62]]), _meta([1, 1], 2, [0, 2], [True, True]))
+    out = ours(None, torch.cat([b[69:70], a[61:62]]), state_step_meta([1, 1], 2, [0, 2], [True, True]))
     got_b.append(out[:1]); got_a.append(out[1:])
     torch.testing.assert_close(torch.cat(got_a), want_a[:62], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)

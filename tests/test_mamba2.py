@@ -4,12 +4,10 @@ transformers' layer over the whole sequence, a reused row starting fresh."""
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
+from engine_helpers import state_step_meta
 
-from pagedserve.attention.backend import StateRows
 from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer, ssd_chunked, ssd_step
 
 
@@ -38,14 +36,6 @@ def test_chunked_scan_equals_the_recurrence(length, at):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def _meta(lens: list[int], num_decodes: int, rows: list[int], init: list[bool]):
-    qsl = [0]
-    for m in lens:
-        qsl.append(qsl[-1] + m)
-    states = StateRows(torch.tensor(rows), torch.tensor(init, dtype=torch.float32), rows, init)
-    return types.SimpleNamespace(states=states, num_decodes=num_decodes, num_reqs=len(lens), query_start_loc_cpu=qsl)
-
-
 @torch.no_grad()
 def test_layer_in_pieces_equals_transformers_whole():
     from transformers import GraniteMoeHybridConfig
@@ -67,10 +57,10 @@ def test_layer_in_pieces_equals_transformers_whole():
     ours.ssm_state.normal_()
     a, b = torch.randn(80, 64), torch.randn(70, 64)
     want_a, want_b = hf(a.unsqueeze(0))[0], hf(b.unsqueeze(0))[0]
-    got_a, got_b = [ours(None, a[:37], _meta([37], 0, [2], [False]))], []
-    out = ours(None, torch.cat([b[:1], a[37:60]]), _meta([1, 23], 1, [0, 2], [False, True]))
+    got_a, got_b = [ours(None, a[:37], state_step_meta([37], 0, [2], [False]))], []
+    out = ours(None, torch.cat([b[:1], a[37:60]]), state_step_meta([1, 23], 1, [0, 2], [False, True]))
     got_b.append(out[:1]); got_a.append(out[1:])
-    out = ours(None, torch.cat([a[60:61], b[1:70]]), _meta([1, 69], 1, [2, 0], [True, True]))
+    out = ours(None, torch.cat([a[60:61], b[1:70]]), state_step_meta([1, 69], 1, [2, 0], [True, True]))
     got_a.append(out[:1]); got_b.append(out[1:])
     torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer
 from pagedserve.model.layers.moe import SparseMoeBlock
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.layers.state_mixer import HybridLayers
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from pagedserve.model.qwen_moe import unstack_experts
 
@@ -59,7 +59,8 @@ _HUB_NAMES = [(re.compile(r"\.block_sparse_moe\.input_linear\.weight$"), ".block
               (re.compile(r"\.block_sparse_moe\.router(\.layer)?\.weight$"), ".block_sparse_moe.gate.weight")]
 
 
-class GraniteMoeHybridForCausalLM(LlamaForCausalLM):
+class GraniteMoeHybridForCausalLM(HybridLayers, LlamaForCausalLM):
+    state_attr = "mamba"
     renamed = [(".shared_mlp.input_linear.", ".shared_mlp.gate_up_proj."),
                (".shared_mlp.output_linear.", ".shared_mlp.down_proj.")]
 
@@ -79,12 +80,6 @@ class GraniteMoeHybridForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return super().compute_logits(hidden) / self.logits_scaling
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers if hasattr(layer, "self_attn")]
-
-    def state_layers(self) -> list[Mamba2Mixer]:
-        return [layer.mamba for layer in self.model.layers if hasattr(layer, "mamba")]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         cfg = self.config

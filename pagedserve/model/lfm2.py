@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.layers.state_mixer import StateMixer
+from pagedserve.model.layers.state_mixer import HybridLayers, StateMixer
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
@@ -68,7 +67,8 @@ class Lfm2Layer(nn.Module):
         return self.feed_forward(x), residual
 
 
-class Lfm2ForCausalLM(LlamaForCausalLM):
+class Lfm2ForCausalLM(HybridLayers, LlamaForCausalLM):
+    state_attr = "conv"
     renamed = [(".self_attn.out_proj.", ".self_attn.o_proj."), (".q_layernorm.", ".q_norm."),
                (".k_layernorm.", ".k_norm."), (".feed_forward.w1.", ".feed_forward.gate_proj."),
                (".feed_forward.w3.", ".feed_forward.up_proj."), (".feed_forward.w2.", ".feed_forward.down_proj."),
@@ -89,9 +89,3 @@ class Lfm2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers if hasattr(layer, "self_attn")]
-
-    def state_layers(self) -> list[ShortConv]:
-        return [layer.conv for layer in self.model.layers if hasattr(layer, "conv")]

@@ -15,10 +15,10 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.gemma import GemmaRMSNorm
-from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.gated_delta import GatedDeltaNet
 from pagedserve.model.layers.moe import SparseMoeBlock
 from pagedserve.model.layers.norm import pre_norm
+from pagedserve.model.layers.state_mixer import HybridLayers
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from pagedserve.model.qwen_moe import _is_sparse, unstack_experts
@@ -66,7 +66,7 @@ def layer_is_linear(cfg: Any) -> list[bool]:
 _NEXT_PROJ = re.compile(r"^(?P<prefix>.*\.linear_attn)\.in_proj_(?P<kind>qkvz|ba)\.weight$")
 
 
-class Qwen3NextForCausalLM(LlamaForCausalLM):
+class Qwen3NextForCausalLM(HybridLayers, LlamaForCausalLM):
     stacked_params = LlamaForCausalLM.stacked_params + [
         (".in_proj_qkv.", ".in_proj.", "qkv"),
         (".in_proj_z.", ".in_proj.", "z"),
@@ -89,13 +89,6 @@ class Qwen3NextForCausalLM(LlamaForCausalLM):
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
         return GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers if hasattr(layer, "self_attn")]
-
-    def state_layers(self) -> list[GatedDeltaNet]:
-        """The layers that keep a fixed-size state per request instead of KV blocks."""
-        return [layer.linear_attn for layer in self.model.layers if hasattr(layer, "linear_attn")]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         cfg = self.config

@@ -134,3 +134,17 @@ class StateMixer(nn.Module):
             if states is not None:
                 cache[states.rows_cpu[r]] = new.to(cache.dtype)
         return out
+
+
+class HybridLayers:
+    """attention_layers / state_layers of a model whose decoder layers (self.model.layers) hold
+    either attention (`self_attn`) or a state mixer under `state_attr`. Mixed in before the
+    model's base class."""
+
+    state_attr = "linear_attn"
+
+    def attention_layers(self) -> list[nn.Module]:
+        return [layer.self_attn.attn for layer in self.model.layers if hasattr(layer, "self_attn")]
+
+    def state_layers(self) -> list[StateMixer]:
+        return [getattr(layer, self.state_attr) for layer in self.model.layers if hasattr(layer, self.state_attr)]
