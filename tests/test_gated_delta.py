@@ -236,6 +236,27 @@ def test_shared_prefix_hits_a_state_saved_inside_a_chunk(hybrid):
     _assert_rows_free(llm)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_next_turn_resumes_inside_the_previous_reply(hybrid, async_scheduling):
+    """States of generated tokens are saved too (every 256): a conversation's next turn, whose
+    prompt is the last one, its reply and a new message, resumes at 256, inside the reply.
+    Under async scheduling the state is saved when computed, and keyed once the token the step
+    was fed lands (its prefix hash needs it)."""
+    path, ref = hybrid
+    llm = LLM(path, block_size=16, async_scheduling=async_scheduling)
+    turn1 = _prompts(12, (40,))[0]
+    reply = llm.generate([{"prompt_token_ids": turn1}], _greedy(230), use_tqdm=False)[0].outputs[0].token_ids
+    turn2 = turn1 + list(reply) + _prompts(13, (10,))[0]
+    out = llm.generate([{"prompt_token_ids": turn2}], _greedy(8, logprobs=1), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 256
+    want = ref.greedy(turn2, 8)
+    assert out.outputs[0].token_ids == want.tokens
+    for i, (tok, lps) in enumerate(zip(want.tokens, out.outputs[0].logprobs)):
+        assert abs(lps[tok].logprob - float(want.logits[i].log_softmax(-1)[tok])) < 2e-4
+    _assert_rows_free(llm)
+    assert not llm.llm_engine.runner._pending_saves
+
+
 def test_async_scheduling_and_preemption_keep_outputs(hybrid):
     path, ref = hybrid
     probe = LLM(path, block_size=8)

@@ -63,6 +63,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                  window=max(windows) if min(windows) > 0 else 0)
         self.kv.state_cache = self.runner.state_cache  # (models with per-request states)
+        self.runner.block_hashes = self.kv.update_hashes
         proposer = self.runner.draft
         if proposer is not None and self.kv.window:  # the draft's catch-up would write released blocks
             raise ValueError("speculative_config: a draft model cannot run beside a model whose every layer has a "

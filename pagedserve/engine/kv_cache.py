@@ -136,7 +136,10 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.pool.usage()
 
-    def _update_hashes(self, req: Request, upto_tokens: int) -> list[bytes]:
+    def update_hashes(self, req: Request, upto_tokens: int) -> list[bytes]:
+        """The request's block hashes, extended over its full blocks within `upto_tokens` of
+        its known tokens."""
+        upto_tokens = min(upto_tokens, len(req.all_token_ids))  # (a token still in flight is not known)
         hashes = req.block_hashes
         bs = self.block_size
         tokens = req.all_token_ids
@@ -152,7 +155,7 @@ class KVCacheManager:
         if not self.enable_caching or req.skip_prefix_cache:
             return [], 0
         max_hit_tokens = req.num_tokens - 1
-        hashes = self._update_hashes(req, max_hit_tokens)
+        hashes = self.update_hashes(req, max_hit_tokens)
         hits: list[KVBlock] = []
         for h in hashes[: max_hit_tokens // self.block_size]:
             b = self.pool.lookup(h)
@@ -250,7 +253,7 @@ class KVCacheManager:
         start = req.num_published_blocks
         if num_full <= start:
             return
-        hashes = self._update_hashes(req, num_full * self.block_size)
+        hashes = self.update_hashes(req, num_full * self.block_size)
         for i in range(start, num_full):
             if blocks[i] is not None:  # (one given back unpublished stays so)
                 self.pool.publish(blocks[i], hashes[i])

@@ -1,10 +1,10 @@
 """Prefix caching for models whose layers keep a per-request state (linear attention, Mamba-2,
 short convolutions): KV blocks alone cannot resume such a request part-way into its prompt, so
-the engine also saves copies of the state at some block boundaries of each prompt: every
-SAVE_STRIDE tokens (a shared system prompt or document then hits), and the last boundary before
-its final token (`boundary`: the next turn of a conversation, whose prompt extends this one,
-hits there); a later request resumes from the longest cached prefix that ends at a saved
-state.
+the engine also saves copies of the state at some block boundaries: every SAVE_STRIDE tokens of
+a sequence, prompt and generated tokens alike (a shared system prompt or document hits; so does
+the next turn of a conversation, whose prompt extends this one with its reply), and the prompt's
+last boundary before its final token (`boundary`); a later request resumes from the longest
+cached prefix that ends at a saved state.
 
 This object is the host-side index: which prefix hash (the hash of the block ending at the
 boundary, so the whole prefix) has a snapshot, in which slot of the layers' snapshot tensors,
@@ -27,13 +27,14 @@ def boundary(num_prompt_tokens: int, block_size: int) -> int:
 
 
 def save_positions(start: int, end: int, num_prompt_tokens: int, block_size: int) -> list[int]:
-    """The positions in (start, end] whose state a chunk [start, end) saves: multiples of the
-    stride (and of the block size) up to the prompt's boundary, and the boundary itself."""
+    """The positions in (start, end] whose state a chunk [start, end) saves, in order: multiples
+    of the stride (and of the block size), and the prompt's boundary."""
     last = boundary(num_prompt_tokens, block_size)
     stride = math.lcm(SAVE_STRIDE, block_size)
-    out = list(range((start // stride + 1) * stride, min(end, last) + 1, stride))
-    if start < last <= end and (not out or out[-1] != last):
+    out = list(range((start // stride + 1) * stride, end + 1, stride))
+    if start < last <= end and last not in out:
         out.append(last)
+        out.sort()
     return out
 
 
@@ -64,10 +65,26 @@ class StateCache:
         if prefix_hash in self._slot_of:
             self._slot_of.move_to_end(prefix_hash)
             return None
-        slot = self._free.pop() if self._free else self._slot_of.popitem(last=False)[1]
+        slot = self.reserve()
         self._slot_of[prefix_hash] = slot
         return slot
 
+    def reserve(self) -> int:
+        """A slot for a state whose prefix hash is not known yet (its last token is still being
+        sampled): no lookup finds it until `register`; `give_back` if it never is."""
+        return self._free.pop() if self._free else self._slot_of.popitem(last=False)[1]
+
+    def register(self, prefix_hash: bytes, slot: int) -> None:
+        if prefix_hash in self._slot_of:  # saved meanwhile: keep that one
+            self._slot_of.move_to_end(prefix_hash)
+            self._free.append(slot)
+        else:
+            self._slot_of[prefix_hash] = slot
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
     def reset(self) -> None:
+        """Forget every saved state (reserved slots stay with their holders)."""
         self._free.extend(self._slot_of.values())
         self._slot_of.clear()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Collection, Iterable, Optional
 
 import numpy as np
 import torch
@@ -77,6 +77,9 @@ class HostInputs:
     # [(position, prefix hash)], then [(position, slot)] once slots are given (_forward).
     state_keeps: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
     state_keep_slots: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # ... and (row, request, position) saved after it whose prefix hash needs a token still
+    # being sampled (async scheduling): registered once it lands.
+    state_pending: list[tuple[int, Any, int]] = field(default_factory=list)
 
     @property
     def decode_only(self) -> bool:
@@ -193,6 +196,10 @@ class ModelRunner:
         for layer in self.state_layers:
             layer.allocate_state(config.max_num_seqs + 1, self.device, config.dtype, config.ssm_dtype)
         self.state_cache: Optional[StateCache] = None  # prefix caching of those states
+        # (request, tokens) -> the request's block hashes over its first `tokens`, extended as
+        # needed (the KV cache manager's, set by the engine): the keys of saved states.
+        self.block_hashes: Callable[[Any, int], list[bytes]] = lambda req, upto: req.block_hashes
+        self._pending_saves: list[tuple[Any, int, int]] = []  # (request, position, reserved slot)
         if self.state_layers and config.enable_prefix_caching:
             self.state_cache = StateCache(config.state_cache_slots)
             for layer in self.state_layers:
@@ -409,6 +416,9 @@ class ModelRunner:
 
     def release(self, request_ids) -> None:
         """Forget the per-request state of finished or aborted requests."""
+        request_ids = set(request_ids)
+        if self._pending_saves:
+            self._register_pending_saves(dropped=request_ids)
         for rid in request_ids:
             self.sampling_states.drop(rid)
             self.prompt_logprobs_next.pop(rid, None)
@@ -706,12 +716,29 @@ class ModelRunner:
         for i, keeps in host.state_keeps.items():
             host.state_keep_slots[i] = [(p, slot) for p, h in keeps if (slot := self.state_cache.insert(h)) is not None]
         hidden = self._run_model(host, patch, images, uniform)
-        if host.state_saves:
-            saves = [(row, slot) for row, h in host.state_saves
-                     if (slot := self.state_cache.insert(h)) is not None]
-            if saves:
-                self._copy_states(saves, load=False)
+        saves = [(row, slot) for row, h in host.state_saves if (slot := self.state_cache.insert(h)) is not None]
+        for row, req, p in host.state_pending:
+            slot = self.state_cache.reserve()
+            saves.append((row, slot))
+            self._pending_saves.append((req, p, slot))
+        if saves:
+            self._copy_states(saves, load=False)
         return hidden
+
+    def _register_pending_saves(self, dropped: Collection[str] = ()) -> None:
+        """Saved states whose last token has landed since get their prefix hash; those of
+        requests in `dropped` (finished or aborted) that still cannot give their slot back."""
+        keep = []
+        bs = self.block_size
+        for req, p, slot in self._pending_saves:
+            hashes = self.block_hashes(req, p)
+            if len(hashes) >= p // bs:
+                self.state_cache.register(hashes[p // bs - 1], slot)
+            elif req.request_id in dropped:
+                self.state_cache.give_back(slot)
+            else:
+                keep.append((req, p, slot))
+        self._pending_saves = keep
 
     def _copy_states(self, pairs: list[tuple[int, int]], load: bool) -> None:
         rows, slots = to_device([[r for r, _ in pairs], [s for _, s in pairs]], torch.long, self.device)
@@ -756,6 +783,8 @@ class ModelRunner:
         each) are gathered into lists and written in bulk: this runs at every step."""
         bs = self.block_size
         sync = self.block_table.sync
+        if self._pending_saves:  # (their tokens landed with the last step's results)
+            self._register_pending_saves()
         state_init = None
         resumed: list[tuple[int, int]] = []  # (index in order, snapshot slot)
         if self.state_layers:  # a state continues where this runner kept it, or from a saved one
@@ -826,9 +855,12 @@ class ModelRunner:
         if self.state_cache is not None:
             host.state_loads = [(rows[i], slot) for i, slot in resumed]
             for i, (s, row) in enumerate(zip(order, rows)):
-                hashes = s.request.block_hashes
-                for p in save_positions(s.start, s.end, s.request.num_prompt_tokens, bs):
-                    if len(hashes) < p // bs:  # (a request that skips the prefix cache has none)
+                positions = save_positions(s.start, s.end, s.request.num_prompt_tokens, bs)
+                hashes = self.block_hashes(s.request, positions[-1]) if positions else []
+                for p in positions:
+                    if len(hashes) < p // bs:  # its last input token is still being sampled
+                        if p == s.end:
+                            host.state_pending.append((row, s.request, p))
                         break
                     if p == s.end:  # the state left in its row after the step
                         host.state_saves.append((row, hashes[p // bs - 1]))
