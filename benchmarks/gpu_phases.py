@@ -422,3 +422,62 @@ def speculative_batch1(model: str, ns) -> dict:
         res[f"{name}_speedup"] = res["plain"]["s_per_token"] / res[name]["s_per_token"]
         res[f"{name}_tokens_equal"] = res["plain"]["tokens"] == res[name]["tokens"]
     return res
+
+
+# A Qwen3.5-shaped hybrid (Gated DeltaNet in three layers of four, gated attention in the
+# fourth), ~0.5B parameters, random bf16 weights; tiny for --dry-run.
+HYBRID_MODEL = dict(hidden_size=1024, intermediate_size=3072, num_layers=16, num_heads=8, num_kv_heads=2, head_dim=128,
+                    linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=128,
+                    linear_value_head_dim=128, vocab_size=32000, max_position_embeddings=4096, tokenizer_vocab=2048)
+HYBRID_DRY = dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                  vocab_size=2048, max_position_embeddings=512, tokenizer_vocab=512)
+
+
+def hybrid(ns) -> dict:
+    """Not a goal of issue 6: the hybrid path on the GPU. Output tokens/s on the issue's kind of
+    workload (its request count and lengths), batch-1 decode, whether decode ran in CUDA
+    graphs, and a prefix-cache hit resuming from a saved state against the same prompt cold."""
+    import os
+
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.bench.datasets import random_requests
+    from pagedserve.model.random_model import build_random_model
+
+    shape = HYBRID_DRY if ns.dry_run else HYBRID_MODEL
+    path = os.path.join("/tmp", "pagedserve-hybrid-dry" if ns.dry_run else "pagedserve-hybrid-qwen3_5")
+    layers = ["linear_attention", "linear_attention", "linear_attention", "full_attention"] * (shape["num_layers"] // 4)
+    if not os.path.isfile(os.path.join(path, ".complete")):
+        build_random_model(path, "Qwen3_5ForCausalLM", seed=0, dtype=ns.dtype, layer_types=layers, **shape)
+        open(os.path.join(path, ".complete"), "w").close()
+    llm = LLM(path, dtype=ns.dtype, seed=0)
+    runner = llm.llm_engine.runner
+    res: dict[str, Any] = {"shape": shape, "params": sum(p.numel() for p in runner.model.parameters()),
+                           "cuda_graphs": runner.graphs is not None and runner.graphs.use_graphs}
+    reqs = random_requests(ns.num_prompts, 0, ns.output_len, shape["vocab_size"], input_min=ns.input_min,
+                           input_max=ns.input_max, output_min=ns.output_len, output_max=ns.output_len, seed=0,
+                           special_ids=(0, 1, 2, 3))
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.llm_engine.kv.reset_prefix_cache()
+    sync(ns.device)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True)
+                                  for r in reqs], use_tqdm=False)
+    sync(ns.device)
+    res["elapsed_s"] = time.perf_counter() - t
+    res["output_tokens_per_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / res["elapsed_s"]
+    res["batch1"] = batch1_decode(llm, vocab=shape["vocab_size"], steps=ns.batch1_tokens)
+    res["batch1"].pop("tokens", None)
+    # A long prompt cold, then the same prompt plus a new tail: the second resumes from a state
+    # saved inside the first's prefill.
+    rng = random.Random(2)
+    base = [rng.randrange(4, shape["vocab_size"]) for _ in range(2000 if not ns.dry_run else 300)]
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for tag, prompt in (("cold", base + [5]), ("hit", base + [6, 7])):
+        sync(ns.device)
+        t = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)[0]
+        sync(ns.device)
+        res[f"prefill_{tag}_s"], res[f"prefill_{tag}_cached_tokens"] = time.perf_counter() - t, out.num_cached_tokens
+    return res
