@@ -22,12 +22,12 @@ _KINDS = ("linear_attention", "full_attention", "mlp")
 
 
 class NemotronHBlock(nn.Module):
-    def __init__(self, cfg: Any, kind: str) -> None:
+    def __init__(self, cfg: Any, kind: str, dims: Optional[Mamba2Dims] = None) -> None:
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         if kind == "linear_attention":
-            self.mixer = Mamba2Mixer(Mamba2Dims.nemotron(cfg))
+            self.mixer = Mamba2Mixer(dims or Mamba2Dims.nemotron(cfg))
         elif kind == "full_attention":
             self.mixer = LlamaAttention(cfg, None, qkv_bias=False, o_bias=False, qk_norm=False)
         else:
@@ -58,3 +58,14 @@ class NemotronHForCausalLM(ArceeForCausalLM):  # (Arcee's: q/k/v fused, no gate 
 
     def state_layers(self) -> list[Mamba2Mixer]:
         return [b.mixer for b in self.model.layers if b.kind == "linear_attention"]
+
+
+class Mamba2ForCausalLM(NemotronHForCausalLM):
+    """Mamba-2 language models (Codestral Mamba 7B, state-spaces/mamba2-*): Nemotron-H's Mamba-2
+    block in every layer, no attention (the engine then holds no KV cache worth its name)."""
+
+    renamed = NemotronHForCausalLM.renamed + [(".embedding.", ".embed_tokens.")]
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        return NemotronHBlock(cfg, "linear_attention", Mamba2Dims.mamba2(cfg))

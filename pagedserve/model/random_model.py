@@ -70,6 +70,9 @@ ARCH_CONFIGS = {
     "NemotronHForCausalLM": ("NemotronHConfig", {
         "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 16, "chunk_size": 32,
         "head_dim": 16, "hybrid_override_pattern": "M-*M"}),
+    # Mamba-2 alone: every layer a Mamba-2 block (8 heads of 16 in 2 groups), no attention.
+    "Mamba2ForCausalLM": ("Mamba2Config", {"num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16,
+                                           "chunk_size": 32}),
     # LFM2: short-convolution layers and attention layers (full_attn_idxs), the MLP width LFM2
     # derives from intermediate_size.
     "Lfm2ForCausalLM": ("Lfm2Config", {"full_attn_idxs": [1], "block_multiple_of": 32}),

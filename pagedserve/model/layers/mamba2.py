@@ -113,6 +113,15 @@ class Mamba2Dims:
                    getattr(cfg, "mamba_hidden_act", "silu"))
 
 
+    @classmethod
+    def mamba2(cls, cfg: Any) -> "Mamba2Dims":
+        """Mamba2ForCausalLM's config names (Codestral Mamba, state-spaces/mamba2-*)."""
+        return cls(cfg.hidden_size, int(cfg.num_heads), int(cfg.head_dim), int(cfg.n_groups), int(cfg.state_size),
+                   int(cfg.conv_kernel), bool(getattr(cfg, "use_bias", False)),
+                   bool(getattr(cfg, "use_conv_bias", True)), float(cfg.layer_norm_epsilon), _dt_limit(cfg),
+                   cfg.hidden_act)
+
+
 def _dt_limit(cfg: Any) -> tuple[float, float]:
     lo, hi = tuple(getattr(cfg, "time_step_limit", None) or (0.0, math.inf))
     return float(lo), float(hi)
