@@ -67,6 +67,8 @@ MODEL_SPECS = {
     # enough that every dt stays clear of time_step_min (random_model.py says why).
     "nemotron_h": ("NemotronHForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True,
                                                 initializer_range=0.15)),
+    # Bamba: Mamba-2 layers around an attention layer with RoPE on half of each head.
+    "bamba": ("BambaForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
     # Mamba-2 alone: no attention layer at all.
     "mamba2": ("Mamba2ForCausalLM", dict(num_layers=2, random_norms=True)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.

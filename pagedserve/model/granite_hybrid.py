@@ -3,7 +3,8 @@ attention layers (config.layer_types), each followed by a shared SwiGLU MLP plus
 model has experts, a top-k mixture of experts; Granite's four scalars (embedding, residual and
 attention multipliers, logits scaling) as in granite.py. The H models' attention has no
 position encoding (position_embedding_type "nope"); the dense micro model is all attention
-with RoPE."""
+with RoPE. Also its forerunner Bamba (BambaForCausalLM): Mamba-2 and RoPE attention layers,
+each followed by a SwiGLU MLP, no scalars."""
 
 from __future__ import annotations
 
@@ -91,3 +92,37 @@ class GraniteMoeHybridForCausalLM(HybridLayers, LlamaForCausalLM):
             for pattern, ours in _HUB_NAMES:
                 name = pattern.sub(ours, name)
             yield name, t
+
+
+class BambaLayer(nn.Module):
+    """IBM Bamba: a Mamba-2 or attention (RoPE, partial where the config says) mixer, then a
+    SwiGLU MLP (`feed_forward`), pre-norm."""
+
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, mamba: bool) -> None:
+        super().__init__()
+        if mamba:
+            self.mamba = Mamba2Mixer(Mamba2Dims.granite(cfg))
+        else:
+            bias = bool(getattr(cfg, "attention_bias", False))
+            self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False)
+        self.feed_forward = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        x, residual = pre_norm(self.input_layernorm, x, residual)
+        x = (self.mamba if hasattr(self, "mamba") else self.self_attn)(positions, x, meta)
+        x, residual = self.pre_ff_layernorm(x, residual)
+        return self.feed_forward(x), residual
+
+
+class BambaForCausalLM(HybridLayers, LlamaForCausalLM):
+    state_attr = "mamba"
+    renamed = [("model.final_layernorm.", "model.norm.")]
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        types = list(cfg.layer_types)
+        if len(types) != cfg.num_hidden_layers or set(types) - {"linear_attention", "full_attention"}:
+            raise ValueError(f"Bamba layer_types {sorted(set(types))}: expected Mamba-2 and attention layers.")
+        return BambaLayer(cfg, rotary, types[layer_idx] == "linear_attention")

@@ -70,6 +70,11 @@ ARCH_CONFIGS = {
     "NemotronHForCausalLM": ("NemotronHConfig", {
         "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 16, "chunk_size": 32,
         "head_dim": 16, "hybrid_override_pattern": "M-*M"}),
+    # Bamba: Mamba-2 layers and attention layers (attn_layer_indices), RoPE on half of each head.
+    "BambaForCausalLM": ("BambaConfig", {"mamba_n_heads": 8, "mamba_d_head": 16, "mamba_n_groups": 2,
+                                         "mamba_d_state": 16, "mamba_chunk_size": 32, "attn_layer_indices": [1],
+                                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                             "partial_rotary_factor": 0.5}}),
     # Mamba-2 alone: every layer a Mamba-2 block (8 heads of 16 in 2 groups), no attention.
     "Mamba2ForCausalLM": ("Mamba2Config", {"num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16,
                                            "chunk_size": 32}),

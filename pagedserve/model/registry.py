@@ -31,6 +31,7 @@ _MODELS = {
     "GraniteMoeHybridForCausalLM": ("pagedserve.model.granite_hybrid", "GraniteMoeHybridForCausalLM"),
     "NemotronHForCausalLM": ("pagedserve.model.nemotron_h", "NemotronHForCausalLM"),
     "Mamba2ForCausalLM": ("pagedserve.model.nemotron_h", "Mamba2ForCausalLM"),
+    "BambaForCausalLM": ("pagedserve.model.granite_hybrid", "BambaForCausalLM"),
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
