@@ -69,6 +69,12 @@ MODEL_SPECS = {
                                                 initializer_range=0.15)),
     # Bamba: Mamba-2 layers around an attention layer with RoPE on half of each head.
     "bamba": ("BambaForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
+    # Falcon-H1: Mamba-2 and attention side by side, muP multipliers folded into the weights;
+    # its second form without the SSM's norm, with every bias drawn (folded too).
+    "falcon_h1": ("FalconH1ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
+    "falcon_h1_biases": ("FalconH1ForCausalLM", dict(num_heads=4, num_kv_heads=2, mamba_rms_norm=False,
+                                                     projectors_bias=True, mamba_proj_bias=True, attention_bias=True,
+                                                     mlp_bias=True, random_biases=True)),
     # Mamba-2 alone: no attention layer at all.
     "mamba2": ("Mamba2ForCausalLM", dict(num_layers=2, random_norms=True)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.

@@ -75,6 +75,14 @@ ARCH_CONFIGS = {
                                          "mamba_d_state": 16, "mamba_chunk_size": 32, "attn_layer_indices": [1],
                                          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                              "partial_rotary_factor": 0.5}}),
+    # Falcon-H1: Mamba-2 (its own inner width, a gated norm after the gate... per config) and
+    # attention side by side in every layer; every muP multiplier away from 1.
+    "FalconH1ForCausalLM": ("FalconH1Config", {
+        "mamba_d_ssm": 96, "mamba_n_heads": 6, "mamba_d_head": 16, "mamba_n_groups": 2, "mamba_d_state": 16,
+        "mamba_chunk_size": 32, "mamba_rms_norm": True, "mamba_norm_before_gate": True, "projectors_bias": False,
+        "embedding_multiplier": 1.5, "lm_head_multiplier": 0.7, "mlp_multipliers": [0.8, 1.3], "key_multiplier": 0.6,
+        "attention_in_multiplier": 1.2, "attention_out_multiplier": 0.9, "ssm_multipliers": [1.1, 0.9, 1.2, 0.8, 1.3],
+        "ssm_in_multiplier": 0.7, "ssm_out_multiplier": 1.4}),
     # Mamba-2 alone: every layer a Mamba-2 block (8 heads of 16 in 2 groups), no attention.
     "Mamba2ForCausalLM": ("Mamba2Config", {"num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16,
                                            "chunk_size": 32}),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,17 +66,20 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor
 
 class GroupGatedRMSNorm(nn.Module):
     """y * SiLU(z), then RMSNorm within each of `groups` equal slices, then the weight
-    (Mamba-2's norm with the gate before it)."""
+    (Mamba-2's norm with the gate before it); norm_before_gate (Falcon-H1): the norm and the
+    weight first, then times SiLU(z)."""
 
-    def __init__(self, dim: int, groups: int, eps: float) -> None:
+    def __init__(self, dim: int, groups: int, eps: float, norm_before_gate: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.groups, self.eps = groups, eps
+        self.groups, self.eps, self.norm_before_gate = groups, eps, norm_before_gate
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = y.float() * F.silu(z.float())
+        h = y.float() if self.norm_before_gate else y.float() * F.silu(z.float())
         g = h.view(*h.shape[:-1], self.groups, -1)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.norm_before_gate:
+            return (self.weight.float() * g.view(h.shape) * F.silu(z.float())).to(y.dtype)
         return self.weight * g.view(h.shape).to(y.dtype)
 
 
@@ -93,6 +96,8 @@ class Mamba2Dims:
     eps: float
     dt_limit: tuple[float, float]
     act: str
+    norm: str = "gate_then_norm"  # "norm_then_gate" (Falcon-H1), or "gate" (no norm: y * SiLU(z))
+    out_bias: Optional[bool] = None  # out_proj's bias, where it differs from in_proj's
 
     @classmethod
     def granite(cls, cfg: Any) -> "Mamba2Dims":
@@ -146,8 +151,12 @@ class Mamba2Mixer(StateMixer):
         self.dt_bias = nn.Parameter(torch.ones(self.heads))
         self.A_log = nn.Parameter(torch.zeros(self.heads))
         self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = GroupGatedRMSNorm(self.inner, self.groups, dims.eps)
-        self.out_proj = nn.Linear(self.inner, dims.hidden, bias=dims.proj_bias)
+        if dims.norm not in ("gate_then_norm", "norm_then_gate", "gate"):
+            raise ValueError(f"Mamba-2 layer: unknown norm {dims.norm!r}")
+        self.norm = (GroupGatedRMSNorm(self.inner, self.groups, dims.eps, dims.norm == "norm_then_gate")
+                     if dims.norm != "gate" else None)
+        out_bias = dims.proj_bias if dims.out_bias is None else dims.out_bias
+        self.out_proj = nn.Linear(self.inner, dims.hidden, bias=out_bias)
         self.dt_limit = dims.dt_limit
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -169,4 +178,6 @@ class Mamba2Mixer(StateMixer):
         y = self.over_rows(self.ssm_state, meta, (xs, dt, b, c), torch.empty_like(xs), partial(ssd_step, a=a),
                            partial(ssd_chunked, a=a), torch.float32, self._snapshot(1))
         y = (y + self.D.float()[:, None] * xs).view(t, self.inner)
+        if self.norm is None:
+            return self.out_proj((y * F.silu(z.float())).to(x.dtype))
         return self.out_proj(self.norm(y.to(x.dtype), z))
