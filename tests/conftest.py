@@ -77,6 +77,13 @@ MODEL_SPECS = {
                                                      mlp_bias=True, random_biases=True)),
     # Mamba-2 alone: no attention layer at all.
     "mamba2": ("Mamba2ForCausalLM", dict(num_layers=2, random_norms=True)),
+    # Nemotron 3: Nemotron-H with expert blocks (4 gateless experts in 2 groups, 2 a token, a
+    # grouped sigmoid router with its correction bias, a shared expert, the routed experts in a
+    # 32-wide latent space).
+    "nemotron_3": ("NemotronHForCausalLM", dict(
+        num_heads=4, num_kv_heads=2, num_layers=4, initializer_range=0.15, hybrid_override_pattern="ME*E",
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, moe_shared_expert_intermediate_size=64,
+        n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, moe_latent_size=32)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.
     "lfm2": ("Lfm2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;

@@ -146,14 +146,15 @@ class XIELU(nn.Module):
 class UpDownMLP(nn.Module):
     """An MLP without a gate: down(act(up(x))) (Arcee's ReLU², Apertus' xIELU)."""
 
-    def __init__(self, cfg: Any, act: Optional[str] = None) -> None:
+    def __init__(self, cfg: Any, act: Optional[str] = None, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
         bias = bool(getattr(cfg, "mlp_bias", False))
         act = act or cfg.hidden_act
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        inter = intermediate_size or cfg.intermediate_size
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
         self.act_fn = XIELU() if act == "xielu" else ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

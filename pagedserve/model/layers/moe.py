@@ -14,7 +14,7 @@ Two ways to run the experts:
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -60,6 +60,28 @@ def select_grouped_experts(router_logits: torch.Tensor, top_k: int, scoring: str
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scale, ids
+
+
+def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The PyTorch expert path: each expert's tokens gathered, `expert(e, rows)` on them, the
+    results weighted and summed per token in float32 (one rounding to the model dtype at the
+    end). One host sync (the tokens per expert)."""
+    t, k = topk_ids.shape
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # the one host sync
+    token_of = order // k
+    weight_of = topk_weights.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start : start + n]
+        out.index_add_(0, rows, expert(e, x[rows]).float() * weight_of[start : start + n, None])
+        start += n
+    return out.to(x.dtype)
 
 
 KERNEL_ACTIVATIONS = ("silu", "swigluoai")  # the fused kernel's (ops/activation.py)
@@ -170,26 +192,13 @@ class FusedMoE(nn.Module):
                 if not self.fp4:
                     opts["zeros"] = (self.w13_zero, self.w2_zero)
             return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, **opts)
-        t, k = topk_ids.shape
-        out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-        flat = topk_ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # the one host sync
-        token_of = order // k
-        weight_of = topk_weights.reshape(-1)[order]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = token_of[start : start + n]
+        def expert(e: int, rows: torch.Tensor) -> torch.Tensor:
             b13 = self.w13_bias[e] if self.w13_bias is not None else None
             b2 = self.w2_bias[e] if self.w2_bias is not None else None
-            h = torch.nn.functional.linear(self.gated(torch.nn.functional.linear(x[rows], self.w13[e], b13)),
-                                           self.w2[e], b2)
-            # Weighted in float32 and summed in float32: one rounding to the model dtype at the end.
-            out.index_add_(0, rows, h.float() * weight_of[start : start + n, None])
-            start += n
-        return out.to(x.dtype)
+            return torch.nn.functional.linear(self.gated(torch.nn.functional.linear(rows, self.w13[e], b13)),
+                                              self.w2[e], b2)
+
+        return run_experts(x, topk_weights, topk_ids, self.num_experts, expert)
 
     # ---- checkpoint loading -------------------------------------------------------------
     @classmethod
