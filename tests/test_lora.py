@@ -195,3 +195,21 @@ def test_lora_on_the_graph_paths(model_dirs, adapters):
             assert_greedy_matches(refs[n].greedy(p, 8), o.outputs[0].token_ids)
     assert max(calls["decode"]) == 3 and max(calls["verify"]) == 3, calls
     assert runner.lora_slots.held[0].name == "three" or runner.lora_slots.held[1].name == "three"
+
+
+def test_hybrid_model_adapter(model_dirs, tmp_path):
+    """Qwen3.5 (Gated DeltaNet layers and gated attention): an adapter on the attention (its
+    query projection twice as wide: query and gate), the MLP and the linear-attention layers'
+    projections matches the merged model."""
+    base = model_dirs["qwen3_5"]
+    targets = ("q_proj", "v_proj", "o_proj", "up_proj", "in_proj_qkv", "in_proj_z", "out_proj")
+    adapter, merged = make_adapter(base, str(tmp_path / "a"), seed=7, rank=4, targets=targets, std=0.2)
+    llm = LLM(base, enable_lora=True)
+    prompts = _prompts()[:2]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False,
+                        lora_request=LoRARequest("hybrid", 1, adapter))
+    ref, base_ref = HFReference(merged), HFReference(base)
+    for p, o in zip(prompts, outs):
+        assert_greedy_matches(ref.greedy(p, MAX_TOKENS), o.outputs[0].token_ids)
+    assert any(ref.greedy(p, MAX_TOKENS).tokens != base_ref.greedy(p, MAX_TOKENS).tokens for p in prompts)

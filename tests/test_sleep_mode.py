@@ -74,7 +74,7 @@ def test_sleep_level2_then_reload_weights(llm):
     _assert_same(_run(llm), before)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3_moe", "qwen3_5", "granite_hybrid"])
 def test_weights_from_a_trainer_match_the_new_checkpoint(name, model_dirs, tokenizer_dir, tmp_path):
     """A policy update: the engine runs checkpoint A; a trainer's model B (another random
     init of the same config) is pushed in by name, half through collective_rpc, half as TRL
