@@ -53,6 +53,28 @@ def test_chunked_form_equals_the_recurrence(length, at):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_sequences_together_equal_each_alone():
+    """A step's prefill chunks run as one batch (blocks of the shorter ones padded): each
+    sequence's outputs, final state and kept states equal its own run."""
+    from pagedserve.model.layers.gated_delta import gated_delta_chunks
+
+    cases = [(50, 5, [16, 32, 48]), (3, 31, []), (40, 16, [32]), (17, 0, [16])]
+    seqs, states, alone = [], [], []
+    for length, at, keep in cases:
+        q, k, v, g, beta, state = _inputs(length, seed=length + at)
+        seqs.append((q, k, v, g, beta))
+        states.append(state)
+        alone.append(gated_delta_chunked(q, k, v, g, beta, state, at=at, keep=keep, chunk=16))
+    outs, finals, kept = gated_delta_chunks(seqs, torch.stack(states), [c[1] for c in cases], [c[2] for c in cases],
+                                            chunk=16)
+    for i, (out, final, ks) in enumerate(alone):
+        torch.testing.assert_close(outs[i], out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(finals[i], final, rtol=1e-10, atol=1e-10)
+        assert len(kept[i]) == len(ks)
+        for a, b in zip(kept[i], ks):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_recurrence_equals_transformers_reference():
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
 

@@ -64,3 +64,29 @@ def test_layer_in_pieces_equals_transformers_whole():
     got_a.append(out[:1]); got_b.append(out[1:])
     torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)
+
+
+def test_sequences_together_equal_each_alone():
+    from pagedserve.model.layers.mamba2 import ssd_chunks
+
+    g = torch.Generator().manual_seed(3)
+    h, p, n = 3, 5, 4
+    a = -torch.rand(h, generator=g, dtype=torch.float64) * 3
+    cases = [(50, 5, [16, 32, 48]), (3, 31, []), (40, 16, [32])]
+    seqs, states, alone = [], [], []
+    for length, at, keep in cases:
+        seq = (torch.randn(length, h, p, generator=g, dtype=torch.float64),
+               torch.rand(length, h, generator=g, dtype=torch.float64),
+               torch.randn(length, h, n, generator=g, dtype=torch.float64),
+               torch.randn(length, h, n, generator=g, dtype=torch.float64))
+        state = torch.randn(h, n, p, generator=g, dtype=torch.float64)
+        seqs.append(seq)
+        states.append(state)
+        alone.append(ssd_chunked(*seq, state, a, at=at, keep=keep, chunk=16))
+    outs, finals, kept = ssd_chunks(seqs, torch.stack(states), [c[1] for c in cases], [c[2] for c in cases], a,
+                                    chunk=16)
+    for i, (out, final, ks) in enumerate(alone):
+        torch.testing.assert_close(outs[i], out, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(finals[i], final, rtol=1e-10, atol=1e-10)
+        for x, y in zip(kept[i], ks, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.state_mixer import StateMixer, to_blocks
+from pagedserve.model.layers.state_mixer import StateMixer, kept_blocks, stacked_blocks, unblock
 
 CHUNK = 64
 
@@ -28,28 +28,25 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                        state: torch.Tensor, at: int = 0, keep: Sequence[int] = (),
-                        chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One sequence, float32. q, k [L, H, Dk] (normalised, q scaled), v [L, H, Dv], g, beta
-    [L, H], from position `at`; state [H, Dk, Dv] before the first token. Returns (out [L, H,
-    Dv], final state, [the state before each position of `keep`: multiples of chunk inside the
-    sequence]). Blocks end at absolute multiples of chunk (zero tokens pad the first one).
+def gated_delta_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: list[int],
+                       keeps: list[list[int]], chunk: int = CHUNK) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+    """Several sequences at once, float32 (ChunksFn): each (q, k [L, H, Dk] normalised, q
+    scaled; v [L, H, Dv]; g, beta [L, H]) from position ats[r], from states [R, H, Dk, Dv].
+    Returns ([out [L, H, Dv]], final states [R, H, Dk, Dv], [[the state before each position of
+    keeps[r]: multiples of chunk inside the sequence]]). Blocks end at absolute multiples of
+    chunk (zero tokens pad the first one), so that those states are at hand.
 
     Within a block, with c_i the running sum of g up to token i (so exp(c_i - c_j) is the
     decay from token j to token i) and S0 the state entering the block:
         (I + A) U = beta V - beta exp(c) K S0,  A_ij = beta_i exp(c_i - c_j) k_i.k_j  (j < i)
         out_i = exp(c_i) q_i S0 + sum_{j<=i} exp(c_i - c_j) (q_i.k_j) u_j
         S_end = exp(c_last) S0 + sum_j exp(c_last - c_j) k_j u_j^T.
-    U splits into a part without S0 and W S0, both solved for every block at once; only the
-    small products with S0 run block after block."""
-    length, heads, dk = k.shape
-    dv = v.shape[-1]
-    front = at % chunk
-    # (padding: k = 0, beta = 0, g = 0: the state passes through unchanged)
-    q, k, v, g, beta = (to_blocks(x, chunk, front) for x in (q, k, v, g, beta))
-    n = q.shape[1]
-    kept_after = {(p - at + front) // chunk - 1: i for i, p in enumerate(keep)}
+    U splits into a part without S0 and W S0, both solved for every block of every sequence
+    at once; only the small products with S0 run block after block, all sequences together."""
+    fronts = [at % chunk for at in ats]
+    # (padding: k = 0, beta = 0, g = 0: a state passes through unchanged)
+    q, k, v, g, beta = (stacked_blocks([s[i] for s in seqs], chunk, fronts) for i in range(5))
+    n, dk, dv = q.shape[2], k.shape[-1], v.shape[-1]
     c = g.cumsum(dim=-1)
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     # exp(c_i - c_j) on and below the diagonal, 0 above (masked before exp: no overflow)
@@ -61,16 +58,26 @@ def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     scores = (q @ k.transpose(-1, -2)) * decay
     q_decayed = q * c.exp().unsqueeze(-1)
     k_to_end = (k * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2)
-    end_decay = c[..., -1].exp()[..., None, None]  # [H, n, 1, 1]
-    out = torch.empty(heads, n, chunk, dv, dtype=q.dtype, device=q.device)
-    s, kept = state, [state] * len(keep)
+    end_decay = c[..., -1].exp()[..., None, None]  # [R, H, n, 1, 1]
+    out = torch.empty(*q.shape[:4], dv, dtype=q.dtype, device=q.device)
+    s = states
+    kept = [[states[r]] * len(keep) for r, keep in enumerate(keeps)]
+    after = kept_blocks(ats, keeps, fronts, chunk)
     for b in range(n):
-        u = u_free[:, b] - w[:, b] @ s
-        out[:, b] = q_decayed[:, b] @ s + scores[:, b] @ u
-        s = end_decay[:, b] * s + k_to_end[:, b] @ u
-        if b in kept_after:
-            kept[kept_after[b]] = s
-    return out.reshape(heads, n * chunk, dv)[:, front:front + length].transpose(0, 1), s, kept
+        u = u_free[:, :, b] - w[:, :, b] @ s
+        out[:, :, b] = q_decayed[:, :, b] @ s + scores[:, :, b] @ u
+        s = end_decay[:, :, b] * s + k_to_end[:, :, b] @ u
+        for r, i in after.get(b, ()):
+            kept[r][i] = s[r]
+    return unblock(out, [len(seq[0]) for seq in seqs], fronts), s, kept
+
+
+def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                        state: torch.Tensor, at: int = 0, keep: Sequence[int] = (),
+                        chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """gated_delta_chunks for one sequence: (out [L, H, Dv], final state, [kept states])."""
+    outs, final, kept = gated_delta_chunks([(q, k, v, g, beta)], state.unsqueeze(0), [at], [list(keep)], chunk)
+    return outs[0], final[0], kept[0]
 
 
 def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -151,4 +158,4 @@ class GatedDeltaNet(StateMixer):
     def _recur(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                meta: AttentionMetadata) -> torch.Tensor:
         return self.over_rows(self.ssm_state, meta, (q, k, v, g, beta), torch.empty_like(v), gated_delta_step,
-                              gated_delta_chunked, torch.float32, self._snapshot(1))
+                              gated_delta_chunks, torch.float32, self._snapshot(1))

@@ -18,42 +18,52 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.state_mixer import StateMixer, to_blocks
+from pagedserve.model.layers.state_mixer import StateMixer, kept_blocks, stacked_blocks, unblock
 
 CHUNK = 64
 
 
-def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
-                a: torch.Tensor, at: int = 0, keep: Sequence[int] = (),
-                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One sequence, float32: x [L, H, P], dt [L, H], b, c [L, H, N] from position `at`, state
-    [H, N, P] before the first token, a [H] (negative). Returns (y [L, H, P] without the D skip,
-    final state, [the state before each position of `keep`: multiples of chunk inside the
-    sequence]). Blocks end at absolute multiples of chunk (zero tokens pad the first one).
+def ssd_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: list[int], keeps: list[list[int]],
+               a: torch.Tensor, chunk: int = CHUNK) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+    """Several sequences at once, float32 (ChunksFn): each (x [L, H, P], dt [L, H], b, c
+    [L, H, N]) from position ats[r], from states [R, H, N, P]; a [H] (negative). Returns ([y
+    [L, H, P] without the D skip], final states, [[the state before each position of keeps[r]:
+    multiples of chunk inside the sequence]]). Blocks end at absolute multiples of chunk.
     Within a block, with s_i the running sum of dt * a (exp(s_i - s_j): the decay from token j
     to token i) and S0 the state entering it:
         y_i = exp(s_i) c_i S0 + sum_{j<=i} exp(s_i - s_j) (c_i.b_j) dt_j x_j
         S_end = exp(s_last) S0 + sum_j exp(s_last - s_j) b_j (dt_j x_j)^T."""
-    length, heads, p = x.shape
-    front = at % chunk
-    xdt = to_blocks(x * dt.unsqueeze(-1), chunk, front)  # padding: dt = 0, so no decay and no input
-    b, c, s = to_blocks(b, chunk, front), to_blocks(c, chunk, front), to_blocks(dt * a, chunk, front).cumsum(dim=-1)
-    n = xdt.shape[1]
-    kept_after = {(q - at + front) // chunk - 1: i for i, q in enumerate(keep)}
-    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    fronts = [at % chunk for at in ats]
+    # (padding: dt = 0, so no decay and no input)
+    xdt = stacked_blocks([x * dt.unsqueeze(-1) for x, dt, _, _ in seqs], chunk, fronts)
+    b = stacked_blocks([s[2] for s in seqs], chunk, fronts)
+    c = stacked_blocks([s[3] for s in seqs], chunk, fronts)
+    s = stacked_blocks([dt * a for _, dt, _, _ in seqs], chunk, fronts).cumsum(dim=-1)
+    n = xdt.shape[2]
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=xdt.device).tril()
     decay = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
     intra = ((c @ b.transpose(-1, -2)) * decay) @ xdt
     c_decayed = c * s.exp().unsqueeze(-1)
     b_to_end = (b * (s[..., -1:] - s).exp().unsqueeze(-1)).transpose(-1, -2)
     end_decay = s[..., -1].exp()[..., None, None]
-    out = torch.empty(heads, n, chunk, p, dtype=x.dtype, device=x.device)
-    st, kept = state, [state] * len(keep)
+    out = torch.empty_like(intra)
+    st = states
+    kept = [[states[r]] * len(keep) for r, keep in enumerate(keeps)]
+    after = kept_blocks(ats, keeps, fronts, chunk)
     for i in range(n):
-        out[:, i] = intra[:, i] + c_decayed[:, i] @ st
-        st = end_decay[:, i] * st + b_to_end[:, i] @ xdt[:, i]
-        if i in kept_after:
-            kept[kept_after[i]] = st
-    return out.reshape(heads, n * chunk, p)[:, front:front + length].transpose(0, 1), st, kept
+        out[:, :, i] = intra[:, :, i] + c_decayed[:, :, i] @ st
+        st = end_decay[:, :, i] * st + b_to_end[:, :, i] @ xdt[:, :, i]
+        for r, j in after.get(i, ()):
+            kept[r][j] = st[r]
+    return unblock(out, [len(seq[0]) for seq in seqs], fronts), st, kept
+
+
+def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
+                a: torch.Tensor, at: int = 0, keep: Sequence[int] = (),
+                chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """ssd_chunks for one sequence: (y [L, H, P], final state, [kept states])."""
+    outs, final, kept = ssd_chunks([(x, dt, b, c)], state.unsqueeze(0), [at], [list(keep)], a, chunk)
+    return outs[0], final[0], kept[0]
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
@@ -176,7 +186,7 @@ class Mamba2Mixer(StateMixer):
             dt = dt.clamp(*self.dt_limit)
         a = -self.A_log.float().exp()
         y = self.over_rows(self.ssm_state, meta, (xs, dt, b, c), torch.empty_like(xs), partial(ssd_step, a=a),
-                           partial(ssd_chunked, a=a), torch.float32, self._snapshot(1))
+                           partial(ssd_chunks, a=a), torch.float32, self._snapshot(1))
         y = (y + self.D.float()[:, None] * xs).view(t, self.inner)
         if self.norm is None:
             return self.out_proj((y * F.silu(z.float())).to(x.dtype))

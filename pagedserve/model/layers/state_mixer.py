@@ -17,6 +17,39 @@ from pagedserve.attention.backend import AttentionMetadata
 
 # (inputs of the rows..., state) -> (outputs, new state)
 StateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# A step's prefill chunks at once: ([each request's inputs], states [R, ...], [first positions],
+# [positions to keep the state before]) -> ([outputs], new states [R, ...], [[kept states]])
+ChunksFn = Callable[[list, torch.Tensor, list[int], list[list[int]]],
+                    tuple[list[torch.Tensor], torch.Tensor, list[list[torch.Tensor]]]]
+
+
+def stacked_blocks(xs: list[torch.Tensor], chunk: int, fronts: list[int]) -> torch.Tensor:
+    """Several sequences' to_blocks, stacked [R, H, n, chunk, ...] (n: the most blocks any has;
+    the others end in zero blocks, which leave a state as it is)."""
+    blocks = [to_blocks(x, chunk, f) for x, f in zip(xs, fronts)]
+    n = max(b.shape[1] for b in blocks)
+    if all(b.shape[1] == n for b in blocks):
+        return torch.stack(blocks)
+    out = blocks[0].new_zeros(len(blocks), blocks[0].shape[0], n, *blocks[0].shape[2:])
+    for i, b in enumerate(blocks):
+        out[i, :, : b.shape[1]] = b
+    return out
+
+
+def kept_blocks(ats: list[int], keeps: list[list[int]], fronts: list[int], chunk: int) -> dict[int, list]:
+    """block index -> [(request, i)]: after that block, request's keep[i] state is at hand."""
+    after: dict[int, list] = {}
+    for r, (at, keep, front) in enumerate(zip(ats, keeps, fronts)):
+        for i, p in enumerate(keep):
+            after.setdefault((p - at + front) // chunk - 1, []).append((r, i))
+    return after
+
+
+def unblock(out: torch.Tensor, lengths: list[int], fronts: list[int]) -> list[torch.Tensor]:
+    """[R, H, n, chunk, D] -> each request's [L, H, D], its padding dropped."""
+    r, h, n, c, d = out.shape
+    flat = out.reshape(r, h, n * c, d)
+    return [flat[i, :, f:f + length].transpose(0, 1) for i, (length, f) in enumerate(zip(lengths, fronts))]
 
 
 def to_blocks(x: torch.Tensor, chunk: int, front: int) -> torch.Tensor:
@@ -40,6 +73,17 @@ def conv_chunk(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias:
     out = F.conv1d(seq.unsqueeze(0), weight.unsqueeze(1), bias, groups=seq.shape[0])[0]
     k1 = state.shape[1]
     return (F.silu(out) if silu else out).t(), seq[:, seq.shape[1] - k1:], [seq[:, p - at: p - at + k1] for p in keep]
+
+
+def conv_chunks(seqs: list, states: torch.Tensor, ats: list[int], keeps: list[list[int]], **conv) -> tuple:
+    """conv_chunk over several requests (ChunksFn)."""
+    outs, finals, kept = [], [], []
+    for (x,), state, at, keep in zip(seqs, states, ats, keeps):
+        o, f, k = conv_chunk(x, state, at=at, keep=keep, **conv)
+        outs.append(o)
+        finals.append(f)
+        kept.append(k)
+    return outs, torch.stack(finals), kept
 
 
 def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -95,7 +139,7 @@ class StateMixer(nn.Module):
         w, b = conv.weight.squeeze(1), conv.bias
         return self.over_rows(self.conv_state, meta, (x,), torch.empty_like(x),
                               partial(conv_step, weight=w, bias=b, silu=silu),
-                              partial(conv_chunk, weight=w, bias=b, silu=silu), x.dtype, self._snapshot(0))
+                              partial(conv_chunks, weight=w, bias=b, silu=silu), x.dtype, self._snapshot(0))
 
     def _snapshot(self, i: int) -> Optional[torch.Tensor]:
         """The saved states of the convolution (0) or the recurrence (1), if any are kept."""
@@ -103,13 +147,13 @@ class StateMixer(nn.Module):
 
     @staticmethod
     def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
-                  step: StateFn, chunk: StateFn, dtype: torch.dtype,
+                  step: StateFn, chunks: ChunksFn, dtype: torch.dtype,
                   snapshots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Fill `out` [T, ...]: the decode rows in one `step` from their states, then each
-        prefill chunk by `chunk(*rows, state, at=first position, keep=positions)` (-> out, new
-        state, the states before the `keep` positions, which go to their `snapshots` slots:
-        StateRows.keep); states are read and computed in `dtype` and written back to `cache`.
-        Without states (a profiling pass) every request starts from zeros and nothing is kept."""
+        """Fill `out` [T, ...]: the decode rows in one `step` from their states, then the
+        prefill chunks together by `chunks` (ChunksFn; the states before their `keep`
+        positions go to their `snapshots` slots: StateRows.keep); states are read and computed
+        in `dtype` and written back to `cache`. Without states (a profiling pass) every request
+        starts from zeros and nothing is kept."""
         states = meta.states
         nd = meta.num_decodes if states is not None else 0
         if nd:
@@ -119,20 +163,26 @@ class StateMixer(nn.Module):
                 prev = prev * states.init[:nd].view(-1, *[1] * (prev.dim() - 1)).to(dtype)
             out[:nd], new = step(*(x[:nd] for x in inputs), prev)
             cache.index_copy_(0, rows, new.to(cache.dtype))
-        qsl = meta.query_start_loc_cpu
-        for r in range(nd, meta.num_reqs):
-            lo, hi = qsl[r], qsl[r + 1]
-            if states is not None and states.init_cpu[r]:
-                prev = cache[states.rows_cpu[r]].to(dtype)
-            else:
-                prev = torch.zeros(cache.shape[1:], dtype=dtype, device=out.device)
-            keep = states.keep.get(r, []) if states is not None and snapshots is not None else []
-            at = meta.seq_lens_cpu[r] - (hi - lo) if keep else 0
-            out[lo:hi], new, kept = chunk(*(x[lo:hi] for x in inputs), prev, at=at, keep=[p for p, _ in keep])
-            for (_, slot), state in zip(keep, kept):
+        qsl, reqs = meta.query_start_loc_cpu, range(nd, meta.num_reqs)
+        if not reqs:
+            return out
+        prev = torch.zeros((len(reqs), *cache.shape[1:]), dtype=dtype, device=out.device)
+        if states is not None:
+            for i, r in enumerate(reqs):
+                if states.init_cpu[r]:
+                    prev[i] = cache[states.rows_cpu[r]]
+        keeps = [states.keep.get(r, []) if states is not None and snapshots is not None else [] for r in reqs]
+        ats = [meta.seq_lens_cpu[r] - (qsl[r + 1] - qsl[r]) if keep else 0 for r, keep in zip(reqs, keeps)]
+        outs, new, kept = chunks([tuple(x[qsl[r]:qsl[r + 1]] for x in inputs) for r in reqs], prev, ats,
+                                 [[p for p, _ in keep] for keep in keeps])
+        for r, o in zip(reqs, outs):
+            out[qsl[r]:qsl[r + 1]] = o
+        for keep, states_kept in zip(keeps, kept):
+            for (_, slot), state in zip(keep, states_kept):
                 snapshots[slot] = state.to(snapshots.dtype)
-            if states is not None:
-                cache[states.rows_cpu[r]] = new.to(cache.dtype)
+        if states is not None:
+            for i, r in enumerate(reqs):
+                cache[states.rows_cpu[r]] = new[i].to(cache.dtype)
         return out
 
 
