@@ -75,6 +75,18 @@ def test_sequences_together_equal_each_alone():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_prefill_groups_bound_the_padding():
+    from pagedserve.model.layers.state_mixer import padding_groups
+
+    lengths = [5, 500, 6, 7, 480, 3000, 64, 64]
+    groups = padding_groups(lengths, first=2)
+    assert sorted(r for g in groups for r in g) == list(range(2, 10))
+    for g in groups:
+        sizes = [lengths[r - 2] for r in g]
+        assert len(g) * max(sizes) <= 2 * sum(sizes)
+    assert [2, 4, 5] in groups and [7] in groups  # the 3000-token prompt runs alone
+
+
 def test_recurrence_equals_transformers_reference():
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_recurrent_gated_delta_rule
 

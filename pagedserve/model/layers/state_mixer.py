@@ -163,9 +163,16 @@ class StateMixer(nn.Module):
                 prev = prev * states.init[:nd].view(-1, *[1] * (prev.dim() - 1)).to(dtype)
             out[:nd], new = step(*(x[:nd] for x in inputs), prev)
             cache.index_copy_(0, rows, new.to(cache.dtype))
-        qsl, reqs = meta.query_start_loc_cpu, range(nd, meta.num_reqs)
-        if not reqs:
-            return out
+        qsl = meta.query_start_loc_cpu
+        for reqs in padding_groups([qsl[r + 1] - qsl[r] for r in range(nd, meta.num_reqs)], nd):
+            StateMixer._prefill_group(cache, meta, inputs, out, chunks, dtype, snapshots, reqs)
+        return out
+
+    @staticmethod
+    def _prefill_group(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
+                       out: torch.Tensor, chunks: ChunksFn, dtype: torch.dtype, snapshots: Optional[torch.Tensor],
+                       reqs: list[int]) -> None:
+        states, qsl = meta.states, meta.query_start_loc_cpu
         prev = torch.zeros((len(reqs), *cache.shape[1:]), dtype=dtype, device=out.device)
         if states is not None:
             for i, r in enumerate(reqs):
@@ -183,7 +190,24 @@ class StateMixer(nn.Module):
         if states is not None:
             for i, r in enumerate(reqs):
                 cache[states.rows_cpu[r]] = new[i].to(cache.dtype)
-        return out
+
+
+def padding_groups(lengths: list[int], first: int = 0) -> list[list[int]]:
+    """Requests (numbered from `first`) grouped to run together, shortest first: a group grows
+    while its rows padded to its longest stay within twice its real rows (one long prompt
+    beside many short ones must not multiply the work)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        n = lengths[i]
+        if groups and (len(groups[-1]) + 1) * n <= 2 * (total + n):
+            groups[-1].append(first + i)
+            total += n
+        else:
+            groups.append([first + i])
+            total = n
+    return groups
 
 
 class HybridLayers:
