@@ -117,20 +117,24 @@ class StateMixer(nn.Module):
         if ssm is not None:
             self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
 
+    def _live(self) -> list[torch.Tensor]:
+        """The running requests' states: the convolution's, and the recurrence's if any."""
+        return [t for t in (self.conv_state, self.ssm_state) if t is not None]
+
     def state_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.conv_state, self.ssm_state, *self.snapshots) if t is not None]
+        return self._live() + self.snapshots
 
     def allocate_snapshots(self, slots: int) -> None:
-        """Room for `slots` saved states (prefix caching, engine/state_cache.py)."""
-        self.snapshots = [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=t.device)
-                          for t in (self.conv_state, self.ssm_state) if t is not None]
+        """Room for `slots` saved states (prefix caching, engine/state_cache.py), one per
+        live state tensor."""
+        self.snapshots = [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self._live()]
 
     def save_states(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        for snap, live in zip(self.snapshots, (t for t in (self.conv_state, self.ssm_state) if t is not None)):
+        for snap, live in zip(self.snapshots, self._live()):
             snap.index_copy_(0, slots, live.index_select(0, rows))
 
     def load_states(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        for snap, live in zip(self.snapshots, (t for t in (self.conv_state, self.ssm_state) if t is not None)):
+        for snap, live in zip(self.snapshots, self._live()):
             live.index_copy_(0, rows, snap.index_select(0, slots))
 
     def convolve(self, x: torch.Tensor, meta: AttentionMetadata, silu: bool = True) -> torch.Tensor:
@@ -212,7 +216,7 @@ def padding_groups(lengths: list[int], first: int = 0) -> list[list[int]]:
 
 class HybridLayers:
     """attention_layers / state_layers of a model whose decoder layers (self.model.layers) hold
-    either attention (`self_attn`) or a state mixer under `state_attr`. Mixed in before the
+    attention (`self_attn`), a state mixer under `state_attr`, or both. Mixed in before the
     model's base class."""
 
     state_attr = "linear_attn"
