@@ -186,6 +186,15 @@ def _assert_rows_free(llm: LLM) -> None:
     assert llm.llm_engine.kv.pool.num_free_blocks == llm.llm_engine.kv.num_blocks
 
 
+def _assert_logprobs_match(ref: HFReference, prompt: list[int], out) -> None:
+    """Tokens and their logprobs equal transformers' (the logprobs, not only the tokens: a
+    wrong resumed state moves them by ~1e-2 here, fading over the tokens after it)."""
+    want = ref.greedy(prompt, len(out.outputs[0].token_ids))
+    assert out.outputs[0].token_ids == want.tokens
+    for i, (tok, lps) in enumerate(zip(want.tokens, out.outputs[0].logprobs)):
+        assert abs(lps[tok].logprob - float(want.logits[i].log_softmax(-1)[tok])) < 2e-4
+
+
 def test_rows_reused_by_later_requests_start_fresh(hybrid):
     """Every row once held a finished request's state; later requests (a one-token prompt,
     which runs as a decode row, among them) must start from zeros."""
@@ -261,12 +270,7 @@ def test_shared_prefix_hits_a_state_saved_inside_a_chunk(hybrid):
             t.normal_()
     out = llm.generate([{"prompt_token_ids": second}], _greedy(8, logprobs=1), use_tqdm=False)[0]
     assert out.num_cached_tokens == 256
-    want = ref.greedy(second, 8)
-    assert out.outputs[0].token_ids == want.tokens
-    # (the logprobs, not only the tokens: a wrong state at 256 moves them by ~1e-2 here, fading
-    # over the 69 tokens after it)
-    for i, (tok, lps) in enumerate(zip(want.tokens, out.outputs[0].logprobs)):
-        assert abs(lps[tok].logprob - float(want.logits[i].log_softmax(-1)[tok])) < 2e-4
+    _assert_logprobs_match(ref, second, out)
     _assert_rows_free(llm)
 
 
@@ -283,10 +287,7 @@ def test_next_turn_resumes_inside_the_previous_reply(hybrid, async_scheduling):
     turn2 = turn1 + list(reply) + _prompts(13, (10,))[0]
     out = llm.generate([{"prompt_token_ids": turn2}], _greedy(8, logprobs=1), use_tqdm=False)[0]
     assert out.num_cached_tokens == 256
-    want = ref.greedy(turn2, 8)
-    assert out.outputs[0].token_ids == want.tokens
-    for i, (tok, lps) in enumerate(zip(want.tokens, out.outputs[0].logprobs)):
-        assert abs(lps[tok].logprob - float(want.logits[i].log_softmax(-1)[tok])) < 2e-4
+    _assert_logprobs_match(ref, turn2, out)
     _assert_rows_free(llm)
     assert not llm.llm_engine.runner._pending_saves
 
