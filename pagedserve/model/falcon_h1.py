@@ -7,17 +7,14 @@ load; the embedding and LM-head multipliers stay scalars (the two may share one 
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer
-from pagedserve.model.layers.norm import RMSNorm, pre_norm
+from pagedserve.model.granite_hybrid import BambaForCausalLM, MambaAttentionLayer
+from pagedserve.model.layers.mamba2 import Mamba2Dims
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.layers.state_mixer import HybridLayers
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
 def _dims(cfg: Any) -> Mamba2Dims:
@@ -28,30 +25,10 @@ def _dims(cfg: Any) -> Mamba2Dims:
                       bool(getattr(cfg, "projectors_bias", False)))
 
 
-class FalconH1Layer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.mamba = Mamba2Mixer(_dims(cfg))
-        bias = bool(getattr(cfg, "attention_bias", False))
-        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False)
-        self.feed_forward = LlamaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
-        x, residual = pre_norm(self.input_layernorm, x, residual)
-        x = self.mamba(positions, x, meta) + self.self_attn(positions, x, meta)
-        x, residual = self.pre_ff_layernorm(x, residual)
-        return self.feed_forward(x), residual
-
-
-class FalconH1ForCausalLM(HybridLayers, LlamaForCausalLM):
-    state_attr = "mamba"
-    renamed = [("model.final_layernorm.", "model.norm.")]
-
+class FalconH1ForCausalLM(BambaForCausalLM):  # (Bamba's names; both mixers in every layer)
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        return FalconH1Layer(cfg, rotary)
+        return MambaAttentionLayer(cfg, rotary, _dims(cfg), attention=True)
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
         super().__init__(cfg, max_positions)

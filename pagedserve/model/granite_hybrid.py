@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import checked_layer_types
 from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer
 from pagedserve.model.layers.moe import SparseMoeBlock
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
@@ -22,6 +23,9 @@ from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.layers.state_mixer import HybridLayers
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from pagedserve.model.qwen_moe import unstack_experts
+
+
+MAMBA_OR_ATTENTION = {"linear_attention": "Mamba-2", "full_attention": "attention"}
 
 
 class GraniteHybridLayer(nn.Module):
@@ -67,12 +71,9 @@ class GraniteMoeHybridForCausalLM(HybridLayers, LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        types = list(cfg.layer_types)
-        if len(types) != cfg.num_hidden_layers or set(types) - {"linear_attention", "full_attention"}:
-            raise ValueError(f"layer_types {types} must give each of the {cfg.num_hidden_layers} layers as "
-                             "Mamba (linear_attention / mamba) or attention.")
+        mamba = checked_layer_types(cfg, MAMBA_OR_ATTENTION, cls.__name__)[layer_idx] == "linear_attention"
         rope = getattr(cfg, "position_embedding_type", None) == "rope"
-        return GraniteHybridLayer(cfg, rotary if rope else None, types[layer_idx] == "linear_attention")
+        return GraniteHybridLayer(cfg, rotary if rope else None, mamba)
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
         super().__init__(cfg, max_positions)
@@ -94,35 +95,39 @@ class GraniteMoeHybridForCausalLM(HybridLayers, LlamaForCausalLM):
             yield name, t
 
 
-class BambaLayer(nn.Module):
-    """IBM Bamba: a Mamba-2 or attention (RoPE, partial where the config says) mixer, then a
-    SwiGLU MLP (`feed_forward`), pre-norm."""
+class MambaAttentionLayer(nn.Module):
+    """A pre-norm layer with a Mamba-2 mixer (`mamba`), RoPE attention (`self_attn`), or both
+    side by side on the same normed input, their outputs added (Falcon-H1); then a SwiGLU MLP
+    (`feed_forward`). Bamba's and Falcon-H1's."""
 
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, mamba: bool) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, mamba: Optional[Mamba2Dims], attention: bool) -> None:
         super().__init__()
-        if mamba:
-            self.mamba = Mamba2Mixer(Mamba2Dims.granite(cfg))
-        else:
+        if mamba is not None:
+            self.mamba = Mamba2Mixer(mamba)
+        if attention:
             bias = bool(getattr(cfg, "attention_bias", False))
             self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False)
+        self.mixers = [m for m in (getattr(self, "mamba", None), getattr(self, "self_attn", None)) if m is not None]
         self.feed_forward = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         x, residual = pre_norm(self.input_layernorm, x, residual)
-        x = (self.mamba if hasattr(self, "mamba") else self.self_attn)(positions, x, meta)
-        x, residual = self.pre_ff_layernorm(x, residual)
+        out = self.mixers[0](positions, x, meta)
+        for mixer in self.mixers[1:]:
+            out = out + mixer(positions, x, meta)
+        x, residual = self.pre_ff_layernorm(out, residual)
         return self.feed_forward(x), residual
 
 
 class BambaForCausalLM(HybridLayers, LlamaForCausalLM):
+    """IBM Bamba: Mamba-2 or RoPE attention (partial where the config says) in each layer."""
+
     state_attr = "mamba"
     renamed = [("model.final_layernorm.", "model.norm.")]
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        types = list(cfg.layer_types)
-        if len(types) != cfg.num_hidden_layers or set(types) - {"linear_attention", "full_attention"}:
-            raise ValueError(f"Bamba layer_types {sorted(set(types))}: expected Mamba-2 and attention layers.")
-        return BambaLayer(cfg, rotary, types[layer_idx] == "linear_attention")
+        mamba = checked_layer_types(cfg, MAMBA_OR_ATTENTION, cls.__name__)[layer_idx] == "linear_attention"
+        return MambaAttentionLayer(cfg, rotary, Mamba2Dims.granite(cfg) if mamba else None, not mamba)

@@ -56,6 +56,20 @@ def rope_is_per_layer_type(hf_config: Any) -> bool:
     return "rope_theta" not in params and "full_attention" in params
 
 
+def checked_layer_types(hf_config: Any, allowed: dict[str, str], model: str) -> list[str]:
+    """config.layer_types, one per layer and each in `allowed` (type -> what it is, for the
+    error), as transformers names them (Mamba-2 and Gated DeltaNet layers: "linear_attention")."""
+    types = list(getattr(hf_config, "layer_types", None) or [])
+    if len(types) != hf_config.num_hidden_layers:
+        raise ValueError(f"{model}: config.json has {len(types)} layer_types for {hf_config.num_hidden_layers} "
+                         "layers.")
+    unknown = set(types) - set(allowed)
+    if unknown:
+        kinds = ", ".join(f"{t} ({what})" for t, what in allowed.items())
+        raise ValueError(f"{model}: layer_types {sorted(unknown)} are not supported; supported: {kinds}.")
+    return types
+
+
 def layer_windows(hf_config: Any) -> list[int]:
     """Each decoder layer's sliding window (0: full attention), as transformers decides it:
     from `layer_types` where the config has them (Qwen2's max_window_layers, Gemma 2/3's

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import checked_layer_types
 from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.layers.state_mixer import HybridLayers, StateMixer
@@ -81,9 +82,7 @@ class Lfm2ForCausalLM(HybridLayers, LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        types = list(cfg.layer_types)
-        if len(types) != cfg.num_hidden_layers or set(types) - {"conv", "full_attention"}:
-            raise ValueError(f"LFM2 layer_types {sorted(set(types))}: expected 'conv' and 'full_attention'.")
+        types = checked_layer_types(cfg, {"conv": "short convolution", "full_attention": "attention"}, cls.__name__)
         return Lfm2Layer(cfg, rotary, types[layer_idx] == "conv")
 
     @classmethod

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.hf_config import checked_layer_types
 from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer
 from pagedserve.model.layers.moe import run_experts, select_grouped_experts
@@ -22,7 +23,8 @@ from pagedserve.model.layers.norm import RMSNorm, pre_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import ArceeForCausalLM, LlamaAttention, UpDownMLP
 
-_KINDS = ("linear_attention", "full_attention", "mlp", "moe")
+_KINDS = {"linear_attention": "Mamba-2, 'M'", "full_attention": "attention, '*'", "mlp": "MLP, '-'",
+          "moe": "experts, 'E'"}
 
 
 class UpDownExperts(nn.Module):
@@ -98,11 +100,7 @@ class NemotronHForCausalLM(ArceeForCausalLM):  # (Arcee's: q/k/v fused, no gate 
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        kinds = list(cfg.layer_types)
-        if len(kinds) != cfg.num_hidden_layers or set(kinds) - set(_KINDS):
-            raise ValueError(f"Nemotron-H layer_types {sorted(set(kinds))}: supported are Mamba-2 ('M'), attention "
-                             "('*'), MLP ('-') and mixture-of-experts ('E') blocks.")
-        return NemotronHBlock(cfg, kinds[layer_idx])
+        return NemotronHBlock(cfg, checked_layer_types(cfg, _KINDS, cls.__name__)[layer_idx])
 
     @property
     def cuda_graph_safe(self) -> bool:

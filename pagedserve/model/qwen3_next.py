@@ -15,6 +15,7 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.gemma import GemmaRMSNorm
+from pagedserve.model.hf_config import checked_layer_types
 from pagedserve.model.layers.gated_delta import GatedDeltaNet
 from pagedserve.model.layers.moe import SparseMoeBlock
 from pagedserve.model.layers.norm import pre_norm
@@ -51,14 +52,7 @@ class HybridDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-def layer_is_linear(cfg: Any) -> list[bool]:
-    types = list(getattr(cfg, "layer_types", None) or [])
-    if len(types) != cfg.num_hidden_layers:
-        raise ValueError(f"config.json has {len(types)} layer_types for {cfg.num_hidden_layers} layers.")
-    unknown = set(types) - {"linear_attention", "full_attention"}
-    if unknown:
-        raise ValueError(f"unknown layer_types {sorted(unknown)}: expected linear_attention / full_attention.")
-    return [t == "linear_attention" for t in types]
+_TYPES = {"linear_attention": "Gated DeltaNet", "full_attention": "attention"}
 
 
 # Qwen3-Next's fused input projections group q, k, v, z (and b, a) by key head; ours (and
@@ -84,7 +78,8 @@ class Qwen3NextForCausalLM(HybridLayers, LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        return HybridDecoderLayer(cfg, rotary, layer_is_linear(cfg)[layer_idx], cls.build_mlp(cfg, layer_idx))
+        linear = checked_layer_types(cfg, _TYPES, cls.__name__)[layer_idx] == "linear_attention"
+        return HybridDecoderLayer(cfg, rotary, linear, cls.build_mlp(cfg, layer_idx))
 
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
