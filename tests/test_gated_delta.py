@@ -15,8 +15,9 @@ from engine_helpers import state_step_meta
 
 from conftest import HFReference, assert_greedy_matches
 from pagedserve import LLM, SamplingParams
-from pagedserve.model.layers.gated_delta import GatedDeltaNet, gated_delta_chunked, gated_delta_step, l2_normalize
-from pagedserve.model.layers.state_mixer import conv_chunk, conv_step
+from pagedserve.model.layers.gated_delta import GatedDeltaNet, gated_delta_chunked
+from pagedserve.model.layers.state_mixer import conv_chunk
+from pagedserve.ops.state_reference import conv_step, gated_delta_step, l2_normalize
 from pagedserve.model.random_model import build_random_model
 
 HYBRID = ["linear_attention", "full_attention", "linear_attention"]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from engine_helpers import state_step_meta
 
-from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer, ssd_chunked, ssd_step
+from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer, ssd_chunked
+from pagedserve.ops.state_reference import ssd_step
 
 
 @pytest.mark.parametrize("length,at", [(1, 0), (15, 0), (16, 0), (17, 0), (50, 0), (50, 5), (40, 16)])

@@ -11,6 +11,7 @@ solve per block, then matrix products), decode tokens one step for the whole bat
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -19,13 +20,9 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.state_mixer import StateMixer, kept_blocks, stacked_blocks, unblock
+from pagedserve.ops.state_reference import gated_delta_inputs
 
 CHUNK = 64
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim (the normalisation FLA's kernels apply)."""
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
 def gated_delta_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: list[int],
@@ -78,16 +75,6 @@ def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
     """gated_delta_chunks for one sequence: (out [L, H, Dv], final state, [kept states])."""
     outs, final, kept = gated_delta_chunks([(q, k, v, g, beta)], state.unsqueeze(0), [at], [list(keep)], chunk)
     return outs[0], final[0], kept[0]
-
-
-def gated_delta_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                     state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token for each of B requests, float32: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H],
-    state [B, H, Dk, Dv]. Returns (out [B, H, Dv], new state)."""
-    s = state * g.exp()[..., None, None]
-    u = beta.unsqueeze(-1) * (v - torch.einsum("bhk,bhkv->bhv", k, s))
-    s = s + k.unsqueeze(-1) * u.unsqueeze(-2)
-    return torch.einsum("bhk,bhkv->bhv", q, s), s
 
 
 class GatedRMSNorm(nn.Module):
@@ -143,19 +130,11 @@ class GatedDeltaNet(StateMixer):
                                              dim=-1)
         mixed = self.convolve(qkv, meta)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        rep = self.num_v_heads // self.num_k_heads  # each q/k head serves `rep` consecutive value heads
-        q = l2_normalize(q.float().view(t, self.num_k_heads, self.head_k_dim)) * self.head_k_dim**-0.5
-        k = l2_normalize(k.float().view(t, self.num_k_heads, self.head_k_dim))
-        if rep > 1:
-            q, k = q.repeat_interleave(rep, dim=1), k.repeat_interleave(rep, dim=1)
-        v = v.float().view(t, self.num_v_heads, self.head_v_dim)
-        beta = b.sigmoid().float()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
-        core = self._recur(q, k, v, g, beta, meta).to(x.dtype)
-        out = self.norm(core, z.view(t, self.num_v_heads, self.head_v_dim))
+        raw = (q.view(t, self.num_k_heads, self.head_k_dim), k.view(t, self.num_k_heads, self.head_k_dim),
+               v.view(t, self.num_v_heads, self.head_v_dim), a, b)
+        gates = dict(a_log=self.A_log, dt_bias=self.dt_bias)
+        core = self.over_rows(self.ssm_state, meta, raw, x.new_empty(raw[2].shape, dtype=torch.float32),
+                              partial(self.kernel_or_ref("gated_delta_decode"), **gates), gated_delta_chunks,
+                              torch.float32, self._snapshot(1), partial(gated_delta_inputs, **gates))
+        out = self.norm(core.to(x.dtype), z.view(t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(out.reshape(t, self.value_dim))
-
-    def _recur(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-               meta: AttentionMetadata) -> torch.Tensor:
-        return self.over_rows(self.ssm_state, meta, (q, k, v, g, beta), torch.empty_like(v), gated_delta_step,
-                              gated_delta_chunks, torch.float32, self._snapshot(1))

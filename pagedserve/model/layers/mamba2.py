@@ -19,6 +19,7 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.state_mixer import StateMixer, kept_blocks, stacked_blocks, unblock
+from pagedserve.ops.state_reference import ssd_inputs
 
 CHUNK = 64
 
@@ -64,14 +65,6 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Ten
     """ssd_chunks for one sequence: (y [L, H, P], final state, [kept states])."""
     outs, final, kept = ssd_chunks([(x, dt, b, c)], state.unsqueeze(0), [at], [list(keep)], a, chunk)
     return outs[0], final[0], kept[0]
-
-
-def ssd_step(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
-             a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token for each of B requests, float32: x [B, H, P], dt [B, H], b, c [B, H, N], state
-    [B, H, N, P]. Returns (y [B, H, P] without the D skip, new state)."""
-    st = state * (dt * a).exp()[..., None, None] + b.unsqueeze(-1) * (x * dt.unsqueeze(-1)).unsqueeze(-2)
-    return torch.einsum("bhn,bhnp->bhp", c, st), st
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -177,17 +170,14 @@ class Mamba2Mixer(StateMixer):
         z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
         xbc = self.convolve(xbc, meta)
         xs, b, c = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], dim=-1)
-        per_group = self.heads // self.groups  # each group's B and C serve that many consecutive heads
-        b = b.float().view(t, self.groups, self.d_state).repeat_interleave(per_group, dim=1)
-        c = c.float().view(t, self.groups, self.d_state).repeat_interleave(per_group, dim=1)
-        xs = xs.float().view(t, self.heads, self.head_dim)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        if self.dt_limit != (0.0, math.inf):
-            dt = dt.clamp(*self.dt_limit)
-        a = -self.A_log.float().exp()
-        y = self.over_rows(self.ssm_state, meta, (xs, dt, b, c), torch.empty_like(xs), partial(ssd_step, a=a),
-                           partial(ssd_chunks, a=a), torch.float32, self._snapshot(1))
-        y = (y + self.D.float()[:, None] * xs).view(t, self.inner)
+        raw = (xs.view(t, self.heads, self.head_dim), dt, b.view(t, self.groups, self.d_state),
+               c.view(t, self.groups, self.d_state))
+        params = dict(dt_bias=self.dt_bias, dt_limit=self.dt_limit)
+        y = self.over_rows(self.ssm_state, meta, raw, x.new_empty(raw[0].shape, dtype=torch.float32),
+                           partial(self.kernel_or_ref("ssd_decode"), a_log=self.A_log, **params),
+                           partial(ssd_chunks, a=-self.A_log.float().exp()), torch.float32, self._snapshot(1),
+                           partial(ssd_inputs, **params))
+        y = (y + self.D.float()[:, None] * raw[0].float()).view(t, self.inner)
         if self.norm is None:
             return self.out_proj((y * F.silu(z.float())).to(x.dtype))
         return self.out_proj(self.norm(y.to(x.dtype), z))

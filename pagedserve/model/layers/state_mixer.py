@@ -15,8 +15,9 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 
-# (inputs of the rows..., state) -> (outputs, new state)
-StateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# One token for each decode row, states updated in place (ops/state_reference.py):
+# (inputs of the rows..., cache, rows, init or None) -> outputs
+DecodeFn = Callable[..., torch.Tensor]
 # A step's prefill chunks at once: ([each request's inputs], states [R, ...], [first positions],
 # [positions to keep the state before]) -> ([outputs], new states [R, ...], [[kept states]])
 ChunksFn = Callable[[list, torch.Tensor, list[int], list[list[int]]],
@@ -86,15 +87,6 @@ def conv_chunks(seqs: list, states: torch.Tensor, ats: list[int], keeps: list[li
     return outs, torch.stack(finals), kept
 
 
-def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-              silu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token each for B requests: x [B, C], state [B, C, K-1]. Returns (out, new state)."""
-    seq = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
-    out = (seq * weight).sum(dim=-1)
-    out = out if bias is None else out + bias
-    return (F.silu(out) if silu else out), seq[..., 1:]
-
-
 class StateMixer(nn.Module):
     """Subclasses give state_shapes() and a `conv1d` (nn.Conv1d, depthwise) whose last K-1
     inputs are the convolution state; a recurrent state is optional (LFM2's short
@@ -105,6 +97,7 @@ class StateMixer(nn.Module):
         self.conv_state: Optional[torch.Tensor] = None  # [rows, channels, K-1]
         self.ssm_state: Optional[torch.Tensor] = None  # [rows, *the recurrence's state]
         self.snapshots: list[torch.Tensor] = []  # saved states, [slots, ...] like each of the two
+        self.use_triton = False  # set by the model runner with the Triton backend: decode kernels
 
     def state_shapes(self) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
         """One request's (convolution state, recurrent state or None) shapes."""
@@ -142,8 +135,19 @@ class StateMixer(nn.Module):
         conv = self.conv1d
         w, b = conv.weight.squeeze(1), conv.bias
         return self.over_rows(self.conv_state, meta, (x,), torch.empty_like(x),
-                              partial(conv_step, weight=w, bias=b, silu=silu),
+                              partial(self.kernel_or_ref("conv_decode"), weight=w, bias=b, silu=silu),
                               partial(conv_chunks, weight=w, bias=b, silu=silu), x.dtype, self._snapshot(0))
+
+    def kernel_or_ref(self, name: str) -> DecodeFn:
+        """A decode function of ops/state_decode.py on the Triton path, else its PyTorch twin
+        (name + "_ref", ops/state_reference.py)."""
+        if self.use_triton:
+            from pagedserve.ops import state_decode
+
+            return getattr(state_decode, name)
+        from pagedserve.ops import state_reference
+
+        return getattr(state_reference, name + "_ref")
 
     def _snapshot(self, i: int) -> Optional[torch.Tensor]:
         """The saved states of the convolution (0) or the recurrence (1), if any are kept."""
@@ -151,22 +155,20 @@ class StateMixer(nn.Module):
 
     @staticmethod
     def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
-                  step: StateFn, chunks: ChunksFn, dtype: torch.dtype,
-                  snapshots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Fill `out` [T, ...]: the decode rows in one `step` from their states, then the
-        prefill chunks together by `chunks` (ChunksFn; the states before their `keep`
-        positions go to their `snapshots` slots: StateRows.keep); states are read and computed
-        in `dtype` and written back to `cache`. Without states (a profiling pass) every request
-        starts from zeros and nothing is kept."""
+                  decode: DecodeFn, chunks: ChunksFn, dtype: torch.dtype, snapshots: Optional[torch.Tensor] = None,
+                  prep: Optional[Callable[..., tuple[torch.Tensor, ...]]] = None) -> torch.Tensor:
+        """Fill `out` [T, ...]: the decode rows by `decode` (DecodeFn, in place on their rows
+        of `cache`), then the prefill chunks together by `chunks` (ChunksFn, on prep(*inputs)
+        where given; the states before their `keep` positions go to their `snapshots` slots:
+        StateRows.keep), from states read in `dtype` and written back to `cache`. Without
+        states (a profiling pass) every request starts from zeros and nothing is kept."""
         states = meta.states
         nd = meta.num_decodes if states is not None else 0
-        if nd:
-            rows = states.rows[:nd]
-            prev = cache.index_select(0, rows).to(dtype)
-            if not states.first_all_continue(nd):  # one-token prompts start from zeros
-                prev = prev * states.init[:nd].view(-1, *[1] * (prev.dim() - 1)).to(dtype)
-            out[:nd], new = step(*(x[:nd] for x in inputs), prev)
-            cache.index_copy_(0, rows, new.to(cache.dtype))
+        if nd:  # one-token prompts start from zeros: init
+            init = None if states.first_all_continue(nd) else states.init[:nd]
+            out[:nd] = decode(*(x[:nd] for x in inputs), cache, states.rows[:nd], init)
+        if meta.num_reqs > nd and prep is not None:
+            inputs = prep(*inputs)
         qsl = meta.query_start_loc_cpu
         for reqs in padding_groups([qsl[r + 1] - qsl[r] for r in range(nd, meta.num_reqs)], nd):
             StateMixer._prefill_group(cache, meta, inputs, out, chunks, dtype, snapshots, reqs)

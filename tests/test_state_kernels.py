@@ -1,0 +1,135 @@
+"""The state layers' decode kernels (pagedserve/ops/state_decode.py) against their PyTorch twins
+(ops/state_reference.py): several steps in a row over rows scattered in a larger state tensor,
+inputs that are strided views of a fused projection, requests that start fresh in a row that
+holds NaN (the kernel must not read it) and rows no request owns (they must stay as they
+were). Without CUDA the kernels run in Triton's interpreter on small shapes; `-m gpu` runs the
+same checks on CUDA at real models' sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pagedserve.ops.state_decode import conv_decode, gated_delta_decode, ssd_decode  # noqa: E402
+from pagedserve.ops.state_reference import conv_decode_ref, gated_delta_decode_ref, ssd_decode_ref  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+STEPS = 3
+# (rtol, atol) for outputs and states after STEPS steps, by (input dtype, state dtype)
+TOL = {(torch.float32, torch.float32): (1e-5, 1e-5), (torch.bfloat16, torch.float32): (2e-3, 2e-3),
+       (torch.bfloat16, torch.bfloat16): (2e-2, 2e-2)}
+
+
+def _fused(n: int, widths: list[int], dtype: torch.dtype, g: torch.Generator) -> list[torch.Tensor]:
+    """Slices of one [n, sum + 3] projection (strided rows, as the layers split theirs)."""
+    full = torch.randn(n, sum(widths) + 3, generator=g).to(dtype).to(DEV)
+    return list(full[:, 3:].split(widths, dim=-1))
+
+
+def _rows(batch: int, total: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scattered rows, and init flags with the second request (if any) starting fresh."""
+    rows = torch.randperm(total, generator=g)[:batch].to(DEV)
+    init = torch.ones(batch, device=DEV)
+    if batch > 1:
+        init[1] = 0
+    return rows, init
+
+
+def _check(kernel, twin, inputs_per_step, state_shape, rows, init, state_dtype, tol, **params) -> None:
+    """Run kernel and twin for each step's inputs from the same states (the kernel's fresh rows
+    hold NaN); compare outputs and whole state tensors after every step."""
+    g = torch.Generator().manual_seed(7)
+    ref_cache = torch.randn(state_shape, generator=g).to(state_dtype).to(DEV)
+    cache = ref_cache.clone()
+    fresh = rows[init == 0]
+    cache[fresh] = float("nan")
+    for step, inputs in enumerate(inputs_per_step):
+        step_init = init if step == 0 else None  # later steps: every request continues
+        out = kernel(*inputs, cache, rows, step_init, **params)
+        ref = twin(*inputs, ref_cache, rows, step_init, **params)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=tol[0], atol=tol[1])
+        torch.testing.assert_close(cache.float(), ref_cache.float(), rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("batch,channels,k,bias,silu", [(3, 40, 4, True, True), (1, 7, 2, False, False),
+                                                        (4, 130, 3, False, True)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_conv_decode(batch, channels, k, bias, silu, dtype, state_dtype):
+    g = torch.Generator().manual_seed(batch * channels)
+    rows, init = _rows(batch, 6, g)
+    weight = torch.randn(channels, k, generator=g).to(dtype).to(DEV)
+    b = torch.randn(channels, generator=g).to(dtype).to(DEV) if bias else None
+    steps = [_fused(batch, [channels], dtype, g) for _ in range(STEPS)]
+    _check(conv_decode, conv_decode_ref, steps, (6, channels, k - 1), rows, init, state_dtype,
+           TOL[(dtype, state_dtype)], weight=weight, bias=b, silu=silu)
+
+
+def _gdn_steps(batch: int, hk: int, hv: int, dk: int, dv: int, dtype: torch.dtype, g: torch.Generator) -> list:
+    steps = []
+    for _ in range(STEPS):
+        q, k, v, a, b = _fused(batch, [hk * dk, hk * dk, hv * dv, hv, hv], dtype, g)
+        steps.append((q.view(batch, hk, dk), k.view(batch, hk, dk), v.view(batch, hv, dv), a, b))
+    return steps
+
+
+@pytest.mark.parametrize("batch,hk,hv,dk,dv", [(3, 2, 4, 16, 24), (1, 1, 1, 32, 32), (2, 2, 2, 8, 40)])
+@pytest.mark.parametrize("dtype,state_dtype", list(TOL))
+def test_gated_delta_decode(batch, hk, hv, dk, dv, dtype, state_dtype):
+    g = torch.Generator().manual_seed(batch * dv + hv)
+    rows, init = _rows(batch, 5, g)
+    params = dict(a_log=torch.randn(hv, generator=g).to(DEV), dt_bias=torch.randn(hv, generator=g).to(dtype).to(DEV))
+    _check(gated_delta_decode, gated_delta_decode_ref, _gdn_steps(batch, hk, hv, dk, dv, dtype, g),
+           (5, hv, dk, dv), rows, init, state_dtype, TOL[(dtype, state_dtype)], **params)
+
+
+def _ssd_steps(batch: int, heads: int, groups: int, n: int, p: int, dtype: torch.dtype, g: torch.Generator) -> list:
+    steps = []
+    for _ in range(STEPS):
+        x, dt, b, c = _fused(batch, [heads * p, heads, groups * n, groups * n], dtype, g)
+        steps.append((x.view(batch, heads, p), dt, b.view(batch, groups, n), c.view(batch, groups, n)))
+    return steps
+
+
+@pytest.mark.parametrize("batch,heads,groups,n,p", [(3, 4, 2, 16, 8), (1, 2, 1, 8, 24), (2, 3, 3, 12, 16)])
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.4)])
+@pytest.mark.parametrize("dtype,state_dtype", list(TOL))
+def test_ssd_decode(batch, heads, groups, n, p, dt_limit, dtype, state_dtype):
+    g = torch.Generator().manual_seed(batch * p + heads)
+    rows, init = _rows(batch, 5, g)
+    params = dict(a_log=torch.randn(heads, generator=g).to(DEV),
+                  dt_bias=torch.randn(heads, generator=g).to(dtype).to(DEV), dt_limit=dt_limit)
+    _check(ssd_decode, ssd_decode_ref, _ssd_steps(batch, heads, groups, n, p, dtype, g), (5, heads, n, p), rows, init,
+           state_dtype, TOL[(dtype, state_dtype)], **params)
+
+
+def test_empty_batch():
+    empty = torch.empty(0, 8, device=DEV)
+    cache = torch.randn(2, 8, 3, device=DEV)
+    before = cache.clone()
+    rows = torch.empty(0, dtype=torch.long, device=DEV)
+    assert conv_decode(empty, cache, rows, None, torch.randn(8, 4, device=DEV)).shape == (0, 8)
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_state_kernels_gpu(dtype, state_dtype):
+    """Qwen3.5 / Qwen3-Next's and Granite 4.0-H / Nemotron-H's shapes, 64 requests."""
+    g = torch.Generator().manual_seed(0)
+    tol = TOL[(dtype, state_dtype)]
+    rows, init = _rows(64, 96, g)
+    conv = 2 * 16 * 128 + 32 * 128
+    _check(conv_decode, conv_decode_ref, [_fused(64, [conv], dtype, g) for _ in range(STEPS)], (96, conv, 3),
+           rows, init, dtype, tol, weight=torch.randn(conv, 4, generator=g).to(dtype).to(DEV), bias=None)
+    params = dict(a_log=torch.randn(32, generator=g).to(DEV), dt_bias=torch.randn(32, generator=g).to(dtype).to(DEV))
+    _check(gated_delta_decode, gated_delta_decode_ref, _gdn_steps(64, 16, 32, 128, 128, dtype, g), (96, 32, 128, 128),
+           rows, init, state_dtype, tol, **params)
+    params = dict(a_log=torch.randn(128, generator=g).to(DEV), dt_bias=torch.randn(128, generator=g).to(dtype).to(DEV),
+                  dt_limit=(0.0, math.inf))
+    _check(ssd_decode, ssd_decode_ref, _ssd_steps(64, 128, 1, 128, 64, dtype, g), (96, 128, 128, 64), rows, init,
+           state_dtype, tol, **params)
