@@ -14,6 +14,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from pagedserve.model.layers.gated_delta import GatedRMSNorm  # noqa: E402
+from pagedserve.model.layers.mamba2 import GroupGatedRMSNorm  # noqa: E402
+from pagedserve.ops.gated_norm import gated_rms_norm  # noqa: E402
 from pagedserve.ops.state_decode import conv_decode, gated_delta_decode, ssd_decode  # noqa: E402
 from pagedserve.ops.state_reference import conv_decode_ref, gated_delta_decode_ref, ssd_decode_ref  # noqa: E402
 
@@ -96,15 +99,47 @@ def _ssd_steps(batch: int, heads: int, groups: int, n: int, p: int, dtype: torch
 
 
 @pytest.mark.parametrize("batch,heads,groups,n,p", [(3, 4, 2, 16, 8), (1, 2, 1, 8, 24), (2, 3, 3, 12, 16)])
-@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.05, 0.4)])
+@pytest.mark.parametrize("dt_limit,skip", [((0.0, math.inf), True), ((0.05, 0.4), False)])
 @pytest.mark.parametrize("dtype,state_dtype", list(TOL))
-def test_ssd_decode(batch, heads, groups, n, p, dt_limit, dtype, state_dtype):
+def test_ssd_decode(batch, heads, groups, n, p, dt_limit, skip, dtype, state_dtype):
     g = torch.Generator().manual_seed(batch * p + heads)
     rows, init = _rows(batch, 5, g)
     params = dict(a_log=torch.randn(heads, generator=g).to(DEV),
-                  dt_bias=torch.randn(heads, generator=g).to(dtype).to(DEV), dt_limit=dt_limit)
+                  dt_bias=torch.randn(heads, generator=g).to(dtype).to(DEV), dt_limit=dt_limit,
+                  d=torch.randn(heads, generator=g).to(dtype).to(DEV) if skip else None)
     _check(ssd_decode, ssd_decode_ref, _ssd_steps(batch, heads, groups, n, p, dtype, g), (5, heads, n, p), rows, init,
            state_dtype, TOL[(dtype, state_dtype)], **params)
+
+
+@pytest.mark.parametrize("norm", ["head", "gate_then_norm", "norm_then_gate"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm(norm, dtype):
+    """The kernel against the layers' PyTorch norms: Gated DeltaNet's per-head one (a weight
+    shared by the heads), Mamba-2's gate-then-norm over 2 groups, Falcon-H1's norm-then-gate;
+    from a float32 x and a strided gate."""
+    g = torch.Generator().manual_seed(3)
+    heads, dim, t = 4, 24, 5
+    x = torch.randn(t, heads * dim, generator=g).to(DEV)
+    z = _fused(t, [heads * dim], dtype, g)[0]
+    if norm == "head":
+        module = GatedRMSNorm(dim, 1e-6)
+    else:
+        module = GroupGatedRMSNorm(heads * dim, 2, 1e-5, norm_before_gate=norm == "norm_then_gate")
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(module.weight.shape, generator=g))
+    module = module.to(dtype).to(DEV)
+    if norm == "head":
+        ref = module(x.view(t, heads, dim), z.view(t, heads, dim)).view(t, -1)
+        out = gated_rms_norm(x, z, module.weight, dim, 1e-6, norm_before_gate=True)
+    else:
+        ref = module(x, z)
+        out = gated_rms_norm(x, z, module.weight, heads * dim // 2, 1e-5, module.norm_before_gate)
+    assert out.dtype == dtype
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    torch.testing.assert_close(out, ref, rtol=tol[0], atol=tol[1])
+    module.use_triton = True  # the layer's own Triton path
+    fused = module(x.view(t, heads, dim), z.view(t, heads, dim)).view(t, -1) if norm == "head" else module(x, z)
+    torch.testing.assert_close(fused, out, rtol=0, atol=0)
 
 
 def test_empty_batch():
@@ -130,6 +165,6 @@ def test_state_kernels_gpu(dtype, state_dtype):
     _check(gated_delta_decode, gated_delta_decode_ref, _gdn_steps(64, 16, 32, 128, 128, dtype, g), (96, 32, 128, 128),
            rows, init, state_dtype, tol, **params)
     params = dict(a_log=torch.randn(128, generator=g).to(DEV), dt_bias=torch.randn(128, generator=g).to(dtype).to(DEV),
-                  dt_limit=(0.0, math.inf))
+                  dt_limit=(0.0, math.inf), d=torch.randn(128, generator=g).to(DEV))
     _check(ssd_decode, ssd_decode_ref, _ssd_steps(64, 128, 1, 128, 64, dtype, g), (96, 128, 128, 64), rows, init,
            state_dtype, tol, **params)

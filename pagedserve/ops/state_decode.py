@@ -133,11 +133,11 @@ def gated_delta_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: tor
 
 @triton.jit
 def _ssd_decode_kernel(
-    x_ptr, dt_ptr, b_ptr, c_ptr, cache_ptr, rows_ptr, init_ptr, alog_ptr, dtb_ptr, out_ptr,
+    x_ptr, dt_ptr, b_ptr, c_ptr, cache_ptr, rows_ptr, init_ptr, alog_ptr, dtb_ptr, d_ptr, out_ptr,
     stride_xb, stride_xh, stride_dtb, stride_bb, stride_bg, stride_cb, stride_cg,
     stride_cr, stride_ch, stride_cn, stride_ob, stride_oh, dt_lo, dt_hi,
     PER_GROUP: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-    HAS_INIT: tl.constexpr, CLAMP: tl.constexpr,
+    HAS_INIT: tl.constexpr, CLAMP: tl.constexpr, HAS_D: tl.constexpr,
 ):
     # One program per (request, head, slice of BP head columns): the state tile [N, BP].
     i = tl.program_id(0).to(tl.int64)
@@ -161,14 +161,17 @@ def _ssd_decode_kernel(
         s = tl.where(tl.load(init_ptr + i) != 0, s, 0.0)
     s = s * decay + bv[:, None] * (x * dt)[None, :]
     tl.store(tile, s.to(cache_ptr.dtype.element_ty), mask=m2)
-    tl.store(out_ptr + i * stride_ob + h * stride_oh + dp, tl.sum(cv[:, None] * s, axis=0), mask=mp)
+    y = tl.sum(cv[:, None] * s, axis=0)
+    if HAS_D:
+        y += tl.load(d_ptr + h).to(tl.float32) * x
+    tl.store(out_ptr + i * stride_ob + h * stride_oh + dp, y, mask=mp)
 
 
 def ssd_decode(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cache: torch.Tensor,
                rows: torch.Tensor, init: Optional[torch.Tensor], a_log: torch.Tensor, dt_bias: torch.Tensor,
-               dt_limit: tuple[float, float]) -> torch.Tensor:
+               dt_limit: tuple[float, float], d: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [B, H, P], dt [B, H] raw, b, c [B, G, N] (unit stride in the last dim); cache
-    [R, H, N, P]. Returns y [B, H, P] float32, without the D skip."""
+    [R, H, N, P]; d [H]: the skip y += d x, if given. Returns y [B, H, P] float32."""
     n, h, p = x.shape
     groups, d_state = b.shape[1:]
     assert c.shape == b.shape and cache.shape[1:] == (h, d_state, p) and h % groups == 0
@@ -179,10 +182,12 @@ def ssd_decode(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tens
         bp = min(triton.next_power_of_2(p), max(16, 4096 // bn))
         clamp = tuple(dt_limit) != (0.0, math.inf)
         _ssd_decode_kernel[(n, h, triton.cdiv(p, bp))](
-            x, dt, b, c, cache, rows, init if init is not None else rows, a_log, dt_bias, out,
+            x, dt, b, c, cache, rows, init if init is not None else rows, a_log, dt_bias, d if d is not None else a_log,
+            out,
             x.stride(0), x.stride(1), dt.stride(0), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
             cache.stride(0), cache.stride(1), cache.stride(2), out.stride(0), out.stride(1),
             float(dt_limit[0]) if clamp else 0.0, float(dt_limit[1]) if clamp else 0.0,
-            PER_GROUP=h // groups, N=d_state, P=p, BN=bn, BP=bp, HAS_INIT=init is not None, CLAMP=clamp, num_warps=4,
+            PER_GROUP=h // groups, N=d_state, P=p, BN=bn, BP=bp, HAS_INIT=init is not None, CLAMP=clamp,
+            HAS_D=d is not None, num_warps=4,
         )
     return out

@@ -104,9 +104,10 @@ def ssd_inputs(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tens
 
 def ssd_decode_ref(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cache: torch.Tensor,
                    rows: torch.Tensor, init: Optional[torch.Tensor], a_log: torch.Tensor, dt_bias: torch.Tensor,
-                   dt_limit: tuple[float, float]) -> torch.Tensor:
-    """Raw inputs as ssd_inputs takes them ([B, ...]); cache [R, H, N, P]. Returns y [B, H, P]
-    float32, without the D skip."""
+                   dt_limit: tuple[float, float], d: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Raw inputs as ssd_inputs takes them ([B, ...]); cache [R, H, N, P]; d [H]: the skip
+    y += d x, if given. Returns y [B, H, P] float32."""
     a = -a_log.float().exp()
-    return rows_step(lambda *xs: ssd_step(*xs, a), cache, rows, init, torch.float32,
-                     *ssd_inputs(x, dt, b, c, dt_bias, dt_limit))
+    inputs = ssd_inputs(x, dt, b, c, dt_bias, dt_limit)
+    y = rows_step(lambda *xs: ssd_step(*xs, a), cache, rows, init, torch.float32, *inputs)
+    return y if d is None else y + d.float()[:, None] * inputs[0]

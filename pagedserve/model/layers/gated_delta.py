@@ -78,14 +78,23 @@ def gated_delta_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm per value head, then times SiLU(z) (transformers' Qwen3NextRMSNormGated)."""
+    """RMSNorm per value head, then times SiLU(z) (transformers' Qwen3NextRMSNormGated); x is
+    rounded to the gate's dtype first."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_triton = False  # set by the model runner with the Triton backend
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from pagedserve.ops.gated_norm import gated_rms_norm
+
+            t = x.shape[0]
+            return gated_rms_norm(x.reshape(t, -1), gate.reshape(t, -1), self.weight, x.shape[-1], self.eps,
+                                  norm_before_gate=True).view(gate.shape)
+        x = x.to(gate.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
@@ -136,5 +145,5 @@ class GatedDeltaNet(StateMixer):
         core = self.over_rows(self.ssm_state, meta, raw, x.new_empty(raw[2].shape, dtype=torch.float32),
                               partial(self.kernel_or_ref("gated_delta_decode"), **gates), gated_delta_chunks,
                               torch.float32, self._snapshot(1), partial(gated_delta_inputs, **gates))
-        out = self.norm(core.to(x.dtype), z.view(t, self.num_v_heads, self.head_v_dim))
+        out = self.norm(core, z.view(t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(out.reshape(t, self.value_dim))

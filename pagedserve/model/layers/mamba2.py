@@ -25,10 +25,11 @@ CHUNK = 64
 
 
 def ssd_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: list[int], keeps: list[list[int]],
-               a: torch.Tensor, chunk: int = CHUNK) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+               a: torch.Tensor, chunk: int = CHUNK,
+               d: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor, list]:
     """Several sequences at once, float32 (ChunksFn): each (x [L, H, P], dt [L, H], b, c
-    [L, H, N]) from position ats[r], from states [R, H, N, P]; a [H] (negative). Returns ([y
-    [L, H, P] without the D skip], final states, [[the state before each position of keeps[r]:
+    [L, H, N]) from position ats[r], from states [R, H, N, P]; a [H] (negative); d [H]: the
+    skip y += d x, if given. Returns ([y [L, H, P]], final states, [[the state before each position of keeps[r]:
     multiples of chunk inside the sequence]]). Blocks end at absolute multiples of chunk.
     Within a block, with s_i the running sum of dt * a (exp(s_i - s_j): the decay from token j
     to token i) and S0 the state entering it:
@@ -56,7 +57,10 @@ def ssd_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: 
         st = end_decay[:, :, i] * st + b_to_end[:, :, i] @ xdt[:, :, i]
         for r, j in after.get(i, ()):
             kept[r][j] = st[r]
-    return unblock(out, [len(seq[0]) for seq in seqs], fronts), st, kept
+    ys = unblock(out, [len(seq[0]) for seq in seqs], fronts)
+    if d is not None:
+        ys = [y + d.float()[:, None] * seq[0] for y, seq in zip(ys, seqs)]
+    return ys, st, kept
 
 
 def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
@@ -70,14 +74,20 @@ def ssd_chunked(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Ten
 class GroupGatedRMSNorm(nn.Module):
     """y * SiLU(z), then RMSNorm within each of `groups` equal slices, then the weight
     (Mamba-2's norm with the gate before it); norm_before_gate (Falcon-H1): the norm and the
-    weight first, then times SiLU(z)."""
+    weight first, then times SiLU(z). y is rounded to z's dtype first."""
 
     def __init__(self, dim: int, groups: int, eps: float, norm_before_gate: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.groups, self.eps, self.norm_before_gate = groups, eps, norm_before_gate
+        self.use_triton = False  # set by the model runner with the Triton backend
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.use_triton:
+            from pagedserve.ops.gated_norm import gated_rms_norm
+
+            return gated_rms_norm(y, z, self.weight, y.shape[-1] // self.groups, self.eps, self.norm_before_gate)
+        y = y.to(z.dtype)
         h = y.float() if self.norm_before_gate else y.float() * F.silu(z.float())
         g = h.view(*h.shape[:-1], self.groups, -1)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -174,10 +184,9 @@ class Mamba2Mixer(StateMixer):
                c.view(t, self.groups, self.d_state))
         params = dict(dt_bias=self.dt_bias, dt_limit=self.dt_limit)
         y = self.over_rows(self.ssm_state, meta, raw, x.new_empty(raw[0].shape, dtype=torch.float32),
-                           partial(self.kernel_or_ref("ssd_decode"), a_log=self.A_log, **params),
-                           partial(ssd_chunks, a=-self.A_log.float().exp()), torch.float32, self._snapshot(1),
-                           partial(ssd_inputs, **params))
-        y = (y + self.D.float()[:, None] * raw[0].float()).view(t, self.inner)
+                           partial(self.kernel_or_ref("ssd_decode"), a_log=self.A_log, d=self.D, **params),
+                           partial(ssd_chunks, a=-self.A_log.float().exp(), d=self.D), torch.float32,
+                           self._snapshot(1), partial(ssd_inputs, **params)).view(t, self.inner)
         if self.norm is None:
             return self.out_proj((y * F.silu(z.float())).to(x.dtype))
-        return self.out_proj(self.norm(y.to(x.dtype), z))
+        return self.out_proj(self.norm(y, z))
