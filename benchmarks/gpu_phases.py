@@ -480,4 +480,36 @@ def hybrid(ns) -> dict:
         out = llm.generate([{"prompt_token_ids": prompt}], one, use_tqdm=False)[0]
         sync(ns.device)
         res[f"prefill_{tag}_s"], res[f"prefill_{tag}_cached_tokens"] = time.perf_counter() - t, out.num_cached_tokens
+    res["state_layer_decode"] = state_layer_decode(runner, shape["hidden_size"], ns)
     return res
+
+
+def state_layer_decode(runner, hidden: int, ns) -> dict:
+    """One Gated DeltaNet layer's decode step (eager, outside the engine) with its Triton
+    kernels (ops/state_decode.py, ops/gated_norm.py) against the same layer on their PyTorch
+    twins, at a few batch sizes: median microseconds and the ratio."""
+    import types
+
+    from pagedserve.attention.backend import StateRows
+
+    layer = runner.state_layers[0]
+    switches = [m for m in layer.modules() if hasattr(m, "use_triton")]
+    out: dict[str, Any] = {"layer": type(layer).__name__}
+    for batch in (1, 16, 64):
+        rows = list(range(batch))
+        states = StateRows(torch.tensor(rows, device=ns.device), torch.ones(batch, device=ns.device), rows,
+                           [True] * batch)
+        meta = types.SimpleNamespace(states=states, num_decodes=batch, num_reqs=batch,
+                                     query_start_loc_cpu=list(range(batch + 1)))
+        x = torch.randn(batch, hidden, device=ns.device).to(runner.config.dtype)
+        pos = torch.zeros(batch, dtype=torch.long, device=ns.device)
+        for use in (True, False):
+            for m in switches:
+                m.use_triton = use
+            with torch.inference_mode():
+                us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 50))) * 1e6
+            out[f"b{batch}_{'triton' if use else 'torch'}_us"] = us
+        out[f"b{batch}_speedup"] = out[f"b{batch}_torch_us"] / out[f"b{batch}_triton_us"]
+    for m in switches:
+        m.use_triton = True
+    return out

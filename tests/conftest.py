@@ -77,6 +77,9 @@ MODEL_SPECS = {
                                                      mlp_bias=True, random_biases=True)),
     # Mamba-2 alone: no attention layer at all.
     "mamba2": ("Mamba2ForCausalLM", dict(num_layers=2, random_norms=True)),
+    # Mamba-1 alone, and Falcon Mamba (dt, B and C RMS-normalised without weights).
+    "mamba": ("MambaForCausalLM", dict(num_layers=2, random_norms=True)),
+    "falcon_mamba": ("FalconMambaForCausalLM", dict(num_layers=2, random_norms=True)),
     # Nemotron 3: Nemotron-H with expert blocks (4 gateless experts in 2 groups, 2 a token, a
     # grouped sigmoid router with its correction bias, a shared expert, the routed experts in a
     # 32-wide latent space).

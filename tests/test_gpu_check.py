@@ -47,6 +47,9 @@ def test_gpu_check_dry_run(tmp_path):
                               for r in rec["moe"].values())
     assert rec["quant"] and all(r[f"{kind}_ms"] > 0 for r in rec["quant"].values()
                                 for kind in ("fp8", "int4", "int4_act_order", "int8", "bf16"))
+    # The hybrid phase timed a state layer's decode step on the kernels and on PyTorch.
+    decode = rec["hybrid"]["state_layer_decode"]
+    assert decode["layer"] == "GatedDeltaNet" and all(decode[f"b{b}_speedup"] > 0 for b in (1, 16, 64))
     # The candidate holds the settings the engine run used, in a tuned file's syntax.
     cand = tuned.load(str(out / "tuned_candidate.json"))
     assert cand["attn_decode_config"] == tuple(int(v) for v in rec["kernels"]["best_decode_config"].split(","))

@@ -77,11 +77,17 @@ _EXPERT = re.compile(r"^(?P<prefix>.*\.mixer\.experts)\.(?P<e>\d+)\.(?P<proj>up_
 
 
 class NemotronHBlock(nn.Module):
-    def __init__(self, cfg: Any, kind: str, dims: Optional[Mamba2Dims] = None) -> None:
+    """A pre-norm residual block around one mixer; `mixer` overrides the state layer (a Mamba-1
+    one: model/mamba.py)."""
+
+    def __init__(self, cfg: Any, kind: str, dims: Optional[Mamba2Dims] = None,
+                 mixer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.kind = kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-        if kind == "linear_attention":
+        if mixer is not None:
+            self.mixer = mixer
+        elif kind == "linear_attention":
             self.mixer = Mamba2Mixer(dims or Mamba2Dims.nemotron(cfg))
         elif kind == "full_attention":
             self.mixer = LlamaAttention(cfg, None, qkv_bias=False, o_bias=False, qk_norm=False)

@@ -86,6 +86,10 @@ ARCH_CONFIGS = {
     # Mamba-2 alone: every layer a Mamba-2 block (8 heads of 16 in 2 groups), no attention.
     "Mamba2ForCausalLM": ("Mamba2Config", {"num_heads": 8, "head_dim": 16, "n_groups": 2, "state_size": 16,
                                            "chunk_size": 32}),
+    # Mamba-1 alone (and Falcon Mamba's, with dt, B and C normalised): 16 state entries per
+    # channel, a rank-8 dt projection.
+    "MambaForCausalLM": ("MambaConfig", {"state_size": 16, "time_step_rank": 8}),
+    "FalconMambaForCausalLM": ("FalconMambaConfig", {"state_size": 16, "time_step_rank": 8}),
     # LFM2: short-convolution layers and attention layers (full_attn_idxs), the MLP width LFM2
     # derives from intermediate_size.
     "Lfm2ForCausalLM": ("Lfm2Config", {"full_attn_idxs": [1], "block_multiple_of": 32}),

@@ -31,6 +31,8 @@ _MODELS = {
     "GraniteMoeHybridForCausalLM": ("pagedserve.model.granite_hybrid", "GraniteMoeHybridForCausalLM"),
     "NemotronHForCausalLM": ("pagedserve.model.nemotron_h", "NemotronHForCausalLM"),
     "Mamba2ForCausalLM": ("pagedserve.model.nemotron_h", "Mamba2ForCausalLM"),
+    "MambaForCausalLM": ("pagedserve.model.mamba", "MambaForCausalLM"),
+    "FalconMambaForCausalLM": ("pagedserve.model.mamba", "FalconMambaForCausalLM"),
     "BambaForCausalLM": ("pagedserve.model.granite_hybrid", "BambaForCausalLM"),
     "FalconH1ForCausalLM": ("pagedserve.model.falcon_h1", "FalconH1ForCausalLM"),
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),

@@ -1,11 +1,11 @@
-"""Triton kernels for the decode step of the state layers (Gated DeltaNet, Mamba-2 and their
-short convolutions): one token for each of B requests, whose states sit in rows `rows` of a
+"""Triton kernels for the decode step of the state layers (Gated DeltaNet, Mamba-2, Mamba-1
+and their short convolutions): one token for each of B requests, whose states sit in rows `rows` of a
 layer's state tensor and are updated there in place, so that a step reads and writes each
 state once (the PyTorch form gathers the rows, computes in several passes and scatters them
 back). `init` [B] (None: all continue) zeroes the states of requests that start fresh. The
 gates, the q/k normalisation and the softplus of the step size are computed inside, from
 the layer's raw projections. Twins: state_reference.conv_decode_ref, gated_delta_decode_ref,
-ssd_decode_ref."""
+ssd_decode_ref, selective_decode_ref."""
 
 from __future__ import annotations
 
@@ -189,5 +189,55 @@ def ssd_decode(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tens
             float(dt_limit[0]) if clamp else 0.0, float(dt_limit[1]) if clamp else 0.0,
             PER_GROUP=h // groups, N=d_state, P=p, BN=bn, BP=bp, HAS_INIT=init is not None, CLAMP=clamp,
             HAS_D=d is not None, num_warps=4,
+        )
+    return out
+
+
+@triton.jit
+def _selective_decode_kernel(
+    x_ptr, dt_ptr, b_ptr, c_ptr, cache_ptr, rows_ptr, init_ptr, alog_ptr, dtb_ptr, d_ptr, out_ptr,
+    stride_xb, stride_dtb, stride_bb, stride_cb, stride_cr, stride_cc, stride_ac, stride_ob, channels,
+    N: tl.constexpr, BC: tl.constexpr, BN: tl.constexpr, HAS_INIT: tl.constexpr,
+):
+    # One program per (request, BC channels): the state tile [BC, N], a decay per entry.
+    i = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1) * BC + tl.arange(0, BC)
+    dn = tl.arange(0, BN)
+    mc, mn = ch < channels, dn < N
+    m2 = mc[:, None] & mn[None, :]
+    x = tl.load(x_ptr + i * stride_xb + ch, mask=mc, other=0.0).to(tl.float32)
+    dt = _softplus(tl.load(dt_ptr + i * stride_dtb + ch, mask=mc, other=0.0).to(tl.float32)
+                   + tl.load(dtb_ptr + ch, mask=mc, other=0.0).to(tl.float32))
+    bv = tl.load(b_ptr + i * stride_bb + dn, mask=mn, other=0.0).to(tl.float32)
+    cv = tl.load(c_ptr + i * stride_cb + dn, mask=mn, other=0.0).to(tl.float32)
+    a = -tl.exp(tl.load(alog_ptr + ch[:, None] * stride_ac + dn[None, :], mask=m2, other=0.0).to(tl.float32))
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    tile = cache_ptr + row * stride_cr + ch[:, None] * stride_cc + dn[None, :]
+    s = tl.load(tile, mask=m2, other=0.0).to(tl.float32)
+    if HAS_INIT:
+        s = tl.where(tl.load(init_ptr + i) != 0, s, 0.0)
+    s = s * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * bv[None, :]
+    tl.store(tile, s.to(cache_ptr.dtype.element_ty), mask=m2)
+    y = tl.sum(s * cv[None, :], axis=1) + tl.load(d_ptr + ch, mask=mc, other=0.0).to(tl.float32) * x
+    tl.store(out_ptr + i * stride_ob + ch, y, mask=mc)
+
+
+def selective_decode(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cache: torch.Tensor,
+                     rows: torch.Tensor, init: Optional[torch.Tensor], a_log: torch.Tensor, dt_bias: torch.Tensor,
+                     d: torch.Tensor) -> torch.Tensor:
+    """Mamba-1: x, dt [B, C] (dt before dt_proj's bias), b, c [B, N] (unit stride in the last
+    dim); cache [R, C, N]; a_log [C, N]; d [C]: the skip y += d x. Returns y [B, C] float32."""
+    n, channels = x.shape
+    d_state = b.shape[1]
+    assert dt.shape == x.shape and c.shape == b.shape and cache.shape[1:] == (channels, d_state)
+    assert x.stride(1) == dt.stride(1) == b.stride(1) == c.stride(1) == cache.stride(2) == a_log.stride(1) == 1
+    out = torch.empty((n, channels), dtype=torch.float32, device=x.device)
+    if n:
+        bn = triton.next_power_of_2(d_state)
+        bc = min(triton.next_power_of_2(channels), max(16, 4096 // bn))
+        _selective_decode_kernel[(n, triton.cdiv(channels, bc))](
+            x, dt, b, c, cache, rows, init if init is not None else rows, a_log, dt_bias, d, out,
+            x.stride(0), dt.stride(0), b.stride(0), c.stride(0), cache.stride(0), cache.stride(1), a_log.stride(0),
+            out.stride(0), channels, N=d_state, BC=bc, BN=bn, HAS_INIT=init is not None, num_warps=4,
         )
     return out

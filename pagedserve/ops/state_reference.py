@@ -111,3 +111,30 @@ def ssd_decode_ref(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.
     inputs = ssd_inputs(x, dt, b, c, dt_bias, dt_limit)
     y = rows_step(lambda *xs: ssd_step(*xs, a), cache, rows, init, torch.float32, *inputs)
     return y if d is None else y + d.float()[:, None] * inputs[0]
+
+
+def selective_step(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, state: torch.Tensor,
+                   a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1's selective scan, one token for each of B requests, float32: x, dt [B, C], b, c
+    [B, N], state [B, C, N], a [C, N] (a decay rate per channel and state). Returns (y [B, C]
+    without the D skip, new state)."""
+    st = state * (dt.unsqueeze(-1) * a).exp() + (dt * x).unsqueeze(-1) * b.unsqueeze(-2)
+    return (st * c.unsqueeze(-2)).sum(dim=-1), st
+
+
+def selective_inputs(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                     dt_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A Mamba-1 layer's raw per-token inputs -> selective_step's, float32: dt = softplus(dt +
+    dt_bias) (dt_proj's bias)."""
+    return x.float(), F.softplus(dt.float() + dt_bias.float()), b.float(), c.float()
+
+
+def selective_decode_ref(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cache: torch.Tensor,
+                         rows: torch.Tensor, init: Optional[torch.Tensor], a_log: torch.Tensor, dt_bias: torch.Tensor,
+                         d: torch.Tensor) -> torch.Tensor:
+    """Raw inputs as selective_inputs takes them ([B, ...]); cache [R, C, N]; a_log [C, N]; d
+    [C]: the skip y += d x. Returns y [B, C] float32."""
+    a = -a_log.float().exp()
+    inputs = selective_inputs(x, dt, b, c, dt_bias)
+    y = rows_step(lambda *xs: selective_step(*xs, a), cache, rows, init, torch.float32, *inputs)
+    return y + d.float() * inputs[0]

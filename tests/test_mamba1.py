@@ -1,0 +1,72 @@
+"""Mamba-1 (model/layers/mamba1.py: Mamba, Falcon Mamba, Jamba): the batched scan over several
+sequences equals each one's token recurrence, with the states asked for kept; the layer run in
+prefill chunks and single-token steps through state rows equals transformers' layer over the
+whole sequence, a reused row starting fresh. (Whole models against transformers:
+test_correctness, test_cuda_graphs.)"""
+
+from __future__ import annotations
+
+import torch
+from engine_helpers import state_step_meta
+
+from pagedserve.model.layers.mamba1 import selective_scan, selective_scan_one
+from pagedserve.model.mamba import mamba1_mixer
+from pagedserve.ops.state_reference import selective_step
+
+
+def _seq(length: int, c: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    f64 = dict(generator=g, dtype=torch.float64)
+    return torch.randn(length, c, **f64), torch.rand(length, c, **f64), torch.randn(length, n, **f64), \
+        torch.randn(length, n, **f64)
+
+
+def test_scan_of_several_sequences_equals_the_recurrence():
+    g = torch.Generator().manual_seed(0)
+    c, n = 6, 4
+    a = -torch.rand(c, n, generator=g, dtype=torch.float64) * 3
+    cases = [(150, 5, [64, 128]), (3, 31, []), (70, 0, [64])]  # (length, first position, keep)
+    seqs = [_seq(length, c, n, g) for length, _, _ in cases]
+    states = torch.randn(len(cases), c, n, generator=g, dtype=torch.float64)
+    ys, finals, kept = selective_scan(seqs, states, [at for _, at, _ in cases], [k for _, _, k in cases], a)
+    for r, ((length, at, keep), seq) in enumerate(zip(cases, seqs)):
+        s, steps, want_kept = states[r:r + 1], [], []
+        for t in range(length):
+            if at + t in keep:
+                want_kept.append(s[0])
+            y, s = selective_step(*(x[t:t + 1] for x in seq), s, a)
+            steps.append(y[0])
+        torch.testing.assert_close(ys[r], torch.stack(steps), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(finals[r], s[0], rtol=1e-10, atol=1e-10)
+        assert len(kept[r]) == len(keep)
+        for got, want in zip(kept[r], want_kept):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    one = selective_scan_one(*seqs[1], states[1], a)  # the one-sequence form, the same numbers
+    torch.testing.assert_close(one[0], ys[1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_layer_in_pieces_equals_transformers_whole():
+    from transformers import FalconMambaConfig
+    from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer
+
+    cfg = FalconMambaConfig(hidden_size=32, state_size=8, num_hidden_layers=1, time_step_rank=4)
+    torch.manual_seed(0)
+    hf = FalconMambaMixer(cfg, 0, initialize_mixer_weights=False).eval()  # (its init reads norms not yet made)
+    ours = mamba1_mixer(cfg, "plain", cfg.mixer_rms_eps)
+    for name, p in hf.named_parameters():
+        p.normal_(0.0, 0.5) if name != "A_log" else p.uniform_(-1.0, 1.0)
+        ours.get_parameter(name).copy_(p)
+    ours.allocate_state(3, torch.device("cpu"), torch.float32, torch.float32)
+    ours.conv_state.normal_()  # a finished request's leftovers, which fresh requests must not read
+    ours.ssm_state.normal_()
+    a, b = torch.randn(80, 32), torch.randn(70, 32)
+    want_a, want_b = hf(a.unsqueeze(0))[0], hf(b.unsqueeze(0))[0]
+    got_a, got_b = [ours(None, a[:37], state_step_meta([37], 0, [2], [False]))], []
+    out = ours(None, torch.cat([b[:1], a[37:60]]), state_step_meta([1, 23], 1, [0, 2], [False, True]))
+    got_b.append(out[:1])
+    got_a.append(out[1:])
+    out = ours(None, torch.cat([a[60:61], b[1:70]]), state_step_meta([1, 69], 1, [2, 0], [True, True]))
+    got_a.append(out[:1])
+    got_b.append(out[1:])
+    torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)
