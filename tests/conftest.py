@@ -80,6 +80,9 @@ MODEL_SPECS = {
     # Mamba-1 alone, and Falcon Mamba (dt, B and C RMS-normalised without weights).
     "mamba": ("MambaForCausalLM", dict(num_layers=2, random_norms=True)),
     "falcon_mamba": ("FalconMambaForCausalLM", dict(num_layers=2, random_norms=True)),
+    # Jamba: Mamba-1 (weighted dt / B / C norms), attention without RoPE, experts every second
+    # layer (softmax weights not renormalised).
+    "jamba": ("JambaForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True)),
     # Nemotron 3: Nemotron-H with expert blocks (4 gateless experts in 2 groups, 2 a token, a
     # grouped sigmoid router with its correction bias, a shared expert, the routed experts in a
     # 32-wide latent space).

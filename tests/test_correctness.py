@@ -123,7 +123,10 @@ def test_text_prompts_and_detokenization(llama_dir, hf_refs):
 
 # Float32 noise grows through Qwen3.5's drawn (1 + w) norms: transformers' own logprobs for the
 # same tokens differ by up to 5.7e-4 between its full forward pass and its cached decode.
-LOGPROB_TOL = {"qwen3_5": 1e-3}
+# Jamba at these weights (initializer_range 0.5): up to 2.4e-4 from transformers; the same
+# model drawn at 0.02 agrees within 5e-7, and with or without its experts or attention the
+# gap stays one of float32 rounding (Mamba alone at 0.5: 1.2e-4).
+LOGPROB_TOL = {"qwen3_5": 1e-3, "jamba": 5e-4}
 
 
 @pytest.mark.parametrize("name", list(MODEL_SPECS))

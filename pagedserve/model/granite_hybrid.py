@@ -96,19 +96,21 @@ class GraniteMoeHybridForCausalLM(HybridLayers, LlamaForCausalLM):
 
 
 class MambaAttentionLayer(nn.Module):
-    """A pre-norm layer with a Mamba-2 mixer (`mamba`), RoPE attention (`self_attn`), or both
-    side by side on the same normed input, their outputs added (Falcon-H1); then a SwiGLU MLP
-    (`feed_forward`). Bamba's and Falcon-H1's."""
+    """A pre-norm layer with a state mixer (`mamba`: Mamba-2, or Jamba's Mamba-1), attention
+    (`self_attn`; RoPE unless rotary is None), or both side by side on the same normed input,
+    their outputs added (Falcon-H1); then a SwiGLU MLP, or the `feed_forward` given (Jamba's
+    experts). Bamba's, Falcon-H1's and Jamba's."""
 
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, mamba: Optional[Mamba2Dims], attention: bool) -> None:
+    def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], mamba: Optional[Mamba2Dims | nn.Module],
+                 attention: bool, feed_forward: Optional[nn.Module] = None) -> None:
         super().__init__()
         if mamba is not None:
-            self.mamba = Mamba2Mixer(mamba)
+            self.mamba = Mamba2Mixer(mamba) if isinstance(mamba, Mamba2Dims) else mamba
         if attention:
             bias = bool(getattr(cfg, "attention_bias", False))
             self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False)
         self.mixers = [m for m in (getattr(self, "mamba", None), getattr(self, "self_attn", None)) if m is not None]
-        self.feed_forward = LlamaMLP(cfg)
+        self.feed_forward = feed_forward if feed_forward is not None else LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

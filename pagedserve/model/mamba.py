@@ -1,17 +1,24 @@
-"""Mamba-1 language models: MambaForCausalLM (state-spaces/mamba-*, the Mamba Codestral
-predecessors) and FalconMambaForCausalLM (Falcon Mamba 7B, which RMS-normalises dt, B and C
-without weights): every layer a pre-norm residual block around a Mamba-1 mixer
-(layers/mamba1.py), no attention."""
+"""Models on Mamba-1 mixers (layers/mamba1.py): MambaForCausalLM (state-spaces/mamba-*) and
+FalconMambaForCausalLM (Falcon Mamba 7B, which RMS-normalises dt, B and C without weights),
+every layer a pre-norm residual block around the mixer and no attention; and the hybrid
+JambaForCausalLM."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
+import torch
 from torch import nn
 
+from pagedserve.model.granite_hybrid import MAMBA_OR_ATTENTION, MambaAttentionLayer
+from pagedserve.model.hf_config import checked_layer_types
 from pagedserve.model.layers.mamba1 import Mamba1Mixer
+from pagedserve.model.layers.moe import SparseMoeBlock
 from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.layers.state_mixer import HybridLayers
+from pagedserve.model.llama import LlamaForCausalLM
 from pagedserve.model.nemotron_h import Mamba2ForCausalLM, NemotronHBlock
+from pagedserve.model.qwen_moe import unstack_experts
 
 
 def mamba1_mixer(cfg: Any, bc_norm: Optional[str] = None, eps: Optional[float] = None,
@@ -44,3 +51,24 @@ class FalconMambaForCausalLM(MambaForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         return NemotronHBlock(cfg, "linear_attention", mixer=mamba1_mixer(cfg, "plain", float(cfg.mixer_rms_eps)))
+
+
+class JambaForCausalLM(HybridLayers, LlamaForCausalLM):
+    """AI21 Jamba (Jamba v0.1, 1.5 and 1.7 Mini / Large): Mamba-1 layers with weighted RMS norms
+    on dt, B and C, and attention layers without position encoding (config.layer_types), each
+    followed by a SwiGLU MLP or, every expert_layer_period layers, top-k experts whose softmax
+    weights are not renormalised."""
+
+    state_attr = "mamba"
+    renamed = [("model.final_layernorm.", "model.norm."), (".feed_forward.router.", ".feed_forward.gate.")]
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        mamba = checked_layer_types(cfg, MAMBA_OR_ATTENTION, cls.__name__)[layer_idx] == "linear_attention"
+        experts = int(cfg.layers_num_experts[layer_idx])
+        ffn = SparseMoeBlock(cfg, experts, cfg.intermediate_size, renormalize=False) if experts > 1 else None
+        mixer = mamba1_mixer(cfg, "weighted", float(cfg.rms_norm_eps), inner=int(cfg.mamba_expand * cfg.hidden_size))
+        return MambaAttentionLayer(cfg, None, mixer if mamba else None, not mamba, feed_forward=ffn)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(unstack_experts(weights, self.config.hidden_size, self.config.intermediate_size))

@@ -33,6 +33,7 @@ _MODELS = {
     "Mamba2ForCausalLM": ("pagedserve.model.nemotron_h", "Mamba2ForCausalLM"),
     "MambaForCausalLM": ("pagedserve.model.mamba", "MambaForCausalLM"),
     "FalconMambaForCausalLM": ("pagedserve.model.mamba", "FalconMambaForCausalLM"),
+    "JambaForCausalLM": ("pagedserve.model.mamba", "JambaForCausalLM"),
     "BambaForCausalLM": ("pagedserve.model.granite_hybrid", "BambaForCausalLM"),
     "FalconH1ForCausalLM": ("pagedserve.model.falcon_h1", "FalconH1ForCausalLM"),
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),
