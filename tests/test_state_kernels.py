@@ -130,6 +130,33 @@ def test_selective_decode(batch, channels, n, dtype, state_dtype):
            (5, channels, n), rows, init, state_dtype, TOL[(dtype, state_dtype)], **params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selective_scan_kernel(dtype):
+    """Mamba-1's prefill scan: three sequences of their own lengths from their own states, the
+    states kept after 0, some and all of a sequence's tokens, against the PyTorch scan (float64
+    inputs: the kernel computes in float32)."""
+    from pagedserve.model.layers.mamba1 import selective_scan
+    from pagedserve.ops.selective_scan import selective_scan_triton
+
+    g = torch.Generator().manual_seed(5)
+    c, n = 20, 6
+    cases = [(9, 3, [3, 8, 12]), (1, 0, []), (14, 64, [64, 70])]  # (length, first position, keep)
+    seqs = [tuple(t.to(dtype).to(DEV) for t in (torch.randn(length, c, generator=g), torch.rand(length, c, generator=g),
+                                                torch.randn(length, n, generator=g), torch.randn(length, n, generator=g)))
+            for length, _, _ in cases]
+    states = torch.randn(3, c, n, generator=g).to(dtype).to(DEV)
+    a = -torch.rand(c, n, generator=g).to(DEV) * 2
+    d = torch.randn(c, generator=g).to(DEV)
+    args = (seqs, states, [at for _, at, _ in cases], [k for _, _, k in cases], a)
+    ys, final, kept = selective_scan_triton(*args, d=d)
+    want_ys, want_final, want_kept = selective_scan(*args, d=d)
+    for got, want in zip(ys + [final], want_ys + [want_final]):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    assert [len(k) for k in kept] == [3, 0, 2]
+    for got, want in zip(sum(kept, []), sum(want_kept, [])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("norm", ["head", "gate_then_norm", "norm_then_gate"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_rms_norm(norm, dtype):

@@ -101,9 +101,12 @@ class Mamba1Mixer(StateMixer):
         dt, b, c = self._norm_dt_b_c(*self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1))
         dt = F.linear(dt, self.dt_proj.weight)  # (its bias joins in float32, with the softplus)
         params = dict(dt_bias=self.dt_proj.bias)
+        scan = selective_scan
+        if self.use_triton:
+            from pagedserve.ops.selective_scan import selective_scan_triton as scan
         y = self.over_rows(self.ssm_state, meta, (xs, dt, b, c), xs.new_empty(xs.shape, dtype=torch.float32),
                            partial(self.kernel_or_ref("selective_decode"), a_log=self.A_log, d=self.D, **params),
-                           partial(selective_scan, a=-self.A_log.float().exp(), d=self.D), torch.float32,
+                           partial(scan, a=-self.A_log.float().exp(), d=self.D), torch.float32,
                            self._snapshot(1), partial(selective_inputs, **params))
         return self.out_proj((y * F.silu(z.float())).to(x.dtype))
 
