@@ -1,7 +1,8 @@
 """Hybrid models on CPU: pagedserve against transformers' static-batch generate() on the same
 requests, in one process, for a ~30M-parameter Qwen3.5-shaped model (Gated DeltaNet layers,
-one full-attention layer in four) and a Granite-4.0-H-shaped one (Mamba-2 layers, one
-attention layer in four, experts), both random, float32.
+one full-attention layer in four), a Granite-4.0-H-shaped one (Mamba-2 layers, one attention
+layer in four, experts) and a Jamba-shaped one (Mamba-1 layers, one attention layer in four,
+experts in every second layer), all random, float32.
 
     python benchmarks/bench_hybrid.py [--num-prompts 64] [--output-json out.json]
 """
@@ -25,6 +26,9 @@ MODELS = {
         layer_types=["mamba", "mamba", "mamba", "attention"] * 2, mamba_n_heads=16, mamba_d_head=64,
         mamba_n_groups=1, mamba_d_state=64, num_local_experts=8, num_experts_per_tok=2, intermediate_size=512,
         shared_intermediate_size=1024, position_embedding_type="nope")),
+    "jamba": ("JambaForCausalLM", dict(
+        attn_layer_period=4, attn_layer_offset=3, expert_layer_period=2, expert_layer_offset=1, num_experts=8,
+        num_experts_per_tok=2, intermediate_size=512, mamba_d_state=16, mamba_expand=2, mamba_dt_rank=32)),
 }
 
 

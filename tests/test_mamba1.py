@@ -70,3 +70,11 @@ def test_layer_in_pieces_equals_transformers_whole():
     got_b.append(out[1:])
     torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)
+
+
+def test_other_activations_refused():
+    import pytest
+    from transformers import JambaConfig
+
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        mamba1_mixer(JambaConfig(hidden_act="gelu", num_hidden_layers=1), "weighted", 1e-6, inner=8192)

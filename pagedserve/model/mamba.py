@@ -24,6 +24,8 @@ from pagedserve.model.qwen_moe import unstack_experts
 def mamba1_mixer(cfg: Any, bc_norm: Optional[str] = None, eps: Optional[float] = None,
                  inner: Optional[int] = None) -> Mamba1Mixer:
     """A Mamba-1 mixer from transformers' Mamba / FalconMamba / Jamba config names."""
+    if cfg.hidden_act != "silu":  # (all three apply hidden_act after the convolution)
+        raise ValueError(f"Mamba layers here use SiLU after their convolution, not hidden_act={cfg.hidden_act!r}.")
     d_state = int(getattr(cfg, "state_size", None) or cfg.mamba_d_state)
     kernel = int(getattr(cfg, "conv_kernel", None) or cfg.mamba_d_conv)
     inner = inner or int(cfg.intermediate_size)
@@ -37,11 +39,6 @@ def mamba1_mixer(cfg: Any, bc_norm: Optional[str] = None, eps: Optional[float] =
 
 
 class MambaForCausalLM(Mamba2ForCausalLM):
-    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
-        if config.hidden_act != "silu":
-            raise ValueError(f"Mamba layers here use SiLU in their convolution, not {config.hidden_act!r}.")
-        super().__init__(config, *args, **kwargs)
-
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         return NemotronHBlock(cfg, "linear_attention", mixer=mamba1_mixer(cfg))

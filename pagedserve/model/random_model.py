@@ -94,8 +94,7 @@ ARCH_CONFIGS = {
     # experts (2 a token) in every second layer, an MLP in the others.
     "JambaForCausalLM": ("JambaConfig", {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
                                          "expert_layer_offset": 1, "num_experts": 4, "num_experts_per_tok": 2,
-                                         "mamba_d_state": 16, "mamba_dt_rank": 8, "mamba_expand": 2,
-                                         "use_mamba_kernels": False}),
+                                         "mamba_d_state": 16, "mamba_dt_rank": 8, "mamba_expand": 2}),
     # LFM2: short-convolution layers and attention layers (full_attn_idxs), the MLP width LFM2
     # derives from intermediate_size.
     "Lfm2ForCausalLM": ("Lfm2Config", {"full_attn_idxs": [1], "block_multiple_of": 32}),
