@@ -97,6 +97,8 @@ MODEL_SPECS = {
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
+    # OLMoE: q/k norms over all heads at once, experts in every layer, weights not renormalised.
+    "olmoe": ("OlmoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
     # Gemma 2: alternating sliding / full layers, attention and final softcaps. Gemma 3: q/k
     # norms, local and global layers with their own RoPE (linear scaling on the global ones).
     "gemma": ("GemmaForCausalLM", dict(num_heads=4, num_kv_heads=1, head_dim=32)),

@@ -41,7 +41,7 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3_rope", "mixtral", "qwen2_moe", "qwen3_moe",
                                   "mistral_swa", "qwen2_swa", "gemma", "gemma2", "gemma3", "phi3", "granite", "olmo2",
-                                  "smollm3", "cohere", "glm4", "glm", "olmo3", "seed_oss", "ernie4_5", "ernie4_5_moe",
+                                  "smollm3", "olmoe", "cohere", "glm4", "glm", "olmo3", "seed_oss", "ernie4_5", "ernie4_5_moe",
                                   "ministral3", "exaone4", "cohere2", "hunyuan", "arcee", "apertus", "qwen3_next",
                                   "qwen3_5", "qwen3_5_moe", "granite_hybrid", "granite_hybrid_dense",
                                   "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba", "bamba",

@@ -45,7 +45,8 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
         super().load_weights(unstack_experts(weights, self.config.hidden_size, self.config.moe_intermediate_size))
 
 
-_STACKED = re.compile(r"^(?P<prefix>.*\.(?:mlp|block_sparse_moe)\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_STACKED = re.compile(
+    r"^(?P<prefix>.*\.(?:mlp|block_sparse_moe|feed_forward)\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 
 
 def unstack_experts(weights: Iterable[tuple[str, torch.Tensor]], hidden: int,
