@@ -168,8 +168,10 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
 def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_refs):
     """Decode steps through DecodeGraphRunner (capture=False) inside the engine: greedy tokens
     still equal transformers', and the path was taken. The MoE models' experts run on the
-    fused Triton kernel there (no host sync), which makes them graph-safe. Linear-attention
-    and Mamba-2 models (Qwen3.5, Qwen3-Next, Granite 4.0-H) read their state rows from static buffers, padding requests a
+    fused Triton kernel there (no host sync), which makes them graph-safe. Models with state
+    layers (Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, LFM2, Mamba-2, Mamba, Falcon
+    Mamba, Jamba) run them on their Triton kernels (decode steps, and the prefill scans of the
+    75-token prompt) and read their state rows from static buffers, padding requests a
     scratch row; a one-token prompt starts its state there."""
     pytest.importorskip("triton")
     from conftest import assert_greedy_matches
@@ -183,12 +185,13 @@ def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_
     calls = []
     run = runner.graphs.run
     runner.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
-    prompts = [[(7 * i + 3 * j) % 1000 + 4 for j in range(n)] for i, n in enumerate((5, 17, 9))]
+    # (75 tokens: two of the state layers' 64-token scan blocks, on their Triton kernels)
+    prompts = [[(7 * i + 3 * j) % 1000 + 4 for j in range(n)] for i, n in enumerate((5, 17, 9, 75))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     for p, o in zip(prompts, outs):
         assert_greedy_matches(hf_refs[name].greedy(p, 6), o.outputs[0].token_ids)
-    assert calls and max(calls) == 3
+    assert calls and max(calls) == 4
     if runner.state_layers:  # a one-token prompt is a decode row: a fresh state in a reused row
         calls.clear()
         out = llm.generate([{"prompt_token_ids": [77]}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),

@@ -141,9 +141,9 @@ def test_selective_scan_kernel(dtype):
     g = torch.Generator().manual_seed(5)
     c, n = 20, 6
     cases = [(9, 3, [3, 8, 12]), (1, 0, []), (14, 64, [64, 70])]  # (length, first position, keep)
-    seqs = [tuple(t.to(dtype).to(DEV) for t in (torch.randn(length, c, generator=g), torch.rand(length, c, generator=g),
-                                                torch.randn(length, n, generator=g), torch.randn(length, n, generator=g)))
-            for length, _, _ in cases]
+    seqs = [tuple(t.to(dtype).to(DEV) for t in (
+        torch.randn(length, c, generator=g), torch.rand(length, c, generator=g), torch.randn(length, n, generator=g),
+        torch.randn(length, n, generator=g))) for length, _, _ in cases]
     states = torch.randn(3, c, n, generator=g).to(dtype).to(DEV)
     a = -torch.rand(c, n, generator=g).to(DEV) * 2
     d = torch.randn(c, generator=g).to(DEV)
@@ -155,6 +155,83 @@ def test_selective_scan_kernel(dtype):
     assert [len(k) for k in kept] == [3, 0, 2]
     for got, want in zip(sum(kept, []), sum(want_kept, [])):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+
+
+def _block_inputs(shapes: list[tuple[int, ...]], g: torch.Generator) -> list[torch.Tensor]:
+    return [(torch.randn(shape, generator=g) * 0.3).to(DEV) for shape in shapes]
+
+
+@pytest.mark.parametrize("dv", [16, 24])
+def test_gdn_blocks_kernel(dv):
+    """Gated DeltaNet's block-to-block recurrence: two sequences of 3 blocks, states kept after
+    blocks 0 and 2 (two asked for at the same block) and one after none (the starting state)."""
+    from pagedserve.model.layers.gated_delta import gdn_blocks
+    from pagedserve.ops.chunk_scan import gdn_blocks_triton
+
+    g = torch.Generator().manual_seed(dv)
+    r, h, n, c, dk = 2, 2, 3, 16, 16
+    u, w, q, sc, kt, states = _block_inputs([(r, h, n, c, dv), (r, h, n, c, dk), (r, h, n, c, dk), (r, h, n, c, c),
+                                             (r, h, n, dk, c), (r, h, dk, dv)], g)
+    ed = torch.rand(r, h, n, 1, 1, generator=g).to(DEV)
+    after, counts = {0: [(0, 0)], 2: [(1, 0), (1, 2)]}, [2, 3]
+    got = gdn_blocks_triton(u, w, q, sc, kt, ed, states, after, counts)
+    want = gdn_blocks(u, w, q, sc, kt, ed, states, after, counts)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert [len(k) for k in got[2]] == counts
+    for a, b in zip(sum(got[2], []), sum(want[2], [])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [16, 40])
+def test_ssd_blocks_kernel(p):
+    from pagedserve.model.layers.mamba2 import ssd_blocks
+    from pagedserve.ops.chunk_scan import ssd_blocks_triton
+
+    g = torch.Generator().manual_seed(p)
+    r, h, n, c, d_state = 3, 2, 2, 16, 16
+    intra, cd, bt, xdt, states = _block_inputs([(r, h, n, c, p), (r, h, n, c, d_state), (r, h, n, d_state, c),
+                                                (r, h, n, c, p), (r, h, d_state, p)], g)
+    ed = torch.rand(r, h, n, 1, 1, generator=g).to(DEV)
+    after, counts = {1: [(2, 0), (0, 0)]}, [1, 0, 2]
+    got = ssd_blocks_triton(intra, cd, bt, xdt, ed, states, after, counts)
+    want = ssd_blocks(intra, cd, bt, xdt, ed, states, after, counts)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(sum(got[2], []), sum(want[2], [])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_scans_on_the_block_kernels():
+    """gated_delta_chunks and ssd_chunks through the kernels, sequences from unaligned starts
+    with kept states, against the same scans on the PyTorch loop."""
+    from pagedserve.model.layers.gated_delta import gated_delta_chunks
+    from pagedserve.model.layers.mamba2 import ssd_chunks
+    from pagedserve.ops.chunk_scan import gdn_blocks_triton, ssd_blocks_triton
+    from pagedserve.ops.state_reference import l2_normalize
+
+    g = torch.Generator().manual_seed(9)
+    cases = [(40, 5, [16, 32]), (7, 0, []), (20, 16, [32])]
+    h, dk, dv = 2, 16, 24
+    seqs = [(l2_normalize(torch.randn(n, h, dk, generator=g)) * dk ** -0.5,
+             l2_normalize(torch.randn(n, h, dk, generator=g)), torch.randn(n, h, dv, generator=g),
+             -torch.rand(n, h, generator=g), torch.rand(n, h, generator=g)) for n, _, _ in cases]
+    seqs = [tuple(t.to(DEV) for t in seq) for seq in seqs]
+    states = torch.randn(3, h, dk, dv, generator=g).to(DEV)
+    args = (seqs, states, [at for _, at, _ in cases], [k for _, _, k in cases])
+    got, want = gated_delta_chunks(*args, chunk=16, blocks=gdn_blocks_triton), gated_delta_chunks(*args, chunk=16)
+    for x, y in zip(got[0] + [got[1]] + sum(got[2], []), want[0] + [want[1]] + sum(want[2], [])):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    p, n_state = 8, 16
+    seqs = [tuple(t.to(DEV) for t in (torch.randn(n, h, p, generator=g), torch.rand(n, h, generator=g),
+                                      torch.randn(n, h, n_state, generator=g), torch.randn(n, h, n_state, generator=g)))
+            for n, _, _ in cases]
+    states = torch.randn(3, h, n_state, p, generator=g).to(DEV)
+    a = -torch.rand(h, generator=g).to(DEV)
+    args = (seqs, states, [at for _, at, _ in cases], [k for _, _, k in cases], a)
+    got, want = ssd_chunks(*args, chunk=16, blocks=ssd_blocks_triton), ssd_chunks(*args, chunk=16)
+    for x, y in zip(got[0] + [got[1]] + sum(got[2], []), want[0] + [want[1]] + sum(want[2], [])):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("norm", ["head", "gate_then_norm", "norm_then_gate"])

@@ -12,7 +12,7 @@ solve per block, then matrix products), decode tokens one step for the whole bat
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,34 @@ from torch import nn
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.state_mixer import StateMixer, kept_blocks, stacked_blocks, unblock
 from pagedserve.ops.state_reference import gated_delta_inputs
+from pagedserve.ops.triton_shapes import blocks_fit
 
 CHUNK = 64
 
 
+def gdn_blocks(u_free: torch.Tensor, w: torch.Tensor, q_decayed: torch.Tensor, scores: torch.Tensor,
+               k_to_end: torch.Tensor, end_decay: torch.Tensor, states: torch.Tensor, after: dict,
+               counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
+    """The block-to-block recurrence of gated_delta_chunks, all sequences together (u_free [R,
+    H, n, C, Dv], w and q_decayed [R, H, n, C, Dk], scores [R, H, n, C, C], k_to_end [R, H, n,
+    Dk, C], end_decay [R, H, n, 1, 1], states [R, H, Dk, Dv]; after: block -> [(request, i)]
+    whose i-th of counts[request] kept states follows that block). Returns (out [R, H, n, C,
+    Dv], final states, kept states). Its Triton form: ops/chunk_scan.gdn_blocks_triton."""
+    out = torch.empty(*u_free.shape, dtype=u_free.dtype, device=u_free.device)
+    s = states
+    kept = [[states[r]] * count for r, count in enumerate(counts)]
+    for b in range(u_free.shape[2]):
+        u = u_free[:, :, b] - w[:, :, b] @ s
+        out[:, :, b] = q_decayed[:, :, b] @ s + scores[:, :, b] @ u
+        s = end_decay[:, :, b] * s + k_to_end[:, :, b] @ u
+        for r, i in after.get(b, ()):
+            kept[r][i] = s[r]
+    return out, s, kept
+
+
 def gated_delta_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: list[int],
-                       keeps: list[list[int]], chunk: int = CHUNK) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+                       keeps: list[list[int]], chunk: int = CHUNK,
+                       blocks: Callable = gdn_blocks) -> tuple[list[torch.Tensor], torch.Tensor, list]:
     """Several sequences at once, float32 (ChunksFn): each (q, k [L, H, Dk] normalised, q
     scaled; v [L, H, Dv]; g, beta [L, H]) from position ats[r], from states [R, H, Dk, Dv].
     Returns ([out [L, H, Dv]], final states [R, H, Dk, Dv], [[the state before each position of
@@ -43,7 +65,7 @@ def gated_delta_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tenso
     fronts = [at % chunk for at in ats]
     # (padding: k = 0, beta = 0, g = 0: a state passes through unchanged)
     q, k, v, g, beta = (stacked_blocks([s[i] for s in seqs], chunk, fronts) for i in range(5))
-    n, dk, dv = q.shape[2], k.shape[-1], v.shape[-1]
+    dk, dv = k.shape[-1], v.shape[-1]
     c = g.cumsum(dim=-1)
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     # exp(c_i - c_j) on and below the diagonal, 0 above (masked before exp: no overflow)
@@ -56,16 +78,8 @@ def gated_delta_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tenso
     q_decayed = q * c.exp().unsqueeze(-1)
     k_to_end = (k * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2)
     end_decay = c[..., -1].exp()[..., None, None]  # [R, H, n, 1, 1]
-    out = torch.empty(*q.shape[:4], dv, dtype=q.dtype, device=q.device)
-    s = states
-    kept = [[states[r]] * len(keep) for r, keep in enumerate(keeps)]
-    after = kept_blocks(ats, keeps, fronts, chunk)
-    for b in range(n):
-        u = u_free[:, :, b] - w[:, :, b] @ s
-        out[:, :, b] = q_decayed[:, :, b] @ s + scores[:, :, b] @ u
-        s = end_decay[:, :, b] * s + k_to_end[:, :, b] @ u
-        for r, i in after.get(b, ()):
-            kept[r][i] = s[r]
+    out, s, kept = blocks(u_free, w, q_decayed, scores, k_to_end, end_decay, states,
+                          kept_blocks(ats, keeps, fronts, chunk), [len(keep) for keep in keeps])
     return unblock(out, [len(seq[0]) for seq in seqs], fronts), s, kept
 
 
@@ -142,8 +156,13 @@ class GatedDeltaNet(StateMixer):
         raw = (q.view(t, self.num_k_heads, self.head_k_dim), k.view(t, self.num_k_heads, self.head_k_dim),
                v.view(t, self.num_v_heads, self.head_v_dim), a, b)
         gates = dict(a_log=self.A_log, dt_bias=self.dt_bias)
+        chunks = gated_delta_chunks
+        if self.use_triton and blocks_fit(self.head_k_dim, CHUNK):
+            from pagedserve.ops.chunk_scan import gdn_blocks_triton
+
+            chunks = partial(gated_delta_chunks, blocks=gdn_blocks_triton)
         core = self.over_rows(self.ssm_state, meta, raw, x.new_empty(raw[2].shape, dtype=torch.float32),
-                              partial(self.kernel_or_ref("gated_delta_decode"), **gates), gated_delta_chunks,
+                              partial(self.kernel_or_ref("gated_delta_decode"), **gates), chunks,
                               torch.float32, self._snapshot(1), partial(gated_delta_inputs, **gates))
         out = self.norm(core, z.view(t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(out.reshape(t, self.value_dim))

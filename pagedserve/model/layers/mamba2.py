@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,33 @@ from torch import nn
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.layers.state_mixer import StateMixer, kept_blocks, stacked_blocks, unblock
 from pagedserve.ops.state_reference import ssd_inputs
+from pagedserve.ops.triton_shapes import blocks_fit
 
 CHUNK = 64
 
 
+def ssd_blocks(intra: torch.Tensor, c_decayed: torch.Tensor, b_to_end: torch.Tensor, xdt: torch.Tensor,
+               end_decay: torch.Tensor, states: torch.Tensor, after: dict,
+               counts: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
+    """The block-to-block recurrence of ssd_chunks, all sequences together (intra and xdt [R,
+    H, n, C, P], c_decayed [R, H, n, C, N], b_to_end [R, H, n, N, C], end_decay [R, H, n, 1, 1],
+    states [R, H, N, P]; after: block -> [(request, i)] whose i-th of counts[request] kept
+    states follows that block). Returns (out [R, H, n, C, P], final states, kept states). Its
+    Triton form: ops/chunk_scan.ssd_blocks_triton."""
+    out = torch.empty_like(intra)
+    st = states
+    kept = [[states[r]] * count for r, count in enumerate(counts)]
+    for i in range(intra.shape[2]):
+        out[:, :, i] = intra[:, :, i] + c_decayed[:, :, i] @ st
+        st = end_decay[:, :, i] * st + b_to_end[:, :, i] @ xdt[:, :, i]
+        for r, j in after.get(i, ()):
+            kept[r][j] = st[r]
+    return out, st, kept
+
+
 def ssd_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: list[int], keeps: list[list[int]],
-               a: torch.Tensor, chunk: int = CHUNK,
-               d: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], torch.Tensor, list]:
+               a: torch.Tensor, chunk: int = CHUNK, d: Optional[torch.Tensor] = None,
+               blocks: Callable = ssd_blocks) -> tuple[list[torch.Tensor], torch.Tensor, list]:
     """Several sequences at once, float32 (ChunksFn): each (x [L, H, P], dt [L, H], b, c
     [L, H, N]) from position ats[r], from states [R, H, N, P]; a [H] (negative); d [H]: the
     skip y += d x, if given. Returns ([y [L, H, P]], final states, [[the state before each position of keeps[r]:
@@ -41,22 +61,14 @@ def ssd_chunks(seqs: list[tuple[torch.Tensor, ...]], states: torch.Tensor, ats: 
     b = stacked_blocks([s[2] for s in seqs], chunk, fronts)
     c = stacked_blocks([s[3] for s in seqs], chunk, fronts)
     s = stacked_blocks([dt * a for _, dt, _, _ in seqs], chunk, fronts).cumsum(dim=-1)
-    n = xdt.shape[2]
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=xdt.device).tril()
     decay = (s.unsqueeze(-1) - s.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
     intra = ((c @ b.transpose(-1, -2)) * decay) @ xdt
     c_decayed = c * s.exp().unsqueeze(-1)
     b_to_end = (b * (s[..., -1:] - s).exp().unsqueeze(-1)).transpose(-1, -2)
     end_decay = s[..., -1].exp()[..., None, None]
-    out = torch.empty_like(intra)
-    st = states
-    kept = [[states[r]] * len(keep) for r, keep in enumerate(keeps)]
-    after = kept_blocks(ats, keeps, fronts, chunk)
-    for i in range(n):
-        out[:, :, i] = intra[:, :, i] + c_decayed[:, :, i] @ st
-        st = end_decay[:, :, i] * st + b_to_end[:, :, i] @ xdt[:, :, i]
-        for r, j in after.get(i, ()):
-            kept[r][j] = st[r]
+    out, st, kept = blocks(intra, c_decayed, b_to_end, xdt, end_decay, states, kept_blocks(ats, keeps, fronts, chunk),
+                           [len(keep) for keep in keeps])
     ys = unblock(out, [len(seq[0]) for seq in seqs], fronts)
     if d is not None:
         ys = [y + d.float()[:, None] * seq[0] for y, seq in zip(ys, seqs)]
@@ -183,9 +195,12 @@ class Mamba2Mixer(StateMixer):
         raw = (xs.view(t, self.heads, self.head_dim), dt, b.view(t, self.groups, self.d_state),
                c.view(t, self.groups, self.d_state))
         params = dict(dt_bias=self.dt_bias, dt_limit=self.dt_limit)
+        blocks = ssd_blocks
+        if self.use_triton and blocks_fit(self.d_state, CHUNK):
+            from pagedserve.ops.chunk_scan import ssd_blocks_triton as blocks
         y = self.over_rows(self.ssm_state, meta, raw, x.new_empty(raw[0].shape, dtype=torch.float32),
                            partial(self.kernel_or_ref("ssd_decode"), a_log=self.A_log, d=self.D, **params),
-                           partial(ssd_chunks, a=-self.A_log.float().exp(), d=self.D), torch.float32,
+                           partial(ssd_chunks, a=-self.A_log.float().exp(), d=self.D, blocks=blocks), torch.float32,
                            self._snapshot(1), partial(ssd_inputs, **params)).view(t, self.inner)
         if self.norm is None:
             return self.out_proj((y * F.silu(z.float())).to(x.dtype))
