@@ -284,7 +284,8 @@ def test_state_kernels_gpu(dtype, state_dtype):
     rows, init = _rows(64, 96, g)
     conv = 2 * 16 * 128 + 32 * 128
     _check(conv_decode, conv_decode_ref, [_fused(64, [conv], dtype, g) for _ in range(STEPS)], (96, conv, 3),
-           rows, init, dtype, tol, weight=torch.randn(conv, 4, generator=g).to(dtype).to(DEV), bias=None)
+           rows, init, dtype, TOL[(dtype, dtype)], weight=torch.randn(conv, 4, generator=g).to(dtype).to(DEV),
+           bias=None)  # (outputs and state in the model's dtype)
     params = dict(a_log=torch.randn(32, generator=g).to(DEV), dt_bias=torch.randn(32, generator=g).to(dtype).to(DEV))
     _check(gated_delta_decode, gated_delta_decode_ref, _gdn_steps(64, 16, 32, 128, 128, dtype, g), (96, 32, 128, 128),
            rows, init, state_dtype, tol, **params)
@@ -296,3 +297,34 @@ def test_state_kernels_gpu(dtype, state_dtype):
                   dt_bias=torch.randn(8192, generator=g).to(dtype).to(DEV), d=torch.randn(8192, generator=g).to(DEV))
     _check(selective_decode, selective_decode_ref, _selective_steps(64, 8192, 16, dtype, g), (96, 8192, 16), rows,
            init, state_dtype, tol, **params)
+
+
+@pytest.mark.gpu
+def test_prefill_scan_kernels_gpu():
+    """The prefill scans' kernels at real sizes: Gated DeltaNet (64-token blocks, 128 x 128
+    states), Mamba-2 (128 x 64 states) and Mamba-1 (8192 channels)."""
+    from pagedserve.model.layers.gated_delta import gdn_blocks
+    from pagedserve.model.layers.mamba1 import selective_scan
+    from pagedserve.model.layers.mamba2 import ssd_blocks
+    from pagedserve.ops.chunk_scan import gdn_blocks_triton, ssd_blocks_triton
+    from pagedserve.ops.selective_scan import selective_scan_triton
+
+    g = torch.Generator().manual_seed(1)
+    r, h, n, c = 3, 8, 5, 64
+    gdn = _block_inputs([(r, h, n, c, 128), (r, h, n, c, 128), (r, h, n, c, 128), (r, h, n, c, c), (r, h, n, 128, c)],
+                        g) + [torch.rand(r, h, n, 1, 1, generator=g).to(DEV), _block_inputs([(r, h, 128, 128)], g)[0]]
+    ssd = _block_inputs([(r, h, n, c, 64), (r, h, n, c, 128), (r, h, n, 128, c), (r, h, n, c, 64)], g) + [
+        torch.rand(r, h, n, 1, 1, generator=g).to(DEV), _block_inputs([(r, h, 128, 64)], g)[0]]
+    after, counts = {1: [(0, 0)], 4: [(2, 0)]}, [1, 0, 1]
+    for kernel, twin, inputs in ((gdn_blocks_triton, gdn_blocks, gdn), (ssd_blocks_triton, ssd_blocks, ssd)):
+        got, want = kernel(*inputs, after, counts), twin(*inputs, after, counts)
+        for x, y in zip([got[0], got[1]] + sum(got[2], []), [want[0], want[1]] + sum(want[2], [])):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    seqs = [tuple(t.to(DEV) for t in (
+        torch.randn(length, 8192, generator=g), torch.rand(length, 8192, generator=g) * 0.1,
+        torch.randn(length, 16, generator=g), torch.randn(length, 16, generator=g))) for length in (300, 7)]
+    states = torch.randn(2, 8192, 16, generator=g).to(DEV)
+    args = (seqs, states, [256, 0], [[512], []], -torch.rand(8192, 16, generator=g).to(DEV))
+    got, want = selective_scan_triton(*args), selective_scan(*args)
+    for x, y in zip(got[0] + [got[1]] + sum(got[2], []), want[0] + [want[1]] + sum(want[2], [])):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
