@@ -485,31 +485,35 @@ def hybrid(ns) -> dict:
 
 
 def state_layer_decode(runner, hidden: int, ns) -> dict:
-    """One Gated DeltaNet layer's decode step (eager, outside the engine) with its Triton
-    kernels (ops/state_decode.py, ops/gated_norm.py) against the same layer on their PyTorch
-    twins, at a few batch sizes: median microseconds and the ratio."""
+    """One Gated DeltaNet layer (eager, outside the engine) with its Triton kernels
+    (ops/state_decode.py, ops/gated_norm.py, ops/chunk_scan.py) against the same layer on its
+    PyTorch twins: a decode step at a few batch sizes, and one prompt's prefill; median
+    microseconds and the ratios."""
     import types
 
     from pagedserve.attention.backend import StateRows
 
     layer = runner.state_layers[0]
     switches = [m for m in layer.modules() if hasattr(m, "use_triton")]
+    dtype = runner.config.dtype
     out: dict[str, Any] = {"layer": type(layer).__name__}
-    for batch in (1, 16, 64):
-        rows = list(range(batch))
-        states = StateRows(torch.tensor(rows, device=ns.device), torch.ones(batch, device=ns.device), rows,
-                           [True] * batch)
-        meta = types.SimpleNamespace(states=states, num_decodes=batch, num_reqs=batch,
-                                     query_start_loc_cpu=list(range(batch + 1)))
-        x = torch.randn(batch, hidden, device=ns.device).to(runner.config.dtype)
-        pos = torch.zeros(batch, dtype=torch.long, device=ns.device)
+    prompt = 128 if ns.dry_run else 2048
+    for batch in (1, 16, 64, 0):  # 0: the prefill
+        n, tokens = (batch, batch) if batch else (1, prompt)
+        states = StateRows(torch.arange(n, device=ns.device), torch.ones(n, device=ns.device), list(range(n)),
+                           [bool(batch)] * n)
+        meta = types.SimpleNamespace(states=states, num_decodes=batch, num_reqs=n, seq_lens_cpu=[tokens] * n,
+                                     query_start_loc_cpu=list(range(n + 1)) if batch else [0, tokens])
+        x = torch.randn(tokens, hidden, device=ns.device).to(dtype)
+        pos = torch.zeros(tokens, dtype=torch.long, device=ns.device)
+        tag = f"b{batch}" if batch else f"prefill{prompt}"
         for use in (True, False):
             for m in switches:
                 m.use_triton = use
             with torch.inference_mode():
-                us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 50))) * 1e6
-            out[f"b{batch}_{'triton' if use else 'torch'}_us"] = us
-        out[f"b{batch}_speedup"] = out[f"b{batch}_torch_us"] / out[f"b{batch}_triton_us"]
+                us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 30))) * 1e6
+            out[f"{tag}_{'triton' if use else 'torch'}_us"] = us
+        out[f"{tag}_speedup"] = out[f"{tag}_torch_us"] / out[f"{tag}_triton_us"]
     for m in switches:
         m.use_triton = True
     return out
