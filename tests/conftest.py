@@ -90,6 +90,10 @@ MODEL_SPECS = {
         num_heads=4, num_kv_heads=2, num_layers=4, initializer_range=0.15, hybrid_override_pattern="ME*E",
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, moe_shared_expert_intermediate_size=64,
         n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, moe_latent_size=32)),
+    # MiniMax-Text-01: lightning attention, softmax attention and lightning layers, experts
+    # after each, scaled post-norm layers.
+    "minimax": ("MiniMaxForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, head_dim=16, layer_types=[
+        "linear_attention", "full_attention", "linear_attention"], random_norms=True)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.
     "lfm2": ("Lfm2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;

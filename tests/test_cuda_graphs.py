@@ -164,14 +164,14 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
 
 
 @pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next", "granite_hybrid",
-                                  "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba"])
+                                  "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba", "minimax"])
 def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_refs):
     """Decode steps through DecodeGraphRunner (capture=False) inside the engine: greedy tokens
     still equal transformers', and the path was taken. The MoE models' experts run on the
     fused Triton kernel there (no host sync), which makes them graph-safe. Models with state
     layers (Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, LFM2, Mamba-2, Mamba, Falcon
-    Mamba, Jamba) run them on their Triton kernels (decode steps, and the prefill scans of the
-    75-token prompt) and read their state rows from static buffers, padding requests a
+    Mamba, Jamba, MiniMax) run them on their Triton kernels (decode steps, but MiniMax's; the
+    prefill scans of the 75-token prompt) and read their state rows from static buffers, padding requests a
     scratch row; a one-token prompt starts its state there."""
     pytest.importorskip("triton")
     from conftest import assert_greedy_matches

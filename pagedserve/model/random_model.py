@@ -95,6 +95,12 @@ ARCH_CONFIGS = {
     "JambaForCausalLM": ("JambaConfig", {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,
                                          "expert_layer_offset": 1, "num_experts": 4, "num_experts_per_tok": 2,
                                          "mamba_d_state": 16, "mamba_dt_rank": 8, "mamba_expand": 2}),
+    # MiniMax-Text-01: lightning (linear) attention and softmax attention layers, 4 experts (2 a
+    # token) after each, the layers' scale factors away from 1.
+    "MiniMaxForCausalLM": ("MiniMaxConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "block_size": 16,
+                                             "full_attn_alpha_factor": 1.2, "full_attn_beta_factor": 0.8,
+                                             "linear_attn_alpha_factor": 0.9, "linear_attn_beta_factor": 1.1,
+                                             "mlp_alpha_factor": 1.3, "mlp_beta_factor": 0.7}),
     # LFM2: short-convolution layers and attention layers (full_attn_idxs), the MLP width LFM2
     # derives from intermediate_size.
     "Lfm2ForCausalLM": ("Lfm2Config", {"full_attn_idxs": [1], "block_multiple_of": 32}),

@@ -37,6 +37,7 @@ _MODELS = {
     "BambaForCausalLM": ("pagedserve.model.granite_hybrid", "BambaForCausalLM"),
     "FalconH1ForCausalLM": ("pagedserve.model.falcon_h1", "FalconH1ForCausalLM"),
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),
+    "MiniMaxForCausalLM": ("pagedserve.model.minimax", "MiniMaxForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),

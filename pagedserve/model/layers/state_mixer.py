@@ -88,9 +88,9 @@ def conv_chunks(seqs: list, states: torch.Tensor, ats: list[int], keeps: list[li
 
 
 class StateMixer(nn.Module):
-    """Subclasses give state_shapes() and a `conv1d` (nn.Conv1d, depthwise) whose last K-1
-    inputs are the convolution state; a recurrent state is optional (LFM2's short
-    convolutions have none)."""
+    """Subclasses give state_shapes() and, with a convolution state, a `conv1d` (nn.Conv1d,
+    depthwise) whose last K-1 inputs are that state; either state is optional (LFM2's short
+    convolutions have no recurrence, MiniMax's lightning attention no convolution)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,14 +99,16 @@ class StateMixer(nn.Module):
         self.snapshots: list[torch.Tensor] = []  # saved states, [slots, ...] like each of the two
         self.use_triton = False  # set by the model runner with the Triton backend: decode kernels
 
-    def state_shapes(self) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
-        """One request's (convolution state, recurrent state or None) shapes."""
+    def state_shapes(self) -> tuple[Optional[tuple[int, ...]], Optional[tuple[int, ...]]]:
+        """One request's (convolution state, recurrent state) shapes; None where the layer has
+        none (LFM2: no recurrence; MiniMax's lightning attention: no convolution)."""
         raise NotImplementedError
 
     def allocate_state(self, rows: int, device: torch.device, conv_dtype: torch.dtype,
                        ssm_dtype: torch.dtype) -> None:
         conv, ssm = self.state_shapes()
-        self.conv_state = torch.zeros((rows, *conv), dtype=conv_dtype, device=device)
+        if conv is not None:
+            self.conv_state = torch.zeros((rows, *conv), dtype=conv_dtype, device=device)
         if ssm is not None:
             self.ssm_state = torch.zeros((rows, *ssm), dtype=ssm_dtype, device=device)
 
@@ -151,7 +153,9 @@ class StateMixer(nn.Module):
 
     def _snapshot(self, i: int) -> Optional[torch.Tensor]:
         """The saved states of the convolution (0) or the recurrence (1), if any are kept."""
-        return self.snapshots[i] if i < len(self.snapshots) else None
+        if self.conv_state is None:  # (the recurrence's come first then)
+            i -= 1
+        return self.snapshots[i] if 0 <= i < len(self.snapshots) else None
 
     @staticmethod
     def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
