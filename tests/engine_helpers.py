@@ -100,3 +100,26 @@ def state_step_meta(lens: list[int], num_decodes: int, rows: list[int], init: li
         qsl.append(qsl[-1] + n)
     states = StateRows(torch.tensor(rows), torch.tensor(init, dtype=torch.float32), rows, init)
     return types.SimpleNamespace(states=states, num_decodes=num_decodes, num_reqs=len(lens), query_start_loc_cpu=qsl)
+
+
+def layer_in_pieces_against_whole(ours, hf, hidden: int) -> None:
+    """A state layer (its weights those of transformers' layer `hf`) run over two sequences in
+    pieces through state rows full of garbage, against `hf` over each whole sequence: a's
+    first 37 tokens as a prefill chunk; b's first token (a one-token prompt in a used row, so
+    a fresh state) beside a's next 23; a's next token beside the rest of b."""
+    import torch
+
+    ours.allocate_state(3, torch.device("cpu"), torch.float32, torch.float32)
+    for t in ours.state_tensors():  # a finished request's leftovers, which fresh requests must not read
+        t.normal_()
+    a, b = torch.randn(80, hidden), torch.randn(70, hidden)
+    want_a, want_b = hf(a.unsqueeze(0))[0], hf(b.unsqueeze(0))[0]
+    got_a, got_b = [ours(None, a[:37], state_step_meta([37], 0, [2], [False]))], []
+    out = ours(None, torch.cat([b[:1], a[37:60]]), state_step_meta([1, 23], 1, [0, 2], [False, True]))
+    got_b.append(out[:1])
+    got_a.append(out[1:])
+    out = ours(None, torch.cat([a[60:61], b[1:70]]), state_step_meta([1, 69], 1, [2, 0], [True, True]))
+    got_a.append(out[:1])
+    got_b.append(out[1:])
+    torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)

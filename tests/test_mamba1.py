@@ -7,7 +7,7 @@ test_correctness, test_cuda_graphs.)"""
 from __future__ import annotations
 
 import torch
-from engine_helpers import state_step_meta
+from engine_helpers import layer_in_pieces_against_whole
 
 from pagedserve.model.layers.mamba1 import selective_scan, selective_scan_one
 from pagedserve.model.mamba import mamba1_mixer
@@ -56,20 +56,7 @@ def test_layer_in_pieces_equals_transformers_whole():
     for name, p in hf.named_parameters():
         p.normal_(0.0, 0.5) if name != "A_log" else p.uniform_(-1.0, 1.0)
         ours.get_parameter(name).copy_(p)
-    ours.allocate_state(3, torch.device("cpu"), torch.float32, torch.float32)
-    ours.conv_state.normal_()  # a finished request's leftovers, which fresh requests must not read
-    ours.ssm_state.normal_()
-    a, b = torch.randn(80, 32), torch.randn(70, 32)
-    want_a, want_b = hf(a.unsqueeze(0))[0], hf(b.unsqueeze(0))[0]
-    got_a, got_b = [ours(None, a[:37], state_step_meta([37], 0, [2], [False]))], []
-    out = ours(None, torch.cat([b[:1], a[37:60]]), state_step_meta([1, 23], 1, [0, 2], [False, True]))
-    got_b.append(out[:1])
-    got_a.append(out[1:])
-    out = ours(None, torch.cat([a[60:61], b[1:70]]), state_step_meta([1, 69], 1, [2, 0], [True, True]))
-    got_a.append(out[:1])
-    got_b.append(out[1:])
-    torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)
+    layer_in_pieces_against_whole(ours, hf, 32)
 
 
 def test_other_activations_refused():

@@ -17,17 +17,21 @@ import triton.language as tl
 After = dict[int, list[tuple[int, int]]]
 
 
-def _slots(after: After, r: int, n: int, device: torch.device) -> tuple[torch.Tensor, dict[tuple[int, int], int]]:
-    """[R, n] int32: where the state after each (request, block) is stored (-1: nowhere), and
-    (request, i) -> that slot."""
+def _buffers(after: After, r: int, h: int, n: int, rows: int, cols: int, device: torch.device) -> tuple:
+    """A kernel's slot table ([R, n] int32: where the state after each (request, block) is
+    stored, -1: nowhere), (request, i) -> that slot, and its kept and final state outputs
+    [slots, H, rows, cols] and [R, H, rows, cols]."""
     table = torch.full((r, n), -1, dtype=torch.int32)
     which: dict[tuple[int, int], int] = {}
+    slots = 0
     for b, pairs in after.items():
         for req, i in pairs:
             if table[req, b] < 0:
-                table[req, b] = len(set(which.values()))
+                table[req, b] = slots
+                slots += 1
             which[(req, i)] = int(table[req, b])
-    return table.to(device), which
+    kept_out = torch.empty((max(slots, 1), h, rows, cols), dtype=torch.float32, device=device)
+    return table.to(device), which, kept_out, torch.empty((r, h, rows, cols), dtype=torch.float32, device=device)
 
 
 def _kept(states: torch.Tensor, kept_out: torch.Tensor, which: dict[tuple[int, int], int],
@@ -75,10 +79,8 @@ def gdn_blocks_triton(u_free: torch.Tensor, w: torch.Tensor, q_decayed: torch.Te
     Dv], final states, each request's kept states)."""
     r, h, n, c, dv = u_free.shape
     dk = w.shape[-1]
-    table, which = _slots(after, r, n, states.device)
-    kept_out = torch.empty((max(len(set(which.values())), 1), h, dk, dv), dtype=torch.float32, device=states.device)
+    table, which, kept_out, final = _buffers(after, r, h, n, dk, dv, states.device)
     out = torch.empty_like(u_free, memory_format=torch.contiguous_format)
-    final = torch.empty((r, h, dk, dv), dtype=torch.float32, device=states.device)
     bv = min(triton.next_power_of_2(dv), 32)
     _gdn_blocks_kernel[(r * h, triton.cdiv(dv, bv))](
         u_free.contiguous(), w.contiguous(), q_decayed.contiguous(), scores.contiguous(), k_to_end.contiguous(),
@@ -123,11 +125,8 @@ def ssd_blocks_triton(intra: torch.Tensor, c_decayed: torch.Tensor, b_to_end: to
     powers of two, at least 16). Returns (out [R, H, n, C, P], final states, kept states)."""
     r, h, n, c, p = intra.shape
     d_state = c_decayed.shape[-1]
-    table, which = _slots(after, r, n, states.device)
-    kept_out = torch.empty((max(len(set(which.values())), 1), h, d_state, p), dtype=torch.float32,
-                           device=states.device)
+    table, which, kept_out, final = _buffers(after, r, h, n, d_state, p, states.device)
     out = torch.empty_like(intra, memory_format=torch.contiguous_format)
-    final = torch.empty((r, h, d_state, p), dtype=torch.float32, device=states.device)
     bp = min(triton.next_power_of_2(p), 32)
     _ssd_blocks_kernel[(r * h, triton.cdiv(p, bp))](
         intra.contiguous(), c_decayed.contiguous(), b_to_end.contiguous(), xdt.contiguous(), end_decay.contiguous(),
