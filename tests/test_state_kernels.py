@@ -101,16 +101,20 @@ def _ssd_steps(batch: int, heads: int, groups: int, n: int, p: int, dtype: torch
 
 
 @pytest.mark.parametrize("batch,heads,groups,n,p", [(3, 4, 2, 16, 8), (1, 2, 1, 8, 24), (2, 3, 3, 12, 16)])
-@pytest.mark.parametrize("dt_limit,skip", [((0.0, math.inf), True), ((0.05, 0.4), False)])
+@pytest.mark.parametrize("dt_limit,skip,softplus", [((0.0, math.inf), True, True), ((0.05, 0.4), False, True),
+                                                    ((0.0, math.inf), False, False)])  # (the last: MiniMax's)
 @pytest.mark.parametrize("dtype,state_dtype", list(TOL))
-def test_ssd_decode(batch, heads, groups, n, p, dt_limit, skip, dtype, state_dtype):
+def test_ssd_decode(batch, heads, groups, n, p, dt_limit, skip, softplus, dtype, state_dtype):
     g = torch.Generator().manual_seed(batch * p + heads)
     rows, init = _rows(batch, 5, g)
     params = dict(a_log=torch.randn(heads, generator=g).to(DEV),
                   dt_bias=torch.randn(heads, generator=g).to(dtype).to(DEV), dt_limit=dt_limit,
-                  d=torch.randn(heads, generator=g).to(dtype).to(DEV) if skip else None)
-    _check(ssd_decode, ssd_decode_ref, _ssd_steps(batch, heads, groups, n, p, dtype, g), (5, heads, n, p), rows, init,
-           state_dtype, TOL[(dtype, state_dtype)], **params)
+                  d=torch.randn(heads, generator=g).to(dtype).to(DEV) if skip else None, dt_softplus=softplus)
+    steps = _ssd_steps(batch, heads, groups, n, p, dtype, g)
+    if not softplus:  # dt taken as given: a step size (MiniMax's is 1)
+        steps = [(x, dt.abs(), b, c) for x, dt, b, c in steps]
+    _check(ssd_decode, ssd_decode_ref, steps, (5, heads, n, p), rows, init, state_dtype, TOL[(dtype, state_dtype)],
+           **params)
 
 
 def _selective_steps(batch: int, channels: int, n: int, dtype: torch.dtype, g: torch.Generator) -> list:

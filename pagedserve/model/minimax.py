@@ -6,6 +6,7 @@ first and adds its mixer's output to the normalised stream, both scaled
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Iterable, Optional
 
@@ -21,7 +22,6 @@ from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.layers.state_mixer import StateMixer
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM
-from pagedserve.ops.state_reference import rows_step, ssd_step
 from pagedserve.ops.triton_shapes import blocks_fit
 
 _KINDS = {"linear_attention": "lightning attention", "full_attention": "attention"}
@@ -29,16 +29,11 @@ _KINDS = {"linear_attention": "lightning attention", "full_attention": "attentio
 _DERIVED = (".query_decay", ".key_decay", ".diagonal_decay")
 
 
-def lightning_decode(v: torch.Tensor, dt: torch.Tensor, k: torch.Tensor, q: torch.Tensor, cache: torch.Tensor,
-                     rows: torch.Tensor, init: Optional[torch.Tensor], a: torch.Tensor) -> torch.Tensor:
-    """One token per decode row (DecodeFn): Mamba-2's step with dt = 1, B = k, C = q, x = v."""
-    return rows_step(lambda *xs: ssd_step(*xs, a), cache, rows, init, torch.float32, v, dt, k, q)
-
-
 class LightningAttention(StateMixer):
     """Per head, with state S [D, D] and decay exp(-slope): S <- exp(-slope) S + k v^T;
     out = q S, for q, k, v = SiLU(qkv_proj(x)). Then an RMSNorm over all heads, a sigmoid
-    output gate and out_proj. Mamba-2's scan with dt = 1, A = -slope (layers/mamba2.py)."""
+    output gate and out_proj. Mamba-2's scan and decode step with dt = 1, A = -slope
+    (layers/mamba2.py, and their Triton kernels on that backend)."""
 
     def __init__(self, cfg: Any, layer_idx: int) -> None:
         super().__init__()
@@ -66,9 +61,11 @@ class LightningAttention(StateMixer):
         blocks = ssd_blocks
         if self.use_triton and blocks_fit(self.head_dim, CHUNK):
             from pagedserve.ops.chunk_scan import ssd_blocks_triton as blocks
+        # (decode: Mamba-2's step with dt = 1 as given, A = -exp(log(slope)), B = k, C = q, x = v)
+        decode = partial(self.kernel_or_ref("ssd_decode"), a_log=self.slope_rate.float().log(),
+                         dt_bias=self.slope_rate, dt_limit=(0.0, math.inf), dt_softplus=False)
         core = self.over_rows(self.ssm_state, meta, (v, torch.ones_like(q[..., 0]), k, q), torch.empty_like(v),
-                              partial(lightning_decode, a=a), partial(ssd_chunks, a=a, blocks=blocks), torch.float32,
-                              self._snapshot(1))
+                              decode, partial(ssd_chunks, a=a, blocks=blocks), torch.float32, self._snapshot(1))
         out = self.norm(core.view(t, -1).to(x.dtype)) * torch.sigmoid(self.output_gate(x))
         return self.out_proj(out)
 

@@ -137,7 +137,7 @@ def _ssd_decode_kernel(
     stride_xb, stride_xh, stride_dtb, stride_bb, stride_bg, stride_cb, stride_cg,
     stride_cr, stride_ch, stride_cn, stride_ob, stride_oh, dt_lo, dt_hi,
     PER_GROUP: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-    HAS_INIT: tl.constexpr, CLAMP: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_INIT: tl.constexpr, CLAMP: tl.constexpr, HAS_D: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     # One program per (request, head, slice of BP head columns): the state tile [N, BP].
     i = tl.program_id(0).to(tl.int64)
@@ -146,7 +146,9 @@ def _ssd_decode_kernel(
     dp = tl.program_id(2) * BP + tl.arange(0, BP)
     mn, mp = dn < N, dp < P
     g = h // PER_GROUP  # B and C are shared by the heads of a group
-    dt = _softplus(tl.load(dt_ptr + i * stride_dtb + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32))
+    dt = tl.load(dt_ptr + i * stride_dtb + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt + tl.load(dtb_ptr + h).to(tl.float32))
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     decay = tl.exp(-dt * tl.exp(tl.load(alog_ptr + h).to(tl.float32)))
@@ -169,9 +171,11 @@ def _ssd_decode_kernel(
 
 def ssd_decode(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cache: torch.Tensor,
                rows: torch.Tensor, init: Optional[torch.Tensor], a_log: torch.Tensor, dt_bias: torch.Tensor,
-               dt_limit: tuple[float, float], d: Optional[torch.Tensor] = None) -> torch.Tensor:
+               dt_limit: tuple[float, float], d: Optional[torch.Tensor] = None,
+               dt_softplus: bool = True) -> torch.Tensor:
     """x [B, H, P], dt [B, H] raw, b, c [B, G, N] (unit stride in the last dim); cache
-    [R, H, N, P]; d [H]: the skip y += d x, if given. Returns y [B, H, P] float32."""
+    [R, H, N, P]; d [H]: the skip y += d x, if given; dt_softplus False: dt taken as it is.
+    Returns y [B, H, P] float32."""
     n, h, p = x.shape
     groups, d_state = b.shape[1:]
     assert c.shape == b.shape and cache.shape[1:] == (h, d_state, p) and h % groups == 0
@@ -188,7 +192,7 @@ def ssd_decode(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tens
             cache.stride(0), cache.stride(1), cache.stride(2), out.stride(0), out.stride(1),
             float(dt_limit[0]) if clamp else 0.0, float(dt_limit[1]) if clamp else 0.0,
             PER_GROUP=h // groups, N=d_state, P=p, BN=bn, BP=bp, HAS_INIT=init is not None, CLAMP=clamp,
-            HAS_D=d is not None, num_warps=4,
+            HAS_D=d is not None, SOFTPLUS=dt_softplus, num_warps=4,
         )
     return out
 

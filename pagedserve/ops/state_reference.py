@@ -90,12 +90,13 @@ def gated_delta_decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
 
 
 def ssd_inputs(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dt_bias: torch.Tensor,
-               dt_limit: tuple[float, float]) -> tuple[torch.Tensor, ...]:
+               dt_limit: tuple[float, float], dt_softplus: bool = True) -> tuple[torch.Tensor, ...]:
     """A Mamba-2 layer's raw per-token inputs -> ssd_step's x [T, H, P], dt [T, H], b, c
     [T, H, N] (each group's repeated for its heads), float32: dt = softplus(dt + dt_bias)
-    clamped to dt_limit. b, c come in [T, G, N]."""
+    clamped to dt_limit (dt_softplus False: dt as given, MiniMax's lightning attention). b, c
+    come in [T, G, N]."""
     per_group = x.shape[1] // b.shape[1]
-    dt = F.softplus(dt.float() + dt_bias.float())
+    dt = F.softplus(dt.float() + dt_bias.float()) if dt_softplus else dt.float()
     if dt_limit != (0.0, float("inf")):
         dt = dt.clamp(*dt_limit)
     b, c = (t.float().repeat_interleave(per_group, dim=1) for t in (b, c))
@@ -104,11 +105,12 @@ def ssd_inputs(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tens
 
 def ssd_decode_ref(x: torch.Tensor, dt: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cache: torch.Tensor,
                    rows: torch.Tensor, init: Optional[torch.Tensor], a_log: torch.Tensor, dt_bias: torch.Tensor,
-                   dt_limit: tuple[float, float], d: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   dt_limit: tuple[float, float], d: Optional[torch.Tensor] = None,
+                   dt_softplus: bool = True) -> torch.Tensor:
     """Raw inputs as ssd_inputs takes them ([B, ...]); cache [R, H, N, P]; d [H]: the skip
     y += d x, if given. Returns y [B, H, P] float32."""
     a = -a_log.float().exp()
-    inputs = ssd_inputs(x, dt, b, c, dt_bias, dt_limit)
+    inputs = ssd_inputs(x, dt, b, c, dt_bias, dt_limit, dt_softplus)
     y = rows_step(lambda *xs: ssd_step(*xs, a), cache, rows, init, torch.float32, *inputs)
     return y if d is None else y + d.float()[:, None] * inputs[0]
 
