@@ -123,3 +123,23 @@ def layer_in_pieces_against_whole(ours, hf, hidden: int) -> None:
     got_b.append(out[1:])
     torch.testing.assert_close(torch.cat(got_a), want_a[:61], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(got_b), want_b, rtol=1e-4, atol=1e-4)
+
+
+def assert_scan_equals_recurrence(step, inputs: tuple, state, at: int, keep: list[int], out, final, kept) -> None:
+    """A scan's results over one sequence (`out` [L, ...], its `final` state, the `kept` states
+    before each position of `keep`), from `state` at position `at`, against `step`(*one
+    token's inputs, state [1, ...]) -> (out [1, ...], new state) run token by token (float64:
+    equal to 1e-10)."""
+    import torch
+
+    s, steps, want_kept = state.unsqueeze(0), [], []
+    for t in range(len(inputs[0])):
+        if at + t in keep:
+            want_kept.append(s[0])
+        o, s = step(*(x[t:t + 1] for x in inputs), s)
+        steps.append(o[0])
+    torch.testing.assert_close(out, torch.stack(steps), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, s[0], rtol=1e-10, atol=1e-10)
+    assert len(kept) == len(want_kept) == len(keep)
+    for got, want in zip(kept, want_kept):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from engine_helpers import state_step_meta
+from engine_helpers import assert_scan_equals_recurrence, state_step_meta
 
 from conftest import HFReference, assert_greedy_matches
 from pagedserve import LLM, SamplingParams
@@ -41,17 +41,7 @@ def test_chunked_form_equals_the_recurrence(length, at):
     q, k, v, g, beta, state = _inputs(length, seed=length)
     keep = [p for p in range(16, at + length, 16) if p > at]
     out, final, kept = gated_delta_chunked(q, k, v, g, beta, state, at=at, keep=keep, chunk=16)
-    s, steps, want_kept = state.unsqueeze(0), [], []
-    for t in range(length):
-        if at + t in keep:
-            want_kept.append(s[0])
-        o, s = gated_delta_step(q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], beta[t : t + 1], s)
-        steps.append(o[0])
-    torch.testing.assert_close(out, torch.stack(steps), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(final, s[0], rtol=1e-10, atol=1e-10)
-    assert len(kept) == len(want_kept) == len(keep)
-    for got, want in zip(kept, want_kept):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_scan_equals_recurrence(gated_delta_step, (q, k, v, g, beta), state, at, keep, out, final, kept)
 
 
 def test_sequences_together_equal_each_alone():

@@ -6,8 +6,10 @@ test_correctness, test_cuda_graphs.)"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
-from engine_helpers import layer_in_pieces_against_whole
+from engine_helpers import assert_scan_equals_recurrence, layer_in_pieces_against_whole
 
 from pagedserve.model.layers.mamba1 import selective_scan, selective_scan_one
 from pagedserve.model.mamba import mamba1_mixer
@@ -28,18 +30,9 @@ def test_scan_of_several_sequences_equals_the_recurrence():
     seqs = [_seq(length, c, n, g) for length, _, _ in cases]
     states = torch.randn(len(cases), c, n, generator=g, dtype=torch.float64)
     ys, finals, kept = selective_scan(seqs, states, [at for _, at, _ in cases], [k for _, _, k in cases], a)
-    for r, ((length, at, keep), seq) in enumerate(zip(cases, seqs)):
-        s, steps, want_kept = states[r:r + 1], [], []
-        for t in range(length):
-            if at + t in keep:
-                want_kept.append(s[0])
-            y, s = selective_step(*(x[t:t + 1] for x in seq), s, a)
-            steps.append(y[0])
-        torch.testing.assert_close(ys[r], torch.stack(steps), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(finals[r], s[0], rtol=1e-10, atol=1e-10)
-        assert len(kept[r]) == len(keep)
-        for got, want in zip(kept[r], want_kept):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for r, ((_, at, keep), seq) in enumerate(zip(cases, seqs)):
+        assert_scan_equals_recurrence(partial(selective_step, a=a), seq, states[r], at, keep, ys[r], finals[r],
+                                      kept[r])
     one = selective_scan_one(*seqs[1], states[1], a)  # the one-sequence form, the same numbers
     torch.testing.assert_close(one[0], ys[1], rtol=0, atol=0)
 

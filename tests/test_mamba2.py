@@ -4,9 +4,11 @@ transformers' layer over the whole sequence, a reused row starting fresh."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from engine_helpers import layer_in_pieces_against_whole
+from engine_helpers import assert_scan_equals_recurrence, layer_in_pieces_against_whole
 
 from pagedserve.model.layers.mamba2 import Mamba2Dims, Mamba2Mixer, ssd_chunked
 from pagedserve.ops.state_reference import ssd_step
@@ -24,17 +26,7 @@ def test_chunked_scan_equals_the_recurrence(length, at):
     state = torch.randn(h, n, p, generator=g, dtype=torch.float64)
     keep = [p for p in range(16, at + length, 16) if p > at]
     out, final, kept = ssd_chunked(x, dt, b, c, state, a, at=at, keep=keep, chunk=16)
-    s, steps, want_kept = state.unsqueeze(0), [], []
-    for t in range(length):
-        if at + t in keep:
-            want_kept.append(s[0])
-        y, s = ssd_step(x[t:t + 1], dt[t:t + 1], b[t:t + 1], c[t:t + 1], s, a)
-        steps.append(y[0])
-    torch.testing.assert_close(out, torch.stack(steps), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(final, s[0], rtol=1e-10, atol=1e-10)
-    assert len(kept) == len(keep)
-    for got, want in zip(kept, want_kept):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_scan_equals_recurrence(partial(ssd_step, a=a), (x, dt, b, c), state, at, keep, out, final, kept)
 
 
 @torch.no_grad()
