@@ -255,10 +255,6 @@ class EngineArgs:
         slots = self.state_cache_slots if self.state_cache_slots is not None else min(self.max_num_seqs, 64)
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise ValueError(f"state_cache_slots must be a positive integer, got {self.state_cache_slots!r}.")
-        if state:
-            if spec is not None:
-                raise ValueError("speculative_config: speculative decoding does not run with linear-attention / "
-                                 "state-space layers here (their state cannot step back past rejected drafts).")
         online_fp8 = _check_quantization(self.quantization, hf_config)
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r} "

@@ -38,6 +38,11 @@ class StateRows:
     # Prefix caching (engine/state_cache.py): request index -> [(position inside its prefill
     # chunk, snapshot slot)]: the state before that position is saved there.
     keep: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # Speculative decoding: the `verify` requests after the decode rows check drafts (their
+    # last token, then the drafts). Their tokens run one at a time and the state after each
+    # but the last is kept (StateMixer.verify_slots), so that the runner can step a request
+    # back to its last accepted token.
+    verify: int = 0
 
     def first_all_continue(self, n: int) -> bool:
         """Whether the host knows that the first n requests all continue their states."""

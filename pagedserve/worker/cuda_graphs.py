@@ -139,8 +139,8 @@ class DecodeBuffers:
         self._turn = 0
         # q query tokens per request: query_start_loc is always 0, q, 2q, ...
         self.query_start_loc = torch.arange(0, (max_batch + 1) * q, q, dtype=torch.int32, device=device)
-        # Linear-attention models (q = 1 only): each request's state row and whether it continues
-        # it; padding requests read and write `scratch_state_row`, a row no request owns.
+        # Linear-attention models: each request's state row and whether it continues it;
+        # padding requests read and write `scratch_state_row`, a row no request owns.
         self.scratch_state_row = scratch_state_row
         self.state_rows = zeros(max_batch, torch.int64) if scratch_state_row is not None else None
         self.state_init = zeros(max_batch, torch.float32) if scratch_state_row is not None else None
@@ -190,7 +190,9 @@ class DecodeBuffers:
         q = self.query_len
         states = None
         if self.state_rows is not None:  # (no host copies: the layers mask by state_init on the device)
-            states = StateRows(self.state_rows[:bucket], self.state_init[:bucket], [], [])
+            # q > 1: every request runs as a verification (its padding tokens too: the runner
+            # steps each state back to after its last accepted token).
+            states = StateRows(self.state_rows[:bucket], self.state_init[:bucket], [], [], verify=bucket if q > 1 else 0)
         return AttentionMetadata(
             num_tokens=bucket * q, num_actual_tokens=bucket * q, num_reqs=bucket, num_decodes=bucket if q == 1 else 0,
             slot_mapping=self.slot_mapping[: bucket * q], block_tables=self.block_tables[:bucket],

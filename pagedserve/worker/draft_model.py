@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.config import has_state_layers_in
 from pagedserve.engine.request import Request
 from pagedserve.model.hf_config import load_hf_config
 from pagedserve.model.kv_scales import use_kv_scales
@@ -106,6 +107,9 @@ class DraftModelProposer:
         if is_encoder_only(hf):
             raise ValueError(f"speculative_config: the draft model {spec.model!r} is an encoder; it must be a "
                              f"decoder (a causal LM).")
+        if has_state_layers_in(hf):  # (its drafting passes cannot step a state back)
+            raise ValueError(f"speculative_config: the draft model {spec.model!r} has linear-attention / state-space "
+                             "layers; a draft model must be a transformer.")
         if int(hf.vocab_size) > config.vocab_size:
             raise ValueError(f"speculative_config: the draft model's vocabulary ({hf.vocab_size}) is larger than the "
                              f"target's ({config.vocab_size}); it must use the target's tokenizer.")

@@ -14,6 +14,7 @@ from pagedserve.attention.backend import AttentionMetadata, StateRows, get_atten
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.engine.state_cache import StateCache, save_positions
+from pagedserve.model.layers.state_mixer import verify_slot
 from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
@@ -80,6 +81,11 @@ class HostInputs:
     # ... and (row, request, position) saved after it whose prefix hash needs a token still
     # being sampled (async scheduling): registered once it lands.
     state_pending: list[tuple[int, Any, int]] = field(default_factory=list)
+    # Speculative decoding (verify_k): the requests after the decode rows that verify drafts
+    # (StateRows.verify), and their positions to save, which wait for the drafts' checks:
+    # request index -> positions (_settle_verifications).
+    state_verify: int = 0
+    verify_saves: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def decode_only(self) -> bool:
@@ -202,12 +208,19 @@ class ModelRunner:
         self._pending_saves: list[tuple[Any, int, int]] = []  # (request, position, reserved slot)
         if self.state_layers and config.enable_prefix_caching:
             self.state_cache = StateCache(config.state_cache_slots)
+        # Speculative decoding keeps k states a row: those after each token of a verification
+        # but the last, to step back to after the last accepted one (StateMixer._verify_rows).
+        self.verify_k = spec.num_speculative_tokens if spec is not None and self.state_layers else 0
+        cache_slots = config.state_cache_slots if self.state_cache is not None else 0
+        self._verify_base = cache_slots  # (the verification slots follow the prefix cache's)
+        if cache_slots or self.verify_k:
             for layer in self.state_layers:
-                layer.allocate_snapshots(config.state_cache_slots)
+                layer.allocate_snapshots(cache_slots, config.max_num_seqs + 1, self.verify_k)
         if self.state_layers:
-            logger.info("per-request states: %d layers, %.1f MiB for %d requests and %d saved prefixes",
-                        len(self.state_layers), sum(t.nbytes for t in self._state_tensors()) / 2**20,
-                        config.max_num_seqs, config.state_cache_slots if self.state_cache is not None else 0)
+            logger.info("per-request states: %d layers, %.1f MiB for %d requests, %d saved prefixes and %d states "
+                        "of verifications a request", len(self.state_layers),
+                        sum(t.nbytes for t in self._state_tensors()) / 2**20, config.max_num_seqs, cache_slots,
+                        self.verify_k)
         self.graphs: Optional[DecodeGraphRunner] = None  # decode CUDA graphs, captured after the KV cache
         # Graphs of 1 + k query rows a request: speculative verification steps (and any step
         # whose every request has at most 1 + k tokens).
@@ -442,7 +455,11 @@ class ModelRunner:
             self.block_table.release(req.request_id)
         if out.is_empty():
             return PendingStep(ModelRunnerOutput())
-        order = [s for s in out.scheduled if s.num_tokens == 1] + [s for s in out.scheduled if s.num_tokens != 1]
+        order = [s for s in out.scheduled if s.num_tokens == 1]
+        rest = [s for s in out.scheduled if s.num_tokens != 1]
+        if self.verify_k:  # verifications next, longest first (StateMixer._verify_rows)
+            rest = sorted((s for s in rest if s.drafts), key=lambda s: -s.num_tokens) + [s for s in rest if not s.drafts]
+        order += rest
         host = self._host_inputs(order)
         if self.pooling is not None:
             return self._launch_pooling(order, host)
@@ -510,11 +527,47 @@ class ModelRunner:
             result = ModelRunnerOutput()
             if s_host is not None:
                 self._collect_samples(sampled_reqs, s_host, result, spec, sampled_drafts)
+                if host.state_verify or (self.verify_k and uniform is not None):
+                    self._settle_verifications(order, host, result.accepted, uniform is not None)
             if plp_host is not None:
                 self._collect_prompt_logprobs(plp_host, result)
             return result
 
         return PendingStep(collect)
+
+    def _settle_verifications(self, order: list[ScheduledRequest], host: HostInputs,
+                              accepted: dict[str, list[int]], uniform: bool) -> None:
+        """Models with states, after a step with drafts: each verifying request's state goes
+        back to after its last accepted token (from its verification slot: its row holds the
+        state after the last token run), and the saves due up to there are made. In a
+        verification graph (`uniform`) every request ran its padded 1 + k tokens."""
+        nd, base, k = host.num_decodes, self._verify_base, self.verify_k
+        loads, from_rows, from_slots = [], [], []
+        for i in range(0, len(order)) if uniform else range(nd, nd + host.state_verify):
+            s, row = order[i], host.state_rows[i]
+            ran = 1 + k if uniform else s.num_tokens
+            a = len(accepted.get(s.request.request_id, ()))
+            if a < ran - 1:
+                loads.append((row, verify_slot(base, k, row, a)))
+            for p in host.verify_saves.get(i, ()):
+                j = p - s.start - 1  # the state before p: after the chunk's token j
+                if j > a:
+                    break
+                slot = self.state_cache.reserve()
+                self._pending_saves.append((s.request, p, slot))
+                if j == ran - 1:
+                    from_rows.append((row, slot))
+                else:
+                    from_slots.append((verify_slot(base, k, row, j), slot))
+        with torch.inference_mode():
+            if from_slots:
+                src, dst = to_device([[a for a, _ in from_slots], [b for _, b in from_slots]], torch.long, self.device)
+                for layer in self.state_layers:
+                    layer.copy_snapshots(src, dst)
+            if from_rows:
+                self._copy_states(from_rows, load=False)
+            if loads:
+                self._copy_states(loads, load=True)
 
     def _launch_pooling(self, order: list[ScheduledRequest], host: HostInputs) -> "PendingStep":
         """A pooling model's step: every chunk feeds its request's pooled state; requests whose
@@ -704,6 +757,11 @@ class ModelRunner:
                 or host.pending_rows or self.encoder_cache is not None or len(host.seq_lens) > g.max_size
                 or max(b - a for a, b in zip(host.qsl, host.qsl[1:])) > g.query_len):
             return None
+        # Models with states: there every request runs as a verification of 1 + k tokens, so
+        # only decodes and verifications, with no state to save at the step's end.
+        if self.state_layers and (host.num_decodes + host.state_verify < len(host.seq_lens) or host.state_saves
+                                  or host.state_keeps or host.state_pending):
+            return None
         return g, pad_uniform(g.query_len, host.qsl, host.input_ids, host.positions, host.slots, host.seq_lens)
 
     def _forward(self, host: HostInputs, patch: Optional[TokenPatch] = None,
@@ -754,13 +812,13 @@ class ModelRunner:
         overwrites pending input tokens; `images` (rows, embeddings) replaces image
         placeholders' embeddings (a one-token prompt chunk looks like a decode row, hence no
         graph then)."""
+        states = (host.state_rows, host.state_init) if host.state_rows is not None else None
         if uniform is not None:
             graphs, (ids, pos, slots, lens, _) = uniform
-            return graphs.run(ids, pos, slots, lens, host.block_rows)
+            return graphs.run(ids, pos, slots, lens, host.block_rows, states=states)
         if (images is None and host.mrope is None and host.kv_limit is None and self.graphs is not None
                 and host.decode_only
                 and len(host.seq_lens) <= self.graphs.max_size):
-            states = (host.state_rows, host.state_init) if host.state_rows is not None else None
             return self.graphs.run(host.input_ids, host.positions, host.slots,
                                    np.asarray(host.seq_lens, dtype=np.int32), host.block_rows, patch, states)
         ids, positions, meta = self._device_inputs(host)
@@ -852,10 +910,16 @@ class ModelRunner:
                 kv_limit = image_kv_limits(order, qsl)  # (one-token rows see what causal rows see)
         host = HostInputs(input_ids, positions, slots, seq_lens, qsl, block_rows, num_decodes, sample_rows,
                           pending_rows, mrope, kv_limit, rows if state_init is not None else None, state_init)
+        if self.verify_k:
+            host.state_verify = sum(1 for s in order if s.drafts)
         if self.state_cache is not None:
             host.state_loads = [(rows[i], slot) for i, slot in resumed]
             for i, (s, row) in enumerate(zip(order, rows)):
                 positions = save_positions(s.start, s.end, s.request.num_prompt_tokens, bs)
+                if s.drafts:  # the states there are known once the drafts are checked
+                    if positions:
+                        host.verify_saves[i] = positions
+                    continue
                 hashes = self.block_hashes(s.request, positions[-1]) if positions else []
                 for p in positions:
                     if len(hashes) < p // bs:  # its last input token is still being sampled
@@ -884,6 +948,6 @@ class ModelRunner:
         if host.state_rows is not None:
             meta.states = StateRows(to_device(host.state_rows, torch.int64, dev),
                                     to_device(host.state_init, torch.float32, dev), host.state_rows, host.state_init,
-                                    host.state_keep_slots)
+                                    host.state_keep_slots, host.state_verify)
         positions = host.positions if host.mrope is None else host.mrope
         return to_device(host.input_ids, torch.int64, dev), to_device(positions, torch.int64, dev), meta

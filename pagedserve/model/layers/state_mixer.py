@@ -97,6 +97,9 @@ class StateMixer(nn.Module):
         self.conv_state: Optional[torch.Tensor] = None  # [rows, channels, K-1]
         self.ssm_state: Optional[torch.Tensor] = None  # [rows, *the recurrence's state]
         self.snapshots: list[torch.Tensor] = []  # saved states, [slots, ...] like each of the two
+        # Speculative decoding: after the prefix cache's slots, k slots a state row for the
+        # states after the tokens of a verification (verify_slots).
+        self.verify_base = self.verify_k = 0
         self.use_triton = False  # set by the model runner with the Triton backend: decode kernels
 
     def state_shapes(self) -> tuple[Optional[tuple[int, ...]], Optional[tuple[int, ...]]]:
@@ -119,10 +122,22 @@ class StateMixer(nn.Module):
     def state_tensors(self) -> list[torch.Tensor]:
         return self._live() + self.snapshots
 
-    def allocate_snapshots(self, slots: int) -> None:
-        """Room for `slots` saved states (prefix caching, engine/state_cache.py), one per
-        live state tensor."""
-        self.snapshots = [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self._live()]
+    def allocate_snapshots(self, slots: int, verify_rows: int = 0, verify_k: int = 0) -> None:
+        """Room, in each live state tensor's form, for `slots` saved states (prefix caching,
+        engine/state_cache.py), then for the states of `verify_rows` state rows after each of
+        the first verify_k tokens of a verification (speculative decoding: verify_slots)."""
+        self.verify_base, self.verify_k = slots, verify_k
+        total = slots + verify_rows * verify_k
+        self.snapshots = [torch.zeros((total, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self._live()]
+
+    def verify_slots(self, rows: torch.Tensor, j: int) -> torch.Tensor:
+        """The snapshot slots holding the states of state rows `rows` after token j (< verify_k)
+        of their last verification."""
+        return verify_slot(self.verify_base, self.verify_k, rows, j)
+
+    def copy_snapshots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for snap in self.snapshots:
+            snap.index_copy_(0, dst, snap.index_select(0, src))
 
     def save_states(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         for snap, live in zip(self.snapshots, self._live()):
@@ -157,26 +172,59 @@ class StateMixer(nn.Module):
             i -= 1
         return self.snapshots[i] if 0 <= i < len(self.snapshots) else None
 
-    @staticmethod
-    def over_rows(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...], out: torch.Tensor,
-                  decode: DecodeFn, chunks: ChunksFn, dtype: torch.dtype, snapshots: Optional[torch.Tensor] = None,
+    def over_rows(self, cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
+                  out: torch.Tensor, decode: DecodeFn, chunks: ChunksFn, dtype: torch.dtype,
+                  snapshots: Optional[torch.Tensor] = None,
                   prep: Optional[Callable[..., tuple[torch.Tensor, ...]]] = None) -> torch.Tensor:
         """Fill `out` [T, ...]: the decode rows by `decode` (DecodeFn, in place on their rows
-        of `cache`), then the prefill chunks together by `chunks` (ChunksFn, on prep(*inputs)
-        where given; the states before their `keep` positions go to their `snapshots` slots:
-        StateRows.keep), from states read in `dtype` and written back to `cache`. Without
-        states (a profiling pass) every request starts from zeros and nothing is kept."""
+        of `cache`), the verification rows by `decode` a token at a time (_verify_rows), then
+        the prefill chunks together by `chunks` (ChunksFn, on prep(*inputs) where given; the
+        states before their `keep` positions go to their `snapshots` slots: StateRows.keep),
+        from states read in `dtype` and written back to `cache`. Without states (a profiling
+        pass) every request starts from zeros and nothing is kept."""
         states = meta.states
         nd = meta.num_decodes if states is not None else 0
+        nv = states.verify if states is not None else 0
         if nd:  # one-token prompts start from zeros: init
             init = None if states.first_all_continue(nd) else states.init[:nd]
             out[:nd] = decode(*(x[:nd] for x in inputs), cache, states.rows[:nd], init)
-        if meta.num_reqs > nd and prep is not None:
+        if nv:
+            self._verify_rows(cache, meta, inputs, out, decode, snapshots, nd, nv)
+        if meta.num_reqs > nd + nv and prep is not None:
             inputs = prep(*inputs)
         qsl = meta.query_start_loc_cpu
-        for reqs in padding_groups([qsl[r + 1] - qsl[r] for r in range(nd, meta.num_reqs)], nd):
+        for reqs in padding_groups([qsl[r + 1] - qsl[r] for r in range(nd + nv, meta.num_reqs)], nd + nv):
             StateMixer._prefill_group(cache, meta, inputs, out, chunks, dtype, snapshots, reqs)
         return out
+
+    def _verify_rows(self, cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
+                     out: torch.Tensor, decode: DecodeFn, snapshots: Optional[torch.Tensor], nd: int,
+                     nv: int) -> None:
+        """Requests nd..nd+nv verify drafts: their tokens go through `decode` a position at a
+        time (longest requests first, so that those still running at position j are the first
+        ones), and the state after each position but the last is kept in the request's
+        verification slot for that position. In a graph's metadata (no host copies) every
+        request has max_query_len tokens, laid out one after the other."""
+        assert snapshots is not None and self.verify_k, "verification needs allocate_snapshots(verify_k=...)"
+        states, qsl = meta.states, meta.query_start_loc_cpu
+        if qsl:
+            first, lens = qsl[nd], [qsl[r + 1] - qsl[r] for r in range(nd, nd + nv)]
+        else:
+            first, lens = 0, [meta.max_query_len] * nv
+        q = lens[0]
+        uniform = lens[-1] == q
+        fresh = not (len(states.init_cpu) >= nd + nv and all(states.init_cpu[nd:nd + nv]))
+        for j in range(q):
+            m = sum(n > j for n in lens)
+            rows = states.rows[nd:nd + m]
+            if uniform:
+                at: object = slice(first + j, first + nv * q, q)
+            else:
+                at = torch.tensor([qsl[nd + i] + j for i in range(m)], dtype=torch.long, device=out.device)
+            init = states.init[nd:nd + nv] if j == 0 and fresh else None
+            out[at] = decode(*(x[at] for x in inputs), cache, rows, init)
+            if j < q - 1:
+                snapshots.index_copy_(0, self.verify_slots(rows, j), cache.index_select(0, rows))
 
     @staticmethod
     def _prefill_group(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
@@ -200,6 +248,12 @@ class StateMixer(nn.Module):
         if states is not None:
             for i, r in enumerate(reqs):
                 cache[states.rows_cpu[r]] = new[i].to(cache.dtype)
+
+
+def verify_slot(base: int, k: int, rows, j: int):
+    """Snapshot slot of the state of state row(s) `rows` after token j of a verification
+    (k slots a row, from `base`); ints or tensors."""
+    return base + rows * k + j
 
 
 def padding_groups(lengths: list[int], first: int = 0) -> list[list[int]]:
