@@ -3,7 +3,8 @@ per-request state: the chunked form equals the token-by-token recurrence and tra
 reference; the layer run in chunks and single tokens through state rows equals transformers'
 layer over the whole sequence; a reused row starts fresh; and in the engine, rows are reused, prefix hits resume from saved
 states (siblings of n > 1 too, with LRU eviction), async scheduling and preemption keep
-outputs, and speculative decoding is refused."""
+outputs, and a draft model with such layers is refused (tests/test_speculative_states.py: speculative
+decoding on them)."""
 
 from __future__ import annotations
 
@@ -306,5 +307,5 @@ def test_state_dtype_and_refusals(hybrid):
     assert llm.generate([{"prompt_token_ids": [5, 6, 7]}], _greedy(4), use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="mamba_ssm_cache_dtype"):
         LLM(path, mamba_ssm_cache_dtype="int8")
-    with pytest.raises(ValueError, match="speculative decoding does not run with linear-attention / state-space"):
-        LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="draft model .* has linear-attention / state-space layers"):
+        LLM(path, speculative_config={"method": "draft_model", "model": path, "num_speculative_tokens": 2})

@@ -815,7 +815,7 @@ class ModelRunner:
         states = (host.state_rows, host.state_init) if host.state_rows is not None else None
         if uniform is not None:
             graphs, (ids, pos, slots, lens, _) = uniform
-            return graphs.run(ids, pos, slots, lens, host.block_rows, states=states)
+            return graphs.run(ids, pos, slots, lens, host.block_rows, None, states)
         if (images is None and host.mrope is None and host.kv_limit is None and self.graphs is not None
                 and host.decode_only
                 and len(host.seq_lens) <= self.graphs.max_size):
