@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 SPEC_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "mtp")
 # vLLM's other names for "mtp" (the target's own multi-token-prediction layers)
-_MTP_ALIASES = ("deepseek_mtp", "glm4_moe_mtp")
+_MTP_ALIASES = ("deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp")
 
 
 @dataclass

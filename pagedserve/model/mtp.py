@@ -1,5 +1,6 @@
 """Multi-token-prediction layers as drafters (vLLM's speculative method "mtp", also spelled
-"deepseek_mtp" / "glm4_moe_mtp"): DeepSeek-V3 / R1, GLM-4.5 / 4.6 and GLM-4.7-Flash ship
+"deepseek_mtp" / "glm4_moe_mtp" / "qwen3_next_mtp"; Qwen3-Next and Qwen3.5's layer, of another
+form: model/qwen3_next_mtp.py): DeepSeek-V3 / R1, GLM-4.5 / 4.6 and GLM-4.7-Flash ship
 `num_nextn_predict_layers` extra layers in their checkpoint, numbered from
 num_hidden_layers on, trained to predict the token after next.
 
@@ -25,9 +26,11 @@ from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import make_rotary
 from pagedserve.model.llama import LlamaForCausalLM, LlamaModel, _head_dim
 from pagedserve.model.loader import _checkpoint_keys, build_empty, check_finite, dummy_weights, iterate_safetensors
+from pagedserve.model.qwen3_next import Qwen3NextForCausalLM
+from pagedserve.model.qwen3_next_mtp import load_qwen_mtp, num_mtp_layers
 from pagedserve.model.weights import whole_checkpoint
 
-MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp")
+MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp")
 # The MTP layer's own parts; every other tensor of the layer belongs to its decoder layer.
 _OWN = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
 
@@ -82,10 +85,13 @@ class MtpDraft(nn.Module):
 def load_mtp(model_dir: str, hf_config: Any, target: nn.Module, dtype: torch.dtype, device: torch.device,
              max_positions: int, dummy: bool = False, seed: int = 0) -> MtpDraft:
     """The first MTP layer of the target's checkpoint (model_dir), over the target."""
+    if num_mtp_layers(hf_config) and isinstance(target, Qwen3NextForCausalLM):
+        return load_qwen_mtp(model_dir, hf_config, target, dtype, device, max_positions, dummy, seed)
     n = int(getattr(hf_config, "num_nextn_predict_layers", 0) or 0)
     if n < 1:
         raise ValueError("speculative_config: method 'mtp' needs a model with multi-token-prediction layers "
-                         "(num_nextn_predict_layers in config.json); this one has none.")
+                         "(num_nextn_predict_layers, or Qwen3-Next / Qwen3.5's mtp_num_hidden_layers, in "
+                         "config.json); this one has none.")
     if not isinstance(getattr(target, "model", None), LlamaModel) or not hasattr(type(target), "make_layer"):
         raise ValueError(f"speculative_config: MTP layers of {type(target).__name__} are not supported.")
     prefix = f"model.layers.{hf_config.num_hidden_layers}."

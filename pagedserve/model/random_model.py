@@ -696,6 +696,38 @@ def _speculators_layout(head: dict, target_dir: str, tokens: int) -> dict:
     return out
 
 
+def _extra_layer(raw: dict, bigger: dict, seed: int) -> dict:
+    """The tensors of layer num_hidden_layers of the model whose config.json is `raw`, grown
+    to the `bigger` config, drawn by transformers, named model.layers.{n}.*."""
+    import tempfile
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    arch = raw["architectures"][0]
+    config = getattr(transformers, ARCH_CONFIGS[arch][0]).from_dict(bigger)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config)
+    prefix = f"model.layers.{raw['num_hidden_layers']}."
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tensors = {}
+        for name in sorted(os.listdir(tmp)):
+            if name.endswith(".safetensors"):
+                tensors.update({k: v for k, v in load_file(os.path.join(tmp, name)).items() if k.startswith(prefix)})
+    return tensors
+
+
+def _save_mtp(model_dir: str, raw: dict, tensors: dict, **config: Any) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(model_dir, "model-mtp.safetensors"))
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(dict(raw, **config), f, indent=1)
+    return model_dir
+
+
 def add_random_mtp_layer(model_dir: str, seed: int = 0, std: float = 0.1, own_head: bool = True,
                          own_embed: bool = False) -> str:
     """Give the DeepSeek-V3 / GLM-4.5 / GLM-4.7-Flash model in model_dir one random
@@ -703,11 +735,7 @@ def add_random_mtp_layer(model_dir: str, seed: int = 0, std: float = 0.1, own_he
     model.layers.{num_hidden_layers}. (enorm, hnorm, eh_proj, shared_head.norm, optionally
     shared_head.head and embed_tokens, and a decoder layer of the model's kind) in a file of
     their own, and num_nextn_predict_layers 1 in config.json. Returns model_dir."""
-    import tempfile
-
     import torch
-    import transformers
-    from safetensors.torch import load_file, save_file
 
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f)
@@ -715,17 +743,8 @@ def add_random_mtp_layer(model_dir: str, seed: int = 0, std: float = 0.1, own_he
     bigger = dict(raw, num_hidden_layers=n + 1)
     if raw.get("mlp_layer_types"):
         bigger["mlp_layer_types"] = raw["mlp_layer_types"] + ["sparse"]  # (an MTP layer has experts)
-    arch = raw["architectures"][0]
-    config = getattr(transformers, ARCH_CONFIGS[arch][0]).from_dict(bigger)
-    torch.manual_seed(seed)
-    model = getattr(transformers, arch)(config)
+    tensors = _extra_layer(raw, bigger, seed)
     prefix = f"model.layers.{n}."
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        tensors = {}
-        for name in sorted(os.listdir(tmp)):
-            if name.endswith(".safetensors"):
-                tensors.update({k: v for k, v in load_file(os.path.join(tmp, name)).items() if k.startswith(prefix)})
     g = torch.Generator().manual_seed(seed + 1)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -737,8 +756,28 @@ def add_random_mtp_layer(model_dir: str, seed: int = 0, std: float = 0.1, own_he
         tensors[prefix + "shared_head.head.weight"] = rand(vocab, h)
     if own_embed:
         tensors[prefix + "embed_tokens.weight"] = rand(vocab, h)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(model_dir, "model-mtp.safetensors"))
-    raw["num_nextn_predict_layers"] = 1
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump(raw, f, indent=1)
-    return model_dir
+    return _save_mtp(model_dir, raw, tensors, num_nextn_predict_layers=1)
+
+
+def add_random_qwen_mtp(model_dir: str, seed: int = 0, std: float = 0.1) -> str:
+    """Give the Qwen3-Next / Qwen3.5 model in model_dir one random multi-token-prediction layer
+    as their checkpoints hold it (model/qwen3_next_mtp.py): tensors under mtp. (fc, the
+    zero-centred norms pre_fc_norm_embedding, pre_fc_norm_hidden and norm, and layers.0, a
+    full-attention decoder layer of the model's kind) in a file of their own, and
+    mtp_num_hidden_layers 1 in config.json. Returns model_dir."""
+    import torch
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f)
+    n, h = raw["num_hidden_layers"], raw["hidden_size"]
+    bigger = dict(raw, num_hidden_layers=n + 1, layer_types=raw["layer_types"] + ["full_attention"])
+    prefix = f"model.layers.{n}."
+    tensors = {"mtp.layers.0." + k[len(prefix):]: v for k, v in _extra_layer(raw, bigger, seed).items()}
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * std
+
+    tensors.update({"mtp.fc.weight": rand(h, 2 * h), "mtp.pre_fc_norm_embedding.weight": rand(h),
+                    "mtp.pre_fc_norm_hidden.weight": rand(h), "mtp.norm.weight": rand(h)})
+    return _save_mtp(model_dir, raw, tensors, mtp_num_hidden_layers=1, mtp_use_dedicated_embeddings=False)
