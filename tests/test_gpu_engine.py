@@ -170,21 +170,24 @@ def _count_replays(graphs) -> list:
     return calls
 
 
-def test_speculative_decoding_on_cuda(llama_dir):
+@pytest.mark.parametrize("name", ["llama", "qwen3_5", "granite_hybrid"])
+def test_speculative_decoding_on_cuda(name, model_dirs):
     """N-gram drafts on CUDA (Triton attention, float32): steps with drafts replay the
     verification graphs (4 rows a request, padded where a request has fewer drafts), plain
     decode steps the decode graphs; greedy tokens equal the plain engine's, and sampled
     requests with top_k=1 (the rejection-sampling path) too. An oracle proposer makes drafts
-    stand."""
+    stand. Qwen3.5 (Gated DeltaNet) and Granite 4.0-H (Mamba-2) run their verifications a
+    token at a time through the state kernels inside the graphs, and step back after."""
     from test_speculative import OracleProposer
 
+    path = model_dirs[name]
     prompts = [{"prompt_token_ids": p} for p in _prompts(6, 5)]
     params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0.8, top_k=1, seed=1, max_tokens=24, ignore_eos=True)] * 3
-    plain = LLM(llama_dir, device="cuda", dtype="float32", async_scheduling=False, kv_cache_memory_bytes=KV_BYTES)
+    plain = LLM(path, device="cuda", dtype="float32", async_scheduling=False, kv_cache_memory_bytes=KV_BYTES)
     want = plain.generate(prompts, params, use_tqdm=False)
     _free(plain)
-    spec = LLM(llama_dir, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES,
+    spec = LLM(path, device="cuda", dtype="float32", kv_cache_memory_bytes=KV_BYTES,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     oracle = OracleProposer(3)
     oracle.reference = {tuple(o.prompt_token_ids): o.outputs[0].token_ids for o in want}
