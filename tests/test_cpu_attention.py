@@ -99,8 +99,9 @@ def test_short_chunks_after_context_match_torch(q_len, ctx):
 
 
 # (window, softcap): a sliding window shorter than most sequences, a softcap alone, both, a
-# window longer than every sequence (no effect).
-WINDOWS = [(5, 0.0), (0, 2.0), (16, 1.5), (500, 0.0)]
+# window longer than every sequence (no effect); chunked local attention (window < 0: chunks
+# of 16 positions, two blocks; of 5, across blocks) with and without a softcap.
+WINDOWS = [(5, 0.0), (0, 2.0), (16, 1.5), (500, 0.0), (-16, 0.0), (-5, 1.5)]
 
 
 @pytest.mark.parametrize("window, softcap", WINDOWS)

@@ -161,11 +161,12 @@ def test_decode_split_kv(segments, dtype):
     check_mixed(8, 2, 32, 8, dtype, segments=segments, tile_n=16, reqs=reqs)
 
 
-@pytest.mark.parametrize("window, softcap", [(5, 0.0), (0, 2.0), (19, 1.5), (1, 0.0)])
+@pytest.mark.parametrize("window, softcap", [(5, 0.0), (0, 2.0), (19, 1.5), (1, 0.0), (-16, 0.0), (-5, 1.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attention_sliding_window_and_softcap(window, softcap, dtype):
     """Windows shorter than a tile, across tiles and pages, of one key; softcaps that bite
-    (scale 1 makes the scores large): query blocks and split decodes against the twin."""
+    (scale 1 makes the scores large); chunked local attention (window < 0) in chunks of a
+    tile and of 5 keys: query blocks and split decodes against the twin."""
     check_mixed(8, 2, 32, 8, dtype, block_m=16, tile_n=16, scale=1.0, window=window, softcap=softcap)
     check_mixed(8, 2, 32, 8, dtype, segments=4, tile_n=16, scale=1.0, window=window, softcap=softcap,
                 reqs=[(1, n) for n in (1, 9, 16, 17, 40, 77)])

@@ -25,6 +25,17 @@ def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
     return x.to(cache_dtype)
 
 
+def first_visible(pos, window: int):
+    """The first key a query at position `pos` (an int or a tensor) sees: window > 0, the
+    last `window` keys (sliding window); window < 0, those of its chunk of -window positions,
+    chunks aligned to position 0 (chunked local attention, Llama 4); 0, all of them."""
+    if window > 0:
+        return pos - window + 1
+    if window < 0:
+        return pos - pos % -window
+    return pos * 0
+
+
 @dataclass
 class StateRows:
     """Which row of the recurrent-state tensors (linear-attention layers: model/layers/gated_delta.py)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from pagedserve.attention.backend import FP8_KV, AttentionBackend, AttentionMetadata, to_cache_dtype
+from pagedserve.attention.backend import FP8_KV, AttentionBackend, AttentionMetadata, first_visible, to_cache_dtype
 
 
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -86,8 +86,8 @@ class TorchAttentionBackend(AttentionBackend):
         pos = torch.arange(nb * meta.block_size, device=q.device)
         lens = meta.seq_lens[:nd, None]
         mask = pos[None, :] < lens
-        if window > 0:
-            mask &= pos[None, :] >= lens - window
+        if window:
+            mask &= pos[None, :] >= first_visible(lens - 1, window)
         # One query token per request: its `group` heads sharing a kv head act as `group` queries.
         o = _sdpa(q.view(nd, kvh, group, d), k, v, mask.view(nd, 1, 1, -1), scale, softcap,
                   None if sinks is None else sinks.view(kvh, group, 1))
@@ -111,12 +111,12 @@ class TorchAttentionBackend(AttentionBackend):
             k = k_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
             v = v_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
         mask = None  # plain causal from the start: SDPA's own is_causal
-        if ctx or window > 0 or softcap > 0 or sinks is not None or limit is not None:
+        if ctx or window or softcap > 0 or sinks is not None or limit is not None:
             cols = torch.arange(seq_len, device=q.device)[None, :]
             rows = torch.arange(ctx, seq_len, device=q.device)[:, None]
             mask = cols <= rows if limit is None else cols < limit[:, None]
-            if window > 0:
-                mask &= cols > rows - window
+            if window:
+                mask &= cols >= first_visible(rows, window)
         k = _expand_kv(k.transpose(0, 1), group)
         v = _expand_kv(v.transpose(0, 1), group)
         if mask is None:

@@ -115,7 +115,8 @@ def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     seg_acc_ptr, seg_max_ptr, seg_sum_ptr, counter_ptr, sinks_ptr,
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
-    window,  # SLIDING: each query sees only its last `window` keys, itself included
+    window,  # SLIDING: each query sees only its last `window` keys, itself included; CHUNKED:
+    # -window is the chunk length (chunked local attention: keys of the query's chunk)
     softcap_log2,  # SOFTCAP: the logit softcap * log2(e)
     num_seqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
@@ -127,7 +128,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
-    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr, SINKS: tl.constexpr,
+    SLIDING: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr, SINKS: tl.constexpr,
     LIMIT: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
@@ -214,6 +215,9 @@ def _paged_attention_kernel(
     first_tile = 0
     if SLIDING:  # tiles wholly before the block's first query's window are skipped
         first_tile = tl.maximum(context + q_block * BLOCK_Q - window + 1, 0) // TILE_N
+    if CHUNKED:  # ... or before its chunk
+        q_first = tl.maximum(context + q_block * BLOCK_Q, 0)
+        first_tile = (q_first - q_first % -window) // TILE_N
     if NUM_SEGMENTS > 1:
         per_seg = tl.cdiv(num_tiles - first_tile, NUM_SEGMENTS)
         tile_lo = first_tile + segment * per_seg
@@ -246,6 +250,8 @@ def _paged_attention_kernel(
             visible = (offs_n[None, :] <= q_abs[:, None]) & n_ok[None, :]
         if SLIDING:
             visible &= offs_n[None, :] > q_abs[:, None] - window
+        if CHUNKED:
+            visible &= offs_n[None, :] >= q_abs[:, None] - q_abs[:, None] % -window
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -383,7 +389,8 @@ def paged_attention(
     DECODE_CONFIG, else the tuned file, else derived from the head dim). rope (decode only):
     query and rope.key are unrotated; the kernel rotates them and writes the new key and
     value into the caches, which then hold only the keys before each token (see the kernel).
-    window > 0: each query sees only its last `window` keys (sliding window); softcap > 0:
+    window > 0: each query sees only its last `window` keys (sliding window), window < 0 those
+    of its chunk of -window positions (chunked local attention, Llama 4); softcap > 0:
     scores become softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [Hq]
     float32 (GPT-OSS): one more logit per head in each softmax's denominator, with no value.
     kv_limit [T] int32 (prefill only): how many keys each query row sees, in place of its
@@ -441,7 +448,7 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, IS_DECODE=decode, NUM_SEGMENTS=num_segments, DOT_PRECISION=precision,
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
-        ROPE=rope is not None, SLIDING=window > 0, SOFTCAP=softcap > 0, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        ROPE=rope is not None, SLIDING=window > 0, CHUNKED=window < 0, SOFTCAP=softcap > 0, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
         SINKS=sinks is not None, LIMIT=kv_limit is not None, INTERPRET=triton_interpreting(), **launch, **pdl,
     )
     return out

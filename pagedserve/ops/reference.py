@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from pagedserve.attention.backend import first_visible
+
 
 def reshape_and_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
@@ -31,7 +33,8 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """Causal attention for each request r of a flat varlen batch: its query tokens
     query[qsl[r]:qsl[r+1]] are the last q_len positions of a sequence of seq_lens[r] tokens
     whose K/V sit in the cache pages block_tables[r]; query i at position p = seq_len - q_len + i
-    sees keys [0, p], or with a sliding window the last `window` of them, (p - window, p].
+    sees keys [0, p], or with a sliding window the last `window` of them, (p - window, p], or
+    with window < 0 those of its chunk of -window positions (backend.first_visible).
     softcap > 0: scores become softcap * tanh(scores / softcap) (Gemma 2) before the softmax.
     sinks [Hq] (GPT-OSS's attention sinks): one more logit per head in each softmax's
     denominator, with no value (so the weights sum to under 1). kv_limit [T]: query row t
@@ -62,8 +65,8 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             visible = cols <= rows[:, None]
         else:
             visible = cols < torch.as_tensor(kv_limit[qs:qe], device=query.device)[:, None]
-        if window > 0:
-            visible &= cols > rows[:, None] - window
+        if window:
+            visible &= cols >= first_visible(rows[:, None], window)
         s = s.masked_fill(~visible, float("-inf"))
         if sinks is not None:
             sink = sinks.to(compute_dtype)[:, None, None].expand(hq, s.shape[1], 1)

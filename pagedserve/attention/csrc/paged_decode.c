@@ -2,7 +2,8 @@
  * straight from the block pool (no gather copy), GQA heads of one KV head share each K/V row.
  * Layout: q/out [R, H, D]; k_cache/v_cache [num_blocks, block_size, KVH, D];
  * block_tables [R, max_blocks] int32; seq_lens [R] int32. Parallel over (request, kv head).
- * window > 0: only the last `window` keys are seen (sliding window); softcap > 0: scores become
+ * window > 0: only the last `window` keys are seen (sliding window); window < 0: only those of the
+ * query's chunk of -window positions (chunked local attention, Llama 4); softcap > 0: scores become
  * softcap * tanh(score / softcap) before the softmax (Gemma 2); sinks (NULL: none) [H]: one more
  * logit per head in the softmax's denominator, with no value (GPT-OSS's attention sinks).
  * Two variants: float32 K/V, and bfloat16 K/V (bf16 is the top half of a float32, so a load
@@ -32,7 +33,9 @@ void NAME(float *out, const float *q, const KV_T *k_cache, const KV_T *v_cache, 
 _Pragma("omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)") \
     for (int r = 0; r < num_reqs; r++) { \
         for (int kvh = 0; kvh < num_kv_heads; kvh++) { \
-            const int first = (window > 0 && seq_lens[r] > window) ? seq_lens[r] - window : 0; \
+            const int last = seq_lens[r] - 1; /* the query's position */ \
+            const int first = window > 0 ? (last + 1 > window ? last + 1 - window : 0) \
+                              : window < 0 && last > 0 ? last - last % -window : 0; \
             const int len = seq_lens[r] - first; /* keys [first, seq_len) */ \
             const int32_t *table = block_tables + (long)r * max_blocks; \
             float *scores = (float *)malloc(sizeof(float) * (size_t)group * (size_t)len); \
