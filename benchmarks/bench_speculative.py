@@ -6,6 +6,11 @@ model (a small trained model, so that it copies text the way language models do)
   copy: a passage of the Python docs, then its first line again (the model tends to go on
         copying: what prompt lookup is for);
   free: the passage's first line alone (drafts only from what the model repeats).
+Method "replay" (greedy only) drafts the plain engine's own continuation with draft
+(done % (k + 2)) made wrong, `done` the tokens generated so far, so that every number of
+accepted drafts occurs (k = 3: 1.8 of 3 stand on average): not a real proposer, it measures
+what verification costs at a known acceptance rate (on a random model, such as a hybrid's,
+where no proposer's drafts stand).
 
     python benchmarks/bench_speculative.py [--model DIR --draft DIR] [--prompts 8] [--output-len 128] [--k 2 3]
 """
@@ -18,6 +23,22 @@ import time
 from pagedserve import LLM, SamplingParams
 from pagedserve.bench.common import machine_info, write_json
 from pagedserve.demo import demo_draft_path
+from pagedserve.engine.ngram import NgramProposer, SpeculativeConfig
+
+
+class ReplayProposer(NgramProposer):
+    """Drafts a known continuation of each prompt, draft done % (k + 2) made wrong."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(SpeculativeConfig(num_speculative_tokens=k))
+        self.reference: dict[tuple, list[int]] = {}
+
+    def propose(self, req, max_tokens: int) -> list[int]:
+        k, done = self.cfg.num_speculative_tokens, len(req.output_token_ids)
+        d = list(self.reference.get(tuple(req.prompt_token_ids), [])[done:done + min(k, max_tokens)])
+        if done % (k + 2) < len(d):
+            d[done % (k + 2)] += 1
+        return d
 
 
 def _workloads(n: int) -> dict[str, list[str]]:
@@ -58,7 +79,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[2, 3], help="num_speculative_tokens to try")
     ap.add_argument("--draft", default=None, help="a draft model dir: its configs run beside the n-gram ones "
                     "(default: the demo's draft model, pagedserve/demo/draft)")
-    ap.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=["ngram", "draft_model"])
+    ap.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=["ngram", "draft_model", "replay"])
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7])
     ap.add_argument("--rounds", type=int, default=2, help="passes over the prompts; each prompt's best time counts")
     ap.add_argument("--output-json", default=None)
@@ -69,9 +90,18 @@ def main() -> None:
     draft = ns.draft or demo_draft_path()
     configs = {"ngram": lambda k: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
                                    "prompt_lookup_min": 2},
-               "draft_model": lambda k: {"method": "draft_model", "model": draft, "num_speculative_tokens": k}}
+               "draft_model": lambda k: {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
+               "replay": lambda k: {"method": "ngram", "num_speculative_tokens": k}}
     specs = {f"{m}_k{k}": LLM(ns.model, speculative_config=configs[m](k), **common)
              for m in ns.methods for k in ns.k}
+    if "replay" in ns.methods:  # the plain engine's greedy continuations, to be drafted back
+        assert ns.temperature == [0.0], "replay drafts greedy continuations: --temperature 0"
+        greedy = SamplingParams(temperature=0, max_tokens=ns.output_len, ignore_eos=True)
+        ref = {tuple(o.prompt_token_ids): o.outputs[0].token_ids
+               for ps in _workloads(ns.prompts).values() for o in plain.generate(ps, greedy, use_tqdm=False)}
+        for k in ns.k:
+            proposer = specs[f"replay_k{k}"].llm_engine.scheduler.proposer = ReplayProposer(k)
+            proposer.reference = ref
     for temperature in ns.temperature:
         params = SamplingParams(temperature=temperature, seed=0, max_tokens=ns.output_len, ignore_eos=True)
         for name, prompts in _workloads(ns.prompts).items():

@@ -103,6 +103,10 @@ MODEL_SPECS = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
     # OLMoE: q/k norms over all heads at once, experts in every layer, weights not renormalised.
     "olmoe": ("OlmoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
+    # Llama 4: chunked local attention in chunks of 16 on the RoPE layers (interleaved pairs, L2
+    # q/k norms), NoPE layers with the query temperature, one expert of 4 a token on every
+    # second layer (random_model.py's defaults).
+    "llama4": ("Llama4ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True)),
     # Gemma 2: alternating sliding / full layers, attention and final softcaps. Gemma 3: q/k
     # norms, local and global layers with their own RoPE (linear scaling on the global ones).
     "gemma": ("GemmaForCausalLM", dict(num_heads=4, num_kv_heads=1, head_dim=32)),

@@ -1,6 +1,6 @@
 """A vision-language checkpoint served as its language model (Gemma 3 4B and up ship as
-Gemma3ForConditionalGeneration): text prompts give transformers' tokens on the same weights;
-the vision tower is not loaded."""
+Gemma3ForConditionalGeneration, Llama 4 as Llama4ForConditionalGeneration): text prompts give
+transformers' tokens on the same weights; the vision tower is not loaded."""
 
 from __future__ import annotations
 
@@ -34,11 +34,40 @@ def gemma3_mm_dir(tokenizer_dir, tmp_path_factory):
     return path
 
 
-def test_text_prompts_match_transformers(gemma3_mm_dir):
+@pytest.fixture(scope="module")
+def llama4_mm_dir(tokenizer_dir, tmp_path_factory):
+    import transformers
+    from transformers import AutoTokenizer
+
+    from pagedserve.model.random_model import ARCH_CONFIGS
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # (intermediate_size = hidden_size: the stacked experts' down_proj is square, so its layout
+    # cannot be told from its shape)
+    cfg = transformers.Llama4Config(
+        text_config=dict(ARCH_CONFIGS["Llama4ForCausalLM"][1], hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                         initializer_range=0.5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                           projector_output_dim=64),
+        image_token_index=len(tok) - 1, boi_token_index=len(tok) - 2, eoi_token_index=len(tok) - 3)
+    cfg.architectures = ["Llama4ForConditionalGeneration"]
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("llama4_mm"))
+    transformers.Llama4ForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name, arch", [("gemma3_mm_dir", "Gemma3"), ("llama4_mm_dir", "Llama4")])
+def test_text_prompts_match_transformers(name, arch, request):
+    gemma3_mm_dir = request.getfixturevalue(name)
     llm = LLM(gemma3_mm_dir, max_num_batched_tokens=32, block_size=8)
-    assert type(llm.llm_engine.runner.model).__name__ == "Gemma3ForCausalLM"
+    assert type(llm.llm_engine.runner.model).__name__ == f"{arch}ForCausalLM"
     ref = HFReference(gemma3_mm_dir)
-    assert type(ref.model).__name__ == "Gemma3ForConditionalGeneration"
+    # (transformers takes Llama 4's language model alone, loaded from the same checkpoint)
+    assert type(ref.model).__name__ in (f"{arch}ForConditionalGeneration", f"{arch}ForCausalLM")
     prompts = [[(11 * i + 3 * j) % 1000 + 4 for j in range(n)] for i, n in enumerate((5, 30, 70))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)

@@ -71,9 +71,11 @@ def checked_layer_types(hf_config: Any, allowed: dict[str, str], model: str) -> 
 
 
 def layer_windows(hf_config: Any) -> list[int]:
-    """Each decoder layer's sliding window (0: full attention), as transformers decides it:
-    from `layer_types` where the config has them (Qwen2's max_window_layers, Gemma 2/3's
-    alternation), else the config's sliding_window on every layer (Mistral, Mixtral)."""
+    """Each decoder layer's sliding window (0: full attention; negative: chunked local
+    attention in chunks of -window positions, Llama 4's "chunked_attention" layers), as
+    transformers decides it: from `layer_types` where the config has them (Qwen2's
+    max_window_layers, Gemma 2/3's alternation), else the config's sliding_window on every
+    layer (Mistral, Mixtral)."""
     n = hf_config.num_hidden_layers
     window = int(getattr(hf_config, "sliding_window", None) or 0)
     if getattr(hf_config, "use_sliding_window", True) is False:
@@ -82,7 +84,8 @@ def layer_windows(hf_config: Any) -> list[int]:
     if types:
         if len(types) != n:
             raise ValueError(f"config.json has {len(types)} layer_types for {n} layers.")
-        return [window if t == "sliding_attention" else 0 for t in types]
+        chunk = -int(getattr(hf_config, "attention_chunk_size", None) or 0)
+        return [window if t == "sliding_attention" else chunk if t == "chunked_attention" else 0 for t in types]
     return [window] * n
 
 

@@ -46,9 +46,9 @@ class LlamaAttention(nn.Module):
         self.q_norm = norm(self.q_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = norm(self.kv_size if qk_norm_whole else self.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.rotary = rotary  # None: no position encoding in this layer (SmolLM3's NoPE layers)
-        # (beta, length): queries scaled by 1 + beta * log(1 + floor(position / length)) (Llama 4's
-        # attention temperature, as Ministral 3 has it); None: not scaled.
-        self.q_position_scale: Optional[tuple[float, int]] = None
+        # (beta, length, offset): queries scaled by 1 + beta * log(1 + floor((position + offset) /
+        # length)) (Llama 4's attention temperature: offset 1; Ministral 3's: 0); None: not scaled.
+        self.q_position_scale: Optional[tuple[float, int, int]] = None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim**-0.5,
                                    window, softcap, sinks)
 
@@ -79,8 +79,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and not self.qk_norm_whole and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.q_position_scale is not None:  # (before RoPE: the same, as RoPE is linear)
-            beta, length = self.q_position_scale
-            scale = 1 + beta * torch.log1p(torch.div(positions, length, rounding_mode="floor").float())
+            beta, length, offset = self.q_position_scale
+            scale = 1 + beta * torch.log1p(torch.div(positions + offset, length, rounding_mode="floor").float())
             q = q * scale.to(q.dtype)[:, None, None]
         if self.rotary is not None and self.qk_norm_after_rope:
             q, k = self.rotary(positions, q, k)
@@ -385,7 +385,7 @@ class Ministral3ForCausalLM(LlamaForCausalLM):
         if beta:
             length = int(params.get("original_max_position_embeddings") or cfg.max_position_embeddings)
             for layer in self.model.layers:
-                layer.self_attn.q_position_scale = (float(beta), length)
+                layer.self_attn.q_position_scale = (float(beta), length, 0)
 
 
 class HunYuanDenseV1ForCausalLM(LlamaForCausalLM):

@@ -50,12 +50,13 @@ _STACKED = re.compile(
 
 
 def unstack_experts(weights: Iterable[tuple[str, torch.Tensor]], hidden: int,
-                    inter: int) -> Iterator[tuple[str, torch.Tensor]]:
+                    inter: int, hub_layout: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Experts stacked in one tensor per projection (Qwen3-VL-MoE) -> the per-expert
     '...experts.<e>.gate_proj.weight' [I, hidden] names; other tensors unchanged. Hub
     checkpoints hold gate_up_proj [E, hidden, 2I] (gate then up along the last dim) and
     down_proj [E, I, hidden]; transformers 5 saves its modules' [E, 2I, hidden] / [E, hidden, I].
-    As transformers does, a tensor already in the module's shape is taken as it is."""
+    As transformers does, a tensor already in the module's shape is taken as it is, unless
+    `hub_layout` (Llama 4, whose modules hold the hub's layout): then always transposed."""
     for name, t in weights:
         m = _STACKED.match(name)
         if m is None:
@@ -63,7 +64,7 @@ def unstack_experts(weights: Iterable[tuple[str, torch.Tensor]], hidden: int,
             continue
         prefix, gate_up = m["prefix"], m["proj"] == "gate_up_proj"
         module_shape = (2 * inter, hidden) if gate_up else (hidden, inter)
-        if tuple(t.shape[1:]) == module_shape:
+        if tuple(t.shape[1:]) == module_shape and not (hub_layout and module_shape[0] == module_shape[1]):
             per_expert = list(t)
         elif tuple(t.shape[1:]) == module_shape[::-1]:
             per_expert = [w.t() for w in t]

@@ -114,6 +114,12 @@ ARCH_CONFIGS = {
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
     "OlmoeForCausalLM": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    # Llama 4 at a small scale: chunks of 16 positions, every second layer without RoPE (its
+    # queries' temperature changing every 8 positions) and with 4 experts, one a token.
+    "Llama4ForCausalLM": ("Llama4TextConfig", {"num_local_experts": 4, "num_experts_per_tok": 1,
+                                               "interleave_moe_layer_step": 2, "intermediate_size_mlp": 96,
+                                               "attention_chunk_size": 16, "no_rope_layer_interval": 2,
+                                               "floor_scale": 8, "attn_scale": 0.5, "head_dim": 16}),
     # GPT-OSS: attention sinks, alternating window / full layers, YaRN, experts with biases and
     # a clamped SwiGLU; a window and a YaRN original length that short tests cross.
     "GptOssForCausalLM": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,

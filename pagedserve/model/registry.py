@@ -42,6 +42,7 @@ _MODELS = {
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
     "OlmoeForCausalLM": ("pagedserve.model.olmoe", "OlmoeForCausalLM"),
+    "Llama4ForCausalLM": ("pagedserve.model.llama4", "Llama4ForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),
     "SmolLM3ForCausalLM": ("pagedserve.model.llama", "SmolLM3ForCausalLM"),
     "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
@@ -70,6 +71,12 @@ _BASE_MODELS = {
 # Vision-language checkpoints served as text models: the language model's class, the
 # checkpoint's name pieces for it, and the pieces not loaded (vision tower, projector).
 _TEXT_OF_MULTIMODAL = {
+    # Llama 4 (Scout, Maverick): the language model alone (images are not served).
+    "Llama4ForConditionalGeneration": ("Llama4ForCausalLM",
+                                       [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                                        ("model.language_model.", "model.")],
+                                       ("vision_model.", "multi_modal_projector.", "model.vision_model.",
+                                        "model.multi_modal_projector.")),
     "Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM",
                                        [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                                         ("model.language_model.", "model.")],
