@@ -2,7 +2,7 @@
 (ops/state_reference.py): several steps in a row over rows scattered in a larger state tensor,
 inputs that are strided views of a fused projection, requests that start fresh in a row that
 holds NaN (the kernel must not read it) and rows no request owns (they must stay as they
-were). Without CUDA the kernels run in Triton's interpreter on small shapes; `-m gpu` runs the
+were); a speculative verification's tokens in one call, the states after each kept. Without CUDA the kernels run in Triton's interpreter on small shapes; `-m gpu` runs the
 same checks on CUDA at real models' sizes."""
 
 from __future__ import annotations
@@ -132,6 +132,53 @@ def test_selective_decode(batch, channels, n, dtype, state_dtype):
                   d=torch.randn(channels, generator=g).to(dtype).to(DEV))
     _check(selective_decode, selective_decode_ref, _selective_steps(batch, channels, n, dtype, g),
            (5, channels, n), rows, init, state_dtype, TOL[(dtype, state_dtype)], **params)
+
+
+def _check_verify(kernel, twin, inputs, state_shape, rows, init, state_dtype, tol, tokens, **params) -> None:
+    """A verification of `tokens` tokens a request in one kernel call against the twin's token
+    loop (verify_ref): outputs, the whole state tensor and the whole snapshot tensor (k = tokens
+    slots a row after 2 others, so a state kept one slot off lands where none belongs)."""
+    from functools import partial
+
+    from pagedserve.ops.state_reference import verify_ref
+
+    g = torch.Generator().manual_seed(11)
+    ref_cache = torch.randn(state_shape, generator=g).to(state_dtype).to(DEV)
+    cache = ref_cache.clone()
+    cache[rows[init == 0]] = float("nan")
+    ref_snap = torch.randn((2 + state_shape[0] * tokens, *state_shape[1:]), generator=g).to(state_dtype).to(DEV)
+    snap = ref_snap.clone()
+    out = kernel(*inputs, cache, rows, init, tokens=tokens, keep=(snap, 2, tokens), **params)
+    ref = verify_ref(partial(twin, **params), inputs, ref_cache, rows, init, tokens, (ref_snap, 2, tokens))
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(cache.float(), ref_cache.float(), rtol=tol[0], atol=tol[1])
+    torch.testing.assert_close(snap.float(), ref_snap.float(), rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_verification_in_one_call(tokens, dtype, state_dtype):
+    """Speculative verification: every decode kernel running `tokens` tokens a request, the
+    states after each but the last kept, a fresh request among them."""
+    batch, tol = 3, TOL[(dtype, state_dtype)]
+    n = batch * tokens
+    g = torch.Generator().manual_seed(tokens)
+    rows, init = _rows(batch, 6, g)
+    weight = torch.randn(40, 4, generator=g).to(dtype).to(DEV)
+    _check_verify(conv_decode, conv_decode_ref, _fused(n, [40], dtype, g), (6, 40, 3), rows, init, state_dtype, tol,
+                  tokens, weight=weight, bias=torch.randn(40, generator=g).to(dtype).to(DEV), silu=True)
+    gdn = dict(a_log=torch.randn(4, generator=g).to(DEV), dt_bias=torch.randn(4, generator=g).to(dtype).to(DEV))
+    _check_verify(gated_delta_decode, gated_delta_decode_ref, _gdn_steps(n, 2, 4, 16, 24, dtype, g)[0],
+                  (6, 4, 16, 24), rows, init, state_dtype, tol, tokens, **gdn)
+    ssd = dict(a_log=torch.randn(4, generator=g).to(DEV), dt_bias=torch.randn(4, generator=g).to(dtype).to(DEV),
+               dt_limit=(0.05, 0.4), d=torch.randn(4, generator=g).to(dtype).to(DEV))
+    _check_verify(ssd_decode, ssd_decode_ref, _ssd_steps(n, 4, 2, 16, 8, dtype, g)[0], (6, 4, 16, 8), rows, init,
+                  state_dtype, tol, tokens, **ssd)
+    sel = dict(a_log=torch.randn(40, 12, generator=g).to(DEV), dt_bias=torch.randn(40, generator=g).to(dtype).to(DEV),
+               d=torch.randn(40, generator=g).to(dtype).to(DEV))
+    _check_verify(selective_decode, selective_decode_ref, _selective_steps(n, 40, 12, dtype, g)[0], (6, 40, 12), rows,
+                  init, state_dtype, tol, tokens, **sel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

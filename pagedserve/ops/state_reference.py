@@ -12,6 +12,32 @@ import torch
 import torch.nn.functional as F
 
 L2_EPS = 1e-6  # the q/k normalisation of Gated DeltaNet (FLA's kernels)
+# Speculative decoding's kept states: (snapshot tensor [slots, ...], first slot, slots a row);
+# the state of row r after token t of a verification goes to verify_slot(first, k, r, t).
+Keep = tuple[torch.Tensor, int, int]
+
+
+def verify_slot(first: int, k: int, rows, t: int):
+    """The snapshot slot of state row(s) `rows` (ints or a tensor) after token t (< k) of a
+    verification: k slots a row, from `first` (model/layers/state_mixer.py)."""
+    return first + rows * k + t
+
+
+def verify_ref(decode: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], cache: torch.Tensor,
+               rows: torch.Tensor, init: Optional[torch.Tensor], tokens: int, keep: Optional[Keep]) -> torch.Tensor:
+    """A verification of `tokens` tokens a request through a one-token decode function
+    (decode(*inputs, cache, rows, init)): inputs [B * tokens, ...], request i's token t in row
+    i * tokens + t; the state after each token but the last kept per `keep`. The twin of the
+    decode kernels' `tokens` / `keep`. Returns the outputs laid out as the inputs."""
+    b = rows.shape[0]
+    outs = []
+    for t in range(tokens):
+        outs.append(decode(*(x.view(b, tokens, *x.shape[1:])[:, t] for x in inputs), cache, rows,
+                           init if t == 0 else None))
+        if keep is not None and t < tokens - 1:
+            snap, first, k = keep
+            snap.index_copy_(0, verify_slot(first, k, rows, t), cache.index_select(0, rows).to(snap.dtype))
+    return torch.stack(outs, dim=1).flatten(0, 1)
 
 
 def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

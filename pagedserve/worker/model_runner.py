@@ -14,12 +14,12 @@ from pagedserve.attention.backend import AttentionMetadata, StateRows, get_atten
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.engine.state_cache import StateCache, save_positions
-from pagedserve.model.layers.state_mixer import verify_slot
 from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.eagle import EAGLE_METHODS
 from pagedserve.model.mtp import MTP_METHODS
+from pagedserve.ops.state_reference import verify_slot
 from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
 from pagedserve.worker import kv_sizing

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.ops.state_reference import verify_ref, verify_slot
 
 # One token for each decode row, states updated in place (ops/state_reference.py):
 # (inputs of the rows..., cache, rows, init or None) -> outputs
@@ -200,31 +201,34 @@ class StateMixer(nn.Module):
     def _verify_rows(self, cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
                      out: torch.Tensor, decode: DecodeFn, snapshots: Optional[torch.Tensor], nd: int,
                      nv: int) -> None:
-        """Requests nd..nd+nv verify drafts: their tokens go through `decode` a position at a
-        time (longest requests first, so that those still running at position j are the first
-        ones), and the state after each position but the last is kept in the request's
-        verification slot for that position. In a graph's metadata (no host copies) every
-        request has max_query_len tokens, laid out one after the other."""
+        """Requests nd..nd+nv verify drafts: each runs its tokens through `decode` in order, and
+        the state after each token but the last is kept in the request's verification slot for
+        that position (verify_slots). Where every request has as many tokens (always so in a
+        graph's metadata, which has no host copies: max_query_len each, one after the other),
+        all run in one call of the decode kernel's multi-token form (ops/state_decode.py), or
+        of its twin; otherwise a position at a time, longest requests first, so that those
+        still running at position j are the first ones."""
         assert snapshots is not None and self.verify_k, "verification needs allocate_snapshots(verify_k=...)"
         states, qsl = meta.states, meta.query_start_loc_cpu
         if qsl:
             first, lens = qsl[nd], [qsl[r + 1] - qsl[r] for r in range(nd, nd + nv)]
         else:
             first, lens = 0, [meta.max_query_len] * nv
-        q = lens[0]
-        uniform = lens[-1] == q
+        q, rows = lens[0], states.rows[nd:nd + nv]
         fresh = not (len(states.init_cpu) >= nd + nv and all(states.init_cpu[nd:nd + nv]))
+        init = states.init[nd:nd + nv] if fresh else None
+        if lens[-1] == q:
+            span = slice(first, first + nv * q)
+            xs, keep = tuple(x[span] for x in inputs), (snapshots, self.verify_base, self.verify_k)
+            out[span] = (decode(*xs, cache, rows, init, tokens=q, keep=keep) if self.use_triton
+                         else verify_ref(decode, xs, cache, rows, init, q, keep))
+            return
         for j in range(q):
             m = sum(n > j for n in lens)
-            rows = states.rows[nd:nd + m]
-            if uniform:
-                at: object = slice(first + j, first + nv * q, q)
-            else:
-                at = torch.tensor([qsl[nd + i] + j for i in range(m)], dtype=torch.long, device=out.device)
-            init = states.init[nd:nd + nv] if j == 0 and fresh else None
-            out[at] = decode(*(x[at] for x in inputs), cache, rows, init)
+            at = torch.tensor([qsl[nd + i] + j for i in range(m)], dtype=torch.long, device=out.device)
+            out[at] = decode(*(x[at] for x in inputs), cache, rows[:m], init if j == 0 else None)
             if j < q - 1:
-                snapshots.index_copy_(0, self.verify_slots(rows, j), cache.index_select(0, rows))
+                snapshots.index_copy_(0, self.verify_slots(rows[:m], j), cache.index_select(0, rows[:m]))
 
     @staticmethod
     def _prefill_group(cache: torch.Tensor, meta: AttentionMetadata, inputs: tuple[torch.Tensor, ...],
@@ -248,12 +252,6 @@ class StateMixer(nn.Module):
         if states is not None:
             for i, r in enumerate(reqs):
                 cache[states.rows_cpu[r]] = new[i].to(cache.dtype)
-
-
-def verify_slot(base: int, k: int, rows, j: int):
-    """Snapshot slot of the state of state row(s) `rows` after token j of a verification
-    (k slots a row, from `base`); ints or tensors."""
-    return base + rows * k + j
 
 
 def padding_groups(lengths: list[int], first: int = 0) -> list[list[int]]:
