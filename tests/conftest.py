@@ -185,6 +185,12 @@ MODEL_SPECS = {
     # zeros), q/k norms and RoPE on half of each head.
     "glm4_moe": ("Glm4MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3,
                                             random_biases=True)),
+    # GPT-NeoX (Pythia): fused per-head qkv, RoPE on a quarter of each head, LayerNorms and every
+    # bias drawn; parallel residual, and the sequential form. (Multi-head: the stray
+    # num_key_value_heads the builder writes must be ignored.)
+    "gpt_neox": ("GPTNeoXForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True)),
+    "gpt_neox_seq": ("GPTNeoXForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
+                                                use_parallel_residual=False)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

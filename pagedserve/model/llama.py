@@ -144,13 +144,15 @@ class XIELU(nn.Module):
 
 
 class UpDownMLP(nn.Module):
-    """An MLP without a gate: down(act(up(x))) (Arcee's ReLU², Apertus' xIELU)."""
+    """An MLP without a gate: down(act(up(x))) (Arcee's ReLU², Apertus' xIELU; GELU with biases in
+    GPT-NeoX, Phi, StarCoder 2, GPT-2)."""
 
-    def __init__(self, cfg: Any, act: Optional[str] = None, intermediate_size: Optional[int] = None) -> None:
+    def __init__(self, cfg: Any, act: Optional[str] = None, intermediate_size: Optional[int] = None,
+                 bias: Optional[bool] = None) -> None:
         super().__init__()
         from transformers.activations import ACT2FN
 
-        bias = bool(getattr(cfg, "mlp_bias", False))
+        bias = bool(getattr(cfg, "mlp_bias", False)) if bias is None else bias
         act = act or cfg.hidden_act
         inter = intermediate_size or cfg.intermediate_size
         self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
@@ -309,10 +311,10 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
+            for hf_piece, piece in self.renamed:  # (first: a head renamed to lm_head is tied too)
+                name = name.replace(hf_piece, piece)
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            for hf_piece, piece in self.renamed:
-                name = name.replace(hf_piece, piece)
             expert = FusedMoE.match(name)
             if expert is not None:
                 target, e, param, shard = expert

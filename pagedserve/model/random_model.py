@@ -47,6 +47,8 @@ ARCH_CONFIGS = {
     "SeedOssForCausalLM": ("SeedOssConfig", {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "Cohere2ForCausalLM": ("Cohere2Config", {"logit_scale": 0.5, "sliding_window": 16}),
+    # GPT-NeoX (Pythia): RoPE on a quarter of each head, as Pythia's config.json says it (rotary_pct).
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", {"rotary_pct": 0.25}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),

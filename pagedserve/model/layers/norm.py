@@ -48,3 +48,18 @@ def pre_norm(norm: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor])
     if residual is None:
         return norm(x), x
     return norm(x, residual)
+
+
+class LayerNorm(ResidualNorm):
+    """torch's LayerNorm (mean-centred, weight and bias) taking the residual stream as RMSNorm
+    does (GPT-NeoX, Phi, StarCoder 2, GPT-2): the same computation as transformers' nn.LayerNorm,
+    in the model dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.eps = eps
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)

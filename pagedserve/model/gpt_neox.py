@@ -1,0 +1,87 @@
+"""GPT-NeoX (GPTNeoXForCausalLM: Pythia, GPT-NeoX-20B, and their fine-tunes).
+
+- LayerNorms with biases (before attention, before the MLP, and the final one);
+- one fused `query_key_value` projection whose rows are per head [heads, 3 (q, k, v), head_dim]:
+  reordered at load into our fused q | k | v (all queries, then keys, then values);
+- RoPE on the leading `rotary_pct` of each head (transformers reads it into
+  rope_parameters["partial_rotary_factor"]; 0.25 in Pythia); multi-head attention only;
+- `use_parallel_residual` True: h + attn(ln1(h)) + mlp(ln2(h)) (both norms of the same h);
+  False: h' = h + attn(ln1(h)), then h' + mlp(ln2(h'));
+- biases on every projection, a GELU MLP (dense_h_to_4h, dense_4h_to_h) without a gate;
+- an untied output head `embed_out`."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.layers.norm import LayerNorm
+from pagedserve.model.layers.rotary import RotaryEmbedding
+from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, UpDownMLP
+
+
+def mha_sizes(cfg: Any) -> SimpleNamespace:
+    """The attention sizes of a multi-head model (every head its own k and v): LlamaAttention
+    reads these, not a num_key_value_heads the config may carry without the model using it."""
+    heads = cfg.num_attention_heads
+    return SimpleNamespace(hidden_size=cfg.hidden_size, num_attention_heads=heads, num_key_value_heads=heads,
+                           head_dim=cfg.hidden_size // heads)
+
+
+def per_head_qkv_to_fused(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows [heads, 3, head_dim] (each head's q, k, v together) -> [3, heads, head_dim]."""
+    return t.reshape(heads, 3, t.shape[0] // (3 * heads), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+class GPTNeoXLayer(nn.Module):
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+        super().__init__()
+        bias = bool(getattr(cfg, "attention_bias", True))
+        self.self_attn = LlamaAttention(mha_sizes(cfg), rotary, qkv_bias=bias, o_bias=bias, qk_norm=False,
+                                        window=window)
+        self.mlp = UpDownMLP(cfg, bias=True)
+        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.parallel = bool(getattr(cfg, "use_parallel_residual", True))
+
+    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
+        """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
+        h = x if residual is None else x + residual
+        attn = self.self_attn(positions, self.input_layernorm(h), meta)
+        if self.parallel:
+            return attn + self.mlp(self.post_attention_layernorm(h)), h
+        h = h + attn
+        return self.mlp(self.post_attention_layernorm(h)), h
+
+
+class GPTNeoXForCausalLM(LlamaForCausalLM):
+    stacked_params = []  # (the checkpoint's qkv is fused already; its MLP has no gate)
+    renamed = [("gpt_neox.", "model."), (".embed_in.", ".embed_tokens."),
+               (".attention.query_key_value.", ".self_attn.qkv_proj."), (".attention.dense.", ".self_attn.o_proj."),
+               (".mlp.dense_h_to_4h.", ".mlp.up_proj."), (".mlp.dense_4h_to_h.", ".mlp.down_proj."),
+               (".final_layer_norm.", ".norm."), ("embed_out.", "lm_head.")]
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        return GPTNeoXLayer(cfg, rotary, window)
+
+    @classmethod
+    def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
+        return LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(self._fused_qkv_order(weights))
+
+    def _fused_qkv_order(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        heads, rows = self.config.num_attention_heads, 3 * self.config.hidden_size
+        for name, t in weights:
+            if name.endswith((".attention.bias", ".attention.masked_bias")):  # old checkpoints' causal-mask buffers
+                continue
+            rowwise = name.endswith(("weight", "bias", "weight_scale", "weight_zero"))  # (per-row scales move too)
+            if ".attention.query_key_value." in name and rowwise and t.dim() >= 1 and t.shape[0] == rows:
+                t = per_head_qkv_to_fused(t, heads)
+            yield name, t
