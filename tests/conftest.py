@@ -191,6 +191,9 @@ MODEL_SPECS = {
     "gpt_neox": ("GPTNeoXForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True)),
     "gpt_neox_seq": ("GPTNeoXForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
                                                 use_parallel_residual=False)),
+    # Phi (phi-1.5, phi-2): attention and MLP in parallel on one LayerNorm, RoPE on half of each
+    # head, every bias drawn (the LM head's too), GQA.
+    "phi": ("PhiForCausalLM", dict(num_heads=4, num_kv_heads=2, random_biases=True, random_norms=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -29,6 +29,8 @@ ARCH_CONFIGS = {
     "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16, "attn_logit_softcapping": 5.0,
                                            "final_logit_softcapping": 3.0}),
     "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
+    # Phi (phi-1.5, phi-2): RoPE on half of each head (partial_rotary_factor, as released).
+    "PhiForCausalLM": ("PhiConfig", {"partial_rotary_factor": 0.5}),
     "Phi3ForCausalLM": ("Phi3Config", {"sliding_window": None}),
     # Granite's four scalars away from 1, so that a model ignoring one differs.
     "GraniteForCausalLM": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,

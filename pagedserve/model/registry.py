@@ -44,6 +44,7 @@ _MODELS = {
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
     "OlmoeForCausalLM": ("pagedserve.model.olmoe", "OlmoeForCausalLM"),
     "Llama4ForCausalLM": ("pagedserve.model.llama4", "Llama4ForCausalLM"),
+    "PhiForCausalLM": ("pagedserve.model.phi", "PhiForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),
     "SmolLM3ForCausalLM": ("pagedserve.model.llama", "SmolLM3ForCausalLM"),
     "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
