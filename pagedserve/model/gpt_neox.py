@@ -37,16 +37,17 @@ def per_head_qkv_to_fused(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.reshape(heads, 3, t.shape[0] // (3 * heads), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-class GPTNeoXLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+class LayerNormDecoderLayer(nn.Module):
+    """Attention and an MLP, each after a LayerNorm with bias: GPT-NeoX's layer, and in its
+    sequential form StarCoder 2's and GPT-2's."""
+
+    def __init__(self, hidden_size: int, eps: float, self_attn: nn.Module, mlp: nn.Module, parallel: bool) -> None:
         super().__init__()
-        bias = bool(getattr(cfg, "attention_bias", True))
-        self.self_attn = LlamaAttention(mha_sizes(cfg), rotary, qkv_bias=bias, o_bias=bias, qk_norm=False,
-                                        window=window)
-        self.mlp = UpDownMLP(cfg, bias=True)
-        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.parallel = bool(getattr(cfg, "use_parallel_residual", True))
+        self.self_attn = self_attn  # (positions, x, meta) -> x
+        self.mlp = mlp
+        self.input_layernorm = LayerNorm(hidden_size, eps)
+        self.post_attention_layernorm = LayerNorm(hidden_size, eps)
+        self.parallel = parallel
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
@@ -67,7 +68,10 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        return GPTNeoXLayer(cfg, rotary, window)
+        bias = bool(getattr(cfg, "attention_bias", True))
+        attn = LlamaAttention(mha_sizes(cfg), rotary, qkv_bias=bias, o_bias=bias, qk_norm=False, window=window)
+        return LayerNormDecoderLayer(cfg.hidden_size, cfg.layer_norm_eps, attn, UpDownMLP(cfg, bias=True),
+                                     parallel=bool(getattr(cfg, "use_parallel_residual", True)))
 
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:

@@ -51,6 +51,7 @@ ARCH_CONFIGS = {
     "Cohere2ForCausalLM": ("Cohere2Config", {"logit_scale": 0.5, "sliding_window": 16}),
     # GPT-NeoX (Pythia): RoPE on a quarter of each head, as Pythia's config.json says it (rotary_pct).
     "GPTNeoXForCausalLM": ("GPTNeoXConfig", {"rotary_pct": 0.25}),
+    "Starcoder2ForCausalLM": ("Starcoder2Config", {}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),

@@ -50,6 +50,7 @@ _MODELS = {
     "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
     "Qwen3_5ForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5ForCausalLM"),
     "Qwen3_5MoeForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5MoeForCausalLM"),
+    "Starcoder2ForCausalLM": ("pagedserve.model.starcoder2", "Starcoder2ForCausalLM"),
     "SeedOssForCausalLM": ("pagedserve.model.llama", "SeedOssForCausalLM"),
     "Qwen2ForCausalLM": ("pagedserve.model.qwen2", "Qwen2ForCausalLM"),
     "Qwen2MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen2MoeForCausalLM"),
