@@ -487,8 +487,9 @@ def hybrid(ns) -> dict:
 def state_layer_decode(runner, hidden: int, ns) -> dict:
     """One Gated DeltaNet layer (eager, outside the engine) with its Triton kernels
     (ops/state_decode.py, ops/gated_norm.py, ops/chunk_scan.py) against the same layer on its
-    PyTorch twins: a decode step at a few batch sizes, and one prompt's prefill; median
-    microseconds and the ratios."""
+    PyTorch twins: a decode step at a few batch sizes, one prompt's prefill, and a speculative
+    verification of 16 requests x 4 tokens (the kernels' one-call form, to set against 4
+    decode steps of 16); median microseconds and the ratios."""
     import types
 
     from pagedserve.attention.backend import StateRows
@@ -514,6 +515,34 @@ def state_layer_decode(runner, hidden: int, ns) -> dict:
                 us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 30))) * 1e6
             out[f"{tag}_{'triton' if use else 'torch'}_us"] = us
         out[f"{tag}_speedup"] = out[f"{tag}_torch_us"] / out[f"{tag}_triton_us"]
+    out.update(_verification(layer, switches, hidden, dtype, ns))
     for m in switches:
         m.use_triton = True
     return out
+
+
+def _verification(layer, switches: list, hidden: int, dtype, ns, n: int = 16, q: int = 4) -> dict:
+    """The layer verifying n requests' q tokens (StateMixer._verify_rows), on its kernels and
+    on its twins; the layer's snapshots are swapped for verification slots meanwhile."""
+    import types
+
+    from pagedserve.attention.backend import StateRows
+
+    saved = layer.snapshots, layer.verify_base, layer.verify_k
+    layer.allocate_snapshots(0, n, q - 1)
+    states = StateRows(torch.arange(n, device=ns.device), torch.ones(n, device=ns.device), list(range(n)),
+                       [True] * n, verify=n)
+    meta = types.SimpleNamespace(states=states, num_decodes=0, num_reqs=n, max_query_len=q,
+                                 seq_lens_cpu=[64] * n, query_start_loc_cpu=list(range(0, n * q + 1, q)))
+    x = torch.randn(n * q, hidden, device=ns.device).to(dtype)
+    pos = torch.zeros(n * q, dtype=torch.long, device=ns.device)
+    res: dict[str, float] = {}
+    for use in (True, False):
+        for m in switches:
+            m.use_triton = use
+        with torch.inference_mode():
+            us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 30))) * 1e6
+        res[f"verify{n}x{q}_{'triton' if use else 'torch'}_us"] = us
+    res[f"verify{n}x{q}_speedup"] = res[f"verify{n}x{q}_torch_us"] / res[f"verify{n}x{q}_triton_us"]
+    layer.snapshots, layer.verify_base, layer.verify_k = saved
+    return res

@@ -47,10 +47,11 @@ def test_gpu_check_dry_run(tmp_path):
                               for r in rec["moe"].values())
     assert rec["quant"] and all(r[f"{kind}_ms"] > 0 for r in rec["quant"].values()
                                 for kind in ("fp8", "int4", "int4_act_order", "int8", "bf16"))
-    # The hybrid phase timed a state layer's decode step on the kernels and on PyTorch.
+    # The hybrid phase timed a state layer's decode step (and a verification) on the kernels
+    # and on PyTorch.
     decode = rec["hybrid"]["state_layer_decode"]
     assert decode["layer"] == "GatedDeltaNet" and all(decode[f"{t}_speedup"] > 0 for t in ("b1", "b16", "b64",
-                                                                                             "prefill128"))
+                                                                                             "prefill128", "verify16x4"))
     # The candidate holds the settings the engine run used, in a tuned file's syntax.
     cand = tuned.load(str(out / "tuned_candidate.json"))
     assert cand["attn_decode_config"] == tuple(int(v) for v in rec["kernels"]["best_decode_config"].split(","))
