@@ -298,6 +298,20 @@ def test_async_scheduling_and_preemption_keep_outputs(hybrid):
     _assert_rows_free(llm)
 
 
+def test_a_step_resuming_without_a_state_is_refused(hybrid):
+    """A request scheduled past position 0 with neither a state row nor a saved state (a
+    scheduler bug) must fail loudly, not run from zeros or from another request's row."""
+    from pagedserve.engine.request import Request
+    from pagedserve.engine.scheduler import ScheduledRequest
+
+    llm = LLM(hybrid[0], block_size=8)
+    runner = llm.llm_engine.runner
+    req = Request("lost", [5, 6, 7, 8, 9, 10, 11, 12, 13], _greedy(4))
+    with pytest.raises(RuntimeError, match="resumes at position 8 but has no state there"):
+        runner._host_inputs([ScheduledRequest(req, 8, 1, [1, 2], samples=True)])
+    assert not runner.block_table.row_of  # (no row was taken)
+
+
 def test_state_dtype_and_refusals(hybrid):
     path, _ = hybrid
     llm = LLM(path, mamba_ssm_cache_dtype="bfloat16")
