@@ -19,9 +19,9 @@ from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.eagle import EAGLE_METHODS
 from pagedserve.model.mtp import MTP_METHODS
-from pagedserve.ops.state_reference import verify_slot
 from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
+from pagedserve.ops.state_reference import verify_slot
 from pagedserve.worker import kv_sizing
 from pagedserve.worker.block_table import BlockTable
 from pagedserve.worker.cuda_graphs import (DecodeBuffers, DecodeGraphRunner, TokenPatch, apply_patch, graph_sizes,
@@ -561,7 +561,7 @@ class ModelRunner:
                     from_slots.append((verify_slot(base, k, row, j), slot))
         with torch.inference_mode():
             if from_slots:
-                src, dst = to_device([[a for a, _ in from_slots], [b for _, b in from_slots]], torch.long, self.device)
+                src, dst = to_device([[p for p, _ in from_slots], [q for _, q in from_slots]], torch.long, self.device)
                 for layer in self.state_layers:
                     layer.copy_snapshots(src, dst)
             if from_rows:
