@@ -197,6 +197,9 @@ MODEL_SPECS = {
     # StarCoder 2: LayerNorms, every bias drawn, a GELU MLP without a gate, GQA, a window of 19.
     "starcoder2": ("Starcoder2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_biases=True, random_norms=True,
                                                 sliding_window=19, tie_word_embeddings=True)),
+    # GPT-2: learned positions, transposed Conv1D weights, fused c_attn, LayerNorms (ln_*) and every
+    # bias drawn, the head tied to wte.
+    "gpt2": ("GPT2LMHeadModel", dict(num_heads=4, random_biases=True, random_norms=True, tie_word_embeddings=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Optional
 
 # DeepSeek-style experts (DeepSeek, GLM-4.5): 8 in 4 groups of which 2 compete, 2 per token,
@@ -52,6 +53,8 @@ ARCH_CONFIGS = {
     # GPT-NeoX (Pythia): RoPE on a quarter of each head, as Pythia's config.json says it (rotary_pct).
     "GPTNeoXForCausalLM": ("GPTNeoXConfig", {"rotary_pct": 0.25}),
     "Starcoder2ForCausalLM": ("Starcoder2Config", {}),
+    # GPT-2: its MLP width is n_inner (None: 4 * hidden), not intermediate_size.
+    "GPT2LMHeadModel": ("GPT2Config", {}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
@@ -252,7 +255,7 @@ def build_random_model(
     if random_norms:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
+                if name.endswith("norm.weight") or re.search(r"\.ln_\w+\.weight$", name):  # (GPT-2's ln_1, ln_f)
                     p.normal_(1.0, 0.3)
     if arch == "NemotronHForCausalLM":
         # dt = softplus(raw + dt_bias) near 0.05, clear of time_step_min (0.001): transformers clamps

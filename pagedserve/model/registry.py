@@ -15,6 +15,7 @@ _MODELS = {
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("pagedserve.model.ernie", "Ernie4_5_MoeForCausalLM"),
+    "GPT2LMHeadModel": ("pagedserve.model.gpt2", "GPT2LMHeadModel"),
     "GPTNeoXForCausalLM": ("pagedserve.model.gpt_neox", "GPTNeoXForCausalLM"),
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
