@@ -200,6 +200,12 @@ MODEL_SPECS = {
     # GPT-2: learned positions, transposed Conv1D weights, fused c_attn, LayerNorms (ln_*) and every
     # bias drawn, the head tied to wte.
     "gpt2": ("GPT2LMHeadModel", dict(num_heads=4, random_biases=True, random_norms=True, tie_word_embeddings=True)),
+    # GPT-BigCode (StarCoder 1): GPT-2's layout on nn.Linear, multi-query attention (one k/v head);
+    # without multi_query, c_attn's rows per head.
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
+                                                  tie_word_embeddings=True)),
+    "gpt_bigcode_mha": ("GPTBigCodeForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
+                                                      multi_query=False)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -53,8 +53,9 @@ ARCH_CONFIGS = {
     # GPT-NeoX (Pythia): RoPE on a quarter of each head, as Pythia's config.json says it (rotary_pct).
     "GPTNeoXForCausalLM": ("GPTNeoXConfig", {"rotary_pct": 0.25}),
     "Starcoder2ForCausalLM": ("Starcoder2Config", {}),
-    # GPT-2: its MLP width is n_inner (None: 4 * hidden), not intermediate_size.
+    # GPT-2, GPT-BigCode: their MLP width is n_inner (None: 4 * hidden), not intermediate_size.
     "GPT2LMHeadModel": ("GPT2Config", {}),
+    "GPTBigCodeForCausalLM": ("GPTBigCodeConfig", {}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),

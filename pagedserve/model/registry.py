@@ -16,6 +16,7 @@ _MODELS = {
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("pagedserve.model.ernie", "Ernie4_5_MoeForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.model.gpt2", "GPT2LMHeadModel"),
+    "GPTBigCodeForCausalLM": ("pagedserve.model.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTNeoXForCausalLM": ("pagedserve.model.gpt_neox", "GPTNeoXForCausalLM"),
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
