@@ -651,7 +651,17 @@ def build_random_eagle_head(path: str, target_dir: str, version: int = 3, num_la
         return w
 
     os.makedirs(path, exist_ok=True)
-    head = dict(cfg, num_hidden_layers=num_layers)
+    # A Llama decoder layer's config, as published heads have (whatever the target's kind).
+    llama = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "vocab_size", "rms_norm_eps", "max_position_embeddings", "hidden_act", "bos_token_id", "eos_token_id",
+             "pad_token_id", "dtype", "torch_dtype", "initializer_range", "tie_word_embeddings")
+    head = {k: cfg[k] for k in llama if k in cfg}
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if cfg.get("model_type") == "llama":
+        head.update({k: cfg[k] for k in ("rope_parameters", "rope_scaling", "rope_theta") if k in cfg})
+    else:  # (another kind's RoPE may rotate part of each head, or be M-RoPE: the head's is plain)
+        head["rope_theta"] = cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)
+    head.update(model_type="llama", num_hidden_layers=num_layers)
     weights: dict = {}
     if version == 1:
         head["architectures"] = ["LlamaForCausalLM"]
