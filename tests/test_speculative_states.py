@@ -156,6 +156,58 @@ def test_verification_graphs(name, model_dirs):
     assert_no_leak(spec)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_churn_with_aborts_stops_and_preemption(model_dirs, async_scheduling):
+    """Requests arriving and leaving at every step: some aborted mid-way (while verifying,
+    or while their step is in flight), some ended by a stop string or max_tokens, greedy and
+    sampled, under a KV cache small enough to preempt and with prefix caching. Every request
+    that runs to its end gives plain decoding's tokens, and nothing is left behind."""
+    import random
+
+    path = model_dirs["granite_hybrid"]
+    rng = random.Random(5)
+    prompts = _prompts(8)
+    ref = LLM(path, max_model_len=256).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True), use_tqdm=False)
+    probe = LLM(path, max_model_len=256, block_size=8)
+    per_block = probe.llm_engine.runner.kv_block_bytes()
+    del probe
+    spec = _spec_llm(path, UnevenOracle, block_size=8, max_num_batched_tokens=32, async_scheduling=async_scheduling,
+                     kv_cache_memory_bytes=12 * per_block)
+    _teach(spec, ref)
+    eng = spec.llm_engine
+    want, done, aborted = {}, {}, set()
+    for i in range(24):  # a request every other step, while earlier ones run
+        j = i % len(prompts)
+        n = rng.randrange(6, 48)
+        stop = ref[j].outputs[0].text[10:14] if i % 5 == 0 else None
+        params = (SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=stop) if i % 3
+                  else SamplingParams(temperature=0.9, top_k=1, seed=i, max_tokens=n, ignore_eos=True, stop=stop))
+        eng.add_request(f"r{i}", prompts[j], params)
+        if stop is None:
+            want[f"r{i}"] = ref[j].outputs[0].token_ids[:n]
+        for _ in range(2):
+            for o in eng.step():
+                if o.finished:
+                    done[o.request_id] = o.outputs[0].token_ids
+        if i % 4 == 3:  # abort one that is still running
+            live = [r for r in want if r not in done and r not in aborted]
+            if live:
+                victim = rng.choice(live)
+                eng.abort_request(victim)
+                aborted.add(victim)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    for rid, tokens in want.items():
+        if rid not in aborted:
+            assert done[rid] == tokens, rid
+    assert aborted and eng.scheduler.num_preemptions > 0 and eng.scheduler.num_accepted_tokens > 20
+    assert_no_leak(spec)
+    assert not eng.runner.block_table.row_of and not eng.runner._pending_saves
+
+
 def test_draft_model_with_state_layers_refused(model_dirs):
     with pytest.raises(ValueError, match="draft model .* has linear-attention / state-space layers"):
         LLM(model_dirs["llama"], speculative_config={"method": "draft_model", "model": model_dirs["mamba"],
