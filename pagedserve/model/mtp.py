@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.norm import RMSNorm
 from pagedserve.model.layers.rotary import make_rotary
 from pagedserve.model.llama import LlamaForCausalLM, LlamaModel, _head_dim
 from pagedserve.model.loader import _checkpoint_keys, build_empty, check_finite, dummy_weights, iterate_safetensors
+from pagedserve.model.mtp_base import MtpBase
 from pagedserve.model.qwen3_next import Qwen3NextForCausalLM
 from pagedserve.model.qwen3_next_mtp import load_qwen_mtp, num_mtp_layers
 from pagedserve.model.weights import whole_checkpoint
@@ -35,32 +35,17 @@ MTP_METHODS = ("mtp", "deepseek_mtp", "glm4_moe_mtp", "qwen3_next_mtp")
 _OWN = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
 
 
-class MtpDraft(nn.Module):
-    version = 1  # (the proposer keeps the target's final hidden states as features, as EAGLE-1's)
-    cuda_graph_safe = False
-    tie_word_embeddings = False
-
+class MtpDraft(MtpBase):
     def __init__(self, cfg: Any, target: nn.Module, layer: nn.Module, own: set[str]) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, target)
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.enorm, self.hnorm = RMSNorm(h, eps), RMSNorm(h, eps)
         self.eh_proj = nn.Linear(2 * h, h, bias=False)
-        self.layers = nn.ModuleList([layer])
+        self.layers.append(layer)
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(h, eps)
         self.shared_head.head = nn.Linear(h, cfg.vocab_size, bias=False) if "shared_head.head" in own else None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, h) if "embed_tokens" in own else None
-        # The target's checkpoint names and fusions for its layer (LlamaForCausalLM.load_weights).
-        self.stacked_params, self.renamed = type(target).stacked_params, type(target).renamed
-        self._target = (target,)  # not a submodule: its weights are the target's
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [self.layers[0].self_attn.attn]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,10 +19,10 @@ from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.gemma import GemmaRMSNorm
-from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.rotary import make_rotary
 from pagedserve.model.llama import LlamaForCausalLM, _head_dim
 from pagedserve.model.loader import _checkpoint_keys, build_empty, check_finite, dummy_weights, iterate_safetensors
+from pagedserve.model.mtp_base import MtpBase
 from pagedserve.model.qwen3_next import HybridDecoderLayer
 from pagedserve.model.qwen_moe import unstack_experts
 from pagedserve.model.weights import whole_checkpoint
@@ -35,30 +35,16 @@ def num_mtp_layers(hf_config: Any) -> int:
     return int(getattr(hf_config, "mtp_num_hidden_layers", 0) or 0)
 
 
-class QwenMtpDraft(nn.Module):
-    version = 1  # (the proposer keeps the target's final hidden states as features)
-    cuda_graph_safe = False
-    tie_word_embeddings = False
-
+class QwenMtpDraft(MtpBase):
     def __init__(self, cfg: Any, target: nn.Module, max_positions: int) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, target)
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.pre_fc_norm_embedding, self.pre_fc_norm_hidden = GemmaRMSNorm(h, eps), GemmaRMSNorm(h, eps)
         self.fc = nn.Linear(2 * h, h, bias=False)
         rotary = make_rotary(cfg, _head_dim(cfg), max_positions)
         # (vLLM builds the layer as layer 0: experts wherever the first layer would have them)
-        self.layers = nn.ModuleList([HybridDecoderLayer(cfg, rotary, False, type(target).build_mlp(cfg, 0))])
+        self.layers.append(HybridDecoderLayer(cfg, rotary, False, type(target).build_mlp(cfg, 0)))
         self.norm = GemmaRMSNorm(h, eps)
-        self.stacked_params, self.renamed = type(target).stacked_params, type(target).renamed
-        self._target = (target,)  # not a submodule: its embedding and LM head are the target's
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [self.layers[0].self_attn.attn]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
