@@ -498,16 +498,11 @@ def state_layer_decode(runner, hidden: int, ns) -> dict:
     switches = [m for m in layer.modules() if hasattr(m, "use_triton")]
     dtype = runner.config.dtype
     out: dict[str, Any] = {"layer": type(layer).__name__}
-    prompt = 128 if ns.dry_run else 2048
-    for batch in (1, 16, 64, 0):  # 0: the prefill
-        n, tokens = (batch, batch) if batch else (1, prompt)
-        states = StateRows(torch.arange(n, device=ns.device), torch.ones(n, device=ns.device), list(range(n)),
-                           [bool(batch)] * n)
-        meta = types.SimpleNamespace(states=states, num_decodes=batch, num_reqs=n, seq_lens_cpu=[tokens] * n,
-                                     query_start_loc_cpu=list(range(n + 1)) if batch else [0, tokens])
+
+    def both(tag: str, meta, tokens: int) -> None:
+        """The layer over `tokens` rows of meta, on its kernels and on its twins."""
         x = torch.randn(tokens, hidden, device=ns.device).to(dtype)
         pos = torch.zeros(tokens, dtype=torch.long, device=ns.device)
-        tag = f"b{batch}" if batch else f"prefill{prompt}"
         for use in (True, False):
             for m in switches:
                 m.use_triton = use
@@ -515,34 +510,26 @@ def state_layer_decode(runner, hidden: int, ns) -> dict:
                 us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 30))) * 1e6
             out[f"{tag}_{'triton' if use else 'torch'}_us"] = us
         out[f"{tag}_speedup"] = out[f"{tag}_torch_us"] / out[f"{tag}_triton_us"]
-    out.update(_verification(layer, switches, hidden, dtype, ns))
-    for m in switches:
-        m.use_triton = True
-    return out
 
-
-def _verification(layer, switches: list, hidden: int, dtype, ns, n: int = 16, q: int = 4) -> dict:
-    """The layer verifying n requests' q tokens (StateMixer._verify_rows), on its kernels and
-    on its twins; the layer's snapshots are swapped for verification slots meanwhile."""
-    import types
-
-    from pagedserve.attention.backend import StateRows
-
+    prompt = 128 if ns.dry_run else 2048
+    for batch in (1, 16, 64, 0):  # 0: the prefill
+        n, tokens = (batch, batch) if batch else (1, prompt)
+        states = StateRows(torch.arange(n, device=ns.device), torch.ones(n, device=ns.device), list(range(n)),
+                           [bool(batch)] * n)
+        both(f"b{batch}" if batch else f"prefill{prompt}",
+             types.SimpleNamespace(states=states, num_decodes=batch, num_reqs=n, seq_lens_cpu=[tokens] * n,
+                                   query_start_loc_cpu=list(range(n + 1)) if batch else [0, tokens]), tokens)
+    # A verification (StateMixer._verify_rows), the layer's snapshots swapped for
+    # verification slots meanwhile.
+    n, q = 16, 4
     saved = layer.snapshots, layer.verify_base, layer.verify_k
     layer.allocate_snapshots(0, n, q - 1)
     states = StateRows(torch.arange(n, device=ns.device), torch.ones(n, device=ns.device), list(range(n)),
                        [True] * n, verify=n)
-    meta = types.SimpleNamespace(states=states, num_decodes=0, num_reqs=n, max_query_len=q,
-                                 seq_lens_cpu=[64] * n, query_start_loc_cpu=list(range(0, n * q + 1, q)))
-    x = torch.randn(n * q, hidden, device=ns.device).to(dtype)
-    pos = torch.zeros(n * q, dtype=torch.long, device=ns.device)
-    res: dict[str, float] = {}
-    for use in (True, False):
-        for m in switches:
-            m.use_triton = use
-        with torch.inference_mode():
-            us = time_median(lambda: layer(pos, x, meta), ns.device, *((1, 2) if ns.dry_run else (5, 30))) * 1e6
-        res[f"verify{n}x{q}_{'triton' if use else 'torch'}_us"] = us
-    res[f"verify{n}x{q}_speedup"] = res[f"verify{n}x{q}_torch_us"] / res[f"verify{n}x{q}_triton_us"]
+    both(f"verify{n}x{q}", types.SimpleNamespace(states=states, num_decodes=0, num_reqs=n, max_query_len=q,
+                                                 seq_lens_cpu=[64] * n,
+                                                 query_start_loc_cpu=list(range(0, n * q + 1, q))), n * q)
     layer.snapshots, layer.verify_base, layer.verify_k = saved
-    return res
+    for m in switches:
+        m.use_triton = True
+    return out

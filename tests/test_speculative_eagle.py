@@ -146,19 +146,27 @@ def _tokens(outs) -> list:
     return [[c.token_ids for c in o.outputs] for o in outs]
 
 
+@pytest.mark.parametrize("target_name", ["llama", "qwen3_5"])
 @pytest.mark.parametrize("version", [1, 3])
-def test_drafts_are_the_heads_own(target4, plain4, tmp_path, version):
-    head = build_random_eagle_head(str(tmp_path / "head"), target4, version=version, seed=version,
+def test_drafts_are_the_heads_own(target_name, version, request, model_dirs, tmp_path):
+    """Over a Llama target and a hybrid Qwen3.5 one (Gated DeltaNet layers, stepped back past
+    rejected drafts; its final and per-layer hidden states feed the head as a Llama target's
+    do)."""
+    llama = target_name == "llama"
+    target = request.getfixturevalue("target4") if llama else model_dirs["qwen3_5"]
+    head = build_random_eagle_head(str(tmp_path / "head"), target, version=version, seed=version,
                                    draft_vocab_size=300 if version == 3 else None,
-                                   aux_layer_ids=[0, 1, 3] if version == 3 else None, fc_bias=version == 1)
-    ref = NaiveHead(head, target4)
-    llm = LLM(target4, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4, block_size=8,
+                                   aux_layer_ids=([0, 1, 3] if llama else [0, 1, 2]) if version == 3 else None,
+                                   fc_bias=version == 1)
+    ref = NaiveHead(head, target)
+    llm = LLM(target, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4, block_size=8,
               speculative_config={"method": "eagle3" if version == 3 else "eagle", "model": head,
                                   "num_speculative_tokens": 3})
     calls = spy_proposals(llm)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _prompts(4, 10)]
-    want = _tokens(plain4.generate(prompts, params, use_tqdm=False))
+    plain = request.getfixturevalue("plain4") if llama else LLM(target, max_model_len=256)
+    want = _tokens(plain.generate(prompts, params, use_tqdm=False))
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == want
     again = llm.generate(prompts, params, use_tqdm=False)  # prefix-cache hits: the head KV of the first run
     assert _tokens(again) == want and all(o.num_cached_tokens >= 8 for o in again)
@@ -168,28 +176,6 @@ def test_drafts_are_the_heads_own(target4, plain4, tmp_path, version):
     assert_no_leak(llm)
     proposer = llm.llm_engine.runner.draft
     assert not proposer._held and not proposer._feats
-
-
-@pytest.mark.parametrize("version", [1, 3])
-def test_heads_over_a_hybrid_target(model_dirs, tmp_path, version):
-    """A Qwen3.5 target (Gated DeltaNet layers, stepped back past rejected drafts): its final
-    and per-layer hidden states feed the head as a Llama target's do; every proposal is the
-    head's own, the outputs plain decoding's."""
-    target = model_dirs["qwen3_5"]
-    head = build_random_eagle_head(str(tmp_path / "head"), target, version=version, seed=version,
-                                   draft_vocab_size=300 if version == 3 else None,
-                                   aux_layer_ids=[0, 1, 2] if version == 3 else None)
-    ref = NaiveHead(head, target)
-    llm = LLM(target, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4, block_size=8,
-              speculative_config={"method": "eagle3" if version == 3 else "eagle", "model": head,
-                                  "num_speculative_tokens": 3})
-    calls = spy_proposals(llm)
-    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    prompts = [{"prompt_token_ids": p} for p in _prompts(4, 10)]
-    want = _tokens(LLM(target, max_model_len=256).generate(prompts, params, use_tqdm=False))
-    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == want
-    assert len(calls) > 20 and all(drafts == ref.drafts(toks, len(drafts)) for toks, drafts in calls)
-    assert_no_leak(llm)
 
 
 def test_waiting_features_are_taken_in_time(target4, plain4, tmp_path):
