@@ -206,6 +206,12 @@ MODEL_SPECS = {
                                                   tie_word_embeddings=True)),
     "gpt_bigcode_mha": ("GPTBigCodeForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
                                                       multi_query=False)),
+    # Falcon 7B: multi-query attention, attention and MLP in parallel on one LayerNorm, biases
+    # (bias=True) drawn; the new decoder architecture (40B, 180B): query_key_value's rows per
+    # key/value group (2 groups), ln_attn and ln_mlp.
+    "falcon_mq": ("FalconForCausalLM", dict(num_heads=4, bias=True, random_biases=True, random_norms=True)),
+    "falcon_gqa": ("FalconForCausalLM", dict(num_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                                            random_norms=True, tie_word_embeddings=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

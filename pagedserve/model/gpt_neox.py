@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,29 +32,53 @@ def mha_sizes(cfg: Any) -> SimpleNamespace:
                            head_dim=cfg.hidden_size // heads)
 
 
+def grouped_qkv_to_fused(t: torch.Tensor, groups: int, q_per_group: int) -> torch.Tensor:
+    """Rows [groups, q_per_group + 2, head_dim] (each key/value group's query heads, then its key
+    head, then its value head: Falcon's new decoder architecture) -> our q | k | v."""
+    rest = t.shape[1:]
+    g = t.reshape(groups, q_per_group + 2, t.shape[0] // (groups * (q_per_group + 2)), *rest)
+    return torch.cat([g[:, :q_per_group].reshape(-1, *rest), g[:, -2].reshape(-1, *rest), g[:, -1].reshape(-1, *rest)])
+
+
 def per_head_qkv_to_fused(t: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows [heads, 3, head_dim] (each head's q, k, v together) -> [3, heads, head_dim]."""
-    return t.reshape(heads, 3, t.shape[0] // (3 * heads), *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return grouped_qkv_to_fused(t, heads, 1)
+
+
+def reorder_qkv_rows(weights: Iterable[tuple[str, torch.Tensor]], piece: str, rows: int,
+                     reorder: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's tensors, those of the fused qkv projection named by `piece` with their
+    `rows` rows reordered (weights, biases, and per-row quantization scales and zeros alike)."""
+    for name, t in weights:
+        rowwise = name.endswith(("weight", "bias", "weight_scale", "weight_zero"))
+        if piece in name and rowwise and t.dim() >= 1 and t.shape[0] == rows:
+            t = reorder(t)
+        yield name, t
 
 
 class LayerNormDecoderLayer(nn.Module):
     """Attention and an MLP, each after a LayerNorm with bias: GPT-NeoX's layer, and in its
-    sequential form StarCoder 2's and GPT-2's."""
+    sequential form StarCoder 2's and GPT-2's. shared_norm (parallel only): one LayerNorm whose
+    output both read (Phi, Falcon 7B)."""
 
-    def __init__(self, hidden_size: int, eps: float, self_attn: nn.Module, mlp: nn.Module, parallel: bool) -> None:
+    def __init__(self, hidden_size: int, eps: float, self_attn: nn.Module, mlp: nn.Module, parallel: bool,
+                 shared_norm: bool = False) -> None:
         super().__init__()
+        if shared_norm and not parallel:
+            raise ValueError("a LayerNorm shared by attention and MLP needs them in parallel")
         self.self_attn = self_attn  # (positions, x, meta) -> x
         self.mlp = mlp
         self.input_layernorm = LayerNorm(hidden_size, eps)
-        self.post_attention_layernorm = LayerNorm(hidden_size, eps)
+        self.post_attention_layernorm = None if shared_norm else LayerNorm(hidden_size, eps)
         self.parallel = parallel
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
         """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
         h = x if residual is None else x + residual
-        attn = self.self_attn(positions, self.input_layernorm(h), meta)
+        n = self.input_layernorm(h)
+        attn = self.self_attn(positions, n, meta)
         if self.parallel:
-            return attn + self.mlp(self.post_attention_layernorm(h)), h
+            return attn + self.mlp(n if self.post_attention_layernorm is None else self.post_attention_layernorm(h)), h
         h = h + attn
         return self.mlp(self.post_attention_layernorm(h)), h
 
@@ -81,11 +105,8 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
         super().load_weights(self._fused_qkv_order(weights))
 
     def _fused_qkv_order(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        heads, rows = self.config.num_attention_heads, 3 * self.config.hidden_size
-        for name, t in weights:
-            if name.endswith((".attention.bias", ".attention.masked_bias")):  # old checkpoints' causal-mask buffers
-                continue
-            rowwise = name.endswith(("weight", "bias", "weight_scale", "weight_zero"))  # (per-row scales move too)
-            if ".attention.query_key_value." in name and rowwise and t.dim() >= 1 and t.shape[0] == rows:
-                t = per_head_qkv_to_fused(t, heads)
-            yield name, t
+        heads = self.config.num_attention_heads
+        # (old checkpoints' causal-mask buffers dropped)
+        kept = ((n, t) for n, t in weights if not n.endswith((".attention.bias", ".attention.masked_bias")))
+        return reorder_qkv_rows(kept, ".attention.query_key_value.", 3 * self.config.hidden_size,
+                                lambda t: per_head_qkv_to_fused(t, heads))

@@ -13,27 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
-from pagedserve.attention.backend import AttentionMetadata
+from pagedserve.model.gpt_neox import LayerNormDecoderLayer
 from pagedserve.model.layers.norm import LayerNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, UpDownMLP
-
-
-class PhiDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=True, o_bias=True, qk_norm=False, window=window)
-        self.mlp = UpDownMLP(cfg, bias=True)
-        self.input_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-
-    def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):
-        """The hidden state is x + residual (x alone before the first layer), as in llama.py."""
-        h = x if residual is None else x + residual
-        n = self.input_layernorm(h)
-        return self.self_attn(positions, n, meta) + self.mlp(n), h
 
 
 class PhiForCausalLM(LlamaForCausalLM):
@@ -43,7 +28,9 @@ class PhiForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        return PhiDecoderLayer(cfg, rotary, window)
+        attn = LlamaAttention(cfg, rotary, qkv_bias=True, o_bias=True, qk_norm=False, window=window)
+        return LayerNormDecoderLayer(cfg.hidden_size, cfg.layer_norm_eps, attn, UpDownMLP(cfg, bias=True),
+                                     parallel=True, shared_norm=True)
 
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:

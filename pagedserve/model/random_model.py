@@ -56,6 +56,9 @@ ARCH_CONFIGS = {
     # GPT-2, GPT-BigCode: their MLP width is n_inner (None: 4 * hidden), not intermediate_size.
     "GPT2LMHeadModel": ("GPT2Config", {}),
     "GPTBigCodeForCausalLM": ("GPTBigCodeConfig", {}),
+    # Falcon: the MLP width is ffn_hidden_size (default 4 * hidden); the builder's num_kv_heads
+    # goes to the config's num_kv_heads (used by the new decoder architecture only).
+    "FalconForCausalLM": ("FalconConfig", {}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
@@ -239,6 +242,8 @@ def build_random_model(
         kwargs["moe_intermediate_size"] = intermediate_size // 2
     if arch in ("Qwen2MoeForCausalLM", "Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM"):
         kwargs["shared_expert_intermediate_size"] = intermediate_size
+    if arch == "FalconForCausalLM":
+        kwargs["num_kv_heads"] = num_kv_heads
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:

@@ -15,6 +15,7 @@ _MODELS = {
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("pagedserve.model.ernie", "Ernie4_5_MoeForCausalLM"),
+    "FalconForCausalLM": ("pagedserve.model.falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.model.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("pagedserve.model.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTNeoXForCausalLM": ("pagedserve.model.gpt_neox", "GPTNeoXForCausalLM"),

@@ -1,0 +1,24 @@
+"""Architectures refuse, by name, the config options they do not implement (instead of
+running a different model)."""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from pagedserve.model.registry import resolve_model_class
+
+_SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
+
+# (architecture, config class, the option set, the word the error must name)
+_REFUSED = [
+    ("FalconForCausalLM", "FalconConfig", {"alibi": True}, "alibi"),
+]
+
+
+@pytest.mark.parametrize("arch,config,option,word", _REFUSED, ids=[r[0] + "-" + r[3] for r in _REFUSED])
+def test_unsupported_options_are_refused(arch, config, option, word):
+    cfg = getattr(transformers, config)(**_SMALL, **option)
+    cfg.architectures = [arch]
+    with pytest.raises(ValueError, match=word):
+        resolve_model_class(cfg)(cfg, 64)
