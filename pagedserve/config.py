@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from pagedserve.engine.scheduler import SCHEDULING_POLICIES
+from pagedserve.engine.spec_config import MODEL_FREE
 
 logger = logging.getLogger("pagedserve")
 
@@ -316,7 +317,7 @@ class EngineArgs:
         if self.load_format == "dummy" and max_images:
             raise ValueError("load_format='dummy' covers the language model only: serve a vision-language model "
                              "text-only with it (limit_mm_per_prompt={'image': 0}).")
-        if spec is not None and spec.method != "ngram":  # a draft model or an EAGLE head
+        if spec is not None and spec.method not in MODEL_FREE:  # a draft model or an EAGLE head
             clash = [name for name, on in (("enable_sleep_mode", self.enable_sleep_mode),
                                            ("enable_prompt_embeds", self.enable_prompt_embeds)) if on]
             if clash:

@@ -14,7 +14,7 @@ from pagedserve.engine.detokenizer import IncrementalDetokenizer
 from pagedserve.engine.fault_injection import maybe_inject_step_failure
 from pagedserve.engine.grammar import GrammarCompiler, HarmonyGate, ThinkGate
 from pagedserve.engine.kv_cache import KVCacheManager
-from pagedserve.engine.ngram import NgramProposer
+from pagedserve.engine.suffix import make_proposer
 from pagedserve.engine.prompt_embeds import (FIELD as PROMPT_EMBEDS, PLACEHOLDER_ID as EMBEDS_PLACEHOLDER_ID,
                                              embeds_features, model_takes_prompt_embeds)
 from pagedserve.engine.output_processor import OutputProcessor, RequestState, SequenceState
@@ -69,7 +69,7 @@ class LLMEngine:
             raise ValueError("speculative_config: a draft model cannot run beside a model whose every layer has a "
                              "sliding window (its blocks out of the window are given back).")
         if config.speculative_config is not None and proposer is None:
-            proposer = NgramProposer(config.speculative_config)
+            proposer = make_proposer(config.speculative_config)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
                                    config.enable_chunked_prefill, proposer,
                                    config.max_loras if config.enable_lora else 0, config.scheduling_policy,

@@ -159,6 +159,9 @@ class Scheduler:
         self.kv.free(req)
         if self.proposer is not None:
             self.proposer.forget(req.request_id)
+            observe = getattr(self.proposer, "observe_finished", None)  # (suffix decoding learns from outputs)
+            if observe is not None:
+                observe(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.add(req.request_id)
 
