@@ -212,6 +212,13 @@ MODEL_SPECS = {
     "falcon_mq": ("FalconForCausalLM", dict(num_heads=4, bias=True, random_biases=True, random_norms=True)),
     "falcon_gqa": ("FalconForCausalLM", dict(num_heads=4, num_kv_heads=2, new_decoder_architecture=True,
                                             random_norms=True, tie_word_embeddings=True)),
+    # OPT: learned positions at an offset of 2, pre-LayerNorm layers, every bias and norm drawn, the
+    # head tied; OPT-350M's form: post-LayerNorm layers, no final norm, embeddings of 32 brought to
+    # the hidden size by project_in and back by project_out.
+    "opt": ("OPTForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True, tie_word_embeddings=True)),
+    "opt_postnorm": ("OPTForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
+                                            tie_word_embeddings=True, do_layer_norm_before=False,
+                                            word_embed_proj_dim=32)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -13,6 +13,7 @@ _SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_
 # (architecture, config class, the option set, the word the error must name)
 _REFUSED = [
     ("FalconForCausalLM", "FalconConfig", {"alibi": True}, "alibi"),
+    ("OPTForCausalLM", "OPTConfig", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
 ]
 
 

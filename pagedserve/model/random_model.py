@@ -59,6 +59,8 @@ ARCH_CONFIGS = {
     # Falcon: the MLP width is ffn_hidden_size (default 4 * hidden); the builder's num_kv_heads
     # goes to the config's num_kv_heads (used by the new decoder architecture only).
     "FalconForCausalLM": ("FalconConfig", {}),
+    # OPT: the MLP width is ffn_dim (default 3072).
+    "OPTForCausalLM": ("OPTConfig", {"ffn_dim": 128}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),

@@ -45,6 +45,7 @@ _MODELS = {
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
+    "OPTForCausalLM": ("pagedserve.model.opt", "OPTForCausalLM"),
     "OlmoeForCausalLM": ("pagedserve.model.olmoe", "OlmoeForCausalLM"),
     "Llama4ForCausalLM": ("pagedserve.model.llama4", "Llama4ForCausalLM"),
     "PhiForCausalLM": ("pagedserve.model.phi", "PhiForCausalLM"),
