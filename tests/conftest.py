@@ -219,6 +219,9 @@ MODEL_SPECS = {
     "opt_postnorm": ("OPTForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
                                             tie_word_embeddings=True, do_layer_norm_before=False,
                                             word_embed_proj_dim=32)),
+    # GPT-J: attention and MLP in parallel on one LayerNorm, RoPE on interleaved pairs of half of
+    # each head, the MLP's and the untied head's biases drawn.
+    "gptj": ("GPTJForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

@@ -61,6 +61,8 @@ ARCH_CONFIGS = {
     "FalconForCausalLM": ("FalconConfig", {}),
     # OPT: the MLP width is ffn_dim (default 3072).
     "OPTForCausalLM": ("OPTConfig", {"ffn_dim": 128}),
+    # GPT-J: RoPE on half of each head of 16 (rotary_dim), its MLP width n_inner (None: 4 * hidden).
+    "GPTJForCausalLM": ("GPTJConfig", {"rotary_dim": 8}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),

@@ -18,6 +18,7 @@ _MODELS = {
     "FalconForCausalLM": ("pagedserve.model.falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.model.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("pagedserve.model.gpt_bigcode", "GPTBigCodeForCausalLM"),
+    "GPTJForCausalLM": ("pagedserve.model.gptj", "GPTJForCausalLM"),
     "GPTNeoXForCausalLM": ("pagedserve.model.gpt_neox", "GPTNeoXForCausalLM"),
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
