@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[2, 3], help="num_speculative_tokens to try")
     ap.add_argument("--draft", default=None, help="a draft model dir: its configs run beside the n-gram ones "
                     "(default: the demo's draft model, pagedserve/demo/draft)")
-    ap.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=["ngram", "draft_model", "replay"])
+    ap.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=["ngram", "suffix", "draft_model", "replay"])
     ap.add_argument("--temperature", type=float, nargs="+", default=[0.0, 0.7])
     ap.add_argument("--rounds", type=int, default=2, help="passes over the prompts; each prompt's best time counts")
     ap.add_argument("--output-json", default=None)
@@ -91,7 +91,8 @@ def main() -> None:
     configs = {"ngram": lambda k: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
                                    "prompt_lookup_min": 2},
                "draft_model": lambda k: {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
-               "replay": lambda k: {"method": "ngram", "num_speculative_tokens": k}}
+               "replay": lambda k: {"method": "ngram", "num_speculative_tokens": k},
+               "suffix": lambda k: {"method": "suffix", "num_speculative_tokens": k}}
     specs = {f"{m}_k{k}": LLM(ns.model, speculative_config=configs[m](k), **common)
              for m in ns.methods for k in ns.k}
     if "replay" in ns.methods:  # the plain engine's greedy continuations, to be drafted back
