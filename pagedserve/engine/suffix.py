@@ -12,8 +12,9 @@ match's length (and num_speculative_tokens) tokens: the number of drafts adapts 
 is known. The finished requests kept are the last `suffix_decoding_max_cached_requests`.
 
 This is pagedserve's own Python form of the method (vLLM calls Arctic Inference's C++ suffix
-trees): a bigram index to candidate positions, at most CANDIDATES of them per bigram, the most
-recent first."""
+trees): a bigram index to candidate positions, at most CANDIDATES of them per bigram (the most
+recent) in the request and as many in the finished outputs, so that a step's host work stays
+bounded; it grows with the running requests (disable_by_batch_size caps that)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pagedserve.engine.ngram import NgramProposer
 from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.spec_config import SpeculativeConfig
 
-CANDIDATES = 32  # occurrences of a bigram kept in the index of finished outputs (the latest)
+CANDIDATES = 32  # occurrences of a bigram looked at, in the request and in the finished outputs (the latest)
 _DONE = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 
 
@@ -94,8 +95,8 @@ class SuffixProposer(NgramProposer):
         depth = min(cfg.suffix_decoding_max_tree_depth, n)
         # Occurrences as (sequence, index of the token after the matched tail): the request's
         # own (not its tail itself), then the finished outputs'.
-        found: list[tuple[array, int]] = [(seq, p + 1) for p in self._local[req.request_id][1].index.get(key, ())
-                                          if p < n - 1]
+        own = self._local[req.request_id][1].index.get(key, [])[-CANDIDATES - 1:]
+        found: list[tuple[array, int]] = [(seq, p + 1) for p in own if p < n - 1]
         for serial, p in self._index.get(key, ()):
             out = self._outputs.get(serial)
             if out is not None and p + 1 < len(out):
