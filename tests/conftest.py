@@ -222,6 +222,12 @@ MODEL_SPECS = {
     # GPT-J: attention and MLP in parallel on one LayerNorm, RoPE on interleaved pairs of half of
     # each head, the MLP's and the untied head's biases drawn.
     "gptj": ("GPTJForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True)),
+    # StableLM: LayerNorms, RoPE on a quarter of each head, q/k/v biases drawn (StableLM 2 1.6B);
+    # StableLM 2 12B's form: parallel residual on one LayerNorm, per-head q/k LayerNorms, GQA.
+    "stablelm": ("StableLmForCausalLM", dict(num_heads=4, num_kv_heads=4, use_qkv_bias=True, random_biases=True,
+                                             random_norms=True)),
+    "stablelm_par": ("StableLmForCausalLM", dict(num_heads=4, num_kv_heads=2, use_parallel_residual=True,
+                                                 qk_layernorm=True, random_norms=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

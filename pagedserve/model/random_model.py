@@ -63,6 +63,8 @@ ARCH_CONFIGS = {
     "OPTForCausalLM": ("OPTConfig", {"ffn_dim": 128}),
     # GPT-J: RoPE on half of each head of 16 (rotary_dim), its MLP width n_inner (None: 4 * hidden).
     "GPTJForCausalLM": ("GPTJConfig", {"rotary_dim": 8}),
+    # StableLM: RoPE on a quarter of each head (transformers' default partial_rotary_factor).
+    "StableLmForCausalLM": ("StableLmConfig", {}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
@@ -265,7 +267,8 @@ def build_random_model(
     if random_norms:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("norm.weight") or re.search(r"\.ln_\w+\.weight$", name):  # (GPT-2's ln_1, ln_f)
+                # (GPT-2's ln_1, ln_f; StableLM's per-head q/k norms, norms.<head>)
+                if name.endswith("norm.weight") or re.search(r"\.(ln_\w+|norms\.\d+)\.weight$", name):
                     p.normal_(1.0, 0.3)
     if arch == "NemotronHForCausalLM":
         # dt = softplus(raw + dt_bias) near 0.05, clear of time_step_min (0.001): transformers clamps

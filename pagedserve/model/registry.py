@@ -55,6 +55,7 @@ _MODELS = {
     "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
     "Qwen3_5ForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5ForCausalLM"),
     "Qwen3_5MoeForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5MoeForCausalLM"),
+    "StableLmForCausalLM": ("pagedserve.model.stablelm", "StableLmForCausalLM"),
     "Starcoder2ForCausalLM": ("pagedserve.model.starcoder2", "Starcoder2ForCausalLM"),
     "SeedOssForCausalLM": ("pagedserve.model.llama", "SeedOssForCausalLM"),
     "Qwen2ForCausalLM": ("pagedserve.model.qwen2", "Qwen2ForCausalLM"),
