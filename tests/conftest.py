@@ -228,6 +228,10 @@ MODEL_SPECS = {
                                              random_norms=True)),
     "stablelm_par": ("StableLmForCausalLM", dict(num_heads=4, num_kv_heads=2, use_parallel_residual=True,
                                                  qk_layernorm=True, random_norms=True)),
+    # Nemotron (Minitron): LayerNorm1P norms (weight + 1) drawn, a ReLU² MLP without a gate, RoPE on
+    # half of each head, every bias drawn (attention_bias, mlp_bias), GQA.
+    "nemotron": ("NemotronForCausalLM", dict(num_heads=4, num_kv_heads=2, attention_bias=True, mlp_bias=True,
+                                             random_biases=True, random_norms=True)),
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),

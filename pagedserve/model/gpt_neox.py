@@ -62,14 +62,14 @@ class LayerNormDecoderLayer(nn.Module):
     output both read (Phi, Falcon 7B)."""
 
     def __init__(self, hidden_size: int, eps: float, self_attn: nn.Module, mlp: nn.Module, parallel: bool,
-                 shared_norm: bool = False) -> None:
+                 shared_norm: bool = False, norm: Callable[[int, float], nn.Module] = LayerNorm) -> None:
         super().__init__()
         if shared_norm and not parallel:
             raise ValueError("a LayerNorm shared by attention and MLP needs them in parallel")
         self.self_attn = self_attn  # (positions, x, meta) -> x
         self.mlp = mlp
-        self.input_layernorm = LayerNorm(hidden_size, eps)
-        self.post_attention_layernorm = None if shared_norm else LayerNorm(hidden_size, eps)
+        self.input_layernorm = norm(hidden_size, eps)  # (norm: LayerNorm, or a variant of it)
+        self.post_attention_layernorm = None if shared_norm else norm(hidden_size, eps)
         self.parallel = parallel
 
     def forward(self, positions, x, residual: Optional[torch.Tensor], meta: AttentionMetadata):

@@ -65,6 +65,8 @@ ARCH_CONFIGS = {
     "GPTJForCausalLM": ("GPTJConfig", {"rotary_dim": 8}),
     # StableLM: RoPE on a quarter of each head (transformers' default partial_rotary_factor).
     "StableLmForCausalLM": ("StableLmConfig", {}),
+    # Nemotron: RoPE on half of each head (transformers' default partial_rotary_factor), ReLU².
+    "NemotronForCausalLM": ("NemotronConfig", {}),
     "Glm4ForCausalLM": ("Glm4Config", {}),
     "GlmForCausalLM": ("GlmConfig", {}),
     "SmolLM3ForCausalLM": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),

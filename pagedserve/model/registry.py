@@ -34,6 +34,7 @@ _MODELS = {
     "GptOssForCausalLM": ("pagedserve.model.gpt_oss", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("pagedserve.model.granite", "GraniteForCausalLM"),
     "GraniteMoeHybridForCausalLM": ("pagedserve.model.granite_hybrid", "GraniteMoeHybridForCausalLM"),
+    "NemotronForCausalLM": ("pagedserve.model.nemotron", "NemotronForCausalLM"),
     "NemotronHForCausalLM": ("pagedserve.model.nemotron_h", "NemotronHForCausalLM"),
     "Mamba2ForCausalLM": ("pagedserve.model.nemotron_h", "Mamba2ForCausalLM"),
     "MambaForCausalLM": ("pagedserve.model.mamba", "MambaForCausalLM"),

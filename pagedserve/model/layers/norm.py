@@ -63,3 +63,10 @@ class LayerNorm(ResidualNorm):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class LayerNorm1P(LayerNorm):
+    """LayerNorm whose stored weight is an offset from 1 (weight + 1 applied: Nemotron's)."""
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight + 1.0, self.bias, self.eps)
