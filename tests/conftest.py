@@ -131,6 +131,10 @@ MODEL_SPECS = {
     # Granite's multipliers, OLMo 2's post-norm layers and whole-projection q/k norms, SmolLM3's
     # layer without RoPE.
     "granite": ("GraniteForCausalLM", dict(num_heads=4, num_kv_heads=2)),
+    # Granite 3 MoE: the multipliers around 4 experts (top 2 logits, softmax over them); the
+    # Shared form's always-on MLP beside them.
+    "granite_moe": ("GraniteMoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
+    "granite_moe_shared": ("GraniteMoeSharedForCausalLM", dict(num_heads=4, num_kv_heads=1, random_norms=True)),
     "olmo2": ("Olmo2ForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     # OLMo 3: OLMo 2's layers with a window on three of four; YaRN on the full layer only.
     "olmo3": ("Olmo3ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True, rope_parameters={

@@ -164,7 +164,8 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
 
 
 @pytest.mark.parametrize("name", ["llama", "llama4", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next", "granite_hybrid",
-                                  "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba", "minimax",
+                                  "granite_moe", "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba",
+                                  "minimax",
                                   "gpt_neox", "phi", "starcoder2", "gpt2", "gpt_bigcode", "falcon_mq", "falcon_gqa",
                                   "opt", "opt_postnorm", "gptj", "stablelm", "stablelm_par",
                                   "nemotron"])

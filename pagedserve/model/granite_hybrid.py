@@ -37,7 +37,8 @@ class GraniteHybridLayer(nn.Module):
             bias = bool(getattr(cfg, "attention_bias", False))
             self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=False,
                                             scale=float(cfg.attention_multiplier))
-        self.shared_mlp = LlamaMLP(cfg, cfg.shared_intermediate_size)
+        shared = int(getattr(cfg, "shared_intermediate_size", 0) or 0)  # 0: none (Granite 3 MoE)
+        self.shared_mlp = LlamaMLP(cfg, shared) if shared else None
         experts = int(getattr(cfg, "num_local_experts", 0) or 0)
         self.block_sparse_moe = (SparseMoeBlock(cfg, experts, cfg.intermediate_size, renormalize=True)
                                  if experts else None)
@@ -50,9 +51,10 @@ class GraniteHybridLayer(nn.Module):
         mixer = self.mamba if hasattr(self, "mamba") else self.self_attn
         x = mixer(positions, x, meta) * self.residual_multiplier
         x, residual = self.post_attention_layernorm(x, residual)
-        out = self.shared_mlp(x)
+        out = self.shared_mlp(x) if self.shared_mlp is not None else None
         if self.block_sparse_moe is not None:
-            out = out + self.block_sparse_moe(x)
+            moe = self.block_sparse_moe(x)
+            out = moe if out is None else out + moe
         return out * self.residual_multiplier, residual
 
 

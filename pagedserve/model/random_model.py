@@ -36,6 +36,14 @@ ARCH_CONFIGS = {
     # Granite's four scalars away from 1, so that a model ignoring one differs.
     "GraniteForCausalLM": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                              "attention_multiplier": 0.2, "logits_scaling": 2.5}),
+    # Granite 3 MoE (model/granite_moe.py): 4 experts, 2 a token, Granite's four scalars away
+    # from 1; the Shared form adds an always-on SwiGLU MLP.
+    "GraniteMoeForCausalLM": ("GraniteMoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                                   "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                                   "attention_multiplier": 0.2, "logits_scaling": 2.5}),
+    "GraniteMoeSharedForCausalLM": ("GraniteMoeSharedConfig", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 64, "embedding_multiplier": 3.0,
+        "residual_multiplier": 0.5, "attention_multiplier": 0.2, "logits_scaling": 2.5}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
     "Exaone4ForCausalLM": ("Exaone4Config", {"sliding_window": 16}),

@@ -33,6 +33,8 @@ _MODELS = {
     "MixtralForCausalLM": ("pagedserve.model.mixtral", "MixtralForCausalLM"),
     "GptOssForCausalLM": ("pagedserve.model.gpt_oss", "GptOssForCausalLM"),
     "GraniteForCausalLM": ("pagedserve.model.granite", "GraniteForCausalLM"),
+    "GraniteMoeForCausalLM": ("pagedserve.model.granite_moe", "GraniteMoeForCausalLM"),
+    "GraniteMoeSharedForCausalLM": ("pagedserve.model.granite_moe", "GraniteMoeSharedForCausalLM"),
     "GraniteMoeHybridForCausalLM": ("pagedserve.model.granite_hybrid", "GraniteMoeHybridForCausalLM"),
     "NemotronForCausalLM": ("pagedserve.model.nemotron", "NemotronForCausalLM"),
     "NemotronHForCausalLM": ("pagedserve.model.nemotron_h", "NemotronHForCausalLM"),
