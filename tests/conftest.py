@@ -239,6 +239,9 @@ MODEL_SPECS = {
     "llama3_rope": ("LlamaForCausalLM", dict(num_heads=4, num_kv_heads=4, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),
+    # MiniMax-M2: q/k norms over all heads (drawn), RoPE on half of each head, a sigmoid router
+    # moved by its drawn correction bias, weights renormalised over the top 2 of 4 experts.
+    "minimax_m2": ("MiniMaxM2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
 }
 
 

@@ -14,6 +14,8 @@ _SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_
 _REFUSED = [
     ("FalconForCausalLM", "FalconConfig", {"alibi": True}, "alibi"),
     ("OPTForCausalLM", "OPTConfig", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
+    ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"qk_norm_type": "per_head"}, "qk_norm_type"),
+    ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"scoring_func": "softmax"}, "scoring_func"),
 ]
 
 

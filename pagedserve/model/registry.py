@@ -46,6 +46,7 @@ _MODELS = {
     "FalconH1ForCausalLM": ("pagedserve.model.falcon_h1", "FalconH1ForCausalLM"),
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),
     "MiniMaxForCausalLM": ("pagedserve.model.minimax", "MiniMaxForCausalLM"),
+    "MiniMaxM2ForCausalLM": ("pagedserve.model.minimax_m2", "MiniMaxM2ForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
