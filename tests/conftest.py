@@ -103,6 +103,16 @@ MODEL_SPECS = {
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
     # OLMoE: q/k norms over all heads at once, experts in every layer, weights not renormalised.
     "olmoe": ("OlmoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
+    # Phi-3.5-MoE: LayerNorms and every bias drawn (the LM head's too), a window of 23, the
+    # sparsemixer router, LongRoPE with short factors and short_mscale (max_model_len within the
+    # original length; long_mscale set apart so that taking it shows).
+    "phimoe": ("PhimoeForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=23, attention_bias=True,
+                                         lm_head_bias=True, random_biases=True, random_norms=True,
+                                         rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 2048,
+        "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.3, 4.1, 5.0], "long_factor": [1.0, 3.0, 6.0, 9.0, 12.0, 15.0,
+                                                                             18.0, 21.0],
+        "short_mscale": 1.2, "long_mscale": 0.7})),
     # Llama 4: chunked local attention in chunks of 16 on the RoPE layers (interleaved pairs, L2
     # q/k norms), NoPE layers with the query temperature, one expert of 4 a token on every
     # second layer (random_model.py's defaults).

@@ -14,6 +14,9 @@ _SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_
 _REFUSED = [
     ("FalconForCausalLM", "FalconConfig", {"alibi": True}, "alibi"),
     ("OPTForCausalLM", "OPTConfig", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
+    ("PhimoeForCausalLM", "PhimoeConfig", {"num_experts_per_tok": 1}, "num_experts_per_tok"),
+    ("PhimoeForCausalLM", "PhimoeConfig", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4,
+                                                             "short_mscale": 1.0, "long_mscale": 1.0}}, "rope_type"),
     ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"qk_norm_type": "per_head"}, "qk_norm_type"),
     ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"scoring_func": "softmax"}, "scoring_func"),
 ]

@@ -152,6 +152,10 @@ ARCH_CONFIGS = {
     # a clamped SwiGLU; a window and a YaRN original length that short tests cross.
     "GptOssForCausalLM": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
                                            "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
+    # Phi-3.5-MoE: sparsemixer over 4 experts, with a jitter wide enough that its mask both keeps
+    # and drops experts.
+    "PhimoeForCausalLM": ("PhimoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                           "router_jitter_noise": 0.3}),
                                                                "beta_slow": 1.0, "truncate": False,
                                                                "original_max_position_embeddings": 256,
                                                                "rope_theta": 150000.0}}),

@@ -56,6 +56,7 @@ _MODELS = {
     "PhiForCausalLM": ("pagedserve.model.phi", "PhiForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),
     "SmolLM3ForCausalLM": ("pagedserve.model.llama", "SmolLM3ForCausalLM"),
+    "PhimoeForCausalLM": ("pagedserve.model.phimoe", "PhimoeForCausalLM"),
     "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
     "Qwen3_5ForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5ForCausalLM"),
     "Qwen3_5MoeForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5MoeForCausalLM"),
