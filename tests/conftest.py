@@ -127,6 +127,14 @@ MODEL_SPECS = {
                                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                              "full_attention": {"rope_type": "linear", "factor": 4.0,
                                                                 "rope_theta": 1000000.0}})),
+    # Gemma 4 (random_model.py's defaults): sliding and global layers of their own head widths,
+    # keys as values, the last two layers reading earlier layers' KV, per-layer inputs, experts
+    # beside the MLPs; proportional RoPE on half of the global heads' pairs.
+    "gemma4": ("Gemma4ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=6, sliding_window=19,
+                                         tie_word_embeddings=True, random_norms=True, rope_parameters={
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                             "full_attention": {"rope_type": "proportional", "rope_theta": 10000.0,
+                                                                "partial_rotary_factor": 0.5}})),
     # Sliding windows: Mistral's on every layer; Qwen2's on the layers from max_window_layers.
     "mistral_swa": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=19)),
     "qwen2_swa": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, use_sliding_window=True, sliding_window=13,

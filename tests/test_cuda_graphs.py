@@ -163,7 +163,7 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
     _assert_same_kv_and_none_for_padding(before, after_eager, after, slots, runner.kv_caches[0][0].shape)
 
 
-@pytest.mark.parametrize("name", ["llama", "llama4", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next", "granite_hybrid",
+@pytest.mark.parametrize("name", ["llama", "llama4", "gemma4", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next", "granite_hybrid",
                                   "granite_moe", "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba",
                                   "minimax",
                                   "gpt_neox", "phi", "starcoder2", "gpt2", "gpt_bigcode", "falcon_mq", "falcon_gqa",

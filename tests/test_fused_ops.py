@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("triton")
 
 from pagedserve.ops import triton_interpreting  # noqa: E402
-from pagedserve.ops.activation import silu_and_mul  # noqa: E402
+from pagedserve.ops.activation import gelu_tanh_and_mul, silu_and_mul  # noqa: E402
 from pagedserve.ops.reference import (  # noqa: E402
+    gelu_tanh_and_mul_ref,
     reshape_and_cache_ref,
     rms_norm_ref,
     rotary_ref,
@@ -125,6 +126,7 @@ def check_rotary_and_cache(t: int, hq: int, hk: int, d: int, dtype: torch.dtype,
 def check_silu_and_mul(t: int, n: int, dtype: torch.dtype, seed: int = 0) -> None:
     x = _rand(t, 2 * n, dtype=dtype, seed=seed) * 3
     _close(silu_and_mul(x), silu_and_mul_ref(x), strict=False)
+    _close(gelu_tanh_and_mul(x), gelu_tanh_and_mul_ref(x), strict=False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])

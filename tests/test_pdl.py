@@ -61,7 +61,7 @@ def _chain_kernels():
                                               "X_BCAST": True}),
         "gemv_norm_dot": (_gemv_kernel, {**gemv, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "USE_DOT": True}),
         "rms_norm": (_rms_norm_kernel, dict(HAS_RESIDUAL=True, BLOCK=2048)),
-        "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024, SWIGLUOAI=False)),
+        "silu_and_mul": (_silu_and_mul_kernel, dict(BLOCK=1024, ACT=0)),
         "rotary_and_cache": (_rotary_and_cache_kernel, dict(NUM_Q=32, NUM_K=4, QH_P=32, KH_P=4, HALF=32, HALF_P=32,
                                                             BLOCK_SIZE=16)),
         "paged_attention_decode": (_paged_attention_kernel, dict(

@@ -46,7 +46,7 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
 
 
 _STACKED = re.compile(
-    r"^(?P<prefix>.*\.(?:mlp|block_sparse_moe|feed_forward)\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+    r"^(?P<prefix>.*\.(?:mlp|block_sparse_moe|feed_forward|layers\.\d+)\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 
 
 def unstack_experts(weights: Iterable[tuple[str, torch.Tensor]], hidden: int,

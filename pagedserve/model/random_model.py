@@ -30,6 +30,16 @@ ARCH_CONFIGS = {
     "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 16, "sliding_window": 16, "attn_logit_softcapping": 5.0,
                                            "final_logit_softcapping": 3.0}),
     "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 16}),
+    # Gemma 4 at a small scale: global layers of 32-wide heads, one KV head, keys as values;
+    # the last two layers sharing KV (their MLPs double-wide), per-layer inputs of 8, 4
+    # experts (2 a token) beside each MLP, a window short tests cross.
+    "Gemma4ForCausalLM": ("Gemma4TextConfig", {
+        "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+        "sliding_window": 16, "num_kv_shared_layers": 2, "use_double_wide_mlp": True,
+        "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 1024, "enable_moe_block": True,
+        "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 48, "final_logit_softcapping": 30.0,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                        "sliding_attention", "full_attention"]}),
     # Phi (phi-1.5, phi-2): RoPE on half of each head (partial_rotary_factor, as released).
     "PhiForCausalLM": ("PhiConfig", {"partial_rotary_factor": 0.5}),
     "Phi3ForCausalLM": ("Phi3Config", {"sliding_window": None}),
@@ -286,8 +296,13 @@ def build_random_model(
         with torch.no_grad():
             for name, p in model.named_parameters():
                 # (GPT-2's ln_1, ln_f; StableLM's per-head q/k norms, norms.<head>)
-                if name.endswith("norm.weight") or re.search(r"\.(ln_\w+|norms\.\d+)\.weight$", name):
+                if name.endswith("norm.weight") or re.search(r"\.(ln_\w+|norms\.\d+|\w+norm_\d)\.weight$", name):
                     p.normal_(1.0, 0.3)
+                elif name.endswith(("router.scale", "router.per_expert_scale")):  # (Gemma 4's)
+                    p.uniform_(0.5, 1.5)
+            for name, b in model.named_buffers():
+                if name.endswith("layer_scalar"):  # Gemma 4's output scale per layer
+                    b.uniform_(0.5, 1.5)
     if arch == "NemotronHForCausalLM":
         # dt = softplus(raw + dt_bias) near 0.05, clear of time_step_min (0.001): transformers clamps
         # dt there in prefill but not in decode (pagedserve, like vLLM, follows time_step_limit).

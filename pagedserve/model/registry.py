@@ -23,6 +23,7 @@ _MODELS = {
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),
+    "Gemma4ForCausalLM": ("pagedserve.model.gemma4", "Gemma4ForCausalLM"),
     "GlmForCausalLM": ("pagedserve.model.glm4", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("pagedserve.model.glm4", "Glm4ForCausalLM"),
     "Glm4MoeForCausalLM": ("pagedserve.model.glm4_moe", "Glm4MoeForCausalLM"),
@@ -96,6 +97,10 @@ _TEXT_OF_MULTIMODAL = {
                                         ("model.language_model.", "model.")],
                                        ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                                         "model.multi_modal_projector.")),
+    # Gemma 4: the language model alone (its image, video and audio towers are not loaded).
+    "Gemma4ForConditionalGeneration": ("Gemma4ForCausalLM", [("model.language_model.", "model.")],
+                                       ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.",
+                                        "model.embed_audio.")),
     # LLaVA-1.5 and its kin: a Llama / Mistral / Qwen2 decoder (by text_config.model_type); its
     # images run through multimodal/llava.py.
     "LlavaForConditionalGeneration": (None, [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),

@@ -191,9 +191,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     int_bits: integer experts, w13 / w2 packed along K ([E, 2I, H * bits / 32], ...), with
     scales (per group, the groups' widths as the K blocks) and zeros ([E, 2I, HG], [E, H, IG]);
     fp4 (int_bits 4): the codes are e2m1 floats and the scales uint8 exponents, no zeros
-    (MXFP4). biases: (b13 [E, 2I], b2 [E, H]). activation: "silu" (SiLU(gate) * up) or "swigluoai" (GPT-OSS's clamped SwiGLU,
-    act_params = (alpha, limit))."""
-    from pagedserve.ops.activation import silu_and_mul, swigluoai_and_mul
+    (MXFP4). biases: (b13 [E, 2I], b2 [E, H]). activation: "silu" (SiLU(gate) * up), "swigluoai" (GPT-OSS's clamped SwiGLU,
+    act_params = (alpha, limit)) or "gelu_pytorch_tanh" / "gelu_new" (GeGLU)."""
+    from pagedserve.ops.activation import GELU_TANH_NAMES, gelu_tanh_and_mul, silu_and_mul, swigluoai_and_mul
 
     t, k = topk_ids.shape
     e, two_i, h = w13.shape
@@ -211,6 +211,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         act = silu_and_mul(gate_up)
     elif activation == "swigluoai":
         act = swigluoai_and_mul(gate_up, *act_params)
+    elif activation in GELU_TANH_NAMES:
+        act = gelu_tanh_and_mul(gate_up)
     else:
         raise ValueError(f"fused_moe has no activation {activation!r}")
     out = torch.empty(t * k, h, dtype=torch.float32, device=x.device)

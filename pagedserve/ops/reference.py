@@ -114,6 +114,12 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma): GELU of the gate (tanh approximation) times up, in the tensor's dtype."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
 def swigluoai_and_mul_ref(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """GPT-OSS's clamped SwiGLU over [gate | up] halves, as transformers' GptOssExperts
     computes it on interleaved columns, in float32 with one rounding."""

@@ -230,11 +230,24 @@ class ModelRunner:
         self._last_samples: Optional[tuple[torch.Tensor, list]] = None
 
     # ---- KV cache ---------------------------------------------------------------------
-    def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
+    def _kv_groups(self) -> list[tuple[tuple[int, int], list[int]]]:
+        """The attention layers grouped by cache shape, (num_kv_heads, head_dim) -> their
+        indices, in first-seen order: one cache tensor a group (Gemma 4's global layers have
+        heads of their own width and number)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, a in enumerate(self.attn_layers):
+            groups.setdefault((a.num_kv_heads, a.head_dim), []).append(i)
+        return list(groups.items())
+
+    def _new_kv_caches(self, num_blocks: int, empty: bool = False) -> list[torch.Tensor]:
+        """[layers of the group, parts, blocks, block size, kv heads, head dim] a group. Zeroed
+        unless `empty`: padded positions of a gathered block must never hold NaN."""
+        make = torch.empty if empty else torch.zeros
         if not self.attn_layers:  # an encoder (model/bert.py): no KV cache, an empty tensor
-            return (0, 2, num_blocks, self.block_size, 1, 1)
-        a = self.attn_layers[0]
-        return (len(self.attn_layers), self._kv_parts(), num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+            return [make((0, 2, num_blocks, self.block_size, 1, 1), dtype=self.config.kv_dtype, device=self.device)]
+        parts = self._kv_parts()
+        return [make((len(idx), parts, num_blocks, self.block_size, kvh, hd), dtype=self.config.kv_dtype,
+                     device=self.device) for (kvh, hd), idx in self._kv_groups()]
 
     def _kv_parts(self) -> int:
         """2 caches a layer (keys, values), or 1 where values are read from the key cache (MLA)."""
@@ -245,9 +258,8 @@ class ModelRunner:
 
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block over every layer (the draft model's too)."""
-        a = self.attn_layers[0]
-        own = kv_sizing.block_bytes(len(self.attn_layers), self.block_size, a.num_kv_heads, a.head_dim,
-                                    self.config.kv_dtype, self._kv_parts())
+        own = sum(kv_sizing.block_bytes(len(idx), self.block_size, kvh, hd, self.config.kv_dtype, self._kv_parts())
+                  for (kvh, hd), idx in self._kv_groups())
         return own + (self.draft.kv_block_bytes() if self.draft is not None else 0)
 
     def determine_num_blocks(self) -> int:
@@ -266,9 +278,7 @@ class ModelRunner:
         return kv_sizing.cuda_num_blocks(per_block, self.config.gpu_memory_utilization, self.device, self._profile_run)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        # Zeroed, not empty: padded positions of a gathered block must never hold NaN.
-        cache = torch.zeros(self._kv_shape(num_blocks), dtype=self.config.kv_dtype, device=self.device)
-        self._bind(cache)
+        self._bind(self._new_kv_caches(num_blocks))
         if self.draft is not None:
             self.draft.allocate_kv_cache(num_blocks)
         self._capture_graphs()
@@ -332,8 +342,11 @@ class ModelRunner:
     def _state_tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.state_layers for t in layer.state_tensors()]
 
-    def _bind(self, cache: torch.Tensor) -> None:
-        self.kv_caches = [(cache[i, 0], cache[i, -1]) for i in range(cache.shape[0])]  # (one part: v is k)
+    def _bind(self, caches: list[torch.Tensor]) -> None:
+        pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for cache, (_, idx) in zip(caches, self._kv_groups()):
+            pairs.update({i: (cache[j, 0], cache[j, -1]) for j, i in enumerate(idx)})  # (one part: v is k)
+        self.kv_caches = [pairs[i] for i in range(len(pairs))]
         for layer, (k, v) in zip(self.attn_layers, self.kv_caches):
             layer.k_cache, layer.v_cache = k, v
 
@@ -399,7 +412,7 @@ class ModelRunner:
         lens = [min(cfg.max_model_len, n - s) for s in range(0, n, cfg.max_model_len)]
         per_req = -(-max(lens) // self.block_size)
         nblocks = per_req * len(lens)
-        self._bind(torch.zeros(self._kv_shape(nblocks), dtype=cfg.kv_dtype, device=self.device))
+        self._bind(self._new_kv_caches(nblocks))
         qsl = np.cumsum([0] + lens).tolist()
         dev = self.device
         positions = torch.cat([torch.arange(m, device=dev) for m in lens])
@@ -425,7 +438,7 @@ class ModelRunner:
             if self.model.lm_head is not None:  # none in a pooling model
                 rows = torch.arange(cfg.max_num_seqs, device=dev) % n
                 self.model.compute_logits(hidden[rows])
-        self._bind(torch.empty(self._kv_shape(0), dtype=cfg.kv_dtype, device=self.device))
+        self._bind(self._new_kv_caches(0, empty=True))
 
     def release(self, request_ids) -> None:
         """Forget the per-request state of finished or aborted requests."""

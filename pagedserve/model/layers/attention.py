@@ -33,6 +33,12 @@ class PagedAttention(nn.Module):
         self.k_scale = self.v_scale = 1.0
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
+        # Cross-layer KV sharing (Gemma 4's last layers): a layer with a kv_source has no cache
+        # of its own; it attends over its source's, whose keys and values for this step's
+        # tokens the source keeps (keep_kv) as it writes them. Only the source is a cache layer.
+        self.kv_source: Optional["PagedAttention"] = None
+        self.keep_kv = False
+        self.kept_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def fuses_rope(self) -> bool:
@@ -42,10 +48,15 @@ class PagedAttention(nn.Module):
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]. rope: (positions, cos_sin) when
         q and k are still to be rotated, by the backend's KV write (needs fuses_rope)."""
+        if self.kv_source is not None:
+            return self._attend_shared(q, meta)
         assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
         scale, scaled = self.scale, self.k_scale != 1.0 or self.v_scale != 1.0
         if scaled:  # (RoPE is linear: rotating k / k_scale is rotating k, then dividing)
             k, v, scale = k / self.k_scale, v / self.v_scale, scale * self.k_scale
+        if self.keep_kv:  # (as written: rotated, so never with the RoPE fused into the write)
+            assert rope is None, "a KV source rotates its keys before the write"
+            self.kept_kv = (k, v)
         if rope is not None:
             o = self.backend.attend_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta, scale,
                                          self.window, self.softcap, self.sinks)
@@ -55,4 +66,14 @@ class PagedAttention(nn.Module):
                                     self.softcap, self.sinks)
         if scaled and self.v_scale != 1.0:
             o = o * self.v_scale
+        return o.reshape(o.shape[0], -1)
+
+    def _attend_shared(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        src = self.kv_source
+        assert src.backend is not None and src.k_cache is not None and src.kept_kv is not None, "KV source not run"
+        k, v = src.kept_kv
+        o = src.backend.attend(q, src.k_cache, src.v_cache, meta, self.scale * src.k_scale, k, v, self.window,
+                               self.softcap, self.sinks)
+        if src.v_scale != 1.0:
+            o = o * src.v_scale
         return o.reshape(o.shape[0], -1)

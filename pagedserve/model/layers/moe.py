@@ -6,8 +6,8 @@ Two ways to run the experts:
 - PyTorch (CPU, the PyTorch attention backend, other activations): tokens are grouped by expert
   and each hit expert does one pair of matmuls on its tokens. The group sizes are read on the
   host, so a model on this path runs without CUDA graphs.
-- Triton (with the Triton backend, SiLU or GPT-OSS's clamped SwiGLU experts, with or without
-  biases): ops/fused_moe.py sorts the routed tokens by
+- Triton (with the Triton backend, SiLU, GeGLU or GPT-OSS's clamped SwiGLU experts, with or
+  without biases): ops/fused_moe.py sorts the routed tokens by
   expert on the device and runs every expert in one grouped-GEMM launch per projection. No
   host sync, so decode steps are captured in CUDA graphs (`moe_graph_safe`)."""
 
@@ -84,7 +84,7 @@ def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Ten
     return out.to(x.dtype)
 
 
-KERNEL_ACTIVATIONS = ("silu", "swigluoai")  # the fused kernel's (ops/activation.py)
+KERNEL_ACTIVATIONS = ("silu", "swigluoai", "gelu_pytorch_tanh", "gelu_new")  # the fused kernel's (ops/activation.py)
 
 
 class FusedMoE(nn.Module):

@@ -11,13 +11,15 @@ from torch import nn
 from pagedserve.model.hf_config import rope_is_per_layer_type, rope_parameters
 from pagedserve.ops.reference import rotary_ref
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 
 
 def rotary_dim(hf_config: Any, head_dim: int, layer_type: Optional[str] = None) -> int:
     """How many leading dims of each head RoPE rotates: partial_rotary_factor (Phi-4-mini:
     0.75) of the head; the rest pass through unrotated."""
     params = rope_parameters(hf_config, layer_type)
+    if params["rope_type"] == "proportional":  # (the whole head turns, some of it at frequency 0)
+        return head_dim
     factor = params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None) or 1.0)
     dim = int(head_dim * float(factor))
     if dim <= 0 or dim % 2 or dim > head_dim:
@@ -38,6 +40,15 @@ def _inv_freq(hf_config: Any, head_dim: int, layer_type: Optional[str] = None,
         dim = rotary_dim(hf_config, head_dim, layer_type)
         base = float(params["rope_theta"]) * float(params["alpha"]) ** (dim / (dim - 2))
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    if rope_type == "proportional":
+        # Gemma 4's global layers: RoPE over the whole head, the frequencies of a
+        # partial_rotary_factor share of its pairs as the head's full width gives them, the
+        # other pairs at frequency 0 (unrotated), all divided by `factor`.
+        base, share = float(params["rope_theta"]), float(params.get("partial_rotary_factor", 1.0))
+        angles = int(share * head_dim // 2)
+        rotated = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / head_dim))
+        inv_freq = torch.cat([rotated, torch.zeros(head_dim // 2 - angles)])
+        return inv_freq / float(params.get("factor", 1.0)), 1.0
     if rope_type == "default":
         base = float(params["rope_theta"])
         dim = rotary_dim(hf_config, head_dim, layer_type)
