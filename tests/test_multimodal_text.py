@@ -1,5 +1,6 @@
 """A vision-language checkpoint served as its language model (Gemma 3 4B and up ship as
-Gemma3ForConditionalGeneration, Llama 4 as Llama4ForConditionalGeneration): text prompts give
+Gemma3ForConditionalGeneration, Llama 4 as Llama4ForConditionalGeneration, Gemma 4 as
+Gemma4ForConditionalGeneration): text prompts give
 transformers' tokens on the same weights; the vision tower is not loaded."""
 
 from __future__ import annotations
@@ -60,7 +61,34 @@ def llama4_mm_dir(tokenizer_dir, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("name, arch", [("gemma3_mm_dir", "Gemma3"), ("llama4_mm_dir", "Llama4")])
+@pytest.fixture(scope="module")
+def gemma4_mm_dir(tokenizer_dir, tmp_path_factory):
+    import transformers
+    from transformers import AutoTokenizer
+
+    from pagedserve.model.random_model import ARCH_CONFIGS
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    n = len(tok)
+    cfg = transformers.Gemma4Config(
+        text_config=dict(ARCH_CONFIGS["Gemma4ForCausalLM"][1], hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, vocab_size=n,
+                         vocab_size_per_layer_input=n, initializer_range=0.5, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=14, position_embedding_size=64),
+        image_token_id=n - 1, boi_token_id=n - 2, eoi_token_id=n - 3, video_token_id=n - 4, boa_token_id=n - 5,
+        eoa_token_index=n - 6, audio_token_id=n - 7, initializer_range=0.5)
+    cfg.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("gemma4_mm"))
+    transformers.Gemma4ForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name, arch", [("gemma3_mm_dir", "Gemma3"), ("llama4_mm_dir", "Llama4"),
+                                        ("gemma4_mm_dir", "Gemma4")])
 def test_text_prompts_match_transformers(name, arch, request):
     gemma3_mm_dir = request.getfixturevalue(name)
     llm = LLM(gemma3_mm_dir, max_num_batched_tokens=32, block_size=8)
