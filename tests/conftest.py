@@ -163,6 +163,17 @@ MODEL_SPECS = {
     "ministral3": ("Ministral3ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, rope_parameters={
         "rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "llama_4_scaling_beta": 0.5,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 1000000.0})),
+    # Ministral: a window of 19 on the layers layer_types marks, full attention on the middle one.
+    "ministral": ("MinistralForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, head_dim=16,
+                                               sliding_window=19, random_norms=True, layer_types=[
+        "sliding_attention", "full_attention", "sliding_attention"])),
+    # CWM: windows of 19 on three of four layers (its default layer_types), Llama-3 RoPE with an
+    # original length short tests cross, MLP biases (drawn). (Its config needs an int bos_token_id.)
+    "cwm": ("CwmForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, head_dim=16, sliding_window=19,
+                                   mlp_bias=True, random_biases=True, random_norms=True, bos_token_id=0,
+                                   rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 1000000.0})),
     # EXAONE 4.0: post-norm layers, per-head q/k norms, windows on three of four, the fourth without RoPE.
     "exaone4": ("Exaone4ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, head_dim=16,
                                           sliding_window_pattern=4, random_norms=True)),

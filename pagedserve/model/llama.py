@@ -454,3 +454,28 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3, Phi-3.5, Phi-4 and Phi-4-mini: the Llama decoder; their checkpoints hold qkv_proj
     and gate_up_proj already fused, in our layout. LongRoPE and partial rotary (Phi-4-mini)
     are in layers/rotary.py, Phi-3-mini's sliding window in the attention backends."""
+
+
+class MinistralForCausalLM(MistralForCausalLM):
+    """Ministral (Ministral-8B-Instruct-2410 under its own model type): the Mistral decoder with
+    the sliding window on the layers its `layer_types` marks (hf_config.layer_windows) and no
+    bias anywhere, whatever attention_bias or mlp_bias a config.json carries (transformers'
+    layers have none)."""
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        return {"qkv_bias": False, "o_bias": False, "qk_norm": False}
+
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        return LlamaMLP(cfg, bias=False)
+
+
+class CwmForCausalLM(LlamaForCausalLM):
+    """Code World Model (facebook/cwm): the Llama decoder (Llama-3 RoPE, MLP biases as mlp_bias
+    says) with sliding windows on the layers `layer_types` marks (three of four by default) and
+    no attention biases (its config's attention_bias is a placeholder that must not be read)."""
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        return {"qkv_bias": False, "o_bias": False, "qk_norm": False}

@@ -62,6 +62,9 @@ ARCH_CONFIGS = {
     "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_num_shared_experts": 1,
                                                        "moe_layer_start_index": 1, "moe_layer_end_index": 2}),
     "Ministral3ForCausalLM": ("Ministral3Config", {}),
+    # Ministral, CWM: windows on the layers layer_types marks (CWM: three of four by default).
+    "MinistralForCausalLM": ("MinistralConfig", {}),
+    "CwmForCausalLM": ("CwmConfig", {}),
     "HunYuanDenseV1ForCausalLM": ("HunYuanDenseV1Config", {}),
     "ArceeForCausalLM": ("ArceeConfig", {}),
     "ApertusForCausalLM": ("ApertusConfig", {"dtype": "float32"}),
@@ -152,6 +155,10 @@ ARCH_CONFIGS = {
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
     "OlmoeForCausalLM": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    # Phi-3.5-MoE: sparsemixer over 4 experts, with a jitter wide enough that its mask both keeps
+    # and drops experts.
+    "PhimoeForCausalLM": ("PhimoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                           "router_jitter_noise": 0.3}),
     # Llama 4 at a small scale: chunks of 16 positions, every second layer without RoPE (its
     # queries' temperature changing every 8 positions) and with 4 experts, one a token.
     "Llama4ForCausalLM": ("Llama4TextConfig", {"num_local_experts": 4, "num_experts_per_tok": 1,
@@ -162,10 +169,6 @@ ARCH_CONFIGS = {
     # a clamped SwiGLU; a window and a YaRN original length that short tests cross.
     "GptOssForCausalLM": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16,
                                            "rope_parameters": {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0,
-    # Phi-3.5-MoE: sparsemixer over 4 experts, with a jitter wide enough that its mask both keeps
-    # and drops experts.
-    "PhimoeForCausalLM": ("PhimoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,
-                                           "router_jitter_noise": 0.3}),
                                                                "beta_slow": 1.0, "truncate": False,
                                                                "original_max_position_embeddings": 256,
                                                                "rope_theta": 150000.0}}),
