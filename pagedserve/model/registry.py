@@ -50,6 +50,7 @@ _MODELS = {
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),
     "MiniMaxForCausalLM": ("pagedserve.model.minimax", "MiniMaxForCausalLM"),
     "MiniMaxM2ForCausalLM": ("pagedserve.model.minimax_m2", "MiniMaxM2ForCausalLM"),
+    "MiMoV2FlashForCausalLM": ("pagedserve.model.mimo_v2_flash", "MiMoV2FlashForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
