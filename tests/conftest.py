@@ -276,6 +276,11 @@ MODEL_SPECS = {
     # layer, then grouped sigmoid-routed experts with a drawn correction bias.
     "mimo_v2_flash": ("MiMoV2FlashForCausalLM", dict(num_heads=8, num_kv_heads=2, num_layers=3, attention_bias=True,
                                                      random_biases=True, random_norms=True)),
+    # Hunyuan-A13B: the dense Hunyuan's q/k norms after RoPE (drawn) and NTK-alpha RoPE, experts
+    # (top 2, then top 1, of 4) beside a shared MLP, q/k/v/o biases drawn.
+    "hunyuan_moe": ("HunYuanMoEV1ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True,
+                                                    random_biases=True, random_norms=True, rope_parameters={
+        "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
 }
 
 

@@ -22,6 +22,9 @@ _REFUSED = [
     ("MiMoV2FlashForCausalLM", "MiMoV2FlashConfig", {"add_full_attention_sink_bias": True},
      "add_full_attention_sink_bias"),
     ("MiMoV2FlashForCausalLM", "MiMoV2FlashConfig", {"swa_num_key_value_heads": 3}, "swa_num_key_value_heads"),
+    ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"use_cla": True}, "use_cla"),
+    ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"num_shared_expert": [2]}, "num_shared_expert"),
+    ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"moe_intermediate_size": 32}, "moe_intermediate_size"),
 ]
 
 

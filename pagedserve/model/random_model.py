@@ -197,6 +197,9 @@ ARCH_CONFIGS = {
         "moe_intermediate_size": 64, "head_dim": 24, "v_head_dim": 16, "sliding_window": 16,
         "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
         "mlp_layer_types": ["dense", "sparse", "sparse"]}),
+    # Hunyuan-A13B: 4 experts beside the shared MLP, 2 a token in the first layer and 1 in the
+    # second (moe_topk per layer).
+    "HunYuanMoEV1ForCausalLM": ("HunYuanMoEV1Config", {"num_experts": 4, "moe_topk": [2, 1]}),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]

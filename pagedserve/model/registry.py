@@ -52,6 +52,7 @@ _MODELS = {
     "MiniMaxM2ForCausalLM": ("pagedserve.model.minimax_m2", "MiniMaxM2ForCausalLM"),
     "MiMoV2FlashForCausalLM": ("pagedserve.model.mimo_v2_flash", "MiMoV2FlashForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
+    "HunYuanMoEV1ForCausalLM": ("pagedserve.model.hunyuan_moe", "HunYuanMoEV1ForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
     "OPTForCausalLM": ("pagedserve.model.opt", "OPTForCausalLM"),
