@@ -153,6 +153,10 @@ MODEL_SPECS = {
     # Shared form's always-on MLP beside them.
     "granite_moe": ("GraniteMoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
     "granite_moe_shared": ("GraniteMoeSharedForCausalLM", dict(num_heads=4, num_kv_heads=1, random_norms=True)),
+    # OLMo 1: LayerNorms without weights, q/k/v and o_proj biases (drawn), q/k/v clamped at 3 (a
+    # fair share of them past it at these weights).
+    "olmo": ("OlmoForCausalLM", dict(num_heads=4, num_kv_heads=2, attention_bias=True, random_biases=True,
+                                     clip_qkv=3.0)),
     "olmo2": ("Olmo2ForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     # OLMo 3: OLMo 2's layers with a window on three of four; YaRN on the full layer only.
     "olmo3": ("Olmo3ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True, rope_parameters={

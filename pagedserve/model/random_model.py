@@ -54,6 +54,7 @@ ARCH_CONFIGS = {
     "GraniteMoeSharedForCausalLM": ("GraniteMoeSharedConfig", {
         "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 64, "embedding_multiplier": 3.0,
         "residual_multiplier": 0.5, "attention_multiplier": 0.2, "logits_scaling": 2.5}),
+    "OlmoForCausalLM": ("OlmoConfig", {}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
     "Exaone4ForCausalLM": ("Exaone4Config", {"sliding_window": 16}),

@@ -53,6 +53,7 @@ _MODELS = {
     "MiMoV2FlashForCausalLM": ("pagedserve.model.mimo_v2_flash", "MiMoV2FlashForCausalLM"),
     "HunYuanDenseV1ForCausalLM": ("pagedserve.model.llama", "HunYuanDenseV1ForCausalLM"),
     "HunYuanMoEV1ForCausalLM": ("pagedserve.model.hunyuan_moe", "HunYuanMoEV1ForCausalLM"),
+    "OlmoForCausalLM": ("pagedserve.model.olmo", "OlmoForCausalLM"),
     "Olmo2ForCausalLM": ("pagedserve.model.olmo2", "Olmo2ForCausalLM"),
     "Olmo3ForCausalLM": ("pagedserve.model.olmo2", "Olmo3ForCausalLM"),
     "OPTForCausalLM": ("pagedserve.model.opt", "OPTForCausalLM"),

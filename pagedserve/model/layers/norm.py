@@ -70,3 +70,14 @@ class LayerNorm1P(LayerNorm):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.layer_norm(x, self.weight.shape, self.weight + 1.0, self.bias, self.eps)
+
+
+class NonParametricLayerNorm(ResidualNorm):
+    """LayerNorm without weight or bias, computed in float32 and cast back (OLMo 1's)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.hidden_size, self.eps = hidden_size, eps
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x.float(), (self.hidden_size,), eps=self.eps).to(x.dtype)
