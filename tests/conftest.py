@@ -285,6 +285,10 @@ MODEL_SPECS = {
     "hunyuan_moe": ("HunYuanMoEV1ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True,
                                                     random_biases=True, random_norms=True, rope_parameters={
         "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
+    # dots.llm1: per-head q/k norms (drawn), a window of 19 on the layers from max_window_layers, a
+    # dense first layer, then grouped sigmoid-routed experts (drawn correction bias) and a shared one.
+    "dots1": ("Dots1ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=3, sliding_window=19,
+                                       max_window_layers=1, random_norms=True)),
 }
 
 

@@ -25,6 +25,7 @@ _REFUSED = [
     ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"use_cla": True}, "use_cla"),
     ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"num_shared_expert": [2]}, "num_shared_expert"),
     ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"moe_intermediate_size": 32}, "moe_intermediate_size"),
+    ("Dots1ForCausalLM", "Dots1Config", {"scoring_func": "softmax"}, "scoring_func"),
 ]
 
 

@@ -201,6 +201,10 @@ ARCH_CONFIGS = {
     # Hunyuan-A13B: 4 experts beside the shared MLP, 2 a token in the first layer and 1 in the
     # second (moe_topk per layer).
     "HunYuanMoEV1ForCausalLM": ("HunYuanMoEV1Config", {"num_experts": 4, "moe_topk": [2, 1]}),
+    # dots.llm1: Qwen3's attention, a dense first layer, then DeepSeek-V3's experts (8 in 4 groups
+    # of which 2 compete, 2 a token, a shared expert) renormalised and scaled.
+    "Dots1ForCausalLM": ("Dots1Config", {**_GROUPED_EXPERTS, "moe_intermediate_size": 64, "norm_topk_prob": True,
+                                         "routed_scaling_factor": 2.5}),
 }
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]

@@ -13,6 +13,7 @@ _MODELS = {
     "Cohere2ForCausalLM": ("pagedserve.model.cohere", "Cohere2ForCausalLM"),
     "DeepseekV2ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV3ForCausalLM"),
+    "Dots1ForCausalLM": ("pagedserve.model.dots1", "Dots1ForCausalLM"),
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("pagedserve.model.ernie", "Ernie4_5_MoeForCausalLM"),
