@@ -75,8 +75,8 @@ class LLMEngine:
                                    config.max_loras if config.enable_lora else 0, config.scheduling_policy,
                                    config.long_prefill_token_threshold, fork_prompts=not config.has_state_layers)
         if self.mm_processor is not None and self.mm_processor.bidirectional:
-            # Gemma 3: a chunk holds the rest of an image whole, so one must fit the step's budget.
-            need = int(self.mm_processor.config.mm_tokens_per_image)
+            # Gemma 3 / 4: a chunk holds the rest of an image whole, so one must fit the step's budget.
+            need = self.mm_processor.max_image_tokens
             if config.max_num_batched_tokens < need:
                 raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be at least an "
                                  f"image's {need} tokens for this model's images.")

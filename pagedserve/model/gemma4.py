@@ -94,6 +94,7 @@ class Gemma4Attention(nn.Module):
             self.v_norm = Gemma4RMSNorm(self.head_dim, cfg.rms_norm_eps, scale=False)
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, 1.0, window)
+        self.attn.causal_only = not window  # (images attend both ways in the sliding-window layers only)
         if source is not None:
             source.keep_kv = True
             self.attn.kv_source = source
@@ -204,6 +205,9 @@ class Gemma4Model(nn.Module):
             self.per_layer_embed_scale = _rounded(p**0.5)
             self.per_layer_model_projection = nn.Linear(h, n * p, bias=False)
             self.per_layer_projection_norm = Gemma4RMSNorm(p, cfg.rms_norm_eps)
+        # Image / video / audio placeholders take the pad token's per-layer embedding.
+        self.pad_token_id = int(getattr(cfg, "pad_token_id", None) or 0)
+        self.placeholders = list(getattr(cfg, "multimodal_token_ids", None) or [])
 
     def per_layer_inputs(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[T, layers, per-layer width]: the token's own per-layer embedding and a projection
@@ -216,7 +220,13 @@ class Gemma4Model(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.embed_tokens(input_ids) * self.normalizer if inputs_embeds is None else inputs_embeds
-        per_layer = self.per_layer_inputs(input_ids, h) if self.per_layer else None
+        per_layer = None
+        if self.per_layer:
+            ids = input_ids
+            if self.placeholders:  # (as transformers' Gemma4Model, whatever fills those rows)
+                ids = input_ids.masked_fill(torch.isin(input_ids, input_ids.new_tensor(self.placeholders)),
+                                            self.pad_token_id)
+            per_layer = self.per_layer_inputs(ids, h)
         for i, layer in enumerate(self.layers):
             h = layer(positions, h, None if per_layer is None else per_layer[:, i], meta)
         return self.norm(h)

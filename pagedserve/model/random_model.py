@@ -639,6 +639,49 @@ def build_random_gemma3_vl(path: str, tokenizer_dir: Optional[str] = None, image
     return path
 
 
+# A Gemma-4-style template: each image part becomes <|image|> where it stands.
+GEMMA4_CHAT_TEMPLATE = GEMMA3_CHAT_TEMPLATE.replace("<start_of_image>", "<|image|>")
+
+
+def build_random_gemma4_vl(path: str, tokenizer_dir: Optional[str] = None, max_soft_tokens: int = 70,
+                           bidirectional: bool = True, initializer_range: float = 0.3, seed: int = 0,
+                           dtype: str = "float32") -> str:
+    """A random Gemma4ForConditionalGeneration directory: a small Gemma 4 vision tower (4-pixel
+    patches pooled 2 x 2, at most max_soft_tokens rows an image), Gemma 4's decoder as
+    ARCH_CONFIGS has it (an image's tokens attending both ways with `bidirectional`), the
+    tokenizer with <|image|> <start_of_image> <end_of_image>, a Gemma-style chat template and
+    the image processor."""
+    import torch
+    import transformers
+
+    tok = _vl_tokenizer(path, tokenizer_dir, ["<|image|>", "<start_of_image>", "<end_of_image>", "<|video|>",
+                                              "<|audio|>", "<start_of_turn>", "<end_of_turn>"], GEMMA4_CHAT_TEMPLATE)
+    image, boi, eoi, video, audio = tok.convert_tokens_to_ids(["<|image|>", "<start_of_image>", "<end_of_image>",
+                                                               "<|video|>", "<|audio|>"])
+    n = len(tok)
+    text = dict(ARCH_CONFIGS["Gemma4ForCausalLM"][1], hidden_size=64, intermediate_size=64, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=n, vocab_size_per_layer_input=n,
+                tie_word_embeddings=True, initializer_range=initializer_range, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, bos_token_id=None,
+                use_bidirectional_attention="vision" if bidirectional else None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2, position_embedding_size=128,
+                  initializer_range=initializer_range)
+    cfg = transformers.Gemma4Config(text_config=text, vision_config=vision, image_token_id=image, boi_token_id=boi,
+                                    eoi_token_id=eoi, video_token_id=video, audio_token_id=audio,
+                                    initializer_range=initializer_range)
+    cfg.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = transformers.Gemma4ForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers starts the 2-D position table at ones: drawn, so positions matter
+        model.model.vision_tower.patch_embedder.position_embedding_table.normal_(0.0, 1.0)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    tok.save_pretrained(path)
+    transformers.Gemma4ImageProcessor(patch_size=4, pooling_kernel_size=2,
+                                      max_soft_tokens=max_soft_tokens).save_pretrained(path)
+    return path
+
+
 # A Mistral-style template: each image part becomes [IMG] where it stands.
 MISTRAL3_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"

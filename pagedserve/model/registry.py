@@ -181,6 +181,10 @@ def text_model_config(hf_config: Any) -> Any:
         if text is not hf_config and tie is not None:
             text.tie_word_embeddings = bool(tie)
         text.multimodal_architecture = archs[0]
+        # The placeholder tokens of images, videos and audio (Gemma 4's per-layer embeddings take
+        # the pad token's there, as transformers does).
+        text.multimodal_token_ids = [int(t) for t in (getattr(hf_config, f"{kind}_token_id", None)
+                                                      for kind in ("image", "video", "audio")) if t is not None]
         return text
     return hf_config
 

@@ -7,9 +7,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, INTERNVL_ARCHITECTURES, LLAVA_ARCHITECTURES,
-                                             LLAVA_NEXT_ARCHITECTURES, LLAVA_ONEVISION_ARCHITECTURES,
-                                             MISTRAL3_ARCHITECTURES, architecture, load_full_config)
+from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, GEMMA4_ARCHITECTURES, INTERNVL_ARCHITECTURES,
+                                             LLAVA_ARCHITECTURES, LLAVA_NEXT_ARCHITECTURES,
+                                             LLAVA_ONEVISION_ARCHITECTURES, MISTRAL3_ARCHITECTURES, architecture,
+                                             load_full_config, load_image_processor)
 
 
 def build_in(cls: type, cfg: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -38,6 +39,11 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
         enc = Gemma3ImageEncoder.load(cfg, model_dir, dtype, device)
         enc.images_per_image = images_per_image(model_dir, processor_kwargs)  # pan-and-scan's crops
         return enc
+    if architecture(cfg) in GEMMA4_ARCHITECTURES:
+        from pagedserve.multimodal.gemma4 import Gemma4ImageEncoder
+
+        return Gemma4ImageEncoder.load(cfg, model_dir, dtype, device,
+                                       load_image_processor(model_dir, processor_kwargs or {}))
     if architecture(cfg) in MISTRAL3_ARCHITECTURES:
         from pagedserve.multimodal.mistral3 import Mistral3ImageEncoder
 

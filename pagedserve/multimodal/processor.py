@@ -1,7 +1,8 @@
 """A prompt's images -> pixel values and placeholder tokens, as the model's Hugging Face
 processor lays them out: each image's one placeholder token (LLaVA's `<image>`, Qwen-VL's
 `<|image_pad|>`) becomes as many placeholders as the vision encoder gives it embeddings (a
-fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen-VL); Gemma 3's
+fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen-VL; Gemma 4's
+`<|image|>`, wrapped in `<start_of_image>` ... `<end_of_image>`, one per pooled patch square); Gemma 3's
 `<start_of_image>` and Mistral 3's `[IMG]` take their own layouts (multimodal/gemma3.py,
 multimodal/mistral3.py); InternVL's `<IMG_CONTEXT>` becomes `<img>`, its tiles' run, `</img>`."""
 
@@ -24,10 +25,12 @@ QWEN_VL_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForCondit
                          "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
                          "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
 GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+GEMMA4_ARCHITECTURES = ("Gemma4ForConditionalGeneration",)
 MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 INTERNVL_ARCHITECTURES = ("InternVLForConditionalGeneration",)
 IMAGE_ARCHITECTURES = (LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + LLAVA_ONEVISION_ARCHITECTURES
-                       + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES + MISTRAL3_ARCHITECTURES + INTERNVL_ARCHITECTURES)
+                       + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES + GEMMA4_ARCHITECTURES + MISTRAL3_ARCHITECTURES
+                       + INTERNVL_ARCHITECTURES)
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -120,7 +123,17 @@ class ImageInputProcessor:
         self.qwen_vl = architecture(self.config) in QWEN_VL_ARCHITECTURES
         # Gemma 3: images written <start_of_image>, expanded with the tokenizer's help; an
         # image's tokens attend to each other both ways (the scheduler keeps each whole in a chunk).
-        self.bidirectional = architecture(self.config) in GEMMA3_ARCHITECTURES
+        self.gemma3 = architecture(self.config) in GEMMA3_ARCHITECTURES
+        # Gemma 4: each image's one <|image|> becomes <start_of_image> run <end_of_image>, the run as
+        # long as the image's resized size gives (multimodal/gemma4.py); the larger models' image
+        # tokens attend to each other both ways (use_bidirectional_attention "vision").
+        self.gemma4 = architecture(self.config) in GEMMA4_ARCHITECTURES
+        self.bidirectional = self.gemma3 or (
+            self.gemma4 and getattr(self.config.text_config, "use_bidirectional_attention", None) == "vision")
+        # The most tokens one image takes (a chunk must hold an image whole where it attends both ways).
+        self.max_image_tokens = int(self.config.mm_tokens_per_image) if self.gemma3 else 0
+        if self.gemma4:
+            self.max_image_tokens = int(self.hf.max_soft_tokens)
         # Mistral 3: rows of [IMG] closed by [IMG_BREAK] / [IMG_END] (multimodal/mistral3.py).
         self.pixtral = architecture(self.config) in MISTRAL3_ARCHITECTURES
         # LLaVA-NeXT, LLaVA-OneVision: tiles of the image at its best-fit resolution, placeholders
@@ -138,19 +151,21 @@ class ImageInputProcessor:
 
             check_tile_size(self.config, self.hf)
         self.tokenizer = tokenizer
-        if (self.bidirectional or self.pixtral or self.internvl) and tokenizer is None:
+        if (self.gemma3 or self.pixtral or self.internvl) and tokenizer is None:
             raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
         # Gemma 3's pan-and-scan settings (multimodal/gemma3.py): none unless do_pan_and_scan.
         self.pan_and_scan: dict = {}
-        if self.bidirectional:
+        if self.gemma3:
             from pagedserve.multimodal.gemma3 import pan_and_scan_kwargs
 
             self.pan_and_scan = pan_and_scan_kwargs(self.hf)
-        self.image_start = self.image_end = -1  # InternVL's <img> and </img>
+        self.image_start = self.image_end = -1  # InternVL's <img> and </img>, Gemma 4's <start/end_of_image>
         if self.internvl:
             from pagedserve.multimodal.internvl import image_marker_ids
 
             self.image_start, self.image_end = image_marker_ids(tokenizer)
+        if self.gemma4:
+            self.image_start, self.image_end = int(self.config.boi_token_id), int(self.config.eoi_token_id)
 
     def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, Any, Optional[tuple[int, int, int]]]]:
         """(pixel values, placeholder tokens (Mistral 3: the resized (height, width)), patch
@@ -163,6 +178,10 @@ class ImageInputProcessor:
 
             kwargs["crop_to_patches"] = crop_to_patches(self.processor_kwargs)
         pil = [load_image(im, field).convert("RGB") for im in images]
+        if self.gemma4:
+            from pagedserve.multimodal.gemma4 import prepare_images
+
+            return prepare_images(self.hf, pil)
         alone = len(pil) == 1
         if self.onevision and not alone:  # grouped as one prompt's: each image padded square, not tiled
             pil = [pil]
@@ -202,7 +221,7 @@ class ImageInputProcessor:
             raise ParamError(field, f"at most {self.max_images} images a prompt are accepted (limit_mm_per_prompt), "
                              f"got {len(images)}.")
         prepared = None
-        if self.bidirectional:  # each image's crops (pan-and-scan) decide the text it becomes
+        if self.gemma3:  # each image's crops (pan-and-scan) decide the text it becomes
             from pagedserve.multimodal.gemma3 import expand_image_markers, prepare_images
 
             pil = [load_image(im, field).convert("RGB") for im in images]
@@ -233,7 +252,7 @@ class ImageInputProcessor:
         for (start, length), count in zip(runs, counts):
             out += ids[at:start]
             # InternVL: an image's one placeholder becomes <img> run </img> (the two are text tokens)
-            wrap = self.internvl and self._internvl_marker(ids, start, length, prepared[k][1])
+            wrap = (self.internvl or self.gemma4) and self._lone_marker(ids, start, length, prepared[k][1])
             for pixels, n, grid in prepared[k:k + count]:
                 size = grid if self.anyres else None  # LLaVA-NeXT's third item: the image's size
                 grid = None if self.anyres else grid
@@ -247,8 +266,9 @@ class ImageInputProcessor:
         out += ids[at:]
         return out, features
 
-    def _internvl_marker(self, ids: list[int], start: int, length: int, n: int) -> bool:
-        """Whether a run of <IMG_CONTEXT> is an image's one placeholder (to wrap in <img> ... </img>)
+    def _lone_marker(self, ids: list[int], start: int, length: int, n: int) -> bool:
+        """Whether a run of placeholders (InternVL's <IMG_CONTEXT>, Gemma 4's <|image|>) is an
+        image's one placeholder (to wrap in <img> ... </img>, <start_of_image> ... <end_of_image>)
         rather than the image written out already: one token, unless the image is one token and
         the run already stands between <img> and </img>."""
         if length != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -36,6 +37,9 @@ class PagedAttention(nn.Module):
         # Cross-layer KV sharing (Gemma 4's last layers): a layer with a kv_source has no cache
         # of its own; it attends over its source's, whose keys and values for this step's
         # tokens the source keeps (keep_kv) as it writes them. Only the source is a cache layer.
+        # Gemma 4's global layers: causal even where the step's images attend both ways
+        # (AttentionMetadata.kv_limit, which the sliding-window layers follow).
+        self.causal_only = False
         self.kv_source: Optional["PagedAttention"] = None
         self.keep_kv = False
         self.kept_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -48,6 +52,8 @@ class PagedAttention(nn.Module):
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]. rope: (positions, cos_sin) when
         q and k are still to be rotated, by the backend's KV write (needs fuses_rope)."""
+        if self.causal_only and meta.kv_limit is not None:
+            meta = dataclasses.replace(meta, kv_limit=None)
         if self.kv_source is not None:
             return self._attend_shared(q, meta)
         assert self.backend is not None and self.k_cache is not None, "KV cache not bound"
