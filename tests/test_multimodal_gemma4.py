@@ -134,3 +134,5 @@ def test_chunk_must_hold_an_image(gemma4):
     path, _ = gemma4
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(path, max_num_batched_tokens=64, max_model_len=64)
+    with pytest.raises(ValueError, match="140 tokens"):  # (images of up to 140 tokens, vLLM's setting)
+        LLM(path, max_num_batched_tokens=72, mm_processor_kwargs={"max_soft_tokens": 140})

@@ -298,6 +298,10 @@ def build_random_model(
         kwargs["shared_expert_intermediate_size"] = intermediate_size
     if arch == "FalconForCausalLM":
         kwargs["num_kv_heads"] = num_kv_heads
+    if arch == "Gemma4ForCausalLM":  # sliding and global layers in turn, as many as asked for (the last global)
+        kwargs["layer_types"] = ["full_attention" if (num_layers - 1 - i) % 2 == 0 else "sliding_attention"
+                                 for i in range(num_layers)]
+        kwargs["num_kv_shared_layers"] = max(0, min(2, num_layers - 2))
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:
