@@ -181,6 +181,11 @@ MODEL_SPECS = {
     # EXAONE 4.0: post-norm layers, per-head q/k norms, windows on three of four, the fourth without RoPE.
     "exaone4": ("Exaone4ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, head_dim=16,
                                           sliding_window_pattern=4, random_norms=True)),
+    # K-EXAONE: EXAONE 4.0's attention (windows on three of four layers, the fourth without RoPE) in
+    # pre-norm layers, a dense first layer, then grouped sigmoid-routed experts with a drawn
+    # correction bias and a shared expert.
+    "exaone_moe": ("ExaoneMoeForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, head_dim=16,
+                                                sliding_window=19, sliding_window_pattern=4, random_norms=True)),
     # ERNIE 4.5: biases everywhere (drawn), interleaved RoPE over the whole head.
     "ernie4_5": ("Ernie4_5ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, random_biases=True,
                                             tie_word_embeddings=True)),

@@ -54,6 +54,15 @@ class Olmo3ForCausalLM(Olmo2ForCausalLM):
                 layer.self_attn.rotary = rotaries[t]
 
 
+def exaone_global_nope(cfg: Any, layers: nn.ModuleList) -> None:
+    """EXAONE 4.0 / K-EXAONE with a sliding window: their full-attention layers use no RoPE."""
+    types = getattr(cfg, "layer_types", None)
+    if getattr(cfg, "sliding_window", None) and types:
+        for layer, t in zip(layers, types):
+            if t != "sliding_attention":
+                layer.self_attn.rotary = None
+
+
 class Exaone4ForCausalLM(Olmo2ForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
@@ -61,8 +70,4 @@ class Exaone4ForCausalLM(Olmo2ForCausalLM):
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
         super().__init__(cfg, max_positions)
-        types = getattr(cfg, "layer_types", None)
-        if getattr(cfg, "sliding_window", None) and types:  # the hybrid models' global layers: no RoPE
-            for layer, t in zip(self.model.layers, types):
-                if t != "sliding_attention":
-                    layer.self_attn.rotary = None
+        exaone_global_nope(cfg, self.model.layers)

@@ -58,6 +58,11 @@ ARCH_CONFIGS = {
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "Olmo3ForCausalLM": ("Olmo3Config", {"sliding_window": 16}),
     "Exaone4ForCausalLM": ("Exaone4Config", {"sliding_window": 16}),
+    # K-EXAONE: EXAONE 4.0's attention, a dense first layer, then 4 experts in 2 groups (1 competes),
+    # 2 a token, under a sigmoid router with a correction bias (drawn), and a shared expert.
+    "ExaoneMoeForCausalLM": ("ExaoneMoeConfig", {"sliding_window": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                                 "n_group": 2, "topk_group": 1, "num_shared_experts": 1,
+                                                 "moe_intermediate_size": 64, "routed_scaling_factor": 2.5}),
     "Ernie4_5ForCausalLM": ("Ernie4_5Config", {"use_bias": True}),
     # ERNIE 4.5 MoE: experts on layers 1..2 (layer 0 dense), 4 of them, 2 a token, a shared one.
     "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", {"moe_num_experts": 4, "moe_k": 2, "moe_num_shared_experts": 1,

@@ -16,6 +16,7 @@ _MODELS = {
     "Dots1ForCausalLM": ("pagedserve.model.dots1", "Dots1ForCausalLM"),
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
+    "ExaoneMoeForCausalLM": ("pagedserve.model.exaone_moe", "ExaoneMoeForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("pagedserve.model.ernie", "Ernie4_5_MoeForCausalLM"),
     "FalconForCausalLM": ("pagedserve.model.falcon", "FalconForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.model.gpt2", "GPT2LMHeadModel"),
