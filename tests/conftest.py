@@ -227,6 +227,9 @@ MODEL_SPECS = {
     # zeros), q/k norms and RoPE on half of each head.
     "glm4_moe": ("Glm4MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3,
                                             random_biases=True)),
+    # Solar Open: GLM-4.5's router, groups and shared expert in every layer, q/k/v biases (drawn).
+    "solar_open": ("SolarOpenForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2,
+                                                random_biases=True, random_norms=True)),
     # GPT-NeoX (Pythia): fused per-head qkv, RoPE on a quarter of each head, LayerNorms and every
     # bias drawn; parallel residual, and the sequential form. (Multi-head: the stray
     # num_key_value_heads the builder writes must be ignored.)

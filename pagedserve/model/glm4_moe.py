@@ -30,3 +30,17 @@ class Glm4MoeForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(without_mtp_layers(weights, self.config.num_hidden_layers))
+
+
+class SolarOpenForCausalLM(Glm4MoeForCausalLM):
+    """Solar Open (upstage/Solar-Open-100B): GLM-4.5's experts (DeepSeek-V3's sigmoid router with
+    a correction bias, groups, shared experts) in every layer, on Llama's attention: q/k/v biases
+    when attention_bias, none on o_proj, no q/k norms, RoPE over the whole head."""
+
+    @classmethod
+    def attn_options(cls, cfg: Any) -> dict:
+        return {"qkv_bias": bool(getattr(cfg, "attention_bias", False)), "o_bias": False, "qk_norm": False}
+
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        return DeepseekMoE(cfg, sigmoid=True)  # (no dense layers, whatever first_k_dense_replace says)

@@ -190,6 +190,10 @@ ARCH_CONFIGS = {
     # GLM-4.5: DeepSeek-V3's grouped experts, q/k/v biases, q/k norms, RoPE on half of each head.
     "Glm4MoeForCausalLM": ("Glm4MoeConfig", {**_GROUPED_EXPERTS, "routed_scaling_factor": 2.5, "attention_bias": True,
                                              "use_qk_norm": True}),
+    # Solar Open: GLM-4.5's experts in every layer (no dense first layer), q/k/v biases, full RoPE.
+    "SolarOpenForCausalLM": ("SolarOpenConfig", {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2,
+                                                 "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 64,
+                                                 "routed_scaling_factor": 2.5, "attention_bias": True}),
     # MiniMax-M2: q/k norms over all heads, RoPE on half of each head (rotary_dim), 4 experts (2 a
     # token) under a sigmoid router with a correction bias (drawn).
     "MiniMaxM2ForCausalLM": ("MiniMaxM2Config", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,

@@ -64,6 +64,7 @@ _MODELS = {
     "PhiForCausalLM": ("pagedserve.model.phi", "PhiForCausalLM"),
     "Phi3ForCausalLM": ("pagedserve.model.llama", "Phi3ForCausalLM"),
     "SmolLM3ForCausalLM": ("pagedserve.model.llama", "SmolLM3ForCausalLM"),
+    "SolarOpenForCausalLM": ("pagedserve.model.glm4_moe", "SolarOpenForCausalLM"),
     "PhimoeForCausalLM": ("pagedserve.model.phimoe", "PhimoeForCausalLM"),
     "Qwen3NextForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3NextForCausalLM"),
     "Qwen3_5ForCausalLM": ("pagedserve.model.qwen3_next", "Qwen3_5ForCausalLM"),
