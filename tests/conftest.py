@@ -283,9 +283,9 @@ MODEL_SPECS = {
     # MiniMax-M2: q/k norms over all heads (drawn), RoPE on half of each head, a sigmoid router
     # moved by its drawn correction bias, weights renormalised over the top 2 of 4 experts.
     "minimax_m2": ("MiniMaxM2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
-    # MiMo-V2-Flash: a full layer (2 KV heads), two window layers (4 KV heads, sinks, window 16),
-    # narrower value heads, per-type RoPE on a third of each head, q/k/v biases drawn, a dense
-    # layer, then grouped sigmoid-routed experts with a drawn correction bias.
+    # MiMo-V2-Flash: a full layer (2 KV heads), two window layers (4 KV heads, sinks, window 16):
+    # two KV cache shapes; narrower value heads, per-type RoPE on a third of each head, q/k/v
+    # biases drawn, a dense layer, then grouped sigmoid-routed experts with a drawn correction bias.
     "mimo_v2_flash": ("MiMoV2FlashForCausalLM", dict(num_heads=8, num_kv_heads=2, num_layers=3, attention_bias=True,
                                                      random_biases=True, random_norms=True)),
     # Hunyuan-A13B: the dense Hunyuan's q/k norms after RoPE (drawn) and NTK-alpha RoPE, experts

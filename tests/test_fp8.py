@@ -226,3 +226,16 @@ def test_quantization_flag_reaches_the_engine_args():
     for argv, want in ((["serve", "m", "--quantization", "fp8"], "fp8"), (["serve", "m", "-q", "awq_marlin"],
                                                                          "awq_marlin"), (["serve", "m"], None)):
         assert engine_args_from(build_parser().parse_args(argv), "m").quantization == want
+
+
+def test_fp8_mimo_v2_flash(model_dirs, tmp_path):
+    """MiMo-V2-Flash reshapes its attention projections as they load (model/mimo_v2_flash.py): on
+    the Triton path they load dequantized while its experts stay in FP8, and it matches transformers."""
+    path = quantize_checkpoint(model_dirs["mimo_v2_flash"], str(tmp_path / "fp8"), "block", BLOCK)
+    hf = _hf_reference(path, "block", tmp_path)
+    llm = LLM(path, attention_backend="triton", dtype="float32")
+    model = llm.llm_engine.runner.model
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
+    experts = [m for m in model.modules() if type(m).__name__ == "FusedMoE"]
+    assert experts and all(m.w13.dtype == FP8 and m.w2.dtype == FP8 for m in experts)
+    assert_greedy_matches_hf(llm, hf)

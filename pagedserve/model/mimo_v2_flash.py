@@ -6,11 +6,11 @@ head). Values have heads narrower than queries and keys (v_head_dim) and are sca
 attention_value_scale. MLPs are dense or DeepSeek-V3's sigmoid-routed experts with a
 correction bias (mlp_layer_types; no shared experts). Its MTP layers (model.mtp.*) are skipped.
 
-The paged KV cache has one head count and one head size for every layer, so every layer here
-attends with the window layers' key/value heads at the query/key head size: the full layers'
-k / v rows are repeated (same GQA groups), value heads are zero-padded to head_dim (o_proj's
-columns with them) and attention_value_scale is folded into v_proj, all at load. The cost:
-full layers cache their keys and values twice and values take head_dim, not v_head_dim."""
+Each kind of layer has its own KV cache shape (the runner groups layers by it), but keys and
+values share a head size within a layer: value heads are zero-padded to head_dim (o_proj's
+columns with them) and attention_value_scale is folded into v_proj, both at load (so a
+quantized checkpoint's v_proj and o_proj load dequantized). The cost: cached values take
+head_dim, not v_head_dim (192 against 128 in MiMo-V2-Flash)."""
 
 from __future__ import annotations
 
@@ -27,16 +27,16 @@ from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, _head_dim
 
 _LAYER_TYPES = {"full_attention": "full attention", "sliding_attention": "sliding-window attention with sinks"}
-_ATTN = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|o_proj)\.(weight|bias)$")
+_ATTN = re.compile(r"^model\.layers\.\d+\.self_attn\.(v_proj|o_proj)\.(weight|bias)$")
 
 
 def _kv_heads(cfg: Any, layer_type: str) -> int:
     return cfg.num_key_value_heads * (2 if layer_type == "sliding_attention" else 1)
 
 
-def _cache_kv_heads(cfg: Any) -> int:
-    """The key/value heads every layer attends with: the most any layer has."""
-    return max(_kv_heads(cfg, t) for t in cfg.layer_types)
+class DequantizedLinear(nn.Linear):
+    """An nn.Linear that a quantized checkpoint fills dequantized (the loader keeps only plain
+    nn.Linear layers quantized), as the attention projections are reshaped while they load."""
 
 
 class MiMoV2FlashForCausalLM(LlamaForCausalLM):
@@ -58,9 +58,9 @@ class MiMoV2FlashForCausalLM(LlamaForCausalLM):
             got = getattr(cfg, name, None)
             if got is not None and int(got) != want:
                 raise ValueError(f"MiMo-V2-Flash with {name}={got} is not supported (transformers' port has {want}).")
-        if cfg.num_attention_heads % _cache_kv_heads(cfg):
+        if cfg.num_attention_heads % (2 * cfg.num_key_value_heads):
             raise ValueError(f"MiMo-V2-Flash: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
-                             f"the window layers' key/value heads ({_cache_kv_heads(cfg)}).")
+                             f"the window layers' key/value heads ({2 * cfg.num_key_value_heads}).")
         super().__init__(cfg, max_positions)
         # The window layers' own RoPE (LlamaModel made the full layers' one).
         self.model.sliding_rotary = RotaryEmbedding(cfg, _head_dim(cfg), max_positions, "sliding_attention")
@@ -70,18 +70,21 @@ class MiMoV2FlashForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
-        shape = SimpleNamespace(num_attention_heads=cfg.num_attention_heads, num_key_value_heads=_cache_kv_heads(cfg),
-                                head_dim=_head_dim(cfg), hidden_size=cfg.hidden_size, rms_norm_eps=cfg.rms_norm_eps)
+        layer_type = cfg.layer_types[layer_idx]
+        shape = SimpleNamespace(num_attention_heads=cfg.num_attention_heads, head_dim=_head_dim(cfg),
+                                num_key_value_heads=_kv_heads(cfg, layer_type), hidden_size=cfg.hidden_size,
+                                rms_norm_eps=cfg.rms_norm_eps)
         bias = bool(getattr(cfg, "attention_bias", False))
         attn = LlamaAttention(shape, rotary, qkv_bias=bias, o_bias=False, qk_norm=False,
-                              window=layer_windows(cfg)[layer_idx], sinks=sliding)
+                              window=layer_windows(cfg)[layer_idx],
+                              sinks=layer_type == "sliding_attention")
+        attn.qkv_proj.__class__ = attn.o_proj.__class__ = DequantizedLinear  # (v_proj is in qkv_proj)
         mlp = DeepseekMoE(cfg, sigmoid=True) if cfg.mlp_layer_types[layer_idx] == "sparse" else LlamaMLP(cfg)
         return LlamaDecoderLayer(cfg, rotary, {}, mlp, self_attn=attn)
 
     def _attention_as_built(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """k / v rows repeated to the cache's key/value heads, value heads padded to head_dim
-        and scaled, o_proj's input columns padded to match (module docstring)."""
+        """Value heads padded to head_dim and scaled, o_proj's input columns padded to match
+        (module docstring)."""
         cfg = self.config
         hd, vd, heads = _head_dim(cfg), cfg.v_head_dim, cfg.num_attention_heads
         v_scale = float(cfg.attention_value_scale) if getattr(cfg, "attention_value_scale", None) is not None else 1.0
@@ -90,21 +93,16 @@ class MiMoV2FlashForCausalLM(LlamaForCausalLM):
             if m is None:
                 yield name, t
                 continue
-            if not t.is_floating_point() or t.element_size() < 2:
+            if t.element_size() < 2:  # (DequantizedLinear: the loader has dequantized them)
                 raise ValueError(f"{name}: MiMo-V2-Flash's attention projections load dequantized only "
                                  f"(dtype {t.dtype}).")
-            proj = m[2]
-            if proj == "o_proj":  # [hidden, heads * vd] -> [hidden, heads * hd]
+            if m[1] == "o_proj":  # [hidden, heads * vd] -> [hidden, heads * hd]
                 w = t.view(t.shape[0], heads, vd)
                 yield name, torch.nn.functional.pad(w, (0, hd - vd)).reshape(t.shape[0], heads * hd)
                 continue
-            kv = _kv_heads(cfg, cfg.layer_types[int(m[1])])
-            repeat = _cache_kv_heads(cfg) // kv
-            width = hd if proj == "k_proj" else vd
-            w = t.view(kv, width, *t.shape[1:])
-            if proj == "v_proj":
-                w = torch.nn.functional.pad(w * v_scale, (0, 0, 0, hd - vd) if w.dim() == 3 else (0, hd - vd))
-            yield name, w.repeat_interleave(repeat, dim=0).reshape(-1, *t.shape[1:])
+            w = t.view(-1, vd, *t.shape[1:]) * v_scale  # [kv heads, vd(, hidden)] -> [kv heads, hd(, hidden)]
+            yield name, torch.nn.functional.pad(w, (0, 0, 0, hd - vd) if w.dim() == 3 else (0, hd - vd)).reshape(
+                -1, *t.shape[1:])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         weights = ((n, t) for n, t in weights if not n.startswith("model.mtp."))

@@ -199,12 +199,12 @@ ARCH_CONFIGS = {
     "MiniMaxM2ForCausalLM": ("MiniMaxM2Config", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
                                                  "rotary_dim": 8}),
     # MiMo-V2-Flash: a full layer, then window layers (window 16) with twice the KV heads and
-    # sinks; value heads narrower than q/k heads (16 of 24), RoPE on a third of each head with its
+    # sinks; value heads narrower than q/k heads (16 of 32), RoPE on a third of each head with its
     # own theta per layer type; a dense first layer, then 4 experts in 2 groups (1 competes), 2 a
     # token, under a sigmoid router with a correction bias, renormalised and scaled.
     "MiMoV2FlashForCausalLM": ("MiMoV2FlashConfig", {
         "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5,
-        "moe_intermediate_size": 64, "head_dim": 24, "v_head_dim": 16, "sliding_window": 16,
+        "moe_intermediate_size": 64, "head_dim": 32, "v_head_dim": 16, "sliding_window": 16,
         "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
         "mlp_layer_types": ["dense", "sparse", "sparse"]}),
     # Hunyuan-A13B: 4 experts beside the shared MLP, 2 a token in the first layer and 1 in the
