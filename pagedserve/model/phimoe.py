@@ -10,8 +10,9 @@
 - LongRoPE whose cos/sin are scaled by short_mscale or long_mscale instead of LongRoPE's own
   attention factor. Factors and mscale are chosen once, by max_model_len, as for Phi-3
   (layers/rotary.py): the long ones only when the engine may run past
-  original_max_position_embeddings. (transformers' port keeps the short factors even then,
-  unlike Microsoft's code and vLLM; the two agree up to the original length.)
+  original_max_position_embeddings. (transformers' port keeps the short factors even then, and
+  switches mscale by the longest position so far; vLLM takes the long factors past the original
+  length. All agree up to the original length, the only range the tests check.)
 
 Not supported: num_experts_per_tok other than 2 (sparsemixer picks two), RoPE types other than
 default and longrope."""
