@@ -281,17 +281,20 @@ MODEL_SPECS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 256, "rope_theta": 500000.0})),
     # MiniMax-M2: q/k norms over all heads (drawn), RoPE on half of each head, a sigmoid router
-    # moved by its drawn correction bias, weights renormalised over the top 2 of 4 experts.
-    "minimax_m2": ("MiniMaxM2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
+    # moved by its drawn correction bias, weights renormalised over the top 2 of 4 experts; a stray
+    # sliding_window that transformers ignores (so must we).
+    "minimax_m2": ("MiniMaxM2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True, sliding_window=19)),
     # MiMo-V2-Flash: a full layer (2 KV heads), two window layers (4 KV heads, sinks, window 16):
     # two KV cache shapes; narrower value heads, per-type RoPE on a third of each head, q/k/v
     # biases drawn, a dense layer, then grouped sigmoid-routed experts with a drawn correction bias.
     "mimo_v2_flash": ("MiMoV2FlashForCausalLM", dict(num_heads=8, num_kv_heads=2, num_layers=3, attention_bias=True,
                                                      random_biases=True, random_norms=True)),
     # Hunyuan-A13B: the dense Hunyuan's q/k norms after RoPE (drawn) and NTK-alpha RoPE, experts
-    # (top 2, then top 1, of 4) beside a shared MLP, q/k/v/o biases drawn.
+    # (top 2, then top 1, of 4) beside a shared MLP, q/k/v/o biases drawn; a stray sliding_window
+    # that transformers ignores (so must we).
     "hunyuan_moe": ("HunYuanMoEV1ForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True,
-                                                    random_biases=True, random_norms=True, rope_parameters={
+                                                    random_biases=True, random_norms=True, sliding_window=19,
+                                                    rope_parameters={
         "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # dots.llm1: per-head q/k norms (drawn), a window of 19 on the layers from max_window_layers, a
     # dense first layer, then grouped sigmoid-routed experts (drawn correction bias) and a shared one.

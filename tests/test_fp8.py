@@ -91,6 +91,7 @@ def _hf_reference(path: str, scheme: str, tmp_path):
     ("qwen3", "block", "triton"),  # q/k norms after the FP8 qkv
     ("qwen2_moe", "block", "triton"),  # experts in FP8 on the fused MoE kernel, the shared expert too
     ("mixtral", "channel", "triton"),
+    ("minimax_m2", "block", "triton"),  # (released in block FP8) whole-q/k norms after the FP8 qkv, biased router
 ])
 def test_fp8_checkpoints_match_transformers(model_dirs, tmp_path, name, scheme, backend):
     path = quantize_checkpoint(model_dirs[name], str(tmp_path / "fp8"), scheme, BLOCK)

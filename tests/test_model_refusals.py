@@ -19,6 +19,7 @@ _REFUSED = [
                                                              "short_mscale": 1.0, "long_mscale": 1.0}}, "rope_type"),
     ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"qk_norm_type": "per_head"}, "qk_norm_type"),
     ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"scoring_func": "softmax"}, "scoring_func"),
+    ("MiniMaxM2ForCausalLM", "MiniMaxM2Config", {"attn_type_list": [0]}, "attn_type_list"),
     ("MiMoV2FlashForCausalLM", "MiMoV2FlashConfig", {"add_full_attention_sink_bias": True},
      "add_full_attention_sink_bias"),
     ("MiMoV2FlashForCausalLM", "MiMoV2FlashConfig", {"swa_num_key_value_heads": 3}, "swa_num_key_value_heads"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.layers.moe import FusedMoE, select_experts
+from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import HunYuanDenseV1ForCausalLM, LlamaMLP
 
 
@@ -75,3 +76,8 @@ class HunYuanMoEV1ForCausalLM(HunYuanDenseV1ForCausalLM):
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         return HunYuanMoE(cfg, layer_idx)
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        # Full attention whatever config.json's sliding_window says (transformers ignores it here).
+        return super().make_layer(cfg, rotary, layer_idx, 0)
