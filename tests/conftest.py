@@ -154,9 +154,9 @@ MODEL_SPECS = {
     "granite_moe": ("GraniteMoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
     "granite_moe_shared": ("GraniteMoeSharedForCausalLM", dict(num_heads=4, num_kv_heads=1, random_norms=True)),
     # OLMo 1: LayerNorms without weights, q/k/v and o_proj biases (drawn), q/k/v clamped at 3 (a
-    # fair share of them past it at these weights).
+    # fair share of them past it at these weights); a stray sliding_window transformers ignores.
     "olmo": ("OlmoForCausalLM", dict(num_heads=4, num_kv_heads=2, attention_bias=True, random_biases=True,
-                                     clip_qkv=3.0)),
+                                     clip_qkv=3.0, sliding_window=19)),
     "olmo2": ("Olmo2ForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     # OLMo 3: OLMo 2's layers with a window on three of four; YaRN on the full layer only.
     "olmo3": ("Olmo3ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, random_norms=True, rope_parameters={
@@ -227,9 +227,10 @@ MODEL_SPECS = {
     # zeros), q/k norms and RoPE on half of each head.
     "glm4_moe": ("Glm4MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, num_layers=3,
                                             random_biases=True)),
-    # Solar Open: GLM-4.5's router, groups and shared expert in every layer, q/k/v biases (drawn).
+    # Solar Open: GLM-4.5's router, groups and shared expert in every layer, q/k/v biases (drawn); a
+    # stray sliding_window transformers ignores.
     "solar_open": ("SolarOpenForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2,
-                                                random_biases=True, random_norms=True)),
+                                                random_biases=True, random_norms=True, sliding_window=19)),
     # GPT-NeoX (Pythia): fused per-head qkv, RoPE on a quarter of each head, LayerNorms and every
     # bias drawn; parallel residual, and the sequential form. (Multi-head: the stray
     # num_key_value_heads the builder writes must be ignored.)

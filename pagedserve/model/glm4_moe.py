@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.deepseek import DeepseekMoE, without_mtp_layers
+from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaForCausalLM, LlamaMLP
 
 
@@ -44,3 +45,8 @@ class SolarOpenForCausalLM(Glm4MoeForCausalLM):
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         return DeepseekMoE(cfg, sigmoid=True)  # (no dense layers, whatever first_k_dense_replace says)
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        # Full attention whatever config.json's sliding_window says (transformers ignores it here).
+        return super().make_layer(cfg, rotary, layer_idx, 0)

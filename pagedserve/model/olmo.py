@@ -38,7 +38,8 @@ class OlmoForCausalLM(LlamaForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         bias = bool(getattr(cfg, "attention_bias", False))
-        opts = dict(qkv_bias=bias, o_bias=bias, qk_norm=False, window=window)
+        # (full attention whatever config.json's sliding_window says: transformers ignores it here)
+        opts = dict(qkv_bias=bias, o_bias=bias, qk_norm=False, window=0)
         clip = getattr(cfg, "clip_qkv", None)
         attn = LlamaAttention(cfg, rotary, **opts) if clip is None else ClippedQKVAttention(
             cfg, rotary, clip=float(clip), **opts)
