@@ -96,8 +96,7 @@ class Gemma4Attention(nn.Module):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, 1.0, window)
         self.attn.causal_only = not window  # (images attend both ways in the sliding-window layers only)
         if source is not None:
-            source.keep_kv = True
-            self.attn.kv_source = source
+            self.attn.share_kv_of(source)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]

@@ -695,6 +695,41 @@ def build_random_gemma4_vl(path: str, tokenizer_dir: Optional[str] = None, max_s
     return path
 
 
+def build_random_gemma4_assistant(path: str, target_dir: str, hidden_size: int = 48, ordered: bool = True,
+                                  seed: int = 0, std: float = 0.3) -> str:
+    """A random Gemma4AssistantForCausalLM directory for the Gemma 4 model in target_dir: a
+    sliding-window and a global layer of the target's store layers' head shapes (every layer
+    reading the target's KV), its own hidden size, and with `ordered` the centroid-masked
+    logits (16 clusters of the vocabulary, 4 scored), the token order drawn."""
+    import torch
+    import transformers
+
+    with open(os.path.join(target_dir, "config.json")) as f:
+        t = json.load(f)
+    t = t.get("text_config", t)
+    text = dict(vocab_size=t["vocab_size"], hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=t["num_key_value_heads"],
+                head_dim=t["head_dim"], per_layer_config=t.get("per_layer_config"), sliding_window=t["sliding_window"],
+                layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                vocab_size_per_layer_input=0, rope_parameters=t["rope_parameters"], rms_norm_eps=t["rms_norm_eps"],
+                pad_token_id=t["pad_token_id"], eos_token_id=t["eos_token_id"], initializer_range=std)
+    text["per_layer_config"] = {"1": next(iter((t.get("per_layer_config") or {"1": {}}).values()))}
+    cfg = transformers.Gemma4AssistantConfig(text_config=text, backbone_hidden_size=t["hidden_size"],
+                                             use_ordered_embeddings=ordered, num_centroids=16,
+                                             centroid_intermediate_top_k=4, initializer_range=std)
+    cfg.architectures = ["Gemma4AssistantForCausalLM"]
+    torch.manual_seed(seed)
+    model = transformers.Gemma4AssistantForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(1.0, 0.3)
+        if ordered:
+            model.masked_embedding.token_ordering.copy_(torch.randperm(int(t["vocab_size"])))
+    model.save_pretrained(path)
+    return path
+
+
 # A Mistral-style template: each image part becomes [IMG] where it stands.
 MISTRAL3_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}[INST]{% endif %}"

@@ -18,6 +18,7 @@ from pagedserve.lora.layers import LoRASlots
 from pagedserve.lora.manager import LoRAManager
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT
 from pagedserve.model.eagle import EAGLE_METHODS
+from pagedserve.model.gemma4_assistant import is_gemma4_assistant
 from pagedserve.model.mtp import MTP_METHODS
 from pagedserve.model.kv_scales import use_kv_scales
 from pagedserve.model.loader import load_model
@@ -28,6 +29,7 @@ from pagedserve.worker.cuda_graphs import (DecodeBuffers, DecodeGraphRunner, Tok
                                            pad_uniform)
 from pagedserve.worker.runner_output import ModelRunnerOutput, PositionLogprobs
 from pagedserve.worker.device_io import DeviceToHost, to_device
+from pagedserve.worker.assistant_proposer import AssistantProposer
 from pagedserve.worker.draft_model import DraftModelProposer
 from pagedserve.worker.eagle_proposer import EagleProposer
 from pagedserve.worker.encoder_cache import EncoderCache, profile_images
@@ -188,7 +190,10 @@ class ModelRunner:
         # The user's logits processors (LLM(logits_processors=...)), instantiated once.
         self.custom_logits = (CustomLogits(config.logits_processors, config, config.device)
                               if config.logits_processors else None)
-        if spec is not None and spec.method == "draft_model":  # it samples as the requests ask
+        if spec is not None and spec.method == "draft_model" and is_gemma4_assistant(spec.model):
+            # (a Gemma 4 assistant: a draft model by its name, but drafting from the target's state)
+            self.draft = AssistantProposer(config, self.backend, self.sampler, self.sampling_states, self.model)
+        elif spec is not None and spec.method == "draft_model":  # it samples as the requests ask
             self.draft = DraftModelProposer(config, self.backend, self.sampler, self.sampling_states)
         elif spec is not None and spec.method in EAGLE_METHODS + MTP_METHODS:  # it reads the target's hidden states
             self.draft = EagleProposer(config, self.backend, self.sampler, self.sampling_states, self.model)

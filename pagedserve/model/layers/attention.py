@@ -40,9 +40,18 @@ class PagedAttention(nn.Module):
         # Gemma 4's global layers: causal even where the step's images attend both ways
         # (AttentionMetadata.kv_limit, which the sliding-window layers follow).
         self.causal_only = False
-        self.kv_source: Optional["PagedAttention"] = None
+        self._kv_source: tuple = ()  # (a tuple: the source is not a submodule of this layer)
         self.keep_kv = False
         self.kept_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def kv_source(self) -> Optional["PagedAttention"]:
+        return self._kv_source[0] if self._kv_source else None
+
+    def share_kv_of(self, source: "PagedAttention") -> None:
+        """Attend over `source`'s cache from now on (it keeps each step's keys and values)."""
+        self._kv_source = (source,)
+        source.keep_kv = True
 
     @property
     def fuses_rope(self) -> bool:
@@ -76,8 +85,10 @@ class PagedAttention(nn.Module):
 
     def _attend_shared(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         src = self.kv_source
-        assert src.backend is not None and src.k_cache is not None and src.kept_kv is not None, "KV source not run"
-        k, v = src.kept_kv
+        assert src.backend is not None and src.k_cache is not None, "KV cache not bound"
+        # (decode rows read the cache alone: a drafter attending over the target's, model/gemma4_assistant.py)
+        assert src.kept_kv is not None or meta.num_decodes == meta.num_reqs, "KV source not run"
+        k, v = src.kept_kv if src.kept_kv is not None else (None, None)
         o = src.backend.attend(q, src.k_cache, src.v_cache, meta, self.scale * src.k_scale, k, v, self.window,
                                self.softcap, self.sinks)
         if src.v_scale != 1.0:
