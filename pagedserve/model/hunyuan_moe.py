@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from pagedserve.model.layers.moe import FusedMoE, select_experts
-from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import HunYuanDenseV1ForCausalLM, LlamaMLP
 
 
@@ -71,13 +70,11 @@ class HunYuanMoEV1ForCausalLM(HunYuanDenseV1ForCausalLM):
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
         _check_config(cfg)
+        # transformers' port attends over the whole context whatever config.json's sliding_window
+        # says: so do the layers, and the KV cache manager (which reads the config's windows).
+        cfg.sliding_window = None
         super().__init__(cfg, max_positions)
 
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         return HunYuanMoE(cfg, layer_idx)
-
-    @classmethod
-    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        # Full attention whatever config.json's sliding_window says (transformers ignores it here).
-        return super().make_layer(cfg, rotary, layer_idx, 0)

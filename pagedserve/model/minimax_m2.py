@@ -15,7 +15,6 @@ from torch import nn
 
 from pagedserve.model.deepseek import without_mtp_layers
 from pagedserve.model.layers.moe import FusedMoE, select_grouped_experts
-from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaForCausalLM
 
 
@@ -57,6 +56,9 @@ class MiniMaxM2ForCausalLM(LlamaForCausalLM):
             raise ValueError("MiniMax-M2 with use_routing_bias=false is not supported.")
         if 0 in (getattr(cfg, "attn_type_list", None) or []):
             raise ValueError("MiniMax-M2 with attn_type_list naming lightning-attention layers (0) is not supported.")
+        # transformers' port attends over the whole context whatever config.json's sliding_window
+        # says: so do the layers, and the KV cache manager (which reads the config's windows).
+        cfg.sliding_window = None
         super().__init__(cfg, max_positions)
 
     @classmethod
@@ -66,11 +68,6 @@ class MiniMaxM2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
         return SigmoidBiasedMoE(cfg, cfg.num_local_experts, cfg.intermediate_size)
-
-    @classmethod
-    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        # Full attention whatever config.json's sliding_window says (transformers ignores it here).
-        return super().make_layer(cfg, rotary, layer_idx, 0)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(without_mtp_layers(weights, self.config.num_hidden_layers))
