@@ -65,6 +65,10 @@ class EngineArgs:
     load_format: str = "auto"
     device: Optional[str] = None
     enforce_eager: bool = False
+    # vLLM's kv_sharing_fast_prefill (Gemma 4): layers that read an earlier layer's KV run on
+    # the rows whose outputs are read only (sampled and logprob rows). On by default here:
+    # the rows that are read come out the same (up to float rounding); off with False.
+    kv_sharing_fast_prefill: bool = True
     max_logprobs: int = 20
     # vLLM's logprobs_mode: what logprobs report. "raw_logprobs" (the model's distribution),
     # "raw_logits", or "processed_logprobs" / "processed_logits": of the distribution a token is
@@ -348,6 +352,7 @@ class EngineArgs:
             online_fp8=online_fp8,
             dummy_weights=self.load_format == "dummy",
             enforce_eager=self.enforce_eager,
+            kv_sharing_fast_prefill=bool(self.kv_sharing_fast_prefill),
             max_logprobs=self.max_logprobs,
             logprobs_mode=self.logprobs_mode,
             attention_backend=backend,
@@ -506,6 +511,7 @@ class EngineConfig:
     logprobs_mode: str
     attention_backend: str
     async_scheduling: bool = False
+    kv_sharing_fast_prefill: bool = True
     reasoning_parser: Optional[str] = None
     speculative_config: Any = None  # engine/spec_config.py SpeculativeConfig
     enable_lora: bool = False

@@ -83,10 +83,20 @@ class AttentionMetadata:
     # Models with linear-attention layers: each request's state row; None in a profiling pass
     # (every request then starts from zeros and nothing is kept).
     states: Optional[StateRows] = None
+    # The rows whose outputs are read (sampled, logprobs), with the metadata of those rows alone
+    # as one-token queries over their requests' caches: layers past which only those rows
+    # matter run on them alone (Gemma 4's KV-sharing layers: kv_sharing_fast_prefill).
+    needed: Optional["NeededRows"] = None
 
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
+
+
+@dataclass
+class NeededRows:
+    rows: torch.Tensor  # [R] int64, ascending
+    meta: AttentionMetadata  # R one-token queries: each row at its position over its request's keys
 
 
 class AttentionBackend(ABC):

@@ -60,6 +60,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "layers to FP8 as they load")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    _bool_flag(p, "kv-sharing-fast-prefill", d.kv_sharing_fast_prefill, "Gemma 4: layers reading an earlier "
+               "layer's KV run on the rows whose outputs are read only")
     p.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
     p.add_argument("--logprobs-mode", default=d.logprobs_mode, choices=LOGPROBS_MODES,
                    help="what logprobs report: the model's distribution (raw) or the one tokens are drawn from "

@@ -196,6 +196,8 @@ class Gemma4Model(nn.Module):
             layers.append(Gemma4DecoderLayer(cfg, i, rotaries[t], w,
                                              None if src is None else layers[src].self_attn.attn))
         self.layers = nn.ModuleList(layers)
+        sources = kv_sources(cfg)
+        self.first_shared = next((i for i, src in enumerate(sources) if src is not None), len(sources))
         self.norm = Gemma4RMSNorm(h, cfg.rms_norm_eps)
         self.per_layer = int(getattr(cfg, "hidden_size_per_layer_input", 0) or 0)
         if self.per_layer:
@@ -226,12 +228,23 @@ class Gemma4Model(nn.Module):
                 ids = input_ids.masked_fill(torch.isin(input_ids, input_ids.new_tensor(self.placeholders)),
                                             self.pad_token_id)
             per_layer = self.per_layer_inputs(ids, h)
+        full = None
         for i, layer in enumerate(self.layers):
+            if i == self.first_shared and meta.needed is not None:
+                # The rest of the layers read earlier layers' KV and write none: only the rows
+                # whose outputs are read go on (the others' hidden states are left as they are).
+                full, rows = h, meta.needed.rows
+                h, positions, meta = h[rows], positions[rows], meta.needed.meta
+                per_layer = None if per_layer is None else per_layer[rows]
             h = layer(positions, h, None if per_layer is None else per_layer[:, i], meta)
+        if full is not None:
+            h = full.index_copy(0, rows, h)
         return self.norm(h)
 
 
 class Gemma4ForCausalLM(LlamaForCausalLM):
+    skips_unread_rows = True  # (Gemma4Model: the KV-sharing layers on the rows read alone)
+
     def __init__(self, cfg: Any, max_positions: int) -> None:
         nn.Module.__init__(self)
         if getattr(cfg, "use_bidirectional_attention", None) == "all":

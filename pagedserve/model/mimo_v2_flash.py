@@ -9,8 +9,9 @@ correction bias (mlp_layer_types; no shared experts). Its MTP layers (model.mtp.
 Each kind of layer has its own KV cache shape (the runner groups layers by it), but keys and
 values share a head size within a layer: value heads are zero-padded to head_dim (o_proj's
 columns with them) and attention_value_scale is folded into v_proj, both at load (so a
-quantized checkpoint's v_proj and o_proj load dequantized). The cost: cached values take
-head_dim, not v_head_dim (192 against 128 in MiMo-V2-Flash)."""
+quantized checkpoint's attention projections, the fused q/k/v and o_proj, load dequantized;
+its experts stay quantized). The cost: cached values take head_dim, not v_head_dim (192
+against 128 in MiMo-V2-Flash)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.deepseek import DeepseekMoE, without_mtp_layers
-from pagedserve.model.hf_config import checked_layer_types, layer_windows
+from pagedserve.model.hf_config import checked_layer_types
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, _head_dim
 
@@ -75,8 +76,7 @@ class MiMoV2FlashForCausalLM(LlamaForCausalLM):
                                 num_key_value_heads=_kv_heads(cfg, layer_type), hidden_size=cfg.hidden_size,
                                 rms_norm_eps=cfg.rms_norm_eps)
         bias = bool(getattr(cfg, "attention_bias", False))
-        attn = LlamaAttention(shape, rotary, qkv_bias=bias, o_bias=False, qk_norm=False,
-                              window=layer_windows(cfg)[layer_idx],
+        attn = LlamaAttention(shape, rotary, qkv_bias=bias, o_bias=False, qk_norm=False, window=window,
                               sinks=layer_type == "sliding_attention")
         attn.qkv_proj.__class__ = attn.o_proj.__class__ = DequantizedLinear  # (v_proj is in qkv_proj)
         mlp = DeepseekMoE(cfg, sigmoid=True) if cfg.mlp_layer_types[layer_idx] == "sparse" else LlamaMLP(cfg)

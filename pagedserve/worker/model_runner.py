@@ -10,7 +10,7 @@ from typing import Any, Callable, Collection, Iterable, Optional
 import numpy as np
 import torch
 
-from pagedserve.attention.backend import AttentionMetadata, StateRows, get_attention_backend
+from pagedserve.attention.backend import AttentionMetadata, NeededRows, StateRows, get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.engine.state_cache import StateCache, save_positions
@@ -74,6 +74,8 @@ class HostInputs:
     # Prefix caching of states (engine/state_cache.py): (row, slot) loaded before the forward
     # pass (requests resuming from a saved state), (row, prefix hash) saved after it (chunks
     # that end at a save position).
+    # The rows whose hidden states are read, where fewer than all (kv_sharing_fast_prefill).
+    needed_rows: Optional[list[int]] = None
     state_loads: list[tuple[int, int]] = field(default_factory=list)
     state_saves: list[tuple[int, bytes]] = field(default_factory=list)
     # ... and states saved inside prefill chunks by the layers' scans: request index ->
@@ -197,6 +199,11 @@ class ModelRunner:
             self.draft = DraftModelProposer(config, self.backend, self.sampler, self.sampling_states)
         elif spec is not None and spec.method in EAGLE_METHODS + MTP_METHODS:  # it reads the target's hidden states
             self.draft = EagleProposer(config, self.backend, self.sampler, self.sampling_states, self.model)
+        # Gemma 4's KV-sharing layers run on the rows whose outputs are read alone (their KV is an
+        # earlier layer's): not beside a proposer reading every row's features, LoRA's per-row
+        # adapters, or pooling (every row pooled).
+        self.fast_prefill = (config.kv_sharing_fast_prefill and getattr(self.model, "skips_unread_rows", False)
+                             and self.draft is None and not config.enable_lora and config.runner == "generate")
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -501,6 +508,10 @@ class ModelRunner:
         rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
         if self.lora_slots is not None:
             self._set_lora_rows(order, host, uniform)
+        if self.fast_prefill and uniform is None and host.mrope is None and rows:
+            needed = sorted(set(rows))
+            if len(needed) < len(host.input_ids):
+                host.needed_rows = needed
         with torch.inference_mode():
             patch = self._pending_token_patch(host.pending_rows)
             images = self.encoder_cache.step_rows(order, host.qsl) if self.encoder_cache is not None else None
@@ -950,6 +961,24 @@ class ModelRunner:
                         host.state_keeps.setdefault(i, []).append((p, hashes[p // bs - 1]))
         return host
 
+    def _needed_rows(self, host: HostInputs) -> NeededRows:
+        """The metadata of the rows read alone: each a one-token query at its position over
+        its request's keys up to itself (a sample row ends its chunk, so it never sees a key
+        of an image's past it)."""
+        rows = np.asarray(host.needed_rows, dtype=np.int64)
+        req = np.searchsorted(np.asarray(host.qsl), rows, side="right") - 1
+        lens = (host.positions[rows] + 1).tolist()
+        dev = self.device
+        n = len(rows)
+        meta = AttentionMetadata(
+            num_tokens=n, num_actual_tokens=n, num_reqs=n, num_decodes=n,
+            slot_mapping=to_device(host.slots[rows], torch.int64, dev),
+            block_tables=to_device(host.block_rows[req], torch.int32, dev),
+            seq_lens=to_device(lens, torch.int32, dev), query_start_loc=to_device(np.arange(n + 1), torch.int32, dev),
+            max_query_len=1, max_seq_len=max(lens), seq_lens_cpu=lens, query_start_loc_cpu=list(range(n + 1)),
+            block_size=self.block_size)
+        return NeededRows(to_device(rows, torch.int64, dev), meta)
+
     def _device_inputs(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
         total = len(host.input_ids)
@@ -963,6 +992,8 @@ class ModelRunner:
             seq_lens_cpu=host.seq_lens, query_start_loc_cpu=host.qsl, block_size=self.block_size,
             kv_limit=None if host.kv_limit is None else to_device(host.kv_limit, torch.int32, dev),
         )
+        if host.needed_rows is not None:
+            meta.needed = self._needed_rows(host)
         if host.state_rows is not None:
             meta.states = StateRows(to_device(host.state_rows, torch.int64, dev),
                                     to_device(host.state_init, torch.float32, dev), host.state_rows, host.state_init,
