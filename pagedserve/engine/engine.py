@@ -22,7 +22,7 @@ from pagedserve.engine.request import Request, RequestStatus
 from pagedserve.engine.scheduler import Scheduler, SchedulerOutput
 from pagedserve.errors import EngineSleepingError, ParamError
 from pagedserve.lora.request import LoRARequest
-from pagedserve.model.hf_config import generation_eos_ids, layer_windows
+from pagedserve.model.hf_config import generation_eos_ids
 from pagedserve.multimodal.inputs import ImageFeature
 from pagedserve.multimodal.processor import ImageInputProcessor, takes_images
 from pagedserve.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
@@ -57,7 +57,9 @@ class LLMEngine:
         num_blocks = self.runner.determine_num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         config.num_gpu_blocks = num_blocks
-        windows = layer_windows(config.hf_config) if self.runner.attn_layers else [0]
+        # (the model's own layers' windows: a model may ignore a config's sliding_window, as
+        # transformers' OLMo and Solar Open do)
+        windows = [a.window for a in self.runner.attn_layers] or [0]
         # Out-of-window blocks are given back only when every layer has a window (Mistral 7B
         # v0.1, Phi-3-mini): a layer seeing the whole context needs every block.
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
