@@ -71,11 +71,11 @@ class HostInputs:
     # and whether it continues a state (it has computed tokens before this step).
     state_rows: Optional[list[int]] = None
     state_init: Optional[list[bool]] = None
+    # The rows whose hidden states are read, where fewer than all (kv_sharing_fast_prefill).
+    needed_rows: Optional[list[int]] = None
     # Prefix caching of states (engine/state_cache.py): (row, slot) loaded before the forward
     # pass (requests resuming from a saved state), (row, prefix hash) saved after it (chunks
     # that end at a save position).
-    # The rows whose hidden states are read, where fewer than all (kv_sharing_fast_prefill).
-    needed_rows: Optional[list[int]] = None
     state_loads: list[tuple[int, int]] = field(default_factory=list)
     state_saves: list[tuple[int, bytes]] = field(default_factory=list)
     # ... and states saved inside prefill chunks by the layers' scans: request index ->
@@ -508,7 +508,7 @@ class ModelRunner:
         rows_t = None if not rows or rows == list(range(len(rows))) else to_device(rows, torch.long, self.device)
         if self.lora_slots is not None:
             self._set_lora_rows(order, host, uniform)
-        if self.fast_prefill and uniform is None and host.mrope is None and rows:
+        if self.fast_prefill and uniform is None and host.mrope is None and host.kv_limit is None and rows:
             needed = sorted(set(rows))
             if len(needed) < len(host.input_ids):
                 host.needed_rows = needed
@@ -963,8 +963,8 @@ class ModelRunner:
 
     def _needed_rows(self, host: HostInputs) -> NeededRows:
         """The metadata of the rows read alone: each a one-token query at its position over
-        its request's keys up to itself (a sample row ends its chunk, so it never sees a key
-        of an image's past it)."""
+        its request's keys up to itself (causal: steps whose images attend both ways do not
+        come here)."""
         rows = np.asarray(host.needed_rows, dtype=np.int64)
         req = np.searchsorted(np.asarray(host.qsl), rows, side="right") - 1
         lens = (host.positions[rows] + 1).tolist()

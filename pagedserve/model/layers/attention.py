@@ -34,12 +34,12 @@ class PagedAttention(nn.Module):
         self.k_scale = self.v_scale = 1.0
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
-        # Cross-layer KV sharing (Gemma 4's last layers): a layer with a kv_source has no cache
-        # of its own; it attends over its source's, whose keys and values for this step's
-        # tokens the source keeps (keep_kv) as it writes them. Only the source is a cache layer.
         # Gemma 4's global layers: causal even where the step's images attend both ways
         # (AttentionMetadata.kv_limit, which the sliding-window layers follow).
         self.causal_only = False
+        # Cross-layer KV sharing (Gemma 4's last layers): a layer with a kv_source has no cache
+        # of its own; it attends over its source's, whose keys and values for this step's
+        # tokens the source keeps (keep_kv) as it writes them. Only the source is a cache layer.
         self._kv_source: tuple = ()  # (a tuple: the source is not a submodule of this layer)
         self.keep_kv = False
         self.kept_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
