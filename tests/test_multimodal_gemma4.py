@@ -19,7 +19,7 @@ TURN = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 PROMPT_1 = TURN.format("<|image|>What is in the picture?")
 PROMPT_2 = TURN.format("Look: <|image|> and <|image|> which is larger?")
 TEXT = TURN.format("No picture here.")
-MAX_TOKENS = 8
+MAX_TOKENS = 6
 
 
 class Gemma4Reference:
@@ -94,11 +94,10 @@ def test_placeholders_expand_as_the_processor_does(gemma4):
     assert again["prompt_token_ids"] == ids
 
 
-@pytest.mark.parametrize("chunk", [72, 256])
-def test_images_match_transformers(gemma4, chunk):
-    """Chunks of 72 would end inside an image: the scheduler ends them before it instead."""
+def test_images_match_transformers(gemma4):
+    """Chunks of 72 tokens would end inside an image: the scheduler ends them before it instead."""
     path, ref = gemma4
-    llm = LLM(path, block_size=8, max_num_batched_tokens=chunk, enable_prefix_caching=False)
+    llm = LLM(path, block_size=8, max_num_batched_tokens=72, enable_prefix_caching=False)
     outs = llm.generate([image_prompt(t, _images(s)) for t, s in CASES], _params(logprobs=0), use_tqdm=False)
     for (text, spec), out in zip(CASES, outs):
         assert_output_matches(ref.greedy(text, _images(spec)), out)
@@ -124,7 +123,7 @@ def test_triton_path_matches_transformers(gemma4):
     path, ref = gemma4
     llm = LLM(path, attention_backend="triton", block_size=8, max_num_batched_tokens=80, max_num_seqs=4,
               dtype="float32")
-    cases = CASES[1:]
+    cases = CASES[1:2]
     outs = llm.generate([image_prompt(t, _images(s)) for t, s in cases], _params(logprobs=0), use_tqdm=False)
     for (text, spec), out in zip(cases, outs):
         assert_output_matches(ref.greedy(text, _images(spec)), out)

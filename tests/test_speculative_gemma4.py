@@ -45,13 +45,12 @@ def _tokens(outs) -> list:
     return [[c.token_ids for c in o.outputs] for o in outs]
 
 
-@pytest.mark.parametrize("ordered", [True, False])
-def test_assistant_drafts_are_transformers(model_dirs, tmp_path, ordered):
+def test_assistant_drafts_are_transformers(model_dirs, tmp_path):
     """k = 3 over a Gemma 4 target with KV-sharing layers, experts and per-layer inputs;
-    prompts longer than its 19-token window; the centroid-masked logits (ordered) or the
-    plain LM head."""
+    prompts longer than its 19-token window; the centroid-masked logits (the graph test below
+    takes the plain LM head)."""
     target = model_dirs["gemma4"]
-    head = build_random_gemma4_assistant(str(tmp_path / "assistant"), target, ordered=ordered, seed=1)
+    head = build_random_gemma4_assistant(str(tmp_path / "assistant"), target, seed=1)
     twin = AssistantTwin(target, head)
     plain = LLM(target, max_model_len=256, async_scheduling=False)
     llm = LLM(target, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4,
@@ -84,7 +83,7 @@ def test_graph_passes_on_static_buffers(model_dirs, tmp_path):
     plain decoding's."""
     pytest.importorskip("triton")
     target = model_dirs["gemma4"]
-    head = build_random_gemma4_assistant(str(tmp_path / "assistant"), target, seed=2)
+    head = build_random_gemma4_assistant(str(tmp_path / "assistant"), target, ordered=False, seed=2)
     twin = AssistantTwin(target, head)
     plain = LLM(target, max_model_len=64, async_scheduling=False)
     llm = LLM(target, attention_backend="triton", dtype="float32", block_size=8, max_num_seqs=4, max_model_len=64,
