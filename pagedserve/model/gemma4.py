@@ -27,7 +27,8 @@ from pagedserve.model.layers.attention import PagedAttention
 from pagedserve.model.layers.moe import FusedMoE, select_experts
 from pagedserve.model.layers.norm import ResidualNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.llama import LlamaForCausalLM, LlamaMLP
+from pagedserve.model.gemma import GemmaForCausalLM
+from pagedserve.model.llama import LlamaMLP
 from pagedserve.model.qwen_moe import unstack_experts
 
 
@@ -242,7 +243,10 @@ class Gemma4Model(nn.Module):
         return self.norm(h)
 
 
-class Gemma4ForCausalLM(LlamaForCausalLM):
+class Gemma4ForCausalLM(GemmaForCausalLM):
+    """Gemma's scaled embeddings (embed_input_ids) and soft-capped logits (compute_logits) over
+    Gemma4Model."""
+
     skips_unread_rows = True  # (Gemma4Model: the KV-sharing layers on the rows read alone)
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
@@ -259,15 +263,6 @@ class Gemma4ForCausalLM(LlamaForCausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: Optional[torch.Tensor] = None, deepstack: Any = None) -> torch.Tensor:
         return self.model(input_ids, positions, meta, inputs_embeds=inputs_embeds)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids) * self.model.normalizer
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        if self.final_softcap > 0:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
 
     def attention_layers(self) -> list[PagedAttention]:
         """The layers holding KV caches (those sharing another's hold none)."""
