@@ -45,7 +45,9 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
                                   "ministral3", "exaone4", "cohere2", "hunyuan", "arcee", "apertus", "qwen3_next",
                                   "qwen3_5", "qwen3_5_moe", "granite_hybrid", "granite_hybrid_dense",
                                   "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba", "minimax", "bamba",
-                                  "falcon_h1", "nemotron_3", "llama4"])
+                                  "falcon_h1", "nemotron_3", "llama4", "gemma4", "minimax_m2", "mimo_v2_flash",
+                                  "hunyuan_moe", "dots1", "phimoe", "olmo", "exaone_moe", "solar_open", "ministral",
+                                  "cwm"])
 def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
     from conftest import assert_greedy_matches
 
