@@ -226,8 +226,12 @@ class Gemma4Model(nn.Module):
         if self.per_layer:
             ids = input_ids
             if self.placeholders:  # (as transformers' Gemma4Model, whatever fills those rows)
-                ids = input_ids.masked_fill(torch.isin(input_ids, input_ids.new_tensor(self.placeholders)),
-                                            self.pad_token_id)
+                # Comparisons with Python ints: no id tensor copied to the device each step (a
+                # copy a CUDA graph capture would refuse).
+                hit = input_ids == self.placeholders[0]
+                for t in self.placeholders[1:]:
+                    hit |= input_ids == t
+                ids = input_ids.masked_fill(hit, self.pad_token_id)
             per_layer = self.per_layer_inputs(ids, h)
         full = None
         for i, layer in enumerate(self.layers):
