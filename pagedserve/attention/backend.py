@@ -135,7 +135,7 @@ class AttentionBackend(ABC):
     def attend(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
         scale: float, key: torch.Tensor, value: torch.Tensor, window: int = 0, softcap: float = 0.0,
-        sinks: Optional[torch.Tensor] = None,
+        sinks: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape. Causal within
         each request; GQA by num_heads // num_kv_heads. `key`/`value` are the step's new K/V
@@ -143,7 +143,8 @@ class AttentionBackend(ABC):
         window > 0: a query sees only the last `window` keys, itself included (sliding-window
         layers); softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2);
         sinks [num_heads] float32 (GPT-OSS): one more logit per head in each softmax's
-        denominator, with no value."""
+        denominator, with no value; alibi [num_heads] float32 (BLOOM, MPT): each score gains
+        slope[h] * (key position - query position), after the scale and any softcap."""
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

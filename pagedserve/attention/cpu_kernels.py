@@ -51,7 +51,7 @@ def _build() -> Optional[ctypes.CDLL]:
     lib = ctypes.CDLL(out)
     for fn in (lib.paged_decode_f32, lib.paged_decode_bf16kv):
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_float,
+        fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_float,
                                                                     ctypes.c_int]
     return lib
 
@@ -75,10 +75,10 @@ def load() -> Optional[ctypes.CDLL]:
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
-                 sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 sinks: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q: [R, H, D] -> out [R, H, D] in q's dtype; the caches float32 or bfloat16 (as q),
     computed in float32. See csrc/paged_decode.c for the layout, the sliding window, the
-    softcap and the sinks ([H])."""
+    softcap, the sinks ([H]) and ALiBi's slopes ([H])."""
     lib = load()
     assert lib is not None
     fn = lib.paged_decode_bf16kv if k_cache.dtype == torch.bfloat16 else lib.paged_decode_f32
@@ -86,10 +86,11 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     bt = block_tables.to(torch.int32).contiguous()
     sl = seq_lens.to(torch.int32).contiguous()
     sk = sinks.float().contiguous() if sinks is not None else None
+    ab = alibi.float().contiguous() if alibi is not None else None
     out = torch.empty_like(q32)
     r, h, d = q.shape
     fn(out.data_ptr(), q32.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), bt.data_ptr(), sl.data_ptr(),
-       sk.data_ptr() if sk is not None else None, r, h,
+       sk.data_ptr() if sk is not None else None, ab.data_ptr() if ab is not None else None, r, h,
        k_cache.shape[2], d, k_cache.shape[1], bt.shape[1], scale, int(window), float(softcap), torch.get_num_threads())
     return out.to(q.dtype)
 

@@ -21,16 +21,19 @@ def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _sdpa(q, k, v, mask: torch.Tensor, scale: float, softcap: float,
-          sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """SDPA with a boolean mask; with a logit softcap or attention sinks (which SDPA lacks),
-    the same in plain ops. sinks: one logit per query head, shaped to broadcast against the
-    scores' leading dims (each softmax gains it in its denominator). A query with no visible
-    key gives 0 either way."""
-    if softcap <= 0 and sinks is None:
+          sinks: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA with a boolean mask; with a logit softcap, attention sinks or an additive bias
+    (ALiBi's), the same in plain ops. sinks: one logit per query head, shaped to broadcast
+    against the scores' leading dims (each softmax gains it in its denominator); bias: float32,
+    broadcast against the scores, added after the softcap. A query with no visible key gives 0
+    either way."""
+    if softcap <= 0 and sinks is None and bias is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s.float() + bias
     s = s.masked_fill(~mask, float("-inf")).float()
     if sinks is None:
         return torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype) @ v
@@ -58,23 +61,25 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(-1, kvh, d).index_copy_(0, slots, value)
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value,
-               window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+               window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+               alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, window, softcap, sinks)
+            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, window, softcap, sinks, alibi)
         qsl, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for r in range(nd, meta.num_reqs):
             qs, qe = qsl[r], qsl[r + 1]
             limit = None if meta.kv_limit is None else meta.kv_limit[qs:qe]
             out[qs:qe] = self._prefill(query[qs:qe], key[qs:qe], value[qs:qe], k_cache, v_cache,
                                        meta.block_tables[r], seq_lens[r], meta.block_size, scale, window, softcap,
-                                       sinks, limit)
+                                       sinks, limit, alibi)
         return out
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window: int = 0,
-                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
         nd, nh, d = q.shape
         kvh = k_cache.shape[2]
         group = nh // kvh
@@ -88,15 +93,18 @@ class TorchAttentionBackend(AttentionBackend):
         mask = pos[None, :] < lens
         if window:
             mask &= pos[None, :] >= first_visible(lens - 1, window)
+        bias = None
+        if alibi is not None:  # [nd, kvh, group, L]: slope * (key position - the query's)
+            bias = alibi.float().view(1, kvh, group, 1) * (pos[None, :] - (lens - 1)).view(nd, 1, 1, -1)
         # One query token per request: its `group` heads sharing a kv head act as `group` queries.
         o = _sdpa(q.view(nd, kvh, group, d), k, v, mask.view(nd, 1, 1, -1), scale, softcap,
-                  None if sinks is None else sinks.view(kvh, group, 1))
+                  None if sinks is None else sinks.view(kvh, group, 1), bias)
         return o.reshape(nd, nh, d)
 
     @staticmethod
     def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
                  softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-                 limit: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 limit: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
         """limit: [q_len] keys each query sees (AttentionMetadata.kv_limit), else causal; a
         window counts back from the query's own position either way."""
         q_len, nh, d = q.shape
@@ -111,7 +119,7 @@ class TorchAttentionBackend(AttentionBackend):
             k = k_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
             v = v_cache[blocks].view(-1, kvh, d)[:seq_len].to(q.dtype)
         mask = None  # plain causal from the start: SDPA's own is_causal
-        if ctx or window or softcap > 0 or sinks is not None or limit is not None:
+        if ctx or window or softcap > 0 or sinks is not None or limit is not None or alibi is not None:
             cols = torch.arange(seq_len, device=q.device)[None, :]
             rows = torch.arange(ctx, seq_len, device=q.device)[:, None]
             mask = cols <= rows if limit is None else cols < limit[:, None]
@@ -122,7 +130,9 @@ class TorchAttentionBackend(AttentionBackend):
         if mask is None:
             o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, scale=scale)
         else:
-            o = _sdpa(q.transpose(0, 1), k, v, mask, scale, softcap, None if sinks is None else sinks.view(nh, 1, 1))
+            bias = None if alibi is None else alibi.float().view(nh, 1, 1) * (cols - rows)
+            o = _sdpa(q.transpose(0, 1), k, v, mask, scale, softcap, None if sinks is None else sinks.view(nh, 1, 1),
+                      bias)
         return o.transpose(0, 1)
 
 
@@ -142,26 +152,27 @@ class CpuAttentionBackend(TorchAttentionBackend):
     @staticmethod
     def _prefill(q, key, value, k_cache, v_cache, block_table, seq_len, block_size, scale, window: int = 0,
                  softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-                 limit: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 limit: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         q_len = q.shape[0]
         ctx = seq_len - q_len
         if ctx == 0 or q_len > SHORT_CHUNK or limit is not None or not cpu_kernels.supports(q, k_cache):
             return TorchAttentionBackend._prefill(q, key, value, k_cache, v_cache, block_table, seq_len,
-                                                  block_size, scale, window, softcap, sinks, limit)
+                                                  block_size, scale, window, softcap, sinks, limit, alibi)
         # The chunk's own K/V are already in the cache (write_kv runs first).
         lens = torch.arange(ctx + 1, seq_len + 1, dtype=torch.int32)
         tables = block_table.unsqueeze(0).expand(q_len, -1)
-        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap, sinks)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, tables, lens, scale, window, softcap, sinks, alibi)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window: int = 0,
-                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
         from pagedserve.attention import cpu_kernels
 
         nd = q.shape[0]
         if not cpu_kernels.supports(q, k_cache):
-            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale, window, softcap, sinks)
+            return TorchAttentionBackend._decode(q, k_cache, v_cache, meta, scale, window, softcap, sinks, alibi)
         return cpu_kernels.paged_decode(q, k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                        window, softcap, sinks)
+                                        window, softcap, sinks, alibi)

@@ -61,16 +61,17 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
     def attend(self, query, k_cache, v_cache, meta: AttentionMetadata, scale, key, value, window: int = 0,
-               softcap: float = 0.0, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+               softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+               alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = torch.empty_like(query)
         nd, nr = meta.num_decodes, meta.num_reqs
         if nd:
             segments = decode_segments(nd, k_cache.shape[2], self.num_sms(query.device))
             paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             nd, nd, scale, out=out, decode=True, num_segments=segments, window=window,
-                            softcap=softcap, sinks=sinks)
+                            softcap=softcap, sinks=sinks, alibi=alibi)
         if nr > nd:
             paged_attention(query, k_cache, v_cache, meta.block_tables[nd:], meta.seq_lens[nd:],
                             meta.query_start_loc[nd:], nr - nd, meta.num_tokens - nd, scale, out=out, window=window,
-                            softcap=softcap, sinks=sinks, kv_limit=meta.kv_limit)
+                            softcap=softcap, sinks=sinks, kv_limit=meta.kv_limit, alibi=alibi)
         return out

@@ -114,6 +114,7 @@ def _softcap(s, cap_log2):
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
     seg_acc_ptr, seg_max_ptr, seg_sum_ptr, counter_ptr, sinks_ptr,
+    alibi_ptr,  # ALIBI: [Hq] float32 slopes; scores gain slope * (key position - query position)
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
     window,  # SLIDING: each query sees only its last `window` keys, itself included; CHUNKED:
     # -window is the chunk length (chunked local attention: keys of the query's chunk)
@@ -129,7 +130,7 @@ def _paged_attention_kernel(
     IS_DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, K_ROWS: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     SLIDING: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, KV_FP8: tl.constexpr, SINKS: tl.constexpr,
-    LIMIT: tl.constexpr, INTERPRET: tl.constexpr,
+    LIMIT: tl.constexpr, ALIBI: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     # ROPE (decode only): q, the new key (kn) and value (vn) come straight from the qkv
     # projection; the kernel rotates q and kn, segment 0 writes kn and vn into the cache at
@@ -172,6 +173,8 @@ def _paged_attention_kernel(
     if LIMIT:  # each query's own bound; the walk goes to the farthest
         q_see = tl.load(limit_ptr + q_rows, mask=row_ok, other=0)
         kv_len = tl.minimum(tl.max(q_see, axis=0), seq_len)
+    if ALIBI:  # in the kernel's base-2 units, like the scores
+        slope_log2 = tl.load(alibi_ptr + head, mask=row_ok, other=0.0) * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
@@ -244,6 +247,8 @@ def _paged_attention_kernel(
             s = _dot(q, k, DOT_PRECISION, UPCAST_DOT) * scale_log2
         if SOFTCAP:
             s = _softcap(s, softcap_log2)
+        if ALIBI:
+            s += slope_log2[:, None] * (offs_n[None, :] - q_abs[:, None]).to(tl.float32)
         if LIMIT:
             visible = (offs_n[None, :] < q_see[:, None]) & n_ok[None, :]
         else:
@@ -376,7 +381,7 @@ def paged_attention(
     block_m: Optional[int] = None, tile_n: Optional[int] = None, k_rows: Optional[bool] = None,
     num_warps: Optional[int] = None, num_stages: Optional[int] = None, rope: Optional[DecodeRope] = None,
     window: int = 0, softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-    kv_limit: Optional[torch.Tensor] = None,
+    kv_limit: Optional[torch.Tensor] = None, alibi: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention for requests [0, num_seqs) described by block_tables [num_seqs, *] int32,
     seq_lens [num_seqs] int32 and query_start_loc [num_seqs + 1] int32 (absolute token rows;
@@ -394,7 +399,9 @@ def paged_attention(
     scores become softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks [Hq]
     float32 (GPT-OSS): one more logit per head in each softmax's denominator, with no value.
     kv_limit [T] int32 (prefill only): how many keys each query row sees, in place of its
-    causal bound (AttentionMetadata.kv_limit: Gemma 3's two-way image spans)."""
+    causal bound (AttentionMetadata.kv_limit: Gemma 3's two-way image spans). alibi [Hq]
+    float32 (BLOOM, MPT): each score gains slope[h] * (key position - query position), after
+    the softcap."""
     t, hq, d = query.shape
     block_size, kvh = k_cache.shape[1], k_cache.shape[2]
     assert hq % kvh == 0 and k_cache.shape[3] == d and query.stride(-1) == 1 and k_cache.stride(-1) == 1
@@ -405,6 +412,7 @@ def paged_attention(
     out = torch.empty_like(query) if out is None else out
     assert block_tables.stride(-1) == 1 and out.stride(-1) == 1
     assert sinks is None or (sinks.shape == (hq,) and sinks.dtype == torch.float32 and sinks.stride(0) == 1)
+    assert alibi is None or (alibi.shape == (hq,) and alibi.dtype == torch.float32 and alibi.stride(0) == 1)
     assert kv_limit is None or (not decode and kv_limit.dtype == torch.int32 and kv_limit.stride(0) == 1)
     if num_seqs == 0:
         return out
@@ -436,6 +444,7 @@ def paged_attention(
     _paged_attention_kernel[(grid0, kvh, num_segments)](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         seg_acc, seg_max, seg_sum, counters, sinks if sinks is not None else seg_max,
+        alibi if alibi is not None else seg_max,
         scale * _LOG2E, int(window), float(softcap) * _LOG2E, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -449,7 +458,8 @@ def paged_attention(
         UPCAST_DOT=query.dtype == torch.bfloat16 and triton_interpreting(),
         K_ROWS=tuned.resolve(K_ROWS, "attn_k_rows", query.device, K_ROWS_DEFAULT) if k_rows is None else k_rows,
         ROPE=rope is not None, SLIDING=window > 0, CHUNKED=window < 0, SOFTCAP=softcap > 0, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
-        SINKS=sinks is not None, LIMIT=kv_limit is not None, INTERPRET=triton_interpreting(), **launch, **pdl,
+        SINKS=sinks is not None, LIMIT=kv_limit is not None, ALIBI=alibi is not None,
+        INTERPRET=triton_interpreting(), **launch, **pdl,
     )
     return out
 

@@ -29,7 +29,8 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                         block_tables: torch.Tensor, seq_lens: Sequence[int], query_start_loc: Sequence[int],
                         scale: float, compute_dtype: torch.dtype = torch.float32, window: int = 0,
                         softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-                        kv_limit: Optional[Sequence[int]] = None) -> torch.Tensor:
+                        kv_limit: Optional[Sequence[int]] = None,
+                        alibi: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention for each request r of a flat varlen batch: its query tokens
     query[qsl[r]:qsl[r+1]] are the last q_len positions of a sequence of seq_lens[r] tokens
     whose K/V sit in the cache pages block_tables[r]; query i at position p = seq_len - q_len + i
@@ -39,6 +40,7 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     sinks [Hq] (GPT-OSS's attention sinks): one more logit per head in each softmax's
     denominator, with no value (so the weights sum to under 1). kv_limit [T]: query row t
     sees keys [0, kv_limit[t]) instead of [0, p] (a window still counts back from p).
+    alibi [Hq] (ALiBi's slopes): scores gain slope[h] * (key position - p) after the softcap.
     GQA: query head h reads kv head h // (Hq // KVH). A query with no visible key gives 0.
     Rows past the last request are left 0. Returns [T, Hq, D] in compute_dtype."""
     t, hq, d = query.shape
@@ -61,6 +63,8 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             s = softcap * torch.tanh(s / softcap)
         rows = torch.arange(n - (qe - qs), n, device=query.device)
         cols = torch.arange(n, device=query.device)[None, :]
+        if alibi is not None:
+            s = s + alibi.to(query.device, compute_dtype)[:, None, None] * (cols - rows[:, None])
         if kv_limit is None:
             visible = cols <= rows[:, None]
         else:
@@ -69,7 +73,7 @@ def paged_attention_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             visible &= cols >= first_visible(rows[:, None], window)
         s = s.masked_fill(~visible, float("-inf"))
         if sinks is not None:
-            sink = sinks.to(compute_dtype)[:, None, None].expand(hq, s.shape[1], 1)
+            sink = sinks.to(query.device, compute_dtype)[:, None, None].expand(hq, s.shape[1], 1)
             s = torch.cat([s, sink], dim=-1)
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
         if sinks is not None:

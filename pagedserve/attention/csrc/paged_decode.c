@@ -5,7 +5,8 @@
  * window > 0: only the last `window` keys are seen (sliding window); window < 0: only those of the
  * query's chunk of -window positions (chunked local attention, Llama 4); softcap > 0: scores become
  * softcap * tanh(score / softcap) before the softmax (Gemma 2); sinks (NULL: none) [H]: one more
- * logit per head in the softmax's denominator, with no value (GPT-OSS's attention sinks).
+ * logit per head in the softmax's denominator, with no value (GPT-OSS's attention sinks); alibi (NULL:
+ * none) [H]: each score gains alibi[h] * (key position - query position) after the softcap (BLOOM, MPT).
  * Two variants: float32 K/V, and bfloat16 K/V (bf16 is the top half of a float32, so a load
  * is a 16-bit shift); q and out are float32 in both. */
 #include <math.h>
@@ -24,6 +25,7 @@ static inline float bf16_load(uint16_t h) {
 #define DEFINE_PAGED_DECODE(NAME, KV_T, LOAD) \
 void NAME(float *out, const float *q, const KV_T *k_cache, const KV_T *v_cache, \
                       const int32_t *block_tables, const int32_t *seq_lens, const float *sinks, \
+                      const float *alibi, \
                       int num_reqs, int num_heads, \
                       int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale, \
                       int window, float softcap, int num_threads) { \
@@ -57,6 +59,7 @@ _Pragma("omp simd reduction(+ : s)") \
                     for (int d = 0; d < head_dim; d++) s += qg[d] * LOAD(k[d]); \
                     s *= scale; \
                     if (softcap > 0.f) s = softcap * tanhf(s / softcap); \
+                    if (alibi) s += alibi[kvh * group + g] * (float)(pos - last); \
                     scores[(long)g * len + t] = s; \
                     if (s > maxs[g]) maxs[g] = s; \
                 } \

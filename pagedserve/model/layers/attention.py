@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,7 +13,8 @@ from pagedserve.attention.backend import AttentionBackend, AttentionMetadata
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int = 0,
-                 softcap: float = 0.0, sinks: bool = False, kv_shared: bool = False) -> None:
+                 softcap: float = 0.0, sinks: bool = False, kv_shared: bool = False,
+                 alibi_slopes: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads ({num_heads}) must be a multiple of num_key_value_heads ({num_kv_heads}).")
@@ -23,6 +24,12 @@ class PagedAttention(nn.Module):
         # GPT-OSS's learned sinks: a logit per head in the softmax's denominator, held in float32
         # (the checkpoint's values cast once; the kernels take float32).
         self.sinks = nn.Parameter(torch.empty(num_heads, dtype=torch.float32), requires_grad=False) if sinks else None
+        # ALiBi (BLOOM, MPT, Falcon-RW): a slope per head; scores gain slope * (key position -
+        # query position). Computed, not loaded: a float32 buffer rebuilt on the model's device.
+        self._alibi_values = None if alibi_slopes is None else [float(x) for x in alibi_slopes]
+        if self._alibi_values is not None and len(self._alibi_values) != num_heads:
+            raise ValueError(f"{len(self._alibi_values)} ALiBi slopes for {num_heads} attention heads.")
+        self.register_buffer("alibi", self._alibi_tensor(), persistent=False)
         # One cache for keys and values (MLA: the cached latent is the key, its leading dims the
         # value): the model runner binds v_cache to k_cache and forward's v is k.
         self.kv_shared = kv_shared
@@ -43,6 +50,16 @@ class PagedAttention(nn.Module):
         self._kv_source: tuple = ()  # (a tuple: the source is not a submodule of this layer)
         self.keep_kv = False
         self.kept_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _alibi_tensor(self) -> Optional[torch.Tensor]:
+        if self._alibi_values is None:
+            return None
+        with torch.device("cpu"):  # also when the model is being built on the meta device
+            return torch.tensor(self._alibi_values, dtype=torch.float32)
+
+    def rebuild_buffers(self, device: torch.device) -> None:
+        if self._alibi_values is not None:
+            self.alibi = self._alibi_tensor().to(device)
 
     @property
     def kv_source(self) -> Optional["PagedAttention"]:
@@ -73,12 +90,13 @@ class PagedAttention(nn.Module):
             assert rope is None, "a KV source rotates its keys before the write"
             self.kept_kv = (k, v)
         if rope is not None:
+            assert self.alibi is None, "ALiBi layers have no RoPE"
             o = self.backend.attend_rope(rope[0], rope[1], q, k, v, self.k_cache, self.v_cache, meta, scale,
                                          self.window, self.softcap, self.sinks)
         else:
             self.backend.write_kv(k, v, self.k_cache, self.v_cache, meta)
             o = self.backend.attend(q, self.k_cache, self.v_cache, meta, scale, k, v, self.window,
-                                    self.softcap, self.sinks)
+                                    self.softcap, self.sinks, self.alibi)
         if scaled and self.v_scale != 1.0:
             o = o * self.v_scale
         return o.reshape(o.shape[0], -1)
@@ -90,7 +108,7 @@ class PagedAttention(nn.Module):
         assert src.kept_kv is not None or meta.num_decodes == meta.num_reqs, "KV source not run"
         k, v = src.kept_kv if src.kept_kv is not None else (None, None)
         o = src.backend.attend(q, src.k_cache, src.v_cache, meta, self.scale * src.k_scale, k, v, self.window,
-                               self.softcap, self.sinks)
+                               self.softcap, self.sinks, self.alibi)
         if src.v_scale != 1.0:
             o = o * src.v_scale
         return o.reshape(o.shape[0], -1)
