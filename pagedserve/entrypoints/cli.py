@@ -189,8 +189,9 @@ LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 
 
 def _random_model(ns: argparse.Namespace) -> int:
-    from pagedserve.model.random_model import (build_random_gemma4_vl, build_random_internvl, build_random_llava,
-                                               build_random_mistral3, build_random_model, build_random_qwen2_vl)
+    from pagedserve.model.random_model import (build_random_gemma4_vl, build_random_internvl, build_random_llama4_vl,
+                                               build_random_llava, build_random_mistral3, build_random_model,
+                                               build_random_qwen2_vl)
 
     qwen_vl = {"Qwen2VLForConditionalGeneration": "2", "Qwen2_5_VLForConditionalGeneration": "2.5",
                "Qwen3VLForConditionalGeneration": "3"}
@@ -217,6 +218,10 @@ def _random_model(ns: argparse.Namespace) -> int:
         return 0
     if ns.arch == "Gemma4ForConditionalGeneration":  # a tiny Gemma 4 tower and decoder: images in up to 70 tokens
         build_random_gemma4_vl(ns.path, seed=ns.seed, dtype=ns.dtype)
+        print(ns.path)
+        return 0
+    if ns.arch == "Llama4ForConditionalGeneration":  # a tiny Llama 4 tower and decoder: 1 to 5 tiles of 4 tokens
+        build_random_llama4_vl(ns.path, seed=ns.seed, dtype=ns.dtype)
         print(ns.path)
         return 0
     if ns.arch in qwen_vl:  # a tiny vision transformer on a tiny Qwen2 with M-RoPE: images in 1 to 64 tokens
@@ -353,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a causal LM's architecture, or a vision-language one (LlavaForConditionalGeneration, "
                         "LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration, "
                         "Mistral3ForConditionalGeneration, Gemma4ForConditionalGeneration, "
+                        "Llama4ForConditionalGeneration, "
                         "Qwen2VLForConditionalGeneration, "
                         "Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration, "
                         "InternVLForConditionalGeneration): a tiny model")

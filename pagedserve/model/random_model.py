@@ -769,6 +769,62 @@ def build_random_mistral3(path: str, tokenizer_dir: Optional[str] = None, longes
     return path
 
 
+# Llama 4's template's image part: each image part becomes <|image|> where it stands.
+LLAMA4_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|header_start|>' + message['role'] + '<|header_end|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+LLAMA4_IMAGE_TOKENS = ["<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
+                       "<|tile_y_separator|>", "<|header_start|>", "<|header_end|>", "<|eot|>"]
+
+
+def build_random_llama4_vl(path: str, tokenizer_dir: Optional[str] = None, tile: int = 28, max_patches: int = 4,
+                           initializer_range: float = 0.3, seed: int = 0, dtype: str = "float32") -> str:
+    """A random Llama4ForConditionalGeneration directory: a small Llama 4 vision tower (7-pixel
+    patches on `tile`-pixel tiles, 4 rows a tile after the pixel shuffle; images cut into up
+    to `max_patches` tiles and a whole-image tile), the projector, Llama 4's decoder as
+    ARCH_CONFIGS has it (chunks of 16, NoPE layers, experts), the tokenizer with Llama 4's image
+    tokens, its chat template's image part, and the image processor's settings (written as
+    the hub's: transformers' class needs torchvision)."""
+    import torch
+    import transformers
+
+    tok = _vl_tokenizer(path, tokenizer_dir, LLAMA4_IMAGE_TOKENS, LLAMA4_CHAT_TEMPLATE)
+    start, end, patch = tok.convert_tokens_to_ids(["<|image_start|>", "<|image_end|>", "<|patch|>"])
+    text = dict(ARCH_CONFIGS["Llama4ForCausalLM"][1], hidden_size=64, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), initializer_range=initializer_range,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    # (the pixel shuffle takes 4 x hidden_size features into the MLP: intermediate_size must be that)
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=tile, patch_size=7, vision_output_dim=48, projector_input_dim=48,
+                  projector_output_dim=48, initializer_range=initializer_range)
+    cfg = transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=patch,
+                                    boi_token_index=start, eoi_token_index=end)
+    cfg.architectures = ["Llama4ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = transformers.Llama4ForConditionalGeneration(cfg)
+    with torch.no_grad():  # transformers' init leaves the vision norms at ones and the biases at zero
+        for name, p in model.vision_model.named_parameters():
+            if name.endswith(".bias") or "layernorm" in name or "_norm" in name:
+                p.normal_(1.0 if name.endswith(".weight") else 0.0, 0.2)
+        for p in model.parameters():  # (not model.to: it would cast the tower's complex RoPE buffer to real)
+            p.data = p.data.to(getattr(torch, dtype))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    processor = {"image_processor_type": "Llama4ImageProcessorFast", "processor_class": "Llama4Processor",
+                 "size": {"height": tile, "width": tile}, "max_patches": max_patches, "resize_to_max_canvas": False,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+                 "resample": 2, "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True}
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(processor, f, indent=2)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "Llama4Processor", "patch_size": 7, "pixel_shuffle_ratio": 0.5}, f, indent=2)
+    return path
+
+
 def build_random_eagle_head(path: str, target_dir: str, version: int = 3, num_layers: int = 1,
                             draft_vocab_size: Optional[int] = None, aux_layer_ids: Optional[list[int]] = None,
                             fc_bias: bool = False, seed: int = 0, std: float = 0.1,

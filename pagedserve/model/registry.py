@@ -94,7 +94,7 @@ _BASE_MODELS = {
 # Vision-language checkpoints served as text models: the language model's class, the
 # checkpoint's name pieces for it, and the pieces not loaded (vision tower, projector).
 _TEXT_OF_MULTIMODAL = {
-    # Llama 4 (Scout, Maverick): the language model alone (images are not served).
+    # Llama 4 (Scout, Maverick): its images run through multimodal/llama4.py.
     "Llama4ForConditionalGeneration": ("Llama4ForCausalLM",
                                        [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                                         ("model.language_model.", "model.")],

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pagedserve.multimodal.processor import (GEMMA3_ARCHITECTURES, GEMMA4_ARCHITECTURES, INTERNVL_ARCHITECTURES,
-                                             LLAVA_ARCHITECTURES, LLAVA_NEXT_ARCHITECTURES,
+                                             LLAMA4_ARCHITECTURES, LLAVA_ARCHITECTURES, LLAVA_NEXT_ARCHITECTURES,
                                              LLAVA_ONEVISION_ARCHITECTURES, MISTRAL3_ARCHITECTURES, architecture,
                                              load_full_config, load_image_processor)
 
@@ -44,6 +44,10 @@ def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
 
         return Gemma4ImageEncoder.load(cfg, model_dir, dtype, device,
                                        load_image_processor(model_dir, processor_kwargs or {}))
+    if architecture(cfg) in LLAMA4_ARCHITECTURES:
+        from pagedserve.multimodal.llama4 import Llama4ImageEncoder
+
+        return Llama4ImageEncoder.load(cfg, model_dir, dtype, device, processor_kwargs)
     if architecture(cfg) in MISTRAL3_ARCHITECTURES:
         from pagedserve.multimodal.mistral3 import Mistral3ImageEncoder
 

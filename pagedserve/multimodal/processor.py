@@ -4,7 +4,8 @@ processor lays them out: each image's one placeholder token (LLaVA's `<image>`, 
 fixed number for LLaVA, one per 2x2 patches of the resized image for Qwen-VL; Gemma 4's
 `<|image|>`, wrapped in `<start_of_image>` ... `<end_of_image>`, one per pooled patch square); Gemma 3's
 `<start_of_image>` and Mistral 3's `[IMG]` take their own layouts (multimodal/gemma3.py,
-multimodal/mistral3.py); InternVL's `<IMG_CONTEXT>` becomes `<img>`, its tiles' run, `</img>`."""
+multimodal/mistral3.py); InternVL's `<IMG_CONTEXT>` becomes `<img>`, its tiles' run, `</img>`;
+Llama 4's `<|image|>` its tiles' runs between separators (multimodal/llama4.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pagedserve.errors import ParamError
 from pagedserve.multimodal.inputs import ImageFeature, load_image
 
 # Vision-language architectures whose images pagedserve runs (multimodal/: llava.py, llava_next.py,
-# llava_onevision.py, qwen2_vl.py, gemma3.py, mistral3.py, internvl.py).
+# llava_onevision.py, qwen2_vl.py, gemma3.py, mistral3.py, internvl.py, llama4.py).
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 LLAVA_NEXT_ARCHITECTURES = ("LlavaNextForConditionalGeneration",)
 LLAVA_ONEVISION_ARCHITECTURES = ("LlavaOnevisionForConditionalGeneration",)
@@ -28,9 +29,10 @@ GEMMA3_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
 GEMMA4_ARCHITECTURES = ("Gemma4ForConditionalGeneration",)
 MISTRAL3_ARCHITECTURES = ("Mistral3ForConditionalGeneration",)
 INTERNVL_ARCHITECTURES = ("InternVLForConditionalGeneration",)
+LLAMA4_ARCHITECTURES = ("Llama4ForConditionalGeneration",)
 IMAGE_ARCHITECTURES = (LLAVA_ARCHITECTURES + LLAVA_NEXT_ARCHITECTURES + LLAVA_ONEVISION_ARCHITECTURES
                        + QWEN_VL_ARCHITECTURES + GEMMA3_ARCHITECTURES + GEMMA4_ARCHITECTURES + MISTRAL3_ARCHITECTURES
-                       + INTERNVL_ARCHITECTURES)
+                       + INTERNVL_ARCHITECTURES + LLAMA4_ARCHITECTURES)
 # Vision towers that put a class token before the patches (LLaVA's "default" strategy drops it).
 _CLS_TOWERS = ("clip_vision_model",)
 
@@ -117,7 +119,17 @@ class ImageInputProcessor:
                  tokenizer: Any = None) -> None:
         self.config = load_full_config(model_dir)
         check_image_model(self.config)
-        self.hf = load_image_processor(model_dir, processor_kwargs or {})
+        # Llama 4: tiles laid out with separators (multimodal/llama4.py); transformers' image
+        # processor needs torchvision, so its twin on torch prepares them.
+        self.llama4 = architecture(self.config) in LLAMA4_ARCHITECTURES
+        if self.llama4:
+            from pagedserve.multimodal.llama4 import check_tile_size
+            from pagedserve.multimodal.llama4_images import Llama4ImageProcessor
+
+            self.hf = Llama4ImageProcessor.from_pretrained(model_dir, processor_kwargs or {})
+            check_tile_size(self.config, self.hf)
+        else:
+            self.hf = load_image_processor(model_dir, processor_kwargs or {})
         self.token_id = image_token_id(self.config)
         self.max_images = max_images
         self.qwen_vl = architecture(self.config) in QWEN_VL_ARCHITECTURES
@@ -151,7 +163,7 @@ class ImageInputProcessor:
 
             check_tile_size(self.config, self.hf)
         self.tokenizer = tokenizer
-        if (self.gemma3 or self.pixtral or self.internvl) and tokenizer is None:
+        if (self.gemma3 or self.pixtral or self.internvl or self.llama4) and tokenizer is None:
             raise ValueError(f"{architecture(self.config)}'s images need the tokenizer to expand their placeholders.")
         # Gemma 3's pan-and-scan settings (multimodal/gemma3.py): none unless do_pan_and_scan.
         self.pan_and_scan: dict = {}
@@ -166,6 +178,11 @@ class ImageInputProcessor:
             self.image_start, self.image_end = image_marker_ids(tokenizer)
         if self.gemma4:
             self.image_start, self.image_end = int(self.config.boi_token_id), int(self.config.eoi_token_id)
+        self.llama4_marks: dict[str, int] = {}  # Llama 4's <|image|>, <|image_start|>, separators ...
+        if self.llama4:
+            from pagedserve.multimodal.llama4 import marker_ids
+
+            self.llama4_marks = marker_ids(tokenizer)
 
     def _pixels(self, images: list, field: str) -> list[tuple[torch.Tensor, Any, Optional[tuple[int, int, int]]]]:
         """(pixel values, placeholder tokens (Mistral 3: the resized (height, width)), patch
@@ -229,6 +246,11 @@ class ImageInputProcessor:
             ids = expand_image_markers(ids, self.tokenizer, self.config, crops)
         if self.pixtral:
             return self._process_pixtral(ids, list(images), field)
+        if self.llama4:
+            from pagedserve.multimodal.llama4 import expand_prompt
+
+            pil = [load_image(im, field) for im in images]
+            return expand_prompt(ids, self.hf(pil), self.config, self.llama4_marks, field)
         video = getattr(self.config, "video_token_index", None) if self.onevision else None
         if video is not None and video in ids:
             raise ParamError("prompt", f"the prompt has a video placeholder (token {video}): videos are not "
