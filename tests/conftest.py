@@ -94,6 +94,18 @@ MODEL_SPECS = {
     # after each, scaled post-norm layers.
     "minimax": ("MiniMaxForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, head_dim=16, layer_types=[
         "linear_attention", "full_attention", "linear_attention"], random_norms=True)),
+    # Zamba2: Mamba-2 layers, a shared transformer block (on [hidden, embeddings]) before the
+    # hybrid ones: two blocks over three hybrid layers, the third running block 0 again with
+    # adapters and a KV cache of its own; q/k/v adapters and RoPE. Its second form: GQA, no
+    # q/k/v adapters or RoPE, biases drawn, and untied embeddings, with which transformers gives
+    # each hybrid layer a block of its own. (At 0.5 the shared blocks' float32 noise grows about
+    # 10x a hybrid layer: logprobs part from transformers' by 0.4; at 0.15 by 5e-5.)
+    "zamba2": ("Zamba2ForCausalLM", dict(num_heads=4, num_kv_heads=4, num_layers=5, layers_block_type=[
+        "mamba", "hybrid", "mamba", "hybrid", "hybrid"], num_mem_blocks=2, use_shared_attention_adapter=True,
+        use_mem_rope=True, tie_word_embeddings=True, random_norms=True, initializer_range=0.15)),
+    "zamba2_untied": ("Zamba2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, layers_block_type=[
+        "hybrid", "mamba", "hybrid", "hybrid"], num_mem_blocks=2, add_bias_linear=True, random_biases=True,
+        random_norms=True, initializer_range=0.15)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.
     "lfm2": ("Lfm2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;

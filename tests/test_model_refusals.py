@@ -10,6 +10,8 @@ from pagedserve.model.registry import resolve_model_class
 
 _SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
 
+_HYBRID = {"layers_block_type": ["hybrid"]}  # (Zamba2's default 54 layer types would not fit _SMALL's one layer)
+
 # (architecture, config class, the option set, the word the error must name)
 _REFUSED = [
     ("FalconForCausalLM", "FalconConfig", {"alibi": True}, "alibi"),
@@ -27,6 +29,10 @@ _REFUSED = [
     ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"num_shared_expert": [2]}, "num_shared_expert"),
     ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", {"moe_intermediate_size": 32}, "moe_intermediate_size"),
     ("Dots1ForCausalLM", "Dots1Config", {"scoring_func": "softmax"}, "scoring_func"),
+    ("Zamba2ForCausalLM", "Zamba2Config", {**_HYBRID, "use_long_context": True}, "use_long_context"),
+    ("Zamba2ForCausalLM", "Zamba2Config", {**_HYBRID, "use_shared_mlp_adapter": False}, "use_shared_mlp_adapter"),
+    ("Zamba2ForCausalLM", "Zamba2Config", {**_HYBRID, "use_shared_attention_adapter": True, "num_key_value_heads": 2},
+     "use_shared_attention_adapter"),
 ]
 
 

@@ -151,6 +151,11 @@ ARCH_CONFIGS = {
     # LFM2: short-convolution layers and attention layers (full_attn_idxs), the MLP width LFM2
     # derives from intermediate_size.
     "Lfm2ForCausalLM": ("Lfm2Config", {"full_attn_idxs": [1], "block_multiple_of": 32}),
+    # Zamba2: Mamba-2 layers (8 heads of 16 in 2 groups), a shared transformer block before the
+    # "hybrid" ones (layers_block_type, as many as num_layers), rank-8 adapters.
+    "Zamba2ForCausalLM": ("Zamba2Config", {"n_mamba_heads": 8, "mamba_d_state": 16, "mamba_ngroups": 2,
+                                           "chunk_size": 32, "adapter_rank": 8,
+                                           "layers_block_type": ["linear_attention", "hybrid"]}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),
     "XLMRobertaModel": ("XLMRobertaConfig", {}),
