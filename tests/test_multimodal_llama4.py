@@ -24,6 +24,7 @@ MAX_TOKENS = 6
 TILED = (1, (90, 60))  # (seed, (width, height)): 2 x 2 tiles and the whole-image tile, 27 tokens
 FLAT = (2, (20, 20))  # one tile: <|image_start|><|image|> 4 x <|patch|> <|image_end|>
 TALL = (3, (30, 200))  # 4 x 1 tiles
+SMALL = (5, (40, 41))  # 2 x 2 tiles, the image padded, not upscaled, onto them
 
 
 def _images(spec: list) -> list:
@@ -118,6 +119,16 @@ def test_prompt_is_laid_out_as_the_processor_does(llama4, llm):
         torch.testing.assert_close(torch.cat([f.pixel_values for f in prepared["mm_features"]]), kw["pixel_values"])
         again = llm.llm_engine.prepare({"prompt_token_ids": ids, "multi_modal_data": {"image": images}}, _params())
         assert again["prompt_token_ids"] == ids
+    # mm_processor_kwargs: fewer tiles; a key the processor lacks is refused
+    from pagedserve.multimodal.llama4_images import Llama4ImageProcessor
+
+    assert [r for _, r in Llama4ImageProcessor.from_pretrained(path, {"max_patches": 2})(_images([TILED]))] == [(1, 2)]
+    with pytest.raises(ValueError, match="bogus"):
+        Llama4ImageProcessor.from_pretrained(path, {"bogus": 1})
+    # The memory profile's image: max_patches tiles and the whole-image tile, through the tower.
+    encoder = llm.llm_engine.runner.encoder_cache.encoder
+    (largest,) = encoder.profile_features(llm.llm_engine.config.max_model_len)
+    assert largest.num_embeds == 5 * 4 and encoder.encode([largest])[0].shape == (20, 64)
 
 
 def test_pixels_and_ids_match_transformers_processor(llama4, llm):
@@ -141,12 +152,38 @@ def test_pixels_and_ids_match_transformers_processor(llama4, llm):
     for tile, most, to_max in ((28, 4, False), (56, 6, True)):
         settings = dict(size={"height": tile, "width": tile}, max_patches=most, resize_to_max_canvas=to_max)
         hf, ours = HFProcessor(**settings), Llama4ImageProcessor(dict(DEFAULTS, **settings))
-        for seed, size in enumerate([(90, 60), (20, 20), (30, 200), (513, 301), (7, 300), (800, 200)]):
+        for seed, size in enumerate([(90, 60), (20, 20), (30, 200), (513, 301), (7, 300), (800, 200), (50, 40)]):
             im = random_image(seed, size)
+            if size == (50, 40):  # transparency, composited onto white
+                im.putalpha(im.getchannel(0))
             want = hf(images=[im], return_tensors="pt")
             pixels, ratio = ours.one(im)
             assert ratio == tuple(want["aspect_ratios"][0].tolist())
             assert torch.equal(pixels, want["pixel_values"].float()), (tile, size)
+
+
+# transformers' Llama4ImageProcessor (28-pixel tiles, at most 4) on TILED, TALL, FLAT and SMALL, made
+# with torchvision: each tile's sum, and its sums weighted by row and by column (/ 28).
+GOLDEN = {TILED: ((2, 2), [[-14.51, -6.0, -8.23], [2.53, -4.15, 6.4], [-1608.19, -1029.09, -775.83],
+                           [-1568.13, -1023.16, -762.02], [0.7, 1.48, 5.28]]),
+          TALL: ((4, 1), [[-1019.84, -485.78, -776.43], [-999.51, -481.61, -771.01], [-1009.71, -496.8, -776.24],
+                          [-1018.4, -490.68, -779.26], [-6.65, -4.49, -5.74]]),
+          FLAT: ((1, 1), [[-18.47, -26.16, -16.55]]),
+          SMALL: ((2, 2), [[-11.16, -11.68, -1.37], [-1331.12, -640.41, -933.06], [-1274.69, -899.44, -611.9],
+                           [-1898.77, -1037.17, -1047.88], [-10.45, -10.17, -2.05]])}
+
+
+def test_pixels_match_transformers_golden(llama4):
+    """Without torchvision: the tiles' sums and first moments against transformers' own,
+    recorded (the tile order, the whole-image tile, the resize, the bfloat16 normalisation)."""
+    _, ref = llama4
+    weight = torch.arange(28.0) / 28
+    for spec, (ratio, sums) in GOLDEN.items():
+        ((pixels, got),) = ref.images(_images([spec]))
+        assert got == ratio
+        moments = torch.stack([pixels.sum((1, 2, 3)), (pixels * weight[:, None]).sum((1, 2, 3)),
+                               (pixels * weight).sum((1, 2, 3))], dim=1)
+        torch.testing.assert_close(moments, torch.tensor(sums), atol=0.05, rtol=0)
 
 
 CASES = [(PROMPT_1, [TILED]), (PROMPT_2, [TALL, FLAT]), (TEXT, [])]
@@ -231,3 +268,14 @@ def test_random_model_cli_builds_a_llama4(tmp_path):
                                              image_prompt(PROMPT_1, _images([TILED]))], _params(), use_tqdm=False)
     assert len(outs[0].prompt_token_ids) < len(outs[1].prompt_token_ids)  # tiles: more tokens
     assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)
+
+
+@pytest.mark.gpu
+def test_images_on_cuda(llama4):
+    path, ref = llama4
+    llm = LLM(path, device="cuda", dtype="float32", block_size=16, max_num_batched_tokens=16, max_num_seqs=8,
+              gpu_memory_utilization=0.3)
+    assert llm.llm_engine.runner.graphs is not None
+    outs = llm.generate([image_prompt(t, _images(s)) for t, s in CASES], _params(logprobs=0), use_tqdm=False)
+    for (text, spec), out in zip(CASES, outs):
+        assert_output_matches(ref.greedy(text, _images(spec)), out, lp_tol=2e-2)

@@ -802,10 +802,11 @@ def build_random_llama4_vl(path: str, tokenizer_dir: Optional[str] = None, tile:
     text = dict(ARCH_CONFIGS["Llama4ForCausalLM"][1], hidden_size=64, intermediate_size=64, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), initializer_range=initializer_range,
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    # (the pixel shuffle takes 4 x hidden_size features into the MLP: intermediate_size must be that)
+    # (the pixel shuffle takes 4 x hidden_size features into the MLP: intermediate_size must be that;
+    # the tower gives rows of the text width, so a skipped projector would still fit)
     vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=tile, patch_size=7, vision_output_dim=48, projector_input_dim=48,
-                  projector_output_dim=48, initializer_range=initializer_range)
+                  image_size=tile, patch_size=7, vision_output_dim=64, projector_input_dim=64,
+                  projector_output_dim=64, initializer_range=initializer_range)
     cfg = transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=patch,
                                     boi_token_index=start, eoi_token_index=end)
     cfg.architectures = ["Llama4ForConditionalGeneration"]

@@ -96,17 +96,18 @@ class Llama4ImageProcessor:
         return [self.one(im) for im in images]
 
     def one(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
+        from transformers.image_transforms import convert_to_rgb
+
         s = self.settings
-        if s["do_convert_rgb"]:
-            image = image.convert("RGB")
-        width, height = image.size
+        # (transparency composited onto white, as transformers does)
+        pixels = self._pixels(convert_to_rgb(image, return_numpy=True) if s["do_convert_rgb"] else image.convert("RGB"))
+        height, width = pixels.shape[-2:]
         canvas_h, canvas_w = best_canvas(height, width, self.canvases, bool(s["resize_to_max_canvas"]))
         target_h, target_w = canvas_h, canvas_w
         if not s["resize_to_max_canvas"]:  # upscaled no further than one tile's size
             target_h = min(max(height, self.tile), canvas_h)
             target_w = min(max(width, self.tile), canvas_w)
         h, w = undistorted_size(height, width, target_h, target_w)
-        pixels = self._pixels(image)
         resized = self._resize(pixels, h, w)
         padded = torch.zeros(3, canvas_h, canvas_w, dtype=torch.uint8)  # padded right and below, black
         padded[:, :h, :w] = resized
@@ -120,6 +121,7 @@ class Llama4ImageProcessor:
 
     @staticmethod
     def _pixels(image: Any) -> torch.Tensor:
+        """[3, H, W] uint8 of a PIL image or an [H, W, 3] array."""
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
     def _resize(self, pixels: torch.Tensor, h: int, w: int) -> torch.Tensor:
