@@ -618,8 +618,14 @@ def _resolve_dtype(dtype: Any, hf_config: Any, device: torch.device) -> torch.dt
     return torch.bfloat16
 
 
+# Where configs without max_position_embeddings keep their context length (MPT: max_seq_len),
+# in the order vLLM reads them; none of them (BLOOM, whose ALiBi has no table): 2048.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                 "max_seq_length", "seq_len")
+
+
 def derive_max_model_len(hf_config: Any) -> int:
-    n = int(getattr(hf_config, "max_position_embeddings", 2048) or 2048)
+    n = next((int(v) for k in _CONTEXT_KEYS if (v := getattr(hf_config, k, None))), 2048)
     from pagedserve.model.registry import is_encoder_only
 
     if is_encoder_only(hf_config):  # RoBERTa's position table starts past its padding index

@@ -270,6 +270,19 @@ MODEL_SPECS = {
     "falcon_mq": ("FalconForCausalLM", dict(num_heads=4, bias=True, random_biases=True, random_norms=True)),
     "falcon_gqa": ("FalconForCausalLM", dict(num_heads=4, num_kv_heads=2, new_decoder_architecture=True,
                                             random_norms=True, tie_word_embeddings=True)),
+    # ALiBi. BLOOM: 6 heads (two slopes from the series for 8), every bias and norm drawn; its form
+    # with the residual stream taking the LayerNorms' outputs. MPT: 6 heads (its slopes' odd-even
+    # order), clip_qkv clamping about a fifth of q/k/v, its own softmax scale.
+    # Falcon-RW: Falcon with ALiBi (8 heads: slopes exact in transformers' bfloat16), per-head qkv.
+    "bloom": ("BloomForCausalLM", dict(hidden_size=96, num_heads=6, random_biases=True, random_norms=True,
+                                       tie_word_embeddings=True)),
+    "bloom_post_norm": ("BloomForCausalLM", dict(num_heads=4, random_biases=True, random_norms=True,
+                                                 apply_residual_connection_post_layernorm=True,
+                                                 tie_word_embeddings=True)),
+    "mpt": ("MptForCausalLM", dict(hidden_size=96, num_heads=6, random_norms=True, tie_word_embeddings=True,
+                                   attn_config={"clip_qkv": 0.25, "softmax_scale": 0.3})),
+    "falcon_rw": ("FalconForCausalLM", dict(num_heads=8, num_kv_heads=8, alibi=True, multi_query=False,
+                                            parallel_attn=False, bias=True, random_biases=True, random_norms=True)),
     # OPT: learned positions at an offset of 2, pre-LayerNorm layers, every bias and norm drawn, the
     # head tied; OPT-350M's form: post-LayerNorm layers, no final norm, embeddings of 32 brought to
     # the hidden size by project_in and back by project_out.

@@ -111,3 +111,14 @@ def test_triton_kernel_with_alibi_on_gpu_shapes():
         for segments in (1, 8):
             check_mixed(heads, heads, d, 16, torch.bfloat16, segments=segments, alibi=slopes,
                         reqs=[(1, 1), (1, 300), (1, 1000), (200, 200), (77, 500)])
+
+
+def test_context_length_of_alibi_configs():
+    """MPT keeps its context length in max_seq_len; BLOOM has none (2048, as vLLM)."""
+    import transformers
+
+    from pagedserve.config import derive_max_model_len
+
+    assert derive_max_model_len(transformers.MptConfig(max_seq_len=4096)) == 4096
+    assert derive_max_model_len(transformers.BloomConfig()) == 2048
+    assert derive_max_model_len(transformers.LlamaConfig(max_position_embeddings=777)) == 777

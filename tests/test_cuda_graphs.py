@@ -170,7 +170,7 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
                                   "opt", "opt_postnorm", "gptj", "stablelm", "stablelm_par",
                                   "phimoe",
                                   "nemotron", "minimax_m2", "mimo_v2_flash", "hunyuan_moe",
-                                  "dots1"])
+                                  "dots1", "bloom"])
 def test_engine_on_static_buffer_path_matches_transformers(name, model_dirs, hf_refs):
     """Decode steps through DecodeGraphRunner (capture=False) inside the engine: greedy tokens
     still equal transformers', and the path was taken. The MoE models' experts run on the

@@ -14,7 +14,12 @@ _HYBRID = {"layers_block_type": ["hybrid"]}  # (Zamba2's default 54 layer types 
 
 # (architecture, config class, the option set, the word the error must name)
 _REFUSED = [
-    ("FalconForCausalLM", "FalconConfig", {"alibi": True}, "alibi"),
+    ("MptForCausalLM", "MptConfig", {"attn_config": {"alibi": False}}, "alibi"),
+    ("MptForCausalLM", "MptConfig", {"attn_config": {"qk_ln": True}}, "qk_ln"),
+    ("MptForCausalLM", "MptConfig", {"attn_config": {"prefix_lm": True}}, "prefix_lm"),
+    ("MptForCausalLM", "MptConfig", {"attn_config": {"attn_type": "multiquery_attention"}}, "attn_type"),
+    ("MptForCausalLM", "MptConfig", {"no_bias": False}, "no_bias"),
+    ("MptForCausalLM", "MptConfig", {"logit_scale": 2.0}, "logit_scale"),
     ("OPTForCausalLM", "OPTConfig", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine"),
     ("PhimoeForCausalLM", "PhimoeConfig", {"num_experts_per_tok": 1}, "num_experts_per_tok"),
     ("PhimoeForCausalLM", "PhimoeConfig", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4,

@@ -11,9 +11,11 @@
   ln' is ln_mlp with two norms (new architecture, num_ln_in_parallel_attn 2: 40B, 180B) and
   the same input_layernorm otherwise (7B, Falcon 2); without it, sequential as GPT-2's;
 - LayerNorms with biases, a GELU MLP dense_h_to_4h / dense_4h_to_h of ffn_hidden_size;
-- the LM head tied to the embeddings (tie_word_embeddings, true by default).
-
-Not supported: `alibi` (ALiBi position biases instead of RoPE: Falcon-RW)."""
+- the LM head tied to the embeddings (tie_word_embeddings, true by default);
+- `alibi` (Falcon-RW): ALiBi instead of RoPE, with transformers' slopes, which it rounds to
+  bfloat16 and divides by sqrt(head_dim) with the scores (its bias on absolute positions is
+  rounded to bfloat16 too: exact for the slopes of 8 heads or fewer within 256 positions, a
+  rounding of the position term beyond; here the bias is computed in float32)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.gpt_neox import LayerNormDecoderLayer, grouped_qkv_to_fused, reorder_qkv_rows
+from pagedserve.model.layers.alibi import alibi_slopes
 from pagedserve.model.layers.norm import LayerNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, UpDownMLP
@@ -54,7 +57,12 @@ class FalconForCausalLM(LlamaForCausalLM):
         heads = cfg.num_attention_heads
         sizes = SimpleNamespace(hidden_size=cfg.hidden_size, num_attention_heads=heads,
                                 num_key_value_heads=falcon_kv_heads(cfg), head_dim=cfg.hidden_size // heads)
-        attn = LlamaAttention(sizes, rotary, qkv_bias=cfg.bias, o_bias=cfg.bias, qk_norm=False, window=window)
+        alibi = None
+        if cfg.alibi:  # (transformers: slopes in bfloat16, then (scores + bias) / sqrt(head_dim))
+            alibi = [float(torch.tensor(x, device="cpu").bfloat16()) * sizes.head_dim**-0.5
+                     for x in alibi_slopes(heads)]
+        attn = LlamaAttention(sizes, None if cfg.alibi else rotary, qkv_bias=cfg.bias, o_bias=cfg.bias, qk_norm=False,
+                              window=window, alibi=alibi)
         mlp = UpDownMLP(cfg, act=cfg.activation, intermediate_size=cfg.ffn_hidden_size, bias=cfg.bias)
         parallel = bool(cfg.parallel_attn or cfg.new_decoder_architecture)
         return LayerNormDecoderLayer(cfg.hidden_size, cfg.layer_norm_epsilon, attn, mlp, parallel=parallel,
@@ -63,12 +71,6 @@ class FalconForCausalLM(LlamaForCausalLM):
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
         return LayerNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
-
-    def __init__(self, cfg: Any, max_positions: int) -> None:
-        if getattr(cfg, "alibi", False):
-            raise ValueError("Falcon with alibi (ALiBi position biases, Falcon-RW) is not supported; "
-                             "only the RoPE models are.")
-        super().__init__(cfg, max_positions)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         cfg = self.config

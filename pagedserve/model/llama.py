@@ -25,7 +25,8 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, rotary: Optional[RotaryEmbedding], qkv_bias: bool, o_bias: bool, qk_norm: bool,
                  window: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
                  norm: Callable[[int, float], nn.Module] = RMSNorm, qk_norm_whole: bool = False,
-                 sinks: bool = False, qk_norm_after_rope: bool = False, output_gate: bool = False) -> None:
+                 sinks: bool = False, qk_norm_after_rope: bool = False, output_gate: bool = False,
+                 alibi: Optional[list[float]] = None) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -50,7 +51,7 @@ class LlamaAttention(nn.Module):
         # length)) (Llama 4's attention temperature: offset 1; Ministral 3's: 0); None: not scaled.
         self.q_position_scale: Optional[tuple[float, int, int]] = None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, scale or self.head_dim**-0.5,
-                                   window, softcap, sinks)
+                                   window, softcap, sinks, alibi_slopes=alibi)  # (alibi: slopes per head)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(x), meta)

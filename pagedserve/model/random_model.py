@@ -86,6 +86,9 @@ ARCH_CONFIGS = {
     # Falcon: the MLP width is ffn_hidden_size (default 4 * hidden); the builder's num_kv_heads
     # goes to the config's num_kv_heads (used by the new decoder architecture only).
     "FalconForCausalLM": ("FalconConfig", {}),
+    # BLOOM, MPT (ALiBi): their MLP widths are 4 * hidden and expansion_ratio * hidden.
+    "BloomForCausalLM": ("BloomConfig", {}),
+    "MptForCausalLM": ("MptConfig", {}),
     # OPT: the MLP width is ffn_dim (default 3072).
     "OPTForCausalLM": ("OPTConfig", {"ffn_dim": 128}),
     # GPT-J: RoPE on half of each head of 16 (rotary_dim), its MLP width n_inner (None: 4 * hidden).
@@ -334,7 +337,9 @@ def build_random_model(
         with torch.no_grad():
             for name, p in model.named_parameters():
                 # (GPT-2's ln_1, ln_f; StableLM's per-head q/k norms, norms.<head>)
-                if name.endswith("norm.weight") or re.search(r"\.(ln_\w+|norms\.\d+|\w+norm_\d)\.weight$", name):
+                # (MPT's norm_1, norm_2, norm_f)
+                if name.endswith("norm.weight") or re.search(r"\.(ln_\w+|norms\.\d+|\w+norm_\d|norm_[12f])\.weight$",
+                                                             name):
                     p.normal_(1.0, 0.3)
                 elif name.endswith(("router.scale", "router.per_expert_scale")):  # (Gemma 4's)
                     p.uniform_(0.5, 1.5)

@@ -10,6 +10,16 @@ import torch
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
+    with torch.device("cpu"):  # (also while a model is being built on the meta device)
+        return _alibi_slopes(num_heads)
+
+
+def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> list[float]:
+    with torch.device("cpu"):
+        return _mpt_alibi_slopes(num_heads, alibi_bias_max)
+
+
+def _alibi_slopes(num_heads: int) -> list[float]:
     """The paper's slopes (BLOOM, Falcon-RW): a geometric series from 2^(-8/n) over the nearest
     power of two n below num_heads, the remaining heads taking every other slope of the
     series for 2n (transformers' bloom `_get_alibi_slopes`)."""
@@ -24,7 +34,7 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return slopes.tolist()
 
 
-def mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> list[float]:
+def _mpt_alibi_slopes(num_heads: int, alibi_bias_max: float = 8.0) -> list[float]:
     """MPT's slopes: 1 / 2^(k * bias_max / n) for k = 1..n over the power of two n at or above
     num_heads; when that is more than num_heads, the odd-indexed ones first, then the even,
     cut to num_heads (transformers' `build_mpt_alibi_tensor`)."""
