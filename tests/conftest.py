@@ -113,8 +113,9 @@ MODEL_SPECS = {
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen2_moe": ("Qwen2MoeForCausalLM", dict(num_heads=4, num_kv_heads=2)),
     "qwen3_moe": ("Qwen3MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, head_dim=32, mlp_only_layers=[1])),
-    # OLMoE: q/k norms over all heads at once, experts in every layer, weights not renormalised.
-    "olmoe": ("OlmoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
+    # OLMoE: q/k norms over all heads at once, experts in every layer, weights not renormalised;
+    # clip_qkv clamping about 3 in 4 of the normed q/k entries and 1 in 15 of v's.
+    "olmoe": ("OlmoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True, clip_qkv=0.3)),
     # Phi-3.5-MoE: LayerNorms and every bias drawn (the LM head's too), a window of 23, the
     # sparsemixer router, LongRoPE with short factors and short_mscale (max_model_len within the
     # original length; long_mscale set apart so that taking it shows).
@@ -283,6 +284,8 @@ MODEL_SPECS = {
                                    attn_config={"clip_qkv": 0.25, "softmax_scale": 0.3})),
     "falcon_rw": ("FalconForCausalLM", dict(num_heads=8, num_kv_heads=8, alibi=True, multi_query=False,
                                             parallel_attn=False, bias=True, random_biases=True, random_norms=True)),
+    # JAIS 2: LayerNorms, a gateless ReLU² MLP, every bias and norm drawn.
+    "jais2": ("Jais2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_biases=True, random_norms=True)),
     # OPT: learned positions at an offset of 2, pre-LayerNorm layers, every bias and norm drawn, the
     # head tied; OPT-350M's form: post-LayerNorm layers, no final norm, embeddings of 32 brought to
     # the hidden size by project_in and back by project_out.

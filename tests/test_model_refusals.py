@@ -47,3 +47,16 @@ def test_unsupported_options_are_refused(arch, config, option, word):
     cfg.architectures = [arch]
     with pytest.raises(ValueError, match=word):
         resolve_model_class(cfg)(cfg, 64)
+
+
+@pytest.mark.parametrize("arch,config", [("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config"),
+                                         ("OlmoForCausalLM", "OlmoConfig")])
+def test_windows_transformers_ignores_are_ignored(arch, config):
+    """A sliding_window in config.json that transformers' model does not apply: full attention."""
+    import torch
+
+    cfg = getattr(transformers, config)(**_SMALL, sliding_window=8)
+    cfg.architectures = [arch]
+    with torch.device("meta"):
+        model = resolve_model_class(cfg)(cfg, 64)
+    assert [a.window for a in model.attention_layers()] == [0]

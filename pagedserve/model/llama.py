@@ -74,6 +74,11 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata, t: int) -> torch.Tensor:
         if self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
+        return self._attend_heads(positions, q, k, v, meta, t)
+
+    def _attend_heads(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      meta: AttentionMetadata, t: int) -> torch.Tensor:
+        """Everything after the norms over all heads (if any), on [t, heads * head_dim] q/k/v."""
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -402,6 +407,11 @@ class HunYuanDenseV1ForCausalLM(LlamaForCausalLM):
     def attn_options(cls, cfg: Any) -> dict:
         bias = bool(getattr(cfg, "attention_bias", False))
         return {"qkv_bias": bias, "o_bias": bias, "qk_norm": True, "qk_norm_after_rope": True}
+
+    @classmethod
+    def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
+        # (full attention whatever sliding_window a config.json carries: transformers ignores it)
+        return super().make_layer(cfg, rotary, layer_idx, 0)
 
 
 class ArceeForCausalLM(LlamaForCausalLM):

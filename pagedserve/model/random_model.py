@@ -89,6 +89,7 @@ ARCH_CONFIGS = {
     # BLOOM, MPT (ALiBi): their MLP widths are 4 * hidden and expansion_ratio * hidden.
     "BloomForCausalLM": ("BloomConfig", {}),
     "MptForCausalLM": ("MptConfig", {}),
+    "Jais2ForCausalLM": ("Jais2Config", {}),
     # OPT: the MLP width is ffn_dim (default 3072).
     "OPTForCausalLM": ("OPTConfig", {"ffn_dim": 128}),
     # GPT-J: RoPE on half of each head of 16 (rotary_dim), its MLP width n_inner (None: 4 * hidden).

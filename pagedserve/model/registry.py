@@ -21,6 +21,7 @@ _MODELS = {
     "BloomForCausalLM": ("pagedserve.model.bloom", "BloomForCausalLM"),
     "FalconForCausalLM": ("pagedserve.model.falcon", "FalconForCausalLM"),
     "MptForCausalLM": ("pagedserve.model.mpt", "MptForCausalLM"),
+    "Jais2ForCausalLM": ("pagedserve.model.jais2", "Jais2ForCausalLM"),
     "GPT2LMHeadModel": ("pagedserve.model.gpt2", "GPT2LMHeadModel"),
     "GPTBigCodeForCausalLM": ("pagedserve.model.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTJForCausalLM": ("pagedserve.model.gptj", "GPTJForCausalLM"),
