@@ -27,8 +27,9 @@ def _sdpa(q, k, v, mask: torch.Tensor, scale: float, softcap: float,
     against the scores' leading dims (each softmax gains it in its denominator); bias: float32,
     broadcast against the scores, added after the softcap. A query with no visible key gives 0
     either way."""
-    if softcap <= 0 and sinks is None and bias is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if softcap <= 0 and sinks is None:  # (ALiBi's bias as SDPA's float mask: every query sees itself)
+        attn_mask = mask if bias is None else bias.masked_fill(~mask, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
     s = (q @ k.transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
