@@ -47,7 +47,9 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
                                   "nemotron_h", "lfm2", "mamba2", "mamba", "falcon_mamba", "jamba", "minimax", "bamba",
                                   "falcon_h1", "nemotron_3", "llama4", "gemma4", "minimax_m2", "mimo_v2_flash",
                                   "hunyuan_moe", "dots1", "phimoe", "olmo", "exaone_moe", "solar_open", "ministral",
-                                  "cwm", "bloom", "bloom_post_norm", "mpt", "falcon_rw"])
+                                  "cwm", "bloom", "bloom_post_norm", "mpt", "falcon_rw", "jais2", "gpt_neox", "phi",
+                                  "starcoder2", "gpt2", "gpt_bigcode", "falcon_mq", "falcon_gqa", "opt",
+                                  "opt_postnorm", "gptj", "stablelm", "stablelm_par", "nemotron"])
 def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
     from conftest import assert_greedy_matches
 
