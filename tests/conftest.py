@@ -106,6 +106,11 @@ MODEL_SPECS = {
     "zamba2_untied": ("Zamba2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, layers_block_type=[
         "hybrid", "mamba", "hybrid", "hybrid"], num_mem_blocks=2, add_bias_linear=True, random_biases=True,
         random_norms=True, initializer_range=0.15)),
+    # Zamba v1: Mamba-1 layers of 2 heads (each its own dt, B and C), one shared block (tied) run
+    # twice, GQA, the Mamba projections' biases drawn (the output bias is added once, not per head).
+    "zamba": ("ZambaForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=4, layers_block_type=[
+        "mamba", "hybrid", "mamba", "hybrid"], mamba_proj_bias=True, random_biases=True, random_norms=True,
+        tie_word_embeddings=True, initializer_range=0.15)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.
     "lfm2": ("Lfm2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;

@@ -10,7 +10,7 @@ from pagedserve.model.registry import resolve_model_class
 
 _SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
 
-_HYBRID = {"layers_block_type": ["hybrid"]}  # (Zamba2's default 54 layer types would not fit _SMALL's one layer)
+_HYBRID = {"layers_block_type": ["hybrid"]}  # (Zamba's default layer types would not fit _SMALL's one layer)
 
 # (architecture, config class, the option set, the word the error must name)
 _REFUSED = [
@@ -38,6 +38,8 @@ _REFUSED = [
     ("Zamba2ForCausalLM", "Zamba2Config", {**_HYBRID, "use_shared_mlp_adapter": False}, "use_shared_mlp_adapter"),
     ("Zamba2ForCausalLM", "Zamba2Config", {**_HYBRID, "use_shared_attention_adapter": True, "num_key_value_heads": 2},
      "use_shared_attention_adapter"),
+    ("ZambaForCausalLM", "ZambaConfig", {**_HYBRID, "hidden_mamba_act": "gelu"}, "hidden_mamba_act"),
+    ("ZambaForCausalLM", "ZambaConfig", {**_HYBRID, "attention_hidden_size": 96}, "attention_hidden_size"),
 ]
 
 

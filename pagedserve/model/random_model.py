@@ -160,6 +160,10 @@ ARCH_CONFIGS = {
     "Zamba2ForCausalLM": ("Zamba2Config", {"n_mamba_heads": 8, "mamba_d_state": 16, "mamba_ngroups": 2,
                                            "chunk_size": 32, "adapter_rank": 8,
                                            "layers_block_type": ["linear_attention", "hybrid"]}),
+    # Zamba v1: Mamba-1 layers in 2 heads of 64 channels (16 state entries, rank-4 dt each), one
+    # shared transformer block before the "hybrid" ones.
+    "ZambaForCausalLM": ("ZambaConfig", {"n_mamba_heads": 2, "mamba_d_state": 16,
+                                         "layers_block_type": ["linear_attention", "hybrid"]}),
     # Encoder-only (model/bert.py): embeddings and cross-encoders.
     "BertModel": ("BertConfig", {}),
     "XLMRobertaModel": ("XLMRobertaConfig", {}),

@@ -79,6 +79,7 @@ _MODELS = {
     "Qwen2MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen2MoeForCausalLM"),
     "Qwen3ForCausalLM": ("pagedserve.model.qwen3", "Qwen3ForCausalLM"),
     "Qwen3MoeForCausalLM": ("pagedserve.model.qwen_moe", "Qwen3MoeForCausalLM"),
+    "ZambaForCausalLM": ("pagedserve.model.zamba", "ZambaForCausalLM"),
     "Zamba2ForCausalLM": ("pagedserve.model.zamba2", "Zamba2ForCausalLM"),
 }
 
