@@ -211,7 +211,7 @@ class EngineArgs:
         elif runner == "generate" and task == "classify":
             raise ValueError("a sequence classifier has no LM head to generate with; use runner='pooling'.")
         elif runner == "generate" and encoder:
-            raise ValueError("an encoder-only model (BERT, RoBERTa) does not generate text; use runner='pooling'.")
+            raise ValueError("an encoder-only model (BERT, RoBERTa, ModernBERT) does not generate text; use runner='pooling'.")
         # Bidirectional attention: a prompt's tokens all see each other, so a prompt is computed
         # in one step (no chunks), and no prefix of one can be reused (its KV would depend on
         # what followed it).
@@ -222,7 +222,10 @@ class EngineArgs:
             from pagedserve.model.pooler import resolve_pooler_config
 
             task = task or "embed"
-            pooler = resolve_pooler_config(self.model, self.pooler_config, task, default_type="CLS" if encoder else "LAST")
+            from pagedserve.model.bert import encoder_pooling_type
+
+            pooler = resolve_pooler_config(self.model, self.pooler_config, task,
+                                           default_type=encoder_pooling_type(hf_config) if encoder else "LAST")
             if self.speculative_config is not None or self.enable_lora:
                 raise ValueError("runner='pooling' takes no speculative_config and no LoRA adapters.")
         elif self.pooler_config is not None:

@@ -27,7 +27,26 @@ ENCODER_ARCHITECTURES = {
     "BertModel": ("bert", None), "RobertaModel": ("roberta", None), "XLMRobertaModel": ("roberta", None),
     "BertForSequenceClassification": ("bert", "bert"), "RobertaForSequenceClassification": ("roberta", "roberta"),
     "XLMRobertaForSequenceClassification": ("roberta", "roberta"),
+    "ModernBertModel": ("modernbert", None), "ModernBertForSequenceClassification": ("modernbert", "modernbert"),
 }
+
+
+def encoder_class(hf_config: Any) -> type:
+    """The module that runs this encoder: ModernBERT's own (model/modernbert.py), else this one's."""
+    if ENCODER_ARCHITECTURES[_arch(hf_config)][0] == "modernbert":
+        from pagedserve.model.modernbert import ModernBertModel
+
+        return ModernBertModel
+    return EncoderModel
+
+
+def encoder_pooling_type(hf_config: Any) -> str:
+    """The token(s) an encoder's head reads, the default pooling: the first (CLS), or the
+    prompt's mean for ModernBERT classifiers with classifier_pooling "mean"."""
+    arch = _arch(hf_config)
+    if arch == "ModernBertForSequenceClassification" and getattr(hf_config, "classifier_pooling", "cls") == "mean":
+        return "MEAN"
+    return "CLS"
 
 
 def _act(name: str):
@@ -51,18 +70,23 @@ def _arch(hf_config: Any) -> str:
 
 
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int = 0) -> torch.Tensor:
     """q/k/v [T, H, D] of whole prompts -> [T, H, D], each token attending to every token of
-    its own prompt. Requests are padded to the longest into one [R, H, L, D] SDPA call."""
+    its own prompt (window > 0: those at most `window` positions away, either side: ModernBERT's
+    local layers). Requests are padded to the longest into one [R, H, L, D] SDPA call."""
     n, h, d = q.shape
     qsl = meta.query_start_loc_cpu
     lens = [qsl[i + 1] - qsl[i] for i in range(meta.num_reqs)]
-    if len(lens) == 1:
-        o = nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                       scale=scale)
-        return o.transpose(0, 1)
     r, longest = len(lens), max(lens)
     dev = q.device
+    near = None
+    if window > 0:
+        pos = torch.arange(longest, device=dev)
+        near = (pos[:, None] - pos[None, :]).abs() <= window  # [L, L]
+    if len(lens) == 1:
+        o = nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                       attn_mask=near, scale=scale)
+        return o.transpose(0, 1)
     idx = torch.cat([torch.arange(m, device=dev) + i * longest for i, m in enumerate(lens)])
 
     def padded(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +95,8 @@ def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
         return buf.view(r, longest, h, d).transpose(1, 2)
 
     keep = torch.arange(longest, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
-    o = nn.functional.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keep[:, None, None, :],
-                                                   scale=scale)
+    mask = keep[:, None, None, :] if near is None else keep[:, None, None, :] & near
+    o = nn.functional.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale)
     out = q.new_zeros(n, h, d)
     out[: len(idx)] = o.transpose(1, 2).reshape(r * longest, h, d)[idx]
     return out

@@ -169,6 +169,10 @@ ARCH_CONFIGS = {
     "XLMRobertaModel": ("XLMRobertaConfig", {}),
     "BertForSequenceClassification": ("BertConfig", {"num_labels": 1}),
     "XLMRobertaForSequenceClassification": ("XLMRobertaConfig", {"num_labels": 3}),
+    # ModernBERT: global attention every third layer, local windows of 8 (4 either side).
+    "ModernBertModel": ("ModernBertConfig", {"local_attention": 8, "global_attn_every_n_layers": 3}),
+    "ModernBertForSequenceClassification": ("ModernBertConfig", {"local_attention": 8, "global_attn_every_n_layers": 3,
+                                                                 "num_labels": 3}),
     # Mixtures of experts: 4 experts, 2 per token; expert sizes follow intermediate_size.
     "MixtralForCausalLM": ("MixtralConfig", {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),

@@ -252,9 +252,9 @@ def supported_architectures() -> list[str]:
 def resolve_model_class(hf_config: Any) -> type:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if is_encoder_only(hf_config):
-        from pagedserve.model.bert import EncoderModel
+        from pagedserve.model.bert import encoder_class
 
-        return EncoderModel
+        return encoder_class(hf_config)
     for arch in archs:
         arch = _BASE_MODELS.get(arch) or _CLASSIFIERS.get(arch) or arch
         if arch in _MODELS:
