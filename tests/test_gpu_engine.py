@@ -49,7 +49,8 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
                                   "hunyuan_moe", "dots1", "phimoe", "olmo", "exaone_moe", "solar_open", "ministral",
                                   "cwm", "bloom", "bloom_post_norm", "mpt", "falcon_rw", "jais2", "gpt_neox", "phi",
                                   "starcoder2", "gpt2", "gpt_bigcode", "falcon_mq", "falcon_gqa", "opt",
-                                  "opt_postnorm", "gptj", "stablelm", "stablelm_par", "nemotron"])
+                                  "opt_postnorm", "gptj", "stablelm", "stablelm_par", "nemotron", "zamba2",
+                                  "zamba2_untied", "zamba"])
 def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
     from conftest import assert_greedy_matches
 
