@@ -15,7 +15,7 @@ change only the summation order and are not reproduced."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from pagedserve.model.layers.alibi import alibi_slopes
 from pagedserve.model.layers.norm import LayerNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, UpDownMLP
+from pagedserve.model.weights import base_prefixed
 
 
 class BloomDecoderLayer(nn.Module):
@@ -79,11 +80,7 @@ class BloomForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         heads = self.config.num_attention_heads
-        super().load_weights(reorder_qkv_rows(self._prefixed(weights), ".self_attention.query_key_value.",
+        # (hub checkpoints, bigscience/bloom-*, name tensors without the "transformer." prefix)
+        prefixed = ((base_prefixed(name), t) for name, t in weights)
+        super().load_weights(reorder_qkv_rows(prefixed, ".self_attention.query_key_value.",
                                               3 * self.config.hidden_size, lambda t: per_head_qkv_to_fused(t, heads)))
-
-    @staticmethod
-    def _prefixed(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Hub checkpoints (bigscience/bloom-*) name tensors without the "transformer." prefix."""
-        for name, t in weights:
-            yield (name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name), t

@@ -25,6 +25,7 @@ from pagedserve.model.gpt_neox import LayerNormDecoderLayer, mha_sizes
 from pagedserve.model.layers.norm import LayerNorm
 from pagedserve.model.layers.rotary import RotaryEmbedding
 from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, UpDownMLP
+from pagedserve.model.weights import base_prefixed
 
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
@@ -81,8 +82,7 @@ class GPT2LMHeadModel(LlamaForCausalLM):
         for name, t in weights:
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
-            if not name.startswith(("transformer.", "lm_head.")):
-                name = "transformer." + name
+            name = base_prefixed(name)
             if self.conv1d and name.endswith(_CONV1D):
                 t = t.t()
             yield name, t

@@ -37,6 +37,12 @@ def whole_checkpoint() -> Iterator[None]:
         _WHOLE_CHECKPOINT.reset(token)
 
 
+def base_prefixed(name: str, prefix: str = "transformer.") -> str:
+    """A checkpoint tensor's name with the base model's prefix that transformers' *ForCausalLM
+    gives it: hub checkpoints of GPT-2 and BLOOM name the base model's tensors without it."""
+    return name if name.startswith((prefix, "lm_head.")) else prefix + name
+
+
 def check_complete(missing: Sequence[str]) -> None:
     if missing and _WHOLE_CHECKPOINT.get():
         missing = sorted(missing)
