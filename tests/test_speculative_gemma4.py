@@ -55,14 +55,19 @@ def test_assistant_drafts_are_transformers(model_dirs, tmp_path):
     plain = LLM(target, max_model_len=256, async_scheduling=False)
     llm = LLM(target, max_model_len=256, max_num_batched_tokens=16, max_num_seqs=4,
               speculative_config={"model": head, "num_speculative_tokens": 3})
-    assert type(llm.llm_engine.runner.draft).__name__ == "AssistantProposer"
-    assert llm.llm_engine.runner.draft.kv_block_bytes() == 0  # (it reads the target's KV)
+    runner = llm.llm_engine.runner
+    assert type(runner.draft).__name__ == "AssistantProposer"
+    assert runner.draft.kv_block_bytes() == 0  # (it reads the target's KV)
+    # kv_sharing_fast_prefill stays on: the assistant reads sampled rows' features only.
+    narrowed = []
+    needed_rows = runner._needed_rows
+    runner._needed_rows = lambda host: narrowed.append(len(host.needed_rows)) or needed_rows(host)
     calls = spy_proposals(llm)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in _prompts(3)]
     assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == _tokens(plain.generate(prompts, params,
                                                                                              use_tqdm=False))
-    assert len(calls) > 6
+    assert len(calls) > 6 and runner.fast_prefill and narrowed
     for toks, drafts in calls:
         assert drafts == twin.drafts(toks, len(drafts)), len(toks)
     assert_no_leak(llm)

@@ -200,10 +200,12 @@ class ModelRunner:
         elif spec is not None and spec.method in EAGLE_METHODS + MTP_METHODS:  # it reads the target's hidden states
             self.draft = EagleProposer(config, self.backend, self.sampler, self.sampling_states, self.model)
         # Gemma 4's KV-sharing layers run on the rows whose outputs are read alone (their KV is an
-        # earlier layer's): not beside a proposer reading every row's features, LoRA's per-row
-        # adapters, or pooling (every row pooled).
+        # earlier layer's): not beside a proposer reading every row's features (EAGLE, MTP; an
+        # assistant reads only the feature of the row that sampled a request's last token, a
+        # sampled row), LoRA's per-row adapters, or pooling (every row pooled).
         self.fast_prefill = (config.kv_sharing_fast_prefill and getattr(self.model, "skips_unread_rows", False)
-                             and self.draft is None and not config.enable_lora and config.runner == "generate")
+                             and (self.draft is None or isinstance(self.draft, AssistantProposer))
+                             and not config.enable_lora and config.runner == "generate")
         self.prompt_logprobs_next: dict[str, int] = {}  # next prompt position whose logprob is owed
         self.block_table = BlockTable(config.max_num_seqs, -(-config.max_model_len // config.block_size))
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
