@@ -31,6 +31,12 @@ ENCODER_ARCHITECTURES = {
 }
 
 
+def is_bidirectional_decoder(hf_config: Any) -> bool:
+    """A decoder checkpoint whose attention looks both ways (use_bidirectional_attention true:
+    EmbeddingGemma's Gemma3TextModel), an embedding model run as encoders are."""
+    return getattr(hf_config, "use_bidirectional_attention", None) is True
+
+
 def encoder_class(hf_config: Any) -> type:
     """The module that runs this encoder: ModernBERT's own (model/modernbert.py), else this one's."""
     if ENCODER_ARCHITECTURES[_arch(hf_config)][0] == "modernbert":
@@ -42,7 +48,10 @@ def encoder_class(hf_config: Any) -> type:
 
 def encoder_pooling_type(hf_config: Any) -> str:
     """The token(s) an encoder's head reads, the default pooling: the first (CLS), or the
-    prompt's mean for ModernBERT classifiers with classifier_pooling "mean"."""
+    prompt's mean for ModernBERT classifiers with classifier_pooling "mean" and bidirectional
+    decoders (EmbeddingGemma's own pooling; its sentence-transformers files say so too)."""
+    if is_bidirectional_decoder(hf_config):
+        return "MEAN"
     arch = _arch(hf_config)
     if arch == "ModernBertForSequenceClassification" and getattr(hf_config, "classifier_pooling", "cls") == "mean":
         return "MEAN"
@@ -58,6 +67,8 @@ def _act(name: str):
 def position_offset(hf_config: Any) -> int:
     """RoBERTa numbers positions from padding_idx + 1 (its position table holds that many
     unused rows first); BERT from 0."""
+    if is_bidirectional_decoder(hf_config):
+        return 0
     family = ENCODER_ARCHITECTURES[_arch(hf_config)][0]
     return int(getattr(hf_config, "pad_token_id", 1) or 0) + 1 if family == "roberta" else 0
 
@@ -70,17 +81,18 @@ def _arch(hf_config: Any) -> str:
 
 
 def encoder_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                      scale: float, window: int = 0) -> torch.Tensor:
+                      scale: float, window: Optional[int] = None) -> torch.Tensor:
     """q/k/v [T, H, D] of whole prompts -> [T, H, D], each token attending to every token of
-    its own prompt (window > 0: those at most `window` positions away, either side: ModernBERT's
-    local layers). Requests are padded to the longest into one [R, H, L, D] SDPA call."""
+    its own prompt (window given: those at most `window` positions away, either side:
+    ModernBERT's local layers). Requests are padded to the longest into one [R, H, L, D] SDPA
+    call."""
     n, h, d = q.shape
     qsl = meta.query_start_loc_cpu
     lens = [qsl[i + 1] - qsl[i] for i in range(meta.num_reqs)]
     r, longest = len(lens), max(lens)
     dev = q.device
     near = None
-    if window > 0:
+    if window is not None:
         pos = torch.arange(longest, device=dev)
         near = (pos[:, None] - pos[None, :]).abs() <= window  # [L, L]
     if len(lens) == 1:

@@ -128,6 +128,18 @@ class Gemma2ForCausalLM(GemmaForCausalLM):
 class Gemma3ForCausalLM(GemmaForCausalLM):
     sandwich = True
 
+    def __init__(self, cfg: Any, max_positions: int) -> None:
+        super().__init__(cfg, max_positions)
+        # EmbeddingGemma (Gemma3TextModel, use_bidirectional_attention): every token sees its whole
+        # prompt (a sliding layer: the tokens less than a window away, either side), each prompt
+        # in one step, with no KV cache (PagedAttention.bidirectional).
+        self.bidirectional = getattr(cfg, "use_bidirectional_attention", None) is True
+        for layer in self.model.layers:
+            layer.self_attn.attn.bidirectional = self.bidirectional
+
+    def attention_layers(self) -> list:
+        return [] if self.bidirectional else super().attention_layers()
+
     @classmethod
     def attn_options(cls, cfg: Any) -> dict:
         return {**super().attn_options(cfg), "qk_norm": True}

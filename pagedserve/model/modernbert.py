@@ -46,14 +46,14 @@ def layer_types(cfg: Any) -> list[str]:
 
 
 class _Attention(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: Optional[int]) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // self.num_heads
         self.Wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=bool(cfg.attention_bias))
         self.Wo = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bool(cfg.attention_bias))
         self.rotary = rotary
-        self.window = window  # > 0: keys within this many positions either side
+        self.window = window  # keys within this many positions either side; None: all
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -76,7 +76,7 @@ class _MLP(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, cfg: Any, idx: int, rotary: RotaryEmbedding, window: int) -> None:
+    def __init__(self, cfg: Any, idx: int, rotary: RotaryEmbedding, window: Optional[int]) -> None:
         super().__init__()
         self.attn_norm = nn.Identity() if idx == 0 else _norm(cfg)
         self.attn = _Attention(cfg, rotary, window)
@@ -123,7 +123,7 @@ class ModernBertModel(nn.Module):
         self.rotary = nn.ModuleDict(rotaries)
         half = int(cfg.local_attention) // 2  # (transformers' sliding_window)
         self.embeddings = _Embeddings(cfg)
-        self.layers = nn.ModuleList(_Layer(cfg, i, rotaries[t], half if t == "sliding_attention" else 0)
+        self.layers = nn.ModuleList(_Layer(cfg, i, rotaries[t], half if t == "sliding_attention" else None)
                                     for i, t in enumerate(types))
         self.final_norm = _norm(cfg)
         classify = any(a.endswith("ForSequenceClassification") for a in getattr(cfg, "architectures", None) or [])

@@ -1,7 +1,8 @@
 """How an embedding model turns hidden states into one vector: which token(s) to pool and
 whether to normalize, from the user's pooler_config, else the model directory's
 sentence-transformers files (modules.json, 1_Pooling/config.json), else last token and
-normalized (vLLM's default for decoder embedding models)."""
+normalized (vLLM's default for decoder embedding models); and the sentence-transformers Dense
+layers after the pooling (EmbeddingGemma's 2_Dense, 3_Dense), applied before normalizing."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ _ST_MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN
 class PoolerConfig:
     pooling_type: str = "LAST"
     normalize: bool = True
+    dense: tuple[str, ...] = ()  # the Dense modules' directories, in order (model/st_dense.py)
 
 
 def _read_json(path: str) -> Any:
@@ -39,6 +41,8 @@ def _sentence_transformers(model_dir: str) -> dict:
     modules = _read_json(modules_path)
     types = [m.get("type", "") for m in modules if isinstance(m, dict)]
     out["normalize"] = any(t.endswith("Normalize") for t in types)
+    out["dense"] = tuple(os.path.join(model_dir, m.get("path", "")) for m in modules
+                         if isinstance(m, dict) and m.get("type", "").endswith("models.Dense"))
     for m in modules:
         if isinstance(m, dict) and m.get("type", "").endswith("Pooling"):
             cfg_path = os.path.join(model_dir, m.get("path", ""), "config.json")
@@ -67,4 +71,4 @@ def resolve_pooler_config(model_dir: str, override: Optional[dict], task: str = 
     normalize = settings.get("normalize", True)
     if not isinstance(normalize, bool):
         raise ValueError(f"pooler_config: normalize must be true or false, got {normalize!r}.")
-    return PoolerConfig(pooling_type, normalize)
+    return PoolerConfig(pooling_type, normalize, settings.get("dense", ()))

@@ -93,6 +93,7 @@ _BASE_MODELS = {
     "Qwen3Model": "Qwen3ForCausalLM",
     "GemmaModel": "GemmaForCausalLM",
     "Gemma2Model": "Gemma2ForCausalLM",
+    "Gemma3TextModel": "Gemma3ForCausalLM",  # (EmbeddingGemma: bidirectional, model/gemma.py)
 }
 
 
@@ -220,11 +221,12 @@ _CLASSIFIERS = {
 
 
 def is_encoder_only(hf_config: Any) -> bool:
-    """BERT-family encoders (model/bert.py): bidirectional, pooling only."""
-    from pagedserve.model.bert import ENCODER_ARCHITECTURES
+    """BERT-family encoders (model/bert.py) and decoders made bidirectional (EmbeddingGemma):
+    pooling only, each prompt whole in one step."""
+    from pagedserve.model.bert import ENCODER_ARCHITECTURES, is_bidirectional_decoder
 
     archs = list(getattr(hf_config, "architectures", None) or [])
-    return bool(archs) and archs[0] in ENCODER_ARCHITECTURES
+    return bool(archs) and (archs[0] in ENCODER_ARCHITECTURES or is_bidirectional_decoder(hf_config))
 
 
 def is_base_model(hf_config: Any) -> bool:
@@ -251,9 +253,9 @@ def supported_architectures() -> list[str]:
 
 def resolve_model_class(hf_config: Any) -> type:
     archs = list(getattr(hf_config, "architectures", None) or [])
-    if is_encoder_only(hf_config):
-        from pagedserve.model.bert import encoder_class
+    from pagedserve.model.bert import ENCODER_ARCHITECTURES, encoder_class
 
+    if archs and archs[0] in ENCODER_ARCHITECTURES:
         return encoder_class(hf_config)
     for arch in archs:
         arch = _BASE_MODELS.get(arch) or _CLASSIFIERS.get(arch) or arch

@@ -176,7 +176,11 @@ class ModelRunner:
             installed = {} if config.enable_lora else install_all(self.model)
             if installed:
                 logger.info("small-batch GEMV kernel on layer shapes %s", installed)
-        self.pooling = PoolingStates(config.pooler) if config.runner == "pooling" else None
+        self.pooling = None
+        if config.runner == "pooling":
+            from pagedserve.model.st_dense import load_dense_layers
+
+            self.pooling = PoolingStates(config.pooler, load_dense_layers(config.pooler.dense, self.device))
         self.encoder_cache: Optional[EncoderCache] = None  # a vision-language model's image embeddings
         if config.max_images_per_prompt > 0:
             from pagedserve.multimodal.encoder import load_image_encoder

@@ -1,6 +1,7 @@
 """Embeddings: the pooled hidden state of each pooling request, built across its prefill
-chunks (last token, mean of all tokens, or first token), then truncated to the requested
-dimensions and L2-normalized, on the device. The hidden states are the model's final-norm
+chunks (last token, mean of all tokens, or first token), then through the model's
+sentence-transformers Dense layers if it has them, truncated to the requested dimensions and
+L2-normalized, on the device. The hidden states are the model's final-norm
 output, transformers' last_hidden_state."""
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pagedserve.model.pooler import PoolerConfig
 
 
 class PoolingStates:
-    def __init__(self, config: PoolerConfig) -> None:
+    def __init__(self, config: PoolerConfig, dense: Optional[torch.nn.Module] = None) -> None:
         self.config = config
+        self.dense = dense  # float32 (model/st_dense.py)
         self.partial: dict[str, torch.Tensor] = {}  # request id -> running sum (MEAN) or first row (CLS)
 
     def add_chunk(self, request_id: str, hidden: torch.Tensor, start: int) -> None:
@@ -40,6 +42,8 @@ class PoolingStates:
             vec = self.partial.pop(request_id)
             if kind == "MEAN":
                 vec = vec / num_tokens
+        if self.dense is not None:
+            vec = self.dense(vec)
         if dimensions is not None:
             vec = vec[:dimensions]
         if self.config.normalize if normalize is None else normalize:

@@ -41,6 +41,8 @@ class PagedAttention(nn.Module):
         self.k_scale = self.v_scale = 1.0
         self.k_cache: Optional[torch.Tensor] = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: Optional[torch.Tensor] = None
+        # A bidirectional pooling model's layer (EmbeddingGemma): whole prompts, no cache.
+        self.bidirectional = False
         # Gemma 4's global layers: causal even where the step's images attend both ways
         # (AttentionMetadata.kv_limit, which the sliding-window layers follow).
         self.causal_only = False
@@ -78,6 +80,8 @@ class PagedAttention(nn.Module):
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hk, D] -> [T, Hq * D]. rope: (positions, cos_sin) when
         q and k are still to be rotated, by the backend's KV write (needs fuses_rope)."""
+        if self.bidirectional:
+            return self._attend_whole_prompts(q, k, v, meta)
         if self.causal_only and meta.kv_limit is not None:
             meta = dataclasses.replace(meta, kv_limit=None)
         if self.kv_source is not None:
@@ -99,6 +103,21 @@ class PagedAttention(nn.Module):
                                     self.softcap, self.sinks, self.alibi)
         if scaled and self.v_scale != 1.0:
             o = o * self.v_scale
+        return o.reshape(o.shape[0], -1)
+
+    def _attend_whole_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              meta: AttentionMetadata) -> torch.Tensor:
+        """Each prompt whole in this step, every token seeing all of its prompt's (a window
+        layer: those less than `window` away, either side, as transformers' bidirectional
+        Gemma 3), on the step's own keys and values (model/bert.py's encoder_attention)."""
+        from pagedserve.model.bert import encoder_attention
+
+        assert self.softcap == 0 and self.sinks is None and self.alibi is None, "not on the encoder path"
+        group = self.num_heads // self.num_kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        o = encoder_attention(q, k.contiguous(), v.contiguous(), meta, self.scale,
+                              window=self.window - 1 if self.window > 0 else None)
         return o.reshape(o.shape[0], -1)
 
     def _attend_shared(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
