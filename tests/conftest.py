@@ -289,6 +289,12 @@ MODEL_SPECS = {
                                    attn_config={"clip_qkv": 0.25, "softmax_scale": 0.3})),
     "falcon_rw": ("FalconForCausalLM", dict(num_heads=8, num_kv_heads=8, alibi=True, multi_query=False,
                                             parallel_attn=False, bias=True, random_biases=True, random_norms=True)),
+    # DBRX: unbiased LayerNorms (drawn), the fused Wqkv clamped by clip_qkv (about a quarter of q/k/v),
+    # GQA, 4 fused experts (2 a token, weights renormalised); RoPE's base in both places a config may
+    # hold it (dbrx.py says why).
+    "dbrx": ("DbrxForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True,
+                                     attn_config={"clip_qkv": 5.0, "rope_theta": 5e5},
+                                     rope_parameters={"rope_type": "default", "rope_theta": 5e5})),
     # JAIS 2: LayerNorms, a gateless ReLU² MLP, every bias and norm drawn.
     "jais2": ("Jais2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_biases=True, random_norms=True)),
     # OPT: learned positions at an offset of 2, pre-LayerNorm layers, every bias and norm drawn, the

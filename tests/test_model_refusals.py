@@ -62,3 +62,18 @@ def test_windows_transformers_ignores_are_ignored(arch, config):
     with torch.device("meta"):
         model = resolve_model_class(cfg)(cfg, 64)
     assert [a.window for a in model.attention_layers()] == [0]
+
+
+def test_dbrx_rope_base_from_attn_config():
+    """DBRX's RoPE base is attn_config.rope_theta where given (what the released models were
+    trained with: 500000), which transformers 5 leaves out of rope_parameters (10000)."""
+    import math
+
+    import torch
+
+    cfg = transformers.DbrxConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=128, attn_config={"rope_theta": 5e5})
+    cfg.architectures = ["DbrxForCausalLM"]
+    with torch.device("meta"):
+        model = resolve_model_class(cfg)(cfg, 64)
+    table = model.model.layers[0].self_attn.rotary.cos_sin  # [position, cos | sin]; head_dim 16
+    assert table[1, 1].item() == pytest.approx(math.cos(5e5 ** (-2 / 16)))

@@ -89,6 +89,9 @@ ARCH_CONFIGS = {
     # BLOOM, MPT (ALiBi): their MLP widths are 4 * hidden and expansion_ratio * hidden.
     "BloomForCausalLM": ("BloomConfig", {}),
     "MptForCausalLM": ("MptConfig", {}),
+    # DBRX: 4 experts of 48, 2 a token (weights renormalised: their 1-norm).
+    "DbrxForCausalLM": ("DbrxConfig", {"ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4,
+                                                      "moe_top_k": 2}}),
     "Jais2ForCausalLM": ("Jais2Config", {}),
     # OPT: the MLP width is ffn_dim (default 3072).
     "OPTForCausalLM": ("OPTConfig", {"ffn_dim": 128}),
@@ -328,6 +331,9 @@ def build_random_model(
         kwargs["layer_types"] = ["full_attention" if (num_layers - 1 - i) % 2 == 0 else "sliding_attention"
                                  for i in range(num_layers)]
         kwargs["num_kv_shared_layers"] = max(0, min(2, num_layers - 2))
+    if arch == "DbrxForCausalLM":  # (DbrxConfig's sub-configs read d_model, and its KV heads from attn_config)
+        kwargs["d_model"] = hidden_size
+        kwargs["attn_config"] = {"kv_n_heads": num_kv_heads, **extra.pop("attn_config", {})}
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:

@@ -14,6 +14,7 @@ _MODELS = {
     "DeepseekV2ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("pagedserve.model.deepseek", "DeepseekV3ForCausalLM"),
     "Dots1ForCausalLM": ("pagedserve.model.dots1", "Dots1ForCausalLM"),
+    "DbrxForCausalLM": ("pagedserve.model.dbrx", "DbrxForCausalLM"),
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
     "ExaoneMoeForCausalLM": ("pagedserve.model.exaone_moe", "ExaoneMoeForCausalLM"),
