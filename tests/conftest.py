@@ -153,6 +153,14 @@ MODEL_SPECS = {
                                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                              "full_attention": {"rope_type": "proportional", "rope_theta": 10000.0,
                                                                 "partial_rotary_factor": 0.5}})),
+    # Gemma 3n (random_model.py's defaults): every feature at once: 4 AltUp copies with the second
+    # active (so that taking the first shows), LAuReL, per-layer inputs (ids past 768 take row 0's),
+    # the last two layers reading earlier layers' KV, the Gaussian top-k gate on two layers at two
+    # sparsities, MLP widths per layer, sliding and global layers; drawn norms and output scales.
+    "gemma3n": ("Gemma3nForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=6, sliding_window=19,
+                                           tie_word_embeddings=True, random_norms=True, altup_active_idx=1,
+                                           vocab_size_per_layer_input=768, intermediate_size=[128, 96] * 3,
+                                           activation_sparsity_pattern=[0.95, 0.6, 0.0, 0.0, 0.0, 0.0])),
     # Sliding windows: Mistral's on every layer; Qwen2's on the layers from max_window_layers.
     "mistral_swa": ("MistralForCausalLM", dict(num_heads=4, num_kv_heads=2, sliding_window=19)),
     "qwen2_swa": ("Qwen2ForCausalLM", dict(num_heads=4, num_kv_heads=2, use_sliding_window=True, sliding_window=13,

@@ -88,12 +88,12 @@ def test_prefix_cache_hits(name, model_dirs, hf_refs):
 # Preemption recomputes through the same forward pass every architecture is checked on above;
 # these cover each kind of KV state it must rebuild: plain, all layers windowed (blocks given
 # back), mixed windows with softcaps, sinks, experts, latent attention (one cache, not two),
-# linear-attention states (started again from zeros), KV shared across layers (Gemma 4), a
-# config's sliding_window the model ignores (MiniMax-M2, OLMo, Solar Open: every block kept, the
-# engine taking windows from the model's layers), two KV cache shapes
+# linear-attention states (started again from zeros), KV shared across layers (Gemma 4; Gemma 3n
+# with AltUp copies), a config's sliding_window the model ignores (MiniMax-M2, OLMo, Solar Open:
+# every block kept, the engine taking windows from the model's layers), two KV cache shapes
 # with windows and sinks (MiMo-V2-Flash).
 PREEMPTION_SPECS = ["llama", "mistral_swa", "gemma2", "gpt_oss", "qwen2_moe", "deepseek_v3", "phi3", "qwen3_next",
-                    "granite_hybrid", "gemma4", "olmo", "solar_open", "minimax_m2", "mimo_v2_flash"]
+                    "granite_hybrid", "gemma4", "gemma3n", "olmo", "solar_open", "minimax_m2", "mimo_v2_flash"]
 
 
 @pytest.mark.parametrize("name", PREEMPTION_SPECS)

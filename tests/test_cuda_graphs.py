@@ -167,9 +167,9 @@ def test_uniform_bucket_matches_a_varlen_step(llama_dir):
 # parallel residual), gpt_bigcode for gpt2 (learned positions), falcon_gqa for falcon_mq, opt and
 # stablelm for their other forms, phimoe for starcoder2's window; each is checked on the torch
 # backend in test_correctness.py.
-@pytest.mark.parametrize("name", ["llama", "llama4", "gemma4", "mixtral", "qwen2_moe", "qwen3_5", "qwen3_next",
-                                  "granite_hybrid", "granite_moe", "nemotron_h", "lfm2", "mamba2", "mamba",
-                                  "falcon_mamba", "jamba", "minimax",
+@pytest.mark.parametrize("name", ["llama", "llama4", "gemma4", "gemma3n", "mixtral", "qwen2_moe", "qwen3_5",
+                                  "qwen3_next", "granite_hybrid", "granite_moe", "nemotron_h", "lfm2", "mamba2",
+                                  "mamba", "falcon_mamba", "jamba", "minimax",
                                   "gpt_neox", "gpt_bigcode", "falcon_gqa", "opt", "gptj", "stablelm",
                                   "phimoe",
                                   "nemotron", "minimax_m2", "mimo_v2_flash", "hunyuan_moe",

@@ -11,6 +11,7 @@ from pagedserve.model.registry import resolve_model_class
 _SMALL = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=128)
 
 _HYBRID = {"layers_block_type": ["hybrid"]}  # (Zamba's default layer types would not fit _SMALL's one layer)
+_UNSHARED = {"num_kv_shared_layers": 0}  # (Gemma 3n's default 15 would not fit it either)
 
 # (architecture, config class, the option set, the word the error must name)
 _REFUSED = [
@@ -40,6 +41,12 @@ _REFUSED = [
      "use_shared_attention_adapter"),
     ("ZambaForCausalLM", "ZambaConfig", {**_HYBRID, "hidden_mamba_act": "gelu"}, "hidden_mamba_act"),
     ("ZambaForCausalLM", "ZambaConfig", {**_HYBRID, "attention_hidden_size": 96}, "attention_hidden_size"),
+    ("Gemma3nForCausalLM", "Gemma3nTextConfig", {**_UNSHARED, "altup_active_idx": 4}, "altup_active_idx"),
+    ("Gemma3nForCausalLM", "Gemma3nTextConfig", {**_UNSHARED, "hidden_size_per_layer_input": 0},
+     "hidden_size_per_layer_input"),
+    ("Gemma3nForCausalLM", "Gemma3nTextConfig", {**_UNSHARED, "activation_sparsity_pattern": [1.0]},
+     "activation_sparsity_pattern"),
+    ("Gemma3nForCausalLM", "Gemma3nTextConfig", {"num_kv_shared_layers": 1}, "num_kv_shared_layers"),
 ]
 
 

@@ -40,6 +40,11 @@ ARCH_CONFIGS = {
         "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 48, "final_logit_softcapping": 30.0,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
                         "sliding_attention", "full_attention"]}),
+    # Gemma 3n at a small scale: 4 AltUp copies, LAuReL of rank 4, per-layer inputs of 8, a window
+    # short tests cross; build_random_model gives layer types, KV sharing and sparsity by depth.
+    "Gemma3nForCausalLM": ("Gemma3nTextConfig", {
+        "head_dim": 16, "sliding_window": 16, "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 1024,
+        "laurel_rank": 4, "altup_num_inputs": 4, "final_logit_softcapping": 30.0}),
     # Phi (phi-1.5, phi-2): RoPE on half of each head (partial_rotary_factor, as released).
     "PhiForCausalLM": ("PhiConfig", {"partial_rotary_factor": 0.5}),
     "Phi3ForCausalLM": ("Phi3Config", {"sliding_window": None}),
@@ -334,6 +339,11 @@ def build_random_model(
     if arch == "DbrxForCausalLM":  # (DbrxConfig's sub-configs read d_model, and its KV heads from attn_config)
         kwargs["d_model"] = hidden_size
         kwargs["attn_config"] = {"kv_n_heads": num_kv_heads, **extra.pop("attn_config", {})}
+    if arch == "Gemma3nForCausalLM":  # Gemma 4's layer types and sharing; the first layer's MLP sparse
+        kwargs["layer_types"] = ["full_attention" if (num_layers - 1 - i) % 2 == 0 else "sliding_attention"
+                                 for i in range(num_layers)]
+        kwargs["num_kv_shared_layers"] = max(0, min(2, num_layers - 2))
+        kwargs["activation_sparsity_pattern"] = [0.95] + [0.0] * (num_layers - 1)
     if head_dim is not None:
         kwargs["head_dim"] = head_dim
     if rope_scaling is not None:
@@ -357,6 +367,8 @@ def build_random_model(
                                                              name):
                     p.normal_(1.0, 0.3)
                 elif name.endswith(("router.scale", "router.per_expert_scale")):  # (Gemma 4's)
+                    p.uniform_(0.5, 1.5)
+                elif name.endswith("altup.correct_output_scale"):  # (Gemma 3n's: zeros would hide PLE)
                     p.uniform_(0.5, 1.5)
             for name, b in model.named_buffers():
                 if name.endswith("layer_scalar"):  # Gemma 4's output scale per layer

@@ -31,6 +31,7 @@ _MODELS = {
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),
     "Gemma4ForCausalLM": ("pagedserve.model.gemma4", "Gemma4ForCausalLM"),
+    "Gemma3nForCausalLM": ("pagedserve.model.gemma3n", "Gemma3nForCausalLM"),
     "GlmForCausalLM": ("pagedserve.model.glm4", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("pagedserve.model.glm4", "Glm4ForCausalLM"),
     "Glm4MoeForCausalLM": ("pagedserve.model.glm4_moe", "Glm4MoeForCausalLM"),
@@ -116,6 +117,12 @@ _TEXT_OF_MULTIMODAL = {
     "Gemma4ForConditionalGeneration": ("Gemma4ForCausalLM", [("model.language_model.", "model.")],
                                        ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.",
                                         "model.embed_audio.")),
+    # Gemma 3n: the language model and its marker tokens' own embeddings (text_model_config), not
+    # the towers nor the soft-token norms of their outputs.
+    "Gemma3nForConditionalGeneration": ("Gemma3nForCausalLM", [("model.language_model.", "model.")],
+                                        ("model.vision_tower.", "model.audio_tower.",
+                                         "model.embed_vision.soft_embedding_norm.",
+                                         "model.embed_audio.soft_embedding_norm.")),
     # LLaVA-1.5 and its kin: a Llama / Mistral / Qwen2 decoder (by text_config.model_type); its
     # images run through multimodal/llava.py.
     "LlavaForConditionalGeneration": (None, [("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -194,6 +201,13 @@ def text_model_config(hf_config: Any) -> Any:
         # the pad token's there, as transformers does).
         text.multimodal_token_ids = [int(t) for t in (getattr(hf_config, f"{kind}_token_id", None)
                                                       for kind in ("image", "video", "audio")) if t is not None]
+        # Gemma 3n's image and audio marker ids past the text vocabulary: embedded by tables of their
+        # own, (offset, size, width, eps) each.
+        hard = {kind: (int(c.vocab_offset), int(c.vocab_size), int(c.hidden_size), float(c.rms_norm_eps))
+                for kind, c in ((k, getattr(hf_config, f"{k}_config", None)) for k in ("vision", "audio"))
+                if archs[0] == "Gemma3nForConditionalGeneration" and c is not None}
+        if hard:
+            text.hard_token_embeddings = hard
         return text
     return hf_config
 
