@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.backend import AttentionMetadata
-from pagedserve.model.weights import check_complete, copy_into
+from pagedserve.model.weights import load_by_name
 
 TOKEN_TYPE_SHIFT = 30  # input id = token id | token type << TOKEN_TYPE_SHIFT
 
@@ -258,12 +258,4 @@ class EncoderModel(nn.Module):
         return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            ours = self._our_name(name)
-            if ours is None:
-                continue
-            copy_into(params, ours, tensor, name, type(self).__name__)
-            loaded.add(ours)
-        check_complete(list(set(params) - loaded))
+        load_by_name(self, weights, self._our_name)

@@ -23,7 +23,7 @@ from torch import nn
 from pagedserve.attention.backend import AttentionMetadata
 from pagedserve.model.bert import TOKEN_TYPE_SHIFT, encoder_attention
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.weights import check_complete, copy_into
+from pagedserve.model.weights import load_by_name
 
 
 def _act(name: str) -> nn.Module:
@@ -156,12 +156,4 @@ class ModernBertModel(nn.Module):
         return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            ours = self._our_name(name)
-            if ours is None:
-                continue
-            copy_into(params, ours, tensor, name, type(self).__name__)
-            loaded.add(ours)
-        check_complete(list(set(params) - loaded))
+        load_by_name(self, weights, self._our_name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +41,21 @@ def base_prefixed(name: str, prefix: str = "transformer.") -> str:
     """A checkpoint tensor's name with the base model's prefix that transformers' *ForCausalLM
     gives it: hub checkpoints of GPT-2 and BLOOM name the base model's tensors without it."""
     return name if name.startswith((prefix, "lm_head.")) else prefix + name
+
+
+def load_by_name(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 our_name: Callable[[str], Optional[str]]) -> None:
+    """Copy each checkpoint tensor into the parameter `our_name` gives it (None: a tensor the
+    model does not use); every parameter must be covered (the encoders' loading)."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        ours = our_name(name)
+        if ours is None:
+            continue
+        copy_into(params, ours, tensor, name, type(model).__name__)
+        loaded.add(ours)
+    check_complete(list(set(params) - loaded))
 
 
 def check_complete(missing: Sequence[str]) -> None:
