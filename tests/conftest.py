@@ -113,6 +113,10 @@ MODEL_SPECS = {
         tie_word_embeddings=True, initializer_range=0.15)),
     # LFM2: short-convolution layers around an attention layer with q/k norms.
     "lfm2": ("Lfm2ForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True)),
+    # LFM2-MoE: LFM2's layers, the first with a dense MLP, the others with 4 experts (2 a token) chosen
+    # by sigmoid scores plus a drawn expert bias, renormalised and scaled by 1.5; the head tied.
+    "lfm2_moe": ("Lfm2MoeForCausalLM", dict(num_heads=4, num_kv_heads=2, num_layers=3, random_norms=True,
+                                            layer_types=["conv", "full_attention", "conv"], tie_word_embeddings=True)),
     # Mixtures of experts (4 experts, top 2): every layer sparse; Qwen2-MoE's shared expert;
     # Qwen3-MoE with a dense layer (mlp_only_layers).
     "mixtral": ("MixtralForCausalLM", dict(num_heads=4, num_kv_heads=2)),

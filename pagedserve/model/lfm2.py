@@ -51,13 +51,13 @@ def _mlp_size(cfg: Any) -> int:
 
 
 class Lfm2Layer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, conv: bool) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, conv: bool, feed_forward: nn.Module) -> None:
         super().__init__()
         if conv:
             self.conv = ShortConv(cfg)
         else:
             self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=False, o_bias=False, qk_norm=True)
-        self.feed_forward = LlamaMLP(cfg, _mlp_size(cfg), act="silu", bias=False)
+        self.feed_forward = feed_forward  # (the model's build_mlp: LFM2's SwiGLU MLP, or LFM2-MoE's experts)
         self.operator_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
@@ -83,7 +83,11 @@ class Lfm2ForCausalLM(HybridLayers, LlamaForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         types = checked_layer_types(cfg, {"conv": "short convolution", "full_attention": "attention"}, cls.__name__)
-        return Lfm2Layer(cfg, rotary, types[layer_idx] == "conv")
+        return Lfm2Layer(cfg, rotary, types[layer_idx] == "conv", cls.build_mlp(cfg, layer_idx))
+
+    @classmethod
+    def build_mlp(cls, cfg: Any, layer_idx: int) -> nn.Module:
+        return LlamaMLP(cfg, _mlp_size(cfg), act="silu", bias=False)
 
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:

@@ -163,6 +163,10 @@ ARCH_CONFIGS = {
     # LFM2: short-convolution layers and attention layers (full_attn_idxs), the MLP width LFM2
     # derives from intermediate_size.
     "Lfm2ForCausalLM": ("Lfm2Config", {"full_attn_idxs": [1], "block_multiple_of": 32}),
+    # LFM2-MoE: a dense first layer, then 4 experts of 48 (2 a token), the router's scores
+    # renormalised and scaled; convolution and attention layers as layer_types says (the specs).
+    "Lfm2MoeForCausalLM": ("Lfm2MoeConfig", {"num_dense_layers": 1, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 48, "routed_scaling_factor": 1.5}),
     # Zamba2: Mamba-2 layers (8 heads of 16 in 2 groups), a shared transformer block before the
     # "hybrid" ones (layers_block_type, as many as num_layers), rank-8 adapters.
     "Zamba2ForCausalLM": ("Zamba2Config", {"n_mamba_heads": 8, "mamba_d_state": 16, "mamba_ngroups": 2,
@@ -380,9 +384,9 @@ def build_random_model(
             for name, p in model.named_parameters():
                 if name.endswith("mixer.dt_bias"):
                     p.fill_(-3.0)
-    with torch.no_grad():  # DeepSeek-V3's router bias (a buffer, zeros in transformers): drawn, so it matters
+    with torch.no_grad():  # DeepSeek-V3's (LFM2-MoE's) router bias (a buffer, zeros in transformers): drawn
         for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "feed_forward.expert_bias")):
                 b.normal_(0.0, 0.5)
     model.save_pretrained(path)
     return path

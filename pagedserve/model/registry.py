@@ -55,6 +55,7 @@ _MODELS = {
     "BambaForCausalLM": ("pagedserve.model.granite_hybrid", "BambaForCausalLM"),
     "FalconH1ForCausalLM": ("pagedserve.model.falcon_h1", "FalconH1ForCausalLM"),
     "Lfm2ForCausalLM": ("pagedserve.model.lfm2", "Lfm2ForCausalLM"),
+    "Lfm2MoeForCausalLM": ("pagedserve.model.lfm2_moe", "Lfm2MoeForCausalLM"),
     "MiniMaxForCausalLM": ("pagedserve.model.minimax", "MiniMaxForCausalLM"),
     "MiniMaxM2ForCausalLM": ("pagedserve.model.minimax_m2", "MiniMaxM2ForCausalLM"),
     "MiMoV2FlashForCausalLM": ("pagedserve.model.mimo_v2_flash", "MiMoV2FlashForCausalLM"),
