@@ -125,6 +125,9 @@ MODEL_SPECS = {
     # OLMoE: q/k norms over all heads at once, experts in every layer, weights not renormalised;
     # clip_qkv clamping about 3 in 4 of the normed q/k entries and 1 in 15 of v's.
     "olmoe": ("OlmoeForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True, clip_qkv=0.3)),
+    # FlexOlmo: OLMo 2's post-norm layers (q/k norms over all heads, drawn) with OLMoE's experts (top 2
+    # of 4, not renormalised as released: the norm after the experts would undo it anyway).
+    "flex_olmo": ("FlexOlmoForCausalLM", dict(num_heads=4, num_kv_heads=2, random_norms=True)),
     # Phi-3.5-MoE: LayerNorms and every bias drawn (the LM head's too), a window of 23, the
     # sparsemixer router, LongRoPE with short factors and short_mscale (max_model_len within the
     # original length; long_mscale set apart so that taking it shows).

@@ -22,12 +22,13 @@ from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, _
 
 
 class Olmo2DecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int, qk_norm_whole: bool = True) -> None:
+    def __init__(self, cfg: Any, rotary: RotaryEmbedding, window: int, qk_norm_whole: bool = True,
+                 mlp: Optional[nn.Module] = None) -> None:
         super().__init__()
         bias = bool(getattr(cfg, "attention_bias", False))
         self.self_attn = LlamaAttention(cfg, rotary, qkv_bias=bias, o_bias=bias, qk_norm=True, window=window,
                                         qk_norm_whole=qk_norm_whole)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp if mlp is not None else LlamaMLP(cfg)  # (FlexOlmo: experts)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -190,6 +190,7 @@ ARCH_CONFIGS = {
     "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
     "OlmoeForCausalLM": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    "FlexOlmoForCausalLM": ("FlexOlmoConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     # Phi-3.5-MoE: sparsemixer over 4 experts, with a jitter wide enough that its mask both keeps
     # and drops experts.
     "PhimoeForCausalLM": ("PhimoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2,

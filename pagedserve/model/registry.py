@@ -18,6 +18,7 @@ _MODELS = {
     "Ernie4_5ForCausalLM": ("pagedserve.model.ernie", "Ernie4_5ForCausalLM"),
     "Exaone4ForCausalLM": ("pagedserve.model.olmo2", "Exaone4ForCausalLM"),
     "ExaoneMoeForCausalLM": ("pagedserve.model.exaone_moe", "ExaoneMoeForCausalLM"),
+    "FlexOlmoForCausalLM": ("pagedserve.model.flex_olmo", "FlexOlmoForCausalLM"),
     "Ernie4_5_MoeForCausalLM": ("pagedserve.model.ernie", "Ernie4_5_MoeForCausalLM"),
     "BloomForCausalLM": ("pagedserve.model.bloom", "BloomForCausalLM"),
     "FalconForCausalLM": ("pagedserve.model.falcon", "FalconForCausalLM"),
