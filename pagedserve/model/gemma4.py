@@ -207,6 +207,8 @@ class Gemma4Model(nn.Module):
             self.per_layer_embed_scale = _rounded(p**0.5)
             self.per_layer_model_projection = nn.Linear(h, n * p, bias=False)
             self.per_layer_projection_norm = Gemma4RMSNorm(p, cfg.rms_norm_eps)
+            # (Python floats in transformers' Gemma 4; Gemma 3n's round them to the model dtype)
+            self.per_layer_projection_scale, self.per_layer_input_scale = h**-0.5, 2**-0.5
         # Image / video / audio placeholders take the pad token's per-layer embedding.
         self.pad_token_id = int(getattr(cfg, "pad_token_id", None) or 0)
         self.placeholders = list(getattr(cfg, "multimodal_token_ids", None) or [])
@@ -216,8 +218,8 @@ class Gemma4Model(nn.Module):
         of its input embedding (normed), averaged in the 1/sqrt(2) sense."""
         n, p = len(self.layers), self.per_layer
         own = (self.embed_tokens_per_layer(input_ids) * self.per_layer_embed_scale).view(-1, n, p)
-        mixed = (self.per_layer_model_projection(x) * self.embed_tokens.embedding_dim**-0.5).view(-1, n, p)
-        return (self.per_layer_projection_norm(mixed) + own) * 2**-0.5
+        mixed = (self.per_layer_model_projection(x) * self.per_layer_projection_scale).view(-1, n, p)
+        return (self.per_layer_projection_norm(mixed) + own) * self.per_layer_input_scale
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
