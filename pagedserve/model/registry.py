@@ -35,6 +35,7 @@ _MODELS = {
     "Gemma3nForCausalLM": ("pagedserve.model.gemma3n", "Gemma3nForCausalLM"),
     "GlmForCausalLM": ("pagedserve.model.glm4", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("pagedserve.model.glm4", "Glm4ForCausalLM"),
+    "HeliumForCausalLM": ("pagedserve.model.helium", "HeliumForCausalLM"),
     "Glm4MoeForCausalLM": ("pagedserve.model.glm4_moe", "Glm4MoeForCausalLM"),
     "Glm4MoeLiteForCausalLM": ("pagedserve.model.deepseek", "Glm4MoeLiteForCausalLM"),
     "LlamaForCausalLM": ("pagedserve.model.llama", "LlamaForCausalLM"),
