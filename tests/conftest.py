@@ -313,6 +313,9 @@ MODEL_SPECS = {
     # Helium: RoPE on interleaved pairs of the whole head, q/k/v and MLP biases drawn (none on o_proj), GQA.
     "helium": ("HeliumForCausalLM", dict(num_heads=4, num_kv_heads=2, attention_bias=True, mlp_bias=True,
                                          random_biases=True, random_norms=True)),
+    # Persimmon: LayerNorms, the per-head fused query_key_value, q/k LayerNorms shared by the heads, RoPE
+    # on half of each head, a ReLU² MLP; every bias and norm drawn.
+    "persimmon": ("PersimmonForCausalLM", dict(num_heads=4, num_kv_heads=4, random_biases=True, random_norms=True)),
     # JAIS 2: LayerNorms, a gateless ReLU² MLP, every bias and norm drawn.
     "jais2": ("Jais2ForCausalLM", dict(num_heads=4, num_kv_heads=2, random_biases=True, random_norms=True)),
     # OPT: learned positions at an offset of 2, pre-LayerNorm layers, every bias and norm drawn, the

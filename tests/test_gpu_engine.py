@@ -50,7 +50,7 @@ def _prompts(n: int, seed: int) -> list[list[int]]:
                                   "cwm", "bloom", "bloom_post_norm", "mpt", "falcon_rw", "jais2", "gpt_neox", "phi",
                                   "starcoder2", "gpt2", "gpt_bigcode", "falcon_mq", "falcon_gqa", "opt",
                                   "opt_postnorm", "gptj", "stablelm", "stablelm_par", "nemotron", "zamba2",
-                                  "zamba2_untied", "zamba", "dbrx", "lfm2_moe", "flex_olmo", "helium"])
+                                  "zamba2_untied", "zamba", "dbrx", "lfm2_moe", "flex_olmo", "helium", "persimmon"])
 def test_triton_float32_matches_transformers(model_dirs, hf_refs, name):
     from conftest import assert_greedy_matches
 

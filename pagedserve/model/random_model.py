@@ -95,6 +95,7 @@ ARCH_CONFIGS = {
     "BloomForCausalLM": ("BloomConfig", {}),
     "MptForCausalLM": ("MptConfig", {}),
     "HeliumForCausalLM": ("HeliumConfig", {"head_dim": 16}),
+    "PersimmonForCausalLM": ("PersimmonConfig", {}),
     # DBRX: 4 experts of 48, 2 a token (weights renormalised: their 1-norm).
     "DbrxForCausalLM": ("DbrxConfig", {"ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4,
                                                       "moe_top_k": 2}}),

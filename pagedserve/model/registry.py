@@ -28,6 +28,7 @@ _MODELS = {
     "GPTBigCodeForCausalLM": ("pagedserve.model.gpt_bigcode", "GPTBigCodeForCausalLM"),
     "GPTJForCausalLM": ("pagedserve.model.gptj", "GPTJForCausalLM"),
     "GPTNeoXForCausalLM": ("pagedserve.model.gpt_neox", "GPTNeoXForCausalLM"),
+    "PersimmonForCausalLM": ("pagedserve.model.persimmon", "PersimmonForCausalLM"),
     "GemmaForCausalLM": ("pagedserve.model.gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("pagedserve.model.gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("pagedserve.model.gemma", "Gemma3ForCausalLM"),
