@@ -528,3 +528,157 @@ def test_parse_glm45():
     for size in (1, 4, 100):
         content, got, _ = _streamed(text, size, make)
         assert content == "Checking." and [name for name, _ in got] == ["get_weather", "ping"]
+
+
+# ---- minimax_m2, seed_oss, hunyuan_a13b, xlam (tool_parsers_more.py), qwen3_xml -----------------
+TYPED = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "code": {"type": "string"}, "n": {"type": "integer"}, "ok": {"type": "boolean"}, "x": {"type": "number"},
+    "cfg": {"type": "object"}, "xs": {"type": "array"}, "unit": {"enum": [1, 2]},
+    "maybe": {"anyOf": [{"type": "integer"}, {"type": "null"}]}}}}}
+
+
+def _check_parse(parser: str, text: str, content: str, calls: list, tools=(TYPED,), streamed=True) -> None:
+    """The whole-output parse, and the stream at several chunk sizes: the same content and calls
+    (each call named first, its argument pieces adding up to the whole-output arguments).
+    `streamed=False`: an output whose calls the stream sends before the format turns out not to
+    hold them (as vLLM's streaming does)."""
+    from pagedserve.entrypoints.openai.tool_calls import parser_for
+
+    parse, make = parser_for(parser, _tools(*tools) if tools else None)
+    got_content, got = parse(text)
+    assert (got_content, [(c.name, json.loads(c.arguments)) for c in got]) == (content, calls), text
+    for size in (1, 3, 1000) if streamed else ():
+        assert _streamed(text, size, make)[:2] == (got_content, [(c.name, c.arguments) for c in got]), (text, size)
+
+
+def parser_for_tools(parser: str, tools):
+    from pagedserve.entrypoints.openai.tool_calls import parser_for
+
+    return parser_for(parser, tools)[0]
+
+
+def _minimax(*invokes: str) -> str:
+    return "<minimax:tool_call>\n" + "".join(invokes) + "</minimax:tool_call>"
+
+
+def _invoke(name: str, **params: str) -> str:
+    body = "".join(f'<parameter name="{k}">{v}</parameter>\n' for k, v in params.items())
+    return f'<invoke name="{name}">\n{body}</invoke>\n'
+
+
+def test_minimax_m2_parser():
+    """Values stripped and typed by the schema (its type, enum, anyOf): a string stays text, a
+    number that is whole is an integer, yes is true, nil is null; a parameter the schema does
+    not know stays text. Only closed blocks and invokes are calls."""
+    text = "Let me check.\n" + _minimax(_invoke("f", code=" 007 ", n="12", ok="yes", x="2.0", cfg='{"k": [1]}',
+                                                 unit="2", maybe="nil", extra="7"),
+                                         "<invoke name='g'>\n</invoke>\n") + "\n" + _minimax(_invoke("h", q="a\nb"))
+    _check_parse("minimax_m2", text, "Let me check.\n", [
+        ("f", {"code": "007", "n": 12, "ok": True, "x": 2, "cfg": {"k": [1]}, "unit": 2, "maybe": None,
+               "extra": "7"}), ("g", {}), ("h", {"q": "a\nb"})])
+    _, untyped = parser_for_tools("minimax_m2", None)(text)
+    assert json.loads(untyped[0].arguments)["n"] == "12"  # no schema: text
+    for bad in ("It is sunny.", _minimax("nothing")):
+        _check_parse("minimax_m2", bad, bad, [])
+    # The block or the invoke never closes: content (a stream has sent the call as far as it went).
+    for unclosed in ("<minimax:tool_call>\n" + _invoke("f", n="1"),
+                     _minimax('<invoke name="f"><parameter name="n">1</parameter>')):
+        _check_parse("minimax_m2", unclosed, unclosed, [], streamed=False)
+
+
+def test_seed_oss_parser():
+    """Values typed by the schema's type name (bool: "true" or not, arrays as Python literals);
+    null is null; a parameter the schema does not know stays text; a call inside the closed
+    thinking is not read, and the thinking stays content; closing tags are optional."""
+    text = ("<seed:think>Maybe <function=f></seed:think>Sure.<seed:tool_call>\n<function=f>\n<parameter=code>\n"
+            "007\n</parameter>\n<parameter=n>\n12\n</parameter>\n<parameter=ok>\nTrue\n</parameter>\n<parameter=x>"
+            "4.0</parameter><parameter=xs>[1, 'a']</parameter><parameter=cfg>{\"k\": null}</parameter><parameter=extra>"
+            "5</parameter><parameter=maybe>null</parameter>\n</function>\n</seed:tool_call><seed:tool_call><function=g>"
+            "</function></seed:tool_call>")
+    _check_parse("seed_oss", text, "<seed:think>Maybe <function=f></seed:think>Sure.", [
+        ("f", {"code": "007", "n": 12, "ok": True, "x": 4, "xs": [1, "a"], "cfg": {"k": None}, "extra": "5",
+               "maybe": None}), ("g", {})])
+    thinking = "<seed:think>Use <function=g>?</seed:think>"  # (without the block tags, only after the thinking)
+    _check_parse("seed_oss", thinking + "OK <function=f><parameter=n>1</parameter></function>", thinking + "OK ",
+                 [("f", {"n": 1})])
+    # Without the block tags, and unclosed at the end of the output.
+    _check_parse("seed_oss", "Hi <function=f><parameter=n>3</parameter><parameter=ok>yes", "Hi ",
+                 [("f", {"n": 3, "ok": False})])
+    for bad in ("It is sunny.", "<seed:tool_call><function=f"):  # (a name runs to its ">")
+        _check_parse("seed_oss", bad, bad, [])
+    bad = "<seed:tool_call><function=f><parameter=n</function>"  # a parameter without its ">": content
+    _check_parse("seed_oss", bad, bad, [], streamed=False)
+
+
+def test_hunyuan_a13b_parser():
+    """The first <tool_calls> JSON list outside the thinking; items without a name or arguments
+    skipped; string arguments as they are."""
+    text = ('<think>x <tool_calls>[{"name": "no", "arguments": {}}]</tool_calls> y</think>OK <tool_calls>'
+            '[{"name": "f", "arguments": {"n": 1, "s": "é"}}, {"name": "skipped"}, {"name": "g", "arguments": '
+            '"{\\"a\\": 2}"}]</tool_calls>')
+    _check_parse("hunyuan_a13b", text, text[:text.index("OK") + 3], [("f", {"n": 1, "s": "é"}), ("g", {"a": 2})],
+                 tools=None)
+    _check_parse("hunyuan_a13b", '<tool_calls>[{"name": "f", "arguments": {}}]</tool_calls>', "", [("f", {})], None)
+    for bad in ("It is sunny.", '<tool_calls>{"name": "f", "arguments": {}}</tool_calls>',
+                "<tool_calls>[{oops]</tool_calls>", '<tool_calls>[{"name": "f"}]</tool_calls>'):
+        _check_parse("hunyuan_a13b", bad, bad, [], None)
+
+
+@pytest.mark.parametrize("text, content", [
+    ('[{"name": "f", "arguments": {"n": 1}}, {"name": "g", "arguments": {}}]', ""),
+    ('Sure.\n```json\n[{"name": "f", "arguments": {"n": 1}}, {"name": "g", "arguments": {}}]\n```\nDone.',
+     "Sure.\n\nDone."),
+    ('Hi [TOOL_CALLS][{"name": "f", "arguments": {"n": 1}}, {"name": "g", "arguments": {}}]', "Hi"),
+    ('<tool_call>[{"name": "f", "arguments": {"n": 1}}, {"name": "x"}, {"name": "g", "arguments": {}}]</tool_call>',
+     "")])
+def test_xlam_parser(text, content):
+    """A JSON list of calls: the whole output, in a fence, after [TOOL_CALLS] or in <tool_call>;
+    the content is the rest, stripped."""
+    _check_parse("xlam", text, content, [("f", {"n": 1}), ("g", {})], None)
+
+
+def test_xlam_parser_other_outputs():
+    _check_parse("xlam", '<think>hm</think>\n[{"name": "f", "arguments": {}}]', "<think>hm</think>", [("f", {})],
+                 None)
+    for bad in ("It is sunny.", "[1] is the answer", '{"name": "f"}', "```python\nprint(1)\n```",
+                '```json\n{"name": "f", "arguments": {}}\n```'):
+        _check_parse("xlam", bad, bad, [], None)
+    for cut_short in ('[{"name": "f", "arguments": {"n": ', '```json\n[{"name": "f", "arguments": [1]}]\n```'):
+        _check_parse("xlam", cut_short, cut_short, [], None, streamed=False)  # (streamed as far as it went)
+
+
+def test_qwen3_xml_reads_as_qwen3_coder():
+    text = ("Checking.\n<tool_call>\n<function=f>\n<parameter=n>\n12\n</parameter>\n<parameter=code>\n007\n"
+            "</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=g>\n</function>\n</tool_call>")
+    _check_parse("qwen3_xml", text, "Checking.\n", [("f", {"n": 12, "code": "007"}), ("g", {})])
+
+
+@pytest.mark.parametrize("parser, regex", [
+    ("minimax_m2", r'OK<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">(Paris|Rome)'
+                   r'</parameter>\n<parameter name="days">[1-7]</parameter>\n</invoke>\n</minimax:tool_call>'),
+    ("seed_oss", r"OK<seed:tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
+                 r"<parameter=days>\n[1-7]\n</parameter>\n</function>\n</seed:tool_call>"),
+    ("hunyuan_a13b", r'OK<tool_calls>\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", '
+                     r'"days": [1-7]\}\}\]</tool_calls>'),
+    ("xlam", r'OK\n```json\n\[\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", "days": [1-7]\}\}\]'
+             r'\n```'),
+    ("qwen3_xml", r"OK<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
+                  r"<parameter=days>\n[1-7]\n</parameter>\n</function>\n</tool_call>")])
+def test_auto_with_more_parsers(llama_dir, parser, regex):
+    """A reply forced into each format: "OK" is the content, the call's days an integer (the
+    schema's type, for the typed formats), whole and streamed alike."""
+    with serving(llama_dir, MODEL, tool_call_parser=parser) as srv, openai_client(srv) as client:
+        kwargs = dict(model=MODEL, messages=MESSAGES, tools=[WEATHER], temperature=0, max_tokens=200,
+                      extra_body={"structured_outputs": {"regex": regex}})
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "OK"
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        _check_weather_args(call.function.arguments)
+        assert isinstance(json.loads(call.function.arguments)["days"], int)
+        calls, content = [], ""
+        for c in client.chat.completions.create(stream=True, **kwargs):
+            calls += c.choices[0].delta.tool_calls or []
+            content += c.choices[0].delta.content or ""
+        assert content == "OK" and _joined(calls) == [("get_weather", call.function.arguments)]
+        assert calls[0].function.name == "get_weather" and calls[0].id and len(calls) > 1

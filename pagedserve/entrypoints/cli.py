@@ -334,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(<function=f><parameter=x>...</parameter></function>, Qwen3-Coder), granite "
                    "(<|tool_call|>[...], Granite 3), phi4_mini_json (functools[...], Phi-4-mini), glm45 (<tool_call>NAME"
                    "<arg_key>..., GLM-4.5 / 4.6), deepseek_v3 / "
-                   "deepseek_v31 (<｜tool▁calls▁begin｜>..., DeepSeek-V3 / R1-0528 / V3.1) or openai (GPT-OSS's "
+                   "deepseek_v31 (<｜tool▁calls▁begin｜>..., DeepSeek-V3 / R1-0528 / V3.1), kimi_k2, minimax_m2 "
+                   "(<minimax:tool_call><invoke name=...>, MiniMax-M2), seed_oss (<seed:tool_call><function=...>, "
+                   "Seed-OSS), hunyuan_a13b (<tool_calls>[...], Hunyuan-A13B), xlam ([{\"name\": ..., "
+                   "\"arguments\": ...}], xLAM), qwen3_xml (as qwen3_coder) or openai (GPT-OSS's "
                    "harmony messages to=functions.NAME)")
     s.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help='logprob tokens as "token_id:N" (a request\'s return_tokens_as_token_ids overrides it)')

@@ -17,13 +17,66 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from pagedserve.entrypoints.openai.json_call_stream import CallScanner
 from pagedserve.entrypoints.openai.json_prefix import JsonObjectPrefix, dumps, skip_space
 from pagedserve.reasoning import partial_tail
 
 logger = logging.getLogger("pagedserve")
+
+
+@dataclass
+class Call:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+    # The model's own call id where its format has one (Kimi K2's "functions.NAME:0", which its
+    # chat template writes back in later turns); else the server makes a random one.
+    id: Optional[str] = None
+
+
+class MarkerStream:
+    """For outputs of content then calls after a marker: streams the content until the marker
+    starts, then holds the rest; `finish` parses the whole text. Text that could still become
+    the marker is held back."""
+
+    def __init__(self, marker: Union[str, tuple[str, ...]], parse: Callable[[str], tuple[str, list[Call]]]) -> None:
+        self.markers = (marker,) if isinstance(marker, str) else marker  # any of them opens the calls
+        self.parse = parse
+        self.text = ""
+        self.sent = 0  # characters of content already streamed
+        self.in_calls = False
+
+    def floor(self) -> Optional[int]:
+        """Where a marker may start (None: nowhere yet, all is content); a subclass may skip text."""
+        return 0
+
+    def feed(self, delta: str) -> str:
+        """The content to stream now."""
+        self.text += delta
+        return "" if self.in_calls else self.scan()
+
+    def scan(self) -> str:
+        floor = self.floor()
+        if floor is None:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
+        found = [i for i in (self.text.find(m, max(self.sent, floor)) for m in self.markers) if i >= 0]
+        if found:
+            self.in_calls = True
+            end = min(found)
+        else:
+            held = max(partial_tail(self.text, m) for m in self.markers)
+            end = len(self.text) - min(held, len(self.text) - self.sent)
+        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return out
+
+    def finish(self) -> tuple[str, list[Call]]:
+        """(content not yet streamed, calls)."""
+        content, calls = self.parse(self.text)
+        if calls:
+            return content[self.sent:], calls
+        return self.text[self.sent:], []
 
 
 @dataclass

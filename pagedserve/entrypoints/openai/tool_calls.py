@@ -28,6 +28,7 @@
     the arguments in a ```json fence, `<｜tool▁call▁end｜>` (DeepSeek-V3, R1-0528); deepseek_v31:
     `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>` (DeepSeek-V3.1); what comes
     before is the content; the markers are special tokens, kept in the text;
+  - minimax_m2, seed_oss, hunyuan_a13b, xlam: tool_parsers_more.py; qwen3_xml: qwen3_coder's parser;
   - openai: GPT-OSS's harmony messages addressed `to=functions.NAME` (pagedserve/harmony.py
     reads them; it needs --reasoning-parser openai_gptoss, the default for GPT-OSS);
 - tool_choice "none": plain text (the tools still reach the chat template, as in vLLM)."""
@@ -39,28 +40,18 @@ import functools
 import json
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
-from pagedserve.entrypoints.openai.call_stream import (MISTRAL_TAG, BlockFinder, Glm45Call, JsonListFinder,
-                                                       MarkedFinder, MistralFinder, PythonicFinder, Qwen3CoderCall,
-                                                       SectionStream)
+from pagedserve.entrypoints.openai import tool_parsers_more as more
+from pagedserve.entrypoints.openai.call_stream import (MISTRAL_TAG, BlockFinder, Call, Glm45Call, JsonListFinder,
+                                                       MarkedFinder, MarkerStream, MistralFinder, PythonicFinder,
+                                                       Qwen3CoderCall, SectionStream)
 from pagedserve.entrypoints.openai.json_call_stream import HERMES_START, CallScanner, HermesStream, JsonCallsStream
 from pagedserve.entrypoints.openai.json_prefix import skip_space
-from pagedserve.reasoning import partial_tail
 
 
 def random_tool_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
-
-
-@dataclass
-class Call:
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-    # The model's own call id where its format has one (Kimi K2's "functions.NAME:0", which its
-    # chat template writes back in later turns); else the server makes a random one.
-    id: Optional[str] = None
 
 
 def _parameters(fn: Any) -> dict:
@@ -252,41 +243,6 @@ class OpeningStream:
         if self.calls is False:
             return "", []
         return self.parse(self.text)
-
-
-class MarkerStream:
-    """For outputs of content then calls after a marker: streams the content until the marker
-    starts, then holds the rest; `finish` parses the whole text. Text that could still become
-    the marker is held back."""
-
-    def __init__(self, marker: Union[str, tuple[str, ...]], parse: Callable[[str], tuple[str, list[Call]]]) -> None:
-        self.markers = (marker,) if isinstance(marker, str) else marker  # any of them opens the calls
-        self.parse = parse
-        self.text = ""
-        self.sent = 0  # characters of content already streamed
-        self.in_calls = False
-
-    def feed(self, delta: str) -> str:
-        """The content to stream now."""
-        self.text += delta
-        if self.in_calls:
-            return ""
-        found = [i for i in (self.text.find(m, self.sent) for m in self.markers) if i >= 0]
-        if found:
-            self.in_calls = True
-            end = min(found)
-        else:
-            held = max(partial_tail(self.text, m) for m in self.markers)
-            end = len(self.text) - min(held, len(self.text) - self.sent)
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out
-
-    def finish(self) -> tuple[str, list[Call]]:
-        """(content not yet streamed, calls)."""
-        content, calls = self.parse(self.text)
-        if calls:
-            return content[self.sent:], calls
-        return self.text[self.sent:], []
 
 
 def Llama3JsonStream() -> JsonCallsStream:  # noqa: N802
@@ -513,10 +469,17 @@ TOOL_PARSERS: dict[str, tuple[Callable[[str], tuple[str, list[Call]]], Callable[
     "kimi_k2": (parse_kimi_k2, lambda: _marked(KIMI_SECTION_BEGIN, "<|tool_call_begin|>", _KIMI_HEAD, _KIMI_CALL,
                                                _kimi_name, parse_kimi_k2)),
 }
+TOOL_PARSERS.update(more.PARSERS)  # minimax_m2, seed_oss, hunyuan_a13b, xlam (tool_parsers_more.py)
+# vLLM's qwen3_xml reads Qwen3-Coder's format as qwen3_coder does (its own streaming XML reader).
+TOOL_PARSERS["qwen3_xml"] = TOOL_PARSERS["qwen3_coder"]
 HARMONY_TOOL_PARSER = "openai"  # GPT-OSS: calls are harmony messages, which its reasoning splitter reads
 TOOL_PARSER_NAMES = (*TOOL_PARSERS, HARMONY_TOOL_PARSER)
-# Parsers that type the arguments by the request's tool schemas (parser_for binds them).
-SCHEMA_AWARE = {"qwen3_coder": Qwen3CoderCall, "glm45": Glm45Call}
+# Parsers that type the arguments by the request's tool schemas (parser_for binds them): name ->
+# (the parse bound to the tools, the tools) -> a streaming parser.
+SCHEMA_AWARE: dict[str, Callable[[Callable, Optional[list]], Any]] = {
+    "qwen3_coder": lambda parse, tools: _blocks(parse, Qwen3CoderCall, tools),
+    "qwen3_xml": lambda parse, tools: _blocks(parse, Qwen3CoderCall, tools),
+    "glm45": lambda parse, tools: _blocks(parse, Glm45Call, tools), **more.SCHEMA_AWARE}
 
 
 def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[str, list[Call]]], Callable[[], Any]]:
@@ -525,7 +488,7 @@ def parser_for(name: str, tools: Optional[list]) -> tuple[Callable[[str], tuple[
     if name not in SCHEMA_AWARE:
         return parse, make
     bound = functools.partial(parse, tools=tools)
-    return bound, lambda: _blocks(bound, SCHEMA_AWARE[name], tools)
+    return bound, lambda: SCHEMA_AWARE[name](bound, tools)
 # Parsers that need special tokens kept in the text (their markers are special tokens).
 KEEPS_SPECIAL_TOKENS = {"mistral", "deepseek_v3", "deepseek_v31", "kimi_k2"}
 
