@@ -162,7 +162,7 @@ def test_engine_config_errors(llama_dir, tmp_path):
     bad = tmp_path / "bad_arch"
     shutil.copytree(llama_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    cfg["architectures"] = ["BloomForCausalLM"]
+    cfg["architectures"] = ["CodeGenForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="supported architectures: .*Gemma2ForCausalLM, .*LlamaForCausalLM, .*MistralForCausalLM, .*MixtralForCausalLM"):
         LLM(str(bad))
