@@ -211,8 +211,8 @@ class EngineArgs:
         elif runner == "generate" and task == "classify":
             raise ValueError("a sequence classifier has no LM head to generate with; use runner='pooling'.")
         elif runner == "generate" and encoder:
-            raise ValueError("an encoder-only or bidirectional model (BERT, RoBERTa, ModernBERT, EmbeddingGemma) "
-                             "does not generate text; use runner='pooling'.")
+            raise ValueError("an encoder-only model or a bidirectional one (BERT, RoBERTa, ModernBERT, "
+                             "EmbeddingGemma) does not generate text; use runner='pooling'.")
         # Bidirectional attention: a prompt's tokens all see each other, so a prompt is computed
         # in one step (no chunks), and no prefix of one can be reused (its KV would depend on
         # what followed it).
