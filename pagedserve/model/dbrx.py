@@ -17,32 +17,21 @@ models: what DBRX was trained with, and what vLLM reads). transformers 5 leaves 
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from pagedserve.model.gpt_neox import LayerNormDecoderLayer
-from pagedserve.model.hf_config import rope_parameters
+from pagedserve.model.hf_config import config_section, rope_parameters
 from pagedserve.model.layers.moe import FusedMoE, select_experts
-from pagedserve.model.layers.norm import LayerNorm
+from pagedserve.model.layers.norm import unbiased_layer_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM
-from pagedserve.model.olmo import ClippedQKVAttention
+from pagedserve.model.llama import LlamaForCausalLM
+from pagedserve.model.olmo import clipped_attention
 
 _EPS = 1e-5  # transformers' nn.LayerNorm default: DBRX's config has no eps
 _FUSED_EXPERTS = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.mlp\.(?P<w>w1|v1|w2)$")
-
-
-def _sub(cfg: Any, name: str) -> Any:
-    """attn_config / ffn_config as an object (a dict in a config built by hand)."""
-    c = getattr(cfg, name, None) or {}
-    return SimpleNamespace(**c) if isinstance(c, dict) else c
-
-
-def _unbiased_norm(hidden_size: int, eps: float) -> nn.Module:
-    return LayerNorm(hidden_size, eps, bias=False)
 
 
 class DbrxMoE(nn.Module):
@@ -51,7 +40,7 @@ class DbrxMoE(nn.Module):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        f = _sub(cfg, "ffn_config")
+        f = config_section(cfg, "ffn_config")
         self.top_k = int(f.moe_top_k)
         self.normalize_p: Optional[float] = getattr(f, "moe_normalize_expert_weights", 1.0)
         act = (getattr(f, "ffn_act_fn", None) or {}).get("name", "silu")
@@ -91,7 +80,7 @@ class DbrxForCausalLM(LlamaForCausalLM):
                (".ffn.router.layer.", ".mlp.router."), (".ffn.", ".mlp."), ("model.norm_f.", "model.norm.")]
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
-        theta = getattr(_sub(cfg, "attn_config"), "rope_theta", None)
+        theta = getattr(config_section(cfg, "attn_config"), "rope_theta", None)
         if theta is not None:  # (see the module's docstring)
             cfg.rope_parameters = {**rope_parameters(cfg), "rope_theta": float(theta)}
         super().__init__(cfg, max_positions)
@@ -99,15 +88,14 @@ class DbrxForCausalLM(LlamaForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         opts = dict(qkv_bias=False, o_bias=False, qk_norm=False, window=window)
-        clip = getattr(_sub(cfg, "attn_config"), "clip_qkv", None)
-        attn = LlamaAttention(cfg, rotary, **opts) if clip is None else ClippedQKVAttention(
-            cfg, rotary, clip=float(clip), **opts)
-        return LayerNormDecoderLayer(cfg.hidden_size, _EPS, attn, DbrxMoE(cfg), parallel=False, norm=_unbiased_norm)
+        attn = clipped_attention(cfg, rotary, getattr(config_section(cfg, "attn_config"), "clip_qkv", None), **opts)
+        return LayerNormDecoderLayer(cfg.hidden_size, _EPS, attn, DbrxMoE(cfg), parallel=False,
+                                     norm=unbiased_layer_norm)
 
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
-        return _unbiased_norm(cfg.hidden_size, _EPS)
+        return unbiased_layer_norm(cfg.hidden_size, _EPS)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        f = _sub(self.config, "ffn_config")
+        f = config_section(self.config, "ffn_config")
         super().load_weights(split_fused_experts(weights, f.moe_num_experts, f.ffn_hidden_size))

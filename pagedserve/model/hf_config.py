@@ -51,6 +51,15 @@ def rope_parameters(hf_config: Any, layer_type: Optional[str] = None) -> dict:
     return params
 
 
+def config_section(hf_config: Any, name: str) -> Any:
+    """A nested config section (MPT's and DBRX's attn_config, DBRX's ffn_config) as an object
+    with attributes, whether the config holds it as a dict or a config class."""
+    from types import SimpleNamespace
+
+    section = getattr(hf_config, name, None) or {}
+    return SimpleNamespace(**section) if isinstance(section, dict) else section
+
+
 def rope_is_per_layer_type(hf_config: Any) -> bool:
     params = getattr(hf_config, "rope_parameters", None) or {}
     return "rope_theta" not in params and "full_attention" in params

@@ -22,23 +22,12 @@ import torch
 from torch import nn
 
 from pagedserve.model.gpt_neox import LayerNormDecoderLayer, mha_sizes
+from pagedserve.model.hf_config import config_section
 from pagedserve.model.layers.alibi import mpt_alibi_slopes
-from pagedserve.model.layers.norm import LayerNorm
+from pagedserve.model.layers.norm import unbiased_layer_norm
 from pagedserve.model.layers.rotary import RotaryEmbedding
-from pagedserve.model.llama import LlamaAttention, LlamaForCausalLM, UpDownMLP
-from pagedserve.model.olmo import ClippedQKVAttention
-
-
-def _attn_config(cfg: Any) -> Any:
-    """attn_config as an object (a dict in some configs, MptAttentionConfig in transformers')."""
-    from types import SimpleNamespace
-
-    a = getattr(cfg, "attn_config", None) or {}
-    return SimpleNamespace(**a) if isinstance(a, dict) else a
-
-
-def _unbiased_norm(hidden_size: int, eps: float) -> nn.Module:
-    return LayerNorm(hidden_size, eps, bias=False)
+from pagedserve.model.llama import LlamaForCausalLM, UpDownMLP
+from pagedserve.model.olmo import clipped_attention
 
 
 class MptForCausalLM(LlamaForCausalLM):
@@ -51,23 +40,21 @@ class MptForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
-        a = _attn_config(cfg)
+        a = config_section(cfg, "attn_config")
         heads = cfg.n_heads
         opts = dict(qkv_bias=False, o_bias=False, qk_norm=False, scale=getattr(a, "softmax_scale", None),
                     alibi=mpt_alibi_slopes(heads, float(getattr(a, "alibi_bias_max", 8))))
-        clip = getattr(a, "clip_qkv", None)
-        attn = LlamaAttention(mha_sizes(cfg), None, **opts) if not clip else ClippedQKVAttention(
-            mha_sizes(cfg), None, clip=float(clip), **opts)
+        attn = clipped_attention(mha_sizes(cfg), None, getattr(a, "clip_qkv", None), **opts)
         mlp = UpDownMLP(cfg, act="gelu", intermediate_size=int(cfg.expansion_ratio * cfg.hidden_size), bias=False)
         return LayerNormDecoderLayer(cfg.hidden_size, cfg.layer_norm_epsilon, attn, mlp, parallel=False,
-                                     norm=_unbiased_norm)
+                                     norm=unbiased_layer_norm)
 
     @classmethod
     def final_norm(cls, cfg: Any) -> Optional[nn.Module]:
-        return _unbiased_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        return unbiased_layer_norm(cfg.hidden_size, cfg.layer_norm_epsilon)
 
     def __init__(self, cfg: Any, max_positions: int) -> None:
-        a = _attn_config(cfg)
+        a = config_section(cfg, "attn_config")
         refused = [("attn_config.alibi false (learned position embeddings)", not getattr(a, "alibi", True)),
                    ("attn_config.qk_ln", getattr(a, "qk_ln", False)),
                    ("attn_config.prefix_lm", getattr(a, "prefix_lm", False)),

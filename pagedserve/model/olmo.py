@@ -34,15 +34,22 @@ class ClippedQKVAttention(LlamaAttention):
         return super().attend(positions, qkv.clamp(-self.clip, self.clip), meta)
 
 
+def clipped_attention(cfg: Any, rotary: Optional[RotaryEmbedding], clip: Optional[float],
+                      **opts: Any) -> LlamaAttention:
+    """LlamaAttention, with its q/k/v clamped to [-clip, clip] where a clip is set (OLMo's,
+    MPT's and DBRX's clip_qkv)."""
+    if not clip:
+        return LlamaAttention(cfg, rotary, **opts)
+    return ClippedQKVAttention(cfg, rotary, clip=float(clip), **opts)
+
+
 class OlmoForCausalLM(LlamaForCausalLM):
     @classmethod
     def make_layer(cls, cfg: Any, rotary: RotaryEmbedding, layer_idx: int, window: int) -> nn.Module:
         bias = bool(getattr(cfg, "attention_bias", False))
         # (full attention whatever config.json's sliding_window says: transformers ignores it here)
         opts = dict(qkv_bias=bias, o_bias=bias, qk_norm=False, window=0)
-        clip = getattr(cfg, "clip_qkv", None)
-        attn = LlamaAttention(cfg, rotary, **opts) if clip is None else ClippedQKVAttention(
-            cfg, rotary, clip=float(clip), **opts)
+        attn = clipped_attention(cfg, rotary, getattr(cfg, "clip_qkv", None), **opts)
         return LayerNormDecoderLayer(cfg.hidden_size, _EPS, attn, LlamaMLP(cfg, bias=False), parallel=False,
                                      norm=NonParametricLayerNorm)
 

@@ -65,6 +65,11 @@ class LayerNorm(ResidualNorm):
         return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+def unbiased_layer_norm(hidden_size: int, eps: float) -> LayerNorm:
+    """A LayerNorm with a weight and no bias (MPT's, DBRX's)."""
+    return LayerNorm(hidden_size, eps, bias=False)
+
+
 class LayerNorm1P(LayerNorm):
     """LayerNorm whose stored weight is an offset from 1 (weight + 1 applied: Nemotron's)."""
 
