@@ -25,6 +25,21 @@ def build_in(cls: type, cfg: Any, dtype: torch.dtype, device: torch.device) -> n
         torch.set_default_dtype(old)
 
 
+def load_vision_weights(enc: nn.Module, model_dir: str, dtype: torch.dtype, device: torch.device,
+                        prefixes: tuple[str, ...], what: str) -> None:
+    """Copy the checkpoint's tensors under `prefixes` into `enc`, named without a leading
+    "model." (hub checkpoints name them bare, transformers 5 under "model."); every one must
+    fit and every parameter be covered, else a ValueError naming `what`."""
+    from pagedserve.model.loader import iterate_safetensors
+
+    state = {name.removeprefix("model."): t for name, t in
+             iterate_safetensors(model_dir, dtype, device, keep=lambda n: n.startswith(prefixes))}
+    missing, unexpected = enc.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint's vision weights do not fit {what}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+
+
 def load_image_encoder(model_dir: str, dtype: torch.dtype, device: torch.device,
                        processor_kwargs: Optional[dict] = None) -> nn.Module:
     """The encoder module: `encode(features)` -> each image's embeddings, `profile_features(n)`

@@ -52,17 +52,11 @@ class Gemma4ImageEncoder(nn.Module):
     @classmethod
     def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device,
              hf_processor: Any) -> "Gemma4ImageEncoder":
-        from pagedserve.model.loader import iterate_safetensors
-        from pagedserve.multimodal.encoder import build_in
+        from pagedserve.multimodal.encoder import build_in, load_vision_weights
 
         enc = build_in(cls, cfg, dtype, device)
         enc.max_soft_tokens = int(hf_processor.max_soft_tokens)
-        state = {name.removeprefix("model."): t for name, t in
-                 iterate_safetensors(model_dir, dtype, device, keep=lambda n: n.startswith(VISION_PREFIXES))}
-        missing, unexpected = enc.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"the checkpoint's vision weights do not fit Gemma 4's tower: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}.")
+        load_vision_weights(enc, model_dir, dtype, device, VISION_PREFIXES, "Gemma 4's tower")
         return enc.eval().requires_grad_(False)
 
     def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:

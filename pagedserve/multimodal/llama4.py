@@ -126,21 +126,14 @@ class Llama4ImageEncoder(nn.Module):
     @classmethod
     def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device,
              processor_kwargs: Optional[dict] = None) -> "Llama4ImageEncoder":
-        from pagedserve.model.loader import iterate_safetensors
-        from pagedserve.multimodal.encoder import build_in
+        from pagedserve.multimodal.encoder import build_in, load_vision_weights
         from pagedserve.multimodal.llama4_images import Llama4ImageProcessor
 
         enc = build_in(cls, cfg, dtype, device)
         hf = Llama4ImageProcessor.from_pretrained(model_dir, processor_kwargs or {})
         check_tile_size(cfg, hf)
         enc.max_tiles = hf.max_patches + 1 if hf.max_patches > 1 else 1
-        # (hub checkpoints and transformers 5 name them bare; "model." as some conversions do)
-        state = {name.removeprefix("model."): t for name, t in
-                 iterate_safetensors(model_dir, dtype, device, keep=lambda n: n.startswith(VISION_PREFIXES))}
-        missing, unexpected = enc.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"the checkpoint's vision weights do not fit Llama 4's tower: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}.")
+        load_vision_weights(enc, model_dir, dtype, device, VISION_PREFIXES, "Llama 4's tower")
         return enc.eval().requires_grad_(False)
 
     def encode(self, features: Sequence[ImageFeature]) -> list[torch.Tensor]:

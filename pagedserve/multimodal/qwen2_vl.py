@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from pagedserve.model.loader import iterate_safetensors
 from pagedserve.multimodal.inputs import ImageFeature
 from pagedserve.multimodal.processor import load_image_processor, max_image_pixels
 
@@ -65,16 +64,11 @@ class Qwen2VLImageEncoder(nn.Module):
     @classmethod
     def load(cls, cfg: Any, model_dir: str, dtype: torch.dtype, device: torch.device,
              processor_kwargs: Optional[dict] = None) -> "Qwen2VLImageEncoder":
-        from pagedserve.multimodal.encoder import build_in
+        from pagedserve.multimodal.encoder import build_in, load_vision_weights
 
         enc = build_in(cls, cfg, dtype, device)
         # "visual." in hub checkpoints, "model.visual." as transformers 5 names the module.
-        state = {name.removeprefix("model."): t for name, t in iterate_safetensors(
-            model_dir, dtype, device, keep=lambda n: n.startswith(("visual.", "model.visual.")))}
-        missing, unexpected = enc.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"the checkpoint's vision weights do not fit {cfg.architectures[0]}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        load_vision_weights(enc, model_dir, dtype, device, ("visual.", "model.visual."), cfg.architectures[0])
         enc.max_pixels = max_image_pixels(load_image_processor(model_dir, processor_kwargs or {}))
         return enc.to(dtype).eval().requires_grad_(False)
 
